@@ -18,9 +18,15 @@ state between chunks with lax.scan, so memory stays O(B * 64 * Dn * N).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
 
@@ -117,6 +123,368 @@ def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bi
     return y[:, 0], new_state
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU-style Pallas kernels (Triton lowering on GPU; interpret mode on CPU).
+#
+# Grid (batch, channel blocks). A program owns `block_d` channels of one batch row and keeps
+# their state as N separate [block_d] f32 vectors, so a thread holds whole state rows: the sum
+# over N that gives y_t is thread-local and the [block_d, N] discretised terms never leave
+# registers. Time runs in a fori_loop over chunks of `chunk` steps; each chunk is unrolled in
+# Python, so the loads of all its steps are independent of the state and can be issued early.
+# The training forward stores the state at every chunk start (`ck`); the backward walks the
+# chunks in reverse, recomputes the chunk's states from its checkpoint and runs the reverse scan.
+# exp(dt * A) is computed as exp2(dt * A * log2(e)): one MUFU instruction on NVIDIA GPUs.
+
+_LOG2E = math.log2(math.e)
+_OPTIONAL = ("z", "d", "bias", "h0")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel configuration (hashable: it is a nondiff argument of the custom_vjp)."""
+    softplus: bool
+    chunk: int = 8            # steps per chunk of the training forward and the backward
+    fwd_chunk: int = 16       # steps per chunk of the inference forward (no checkpoints)
+    block_d: int = 32         # channels per program (rounded down to fit groups)
+    num_warps: int = 1
+    interpret: bool = False
+
+
+def _softplus(x):
+    # log1p(exp(x)) overflows for large x; like mamba-ssm, switch to the identity above 20.
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _delta_step(dt_ref, bias, i, *, softplus, length, padded):
+    """delta_t for one step: returns (delta [bd] f32, pre-softplus value)."""
+    x = dt_ref[i, :].astype(jnp.float32)
+    if bias is not None:
+        x = x + bias
+    dt = _softplus(x) if softplus else x
+    if padded:   # padded steps get delta = 0: exp(0) = 1 and no input, the state passes through
+        dt = jnp.where(i < length, dt, 0.0)
+    return dt, x
+
+
+def _name_refs(refs, names):
+    return dict(zip(names, refs, strict=True))
+
+
+def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt):
+    # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
+    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    a2 = [r["a"][n, :] * _LOG2E for n in range(n_state)]
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    if "h0" in r:
+        h0 = tuple(r["h0"][n, :] for n in range(n_state))
+    else:
+        h0 = tuple(jnp.zeros((bd,), f32) for _ in range(n_state))
+
+    def chunk_body(c, h):
+        h = list(h)
+        if save_ckpt:
+            for n in range(n_state):
+                r["ck"][c, n, :] = h[n]
+        for t in range(chunk):
+            i = c * chunk + t
+            u = r["u"][i, :].astype(f32)
+            dt, _ = _delta_step(r["dt"], bias, i, softplus=softplus, length=length,
+                                padded=padded)
+            dtu = dt * u
+            y = d * u if d is not None else jnp.zeros_like(u)
+            for n in range(n_state):
+                h[n] = jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n]
+                y = y + h[n] * r["c"][i, n]
+            if "z" in r:
+                z = r["z"][i, :].astype(f32)
+                y = y * (z * jax.nn.sigmoid(z))
+            r["y"][i, :] = y.astype(r["y"].dtype)
+        return tuple(h)
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    for n in range(n_state):
+        r["hT"][n, :] = h[n]
+
+
+def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts):
+    # Reverse scan. g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with q = g_t a_t h_{t-1}:
+    # dA += dt_t q, d(delta_t) = u_t <g_t, B_t> + <A, q>, du_t = dt_t <g_t, B_t> + D dy_t,
+    # dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t (per program; summed over blocks outside).
+    in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
+                "ck", "dy", "dhT"]
+    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "db", "dc", "da",
+                 *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
+    r = _name_refs(refs, in_names + out_names)
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    A = [r["a"][n, :] for n in range(n_state)]
+    a2 = [x * _LOG2E for x in A]
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    step = functools.partial(_delta_step, r["dt"], bias, softplus=softplus, length=length,
+                             padded=padded)
+    zeros = jnp.zeros((bd,), f32)
+
+    def chunk_body(k, carry):
+        dh, da, dd, dbias = (list(x) if isinstance(x, tuple) else x for x in carry)
+        c = n_chunks - 1 - k
+        h = [r["ck"][c, n, :] for n in range(n_state)]
+        hs = [h]
+        for t in range(chunk):                       # recompute the chunk's states
+            i = c * chunk + t
+            dt, _ = step(i)
+            dtu = dt * r["u"][i, :].astype(f32)
+            h = [jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n] for n in range(n_state)]
+            hs.append(h)
+        for t in reversed(range(chunk)):
+            i = c * chunk + t
+            u = r["u"][i, :].astype(f32)
+            dt, x = step(i)
+            dtu = dt * u
+            dout = r["dy"][i, :].astype(f32)
+            h_prev, h_t = hs[t], hs[t + 1]
+            c_t = [r["c"][i, n] for n in range(n_state)]
+            if "z" in r:
+                z = r["z"][i, :].astype(f32)
+                sz = jax.nn.sigmoid(z)
+                y = sum(h_t[n] * c_t[n] for n in range(n_state))
+                if d is not None:
+                    y = y + d * u
+                r["dz"][i, :] = (dout * y * sz * (1.0 + z * (1.0 - sz))).astype(r["dz"].dtype)
+                dy = dout * z * sz
+            else:
+                dy = dout
+            gb, saq = zeros, zeros
+            for n in range(n_state):
+                b_n = r["b"][i, n]
+                g = dh[n] + c_t[n] * dy
+                r["dc"][i, n] = jnp.sum(dy * h_t[n])
+                r["db"][i, n] = jnp.sum(g * dtu)
+                a_n = jnp.exp2(dt * a2[n])
+                q = g * a_n * h_prev[n]
+                da[n] = da[n] + dt * q
+                saq = saq + A[n] * q
+                gb = gb + g * b_n
+                dh[n] = a_n * g
+            du = dt * gb
+            if d is not None:
+                du = du + d * dy
+                dd = dd + dy * u
+            r["du"][i, :] = du.astype(r["du"].dtype)
+            ddt = u * gb + saq
+            if softplus:
+                ddt = ddt * jax.nn.sigmoid(x)
+            if padded:
+                ddt = jnp.where(i < length, ddt, 0.0)
+            dbias = dbias + ddt
+            r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
+        return tuple(dh), tuple(da), dd, dbias
+
+    dh0 = tuple(r["dhT"][n, :] for n in range(n_state))
+    init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros)
+    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for n in range(n_state):
+        r["dh0"][n, :] = dh[n]
+        r["da"][n, :] = da[n]
+    if "dd" in r:
+        r["dd"][...] = dd
+    if "dbias" in r:
+        r["dbias"][...] = dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout glue and custom_vjp.
+#
+# Kernel layouts: sequences [B, Lp, Dp] (Lp a multiple of the chunk, Dp of block_d when G == 1);
+# A^T [N, Dp] f32; B/C [B, Lp, G, N] f32; states [B, N, Dp] f32 (a state row per n is contiguous).
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    bsz: int
+    length: int
+    dn: int
+    n: int
+    groups: int
+    bd: int
+    dp: int
+    lp: int
+    chunk: int
+
+    @property
+    def n_chunks(self) -> int:
+        return self.lp // self.chunk
+
+    @property
+    def n_blocks(self) -> int:
+        return self.dp // self.bd
+
+
+def _layout(u, A, B, chunk, block_d) -> _Layout:
+    bsz, length, dn = u.shape
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    if groups == 1:
+        bd = min(block_d, _next_pow2(dn))
+    else:    # a block must not straddle two groups: the largest power of 2 dividing Dn / G
+        per_group, bd = dn // groups, 1
+        while bd * 2 <= block_d and per_group % (bd * 2) == 0:
+            bd *= 2
+    dp = _common.round_up(dn, bd)
+    return _Layout(bsz, length, dn, A.shape[1], groups, bd, dp,
+                   _common.round_up(length, chunk), chunk)
+
+
+def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
+    """Pad and transpose to kernel layouts; returns (arrays, block specs, opts)."""
+    f32 = jnp.float32
+    bd, lp, n = lay.bd, lay.lp, lay.n
+    per_group = lay.dn // lay.groups
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, lay.chunk), 2, bd)
+    vec = lambda x: _common.pad_axis(x.astype(f32), 0, bd)
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    bc = lambda x: _common.pad_axis(x.astype(f32), 1, lay.chunk)
+    seq_spec = pl.BlockSpec((None, lp, bd), lambda b, j: (b, 0, j))
+    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, bd),
+              bc(B), bc(C)]
+    specs = [seq_spec, seq_spec, pl.BlockSpec((n, bd), lambda b, j: (0, j)),
+             *[pl.BlockSpec((None, lp, None, n), lambda b, j: (b, 0, j * bd // per_group, 0))] * 2]
+    opts = []
+    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
+        if x is None:
+            continue
+        opts.append(name)
+        if name == "z":
+            arrays.append(seq(x))
+            specs.append(seq_spec)
+        elif name == "h0":
+            arrays.append(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd))
+            specs.append(pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j)))
+        else:
+            arrays.append(vec(x))
+            specs.append(pl.BlockSpec((bd,), lambda b, j: (j,)))
+    return arrays, specs, tuple(opts)
+
+
+def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
+    return pl.pallas_call(
+        kernel, grid=(lay.bsz, lay.n_blocks), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=cfg.interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1))
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
+    """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
+    lay = _layout(u, A, B, cfg.chunk if save_ckpt else cfg.fwd_chunk, cfg.block_d)
+    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0)
+    state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
+    out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
+                 jax.ShapeDtypeStruct((lay.bsz, lay.n, lay.dp), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, lay.lp, lay.bd), lambda b, j: (b, 0, j)), state_spec]
+    if save_ckpt:
+        out_shape.append(jax.ShapeDtypeStruct((lay.bsz, lay.n_chunks, lay.n, lay.dp),
+                                              jnp.float32))
+        out_specs.append(pl.BlockSpec((None, lay.n_chunks, lay.n, lay.bd),
+                                      lambda b, j: (b, 0, 0, j)))
+    kernel = functools.partial(
+        _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
+        padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt)
+    outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
+    y = outs[0][:, :lay.length, :lay.dn]
+    final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
+    return y, final, (outs[2] if save_ckpt else None)
+
+
+def _backward(cfg: _Config, res, y_bar, final_bar):
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    lay = _layout(u, A, B, cfg.chunk, cfg.block_d)
+    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None)
+    f32 = jnp.float32
+    bsz, lp, dp, bd, n = lay.bsz, lay.lp, lay.dp, lay.bd, lay.n
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, lay.chunk), 2, bd)
+    seq_spec = pl.BlockSpec((None, lp, bd), lambda b, j: (b, 0, j))
+    state_spec = pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j))
+    arrays += [ck, seq(y_bar.astype(u.dtype)),
+               _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
+    specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
+              state_spec]
+    part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n), f32)
+    part_spec = pl.BlockSpec((None, lp, None, n), lambda b, j: (b, 0, j, 0))
+    per_batch = jax.ShapeDtypeStruct((bsz, dp), f32)
+    per_batch_spec = pl.BlockSpec((None, bd), lambda b, j: (b, j))
+    state = jax.ShapeDtypeStruct((bsz, n, dp), f32)
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, lp, dp), delta.dtype)]
+    out_specs = [seq_spec, seq_spec]
+    if z is not None:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp, dp), z.dtype))
+        out_specs.append(seq_spec)
+    out_shape += [part, part, state]
+    out_specs += [part_spec, part_spec, state_spec]
+    for x in (D, delta_bias):
+        if x is not None:
+            out_shape.append(per_batch)
+            out_specs.append(per_batch_spec)
+    out_shape.append(state)
+    out_specs.append(state_spec)
+    kernel = functools.partial(
+        _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
+        padded=lp != lay.length, softplus=cfg.softplus, opts=opts)
+    outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
+                      "selective_scan_bwd")(*arrays))
+
+    crop = lambda x: x[:, :lay.length, :lay.dn]
+    du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
+    dz = crop(outs.pop(0)) if z is not None else None
+    # Deterministic reductions: the per-block partial sums of dB/dC and the per-batch dA/dD/dbias
+    # are added here in a fixed order (no atomics).
+    group_sum = lambda x: rearrange(x, "b l (g k) n -> b l g k n", g=lay.groups).sum(3)
+    db, dc = (group_sum(outs.pop(0))[:, :lay.length] for _ in range(2))
+    if B.ndim == 3:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
+    dd = outs.pop(0).sum(0)[:lay.dn].astype(D.dtype) if D is not None else None
+    dbias = (outs.pop(0).sum(0)[:lay.dn].astype(delta_bias.dtype)
+             if delta_bias is not None else None)
+    dh0 = (jnp.swapaxes(outs.pop(0)[:, :, :lay.dn], 1, 2).astype(h0.dtype)
+           if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+    y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=False)
+    return y, final
+
+
+def _scan_pallas_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+    y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=True)
+    return (y, final), (u, delta, A, B, C, D, z, delta_bias, h0, ck)
+
+
+def _scan_pallas_bwd(cfg, res, cts):
+    return _backward(cfg, res, *cts)
+
+
+_scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
+
+
+def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, initial_state=None, chunk=8, fwd_chunk=16,
+                          block_d=32, num_warps=1, interpret=False):
+    """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state)."""
+    cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
+                  num_warps=num_warps, interpret=interpret)
+    return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
+
+
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
     _common.check_rank("u", u, 3, "[batch, length, channels]")
     _common.check_float("u", u)
@@ -149,8 +517,14 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
                    initial_state=None, return_state=False, backend=None):
     """Mamba-1 selective scan; see the module docstring. Returns y or (y, final_state)."""
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    backend = _common.resolve_backend(backend, has_kernel=False)
-    y, final = selective_scan_reference(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                        delta_softplus=delta_softplus,
-                                        initial_state=initial_state)
+    backend = _common.resolve_backend(backend)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  initial_state=initial_state)
+    if backend == "reference" or (backend == "pallas" and _common.platform() == "tpu"):
+        y, final = selective_scan_reference(u, delta, A, B, C, **kwargs)
+    elif backend == "tpu_interpret":
+        raise ValueError("selective_scan has no Mosaic TPU kernel yet; use backend='interpret'")
+    else:
+        y, final = selective_scan_pallas(u, delta, A, B, C, **kwargs,
+                                         interpret=backend == "interpret")
     return (y, final) if return_state else y
