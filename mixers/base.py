@@ -1,0 +1,118 @@
+"""The Mixer contract and the small layers every mixer shares.
+
+A mixer maps x [B, L, d_model] -> [B, L, d_model] and takes the keyword arguments
+`segment_ids` ([B, L] int, packed sequences) and `positions` ([B, L] int, absolute positions).
+Mixers that can decode also offer `init_cache(batch_size, max_length, dtype)` and
+`decode(x [B, 1, d_model], cache) -> (y [B, 1, d_model], cache)`, one token per call.
+
+Parameters carry logical axis names ("embed", "heads", "mlp", ...) through nnx.with_partitioning,
+so a mesh can shard them by rules (training.sharding) and they cost nothing on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+IMPLS = ("pallas", "interpret", "tpu_interpret", "reference")
+
+
+class Mixer(nnx.Module):
+    """Base class of every sequence mixer; see the module docstring for the contract."""
+
+    causal: bool = True
+
+    def __call__(self, x, *, segment_ids=None, positions=None):
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")
+
+    def decode(self, x, cache: dict):
+        raise NotImplementedError(f"{type(self).__name__} does not support cached decoding")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """Fields shared by every mixer spec. `impl` picks the kernel path (None = fastest)."""
+
+    causal: bool = True
+    impl: str | None = None
+
+    def validate(self, d_model: int) -> None:
+        """Raise ValueError(key, message) pairs; the registry prefixes the key path."""
+        if self.impl is not None and self.impl not in self.valid_impls():
+            raise ConfigError("impl", f"must be one of {self.valid_impls()} or unset, "
+                                      f"got {self.impl!r}")
+
+    @classmethod
+    def valid_impls(cls) -> tuple[str, ...]:
+        return IMPLS
+
+
+class ConfigError(ValueError):
+    """A bad config value; `key` is the offending key relative to the section being built."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+          rngs: nnx.Rngs, dtype: Any = None, use_bias: bool = False, init=None) -> nnx.Linear:
+    """nnx.Linear with a logical-axis annotation on its kernel (and bias)."""
+    init = init or nnx.initializers.lecun_normal()
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                      kernel_init=init, kernel_metadata=axis_metadata(*axes),
+                      bias_metadata=axis_metadata(axes[1]))
+
+
+def axis_metadata(*axes: str | None) -> dict:
+    """Variable metadata naming logical axes; sharding is applied later, by training.sharding."""
+    return {"out_sharding": axes, "eager_sharding": False}
+
+
+def default_positions(x):
+    """[B, L] int32 positions 0..L-1."""
+    return jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+
+
+def rope(x_BLHD, positions_BL, theta: float = 10000.0):
+    """Rotary position embedding (Su et al. 2021), rotating halves of the head dimension."""
+    d = x_BLHD.shape[-1]
+    freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
+    angle = positions_BL[..., None, None].astype(jnp.float32) * freq      # [B, L, 1, D/2]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHD.dtype)
+
+
+def causal_conv1d(x_BLC, kernel_KC, bias_C=None, state_BKC=None):
+    """Depthwise causal convolution: y_t = sum_j kernel[j] * x_{t - K + 1 + j}.
+
+    `state_BKC` [B, K-1, C] holds the inputs before x (zeros when None). Returns
+    (y [B, L, C], new_state [B, K-1, C]): the last K-1 inputs, for the next call.
+    """
+    k = kernel_KC.shape[0]
+    if state_BKC is None:
+        state_BKC = jnp.zeros((x_BLC.shape[0], k - 1, x_BLC.shape[2]), x_BLC.dtype)
+    xp = jnp.concatenate([state_BKC.astype(x_BLC.dtype), x_BLC], axis=1)
+    length = x_BLC.shape[1]
+    y = sum(xp[:, j:j + length] * kernel_KC[j].astype(x_BLC.dtype) for j in range(k))
+    if bias_C is not None:
+        y = y + bias_C.astype(x_BLC.dtype)
+    return y, xp[:, xp.shape[1] - (k - 1):]
+
+
+def segment_positions(segment_ids):
+    """Position inside each packed segment: [B, L] int32 (restarts at 0 at every new id)."""
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    idx = jnp.arange(segment_ids.shape[1])[None]
+    last_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return (idx - last_start).astype(jnp.int32)

@@ -1,0 +1,90 @@
+"""PoNet pooling mixer (Tan et al. 2021, "PoNet: Pooling Network for Efficient Token Mixing in
+Long Sequences"): O(L) token mixing by three pools fused with a multiplicative gate.
+
+    q, k, v, s, l, o = x W  (six projections, d_model each)
+    g = global aggregation,   s' = segment max-pool of s,   l' = local max-pool of l
+    y = ((g + s') * o + l') W_out
+
+Bidirectional (the paper): g = multi-head attention of the pooled query mean_t(q_t) over all keys
+(one vector per sequence, broadcast to every token); s' = max over the token's segment of
+`segment_size` tokens; l' = max over a centred window of `local_window` tokens.
+
+Causal (for language models; differs from the paper, which sees the whole sequence): g_t is the
+running mean of v over positions <= t (the pooled-query attention needs future tokens, so it is
+replaced by the running mean); s'_t is the max over the current segment up to t; l'_t the max over
+the trailing window [t - w + 1, t]. Decoding keeps the running sum, the segment max so far and the
+last w - 1 local inputs: O(d_model) state per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from mixers.base import ConfigError, Mixer, MixerConfig, dense
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingConfig(MixerConfig):
+    n_heads: int = 4                 # heads of the bidirectional global aggregation
+    segment_size: int = 32
+    local_window: int = 3
+
+    def validate(self, d_model: int) -> None:
+        super().validate(d_model)
+        if self.n_heads < 1 or d_model % self.n_heads:
+            raise ConfigError("n_heads", f"{self.n_heads} must divide d_model={d_model}")
+        if self.segment_size < 1:
+            raise ConfigError("segment_size", f"must be >= 1, got {self.segment_size}")
+        if self.local_window < 1 or (not self.causal and self.local_window % 2 == 0):
+            raise ConfigError("local_window", f"must be >= 1 (and odd when bidirectional), "
+                                              f"got {self.local_window}")
+
+
+class PoolingMixer(Mixer):
+    """PoNet mixer. Args (PoolingConfig): n_heads, segment_size, local_window, causal, impl."""
+
+    def __init__(self, cfg: PoolingConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
+        self.cfg, self.causal, self.d_model = cfg, cfg.causal, d_model
+        self.in_proj = dense(d_model, 6 * d_model, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.out_proj = dense(d_model, d_model, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, *, segment_ids=None, positions=None):
+        if segment_ids is not None:
+            raise ValueError("PoolingMixer does not support segment_ids (packed sequences) yet")
+        cfg, impl = self.cfg, self.cfg.impl
+        q, k, v, s, l, o = jnp.split(self.in_proj(x), 6, axis=-1)
+        if self.causal:
+            g = pk.prefix_mean(v, backend=impl)
+        else:
+            heads = lambda t: t.reshape(*t.shape[:2], cfg.n_heads, -1)
+            g = pk.global_aggregate(heads(q), heads(k), heads(v), backend=impl)
+            g = g.reshape(x.shape[0], 1, -1)
+        s = pk.segment_max(s, cfg.segment_size, causal=self.causal, backend=impl)
+        l = pk.local_max(l, cfg.local_window, causal=self.causal, backend=impl)
+        return self.out_proj(pk.ponet_fuse(g, s, o, l, backend=impl))
+
+    def init_cache(self, batch_size, max_length, dtype=jnp.float32):
+        if not self.causal:
+            raise ValueError("bidirectional pooling (causal: false) cannot decode")
+        d, w = self.d_model, self.cfg.local_window
+        return {"v_sum": jnp.zeros((batch_size, d), jnp.float32),
+                "seg_max": jnp.zeros((batch_size, d), dtype),
+                "window": jnp.full((batch_size, w - 1, d), jnp.finfo(dtype).min, dtype),
+                "pos": jnp.zeros((), jnp.int32)}
+
+    def decode(self, x, cache):
+        _, _, v, s, l, o = (t[:, 0] for t in jnp.split(self.in_proj(x), 6, axis=-1))
+        pos = cache["pos"]
+        v_sum = cache["v_sum"] + v.astype(jnp.float32)
+        g = (v_sum / (pos + 1).astype(jnp.float32)).astype(v.dtype)
+        seg_max = jnp.where(pos % self.cfg.segment_size == 0, s,
+                            jnp.maximum(cache["seg_max"].astype(s.dtype), s))
+        window = jnp.concatenate([cache["window"].astype(l.dtype), l[:, None]], axis=1)
+        y = pk.ponet_fuse(g, seg_max, o, window.max(axis=1))
+        new = {"v_sum": v_sum, "seg_max": seg_max.astype(cache["seg_max"].dtype),
+               "window": window[:, 1:].astype(cache["window"].dtype), "pos": pos + 1}
+        return self.out_proj(y[:, None]), new

@@ -1,0 +1,244 @@
+"""The training loop: AdamW with warmup + cosine decay, jit-compiled steps, periodic evaluation,
+orbax checkpoints with automatic resume, metrics in `<workdir>/metrics.jsonl`, progress lines,
+a final summary and (text task) a generated sample.
+
+    summary = train(load_config("hybrid_3to1"), workdir="runs/hybrid")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from models import build_model, count_params
+from training.checkpoint import Checkpointer
+from training.config import RunConfig
+from training.data import TextData, make_data
+from training.sharding import batch_sharding, make_mesh
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (non-finite loss); the message says why and where to resume."""
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio)
+    # No weight decay on gains, biases and other vectors.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                     mask=decay_mask)
+    if cfg.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx, schedule
+
+
+def masked_loss(logits_BLV, targets_BL, mask_BL):
+    """Mean cross-entropy and accuracy over positions where mask is 1."""
+    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
+    denom = jnp.maximum(mask_BL.sum(), 1.0)
+    correct = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return (nll * mask_BL).sum() / denom, (correct * mask_BL).sum() / denom
+
+
+class Trainer:
+    """Holds the model, optimizer, data and compiled steps of one run."""
+
+    def __init__(self, run: RunConfig, workdir: str | Path, *, log=print):
+        self.run, self.cfg, self.log = run, run.train, log
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh(run.mesh)
+        self.data = make_data(run.data, self.cfg.seq_len, self.cfg.seed)
+        model_cfg = dict(run.raw["model"])
+        self.model = build_model(model_cfg, rngs=nnx.Rngs(self.cfg.seed))
+        self.tx, self.schedule = make_optimizer(self.cfg)
+        self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=nnx.Param)
+        self.graphdef, state = nnx.split((self.model, self.optimizer))
+        self.state = jax.device_put(state, jax.NamedSharding(self.mesh, jax.P()))
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.checkpointer = Checkpointer(self.workdir, self.cfg.keep_checkpoints)
+        self._train_step = jax.jit(self._step, donate_argnums=0)
+        self._eval_step = jax.jit(self._eval)
+
+    # -- compiled functions -------------------------------------------------------------------
+    def _step(self, state, batch):
+        model, optimizer = nnx.merge(self.graphdef, state)
+
+        def loss_fn(model):
+            logits = model(batch["inputs"])
+            return masked_loss(logits, batch["targets"], batch["mask"])
+
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        _, state = nnx.split((model, optimizer))
+        return state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+
+    def _eval(self, state, batch):
+        model, _ = nnx.merge(self.graphdef, state)
+        return masked_loss(model(batch["inputs"]), batch["targets"], batch["mask"])
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _device_batch(self, step: int, split: str):
+        batch = self.data.batch(step, self.cfg.batch_size, split)
+        return jax.device_put(batch, self.batch_sharding)
+
+    def _write(self, record: dict):
+        if self.is_main:
+            with open(self.workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict:
+        losses, accs = [], []
+        for i in range(self.cfg.eval_batches):
+            loss, acc = self._eval_step(self.state, self._device_batch(i, "eval"))
+            losses.append(float(loss))
+            accs.append(float(acc))
+        loss = float(np.mean(losses))
+        out = {"loss": loss, "accuracy": float(np.mean(accs))}
+        if isinstance(self.data, TextData):
+            out["perplexity"] = math.exp(min(loss, 50.0))
+            out["bits_per_byte"] = loss / math.log(2)
+        return out
+
+    def save(self, step: int) -> Path:
+        meta = {"step": step, "config": self.run.raw}
+        return self.checkpointer.save(step, self.state, meta)
+
+    def restore_latest(self) -> int:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        self.state, meta = self.checkpointer.restore(step, self.state)
+        self.log(f"resumed from {self.checkpointer.directory / str(step)} (step {step})")
+        return int(meta["step"])
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            (self.workdir / "config.yaml").write_text(yaml.safe_dump(self.run.raw,
+                                                                     sort_keys=False))
+        n_params = count_params(self.model)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters, layers "
+                 f"{[spec['type'] for _, spec in self.run.model.layer_specs()]}; "
+                 f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
+                 f"mesh {dict(self.mesh.shape)}")
+        start = self.restore_latest()
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        t0 = time.time()
+        window_t, window_steps, window_metrics = time.time(), 0, []
+        last_saved, train_loss, eval_metrics = start, float("nan"), {}
+        step = start
+        interrupted = False
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while step < cfg.steps:
+                new_state, metrics = self._train_step(self.state, self._device_batch(step,
+                                                                                   "train"))
+                self.state = new_state
+                step += 1
+                window_steps += 1
+                window_metrics.append(metrics)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    m = jax.device_get(window_metrics)
+                    losses = [float(x["loss"]) for x in m]
+                    if not all(map(math.isfinite, losses)):
+                        raise TrainingStopped(
+                            f"loss became {losses[-1]} by step {step}; stopped. The last good "
+                            f"checkpoint is step {last_saved} in {self.checkpointer.directory}; "
+                            "lower train.lr or raise train.warmup_steps, then rerun to resume")
+                    train_loss = float(np.mean(losses))
+                    dt = time.time() - window_t
+                    tps = window_steps * tokens_per_step / max(dt, 1e-9)
+                    eta = (cfg.steps - step) * dt / window_steps
+                    record = {"step": step, "split": "train", "loss": train_loss,
+                              "accuracy": float(np.mean([x["accuracy"] for x in m])),
+                              "grad_norm": float(m[-1]["grad_norm"]),
+                              "lr": float(self.schedule(step)), "tokens_per_s": tps}
+                    self._write(record)
+                    self.log(f"step {step:>6}/{cfg.steps} | loss {train_loss:.4f} | "
+                             f"{tps:,.0f} tok/s | lr {record['lr']:.2e} | "
+                             f"eta {_fmt_time(eta)}")
+                    window_t, window_steps, window_metrics = time.time(), 0, []
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    eval_metrics = self.evaluate()
+                    self._write({"step": step, "split": "eval", **eval_metrics})
+                    self.log(f"eval  {step:>6} | " + " | ".join(
+                        f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    window_t = time.time()
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    path = self.save(step)
+                    last_saved = step
+                    window_t = time.time()
+        except KeyboardInterrupt:
+            interrupted = True
+            if step > last_saved:
+                path = self.save(step)
+                last_saved = step
+            self.log(f"interrupted at step {step}; checkpoint saved to "
+                     f"{self.checkpointer.directory / str(last_saved)}. Rerun the same command "
+                     "to resume.")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        wall = time.time() - t0
+        summary = {"step": step, "train_loss": train_loss, "wall_time_s": wall,
+                   "tokens_per_s": (step - start) * tokens_per_step / max(wall, 1e-9),
+                   "checkpoint": str(self.checkpointer.directory / str(last_saved)),
+                   "interrupted": interrupted, "parameters": n_params}
+        summary.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        if isinstance(self.data, TextData):
+            summary["unigram_eval_loss"] = self.data.unigram_loss()
+        self.checkpointer.close()
+        return summary
+
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
+        from training.generate import generate
+        model, _ = nnx.merge(self.graphdef, self.state)
+        tokens = np.frombuffer(prompt.encode("utf-8"), np.uint8)[None].astype(np.int32)
+        out = generate(model, tokens, max_new_tokens, temperature=temperature,
+                       seed=self.cfg.seed)
+        return bytes(out[0].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(run: RunConfig, workdir: str | Path, *, log=print, plot: bool = True) -> dict:
+    """Train (or resume) a run; returns the summary dict and writes the artefacts."""
+    trainer = Trainer(run, workdir, log=log)
+    summary = trainer.train()
+    if not summary["interrupted"] and isinstance(trainer.data, TextData) and \
+            run.train.sample_tokens > 0:
+        summary["sample"] = trainer.sample(run.train.sample_prompt, run.train.sample_tokens,
+                                           run.train.sample_temperature)
+    if trainer.is_main:
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if plot:
+            try:
+                from training.plot import plot_runs
+                summary["plot"] = str(plot_runs([workdir], Path(workdir) / "loss.png"))
+            except RuntimeError as e:
+                log(f"(no loss plot: {e})", file=sys.stderr) if log is print else None
+    return summary
+
+
+__all__ = ["Trainer", "TrainingStopped", "masked_loss", "train"]
