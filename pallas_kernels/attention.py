@@ -1,6 +1,7 @@
 """Scaled dot-product attention: the pure-jnp reference and the public dispatch.
 
-    o[b, i, h] = sum_j softmax_j(sm_scale * q[b, i, h] . k[b, j, g]) v[b, j, g],  g = h // (Hq // Hkv)
+    o[b, i, h] = sum_j softmax_j(sm_scale * q[b, i, h] . k[b, j, g]) v[b, j, g]
+    with g = h // (Hq // Hkv)
 
 Shapes (batch-major, heads after length): q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], out [B, Lq, Hq, D].
 Masks, all optional and combined:
@@ -11,13 +12,34 @@ Masks, all optional and combined:
   segment_ids [B, L] int (Lq == Lk): tokens see only keys of their own segment (packed sequences).
 `decode_attention` is the single-step form used with a KV cache: q [B, T, Hq, D] against the first
 `lengths[b]` entries of k/v caches [B, S, Hkv, D].
+
+Kernels (FlashAttention-2, Dao 2023; FlashDecoding for the split-KV decode):
+  forward   one program per (query block, batch, query head); an online softmax over KV blocks
+            in base 2 (exp2, scale folded with log2 e) keeps the running max m, sum l and an f32
+            accumulator, and saves lse = m + log2 l per row for the backward;
+  backward  delta = rowsum(dO * O) (XLA), then a dq kernel (one program per query block, loops
+            over KV blocks) and a dk/dv kernel (one program per KV block and KV head, loops over
+            the query heads of its GQA group and their query blocks: K/V are never repeated);
+  decode    one program per (batch, KV head, KV split): the GQA query heads x T tokens of a KV head
+            form one tile; each split writes a partial output and its lse, combined exactly in XLA.
+KV blocks that are fully masked (above the causal diagonal, outside the window) are never visited;
+blocks that are fully visible skip the mask arithmetic. Lengths are padded to the block sizes and
+the padding is masked inside. These GPU-style kernels lower through Pallas-Triton (see
+docs/kernels/flash_attention.md); the Mosaic TPU variant lives in `attention_tpu.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
 
@@ -75,6 +97,455 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, sm_scale=None, w
     return rearrange(o, "b g r t d -> b t (g r) d").astype(q.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Forward kernel (GPU-style; Triton lowering, or interpret mode on CPU)
+# --------------------------------------------------------------------------------------------
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Static description of one flash-attention call (hashable: it keys the custom_vjp)."""
+    causal: bool
+    window: int | None
+    sm_scale: float
+    lq: int                  # true lengths (the arrays the kernels see are padded)
+    lk: int
+    has_segments: bool
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+    interpret: bool = False
+
+
+def _dot(a, b, trans_b: bool = False):
+    """a @ b (or a @ b.T) of two 2-D tiles with f32 accumulation (tensor cores on GPU)."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _cdiv(x, d: int):
+    """Ceil division of a non-negative traced int32 by a static int (lax.div truncates)."""
+    return lax.div(x + (d - 1), d)
+
+
+def _clip(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _kv_block_range(q0, block_q: int, block_k: int, cfg: FlashConfig):
+    """KV block range [lo, hi) seen by queries [q0, q0 + block_q), and its unmasked middle.
+
+    Returns (lo, mid_lo, mid_hi, hi): blocks in [mid_lo, mid_hi) need no mask at all.
+    """
+    n_kv, n_full = pl.cdiv(cfg.lk, block_k), cfg.lk // block_k
+    off = cfg.lk - cfg.lq                                  # position of query i is i + off
+    q_first, q_last = q0 + off, q0 + block_q - 1 + off
+    zero = jnp.int32(0)
+    if cfg.causal:
+        hi = _cdiv(_clip(q_last + 1, 0, cfg.lk), block_k)
+        mid_hi = jnp.minimum(lax.div(jnp.maximum(q_first + 1, 0), block_k), n_full)
+    else:
+        hi, mid_hi = jnp.int32(n_kv), jnp.int32(n_full)
+    if cfg.window is not None:
+        lo = lax.div(jnp.maximum(q_first - cfg.window + 1, 0), block_k)
+        mid_lo = _cdiv(jnp.maximum(q_last - cfg.window + 1, 0), block_k)
+    else:
+        lo, mid_lo = zero, zero
+    mid_lo = _clip(mid_lo, lo, hi)
+    mid_hi = mid_lo if cfg.has_segments else _clip(mid_hi, mid_lo, hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+def _q_block_range(k0, block_q: int, block_k: int, lq_pad: int, cfg: FlashConfig):
+    """Query blocks [lo, hi) that see any key of [k0, k0 + block_k), and the unmasked middle."""
+    n_q = lq_pad // block_q
+    off = cfg.lk - cfg.lq
+    if cfg.causal:
+        lo = lax.div(jnp.maximum(k0 - off, 0), block_q)
+        mid_lo = _cdiv(jnp.maximum(k0 + block_k - 1 - off, 0), block_q)
+    else:
+        lo = mid_lo = jnp.int32(0)
+    if cfg.window is not None:
+        hi = _cdiv(_clip(k0 + block_k + cfg.window - 1 - off, 0, lq_pad), block_q)
+        mid_hi = lax.div(jnp.maximum(k0 + cfg.window - off, 0), block_q)
+    else:
+        hi = mid_hi = jnp.int32(n_q)
+    lo, hi = jnp.minimum(lo, n_q), jnp.minimum(hi, n_q)
+    mid_lo = _clip(mid_lo, lo, hi)
+    mid_hi = _clip(mid_hi, mid_lo, hi)
+    if cfg.has_segments:
+        mid_hi = mid_lo
+    elif cfg.lk % block_k:
+        mid_hi = jnp.where(k0 + block_k > cfg.lk, mid_lo, mid_hi)   # the padded last KV block
+    return lo, mid_lo, mid_hi, hi
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, cfg: FlashConfig):
+    """Visibility [len(q_pos), len(k_pos)] from absolute positions and segment ids."""
+    q_pos, k_pos = q_pos[:, None], k_pos[None, :]
+    mask = k_pos < cfg.lk
+    if cfg.causal:
+        mask &= k_pos <= q_pos
+    if cfg.window is not None:
+        mask &= k_pos > q_pos - cfg.window
+    if q_seg is not None:
+        mask &= q_seg[:, None] == k_seg[None, :]
+    return mask
+
+
+def _fwd_kernel(*refs, cfg: FlashConfig):
+    if cfg.has_segments:
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+        q_seg = qseg_ref[...]
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        q_seg = None
+    bq, bk = cfg.block_q, cfg.block_k
+    q0 = pl.program_id(0) * bq
+    q_BqD = q_ref[...]
+    q_pos = q0 + jnp.arange(bq) + (cfg.lk - cfg.lq)
+    scale = cfg.sm_scale * LOG2E                           # softmax in base 2: exp2 is cheaper
+
+    def body(j, carry, masked):
+        acc, m, l = carry
+        k0 = j * bk
+        k_BkD = k_ref[pl.ds(k0, bk), :]
+        s = _dot(q_BqD, k_BkD, trans_b=True) * scale    # [bq, bk] f32
+        if masked:
+            k_seg = kseg_ref[pl.ds(k0, bk)] if cfg.has_segments else None
+            mask = _mask(q_pos, k0 + jnp.arange(bk), q_seg, k_seg, cfg)
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        v_BkD = v_ref[pl.ds(k0, bk), :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v_BkD.dtype), v_BkD)
+        return acc, m_new, l
+
+    # m starts finite so that fully masked rows (s = -inf) give p = 0 instead of NaN.
+    carry = (jnp.zeros((bq, q_BqD.shape[1]), jnp.float32),
+             jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    lo, mid_lo, mid_hi, hi = _kv_block_range(q0, bq, bk, cfg)
+    carry = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), carry)
+    empty = l == 0.0                                       # rows that see no key: output 0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l))   # +inf makes p = 0 in backward
+
+
+def _pad_inputs(q, k, v, segment_ids, block_q: int, block_k: int):
+    """Pad lengths to the block sizes (segment id -1 marks padding)."""
+    q = _common.pad_axis(q, 1, block_q)
+    k = _common.pad_axis(k, 1, block_k)
+    v = _common.pad_axis(v, 1, block_k)
+    segs = ()
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        segs = (_common.pad_axis(seg, 1, block_q, -1), _common.pad_axis(seg, 1, block_k, -1))
+    return q, k, v, segs
+
+
+def _flash_forward(q, k, v, segment_ids, cfg: FlashConfig):
+    """Returns o [B, Lq, Hq, D] and lse [B, Hq, Lq_pad] (base 2, f32)."""
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    rep = hq // hkv
+    bq, bk = cfg.block_q, cfg.block_k
+    qp, kp, vp, segs = _pad_inputs(q, k, v, segment_ids, bq, bk)
+    lq_pad, lk_pad = qp.shape[1], kp.shape[1]
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+        pl.BlockSpec((None, lk_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0)),
+        pl.BlockSpec((None, lk_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0)),
+    ]
+    if segs:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
+                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0))]
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(lq_pad // bq, b, hq),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
+        name="flash_attention_fwd",
+    )(qp, kp, vp, *segs)
+    return o[:, :lq], lse
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernels: dq (one program per query block) and dk/dv (one per KV block and KV head)
+# --------------------------------------------------------------------------------------------
+
+def _dq_kernel(*refs, cfg: FlashConfig):
+    if cfg.has_segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
+        q_seg = qseg_ref[...]
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+        q_seg = None
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    q0 = pl.program_id(0) * bq
+    q_BqD, do_BqD = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = q0 + jnp.arange(bq) + (cfg.lk - cfg.lq)
+    scale = cfg.sm_scale * LOG2E
+
+    def body(j, dq, masked):
+        k0 = j * bk
+        k_BkD, v_BkD = k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :]
+        s = _dot(q_BqD, k_BkD, trans_b=True) * scale
+        if masked:
+            k_seg = kseg_ref[pl.ds(k0, bk)] if cfg.has_segments else None
+            s = jnp.where(_mask(q_pos, k0 + jnp.arange(bk), q_seg, k_seg, cfg), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot(do_BqD, v_BkD, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k_BkD.dtype), k_BkD)
+
+    dq = jnp.zeros((bq, q_BqD.shape[1]), jnp.float32)
+    lo, mid_lo, mid_hi, hi = _kv_block_range(q0, bq, bk, cfg)
+    dq = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), dq)
+    dq = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
+    if cfg.has_segments:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+         dk_ref, dv_ref) = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    k0 = pl.program_id(0) * bk
+    g = pl.program_id(2)
+    k_BkD, v_BkD = k_ref[...], v_ref[...]
+    k_pos = k0 + jnp.arange(bk)
+    k_seg = kseg_ref[...] if cfg.has_segments else None
+    scale = cfg.sm_scale * LOG2E
+    lo, mid_lo, mid_hi, hi = _q_block_range(k0, bq, bk, lq_pad, cfg)
+
+    def body(i, carry, h, masked):
+        dk, dv = carry
+        q0 = i * bq
+        q_BqD, do_BqD = q_ref[pl.ds(q0, bq), h, :], do_ref[pl.ds(q0, bq), h, :]
+        lse, delta = lse_ref[h, pl.ds(q0, bq)], delta_ref[h, pl.ds(q0, bq)]
+        st = _dot(k_BkD, q_BqD, trans_b=True) * scale        # s transposed: [bk, bq]
+        if masked:
+            q_seg = qseg_ref[pl.ds(q0, bq)] if cfg.has_segments else None
+            q_pos = q0 + jnp.arange(bq) + (cfg.lk - cfg.lq)
+            st = jnp.where(_mask(q_pos, k_pos, q_seg, k_seg, cfg).T, st, -jnp.inf)
+        pt = jnp.exp2(st - lse[None, :])
+        dv = dv + _dot(pt.astype(do_BqD.dtype), do_BqD)
+        dpt = _dot(v_BkD, do_BqD, trans_b=True)
+        dst = pt * (dpt - delta[None, :])
+        dk = dk + _dot(dst.astype(q_BqD.dtype), q_BqD)
+        return dk, dv
+
+    def head(r, carry):                                     # the query heads of this KV head
+        h = g * rep + r
+        carry = lax.fori_loop(lo, mid_lo, functools.partial(body, h=h, masked=True), carry)
+        carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, h=h, masked=False), carry)
+        return lax.fori_loop(mid_hi, hi, functools.partial(body, h=h, masked=True), carry)
+
+    zeros = jnp.zeros(k_BkD.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, rep, head, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    rep = hq // hkv
+    cparams = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages)
+    # delta_i = sum_d dO_id O_id (the row term of the softmax Jacobian); padded rows give 0.
+    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+
+    # dq: blocks (block_q_dq, block_k_dq); lse was saved with the forward's padding.
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    blk = max(bq, cfg.block_q_dkv, cfg.block_q)
+    qp, kp, vp, segs = _pad_inputs(q, k, v, segment_ids, blk, max(bk, cfg.block_k_dkv))
+    dop = _common.pad_axis(do, 1, blk)
+    lq_pad, lk_pad = qp.shape[1], kp.shape[1]
+    lse = _common.pad_axis(lse[:, :, :lq], 2, blk)
+    delta = _common.pad_axis(delta, 2, blk)
+    if segs:
+        segs = (_common.pad_axis(segment_ids.astype(jnp.int32), 1, blk, -1),
+                _common.pad_axis(segment_ids.astype(jnp.int32), 1, lk_pad, -1))
+    full_kv = pl.BlockSpec((None, lk_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0))
+    q_blk = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
+    row_blk = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
+    in_specs = [q_blk, full_kv, full_kv, q_blk, row_blk, row_blk]
+    if segs:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
+                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0))]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(lq_pad // bq, b, hq),
+        in_specs=in_specs,
+        out_specs=q_blk,
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=cparams,
+        interpret=cfg.interpret,
+        name="flash_attention_dq",
+    )(qp, kp, vp, dop, lse, delta, *segs)
+
+    # dk, dv: each program owns one KV block of one KV head and visits its `rep` query heads.
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    kv_blk = pl.BlockSpec((None, bk, None, d), lambda j, b_, g: (b_, j, g, 0))
+    full_q = pl.BlockSpec((None, lq_pad, hq, d), lambda j, b_, g: (b_, 0, 0, 0))
+    full_rows = pl.BlockSpec((None, hq, lq_pad), lambda j, b_, g: (b_, 0, 0))
+    in_specs = [full_q, kv_blk, kv_blk, full_q, full_rows, full_rows]
+    if segs:
+        in_specs += [pl.BlockSpec((None, lq_pad), lambda j, b_, g: (b_, 0)),
+                     pl.BlockSpec((None, bk), lambda j, b_, g: (b_, j))]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, rep=rep, lq_pad=lq_pad),
+        grid=(lk_pad // bk, b, hkv),
+        in_specs=in_specs,
+        out_specs=[kv_blk, kv_blk],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                   jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        compiler_params=cparams,
+        interpret=cfg.interpret,
+        name="flash_attention_dkv",
+    )(qp, kp, vp, dop, lse, delta, *segs)
+    lk = k.shape[1]
+    return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp glue
+# --------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, cfg: FlashConfig):
+    return _flash_forward(q, k, v, segment_ids, cfg)[0]
+
+
+def _flash_fwd_rule(q, k, v, segment_ids, cfg):
+    o, lse = _flash_forward(q, k, v, segment_ids, cfg)
+    return o, (q, k, v, segment_ids, o, lse)
+
+
+def _flash_bwd_rule(cfg, res, do):
+    q, k, v, segment_ids, o, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, segment_ids, o, lse, do, cfg)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode: split-KV forward (FlashDecoding) with an exact log-sum-exp combine
+# --------------------------------------------------------------------------------------------
+
+def _decode_kernel(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, *, sm_scale: float,
+                   window: int | None, t: int, block_k: int, blocks_per_split: int):
+    """One (batch, KV head, split): rows are the GQA heads x T tokens of that KV head."""
+    q_MD = q_ref[...]
+    m_rows = q_MD.shape[0]
+    lens = len_ref[...]                                    # [M] the same value in every row
+    length = jnp.max(lens)
+    # Row m is token m % T (rows past rep * T are padding and see what token T - 1 sees).
+    q_pos = lens - t + jnp.minimum(jnp.arange(m_rows) % t, t - 1)
+    split = pl.program_id(2)
+    lo = split * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, _cdiv(jnp.maximum(length, 0), block_k))
+    if window is not None:
+        lo = jnp.maximum(lo, lax.div(jnp.maximum(length - t - window + 1, 0), block_k))
+    scale = sm_scale * LOG2E
+
+    def body(j, carry):
+        acc, m, l = carry
+        k0 = j * block_k
+        k_BkD, v_BkD = k_ref[pl.ds(k0, block_k), :], v_ref[pl.ds(k0, block_k), :]
+        s = _dot(q_MD, k_BkD, trans_b=True) * scale
+        k_pos = (k0 + jnp.arange(block_k))[None, :]
+        mask = k_pos <= q_pos[:, None]
+        if window is not None:
+            mask &= k_pos > q_pos[:, None] - window
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v_BkD.dtype), v_BkD)
+        return acc, m_new, l
+
+    carry = (jnp.zeros(q_MD.shape, jnp.float32), jnp.full((m_rows,), MASK_VALUE, jnp.float32),
+             jnp.zeros((m_rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, hi, body, carry)
+    empty = l == 0.0                                       # an empty split weighs 0 in the combine
+    o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(l))
+
+
+def _decode_forward(q, k_cache, v_cache, lengths, *, sm_scale, window, interpret,
+                    block_k=None, num_splits=None, num_warps=4, num_stages=2):
+    b, t, hq, d = q.shape
+    s_max, hkv = k_cache.shape[1], k_cache.shape[2]
+    rep = hq // hkv
+    block_k = block_k or min(128, max(16, pl.next_power_of_2(s_max)))
+    n_blocks = pl.cdiv(s_max, block_k)
+    if num_splits is None:
+        # Enough programs to cover the H200's 132 SMs about twice, splits of >= 4 KV blocks.
+        num_splits = max(1, min(pl.cdiv(264, b * hkv), n_blocks // 4))
+    blocks_per_split = pl.cdiv(n_blocks, num_splits)
+    num_splits = pl.cdiv(n_blocks, blocks_per_split)
+    m_rows = max(16, pl.next_power_of_2(rep * t))          # tensor-core tiles need >= 16 rows
+    q_BGMD = rearrange(q, "b t (g r) d -> b g (r t) d", g=hkv)
+    q_BGMD = jnp.pad(q_BGMD, ((0, 0), (0, 0), (0, m_rows - rep * t), (0, 0)))
+    kp = _common.pad_axis(k_cache, 1, block_k)
+    vp = _common.pad_axis(v_cache, 1, block_k)
+    lens_BM = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (b, m_rows))
+    kv_spec = pl.BlockSpec((None, kp.shape[1], None, d), lambda b_, g, s: (b_, 0, g, 0))
+    o_part, lse_part = pl.pallas_call(
+        functools.partial(_decode_kernel, sm_scale=sm_scale, window=window, t=t,
+                          block_k=block_k, blocks_per_split=blocks_per_split),
+        grid=(b, hkv, num_splits),
+        in_specs=[pl.BlockSpec((None, None, m_rows, d), lambda b_, g, s: (b_, g, 0, 0)),
+                  kv_spec, kv_spec,
+                  pl.BlockSpec((None, m_rows), lambda b_, g, s: (b_, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, m_rows, d), lambda b_, g, s: (b_, g, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, m_rows), lambda b_, g, s: (b_, g, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="flash_decode",
+    )(q_BGMD, kp, vp, lens_BM)
+    # Exact combine of the splits' partial softmaxes (base-2 lse).
+    lse_max = jnp.max(lse_part, axis=2, keepdims=True)
+    lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
+    w = jnp.exp2(lse_part - lse_max)                       # [B, G, S, M]
+    denom = jnp.sum(w, axis=2)
+    o = jnp.einsum("bgsm,bgsmd->bgmd", w, o_part) / jnp.where(denom == 0, 1.0, denom)[..., None]
+    o = rearrange(o[:, :, :rep * t], "b g (r t) d -> b t (g r) d", t=t)
+    return o.astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions and dispatch
+# --------------------------------------------------------------------------------------------
+
 def _check_attention_args(q, k, v, segment_ids, window, causal):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(name, x, 4, "[batch, length, heads, head_dim]")
@@ -101,19 +572,85 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
             raise ValueError(f"window must be >= 1, got {window}")
 
 
+def _default_blocks(lq: int, lk: int, d: int) -> dict:
+    """Block sizes and warps per program; see docs/kernels/flash_attention.md for the sweep."""
+    def fit(pref, n):
+        return min(pref, max(16, pl.next_power_of_2(n)))
+    big = d > 128
+    return dict(block_q=fit(64 if big else 128, lq), block_k=fit(32 if big else 64, lk),
+                block_q_dq=fit(32 if big else 64, lq), block_k_dq=fit(32 if big else 64, lk),
+                block_q_dkv=fit(32 if big else 64, lq), block_k_dkv=fit(32 if big else 64, lk),
+                num_warps=4 if d <= 64 else 8, num_warps_bwd=4 if d <= 64 else 8, num_stages=2)
+
+
+def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=None,
+                           window=None, interpret=False, **blocks):
+    """The GPU-style Pallas kernel with explicit block sizes (keys of FlashConfig) for tuning."""
+    lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    d_pad = max(16, pl.next_power_of_2(d))                 # Triton tiles need power-of-2 sizes
+    if d_pad != d:
+        q, k, v = (_common.pad_axis(x, 3, d_pad) for x in (q, k, v))
+    cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
+                      has_segments=segment_ids is not None, interpret=interpret,
+                      **{**_default_blocks(lq, lk, d_pad), **blocks})
+    return _flash(q, k, v, segment_ids, cfg)[..., :d]
+
+
 def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, window=None,
                     backend=None):
     """Attention of q [B, Lq, Hq, D] over k/v [B, Lk, Hkv, D]; returns [B, Lq, Hq, D]."""
     _check_attention_args(q, k, v, segment_ids, window, causal)
-    backend = _common.resolve_backend(backend, has_kernel=False)
-    return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                               sm_scale=sm_scale, window=window)
+    backend = _common.resolve_backend(backend)
+    if backend == "reference":
+        return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                                   sm_scale=sm_scale, window=window)
+    if backend == "tpu_interpret" or (backend == "pallas" and _common.platform() == "tpu"):
+        from pallas_kernels import attention_tpu
+        return attention_tpu.flash_attention_tpu(
+            q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+            interpret=backend == "tpu_interpret")
+    return flash_attention_kernel(q, k, v, causal=causal, segment_ids=segment_ids,
+                                  sm_scale=sm_scale, window=window,
+                                  interpret=backend == "interpret")
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, window=None, backend=None):
-    """Attention of the newest T queries q [B, T, Hq, D] over a KV cache [B, S, Hkv, D]."""
+    """Attention of the newest T queries q [B, T, Hq, D] over a KV cache [B, S, Hkv, D].
+
+    `lengths` [B] int: valid cache entries per sequence (the T queries are the last T of them).
+    """
     _common.check_rank("q", q, 4, "[batch, T, heads, head_dim]")
     _common.check_rank("k_cache", k_cache, 4, "[batch, max_length, kv_heads, head_dim]")
-    backend = _common.resolve_backend(backend, has_kernel=False)
-    return decode_attention_reference(q, k_cache, v_cache, lengths, sm_scale=sm_scale,
-                                      window=window)
+    _common.check_rank("v_cache", v_cache, 4, "[batch, max_length, kv_heads, head_dim]")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _common.check_float(name, x)
+    b, t, hq, d = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} "
+                         f"and {v_cache.shape}")
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache must have shape [{b}, S, Hkv, {d}] to match q {q.shape}, "
+                         f"got {k_cache.shape}")
+    if hq % k_cache.shape[2]:
+        raise ValueError(f"q heads ({hq}) must be a multiple of cache heads ({k_cache.shape[2]})")
+    if not hasattr(lengths, "shape") or tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape [{b}], got {getattr(lengths, 'shape', None)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    backend = _common.resolve_backend(backend)
+    if backend == "reference":
+        return decode_attention_reference(q, k_cache, v_cache, lengths, sm_scale=sm_scale,
+                                          window=window)
+    if backend == "tpu_interpret" or (backend == "pallas" and _common.platform() == "tpu"):
+        # The TPU has no split-KV kernel yet: its flash kernel over the cache is exact.
+        from pallas_kernels import attention_tpu
+        return attention_tpu.decode_attention_tpu(
+            q, k_cache, v_cache, lengths, sm_scale=sm_scale, window=window,
+            interpret=backend == "tpu_interpret")
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    d_pad = max(16, pl.next_power_of_2(d))
+    if d_pad != d:
+        q, k_cache, v_cache = (_common.pad_axis(x, 3, d_pad) for x in (q, k_cache, v_cache))
+    return _decode_forward(q, k_cache, v_cache, lengths, sm_scale=sm_scale, window=window,
+                           interpret=backend == "interpret")[..., :d]

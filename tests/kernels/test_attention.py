@@ -1,0 +1,175 @@
+"""Flash attention and decode kernels against the dense reference (Pallas interpret mode, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import attention as attn
+
+SMALL_BLOCKS = dict(block_q=16, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
+                    block_k_dkv=16)
+
+
+def _rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x))
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _inputs(seed, b, lq, lk, hq, hkv, d, dtype):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, lq, hq, d), dtype)
+    k = jax.random.normal(ks[1], (b, lk, hkv, d), dtype)
+    v = jax.random.normal(ks[2], (b, lk, hkv, d), dtype)
+    do = jax.random.normal(ks[3], (b, lq, hq, d), dtype)
+    return q, k, v, do
+
+
+def _segments(seed, b, length, n=3):
+    return jnp.sort(jax.random.randint(jax.random.key(seed), (b, length), 0, n), axis=1)
+
+
+def _fwd_and_grads(fn):
+    """One jitted function returning (o, (dq, dk, dv)): compiles once, which is most of the cost."""
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(do)
+    return jax.jit(run)
+
+
+def _check_fwd_bwd(fn, q, k, v, do, ref_kwargs, tol):
+    o, grads = _fwd_and_grads(fn)(q, k, v, do)
+    o_ref, grads_ref = _fwd_and_grads(
+        lambda *a: attn.attention_reference(*a, **ref_kwargs))(q, k, v, do)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert _rel_err(o, o_ref) < tol
+    for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape, name
+        assert _rel_err(g, g_ref) < tol, name
+
+
+SLOW = pytest.mark.slow
+CASES = [  # b, lq, lk, hq, hkv, d, causal, window, segments, dtype
+    pytest.param(2, 100, 100, 2, 2, 32, False, None, False, jnp.float32, marks=SLOW),
+    (1, 100, 100, 4, 2, 32, True, None, False, jnp.float32),
+    (1, 75, 75, 8, 1, 32, True, 20, False, jnp.float32),
+    pytest.param(2, 70, 70, 2, 1, 32, True, None, True, jnp.float32, marks=SLOW),
+    (1, 90, 90, 2, 2, 64, False, None, True, jnp.bfloat16),
+    (1, 40, 100, 2, 1, 32, True, None, False, jnp.float32),     # queries are the last Lq tokens
+    pytest.param(1, 100, 40, 2, 2, 32, True, None, False, jnp.float32, marks=SLOW),
+    (1, 97, 97, 4, 1, 64, True, 33, True, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,segments,dtype", CASES)
+def test_flash_kernel_matches_reference_with_small_blocks(b, lq, lk, hq, hkv, d, causal, window,
+                                                          segments, dtype):
+    """Many blocks per row: exercises block skipping, masked edges and padded tails."""
+    q, k, v, do = _inputs(lq + 7 * lk, b, lq, lk, hq, hkv, d, dtype)
+    seg = _segments(lq, b, lq) if segments else None
+    kw = dict(causal=causal, window=window, segment_ids=seg)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, **kw, **SMALL_BLOCKS)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("causal,hkv,dtype", [
+    (True, 1, jnp.bfloat16), pytest.param(False, 4, jnp.float32, marks=SLOW)])
+def test_public_flash_attention_default_blocks_ragged_length(causal, hkv, dtype):
+    q, k, v, do = _inputs(3, 1, 300, 300, 8, hkv, 64, dtype)
+
+    def fn(q, k, v):
+        return attn.flash_attention(q, k, v, causal=causal, backend="interpret")
+
+    _check_fwd_bwd(fn, q, k, v, do, dict(causal=causal), 1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.slow
+def test_head_dim_not_power_of_two_is_padded():
+    q, k, v, do = _inputs(4, 1, 50, 50, 2, 2, 40, jnp.float32)
+    fn = lambda q, k, v: attn.flash_attention(q, k, v, causal=True, backend="interpret")  # noqa
+    _check_fwd_bwd(fn, q, k, v, do, dict(causal=True), 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,hkv", [(1000, 2), (4097, 8)])
+def test_long_ragged_lengths(length, hkv):
+    q, k, v, do = _inputs(5, 1, length, length, 8, hkv, 64, jnp.bfloat16)
+    seg = _segments(6, 1, length)
+    kw = dict(causal=True, segment_ids=seg, window=300)
+    fn = lambda q, k, v: attn.flash_attention(q, k, v, backend="interpret", **kw)  # noqa
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_rows_without_visible_keys_are_zero():
+    q, k, v, _ = _inputs(7, 1, 32, 32, 2, 2, 32, jnp.float32)
+    seg = jnp.concatenate([jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32)], 1)
+    # Queries at positions -16..-1 (Lq > Lk) see no key under the causal mask.
+    o = attn.flash_attention_kernel(q, k[:, :16], v[:, :16], causal=True, interpret=True,
+                                    **SMALL_BLOCKS)
+    assert np.all(np.asarray(o[:, :16]) == 0) and np.any(np.asarray(o[:, 16:]) != 0)
+    o = attn.flash_attention_kernel(q, k, v, segment_ids=seg, interpret=True, **SMALL_BLOCKS)
+    ref = attn.attention_reference(q, k, v, segment_ids=seg)
+    assert _rel_err(o, ref) < 1e-5
+
+
+def test_causal_output_ignores_future_tokens():
+    q, k, v, _ = _inputs(8, 1, 64, 64, 2, 1, 32, jnp.float32)
+    fn = lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=True, interpret=True,  # noqa
+                                                     **SMALL_BLOCKS)
+    o1 = fn(q, k, v)
+    o2 = fn(q.at[:, 40:].add(1.0), k.at[:, 40:].add(1.0), v.at[:, 40:].add(1.0))
+    np.testing.assert_array_equal(np.asarray(o1[:, :40]), np.asarray(o2[:, :40]))
+    assert not np.allclose(np.asarray(o1[:, 40:]), np.asarray(o2[:, 40:]))
+
+
+@pytest.mark.parametrize("t,hq,hkv,window,dtype", [
+    pytest.param(1, 8, 2, None, jnp.float32, marks=SLOW),
+    (3, 4, 4, None, jnp.bfloat16),
+    (2, 8, 1, 50, jnp.float32)])
+def test_decode_kernel_matches_reference(t, hq, hkv, window, dtype):
+    b, s, d = 3, 300, 32
+    q, k, v, _ = _inputs(9, b, t, s, hq, hkv, d, dtype)
+    lengths = jnp.array([t, 177, 300])
+    ref = attn.decode_attention_reference(q, k, v, lengths, window=window)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    o = attn.decode_attention(q, k, v, lengths, window=window, backend="interpret")
+    assert o.shape == q.shape and _rel_err(o, ref) < tol
+    # Many small splits: the log-sum-exp combine must be exact, empty splits must weigh 0.
+    o = attn._decode_forward(q, k, v, lengths, sm_scale=d ** -0.5, window=window,
+                             interpret=True, block_k=16, num_splits=7)
+    assert _rel_err(o, ref) < tol
+
+
+def test_decode_equals_flash_attention_on_the_cache_prefix():
+    q, k, v, _ = _inputs(10, 1, 200, 200, 4, 2, 32, jnp.float32)
+    full = attn.flash_attention(q, k, v, causal=True, backend="interpret")
+    lengths = jnp.array([120])
+    o = attn.decode_attention(q[:, 117:120], k, v, lengths, backend="interpret")
+    assert _rel_err(o, full[:, 117:120]) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=jnp.ones((2, 8, 4))), "q must have shape"),
+    (dict(k=jnp.ones((2, 8, 3, 16)), v=jnp.ones((2, 8, 3, 16))), "multiple of k/v heads"),
+    (dict(v=jnp.ones((2, 9, 2, 16))), "same shape"),
+    (dict(q=jnp.ones((2, 8, 4, 16), jnp.int32)), "q must be float32"),
+    (dict(segment_ids=jnp.ones((2, 7), jnp.int32)), "segment_ids must have shape"),
+    (dict(window=4), "window"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    args = dict(q=jnp.ones((2, 8, 4, 16)), k=jnp.ones((2, 8, 2, 16)), v=jnp.ones((2, 8, 2, 16)))
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        attn.flash_attention(q, k, v, **args)
+
+
+def test_decode_bad_lengths_raise_value_error():
+    q, k = jnp.ones((2, 1, 4, 16)), jnp.ones((2, 32, 2, 16))
+    with pytest.raises(ValueError, match="lengths"):
+        attn.decode_attention(q, k, k, jnp.array([3]))
