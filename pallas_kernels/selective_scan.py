@@ -110,12 +110,9 @@ def selective_scan_reference(u, delta, A, B, C, *, D=None, z=None, delta_bias=No
     return _finish(y, u, D, z, dtype), final
 
 
-def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
-                           delta_softplus=False):
-    """One decoding step: state [B, Dn, N] f32, u/delta/z [B, Dn], B/C [B, N] or [B, G, N].
-
-    Returns (y [B, Dn], new_state).
-    """
+def selective_state_update_reference(state, u, delta, A, B, C, *, D=None, z=None,
+                                     delta_bias=None, delta_softplus=False):
+    """One decoding step in jnp; see `selective_state_update`."""
     y, new_state = selective_scan_reference(
         u[:, None], delta[:, None], A, B[:, None], C[:, None], D=D,
         z=None if z is None else z[:, None], delta_bias=delta_bias,
@@ -485,6 +482,71 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
+# ---------------------------------------------------------------------------------------------
+# Decode step kernel: one time step for a [block_d, N] tile of the state, updated in place.
+
+def _step_kernel(*refs, softplus, opts):
+    # h/h_out/a [bd, N]; u/dt/z/y/d/bias [bd]; b/c [N]
+    names = ["h", "u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts]]
+    r = _name_refs(refs, names + ["y", "h_out"])
+    f32 = jnp.float32
+    u = r["u"][...].astype(f32)
+    dt = r["dt"][...].astype(f32)
+    if "bias" in r:
+        dt = dt + r["bias"][...]
+    if softplus:
+        dt = _softplus(dt)
+    decay = jnp.exp2(dt[:, None] * (r["a"][...] * _LOG2E))
+    h = decay * r["h"][...] + (dt * u)[:, None] * r["b"][...].astype(f32)[None, :]
+    r["h_out"][...] = h
+    y = jnp.sum(h * r["c"][...].astype(f32)[None, :], axis=1)
+    if "d" in r:
+        y = y + r["d"][...] * u
+    if "z" in r:
+        z = r["z"][...].astype(f32)
+        y = y * (z * jax.nn.sigmoid(z))
+    r["y"][...] = y.astype(r["y"].dtype)
+
+
+def _step_block_d(dn, groups, n, block_d=64):
+    """Channels per program of the step kernel, or None where the kernel does not apply
+    (Triton needs power-of-2 tiles; a block must not straddle two groups)."""
+    if n & (n - 1):
+        return None
+    per_group, bd = dn // groups, 1
+    while bd * 2 <= block_d and per_group % (bd * 2) == 0:
+        bd *= 2
+    return bd if bd >= 8 else None
+
+
+def _state_update_pallas(state, u, delta, A, B, C, D, z, delta_bias, softplus, bd, interpret):
+    bsz, dn = u.shape
+    n = A.shape[1]
+    if B.ndim == 2:
+        B, C = B[:, None], C[:, None]
+    per_group = dn // B.shape[1]
+    row = pl.BlockSpec((None, bd), lambda b, j: (b, j))
+    vec = pl.BlockSpec((bd,), lambda b, j: (j,))
+    tile = pl.BlockSpec((None, bd, n), lambda b, j: (b, j, 0))
+    bc = pl.BlockSpec((None, None, n), lambda b, j: (b, j * bd // per_group, 0))
+    arrays = [state.astype(jnp.float32), u, delta, A.astype(jnp.float32), B, C]
+    specs = [tile, row, row, pl.BlockSpec((bd, n), lambda b, j: (j, 0)), bc, bc]
+    opts = []
+    for name, x, spec in (("z", z, row), ("d", D, vec), ("bias", delta_bias, vec)):
+        if x is not None:
+            opts.append(name)
+            arrays.append(x if name == "z" else x.astype(jnp.float32))
+            specs.append(spec)
+    kernel = functools.partial(_step_kernel, softplus=softplus, opts=tuple(opts))
+    y, new_state = pl.pallas_call(
+        kernel, grid=(bsz, dn // bd), in_specs=specs, out_specs=[row, tile],
+        out_shape=[jax.ShapeDtypeStruct((bsz, dn), u.dtype),
+                   jax.ShapeDtypeStruct((bsz, dn, n), jnp.float32)],
+        input_output_aliases={0: 1}, interpret=interpret, name="selective_state_update",
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1))(*arrays)
+    return y, new_state
+
+
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
     _common.check_rank("u", u, 3, "[batch, length, channels]")
     _common.check_float("u", u)
@@ -528,3 +590,21 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
         y, final = selective_scan_pallas(u, delta, A, B, C, **kwargs,
                                          interpret=backend == "interpret")
     return (y, final) if return_state else y
+
+
+def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, backend=None):
+    """One decoding step: state [B, Dn, N] f32, u/delta/z [B, Dn], B/C [B, N] or [B, G, N].
+
+    Returns (y [B, Dn], new_state). The Pallas step kernel runs for power-of-2 N; other shapes
+    use the jnp step.
+    """
+    backend = _common.resolve_backend(backend)
+    groups = 1 if B.ndim == 2 else B.shape[1]
+    bd = _step_block_d(u.shape[-1], groups, A.shape[1])
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if (backend in ("reference", "tpu_interpret") or bd is None
+            or (backend == "pallas" and _common.platform() == "tpu")):
+        return selective_state_update_reference(state, u, delta, A, B, C, **kwargs)
+    return _state_update_pallas(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, bd,
+                                backend == "interpret")

@@ -1,0 +1,186 @@
+"""Selective scan kernels (interpret mode, CPU) against the step-by-step lax.scan recurrence."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import selective_scan, selective_state_update
+
+ss = importlib.import_module("pallas_kernels.selective_scan")
+OPTIONAL = ("D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(seed, *, b=2, length=13, dn=64, n=5, groups=None, dtype=jnp.float32,
+                dt_scale=0.5, a_scale=0.5):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+    bc_shape = (b, length, n) if groups is None else (b, length, groups, n)
+    normal = lambda k, shape, s=1.0: (jax.random.normal(k, shape) * s)
+    return dict(
+        u=normal(ks[0], (b, length, dn)).astype(dtype),
+        delta=normal(ks[1], (b, length, dn), dt_scale).astype(dtype),
+        A=-jnp.exp(normal(ks[2], (dn, n), a_scale)),
+        B=normal(ks[3], bc_shape).astype(dtype),
+        C=normal(ks[4], bc_shape).astype(dtype),
+        D=normal(ks[5], (dn,)),
+        z=normal(ks[6], (b, length, dn)).astype(dtype),
+        delta_bias=normal(ks[7], (dn,), 0.5),
+        initial_state=normal(ks[8], (b, dn, n)),
+    )
+
+
+def split(inputs, use):
+    args = tuple(inputs[k] for k in ("u", "delta", "A", "B", "C"))
+    kwargs = {k: (inputs[k] if k in use else None) for k in OPTIONAL}
+    return args, kwargs
+
+
+def kernel(*args, chunk=2, **kwargs):
+    # Small chunks keep the unrolled kernel bodies, and so the CPU compile times, small.
+    return ss.selective_scan_pallas(*args, **kwargs, chunk=chunk, fwd_chunk=chunk,
+                                    interpret=True)
+
+
+def reference(*args, **kwargs):
+    f32 = [a.astype(jnp.float32) for a in args]
+    kw = {k: (v.astype(jnp.float32) if hasattr(v, "astype") else v) for k, v in kwargs.items()}
+    return ss.selective_scan_reference(*f32, **kw, method="scan")
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+CASES = [  # (name, dtype, n, groups, length, optional inputs, softplus)
+    ("all_options_groups_ragged", jnp.float32, 5, 2, 13, OPTIONAL, True),
+    ("plain_bf16_n16", jnp.bfloat16, 16, None, 10, (), False),
+    pytest.param("bias_no_softplus_init", jnp.float32, 16, 4, 9, ("delta_bias", "initial_state"),
+                 False, marks=pytest.mark.slow),
+    pytest.param("z_only_bf16", jnp.bfloat16, 8, None, 11, ("z",), True, marks=pytest.mark.slow),
+]
+IDS = ["all_options_groups_ragged", "plain_bf16_n16", "bias_no_softplus_init", "z_only_bf16"]
+
+
+@pytest.mark.parametrize("name,dtype,n,groups,length,use,softplus", [CASES[0]], ids=IDS[:1])
+def test_selective_scan_matches_recurrence(name, dtype, n, groups, length, use, softplus):
+    inputs = make_inputs(1, n=n, groups=groups, length=length, dtype=dtype)
+    args, kwargs = split(inputs, use)
+    y, final = jax.jit(lambda *a: kernel(*a, **kwargs, delta_softplus=softplus))(*args)
+    y_ref, final_ref = reference(*args, **kwargs, delta_softplus=softplus)
+    assert y.dtype == dtype and y.shape == y_ref.shape and final.dtype == jnp.float32
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(final, final_ref) < 1e-5
+
+
+@pytest.mark.parametrize("name,dtype,n,groups,length,use,softplus", CASES, ids=IDS)
+def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, groups, length, use,
+                                                   softplus):
+    inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype)
+    names = ("u", "delta", "A", "B", "C") + tuple(k for k in OPTIONAL if k in use)
+
+    def loss(fn):
+        def f(*xs):
+            d = dict(zip(names, xs, strict=True))
+            args, kwargs = split(d, use)
+            y, h = fn(*args, **kwargs, delta_softplus=softplus)
+            return jnp.sum(y.astype(jnp.float32) * w_y) + jnp.sum(h * w_h)
+        return f
+
+    w_y = jax.random.normal(jax.random.PRNGKey(20), inputs["u"].shape)   # random cotangents
+    w_h = jax.random.normal(jax.random.PRNGKey(21), inputs["initial_state"].shape)
+    xs = tuple(inputs[k] for k in names)
+    argnums = tuple(range(len(xs)))
+    value, grads = jax.jit(jax.value_and_grad(loss(kernel), argnums=argnums))(*xs)
+    xs32 = tuple(x.astype(jnp.float32) for x in xs)
+    value_ref, grads_ref = jax.value_and_grad(loss(reference), argnums=argnums)(*xs32)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert abs(value - value_ref) < tol * (1 + abs(value_ref))
+    for k, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert g.shape == inputs[k].shape and g.dtype == inputs[k].dtype, k
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), k
+        assert rel_err(g, g_ref) < tol, (k, rel_err(g, g_ref))
+
+
+def test_selective_scan_long_sequence_strong_and_weak_decay_has_no_nan():
+    inputs = make_inputs(3, b=2, length=1000, dn=32, n=4, a_scale=1.0)
+    # Batch row 0: delta ~ 5 (the state forgets within a step, exp(delta * A) underflows);
+    # row 1: delta ~ 1e-4 (the state keeps everything for the whole sequence).
+    inputs["delta"] = inputs["delta"] + jnp.array([5.0, -9.0])[:, None, None]
+    args, kwargs = split(inputs, ("D",))
+    fwd = jax.jit(lambda *a: kernel(*a, **kwargs, delta_softplus=True, chunk=4))
+    y, final = fwd(*args)
+    y_ref, final_ref = reference(*args, **kwargs, delta_softplus=True)
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.isfinite(np.asarray(final)))
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(final, final_ref) < 1e-4
+
+    def loss(fn, u, delta):
+        y, h = fn(u, delta, *args[2:])
+        return jnp.sum(y * y) + jnp.sum(h)
+    grads = jax.jit(jax.grad(lambda *a: loss(fwd, *a), argnums=(0, 1)))(*args[:2])
+    ref = lambda *a: reference(*a, **kwargs, delta_softplus=True)
+    grads_ref = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1))(*args[:2])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        assert rel_err(g, g_ref) < 1e-4
+
+
+def test_public_selective_scan_dispatches_to_kernel_and_reference():
+    inputs = make_inputs(4, n=3, length=7)
+    args, kwargs = split(inputs, ("D", "z"))
+    y = selective_scan(*args, **kwargs, backend="interpret")
+    y_ref, final_ref = selective_scan(*args, **kwargs, backend="reference", return_state=True)
+    assert rel_err(y, y_ref) < 1e-5
+    assert final_ref.shape == (2, 64, 3)
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(*args, backend="cuda")
+
+
+@pytest.mark.parametrize("bad", ["delta", "A", "B", "D", "initial_state"])
+def test_selective_scan_rejects_bad_shapes(bad):
+    inputs = make_inputs(5, n=4, length=6)
+    inputs[bad] = inputs[bad][:-1] if bad == "A" else inputs[bad][..., :-1]
+    args, kwargs = split(inputs, ("D", "initial_state"))
+    with pytest.raises(ValueError, match=bad):
+        selective_scan(*args, **kwargs, backend="interpret")
+
+
+@pytest.mark.parametrize("method", ["associative", "chunked"])
+def test_reference_methods_agree_with_scan(method):
+    inputs = make_inputs(6, n=4, length=70, groups=2)
+    args, kwargs = split(inputs, OPTIONAL)
+    y, h = ss.selective_scan_reference(*args, **kwargs, delta_softplus=True, method=method)
+    y_ref, h_ref = ss.selective_scan_reference(*args, **kwargs, delta_softplus=True,
+                                               method="scan")
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_state_update_steps_match_full_forward(groups):
+    length = 5
+    inputs = make_inputs(7, n=16, length=length, groups=groups)
+    args, kwargs = split(inputs, OPTIONAL)
+    y_ref, final_ref = reference(*args, **kwargs, delta_softplus=True)
+    u, delta, A, B, C = args
+    step = jax.jit(lambda state, u, delta, b, c, z: selective_state_update(
+        state, u, delta, A, b, c, D=kwargs["D"], z=z, delta_bias=kwargs["delta_bias"],
+        delta_softplus=True, backend="interpret"))
+    state, ys = kwargs["initial_state"], []
+    for t in range(length):
+        y_t, state = step(state, u[:, t], delta[:, t], B[:, t], C[:, t], kwargs["z"][:, t])
+        ys.append(y_t)
+    assert rel_err(jnp.stack(ys, 1), y_ref) < 1e-5
+    assert rel_err(state, final_ref) < 1e-5
+
+
+def test_state_update_odd_state_size_uses_jnp_step():
+    inputs = make_inputs(8, n=5, length=1)
+    args, kwargs = split(inputs, ("D", "initial_state"))
+    u, delta, A, B, C = args
+    y, state = selective_state_update(kwargs["initial_state"], u[:, 0], delta[:, 0], A, B[:, 0],
+                                      C[:, 0], D=kwargs["D"], backend="interpret")
+    y_ref, final_ref = reference(*args, **kwargs)
+    assert rel_err(y, y_ref[:, 0]) < 1e-5 and rel_err(state, final_ref) < 1e-5
