@@ -17,9 +17,15 @@ overflows however strong the decay.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
 
@@ -95,6 +101,290 @@ def gla_step(q, k, v, log_g, state, *, scale=None):
     return o.astype(v.dtype), state
 
 
+# --------------------------------------------------------------------------------------------
+# Pallas kernels (GPU, Triton lowering).
+#
+# One program owns one (batch, head) and a block of the state; it walks the sequence in chunks
+# of `chunk_size` (64) rows, each done as `sub_chunk` (16) row steps:
+#   * inter part: rows read the f32 state entering the sub-chunk, q * exp(c) @ S, and the state
+#     leaving it is exp(c_end) * S + (k * exp(c_end - c))^T v, with c = b - b_start the
+#     cumulative log gate inside the sub-chunk: every exponent is <= 0;
+#   * intra part: A = (q * exp(c - m)) (k * exp(m - c))^T masked to s <= t, with m the gate
+#     cumsum at the middle row of the sub-chunk: exponents stay within +-8 steps of log_g, so
+#     nothing overflows for log_g >= -11 per step (f32 exp overflows at 88.7).
+# Matmul operands are in the input dtype (bf16 stays bf16), accumulation and state in f32.
+# --------------------------------------------------------------------------------------------
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GLABlocks:
+    """Tiling of the Pallas kernels (static; hashable)."""
+
+    chunk_size: int = 64        # rows per loop iteration (unrolled into sub-chunks)
+    sub_chunk: int = 16         # rows per state step; the intra block is sub_chunk x sub_chunk
+    block_v: int = 64           # state columns per program in the forward
+    block_k: int = 64           # state rows per program in the dq backward
+    num_warps_fwd: int = 4
+    num_warps_dq: int = 4
+    num_warps_dkv: int = 8
+    num_stages: int = 2
+
+
+def _dot(a, b, *, ta=False, tb=False):
+    """a @ b with optional transposes, accumulated in f32."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _sub_chunk_gates(g_CK, sub):
+    """Cumulative log gate inside a sub-chunk: c [C, K], its total c_end [K], midpoint m [K]."""
+    c_CK = jnp.cumsum(g_CK, axis=0)
+    c_end_K = jnp.sum(g_CK, axis=0)
+    rows = lax.broadcasted_iota(jnp.int32, g_CK.shape, 0)
+    m_K = jnp.sum(jnp.where(rows < sub // 2, g_CK, 0.0), axis=0)
+    return c_CK, c_end_K, m_K
+
+
+def _causal_mask(sub):
+    t = lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
+    s = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+    return t >= s
+
+
+def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, scale, blocks,
+                    n_chunks, dot_dtype):
+    # q/k/g [Lp, K], v/o [Lp, BV], s0/st [K, BV]
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+
+    def chunk(ci, s_KV):
+        for j in range(blocks.chunk_size // sub):
+            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
+            q = q_ref[rows, :].astype(_F32)
+            k = k_ref[rows, :].astype(_F32)
+            g = g_ref[rows, :].astype(_F32)
+            v = v_ref[rows, :].astype(dot_dtype)
+            c, c_end, m = _sub_chunk_gates(g, sub)
+            q_in = (q * jnp.exp(c)).astype(dot_dtype)
+            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+            o = _dot(q_in, s_KV.astype(dot_dtype)) + _dot(a, v)
+            o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+            s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+        return s_KV
+
+    st_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+
+
+def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
+    b, lp, h, dk = q.shape
+    dv = v.shape[-1]
+    bv = min(blocks.block_v, dv)
+    kernel = functools.partial(_gla_fwd_kernel, scale=scale, blocks=blocks,
+                               n_chunks=lp // blocks.chunk_size, dot_dtype=_dot_dtype(q))
+    seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
+    seq_v = pl.BlockSpec((None, lp, None, bv), lambda i, j, n: (i, 0, j, n))
+    state = pl.BlockSpec((None, None, dk, bv), lambda i, j, n: (i, j, 0, n))
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h, dv // bv),
+        in_specs=[seq_k, seq_k, seq_v, seq_k, state],
+        out_specs=[seq_v, state],
+        out_shape=[jax.ShapeDtypeStruct((b, lp, h, dv), v.dtype),
+                   jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_fwd,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gla_fwd",
+    )(q, k, v, log_g, s0)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward. No state is stored by the forward: two kernels recompute what they need.
+#   dq pass (forward order, grid over blocks of K rows of the state): re-runs the state
+#     recurrence and writes dq = scale * (exp(c) * (do @ S^T) + exp(c - m) * (dA @ k_mid)), f32.
+#   dk/dv pass (reverse order, full state): carries dS, the gradient w.r.t. the state at the
+#     sub-chunk's end, dS_start = exp(c_end) * dS_end + scale * (q * exp(c))^T do, and
+#     dv = A^T do + k_out dS_end, dk = exp(m - c) * (dA^T q_mid) + exp(c_end - c) * (v dS_end^T),
+#     dlog_g = reverse cumsum of (q * dq - k * dk) (+ sum_v S_T * dS_T at the end): every term
+#     is a product of bounded factors, so the gate gradient is as stable as dq and dk.
+# --------------------------------------------------------------------------------------------
+
+
+def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *, scale,
+                       blocks, n_chunks, dot_dtype):
+    # k/g/dq [Lp, BK], v/do [Lp, V], s0 [BK, V], s_end [N, BK, V]: the state after each chunk
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+
+    def chunk(ci, s_KV):
+        for j in range(blocks.chunk_size // sub):
+            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
+            k = k_ref[rows, :].astype(_F32)
+            g = g_ref[rows, :].astype(_F32)
+            v = v_ref[rows, :].astype(dot_dtype)
+            do = do_ref[rows, :].astype(dot_dtype)
+            c, c_end, m = _sub_chunk_gates(g, sub)
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            da = jnp.where(causal, _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+            dq = (jnp.exp(c) * _dot(do, s_KV.astype(dot_dtype), tb=True)
+                  + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
+            dq_ref[rows, :] = scale * dq
+            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+            s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+        s_end_ref[ci] = s_KV
+        return s_KV
+
+    lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+
+
+def _gla_bwd_dkv_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_ref, dst_ref,
+                        dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, scale, blocks, n_chunks,
+                        dot_dtype):
+    # q/k/g/dq32/dq/dk/dg [Lp, K], v/do/dv [Lp, V], s_end [N, K, V], dst/ds0 [K, V]
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+    n_sub = blocks.chunk_size // sub
+
+    def chunk(i, ds_KV):
+        ci = n_chunks - 1 - i
+        # The gate of a row in this chunk scales every later row's view of the chunk's end
+        # state: that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays
+        # inside the chunk and its rounding does not grow with the length.
+        acc_K = jnp.sum(s_end_ref[ci] * ds_KV, axis=1)
+        for j in reversed(range(n_sub)):
+            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
+            q = q_ref[rows, :].astype(_F32)
+            k = k_ref[rows, :].astype(_F32)
+            g = g_ref[rows, :].astype(_F32)
+            v = v_ref[rows, :].astype(dot_dtype)
+            do = do_ref[rows, :].astype(dot_dtype)
+            dq = dq32_ref[rows, :]
+            c, c_end, m = _sub_chunk_gates(g, sub)
+            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+            a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+            da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+            ds = ds_KV.astype(dot_dtype)
+            dv = _dot(a, do, ta=True) + _dot(k_out, ds)
+            dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
+                  + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
+            x = q * dq - k * dk
+            total = jnp.sum(x, axis=0)
+            dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
+                               + x).astype(dg_ref.dtype)
+            acc_K = acc_K + total
+            dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+            dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+            dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+            q_in = (q * jnp.exp(c)).astype(dot_dtype)
+            ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+        return ds_KV
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
+
+
+def _gla_bwd_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
+    b, lp, h, dk = q.shape
+    dv = v.shape[-1]
+    bk = min(blocks.block_k, dk)
+    n_chunks = lp // blocks.chunk_size
+    dot_dtype = _dot_dtype(q)
+    seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
+    seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
+    state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
+    states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv), lambda i, j, n: (i, j, 0, n, 0))
+    dq32, s_end = pl.pallas_call(
+        functools.partial(_gla_bwd_dq_kernel, scale=scale, blocks=blocks, n_chunks=n_chunks,
+                          dot_dtype=dot_dtype),
+        grid=(b, h, dk // bk),
+        in_specs=[seq_bk, seq_v, seq_bk, seq_v, state_bk],
+        out_specs=[seq_bk, states_bk],
+        out_shape=[jax.ShapeDtypeStruct((b, lp, h, dk), _F32),
+                   jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_dq,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gla_bwd_dq",
+    )(k, v, log_g, do, s0)
+
+    seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j: (i, 0, j, 0))
+    seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j: (i, 0, j, 0))
+    state = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
+    states = pl.BlockSpec((None, None, n_chunks, dk, dv), lambda i, j: (i, j, 0, 0, 0))
+    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+    return pl.pallas_call(
+        functools.partial(_gla_bwd_dkv_kernel, scale=scale, blocks=blocks, n_chunks=n_chunks,
+                          dot_dtype=dot_dtype),
+        grid=(b, h),
+        in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v, seq_k, states, state],
+        out_specs=[seq_k, seq_k, seq_v, seq_k, state],
+        out_shape=[shape(q), shape(k), shape(v), shape(log_g), shape(s0, _F32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_dkv,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gla_bwd_dkv",
+    )(q, k, v, log_g, do, dq32, s_end, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp over padded inputs: L a multiple of chunk_size, head dims powers of two >= 16.
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_dtype(x):
+    # bf16 feeds the tensor cores as is; f16 would overflow on the scaled operands, so f32.
+    return jnp.bfloat16 if x.dtype == jnp.bfloat16 else _F32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gla_pallas(q, k, v, log_g, s0, scale, blocks, interpret):
+    return _gla_fwd_call(q, k, v, log_g, s0, scale=scale, blocks=blocks, interpret=interpret)
+
+
+def _gla_pallas_fwd(q, k, v, log_g, s0, scale, blocks, interpret):
+    o, st = _gla_fwd_call(q, k, v, log_g, s0, scale=scale, blocks=blocks, interpret=interpret)
+    return (o, st), (q, k, v, log_g, s0)
+
+
+def _gla_pallas_bwd(scale, blocks, interpret, res, cotangents):
+    q, k, v, log_g, s0 = res
+    do, dst = cotangents
+    return _gla_bwd_call(q, k, v, log_g, s0, do.astype(v.dtype), dst.astype(_F32),
+                         scale=scale, blocks=blocks, interpret=interpret)
+
+
+_gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
+
+
+def _pow2_at_least_16(n):
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def gla_pallas(q, k, v, log_g, *, scale=None, initial_state=None, blocks=GLABlocks(),
+               interpret=False):
+    """The GPU-style Pallas kernels on any shape: pads L and the head dims, runs, crops."""
+    b, length, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = float(dk ** -0.5 if scale is None else scale)
+    dkp, dvp = _pow2_at_least_16(dk), _pow2_at_least_16(dv)
+    s0 = (jnp.zeros((b, h, dk, dv), _F32) if initial_state is None
+          else initial_state.astype(_F32))
+    # Padding rows have k = v = q = 0 and log_g = 0: they leave the state unchanged.
+    pad = lambda x, d: jnp.pad(_common.pad_axis(x, 1, blocks.chunk_size),
+                               ((0, 0), (0, 0), (0, 0), (0, d - x.shape[-1])))
+    qp, kp, gp = (pad(x, dkp) for x in (q, k, log_g))
+    vp = pad(v, dvp)
+    s0p = jnp.pad(s0, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
+    o, st = _gla_pallas(qp, kp, vp, gp, s0p, scale, blocks, interpret)
+    return o[:, :length, :, :dv], st[:, :, :dk, :dv]
+
+
 def _check_gla_args(q, k, v, log_g, initial_state):
     for name, x in (("q", q), ("k", k), ("v", v), ("log_g", log_g)):
         _common.check_rank(name, x, 4, "[batch, length, heads, dim]")
@@ -118,6 +408,13 @@ def _check_gla_args(q, k, v, log_g, initial_state):
 def gla(q, k, v, log_g, *, scale=None, initial_state=None, return_state=False, backend=None):
     """Gated linear attention; see the module docstring. Returns o or (o, final_state)."""
     _check_gla_args(q, k, v, log_g, initial_state)
-    backend = _common.resolve_backend(backend, has_kernel=False)
-    o, final = gla_chunked_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)
+    backend = _common.resolve_backend(backend)
+    if backend == "reference":
+        o, final = gla_chunked_reference(q, k, v, log_g, scale=scale,
+                                         initial_state=initial_state)
+    elif backend == "tpu_interpret" or (backend == "pallas" and _common.platform() == "tpu"):
+        raise NotImplementedError("TPU kernel: not yet")
+    else:
+        o, final = gla_pallas(q, k, v, log_g, scale=scale, initial_state=initial_state,
+                              interpret=backend == "interpret")
     return (o, final) if return_state else o

@@ -1,0 +1,140 @@
+"""GLA kernels against the step-by-step recurrence (CPU, Pallas interpret mode)."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+
+gla_mod = importlib.import_module("pallas_kernels.gla")
+
+
+def _inputs(seed, b, length, h, dk, dv, dtype, log_g_min=-5.0, log_g_max=0.0):
+    kq, kk, kv, kg, ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(kq, (b, length, h, dk)).astype(dtype)
+    k = jax.random.normal(kk, (b, length, h, dk)).astype(dtype)
+    v = jax.random.normal(kv, (b, length, h, dv)).astype(dtype)
+    log_g = jax.random.uniform(kg, (b, length, h, dk), minval=log_g_min,
+                               maxval=log_g_max).astype(dtype)
+    s0 = jax.random.normal(ks, (b, h, dk, dv), jnp.float32)
+    return q, k, v, log_g, s0
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _loss(fn, seed):
+    """A scalar that weighs every output and every final-state entry differently."""
+    def loss(q, k, v, log_g, s0):
+        o, st = fn(q, k, v, log_g, s0)
+        w_o = jax.random.normal(jax.random.PRNGKey(seed), o.shape)
+        w_s = jax.random.normal(jax.random.PRNGKey(seed + 1), st.shape)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(st * w_s)
+    return loss
+
+
+def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_g_tol=None):
+    q, k, v, log_g, s0 = args
+    s0 = s0 if use_s0 else None
+    up = lambda x: x.astype(jnp.float32)
+
+    def kernel(q, k, v, log_g, s0):
+        return pallas_kernels.gla(q, k, v, log_g, initial_state=s0, return_state=True,
+                                  backend=backend)
+
+    def recurrence(q, k, v, log_g, s0):
+        return gla_mod.gla_recurrent_reference(up(q), up(k), up(v), up(log_g), initial_state=s0)
+
+    o, st = kernel(q, k, v, log_g, s0)
+    o_ref, st_ref = recurrence(q, k, v, log_g, s0)
+    assert o.shape == o_ref.shape and o.dtype == v.dtype
+    assert st.shape == st_ref.shape and st.dtype == jnp.float32
+    assert _rel(o, o_ref) < fwd_tol
+    assert _rel(st, st_ref) < fwd_tol
+
+    argnums = (0, 1, 2, 3, 4) if use_s0 else (0, 1, 2, 3)
+    grads = jax.grad(_loss(kernel, 7), argnums)(q, k, v, log_g, s0)
+    grads_ref = jax.grad(_loss(recurrence, 7), argnums)(q, k, v, log_g, s0)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "dlog_g", "dinitial_state"), grads, grads_ref,
+                              strict=False):
+        assert bool(jnp.all(jnp.isfinite(g))), name
+        assert g.shape == g_ref.shape, name
+        tol = dlog_g_tol if name == "dlog_g" and dlog_g_tol else grad_tol
+        assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
+
+
+@pytest.mark.parametrize("length, dk, dv, use_s0", [(77, 24, 8, True), (128, 32, 16, False)])
+def test_gla_matches_recurrence_f32(length, dk, dv, use_s0):
+    # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two).
+    args = _inputs(length, 2, length, 2, dk, dv, jnp.float32)
+    _check_against_recurrence(args, use_s0=use_s0, backend="interpret", fwd_tol=1e-5,
+                              grad_tol=1e-4)
+
+
+def test_gla_matches_recurrence_bf16():
+    # bf16 operands in the matmuls, f32 state: errors of a few 1e-3 relative. dlog_g is a
+    # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2.
+    args = _inputs(3, 2, 93, 2, 16, 32, jnp.bfloat16)
+    _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
+                              grad_tol=1e-2, dlog_g_tol=6e-2)
+
+
+def test_gla_gates_from_nearly_one_to_strong_decay_stay_finite():
+    # Head 0 forgets almost nothing (log_g ~ -1e-3), head 1 decays by e^-4..e^-8 per step.
+    q, k, v, _, s0 = _inputs(11, 1, 70, 2, 16, 16, jnp.float32)
+    weak = jax.random.uniform(jax.random.PRNGKey(12), (1, 70, 1, 16), minval=-1e-3, maxval=0.0)
+    strong = jax.random.uniform(jax.random.PRNGKey(13), (1, 70, 1, 16), minval=-8.0, maxval=-4.0)
+    log_g = jnp.concatenate([weak, strong], axis=2)
+    _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
+                              fwd_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
+def test_gla_matches_recurrence_long(dtype, tol):
+    args = _inputs(21, 2, 700, 2, 64, 128, dtype)
+    _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=tol,
+                              grad_tol=tol, dlog_g_tol=6e-2)
+
+
+def test_gla_chunked_reference_matches_recurrence():
+    q, k, v, log_g, s0 = _inputs(2, 2, 50, 2, 16, 8, jnp.float32)
+    o, st = gla_mod.gla_chunked_reference(q, k, v, log_g, initial_state=s0)
+    o_ref, st_ref = gla_mod.gla_recurrent_reference(q, k, v, log_g, initial_state=s0)
+    assert _rel(o, o_ref) < 1e-5 and _rel(st, st_ref) < 1e-5
+
+
+def test_gla_step_continues_the_kernel_state():
+    q, k, v, log_g, s0 = _inputs(9, 2, 40, 2, 16, 16, jnp.float32)
+    o_full, st_full = gla_mod.gla_recurrent_reference(q, k, v, log_g, initial_state=s0)
+    # Prefill 32 tokens with the kernel, then decode the rest one step at a time.
+    o_pre, state = pallas_kernels.gla(q[:, :32], k[:, :32], v[:, :32], log_g[:, :32],
+                                      initial_state=s0, return_state=True, backend="interpret")
+    outs = [o_pre]
+    for t in range(32, 40):
+        o_t, state = pallas_kernels.gla_step(q[:, t], k[:, t], v[:, t], log_g[:, t], state)
+        outs.append(o_t[:, None])
+    assert _rel(jnp.concatenate(outs, axis=1), o_full) < 1e-5
+    assert _rel(state, st_full) < 1e-5
+
+
+def test_gla_is_causal():
+    q, k, v, log_g, _ = _inputs(4, 1, 50, 1, 16, 16, jnp.float32)
+    o = pallas_kernels.gla(q, k, v, log_g, backend="interpret")
+    o2 = pallas_kernels.gla(q, k.at[:, 30].add(1.0), v.at[:, 30].add(1.0), log_g,
+                            backend="interpret")
+    np.testing.assert_array_equal(np.asarray(o[:, :30]), np.asarray(o2[:, :30]))
+    assert not np.allclose(np.asarray(o[:, 30:]), np.asarray(o2[:, 30:]))
+
+
+def test_gla_rejects_bad_shapes():
+    q, k, v, log_g, s0 = _inputs(1, 1, 8, 1, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match="log_g"):
+        pallas_kernels.gla(q, k, v, log_g[..., :8], backend="interpret")
+    with pytest.raises(ValueError, match="initial_state"):
+        pallas_kernels.gla(q, k, v, log_g, initial_state=s0[..., :8], backend="interpret")
