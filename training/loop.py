@@ -86,7 +86,7 @@ class Trainer:
         (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
         _, state = nnx.split((model, optimizer))
-        return state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        return state, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
 
     def _eval(self, state, batch):
         model, _ = nnx.merge(self.graphdef, state)
