@@ -1,0 +1,328 @@
+"""Mamba-1 selective scan on one GPU: real-lowering correctness, then times against the anchors.
+
+    PYTHONUNBUFFERED=1 python3 bench/mamba.py --out $OUT/mamba.json [--budget 220] [--sweep]
+
+In one run: (1) the device-to-device copy bandwidth and the exp2 rate of the special-function
+units (a Pallas kernel of independent exp2 chains), which give the floors; (2) forward, final
+state and all gradients of our kernels against the f32 lax.scan recurrence on ragged, grouped,
+odd-N, bf16 and f32 cases, and the decode step against the full forward; (3) forward and
+forward+backward times of our kernel, the jnp reference with lax.associative_scan and with
+lax.scan, bf16, B=8, N=16, Dn in {2048, 4096}, L in {2k, 8k}; (4) decode step: kernel against
+the jnp step. Floors: HBM = bytes of every input read once and every output written once over
+the copy bandwidth; exp = one exp per (token, channel, state) element (two for
+forward+backward: the backward needs the decays again) over the exp rate; floor = the larger.
+Cells past the time budget are skipped and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ss = importlib.import_module("pallas_kernels.selective_scan")
+
+T0 = time.perf_counter()
+SMOKE = {}   # --smoke: tiny sizes in interpret mode on CPU, to check this script itself
+
+
+def _timeit(fn, *args, min_ms=100.0, reps=5):
+    """Median over `reps` of the mean time (ms) of back-to-back calls, after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = (time.perf_counter() - t) * 1e3
+    iters = int(max(1, min(100, min_ms / max(one, 1e-3))))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / iters * 1e3)
+    return float(np.median(times))
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(x)):
+        return float("nan")
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _inputs(b, length, dn, n, *, groups=None, dtype=jnp.bfloat16, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 9)
+    bc = (b, length, n) if groups is None else (b, length, groups, n)
+    nrm = lambda k, shape, s=1.0: jax.random.normal(k, shape) * s
+    return dict(
+        u=nrm(ks[0], (b, length, dn)).astype(dtype),
+        delta=nrm(ks[1], (b, length, dn), 0.5).astype(dtype) - 2.0,
+        A=-jnp.exp(nrm(ks[2], (dn, n), 0.5)),
+        B=nrm(ks[3], bc).astype(dtype), C=nrm(ks[4], bc).astype(dtype),
+        D=nrm(ks[5], (dn,)), z=nrm(ks[6], (b, length, dn)).astype(dtype),
+        delta_bias=nrm(ks[7], (dn,), 0.5), initial_state=nrm(ks[8], (b, dn, n)))
+
+
+def measure_ceilings(res):
+    x = jnp.ones((512 * 1024 * 1024,), jnp.float32)                  # 2 GiB
+    copy = jax.jit(lambda x: x + 1.0)
+    ms = _timeit(copy, x, min_ms=50)
+    res["hbm_tb_s"] = 2 * x.nbytes / ms / 1e9
+    del x
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    iters, block = 512, 4096
+
+    def kernel(x_ref, o_ref):
+        def body(_, x):   # 4 independent exp2 chains per element keep the MUFU pipe full
+            return tuple(jnp.exp2(v) * -0.25 for v in x)
+        x = x_ref[...]
+        xs = jax.lax.fori_loop(0, iters, body, (x, x + 0.1, x + 0.2, x + 0.3))
+        o_ref[...] = xs[0] + xs[1] + xs[2] + xs[3]
+    n = 132 * 64 * block
+    f = jax.jit(pl.pallas_call(
+        kernel, grid=(n // block,), in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((block,), lambda i: (i,)),
+        out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1)))
+    xe = jax.random.uniform(jax.random.key(1), (n,), jnp.float32)
+    ms = _timeit(f, xe, min_ms=50)
+    res["exp2_per_s"] = 4 * n * iters / (ms * 1e-3)
+    print(f"ceilings: copy {res['hbm_tb_s']:.2f} TB/s, exp2 {res['exp2_per_s'] / 1e12:.2f}e12/s")
+
+
+def _loss(fn, *xs, names, use, sp, w, wh):
+    d = dict(zip(names, xs, strict=True))
+    kw = {k: d[k] for k in use}
+    y, h = fn(d["u"], d["delta"], d["A"], d["B"], d["C"], delta_softplus=sp, **kw)
+    return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
+
+
+def correctness(res):
+    cases = [  # b, L, Dn, N, groups, dtype, options, softplus
+        (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
+        (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
+        (1, 300, 96, 5, 2, jnp.float32, ("initial_state",), False),
+        (2, 513, 128, 16, None, jnp.bfloat16, (), False),
+    ]
+    if SMOKE:
+        cases = [(1, 19, 32, 5, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True)]
+    rows = []
+    for b, length, dn, n, groups, dtype, use, sp in cases:
+        x = _inputs(b, length, dn, n, groups=groups, dtype=dtype, seed=length)
+        names = ("u", "delta", "A", "B", "C") + use
+        w = jax.random.normal(jax.random.key(5), (b, length, dn))
+        wh = jax.random.normal(jax.random.key(6), (b, dn, n))
+
+        loss = functools.partial(_loss, names=names, use=use, sp=sp, w=w, wh=wh)
+        kern = lambda *a, **k: ss.selective_scan_pallas(*a, **k, **SMOKE)
+        ref = lambda *a, **k: ss.selective_scan_reference(*a, **k, method="scan")
+        xs = tuple(x[k] for k in names)
+        argn = tuple(range(len(xs)))
+        (_, (y, h)), g = jax.jit(jax.value_and_grad(functools.partial(loss, kern), argn,
+                                                    has_aux=True))(*xs)
+        y_inf, h_inf = jax.jit(functools.partial(loss, kern))(*xs)[1]   # the inference kernel
+        xs32 = tuple(v.astype(jnp.float32) for v in xs)
+        (_, (yr, hr)), gr = jax.jit(jax.value_and_grad(functools.partial(loss, ref), argn,
+                                                       has_aux=True))(*xs32)
+        errs = {"y": _rel(y, yr), "y_inference": _rel(y_inf, yr), "final": _rel(h, hr),
+                "final_inference": _rel(h_inf, hr)}
+        errs.update({f"d{k}": _rel(gk, gkr) for k, gk, gkr in zip(names, g, gr, strict=True)})
+        tol = 1e-4 if dtype == jnp.float32 else 2e-2
+        ok = all(e < tol for e in errs.values())
+        rows.append({"case": f"b{b} L{length} Dn{dn} N{n} G{groups} {jnp.dtype(dtype).name} "
+                             f"{'+'.join(use) or 'plain'} sp={sp}", "ok": ok, "max_err": max(
+                                 errs.values()), "errs": errs})
+        print(f"[{'ok' if ok else 'FAIL'}] {rows[-1]['case']}: max rel err "
+              f"{rows[-1]['max_err']:.2e} ({max(errs, key=errs.get)})")
+    # decode: 16 steps of the step kernel against the full forward
+    x = _inputs(4, 16, 512, 16, dtype=jnp.bfloat16, seed=3)
+    kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
+    yr, hr = ss.selective_scan_reference(x["u"], x["delta"], x["A"], x["B"], x["C"], z=x["z"],
+                                         initial_state=x["initial_state"], method="scan", **kw)
+    step = jax.jit(lambda h, u, d, b, c, z: ss.selective_state_update(
+        h, u, d, x["A"], b, c, z=z, **kw, backend="interpret" if SMOKE else "pallas"))
+    h, ys = x["initial_state"], []
+    for t in range(16):
+        y, h = step(h, x["u"][:, t], x["delta"][:, t], x["B"][:, t], x["C"][:, t], x["z"][:, t])
+        ys.append(y)
+    e = max(_rel(jnp.stack(ys, 1), yr), _rel(h, hr))
+    rows.append({"case": "decode 16 steps vs forward", "ok": e < 2e-2, "max_err": e})
+    print(f"[{'ok' if e < 2e-2 else 'FAIL'}] decode: max rel err {e:.2e}")
+    res["correctness"] = rows
+
+
+def _floors(res, b, length, dn, n):
+    bw, ex = res["hbm_tb_s"] * 1e12, res["exp2_per_s"]
+    seq = b * length * dn * 2                      # one bf16 [B, L, Dn] tensor
+    small = 2 * b * length * n * 2 + dn * n * 4 + 2 * dn * 4
+    fwd_bytes = 3 * seq + small                    # u, delta in; y out
+    fb_bytes = fwd_bytes + 5 * seq + 2 * small     # + u, delta, dy in; du, ddelta out; grads
+    exps = b * length * dn * n
+    return {"fwd_hbm_ms": fwd_bytes / bw * 1e3, "fwd_exp_ms": exps / ex * 1e3,
+            "fb_hbm_ms": fb_bytes / bw * 1e3, "fb_exp_ms": 2 * exps / ex * 1e3}
+
+
+def _variants(x, cfg_kw):
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["delta_bias"])
+
+    def wrap(fn):
+        def f(u, delta, A, B, C, D, bias):
+            return fn(u, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True)[0]
+        return f
+    fns = {"pallas": wrap(lambda *a, **k: ss.selective_scan_pallas(*a, **k, **cfg_kw, **SMOKE)),
+           "associative": wrap(functools.partial(ss.selective_scan_reference,
+                                                 method="associative")),
+           "lax.scan": wrap(functools.partial(ss.selective_scan_reference, method="scan"))}
+    return args, fns
+
+
+def _vjp(fn, dy, *args):
+    return jax.vjp(fn, *args)[1](dy)
+
+
+def benchmark(res, budget, sizes, cfg_kw, tag="main", refs=True):
+    out = res.setdefault("bench", [])
+    for b, length, dn, n in sizes:
+        x = _inputs(b, length, dn, n)
+        args, fns = _variants(x, cfg_kw)
+        dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
+        row = {"tag": tag, "cfg": cfg_kw, "B": b, "L": length, "Dn": dn, "N": n,
+               **_floors(res, b, length, dn, n)}
+        for name, fn in fns.items():
+            if name != "pallas" and not refs:
+                continue
+            for mode in ("fwd", "fwd+bwd"):
+                key = f"{name} {mode}"
+                if time.perf_counter() - T0 > budget:
+                    row[key] = "skipped (budget)"
+                    continue
+                if mode == "fwd":
+                    f, call_args = jax.jit(fn), args
+                else:
+                    f, call_args = jax.jit(functools.partial(_vjp, fn)), (dy, *args)
+                try:
+                    slow = name != "pallas" and length * dn > 2048 * 2048
+                    row[key] = _timeit(f, *call_args, reps=3 if slow else 5)
+                    if mode == "fwd+bwd" and name == "pallas":
+                        mem = f.lower(*call_args).compile().memory_analysis()
+                        row["pallas fwd+bwd temp_GB"] = getattr(mem, "temp_size_in_bytes",
+                                                                0) / 1e9
+                except Exception as e:   # noqa: BLE001 (OOM of the references at 8k x 4096)
+                    row[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
+                print(f"  {tag} B{b} L{length} Dn{dn} {key}: {row[key]}")
+        out.append(row)
+
+
+def _decode_loop(backend, inputs, kw, h):
+    """32 decode steps in one jit: launch overhead is part of decoding too."""
+    def body(_, h):
+        u, d, a, b, c, z = inputs
+        return ss.selective_state_update(h, u, d, a, b, c, z=z, **kw, backend=backend)[1]
+    return jax.lax.fori_loop(0, 32, body, h)
+
+
+def decode_bench(res, budget):
+    if time.perf_counter() - T0 > budget:
+        return
+    rows = []
+    for b, dn, n in ((2, 64, 16),) if SMOKE else ((8, 4096, 16), (64, 4096, 16)):
+        x = _inputs(b, 1, dn, n)
+        kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
+        u, d, bb, cc, z = (x[k][:, 0] for k in ("u", "delta", "B", "C", "z"))
+
+        row = {"B": b, "Dn": dn, "N": n, "pallas_us": None,
+               "state_floor_us": 2 * b * dn * n * 4 / (res["hbm_tb_s"] * 1e12) * 1e6}
+        for backend in ("interpret" if SMOKE else "pallas", "reference"):
+            f = jax.jit(functools.partial(_decode_loop, backend, (u, d, x["A"], bb, cc, z), kw))
+            key = "reference_us" if backend == "reference" else "pallas_us"
+            row[key] = _timeit(f, x["initial_state"]) / 32 * 1e3
+        rows.append(row)
+        print(f"  decode B{b} Dn{dn}: kernel {row['pallas_us']:.1f} us, jnp "
+              f"{row['reference_us']:.1f} us, floor {row['state_floor_us']:.1f} us")
+    res["decode"] = rows
+
+
+def _fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ratio(v, ours):
+    return f"{v / ours:.1f}x" if isinstance(v, float) and isinstance(ours, float) else "-"
+
+
+def report(res):
+    print("\n| B×L×Dn | mode | Pallas ms | floor ms (HBM / exp) | ×floor | assoc ms | assoc/ours "
+          "| lax.scan ms | scan/ours |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in res.get("bench", []):
+        if r["tag"] != "main":
+            continue
+        for mode, pre in (("fwd", "fwd"), ("fwd+bwd", "fb")):
+            ours = r.get(f"pallas {mode}")
+            hbm, exp = r[f"{pre}_hbm_ms"], r[f"{pre}_exp_ms"]
+            floor = max(hbm, exp)
+            a, s = r.get(f"associative {mode}"), r.get(f"lax.scan {mode}")
+            print(f"| {r['B']}×{r['L']}×{r['Dn']} | {mode} | {_fmt(ours)} | {floor:.3f} "
+                  f"({hbm:.3f} / {exp:.3f}) | "
+                  f"{(ours / floor if isinstance(ours, float) else float('nan')):.2f} | "
+                  f"{_fmt(a)} | {_ratio(a, ours)} | {_fmt(s)} | {_ratio(s, ours)} |")
+    for r in res.get("bench", []):
+        if r["tag"] != "main":
+            print(f"sweep {r['cfg']} L{r['L']} Dn{r['Dn']}: fwd {r.get('pallas fwd')} "
+                  f"fwd+bwd {r.get('pallas fwd+bwd')}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="mamba.json")
+    p.add_argument("--budget", type=float, default=220.0)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--report", default=None, help="print the table of a results file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode, on CPU")
+    a = p.parse_args()
+    if a.smoke:
+        SMOKE["interpret"] = True
+    if a.report:
+        report(json.load(open(a.report)))
+        return
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+           "date": time.strftime("%Y-%m-%d")}
+    sizes = [(8, 2048, 2048, 16), (8, 2048, 4096, 16), (8, 8192, 2048, 16), (8, 8192, 4096, 16)]
+    if a.smoke:
+        res.update(hbm_tb_s=1.0, exp2_per_s=1e12)
+        sizes = [(1, 40, 32, 4)]
+    steps = [("ceilings", lambda: None if a.smoke else measure_ceilings(res)),
+             ("correctness", lambda: correctness(res)),
+             ("bench", lambda: benchmark(res, a.budget, sizes, {})),
+             ("decode", lambda: decode_bench(res, a.budget))]
+    if a.sweep:
+        sweep = [dict(fwd_chunk=c, chunk=k, block_d=bd, num_warps=w)
+                 for c, k, bd, w in ((8, 4, 32, 1), (32, 8, 32, 1), (16, 8, 64, 2),
+                                     (16, 8, 64, 1))]
+        steps.append(("sweep", lambda: [benchmark(res, a.budget, [(8, 2048, 2048, 16)], c,
+                                                     tag="sweep", refs=False) for c in sweep]))
+    for name, step in steps:
+        try:
+            step()
+        except Exception:   # noqa: BLE001 (keep what was measured)
+            res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+            print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
+    report(res)
+
+
+if __name__ == "__main__":
+    main()
