@@ -1,0 +1,333 @@
+"""Benchmark of the PoNet pooling kernels on a GPU: correctness with real lowering, then each op
+(forward, and forward + backward) against its jnp reference under jit and against its HBM floor.
+
+The floor of an op is the bytes of its kernel's inputs and outputs, each moved once, over the
+copy bandwidth measured in the same run (a device-to-device copy through PyTorch when it is
+installed, else an XLA copy). Run from the repository root:
+
+    PYTHONPATH=. python3 bench/pooling.py --out $OUT
+
+Prints a table and writes pooling.json and pooling.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import pooling as pool
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+SEGMENT, WINDOW, HEAD_DIM = 32, 3, 128         # the mixer's defaults; heads = D / HEAD_DIM
+
+
+def timeit(f, *args, reps=5, inner=10):
+    """Median seconds per call over `reps` groups of `inner` back-to-back calls (after warm-up)."""
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return float(np.median(times)), out
+
+
+def copy_bandwidth(mib):
+    """Bytes read + written per second of a device-to-device copy of `mib` MiB."""
+    nbytes = mib << 20
+    try:
+        import torch
+        a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(10):
+            start.record()
+            b.copy_(a)
+            end.record()
+            torch.cuda.synchronize()
+            ts.append(start.elapsed_time(end) / 1e3)
+        torch_bw = 2 * nbytes / float(np.median(ts))
+        del a, b
+    except Exception:                               # no torch or no CUDA torch
+        torch_bw = None
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+    xla_copy = 2 * nbytes / timeit(jax.jit(lambda x: x.copy()), x)[0]
+    xla_ew = 2 * nbytes / timeit(jax.jit(lambda x: x * jnp.bfloat16(1.5)), x)[0]
+    return {"torch_copy": torch_bw, "xla_copy": xla_copy, "xla_elementwise": xla_ew}
+
+
+@jax.jit
+def _rel_err(x, ref):
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    err = jnp.linalg.norm(x - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
+    return jnp.where(jnp.all(jnp.isfinite(x)), err, jnp.inf)
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref|| in float32 on the device (inf if x has a NaN or inf)."""
+    return float(_rel_err(x, ref))
+
+
+def tied(key, shape, dtype):
+    return (jnp.round(jax.random.normal(key, shape) * 2) / 2).astype(dtype)
+
+
+# name -> (make_args(key, b, l, d, dtype), op(backend) -> fn, floor bytes fwd, floor bytes bwd)
+def _ops():
+    def x_args(key, b, l, d, dtype):
+        return (tied(key, (b, l, d), dtype),)
+
+    def qkv_args(key, b, l, d, dtype):
+        ks = jax.random.split(key, 3)
+        h = max(1, d // HEAD_DIM)
+        return tuple(jax.random.normal(k, (b, l, h, d // h), dtype) for k in ks)
+
+    def fuse_args(key, b, l, d, dtype):
+        ks = jax.random.split(key, 4)
+        return (jax.random.normal(ks[0], (b, 1, d), dtype),
+                *(jax.random.normal(k, (b, l, d), dtype) for k in ks[1:]))
+
+    n = lambda a: a[0].size * a[0].dtype.itemsize        # bytes of one [B, L, D] operand
+    return {
+        "segment_max": (x_args, lambda be, bl=None: lambda x: pool.segment_max(
+            x, SEGMENT, backend=be, blocks=bl),
+            lambda a: 2 * n(a) + 4 * a[0].size // SEGMENT,
+            lambda a: 2 * n(a) + 4 * a[0].size // SEGMENT),
+        "segment_max causal": (x_args, lambda be, bl=None: lambda x: pool.segment_max(
+            x, SEGMENT, causal=True, backend=be, blocks=bl),
+            lambda a: 2 * n(a), lambda a: 3 * n(a)),
+        "local_max": (x_args, lambda be, bl=None: lambda x: pool.local_max(
+            x, WINDOW, backend=be, blocks=bl), lambda a: 2 * n(a), lambda a: 3 * n(a)),
+        "local_max causal": (x_args, lambda be, bl=None: lambda x: pool.local_max(
+            x, WINDOW, causal=True, backend=be, blocks=bl),
+            lambda a: 2 * n(a), lambda a: 3 * n(a)),
+        "prefix_mean": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl), lambda a: 2 * n(a), lambda a: 2 * n(a)),
+        "global_aggregate": (qkv_args, lambda be, bl=None: lambda q, k, v: pool.global_aggregate(
+            q, k, v, backend=be, blocks=bl), lambda a: 3 * n(a), lambda a: 5 * n(a)),
+        "ponet_fuse": (fuse_args, lambda be, bl=None: lambda g, s, o, l: pool.ponet_fuse(
+            g, s, o, l, backend=be, blocks=bl), lambda a: 4 * n(a[1:]), lambda a: 5 * n(a[1:])),
+    }
+
+
+def fwd_bwd(fn):
+    """jit of args -> (y, gradients) for the cotangent y + 0.5 (not constant, never zero)."""
+    def run(*args):
+        y, vjp = jax.vjp(fn, *args)
+        return y, vjp(y + jnp.asarray(0.5, y.dtype))
+    return jax.jit(run)
+
+
+def max_rel_err(out, out_ref):
+    y, grads = out
+    y_ref, grads_ref = out_ref
+    return max([rel_err(y, y_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref, strict=True)])
+
+
+def check_correctness(log, backend, shapes):
+    """Pallas vs reference on ragged shapes with ties: forward and gradients, bf16 and f32."""
+    rows, ok = [], True
+    bf16_shape, f32_shape = (tuple(map(int, s.split("x"))) for s in shapes.split(","))
+    cases = [(jnp.bfloat16, bf16_shape, list(_ops())),
+             (jnp.float32, f32_shape, ["prefix_mean", "global_aggregate", "ponet_fuse"])]
+    for dtype, (b, l, d), names in cases:
+        for name in names:
+            make, op, _, _ = _ops()[name]
+            args = make(jax.random.key(l), b, l, d, dtype)
+            try:
+                err = max_rel_err(fwd_bwd(op(backend))(*args), fwd_bwd(op("reference"))(*args))
+            except Exception as e:                  # report and go on to the next op
+                log(f"FAIL {name} {jnp.dtype(dtype).name}: {type(e).__name__}: {str(e)[:1500]}")
+                traceback.print_exc()
+                err = float("inf")
+            good = err < (1e-5 if dtype == jnp.float32 else 1e-2)
+            ok &= good
+            rows.append({"op": name, "dtype": jnp.dtype(dtype).name, "shape": [b, l, d],
+                         "max_rel_err": err, "pass": bool(good)})
+            log(f"{'PASS' if good else 'FAIL'} {name:20s} {jnp.dtype(dtype).name:8s} "
+                f"{b}x{l}x{d} max rel err {err:.2e}")
+    return rows, ok
+
+
+def mixer_fns(b, l, d, causal, backend):
+    """jit'd forward and forward+backward (params and x) of the PoolingMixer, per impl."""
+    from flax import nnx
+
+    from mixers import build_mixer
+
+    x = jax.random.normal(jax.random.key(1), (b, l, d), jnp.bfloat16)
+    out = {}
+    for impl in (backend, "reference"):
+        spec = {"type": "pooling", "causal": causal, "impl": impl, "n_heads": d // HEAD_DIM,
+                "segment_size": SEGMENT, "local_window": WINDOW}
+        mixer = build_mixer(spec, d_model=d, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+        graphdef, state = nnx.split(mixer)
+        fwd = jax.jit(lambda state, x, g=graphdef: nnx.merge(g, state)(x))
+
+        def loss(state, x, g=graphdef):
+            return jnp.sum(nnx.merge(g, state)(x).astype(jnp.float32) ** 2)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        out["kernel" if impl == backend else impl] = (fwd, grad, state, x)
+    return out
+
+
+def bench_mixer(shape, backend, results, log):
+    b, l, d = map(int, shape.split("x"))
+    log("| mixer | B x L x D | fwd ms | ref fwd ms | speed-up | fwd+bwd ms | ref fwd+bwd ms | "
+        "speed-up |")
+    for causal in (False, True):
+        try:
+            fns = mixer_fns(b, l, d, causal, backend)
+            t = {impl: (timeit(f, s, x)[0], timeit(g, s, x)[0])
+                 for impl, (f, g, s, x) in fns.items()}
+        except Exception as e:
+            log(f"| PoolingMixer causal={causal} | error: {type(e).__name__}: {str(e)[:300]} |")
+            continue
+        (pf, pb), (rf, rb) = t["kernel"], t["reference"]
+        results["mixer"].append({"causal": causal, "shape": [b, l, d], "fwd": pf, "ref_fwd": rf,
+                                 "fwd_bwd": pb, "ref_fwd_bwd": rb})
+        log(f"| PoolingMixer causal={causal} | {shape} | {pf * 1e3:.3f} | {rf * 1e3:.3f} | "
+            f"{rf / pf:.2f} | {pb * 1e3:.3f} | {rb * 1e3:.3f} | {rb / pb:.2f} |")
+
+
+SWEEP = {  # op -> block-size variants tried besides the default
+    "prefix_mean": [dict(block_l=64, block_d=16), dict(block_l=64, block_d=64),
+                    dict(block_l=128, block_d=32), dict(block_l=32, block_d=32, num_stages=4)],
+    "segment_max": [dict(block_l=32, block_d=128), dict(block_l=128, block_d=32)],
+    "segment_max causal": [dict(group=8, block_d=128), dict(group=32, block_d=32)],
+    "local_max": [dict(block_l=64, block_d=64), dict(block_l=16, block_d=256)],
+    "ponet_fuse": [dict(block_l=64, block_d=64), dict(block_l=16, block_d=256)],
+    "global_aggregate": [dict(block_l=8), dict(block_l=32, block_d=512)],
+}
+
+
+def sweep(shape, backend, copy_bw, results, log, over):
+    """Other block sizes of each kernel at one shape (kernel only; ratios to the floor)."""
+    b, l, d = map(int, shape.split("x"))
+    ops = _ops()
+    log(f"| sweep at {shape} | blocks | fwd / floor | fwd+bwd / floor |")
+    for name, variants in SWEEP.items():
+        make, op, floor_f, floor_b = ops[name]
+        a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
+        for v in variants:
+            if over():
+                return
+            fn = op(backend, pool.PoolBlocks(**v))
+            try:
+                tf = timeit(jax.jit(fn), *a)[0]
+                tb = timeit(fwd_bwd(fn), *a)[0]
+            except Exception as e:
+                log(f"| {name} | {v} | error: {type(e).__name__}: {str(e)[:200]} |")
+                continue
+            ff, fb = floor_f(a) / copy_bw, (floor_f(a) + floor_b(a)) / copy_bw
+            results.setdefault("sweep", []).append({"op": name, "blocks": v, "fwd": tf,
+                                                    "fwd_bwd": tb, "shape": [b, l, d]})
+            log(f"| {name} | {v} | {tf / ff:.2f} | {tb / fb:.2f} |")
+
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds; later rows skipped")
+    parser.add_argument("--shapes", default="8x16384x2048,8x4096x1024,8x4096x2048,8x16384x1024")
+    parser.add_argument("--ops", default=",".join(_ops()))
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--check-shapes", default="2x4133x1000,2x1037x520",
+                        help="ragged shapes of the bf16 and the f32 correctness checks")
+    parser.add_argument("--copy-mib", type=int, default=2048)
+    parser.add_argument("--backend", default="pallas", help="'interpret' for a dry run on CPU")
+    parser.add_argument("--mixer-shape", default="8x4096x1024", help="'' to skip the mixer")
+    parser.add_argument("--sweep", action="store_true", help="time other block sizes too")
+    args = parser.parse_args()
+    t_start = time.time()
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    dev = jax.devices()[0]
+    meta = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
+            "jax": jax.__version__, "segment": SEGMENT, "window": WINDOW, "head_dim": HEAD_DIM}
+    log(f"# {meta}")
+    results = {"meta": meta, "bench": [], "mixer": []}
+    if not args.no_check:
+        results["check"], ok = check_correctness(log, args.backend, args.check_shapes)
+        log(f"correctness: {'all pass' if ok else 'FAILURES'}  ({time.time() - t_start:.0f} s)")
+    bw = copy_bandwidth(args.copy_mib)
+    results["bandwidth"] = bw
+    copy_bw = bw["torch_copy"] or bw["xla_copy"]
+    log("bandwidth TB/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw.items() if v))
+
+    def save():
+        with open(os.path.join(args.out, "pooling.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, "pooling.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    ops = _ops()
+    log("| op | B x L x D | fwd ms | ref fwd ms | fwd / floor | ref / floor | fwd+bwd ms | "
+        "ref fwd+bwd ms | fwd+bwd / floor | ref / floor | rel err |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    over = lambda: time.time() - t_start > args.budget
+    shapes = args.shapes.split(",")
+    for si, shape in enumerate(shapes):
+        b, l, d = map(int, shape.split("x"))
+        for name in args.ops.split(","):
+            if over():
+                log(f"(budget reached: skipped {name} at {shape})")
+                continue
+            make, op, floor_f, floor_b = ops[name]
+            a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
+            row = {"op": name, "shape": [b, l, d]}
+            try:
+                row["fwd"] = timeit(jax.jit(op(args.backend)), *a)[0]
+                row["ref_fwd"] = timeit(jax.jit(op("reference")), *a)[0]
+                row["fwd_bwd"], out = timeit(fwd_bwd(op(args.backend)), *a)
+                row["ref_fwd_bwd"], out_ref = timeit(fwd_bwd(op("reference")), *a)
+                row["max_rel_err"] = max_rel_err(out, out_ref)
+                del out, out_ref
+            except Exception as e:
+                log(f"| {name} | {shape} | error: {type(e).__name__}: {str(e)[:300]} |")
+                continue
+            ff = floor_f(a) / copy_bw
+            fb = (floor_f(a) + floor_b(a)) / copy_bw
+            row.update(floor_fwd=ff, floor_fwd_bwd=fb)
+            results["bench"].append(row)
+            log(f"| {name} | {shape} | {row['fwd'] * 1e3:.3f} | {row['ref_fwd'] * 1e3:.3f} | "
+                f"{row['fwd'] / ff:.2f} | {row['ref_fwd'] / ff:.2f} | "
+                f"{row['fwd_bwd'] * 1e3:.3f} | {row['ref_fwd_bwd'] * 1e3:.3f} | "
+                f"{row['fwd_bwd'] / fb:.2f} | {row['ref_fwd_bwd'] / fb:.2f} | "
+                f"{row['max_rel_err']:.1e} |")
+            save()
+        if si == 0 and args.mixer_shape and not over():
+            bench_mixer(args.mixer_shape, args.backend, results, log)
+            save()
+        if si == 0 and args.sweep and not over():
+            sweep(shape, args.backend, copy_bw, results, log, over)
+            save()
+    log(f"total {time.time() - t_start:.0f} s")
+    save()
+
+
+if __name__ == "__main__":
+    main()
