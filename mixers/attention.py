@@ -48,7 +48,8 @@ class AttentionConfig(MixerConfig):
 
 class Attention(Mixer):
     """Softmax attention. Args (AttentionConfig): n_heads, n_kv_heads (GQA; default n_heads),
-    head_dim (default d_model // n_heads), causal, window (sliding, left), rope, rope_theta, impl."""
+    head_dim (default d_model // n_heads), causal, window (sliding, left), rope, rope_theta,
+    impl."""
 
     def __init__(self, cfg: AttentionConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
         self.cfg, self.causal = cfg, cfg.causal

@@ -189,7 +189,8 @@ def validate(raw: dict) -> RunConfig:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if model.vocab_size < (256 if source == "text" else data.vocab_size):
+    if hasattr(model, "vocab_size") and \
+            model.vocab_size < (256 if source == "text" else data.vocab_size):
         need = 256 if source == "text" else data.vocab_size
         raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the data's "
                           f"vocabulary ({need})")

