@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
@@ -764,11 +765,390 @@ def _aggregate_op_bwd(cfg, res, dg):
 
 _aggregate_op.defvjp(_aggregate_op_fwd, _aggregate_op_bwd)
 
-def _no_tpu(*_):
-    raise NotImplementedError("the Mosaic TPU variants of the pooling kernels are not written yet")
+# ---------------------------------------------------------------------------------------------
+# TPU variants (Mosaic). Blocks come through BlockSpecs into VMEM; rows past L in an edge block
+# are masked with iota, segments and windows use padded copies (made only when L needs them).
+# In-tile scans: cumsum as a triangular matmul, prefix max and the segmented sums as
+# Hillis-Steele steps of pltpu.roll along the sublanes.
+# ---------------------------------------------------------------------------------------------
 
 
-_segment_max_tpu = _local_max_tpu = _prefix_mean_tpu = _aggregate_tpu = _fuse_tpu = _no_tpu
+def _tpu_call(kernel, interpret, *, grid, in_specs, out_specs, out_shape, semantics,
+              scratch_shapes=()):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=0, grid=grid,
+                                               in_specs=in_specs, out_specs=out_specs,
+                                               scratch_shapes=scratch_shapes),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=pltpu.InterpretParams() if interpret else False)
+
+
+def _tpu_block_d(width):
+    """Channel tile: a multiple of 128 lanes dividing D, else all of D."""
+    for td in (512, 256, 128):
+        if width % td == 0:
+            return td
+    return width
+
+
+def _tpu_block_l(length, block_l=256):
+    return min(block_l, _common.round_up(length, 8))
+
+
+def _iota(shape, axis):
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _prefix_mean_tpu_kernel(x_ref, y_ref, carry_ref, *, length, reverse):
+    # Forward: y = (tril @ x + carry) / (t + 1). Backward (reverse): tiles from the end,
+    # dx = triu @ (dy / (t + 1)) + carry.
+    i, n = pl.program_id(2), pl.num_programs(2)
+    tl = x_ref.shape[0]
+
+    @pl.when(i == 0)
+    def _():
+        carry_ref[...] = jnp.zeros_like(carry_ref)
+
+    tile = n - 1 - i if reverse else i
+    pos = tile * tl + _iota(x_ref.shape, 0)
+    x = jnp.where(pos < length, x_ref[...].astype(jnp.float32), 0.0)
+    if reverse:
+        x = x / (pos + 1).astype(jnp.float32)
+    r, c = _iota((tl, tl), 0), _iota((tl, tl), 1)
+    tri = ((c >= r) if reverse else (c <= r)).astype(jnp.float32)
+    out = jnp.dot(tri, x, precision=lax.Precision.HIGHEST,
+                  preferred_element_type=jnp.float32) + carry_ref[...]
+    if not reverse:
+        out = out / (pos + 1).astype(jnp.float32)
+    y_ref[...] = out.astype(y_ref.dtype)
+    carry_ref[...] += jnp.sum(x, axis=0, keepdims=True)
+
+
+def _prefix_mean_tpu_call(x, interpret, reverse):
+    b, length, width = x.shape
+    td, tl = _tpu_block_d(width), _tpu_block_l(length)
+    n = pl.cdiv(length, tl)
+    index = ((lambda b_, j, i: (b_, n - 1 - i, j)) if reverse else (lambda b_, j, i: (b_, i, j)))
+    spec = pl.BlockSpec((None, tl, td), index)
+    kernel = functools.partial(_prefix_mean_tpu_kernel, length=length, reverse=reverse)
+    return _tpu_call(kernel, interpret, grid=(b, width // td, n), in_specs=[spec],
+                     out_specs=spec, out_shape=_like(x),
+                     semantics=("parallel", "parallel", "arbitrary"),
+                     scratch_shapes=[pltpu.VMEM((1, td), jnp.float32)])(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _prefix_mean_tpu(x, interpret):
+    return _prefix_mean_tpu_call(x, interpret, reverse=False)
+
+
+_prefix_mean_tpu.defvjp(lambda x, interpret: (_prefix_mean_tpu_call(x, interpret, False), None),
+                        lambda interpret, _, dy: (_prefix_mean_tpu_call(dy, interpret, True),))
+
+
+def _scan_steps(n):
+    k = 1
+    while k < n:
+        yield k
+        k *= 2
+
+
+def _segment_max_tpu_kernel(x_ref, *out_refs, causal):
+    # x_ref [G, S, TD]: G whole segments. Bidirectional: max and its first argmax over S;
+    # causal: prefix max over S by doubling steps.
+    x = x_ref[...].astype(jnp.float32)
+    size = x.shape[1]
+    pos = _iota(x.shape, 1)
+    if causal:
+        (y_ref,) = out_refs
+        for k in _scan_steps(size):
+            x = jnp.where(pos >= k, jnp.maximum(x, pltpu.roll(x, k, 1)), x)
+        y_ref[...] = x.astype(y_ref.dtype)
+        return
+    y_ref, arg_ref = out_refs
+    m = jnp.max(x, axis=1, keepdims=True)
+    arg_ref[...] = jnp.min(jnp.where(x == m, pos, size), axis=1)
+    y_ref[...] = jnp.broadcast_to(m, x.shape).astype(y_ref.dtype)
+
+
+def _segment_max_bwd_tpu_kernel(res_ref, dy_ref, dx_ref, *, causal):
+    dy = dy_ref[...].astype(jnp.float32)
+    size = dy.shape[1]
+    pos = _iota(dy.shape, 1)
+    if not causal:                      # res_ref: argmax [G, TD]
+        total = jnp.sum(dy, axis=1, keepdims=True)
+        dx_ref[...] = jnp.where(pos == res_ref[...][:, None, :], total, 0.0).astype(dx_ref.dtype)
+        return
+    # res_ref: y [G, S, TD]. Records (argmax positions): strict increases of y. Each takes the
+    # sum of dy up to the next record: acc_t = dy_t + [t+1 is no record] acc_{t+1}, solved as a
+    # linear recurrence (acc_t = b_t + a_t acc_{t+1}) by doubling steps.
+    y = res_ref[...].astype(jnp.float32)
+    new = (pos == 0) | (y > pltpu.roll(y, 1, 1))
+    a = jnp.where(pos + 1 < size, 1.0 - pltpu.roll(new.astype(jnp.float32), size - 1, 1), 0.0)
+    acc = dy
+    for k in _scan_steps(size):
+        ahead = pos + k < size
+        acc = jnp.where(ahead, acc + a * pltpu.roll(acc, size - k, 1), acc)
+        a = jnp.where(ahead, a * pltpu.roll(a, size - k, 1), 0.0)
+    dx_ref[...] = jnp.where(new, acc, 0.0).astype(dx_ref.dtype)
+
+
+def _segment_layout(x, size, group, value):
+    """x [B, L, D] -> [B, n_seg (multiple of group), S, D], padding the tail with `value`."""
+    b, length, width = x.shape
+    n_seg = _common.round_up(pl.cdiv(length, size), group)
+    x = _common.pad_axis(x, 1, n_seg * size, value=value) if n_seg * size != length else x
+    return x.reshape(b, n_seg, size, width)
+
+
+def _segment_max_tpu_call(x, size, causal, interpret):
+    b, length, width = x.shape
+    group, td = 8, _tpu_block_d(width)
+    x4 = _segment_layout(x, size, group, -jnp.inf)
+    grid = (b, x4.shape[1] // group, width // td)
+    spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
+    arg_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+    out_specs = [spec] if causal else [spec, arg_spec]
+    out_shape = [_like(x4)] + ([] if causal else [
+        jax.ShapeDtypeStruct((b, x4.shape[1], width), jnp.int32)])
+    outs = _tpu_call(functools.partial(_segment_max_tpu_kernel, causal=causal), interpret,
+                     grid=grid, in_specs=[spec], out_specs=out_specs, out_shape=out_shape,
+                     semantics=("parallel",) * 3)(x4)
+    y = outs[0].reshape(b, -1, width)[:, :length]
+    return y, (y if causal else outs[1])
+
+
+def _segment_max_bwd_tpu_call(res, dy, size, causal, interpret):
+    b, length, width = dy.shape
+    group, td = 8, _tpu_block_d(width)
+    dy4 = _segment_layout(dy, size, group, 0.0)
+    spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
+    if causal:
+        res, res_spec = _segment_layout(res, size, group, -jnp.inf), spec
+    else:
+        res_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+    dx4 = _tpu_call(functools.partial(_segment_max_bwd_tpu_kernel, causal=causal), interpret,
+                    grid=(b, dy4.shape[1] // group, width // td), in_specs=[res_spec, spec],
+                    out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3)(res, dy4)
+    return dx4.reshape(b, -1, width)[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _segment_max_tpu(x, size, causal, interpret):
+    return _segment_max_tpu_call(x, size, causal, interpret)[0]
+
+
+_segment_max_tpu.defvjp(
+    lambda x, size, causal, interpret: _segment_max_tpu_call(x, size, causal, interpret),
+    lambda size, causal, interpret, res, dy: (
+        _segment_max_bwd_tpu_call(res, dy, size, causal, interpret),))
+
+
+def _local_max_tpu_kernel(*refs, window, left, halo, backward):
+    # Each block holds rows [i*TL - halo, (i+1)*TL + halo) of the padded input (pad = -inf for
+    # x, 0 for dy), so every shifted window is a static slice.
+    if backward:
+        x_ref, dy_ref, out_ref = refs
+    else:
+        x_ref, out_ref = refs
+    tl = out_ref.shape[0]
+    shifted = lambda ref, off: ref[pl.ds(halo + off, tl), :].astype(jnp.float32)
+    if not backward:
+        out = shifted(x_ref, -left)
+        for m in range(1, window):
+            out = jnp.maximum(out, shifted(x_ref, m - left))
+        out_ref[...] = out.astype(out_ref.dtype)
+        return
+    xj = shifted(x_ref, 0)
+    beats_before, beats_after = [True], [True]
+    for r in range(1, window):
+        beats_before.append(beats_before[-1] & (xj > shifted(x_ref, -r)))
+        beats_after.append(beats_after[-1] & (xj >= shifted(x_ref, r)))
+    dx = jnp.zeros_like(xj)
+    for k in range(window):
+        dx = dx + jnp.where(beats_before[k] & beats_after[window - 1 - k],
+                            shifted(dy_ref, left - k), 0.0)
+    out_ref[...] = dx.astype(out_ref.dtype)
+
+
+def _local_max_tpu_call(x, dy, window, causal, interpret):
+    b, length, width = x.shape
+    left = window - 1 if causal else window // 2
+    halo = _common.round_up(max(window - 1, 1), 8)
+    td, tl = _tpu_block_d(width), _tpu_block_l(length)
+    n = pl.cdiv(length, tl)
+    pad = lambda a, v: jnp.pad(a, ((0, 0), (halo, n * tl - length + halo), (0, 0)),
+                               constant_values=v)
+    args = [pad(x, -jnp.inf)] + ([] if dy is None else [pad(dy, 0.0)])
+    in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), td),
+                           lambda b_, i, j: (b_, i * tl, j))
+    kernel = functools.partial(_local_max_tpu_kernel, window=window, left=left, halo=halo,
+                               backward=dy is not None)
+    return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[in_spec] * len(args),
+                     out_specs=pl.BlockSpec((None, tl, td), lambda b_, i, j: (b_, i, j)),
+                     out_shape=_like(x), semantics=("parallel",) * 3)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _local_max_tpu(x, window, causal, interpret):
+    return _local_max_tpu_call(x, None, window, causal, interpret)
+
+
+_local_max_tpu.defvjp(
+    lambda x, window, causal, interpret: (_local_max_tpu_call(x, None, window, causal,
+                                                              interpret), x),
+    lambda window, causal, interpret, x, dy: (
+        _local_max_tpu_call(x, dy, window, causal, interpret),))
+
+
+def _fuse_tpu_kernel(g_ref, s_ref, o_ref, *refs, length, backward):
+    g, s, o = (r[...].astype(jnp.float32) for r in (g_ref, s_ref, o_ref))
+    if not backward:
+        l_ref, y_ref = refs
+        y_ref[...] = ((g + s) * o + l_ref[...].astype(jnp.float32)).astype(y_ref.dtype)
+        return
+    dy_ref, ds_ref, do_ref, *dg_ref = refs
+    dy = dy_ref[...].astype(jnp.float32)
+    ds = dy * o
+    ds_ref[...] = ds.astype(ds_ref.dtype)
+    do_ref[...] = (dy * (g + s)).astype(do_ref.dtype)
+    if dg_ref:                          # g is one row: per-tile partial sums, edge rows masked
+        pos = pl.program_id(1) * ds.shape[0] + _iota(ds.shape, 0)
+        dg_ref[0][...] = jnp.sum(jnp.where(pos < length, ds, 0.0), axis=0, keepdims=True)
+
+
+def _fuse_tpu_call(g, s, o, last, interpret, backward):
+    b, length, width = s.shape
+    td, tl = _tpu_block_d(width), _tpu_block_l(length)
+    n = pl.cdiv(length, tl)
+    spec = pl.BlockSpec((None, tl, td), lambda b_, i, j: (b_, i, j))
+    g_row = g.shape[1] != length
+    g_spec = pl.BlockSpec((None, 1, td), lambda b_, i, j: (b_, 0, j)) if g_row else spec
+    out_specs, out_shape = [spec], [_like(s, jnp.result_type(g, s, o, last))]
+    if backward:
+        out_specs, out_shape = [spec, spec], [_like(s), _like(o)]
+        if g_row:
+            out_specs.append(pl.BlockSpec((None, None, 1, td), lambda b_, i, j: (b_, i, 0, j)))
+            out_shape.append(jax.ShapeDtypeStruct((b, n, 1, width), jnp.float32))
+    kernel = functools.partial(_fuse_tpu_kernel, length=length, backward=backward)
+    return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[g_spec] + [spec] * 3,
+                     out_specs=out_specs, out_shape=out_shape,
+                     semantics=("parallel",) * 3)(g, s, o, last)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fuse_tpu(g, s, o, l, interpret):
+    return _fuse_tpu_call(g, s, o, l, interpret, backward=False)[0]
+
+
+def _fuse_tpu_bwd(interpret, res, dy):
+    g, s, o, l = res
+    ds, do, *dg = _fuse_tpu_call(g, s, o, dy, interpret, backward=True)
+    dg = jnp.sum(dg[0], axis=1) if dg else ds
+    return dg.astype(g.dtype), ds, do, dy.astype(l.dtype)
+
+
+_fuse_tpu.defvjp(lambda g, s, o, l, interpret: (_fuse_tpu(g, s, o, l, interpret), (g, s, o, l)),
+                 _fuse_tpu_bwd)
+
+
+def _aggregate_tpu_kernel(*refs, length, scale, stage):
+    # One [TL, H, Dh] tile of the length per program; per-tile partials are combined in XLA.
+    # "qsum": column sums of q; "fwd": softmax partials (m, l, acc); "bwd": dk, dv, dqbar part.
+    if stage == "qsum":
+        q_ref, out_ref = refs
+        pos = pl.program_id(1) * q_ref.shape[0] + _iota(q_ref.shape, 0)
+        out_ref[...] = jnp.sum(jnp.where(pos < length, q_ref[...].astype(jnp.float32), 0.0),
+                               axis=0)
+        return
+    if stage == "fwd":
+        qbar_ref, k_ref, v_ref, m_ref, l_ref, acc_ref = refs
+    else:
+        qbar_ref, dg_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
+    tl, h = k_ref.shape[:2]
+    ok = (pl.program_id(1) * tl + _iota((tl, h), 0)) < length                   # [TL, H]
+    qbar = qbar_ref[...]
+    k = jnp.where(ok[:, :, None], k_ref[...].astype(jnp.float32), 0.0)
+    v = jnp.where(ok[:, :, None], v_ref[...].astype(jnp.float32), 0.0)
+    s = jnp.sum(k * qbar[None], axis=-1) * scale                                 # [TL, H]
+    if stage == "fwd":
+        s = jnp.where(ok, s, -jnp.inf)
+        m = jnp.max(s, axis=0, keepdims=True)                                   # [1, H]
+        p = jnp.exp(s - m)
+        m_ref[...] = m.T
+        l_ref[...] = jnp.sum(p, axis=0, keepdims=True).T
+        acc_ref[...] = jnp.sum(p[:, :, None] * v, axis=0)
+        return
+    dg = dg_ref[...]
+    p = jnp.where(ok, jnp.exp(s - lse_ref[...].T), 0.0)
+    ds = p * (jnp.sum(v * dg[None], axis=-1) - delta_ref[...].T)
+    dv_ref[...] = (p[:, :, None] * dg[None]).astype(dv_ref.dtype)
+    dk_ref[...] = (ds[:, :, None] * qbar[None] * scale).astype(dk_ref.dtype)
+    dq_ref[...] = jnp.sum(ds[:, :, None] * k, axis=0) * scale
+
+
+def _aggregate_tpu_stage(stage, args, tiled, outs, interpret):
+    """One stage over grid (B, L tiles). tiled[i]: args[i] is [B, L, H, Dh] (else whole per
+    batch row); outs: (shape, dtype, tiled), [B, L, H, Dh] if tiled else [B, n_tiles, ...]."""
+    b, length, h, dh = args[-1].shape
+    tl = _tpu_block_l(length, 128)
+    n = pl.cdiv(length, tl)
+    tile = pl.BlockSpec((None, tl, h, dh), lambda b_, i: (b_, i, 0, 0))
+    whole = lambda a: pl.BlockSpec((None, *a.shape[1:]),
+                                   lambda b_, i: (b_,) + (0,) * (a.ndim - 1))
+    part = lambda s: pl.BlockSpec((None, None, *s[2:]),
+                                  lambda b_, i: (b_, i) + (0,) * (len(s) - 2))
+    kernel = functools.partial(_aggregate_tpu_kernel, length=length, scale=dh ** -0.5,
+                               stage=stage)
+    return _tpu_call(kernel, interpret, grid=(b, n),
+                     in_specs=[tile if t else whole(a) for a, t in zip(args, tiled, strict=True)],
+                     out_specs=[tile if t else part(s) for s, _, t in outs],
+                     out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt, _ in outs],
+                     semantics=("parallel", "parallel"))(*args)
+
+
+def _aggregate_tpu_fwd(q, k, v, interpret):
+    b, length, h, dh = q.shape
+    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    f32 = jnp.float32
+    (q_sums,) = _aggregate_tpu_stage("qsum", (q,), (True,), [((b, n, h, dh), f32, False)],
+                                     interpret)
+    qbar = jnp.sum(q_sums, axis=1) / length
+    m, l, acc = _aggregate_tpu_stage("fwd", (qbar, k, v), (False, True, True),
+                                     [((b, n, h, 1), f32, False), ((b, n, h, 1), f32, False),
+                                      ((b, n, h, dh), f32, False)], interpret)
+    m, l = m[..., 0], l[..., 0]
+    m_max = jnp.max(m, axis=1)
+    w = jnp.exp(m - m_max[:, None])
+    l_sum = jnp.sum(w * l, axis=1)
+    g32 = jnp.sum(w[..., None] * acc, axis=1) / l_sum[..., None]
+    lse = (m_max + jnp.log(l_sum))[..., None]                                     # [B, H, 1]
+    return g32, (jnp.zeros((0,), q.dtype), k, v, qbar, lse, g32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _aggregate_tpu(q, k, v, interpret):
+    return _aggregate_tpu_fwd(q, k, v, interpret)[0].astype(v.dtype)
+
+
+def _aggregate_tpu_bwd(interpret, res, dg):
+    q_dtype, k, v, qbar, lse, g32 = res
+    b, length, h, dh = k.shape
+    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    dg32 = dg.astype(jnp.float32)
+    delta = jnp.sum(dg32 * g32, axis=-1, keepdims=True)                           # [B, H, 1]
+    dk, dv, dqbar = _aggregate_tpu_stage(
+        "bwd", (qbar, dg32, lse, delta, k, v), (False,) * 4 + (True, True),
+        [(k.shape, k.dtype, True), (v.shape, v.dtype, True), ((b, n, h, dh), jnp.float32, False)],
+        interpret)
+    dqbar = jnp.sum(dqbar, axis=1) / length
+    return jnp.broadcast_to(dqbar[:, None], k.shape).astype(q_dtype.dtype), dk, dv
+
+
+_aggregate_tpu.defvjp(lambda q, k, v, interpret: (
+    lambda out: (out[0].astype(v.dtype), out[1]))(_aggregate_tpu_fwd(q, k, v, interpret)),
+    _aggregate_tpu_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,3 +173,40 @@ def test_bad_arguments_raise():
         pool.ponet_fuse(jnp.ones((2, 3, 4)), x, x, x, backend="interpret")
     with pytest.raises(ValueError, match="power of two"):
         pool.prefix_mean(x, backend="interpret", blocks=pool.PoolBlocks(block_d=24))
+
+
+TPU_CASES = [  # op, length, causal, dtype
+    ("segment", 37, False, jnp.float32), ("segment", 45, True, jnp.bfloat16),
+    ("local", 37, False, jnp.bfloat16), ("local", 29, True, jnp.float32),
+    ("mean", 37, True, jnp.float32), ("fuse", 37, False, jnp.bfloat16),
+    ("aggregate", 37, False, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("op,length,causal,dtype", TPU_CASES)
+def test_tpu_variants_match_reference_in_tpu_interpret_mode(op, length, causal, dtype):
+    b, d = 2, 40
+    x = _tied(length, (b, length, d), dtype)
+    if op == "segment":
+        args, fn, ref = (x,), lambda x: pool.segment_max(
+            x, 5, causal=causal, backend="tpu_interpret"), lambda x: pool.segment_max_reference(
+            x, 5, causal=causal)
+    elif op == "local":
+        w = 4 if causal else 3
+        args, fn, ref = (x,), lambda x: pool.local_max(
+            x, w, causal=causal, backend="tpu_interpret"), lambda x: pool.local_max_reference(
+            x, w, causal=causal)
+    elif op == "mean":
+        args = (jax.random.normal(jax.random.key(1), (b, length, d), dtype),)
+        fn, ref = lambda x: pool.prefix_mean(x, backend="tpu_interpret"), pool.prefix_mean_reference
+    elif op == "fuse":
+        keys = jax.random.split(jax.random.key(2), 4)
+        args = (jax.random.normal(keys[0], (b, 1, d), dtype),
+                *(jax.random.normal(k, (b, length, d), dtype) for k in keys[1:]))
+        fn, ref = lambda *a: pool.ponet_fuse(*a, backend="tpu_interpret"), pool.ponet_fuse_reference
+    else:
+        keys = jax.random.split(jax.random.key(3), 3)
+        args = tuple(jax.random.normal(k, (b, length, 4, 16), dtype) for k in keys)
+        fn, ref = (lambda *a: pool.global_aggregate(*a, backend="tpu_interpret"),
+                   pool.global_aggregate_reference)
+    _check(fn, ref, args, 6, 2e-5 if dtype == jnp.float32 else 1e-2)
