@@ -101,12 +101,30 @@ class MQARDataConfig:
 DATA_SOURCES = {"text": TextDataConfig, "mqar": MQARDataConfig}
 
 
+MESH_AXES = ("data", "fsdp")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axes; -1 takes the remaining devices. The batch is split over data x fsdp,
-    parameters and optimizer state over fsdp."""
+    parameters and optimizer state by `rules` (logical axis name -> mesh axis, a list of mesh
+    axes, or null), merged over the defaults of training.sharding (embed -> fsdp)."""
     data: int = -1
     fsdp: int = 1
+    rules: dict | None = None
+
+    def validate(self) -> None:
+        for key in MESH_AXES:
+            value = getattr(self, key)
+            if value == 0 or value < -1:
+                raise ConfigError(f"mesh.{key}: must be a positive size or -1, got {value}")
+        for name, target in (self.rules or {}).items():
+            targets = target if isinstance(target, list) else [target]
+            if not isinstance(name, str) or any(
+                    t is not None and t not in MESH_AXES for t in targets):
+                raise ConfigError(f"mesh.rules.{name}: must map a logical axis name to a mesh "
+                                  f"axis in {list(MESH_AXES)}, a list of them, or null; "
+                                  f"got {target!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +212,7 @@ def validate(raw: dict) -> RunConfig:
         need = 256 if source == "text" else data.vocab_size
         raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the data's "
                           f"vocabulary ({need})")
-    for key, value in dataclasses.asdict(mesh).items():
-        if value == 0 or value < -1:
-            raise ConfigError(f"mesh.{key}: must be a positive size or -1, got {value}")
+    mesh.validate()
     resolved = dict(raw, train=dataclasses.asdict(train), data=dataclasses.asdict(data),
                     mesh=dataclasses.asdict(mesh), model=dict(model_raw))
     return RunConfig(model=model, data=data, train=train, mesh=mesh, raw=resolved)
