@@ -173,3 +173,35 @@ def test_decode_bad_lengths_raise_value_error():
     q, k = jnp.ones((2, 1, 4, 16)), jnp.ones((2, 32, 2, 16))
     with pytest.raises(ValueError, match="lengths"):
         attn.decode_attention(q, k, k, jnp.array([3]))
+
+
+TPU_SMALL = dict(block_q=16, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
+                 block_k_dkv=16)
+
+
+@pytest.mark.parametrize("lq,lk,hq,hkv,window,segments", [
+    (75, 75, 4, 2, 20, False),
+    (70, 70, 2, 2, None, True),
+    pytest.param(40, 100, 2, 1, None, False, marks=SLOW),
+])
+def test_tpu_kernel_matches_reference_in_tpu_interpret_mode(lq, lk, hq, hkv, window, segments):
+    from pallas_kernels import attention_tpu
+    q, k, v, do = _inputs(11, 1, lq, lk, hq, hkv, 32, jnp.float32)
+    seg = _segments(12, 1, lq) if segments else None
+    kw = dict(causal=True, window=window, segment_ids=seg)
+
+    def fn(q, k, v):
+        return attention_tpu.flash_attention_tpu(q, k, v, interpret=True, **kw, **TPU_SMALL)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 1e-5)
+
+
+def test_tpu_decode_and_public_dispatch_in_tpu_interpret_mode():
+    q, k, v, _ = _inputs(13, 2, 2, 100, 8, 2, 32, jnp.float32)
+    lengths = jnp.array([2, 77])
+    o = attn.decode_attention(q, k, v, lengths, window=20, backend="tpu_interpret")
+    ref = attn.decode_attention_reference(q, k, v, lengths, window=20)
+    assert _rel_err(o, ref) < 1e-5
+    q, k, v, _ = _inputs(14, 1, 24, 24, 2, 1, 32, jnp.bfloat16)
+    o = attn.flash_attention(q, k, v, causal=True, backend="tpu_interpret")
+    assert _rel_err(o, attn.attention_reference(q, k, v, causal=True)) < 2e-2

@@ -1,0 +1,391 @@
+"""Flash attention on one GPU: real-lowering correctness, then TFLOP/s against the anchors.
+
+    PYTHONUNBUFFERED=1 python3 bench/attention.py --out $OUT/attention.json [--quick] [--budget 240]
+
+In one run: (1) forward and gradients of our kernel against the f32 reference on ragged, GQA,
+segment and window cases; the decode kernel against the reference; (2) forward and
+forward+backward TFLOP/s of ours, jax.nn.dot_product_attention (cudnn, xla), JAX's bundled Triton
+`mha` and (fp16, forward) `attention_mgpu`, bf16, H=16, batch x length = 16k tokens; (3) memory
+versus length and one fwd+bwd at 128k; (4) decode latency against the HBM floor, cuDNN and XLA.
+FLOPs: forward 4*B*H*N^2*D (halved when causal), forward+backward 3.5x that. Cells past the
+time budget are skipped (and say so). `python bench/attention.py --report results.json` prints
+the table and writes the PNG chart from a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pallas_kernels import attention as attn  # noqa: E402
+
+H, TOKENS = 16, 16384
+
+
+def _timeit(fn, *args, iters=10, reps=3):
+    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters * 1e3)
+    return float(np.median(times))
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(x)):
+        return float("nan")
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def _inputs(shape_q, shape_kv, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], shape_q, dtype)
+    k = jax.random.normal(ks[1], shape_kv, dtype)
+    v = jax.random.normal(ks[2], shape_kv, dtype)
+    do = jax.random.normal(ks[3], shape_q, dtype)
+    return q, k, v, do
+
+
+def _fwd_bwd(fn):
+
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(do)
+    return jax.jit(run)
+
+
+def correctness(results, max_cases=99):
+    cases = [  # b, lq, lk, hq, hkv, d, causal, window, segments, dtype
+        (2, 1000, 1000, 8, 2, 128, True, None, False, jnp.bfloat16),
+        (1, 1000, 1000, 8, 8, 64, False, None, True, jnp.bfloat16),
+        (1, 4097, 4097, 8, 1, 64, True, 512, False, jnp.bfloat16),
+        (1, 2048, 2048, 4, 2, 256, True, None, False, jnp.bfloat16),
+        (1, 777, 1500, 4, 4, 128, True, None, False, jnp.float32),
+        (2, 1024, 1024, 4, 2, 80, True, 100, True, jnp.bfloat16),
+    ]
+    rows = []
+    for i, (b, lq, lk, hq, hkv, d, causal, window, segs, dtype) in enumerate(cases[:max_cases]):
+        q, k, v, do = _inputs((b, lq, hq, d), (b, lk, hkv, d), dtype, seed=i)
+        seg = (jnp.sort(jax.random.randint(jax.random.key(99), (b, lq), 0, 4), axis=1)
+               if segs else None)
+        kw = dict(causal=causal, window=window, segment_ids=seg)
+        row = dict(case=f"b{b} lq{lq} lk{lk} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window} seg={segs} {jnp.dtype(dtype).name}")
+        try:
+            o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention(
+                q, k, v, backend="pallas", **kw))(q, k, v, do)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
+                q, k, v, **kw))(*f32)
+            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                       dv=_rel(g[2], g_ref[2]))
+        except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc(limit=3)
+        print("check", row, flush=True)
+        rows.append(row)
+    for t, hq, hkv, s, window in [(1, 32, 8, 5000, None), (4, 16, 2, 3000, 700)]:
+        b, d = 3, 128
+        q, k, v, _ = _inputs((b, t, hq, d), (b, s, hkv, d), jnp.bfloat16, seed=s)
+        lengths = jnp.array([t, s // 2 + 3, s])
+        row = dict(case=f"decode b{b} t{t} hq{hq} hkv{hkv} s{s} window={window}")
+        try:
+            o = attn.decode_attention(q, k, v, lengths, window=window, backend="pallas")
+            ref = attn.decode_attention_reference(q, k, v, lengths, window=window)
+            row["o"] = _rel(o, ref)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc(limit=3)
+        print("check", row, flush=True)
+        rows.append(row)
+    results["correctness"] = rows
+
+
+def _impls(d, causal, ours_cfg):
+    """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
+    impls = {
+        "ours": (lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **ours_cfg),
+                 None, True),
+        "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"), None, True),
+        "xla": (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla"), None, True),
+    }
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from jax.experimental.pallas.ops.gpu import attention as jax_mha
+        impls["jax_mha"] = (lambda q, k, v: jax_mha.mha(q, k, v, None, sm_scale=d ** -0.5,
+                                                        causal=causal), None, True)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+        cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+        impls["jax_mgpu_fp16"] = (lambda q, k, v: mgpu.attention(q, k, v, cfg), jnp.float16,
+                                  False)
+    except Exception:  # noqa: BLE001
+        pass
+    return impls
+
+
+def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
+               xla_max_n=1 << 30):
+    rows = results.setdefault("throughput", [])
+    for d in dims:
+        for causal in (False, True):
+            for n in lengths:
+                b = max(1, TOKENS // n)
+                flops = 4 * b * H * n * n * d / (2 if causal else 1)
+                cfg = (ours_cfg or {}) if d == 128 else {}
+                for name, (fn, dt, has_bwd) in _impls(d, causal, cfg).items():
+                    if impl_filter and name not in impl_filter:
+                        continue
+                    if name == "xla" and n > xla_max_n:
+                        continue
+                    for mode in ("fwd", "fwd+bwd"):
+                        row = dict(impl=name, d=d, causal=causal, n=n, b=b, mode=mode)
+                        if mode == "fwd+bwd" and not has_bwd:
+                            continue
+                        if name == "xla" and n * n * b * H * 4 * (3 if mode != "fwd" else 1) \
+                                > 60e9:
+                            row["skipped"] = "O(N^2) scores do not fit"
+                        elif time.time() > deadline:
+                            row["skipped"] = "time budget"
+                        else:
+                            try:
+                                q, k, v, do = _inputs((b, n, H, d), (b, n, H, d),
+                                                      dt or jnp.bfloat16)
+                                if mode == "fwd":
+                                    ms = _timeit(jax.jit(fn), q, k, v)
+                                else:
+                                    ms = _timeit(_fwd_bwd(fn), q, k, v, do)
+                                row["ms"] = ms
+                                row["tflops"] = flops * (3.5 if mode != "fwd" else 1) / ms / 1e9
+                            except Exception as e:  # noqa: BLE001
+                                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        print("tput", row, flush=True)
+                        rows.append(row)
+
+
+def sweep(results, deadline):
+    """Block sizes / warps / stages of our kernel at D=128, N=4k, full attention.
+
+    Returns the best forward and backward settings; the throughput table uses them at D=128.
+    Call 1 of 2026-11-28 swept forward (128|64, 64|128) x warps 4|8 x stages 2|3 and backward
+    (64..128 blocks) x warps 4|8 (docs/kernels/flash_attention.md); this set explores around
+    its winners (forward 3 stages, backward 4 warps).
+    """
+    n, d, b = 4096, 128, TOKENS // 4096
+    q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    fwd_cfgs = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+                dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
+                dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+                dict(block_q=64, block_k=128, num_warps=4, num_stages=3)]
+    bwd_cfgs = [dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+                     num_warps_bwd=4, num_stages_bwd=2),
+                dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+                     num_warps_bwd=4, num_stages_bwd=3),
+                dict(block_q_dq=128, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+                     num_warps_bwd=4, num_stages_bwd=2),
+                dict(block_q_dq=64, block_k_dq=64, block_q_dkv=32, block_k_dkv=64,
+                     num_warps_bwd=4, num_stages_bwd=2)]
+    rows = results.setdefault("sweep", [])
+    best = {"fwd": (0.0, {}), "fwd+bwd": (0.0, {})}
+    flops = 4 * b * H * n * n * d
+    for mode, cfgs in (("fwd", fwd_cfgs), ("fwd+bwd", bwd_cfgs)):
+        for cfg in cfgs:
+            row = dict(mode=mode, causal=False, cfg=cfg)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+                rows.append(row)
+                continue
+            try:
+                full = {**best["fwd"][1], **cfg}
+
+                def fn(q, k, v, full=full):
+                    return attn.flash_attention_kernel(q, k, v, **full)
+                if mode == "fwd":
+                    ms = _timeit(jax.jit(fn), q, k, v)
+                else:
+                    ms = _timeit(_fwd_bwd(fn), q, k, v, do)
+                row["tflops"] = flops * (3.5 if mode != "fwd" else 1) / ms / 1e9
+                if row["tflops"] > best[mode][0]:
+                    best[mode] = (row["tflops"], cfg)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print("sweep", row, flush=True)
+            rows.append(row)
+    chosen = {**best["fwd"][1], **best["fwd+bwd"][1]}
+    results["chosen_d128"] = chosen
+    print("chosen for D=128:", chosen, flush=True)
+    return chosen
+
+
+def memory(results, lengths, deadline):
+    """Compiled temp + argument bytes of fwd+bwd (causal, D=128, B=1, H=16) versus length."""
+    rows = results.setdefault("memory", [])
+    for n in lengths:
+        if time.time() > deadline:
+            break
+        q = jax.ShapeDtypeStruct((1, n, H, 128), jnp.bfloat16)
+        row = dict(n=n)
+        for name, fn in (("ours", lambda q, k, v: attn.flash_attention(q, k, v, causal=True,
+                                                                        backend="pallas")),
+                         ("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+                             q, k, v, is_causal=True, implementation="cudnn"))):
+            try:
+                mem = _fwd_bwd(fn).lower(q, q, q, q).compile().memory_analysis()
+                row[name + "_gb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                     + mem.output_size_in_bytes) / 1e9
+            except Exception as e:  # noqa: BLE001
+                row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print("mem", row, flush=True)
+        rows.append(row)
+    if time.time() < deadline:
+        n = 131072
+        q, k, v, do = _inputs((1, n, H, 128), (1, n, H, 128), jnp.bfloat16)
+        f = _fwd_bwd(lambda q, k, v: attn.flash_attention(q, k, v, causal=True,
+                                                          backend="pallas"))
+        try:
+            ms = _timeit(f, q, k, v, do, iters=1, reps=2)
+            flops = 4 * H * n * n * 128 / 2 * 3.5
+            stats = jax.devices()[0].memory_stats() or {}
+            row = dict(n=n, ms=ms, tflops=flops / ms / 1e9,
+                       peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9)
+        except Exception as e:  # noqa: BLE001
+            row = dict(n=n, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print("128k", row, flush=True)
+        results["fwd_bwd_128k"] = row
+
+
+def decode(results, contexts, deadline, copy_elems=1 << 28):
+    b, hq, hkv, d = 8, 32, 8, 128
+    rows = results.setdefault("decode", [])
+    x = jnp.ones((copy_elems,), jnp.float32)               # 1 GiB copy: the bandwidth ceiling
+    copy_ms = _timeit(jax.jit(lambda x: x * 1.0), x, iters=20)
+    bw = 2 * x.nbytes / copy_ms / 1e9                      # bytes read + written, TB/s
+    results["copy_tb_s"] = bw
+    for s in contexts:
+        if time.time() > deadline:
+            break
+        q, k, v, _ = _inputs((b, 1, hq, d), (b, s, hkv, d), jnp.bfloat16, seed=s)
+        lengths = jnp.full((b,), s, jnp.int32)
+        floor_ms = 2 * k.nbytes / (bw * 1e9)
+        row = dict(context=s, b=b, hq=hq, hkv=hkv, d=d, floor_ms=floor_ms)
+        fns = {"ours": lambda q, k, v, l: attn.decode_attention(q, k, v, l, backend="pallas"),
+               "cudnn": lambda q, k, v, l: jax.nn.dot_product_attention(
+                   q, k, v, key_value_seq_lengths=l, implementation="cudnn"),
+               "xla": lambda q, k, v, l: jax.nn.dot_product_attention(
+                   q, k, v, key_value_seq_lengths=l, implementation="xla")}
+        for name, fn in fns.items():
+            try:
+                row[name + "_ms"] = _timeit(jax.jit(fn), q, k, v, lengths, iters=20)
+            except Exception as e:  # noqa: BLE001
+                row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print("decode", row, flush=True)
+        rows.append(row)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="attention_results.json")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds before cells are skipped")
+    ap.add_argument("--quick", action="store_true", help="lengths 1k/4k/16k only")
+    ap.add_argument("--parts", default="check:0.1,decode:0.15,sweep:0.3,tput:0.9,mem:1",
+                    help="part:fraction of the budget by which the part must stop starting cells")
+    ap.add_argument("--impls", default="", help="comma list to restrict the throughput table")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--xla-max-n", type=int, default=1 << 30)
+    ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
+    ap.add_argument("--report", default="", help="results JSON -> markdown + PNG, no GPU")
+    args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    t0 = time.time()
+    results = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
+                   device=str(jax.devices()[0].device_kind))
+    parts = args.parts.split(",")
+    lengths = [1024, 4096, 16384] if args.quick else [int(x) for x in args.lengths.split(",")]
+    chosen = {}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    steps = {"check": lambda dl: correctness(results, args.checks),
+             "sweep": lambda dl: chosen.update(sweep(results, dl)),
+             "tput": lambda dl: throughput(results, lengths, (128, 64), dl,
+                                           [s for s in args.impls.split(",") if s], chosen,
+                                           args.xla_max_n),
+             "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
+             "decode": lambda dl: decode(results, [8192, 32768, 131072], dl)}
+    for part in parts:
+        p, frac = part.split(":")
+        steps[p](t0 + args.budget * float(frac))
+        results.setdefault("elapsed", {})[p] = time.time() - t0
+        save()
+    summary(results)
+
+
+def summary(results):
+    rows = [r for r in results.get("throughput", []) if "tflops" in r]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["d"], r["causal"], r["mode"], r["n"]), {})[r["impl"]] = r["tflops"]
+    print("\nd causal mode n | " + " ".join(f"{i:>8}" for i in
+                                            ("ours", "cudnn", "xla", "jax_mha", "mgpu16")))
+    for key, v in sorted(cells.items()):
+        vals = [v.get(i) for i in ("ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16")]
+        print(*key, "|", " ".join(f"{x:8.1f}" if x else "       -" for x in vals),
+              f" ours/cudnn={v['ours'] / v['cudnn']:.2f}" if "ours" in v and "cudnn" in v else "")
+
+
+def report(path):
+    """Markdown table (ours / cuDNN ratio per cell) and a PNG chart next to the results file."""
+    with open(path) as f:
+        results = json.load(f)
+    summary(results)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results.get("throughput", []) if "tflops" in r]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8), sharex=True)
+    for col, (d, mode) in enumerate([(128, "fwd"), (128, "fwd+bwd"), (64, "fwd"),
+                                     (64, "fwd+bwd")]):
+        for row_i, causal in enumerate((False, True)):
+            ax = axes[row_i, col]
+            for impl in ("ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16"):
+                pts = sorted((r["n"], r["tflops"]) for r in rows if r["impl"] == impl
+                             and r["d"] == d and r["mode"] == mode and r["causal"] == causal)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"D={d} {mode} {'causal' if causal else 'full'}")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.suptitle(f"{results['device']}, jax {results['jax']}, {results['date']}, bf16, H={H}, "
+                 f"B*N={TOKENS}")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=80)
+    print("wrote", png)
+
+
+if __name__ == "__main__":
+    main()
