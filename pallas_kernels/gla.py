@@ -56,6 +56,7 @@ def gla_chunked_reference(q, k, v, log_g, *, scale=None, initial_state=None, chu
     dv = v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
     c = chunk_size
+    out_dtype = v.dtype
     # Padding with log_g = 0 and k = v = 0 leaves the state unchanged past the end.
     q, k, v, log_g = (_common.pad_axis(x.astype(jnp.float32), 1, c) for x in (q, k, v, log_g))
     to_chunks = lambda x: rearrange(x, "b (n c) h d -> n b h c d", c=c)
@@ -85,7 +86,7 @@ def gla_chunked_reference(q, k, v, log_g, *, scale=None, initial_state=None, chu
     final, o_inter = jax.lax.scan(step, s0, (q_in, k_out, v_N, b_last))
     o = scale * (o_intra + o_inter)
     o = rearrange(o, "n b h c v -> b (n c) h v")[:, :length]
-    return o.astype(v.dtype), final
+    return o.astype(out_dtype), final
 
 
 def gla_step(q, k, v, log_g, state, *, scale=None):
@@ -126,9 +127,10 @@ class GLABlocks:
     sub_chunk: int = 16         # rows per state step; the intra block is sub_chunk x sub_chunk
     block_v: int = 64           # state columns per program in the forward
     block_k: int = 64           # state rows per program in the dq backward
+    block_k_dkv: int = 64       # state rows per program in the dk/dv backward
     num_warps_fwd: int = 4
     num_warps_dq: int = 4
-    num_warps_dkv: int = 8
+    num_warps_dkv: int = 4
     num_stages: int = 2
 
 
@@ -242,13 +244,16 @@ def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *
     lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
 
 
-def _gla_bwd_dkv_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_ref, dst_ref,
-                        dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, scale, blocks, n_chunks,
-                        dot_dtype):
-    # q/k/g/dq32/dq/dk/dg [Lp, K], v/do/dv [Lp, V], s_end [N, K, V], dst/ds0 [K, V]
+def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref,
+                        s_end_ref, dst_ref, dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, scale,
+                        blocks, n_chunks, dot_dtype):
+    # q/k/g [Lp, K] (for the intra-sub-chunk scores), qb/kb/gb/dq32/dq/dk/dg [Lp, BK] (this
+    # program's rows of the state), v/do/dv [Lp, V] (dv: this block's part), s_end [N, BK, V],
+    # dst/ds0 [BK, V]
     sub = blocks.sub_chunk
     causal = _causal_mask(sub)
     n_sub = blocks.chunk_size // sub
+    first_block = pl.program_id(2) == 0
 
     def chunk(i, ds_KV):
         ci = n_chunks - 1 - i
@@ -258,20 +263,24 @@ def _gla_bwd_dkv_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_ref,
         acc_K = jnp.sum(s_end_ref[ci] * ds_KV, axis=1)
         for j in reversed(range(n_sub)):
             rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
-            q = q_ref[rows, :].astype(_F32)
-            k = k_ref[rows, :].astype(_F32)
-            g = g_ref[rows, :].astype(_F32)
             v = v_ref[rows, :].astype(dot_dtype)
             do = do_ref[rows, :].astype(dot_dtype)
-            dq = dq32_ref[rows, :]
-            c, c_end, m = _sub_chunk_gates(g, sub)
-            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-            a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+            # Scores over the full Dk (every block recomputes them: [C, C], cheap).
+            c_full, _, m_full = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
+            q_mid_full = (q_ref[rows, :].astype(_F32) * jnp.exp(c_full - m_full[None, :]))
+            k_mid_full = (k_ref[rows, :].astype(_F32) * jnp.exp(m_full[None, :] - c_full))
+            a = _dot(q_mid_full.astype(dot_dtype), k_mid_full.astype(dot_dtype), tb=True)
+            a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
             da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+            # This block's columns of Dk.
+            q = qb_ref[rows, :].astype(_F32)
+            k = kb_ref[rows, :].astype(_F32)
+            dq = dq32_ref[rows, :]
+            c, c_end, m = _sub_chunk_gates(gb_ref[rows, :].astype(_F32), sub)
+            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
             ds = ds_KV.astype(dot_dtype)
-            dv = _dot(a, do, ta=True) + _dot(k_out, ds)
+            dv = _dot(k_out, ds) + jnp.where(first_block, _dot(a, do, ta=True), 0.0)
             dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
                   + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
             x = q * dq - k * dk
@@ -313,23 +322,32 @@ def _gla_bwd_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
         name="gla_bwd_dq",
     )(k, v, log_g, do, s0)
 
-    seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j: (i, 0, j, 0))
-    seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j: (i, 0, j, 0))
-    state = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
-    states = pl.BlockSpec((None, None, n_chunks, dk, dv), lambda i, j: (i, j, 0, 0, 0))
+    # dk/dv pass: blocks of the state's rows again; dv sums over the blocks.
+    bk = min(blocks.block_k_dkv, dk)
+    nk = dk // bk
+    seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
+    seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
+    state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
+    states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv), lambda i, j, n: (i, j, 0, n, 0))
+    dv_part = pl.BlockSpec((None, None, lp, None, dv), lambda i, j, n: (n, i, 0, j, 0))
     shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    return pl.pallas_call(
+    dq, dk_, dv_parts, dg, ds0 = pl.pallas_call(
         functools.partial(_gla_bwd_dkv_kernel, scale=scale, blocks=blocks, n_chunks=n_chunks,
                           dot_dtype=dot_dtype),
-        grid=(b, h),
-        in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v, seq_k, states, state],
-        out_specs=[seq_k, seq_k, seq_v, seq_k, state],
-        out_shape=[shape(q), shape(k), shape(v), shape(log_g), shape(s0, _F32)],
+        grid=(b, h, nk),
+        in_specs=[seq_k, seq_k, seq_k, seq_bk, seq_bk, seq_bk, seq_v, seq_v, seq_bk, states_bk,
+                  state_bk],
+        out_specs=[seq_bk, seq_bk, dv_part, seq_bk, state_bk],
+        out_shape=[shape(q), shape(k),
+                   jax.ShapeDtypeStruct((nk, b, lp, h, dv), v.dtype if nk == 1 else _F32),
+                   shape(log_g), shape(s0, _F32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_dkv,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gla_bwd_dkv",
-    )(q, k, v, log_g, do, dq32, s_end, dst)
+    )(q, k, log_g, q, k, log_g, v, do, dq32, s_end, dst)
+    dv_ = dv_parts[0] if nk == 1 else jnp.sum(dv_parts, axis=0).astype(v.dtype)
+    return dq, dk_, dv_, dg, ds0
 
 
 # --------------------------------------------------------------------------------------------

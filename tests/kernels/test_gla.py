@@ -38,12 +38,16 @@ def _loss(fn, seed):
     return loss
 
 
-def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_g_tol=None):
+def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_g_tol=None,
+                              blocks=None):
     q, k, v, log_g, s0 = args
     s0 = s0 if use_s0 else None
     up = lambda x: x.astype(jnp.float32)
 
     def kernel(q, k, v, log_g, s0):
+        if blocks is not None:  # the GPU-style kernels with explicit tiling
+            return gla_mod.gla_pallas(q, k, v, log_g, initial_state=s0, blocks=blocks,
+                                      interpret=True)
         return pallas_kernels.gla(q, k, v, log_g, initial_state=s0, return_state=True,
                                   backend=backend)
 
@@ -68,12 +72,17 @@ def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_
         assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
 
 
-@pytest.mark.parametrize("length, dk, dv, use_s0", [(77, 24, 8, True), (128, 32, 16, False)])
-def test_gla_matches_recurrence_f32(length, dk, dv, use_s0):
+@pytest.mark.parametrize("length, dk, dv, use_s0, blocks", [
+    (77, 24, 8, True, None),
+    # The state split over programs: 2 blocks of Dk rows in the backward, 2 of Dv columns in
+    # the forward.
+    (128, 32, 32, False, gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16)),
+])
+def test_gla_matches_recurrence_f32(length, dk, dv, use_s0, blocks):
     # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two).
     args = _inputs(length, 2, length, 2, dk, dv, jnp.float32)
     _check_against_recurrence(args, use_s0=use_s0, backend="interpret", fwd_tol=1e-5,
-                              grad_tol=1e-4)
+                              grad_tol=1e-4, blocks=blocks)
 
 
 def test_gla_matches_recurrence_bf16():
