@@ -152,9 +152,9 @@ def _softplus(x):
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _delta_step(dt_ref, bias, i, *, softplus, length, padded):
-    """delta_t for one step: returns (delta [bd] f32, pre-softplus value)."""
-    x = dt_ref[i, :].astype(jnp.float32)
+def _delta_step(raw, bias, i, *, softplus, length, padded):
+    """delta_t for one step from the raw row: returns (delta [bd] f32, pre-softplus value)."""
+    x = raw.astype(jnp.float32)
     if bias is not None:
         x = x + bias
     dt = _softplus(x) if softplus else x
@@ -167,6 +167,13 @@ def _name_refs(refs, names):
     return dict(zip(names, refs, strict=True))
 
 
+def _load_chunk(refs, names, c, chunk):
+    """The state-independent [bd] rows of chunk c, one tuple per name. They are loaded a chunk
+    ahead: a load cannot move above a store that may alias it, so loads issued inside the step
+    loop (after the previous step's stores) would expose the full memory latency every step."""
+    return tuple(tuple(refs[k][c * chunk + t, :] for t in range(chunk)) for k in names)
+
+
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
@@ -176,20 +183,23 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     a2 = [r["a"][n, :] * _LOG2E for n in range(n_state)]
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
+    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
     if "h0" in r:
         h0 = tuple(r["h0"][n, :] for n in range(n_state))
     else:
         h0 = tuple(jnp.zeros((bd,), f32) for _ in range(n_state))
 
-    def chunk_body(c, h):
-        h = list(h)
+    def chunk_body(c, carry):
+        h, rows = list(carry[0]), carry[1]
+        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
         if save_ckpt:
             for n in range(n_state):
                 r["ck"][c, n, :] = h[n]
+        ys = []
         for t in range(chunk):
             i = c * chunk + t
-            u = r["u"][i, :].astype(f32)
-            dt, _ = _delta_step(r["dt"], bias, i, softplus=softplus, length=length,
+            u = rows[0][t].astype(f32)
+            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
                                 padded=padded)
             dtu = dt * u
             y = d * u if d is not None else jnp.zeros_like(u)
@@ -197,12 +207,15 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 h[n] = jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n]
                 y = y + h[n] * r["c"][i, n]
             if "z" in r:
-                z = r["z"][i, :].astype(f32)
+                z = rows[2][t].astype(f32)
                 y = y * (z * jax.nn.sigmoid(z))
-            r["y"][i, :] = y.astype(r["y"].dtype)
-        return tuple(h)
+            ys.append(y)
+        for t in range(chunk):      # stores last, so that no load of this chunk waits on them
+            r["y"][c * chunk + t, :] = ys[t].astype(r["y"].dtype)
+        return tuple(h), next_rows
 
-    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    h, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                             (h0, _load_chunk(r, seq_names, 0, chunk)))
     for n in range(n_state):
         r["hT"][n, :] = h[n]
 
@@ -222,31 +235,35 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
     a2 = [x * _LOG2E for x in A]
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
-    step = functools.partial(_delta_step, r["dt"], bias, softplus=softplus, length=length,
+    step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
                              padded=padded)
+    seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
     zeros = jnp.zeros((bd,), f32)
 
     def chunk_body(k, carry):
-        dh, da, dd, dbias = (list(x) if isinstance(x, tuple) else x for x in carry)
+        dh, da, dd, dbias, rows = carry
+        dh, da = list(dh), list(da)
         c = n_chunks - 1 - k
+        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
         h = [r["ck"][c, n, :] for n in range(n_state)]
         hs = [h]
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
-            dt, _ = step(i)
-            dtu = dt * r["u"][i, :].astype(f32)
+            dt, _ = step(rows[1][t], i=i)
+            dtu = dt * rows[0][t].astype(f32)
             h = [jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n] for n in range(n_state)]
             hs.append(h)
         for t in reversed(range(chunk)):
             i = c * chunk + t
-            u = r["u"][i, :].astype(f32)
-            dt, x = step(i)
+            u = rows[0][t].astype(f32)
+            dt, x = step(rows[1][t], i=i)
             dtu = dt * u
-            dout = r["dy"][i, :].astype(f32)
+            dout = rows[2][t].astype(f32)
             h_prev, h_t = hs[t], hs[t + 1]
+            b_t = [r["b"][i, n] for n in range(n_state)]
             c_t = [r["c"][i, n] for n in range(n_state)]
             if "z" in r:
-                z = r["z"][i, :].astype(f32)
+                z = rows[3][t].astype(f32)
                 sz = jax.nn.sigmoid(z)
                 y = sum(h_t[n] * c_t[n] for n in range(n_state))
                 if d is not None:
@@ -257,7 +274,6 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
                 dy = dout
             gb, saq = zeros, zeros
             for n in range(n_state):
-                b_n = r["b"][i, n]
                 g = dh[n] + c_t[n] * dy
                 r["dc"][i, n] = jnp.sum(dy * h_t[n])
                 r["db"][i, n] = jnp.sum(g * dtu)
@@ -265,7 +281,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
                 q = g * a_n * h_prev[n]
                 da[n] = da[n] + dt * q
                 saq = saq + A[n] * q
-                gb = gb + g * b_n
+                gb = gb + g * b_t[n]
                 dh[n] = a_n * g
             du = dt * gb
             if d is not None:
@@ -279,11 +295,12 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
                 ddt = jnp.where(i < length, ddt, 0.0)
             dbias = dbias + ddt
             r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
-        return tuple(dh), tuple(da), dd, dbias
+        return tuple(dh), tuple(da), dd, dbias, next_rows
 
     dh0 = tuple(r["dhT"][n, :] for n in range(n_state))
-    init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros)
-    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros,
+            _load_chunk(r, seq_names, n_chunks - 1, chunk))
+    dh, da, dd, dbias, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
     for n in range(n_state):
         r["dh0"][n, :] = dh[n]
         r["da"][n, :] = da[n]
