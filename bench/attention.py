@@ -313,7 +313,8 @@ def main():
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
-    ap.add_argument("--report", default="", help="results JSON -> markdown + PNG, no GPU")
+    ap.add_argument("--report", default="",
+                    help="results JSON(s), comma-separated -> table + PNG chart, no GPU")
     args = ap.parse_args()
     if args.report:
         return report(args.report)
@@ -355,35 +356,57 @@ def summary(results):
               f" ours/cudnn={v['ours'] / v['cudnn']:.2f}" if "ours" in v and "cudnn" in v else "")
 
 
-def report(path):
-    """Markdown table (ours / cuDNN ratio per cell) and a PNG chart next to the results file."""
-    with open(path) as f:
-        results = json.load(f)
+def report(paths):
+    """Print the table and write a PNG chart (TFLOP/s against length) next to the first file.
+
+    `paths` is a comma list of results files from runs on the same GPU: the first is the main run;
+    later ones add only the cells the main run lacks, drawn dashed and labelled with the last
+    "_" part of their file name (e.g. "(call1)").
+    """
+    paths = paths.split(",")
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    results = runs[0]
     summary(results)
+    rows = [r for r in results.get("throughput", []) if "tflops" in r]
+    have = {(r["impl"], r["d"], r["causal"], r["mode"], r["n"]) for r in rows}
+    for path, extra in zip(paths[1:], runs[1:], strict=True):
+        tag = os.path.splitext(os.path.basename(path))[0].split("_")[-1]
+        for r in extra.get("throughput", []):
+            key = (r["impl"], r["d"], r["causal"], r["mode"], r["n"])
+            if "tflops" in r and key not in have:
+                rows.append({**r, "impl": f"{r['impl']} ({tag})"})
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in results.get("throughput", []) if "tflops" in r]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8), sharex=True)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    base = ["ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16"]
+    color = {b: f"C{i}" for i, b in enumerate(base)}
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9), sharex=True)
     for col, (d, mode) in enumerate([(128, "fwd"), (128, "fwd+bwd"), (64, "fwd"),
                                      (64, "fwd+bwd")]):
         for row_i, causal in enumerate((False, True)):
             ax = axes[row_i, col]
-            for impl in ("ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16"):
+            for impl in impls:
                 pts = sorted((r["n"], r["tflops"]) for r in rows if r["impl"] == impl
                              and r["d"] == d and r["mode"] == mode and r["causal"] == causal)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+                    name = impl.split(" ")[0]
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl,
+                            color=color.get(name), linestyle="--" if "(" in impl else "-")
             ax.set_xscale("log", base=2)
             ax.set_title(f"D={d} {mode} {'causal' if causal else 'full'}")
             ax.set_ylabel("TFLOP/s")
+            ax.set_xlabel("sequence length")
             ax.grid(alpha=0.3)
-    axes[0, 0].legend()
+            ax.legend(fontsize=7)
     fig.suptitle(f"{results['device']}, jax {results['jax']}, {results['date']}, bf16, H={H}, "
                  f"B*N={TOKENS}")
     fig.tight_layout()
-    png = os.path.splitext(path)[0] + ".png"
-    fig.savefig(png, dpi=80)
+    png = os.path.splitext(paths[0])[0] + ".png"
+    fig.savefig(png, dpi=70)
     print("wrote", png)
 
 

@@ -581,13 +581,14 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 
 
 def _default_blocks(lq: int, lk: int, d: int) -> dict:
-    """Block sizes, warps and pipeline stages per kernel, from the H200 sweep in
-    docs/kernels/flash_attention.md (D=128, N=4k: forward 3 stages +22%, backward 4 warps 1.9x
-    faster than 8)."""
+    """Block sizes, warps and pipeline stages per kernel, from the H200 sweeps in
+    docs/kernels/flash_attention.md (D=128, N=4k: forward 3 stages +22%, block_k 128 +9%;
+    backward 4 warps 1.9x faster than 8). D=64 and D=256 were not swept."""
     def fit(pref, n):
         return min(pref, max(16, pl.next_power_of_2(n)))
     big = d > 128
-    return dict(block_q=fit(64 if big else 128, lq), block_k=fit(32 if big else 64, lk),
+    block_k = 32 if big else (128 if d > 64 else 64)
+    return dict(block_q=fit(64 if big else 128, lq), block_k=fit(block_k, lk),
                 block_q_dq=fit(32 if big else 64, lq), block_k_dq=fit(32 if big else 64, lk),
                 block_q_dkv=fit(32 if big else 64, lq), block_k_dkv=fit(32 if big else 64, lk),
                 num_warps=4 if d <= 64 else 8, num_warps_bwd=4, num_stages=3, num_stages_bwd=2)
