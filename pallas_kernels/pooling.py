@@ -128,7 +128,9 @@ class PoolBlocks:
     """Tile sizes (powers of two); None keeps the op's default.
 
     block_l: rows of a tile (segment_max: segments x positions per tile); block_d: channels of a
-    tile; group: segments per program of the causal segment max; num_warps, num_stages: Triton.
+    tile; group: segments per program of the causal segment max, chunks of the length that
+    prefix_mean runs in parallel (1: one pass, else one more read for the chunk sums);
+    num_warps, num_stages: Triton.
     """
 
     block_l: int | None = None
@@ -149,12 +151,12 @@ class _Cfg:
 
 
 _DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages), tuned for an H200
-    "prefix_mean": (64, 32, 1, 4, 3),
-    "segment_max": (64, 64, 1, 4, 3),
-    "segment_cummax": (1, 64, 16, 4, 3),
+    "prefix_mean": (64, 64, 8, 4, 3),         # group: chunks of the length run in parallel
+    "segment_max": (32, 128, 1, 4, 3),
+    "segment_cummax": (1, 128, 8, 4, 3),      # group: segments per program
     "local_max": (32, 128, 1, 4, 3),
     "fuse": (32, 128, 1, 4, 3),
-    "aggregate": (16, 256, 1, 4, 3),
+    "aggregate": (32, 512, 1, 4, 3),
 }
 
 
@@ -248,19 +250,22 @@ def _row_loop(n: int, step, carry, unroll: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefix_mean_fwd_kernel(x_ref, y_ref, *, block_l, block_d):
-    # x_ref, y_ref: [L, D] of one batch row; the program owns channels [j*block_d, ...).
-    length = x_ref.shape[0]
-    cols = pl.program_id(1) * block_d + _ar(block_d)
+def _prefix_mean_fwd_kernel(x_ref, carry_ref, y_ref, *, chunk, block_l, block_d):
+    # x_ref, y_ref: [L, D] of one batch row; the program owns rows [c*chunk, (c+1)*chunk) and
+    # channels [j*block_d, ...); carry_ref [C, D] f32: the sum of x over the chunks before c.
+    length, width = x_ref.shape
+    c = pl.program_id(1)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
 
     def tile(i, carry_D):
-        rows = i * block_l + _ar(block_l)
+        rows = c * chunk + i * block_l + _ar(block_l)
         x = _load_f32(x_ref, rows, cols, rows < length, 0.0)
         csum = jnp.cumsum(x, axis=0) + carry_D[None, :]
         _store(y_ref, rows, cols, rows < length, csum / (rows + 1).astype(jnp.float32)[:, None])
         return carry_D + jnp.sum(x, axis=0)
 
-    lax.fori_loop(0, pl.cdiv(length, block_l), tile, jnp.zeros((block_d,), jnp.float32))
+    carry_D = plgpu.load(carry_ref.at[c, cols], mask=cols < width, other=0.0)
+    lax.fori_loop(0, chunk // block_l, tile, carry_D)
 
 
 def _segment_rows(c, segs, size, chunk, length):
@@ -314,17 +319,20 @@ def _segment_cummax_fwd_kernel(x_ref, y_ref, *, size, group, block_d, unroll):
     _row_loop(min(size, length), step, jnp.full((group, block_d), -jnp.inf, jnp.float32), unroll)
 
 
-def _local_max_fwd_kernel(x_ref, y_ref, *, window, left, block_l, block_d):
-    # Window of output t: [t - left, t - left + window - 1], clipped to [0, L).
-    length = x_ref.shape[0]
-    rows = pl.program_id(1) * block_l + _ar(block_l)
-    cols = pl.program_id(2) * block_d + _ar(block_d)
+def _window_max(x_ref, rows, cols, window, left):
+    """Max of x over the window [t - left, t - left + window - 1] (clipped) of each row t."""
     best = None
     for m in range(window):
         r = rows + (m - left)
-        x = _load_f32(x_ref, r, cols, _in(r, length), -jnp.inf)
+        x = _load_f32(x_ref, r, cols, _in(r, x_ref.shape[0]), -jnp.inf)
         best = x if best is None else jnp.maximum(best, x)
-    _store(y_ref, rows, cols, rows < length, best)
+    return best
+
+
+def _local_max_fwd_kernel(x_ref, y_ref, *, window, left, block_l, block_d):
+    rows = pl.program_id(1) * block_l + _ar(block_l)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    _store(y_ref, rows, cols, rows < x_ref.shape[0], _window_max(x_ref, rows, cols, window, left))
 
 
 def _load_g(g_ref, rows, cols, ok):
@@ -344,15 +352,52 @@ def _fuse_fwd_kernel(g_ref, s_ref, o_ref, l_ref, y_ref, *, block_l, block_d):
     _store(y_ref, rows, cols, ok, (g + s) * o + l)
 
 
-def _col_sum_kernel(x_ref, out_ref, *, chunk, block_l, block_d):
-    # out_ref [C, D] f32: sums of x over the rows of chunk c = program_id(1).
+def _pool_fuse_fwd_kernel(g_ref, s_ref, o_ref, l_ref, y_ref, *, size, group, chunk, block_d,
+                          window, left):
+    # Bidirectional fused PoNet: tiles [G, SC, TD] of whole segments (SC >= S, one chunk).
+    length = s_ref.shape[0]
+    segs = pl.program_id(1) * group + _ar(group)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    _, rows, ok = _segment_rows(0, segs, size, chunk, length)
+    s_max = jnp.max(_load_f32(s_ref, rows, cols, ok, -jnp.inf), axis=1, keepdims=True)
+    l_max = _window_max(l_ref, rows, cols, window, left)
+    o = _load_f32(o_ref, rows, cols, ok, 0.0)
+    _store(y_ref, rows, cols, ok, (_load_g(g_ref, rows, cols, ok) + s_max) * o + l_max)
+
+
+def _pool_fuse_causal_fwd_kernel(g_ref, s_ref, o_ref, l_ref, y_ref, *, size, group, block_d,
+                                 window, unroll):
+    # Causal fused PoNet, row by row through G segments: running segment max of s, trailing
+    # window max of l.
+    length = s_ref.shape[0]
+    segs = pl.program_id(1) * group + _ar(group)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+
+    def step(t, s_max):
+        rows = segs * size + t
+        ok = rows < length
+        s_max = jnp.maximum(s_max, _load_f32(s_ref, rows, cols, ok, -jnp.inf))
+        l_max = _window_max(l_ref, rows, cols, window, window - 1)
+        o = _load_f32(o_ref, rows, cols, ok, 0.0)
+        _store(y_ref, rows, cols, ok, (_load_g(g_ref, rows, cols, ok) + s_max) * o + l_max)
+        return s_max
+
+    _row_loop(min(size, length), step, jnp.full((group, block_d), -jnp.inf, jnp.float32),
+              unroll)
+
+
+def _col_sum_kernel(x_ref, out_ref, *, chunk, block_l, block_d, weighted=False):
+    # out_ref [C, D] f32: sums of x (of x_t / (t + 1) when weighted) over the rows of chunk c.
     length = x_ref.shape[0]
     c = pl.program_id(1)
     cols = pl.program_id(2) * block_d + _ar(block_d)
 
     def tile(i, acc_D):
         rows = c * chunk + i * block_l + _ar(block_l)
-        return acc_D + jnp.sum(_load_f32(x_ref, rows, cols, rows < length, 0.0), axis=0)
+        x = _load_f32(x_ref, rows, cols, rows < length, 0.0)
+        if weighted:
+            x = x / (rows + 1).astype(jnp.float32)[:, None]
+        return acc_D + jnp.sum(x, axis=0)
 
     acc_D = lax.fori_loop(0, chunk // block_l, tile, jnp.zeros((block_d,), jnp.float32))
     plgpu.store(out_ref.at[c, cols], acc_D, mask=cols < out_ref.shape[1])
@@ -398,20 +443,23 @@ def _aggregate_fwd_kernel(qbar_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, scal
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefix_mean_bwd_kernel(dy_ref, dx_ref, *, block_l, block_d):
-    # dx_u = sum_{t >= u} dy_t / (t + 1): the forward walk run from the end, rows reversed.
-    length = dy_ref.shape[0]
-    cols = pl.program_id(1) * block_d + _ar(block_d)
-    n_tiles = pl.cdiv(length, block_l)
+def _prefix_mean_bwd_kernel(dy_ref, carry_ref, dx_ref, *, chunk, block_l, block_d):
+    # dx_u = sum_{t >= u} dy_t / (t + 1): the forward walk run from the chunk's end, rows
+    # reversed; carry_ref [C, D] f32: that sum over the chunks after c.
+    length, width = dy_ref.shape
+    c = pl.program_id(1)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    n_tiles = chunk // block_l
 
     def tile(i, carry_D):
-        rows = (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
+        rows = c * chunk + (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
         w = (_load_f32(dy_ref, rows, cols, rows < length, 0.0)
              / (rows + 1).astype(jnp.float32)[:, None])
         _store(dx_ref, rows, cols, rows < length, jnp.cumsum(w, axis=0) + carry_D[None, :])
         return carry_D + jnp.sum(w, axis=0)
 
-    lax.fori_loop(0, n_tiles, tile, jnp.zeros((block_d,), jnp.float32))
+    carry_D = plgpu.load(carry_ref.at[c, cols], mask=cols < width, other=0.0)
+    lax.fori_loop(0, n_tiles, tile, carry_D)
 
 
 def _segment_max_bwd_kernel(arg_ref, dy_ref, dx_ref, *, size, group, chunk, block_d):
@@ -459,12 +507,11 @@ def _segment_cummax_bwd_kernel(y_ref, dy_ref, dx_ref, *, size, group, block_d, u
     _row_loop(steps, step, jnp.zeros((group, block_d), jnp.float32), unroll)
 
 
-def _local_max_bwd_kernel(x_ref, dy_ref, dx_ref, *, window, left, block_l, block_d):
-    # x_j is the argmax of the window of t_k = j + left - k (j at offset k in it) iff it beats
-    # (>) the k values before it and ties or beats (>=) the window - 1 - k values after it.
+def _window_max_grad(x_ref, dy_ref, rows, cols, window, left):
+    """Gradient of the window max at rows j: x_j is the argmax of the window of t_k = j + left - k
+    (j at offset k in it) iff it beats (>) the k values before it and ties or beats (>=) the
+    window - 1 - k values after it; dx_j sums dy over those t_k."""
     length = x_ref.shape[0]
-    rows = pl.program_id(1) * block_l + _ar(block_l)
-    cols = pl.program_id(2) * block_d + _ar(block_d)
     xj = _load_f32(x_ref, rows, cols, rows < length, -jnp.inf)
     beats_before, beats_after = [True], [True]            # [r]: beats all of the r nearest
     for r in range(1, window):
@@ -477,7 +524,14 @@ def _local_max_bwd_kernel(x_ref, dy_ref, dx_ref, *, window, left, block_l, block
         t = rows + (left - k)
         dy = _load_f32(dy_ref, t, cols, _in(t, length), 0.0)
         dx = dx + jnp.where(beats_before[k] & beats_after[window - 1 - k], dy, 0.0)
-    _store(dx_ref, rows, cols, rows < length, dx)
+    return dx
+
+
+def _local_max_bwd_kernel(x_ref, dy_ref, dx_ref, *, window, left, block_l, block_d):
+    rows = pl.program_id(1) * block_l + _ar(block_l)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    dx = _window_max_grad(x_ref, dy_ref, rows, cols, window, left)
+    _store(dx_ref, rows, cols, rows < x_ref.shape[0], dx)
 
 
 def _fuse_bwd_kernel(g_ref, s_ref, o_ref, dy_ref, ds_ref, do_ref, *dg_ref, block_l, block_d):
@@ -495,6 +549,82 @@ def _fuse_bwd_kernel(g_ref, s_ref, o_ref, dy_ref, ds_ref, do_ref, *dg_ref, block
         (dg_ref,) = dg_ref
         plgpu.store(dg_ref.at[pl.program_id(1), cols], jnp.sum(ds, axis=0),
                     mask=cols < dg_ref.shape[1])
+
+
+def _pool_fuse_bwd_kernel(g_ref, s_ref, o_ref, l_ref, dy_ref, ds_ref, do_ref, dl_ref, dg_ref, *,
+                          size, group, chunk, block_d, window, left):
+    # With s' the segment max and dy the output cotangent: ds = (sum over the segment of
+    # dy * o) at the argmax, do = dy * (g + s'), dl = window-max gradient of dy, dg = dy * o.
+    length = s_ref.shape[0]
+    segs = pl.program_id(1) * group + _ar(group)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    pos, rows, ok = _segment_rows(0, segs, size, chunk, length)
+    s = _load_f32(s_ref, rows, cols, ok, -jnp.inf)
+    s_max = jnp.max(s, axis=1, keepdims=True)
+    arg = jnp.argmax(s, axis=1).astype(jnp.int32)
+    dy = _load_f32(dy_ref, rows, cols, ok, 0.0)
+    dy_o = dy * _load_f32(o_ref, rows, cols, ok, 0.0)
+    total = jnp.sum(dy_o, axis=1, keepdims=True)
+    _store(ds_ref, rows, cols, ok, jnp.where(pos[None, :, None] == arg[:, None, :], total, 0.0))
+    _store(do_ref, rows, cols, ok, dy * (_load_g(g_ref, rows, cols, ok) + s_max))
+    _store(dl_ref, rows, cols, ok, _window_max_grad(l_ref, dy_ref, rows, cols, window, left))
+    if g_ref.shape[0] == 1:             # g is one row: this program's partial sum of dg
+        plgpu.store(dg_ref.at[pl.program_id(1), cols], jnp.sum(total[:, 0], axis=0),
+                    mask=cols < dg_ref.shape[1])
+    else:
+        _store(dg_ref, rows, cols, ok, dy_o)
+
+
+def _pool_fuse_causal_bwd_kernel(g_ref, s_ref, o_ref, l_ref, dy_ref, ds_ref, do_ref, dl_ref,
+                                 dg_ref, *, size, group, block_d, window, unroll, barrier):
+    # Sweep 1, forward through each segment: the running max s' gives do = dy * (g + s') and is
+    # parked in ds; dl and dg need no order. Sweep 2, backward: the argmax positions are the
+    # strict increases of the parked s', and each takes the sum of dy * o over its run.
+    length = s_ref.shape[0]
+    segs = pl.program_id(1) * group + _ar(group)
+    cols = pl.program_id(2) * block_d + _ar(block_d)
+    steps = min(size, length)
+    g_row = g_ref.shape[0] == 1
+
+    def forward(t, carry):
+        s_max, dg_acc = carry
+        rows = segs * size + t
+        ok = rows < length
+        s_max = jnp.maximum(s_max, _load_f32(s_ref, rows, cols, ok, -jnp.inf))
+        dy = _load_f32(dy_ref, rows, cols, ok, 0.0)
+        _store(do_ref, rows, cols, ok, dy * (_load_g(g_ref, rows, cols, ok) + s_max))
+        _store(ds_ref, rows, cols, ok, s_max)
+        _store(dl_ref, rows, cols, ok,
+               _window_max_grad(l_ref, dy_ref, rows, cols, window, window - 1))
+        dy_o = dy * _load_f32(o_ref, rows, cols, ok, 0.0)
+        if g_row:
+            dg_acc = dg_acc + dy_o
+        else:
+            _store(dg_ref, rows, cols, ok, dy_o)
+        return s_max, dg_acc
+
+    init = (jnp.full((group, block_d), -jnp.inf, jnp.float32),
+            jnp.zeros((group, block_d), jnp.float32))
+    _, dg_acc = _row_loop(steps, forward, init, unroll)
+    if g_row:
+        plgpu.store(dg_ref.at[pl.program_id(1), cols], jnp.sum(dg_acc, axis=0),
+                    mask=cols < dg_ref.shape[1])
+    if barrier:                         # sweep 2 reads what other threads may have written to ds
+        plgpu.debug_barrier()
+
+    def backward(r, acc):
+        t = steps - 1 - r
+        rows = segs * size + t
+        ok = rows < length
+        s_max = _load_f32(ds_ref, rows, cols, ok, -jnp.inf)
+        s_prev = _load_f32(ds_ref, rows - 1, cols, ok & (t > 0), -jnp.inf)
+        new = (s_max > s_prev) | (t == 0)
+        acc = acc + (_load_f32(dy_ref, rows, cols, ok, 0.0)
+                     * _load_f32(o_ref, rows, cols, ok, 0.0))
+        _store(ds_ref, rows, cols, ok, jnp.where(new, acc, 0.0))
+        return jnp.where(new, 0.0, acc)
+
+    _row_loop(steps, backward, jnp.zeros((group, block_d), jnp.float32), unroll)
 
 
 def _aggregate_bwd_kernel(qbar_ref, dg_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
@@ -543,13 +673,40 @@ def _like(x, dtype=None):
     return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
 
 
+def _col_sums(x, chunk, cfg: _Cfg, weighted=False):
+    """[B, C, D] float32 sums of x (or of x_t / (t + 1)) over chunks of `chunk` rows."""
+    b, length, width = x.shape
+    n_chunks = pl.cdiv(length, chunk)
+    shape = (b, n_chunks, width)
+    kernel = functools.partial(_col_sum_kernel, chunk=chunk, block_l=cfg.block_l,
+                               block_d=cfg.block_d, weighted=weighted)
+    return _call(kernel, cfg, grid=(b, n_chunks, pl.cdiv(width, cfg.block_d)),
+                 in_specs=[_slab(x.shape)], out_specs=_slab(shape),
+                 out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), name="column_sums")(x)
+
+
 def _prefix_mean_call(x, cfg: _Cfg, backward: bool):
-    b, _, width = x.shape
+    # cfg.group chunks of the length run in parallel; their carries come from a first pass of
+    # chunk sums (one more read of x) unless group == 1.
+    b, length, width = x.shape
+    n_chunks = min(cfg.group, pl.cdiv(length, cfg.block_l))
+    chunk = _common.round_up(pl.cdiv(length, n_chunks), cfg.block_l)
+    n_chunks = pl.cdiv(length, chunk)
+    if n_chunks == 1:
+        carry = jnp.zeros((b, 1, width), jnp.float32)
+    else:
+        sums = _col_sums(x, chunk, cfg, weighted=backward)
+        sums = jnp.flip(sums, 1) if backward else sums
+        # Exclusive prefix over chunks (the sums before c, or after c backward), exact in the
+        # sense that chunk c's carry never touches the sums of c and later.
+        carry = jnp.cumsum(jnp.pad(sums[:, :-1], ((0, 0), (1, 0), (0, 0))), axis=1)
+        carry = jnp.flip(carry, 1) if backward else carry
     kernel = _prefix_mean_bwd_kernel if backward else _prefix_mean_fwd_kernel
-    return _call(functools.partial(kernel, block_l=cfg.block_l, block_d=cfg.block_d), cfg,
-                 grid=(b, pl.cdiv(width, cfg.block_d)), in_specs=[_slab(x.shape)],
-                 out_specs=_slab(x.shape), out_shape=_like(x),
-                 name="prefix_mean_bwd" if backward else "prefix_mean_fwd")(x)
+    kernel = functools.partial(kernel, chunk=chunk, block_l=cfg.block_l, block_d=cfg.block_d)
+    return _call(kernel, cfg, grid=(b, n_chunks, pl.cdiv(width, cfg.block_d)),
+                 in_specs=[_slab(x.shape), _slab(carry.shape)], out_specs=_slab(x.shape),
+                 out_shape=_like(x), name="prefix_mean_bwd" if backward else "prefix_mean_fwd")(
+                     x, carry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -694,6 +851,57 @@ def _fuse_op_bwd(cfg, res, dy):
 _fuse_op.defvjp(_fuse_op_fwd, _fuse_op_bwd)
 
 
+def _pool_fuse_call(g, s, o, l, dy, size, window, causal, cfg: _Cfg):
+    """Forward (dy None): y; backward: (ds, do, dl, dg)."""
+    group, chunk, grid = _segment_grid(s, size, cfg, causal)
+    g_row = g.shape[1] != s.shape[1]
+    common = dict(size=size, group=group, block_d=cfg.block_d, window=window)
+    if causal:
+        common["unroll"] = 1 if cfg.interpret else 4
+        kernel = _pool_fuse_causal_fwd_kernel
+        if dy is not None:
+            kernel = functools.partial(_pool_fuse_causal_bwd_kernel, barrier=not cfg.interpret)
+    else:
+        common.update(chunk=chunk, left=window // 2)
+        kernel = _pool_fuse_fwd_kernel if dy is None else _pool_fuse_bwd_kernel
+    args = (g, s, o, l) if dy is None else (g, s, o, l, dy)
+    if dy is None:
+        out_shape = _like(s, jnp.result_type(g, s, o, l))
+        out_specs = _slab(s.shape)
+    else:
+        dg_shape = (s.shape[0], grid[1], s.shape[2]) if g_row else s.shape
+        out_shape = [_like(s), _like(o), _like(l),
+                     jax.ShapeDtypeStruct(dg_shape, jnp.float32 if g_row else g.dtype)]
+        out_specs = [_slab(s.shape)] * 3 + [_slab(dg_shape)]
+    out = _call(functools.partial(kernel, **common), cfg, grid=grid,
+                in_specs=[_slab(a.shape) for a in args], out_specs=out_specs,
+                out_shape=out_shape, name="pool_fuse_bwd" if dy is not None else "pool_fuse_fwd")(
+                    *args)
+    if dy is None:
+        return out
+    ds, do, dl, dg = out
+    dg = jnp.sum(dg, axis=1, keepdims=True) if g_row else dg
+    return ds, do, dl, dg.astype(g.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _pool_fuse_op(g, s, o, l, size, window, causal, cfg):
+    return _pool_fuse_call(g, s, o, l, None, size, window, causal, cfg)
+
+
+def _pool_fuse_op_fwd(g, s, o, l, size, window, causal, cfg):
+    return _pool_fuse_op(g, s, o, l, size, window, causal, cfg), (g, s, o, l)
+
+
+def _pool_fuse_op_bwd(size, window, causal, cfg, res, dy):
+    g, s, o, l = res
+    ds, do, dl, dg = _pool_fuse_call(g, s, o, l, dy, size, window, causal, cfg)
+    return dg, ds, do, dl
+
+
+_pool_fuse_op.defvjp(_pool_fuse_op_fwd, _pool_fuse_op_bwd)
+
+
 def _aggregate_tiles(shape, cfg: _Cfg):
     """(block_h, block_dh, chunk, n_chunks): heads per program and keys per chunk."""
     b, length, h, dh = shape
@@ -707,14 +915,7 @@ def _aggregate_tiles(shape, cfg: _Cfg):
 def _aggregate_fwd_call(q, k, v, cfg: _Cfg):
     b, length, h, dh = q.shape
     block_h, block_dh, chunk, n_chunks = _aggregate_tiles(q.shape, cfg)
-    q_BLD = rearrange(q, "b l h d -> b l (h d)")
-    sums_shape = (b, n_chunks, h * dh)
-    kernel = functools.partial(_col_sum_kernel, chunk=chunk, block_l=cfg.block_l,
-                               block_d=cfg.block_d)
-    q_sums = _call(kernel, cfg, grid=(b, n_chunks, pl.cdiv(h * dh, cfg.block_d)),
-                   in_specs=[_slab(q_BLD.shape)], out_specs=_slab(sums_shape),
-                   out_shape=jax.ShapeDtypeStruct(sums_shape, jnp.float32),
-                   name="aggregate_qsum")(q_BLD)
+    q_sums = _col_sums(rearrange(q, "b l h d -> b l (h d)"), chunk, cfg)
     qbar = rearrange(jnp.sum(q_sums, axis=1) / length, "b (h d) -> b h d", h=h)
 
     part_shapes = [(b, n_chunks, h), (b, n_chunks, h), (b, n_chunks, h, dh)]
@@ -1250,3 +1451,40 @@ def ponet_fuse(g, s, o, l, *, backend=None, blocks: PoolBlocks | None = None):
     if kind == "tpu":
         return _fuse_tpu(g, s, o, l, interpret)
     return _fuse_op(g, s, o, l, _cfg("fuse", blocks, interpret))
+
+
+def ponet_pool_fuse_reference(g, s, o, l, segment_size: int, window: int = 3, *,
+                              causal: bool = False):
+    return ponet_fuse_reference(g, segment_max_reference(s, segment_size, causal=causal), o,
+                                local_max_reference(l, window, causal=causal))
+
+
+def ponet_pool_fuse(g, s, o, l, segment_size: int, window: int = 3, *, causal: bool = False,
+                    backend=None, blocks: PoolBlocks | None = None):
+    """(g + segment_max(s)) * o + local_max(l) in one pass over memory (GPU).
+
+    The same as ponet_fuse(g, segment_max(s, ...), o, local_max(l, ...)) without writing and
+    re-reading the pooled s and l. On TPU, and bidirectionally with segments longer than a
+    tile (blocks.block_l), it runs the three kernels one after the other.
+    """
+    for name, x in (("g", g), ("s", s), ("o", o), ("l", l)):
+        _check_x(name, x)
+    if not s.shape == o.shape == l.shape:
+        raise ValueError(f"s, o, l must have the same shape, got {s.shape}, {o.shape}, {l.shape}")
+    b, _, width = s.shape
+    if g.shape not in (s.shape, (b, 1, width)):
+        raise ValueError(f"g must have shape {s.shape} or {(b, 1, width)}, got {g.shape}")
+    if segment_size < 1:
+        raise ValueError(f"segment_size must be >= 1, got {segment_size}")
+    if window < 1 or (not causal and window % 2 != 1):
+        raise ValueError(f"window must be >= 1 (and odd when bidirectional), got {window}")
+    kind, interpret = _kernel_backend(backend)
+    if kind == "reference":
+        return ponet_pool_fuse_reference(g, s, o, l, segment_size, window, causal=causal)
+    cfg = _cfg("segment_cummax" if causal else "segment_max", blocks, interpret)
+    if kind == "tpu" or (not causal and pl.next_power_of_2(segment_size) > cfg.block_l):
+        return ponet_fuse(g, segment_max(s, segment_size, causal=causal, backend=backend,
+                                         blocks=blocks), o,
+                          local_max(l, window, causal=causal, backend=backend, blocks=blocks),
+                          backend=backend, blocks=blocks)
+    return _pool_fuse_op(g, s, o, l, segment_size, window, causal, cfg)

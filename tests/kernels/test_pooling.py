@@ -81,11 +81,33 @@ def test_local_max_matches_reference_with_ties(length, channels, window, causal,
            _tol(dtype))
 
 
-@pytest.mark.parametrize("length,dtype", [(37, jnp.float32), (70, jnp.bfloat16)])
-def test_prefix_mean_matches_reference(length, dtype):
+@pytest.mark.parametrize("length,chunks,dtype", [(37, 2, jnp.float32), (70, 4, jnp.bfloat16),
+                                                (37, 1, jnp.float32)])
+def test_prefix_mean_matches_reference(length, chunks, dtype):
+    """chunks > 1: chunk sums first, then the chunks in parallel; 1: one walk over L."""
     x = jax.random.normal(jax.random.key(length), (2, length, 40), dtype)
-    _check(lambda x: pool.prefix_mean(x, backend="interpret", blocks=SMALL),
+    blocks = pool.PoolBlocks(block_l=8, block_d=16, group=chunks)
+    _check(lambda x: pool.prefix_mean(x, backend="interpret", blocks=blocks),
            pool.prefix_mean_reference, (x,), 1, _tol(dtype))
+
+
+POOL_FUSE_CASES = [  # causal, g has a length axis, segment_size, window, dtype
+    (False, False, 5, 3, jnp.float32), (False, True, 8, 5, jnp.bfloat16),
+    (True, False, 6, 4, jnp.float32), (True, True, 5, 3, jnp.bfloat16),
+    (False, False, 16, 3, jnp.float32),    # segment longer than block_l: the three kernels
+]
+
+
+@pytest.mark.parametrize("causal,g_full,size,window,dtype", POOL_FUSE_CASES)
+def test_ponet_pool_fuse_matches_reference(causal, g_full, size, window, dtype):
+    b, length, d = 2, 37, 40
+    keys = jax.random.split(jax.random.key(size + window), 4)
+    g = jax.random.normal(keys[0], (b, length if g_full else 1, d), dtype)
+    s, o, l = (_tied(i, (b, length, d), dtype) for i in range(3))
+    _check(lambda *a: pool.ponet_pool_fuse(*a, size, window, causal=causal, backend="interpret",
+                                           blocks=SMALL),
+           lambda *a: pool.ponet_pool_fuse_reference(*a, size, window, causal=causal),
+           (g, s, o, l), 3, _tol(dtype))
 
 
 @pytest.mark.parametrize("g_len,dtype", [(1, jnp.float32), (None, jnp.float32),
