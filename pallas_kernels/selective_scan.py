@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
@@ -500,6 +501,315 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Mosaic TPU kernels (verified in TPU interpret mode on CPU).
+#
+# Grid (batch, channel blocks, chunks), the chunk axis sequential ("arbitrary"). Channels sit on
+# the 128 lanes, the N states on sublanes: the state is one [N, bd] f32 VMEM scratch carried
+# across the chunk axis. Inside a chunk a fori_loop walks the steps (Mosaic lowers only
+# fori-like loops); B_t arrives as a [1, N] row and becomes the [N, 1] column that scales the
+# state through a masked sum with the identity (a cheap transpose of one row).
+
+def _tpu_column(row_1N, eye_NN):
+    return jnp.sum(eye_NN * row_1N, axis=1, keepdims=True)
+
+
+def _tpu_row(col_N1, eye_NN):
+    return jnp.sum(eye_NN * col_N1, axis=0, keepdims=True)
+
+
+def _tpu_eye(n):
+    rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    return (rows == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(jnp.float32)
+
+
+def _tpu_fwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, save_ckpt):
+    # u/dt/z/y [T, bd]; a [N, bd]; b/c [T, N]; d/bias [1, bd]; h0/hT [N, bd]; ck [N, bd]
+    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    r = _name_refs(refs, names + (["ck"] if save_ckpt else []) + ["h_scr"])
+    c = pl.program_id(2)
+    n_state = r["a"].shape[0]
+    eye = _tpu_eye(n_state)
+
+    @pl.when(c == 0)
+    def _():
+        r["h_scr"][...] = r["h0"][...] if "h0" in r else jnp.zeros_like(r["h_scr"])
+
+    if save_ckpt:
+        r["ck"][...] = r["h_scr"][...]
+    A = r["a"][...]
+
+    def step(t, h):
+        row = pl.ds(t, 1)
+        u = r["u"][row, :]
+        x = r["dt"][row, :] + (r["bias"][...] if "bias" in r else 0.0)
+        dt = _softplus(x) if softplus else x
+        dt = jnp.where(c * chunk + t < length, dt, 0.0)
+        h = jnp.exp(dt * A) * h + (dt * u) * _tpu_column(r["b"][row, :], eye)
+        y = jnp.sum(h * _tpu_column(r["c"][row, :], eye), axis=0, keepdims=True)
+        if "d" in r:
+            y = y + r["d"][...] * u
+        if "z" in r:
+            z = r["z"][row, :]
+            y = y * (z * jax.nn.sigmoid(z))
+        r["y"][row, :] = y
+        return h
+
+    h = jax.lax.fori_loop(0, chunk, step, r["h_scr"][...])
+    r["h_scr"][...] = h
+
+    @pl.when(c == n_chunks - 1)
+    def _():
+        r["hT"][...] = h
+
+
+def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
+    # Same math as _bwd_kernel; the chunk's states go to a [T + 1, N, bd] VMEM scratch.
+    in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
+                "ck", "dy", "dhT"]
+    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "db", "dc", "da",
+                 *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
+    r = _name_refs(refs, in_names + out_names + ["hs", "dh", "dA", "dD", "dbias_acc"])
+    k = pl.program_id(2)
+    c = n_chunks - 1 - k
+    n_state = r["a"].shape[0]
+    eye = _tpu_eye(n_state)
+    A = r["a"][...]
+
+    @pl.when(k == 0)
+    def _():
+        r["dh"][...] = r["dhT"][...]
+        r["dA"][...] = jnp.zeros_like(r["dA"])
+        r["dD"][...] = jnp.zeros_like(r["dD"])
+        r["dbias_acc"][...] = jnp.zeros_like(r["dbias_acc"])
+
+    def delta(t):
+        x = r["dt"][pl.ds(t, 1), :] + (r["bias"][...] if "bias" in r else 0.0)
+        dt = _softplus(x) if softplus else x
+        return jnp.where(c * chunk + t < length, dt, 0.0), x
+
+    def forward(t, h):
+        dt, _ = delta(t)
+        b_col = _tpu_column(r["b"][pl.ds(t, 1), :], eye)
+        h = jnp.exp(dt * A) * h + (dt * r["u"][pl.ds(t, 1), :]) * b_col
+        r["hs"][t + 1] = h
+        return h
+
+    r["hs"][0] = r["ck"][...]
+    jax.lax.fori_loop(0, chunk, forward, r["ck"][...])
+
+    def reverse(j, carry):
+        dh, da, dd, dbias = carry
+        t = chunk - 1 - j
+        row = pl.ds(t, 1)
+        u = r["u"][row, :]
+        dt, x = delta(t)
+        dout = r["dy"][row, :]
+        h_prev, h_t = r["hs"][t], r["hs"][t + 1]
+        b_col = _tpu_column(r["b"][row, :], eye)
+        c_col = _tpu_column(r["c"][row, :], eye)
+        if "z" in r:
+            z = r["z"][row, :]
+            sz = jax.nn.sigmoid(z)
+            y = jnp.sum(h_t * c_col, axis=0, keepdims=True)
+            if "d" in r:
+                y = y + r["d"][...] * u
+            r["dz"][row, :] = dout * y * sz * (1.0 + z * (1.0 - sz))
+            dy = dout * z * sz
+        else:
+            dy = dout
+        g = dh + c_col * dy                                      # [N, bd]
+        r["dc"][row, :] = _tpu_row(jnp.sum(dy * h_t, axis=1, keepdims=True), eye)
+        r["db"][row, :] = _tpu_row(jnp.sum(g * (dt * u), axis=1, keepdims=True), eye)
+        a = jnp.exp(dt * A)
+        q = g * a * h_prev
+        da = da + dt * q
+        gb = jnp.sum(g * b_col, axis=0, keepdims=True)
+        du = dt * gb
+        if "d" in r:
+            du = du + r["d"][...] * dy
+            dd = dd + dy * u
+        r["du"][row, :] = du
+        ddt = u * gb + jnp.sum(A * q, axis=0, keepdims=True)
+        if softplus:
+            ddt = ddt * jax.nn.sigmoid(x)
+        ddt = jnp.where(c * chunk + t < length, ddt, 0.0)
+        r["ddt"][row, :] = ddt
+        return a * g, da, dd, dbias + ddt
+
+    carry = (r["dh"][...], r["dA"][...], r["dD"][...], r["dbias_acc"][...])
+    dh, da, dd, dbias = jax.lax.fori_loop(0, chunk, reverse, carry)
+    r["dh"][...], r["dA"][...], r["dD"][...], r["dbias_acc"][...] = dh, da, dd, dbias
+
+    @pl.when(k == n_chunks - 1)
+    def _():
+        r["dh0"][...] = dh
+        r["da"][...] = da
+        if "dd" in r:
+            r["dd"][...] = dd
+        if "dbias" in r:
+            r["dbias"][...] = dbias
+
+
+def _tpu_layout(u, A, B, chunk) -> _Layout:
+    bsz, length, dn = u.shape
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    per_group = dn // groups
+    if per_group % 128 == 0:
+        bd = 128
+    elif groups == 1:
+        bd = dn if dn < 128 else 128
+    else:    # not a legal Mosaic lane tile: TPU interpret mode only
+        bd = per_group
+    return _Layout(bsz, length, dn, A.shape[1], groups, bd, _common.round_up(dn, bd),
+                   _common.round_up(length, chunk), chunk)
+
+
+def _tpu_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
+    f32 = jnp.float32
+    T, bd, n = lay.chunk, lay.bd, lay.n
+    per_group = lay.dn // lay.groups
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x.astype(f32), 1, T), 2, bd)
+    row = lambda x: _common.pad_axis(x.astype(f32), 0, bd)[None]
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    bc = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, T)   # [B, G, Lp, N]
+    seq_spec = pl.BlockSpec((None, T, bd), lambda b, j, c: (b, c, j))
+    bc_spec = pl.BlockSpec((None, None, T, n), lambda b, j, c: (b, j * bd // per_group, c, 0))
+    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, bd), bc(B), bc(C)]
+    specs = [seq_spec, seq_spec, pl.BlockSpec((n, bd), lambda b, j, c: (0, j)), bc_spec, bc_spec]
+    opts = []
+    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
+        if x is None:
+            continue
+        opts.append(name)
+        if name == "z":
+            arrays.append(seq(x))
+            specs.append(seq_spec)
+        elif name == "h0":
+            arrays.append(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd))
+            specs.append(pl.BlockSpec((None, n, bd), lambda b, j, c: (b, 0, j)))
+        else:
+            arrays.append(row(x))
+            specs.append(pl.BlockSpec((1, bd), lambda b, j, c: (0, j)))
+    return arrays, specs, tuple(opts)
+
+
+def _reverse_specs(specs, n_chunks):
+    """The same blocks, visited from the last chunk to the first."""
+    return [pl.BlockSpec(s.block_shape,
+                         lambda b, j, c, f=s.index_map: f(b, j, n_chunks - 1 - c))
+            for s in specs]
+
+
+def _tpu_call(kernel, lay, cfg, in_specs, out_shape, out_specs, scratch, name):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, name=name,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=(lay.bsz, lay.n_blocks, lay.n_chunks),
+            in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if cfg.interpret else False)
+
+
+def _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
+    lay = _tpu_layout(u, A, B, cfg.chunk)
+    arrays, specs, opts = _tpu_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0)
+    f32 = jnp.float32
+    n, bd = lay.n, lay.bd
+    state_spec = pl.BlockSpec((None, n, bd), lambda b, j, c: (b, 0, j))
+    out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), f32),
+                 jax.ShapeDtypeStruct((lay.bsz, n, lay.dp), f32)]
+    out_specs = [pl.BlockSpec((None, lay.chunk, bd), lambda b, j, c: (b, c, j)), state_spec]
+    if save_ckpt:
+        out_shape.append(jax.ShapeDtypeStruct((lay.bsz, lay.n_chunks, n, lay.dp), f32))
+        out_specs.append(pl.BlockSpec((None, None, n, bd), lambda b, j, c: (b, c, 0, j)))
+    kernel = functools.partial(_tpu_fwd_kernel, chunk=lay.chunk, n_chunks=lay.n_chunks,
+                               length=lay.length, softplus=cfg.softplus, opts=opts,
+                               save_ckpt=save_ckpt)
+    outs = _tpu_call(kernel, lay, cfg, specs, out_shape, out_specs, [pltpu.VMEM((n, bd), f32)],
+                     "selective_scan_fwd_tpu")(*arrays)
+    y = outs[0][:, :lay.length, :lay.dn].astype(u.dtype)
+    final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
+    return y, final, (outs[2] if save_ckpt else None)
+
+
+def _tpu_backward(cfg: _Config, res, y_bar, final_bar):
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    lay = _tpu_layout(u, A, B, cfg.chunk)
+    arrays, specs, opts = _tpu_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None)
+    f32 = jnp.float32
+    bsz, lp, dp, bd, n, T = lay.bsz, lay.lp, lay.dp, lay.bd, lay.n, lay.chunk
+    seq_spec = pl.BlockSpec((None, T, bd), lambda b, j, c: (b, c, j))
+    state_spec = pl.BlockSpec((None, n, bd), lambda b, j, c: (b, 0, j))
+    arrays += [ck, _common.pad_axis(_common.pad_axis(y_bar.astype(f32), 1, T), 2, bd),
+               _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
+    specs += [pl.BlockSpec((None, None, n, bd), lambda b, j, c: (b, c, 0, j)), seq_spec]
+    specs = _reverse_specs(specs, lay.n_chunks) + [state_spec]
+    seq_out = jax.ShapeDtypeStruct((bsz, lp, dp), f32)
+    part = jax.ShapeDtypeStruct((bsz, lay.n_blocks, lp, n), f32)
+    part_spec = pl.BlockSpec((None, None, T, n), lambda b, j, c: (b, j, c, 0))
+    row_out = jax.ShapeDtypeStruct((bsz, 1, dp), f32)
+    row_spec = pl.BlockSpec((None, 1, bd), lambda b, j, c: (b, 0, j))
+    state = jax.ShapeDtypeStruct((bsz, n, dp), f32)
+    out_shape = [seq_out, seq_out] + ([seq_out] if z is not None else []) + [part, part, state]
+    out_specs = [seq_spec, seq_spec] + ([seq_spec] if z is not None else []) + [part_spec,
+                                                                                part_spec]
+    out_specs = _reverse_specs(out_specs, lay.n_chunks) + [state_spec]
+    for x in (D, delta_bias):
+        if x is not None:
+            out_shape.append(row_out)
+            out_specs.append(row_spec)
+    out_shape.append(state)
+    out_specs.append(state_spec)
+    scratch = [pltpu.VMEM((T + 1, n, bd), f32), pltpu.VMEM((n, bd), f32),
+               pltpu.VMEM((n, bd), f32), pltpu.VMEM((1, bd), f32), pltpu.VMEM((1, bd), f32)]
+    kernel = functools.partial(_tpu_bwd_kernel, chunk=T, n_chunks=lay.n_chunks,
+                               length=lay.length, softplus=cfg.softplus, opts=opts)
+    outs = list(_tpu_call(kernel, lay, cfg, specs, out_shape, out_specs, scratch,
+                          "selective_scan_bwd_tpu")(*arrays))
+    crop = lambda x, like: x[:, :lay.length, :lay.dn].astype(like.dtype)
+    du, ddelta = crop(outs.pop(0), u), crop(outs.pop(0), delta)
+    dz = crop(outs.pop(0), z) if z is not None else None
+    group_sum = lambda x: rearrange(x, "b (g k) l n -> b l g k n", g=lay.groups).sum(3)
+    db, dc = (group_sum(outs.pop(0))[:, :lay.length] for _ in range(2))
+    if B.ndim == 3:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
+    dd = outs.pop(0).sum((0, 1))[:lay.dn].astype(D.dtype) if D is not None else None
+    dbias = (outs.pop(0).sum((0, 1))[:lay.dn].astype(delta_bias.dtype)
+             if delta_bias is not None else None)
+    dh0 = (jnp.swapaxes(outs.pop(0)[:, :, :lay.dn], 1, 2).astype(h0.dtype)
+           if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _scan_tpu(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+    y, final, _ = _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=False)
+    return y, final
+
+
+def _scan_tpu_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+    y, final, ck = _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=True)
+    return (y, final), (u, delta, A, B, C, D, z, delta_bias, h0, ck)
+
+
+def _scan_tpu_bwd(cfg, res, cts):
+    return _tpu_backward(cfg, res, *cts)
+
+
+_scan_tpu.defvjp(_scan_tpu_fwd, _scan_tpu_bwd)
+
+
+def selective_scan_tpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, initial_state=None, chunk=16, interpret=True):
+    """The Mosaic TPU kernels (by default in TPU interpret mode); returns (y, final_state)."""
+    cfg = _Config(softplus=delta_softplus, chunk=chunk, interpret=interpret)
+    return _scan_tpu(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
 # Decode step kernel: one time step for a [block_d, N] tile of the state, updated in place.
 
 def _step_kernel(*refs, softplus, opts):
@@ -599,10 +909,11 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     backend = _common.resolve_backend(backend)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   initial_state=initial_state)
-    if backend == "reference" or (backend == "pallas" and _common.platform() == "tpu"):
+    if backend == "reference":
         y, final = selective_scan_reference(u, delta, A, B, C, **kwargs)
-    elif backend == "tpu_interpret":
-        raise ValueError("selective_scan has no Mosaic TPU kernel yet; use backend='interpret'")
+    elif backend == "tpu_interpret" or (backend == "pallas" and _common.platform() == "tpu"):
+        y, final = selective_scan_tpu(u, delta, A, B, C, **kwargs,
+                                      interpret=backend == "tpu_interpret")
     else:
         y, final = selective_scan_pallas(u, delta, A, B, C, **kwargs,
                                          interpret=backend == "interpret")

@@ -184,3 +184,35 @@ def test_state_update_odd_state_size_uses_jnp_step():
                                       C[:, 0], D=kwargs["D"], backend="interpret")
     y_ref, final_ref = reference(*args, **kwargs)
     assert rel_err(y, y_ref[:, 0]) < 1e-5 and rel_err(state, final_ref) < 1e-5
+
+
+@pytest.mark.parametrize("use,softplus,groups,n", [
+    (OPTIONAL, True, 2, 5),
+    pytest.param(("D", "z"), False, None, 16, marks=pytest.mark.slow),
+], ids=["all_options_groups", "d_z_n16"])
+def test_tpu_kernel_matches_recurrence_in_tpu_interpret_mode(use, softplus, groups, n):
+    inputs = make_inputs(9, n=n, groups=groups, length=13, dn=32)
+    inputs["delta"] = jax.nn.softplus(inputs["delta"]) if not softplus else inputs["delta"]
+    names = ("u", "delta", "A", "B", "C") + tuple(k for k in OPTIONAL if k in use)
+    w_y = jax.random.normal(jax.random.PRNGKey(22), inputs["u"].shape)
+    w_h = jax.random.normal(jax.random.PRNGKey(23), inputs["initial_state"].shape)
+
+    def loss(fn):
+        def f(*xs):
+            args, kwargs = split(dict(zip(names, xs, strict=True)), use)
+            y, h = fn(*args, **kwargs, delta_softplus=softplus)
+            return jnp.sum(y * w_y) + jnp.sum(h * w_h), (y, h)
+        return f
+
+    tpu = lambda *a, **k: ss.selective_scan_tpu(*a, **k, chunk=8)
+    xs = tuple(inputs[k] for k in names)
+    argnums = tuple(range(len(xs)))
+    (_, (y, h)), grads = jax.jit(jax.value_and_grad(loss(tpu), argnums, has_aux=True))(*xs)
+    (_, (y_ref, h_ref)), grads_ref = jax.value_and_grad(loss(reference), argnums,
+                                                        has_aux=True)(*xs)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+    for k, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) < 1e-5, k
+    y_public = selective_scan(*split(inputs, use)[0], **split(inputs, use)[1],
+                              delta_softplus=softplus, backend="tpu_interpret")
+    assert rel_err(y_public, y_ref) < 1e-5
