@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common
@@ -127,11 +128,20 @@ class GLABlocks:
     sub_chunk: int = 16         # rows per state step; the intra block is sub_chunk x sub_chunk
     block_v: int = 64           # state columns per program in the forward
     block_k: int = 64           # state rows per program in the dq backward
-    block_k_dkv: int = 64       # state rows per program in the dk/dv backward
-    num_warps_fwd: int = 4
-    num_warps_dq: int = 4
-    num_warps_dkv: int = 4
+    block_k_dkv: int = 128      # state rows per program in the dk/dv backward (dv sums blocks)
+    num_warps_fwd: int | None = None   # None: one warp per 2048 f32 state entries, 4..8
+    num_warps_dq: int | None = None
+    num_warps_dkv: int | None = None
     num_stages: int = 2
+
+
+def _num_warps(given, state_rows, state_cols):
+    # The f32 state lives in registers: about 64 of them per thread (measured on an H200:
+    # dk/dv pass at Dk=Dv=128 unsplit with 8 warps took half the time of two 64-row blocks
+    # with 4 warps each; docs/kernels/gla.md).
+    if given is not None:
+        return given
+    return max(4, min(8, state_rows * state_cols // 2048))
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -198,7 +208,7 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
         out_specs=[seq_v, state],
         out_shape=[jax.ShapeDtypeStruct((b, lp, h, dv), v.dtype),
                    jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_fwd,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_fwd, dk, bv),
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gla_fwd",
@@ -316,7 +326,7 @@ def _gla_bwd_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
         out_specs=[seq_bk, states_bk],
         out_shape=[jax.ShapeDtypeStruct((b, lp, h, dk), _F32),
                    jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_dq,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_dq, bk, dv),
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gla_bwd_dq",
@@ -341,13 +351,211 @@ def _gla_bwd_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
         out_shape=[shape(q), shape(k),
                    jax.ShapeDtypeStruct((nk, b, lp, h, dv), v.dtype if nk == 1 else _F32),
                    shape(log_g), shape(s0, _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps_dkv,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_dkv, bk, dv),
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gla_bwd_dkv",
     )(q, k, log_g, q, k, log_g, v, do, dq32, s_end, dst)
     dv_ = dv_parts[0] if nk == 1 else jnp.sum(dv_parts, axis=0).astype(v.dtype)
     return dq, dk_, dv_, dg, ds0
+
+
+# --------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels: the same math, with the sequence walked by the grid instead of a loop.
+# Inputs go to [B, H, L, D] so a chunk is a (C, D) tile; the grid is (B, H, chunks) with the
+# chunk axis sequential ("arbitrary") and the state in a VMEM scratch. The state is kept
+# transposed, S^T [Dv, Dk], so per-Dk decays scale lanes (no lane-to-sublane relayout), and
+# the in-sub-chunk cumsum is a lower-triangular matmul (exact with HIGHEST precision).
+# --------------------------------------------------------------------------------------------
+
+
+def _tpu_dot(a, b, contract):
+    """dot_general over `contract` = ((lhs dims), (rhs dims)), f32 accumulation."""
+    precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                           preferred_element_type=_F32)
+
+
+_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+
+
+def _tpu_gates(g_CK, sub):
+    """As _sub_chunk_gates, the cumsum as a triangular matmul (Mosaic has no scan)."""
+    tril = _causal_mask(sub).astype(_F32)
+    c_CK = _tpu_dot(tril, g_CK, _NN)
+    rows = lax.broadcasted_iota(jnp.int32, g_CK.shape, 0)
+    m_K = jnp.sum(jnp.where(rows < sub // 2, g_CK, 0.0), axis=0)
+    return c_CK, jnp.sum(g_CK, axis=0), m_K
+
+
+def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref, *, scale,
+                        blocks, dot_dtype):
+    # q/k/g [C, K], v/o [C, V], s0/st [V, K] (transposed), scratch s [V, K] f32
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        s_ref[...] = s0_ref[...]
+
+    s_VK = s_ref[...]
+    for j in range(blocks.chunk_size // sub):
+        rows = slice(j * sub, (j + 1) * sub)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
+        v = v_ref[rows, :].astype(dot_dtype)
+        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), sub)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        a = jnp.where(causal, _tpu_dot(q_mid, k_mid, _NT), 0.0).astype(dot_dtype)
+        o = _tpu_dot(q_in, s_VK.astype(dot_dtype), _NT) + _tpu_dot(a, v, _NN)
+        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+        s_VK = jnp.exp(c_end)[None, :] * s_VK + _tpu_dot(v, k_out, _TN)
+    s_ref[...] = s_VK
+    st_ref[...] = s_VK
+
+
+def _gla_bwd_dq_tpu_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, s_ref, *,
+                           scale, blocks, dot_dtype):
+    # k/g/dq [C, K], v/do [C, V], s0/s_end [V, K], scratch s [V, K] f32
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        s_ref[...] = s0_ref[...]
+
+    s_VK = s_ref[...]
+    for j in range(blocks.chunk_size // sub):
+        rows = slice(j * sub, (j + 1) * sub)
+        k = k_ref[rows, :].astype(_F32)
+        v = v_ref[rows, :].astype(dot_dtype)
+        do = do_ref[rows, :].astype(dot_dtype)
+        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), sub)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        da = jnp.where(causal, _tpu_dot(do, v, _NT), 0.0).astype(dot_dtype)
+        dq = (jnp.exp(c) * _tpu_dot(do, s_VK.astype(dot_dtype), _NN)
+              + jnp.exp(c - m[None, :]) * _tpu_dot(da, k_mid, _NN))
+        dq_ref[rows, :] = scale * dq
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        s_VK = jnp.exp(c_end)[None, :] * s_VK + _tpu_dot(v, k_out, _TN)
+    s_ref[...] = s_VK
+    s_end_ref[...] = s_VK
+
+
+def _gla_bwd_dkv_tpu_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_ref, dst_ref,
+                            dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, ds_ref, *, scale, blocks,
+                            dot_dtype):
+    # Chunks in reverse order. q/k/g/dq32/dq/dk/dg [C, K], v/do/dv [C, V],
+    # s_end/dst/ds0 [V, K], scratch ds [V, K] f32 (dS^T)
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        ds_ref[...] = dst_ref[...]
+
+    ds_VK = ds_ref[...]
+    acc_K = jnp.sum(s_end_ref[...] * ds_VK, axis=0)
+    for j in reversed(range(blocks.chunk_size // sub)):
+        rows = slice(j * sub, (j + 1) * sub)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
+        v = v_ref[rows, :].astype(dot_dtype)
+        do = do_ref[rows, :].astype(dot_dtype)
+        dq = dq32_ref[rows, :]
+        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), sub)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        a = jnp.where(causal, scale * _tpu_dot(q_mid, k_mid, _NT), 0.0).astype(dot_dtype)
+        da = jnp.where(causal, scale * _tpu_dot(do, v, _NT), 0.0).astype(dot_dtype)
+        ds = ds_VK.astype(dot_dtype)
+        dv = _tpu_dot(a, do, _TN) + _tpu_dot(k_out, ds, _NT)
+        dk = (jnp.exp(m[None, :] - c) * _tpu_dot(da, q_mid, _TN)
+              + jnp.exp(c_end[None, :] - c) * _tpu_dot(v, ds, _NN))
+        x = q * dq - k * dk
+        # Reverse cumsum inside the sub-chunk as an upper-triangular matmul.
+        triu = jnp.logical_not(_causal_mask(sub)).astype(_F32) + jnp.eye(sub, dtype=_F32)
+        dg_ref[rows, :] = (acc_K[None, :] + _tpu_dot(triu, x, _NN)).astype(dg_ref.dtype)
+        acc_K = acc_K + jnp.sum(x, axis=0)
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        ds_VK = jnp.exp(c_end)[None, :] * ds_VK + scale * _tpu_dot(do, q_in, _TN)
+    ds_ref[...] = ds_VK
+    ds0_ref[...] = ds_VK
+
+
+def _tpu_specs(b, h, lp, dk, dv, chunk, reverse=False):
+    n = lp // chunk
+    at = (lambda c: n - 1 - c) if reverse else (lambda c: c)
+    seq = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, c: (i, j, at(c), 0))
+    state = pl.BlockSpec((None, None, dv, dk), lambda i, j, c: (i, j, 0, 0))
+    states = pl.BlockSpec((None, None, None, dv, dk), lambda i, j, c: (i, j, at(c), 0, 0))
+    return seq(dk), seq(dv), state, states
+
+
+def _tpu_params(interpret):
+    return dict(
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False)
+
+
+def _gla_fwd_tpu_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
+    # q/k/g [B, H, Lp, K], v [B, H, Lp, V], s0 [B, H, V, K]
+    b, h, lp, dk = q.shape
+    dv = v.shape[-1]
+    seq_k, seq_v, state, _ = _tpu_specs(b, h, lp, dk, dv, blocks.chunk_size)
+    return pl.pallas_call(
+        functools.partial(_gla_fwd_tpu_kernel, scale=scale, blocks=blocks,
+                          dot_dtype=_dot_dtype(q)),
+        grid=(b, h, lp // blocks.chunk_size),
+        in_specs=[seq_k, seq_k, seq_v, seq_k, state],
+        out_specs=[seq_v, state],
+        out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   jax.ShapeDtypeStruct(s0.shape, _F32)],
+        scratch_shapes=[pltpu.VMEM((dv, dk), _F32)],
+        name="gla_fwd_tpu",
+        **_tpu_params(interpret),
+    )(q, k, v, log_g, s0)
+
+
+def _gla_bwd_tpu_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
+    b, h, lp, dk = q.shape
+    dv = v.shape[-1]
+    n = lp // blocks.chunk_size
+    dot_dtype = _dot_dtype(q)
+    seq_k, seq_v, state, states = _tpu_specs(b, h, lp, dk, dv, blocks.chunk_size)
+    dq32, s_end = pl.pallas_call(
+        functools.partial(_gla_bwd_dq_tpu_kernel, scale=scale, blocks=blocks,
+                          dot_dtype=dot_dtype),
+        grid=(b, h, n),
+        in_specs=[seq_k, seq_v, seq_k, seq_v, state],
+        out_specs=[seq_k, states],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, _F32),
+                   jax.ShapeDtypeStruct((b, h, n, dv, dk), _F32)],
+        scratch_shapes=[pltpu.VMEM((dv, dk), _F32)],
+        name="gla_bwd_dq_tpu",
+        **_tpu_params(interpret),
+    )(k, v, log_g, do, s0)
+    seq_k, seq_v, state, states = _tpu_specs(b, h, lp, dk, dv, blocks.chunk_size, reverse=True)
+    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+    return pl.pallas_call(
+        functools.partial(_gla_bwd_dkv_tpu_kernel, scale=scale, blocks=blocks,
+                          dot_dtype=dot_dtype),
+        grid=(b, h, n),
+        in_specs=[seq_k, seq_k, seq_v, seq_k, seq_v, seq_k, states, state],
+        out_specs=[seq_k, seq_k, seq_v, seq_k, state],
+        out_shape=[shape(q), shape(k), shape(v), shape(log_g), shape(s0, _F32)],
+        scratch_shapes=[pltpu.VMEM((dv, dk), _F32)],
+        name="gla_bwd_dkv_tpu",
+        **_tpu_params(interpret),
+    )(q, k, v, log_g, do, dq32, s_end, dst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,21 +568,31 @@ def _dot_dtype(x):
     return jnp.bfloat16 if x.dtype == jnp.bfloat16 else _F32
 
 
+def _fwd_call(mode, *args, **kwargs):
+    call = _gla_fwd_tpu_call if mode.startswith("tpu") else _gla_fwd_call
+    return call(*args, interpret=mode.endswith("interpret"), **kwargs)
+
+
+def _bwd_call(mode, *args, **kwargs):
+    call = _gla_bwd_tpu_call if mode.startswith("tpu") else _gla_bwd_call
+    return call(*args, interpret=mode.endswith("interpret"), **kwargs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _gla_pallas(q, k, v, log_g, s0, scale, blocks, interpret):
-    return _gla_fwd_call(q, k, v, log_g, s0, scale=scale, blocks=blocks, interpret=interpret)
+def _gla_pallas(q, k, v, log_g, s0, scale, blocks, mode):
+    return _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
 
 
-def _gla_pallas_fwd(q, k, v, log_g, s0, scale, blocks, interpret):
-    o, st = _gla_fwd_call(q, k, v, log_g, s0, scale=scale, blocks=blocks, interpret=interpret)
+def _gla_pallas_fwd(q, k, v, log_g, s0, scale, blocks, mode):
+    o, st = _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
     return (o, st), (q, k, v, log_g, s0)
 
 
-def _gla_pallas_bwd(scale, blocks, interpret, res, cotangents):
+def _gla_pallas_bwd(scale, blocks, mode, res, cotangents):
     q, k, v, log_g, s0 = res
     do, dst = cotangents
-    return _gla_bwd_call(q, k, v, log_g, s0, do.astype(v.dtype), dst.astype(_F32),
-                         scale=scale, blocks=blocks, interpret=interpret)
+    return _bwd_call(mode, q, k, v, log_g, s0, do.astype(v.dtype), dst.astype(_F32),
+                     scale=scale, blocks=blocks)
 
 
 _gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
@@ -385,8 +603,13 @@ def _pow2_at_least_16(n):
 
 
 def gla_pallas(q, k, v, log_g, *, scale=None, initial_state=None, blocks=GLABlocks(),
-               interpret=False):
-    """The GPU-style Pallas kernels on any shape: pads L and the head dims, runs, crops."""
+               interpret=False, target="gpu"):
+    """The Pallas kernels on any shape: pads L and the head dims, runs, crops.
+
+    target="gpu": the GPU-style kernels (Triton lowering); target="tpu": the Mosaic TPU kernels
+    ([B, H, L, D] inside). interpret=True runs either in its interpret mode on CPU.
+    Returns (o [B, L, H, Dv], final_state [B, H, Dk, Dv] f32).
+    """
     b, length, h, dk = q.shape
     dv = v.shape[-1]
     scale = float(dk ** -0.5 if scale is None else scale)
@@ -399,7 +622,14 @@ def gla_pallas(q, k, v, log_g, *, scale=None, initial_state=None, blocks=GLABloc
     qp, kp, gp = (pad(x, dkp) for x in (q, k, log_g))
     vp = pad(v, dvp)
     s0p = jnp.pad(s0, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
-    o, st = _gla_pallas(qp, kp, vp, gp, s0p, scale, blocks, interpret)
+    mode = target + ("_interpret" if interpret else "")
+    if target == "tpu":
+        to_bhld = lambda x: rearrange(x, "b l h d -> b h l d")
+        o, st = _gla_pallas(*map(to_bhld, (qp, kp, vp, gp)), jnp.swapaxes(s0p, 2, 3), scale,
+                            blocks, mode)
+        o, st = rearrange(o, "b h l d -> b l h d"), jnp.swapaxes(st, 2, 3)
+    else:
+        o, st = _gla_pallas(qp, kp, vp, gp, s0p, scale, blocks, mode)
     return o[:, :length, :, :dv], st[:, :, :dk, :dv]
 
 
@@ -430,9 +660,10 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, return_state=False, b
     if backend == "reference":
         o, final = gla_chunked_reference(q, k, v, log_g, scale=scale,
                                          initial_state=initial_state)
-    elif backend == "tpu_interpret" or (backend == "pallas" and _common.platform() == "tpu"):
-        raise NotImplementedError("TPU kernel: not yet")
     else:
+        on_tpu = backend == "tpu_interpret" or (backend == "pallas"
+                                                and _common.platform() == "tpu")
         o, final = gla_pallas(q, k, v, log_g, scale=scale, initial_state=initial_state,
-                              interpret=backend == "interpret")
+                              interpret=backend.endswith("interpret"),
+                              target="tpu" if on_tpu else "gpu")
     return (o, final) if return_state else o

@@ -34,7 +34,7 @@ def _loss(fn, seed):
         o, st = fn(q, k, v, log_g, s0)
         w_o = jax.random.normal(jax.random.PRNGKey(seed), o.shape)
         w_s = jax.random.normal(jax.random.PRNGKey(seed + 1), st.shape)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(st * w_s)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(st * w_s), (o, st)
     return loss
 
 
@@ -54,16 +54,15 @@ def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_
     def recurrence(q, k, v, log_g, s0):
         return gla_mod.gla_recurrent_reference(up(q), up(k), up(v), up(log_g), initial_state=s0)
 
-    o, st = kernel(q, k, v, log_g, s0)
-    o_ref, st_ref = recurrence(q, k, v, log_g, s0)
+    # One pass each gives the outputs (as aux) and the gradients of a weighted sum of them.
+    argnums = (0, 1, 2, 3, 4) if use_s0 else (0, 1, 2, 3)
+    grad = lambda fn: jax.jit(jax.grad(_loss(fn, 7), argnums, has_aux=True))
+    grads, (o, st) = grad(kernel)(q, k, v, log_g, s0)
+    grads_ref, (o_ref, st_ref) = grad(recurrence)(q, k, v, log_g, s0)
     assert o.shape == o_ref.shape and o.dtype == v.dtype
     assert st.shape == st_ref.shape and st.dtype == jnp.float32
     assert _rel(o, o_ref) < fwd_tol
     assert _rel(st, st_ref) < fwd_tol
-
-    argnums = (0, 1, 2, 3, 4) if use_s0 else (0, 1, 2, 3)
-    grads = jax.grad(_loss(kernel, 7), argnums)(q, k, v, log_g, s0)
-    grads_ref = jax.grad(_loss(recurrence, 7), argnums)(q, k, v, log_g, s0)
     for name, g, g_ref in zip(("dq", "dk", "dv", "dlog_g", "dinitial_state"), grads, grads_ref,
                               strict=False):
         assert bool(jnp.all(jnp.isfinite(g))), name
@@ -72,17 +71,30 @@ def _check_against_recurrence(args, *, use_s0, backend, fwd_tol, grad_tol, dlog_
         assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
 
 
-@pytest.mark.parametrize("length, dk, dv, use_s0, blocks", [
-    (77, 24, 8, True, None),
-    # The state split over programs: 2 blocks of Dk rows in the backward, 2 of Dv columns in
-    # the forward.
-    (128, 32, 32, False, gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16)),
-])
-def test_gla_matches_recurrence_f32(length, dk, dv, use_s0, blocks):
-    # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two).
-    args = _inputs(length, 2, length, 2, dk, dv, jnp.float32)
-    _check_against_recurrence(args, use_s0=use_s0, backend="interpret", fwd_tol=1e-5,
-                              grad_tol=1e-4, blocks=blocks)
+def _mixed_gates(seed, b, length, dk):
+    """Head 0 forgets almost nothing (log_g ~ -1e-3), head 1 decays by e^-4..e^-8 per step."""
+    weak = jax.random.uniform(jax.random.PRNGKey(seed), (b, length, 1, dk), minval=-1e-3,
+                              maxval=0.0)
+    strong = jax.random.uniform(jax.random.PRNGKey(seed + 1), (b, length, 1, dk), minval=-8.0,
+                                maxval=-4.0)
+    return jnp.concatenate([weak, strong], axis=2)
+
+
+def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay():
+    # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two),
+    # and gates from ~1 to e^-8 per step: finite and exact to f32 rounding.
+    q, k, v, _, s0 = _inputs(77, 2, 77, 2, 24, 8, jnp.float32)
+    log_g = _mixed_gates(78, 2, 77, 24)
+    _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
+                              fwd_tol=1e-5, grad_tol=1e-4)
+
+
+def test_gla_matches_recurrence_f32_state_split_into_blocks():
+    # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in both backward passes.
+    args = _inputs(128, 2, 128, 2, 32, 32, jnp.float32)
+    _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
+                              grad_tol=1e-4,
+                              blocks=gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16))
 
 
 def test_gla_matches_recurrence_bf16():
@@ -93,14 +105,18 @@ def test_gla_matches_recurrence_bf16():
                               grad_tol=1e-2, dlog_g_tol=6e-2)
 
 
-def test_gla_gates_from_nearly_one_to_strong_decay_stay_finite():
-    # Head 0 forgets almost nothing (log_g ~ -1e-3), head 1 decays by e^-4..e^-8 per step.
-    q, k, v, _, s0 = _inputs(11, 1, 70, 2, 16, 16, jnp.float32)
-    weak = jax.random.uniform(jax.random.PRNGKey(12), (1, 70, 1, 16), minval=-1e-3, maxval=0.0)
-    strong = jax.random.uniform(jax.random.PRNGKey(13), (1, 70, 1, 16), minval=-8.0, maxval=-4.0)
-    log_g = jnp.concatenate([weak, strong], axis=2)
-    _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
-                              fwd_tol=1e-5, grad_tol=1e-4)
+def test_gla_tpu_kernel_matches_recurrence():
+    # The Mosaic TPU kernels in TPU interpret mode: ragged length over two chunks, Dk != Dv.
+    args = _inputs(17, 1, 100, 1, 32, 16, jnp.float32)
+    _check_against_recurrence(args, use_s0=True, backend="tpu_interpret", fwd_tol=1e-5,
+                              grad_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_gla_tpu_kernel_matches_recurrence_bf16():
+    args = _inputs(19, 2, 93, 2, 32, 64, jnp.bfloat16)
+    _check_against_recurrence(args, use_s0=True, backend="tpu_interpret", fwd_tol=1e-2,
+                              grad_tol=1e-2, dlog_g_tol=6e-2)
 
 
 @pytest.mark.slow
@@ -133,12 +149,12 @@ def test_gla_step_continues_the_kernel_state():
 
 
 def test_gla_is_causal():
-    q, k, v, log_g, _ = _inputs(4, 1, 50, 1, 16, 16, jnp.float32)
+    q, k, v, log_g, _ = _inputs(4, 2, 32, 2, 16, 16, jnp.float32)
     o = pallas_kernels.gla(q, k, v, log_g, backend="interpret")
-    o2 = pallas_kernels.gla(q, k.at[:, 30].add(1.0), v.at[:, 30].add(1.0), log_g,
+    o2 = pallas_kernels.gla(q, k.at[:, 20].add(1.0), v.at[:, 20].add(1.0), log_g,
                             backend="interpret")
-    np.testing.assert_array_equal(np.asarray(o[:, :30]), np.asarray(o2[:, :30]))
-    assert not np.allclose(np.asarray(o[:, 30:]), np.asarray(o2[:, 30:]))
+    np.testing.assert_array_equal(np.asarray(o[:, :20]), np.asarray(o2[:, :20]))
+    assert not np.allclose(np.asarray(o[:, 20:]), np.asarray(o2[:, 20:]))
 
 
 def test_gla_rejects_bad_shapes():
