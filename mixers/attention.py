@@ -15,7 +15,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from mixers.base import ConfigError, Mixer, MixerConfig, default_positions, dense, rope
+from mixers.base import (
+    ConfigError,
+    Mixer,
+    MixerConfig,
+    default_positions,
+    dense,
+    rope,
+    shard_kernel,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +94,8 @@ class Attention(Mixer):
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
                                                 local_window_size=window, implementation=impl)
         backend = "pallas" if impl == "flash" else impl
-        return pk.flash_attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
-                                  window=cfg.window, backend=backend)
+        return shard_kernel(pk.flash_attention, q=q, k=k, v=v, causal=self.causal,
+                            segment_ids=segment_ids, window=cfg.window, backend=backend)
 
     def init_cache(self, batch_size, max_length, dtype=jnp.float32):
         if not self.causal:
@@ -105,7 +113,8 @@ class Attention(Mixer):
         vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
         lengths = jnp.full((x.shape[0],), pos + 1, jnp.int32)
         backend = None if self.cfg.impl in ("flash", "xla", "cudnn", None) else self.cfg.impl
-        o = pk.decode_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), lengths,
-                                window=self.cfg.window, backend=backend)
+        o = shard_kernel(pk.decode_attention, q=q, k_cache=kc.astype(q.dtype),
+                         v_cache=vc.astype(q.dtype), lengths=lengths, window=self.cfg.window,
+                         backend=backend)
         y = self.o_proj(o.reshape(*x.shape[:2], -1))
         return y, {"k": kc, "v": vc, "pos": pos + 1}

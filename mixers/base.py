@@ -5,8 +5,10 @@ A mixer maps x [B, L, d_model] -> [B, L, d_model] and takes the keyword argument
 Mixers that can decode also offer `init_cache(batch_size, max_length, dtype)` and
 `decode(x [B, 1, d_model], cache) -> (y [B, 1, d_model], cache)`, one token per call.
 
-Parameters carry logical axis names ("embed", "heads", "mlp", ...) through nnx.with_partitioning,
-so a mesh can shard them by rules (training.sharding) and they cost nothing on one device.
+Parameters carry logical axis names ("embed", "heads", "mlp", ...) in their variable metadata, so
+a mesh can shard them by rules (training.sharding) and they cost nothing on one device. Pallas
+kernels are not partitioned by XLA: every mixer calls its kernels through `shard_kernel`, which
+runs them inside jax.shard_map over the batch axes of the current mesh (a no-op without one).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 IMPLS = ("pallas", "interpret", "tpu_interpret", "reference")
+BATCH_AXES = ("data", "fsdp")       # mesh axes that split the batch (training.sharding)
 
 
 class Mixer(nnx.Module):
@@ -74,6 +77,43 @@ def dense(in_features: int, out_features: int, axes: tuple[str | None, str | Non
 def axis_metadata(*axes: str | None) -> dict:
     """Variable metadata naming logical axes; sharding is applied later, by training.sharding."""
     return {"out_sharding": axes, "eager_sharding": False}
+
+
+def shard_kernel(fn, /, *, replicated: tuple[str, ...] = (), **kwargs):
+    """`fn(**kwargs)` (a pallas_kernels function), run per device over the batch.
+
+    With a mesh set by `jax.set_mesh` (the Trainer sets one), the call runs inside jax.shard_map
+    over the mesh's batch axes (BATCH_AXES): every array argument is split along its leading
+    (batch) axis, except those named in `replicated` (weights such as Mamba's A), which every
+    device receives whole; every output is split along its leading axis. Batch axes whose size
+    does not divide the batch are left out (the kernel then runs replicated over them). Other
+    arguments (flags, sizes, backend) pass through. Without a mesh this is `fn(**kwargs)`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(**kwargs)
+    names = [k for k, v in kwargs.items() if isinstance(v, jax.Array)]
+    static = {k: v for k, v in kwargs.items() if k not in names}
+    batch = next(kwargs[k].shape[0] for k in names if k not in replicated)
+    axes, size = [], 1
+    for axis in BATCH_AXES:
+        if axis in mesh.axis_names and axis not in mesh.manual_axes and \
+                batch % (size * mesh.shape[axis]) == 0:
+            axes.append(axis)
+            size *= mesh.shape[axis]
+    if not axes:
+        return fn(**kwargs)
+    split = jax.P(tuple(axes))
+
+    def per_device(*arrays):
+        return fn(**dict(zip(names, arrays, strict=True)), **static)
+
+    # check_vma=False: the kernels build per-device values (zero states, scan carries) that
+    # are not marked as varying over the mesh; gradients of `replicated` arguments are then
+    # summed over the batch axes by shard_map's transpose, as they must be.
+    return jax.shard_map(per_device, mesh=mesh, out_specs=split, check_vma=False,
+                         in_specs=tuple(jax.P() if k in replicated else split for k in names),
+                         )(*(kwargs[k] for k in names))
 
 
 def default_positions(x):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from mixers.base import ConfigError, Mixer, MixerConfig, dense
+from mixers.base import ConfigError, Mixer, MixerConfig, dense, shard_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +80,13 @@ class GatedLinearAttention(Mixer):
             raise ValueError("GatedLinearAttention does not support segment_ids (packed "
                              "sequences) yet")
         q, k, v, log_g = self._inputs(x)
-        o = pk.gla(q, k, v, log_g.astype(q.dtype), backend=self.cfg.impl)
+        gla = lambda q, k, v, log_g: shard_kernel(pk.gla, q=q, k=k, v=v,
+                                                  log_g=log_g.astype(q.dtype),
+                                                  backend=self.cfg.impl)
+        o = gla(q, k, v, log_g)
         if not self.causal:
             flip = lambda t: jnp.flip(t, axis=1)
-            o = o + flip(pk.gla(flip(q), flip(k), flip(v), flip(log_g).astype(q.dtype),
-                                backend=self.cfg.impl))
+            o = o + flip(gla(flip(q), flip(k), flip(v), flip(log_g)))
         return self._output(x, o)
 
     def init_cache(self, batch_size, max_length, dtype=jnp.float32):
@@ -95,5 +97,6 @@ class GatedLinearAttention(Mixer):
 
     def decode(self, x, cache):
         q, k, v, log_g = self._inputs(x)
-        o, state = pk.gla_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], cache["state"])
+        o, state = shard_kernel(pk.gla_step, q=q[:, 0], k=k[:, 0], v=v[:, 0],
+                                log_g=log_g[:, 0], state=cache["state"])
         return self._output(x, o[:, None]), {"state": state}

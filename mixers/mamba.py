@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from mixers.base import ConfigError, Mixer, MixerConfig, causal_conv1d, dense
+from mixers.base import ConfigError, Mixer, MixerConfig, causal_conv1d, dense, shard_kernel
+
+_WEIGHTS = ("A", "D", "delta_bias")          # kernel arguments without a batch axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +84,9 @@ class Mamba(Mixer):
         return self.dt_proj(dt_low), b, c
 
     def _scan(self, x, delta, b, c, z):
-        return pk.selective_scan(x, delta, -jnp.exp(self.A_log[...]), b, c, D=self.D[...], z=z,
-                                 delta_bias=self.dt_bias[...], delta_softplus=True,
-                                 backend=self.cfg.impl)
+        return shard_kernel(pk.selective_scan, u=x, delta=delta, A=-jnp.exp(self.A_log[...]),
+                            B=b, C=c, D=self.D[...], z=z, delta_bias=self.dt_bias[...],
+                            delta_softplus=True, backend=self.cfg.impl, replicated=_WEIGHTS)
 
     def __call__(self, x, *, segment_ids=None, positions=None):
         if segment_ids is not None:
@@ -114,8 +116,9 @@ class Mamba(Mixer):
         conv, conv_state = causal_conv1d(xi, self.conv_w[...], self.conv_b[...], cache["conv"])
         xc = jax.nn.silu(conv)
         delta, b, c = self._ssm_inputs(xc)
-        y, ssm = pk.selective_state_update(
-            cache["ssm"], xc[:, 0], delta[:, 0], -jnp.exp(self.A_log[...]), b[:, 0], c[:, 0],
-            D=self.D[...], z=z[:, 0], delta_bias=self.dt_bias[...], delta_softplus=True)
+        y, ssm = shard_kernel(
+            pk.selective_state_update, state=cache["ssm"], u=xc[:, 0], delta=delta[:, 0],
+            A=-jnp.exp(self.A_log[...]), B=b[:, 0], C=c[:, 0], D=self.D[...], z=z[:, 0],
+            delta_bias=self.dt_bias[...], delta_softplus=True, replicated=_WEIGHTS)
         return self.out_proj(y[:, None].astype(x.dtype)), {"conv": conv_state.astype(
             cache["conv"].dtype), "ssm": ssm}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from mixers.base import ConfigError, Mixer, MixerConfig, dense
+from mixers.base import ConfigError, Mixer, MixerConfig, dense, shard_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +58,17 @@ class PoolingMixer(Mixer):
         cfg, impl = self.cfg, self.cfg.impl
         q, k, v, s, l, o = jnp.split(self.in_proj(x), 6, axis=-1)
         if self.causal:
-            g = pk.prefix_mean(v, backend=impl)
+            g = shard_kernel(pk.prefix_mean, x=v, backend=impl)
         else:
             heads = lambda t: t.reshape(*t.shape[:2], cfg.n_heads, -1)
-            g = pk.global_aggregate(heads(q), heads(k), heads(v), backend=impl)
+            g = shard_kernel(pk.global_aggregate, q=heads(q), k=heads(k), v=heads(v),
+                             backend=impl)
             g = g.reshape(x.shape[0], 1, -1)
-        s = pk.segment_max(s, cfg.segment_size, causal=self.causal, backend=impl)
-        l = pk.local_max(l, cfg.local_window, causal=self.causal, backend=impl)
-        return self.out_proj(pk.ponet_fuse(g, s, o, l, backend=impl))
+        s = shard_kernel(pk.segment_max, x=s, segment_size=cfg.segment_size,
+                         causal=self.causal, backend=impl)
+        l = shard_kernel(pk.local_max, x=l, window=cfg.local_window, causal=self.causal,
+                         backend=impl)
+        return self.out_proj(shard_kernel(pk.ponet_fuse, g=g, s=s, o=o, l=l, backend=impl))
 
     def init_cache(self, batch_size, max_length, dtype=jnp.float32):
         if not self.causal:
@@ -84,7 +87,7 @@ class PoolingMixer(Mixer):
         seg_max = jnp.where(pos % self.cfg.segment_size == 0, s,
                             jnp.maximum(cache["seg_max"].astype(s.dtype), s))
         window = jnp.concatenate([cache["window"].astype(l.dtype), l[:, None]], axis=1)
-        y = pk.ponet_fuse(g, seg_max, o, window.max(axis=1))
+        y = shard_kernel(pk.ponet_fuse, g=g, s=seg_max, o=o, l=window.max(axis=1))
         new = {"v_sum": v_sum, "seg_max": seg_max.astype(cache["seg_max"].dtype),
                "window": window[:, 1:].astype(cache["window"].dtype), "pos": pos + 1}
         return self.out_proj(y[:, None]), new
