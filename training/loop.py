@@ -21,10 +21,10 @@ import yaml
 from flax import nnx
 
 from models import build_model, count_params
+from training import sharding
 from training.checkpoint import Checkpointer
 from training.config import RunConfig
 from training.data import TextData, make_data
-from training.sharding import batch_sharding, make_mesh
 
 
 class TrainingStopped(RuntimeError):
@@ -47,23 +47,40 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 class Trainer:
     """Holds the model, optimizer, data and compiled steps of one run."""
 
-    def __init__(self, run: RunConfig, workdir: str | Path, *, log=print):
+    def __init__(self, run: RunConfig, workdir: str | Path, *, log=print, devices=None):
         self.run, self.cfg, self.log = run, run.train, log
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        sharding.initialize_distributed()         # several hosts: before touching devices
         self.is_main = jax.process_index() == 0
-        self.mesh = make_mesh(run.mesh)
+        if not self.is_main:
+            self.log = lambda *args, **kwargs: None
+        self.mesh = sharding.make_mesh(run.mesh, devices)      # devices: default all
+        sharding.check_batch(self.cfg.batch_size, self.mesh)
         self.data = make_data(run.data, self.cfg.seq_len, self.cfg.seed)
         model_cfg = dict(run.raw["model"])
-        self.model = build_model(model_cfg, rngs=nnx.Rngs(self.cfg.seed))
         self.tx, self.schedule = make_optimizer(self.cfg)
-        self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=nnx.Param)
-        self.graphdef, state = nnx.split((self.model, self.optimizer))
-        self.state = jax.device_put(state, jax.NamedSharding(self.mesh, jax.P()))
-        self.batch_sharding = batch_sharding(self.mesh)
+
+        def init():
+            model = build_model(model_cfg, rngs=nnx.Rngs(self.cfg.seed))
+            return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+
+        # Parameters and optimizer state are created already split over the mesh by their
+        # logical axes (training.sharding), never whole on one device.
+        self.graphdef, abstract = nnx.split(nnx.eval_shape(init))
+        rules = sharding.logical_rules(run.mesh)
+        self.state_sharding = sharding.state_shardings(abstract, self.mesh, rules)
+        self.state = jax.jit(lambda: nnx.split(init())[1],
+                             out_shardings=self.state_sharding)()
+        self.model, self.optimizer = nnx.merge(self.graphdef, self.state)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.checkpointer = Checkpointer(self.workdir, self.cfg.keep_checkpoints)
-        self._train_step = jax.jit(self._step, donate_argnums=0)
-        self._eval_step = jax.jit(self._eval)
+        shardings, rep = (self.state_sharding, self.batch_sharding), sharding.replicated(self.mesh)
+        self._train_step = self._on_mesh(jax.jit(
+            self._step, in_shardings=shardings, out_shardings=(self.state_sharding, rep),
+            donate_argnums=0))
+        self._eval_step = self._on_mesh(jax.jit(self._eval, in_shardings=shardings,
+                                                out_shardings=rep))
 
     # -- compiled functions -------------------------------------------------------------------
     def _step(self, state, batch):
@@ -81,9 +98,17 @@ class Trainer:
         return {"loss": loss, **metrics}
 
     # -- helpers ------------------------------------------------------------------------------
+    def _on_mesh(self, fn):
+        """`fn` traced and run with the mesh set, so the kernels run under shard_map."""
+        def call(*args):
+            with jax.set_mesh(self.mesh):
+                return fn(*args)
+        call.jitted = fn
+        return call
+
     def _device_batch(self, step: int, split: str):
         batch = self.data.batch(step, self.cfg.batch_size, split)
-        return jax.device_put(batch, self.batch_sharding)
+        return sharding.global_batch(batch, self.batch_sharding)
 
     def _write(self, record: dict):
         if self.is_main:
