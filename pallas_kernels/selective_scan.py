@@ -924,10 +924,11 @@ def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bi
                            delta_softplus=False, backend=None):
     """One decoding step: state [B, Dn, N] f32, u/delta/z [B, Dn], B/C [B, N] or [B, G, N].
 
-    Returns (y [B, Dn], new_state). The Pallas step kernel runs for power-of-2 N; other shapes
-    use the jnp step.
+    Returns (y [B, Dn], new_state). `backend=None` takes the jnp step: the Pallas step kernel
+    (power-of-2 N; other shapes fall back to the jnp step) is opt-in until `bench/mamba.py`
+    measures it faster on the GPU.
     """
-    backend = _common.resolve_backend(backend)
+    backend = _common.resolve_backend("reference" if backend is None else backend)
     groups = 1 if B.ndim == 2 else B.shape[1]
     bd = _step_block_d(u.shape[-1], groups, A.shape[1])
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
