@@ -1,5 +1,5 @@
 """Mamba-1 selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective
-State Spaces"): references and the public dispatch.
+State Spaces"): references, fused Pallas kernels (forward, backward, decode step) and dispatch.
 
 Per batch, channel d and state index n, with state h [B, Dn, N] kept in float32:
 
@@ -14,6 +14,16 @@ group d // (Dn // G)); D/delta_bias [Dn]; state [B, Dn, N] f32; y [B, L, Dn] in 
 of the tests); "associative" runs lax.associative_scan over the whole length (materialises
 [B, L, Dn, N]); "chunked" (default) runs an associative scan inside chunks of 64 and carries the
 state between chunks with lax.scan, so memory stays O(B * 64 * Dn * N).
+
+Kernels (notes and measurements: docs/kernels/selective_scan.md):
+- GPU-style (Triton lowering; `backend="interpret"` on CPU): grid (batch, channel blocks), the
+  state in registers, time in unrolled chunks; the training forward keeps only the state at each
+  chunk start and the backward recomputes a chunk from it before its reverse scan
+  (`selective_scan_pallas`). Gradients of every input through jax.custom_vjp, reduced without
+  atomics.
+- Mosaic TPU (`backend="tpu_interpret"`, or "pallas" on a TPU): grid (batch, channel blocks,
+  chunks), the state in VMEM scratch (`selective_scan_tpu`).
+- `selective_state_update`: one decoding step on a [block_d, N] tile, state updated in place.
 """
 
 from __future__ import annotations
