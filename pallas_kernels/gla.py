@@ -263,6 +263,7 @@ def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_r
     sub = blocks.sub_chunk
     causal = _causal_mask(sub)
     n_sub = blocks.chunk_size // sub
+    split = qb_ref.shape[-1] < q_ref.shape[-1]
     first_block = pl.program_id(2) == 0
 
     def chunk(i, ds_KV):
@@ -275,22 +276,28 @@ def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_r
             rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
             v = v_ref[rows, :].astype(dot_dtype)
             do = do_ref[rows, :].astype(dot_dtype)
-            # Scores over the full Dk (every block recomputes them: [C, C], cheap).
-            c_full, _, m_full = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-            q_mid_full = (q_ref[rows, :].astype(_F32) * jnp.exp(c_full - m_full[None, :]))
-            k_mid_full = (k_ref[rows, :].astype(_F32) * jnp.exp(m_full[None, :] - c_full))
-            a = _dot(q_mid_full.astype(dot_dtype), k_mid_full.astype(dot_dtype), tb=True)
-            a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
-            da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
             # This block's columns of Dk.
             q = qb_ref[rows, :].astype(_F32)
             k = kb_ref[rows, :].astype(_F32)
             dq = dq32_ref[rows, :]
             c, c_end, m = _sub_chunk_gates(gb_ref[rows, :].astype(_F32), sub)
             q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
             k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+            if split:  # the scores need all of Dk: every block recomputes them ([C, C])
+                c_all, _, m_all = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
+                q_mid_all = q_ref[rows, :].astype(_F32) * jnp.exp(c_all - m_all[None, :])
+                k_mid_all = k_ref[rows, :].astype(_F32) * jnp.exp(m_all[None, :] - c_all)
+                a = _dot(q_mid_all.astype(dot_dtype), k_mid_all.astype(dot_dtype), tb=True)
+            else:
+                a = _dot(q_mid, k_mid, tb=True)
+            a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
+            da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
             ds = ds_KV.astype(dot_dtype)
-            dv = _dot(k_out, ds) + jnp.where(first_block, _dot(a, do, ta=True), 0.0)
+            dv_intra = _dot(a, do, ta=True)
+            if split:  # one block adds the intra part to the sum over blocks
+                dv_intra = jnp.where(first_block, dv_intra, 0.0)
+            dv = _dot(k_out, ds) + dv_intra
             dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
                   + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
             x = q * dq - k * dk
