@@ -1,0 +1,214 @@
+"""ProbSparse self-attention (Zhou et al. 2021, "Informer: Beyond Efficient Transformer for Long
+Sequence Time-Series Forecasting", AAAI), as a mixer x [B, L, d_model] -> [B, L, d_model].
+
+    q, k, v = x W_q, x W_k, x W_v                         [B, L, H, Dh]
+    n_sample = min(factor * ceil(ln L_K), L_K)            keys sampled per query
+    M(q_i) = max_s q_i k_s^T - sum_s q_i k_s^T / L_K      sparsity measure on the sampled keys s
+    u = min(factor * ceil(ln L_Q), L_Q)                   "active" queries: the top-u by M
+    out_i = softmax(q_i K^T / sqrt(Dh)) V                 for active queries (masked when causal)
+    out_i = mean(V)  (bidirectional)  or  cumsum(V)_i  (causal)    for the other, "lazy" queries
+
+Cost O(L ln L) per head instead of O(L^2). With u >= L every query is active and the layer is
+exactly full softmax attention (tested).
+
+Paper vs the authors' public code (zhouhaoyi/Informer2020, `models/attn.py`), and what we follow:
+- Sampling: the paper samples U = L_K ln L_Q dot-product pairs in total; the code samples
+  `factor * ceil(ln L_K)` keys for each query (one draw per call, shared by batch and heads).
+  We follow the code (`sampling: per_query`). `sampling: shared` scores every query against one
+  shared set of sampled keys: a dense [L, n_sample] matmul instead of a gather (faster on GPUs,
+  not in either source).
+- The measure: the paper's M subtracts the mean over all L_K keys of the scaled scores; the code
+  divides the sum over the *sampled* keys by L_K and leaves the scores unscaled (the ranking is
+  unchanged by the positive scale, not by the divisor). We follow the code.
+- Lazy queries: the paper gives them mean(V); the code uses mean(V) in the encoder and the
+  cumulative *sum* of V (not the mean) in masked self-attention. We follow the code;
+  `lazy_causal: cummean` gives the running mean instead.
+- Causality. The code's masked variant picks the top-u queries over the whole sequence and
+  samples keys from the whole sequence, so which queries are active depends on future inputs
+  (values are still masked). That is `query_selection: global` (the default when bidirectional,
+  and what configs/informer*.yaml use in the decoder, whose inputs are all known in advance).
+  `query_selection: prefix` (the default with causal: true) is strictly causal: query i samples
+  keys j <= i only, and is active when its M is in the top u / L fraction of M over queries
+  0..i (at least the top one), capped at min(2u, L) active queries in order of position. It is
+  our variant, not in the paper; the perturbation test checks it.
+- The code's decoder self-attention uses `mix=True`, which reinterprets the [B, H, L, D] output
+  as [B, L, H * D] (mixing positions across heads); we do not reproduce that.
+
+Randomness: the sampled key indices come from an nnx.Rngs stream ("sample", falling back to
+"default") forked at construction. Each call draws a fresh key, like the code's torch.randint;
+under jit the draw advances the stream's counter in the module state, so training steps resample
+while evaluation (whose state is not written back) reuses one sample. Deterministic given the
+seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixers.base import ConfigError, Mixer, MixerConfig, dense
+
+
+def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
+    """(n_sample, u): sampled keys per query and active queries, as the authors' code."""
+    n_sample = min(factor * math.ceil(math.log(l_k)), l_k) if l_k > 1 else 1
+    u = min(factor * math.ceil(math.log(l_q)), l_q) if l_q > 1 else 1
+    return n_sample, u
+
+
+def _sample_scores(q_BHLD, k_BHLD, key, n_sample, *, sampling, causal_samples):
+    """Scores of each query against its sampled keys: ([B, H, Lq, S], valid [Lq, S] or None)."""
+    l_q, l_k = q_BHLD.shape[2], k_BHLD.shape[2]
+    if sampling == "shared":
+        idx_S = jax.random.randint(key, (n_sample,), 0, l_k)
+        qk = jnp.einsum("bhld,bhsd->bhls", q_BHLD, k_BHLD[:, :, idx_S])
+        valid = idx_S[None, :] <= jnp.arange(l_q)[:, None] if causal_samples else None
+        return qk, valid
+    if causal_samples:            # uniform over keys 0..i for query i
+        r = jax.random.uniform(key, (l_q, n_sample))
+        idx_LS = jnp.floor(r * (jnp.arange(l_q)[:, None] + 1)).astype(jnp.int32)
+        idx_LS = jnp.minimum(idx_LS, l_k - 1)
+    else:
+        idx_LS = jax.random.randint(key, (l_q, n_sample), 0, l_k)
+    k_sample = k_BHLD[:, :, idx_LS]                                     # [B, H, Lq, S, D]
+    return jnp.einsum("bhld,bhlsd->bhls", q_BHLD, k_sample), None
+
+
+def _sparsity(qk_BHLS, valid_LS, l_k):
+    """M = max - sum / L_K over the (valid) sampled scores (the authors' divisor)."""
+    if valid_LS is None:
+        return qk_BHLS.max(-1) - qk_BHLS.sum(-1) / l_k
+    neg = jnp.finfo(qk_BHLS.dtype).min
+    m = jnp.where(valid_LS, qk_BHLS, neg).max(-1) - jnp.where(valid_LS, qk_BHLS, 0).sum(-1) / l_k
+    return jnp.where(valid_LS.any(-1), m, 0.0)
+
+
+def _prefix_selection(m_BHL, u):
+    """Strictly causal choice of active queries: indices [B, H, cap] (L = padding)."""
+    length = m_BHL.shape[-1]
+    pos = jnp.arange(length)
+    # rank of M_i among M_0..M_i (0 = largest); reduce over j fuses, no [L, L] buffer on GPU.
+    earlier_larger = (m_BHL[..., None, :] > m_BHL[..., :, None]) & (pos[None, :] < pos[:, None])
+    rank = earlier_larger.sum(-1)
+    quota = jnp.maximum(1, (u * (pos + 1)) // length)
+    active = rank < quota
+    cap = min(2 * u, length)
+    slot = jnp.cumsum(active, axis=-1) - 1
+    slot = jnp.where(active & (slot < cap), slot, cap)                 # cap = dropped
+    idx = jnp.full(m_BHL.shape[:-1] + (cap,), length, jnp.int32)
+    b, h = jnp.indices(m_BHL.shape[:-1])
+    return idx.at[b[..., None], h[..., None], slot].set(
+        jnp.broadcast_to(pos, m_BHL.shape).astype(jnp.int32), mode="drop")
+
+
+def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
+                         query_selection: str = "global", sampling: str = "per_query",
+                         lazy_causal: str = "cumsum", sm_scale: float | None = None):
+    """ProbSparse attention on q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    `key` draws the sampled keys. See the module docstring for the options.
+    """
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal ProbSparse attention needs Lq == Lk, got q {q.shape}, "
+                         f"k {k.shape}")
+    q_BHLD, k_BHLD, v_BHLD = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    b, h, l_q, d = q_BHLD.shape
+    l_k = k_BHLD.shape[2]
+    sm_scale = d ** -0.5 if sm_scale is None else sm_scale
+    n_sample, u = probsparse_sizes(l_q, l_k, factor)
+    prefix = causal and query_selection == "prefix"
+
+    qk, valid = _sample_scores(q_BHLD, k_BHLD, key, n_sample, sampling=sampling,
+                               causal_samples=prefix)
+    m_BHL = _sparsity(qk.astype(jnp.float32), valid, l_k)
+    if prefix:
+        top_BHU = _prefix_selection(m_BHL, u)
+    else:
+        top_BHU = jax.lax.top_k(m_BHL, u)[1].astype(jnp.int32)
+    bi, hi = jnp.indices((b, h))
+    bi, hi = bi[..., None], hi[..., None]
+    q_top = q_BHLD[bi, hi, jnp.minimum(top_BHU, l_q - 1)]                # [B, H, U, D]
+    s = jnp.einsum("bhud,bhkd->bhuk", q_top, k_BHLD).astype(jnp.float32) * sm_scale
+    if causal:
+        s = jnp.where(jnp.arange(l_k)[None, None, None, :] <= top_BHU[..., None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out_top = jnp.einsum("bhuk,bhkd->bhud", p, v_BHLD.astype(jnp.float32))
+
+    v32 = v_BHLD.astype(jnp.float32)
+    if not causal:
+        context = jnp.broadcast_to(v32.mean(2, keepdims=True), (b, h, l_q, v32.shape[-1]))
+    elif lazy_causal == "cummean":
+        context = jnp.cumsum(v32, axis=2) / jnp.arange(1, l_q + 1)[:, None]
+    else:
+        context = jnp.cumsum(v32, axis=2)
+    context = context.at[bi, hi, top_BHU].set(out_top, mode="drop")
+    return jnp.swapaxes(context, 1, 2).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbSparseConfig(MixerConfig):
+    n_heads: int = 8
+    head_dim: int | None = None
+    factor: int = 5
+    query_selection: str | None = None     # None: "prefix" when causal, else "global"
+    sampling: str = "per_query"
+    lazy_causal: str = "cumsum"
+    use_bias: bool = True                  # the authors' nn.Linear projections have biases
+
+    @classmethod
+    def valid_impls(cls):
+        return ("reference",)
+
+    def validate(self, d_model: int) -> None:
+        super().validate(d_model)
+        if self.n_heads < 1:
+            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ConfigError("n_heads", f"{self.n_heads} does not divide d_model={d_model}")
+        if self.factor < 1:
+            raise ConfigError("factor", f"must be >= 1, got {self.factor}")
+        choices = {"query_selection": (None, "global", "prefix"),
+                   "sampling": ("per_query", "shared"), "lazy_causal": ("cumsum", "cummean")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(key, f"must be one of {valid}, got {getattr(self, key)!r}")
+
+    @property
+    def selection(self) -> str:
+        return self.query_selection or ("prefix" if self.causal else "global")
+
+
+class ProbSparseAttention(Mixer):
+    """Informer's ProbSparse self-attention. Args (ProbSparseConfig): n_heads, head_dim,
+    factor (c in u = c ln L), causal, query_selection (global | prefix), sampling
+    (per_query | shared), lazy_causal (cumsum | cummean), use_bias, impl (reference only: the
+    sparse selection is plain jnp)."""
+
+    def __init__(self, cfg: ProbSparseConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
+        self.cfg, self.causal = cfg, cfg.causal
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim or d_model // cfg.n_heads
+        inner = self.n_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, use_bias=cfg.use_bias)
+        self.q_proj = dense(d_model, inner, ("embed", "heads"), **kw)
+        self.k_proj = dense(d_model, inner, ("embed", "heads"), **kw)
+        self.v_proj = dense(d_model, inner, ("embed", "heads"), **kw)
+        self.o_proj = dense(inner, d_model, ("heads", "embed"), **kw)
+        self.rngs = rngs["sample"].fork()
+
+    def __call__(self, x, *, segment_ids=None, positions=None):
+        if segment_ids is not None:
+            raise ValueError("ProbSparseAttention does not support segment_ids (packed "
+                             "sequences)")
+        b, l, _ = x.shape
+        q, k, v = (p(x).reshape(b, l, self.n_heads, self.head_dim)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        cfg = self.cfg
+        o = probsparse_attention(q, k, v, self.rngs(), factor=cfg.factor, causal=self.causal,
+                                 query_selection=cfg.selection, sampling=cfg.sampling,
+                                 lazy_causal=cfg.lazy_causal)
+        return self.o_proj(o.reshape(b, l, -1))

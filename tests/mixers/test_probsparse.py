@@ -1,0 +1,104 @@
+"""ProbSparse attention: exact full attention when every query is active, the sparse path's
+shapes and lazy queries, causality of the strict variant by perturbation, the registry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixers import build_mixer
+from mixers.probsparse import probsparse_attention, probsparse_sizes
+
+# One compiled program per option set: much cheaper on CPU than op-by-op dispatch.
+ps = jax.jit(probsparse_attention, static_argnames=(
+    "factor", "causal", "query_selection", "sampling", "lazy_causal"))
+
+
+def _qkv(keys, b=2, length=16, h=2, d=8, dtype=jnp.float32):
+    return [jax.random.normal(k, (b, length, h, d), dtype) for k in keys(3)]
+
+
+def test_sizes_follow_the_authors_code():
+    assert probsparse_sizes(96, 96, 5) == (25, 25)            # 5 * ceil(ln 96) = 5 * 5
+    assert probsparse_sizes(48, 24, 5) == (20, 20)            # L_K = 24: 5 * ceil(3.18)
+    assert probsparse_sizes(10, 10, 5) == (10, 10)            # capped at L
+
+
+@pytest.mark.parametrize("causal,selection,sampling", [
+    (False, "global", "per_query"), (False, "global", "shared"), (True, "global", "per_query"),
+    (True, "prefix", "per_query"), (True, "prefix", "shared")])
+def test_equals_full_attention_when_every_query_is_active(keys, causal, selection, sampling):
+    q, k, v = _qkv(keys, length=16)                           # u = 6 * ceil(ln 16) = 18 >= 16
+    out = ps(q, k, v, jax.random.PRNGKey(1), factor=6, causal=causal,
+                               query_selection=selection, sampling=sampling)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_path_gives_full_rows_for_top_queries_and_mean_for_lazy(keys):
+    q, k, v = _qkv(keys, length=64)                           # u = 5 * ceil(ln 64) = 25 < 64
+    out = ps(q, k, v, jax.random.PRNGKey(3), factor=5)
+    full = jax.nn.dot_product_attention(q, k, v)
+    mean = jnp.broadcast_to(v.mean(1, keepdims=True), v.shape)
+    is_full = jnp.isclose(out, full, atol=1e-5).all(-1)       # [B, L, H]
+    is_mean = jnp.isclose(out, mean, atol=1e-5).all(-1)
+    assert bool((is_full | is_mean).all())
+    assert (is_full.sum(1) == 25).all()                       # exactly u active per (b, h)
+
+
+def test_cross_lengths_and_bf16(keys):
+    kq, kk, kv = keys(3)
+    q = jax.random.normal(kq, (2, 24, 4, 16), jnp.bfloat16)
+    k = jax.random.normal(kk, (2, 40, 4, 16), jnp.bfloat16)
+    v = jax.random.normal(kv, (2, 40, 4, 16), jnp.bfloat16)
+    out = ps(q, k, v, jax.random.PRNGKey(0), factor=2)
+    assert out.shape == (2, 24, 4, 16) and out.dtype == jnp.bfloat16
+    assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
+
+
+@pytest.mark.parametrize("lazy", ["cumsum", "cummean"])
+def test_prefix_selection_is_causal_by_perturbation(keys, lazy):
+    q, k, v = _qkv(keys, length=48)                           # u = 20 < 48: sparse
+    key = jax.random.PRNGKey(5)
+    f = lambda q, k, v: ps(q, k, v, key, factor=5, causal=True,
+                                             query_selection="prefix", lazy_causal=lazy)
+    base = f(q, k, v)
+    for t in (7, 30, 47):
+        moved = f(*(x.at[:, t].add(3.0) for x in (q, k, v)))
+        np.testing.assert_array_equal(moved[:, :t], base[:, :t])
+        assert not np.allclose(moved[:, t:], base[:, t:])
+
+
+def test_global_selection_can_look_ahead(keys):
+    """The authors' masked variant picks queries with the whole sequence: documented, shown."""
+    q, k, v = _qkv(keys, length=48)
+    key = jax.random.PRNGKey(5)
+    f = lambda q, k: ps(q, k, v, key, factor=2, causal=True,
+                                          query_selection="global")
+    base = f(q, k)
+    moved = f(q.at[:, 40:].multiply(10.0), k.at[:, 40:].multiply(10.0))
+    assert not np.allclose(moved[:, :40], base[:, :40])
+
+
+def test_mixer_from_registry_trains_and_resamples(keys):
+    mixer = build_mixer({"type": "probsparse", "n_heads": 4, "factor": 2}, d_model=32,
+                        rngs=nnx.Rngs(0))
+    assert not mixer.causal or mixer.cfg.selection == "prefix"
+    x = jax.random.normal(keys(1)[0], (2, 40, 32))
+    call = nnx.jit(lambda m, x: m(x))
+    y1, y2 = call(mixer, x), call(mixer, x)                   # a fresh sample per call
+    assert y1.shape == x.shape and not np.allclose(y1, y2)
+    grads = nnx.jit(nnx.grad(lambda m: (m(x) ** 2).mean()))(mixer)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"factor": 0}, r"mixer.factor: must be >= 1"),
+    ({"sampling": "random"}, r"mixer.sampling: must be one of"),
+    ({"query_selection": "top"}, r"mixer.query_selection"),
+    ({"n_heads": 3}, r"mixer.n_heads: 3 does not divide"),
+])
+def test_config_errors_name_the_key(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_mixer({"type": "probsparse", **spec}, d_model=32, rngs=nnx.Rngs(0))
