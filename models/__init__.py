@@ -1,6 +1,7 @@
 """Models assembled from config: `build_model(cfg["model"], rngs=nnx.Rngs(0))`.
 
-Types: "lm" (LanguageModel, decoder-only with a mixer per layer).
+Types: "lm" (LanguageModel, decoder-only with a mixer per layer), "informer" (Informer
+forecaster: distilling encoder, generative decoder).
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 from flax import nnx
 
 from mixers.registry import parse_config
+from models.informer import Informer, InformerConfig
 from models.lm import LanguageModel, LMConfig, count_params
 
-MODEL_TYPES = {"lm": (LMConfig, LanguageModel)}
+MODEL_TYPES = {"lm": (LMConfig, LanguageModel), "informer": (InformerConfig, Informer)}
 
 
 def model_config(model_cfg: dict, path: str = "model"):
@@ -33,5 +35,5 @@ def build_model(model_cfg: dict, *, rngs: nnx.Rngs):
     return model_cls(cfg, rngs=rngs)
 
 
-__all__ = ["LMConfig", "LanguageModel", "MODEL_TYPES", "build_model", "count_params",
-           "model_config"]
+__all__ = ["Informer", "InformerConfig", "LMConfig", "LanguageModel", "MODEL_TYPES", "build_model",
+           "count_params", "model_config"]
