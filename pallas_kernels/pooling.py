@@ -151,7 +151,7 @@ class _Cfg:
 
 
 _DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages), tuned for an H200
-    "prefix_mean": (64, 64, 8, 4, 3),         # group: chunks of the length run in parallel
+    "prefix_mean": (64, 64, 1, 4, 3),         # group: chunks of the length run in parallel
     "segment_max": (32, 128, 1, 4, 3),
     "segment_cummax": (1, 128, 8, 4, 3),      # group: segments per program
     "local_max": (32, 128, 1, 4, 3),

@@ -46,14 +46,15 @@ def _tol(dtype):
     return 1e-5 if dtype == jnp.float32 else 1e-2
 
 
+SLOW = pytest.mark.slow
 SEGMENT_CASES = [  # length, channels, segment_size, causal, dtype
     (37, 40, 5, False, jnp.float32),
-    (37, 40, 16, False, jnp.bfloat16),
+    pytest.param(37, 40, 16, False, jnp.bfloat16, marks=SLOW),
     (50, 24, 20, False, jnp.float32),      # segment longer than a tile: chunked reduce
-    (37, 40, 1, False, jnp.float32),
-    (37, 40, 5, True, jnp.float32),
+    pytest.param(37, 40, 1, False, jnp.float32, marks=SLOW),
+    pytest.param(37, 40, 5, True, jnp.float32, marks=SLOW),
     (45, 24, 16, True, jnp.bfloat16),
-    (30, 16, 64, True, jnp.float32),       # one segment longer than the sequence
+    pytest.param(30, 16, 64, True, jnp.float32, marks=SLOW),   # one segment longer than L
 ]
 
 
@@ -66,9 +67,9 @@ def test_segment_max_matches_reference_with_ties(length, channels, size, causal,
 
 LOCAL_CASES = [  # length, channels, window, causal, dtype
     (37, 40, 3, False, jnp.float32),
-    (29, 24, 5, False, jnp.bfloat16),
-    (37, 40, 1, False, jnp.float32),
-    (37, 40, 3, True, jnp.float32),
+    pytest.param(29, 24, 5, False, jnp.bfloat16, marks=SLOW),
+    pytest.param(37, 40, 1, False, jnp.float32, marks=SLOW),
+    pytest.param(37, 40, 3, True, jnp.float32, marks=SLOW),
     (29, 24, 4, True, jnp.bfloat16),
 ]
 
@@ -81,8 +82,9 @@ def test_local_max_matches_reference_with_ties(length, channels, window, causal,
            _tol(dtype))
 
 
-@pytest.mark.parametrize("length,chunks,dtype", [(37, 2, jnp.float32), (70, 4, jnp.bfloat16),
-                                                (37, 1, jnp.float32)])
+@pytest.mark.parametrize("length,chunks,dtype", [
+    (37, 2, jnp.float32), pytest.param(70, 4, jnp.bfloat16, marks=SLOW),
+    pytest.param(37, 1, jnp.float32, marks=SLOW)])
 def test_prefix_mean_matches_reference(length, chunks, dtype):
     """chunks > 1: chunk sums first, then the chunks in parallel; 1: one walk over L."""
     x = jax.random.normal(jax.random.key(length), (2, length, 40), dtype)
@@ -92,9 +94,11 @@ def test_prefix_mean_matches_reference(length, chunks, dtype):
 
 
 POOL_FUSE_CASES = [  # causal, g has a length axis, segment_size, window, dtype
-    (False, False, 5, 3, jnp.float32), (False, True, 8, 5, jnp.bfloat16),
-    (True, False, 6, 4, jnp.float32), (True, True, 5, 3, jnp.bfloat16),
-    (False, False, 16, 3, jnp.float32),    # segment longer than block_l: the three kernels
+    (False, False, 5, 3, jnp.float32),
+    pytest.param(False, True, 8, 5, jnp.bfloat16, marks=SLOW),
+    pytest.param(True, False, 6, 4, jnp.float32, marks=SLOW),
+    (True, True, 5, 3, jnp.bfloat16),
+    pytest.param(False, False, 16, 3, jnp.float32, marks=SLOW),   # S > block_l: three kernels
 ]
 
 
@@ -110,8 +114,9 @@ def test_ponet_pool_fuse_matches_reference(causal, g_full, size, window, dtype):
            (g, s, o, l), 3, _tol(dtype))
 
 
-@pytest.mark.parametrize("g_len,dtype", [(1, jnp.float32), (None, jnp.float32),
-                                         (1, jnp.bfloat16)])
+@pytest.mark.parametrize("g_len,dtype", [(1, jnp.float32),
+                                         pytest.param(None, jnp.float32, marks=SLOW),
+                                         pytest.param(1, jnp.bfloat16, marks=SLOW)])
 def test_ponet_fuse_matches_reference(g_len, dtype):
     b, length, d = 2, 37, 40
     keys = jax.random.split(jax.random.key(3), 4)
@@ -198,10 +203,12 @@ def test_bad_arguments_raise():
 
 
 TPU_CASES = [  # op, length, causal, dtype
-    ("segment", 37, False, jnp.float32), ("segment", 45, True, jnp.bfloat16),
-    ("local", 37, False, jnp.bfloat16), ("local", 29, True, jnp.float32),
+    pytest.param("segment", 37, False, jnp.float32, marks=SLOW),
+    ("segment", 45, True, jnp.bfloat16),
+    pytest.param("local", 37, False, jnp.bfloat16, marks=SLOW),
+    ("local", 29, True, jnp.float32),
     ("mean", 37, True, jnp.float32), ("fuse", 37, False, jnp.bfloat16),
-    ("aggregate", 37, False, jnp.float32),
+    pytest.param("aggregate", 37, False, jnp.float32, marks=SLOW),
 ]
 
 
@@ -232,3 +239,30 @@ def test_tpu_variants_match_reference_in_tpu_interpret_mode(op, length, causal, 
         fn, ref = (lambda *a: pool.global_aggregate(*a, backend="tpu_interpret"),
                    pool.global_aggregate_reference)
     _check(fn, ref, args, 6, 2e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=SLOW), True])
+def test_pooling_mixer_interpret_equals_reference(causal):
+    """The PoolingMixer on the kernels (impl: interpret) computes what it computes on the
+    references: output and gradients with respect to the input and every parameter."""
+    from flax import nnx
+
+    from mixers import build_mixer
+
+    spec = {"type": "pooling", "n_heads": 2, "segment_size": 5, "local_window": 3,
+            "causal": causal}
+    x = jax.random.normal(jax.random.key(0), (2, 37, 32))
+    results = []
+    for impl in ("interpret", "reference"):
+        mixer = build_mixer({**spec, "impl": impl}, d_model=32, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(mixer)
+
+        def loss(state, x, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(x) ** 2)
+
+        y = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))(state, x)
+        results.append((y, jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)))
+    (y, grads), (y_ref, grads_ref) = results
+    assert _rel_err(y, y_ref) < 1e-5
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert _rel_err(g, g_ref) < 1e-4
