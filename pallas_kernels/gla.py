@@ -1,5 +1,5 @@
 """Gated linear attention (Yang et al. 2023, "Gated Linear Attention Transformers with
-Hardware-Efficient Training"): references and the public dispatch.
+Hardware-Efficient Training"): references, Pallas kernels (GPU and TPU) and the public dispatch.
 
 Per batch and head, with state S [Dk, Dv] kept in float32:
 
@@ -13,6 +13,15 @@ the tests); `gla_chunked_reference` is the chunkwise form (intra-chunk attention
 an inter-chunk state recurrence) that makes long sequences usable on CPU. In the chunked form every
 exponent is a difference b_t - b_s of cumulative log gates with s <= t, hence <= 0: nothing
 overflows however strong the decay.
+
+The kernels (`gla_pallas`) walk each (batch, head) through chunks of 64 rows, each in sub-chunks
+of 16: the f32 state carries everything before a sub-chunk, the 16 x 16 block inside it is scored
+with gates relative to its middle row (see the comment above `GLABlocks`). The backward recomputes
+instead of storing: a dq pass re-runs the state recurrence (and stores one f32 state per chunk),
+a dk/dv pass walks the chunks backwards with dS, and dlog_g is a reverse cumsum, inside each
+chunk, of q * dq - k * dk plus sum_v S_end * dS_end. GPU: Triton lowering; TPU: Mosaic, with the
+chunk axis of the grid sequential and the state in VMEM. `gla_step` is the exact one-token step
+for decoding (jnp: a [Dk, Dv] update per head, no kernel).
 """
 
 from __future__ import annotations
