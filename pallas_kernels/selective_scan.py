@@ -137,8 +137,8 @@ def selective_state_update_reference(state, u, delta, A, B, C, *, D=None, z=None
 # Grid (batch, channel blocks). A program owns `block_d` channels of one batch row and keeps
 # their state as N separate [block_d] f32 vectors, so a thread holds whole state rows: the sum
 # over N that gives y_t is thread-local and the [block_d, N] discretised terms never leave
-# registers. Time runs in a fori_loop over chunks of `chunk` steps; each chunk is unrolled in
-# Python, so the loads of all its steps are independent of the state and can be issued early.
+# registers. Time runs in a fori_loop over chunks of `chunk` steps, each chunk unrolled in
+# Python; the chunk's [block_d] rows are loaded one chunk ahead (see `_load_chunk`).
 # The training forward stores the state at every chunk start (`ck`); the backward walks the
 # chunks in reverse, recomputes the chunk's states from its checkpoint and runs the reverse scan.
 # exp(dt * A) is computed as exp2(dt * A * log2(e)): one MUFU instruction on NVIDIA GPUs.
