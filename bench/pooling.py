@@ -248,16 +248,16 @@ def bench_mixer(shape, backend, results, log):
             f"{rf / pf:.2f} | {pb * 1e3:.3f} | {rb * 1e3:.3f} | {rb / pb:.2f} |")
 
 
-SWEEP = {  # op -> block-size variants tried besides the default
-    "prefix_mean": [dict(group=1), dict(group=4), dict(group=16), dict(block_d=32),
-                    dict(block_d=128, num_warps=8)],
-    "segment_max": [dict(block_l=64, block_d=128), dict(block_l=32, block_d=256, num_warps=8)],
-    "segment_max causal": [dict(group=4, block_d=256), dict(group=16, block_d=128)],
-    "local_max": [dict(block_l=64, block_d=128, num_warps=8)],
-    "ponet_pool_fuse": [dict(block_l=64, block_d=64)],
-    "ponet_pool_fuse causal": [dict(group=4, block_d=128), dict(group=8, block_d=64)],
-    "global_aggregate": [dict(block_l=16, block_d=512), dict(block_l=64, block_d=512)],
-}
+SWEEP = [  # (op, block sizes) tried besides the defaults; the look-back scans last (they spin)
+    ("prefix_mean", [dict(group=4), dict(group=8), dict(group=16), dict(block_d=128, num_warps=8)]),
+    ("segment_max", [dict(block_l=64, block_d=128), dict(block_l=32, block_d=256, num_warps=8)]),
+    ("segment_max causal", [dict(group=4, block_d=256), dict(group=16, block_d=128)]),
+    ("local_max", [dict(block_l=64, block_d=128, num_warps=8)]),
+    ("ponet_pool_fuse", [dict(block_l=64, block_d=64)]),
+    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=8, block_d=64)]),
+    ("global_aggregate", [dict(block_l=16, block_d=512), dict(block_l=64, block_d=512)]),
+    ("prefix_mean", [dict(group=64, lookback=True), dict(group=16, lookback=True)]),
+]
 
 
 def sweep(shape, backend, copy_bw, results, log, over):
@@ -265,7 +265,7 @@ def sweep(shape, backend, copy_bw, results, log, over):
     b, l, d = map(int, shape.split("x"))
     ops = _ops()
     log(f"| sweep at {shape} | blocks | fwd / floor | fwd+bwd / floor | rel err |")
-    for name, variants in SWEEP.items():
+    for name, variants in SWEEP:
         make, op, floor_f, floor_b = ops[name]
         a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
         dy = cotangent(op("reference"), a)

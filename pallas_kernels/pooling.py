@@ -14,14 +14,20 @@ ties go to the earliest position (deterministic).
   global_aggregate(q, k, v)  bidirectional global aggregation with heads: q/k/v [B, L, H, Dh],
         pooled query qbar = mean_t q_t; g = softmax_t(qbar . k_t / sqrt(Dh)) v; returns [B, H, Dh].
   ponet_fuse(g, s, o, l)  the PoNet fusion (g + s) * o + l with g broadcast over L when it has
-        no length axis ([B, 1, D]); the result has the promoted dtype of the four inputs.
+        no length axis ([B, 1, D]); the result has the promoted dtype of the four inputs. One
+        decoding step may pass all four as [B, D].
+  ponet_pool_fuse(g, s, o, l, segment_size, window, causal)  added op: (g + segment_max(s)) * o
+        + local_max(l), the two pools and the fusion in one kernel (the pooled s and l never
+        touch memory); equal to composing the three ops above.
 
 Kernels (GPU-style Pallas: Triton lowering on GPU, interpret mode on CPU). Each op is one pass
 over memory forward and one backward, through jax.custom_vjp; arithmetic is in float32 and any
 length works (rows past L and channels past D are masked inside the kernels):
-  prefix_mean     forward: a program owns (batch, channel block) and walks the sequence in tiles,
-                  an in-tile cumsum plus a float32 carry; backward: the same walk from the end
-                  (dx_u = sum_{t >= u} dy_t / (t + 1)).
+  prefix_mean     forward: a program owns (batch, chunk of the length, channel block) and walks
+                  its rows in tiles, an in-tile cumsum plus a float32 carry; backward: the same
+                  walk from the end (dx_u = sum_{t >= u} dy_t / (t + 1)). With one chunk (the
+                  default) the carry starts at 0; with more, a first pass of chunk sums gives
+                  each chunk its carry (one more read, more parallel programs).
   segment_max     bidirectional: a program owns (batch, group of segments, channel block); the
                   forward saves the argmax [B, ceil(L / S), D] int32 (small), the backward writes
                   the segment's gradient sum at it. Causal: a running max row by row; the
@@ -35,7 +41,13 @@ length works (rows past L and channels past D are masked inside the kernels):
                   writing dk, dv and partial dqbar, then dq = dqbar / L broadcast.
   ponet_fuse      one elementwise pass; the backward writes ds and do (dg = ds when g has a length
                   axis, else per-tile partial sums) and returns dy as dl.
+  ponet_pool_fuse the segment-max tiling (bidirectional) or row walk (causal) with the window max
+                  and the fusion inside; the causal backward sweeps each segment forwards (running
+                  max, do, dl, dg; the running max parked in the ds buffer) and then backwards (ds).
 Block sizes are keyword arguments (`blocks=PoolBlocks(...)`); the defaults target an H200.
+TPU variants (Mosaic; verified in TPU interpret mode only) follow the GPU kernels: BlockSpec
+tiles in VMEM, cumsum as a triangular matmul, prefix max and segmented sums by doubling steps of
+pltpu.roll; ponet_pool_fuse runs the three TPU kernels in turn.
 
 Backends: see pallas_kernels._common ("pallas", "interpret", "tpu_interpret", "reference").
 """
@@ -130,7 +142,8 @@ class PoolBlocks:
     block_l: rows of a tile (segment_max: segments x positions per tile); block_d: channels of a
     tile; group: segments per program of the causal segment max, chunks of the length that
     prefix_mean runs in parallel (1: one pass, else one more read for the chunk sums);
-    num_warps, num_stages: Triton.
+    num_warps, num_stages: Triton; lookback (prefix_mean, GPU): the chunks get their carries
+    from each other in a single pass (decoupled look-back) instead of from a pass of sums.
     """
 
     block_l: int | None = None
@@ -138,6 +151,7 @@ class PoolBlocks:
     group: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    lookback: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +162,7 @@ class _Cfg:
     group: int
     num_warps: int
     num_stages: int
+    lookback: bool = False
 
 
 _DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages), tuned for an H200
@@ -162,12 +177,13 @@ _DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages), tuned f
 
 def _cfg(op: str, blocks: PoolBlocks | None, interpret: bool) -> _Cfg:
     default = _DEFAULTS[op]
-    given = dataclasses.astuple(blocks or PoolBlocks())
+    blocks = blocks or PoolBlocks()
+    given = dataclasses.astuple(blocks)[:len(default)]
     vals = [d if g is None else g for g, d in zip(given, default, strict=True)]
     for name, v in zip(("block_l", "block_d", "group"), vals[:3], strict=True):
         if v < 1 or v & (v - 1):
             raise ValueError(f"blocks.{name} must be a power of two, got {v}")
-    return _Cfg(interpret, *vals)
+    return _Cfg(interpret, *vals, lookback=blocks.lookback)
 
 
 def _call(kernel, cfg: _Cfg, *, grid, in_specs, out_specs, out_shape, name):
@@ -462,6 +478,92 @@ def _prefix_mean_bwd_kernel(dy_ref, carry_ref, dx_ref, *, chunk, block_l, block_
     lax.fori_loop(0, n_tiles, tile, carry_D)
 
 
+_NOT_READY = 0x7FBADBAD        # a signalling-NaN bit pattern that no arithmetic produces
+
+
+def _atomic_read(ref, idx, mask, interpret):
+    # Interpret mode runs programs one after another (and has no masked atomics): plain loads.
+    if interpret:
+        return plgpu.load(ref.at[idx], mask=mask, other=_NOT_READY)
+    # An atomic OR with 0 reads without writing (atomic_add would lower an int32 block to fadd).
+    return plgpu.atomic_or(ref, idx, jnp.zeros(mask.shape, ref.dtype), mask=mask)
+
+
+def _atomic_write(ref, idx, val, mask, interpret):
+    if interpret:
+        plgpu.store(ref.at[idx], val, mask=mask)
+    else:
+        plgpu.atomic_xchg(ref, idx, val, mask=mask)
+
+
+def _prefix_mean_lookback_kernel(x_ref, agg_in, incl_in, ticket_in, y_ref, agg_ref, incl_ref,
+                                 ticket_ref, *, n_chunks, chunk, block_l, block_d, backward,
+                                 interpret):
+    # One pass with every chunk in parallel (decoupled look-back, as in single-pass GPU scans):
+    # a program takes the next ticket, which orders chunks so that its predecessors already run;
+    # it sums its chunk, publishes the sum (agg), adds up its predecessors' published values
+    # (agg, or incl = everything up to and including that chunk, which ends the walk), publishes
+    # its own incl, and walks its rows again (from L2) writing the output. agg/incl hold float32
+    # bits, _NOT_READY until written, so each word is valid on its own.
+    del agg_in, incl_in, ticket_in                   # aliased to agg_ref, incl_ref, ticket_ref
+    n_b, length, width = x_ref.shape
+    n_d = pl.cdiv(width, block_d)
+    ticket = plgpu.atomic_add(ticket_ref, (jnp.int32(0),), jnp.int32(1))
+    order = ticket // (n_b * n_d)                    # publishing order of the chunks
+    b = (ticket // n_d) % n_b
+    cols = (ticket % n_d) * block_d + _ar(block_d)
+    col_ok = cols < width
+    c = n_chunks - 1 - order if backward else order
+    n_tiles = chunk // block_l
+
+    def rows_of(i):
+        if backward:
+            return c * chunk + (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
+        return c * chunk + i * block_l + _ar(block_l)
+
+    def values(rows):
+        mask = (rows < length)[:, None] & col_ok[None, :]
+        x = plgpu.load(x_ref.at[b, rows[:, None], cols[None, :]], mask=mask, other=0.0)
+        x = x.astype(jnp.float32)
+        return x / (rows + 1).astype(jnp.float32)[:, None] if backward else x
+
+    agg = lax.fori_loop(0, n_tiles, lambda i, acc: acc + jnp.sum(values(rows_of(i)), axis=0),
+                        jnp.zeros((block_d,), jnp.float32))
+    bits = lambda v: lax.bitcast_convert_type(v, jnp.int32)
+    _atomic_write(agg_ref, (order, b, cols), bits(agg), col_ok, interpret)
+
+    def waiting(carry):
+        return jnp.sum(jnp.where(carry[2], 0, 1)) > 0
+
+    def look_back(carry):
+        k, prefix, done = carry
+        incl = _atomic_read(incl_ref, (k, b, cols), ~done, interpret)
+        agg_k = _atomic_read(agg_ref, (k, b, cols), ~done, interpret)
+        use_incl = ~done & (incl != _NOT_READY)
+        use_agg = ~done & ~use_incl & (agg_k != _NOT_READY)
+        take = jnp.where(use_incl, incl, agg_k)
+        prefix = prefix + jnp.where(use_incl | use_agg,
+                                    lax.bitcast_convert_type(take, jnp.float32), 0.0)
+        return jnp.where(use_agg, k - 1, k), prefix, done | use_incl
+
+    init = (jnp.full((block_d,), order - 1, jnp.int32), jnp.zeros((block_d,), jnp.float32),
+            ~col_ok | (order == 0))
+    _, prefix, _ = lax.while_loop(waiting, look_back, init)
+    _atomic_write(incl_ref, (order, b, cols), bits(prefix + agg), col_ok, interpret)
+
+    def tile(i, carry_D):
+        rows = rows_of(i)
+        x = values(rows)
+        csum = jnp.cumsum(x, axis=0) + carry_D[None, :]
+        out = csum if backward else csum / (rows + 1).astype(jnp.float32)[:, None]
+        mask = (rows < length)[:, None] & col_ok[None, :]
+        plgpu.store(y_ref.at[b, rows[:, None], cols[None, :]], out.astype(y_ref.dtype),
+                    mask=mask)
+        return carry_D + jnp.sum(x, axis=0)
+
+    lax.fori_loop(0, n_tiles, tile, prefix)
+
+
 def _segment_max_bwd_kernel(arg_ref, dy_ref, dx_ref, *, size, group, chunk, block_d):
     # dx = (sum of dy over the segment) at the saved argmax, 0 elsewhere.
     length = dy_ref.shape[0]
@@ -685,13 +787,33 @@ def _col_sums(x, chunk, cfg: _Cfg, weighted=False):
                  out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), name="column_sums")(x)
 
 
+def _prefix_mean_lookback_call(x, cfg: _Cfg, backward: bool, n_chunks: int, chunk: int):
+    b, _, width = x.shape
+    state = jnp.full((n_chunks, b, width), _NOT_READY, jnp.int32)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda t: (0,) * a.ndim)
+    args = (x, state, state, jnp.zeros((1,), jnp.int32))
+    kernel = functools.partial(_prefix_mean_lookback_kernel, n_chunks=n_chunks, chunk=chunk,
+                               block_l=cfg.block_l, block_d=cfg.block_d, backward=backward,
+                               interpret=cfg.interpret)
+    return pl.pallas_call(
+        kernel, grid=(n_chunks * b * pl.cdiv(width, cfg.block_d),),
+        in_specs=[whole(a) for a in args], out_specs=[whole(a) for a in args],
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args],
+        input_output_aliases={1: 1, 2: 2, 3: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=cfg.interpret, name="prefix_mean_lookback")(*args)[0]
+
+
 def _prefix_mean_call(x, cfg: _Cfg, backward: bool):
-    # cfg.group chunks of the length run in parallel; their carries come from a first pass of
-    # chunk sums (one more read of x) unless group == 1.
+    # cfg.group chunks of the length run in parallel. Their carries come from a first pass of
+    # chunk sums (one more read of x), or with cfg.lookback from each other in the same pass.
     b, length, width = x.shape
     n_chunks = min(cfg.group, pl.cdiv(length, cfg.block_l))
     chunk = _common.round_up(pl.cdiv(length, n_chunks), cfg.block_l)
     n_chunks = pl.cdiv(length, chunk)
+    if cfg.lookback:
+        return _prefix_mean_lookback_call(x, cfg, backward, n_chunks, chunk)
     if n_chunks == 1:
         carry = jnp.zeros((b, 1, width), jnp.float32)
     else:
