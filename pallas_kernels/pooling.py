@@ -27,7 +27,9 @@ length works (rows past L and channels past D are masked inside the kernels):
                   its rows in tiles, an in-tile cumsum plus a float32 carry; backward: the same
                   walk from the end (dx_u = sum_{t >= u} dy_t / (t + 1)). With one chunk (the
                   default) the carry starts at 0; with more, a first pass of chunk sums gives
-                  each chunk its carry (one more read, more parallel programs).
+                  each chunk its carry (one more read, more parallel programs), or, opt-in
+                  (PoolBlocks(lookback=True)), the chunks hand carries on in the same pass
+                  (decoupled look-back through published chunk sums).
   segment_max     bidirectional: a program owns (batch, group of segments, channel block); the
                   forward saves the argmax [B, ceil(L / S), D] int32 (small), the backward writes
                   the segment's gradient sum at it. Causal: a running max row by row; the
