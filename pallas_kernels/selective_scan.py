@@ -251,12 +251,19 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
     zeros = jnp.zeros((bd,), f32)
 
+    def load_ck(c):
+        return tuple(r["ck"][c, n, :] for n in range(n_state))
+
+    def load_bc(i):
+        return ([r["b"][i, n] for n in range(n_state)], [r["c"][i, n] for n in range(n_state)])
+
     def chunk_body(k, carry):
-        dh, da, dd, dbias, rows = carry
-        dh, da = list(dh), list(da)
+        dh, da, dd, dbias, rows, h = carry
+        dh, da, h = list(dh), list(da), list(h)
         c = n_chunks - 1 - k
+        # The next chunk's rows and checkpoint load before this chunk's first store.
         next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
-        h = [r["ck"][c, n, :] for n in range(n_state)]
+        next_ck = load_ck(jnp.maximum(c - 1, 0))
         hs = [h]
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
@@ -264,15 +271,15 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
             dtu = dt * rows[0][t].astype(f32)
             h = [jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n] for n in range(n_state)]
             hs.append(h)
+        bc_next = load_bc(c * chunk + chunk - 1)
         for t in reversed(range(chunk)):
             i = c * chunk + t
+            (b_t, c_t), bc_next = bc_next, (load_bc(i - 1) if t > 0 else None)  # a step ahead
             u = rows[0][t].astype(f32)
             dt, x = step(rows[1][t], i=i)
             dtu = dt * u
             dout = rows[2][t].astype(f32)
             h_prev, h_t = hs[t], hs[t + 1]
-            b_t = [r["b"][i, n] for n in range(n_state)]
-            c_t = [r["c"][i, n] for n in range(n_state)]
             if "z" in r:
                 z = rows[3][t].astype(f32)
                 sz = jax.nn.sigmoid(z)
@@ -306,12 +313,12 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
                 ddt = jnp.where(i < length, ddt, 0.0)
             dbias = dbias + ddt
             r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
-        return tuple(dh), tuple(da), dd, dbias, next_rows
+        return tuple(dh), tuple(da), dd, dbias, next_rows, next_ck
 
     dh0 = tuple(r["dhT"][n, :] for n in range(n_state))
     init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros,
-            _load_chunk(r, seq_names, n_chunks - 1, chunk))
-    dh, da, dd, dbias, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+            _load_chunk(r, seq_names, n_chunks - 1, chunk), load_ck(n_chunks - 1))
+    dh, da, dd, dbias, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
     for n in range(n_state):
         r["dh0"][n, :] = dh[n]
         r["da"][n, :] = da[n]
