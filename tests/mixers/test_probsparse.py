@@ -102,3 +102,20 @@ def test_mixer_from_registry_trains_and_resamples(keys):
 def test_config_errors_name_the_key(spec, match):
     with pytest.raises(ValueError, match=match):
         build_mixer({"type": "probsparse", **spec}, d_model=32, rngs=nnx.Rngs(0))
+
+
+def test_active_queries_are_the_top_u_of_the_authors_measure(keys):
+    """Transcription of the code's _prob_QK: M = max - sum / L_K over per-query samples."""
+    q, k, v = _qkv(keys, length=64)
+    key = jax.random.PRNGKey(3)
+    out = ps(q, k, v, key, factor=5)
+    n_sample, u = probsparse_sizes(64, 64, 5)
+    idx = np.asarray(jax.random.randint(key, (64, n_sample), 0, 64))     # the mixer's draw
+    qn, kn = np.asarray(q), np.asarray(k)
+    qk = np.einsum("blhd,blshd->bhls", qn, kn[:, idx])
+    m = qk.max(-1) - qk.sum(-1) / 64                                      # [B, H, L]
+    expected = np.sort(np.argsort(-m, axis=-1)[..., :u], axis=-1)
+    full = jax.nn.dot_product_attention(q, k, v)
+    active = np.isclose(out, full, atol=1e-5).all(-1).transpose(0, 2, 1)  # [B, H, L]
+    got = np.stack([[np.flatnonzero(active[b, h]) for h in range(2)] for b in range(2)])
+    np.testing.assert_array_equal(got, expected)
