@@ -98,6 +98,27 @@ def correctness(results, max_cases=99):
             traceback.print_exc(limit=3)
         print("check", row, flush=True)
         rows.append(row)
+    # The experimental Mosaic GPU forward (attention_mgpu.py; backward: the Triton kernels).
+    for i, (b, n, hq, hkv, d, causal, window) in enumerate(
+            [(2, 1000, 8, 2, 128, True, None), (1, 4097, 8, 1, 64, True, 512),
+             (1, 2048, 4, 4, 128, False, None)][:max_cases]):
+        q, k, v, do = _inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16, seed=50 + i)
+        kw = dict(causal=causal, window=window)
+        row = dict(case=f"mosaic fwd b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        try:
+            o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention_kernel(
+                q, k, v, fwd_impl="mosaic", **kw))(q, k, v, do)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
+                q, k, v, **kw))(*f32)
+            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                       dv=_rel(g[2], g_ref[2]))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc(limit=3)
+        print("check", row, flush=True)
+        rows.append(row)
     for t, hq, hkv, s, window in [(1, 32, 8, 5000, None), (4, 16, 2, 3000, 700)]:
         b, d = 3, 128
         q, k, v, _ = _inputs((b, t, hq, d), (b, s, hkv, d), jnp.bfloat16, seed=s)
@@ -115,11 +136,14 @@ def correctness(results, max_cases=99):
     results["correctness"] = rows
 
 
-def _impls(d, causal, ours_cfg):
+def _impls(d, causal, ours_cfg, mgpu_cfg=None):
     """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
+    mgpu_cfg = {k: v for k, v in (mgpu_cfg or {}).items() if k != "fwd_impl"}
     impls = {
         "ours": (lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **ours_cfg),
                  None, True),
+        "ours_mgpu": (lambda q, k, v: attn.flash_attention_kernel(
+            q, k, v, causal=causal, fwd_impl="mosaic", **mgpu_cfg), None, True),
         "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"), None, True),
         "xla": (lambda q, k, v: jax.nn.dot_product_attention(
@@ -145,7 +169,7 @@ def _impls(d, causal, ours_cfg):
 
 
 def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
-               xla_max_n=1 << 30):
+               xla_max_n=1 << 30, mgpu_cfg=None):
     rows = results.setdefault("throughput", [])
     for d in dims:
         for causal in (False, True):
@@ -153,7 +177,8 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                 b = max(1, TOKENS // n)
                 flops = 4 * b * H * n * n * d / (2 if causal else 1)
                 cfg = (ours_cfg or {}) if d == 128 else {}
-                for name, (fn, dt, has_bwd) in _impls(d, causal, cfg).items():
+                mcfg = (mgpu_cfg or {}) if d == 128 else {}
+                for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg).items():
                     if impl_filter and name not in impl_filter:
                         continue
                     if name == "xla" and n > xla_max_n:
@@ -237,6 +262,31 @@ def sweep(results, deadline):
     return chosen
 
 
+def mosaic_sweep(results, deadline):
+    """Forward settings of the experimental Mosaic GPU kernel at D=128, N=4k, full attention."""
+    n, d, b = 4096, 128, TOKENS // 4096
+    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    rows = results.setdefault("mosaic_sweep", [])
+    best = (0.0, {})
+    for cfg in [dict(block_k=128, mgpu_stages=2), dict(block_k=128, mgpu_stages=3),
+                dict(block_k=64, mgpu_stages=3), dict(block_k=64, mgpu_stages=4)]:
+        row = dict(mode="fwd", causal=False, cfg=cfg)
+        if time.time() > deadline:
+            row["skipped"] = "time budget"
+        else:
+            try:
+                ms = _timeit(jax.jit(lambda q, k, v, cfg=cfg: attn.flash_attention_kernel(
+                    q, k, v, fwd_impl="mosaic", **cfg)), q, k, v)
+                row["tflops"] = 4 * b * H * n * n * d / ms / 1e9
+                best = max(best, (row["tflops"], cfg), key=lambda x: x[0])
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("msweep", row, flush=True)
+        rows.append(row)
+    results["chosen_mgpu_d128"] = best[1]
+    return best[1]
+
+
 def memory(results, lengths, deadline):
     """Compiled temp + argument bytes of fwd+bwd (causal, D=128, B=1, H=16) versus length."""
     rows = results.setdefault("memory", [])
@@ -307,7 +357,8 @@ def main():
     ap.add_argument("--out", default="attention_results.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds before cells are skipped")
     ap.add_argument("--quick", action="store_true", help="lengths 1k/4k/16k only")
-    ap.add_argument("--parts", default="check:0.1,decode:0.15,sweep:0.3,tput:0.9,mem:1",
+    ap.add_argument("--parts",
+                    default="check:0.1,decode:0.15,sweep:0.25,msweep:0.3,tput:0.9,mem:1",
                     help="part:fraction of the budget by which the part must stop starting cells")
     ap.add_argument("--impls", default="", help="comma list to restrict the throughput table")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
@@ -323,7 +374,7 @@ def main():
                    device=str(jax.devices()[0].device_kind))
     parts = args.parts.split(",")
     lengths = [1024, 4096, 16384] if args.quick else [int(x) for x in args.lengths.split(",")]
-    chosen = {}
+    chosen, chosen_mgpu = {}, {}
 
     def save():
         with open(args.out, "w") as f:
@@ -332,7 +383,8 @@ def main():
              "sweep": lambda dl: chosen.update(sweep(results, dl)),
              "tput": lambda dl: throughput(results, lengths, (128, 64), dl,
                                            [s for s in args.impls.split(",") if s], chosen,
-                                           args.xla_max_n),
+                                           args.xla_max_n, chosen_mgpu),
+             "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
              "decode": lambda dl: decode(results, [8192, 32768, 131072], dl)}
     for part in parts:
@@ -349,9 +401,11 @@ def summary(results):
     for r in rows:
         cells.setdefault((r["d"], r["causal"], r["mode"], r["n"]), {})[r["impl"]] = r["tflops"]
     print("\nd causal mode n | " + " ".join(f"{i:>8}" for i in
-                                            ("ours", "cudnn", "xla", "jax_mha", "mgpu16")))
+                                            ("ours", "ours_mg", "cudnn", "xla", "jax_mha",
+                                             "mgpu16")))
     for key, v in sorted(cells.items()):
-        vals = [v.get(i) for i in ("ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16")]
+        vals = [v.get(i) for i in ("ours", "ours_mgpu", "cudnn", "xla", "jax_mha",
+                                   "jax_mgpu_fp16")]
         print(*key, "|", " ".join(f"{x:8.1f}" if x else "       -" for x in vals),
               f" ours/cudnn={v['ours'] / v['cudnn']:.2f}" if "ours" in v and "cudnn" in v else "")
 
@@ -382,7 +436,7 @@ def report(paths):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    base = ["ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16"]
+    base = ["ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16", "ours_mgpu"]
     color = {b: f"C{i}" for i, b in enumerate(base)}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9), sharex=True)
     for col, (d, mode) in enumerate([(128, "fwd"), (128, "fwd+bwd"), (64, "fwd"),

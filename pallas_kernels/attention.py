@@ -123,6 +123,8 @@ class FlashConfig:
     num_warps_bwd: int = 4
     num_stages: int = 3
     num_stages_bwd: int = 2
+    fwd_impl: str = "triton"     # "mosaic": the experimental Mosaic GPU forward (attention_mgpu)
+    mgpu_stages: int = 2
     interpret: bool = False
 
 
@@ -264,6 +266,10 @@ def _pad_inputs(q, k, v, segment_ids, block_q: int, block_k: int):
 
 def _flash_forward(q, k, v, segment_ids, cfg: FlashConfig):
     """Returns o [B, Lq, Hq, D] and lse [B, Hq, Lq_pad] (base 2, f32)."""
+    if cfg.fwd_impl == "mosaic":
+        from pallas_kernels import attention_mgpu
+        return attention_mgpu.mosaic_forward(q, k, v, cfg, stages=cfg.mgpu_stages,
+                                             interpret=cfg.interpret)
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv
@@ -596,15 +602,25 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
 
 def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=None,
                            window=None, interpret=False, **blocks):
-    """The GPU-style Pallas kernel with explicit block sizes (keys of FlashConfig) for tuning."""
+    """The GPU-style Pallas kernel with explicit block sizes (keys of FlashConfig) for tuning.
+
+    `fwd_impl="mosaic"` swaps in the experimental Mosaic GPU forward (Hopper; with
+    `interpret=True` it runs in Mosaic GPU interpret mode); the backward stays Triton.
+    """
     lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     d_pad = max(16, pl.next_power_of_2(d))                 # Triton tiles need power-of-2 sizes
     if d_pad != d:
         q, k, v = (_common.pad_axis(x, 3, d_pad) for x in (q, k, v))
+    defaults = _default_blocks(lq, lk, d_pad)
+    if blocks.get("fwd_impl") == "mosaic":
+        # Mosaic GPU forward: block_q rows per consumer warpgroup (two per CTA), 64-wide tiles.
+        if segment_ids is not None or d_pad not in (64, 128):
+            raise ValueError("fwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
+        defaults.update(block_q=64, block_k=128 if d_pad == 128 else 64)
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
-                      **{**_default_blocks(lq, lk, d_pad), **blocks})
+                      **{**defaults, **blocks})
     return _flash(q, k, v, segment_ids, cfg)[..., :d]
 
 

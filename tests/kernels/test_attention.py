@@ -205,3 +205,19 @@ def test_tpu_decode_and_public_dispatch_in_tpu_interpret_mode():
     q, k, v, _ = _inputs(14, 1, 24, 24, 2, 1, 32, jnp.bfloat16)
     o = attn.flash_attention(q, k, v, causal=True, backend="tpu_interpret")
     assert _rel_err(o, attn.attention_reference(q, k, v, causal=True)) < 2e-2
+
+
+@pytest.mark.parametrize("lq,lk,hq,hkv,d,window", [
+    (100, 130, 4, 2, 64, 40),
+    pytest.param(260, 200, 2, 1, 128, None, marks=SLOW),
+])
+def test_mosaic_gpu_forward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, window):
+    """The experimental Mosaic GPU forward (backward: the Triton kernels, interpret mode)."""
+    q, k, v, do = _inputs(15, 1, lq, lk, hq, hkv, d, jnp.bfloat16)
+    kw = dict(causal=True, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           block_k=64, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
