@@ -142,6 +142,10 @@ class GLABlocks:
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
     num_stages: int = 2
+    # "sequential": one program walks a whole sequence (no stored states in the forward);
+    # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
+    # then one program per chunk (and the same for dS in the backward). GPU kernels only.
+    schedule: str = "sequential"
 
 
 def _num_warps(given, state_rows, state_cols):
@@ -174,204 +178,350 @@ def _causal_mask(sub):
     return t >= s
 
 
-def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, scale, blocks,
-                    n_chunks, dot_dtype):
-    # q/k/g [Lp, K], v/o [Lp, BV], s0/st [K, BV]
+def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, dot_dtype):
+    """Rows [base, base + chunk_size) of one program: writes o, returns the state after them."""
+    # q/k/g [*, K], v/o [*, BV], s [K, BV] f32
     sub = blocks.sub_chunk
     causal = _causal_mask(sub)
+    for j in range(blocks.chunk_size // sub):
+        rows = pl.ds(base + j * sub, sub)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
+        g = g_ref[rows, :].astype(_F32)
+        v = v_ref[rows, :].astype(dot_dtype)
+        c, c_end, m = _sub_chunk_gates(g, sub)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+        o = _dot(q_in, s_KV.astype(dot_dtype)) + _dot(a, v)
+        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+        s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+    return s_KV
 
-    def chunk(ci, s_KV):
-        for j in range(blocks.chunk_size // sub):
-            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
-            q = q_ref[rows, :].astype(_F32)
-            k = k_ref[rows, :].astype(_F32)
-            g = g_ref[rows, :].astype(_F32)
-            v = v_ref[rows, :].astype(dot_dtype)
-            c, c_end, m = _sub_chunk_gates(g, sub)
-            q_in = (q * jnp.exp(c)).astype(dot_dtype)
-            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
-            o = _dot(q_in, s_KV.astype(dot_dtype)) + _dot(a, v)
-            o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
-            s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
-        return s_KV
 
+def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, n_chunks, **kw):
+    # Sequential schedule: q/k/g [Lp, K], v/o [Lp, BV], s0/st [K, BV]
+    step = kw["blocks"].chunk_size
+    chunk = lambda ci, s: _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, ci * step, s, **kw)
     st_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
 
 
+def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, *, blocks, n_chunks,
+                       dot_dtype):
+    # Chunk-parallel schedule, pass 1: k/g [Lp, K], v [Lp, BV], s0 [K, BV],
+    # states [N + 1, K, BV]: the state entering each chunk, then the final state.
+    size = blocks.chunk_size
+
+    def chunk(ci, s_KV):
+        states_ref[ci] = s_KV
+        rows = pl.ds(ci * size, size)
+        g = g_ref[rows, :].astype(_F32)
+        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+        # exp(b_end - b) may underflow for strong decays: then so does the true contribution.
+        k_out = (k_ref[rows, :].astype(_F32) * jnp.exp(b_end[None, :] - b)).astype(dot_dtype)
+        return (jnp.exp(b_end)[:, None] * s_KV
+                + _dot(k_out, v_ref[rows, :].astype(dot_dtype), ta=True))
+
+    states_ref[n_chunks] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+
+
+def _gla_fwd_chunk_kernel(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw):
+    # Chunk-parallel schedule, pass 2: one chunk, q/k/g [C, K], v/o [C, BV], s [K, BV] entering.
+    _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, 0, s_ref[...].astype(_F32), **kw)
+
+
 def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
+    """Returns (o, final state, chunk states or None)."""
     b, lp, h, dk = q.shape
     dv = v.shape[-1]
     bv = min(blocks.block_v, dv)
-    kernel = functools.partial(_gla_fwd_kernel, scale=scale, blocks=blocks,
-                               n_chunks=lp // blocks.chunk_size, dot_dtype=_dot_dtype(q))
+    n_chunks, size = lp // blocks.chunk_size, blocks.chunk_size
+    kw = dict(blocks=blocks, dot_dtype=_dot_dtype(q))
+    params = dict(compiler_params=plgpu.CompilerParams(
+        num_warps=_num_warps(blocks.num_warps_fwd, dk, bv), num_stages=blocks.num_stages),
+        interpret=interpret)
     seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
     seq_v = pl.BlockSpec((None, lp, None, bv), lambda i, j, n: (i, 0, j, n))
     state = pl.BlockSpec((None, None, dk, bv), lambda i, j, n: (i, j, 0, n))
-    return pl.pallas_call(
-        kernel,
+    o_shape = jax.ShapeDtypeStruct((b, lp, h, dv), v.dtype)
+    if blocks.schedule == "sequential":
+        o, st = pl.pallas_call(
+            functools.partial(_gla_fwd_kernel, scale=scale, n_chunks=n_chunks, **kw),
+            grid=(b, h, dv // bv),
+            in_specs=[seq_k, seq_k, seq_v, seq_k, state],
+            out_specs=[seq_v, state],
+            out_shape=[o_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
+            name="gla_fwd", **params,
+        )(q, k, v, log_g, s0)
+        return o, st, None
+    states = pl.pallas_call(
+        functools.partial(_gla_states_kernel, n_chunks=n_chunks, **kw),
         grid=(b, h, dv // bv),
-        in_specs=[seq_k, seq_k, seq_v, seq_k, state],
-        out_specs=[seq_v, state],
-        out_shape=[jax.ShapeDtypeStruct((b, lp, h, dv), v.dtype),
-                   jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_fwd, dk, bv),
-                                             num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="gla_fwd",
-    )(q, k, v, log_g, s0)
+        in_specs=[seq_k, seq_v, seq_k, state],
+        out_specs=pl.BlockSpec((None, None, n_chunks + 1, dk, bv),
+                               lambda i, j, n: (i, j, 0, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((b, h, n_chunks + 1, dk, dv), _F32),
+        name="gla_fwd_states", **params,
+    )(k, v, log_g, s0)
+    chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
+    chunk_v = pl.BlockSpec((None, size, None, bv), lambda i, j, c, n: (i, c, j, n))
+    state_c = pl.BlockSpec((None, None, None, dk, bv), lambda i, j, c, n: (i, j, c, 0, n))
+    o = pl.pallas_call(
+        functools.partial(_gla_fwd_chunk_kernel, scale=scale, **kw),
+        grid=(b, h, n_chunks, dv // bv),
+        in_specs=[chunk_k, chunk_k, chunk_v, chunk_k, state_c],
+        out_specs=chunk_v,
+        out_shape=o_shape,
+        name="gla_fwd_chunks", **params,
+    )(q, k, v, log_g, states)
+    return o, states[:, :, n_chunks], states
 
 
 # --------------------------------------------------------------------------------------------
-# Backward. No state is stored by the forward: two kernels recompute what they need.
+# Backward. The forward stores nothing (sequential schedule) or one f32 state per chunk
+# (chunk-parallel schedule); the rest is recomputed.
 #   dq pass (forward order, grid over blocks of K rows of the state): re-runs the state
 #     recurrence and writes dq = scale * (exp(c) * (do @ S^T) + exp(c - m) * (dA @ k_mid)), f32.
-#   dk/dv pass (reverse order, full state): carries dS, the gradient w.r.t. the state at the
-#     sub-chunk's end, dS_start = exp(c_end) * dS_end + scale * (q * exp(c))^T do, and
+#   dk/dv pass (reverse order): carries dS, the gradient w.r.t. the state at the sub-chunk's
+#     end, dS_start = exp(c_end) * dS_end + scale * (q * exp(c))^T do, and
 #     dv = A^T do + k_out dS_end, dk = exp(m - c) * (dA^T q_mid) + exp(c_end - c) * (v dS_end^T),
-#     dlog_g = reverse cumsum of (q * dq - k * dk) (+ sum_v S_T * dS_T at the end): every term
-#     is a product of bounded factors, so the gate gradient is as stable as dq and dk.
+#     dlog_g = reverse cumsum inside the chunk of (q * dq - k * dk) + sum_v S_end * dS_end.
+#   Chunk-parallel schedule: a reverse pass first writes dS at every chunk end; then the dq and
+#     dk/dv passes run one program per chunk from the stored S and dS.
 # --------------------------------------------------------------------------------------------
 
 
-def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *, scale,
-                       blocks, n_chunks, dot_dtype):
-    # k/g/dq [Lp, BK], v/do [Lp, V], s0 [BK, V], s_end [N, BK, V]: the state after each chunk
+def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks, dot_dtype):
+    # k/g/dq [*, BK], v/do [*, V], s [BK, V] f32 entering the chunk; returns the state after it
     sub = blocks.sub_chunk
     causal = _causal_mask(sub)
+    for j in range(blocks.chunk_size // sub):
+        rows = pl.ds(base + j * sub, sub)
+        k = k_ref[rows, :].astype(_F32)
+        g = g_ref[rows, :].astype(_F32)
+        v = v_ref[rows, :].astype(dot_dtype)
+        do = do_ref[rows, :].astype(dot_dtype)
+        c, c_end, m = _sub_chunk_gates(g, sub)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        da = jnp.where(causal, _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+        dq = (jnp.exp(c) * _dot(do, s_KV.astype(dot_dtype), tb=True)
+              + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
+        dq_ref[rows, :] = scale * dq
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+    return s_KV
+
+
+def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *, n_chunks,
+                       **kw):
+    # k/g/dq [Lp, BK], v/do [Lp, V], s0 [BK, V], s_end [N, BK, V]: the state after each chunk
+    step = kw["blocks"].chunk_size
 
     def chunk(ci, s_KV):
-        for j in range(blocks.chunk_size // sub):
-            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
-            k = k_ref[rows, :].astype(_F32)
-            g = g_ref[rows, :].astype(_F32)
-            v = v_ref[rows, :].astype(dot_dtype)
-            do = do_ref[rows, :].astype(dot_dtype)
-            c, c_end, m = _sub_chunk_gates(g, sub)
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            da = jnp.where(causal, _dot(do, v, tb=True), 0.0).astype(dot_dtype)
-            dq = (jnp.exp(c) * _dot(do, s_KV.astype(dot_dtype), tb=True)
-                  + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
-            dq_ref[rows, :] = scale * dq
-            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-            s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+        s_KV = _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, ci * step, s_KV, **kw)
         s_end_ref[ci] = s_KV
         return s_KV
 
     lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
 
 
-def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref,
-                        s_end_ref, dst_ref, dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, scale,
-                        blocks, n_chunks, dot_dtype):
-    # q/k/g [Lp, K] (for the intra-sub-chunk scores), qb/kb/gb/dq32/dq/dk/dg [Lp, BK] (this
-    # program's rows of the state), v/do/dv [Lp, V] (dv: this block's part), s_end [N, BK, V],
-    # dst/ds0 [BK, V]
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
-    n_sub = blocks.chunk_size // sub
-    split = qb_ref.shape[-1] < q_ref.shape[-1]
-    first_block = pl.program_id(2) == 0
+def _gla_bwd_dq_chunk_kernel(k_ref, v_ref, g_ref, do_ref, s_ref, dq_ref, **kw):
+    _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, 0, s_ref[...].astype(_F32), **kw)
+
+
+def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, scale, blocks,
+                        n_chunks, dot_dtype):
+    # Chunks in reverse: q/g [Lp, BK], do [Lp, V], dst/ds0 [BK, V], dstates [N, BK, V]: the
+    # gradient w.r.t. the state at the end of each chunk.
+    size = blocks.chunk_size
 
     def chunk(i, ds_KV):
         ci = n_chunks - 1 - i
-        # The gate of a row in this chunk scales every later row's view of the chunk's end
-        # state: that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays
-        # inside the chunk and its rounding does not grow with the length.
-        acc_K = jnp.sum(s_end_ref[ci] * ds_KV, axis=1)
-        for j in reversed(range(n_sub)):
-            rows = pl.ds(ci * blocks.chunk_size + j * sub, sub)
-            v = v_ref[rows, :].astype(dot_dtype)
-            do = do_ref[rows, :].astype(dot_dtype)
-            # This block's columns of Dk.
-            q = qb_ref[rows, :].astype(_F32)
-            k = kb_ref[rows, :].astype(_F32)
-            dq = dq32_ref[rows, :]
-            c, c_end, m = _sub_chunk_gates(gb_ref[rows, :].astype(_F32), sub)
-            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-            if split:  # the scores need all of Dk: every block recomputes them ([C, C])
-                c_all, _, m_all = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-                q_mid_all = q_ref[rows, :].astype(_F32) * jnp.exp(c_all - m_all[None, :])
-                k_mid_all = k_ref[rows, :].astype(_F32) * jnp.exp(m_all[None, :] - c_all)
-                a = _dot(q_mid_all.astype(dot_dtype), k_mid_all.astype(dot_dtype), tb=True)
-            else:
-                a = _dot(q_mid, k_mid, tb=True)
-            a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
-            da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
-            ds = ds_KV.astype(dot_dtype)
-            dv_intra = _dot(a, do, ta=True)
-            if split:  # one block adds the intra part to the sum over blocks
-                dv_intra = jnp.where(first_block, dv_intra, 0.0)
-            dv = _dot(k_out, ds) + dv_intra
-            dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
-                  + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
-            x = q * dq - k * dk
-            total = jnp.sum(x, axis=0)
-            dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
-                               + x).astype(dg_ref.dtype)
-            acc_K = acc_K + total
-            dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-            dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-            dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-            q_in = (q * jnp.exp(c)).astype(dot_dtype)
-            ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
-        return ds_KV
+        dstates_ref[ci] = ds_KV
+        rows = pl.ds(ci * size, size)
+        g = g_ref[rows, :].astype(_F32)
+        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+        q_in = (q_ref[rows, :].astype(_F32) * jnp.exp(b)).astype(dot_dtype)
+        return (jnp.exp(b_end)[:, None] * ds_KV
+                + scale * _dot(q_in, do_ref[rows, :].astype(dot_dtype), ta=True))
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
 
 
-def _gla_bwd_call(q, k, v, log_g, s0, do, dst, *, scale, blocks, interpret):
+def _dkv_chunk(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref,
+               dk_ref, dv_ref, dg_ref, base, ds_KV, s_end_KV, *, first_block, scale, blocks,
+               dot_dtype):
+    # q/k/g [*, K] (for the intra-sub-chunk scores), qb/kb/gb/dq32/dq/dk/dg [*, BK] (this
+    # program's rows of the state), v/do/dv [*, V] (dv: this block's part), ds/s_end [BK, V]
+    # at the chunk's end. Sub-chunks in reverse; returns dS at the chunk's start.
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+    split = qb_ref.shape[-1] < q_ref.shape[-1]
+    # The gate of a row in this chunk scales every later row's view of the chunk's end state:
+    # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
+    # and its rounding does not grow with the length.
+    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)
+    for j in reversed(range(blocks.chunk_size // sub)):
+        rows = pl.ds(base + j * sub, sub)
+        v = v_ref[rows, :].astype(dot_dtype)
+        do = do_ref[rows, :].astype(dot_dtype)
+        # This block's columns of Dk.
+        q = qb_ref[rows, :].astype(_F32)
+        k = kb_ref[rows, :].astype(_F32)
+        dq = dq32_ref[rows, :]
+        c, c_end, m = _sub_chunk_gates(gb_ref[rows, :].astype(_F32), sub)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        if split:  # the scores need all of Dk: every block recomputes them ([C, C])
+            c_all, _, m_all = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
+            q_mid_all = q_ref[rows, :].astype(_F32) * jnp.exp(c_all - m_all[None, :])
+            k_mid_all = k_ref[rows, :].astype(_F32) * jnp.exp(m_all[None, :] - c_all)
+            a = _dot(q_mid_all.astype(dot_dtype), k_mid_all.astype(dot_dtype), tb=True)
+        else:
+            a = _dot(q_mid, k_mid, tb=True)
+        a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
+        da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+        ds = ds_KV.astype(dot_dtype)
+        dv_intra = _dot(a, do, ta=True)
+        if split:  # one block adds the intra part to the sum over blocks
+            dv_intra = jnp.where(first_block, dv_intra, 0.0)
+        dv = _dot(k_out, ds) + dv_intra
+        dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
+              + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
+        x = q * dq - k * dk
+        total = jnp.sum(x, axis=0)
+        dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
+                           + x).astype(dg_ref.dtype)
+        acc_K = acc_K + total
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    return ds_KV
+
+
+def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref,
+                        s_end_ref, dst_ref, dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, n_chunks,
+                        **kw):
+    # Sequential schedule: whole sequences ([Lp, *]), s_end [N, BK, V], dst/ds0 [BK, V]
+    step = kw["blocks"].chunk_size
+    refs = (q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref,
+            dv_ref, dg_ref)
+    first_block = pl.program_id(2) == 0
+
+    def chunk(i, ds_KV):
+        ci = n_chunks - 1 - i
+        return _dkv_chunk(*refs, ci * step, ds_KV, s_end_ref[ci], first_block=first_block, **kw)
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
+
+
+def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref,
+                              dq32_ref, s_end_ref, ds_ref, dq_ref, dk_ref, dv_ref, dg_ref, **kw):
+    # Chunk-parallel schedule: one chunk ([C, *]), s_end/ds [BK, V] at its end
+    refs = (q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref,
+            dv_ref, dg_ref)
+    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...],
+               first_block=pl.program_id(3) == 0, **kw)
+
+
+def _gla_bwd_call(q, k, v, log_g, s0, states, do, dst, *, scale, blocks, interpret):
     b, lp, h, dk = q.shape
     dv = v.shape[-1]
-    bk = min(blocks.block_k, dk)
-    n_chunks = lp // blocks.chunk_size
-    dot_dtype = _dot_dtype(q)
-    seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
-    seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
-    state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
-    states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv), lambda i, j, n: (i, j, 0, n, 0))
-    dq32, s_end = pl.pallas_call(
-        functools.partial(_gla_bwd_dq_kernel, scale=scale, blocks=blocks, n_chunks=n_chunks,
-                          dot_dtype=dot_dtype),
-        grid=(b, h, dk // bk),
-        in_specs=[seq_bk, seq_v, seq_bk, seq_v, state_bk],
-        out_specs=[seq_bk, states_bk],
-        out_shape=[jax.ShapeDtypeStruct((b, lp, h, dk), _F32),
-                   jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_dq, bk, dv),
+    n_chunks, size = lp // blocks.chunk_size, blocks.chunk_size
+    kw = dict(scale=scale, blocks=blocks, dot_dtype=_dot_dtype(q))
+    params = lambda warps, rows: dict(
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(warps, rows, dv),
                                              num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="gla_bwd_dq",
-    )(k, v, log_g, do, s0)
+        interpret=interpret)
+    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+    sequential = blocks.schedule == "sequential"
+
+    # dq pass over blocks of the state's rows.
+    bk = min(blocks.block_k, dk)
+    if sequential:
+        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
+        seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
+        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
+        states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv),
+                                 lambda i, j, n: (i, j, 0, n, 0))
+        dq32, s_end = pl.pallas_call(
+            functools.partial(_gla_bwd_dq_kernel, n_chunks=n_chunks, **kw),
+            grid=(b, h, dk // bk),
+            in_specs=[seq_bk, seq_v, seq_bk, seq_v, state_bk],
+            out_specs=[seq_bk, states_bk],
+            out_shape=[shape(q, _F32), jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
+            name="gla_bwd_dq", **params(blocks.num_warps_dq, bk),
+        )(k, v, log_g, do, s0)
+    else:
+        chunk_bk = pl.BlockSpec((None, size, None, bk), lambda i, j, c, n: (i, c, j, n))
+        chunk_v = pl.BlockSpec((None, size, None, dv), lambda i, j, c, n: (i, c, j, 0))
+        state_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c, n, 0))
+        dq32 = pl.pallas_call(
+            functools.partial(_gla_bwd_dq_chunk_kernel, **kw),
+            grid=(b, h, n_chunks, dk // bk),
+            in_specs=[chunk_bk, chunk_v, chunk_bk, chunk_v, state_c],
+            out_specs=chunk_bk,
+            out_shape=shape(q, _F32),
+            name="gla_bwd_dq_chunks", **params(blocks.num_warps_dq, bk),
+        )(k, v, log_g, do, states)
+        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
+        seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
+        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
+        dstates, ds0 = pl.pallas_call(
+            functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, **kw),
+            grid=(b, h, dk // bk),
+            in_specs=[seq_bk, seq_bk, seq_v, state_bk],
+            out_specs=[pl.BlockSpec((None, None, n_chunks, bk, dv),
+                                    lambda i, j, n: (i, j, 0, n, 0)), state_bk],
+            out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32), shape(s0, _F32)],
+            name="gla_bwd_dstates", **params(blocks.num_warps_dq, bk),
+        )(q, log_g, do, dst)
 
     # dk/dv pass: blocks of the state's rows again; dv sums over the blocks.
     bk = min(blocks.block_k_dkv, dk)
     nk = dk // bk
-    seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
-    seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
-    state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
-    states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv), lambda i, j, n: (i, j, 0, n, 0))
-    dv_part = pl.BlockSpec((None, None, lp, None, dv), lambda i, j, n: (n, i, 0, j, 0))
-    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    dq, dk_, dv_parts, dg, ds0 = pl.pallas_call(
-        functools.partial(_gla_bwd_dkv_kernel, scale=scale, blocks=blocks, n_chunks=n_chunks,
-                          dot_dtype=dot_dtype),
-        grid=(b, h, nk),
-        in_specs=[seq_k, seq_k, seq_k, seq_bk, seq_bk, seq_bk, seq_v, seq_v, seq_bk, states_bk,
-                  state_bk],
-        out_specs=[seq_bk, seq_bk, dv_part, seq_bk, state_bk],
-        out_shape=[shape(q), shape(k),
-                   jax.ShapeDtypeStruct((nk, b, lp, h, dv), v.dtype if nk == 1 else _F32),
-                   shape(log_g), shape(s0, _F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(blocks.num_warps_dkv, bk, dv),
-                                             num_stages=blocks.num_stages),
-        interpret=interpret,
-        name="gla_bwd_dkv",
-    )(q, k, log_g, q, k, log_g, v, do, dq32, s_end, dst)
+    dv_dtype = v.dtype if nk == 1 else _F32
+    outs = [shape(q), shape(k), jax.ShapeDtypeStruct((nk, b, lp, h, dv), dv_dtype),
+            shape(log_g)]
+    inputs = (q, k, log_g, q, k, log_g, v, do, dq32)
+    if sequential:
+        seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
+        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
+        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
+        states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv),
+                                 lambda i, j, n: (i, j, 0, n, 0))
+        dv_part = pl.BlockSpec((None, None, lp, None, dv), lambda i, j, n: (n, i, 0, j, 0))
+        dq, dk_, dv_parts, dg, ds0 = pl.pallas_call(
+            functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, **kw),
+            grid=(b, h, nk),
+            in_specs=[seq_k, seq_k, seq_k, seq_bk, seq_bk, seq_bk, seq_v, seq_v, seq_bk,
+                      states_bk, state_bk],
+            out_specs=[seq_bk, seq_bk, dv_part, seq_bk, state_bk],
+            out_shape=outs + [shape(s0, _F32)],
+            name="gla_bwd_dkv", **params(blocks.num_warps_dkv, bk),
+        )(*inputs, s_end, dst)
+    else:
+        chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
+        chunk_bk = pl.BlockSpec((None, size, None, bk), lambda i, j, c, n: (i, c, j, n))
+        chunk_v = pl.BlockSpec((None, size, None, dv), lambda i, j, c, n: (i, c, j, 0))
+        # The state at a chunk's end is the state entering the next one.
+        s_end_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c + 1, n, 0))
+        ds_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c, n, 0))
+        dv_part = pl.BlockSpec((None, None, size, None, dv), lambda i, j, c, n: (n, i, c, j, 0))
+        dq, dk_, dv_parts, dg = pl.pallas_call(
+            functools.partial(_gla_bwd_dkv_chunk_kernel, **kw),
+            grid=(b, h, n_chunks, nk),
+            in_specs=[chunk_k, chunk_k, chunk_k, chunk_bk, chunk_bk, chunk_bk, chunk_v, chunk_v,
+                      chunk_bk, s_end_c, ds_c],
+            out_specs=[chunk_bk, chunk_bk, dv_part, chunk_bk],
+            out_shape=outs,
+            name="gla_bwd_dkv_chunks", **params(blocks.num_warps_dkv, bk),
+        )(*inputs, states, dstates)
     dv_ = dv_parts[0] if nk == 1 else jnp.sum(dv_parts, axis=0).astype(v.dtype)
     return dq, dk_, dv_, dg, ds0
 
@@ -585,30 +735,34 @@ def _dot_dtype(x):
 
 
 def _fwd_call(mode, *args, **kwargs):
-    call = _gla_fwd_tpu_call if mode.startswith("tpu") else _gla_fwd_call
-    return call(*args, interpret=mode.endswith("interpret"), **kwargs)
-
-
-def _bwd_call(mode, *args, **kwargs):
-    call = _gla_bwd_tpu_call if mode.startswith("tpu") else _gla_bwd_call
-    return call(*args, interpret=mode.endswith("interpret"), **kwargs)
+    """(o, final state, chunk states or None) from the kernels `mode` names."""
+    interpret = mode.endswith("interpret")
+    if mode.startswith("tpu"):
+        return (*_gla_fwd_tpu_call(*args, interpret=interpret, **kwargs), None)
+    return _gla_fwd_call(*args, interpret=interpret, **kwargs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gla_pallas(q, k, v, log_g, s0, scale, blocks, mode):
-    return _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
+    o, st, _ = _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
+    return o, st
 
 
 def _gla_pallas_fwd(q, k, v, log_g, s0, scale, blocks, mode):
-    o, st = _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
-    return (o, st), (q, k, v, log_g, s0)
+    o, st, states = _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
+    return (o, st), (q, k, v, log_g, s0, states)
 
 
 def _gla_pallas_bwd(scale, blocks, mode, res, cotangents):
-    q, k, v, log_g, s0 = res
+    q, k, v, log_g, s0, states = res
     do, dst = cotangents
-    return _bwd_call(mode, q, k, v, log_g, s0, do.astype(v.dtype), dst.astype(_F32),
-                     scale=scale, blocks=blocks)
+    do, dst = do.astype(v.dtype), dst.astype(_F32)
+    interpret = mode.endswith("interpret")
+    if mode.startswith("tpu"):
+        return _gla_bwd_tpu_call(q, k, v, log_g, s0, do, dst, scale=scale, blocks=blocks,
+                                 interpret=interpret)
+    return _gla_bwd_call(q, k, v, log_g, s0, states, do, dst, scale=scale, blocks=blocks,
+                         interpret=interpret)
 
 
 _gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)

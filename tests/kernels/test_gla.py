@@ -80,21 +80,27 @@ def _mixed_gates(seed, b, length, dk):
     return jnp.concatenate([weak, strong], axis=2)
 
 
-def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay():
+@pytest.mark.parametrize("schedule", ["sequential", "chunk_parallel"])
+def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay(schedule):
     # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two),
     # and gates from ~1 to e^-8 per step: finite and exact to f32 rounding.
     q, k, v, _, s0 = _inputs(77, 2, 77, 2, 24, 8, jnp.float32)
     log_g = _mixed_gates(78, 2, 77, 24)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
-                              fwd_tol=1e-5, grad_tol=1e-4)
+                              fwd_tol=1e-5, grad_tol=1e-4,
+                              blocks=gla_mod.GLABlocks(schedule=schedule))
 
 
-def test_gla_matches_recurrence_f32_state_split_into_blocks():
+@pytest.mark.parametrize("schedule", [
+    "chunk_parallel", pytest.param("sequential", marks=pytest.mark.slow)])
+def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
     # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in both backward passes.
-    args = _inputs(128, 2, 128, 2, 32, 32, jnp.float32)
+    # log_g in [-1, 0]: the chunk-parallel state pass sums log gates over 64 rows at once and
+    # its exp carries ~|b| * 6e-8 relative rounding (1e-5 at |b| ~ 300, log_g down to -5).
+    args = _inputs(128, 2, 128, 2, 32, 32, jnp.float32, log_g_min=-1.0)
+    blocks = gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16, schedule=schedule)
     _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
-                              grad_tol=1e-4,
-                              blocks=gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16))
+                              grad_tol=1e-4, blocks=blocks)
 
 
 def test_gla_matches_recurrence_bf16():
