@@ -20,6 +20,7 @@ from models import model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("model", "data", "train", "mesh")
+LR_SCHEDULES = ("cosine", "halve_every_epoch", "constant")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,10 @@ class TrainConfig:
     sample_tokens: int = 200        # text task: bytes sampled from the model at the end
     sample_prompt: str = "And God said"
     sample_temperature: float = 0.8
+    epochs: int = 0                 # > 0: steps = epochs * the data's steps_per_epoch, eval each
+    lr_schedule: str = "cosine"     # cosine (warmup + decay) | halve_every_epoch | constant
+    early_stopping_patience: int = 0  # > 0: stop after this many evals without a better eval
+    #                                   loss, then restore the best state (before test splits)
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
@@ -61,6 +66,12 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: must be one of {LR_SCHEDULES}, got "
+                              f"{self.lr_schedule!r}")
+        for key in ("epochs", "early_stopping_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +109,35 @@ class MQARDataConfig:
             raise ConfigError(f"data.power_a: must be in (0, 1], got {self.power_a}")
 
 
-DATA_SOURCES = {"text": TextDataConfig, "mqar": MQARDataConfig}
+@dataclasses.dataclass(frozen=True)
+class ETTDataConfig:
+    """Forecasting on an ETT-format CSV (training.ett); path None = a synthetic hourly series."""
+    source: str = "ett"
+    path: str | None = None
+    features: str = "M"             # M: all -> all, S: target -> target, MS: all -> target
+    target: str = "OT"
+    label_len: int = 48             # known steps the decoder starts from
+    pred_len: int = 24              # forecast horizon
+    split: str = "auto"             # auto (from the file name) | etth | ettm | ratio (70/10/20)
+    scale: bool = True              # standard scaler fitted on the training rows
+    synthetic_length: int = 17420
+    synthetic_seed: int = 0
+
+    def validate(self) -> None:
+        if self.features not in ("M", "S", "MS"):
+            raise ConfigError(f"data.features: must be M, S or MS, got {self.features!r}")
+        if self.split not in ("auto", "etth", "ettm", "ratio"):
+            raise ConfigError(f"data.split: must be auto, etth, ettm or ratio, got "
+                              f"{self.split!r}")
+        if self.label_len < 0 or self.pred_len < 1:
+            raise ConfigError("data.pred_len: need pred_len >= 1 and label_len >= 0, got "
+                              f"{self.pred_len}, {self.label_len}")
+        if self.path is not None and not os.path.isfile(os.path.expanduser(self.path)):
+            raise ConfigError(f"data.path: {self.path!r} is not a file; give an ETT-format CSV "
+                              "(or leave it unset for the synthetic series)")
+
+
+DATA_SOURCES = {"text": TextDataConfig, "mqar": MQARDataConfig, "ett": ETTDataConfig}
 
 
 MESH_AXES = ("data", "fsdp")

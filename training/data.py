@@ -168,6 +168,9 @@ class MQARData(LMTask):
 
 
 def make_data(data_cfg, seq_len: int, seed: int):
+    if data_cfg.source == "ett":
+        from training.ett import ETTData
+        return ETTData(data_cfg, seq_len, seed)
     if isinstance(data_cfg, TextDataConfig):
         return TextData(data_cfg, seq_len, seed)
     return MQARData(data_cfg, seq_len, seed)

@@ -7,6 +7,7 @@ a final summary and (text task) a generated sample.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -23,7 +24,7 @@ from flax import nnx
 from models import build_model, count_params
 from training import sharding
 from training.checkpoint import Checkpointer
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import TextData, make_data
 
 
@@ -31,10 +32,16 @@ class TrainingStopped(RuntimeError):
     """The run stopped early (non-finite loss); the message says why and where to resume."""
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg, steps_per_epoch: int = 1) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
         end_value=cfg.lr * cfg.min_lr_ratio)
+    if cfg.lr_schedule == "constant":
+        schedule = optax.constant_schedule(cfg.lr)
+    elif cfg.lr_schedule == "halve_every_epoch":
+        # The Informer code's `type1`: epochs 0 and 1 at lr, then halved after every epoch.
+        schedule = lambda step: cfg.lr * 0.5 ** jax.numpy.maximum(
+            step // steps_per_epoch - 1, 0)
     # No weight decay on gains, biases and other vectors.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
@@ -59,7 +66,16 @@ class Trainer:
         sharding.check_batch(self.cfg.batch_size, self.mesh)
         self.data = make_data(run.data, self.cfg.seq_len, self.cfg.seed)
         model_cfg = dict(run.raw["model"])
-        self.tx, self.schedule = make_optimizer(self.cfg)
+        if hasattr(self.data, "configure_model"):      # the data fixes the model's sizes
+            model_cfg = self.data.configure_model(model_cfg)
+        per_epoch = getattr(self.data, "steps_per_epoch", lambda _: None)(self.cfg.batch_size)
+        if (self.cfg.epochs or self.cfg.lr_schedule == "halve_every_epoch") and not per_epoch:
+            raise ConfigError("train.epochs: the data source has no epochs (steps_per_epoch)")
+        if self.cfg.epochs:                            # evaluate at every epoch end
+            self.cfg = dataclasses.replace(self.cfg, steps=self.cfg.epochs * per_epoch,
+                                           eval_every=per_epoch)
+        self.best = (math.inf, None, 0)                # early stopping: loss, state, evals since
+        self.tx, self.schedule = make_optimizer(self.cfg, per_epoch or 1)
 
         def init():
             model = build_model(model_cfg, rngs=nnx.Rngs(self.cfg.seed))
@@ -115,7 +131,13 @@ class Trainer:
             with open(self.workdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, split: str = "eval") -> dict:
+        if hasattr(self.data, "eval_batches"):         # a full pass; `weight` marks padding
+            batches = list(self.data.eval_batches(self.cfg.batch_size, split))
+            rows = [jax.device_get(self._eval_step(
+                self.state, sharding.global_batch(b, self.batch_sharding))) for b in batches]
+            weights = [float(b["weight"].sum()) for b in batches]
+            return {k: float(np.average([r[k] for r in rows], weights=weights)) for k in rows[0]}
         rows = [jax.device_get(self._eval_step(self.state, self._device_batch(i, "eval")))
                 for i in range(self.cfg.eval_batches)]
         out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
@@ -123,6 +145,17 @@ class Trainer:
             out["perplexity"] = math.exp(min(out["loss"], 50.0))
             out["bits_per_byte"] = out["loss"] / math.log(2)
         return out
+
+    def _early_stop(self, loss: float) -> bool:
+        """Track the best eval loss and its state; True after `patience` evals without one."""
+        patience = self.cfg.early_stopping_patience
+        if patience <= 0:
+            return False
+        if loss < self.best[0]:
+            self.best = (loss, jax.tree.map(jax.numpy.copy, self.state), 0)
+            return False
+        self.best = (self.best[0], self.best[1], self.best[2] + 1)
+        return self.best[2] >= patience
 
     def save(self, step: int) -> Path:
         meta = {"step": step, "config": self.run.raw}
@@ -192,6 +225,10 @@ class Trainer:
                     self.log(f"eval  {step:>6} | " + " | ".join(
                         f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                     window_t = time.time()
+                    if self._early_stop(eval_metrics["loss"]):
+                        self.log(f"early stopping at step {step}: no better eval loss in "
+                                 f"{cfg.early_stopping_patience} evaluations")
+                        break
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     self.save(step)
                     last_saved = step
@@ -206,12 +243,25 @@ class Trainer:
                      "to resume.")
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if self.best[1] is not None:                   # early stopping keeps the best state
+            self.state = self.best[1]
+            if not interrupted and step > last_saved:
+                self.save(step)
+                last_saved = step
+        test_metrics = {} if interrupted else {
+            split: self.evaluate(split) for split in getattr(self.data, "test_splits", ())}
+        for split, metrics in test_metrics.items():
+            self._write({"step": step, "split": split, **metrics})
+            self.log(f"{split} (best eval state) | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items()))
         wall = time.time() - t0
         summary = {"step": step, "train_loss": train_loss, "wall_time_s": wall,
                    "tokens_per_s": (step - start) * tokens_per_step / max(wall, 1e-9),
                    "checkpoint": str(self.checkpointer.directory / str(last_saved)),
                    "interrupted": interrupted, "parameters": n_params}
         summary.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        for split, metrics in test_metrics.items():
+            summary.update({f"{split}_{k}": v for k, v in metrics.items()})
         if isinstance(self.data, TextData):
             summary["unigram_eval_loss"] = self.data.unigram_loss()
         self.checkpointer.close()
