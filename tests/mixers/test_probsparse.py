@@ -26,8 +26,8 @@ def test_sizes_follow_the_authors_code():
 
 
 @pytest.mark.parametrize("causal,selection,sampling", [
-    (False, "global", "per_query"), (False, "global", "shared"), (True, "global", "per_query"),
-    (True, "prefix", "per_query"), (True, "prefix", "shared")])
+    (False, "global", "per_query"), (True, "global", "shared"), (True, "prefix", "per_query"),
+    (True, "prefix", "shared")])
 def test_equals_full_attention_when_every_query_is_active(keys, causal, selection, sampling):
     q, k, v = _qkv(keys, length=16)                           # u = 6 * ceil(ln 16) = 18 >= 16
     out = ps(q, k, v, jax.random.PRNGKey(1), factor=6, causal=causal,

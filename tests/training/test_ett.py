@@ -90,7 +90,7 @@ TINY = ["model.d_model=16", "model.d_ff=32", "model.cross_heads=2",
         "model.decoder_mixer={type: probsparse, n_heads: 2, query_selection: global}",
         "data.synthetic_length=2400", "data.split=ratio", "data.label_len=12",
         "data.pred_len=6", "train.seq_len=24", "train.batch_size=64", "train.log_every=5",
-        "train.epochs=4", "train.lr=3.0e-3", "train.early_stopping_patience=3"]
+        "train.epochs=3", "train.lr=3.0e-3", "train.early_stopping_patience=3"]
 
 
 def test_informer_trains_end_to_end(tmp_path):
@@ -102,7 +102,7 @@ def test_informer_trains_end_to_end(tmp_path):
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
     per_epoch = (int(2400 * 0.7) - 24 - 6 + 1) // 64
-    assert [r["step"] for r in evals] == [per_epoch * (i + 1) for i in range(4)]
+    assert [r["step"] for r in evals] == [per_epoch * (i + 1) for i in range(3)]
     assert train_losses[-1] < 0.7 * train_losses[0]
     assert [r["split"] for r in records][-1] == "test"
     assert np.isfinite(summary["test_mse"]) and summary["test_mse"] == summary["test_loss"]
