@@ -5,7 +5,8 @@
 In one run: (1) forward, final state and all gradients of our Pallas kernels against the f32
 step-by-step recurrence (f32 and bf16, ragged length, initial state, Dk != Dv, strong decay);
 (2) forward and forward+backward times, bf16, B=8, H=16, head dims 64 and 128, T = 2k/8k/32k,
-of ours, of our jnp chunked reference under jit (T <= 8k: its [C, C, Dk] decay tensor does not
+of ours (default sequential schedule; column cp: the chunk-parallel schedule), of our jnp
+chunked reference under jit (T <= 8k: its [C, C, Dk] decay tensor does not
 fit at 32k) and of fla's `chunk_gla` (PyTorch + Triton, from the fla-core wheel); tokens/s and
 ratios. fla autotunes every kernel over 24-96 configs on first use (minutes); `--fla-configs N`
 keeps the first N configs with num_warps=4, num_stages=2 per kernel, which the table then says.
@@ -162,7 +163,8 @@ def _fla_times(chunk_gla, d, t):
     return out
 
 
-def run_timings(results, dims, lengths, budget, fla_configs, with_fla, ref_max_t):
+def run_timings(results, dims, lengths, budget, fla_configs, with_fla, ref_max_t,
+                chunk_parallel):
     rows = results["timings"]
     for d in dims:
         for t in lengths:
@@ -172,13 +174,18 @@ def run_timings(results, dims, lengths, budget, fla_configs, with_fla, ref_max_t
                 row["skipped"] = "time budget"
                 continue
             q, k, v, g, _, do = _inputs(B, t, H, d, d, jnp.bfloat16, seed=t + d)
-            for name, backend in (("ours", "pallas"), ("ref", "reference")):
+            candidates = [("ours", "pallas", None), ("ref", "reference", None)]
+            if chunk_parallel:
+                candidates.insert(1, ("cp", "pallas",
+                                      gla_mod.GLABlocks(schedule="chunk_parallel")))
+            for name, backend, blocks in candidates:
                 if backend == "reference" and t > ref_max_t:
                     row["ref"] = f"not run (T > {ref_max_t})"
                     continue
                 try:
-                    row[f"{name}_fwd"] = _timeit(_fwd(backend), q, k, v, g)
-                    row[f"{name}_fwd_bwd"] = _timeit(_fwd_bwd(backend), q, k, v, g, do, iters=5)
+                    row[f"{name}_fwd"] = _timeit(_fwd(backend, blocks), q, k, v, g)
+                    row[f"{name}_fwd_bwd"] = _timeit(_fwd_bwd(backend, blocks), q, k, v, g, do,
+                                                     iters=5)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc()
@@ -217,6 +224,10 @@ def run_variants(results, budget):
     q, k, v, g, _, do = _inputs(B, t, H, d, d, jnp.bfloat16, seed=3)
     variants = {
         "fwd block_v=32, dq block_k=32": gla_mod.GLABlocks(block_v=32, block_k=32),
+        "num_stages=1": gla_mod.GLABlocks(num_stages=1),
+        "num_stages=3": gla_mod.GLABlocks(num_stages=3),
+        "chunk_parallel, block_v=128": gla_mod.GLABlocks(schedule="chunk_parallel",
+                                                         block_v=128),
         "dkv unsplit (block_k_dkv=128, 8 warps)": gla_mod.GLABlocks(block_k_dkv=128,
                                                                    num_warps_dkv=8),
     }
@@ -235,9 +246,10 @@ def run_variants(results, budget):
 
 
 def report(results):
-    lines = ["| Dk=Dv | T | ours fwd ms | ours fwd+bwd ms | ref fwd | ref fwd+bwd | fla fwd | "
-             "fla fwd+bwd | fwd vs fla | fwd+bwd vs fla | fwd+bwd vs ref | Mtok/s fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Dk=Dv | T | ours fwd ms | ours fwd+bwd ms | cp fwd | cp fwd+bwd | ref fwd | "
+             "ref fwd+bwd | fla fwd | fla fwd+bwd | fwd vs fla | fwd+bwd vs fla | "
+             "fwd+bwd vs ref | Mtok/s fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"
     r = lambda a, b: f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
     for row in results["timings"]:
@@ -245,7 +257,8 @@ def report(results):
                                                                         float) else None)
         lines.append(
             f"| {row['d']} | {row['t']} | {f(row.get('ours_fwd'))} | "
-            f"{f(row.get('ours_fwd_bwd'))} | {f(row.get('ref_fwd'))} | "
+            f"{f(row.get('ours_fwd_bwd'))} | {f(row.get('cp_fwd'))} | "
+            f"{f(row.get('cp_fwd_bwd'))} | {f(row.get('ref_fwd'))} | "
             f"{f(row.get('ref_fwd_bwd'))} | {f(row.get('fla_fwd'))} | "
             f"{f(row.get('fla_fwd_bwd'))} | {r(row.get('fla_fwd'), row.get('ours_fwd'))} | "
             f"{r(row.get('fla_fwd_bwd'), row.get('ours_fwd_bwd'))} | "
@@ -263,6 +276,8 @@ def main():
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--variants", action="store_true")
     p.add_argument("--checks", type=int, default=4, help="how many correctness cases")
+    p.add_argument("--no-chunk-parallel", action="store_true",
+                   help="skip the chunk-parallel schedule (column cp)")
     p.add_argument("--ref-max-t", type=int, default=8192,
                    help="longest T for the jnp reference (its [T/16, 16, 16, Dk] f32 decay "
                         "tensor does not fit at 32k)")
@@ -279,7 +294,7 @@ def main():
     dims = [int(x) for x in args.dims.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]
     run_timings(results, dims, lengths, args.budget, args.fla_configs, not args.no_fla,
-                args.ref_max_t)
+                args.ref_max_t, not args.no_chunk_parallel)
     if args.variants:
         run_variants(results, args.budget)
     results["table"] = report(results)
