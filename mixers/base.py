@@ -14,6 +14,7 @@ runs them inside jax.shard_map over the batch axes of the current mesh (a no-op 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -65,18 +66,51 @@ class ConfigError(ValueError):
         self.key, self.message = key, message
 
 
+class Dense(nnx.Linear):
+    """nnx.Linear that, under a mesh, gathers its weights where they are used and keeps its
+    output split over the batch: with FSDP the weights move, the activations stay put."""
+
+    def __call__(self, inputs, out_sharding=None):
+        axes = _batch_axes(inputs.shape[0]) if inputs.ndim > 1 else None
+        if not axes:
+            return super().__call__(inputs, out_sharding)
+        whole = lambda w: None if w is None else jax.lax.with_sharding_constraint(w[...], jax.P())
+        inputs, kernel, bias = self.promote_dtype(
+            (inputs, whole(self.kernel), whole(self.bias)), dtype=self.dtype)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return jax.lax.with_sharding_constraint(y, jax.P(axes))
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-          rngs: nnx.Rngs, dtype: Any = None, use_bias: bool = False, init=None) -> nnx.Linear:
-    """nnx.Linear with a logical-axis annotation on its kernel (and bias)."""
+          rngs: nnx.Rngs, dtype: Any = None, use_bias: bool = False, init=None) -> Dense:
+    """A linear layer with a logical-axis annotation on its kernel (and bias)."""
     init = init or nnx.initializers.lecun_normal()
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                      kernel_init=init, kernel_metadata=axis_metadata(*axes),
-                      bias_metadata=axis_metadata(axes[1]))
+    return Dense(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                 kernel_init=init, kernel_metadata=axis_metadata(*axes),
+                 bias_metadata=axis_metadata(axes[1]))
 
 
 def axis_metadata(*axes: str | None) -> dict:
     """Variable metadata naming logical axes; sharding is applied later, by training.sharding."""
     return {"out_sharding": axes, "eager_sharding": False}
+
+
+def _batch_axes(batch: int) -> tuple[str, ...] | None:
+    """The batch axes of the current mesh (jax.set_mesh) that split `batch` evenly; None when
+    no mesh is set (or inside a shard_map over them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes, size = [], 1
+    for axis in BATCH_AXES:
+        if axis in mesh.axis_names and axis not in mesh.manual_axes and \
+                batch % (size * mesh.shape[axis]) == 0:
+            axes.append(axis)
+            size *= mesh.shape[axis]
+    return tuple(axes) or None
 
 
 def shard_kernel(fn, /, *, replicated: tuple[str, ...] = (), **kwargs):
@@ -87,33 +121,31 @@ def shard_kernel(fn, /, *, replicated: tuple[str, ...] = (), **kwargs):
     (batch) axis, except those named in `replicated` (weights such as Mamba's A), which every
     device receives whole; every output is split along its leading axis. Batch axes whose size
     does not divide the batch are left out (the kernel then runs replicated over them). Other
-    arguments (flags, sizes, backend) pass through. Without a mesh this is `fn(**kwargs)`.
+    arguments (flags, sizes, backend) pass through. Without a mesh, and for the pure-jnp
+    reference (`backend="reference"`, or unset on CPU), this is `fn(**kwargs)`.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn(**kwargs)
     names = [k for k, v in kwargs.items() if isinstance(v, jax.Array)]
     static = {k: v for k, v in kwargs.items() if k not in names}
-    batch = next(kwargs[k].shape[0] for k in names if k not in replicated)
-    axes, size = [], 1
-    for axis in BATCH_AXES:
-        if axis in mesh.axis_names and axis not in mesh.manual_axes and \
-                batch % (size * mesh.shape[axis]) == 0:
-            axes.append(axis)
-            size *= mesh.shape[axis]
-    if not axes:
-        return fn(**kwargs)
-    split = jax.P(tuple(axes))
+    axes = _batch_axes(next(kwargs[k].shape[0] for k in names if k not in replicated))
+    backend = kwargs.get("backend")
+    if not axes or backend == "reference" or (backend is None and jax.default_backend() == "cpu"):
+        return fn(**kwargs)          # the jnp reference: XLA partitions it by itself
+    split, mesh = jax.P(axes), jax.sharding.get_abstract_mesh()
+    # A `replicated` argument goes in as one copy per device (a broadcast split over the batch
+    # axes): its gradient is then the sum of the copies' gradients, taken by XLA outside the
+    # shard_map, instead of a psum in shard_map's transpose (which XLA:CPU fails to compile).
+    copies = math.prod(mesh.shape[a] for a in axes)
+    args = [jnp.broadcast_to(kwargs[k], (copies, *kwargs[k].shape)) if k in replicated
+            else kwargs[k] for k in names]
 
     def per_device(*arrays):
+        arrays = [x[0] if k in replicated else x for k, x in zip(names, arrays, strict=True)]
         return fn(**dict(zip(names, arrays, strict=True)), **static)
 
     # check_vma=False: the kernels build per-device values (zero states, scan carries) that
-    # are not marked as varying over the mesh; gradients of `replicated` arguments are then
-    # summed over the batch axes by shard_map's transpose, as they must be.
-    return jax.shard_map(per_device, mesh=mesh, out_specs=split, check_vma=False,
-                         in_specs=tuple(jax.P() if k in replicated else split for k in names),
-                         )(*(kwargs[k] for k in names))
+    # are not marked as varying over the mesh.
+    return jax.shard_map(per_device, mesh=mesh, in_specs=split, out_specs=split,
+                         check_vma=False)(*args)
 
 
 def default_positions(x):

@@ -1,0 +1,236 @@
+"""Data and FSDP parallelism on 8 simulated CPU devices: one step's loss and gradients agree on
+meshes 8x1, 4x2, 2x4 and one device; parameters are split by the logical axis rules; the step
+compiles once; checkpoints restore across mesh shapes (4x2 -> 8x1 -> 1 device); bad meshes are
+errors naming `mesh`.
+
+The 8-device checks run in one subprocess (XLA_FLAGS must be set before jax starts, and the rest
+of the suite keeps its single device): this file is also that subprocess's script.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from training import ConfigError, load_config
+from training.config import MeshConfig
+from training.sharding import check_batch, logical_rules, logical_to_spec, make_mesh
+
+ROOT = Path(__file__).parents[2]
+MESHES = {"8x1": (8, 1), "4x2": (4, 2), "2x4": (2, 4), "1": (1, 1)}
+# Every mixer family in one tiny model, so every kernel call runs under shard_map.
+TINY = ["model.d_model=32", "model.n_layers=4", "model.layers=[gla, attn, mamba, pool]",
+        "model.mixers.attn.n_heads=2", "model.mixers.attn.n_kv_heads=1",
+        "model.mixers.gla.n_heads=2", "model.mixers.mamba={type: mamba, d_state: 4}",
+        "model.mixers.pool={type: pooling, segment_size: 4}", "model.mlp_hidden=64",
+        "train.seq_len=16", "train.batch_size=8", "train.warmup_steps=1", "train.steps=4"]
+
+
+# -- single-device checks (this process) --------------------------------------------------------
+
+@pytest.mark.parametrize("data,fsdp,match", [
+    (3, 1, r"^mesh: axis sizes \{'data': 3, 'fsdp': 1\} multiply to 3, but there are 8"),
+    (-1, 3, r"^mesh: the fixed axes .* multiply to 3, which does not divide the 8 devices"),
+    (-1, -1, r"^mesh: at most one axis may be -1"),
+    (4, 4, r"^mesh: axis sizes .* multiply to 16, but there are 8"),
+])
+def test_bad_mesh_is_a_config_error_naming_mesh(data, fsdp, match):
+    with pytest.raises(ConfigError, match=match):
+        make_mesh(MeshConfig(data=data, fsdp=fsdp), devices=[object()] * 8)
+
+
+def test_bad_rules_and_batch_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^mesh.rules.embed: must map .* got 'tensor'"):
+        load_config("hybrid_3to1", ["mesh.rules={embed: tensor}"])
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 6 is not divisible .* 4"):
+        check_batch(6, jax.sharding.AbstractMesh((2, 2), ("data", "fsdp")))
+
+
+def test_logical_rules_split_only_dimensions_the_mesh_divides():
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "fsdp"))
+    rules = logical_rules(MeshConfig(rules={"mlp": ["data", "fsdp"], "vocab": None}))
+    assert rules == {"embed": ("fsdp",), "mlp": ("data", "fsdp"), "vocab": ()}
+    assert logical_to_spec(("embed", "heads"), (32, 16), mesh, rules) == P("fsdp", None)
+    assert logical_to_spec(("embed", "heads"), (33, 16), mesh, rules) == P(None, None)
+    assert logical_to_spec(("embed", "mlp"), (32, 64), mesh, rules) == P("fsdp", "data")
+    assert logical_to_spec(("mlp", "embed"), (64, 32), mesh, rules) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("mlp", None), (12, 8), mesh, rules) == P("data", None)
+    assert logical_to_spec(("vocab", "embed"), (256, 32), mesh, rules) == P(None, "fsdp")
+    assert logical_to_spec(None, (5,), mesh, rules) == P()
+
+
+def test_shard_kernel_without_a_mesh_is_the_plain_call():
+    from mixers.base import shard_kernel
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4))
+    out = shard_kernel(lambda x, scale: x * scale, x=x, scale=3.0)
+    np.testing.assert_array_equal(out, x * 3.0)
+
+
+# -- 8-device checks (a subprocess) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def _ok(result, part):
+    assert "error" not in result[part], result[part].get("error")
+    return result[part]
+
+
+def test_loss_and_gradients_agree_on_every_mesh_shape(eight_devices):
+    r = _ok(eight_devices, "agree")
+    assert r["devices"] == 8
+    for name in MESHES:
+        assert abs(r["loss"][name] - r["loss"]["1"]) < 1e-5 * abs(r["loss"]["1"]), r["loss"]
+        assert r["grad_err"][name] < 1e-4, (name, r["grad_err"])
+        assert r["step_loss"][name] == pytest.approx(r["step_loss"]["1"], rel=1e-5)
+        assert r["param_err"][name] < 1e-5, (name, r["param_err"])
+        assert r["compiles"][name] == 1, r["compiles"]
+    # FSDP really splits parameters and Adam moments: a 32x64 MLP kernel over fsdp=4.
+    assert r["mlp_spec"]["2x4"] == ["fsdp", None] and r["mlp_shard"]["2x4"] == [8, 64]
+    assert r["mu_shard"]["2x4"] == [8, 64]
+    assert r["mlp_shard"]["8x1"] == [32, 64]                 # pure data parallel: replicated
+    assert r["batch_shard"]["4x2"] == [1, 16]
+
+
+def test_pallas_kernels_run_under_shard_map_and_agree(eight_devices):
+    r = _ok(eight_devices, "kernels")
+    assert r["shard_maps"]["2x4"] >= 5 and r["shard_maps"]["1"] >= 5   # every kernel call
+    assert abs(r["loss"]["2x4"] - r["loss"]["1"]) < 1e-5 * abs(r["loss"]["1"]), r["loss"]
+    assert r["grad_err"]["2x4"] < 1e-4, r["grad_err"]
+
+
+def test_checkpoint_restores_across_mesh_shapes(eight_devices):
+    r = _ok(eight_devices, "checkpoint")
+    assert r["restored_8x1_equal"] and r["restored_1_equal"]
+    assert r["shardings"] == ["8x1", "1"]
+    assert r["resumed_loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
+
+
+# -- the subprocess ------------------------------------------------------------------------------
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _trainer(mesh, workdir, overrides=()):
+    from training.loop import Trainer
+    data, fsdp = MESHES[mesh]
+    run = load_config("hybrid_3to1", TINY + [f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                                             *overrides])
+    return Trainer(run, workdir, log=lambda *a, **k: None, devices=jax.devices()[:data * fsdp])
+
+
+def _loss_and_grad(t):
+    """Loss and parameter gradients of batch 0 (jitted under the trainer's mesh); the number
+    of shard_maps in the traced computation."""
+    from flax import nnx
+    batch = t._device_batch(0, "train")
+
+    def loss_and_grad(state, batch):
+        model, _ = nnx.merge(t.graphdef, state)
+        return nnx.value_and_grad(lambda m: t.data.loss(m, batch, train=True)[0])(model)
+
+    with jax.set_mesh(t.mesh):
+        shard_maps = str(jax.make_jaxpr(loss_and_grad)(t.state, batch)).count("shard_map[")
+    loss, g = t._on_mesh(jax.jit(loss_and_grad))(t.state, batch)
+    return float(loss), _flat(nnx.state(g, nnx.Param)), shard_maps, batch
+
+
+def _agree(tmp):
+    from flax import nnx
+    out = {k: {} for k in ("loss", "grad_err", "step_loss", "param_err", "compiles",
+                           "mlp_spec", "mlp_shard", "mu_shard", "batch_shard")}
+    grads, params = {}, {}
+    for name in MESHES:
+        t = _trainer(name, Path(tmp) / name)
+        out["loss"][name], grads[name], _, batch = _loss_and_grad(t)
+        mlp = t.state[0]["blocks"][0]["mlp"]["gate"]["kernel"]
+        out["mlp_spec"][name] = list(mlp.get_value().sharding.spec)
+        out["mlp_shard"][name] = list(mlp.get_value().addressable_shards[0].data.shape)
+        mu = t.state[1]["opt_state"][1][0]["mu"]["blocks"][0]["mlp"]["gate"]["kernel"]
+        out["mu_shard"][name] = list(mu.get_value().addressable_shards[0].data.shape)
+        out["batch_shard"][name] = list(batch["inputs"].addressable_shards[0].data.shape)
+        for step in range(2):
+            t.state, metrics = t._train_step(t.state, t._device_batch(step, "train"))
+            if step == 0:
+                out["step_loss"][name] = float(metrics["loss"])
+        params[name] = _flat(nnx.state(nnx.merge(t.graphdef, t.state)[0], nnx.Param))
+        out["compiles"][name] = t._train_step.jitted._cache_size()
+    for name in grads:
+        scale = np.abs(grads["1"]).max()
+        out["grad_err"][name] = float(np.abs(grads[name] - grads["1"]).max() / scale)
+        out["param_err"][name] = float(np.abs(params[name] - params["1"]).max())
+    out["devices"] = jax.device_count()
+    return out
+
+
+def _kernels(tmp):
+    """The Pallas kernels (interpret mode) of every mixer inside shard_map: 2x4 against 1."""
+    impl = [f"model.mixers.{m}.impl=interpret" for m in ("attn", "gla", "mamba", "pool")]
+    out = {k: {} for k in ("loss", "grad_err", "shard_maps")}
+    grads = {}
+    for name in ("1", "2x4"):
+        t = _trainer(name, Path(tmp) / f"k{name}", impl)
+        out["loss"][name], grads[name], out["shard_maps"][name], _ = _loss_and_grad(t)
+    scale = np.abs(grads["1"]).max()
+    out["grad_err"]["2x4"] = float(np.abs(grads["2x4"] - grads["1"]).max() / scale)
+    return out
+
+
+def _checkpoint(tmp):
+    work = Path(tmp) / "ckpt"
+    a = _trainer("4x2", work)
+    for step in range(2):
+        a.state, _ = a._train_step(a.state, a._device_batch(step, "train"))
+    a.save(2)
+    saved_a = _flat(a.state)
+    b = _trainer("8x1", work)
+    assert b.restore_latest() == 2
+    out = {"restored_8x1_equal": bool(np.array_equal(_flat(b.state), saved_a))}
+    b.state, _ = b._train_step(b.state, b._device_batch(2, "train"))
+    b.save(3)
+    saved_b = _flat(b.state)
+    b.state, m = b._train_step(b.state, b._device_batch(3, "train"))
+    out["reference_loss"] = float(m["loss"])
+    c = _trainer("1", work)
+    assert c.restore_latest() == 3
+    out["restored_1_equal"] = bool(np.array_equal(_flat(c.state), saved_b))
+    _, m = c._train_step(c.state, c._device_batch(3, "train"))
+    out["resumed_loss"] = float(m["loss"])
+    sizes = lambda t: {x.sharding.mesh.size for x in jax.tree.leaves(t.state)}
+    out["shardings"] = ["8x1" if sizes(b) == {8} else "?", "1" if sizes(c) == {1} else "?"]
+    for t in (a, b, c):
+        t.checkpointer.close()
+    return out
+
+
+def main():
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, fn in (("agree", _agree), ("kernels", _kernels),
+                         ("checkpoint", _checkpoint)):
+            try:
+                result[part] = fn(tmp)
+            except Exception:
+                result[part] = {"error": traceback.format_exc()}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
