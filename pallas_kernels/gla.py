@@ -115,8 +115,9 @@ def gla_step(q, k, v, log_g, state, *, scale=None):
 # --------------------------------------------------------------------------------------------
 # Pallas kernels (GPU, Triton lowering).
 #
-# One program owns one (batch, head) and a block of the state; it walks the sequence in chunks
-# of `chunk_size` (64) rows, each done as `sub_chunk` (16) row steps:
+# A program owns one (batch, head) and a block of the state and walks chunks of `chunk_size`
+# (64) rows (all of the sequence, or one chunk from a stored state: `GLABlocks.schedule`), each
+# done as `sub_chunk` (16) row steps:
 #   * inter part: rows read the f32 state entering the sub-chunk, q * exp(c) @ S, and the state
 #     leaving it is exp(c_end) * S + (k * exp(c_end - c))^T v, with c = b - b_start the
 #     cumulative log gate inside the sub-chunk: every exponent is <= 0;
@@ -146,6 +147,14 @@ class GLABlocks:
     # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
     # then one program per chunk (and the same for dS in the backward). GPU kernels only.
     schedule: str = "sequential"
+
+    def __post_init__(self):
+        if self.schedule not in ("sequential", "chunk_parallel"):
+            raise ValueError(f"schedule must be 'sequential' or 'chunk_parallel', "
+                             f"got {self.schedule!r}")
+        if self.chunk_size % self.sub_chunk or self.sub_chunk < 16:
+            raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of sub_chunk "
+                             f"({self.sub_chunk}) >= 16")
 
 
 def _num_warps(given, state_rows, state_cols):

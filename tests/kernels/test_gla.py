@@ -84,8 +84,8 @@ def _mixed_gates(seed, b, length, dk):
 def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay(schedule):
     # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two),
     # and gates from ~1 to e^-8 per step: finite and exact to f32 rounding.
-    q, k, v, _, s0 = _inputs(77, 2, 77, 2, 24, 8, jnp.float32)
-    log_g = _mixed_gates(78, 2, 77, 24)
+    q, k, v, _, s0 = _inputs(77, 1, 77, 2, 24, 8, jnp.float32)
+    log_g = _mixed_gates(78, 1, 77, 24)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
                               fwd_tol=1e-5, grad_tol=1e-4,
                               blocks=gla_mod.GLABlocks(schedule=schedule))
@@ -97,7 +97,7 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
     # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in both backward passes.
     # log_g in [-1, 0]: the chunk-parallel state pass sums log gates over 64 rows at once and
     # its exp carries ~|b| * 6e-8 relative rounding (1e-5 at |b| ~ 300, log_g down to -5).
-    args = _inputs(128, 2, 128, 2, 32, 32, jnp.float32, log_g_min=-1.0)
+    args = _inputs(128, 1, 128, 2, 32, 32, jnp.float32, log_g_min=-1.0)
     blocks = gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16, schedule=schedule)
     _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
                               grad_tol=1e-4, blocks=blocks)
@@ -106,7 +106,7 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
 def test_gla_matches_recurrence_bf16():
     # bf16 operands in the matmuls, f32 state: errors of a few 1e-3 relative. dlog_g is a
     # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2.
-    args = _inputs(3, 2, 93, 2, 16, 32, jnp.bfloat16)
+    args = _inputs(3, 1, 93, 2, 16, 32, jnp.bfloat16)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
                               grad_tol=1e-2, dlog_g_tol=6e-2)
 
@@ -131,13 +131,6 @@ def test_gla_matches_recurrence_long(dtype, tol):
     args = _inputs(21, 2, 700, 2, 64, 128, dtype)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=tol,
                               grad_tol=tol, dlog_g_tol=6e-2)
-
-
-def test_gla_chunked_reference_matches_recurrence():
-    q, k, v, log_g, s0 = _inputs(2, 2, 50, 2, 16, 8, jnp.float32)
-    o, st = gla_mod.gla_chunked_reference(q, k, v, log_g, initial_state=s0)
-    o_ref, st_ref = gla_mod.gla_recurrent_reference(q, k, v, log_g, initial_state=s0)
-    assert _rel(o, o_ref) < 1e-5 and _rel(st, st_ref) < 1e-5
 
 
 def test_gla_step_continues_the_kernel_state():
