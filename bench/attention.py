@@ -287,6 +287,29 @@ def mosaic_sweep(results, deadline):
     return best[1]
 
 
+def packed(results, deadline, n=8192, d=128, b=2, doc=1024):
+    """Packed documents (segment ids): 8 documents of 1k in an 8k row vs one 8k causal row."""
+    q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    seg = jnp.broadcast_to(jnp.arange(n) // doc, (b, n))
+    rows = results.setdefault("packed", [])
+    for name, sid in ((f"one {n} document", None), (f"{n // doc} documents of {doc}", seg)):
+        for mode in ("fwd", "fwd+bwd"):
+            row = dict(case=name, mode=mode, b=b, n=n, d=d)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                def fn(q, k, v, sid=sid):
+                    return attn.flash_attention(q, k, v, causal=True, segment_ids=sid,
+                                                backend="pallas")
+                try:
+                    row["ms"] = (_timeit(jax.jit(fn), q, k, v) if mode == "fwd"
+                                 else _timeit(_fwd_bwd(fn), q, k, v, do))
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("packed", row, flush=True)
+            rows.append(row)
+
+
 def memory(results, lengths, deadline):
     """Compiled temp + argument bytes of fwd+bwd (causal, D=128, B=1, H=16) versus length."""
     rows = results.setdefault("memory", [])
@@ -385,6 +408,7 @@ def main():
                                            [s for s in args.impls.split(",") if s], chosen,
                                            args.xla_max_n, chosen_mgpu),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
+             "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
              "decode": lambda dl: decode(results, [8192, 32768, 131072], dl)}
     for part in parts:

@@ -191,6 +191,39 @@ def _q_block_range(k0, block_q: int, block_k: int, lq_pad: int, cfg: FlashConfig
     return lo, mid_lo, mid_hi, hi
 
 
+SEG_LANES = 16      # per-block ranges travel as 16 equal lanes: a vector load, then a reduction
+
+
+def _segment_block_ranges(seg, row_block: int, n_row_blocks: int, col_block: int,
+                          n_col_blocks: int):
+    """Column-block range [lo, hi) that can share a segment with each row block.
+
+    For packed sequences (segment ids non-decreasing along each row of `seg` [B, L]) the keys of
+    a row block's segments are contiguous: from the first key of its first segment to the last
+    key of its last one. Rows of `seg` that are not sorted get the full range (no skipping).
+    Returns lo, hi as int32 [B, n_row_blocks, SEG_LANES].
+    """
+    length = seg.shape[1]
+    starts = jnp.arange(n_row_blocks) * row_block
+    first = jnp.minimum(starts, length - 1)
+    last = jnp.minimum(starts + row_block - 1, length - 1)
+    key_lo = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="left"))(seg, seg[:, first])
+    key_hi = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side="right"))(seg, seg[:, last])
+    packed = jnp.all(seg[:, 1:] >= seg[:, :-1], axis=1, keepdims=True)
+    lo = jnp.where(packed, key_lo // col_block, 0)
+    hi = jnp.where(packed, -(-key_hi // col_block), n_col_blocks)
+    lanes = (*lo.shape, SEG_LANES)
+    return (jnp.broadcast_to(lo[..., None], lanes).astype(jnp.int32),
+            jnp.broadcast_to(hi[..., None], lanes).astype(jnp.int32))
+
+
+def _narrow_to_segments(lo, hi, seg_lo_ref, seg_hi_ref):
+    """Intersect a block range with the segment range; every visited block is then masked."""
+    lo = jnp.maximum(lo, jnp.max(seg_lo_ref[...]))
+    hi = jnp.maximum(jnp.minimum(hi, jnp.min(seg_hi_ref[...])), lo)
+    return lo, lo, lo, hi
+
+
 def _mask(q_pos, k_pos, q_seg, k_seg, cfg: FlashConfig, transposed: bool = False):
     """Visibility [len(q_pos), len(k_pos)] (or its transpose) from positions and segment ids."""
     def row(x):
@@ -212,7 +245,7 @@ def _mask(q_pos, k_pos, q_seg, k_seg, cfg: FlashConfig, transposed: bool = False
 
 def _fwd_kernel(*refs, cfg: FlashConfig):
     if cfg.has_segments:
-        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
+        q_ref, k_ref, v_ref, qseg_ref, kseg_ref, slo_ref, shi_ref, o_ref, lse_ref = refs
         q_seg = qseg_ref[...]
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
@@ -244,6 +277,8 @@ def _fwd_kernel(*refs, cfg: FlashConfig):
     carry = (jnp.zeros((bq, q_BqD.shape[1]), jnp.float32),
              jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
     lo, mid_lo, mid_hi, hi = _kv_block_range(q0, bq, bk, cfg)
+    if cfg.has_segments:
+        lo, mid_lo, mid_hi, hi = _narrow_to_segments(lo, hi, slo_ref, shi_ref)
     carry = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), carry)
@@ -282,8 +317,10 @@ def _flash_forward(q, k, v, segment_ids, cfg: FlashConfig):
         pl.BlockSpec((None, lk_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0)),
     ]
     if segs:
+        segs += _segment_block_ranges(segment_ids, bq, lq_pad // bq, bk, lk_pad // bk)
+        lanes = pl.BlockSpec((None, None, SEG_LANES), lambda i, b_, h: (b_, i, 0))
         in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0))]
+                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0)), lanes, lanes]
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(lq_pad // bq, b, hq),
@@ -306,7 +343,8 @@ def _flash_forward(q, k, v, segment_ids, cfg: FlashConfig):
 
 def _dq_kernel(*refs, cfg: FlashConfig):
     if cfg.has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, slo_ref, shi_ref,
+         dq_ref) = refs
         q_seg = qseg_ref[...]
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
@@ -332,6 +370,8 @@ def _dq_kernel(*refs, cfg: FlashConfig):
 
     dq = jnp.zeros((bq, q_BqD.shape[1]), jnp.float32)
     lo, mid_lo, mid_hi, hi = _kv_block_range(q0, bq, bk, cfg)
+    if cfg.has_segments:
+        lo, mid_lo, mid_hi, hi = _narrow_to_segments(lo, hi, slo_ref, shi_ref)
     dq = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), dq)
     dq = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), dq)
@@ -340,7 +380,7 @@ def _dq_kernel(*refs, cfg: FlashConfig):
 
 def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
     if cfg.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, slo_ref, shi_ref,
          dk_ref, dv_ref) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
@@ -352,6 +392,8 @@ def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
     k_seg = kseg_ref[...] if cfg.has_segments else None
     scale = cfg.sm_scale * LOG2E
     lo, mid_lo, mid_hi, hi = _q_block_range(k0, bq, bk, lq_pad, cfg)
+    if cfg.has_segments:
+        lo, mid_lo, mid_hi, hi = _narrow_to_segments(lo, hi, slo_ref, shi_ref)
 
     def body(i, carry, h, masked):
         dk, dv = carry
@@ -400,15 +442,18 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     lse = _common.pad_axis(lse[:, :, :lq], 2, blk)
     delta = _common.pad_axis(delta, 2, blk)
     if segs:
-        segs = (_common.pad_axis(segment_ids.astype(jnp.int32), 1, blk, -1),
-                _common.pad_axis(segment_ids.astype(jnp.int32), 1, lk_pad, -1))
+        seg = segment_ids.astype(jnp.int32)
+        segs = (_common.pad_axis(seg, 1, blk, -1), _common.pad_axis(seg, 1, lk_pad, -1))
     full_kv = pl.BlockSpec((None, lk_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0))
     q_blk = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
     row_blk = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
     in_specs = [q_blk, full_kv, full_kv, q_blk, row_blk, row_blk]
+    seg_ranges = ()
     if segs:
+        seg_ranges = _segment_block_ranges(seg, bq, lq_pad // bq, bk, lk_pad // bk)
+        lanes = pl.BlockSpec((None, None, SEG_LANES), lambda i, b_, h: (b_, i, 0))
         in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0))]
+                     pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0)), lanes, lanes]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(lq_pad // bq, b, hq),
@@ -418,7 +463,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
         compiler_params=cparams,
         interpret=cfg.interpret,
         name="flash_attention_dq",
-    )(qp, kp, vp, dop, lse, delta, *segs)
+    )(qp, kp, vp, dop, lse, delta, *segs, *seg_ranges)
 
     # dk, dv: each program owns one KV block of one KV head and visits its `rep` query heads.
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
@@ -427,8 +472,10 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     full_rows = pl.BlockSpec((None, hq, lq_pad), lambda j, b_, g: (b_, 0, 0))
     in_specs = [full_q, kv_blk, kv_blk, full_q, full_rows, full_rows]
     if segs:
+        seg_ranges = _segment_block_ranges(seg, bk, lk_pad // bk, bq, lq_pad // bq)
+        lanes = pl.BlockSpec((None, None, SEG_LANES), lambda j, b_, g: (b_, j, 0))
         in_specs += [pl.BlockSpec((None, lq_pad), lambda j, b_, g: (b_, 0)),
-                     pl.BlockSpec((None, bk), lambda j, b_, g: (b_, j))]
+                     pl.BlockSpec((None, bk), lambda j, b_, g: (b_, j)), lanes, lanes]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, rep=rep, lq_pad=lq_pad),
         grid=(lk_pad // bk, b, hkv),
@@ -439,7 +486,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
         compiler_params=cparams,
         interpret=cfg.interpret,
         name="flash_attention_dkv",
-    )(qp, kp, vp, dop, lse, delta, *segs)
+    )(qp, kp, vp, dop, lse, delta, *segs, *seg_ranges)
     lk = k.shape[1]
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
