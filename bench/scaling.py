@@ -157,18 +157,19 @@ def _fmt(x, spec="{:.1f}"):
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["name"] == "single" and "error" not in r), None)
     rows = ["| run | devices | mesh | tokens/s | step (ms) | peak GiB / device | speedup | "
-            "efficiency | final loss | max abs loss diff vs single |",
+            "efficiency | final loss | loss diff vs single: max / mean of last 50 |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['name']} | failed: see JSON | | | | | | | | |")
             continue
-        speed = eff = diff = None
+        speed = eff = diff = late = None
         if base:
             speed = r["tokens_per_s"] / base["tokens_per_s"]
             eff = speed / r["devices"]
             k = min(len(r["losses"]), len(base["losses"]))
-            diff = max(abs(a - b) for a, b in zip(r["losses"][:k], base["losses"][:k], strict=True))
+            d = [abs(a - b) for a, b in zip(r["losses"][:k], base["losses"][:k], strict=True)]
+            diff, late = max(d), sum(d[-50:]) / len(d[-50:])
         peaks = [p for p in r["peak_gib_per_device"] if p is not None]
         mesh = ", ".join(f"{k}: {v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
         if r["name"] == "single":
@@ -176,7 +177,8 @@ def table(results: list[dict]) -> str:
         rows.append(f"| {r['name']} | {r['devices']} | {mesh} | {r['tokens_per_s']:,.0f} | "
                     f"{r['step_ms']:.1f} | {_fmt(max(peaks) if peaks else None, '{:.2f}')} | "
                     f"{_fmt(speed, '{:.3f}x')} | {_fmt(eff, '{:.1%}')} | "
-                    f"{r['final_loss']:.4f} | {_fmt(diff, '{:.2e}')} |")
+                    f"{r['final_loss']:.4f} | {_fmt(diff, '{:.2e}')} / "
+                    f"{_fmt(late, '{:.2e}')} |")
     return "\n".join(rows)
 
 
