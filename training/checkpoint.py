@@ -2,7 +2,9 @@
 
 Checkpoints live in `<workdir>/checkpoints/<step>/`; the newest is restored automatically. The
 data order is a function of the step (training.data), so the step is all a resume needs to continue
-the same batches.
+the same batches. The state is saved sharded (every host writes its own shards) and restored into
+the shardings of the current run, so a checkpoint written on one mesh shape (say 4 x 2) restores
+on another (8 x 1, or one device).
 """
 
 from __future__ import annotations
