@@ -8,10 +8,12 @@
 - Every parameter names its logical axes in its variable metadata (mixers.base.dense:
   ("embed", "heads"), ("embed", "mlp"), ("vocab", "embed") ...). Logical axis rules map those
   names to mesh axes (default: embed -> fsdp), so parameters and the optimizer moments are split
-  over fsdp (ZeRO-3 style: XLA gathers a weight where it is used and reduce-scatters its
-  gradient). A dimension is split only when the mesh axes divide it; otherwise it stays whole.
+  over fsdp: mixers.base.Dense gathers a weight where it is used and keeps its output split
+  over the batch, and the gradient is reduced back to the weight's shard. A dimension is split
+  only when the mesh axes divide it; otherwise it stays whole.
 - Pallas kernels are not partitioned automatically: mixers.base.shard_kernel runs each kernel
-  call inside jax.shard_map over the batch axes of the mesh set by `jax.set_mesh`.
+  call inside jax.shard_map over the batch axes of the mesh set by `jax.set_mesh` (the Trainer
+  sets it around its compiled steps).
 - Several hosts: `initialize_distributed()` calls jax.distributed.initialize when the launcher's
   environment says so; `global_batch` places each host's rows of the global batch.
 """
