@@ -36,9 +36,10 @@ def _lm_configs():
 @pytest.mark.parametrize("model_cfg", _lm_configs())
 def test_model_from_config_runs_forward_and_backward(model_cfg):
     model = build_model(_small(model_cfg), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, 256)
+    vocab = model_cfg.get("vocab_size", 256)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, vocab)
     logits = model(tokens)
-    assert logits.shape == (2, 24, 256) and np.isfinite(logits).all()
+    assert logits.shape == (2, 24, vocab) and np.isfinite(logits).all()
 
     def loss(m):
         lp = jax.nn.log_softmax(m(tokens[:, :-1]))
