@@ -23,32 +23,16 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._common import rel_error, timeit_ms  # noqa: E402
 from pallas_kernels import attention as attn  # noqa: E402
 
 H, TOKENS = 16, 16384
 
 
-def _timeit(fn, *args, iters=10, reps=3):
-    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters * 1e3)
-    return float(np.median(times))
-
-
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(x)):
-        return float("nan")
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+_timeit = timeit_ms
+_rel = rel_error
 
 
 def _inputs(shape_q, shape_kv, dtype, seed=0):

@@ -27,10 +27,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 gla_mod = importlib.import_module("pallas_kernels.gla")
+from bench._common import rel_error, timeit_ms  # noqa: E402
 
 B, H = 8, 16
 T0 = time.perf_counter()
@@ -40,24 +40,8 @@ def _elapsed():
     return time.perf_counter() - T0
 
 
-def _timeit(fn, *args, iters=10, reps=3):
-    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters * 1e3)
-    return float(np.median(times))
-
-
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(x)):
-        return float("nan")
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+_timeit = timeit_ms
+_rel = rel_error
 
 
 def _inputs(b, t, h, dk, dv, dtype, seed=0, log_g_min=-1.0):

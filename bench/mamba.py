@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 ss = importlib.import_module("pallas_kernels.selective_scan")
+from bench._common import rel_error  # noqa: E402
 
 T0 = time.perf_counter()
 SMOKE = {}   # --smoke: tiny sizes in interpret mode on CPU, to check this script itself
@@ -53,11 +54,7 @@ def _timeit(fn, *args, min_ms=100.0, reps=5):
     return float(np.median(times))
 
 
-def _rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(x)):
-        return float("nan")
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+_rel = rel_error
 
 
 def _inputs(b, length, dn, n, *, groups=None, dtype=jnp.bfloat16, seed=0):

@@ -1,0 +1,29 @@
+"""Timing and error helpers shared by the kernel benchmarks (run on the GPU)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def timeit_ms(fn, *args, iters=10, reps=3):
+    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters * 1e3)
+    return float(np.median(times))
+
+
+def rel_error(x, ref):
+    """||x - ref|| / ||ref|| in float64; NaN when x has non-finite entries."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(x)):
+        return float("nan")
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
