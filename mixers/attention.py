@@ -19,6 +19,7 @@ from mixers.base import (
     ConfigError,
     Mixer,
     MixerConfig,
+    check_heads,
     default_positions,
     dense,
     rope,
@@ -41,10 +42,7 @@ class AttentionConfig(MixerConfig):
 
     def validate(self, d_model: int) -> None:
         super().validate(d_model)
-        if self.n_heads < 1:
-            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
-        if self.head_dim is None and d_model % self.n_heads:
-            raise ConfigError("n_heads", f"{self.n_heads} does not divide d_model={d_model}")
+        check_heads(self.n_heads, self.head_dim, d_model)
         kv = self.n_kv_heads or self.n_heads
         if kv < 1 or self.n_heads % kv:
             raise ConfigError("n_kv_heads", f"{kv} must divide n_heads={self.n_heads}")

@@ -58,6 +58,14 @@ class MixerConfig:
         return IMPLS
 
 
+def check_heads(n_heads: int, head_dim: int | None, d_model: int) -> None:
+    """n_heads >= 1 and, unless head_dim is given, a divisor of d_model."""
+    if n_heads < 1:
+        raise ConfigError("n_heads", f"must be >= 1, got {n_heads}")
+    if head_dim is None and d_model % n_heads:
+        raise ConfigError("n_heads", f"{n_heads} does not divide d_model={d_model}")
+
+
 class ConfigError(ValueError):
     """A bad config value; `key` is the offending key relative to the section being built."""
 

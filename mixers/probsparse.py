@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixers.base import ConfigError, Mixer, MixerConfig, dense
+from mixers.base import ConfigError, Mixer, MixerConfig, check_heads, dense
 
 
 def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
@@ -165,10 +165,7 @@ class ProbSparseConfig(MixerConfig):
 
     def validate(self, d_model: int) -> None:
         super().validate(d_model)
-        if self.n_heads < 1:
-            raise ConfigError("n_heads", f"must be >= 1, got {self.n_heads}")
-        if self.head_dim is None and d_model % self.n_heads:
-            raise ConfigError("n_heads", f"{self.n_heads} does not divide d_model={d_model}")
+        check_heads(self.n_heads, self.head_dim, d_model)
         if self.factor < 1:
             raise ConfigError("factor", f"must be >= 1, got {self.factor}")
         choices = {"query_selection": (None, "global", "prefix"),
