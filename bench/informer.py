@@ -23,8 +23,11 @@ JSON under --out. Meant for a GPU (about a minute on an H200):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
+import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -55,7 +58,7 @@ LABELS = {"probsparse": "Informer (ProbSparse encoder and decoder)",
 
 # -- (a) reproduction -------------------------------------------------------------------------
 def run_one(data: str, out: Path, mixer: str, horizon: int, seed: int, epochs: int,
-            extra: list[str]) -> dict:
+            extra: list[str], env: dict | None = None) -> dict:
     workdir = out / f"{mixer}_h{horizon}_s{seed}"
     summary = workdir / "summary.json"
     if summary.is_file():
@@ -68,11 +71,13 @@ def run_one(data: str, out: Path, mixer: str, horizon: int, seed: int, epochs: i
            f"train.seed={seed}", f"train.epochs={epochs}", f"model.encoder_mixer={enc}",
            f"model.decoder_mixer={dec}", *extra]
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] {mixer} h{horizon} seed {seed}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] start {mixer} h{horizon} seed {seed}", flush=True)
     with open(workdir / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=env).returncode
     if rc != 0 or not summary.is_file():
-        raise RuntimeError(f"run failed (rc {rc}); see {workdir / 'log.txt'}")
+        raise RuntimeError(f"{mixer} h{horizon} seed {seed} failed (rc {rc}); see "
+                           f"{workdir / 'log.txt'}")
     return json.loads(summary.read_text())
 
 
@@ -111,20 +116,69 @@ def markdown(table: dict, settings: str) -> str:
     return "\n".join(lines)
 
 
+def _job_env(slot: int, args) -> dict:
+    """Environment of the `slot`-th concurrent run: its GPU (round robin over --gpus), its share
+    of that GPU's memory, and one persistent compilation cache, so that seeds and reruns of a
+    (mixer, horizon) compile once."""
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(Path(args.out).resolve() / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if args.gpus:
+        gpus = args.gpus.split(",")
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        per_gpu = -(-args.jobs // len(gpus))
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+    return env
+
+
 def reproduce(args) -> None:
+    """Every (mixer, horizon, seed) run, `--jobs` at a time; no new run starts after `--budget`
+    seconds (finished ones are kept and reused by the next call)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for mixer in args.mixers:
-        for horizon in args.horizons:
-            for seed in args.seeds:
-                s = run_one(args.data, out, mixer, horizon, seed, args.epochs, args.set)
-                results.append({"mixer": mixer, "horizon": horizon, "seed": seed,
-                                **{k: s[k] for k in ("test_mse", "test_mae", "eval_mse", "step",
-                                                     "wall_time_s")}})
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-                print(f"    test mse {s['test_mse']:.4f} mae {s['test_mae']:.4f} "
-                      f"({s['step']} steps, {s['wall_time_s']:.0f} s)", flush=True)
+    # Seed-major (a seed's runs find the compiled steps of the earlier seed in the cache),
+    # longest horizon first (the slowest runs do not end up last).
+    todo = [(m, h, s) for s in args.seeds for h in sorted(args.horizons, reverse=True)
+            for m in args.mixers]
+    t0, results, failed = time.time(), [], []
+    slots = queue.SimpleQueue()
+    for i in range(args.jobs):
+        slots.put(i)
+
+    def one(mixer, horizon, seed):
+        if args.budget and time.time() - t0 > args.budget:
+            return None
+        slot = slots.get()
+        try:
+            return run_one(args.data, out, mixer, horizon, seed, args.epochs, args.set,
+                           _job_env(slot, args))
+        finally:
+            slots.put(slot)
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(one, *key): key for key in todo}
+        for fut in concurrent.futures.as_completed(futures):
+            mixer, horizon, seed = futures[fut]
+            try:
+                s = fut.result()
+            except RuntimeError as e:
+                failed.append(str(e))
+                print(f"    FAILED: {e}", flush=True)
+                continue
+            if s is None:
+                continue
+            results.append({"mixer": mixer, "horizon": horizon, "seed": seed,
+                            **{k: s[k] for k in ("test_mse", "test_mae", "eval_mse", "step",
+                                                 "wall_time_s")}})
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            print(f"    {mixer} h{horizon} seed {seed}: test mse {s['test_mse']:.4f} "
+                  f"mae {s['test_mae']:.4f} ({s['step']} steps, {s['wall_time_s']:.0f} s)",
+                  flush=True)
+    skipped = len(todo) - len(results) - len(failed)
+    print(f"{len(results)} runs done, {len(failed)} failed, {skipped} not started (budget) in "
+          f"{time.time() - t0:.0f} s", flush=True)
+    if not results:
+        raise SystemExit("no finished runs")
     import jax
     settings = (f"Measured {datetime.date.today()} on {jax.devices()[0].device_kind} "
                 f"({jax.device_count()} device(s)), jax {jax.__version__}: multivariate ETTh1, "
@@ -226,6 +280,10 @@ def main(argv=None) -> None:
     rep.add_argument("--epochs", type=int, default=6)
     rep.add_argument("--set", nargs="*", default=[], help="extra train.py overrides")
     rep.add_argument("--write", default=None, help="markdown file to update (between markers)")
+    rep.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the GPUs)")
+    rep.add_argument("--gpus", default="", help="e.g. 0,1: spread the runs over these GPUs")
+    rep.add_argument("--budget", type=float, default=0.0,
+                     help="seconds after which no new run starts (0: no limit)")
     spd = sub.add_parser("speed", help="ProbSparse vs full attention timings")
     spd.add_argument("--out", default="runs/informer_speed")
     spd.add_argument("--lengths", type=int, nargs="+",
