@@ -2,14 +2,15 @@
 versus full attention speed.
 
 (a) Multivariate ETTh1 at the paper's horizons with the authors' settings per horizon
-(configs/informer_etth1.yaml plus the input/label lengths below), several seeds, for four
-self-attention choices: ProbSparse (the paper's Informer), full attention (encoder and decoder),
-and GLA or Mamba encoders (bidirectional; the decoder keeps ProbSparse). Each run is
+(configs/informer_etth1.yaml plus the input/label lengths below), several seeds, for five
+self-attention choices: ProbSparse (the paper's Informer), ProbSparse with the authors' decoder
+`mix=True` reshape (`probsparse_mix`), full attention (encoder and decoder), and GLA or Mamba
+encoders (bidirectional; the decoder keeps ProbSparse). Each run is
 `python train.py --config informer_etth1.yaml ...` in a subprocess; finished runs (a
 summary.json in their workdir) are reused, so an interrupted sweep resumes.
 
     python bench/informer.py reproduce --data /path/to/ETTh1.csv --out runs/informer_repro \\
-        [--horizons 24 48 168 336 720] [--seeds 0 1 2] [--mixers probsparse full gla mamba] \\
+        [--horizons 24 48 168 336 720] [--seeds 0 1 2] [--mixers probsparse probsparse_mix full gla mamba] \\
         [--epochs 6] [--write docs/RESULTS.md]
 
 (b) Forward and forward+backward time of the self-attention core at input lengths 96..2048
@@ -43,14 +44,18 @@ PAPER = {24: (0.577, 0.549), 48: (0.685, 0.625), 168: (0.931, 0.752), 336: (1.12
          720: (1.215, 0.896)}
 PROB = "{type: probsparse, factor: 5, n_heads: 8}"
 PROB_DEC = "{type: probsparse, factor: 5, n_heads: 8, causal: true, query_selection: global}"
+PROB_DEC_MIX = PROB_DEC[:-1] + ", mix_heads: true}"
 MIXERS = {
     "probsparse": (PROB, PROB_DEC),
+    "probsparse_mix": (PROB, PROB_DEC_MIX),
     "full": ("{type: attention, n_heads: 8, rope: false, causal: false}",
              "{type: attention, n_heads: 8, rope: false, causal: true}"),
     "gla": ("{type: gla, n_heads: 8, causal: false}", PROB_DEC),
     "mamba": ("{type: mamba, causal: false}", PROB_DEC),
 }
 LABELS = {"probsparse": "Informer (ProbSparse encoder and decoder)",
+          "probsparse_mix": "Informer as the authors' code runs it (ProbSparse; decoder with "
+                            "their `mix=True` reshape: `mix_heads: true`)",
           "full": "Full attention (encoder and decoder)",
           "gla": "GLA encoder (bidirectional), ProbSparse decoder",
           "mamba": "Mamba encoder (bidirectional), ProbSparse decoder"}

@@ -182,6 +182,53 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def plot_losses(results: list[dict], path: Path, title: str) -> None:
+    """Loss against step for every run (matplotlib if installed; else nothing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        if "error" not in r:
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: list[dict], args, n: int, platform: str, wall_s: float, out: Path) -> dict:
+    """scaling.json, scaling.md and losses.png for the runs so far (rewritten after each run,
+    so a run that hits a time limit keeps the earlier ones)."""
+    ok = [r for r in results if "error" not in r]
+    summary = {"config": args.config, "overrides": args.set, "steps": args.steps,
+               "warmup": args.warmup, "devices": n, "platform": platform,
+               "date": time.strftime("%Y-%m-%d"), "wall_s": wall_s, "runs": results}
+    by = {r["name"]: r for r in ok}
+    if "single" in by and "mesh1" in by:
+        summary["mesh1_vs_single_tokens_ratio"] = (by["mesh1"]["tokens_per_s"] /
+                                                  by["single"]["tokens_per_s"])
+    head = (f"{time.strftime('%Y-%m-%d')}, {n} x {ok[0]['device_kind'] if ok else platform}, "
+            f"jax {ok[0]['jax'] if ok else '?'}, config `{args.config}` "
+            f"{' '.join(args.set)}, global batch "
+            f"{ok[0]['global_batch'] if ok else '?'}, {args.steps} steps per run "
+            f"(timed after {args.warmup}).")
+    if "mesh1_vs_single_tokens_ratio" in summary:
+        head += (f" Sharded path on one device / unsharded: "
+                 f"{summary['mesh1_vs_single_tokens_ratio']:.3f}x tokens/s.")
+    summary["markdown"] = head + "\n\n" + table(results)
+    (out / "scaling.json").write_text(json.dumps(summary, indent=1))
+    (out / "scaling.md").write_text(summary["markdown"] + "\n")
+    plot_losses(results, out / "losses.png", f"{args.config}: training loss per run")
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +240,9 @@ def main(argv=None) -> int:
                    help="runs separated by ';': single, mesh1, data, fsdp or data=A,fsdp=B "
                         "(default: single;mesh1;data;fsdp)")
     p.add_argument("--out", default="bench_out/scaling")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="scaling.json of an earlier call (same config and --set): its runs join "
+                        "the table (e.g. `single` measured in one device call, `data` in another)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model on 8 simulated CPU devices (checks this script)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -213,6 +263,11 @@ def main(argv=None) -> int:
     print(f"{n} {platform} device(s); config {args.config} {' '.join(args.set)}; "
           f"{args.steps} steps per run ({args.warmup} untimed); runs {names}", flush=True)
     results, t0 = [], time.perf_counter()
+    for path in args.merge:                 # runs measured by an earlier call, same settings
+        earlier = json.loads(Path(path).read_text())
+        results += [r for r in earlier["runs"] if r["name"] not in names]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         spec = _spec(name, n, args)
         r = _launch(spec, env)
@@ -223,31 +278,11 @@ def main(argv=None) -> int:
             print(f"  {name}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step, "
                   f"final loss {r['final_loss']:.4f}, shard_map in step: "
                   f"{r['shard_map_in_step']}, {r['wall_s']:.0f} s wall", flush=True)
-    ok = [r for r in results if "error" not in r]
-    summary = {"config": args.config, "overrides": args.set, "steps": args.steps,
-               "warmup": args.warmup, "devices": n, "platform": platform,
-               "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
-               "runs": results}
-    by = {r["name"]: r for r in ok}
-    if "single" in by and "mesh1" in by:
-        summary["mesh1_vs_single_tokens_ratio"] = (by["mesh1"]["tokens_per_s"] /
-                                                  by["single"]["tokens_per_s"])
-    md = table(results)
-    head = (f"{time.strftime('%Y-%m-%d')}, {n} x {ok[0]['device_kind'] if ok else platform}, "
-            f"jax {ok[0]['jax'] if ok else '?'}, config `{args.config}` "
-            f"{' '.join(args.set)}, global batch "
-            f"{ok[0]['global_batch'] if ok else '?'}, {args.steps} steps per run "
-            f"(timed after {args.warmup}).")
-    if "mesh1_vs_single_tokens_ratio" in summary:
-        head += (f" Sharded path on one device / unsharded: "
-                 f"{summary['mesh1_vs_single_tokens_ratio']:.3f}x tokens/s.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(summary, indent=1))
-    (out / "scaling.md").write_text(head + "\n\n" + md + "\n")
-    print("\n" + head + "\n\n" + md, flush=True)
-    print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.md'} "
+        summary = write(results, args, n, platform, time.perf_counter() - t0, out)
+    print("\n" + summary["markdown"], flush=True)
+    print(f"\nwrote {out / 'scaling.json'}, {out / 'scaling.md'} and {out / 'losses.png'} "
           f"({summary['wall_s']:.0f} s)", flush=True)
+    ok = [r for r in results if "error" not in r]
     return 0 if len(ok) == len(results) else 1
 
 

@@ -32,7 +32,11 @@ Paper vs the authors' public code (zhouhaoyi/Informer2020, `models/attn.py`), an
   0..i (at least the top one), capped at min(2u, L) active queries in order of position. It is
   our variant, not in the paper; the perturbation test checks it.
 - The code's decoder self-attention uses `mix=True`, which reinterprets the [B, H, L, D] output
-  as [B, L, H * D] (mixing positions across heads); we do not reproduce that.
+  as [B, L, H * D] before the output projection: output row l takes H consecutive positions of
+  one head (positions (l*H) mod L .. +H-1 of head l*H // L when H divides L). Not in the paper,
+  and not causal (a row can read later positions), but it is the code the paper's numbers came
+  from. `mix_heads: true` reproduces it (bench/informer.py's `probsparse_mix` rows); the default
+  is the plain [B, L, H * D] layout.
 
 Randomness: the sampled key indices come from an nnx.Rngs stream ("sample", falling back to
 "default") forked at construction. Each call draws a fresh key, like the code's torch.randint;
@@ -158,6 +162,7 @@ class ProbSparseConfig(MixerConfig):
     sampling: str = "per_query"
     lazy_causal: str = "cumsum"
     use_bias: bool = True                  # the authors' nn.Linear projections have biases
+    mix_heads: bool = False                # the authors' decoder `mix=True` reshape
 
     @classmethod
     def valid_impls(cls):
@@ -182,8 +187,9 @@ class ProbSparseConfig(MixerConfig):
 class ProbSparseAttention(Mixer):
     """Informer's ProbSparse self-attention. Args (ProbSparseConfig): n_heads, head_dim,
     factor (c in u = c ln L), causal, query_selection (global | prefix), sampling
-    (per_query | shared), lazy_causal (cumsum | cummean), use_bias, impl (reference only: the
-    sparse selection is plain jnp)."""
+    (per_query | shared), lazy_causal (cumsum | cummean), use_bias, mix_heads (the authors'
+    `mix=True` reshape of [B, H, L, D] as [B, L, H*D]), impl (reference only: the sparse
+    selection is plain jnp)."""
 
     def __init__(self, cfg: ProbSparseConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
         self.cfg, self.causal = cfg, cfg.causal
@@ -208,4 +214,6 @@ class ProbSparseAttention(Mixer):
         o = probsparse_attention(q, k, v, self.rngs(), factor=cfg.factor, causal=self.causal,
                                  query_selection=cfg.selection, sampling=cfg.sampling,
                                  lazy_causal=cfg.lazy_causal)
+        if cfg.mix_heads:                  # [B, L, H, D] -> [B, H, L, D], read as [B, L, H*D]
+            o = jnp.swapaxes(o, 1, 2)
         return self.o_proj(o.reshape(b, l, -1))

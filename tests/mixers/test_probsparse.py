@@ -119,3 +119,33 @@ def test_active_queries_are_the_top_u_of_the_authors_measure(keys):
     active = np.isclose(out, full, atol=1e-5).all(-1).transpose(0, 2, 1)  # [B, H, L]
     got = np.stack([[np.flatnonzero(active[b, h]) for h in range(2)] for b in range(2)])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_mix_heads_is_the_authors_reshape(keys):
+    """`mix_heads: true`: output row l of the [B, L, H*D] tensor fed to the output projection is
+    the flat chunk l of the [B, H, L, D] attention output (the authors' `mix=True`)."""
+    spec = {"type": "probsparse", "n_heads": 4, "factor": 2, "causal": True,
+            "query_selection": "global"}
+    plain = build_mixer(spec, d_model=32, rngs=nnx.Rngs(0))
+    mixed = build_mixer({**spec, "mix_heads": True}, d_model=32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(keys(1)[0], (2, 12, 32))
+    captured = {}
+    for name, m in (("plain", plain), ("mixed", mixed)):
+        m.o_proj = _Capture(m.o_proj, captured, name)
+        m(x)
+    b, l, h, d = 2, 12, 4, 8
+    o_blhd = np.asarray(captured["plain"]).reshape(b, l, h, d)
+    flat = np.transpose(o_blhd, (0, 2, 1, 3)).reshape(b, -1)       # [B, H*L*D], head-major
+    want = flat.reshape(b, l, h * d)                                  # chunk l -> row l
+    np.testing.assert_allclose(np.asarray(captured["mixed"]), want, rtol=1e-6, atol=1e-6)
+    # row 1 holds positions 4..7 of head 0 (H = 4 divides L = 12)
+    np.testing.assert_allclose(want[:, 1].reshape(b, 4, d), o_blhd[:, 4:8, 0], rtol=1e-6)
+
+
+class _Capture:                     # a plain callable standing in for o_proj (no jit here)
+    def __init__(self, inner, store, name):
+        self.inner, self.store, self.name = inner, store, name
+
+    def __call__(self, x):
+        self.store[self.name] = x
+        return self.inner(x)
