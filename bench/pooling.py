@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -31,10 +32,13 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SEGMENT, WINDOW, HEAD_DIM = 32, 3, 128         # the mixer's defaults; heads = D / HEAD_DIM
 
 
-def timeit(f, *args, reps=5, inner=10):
-    """Median seconds per call over `reps` groups of `inner` back-to-back calls (after warm-up)."""
+def timeit(f, *args, reps=5, inner=10, target=0.02):
+    """Median seconds per call over `reps` groups of back-to-back calls (after warm-up); a group
+    is `inner` calls, fewer for slow functions (about `target` seconds a group)."""
     jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
+    inner = max(1, min(inner, int(target / max(time.perf_counter() - t0, 1e-6))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -140,6 +144,16 @@ def _ops():
             lambda a: 2 * n(a), lambda a: 3 * n(a)),
         "prefix_mean": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
             x, backend=be, blocks=bl), lambda a: 2 * n(a), lambda a: 2 * n(a)),
+        # the variants: one walk over L, chunk sums first, decoupled look-back (one pass)
+        "prefix_mean 1 walk": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=1, lookback=False)),
+            lambda a: 2 * n(a), lambda a: 2 * n(a)),
+        "prefix_mean chunked": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=16, lookback=False)),
+            lambda a: 2 * n(a), lambda a: 2 * n(a)),
+        "prefix_mean lookback": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=64, lookback=True)),
+            lambda a: 2 * n(a), lambda a: 2 * n(a)),
         "global_aggregate": (qkv_args, lambda be, bl=None: lambda q, k, v: pool.global_aggregate(
             q, k, v, backend=be, blocks=bl), lambda a: 3 * n(a), lambda a: 5 * n(a)),
         "ponet_fuse": (fuse_args, lambda be, bl=None: lambda g, s, o, l: pool.ponet_fuse(
@@ -177,15 +191,15 @@ def max_rel_err(out, out_ref):
     return max([rel_err(y, y_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref, strict=True)])
 
 
-def check_correctness(log, backend, shapes):
+def check_correctness(log, backend, shapes, selected):
     """Pallas vs reference on ragged shapes with ties: forward and gradients, bf16 and f32."""
     rows, ok = [], True
     bf16_shape, f32_shape = (tuple(map(int, s.split("x"))) for s in shapes.split(","))
-    cases = [(jnp.bfloat16, bf16_shape, list(_ops())),
-             (jnp.float32, f32_shape, ["prefix_mean", "global_aggregate", "ponet_fuse",
-                                       "ponet_pool_fuse", "ponet_pool_fuse causal"])]
+    f32_ops = ["prefix_mean", "prefix_mean chunked", "prefix_mean lookback", "global_aggregate",
+               "ponet_fuse", "ponet_pool_fuse", "ponet_pool_fuse causal"]
+    cases = [(jnp.bfloat16, bf16_shape, list(_ops())), (jnp.float32, f32_shape, f32_ops)]
     for dtype, (b, l, d), names in cases:
-        for name in names:
+        for name in (n for n in names if n in selected):
             make, op, _, _ = _ops()[name]
             args = make(jax.random.key(l), b, l, d, dtype)
             try:
@@ -206,18 +220,47 @@ def check_correctness(log, backend, shapes):
     return rows, ok
 
 
-def mixer_fns(b, l, d, causal, backend):
-    """jit'd forward and forward+backward (params and x) of the PoolingMixer, per impl."""
+def _separate_projections():
+    """PoolingMixer whose six input projections are six matmuls (x @ W[:, i*D:(i+1)*D]) instead
+    of one matmul and jnp.split (bench only: does the split copy its six slices?)."""
+    from mixers.pooling import PoolingMixer
+
+    class SeparateProjections(PoolingMixer):
+        def _project(self, x):
+            w, d = self.in_proj.kernel[...].astype(x.dtype), self.d_model
+            return [x @ w[:, i * d:(i + 1) * d] for i in range(6)]
+
+    return SeparateProjections
+
+
+MIXER_VARIANTS = {  # name -> (impl is the kernel backend?, spec overrides, separate projections)
+    "fused": (True, {"fused_pool": True}, False),
+    "3 kernels": (True, {"fused_pool": False}, False),
+    "fused 6 matmuls": (True, {"fused_pool": True}, True),
+    "reference": (False, {}, False),
+    "reference 6 matmuls": (False, {}, True),
+}
+
+
+def mixer_fns(b, l, d, causal, backend, variants):
+    """jit'd forward and forward+backward (params and x) of the PoolingMixer, per variant."""
     from flax import nnx
 
     from mixers import build_mixer
+    from mixers.pooling import PoolingConfig
 
     x = jax.random.normal(jax.random.key(1), (b, l, d), jnp.bfloat16)
     out = {}
-    for impl in (backend, "reference"):
-        spec = {"type": "pooling", "causal": causal, "impl": impl, "n_heads": d // HEAD_DIM,
-                "segment_size": SEGMENT, "local_window": WINDOW}
-        mixer = build_mixer(spec, d_model=d, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    for name in variants:
+        kernel, over, separate = MIXER_VARIANTS[name]
+        spec = {"causal": causal, "impl": backend if kernel else "reference",
+                "n_heads": d // HEAD_DIM, "segment_size": SEGMENT, "local_window": WINDOW, **over}
+        if separate:
+            mixer = _separate_projections()(PoolingConfig(**spec), d_model=d, rngs=nnx.Rngs(0),
+                                            dtype=jnp.bfloat16)
+        else:
+            mixer = build_mixer({"type": "pooling", **spec}, d_model=d, rngs=nnx.Rngs(0),
+                                dtype=jnp.bfloat16)
         graphdef, state = nnx.split(mixer)
         fwd = jax.jit(lambda state, x, g=graphdef: nnx.merge(g, state)(x))
 
@@ -225,47 +268,60 @@ def mixer_fns(b, l, d, causal, backend):
             return jnp.sum(nnx.merge(g, state)(x).astype(jnp.float32) ** 2)
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        out["kernel" if impl == backend else impl] = (fwd, grad, state, x)
+        out[name] = (fwd, grad, state, x)
     return out
 
 
-def bench_mixer(shape, backend, results, log):
+def bench_mixer(shape, backend, variants, results, log, over):
+    """Each mixer variant, forward and forward + backward; speed-up = reference / variant."""
     b, l, d = map(int, shape.split("x"))
-    log("| mixer | B x L x D | fwd ms | ref fwd ms | speed-up | fwd+bwd ms | ref fwd+bwd ms | "
-        "speed-up |")
+    log("| mixer | B x L x D | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up |")
+    log("|---|---|---|---|---|---|")
     for causal in (False, True):
         try:
-            fns = mixer_fns(b, l, d, causal, backend)
-            t = {impl: (timeit(f, s, x)[0], timeit(g, s, x)[0])
-                 for impl, (f, g, s, x) in fns.items()}
+            fns = mixer_fns(b, l, d, causal, backend, variants)
         except Exception as e:
             log(f"| PoolingMixer causal={causal} | error: {type(e).__name__}: {str(e)[:300]} |")
             continue
-        (pf, pb), (rf, rb) = t["kernel"], t["reference"]
-        results["mixer"].append({"causal": causal, "shape": [b, l, d], "fwd": pf, "ref_fwd": rf,
-                                 "fwd_bwd": pb, "ref_fwd_bwd": rb})
-        log(f"| PoolingMixer causal={causal} | {shape} | {pf * 1e3:.3f} | {rf * 1e3:.3f} | "
-            f"{rf / pf:.2f} | {pb * 1e3:.3f} | {rb * 1e3:.3f} | {rb / pb:.2f} |")
+        times = {}
+        for name in ["reference"] + [v for v in variants if v != "reference"]:
+            if name not in fns or over():
+                continue
+            f, g, s, x = fns[name]
+            try:
+                times[name] = (timeit(f, s, x)[0], timeit(g, s, x)[0])
+            except Exception as e:
+                log(f"| {name} causal={causal} | error: {type(e).__name__}: {str(e)[:300]} |")
+                continue
+            tf, tb = times[name]
+            rf, rb = times.get("reference", (float("nan"),) * 2)
+            results["mixer"].append({"variant": name, "causal": causal, "shape": [b, l, d],
+                                     "fwd": tf, "fwd_bwd": tb, "ref_fwd": rf, "ref_fwd_bwd": rb})
+            log(f"| {name}, causal={causal} | {shape} | {tf * 1e3:.3f} | {rf / tf:.2f} | "
+                f"{tb * 1e3:.3f} | {rb / tb:.2f} |")
 
 
-SWEEP = [  # (op, block sizes) tried besides the defaults; the look-back scans last (they spin)
-    ("prefix_mean", [dict(group=4), dict(group=8), dict(group=16), dict(block_d=128, num_warps=8)]),
-    ("segment_max", [dict(block_l=64, block_d=128), dict(block_l=32, block_d=256, num_warps=8)]),
-    ("segment_max causal", [dict(group=4, block_d=256), dict(group=16, block_d=128)]),
-    ("local_max", [dict(block_l=64, block_d=128, num_warps=8)]),
-    ("ponet_pool_fuse", [dict(block_l=64, block_d=64)]),
-    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=8, block_d=64)]),
-    ("global_aggregate", [dict(block_l=16, block_d=512), dict(block_l=64, block_d=512)]),
-    ("prefix_mean", [dict(group=64, lookback=True), dict(group=16, lookback=True)]),
+SWEEP = [  # (op, block sizes) tried besides the defaults
+    ("prefix_mean chunked", [dict(group=4), dict(group=8), dict(group=32),
+                             dict(group=16, block_d=128, num_warps=8)]),
+    ("prefix_mean lookback", [dict(group=16, lookback=True), dict(group=128, lookback=True),
+                              dict(group=64, block_d=128, lookback=True)]),
+    ("ponet_pool_fuse", [dict(block_l=64, block_d=64), dict(block_l=32, block_d=256)]),
+    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=16, block_d=64),
+                                dict(group=8, block_d=256, num_warps=8)]),
+    ("segment_max", [dict(block_l=64, block_d=128)]),
+    ("global_aggregate", [dict(block_l=16, block_d=512), dict(block_l=64, block_d=1024)]),
 ]
 
 
-def sweep(shape, backend, copy_bw, results, log, over):
+def sweep(shape, backend, copy_bw, results, log, over, names, save):
     """Other block sizes of each kernel at one shape (kernel only; ratios to the floor)."""
     b, l, d = map(int, shape.split("x"))
     ops = _ops()
     log(f"| sweep at {shape} | blocks | fwd / floor | fwd+bwd / floor | rel err |")
     for name, variants in SWEEP:
+        if name not in names:
+            continue
         make, op, floor_f, floor_b = ops[name]
         a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
         dy = cotangent(op("reference"), a)
@@ -286,6 +342,7 @@ def sweep(shape, backend, copy_bw, results, log, over):
                                                     "fwd_bwd": tb, "shape": [b, l, d],
                                                     "max_rel_err": err})
             log(f"| {name} | {v} | {tf / ff:.2f} | {tb / fb:.2f} | {err:.1e} |")
+            save()
 
 
 
@@ -294,17 +351,29 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget", type=float, default=120.0, help="seconds; later rows skipped")
     parser.add_argument("--shapes", default="8x16384x2048,8x4096x1024,8x4096x2048,8x16384x1024")
-    parser.add_argument("--ops", default=",".join(_ops()))
+    parser.add_argument("--ops", default=",".join(o for o in _ops() if o != "prefix_mean lookback"),
+                        help="comma-separated; the look-back scan is opt-in (it spins)")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--check-ops", default=None, help="ops checked for correctness (--ops)")
     parser.add_argument("--check-shapes", default="2x4133x1000,2x1037x520",
                         help="ragged shapes of the bf16 and the f32 correctness checks")
     parser.add_argument("--copy-mib", type=int, default=2048)
     parser.add_argument("--backend", default="pallas", help="'interpret' for a dry run on CPU")
-    parser.add_argument("--mixer-shape", default="8x4096x1024", help="'' to skip the mixer")
+    parser.add_argument("--mixer-shapes", default="8x4096x1024",
+                        help="comma-separated, '' to skip the mixer; timed after the ops of the "
+                             "first shape")
+    parser.add_argument("--mixer-variants", default="fused,3 kernels,reference",
+                        help=f"comma-separated, of {list(MIXER_VARIANTS)}")
     parser.add_argument("--sweep", action="store_true", help="time other block sizes too")
+    parser.add_argument("--tag", default="pooling", help="name of the json and md files")
     args = parser.parse_args()
     t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
     lines = []
+    names = args.ops.split(",")
+    ops = _ops()
+    if unknown := [n for n in names if n not in ops]:
+        parser.error(f"unknown ops {unknown}; valid: {list(ops)}")
 
     def log(msg):
         print(msg, flush=True)
@@ -312,24 +381,29 @@ def main():
 
     dev = jax.devices()[0]
     meta = {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
-            "jax": jax.__version__, "segment": SEGMENT, "window": WINDOW, "head_dim": HEAD_DIM}
+            "jax": jax.__version__, "segment": SEGMENT, "window": WINDOW, "head_dim": HEAD_DIM,
+            "argv": " ".join(sys.argv[1:])}
     log(f"# {meta}")
     results = {"meta": meta, "bench": [], "mixer": []}
+
+    def save():                                     # after every row: a timeout keeps the rest
+        with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
     if not args.no_check:
-        results["check"], ok = check_correctness(log, args.backend, args.check_shapes)
+        results["check"], ok = check_correctness(
+            log, args.backend, args.check_shapes,
+            names if args.check_ops is None else args.check_ops.split(","))
         log(f"correctness: {'all pass' if ok else 'FAILURES'}  ({time.time() - t_start:.0f} s)")
+        save()
     bw = copy_bandwidth(args.copy_mib)
     results["bandwidth"] = bw
     copy_bw = bw["torch_copy"] or bw["xla_copy"]
     log("bandwidth TB/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw.items() if v))
+    save()
 
-    def save():
-        with open(os.path.join(args.out, "pooling.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "pooling.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-    ops = _ops()
     log("| op | B x L x D | fwd ms | ref fwd ms | fwd / floor | ref / floor | fwd+bwd ms | "
         "ref fwd+bwd ms | fwd+bwd / floor | ref / floor | rel err |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -337,7 +411,7 @@ def main():
     shapes = args.shapes.split(",")
     for si, shape in enumerate(shapes):
         b, l, d = map(int, shape.split("x"))
-        for name in args.ops.split(","):
+        for name in names:
             if over():
                 log(f"(budget reached: skipped {name} at {shape})")
                 continue
@@ -365,11 +439,14 @@ def main():
                 f"{row['fwd_bwd'] / fb:.2f} | {row['ref_fwd_bwd'] / fb:.2f} | "
                 f"{row['max_rel_err']:.1e} |")
             save()
-        if si == 0 and args.mixer_shape and not over():
-            bench_mixer(args.mixer_shape, args.backend, results, log)
-            save()
+        if si == 0 and args.mixer_shapes:
+            for mshape in args.mixer_shapes.split(","):
+                if not over():
+                    bench_mixer(mshape, args.backend, args.mixer_variants.split(","), results,
+                                log, over)
+                    save()
     if args.sweep and not over():
-        sweep(shapes[0], args.backend, copy_bw, results, log, over)
+        sweep(shapes[0], args.backend, copy_bw, results, log, over, names, save)
     log(f"total {time.time() - t_start:.0f} s")
     save()
 

@@ -14,6 +14,12 @@ running mean of v over positions <= t (the pooled-query attention needs future t
 replaced by the running mean); s'_t is the max over the current segment up to t; l'_t the max over
 the trailing window [t - w + 1, t]. Decoding keeps the running sum, the segment max so far and the
 last w - 1 local inputs: O(d_model) state per sequence.
+
+Kernels (pallas_kernels.pooling, `impl` unset = Pallas on GPU/TPU, the jnp references on CPU):
+g comes from `global_aggregate` (bidirectional) or `prefix_mean` (causal); with `fused_pool`
+(the default) the two max pools and the fusion run as one kernel, `ponet_pool_fuse`, so the
+pooled s and l never go through memory; `fused_pool: false` runs `segment_max`, `local_max` and
+`ponet_fuse` one after the other (the same function; kept for measurement).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class PoolingConfig(MixerConfig):
     n_heads: int = 4                 # heads of the bidirectional global aggregation
     segment_size: int = 32
     local_window: int = 3
+    fused_pool: bool = True          # ponet_pool_fuse (one kernel) instead of three kernels
 
     def validate(self, d_model: int) -> None:
         super().validate(d_model)
@@ -45,7 +52,8 @@ class PoolingConfig(MixerConfig):
 
 
 class PoolingMixer(Mixer):
-    """PoNet mixer. Args (PoolingConfig): n_heads, segment_size, local_window, causal, impl."""
+    """PoNet mixer. Args (PoolingConfig): n_heads, segment_size, local_window, fused_pool,
+    causal, impl."""
 
     def __init__(self, cfg: PoolingConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
         self.cfg, self.causal, self.d_model = cfg, cfg.causal, d_model
@@ -56,7 +64,7 @@ class PoolingMixer(Mixer):
         if segment_ids is not None:
             raise ValueError("PoolingMixer does not support segment_ids (packed sequences) yet")
         cfg, impl = self.cfg, self.cfg.impl
-        q, k, v, s, l, o = jnp.split(self.in_proj(x), 6, axis=-1)
+        q, k, v, s, l, o = self._project(x)
         if self.causal:
             g = shard_kernel(pk.prefix_mean, x=v, backend=impl)
         else:
@@ -64,11 +72,21 @@ class PoolingMixer(Mixer):
             g = shard_kernel(pk.global_aggregate, q=heads(q), k=heads(k), v=heads(v),
                              backend=impl)
             g = g.reshape(x.shape[0], 1, -1)
-        s = shard_kernel(pk.segment_max, x=s, segment_size=cfg.segment_size,
-                         causal=self.causal, backend=impl)
-        l = shard_kernel(pk.local_max, x=l, window=cfg.local_window, causal=self.causal,
-                         backend=impl)
-        return self.out_proj(shard_kernel(pk.ponet_fuse, g=g, s=s, o=o, l=l, backend=impl))
+        if cfg.fused_pool:
+            y = shard_kernel(pk.ponet_pool_fuse, g=g, s=s, o=o, l=l,
+                             segment_size=cfg.segment_size, window=cfg.local_window,
+                             causal=self.causal, backend=impl)
+        else:
+            s = shard_kernel(pk.segment_max, x=s, segment_size=cfg.segment_size,
+                             causal=self.causal, backend=impl)
+            l = shard_kernel(pk.local_max, x=l, window=cfg.local_window, causal=self.causal,
+                             backend=impl)
+            y = shard_kernel(pk.ponet_fuse, g=g, s=s, o=o, l=l, backend=impl)
+        return self.out_proj(y)
+
+    def _project(self, x):
+        """The six projections q, k, v, s, l, o of x, each [B, L, d_model]."""
+        return jnp.split(self.in_proj(x), 6, axis=-1)
 
     def init_cache(self, batch_size, max_length, dtype=jnp.float32):
         if not self.causal:
@@ -80,7 +98,7 @@ class PoolingMixer(Mixer):
                 "pos": jnp.zeros((), jnp.int32)}
 
     def decode(self, x, cache):
-        _, _, v, s, l, o = (t[:, 0] for t in jnp.split(self.in_proj(x), 6, axis=-1))
+        _, _, v, s, l, o = (t[:, 0] for t in self._project(x))
         pos = cache["pos"]
         v_sum = cache["v_sum"] + v.astype(jnp.float32)
         g = (v_sum / (pos + 1).astype(jnp.float32)).astype(v.dtype)

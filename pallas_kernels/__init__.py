@@ -6,14 +6,24 @@ Public functions take `backend=None` (fastest for the platform), "pallas", "inte
 
 from pallas_kernels.attention import attention_reference, decode_attention, flash_attention
 from pallas_kernels.gla import gla, gla_chunked_reference, gla_recurrent_reference, gla_step
-from pallas_kernels.pooling import (global_aggregate, local_max, ponet_fuse, prefix_mean,
-                                    segment_max)
-from pallas_kernels.selective_scan import (selective_scan, selective_scan_reference,
-                                           selective_state_update)
+from pallas_kernels.pooling import (
+    global_aggregate,
+    local_max,
+    ponet_fuse,
+    ponet_pool_fuse,
+    prefix_mean,
+    segment_max,
+)
+from pallas_kernels.selective_scan import (
+    selective_scan,
+    selective_scan_reference,
+    selective_state_update,
+)
 
 __all__ = [
     "attention_reference", "decode_attention", "flash_attention",
     "gla", "gla_chunked_reference", "gla_recurrent_reference", "gla_step",
-    "global_aggregate", "local_max", "ponet_fuse", "prefix_mean", "segment_max",
+    "global_aggregate", "local_max", "ponet_fuse", "ponet_pool_fuse", "prefix_mean",
+    "segment_max",
     "selective_scan", "selective_scan_reference", "selective_state_update",
 ]

@@ -153,7 +153,7 @@ class PoolBlocks:
     group: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    lookback: bool = False
+    lookback: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +167,13 @@ class _Cfg:
     lookback: bool = False
 
 
-_DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages), tuned for an H200
-    "prefix_mean": (64, 64, 1, 4, 3),         # group: chunks of the length run in parallel
-    "segment_max": (32, 128, 1, 4, 3),
-    "segment_cummax": (1, 128, 8, 4, 3),      # group: segments per program
-    "local_max": (32, 128, 1, 4, 3),
-    "fuse": (32, 128, 1, 4, 3),
-    "aggregate": (32, 512, 1, 4, 3),
+_DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages, lookback), for an H200
+    "prefix_mean": (64, 64, 1, 4, 3, False),  # group: chunks of the length run in parallel
+    "segment_max": (32, 128, 1, 4, 3, False),
+    "segment_cummax": (1, 128, 8, 4, 3, False),   # group: segments per program
+    "local_max": (32, 128, 1, 4, 3, False),
+    "fuse": (32, 128, 1, 4, 3, False),
+    "aggregate": (32, 512, 1, 4, 3, False),
 }
 
 
@@ -185,7 +185,7 @@ def _cfg(op: str, blocks: PoolBlocks | None, interpret: bool) -> _Cfg:
     for name, v in zip(("block_l", "block_d", "group"), vals[:3], strict=True):
         if v < 1 or v & (v - 1):
             raise ValueError(f"blocks.{name} must be a power of two, got {v}")
-    return _Cfg(interpret, *vals, lookback=blocks.lookback)
+    return _Cfg(interpret, *vals[:5], lookback=vals[5])
 
 
 def _call(kernel, cfg: _Cfg, *, grid, in_specs, out_specs, out_shape, name):

@@ -243,16 +243,18 @@ def test_tpu_variants_match_reference_in_tpu_interpret_mode(op, length, causal, 
     _check(fn, ref, args, 6, 2e-5 if dtype == jnp.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("causal", [pytest.param(False, marks=SLOW), True])
-def test_pooling_mixer_interpret_equals_reference(causal):
+@pytest.mark.parametrize("causal,fused", [(True, True), pytest.param(False, True, marks=SLOW),
+                                          (False, False), pytest.param(True, False, marks=SLOW)])
+def test_pooling_mixer_interpret_equals_reference(causal, fused):
     """The PoolingMixer on the kernels (impl: interpret) computes what it computes on the
-    references: output and gradients with respect to the input and every parameter."""
+    references: output and gradients with respect to the input and every parameter, with the
+    fused pooling kernel (the default) and with the three separate kernels."""
     from flax import nnx
 
     from mixers import build_mixer
 
     spec = {"type": "pooling", "n_heads": 2, "segment_size": 5, "local_window": 3,
-            "causal": causal}
+            "causal": causal, "fused_pool": fused}
     x = jax.random.normal(jax.random.key(0), (2, 37, 32))
     results = []
     for impl in ("interpret", "reference"):
