@@ -1,21 +1,27 @@
 """Gated linear attention on one GPU: real-lowering correctness, then times against the anchors.
 
     PYTHONUNBUFFERED=1 python3 bench/gla.py --out $OUT/gla.json [--budget 200] [--no-fla]
+        [--dims 128,64] [--lengths 2048,8192] [--hybrid] [--variants] [--stages]
 
-In one run: (1) forward, final state and all gradients of our Pallas kernels against the f32
-step-by-step recurrence (f32 and bf16, ragged length, initial state, Dk != Dv, strong decay);
-(2) forward and forward+backward times, bf16, B=8, H=16, head dims 64 and 128, T = 2k/8k/32k,
-of ours (default sequential schedule; column cp: the chunk-parallel schedule), of our jnp
-chunked reference under jit (T <= 8k: its [C, C, Dk] decay tensor does not
-fit at 32k) and of fla's `chunk_gla` (PyTorch + Triton, from the fla-core wheel); tokens/s and
-ratios. fla autotunes every kernel over 24-96 configs on first use (minutes); `--fla-configs N`
-keeps the first N configs with num_warps=4, num_stages=2 per kernel, which the table then says.
-Cells past the time budget are skipped and say so.
+In one run: (1) forward, final state and all gradients of our Pallas kernels (both schedules)
+against the f32 step-by-step recurrence (f32 and bf16, ragged length, initial state, Dk != Dv,
+strong decay); (2) forward and forward+backward times, bf16, B=8, H=16, Dk=Dv from --dims, of
+ours with the default tiling under each schedule (columns seq, cp; `auto` says which one the
+default picks), of our jnp chunked reference under jit (T <= --ref-max-t) and of fla's
+`chunk_gla` (PyTorch + Triton, from the fla-core wheel), timed right after ours in the same
+cell; (3) --hybrid: the GLA shape of configs/hybrid_3to1_gpu.yaml (B=8 and 16, H=6, Dk=64,
+Dv=128, T=2048); (4) --variants: tilings at D=128, T=2048; (5) --stages: each pallas_call pass
+alone at D=128, T=2048. fla autotunes every kernel over 24-96 configs on first use (minutes);
+`--fla-configs N` keeps the first N configs with num_warps=4, num_stages=2 per kernel, which the
+JSON records. Our variants of a cell compile in parallel threads. The JSON is rewritten after
+every cell, so a timeout keeps what finished; cells past --budget are skipped and say so.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import importlib
 import json
 import os
@@ -34,14 +40,12 @@ from bench._common import rel_error, timeit_ms  # noqa: E402
 
 B, H = 8, 16
 T0 = time.perf_counter()
+GB = gla_mod.GLABlocks
+SEQ, CP = GB(schedule="sequential"), GB(schedule="chunk_parallel")
 
 
 def _elapsed():
     return time.perf_counter() - T0
-
-
-_timeit = timeit_ms
-_rel = rel_error
 
 
 def _inputs(b, t, h, dk, dv, dtype, seed=0, log_g_min=-1.0):
@@ -57,8 +61,8 @@ def _inputs(b, t, h, dk, dv, dtype, seed=0, log_g_min=-1.0):
 
 def _fwd(backend, blocks=None):
     if backend == "pallas" and blocks is not None:
-        return jax.jit(lambda q, k, v, g: gla_mod.gla_pallas(q, k, v, g, blocks=blocks)[0])
-    return jax.jit(lambda q, k, v, g: gla_mod.gla(q, k, v, g, backend=backend))
+        return lambda q, k, v, g: gla_mod.gla_pallas(q, k, v, g, blocks=blocks)[0]
+    return lambda q, k, v, g: gla_mod.gla(q, k, v, g, backend=backend)
 
 
 def _fwd_bwd(backend, blocks=None):
@@ -67,20 +71,62 @@ def _fwd_bwd(backend, blocks=None):
     def f(q, k, v, g, do):
         o, vjp = jax.vjp(fwd, q, k, v, g)
         return o, vjp(do)  # o returned: otherwise XLA drops the forward kernel
-    return jax.jit(f)
+    return f
+
+
+def _compile_all(items, args_of):
+    """{name: compiled} for items {name: fn}, compiled in parallel threads (XLA's compile of
+    the Triton kernels releases the GIL); failures map to the error string."""
+    def one(name):
+        try:
+            return name, jax.jit(items[name]).lower(*args_of(name)).compile()
+        except Exception as e:  # noqa: BLE001 - report and go on
+            traceback.print_exc()
+            return name, f"{type(e).__name__}: {str(e)[:300]}"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(items) or 1)) as ex:
+        return dict(ex.map(one, list(items)))
+
+
+def _time_into(row, compiled, args_of):
+    for name, fn in compiled.items():
+        if isinstance(fn, str):
+            row[f"{name}_error"] = fn
+            continue
+        try:
+            row[name] = timeit_ms(fn, *args_of(name), iters=5 if "fwd_bwd" in name else 10)
+        except Exception as e:  # noqa: BLE001
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+
+
+def _save(results, path):
+    results["elapsed_s"] = _elapsed()
+    results["table"] = report(results)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(results, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------ correctness
 
 
 def check_correctness(results, n_cases):
     """Ours (real lowering) against the f32 recurrence: outputs, final state, all gradients."""
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-5", 2, 300, 4, 128, 128, jnp.bfloat16, -5.0, 2e-2),
-             ("f32 T=300 Dk=64 Dv=128 log_g>=-5", 2, 300, 2, 64, 128, jnp.float32, -5.0, 1e-3),
-             ("bf16 T=1000 Dk=Dv=128 log_g>=-5", 2, 1000, 4, 128, 128, jnp.bfloat16, -5.0, 2e-2),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1", 2, 777, 4, 64, 64, jnp.bfloat16, -0.1, 2e-2)]
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, jnp.bfloat16, -5.0,
+              2e-2, SEQ),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp", 2, 300, 4, 128, 128, jnp.bfloat16, -5.0,
+              2e-2, CP),
+             ("f32 T=300 Dk=64 Dv=128 log_g>=-5 seq", 2, 300, 2, 64, 128, jnp.float32, -5.0,
+              1e-3, SEQ),
+             ("bf16 T=1000 Dk=64 Dv=128 log_g>=-1 cp", 2, 1000, 3, 64, 128, jnp.bfloat16, -1.0,
+              2e-2, CP),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq", 2, 777, 4, 64, 64, jnp.bfloat16, -0.1,
+              2e-2, SEQ)]
     for case in cases[:n_cases]:
         results["correctness"].append(_check_case(*case))
 
 
-def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol):
+def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol, blocks):
     q, k, v, g, s0, do = _inputs(b, t, h, dk, dv, dtype, seed=t, log_g_min=gmin)
     up = lambda x: x.astype(jnp.float32)
     w = jax.random.normal(jax.random.key(1), (b, h, dk, dv))
@@ -89,8 +135,8 @@ def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol):
         o, st = fn(q, k, v, g, s0)
         return jnp.sum(o.astype(jnp.float32) * up(do)) + jnp.sum(st * w), (o, st)
 
-    ours = lambda q, k, v, g, s0: gla_mod.gla(q, k, v, g, initial_state=s0, return_state=True,
-                                              backend="pallas")
+    ours = lambda q, k, v, g, s0: gla_mod.gla_pallas(q, k, v, g, initial_state=s0,
+                                                     blocks=blocks)
 
     def ref(q, k, v, g, s0):
         with jax.default_matmul_precision("highest"):  # no tf32 in the f32 reference
@@ -98,15 +144,19 @@ def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol):
 
     grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), (0, 1, 2, 3, 4), has_aux=True))
     (g_o, (o, st)), (g_r, (o_r, st_r)) = grad(ours)(q, k, v, g, s0), grad(ref)(q, k, v, g, s0)
-    errs = {"o": _rel(o, o_r), "state": _rel(st, st_r)}
-    errs.update({n: _rel(a, r) for n, a, r in
+    errs = {"o": rel_error(o, o_r), "state": rel_error(st, st_r)}
+    errs.update({n: rel_error(a, r) for n, a, r in
                  zip(("dq", "dk", "dv", "dlog_g", "ds0"), g_o, g_r, strict=True)})
-    # bf16 dlog_g: a reverse cumsum (inside a chunk) of differences of bf16-matmul terms.
-    dg_tol = 3 * tol if dtype == jnp.bfloat16 else tol
+    # dlog_g: a reverse cumsum (inside a chunk) of differences of matmul terms, which are bf16
+    # operands for bf16 and tf32 (Triton's f32 dot) for f32 inputs.
+    dg_tol = 3 * tol if dtype == jnp.bfloat16 else 10 * tol
     ok = all(e <= (dg_tol if n == "dlog_g" else tol) for n, e in errs.items())
-    print(f"[check] {name}: {'OK' if ok else 'FAIL'} "
+    print(f"[check {_elapsed():.0f}s] {name}: {'OK' if ok else 'FAIL'} "
           + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
-    return {"case": name, "ok": ok, "tol": tol, **errs}
+    return {"case": name, "ok": ok, "tol": tol, "dlog_g_tol": dg_tol, **errs}
+
+
+# ------------------------------------------------------------------------------ fla
 
 
 def _fla_setup(n_configs):
@@ -123,13 +173,13 @@ def _fla_setup(n_configs):
     return chunk_gla
 
 
-def _fla_times(chunk_gla, d, t):
+def _fla_times(chunk_gla, b, t, h, dk, dv):
     import torch
     import triton
     gen = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)
-    q, k, v, do = mk(B, t, H, d), mk(B, t, H, d), mk(B, t, H, d), mk(B, t, H, d)
-    g = -torch.rand(B, t, H, d, device="cuda", generator=gen).to(torch.bfloat16)
+    q, k, v, do = mk(b, t, h, dk), mk(b, t, h, dk), mk(b, t, h, dv), mk(b, t, h, dv)
+    g = -torch.rand(b, t, h, dk, device="cuda", generator=gen).to(torch.bfloat16)
     for x in (q, k, v, g):
         x.requires_grad_(True)
 
@@ -141,112 +191,160 @@ def _fla_times(chunk_gla, d, t):
         o = chunk_gla(q, k, v, g)[0]
         return torch.autograd.grad(o, (q, k, v, g), do)
 
-    fwd_bwd()  # autotunes (once per head dim) and compiles
-    out = {"fwd": triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median"),
-           "fwd_bwd": triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")}
+    fwd_bwd()  # autotunes (once per shape class) and compiles
+    out = {"fla_fwd": triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median"),
+           "fla_fwd_bwd": triton.testing.do_bench(fwd_bwd, warmup=25, rep=100,
+                                                  return_mode="median")}
     return out
 
 
-def run_timings(results, dims, lengths, budget, fla_configs, with_fla, ref_max_t,
-                chunk_parallel):
-    rows = results["timings"]
-    for d in dims:
-        for t in lengths:
-            row = {"d": d, "t": t}
-            rows.append(row)
-            if _elapsed() > budget:
-                row["skipped"] = "time budget"
-                continue
-            q, k, v, g, _, do = _inputs(B, t, H, d, d, jnp.bfloat16, seed=t + d)
-            candidates = [("ours", "pallas", None), ("ref", "reference", None)]
-            if chunk_parallel:
-                candidates.insert(1, ("cp", "pallas",
-                                      gla_mod.GLABlocks(schedule="chunk_parallel")))
-            for name, backend, blocks in candidates:
-                if backend == "reference" and t > ref_max_t:
-                    row["ref"] = f"not run (T > {ref_max_t})"
-                    continue
-                try:
-                    row[f"{name}_fwd"] = _timeit(_fwd(backend, blocks), q, k, v, g)
-                    row[f"{name}_fwd_bwd"] = _timeit(_fwd_bwd(backend, blocks), q, k, v, g, do,
-                                                     iters=5)
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    traceback.print_exc()
-            del q, k, v, g, do
-            print(f"[time {_elapsed():.0f}s] {row}", flush=True)
-    if not with_fla:
-        return
-    try:
-        chunk_gla = _fla_setup(fla_configs)
-    except Exception as e:  # noqa: BLE001
-        results["fla_error"] = f"{type(e).__name__}: {e}"
-        print(results["fla_error"], flush=True)
-        return
-    for row in rows:
-        if "skipped" in row:
-            continue
-        if _elapsed() > budget:
-            row["fla"] = "skipped: time budget"
-            continue
+class _Fla:
+    def __init__(self, enabled, n_configs, results):
+        self.enabled, self.n_configs, self.results, self.fn = enabled, n_configs, results, None
+
+    def time_into(self, row, b, t, h, dk, dv):
+        if not self.enabled:
+            return
         try:
+            if self.fn is None:
+                self.fn = _fla_setup(self.n_configs)
             t0 = time.perf_counter()
-            fla = _fla_times(chunk_gla, row["d"], row["t"])
-            row["fla_fwd"], row["fla_fwd_bwd"] = fla["fwd"], fla["fwd_bwd"]
+            row.update(_fla_times(self.fn, b, t, h, dk, dv))
             row["fla_first_call_s"] = time.perf_counter() - t0
-            import torch
-            torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             row["fla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
-        print(f"[fla {_elapsed():.0f}s] {row}", flush=True)
+            self.enabled = False
 
 
-def run_variants(results, budget):
-    """Block-size variants of our kernels at one shape (D=128, T=8k)."""
-    d, t = 128, 8192
-    q, k, v, g, _, do = _inputs(B, t, H, d, d, jnp.bfloat16, seed=3)
-    variants = {
-        "fwd block_v=32, dq block_k=32": gla_mod.GLABlocks(block_v=32, block_k=32),
-        "num_stages=1": gla_mod.GLABlocks(num_stages=1),
-        "num_stages=3": gla_mod.GLABlocks(num_stages=3),
-        "chunk_parallel, block_v=128": gla_mod.GLABlocks(schedule="chunk_parallel",
-                                                         block_v=128),
-        "dkv unsplit (block_k_dkv=128, 8 warps)": gla_mod.GLABlocks(block_k_dkv=128,
-                                                                   num_warps_dkv=8),
+# ------------------------------------------------------------------------------ timings
+
+
+def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_t, out):
+    """One shape: every candidate {name: blocks} forward and forward+backward, the reference,
+    fla; one row in results[key]."""
+    row = {"b": b, "t": t, "h": h, "dk": dk, "dv": dv}
+    results[key].append(row)
+    if _elapsed() > budget:
+        row["skipped"] = "time budget"
+        _save(results, out)
+        return
+    auto = gla_mod._pick_schedule(GB(), b, h, gla_mod._pow2_at_least_16(dv)).schedule
+    row["auto"] = auto
+    q, k, v, g, _, do = _inputs(b, t, h, dk, dv, jnp.bfloat16, seed=t + dk)
+    items = {}
+    for name, blocks in candidates.items():
+        items[f"{name}_fwd"] = _fwd("pallas", blocks)
+        items[f"{name}_fwd_bwd"] = _fwd_bwd("pallas", blocks)
+    if t <= ref_max_t:
+        items["ref_fwd"], items["ref_fwd_bwd"] = _fwd("reference"), _fwd_bwd("reference")
+    args_of = lambda name: (q, k, v, g, do) if name.endswith("fwd_bwd") else (q, k, v, g)
+    t0 = time.perf_counter()
+    compiled = _compile_all(items, args_of)
+    row["compile_s"] = time.perf_counter() - t0
+    _time_into(row, compiled, args_of)
+    del compiled
+    fla.time_into(row, b, t, h, dk, dv)
+    print(f"[{key} {_elapsed():.0f}s] {row}", flush=True)
+    _save(results, out)
+
+
+def run_stages(results, b, t, h, d, out, budget):
+    """Each pass alone (its own jit), both schedules, D=Dk=Dv=d: where the time goes."""
+    if _elapsed() > budget:
+        results["stages"].append({"skipped": "time budget"})
+        return
+    q, k, v, g, s0, do = _inputs(b, t, h, d, d, jnp.bfloat16, seed=5)
+    dst = jnp.zeros_like(s0)
+    m = gla_mod
+    kw = lambda blocks: dict(scale=d ** -0.5, blocks=blocks, interpret=False)
+    seq_split, seq_fused = dataclasses.replace(SEQ, dkv_split=True), dataclasses.replace(
+        SEQ, dkv_split=False)
+    cp_split, cp_fused = dataclasses.replace(CP, dkv_split=True), dataclasses.replace(
+        CP, dkv_split=False)
+    # Residuals the backward passes take, computed once.
+    s_end = jax.jit(lambda *a: m._bwd_dq_pass(*a, **kw(SEQ))[1])(k, v, g, s0, None, do)
+    states = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(CP))[2])(q, k, v, g, s0)
+    dstates = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(CP))[0])(q, g, do, dst)
+    dq32 = jnp.zeros(q.shape, jnp.float32) + 0.01
+    items = {
+        "seq fwd": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(SEQ))[:2],
+        "seq dq pass": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(SEQ)),
+        "seq dkv fused": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
+                                                 **kw(seq_fused)),
+        "seq dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
+                                                 **kw(seq_split)),
+        "cp fwd (states + chunks)": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[:2],
+        "cp states pass": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[2],
+        "cp dq chunks": lambda: m._bwd_dq_pass(k, v, g, s0, states, do, **kw(CP))[0],
+        "cp dstates pass": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(CP)),
+        "cp dkv chunks fused": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
+                                                       **kw(cp_fused))[:4],
+        "cp dkv chunks split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
+                                                       **kw(cp_split))[:4],
     }
-    for name, blocks in variants.items():
-        if _elapsed() > budget:
-            results["variants"].append({"name": name, "skipped": "time budget"})
-            continue
-        row = {"name": name}
-        try:
-            row["fwd"] = _timeit(_fwd("pallas", blocks), q, k, v, g)
-            row["fwd_bwd"] = _timeit(_fwd_bwd("pallas", blocks), q, k, v, g, do, iters=5)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        results["variants"].append(row)
-        print(f"[variant {_elapsed():.0f}s] {row}", flush=True)
+    compiled = _compile_all(items, lambda name: ())
+    row = {"b": b, "t": t, "h": h, "d": d}
+    _time_into(row, compiled, lambda name: ())
+    results["stages"].append(row)
+    print(f"[stages {_elapsed():.0f}s] {row}", flush=True)
+    _save(results, out)
+
+
+VARIANTS = {
+    "seq": SEQ,
+    "seq_fused": dataclasses.replace(SEQ, dkv_split=False),
+    "seq_dkv8w": dataclasses.replace(SEQ, num_warps_dkv=8),
+    "seq_st1": dataclasses.replace(SEQ, num_stages=1),
+    "seq_st3": dataclasses.replace(SEQ, num_stages=3),
+    "seq_sub32": dataclasses.replace(SEQ, sub_chunk=32),
+    "cp": CP,
+    "cp_fused": dataclasses.replace(CP, dkv_split=False),
+    "cp_bv128": dataclasses.replace(CP, block_v=128),
+    "cp_sub32": dataclasses.replace(CP, sub_chunk=32),
+}
+
+
+def ptxas_report(dump_dir):
+    """ptxas -v (Triton's copy) over the PTX XLA dumped: registers, spills per gla kernel."""
+    import glob
+    import subprocess
+    try:
+        import triton
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    except ImportError:
+        ptxas = "ptxas"
+    lines = []
+    for path in sorted(glob.glob(os.path.join(dump_dir, "**", "*.ptx"), recursive=True)):
+        with open(path) as fh:
+            if "gla" not in fh.read():
+                continue
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull],
+                           capture_output=True, text=True, timeout=60)
+        keep = [ln for ln in (r.stderr + r.stdout).splitlines()
+                if "gla" in ln or "registers" in ln or "spill" in ln or "error" in ln]
+        lines += [os.path.basename(path)] + keep
+    return lines or [f"no PTX with a gla kernel under {dump_dir}"]
 
 
 def report(results):
-    lines = ["| Dk=Dv | T | ours fwd ms | ours fwd+bwd ms | cp fwd | cp fwd+bwd | ref fwd | "
-             "ref fwd+bwd | fla fwd | fla fwd+bwd | fwd vs fla | fwd+bwd vs fla | "
-             "fwd+bwd vs ref | Mtok/s fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"
-    r = lambda a, b: f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
-    for row in results["timings"]:
-        tok = (B * row["t"] / row["ours_fwd_bwd"] / 1e3 if isinstance(row.get("ours_fwd_bwd"),
-                                                                        float) else None)
+    lines = ["| B | H | Dk | Dv | T | auto | seq fwd | seq fwd+bwd | cp fwd | cp fwd+bwd | "
+             "fla fwd | fla fwd+bwd | best fwd vs fla | best fwd+bwd vs fla | ref fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
+
+    def ratio(row, kind):
+        ours = [row.get(f"{s}_{kind}") for s in ("seq", "cp")]
+        ours = [x for x in ours if isinstance(x, float)]
+        fla = row.get(f"fla_{kind}")
+        return f"{fla / min(ours):.2f}x" if ours and isinstance(fla, float) else "-"
+    for row in results["timings"] + results["hybrid"]:
         lines.append(
-            f"| {row['d']} | {row['t']} | {f(row.get('ours_fwd'))} | "
-            f"{f(row.get('ours_fwd_bwd'))} | {f(row.get('cp_fwd'))} | "
-            f"{f(row.get('cp_fwd_bwd'))} | {f(row.get('ref_fwd'))} | "
-            f"{f(row.get('ref_fwd_bwd'))} | {f(row.get('fla_fwd'))} | "
-            f"{f(row.get('fla_fwd_bwd'))} | {r(row.get('fla_fwd'), row.get('ours_fwd'))} | "
-            f"{r(row.get('fla_fwd_bwd'), row.get('ours_fwd_bwd'))} | "
-            f"{r(row.get('ref_fwd_bwd'), row.get('ours_fwd_bwd'))} | {f(tok)} |")
+            f"| {row['b']} | {row['h']} | {row['dk']} | {row['dv']} | {row['t']} | "
+            f"{row.get('auto', '-')} | {f(row.get('seq_fwd'))} | {f(row.get('seq_fwd_bwd'))} | "
+            f"{f(row.get('cp_fwd'))} | {f(row.get('cp_fwd_bwd'))} | {f(row.get('fla_fwd'))} | "
+            f"{f(row.get('fla_fwd_bwd'))} | {ratio(row, 'fwd')} | {ratio(row, 'fwd_bwd')} | "
+            f"{f(row.get('ref_fwd_bwd'))} |")
     return "\n".join(lines)
 
 
@@ -257,37 +355,57 @@ def main():
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--fla-configs", type=int, default=2)
     p.add_argument("--dims", default="128,64")
-    p.add_argument("--lengths", default="2048,8192,32768")
-    p.add_argument("--variants", action="store_true")
-    p.add_argument("--checks", type=int, default=4, help="how many correctness cases")
-    p.add_argument("--no-chunk-parallel", action="store_true",
-                   help="skip the chunk-parallel schedule (column cp)")
-    p.add_argument("--ref-max-t", type=int, default=8192,
-                   help="longest T for the jnp reference (its [T/16, 16, 16, Dk] f32 decay "
-                        "tensor does not fit at 32k)")
+    p.add_argument("--lengths", default="2048,8192")
+    p.add_argument("--hybrid", action="store_true", help="B=8/16, H=6, Dk=64, Dv=128, T=2048")
+    p.add_argument("--variants", default="", help="comma list of VARIANTS names at D=128 T=2k")
+    p.add_argument("--stages", action="store_true", help="each pass alone at D=128, T=2048")
+    p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
+    p.add_argument("--ref-max-t", type=int, default=2048,
+                   help="longest T for the jnp reference (0: never)")
+    p.add_argument("--regs", default="", help="dump dir: only compile each pass (D=128, "
+                   "T=2048) with XLA dumping PTX there, then ptxas -v: registers and spills")
     args = p.parse_args()
+    if args.regs:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_dump_to={args.regs}").strip()
+        results = {"stages": [], "timings": [], "hybrid": []}
+        run_stages(results, B, 2048, H, 128, args.out, args.budget)
+        results["ptxas"] = ptxas_report(args.regs)
+        _save(results, args.out)
+        print("\n".join(results["ptxas"]))
+        return
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-               "date": time.strftime("%Y-%m-%d"), "B": B, "H": H, "dtype": "bfloat16",
+               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "dtype": "bfloat16",
                "fla_configs_per_kernel": args.fla_configs or "all",
-               "correctness": [], "timings": [], "variants": []}
+               "correctness": [], "timings": [], "hybrid": [], "variants": [], "stages": []}
+    fla = _Fla(not args.no_fla, args.fla_configs, results)
+    cell = dict(budget=args.budget, fla=fla, ref_max_t=args.ref_max_t, out=args.out)
     try:
         check_correctness(results, args.checks)
     except Exception as e:  # noqa: BLE001
         results["correctness_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         traceback.print_exc()
-    dims = [int(x) for x in args.dims.split(",")]
-    lengths = [int(x) for x in args.lengths.split(",")]
-    run_timings(results, dims, lengths, args.budget, args.fla_configs, not args.no_fla,
-                args.ref_max_t, not args.no_chunk_parallel)
+    _save(results, args.out)
+    if args.stages:
+        try:
+            run_stages(results, B, 2048, H, 128, args.out, args.budget)
+        except Exception as e:  # noqa: BLE001
+            results["stages"].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+            traceback.print_exc()
     if args.variants:
-        run_variants(results, args.budget)
-    results["table"] = report(results)
-    results["elapsed_s"] = _elapsed()
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=1)
+        names = args.variants.split(",")
+        cell_nofla = dict(cell, fla=_Fla(False, 0, results), ref_max_t=0)
+        run_cell(results, "variants", B, 2048, H, 128, 128,
+                 {n: VARIANTS[n] for n in names}, **cell_nofla)
+    both = {"seq": SEQ, "cp": CP}
+    if args.hybrid:
+        for b in (8, 16):
+            run_cell(results, "hybrid", b, 2048, 6, 64, 128, both, **cell)
+    for d in [int(x) for x in args.dims.split(",") if x]:
+        for t in [int(x) for x in args.lengths.split(",") if x]:
+            run_cell(results, "timings", B, t, H, d, d, both, **cell)
+    _save(results, args.out)
     print(results["table"])
-    for row in results["variants"]:
-        print(row)
 
 
 if __name__ == "__main__":

@@ -137,8 +137,13 @@ class GLABlocks:
     chunk_size: int = 64        # rows per loop iteration (unrolled into sub-chunks)
     sub_chunk: int = 16         # rows per state step; the intra block is sub_chunk x sub_chunk
     block_v: int = 64           # state columns per program in the forward
-    block_k: int = 64           # state rows per program in the dq backward
-    block_k_dkv: int = 128      # state rows per program in the dk/dv backward (dv sums blocks)
+    block_k: int = 64           # state rows per program in the dq backward (and the dS pass)
+    # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
+    # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
+    # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 64.
+    dkv_split: bool | None = None
+    block_k_dkv: int = 64       # state rows per program of the split dk kernel
+    block_v_dkv: int = 64       # state columns per program of the split dv kernel
     num_warps_fwd: int | None = None   # None: one warp per 2048 f32 state entries, 4..8
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
@@ -146,15 +151,30 @@ class GLABlocks:
     # "sequential": one program walks a whole sequence (no stored states in the forward);
     # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
     # then one program per chunk (and the same for dS in the backward). GPU kernels only.
-    schedule: str = "sequential"
+    # "auto": chosen by shape (`_pick_schedule`).
+    schedule: str = "auto"
 
     def __post_init__(self):
-        if self.schedule not in ("sequential", "chunk_parallel"):
-            raise ValueError(f"schedule must be 'sequential' or 'chunk_parallel', "
+        if self.schedule not in ("auto", "sequential", "chunk_parallel"):
+            raise ValueError(f"schedule must be 'auto', 'sequential' or 'chunk_parallel', "
                              f"got {self.schedule!r}")
         if self.chunk_size % self.sub_chunk or self.sub_chunk < 16:
             raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of sub_chunk "
                              f"({self.sub_chunk}) >= 16")
+
+
+_DKV_FUSED_MAX = 64 * 64    # largest Dk * Dv of the fused dk/dv kernel (GLABlocks.dkv_split)
+_SEQ_MIN_PROGRAMS = 256     # "auto": sequential when B * H * Dv/block_v reaches this
+
+
+def _pick_schedule(blocks, b, h, dv):
+    """The schedule "auto" resolves to: sequential once its forward has enough programs to
+    fill the GPU (two per SM on an H200's 132), else chunk-parallel. docs/kernels/gla.md."""
+    if blocks.schedule != "auto":
+        return blocks
+    programs = b * h * max(1, dv // blocks.block_v)
+    schedule = "sequential" if programs >= _SEQ_MIN_PROGRAMS else "chunk_parallel"
+    return dataclasses.replace(blocks, schedule=schedule)
 
 
 def _num_warps(given, state_rows, state_cols):
@@ -164,6 +184,12 @@ def _num_warps(given, state_rows, state_cols):
     if given is not None:
         return given
     return max(4, min(8, state_rows * state_cols // 2048))
+
+
+def _gpu_params(blocks, warps, state_rows, state_cols, interpret):
+    return dict(compiler_params=plgpu.CompilerParams(
+        num_warps=_num_warps(warps, state_rows, state_cols), num_stages=blocks.num_stages),
+        interpret=interpret)
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -248,9 +274,7 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
     bv = min(blocks.block_v, dv)
     n_chunks, size = lp // blocks.chunk_size, blocks.chunk_size
     kw = dict(blocks=blocks, dot_dtype=_dot_dtype(q))
-    params = dict(compiler_params=plgpu.CompilerParams(
-        num_warps=_num_warps(blocks.num_warps_fwd, dk, bv), num_stages=blocks.num_stages),
-        interpret=interpret)
+    params = _gpu_params(blocks, blocks.num_warps_fwd, dk, bv, interpret)
     seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
     seq_v = pl.BlockSpec((None, lp, None, bv), lambda i, j, n: (i, 0, j, n))
     state = pl.BlockSpec((None, None, dk, bv), lambda i, j, n: (i, j, 0, n))
@@ -359,15 +383,12 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
 
 
-def _dkv_chunk(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref,
-               dk_ref, dv_ref, dg_ref, base, ds_KV, s_end_KV, *, first_block, scale, blocks,
-               dot_dtype):
-    # q/k/g [*, K] (for the intra-sub-chunk scores), qb/kb/gb/dq32/dq/dk/dg [*, BK] (this
-    # program's rows of the state), v/do/dv [*, V] (dv: this block's part), ds/s_end [BK, V]
+def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref,
+               base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype):
+    # Fused dk/dv (small states): q/k/g/dq32/dq/dk/dg [*, K], v/do/dv [*, V], ds/s_end [K, V]
     # at the chunk's end. Sub-chunks in reverse; returns dS at the chunk's start.
     sub = blocks.sub_chunk
     causal = _causal_mask(sub)
-    split = qb_ref.shape[-1] < q_ref.shape[-1]
     # The gate of a row in this chunk scales every later row's view of the chunk's end state:
     # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
     # and its rounding does not grow with the length.
@@ -376,28 +397,17 @@ def _dkv_chunk(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_
         rows = pl.ds(base + j * sub, sub)
         v = v_ref[rows, :].astype(dot_dtype)
         do = do_ref[rows, :].astype(dot_dtype)
-        # This block's columns of Dk.
-        q = qb_ref[rows, :].astype(_F32)
-        k = kb_ref[rows, :].astype(_F32)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
         dq = dq32_ref[rows, :]
-        c, c_end, m = _sub_chunk_gates(gb_ref[rows, :].astype(_F32), sub)
+        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
         q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
         k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
         k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        if split:  # the scores need all of Dk: every block recomputes them ([C, C])
-            c_all, _, m_all = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-            q_mid_all = q_ref[rows, :].astype(_F32) * jnp.exp(c_all - m_all[None, :])
-            k_mid_all = k_ref[rows, :].astype(_F32) * jnp.exp(m_all[None, :] - c_all)
-            a = _dot(q_mid_all.astype(dot_dtype), k_mid_all.astype(dot_dtype), tb=True)
-        else:
-            a = _dot(q_mid, k_mid, tb=True)
-        a = jnp.where(causal, scale * a, 0.0).astype(dot_dtype)
+        a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
         da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
         ds = ds_KV.astype(dot_dtype)
-        dv_intra = _dot(a, do, ta=True)
-        if split:  # one block adds the intra part to the sum over blocks
-            dv_intra = jnp.where(first_block, dv_intra, 0.0)
-        dv = _dot(k_out, ds) + dv_intra
+        dv = _dot(k_out, ds) + _dot(a, do, ta=True)
         dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
               + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
         x = q * dq - k * dk
@@ -413,125 +423,266 @@ def _dkv_chunk(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_
     return ds_KV
 
 
-def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref,
-                        s_end_ref, dst_ref, dq_ref, dk_ref, dv_ref, dg_ref, ds0_ref, *, n_chunks,
-                        **kw):
-    # Sequential schedule: whole sequences ([Lp, *]), s_end [N, BK, V], dst/ds0 [BK, V]
-    step = kw["blocks"].chunk_size
-    refs = (q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref,
-            dv_ref, dg_ref)
-    first_block = pl.program_id(2) == 0
+def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks, dot_dtype):
+    # Split dv pass: q/k/g [*, K], do/dv [*, BV], ds [K, BV] (this program's columns of dS) at
+    # the chunk's end. dv = A^T do + k_out dS is exact per block of columns.
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+    for j in reversed(range(blocks.chunk_size // sub)):
+        rows = pl.ds(base + j * sub, sub)
+        do = do_ref[rows, :].astype(dot_dtype)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
+        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+        a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+        dv = _dot(k_out, ds_KV.astype(dot_dtype)) + _dot(a, do, ta=True)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    return ds_KV
 
-    def chunk(i, ds_KV):
+
+def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref, base, ds_KV,
+              s_end_KV, *, scale, blocks, dot_dtype):
+    # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end [BK, V] (this program's
+    # rows of dS and S) at the chunk's end. dk and dlog_g are exact per block of rows.
+    sub = blocks.sub_chunk
+    causal = _causal_mask(sub)
+    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)   # see _dkv_chunk
+    for j in reversed(range(blocks.chunk_size // sub)):
+        rows = pl.ds(base + j * sub, sub)
+        v = v_ref[rows, :].astype(dot_dtype)
+        do = do_ref[rows, :].astype(dot_dtype)
+        q = q_ref[rows, :].astype(_F32)
+        k = k_ref[rows, :].astype(_F32)
+        dq = dq32_ref[rows, :]
+        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
+        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+        da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
+        dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
+              + jnp.exp(c_end[None, :] - c) * _dot(v, ds_KV.astype(dot_dtype), tb=True))
+        x = q * dq - k * dk
+        total = jnp.sum(x, axis=0)
+        dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
+                           + x).astype(dg_ref.dtype)
+        acc_K = acc_K + total
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        q_in = (q * jnp.exp(c)).astype(dot_dtype)
+        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    return ds_KV
+
+
+def _reverse_walk(n_chunks, step, ds_KV, chunk_fn):
+    """Sequential schedule: chunk_fn(row base, chunk index, dS at its end) over chunks in
+    reverse; returns dS at the start."""
+    def body(i, ds_KV):
         ci = n_chunks - 1 - i
-        return _dkv_chunk(*refs, ci * step, ds_KV, s_end_ref[ci], first_block=first_block, **kw)
+        return chunk_fn(ci * step, ci, ds_KV)
+    return lax.fori_loop(0, n_chunks, body, ds_KV)
 
-    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
+
+def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, dst_ref, dq_ref,
+                        dk_ref, dv_ref, dg_ref, ds0_ref, *, n_chunks, **kw):
+    # Sequential, fused: whole sequences ([Lp, *]), s_end [N, K, V], dst/ds0 [K, V]
+    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
+    fn = lambda base, ci, ds: _dkv_chunk(*refs, base, ds, s_end_ref[ci], **kw)
+    ds0_ref[...] = _reverse_walk(n_chunks, kw["blocks"].chunk_size,
+                                 dst_ref[...].astype(_F32), fn)
 
 
-def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref,
-                              dq32_ref, s_end_ref, ds_ref, dq_ref, dk_ref, dv_ref, dg_ref, **kw):
-    # Chunk-parallel schedule: one chunk ([C, *]), s_end/ds [BK, V] at its end
-    refs = (q_ref, k_ref, g_ref, qb_ref, kb_ref, gb_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref,
-            dv_ref, dg_ref)
-    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...],
-               first_block=pl.program_id(3) == 0, **kw)
+def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
+                              dq_ref, dk_ref, dv_ref, dg_ref, **kw):
+    # Chunk-parallel, fused: one chunk ([C, *]), s_end/ds [K, V] at its end
+    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
+    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...], **kw)
+
+
+def _gla_bwd_dv_kernel(q_ref, k_ref, g_ref, do_ref, dst_ref, dv_ref, ds0_ref, *, n_chunks, **kw):
+    # Sequential, split: q/k/g [Lp, K], do/dv [Lp, BV], dst/ds0 [K, BV]
+    fn = lambda base, ci, ds: _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds, **kw)
+    ds0_ref[...] = _reverse_walk(n_chunks, kw["blocks"].chunk_size,
+                                 dst_ref[...].astype(_F32), fn)
+
+
+def _gla_bwd_dv_chunk_kernel(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, **kw):
+    _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, 0, ds_ref[...].astype(_F32), **kw)
+
+
+def _gla_bwd_dk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, dst_ref, dq_ref,
+                       dk_ref, dg_ref, *, n_chunks, **kw):
+    # Sequential, split: q/k/g/dq32/dq/dk/dg [Lp, BK], v/do [Lp, V], s_end [N, BK, V],
+    # dst [BK, V]
+    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
+    fn = lambda base, ci, ds: _dk_chunk(*refs, base, ds, s_end_ref[ci], **kw)
+    _reverse_walk(n_chunks, kw["blocks"].chunk_size, dst_ref[...].astype(_F32), fn)
+
+
+def _gla_bwd_dk_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
+                             dq_ref, dk_ref, dg_ref, **kw):
+    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
+    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...], **kw)
+
+
+def _dkv_split(blocks, dk, dv):
+    return blocks.dkv_split if blocks.dkv_split is not None else dk * dv > _DKV_FUSED_MAX
+
+
+class _Specs:
+    """BlockSpecs of one schedule: sequential grids (B, H, n), chunk-parallel (B, H, N, n) with n
+    the block of the state; `rows(d, blocked)` tiles [B, Lp, H, D] inputs, `state(...)` the
+    [B, H, (N,) K, V] states."""
+
+    def __init__(self, sequential, lp, size):
+        self.sequential, self.lp, self.size = sequential, lp, size
+
+    def rows(self, width, blocked):
+        blk = (lambda n: n) if blocked else (lambda n: 0)
+        if self.sequential:
+            return pl.BlockSpec((None, self.lp, None, width),
+                                lambda i, j, n: (i, 0, j, blk(n)))
+        return pl.BlockSpec((None, self.size, None, width),
+                            lambda i, j, c, n: (i, c, j, blk(n)))
+
+    def state(self, rows, cols, block_axis, shift=0, all_chunks=None):
+        """[rows, cols] of a state; block_axis 0/1 is the one `n` walks. all_chunks=N: the
+        sequential program's [N, rows, cols] (every chunk); shift: chunk-parallel chunk c + 1."""
+        at = lambda n: (n, 0) if block_axis == 0 else (0, n)
+        if self.sequential and all_chunks:
+            return pl.BlockSpec((None, None, all_chunks, rows, cols),
+                                lambda i, j, n: (i, j, 0, *at(n)))
+        if self.sequential:
+            return pl.BlockSpec((None, None, rows, cols), lambda i, j, n: (i, j, *at(n)))
+        return pl.BlockSpec((None, None, None, rows, cols),
+                            lambda i, j, c, n: (i, j, c + shift, *at(n)))
+
+
+def _bwd_dq_pass(k, v, log_g, s0, states, do, *, scale, blocks, interpret):
+    """dq in f32 and (sequential schedule) the state after each chunk; chunk-parallel: the
+    stored states in, None out."""
+    b, lp, h, dk = k.shape
+    dv = v.shape[-1]
+    n_chunks = lp // blocks.chunk_size
+    kw = dict(scale=scale, blocks=blocks, dot_dtype=_dot_dtype(k))
+    bk = min(blocks.block_k, dk)
+    sp = _Specs(blocks.schedule == "sequential", lp, blocks.chunk_size)
+    params = _gpu_params(blocks, blocks.num_warps_dq, bk, dv, interpret)
+    dq_shape = jax.ShapeDtypeStruct(k.shape, _F32)
+    if sp.sequential:
+        return pl.pallas_call(
+            functools.partial(_gla_bwd_dq_kernel, n_chunks=n_chunks, **kw),
+            grid=(b, h, dk // bk),
+            in_specs=[sp.rows(bk, True), sp.rows(dv, False), sp.rows(bk, True),
+                      sp.rows(dv, False), sp.state(bk, dv, 0)],
+            out_specs=[sp.rows(bk, True), sp.state(bk, dv, 0, all_chunks=n_chunks)],
+            out_shape=[dq_shape, jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
+            name="gla_bwd_dq", **params,
+        )(k, v, log_g, do, s0)
+    dq32 = pl.pallas_call(
+        functools.partial(_gla_bwd_dq_chunk_kernel, **kw),
+        grid=(b, h, n_chunks, dk // bk),
+        in_specs=[sp.rows(bk, True), sp.rows(dv, False), sp.rows(bk, True), sp.rows(dv, False),
+                  sp.state(bk, dv, 0)],
+        out_specs=sp.rows(bk, True),
+        out_shape=dq_shape,
+        name="gla_bwd_dq_chunks", **params,
+    )(k, v, log_g, do, states)
+    return dq32, None
+
+
+def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret):
+    """Chunk-parallel schedule: dS at every chunk's end [B, H, N, K, V] and at the start."""
+    b, lp, h, dk = q.shape
+    dv = do.shape[-1]
+    n_chunks = lp // blocks.chunk_size
+    bk = min(blocks.block_k, dk)
+    sp = _Specs(True, lp, blocks.chunk_size)
+    return pl.pallas_call(
+        functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, scale=scale, blocks=blocks,
+                          dot_dtype=_dot_dtype(q)),
+        grid=(b, h, dk // bk),
+        in_specs=[sp.rows(bk, True), sp.rows(bk, True), sp.rows(dv, False),
+                  sp.state(bk, dv, 0)],
+        out_specs=[sp.state(bk, dv, 0, all_chunks=n_chunks), sp.state(bk, dv, 0)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32),
+                   jax.ShapeDtypeStruct(dst.shape, _F32)],
+        name="gla_bwd_dstates", **_gpu_params(blocks, blocks.num_warps_dq, bk, dv, interpret),
+    )(q, log_g, do, dst)
+
+
+def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, interpret):
+    """dq (input dtype), dk, dv, dlog_g, and (sequential) dS at the start.
+
+    Sequential: s_end [B, H, N, K, V] = the state after each chunk, ds_in = dS at the end of
+    the sequence. Chunk-parallel: s_end = the stored states entering each chunk (N + 1 of
+    them; a chunk's end state is the next one's), ds_in = dS at each chunk's end."""
+    b, lp, h, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = lp // blocks.chunk_size
+    kw = dict(scale=scale, blocks=blocks, dot_dtype=_dot_dtype(q))
+    sp = _Specs(blocks.schedule == "sequential", lp, blocks.chunk_size)
+    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+    shift = 0 if sp.sequential else 1
+    end_states = lambda rows, cols, axis: (sp.state(rows, cols, axis, all_chunks=n_chunks)
+                                           if sp.sequential else
+                                           sp.state(rows, cols, axis, shift=shift))
+    grid = lambda nblk: (b, h, nblk) if sp.sequential else (b, h, n_chunks, nblk)
+    seq = "" if sp.sequential else "_chunks"
+    if not _dkv_split(blocks, dk, dv):
+        kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, **kw) if sp.sequential
+                else functools.partial(_gla_bwd_dkv_chunk_kernel, **kw))
+        rk, rv = sp.rows(dk, False), sp.rows(dv, False)
+        outs = [shape(q), shape(k), shape(v), shape(log_g)]
+        out_specs = [rk, rk, rv, rk]
+        if sp.sequential:
+            outs.append(jax.ShapeDtypeStruct((b, h, dk, dv), _F32))
+            out_specs.append(sp.state(dk, dv, 0))
+        res = pl.pallas_call(
+            kern, grid=grid(1),
+            in_specs=[rk, rk, rk, rv, rv, rk, end_states(dk, dv, 0), sp.state(dk, dv, 0)],
+            out_specs=out_specs, out_shape=outs, name="gla_bwd_dkv" + seq,
+            **_gpu_params(blocks, blocks.num_warps_dkv, dk, dv, interpret),
+        )(q, k, log_g, v, do, dq32, s_end, ds_in)
+        return (*res, None) if not sp.sequential else tuple(res)
+    # Split: dv over blocks of dS's columns, dk / dlog_g over blocks of its rows; each program
+    # carries half (or less) of dS and its outputs are exact (no partial sums).
+    bv, bk = min(blocks.block_v_dkv, dv), min(blocks.block_k_dkv, dk)
+    rk, rbv = sp.rows(dk, False), sp.rows(bv, True)
+    dv_kern = (functools.partial(_gla_bwd_dv_kernel, n_chunks=n_chunks, **kw) if sp.sequential
+               else functools.partial(_gla_bwd_dv_chunk_kernel, **kw))
+    dv_outs, dv_specs = [shape(v)], [rbv]
+    if sp.sequential:
+        dv_outs.append(jax.ShapeDtypeStruct((b, h, dk, dv), _F32))
+        dv_specs.append(sp.state(dk, bv, 1))
+    dv_res = pl.pallas_call(
+        dv_kern, grid=grid(dv // bv),
+        in_specs=[rk, rk, rk, rbv, sp.state(dk, bv, 1)],
+        out_specs=dv_specs, out_shape=dv_outs, name="gla_bwd_dv" + seq,
+        **_gpu_params(blocks, blocks.num_warps_dkv, dk, bv, interpret),
+    )(q, k, log_g, do, ds_in)
+    rbk, rv = sp.rows(bk, True), sp.rows(dv, False)
+    dk_kern = (functools.partial(_gla_bwd_dk_kernel, n_chunks=n_chunks, **kw) if sp.sequential
+               else functools.partial(_gla_bwd_dk_chunk_kernel, **kw))
+    dq, dk_, dg = pl.pallas_call(
+        dk_kern, grid=grid(dk // bk),
+        in_specs=[rbk, rbk, rbk, rv, rv, rbk, end_states(bk, dv, 0), sp.state(bk, dv, 0)],
+        out_specs=[rbk, rbk, rbk], out_shape=[shape(q), shape(k), shape(log_g)],
+        name="gla_bwd_dk" + seq,
+        **_gpu_params(blocks, blocks.num_warps_dkv, bk, dv, interpret),
+    )(q, k, log_g, v, do, dq32, s_end, ds_in)
+    return dq, dk_, dv_res[0], dg, (dv_res[1] if sp.sequential else None)
 
 
 def _gla_bwd_call(q, k, v, log_g, s0, states, do, dst, *, scale, blocks, interpret):
-    b, lp, h, dk = q.shape
-    dv = v.shape[-1]
-    n_chunks, size = lp // blocks.chunk_size, blocks.chunk_size
-    kw = dict(scale=scale, blocks=blocks, dot_dtype=_dot_dtype(q))
-    params = lambda warps, rows: dict(
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(warps, rows, dv),
-                                             num_stages=blocks.num_stages),
-        interpret=interpret)
-    shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    sequential = blocks.schedule == "sequential"
-
-    # dq pass over blocks of the state's rows.
-    bk = min(blocks.block_k, dk)
-    if sequential:
-        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
-        seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
-        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
-        states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv),
-                                 lambda i, j, n: (i, j, 0, n, 0))
-        dq32, s_end = pl.pallas_call(
-            functools.partial(_gla_bwd_dq_kernel, n_chunks=n_chunks, **kw),
-            grid=(b, h, dk // bk),
-            in_specs=[seq_bk, seq_v, seq_bk, seq_v, state_bk],
-            out_specs=[seq_bk, states_bk],
-            out_shape=[shape(q, _F32), jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
-            name="gla_bwd_dq", **params(blocks.num_warps_dq, bk),
-        )(k, v, log_g, do, s0)
-    else:
-        chunk_bk = pl.BlockSpec((None, size, None, bk), lambda i, j, c, n: (i, c, j, n))
-        chunk_v = pl.BlockSpec((None, size, None, dv), lambda i, j, c, n: (i, c, j, 0))
-        state_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c, n, 0))
-        dq32 = pl.pallas_call(
-            functools.partial(_gla_bwd_dq_chunk_kernel, **kw),
-            grid=(b, h, n_chunks, dk // bk),
-            in_specs=[chunk_bk, chunk_v, chunk_bk, chunk_v, state_c],
-            out_specs=chunk_bk,
-            out_shape=shape(q, _F32),
-            name="gla_bwd_dq_chunks", **params(blocks.num_warps_dq, bk),
-        )(k, v, log_g, do, states)
-        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
-        seq_v = pl.BlockSpec((None, lp, None, dv), lambda i, j, n: (i, 0, j, 0))
-        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
-        dstates, ds0 = pl.pallas_call(
-            functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, **kw),
-            grid=(b, h, dk // bk),
-            in_specs=[seq_bk, seq_bk, seq_v, state_bk],
-            out_specs=[pl.BlockSpec((None, None, n_chunks, bk, dv),
-                                    lambda i, j, n: (i, j, 0, n, 0)), state_bk],
-            out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32), shape(s0, _F32)],
-            name="gla_bwd_dstates", **params(blocks.num_warps_dq, bk),
-        )(q, log_g, do, dst)
-
-    # dk/dv pass: blocks of the state's rows again; dv sums over the blocks.
-    bk = min(blocks.block_k_dkv, dk)
-    nk = dk // bk
-    dv_dtype = v.dtype if nk == 1 else _F32
-    outs = [shape(q), shape(k), jax.ShapeDtypeStruct((nk, b, lp, h, dv), dv_dtype),
-            shape(log_g)]
-    inputs = (q, k, log_g, q, k, log_g, v, do, dq32)
-    if sequential:
-        seq_k = pl.BlockSpec((None, lp, None, dk), lambda i, j, n: (i, 0, j, 0))
-        seq_bk = pl.BlockSpec((None, lp, None, bk), lambda i, j, n: (i, 0, j, n))
-        state_bk = pl.BlockSpec((None, None, bk, dv), lambda i, j, n: (i, j, n, 0))
-        states_bk = pl.BlockSpec((None, None, n_chunks, bk, dv),
-                                 lambda i, j, n: (i, j, 0, n, 0))
-        dv_part = pl.BlockSpec((None, None, lp, None, dv), lambda i, j, n: (n, i, 0, j, 0))
-        dq, dk_, dv_parts, dg, ds0 = pl.pallas_call(
-            functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, **kw),
-            grid=(b, h, nk),
-            in_specs=[seq_k, seq_k, seq_k, seq_bk, seq_bk, seq_bk, seq_v, seq_v, seq_bk,
-                      states_bk, state_bk],
-            out_specs=[seq_bk, seq_bk, dv_part, seq_bk, state_bk],
-            out_shape=outs + [shape(s0, _F32)],
-            name="gla_bwd_dkv", **params(blocks.num_warps_dkv, bk),
-        )(*inputs, s_end, dst)
-    else:
-        chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
-        chunk_bk = pl.BlockSpec((None, size, None, bk), lambda i, j, c, n: (i, c, j, n))
-        chunk_v = pl.BlockSpec((None, size, None, dv), lambda i, j, c, n: (i, c, j, 0))
-        # The state at a chunk's end is the state entering the next one.
-        s_end_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c + 1, n, 0))
-        ds_c = pl.BlockSpec((None, None, None, bk, dv), lambda i, j, c, n: (i, j, c, n, 0))
-        dv_part = pl.BlockSpec((None, None, size, None, dv), lambda i, j, c, n: (n, i, c, j, 0))
-        dq, dk_, dv_parts, dg = pl.pallas_call(
-            functools.partial(_gla_bwd_dkv_chunk_kernel, **kw),
-            grid=(b, h, n_chunks, nk),
-            in_specs=[chunk_k, chunk_k, chunk_k, chunk_bk, chunk_bk, chunk_bk, chunk_v, chunk_v,
-                      chunk_bk, s_end_c, ds_c],
-            out_specs=[chunk_bk, chunk_bk, dv_part, chunk_bk],
-            out_shape=outs,
-            name="gla_bwd_dkv_chunks", **params(blocks.num_warps_dkv, bk),
-        )(*inputs, states, dstates)
-    dv_ = dv_parts[0] if nk == 1 else jnp.sum(dv_parts, axis=0).astype(v.dtype)
+    kw = dict(scale=scale, blocks=blocks, interpret=interpret)
+    dq32, s_end = _bwd_dq_pass(k, v, log_g, s0, states, do, **kw)
+    if blocks.schedule == "sequential":
+        return _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, dst, **kw)
+    dstates, ds0 = _bwd_dstates_pass(q, log_g, do, dst, **kw)
+    dq, dk_, dv_, dg, _ = _bwd_dkv_pass(q, k, v, log_g, do, dq32, states, dstates, **kw)
     return dq, dk_, dv_, dg, ds0
 
 
@@ -802,6 +953,7 @@ def gla_pallas(q, k, v, log_g, *, scale=None, initial_state=None, blocks=GLABloc
     vp = pad(v, dvp)
     s0p = jnp.pad(s0, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
     mode = target + ("_interpret" if interpret else "")
+    blocks = _pick_schedule(blocks, b, h, dvp)
     if target == "tpu":
         to_bhld = lambda x: rearrange(x, "b l h d -> b h l d")
         o, st = _gla_pallas(*map(to_bhld, (qp, kp, vp, gp)), jnp.swapaxes(s0p, 2, 3), scale,

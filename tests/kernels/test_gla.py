@@ -94,11 +94,13 @@ def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay(schedu
 @pytest.mark.parametrize("schedule", [
     "chunk_parallel", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
-    # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in both backward passes.
+    # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in the dq pass, the dk/dv pass
+    # split into a dv kernel over 2 column blocks and a dk kernel over 2 row blocks (Dk != Dv).
     # log_g in [-1, 0]: the chunk-parallel state pass sums log gates over 64 rows at once and
     # its exp carries ~|b| * 6e-8 relative rounding (1e-5 at |b| ~ 300, log_g down to -5).
-    args = _inputs(128, 1, 128, 2, 32, 32, jnp.float32, log_g_min=-1.0)
-    blocks = gla_mod.GLABlocks(block_v=16, block_k=16, block_k_dkv=16, schedule=schedule)
+    args = _inputs(128, 1, 128, 2, 32, 64, jnp.float32, log_g_min=-1.0)
+    blocks = gla_mod.GLABlocks(block_v=32, block_k=16, dkv_split=True, block_k_dkv=16,
+                               block_v_dkv=32, schedule=schedule)
     _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
                               grad_tol=1e-4, blocks=blocks)
 
