@@ -10,8 +10,9 @@ encoders (bidirectional; the decoder keeps ProbSparse). Each run is
 summary.json in their workdir) are reused, so an interrupted sweep resumes.
 
     python bench/informer.py reproduce --data /path/to/ETTh1.csv --out runs/informer_repro \\
-        [--horizons 24 48 168 336 720] [--seeds 0 1 2] [--mixers probsparse probsparse_mix full gla mamba] \\
-        [--epochs 6] [--write docs/RESULTS.md]
+        [--horizons 24 48 168 336 720] [--seeds 0 1 2] \\
+        [--mixers probsparse probsparse_mix full gla mamba] [--epochs 6] \\
+        [--write docs/RESULTS.md] [--jobs 6 --gpus 0,1] [--budget SECONDS]
 
 (b) Forward and forward+backward time of the self-attention core at input lengths 96..2048
 (B=32, H=8, Dh=64, bf16): ProbSparse (per-query and shared sampling) against full attention
@@ -68,6 +69,19 @@ def run_one(data: str, out: Path, mixer: str, horizon: int, seed: int, epochs: i
     summary = workdir / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:                                 # several reproduce processes may share one --out
+        os.close(os.open(workdir / ".running", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
+    try:
+        return _train(data, workdir, mixer, horizon, seed, epochs, extra, env)
+    finally:
+        (workdir / ".running").unlink(missing_ok=True)
+
+
+def _train(data, workdir, mixer, horizon, seed, epochs, extra, env) -> dict:
+    summary = workdir / "summary.json"
     seq_len, label_len = HORIZONS[horizon]
     enc, dec = MIXERS[mixer]
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", "informer_etth1",
@@ -75,7 +89,6 @@ def run_one(data: str, out: Path, mixer: str, horizon: int, seed: int, epochs: i
            f"data.pred_len={horizon}", f"data.label_len={label_len}", f"train.seq_len={seq_len}",
            f"train.seed={seed}", f"train.epochs={epochs}", f"model.encoder_mixer={enc}",
            f"model.decoder_mixer={dec}", *extra]
-    workdir.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] start {mixer} h{horizon} seed {seed}", flush=True)
     with open(workdir / "log.txt", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -136,6 +149,18 @@ def _job_env(slot: int, args) -> dict:
     return env
 
 
+def collect(out: Path, todo) -> list[dict]:
+    rows = []
+    for mixer, horizon, seed in todo:
+        summary = out / f"{mixer}_h{horizon}_s{seed}" / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            rows.append({"mixer": mixer, "horizon": horizon, "seed": seed,
+                         **{k: s[k] for k in ("test_mse", "test_mae", "eval_mse", "step",
+                                              "wall_time_s")}})
+    return rows
+
+
 def reproduce(args) -> None:
     """Every (mixer, horizon, seed) run, `--jobs` at a time; no new run starts after `--budget`
     seconds (finished ones are kept and reused by the next call)."""
@@ -145,16 +170,16 @@ def reproduce(args) -> None:
     # longest horizon first (the slowest runs do not end up last).
     todo = [(m, h, s) for s in args.seeds for h in sorted(args.horizons, reverse=True)
             for m in args.mixers]
-    t0, results, failed = time.time(), [], []
+    t0, done, failed = time.time(), 0, []
     slots = queue.SimpleQueue()
     for i in range(args.jobs):
         slots.put(i)
 
     def one(mixer, horizon, seed):
-        if args.budget and time.time() - t0 > args.budget:
-            return None
         slot = slots.get()
         try:
+            if args.budget and time.time() - t0 > args.budget:
+                return None
             return run_one(args.data, out, mixer, horizon, seed, args.epochs, args.set,
                            _job_env(slot, args))
         finally:
@@ -172,18 +197,19 @@ def reproduce(args) -> None:
                 continue
             if s is None:
                 continue
-            results.append({"mixer": mixer, "horizon": horizon, "seed": seed,
-                            **{k: s[k] for k in ("test_mse", "test_mae", "eval_mse", "step",
-                                                 "wall_time_s")}})
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            done += 1
             print(f"    {mixer} h{horizon} seed {seed}: test mse {s['test_mse']:.4f} "
                   f"mae {s['test_mae']:.4f} ({s['step']} steps, {s['wall_time_s']:.0f} s)",
                   flush=True)
-    skipped = len(todo) - len(results) - len(failed)
-    print(f"{len(results)} runs done, {len(failed)} failed, {skipped} not started (budget) in "
-          f"{time.time() - t0:.0f} s", flush=True)
+    # Every finished run under --out (also those of earlier calls or of a process beside this
+    # one), not only this process's.
+    results = collect(out, todo)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{done} runs done or reused here, {len(failed)} failed, {len(results)} of {len(todo)} "
+          f"finished under {out} ({time.time() - t0:.0f} s)", flush=True)
     if not results:
         raise SystemExit("no finished runs")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # runs may still be going
     import jax
     settings = (f"Measured {datetime.date.today()} on {jax.devices()[0].device_kind} "
                 f"({jax.device_count()} device(s)), jax {jax.__version__}: multivariate ETTh1, "
