@@ -120,12 +120,51 @@ def correctness(results, max_cases=99):
     results["correctness"] = rows
 
 
+def correctness_variants(results):
+    """Real-lowering checks of the call-2 variants: dq fused by atomics, the default dispatch."""
+    rows = results.setdefault("correctness", [])
+    cases = [  # b, n, hq, hkv, d, causal, window, segments, extra kwargs
+        (2, 1000, 8, 2, 128, True, None, False, dict(bwd_impl="atomic")),
+        (1, 1000, 8, 8, 64, False, None, True, dict(bwd_impl="atomic")),
+        (1, 4097, 8, 1, 64, True, 512, False, dict(bwd_impl="atomic", block_k_dkv=128,
+                                                   num_warps_bwd=8)),
+        (2, 1000, 8, 2, 128, True, None, False, dict()),     # default dispatch (Mosaic fwd)
+        (1, 2048, 4, 2, 128, True, 300, False, dict()),
+    ]
+    for i, (b, n, hq, hkv, d, causal, window, segs, extra) in enumerate(cases):
+        q, k, v, do = _inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16, seed=70 + i)
+        seg = (jnp.sort(jax.random.randint(jax.random.key(99), (b, n), 0, 4), axis=1)
+               if segs else None)
+        kw = dict(causal=causal, window=window, segment_ids=seg)
+        row = dict(case=f"{extra or 'default'} b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window} seg={segs}")
+        try:
+            o, g = _fwd_bwd(lambda q, k, v, kw=kw, extra=extra: attn.flash_attention_kernel(
+                q, k, v, **kw, **extra))(q, k, v, do)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
+                q, k, v, **kw))(*f32)
+            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                       dv=_rel(g[2], g_ref[2]))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc(limit=3)
+        print("check", row, flush=True)
+        rows.append(row)
+    row = dict(capability=attn._cuda_capability(),
+               d128=attn.choose_fwd_impl(128, jnp.bfloat16, False, attn._cuda_capability()))
+    print("dispatch", row, flush=True)
+    results["dispatch"] = row
+
+
 def _impls(d, causal, ours_cfg, mgpu_cfg=None):
     """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
     mgpu_cfg = {k: v for k, v in (mgpu_cfg or {}).items() if k != "fwd_impl"}
     impls = {
         "ours": (lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **ours_cfg),
                  None, True),
+        "ours_triton": (lambda q, k, v: attn.flash_attention_kernel(
+            q, k, v, causal=causal, **{**ours_cfg, "fwd_impl": "triton"}), None, True),
         "ours_mgpu": (lambda q, k, v: attn.flash_attention_kernel(
             q, k, v, causal=causal, fwd_impl="mosaic", **mgpu_cfg), None, True),
         "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
@@ -271,6 +310,115 @@ def mosaic_sweep(results, deadline):
     return best[1]
 
 
+def bwd_sweep(results, deadline, dims=(128, 64), n=4096):
+    """Backward variants at N=4k (fwd+bwd TFLOP/s, default forward): the split dq kernel
+    against dq fused into the dk/dv kernel by f32 atomic adds, and dk/dv tile sizes."""
+    rows = results.setdefault("bwd_sweep", [])
+    split = dict(bwd_impl="split")
+    variants = [split,
+                dict(bwd_impl="atomic", block_q_dkv=64, block_k_dkv=64, num_warps_bwd=4),
+                dict(bwd_impl="atomic", block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8),
+                dict(bwd_impl="atomic", block_q_dkv=32, block_k_dkv=128, num_warps_bwd=4),
+                dict(bwd_impl="atomic", block_q_dkv=64, block_k_dkv=128, num_warps_bwd=4),
+                dict(bwd_impl="split", block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8,
+                     block_q_dq=128, block_k_dq=64)]
+    b = TOKENS // n
+    for d in dims:
+        q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        for causal in (False, True):
+            flops = 4 * b * H * n * n * d / (2 if causal else 1) * 3.5
+            for cfg in variants:
+                row = dict(d=d, causal=causal, n=n, cfg=cfg)
+                if time.time() > deadline:
+                    row["skipped"] = "time budget"
+                else:
+                    try:
+                        ms = _timeit(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
+                                              attn.flash_attention_kernel(q, k, v, causal=c,
+                                                                          **cfg)), q, k, v, do)
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print("bsweep", row, flush=True)
+                rows.append(row)
+
+
+def mosaic_sweep_d(results, deadline, d=64, n=4096):
+    """Mosaic GPU forward tiles at head_dim d, N=4k, full and causal (forward TFLOP/s), with
+    the Triton forward as the baseline in the same run."""
+    b = TOKENS // n
+    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    rows = results.setdefault("mosaic_sweep", [])
+    cfgs = [dict(fwd_impl="triton"),
+            dict(block_q=64, block_k=64, mgpu_stages=2),
+            dict(block_q=64, block_k=64, mgpu_stages=3),
+            dict(block_q=64, block_k=64, mgpu_stages=4),
+            dict(block_q=64, block_k=128, mgpu_stages=2),
+            dict(block_q=64, block_k=128, mgpu_stages=3),
+            dict(block_q=128, block_k=64, mgpu_stages=2),
+            dict(block_q=128, block_k=64, mgpu_stages=3),
+            dict(block_q=128, block_k=128, mgpu_stages=2),
+            dict(block_q=64, block_k=64, mgpu_stages=3, mgpu_ping_pong=False)]
+    if d == 128:
+        cfgs = [dict(fwd_impl="triton"), dict(block_q=64, block_k=128, mgpu_stages=2),
+                dict(block_q=64, block_k=64, mgpu_stages=4),
+                dict(block_q=128, block_k=64, mgpu_stages=2)]
+    for causal in (False, True):
+        for cfg in cfgs:
+            full = cfg if "fwd_impl" in cfg else {"fwd_impl": "mosaic", **cfg}
+            row = dict(mode="fwd", d=d, n=n, causal=causal, cfg=full)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                try:
+                    ms = _timeit(jax.jit(lambda q, k, v, f=full, c=causal:
+                                         attn.flash_attention_kernel(q, k, v, causal=c, **f)),
+                                 q, k, v)
+                    row.update(ms=ms, tflops=4 * b * H * n * n * d / (2 if causal else 1)
+                               / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("msweep", row, flush=True)
+            rows.append(row)
+
+
+def decode_sweep(results, deadline, contexts=(8192, 32768)):
+    """Split count / tile / pipeline variants of the split-KV decode kernel (B=8, Hq=32,
+    Hkv=8, D=128) against cuDNN and the HBM floor."""
+    b, hq, hkv, d = 8, 32, 8, 128
+    rows = results.setdefault("decode_sweep", [])
+    bw = results.get("copy_tb_s") or 4.05
+    variants = [dict(), dict(num_splits=8), dict(num_splits=16), dict(num_splits=33),
+                dict(block_k=64, num_splits=16), dict(block_k=64, num_splits=16, num_stages=3),
+                dict(block_k=64, num_splits=32, num_stages=3), dict(num_splits=16, num_stages=3),
+                dict(num_splits=16, num_warps=8)]
+    for s in contexts:
+        q, k, v, _ = _inputs((b, 1, hq, d), (b, s, hkv, d), jnp.bfloat16, seed=s)
+        lengths = jnp.full((b,), s, jnp.int32)
+        ref = attn.decode_attention_reference(q, k, v, lengths)
+        base = dict(context=s, floor_ms=2 * k.nbytes / (bw * 1e9))
+        try:
+            base["cudnn_ms"] = _timeit(jax.jit(lambda q, k, v, l: jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=l, implementation="cudnn")), q, k, v, lengths,
+                iters=20)
+        except Exception as e:  # noqa: BLE001
+            base["cudnn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        for cfg in variants:
+            row = dict(base, cfg=cfg)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                try:
+                    fn = jax.jit(lambda q, k, v, l, cfg=cfg: attn._decode_forward(
+                        q, k, v, l, sm_scale=d ** -0.5, window=None, interpret=False, **cfg))
+                    row["err"] = _rel(fn(q, k, v, lengths), ref)
+                    row["ms"] = _timeit(fn, q, k, v, lengths, iters=20)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("dsweep", row, flush=True)
+            rows.append(row)
+
+
 def packed(results, deadline, n=8192, d=128, b=2, doc=1024):
     """Packed documents (segment ids): 8 documents of 1k in an 8k row vs one 8k causal row."""
     q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
@@ -387,11 +535,16 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     steps = {"check": lambda dl: correctness(results, args.checks),
+             "check2": lambda dl: correctness_variants(results),
              "sweep": lambda dl: chosen.update(sweep(results, dl)),
              "tput": lambda dl: throughput(results, lengths, (128, 64), dl,
                                            [s for s in args.impls.split(",") if s], chosen,
                                            args.xla_max_n, chosen_mgpu),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
+             "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
+             "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
+             "bsweep": lambda dl: bwd_sweep(results, dl),
+             "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
              "decode": lambda dl: decode(results, [8192, 32768, 131072], dl)}

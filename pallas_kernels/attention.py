@@ -123,8 +123,10 @@ class FlashConfig:
     num_warps_bwd: int = 4
     num_stages: int = 3
     num_stages_bwd: int = 2
-    fwd_impl: str = "triton"     # "mosaic": the experimental Mosaic GPU forward (attention_mgpu)
+    fwd_impl: str = "triton"     # "mosaic": the Mosaic GPU forward (attention_mgpu, Hopper)
     mgpu_stages: int = 2
+    mgpu_ping_pong: bool = True  # alternate the two consumer warpgroups (FA3 ping-pong)
+    bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds)
     interpret: bool = False
 
 
@@ -304,6 +306,7 @@ def _flash_forward(q, k, v, segment_ids, cfg: FlashConfig):
     if cfg.fwd_impl == "mosaic":
         from pallas_kernels import attention_mgpu
         return attention_mgpu.mosaic_forward(q, k, v, cfg, stages=cfg.mgpu_stages,
+                                             ping_pong=cfg.mgpu_ping_pong,
                                              interpret=cfg.interpret)
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
@@ -379,6 +382,12 @@ def _dq_kernel(*refs, cfg: FlashConfig):
 
 
 def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
+    """dk, dv of one KV block; with bwd_impl="atomic" also dq += dS K by f32 atomic adds
+    (FlashAttention-2's fused backward: S and dP are computed once instead of twice)."""
+    fused_dq = cfg.bwd_impl == "atomic"
+    if fused_dq:
+        dq_ref = refs[-1]                                  # aliased to the zero dq_acc input
+        refs = refs[:-4] + refs[-3:-1]
     if cfg.has_segments:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, slo_ref, shi_ref,
          dk_ref, dv_ref) = refs
@@ -410,7 +419,12 @@ def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
         dv = dv + _dot(pt.astype(do_BqD.dtype), do_BqD)
         dpt = _dot(v_BkD, do_BqD, trans_b=True)
         dst = pt * (dpt - delta[None, :])
-        dk = dk + _dot(dst.astype(q_BqD.dtype), q_BqD)
+        ds_lo = dst.astype(q_BqD.dtype)
+        dk = dk + _dot(ds_lo, q_BqD)
+        if fused_dq:
+            dq = lax.dot_general(ds_lo, k_BkD, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            plgpu.atomic_add(dq_ref, (pl.ds(q0, bq), h, slice(None)), dq * cfg.sm_scale)
         return dk, dv
 
     def head(r, carry):                                     # the query heads of this KV head
@@ -434,6 +448,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
 
     # dq: blocks (block_q_dq, block_k_dq); lse was saved with the forward's padding.
+    fused_dq = cfg.bwd_impl == "atomic"
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
     blk = max(bq, cfg.block_q_dkv, cfg.block_q)
     qp, kp, vp, segs = _pad_inputs(q, k, v, segment_ids, blk, max(bk, cfg.block_k_dkv))
@@ -454,7 +469,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
         lanes = pl.BlockSpec((None, None, SEG_LANES), lambda i, b_, h: (b_, i, 0))
         in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
                      pl.BlockSpec((None, lk_pad), lambda i, b_, h: (b_, 0)), lanes, lanes]
-    dq = pl.pallas_call(
+    dq = None if fused_dq else pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(lq_pad // bq, b, hq),
         in_specs=in_specs,
@@ -476,17 +491,29 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
         lanes = pl.BlockSpec((None, None, SEG_LANES), lambda j, b_, g: (b_, j, 0))
         in_specs += [pl.BlockSpec((None, lq_pad), lambda j, b_, g: (b_, 0)),
                      pl.BlockSpec((None, bk), lambda j, b_, g: (b_, j)), lanes, lanes]
-    dk, dv = pl.pallas_call(
+    out_specs = [kv_blk, kv_blk]
+    out_shape = [jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)]
+    extra, aliases = (), {}
+    if fused_dq:                                           # dq accumulates in f32 across programs
+        extra = (jnp.zeros(qp.shape, jnp.float32),)
+        in_specs.append(full_q)
+        out_specs.append(full_q)
+        out_shape.append(jax.ShapeDtypeStruct(qp.shape, jnp.float32))
+        aliases = {len(in_specs) - 1: 2}
+    outs = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, rep=rep, lq_pad=lq_pad),
         grid=(lk_pad // bk, b, hkv),
         in_specs=in_specs,
-        out_specs=[kv_blk, kv_blk],
-        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
-                   jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=cparams,
         interpret=cfg.interpret,
         name="flash_attention_dkv",
-    )(qp, kp, vp, dop, lse, delta, *segs, *seg_ranges)
+    )(qp, kp, vp, dop, lse, delta, *segs, *seg_ranges, *extra)
+    dk, dv = outs[:2]
+    if fused_dq:
+        dq = outs[2].astype(q.dtype)
     lk = k.shape[1]
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
@@ -633,6 +660,12 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
             raise ValueError(f"window must be >= 1, got {window}")
 
 
+# Mosaic GPU forward tiles per head dim: block_q rows per consumer warpgroup, block_k, ring depth.
+# D=128 from the call-1 msweep (block_k 128 with 2 stages 597 TFLOP/s; 3 stages exceed SMEM).
+MOSAIC_FWD_BLOCKS = {128: dict(block_q=64, block_k=128, mgpu_stages=2),
+                     64: dict(block_q=64, block_k=64, mgpu_stages=2)}
+
+
 def _default_blocks(lq: int, lk: int, d: int) -> dict:
     """Block sizes, warps and pipeline stages per kernel, from the H200 sweeps in
     docs/kernels/flash_attention.md (D=128, N=4k: forward 3 stages +22%, block_k 128 +9%;
@@ -647,12 +680,46 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
                 num_warps=4 if d <= 64 else 8, num_warps_bwd=4, num_stages=3, num_stages_bwd=2)
 
 
+# Head dims (after padding) whose forward runs the Mosaic GPU kernel on Hopper by default: where
+# it measured faster than the Triton forward (docs/kernels/flash_attention.md, "Which path runs
+# where"). Other head dims, f32 inputs, segment ids and pre-Hopper GPUs take the Triton path.
+MOSAIC_FWD_DIMS = (128,)
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default device if it is an NVIDIA GPU, else None."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None) if dev.platform == "gpu" else None
+    if not cc:
+        return None
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return major, minor
+
+
+def choose_fwd_impl(d_pad: int, dtype, has_segments: bool, capability) -> str:
+    """The forward kernel for one call: "mosaic" (wgmma/TMA, sm_90 only) or "triton".
+
+    `capability` is the CUDA compute capability (major, minor) or None (not an NVIDIA GPU: the
+    caller runs interpret mode). wgmma exists only on sm_90, so Blackwell (10.x) and Ampere /
+    Ada (8.x) take the Triton path.
+    """
+    if capability is None or capability[0] != 9:
+        return "triton"
+    if has_segments or d_pad not in MOSAIC_FWD_DIMS:
+        return "triton"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "triton"
+    return "mosaic"
+
+
 def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=None,
                            window=None, interpret=False, **blocks):
-    """The GPU-style Pallas kernel with explicit block sizes (keys of FlashConfig) for tuning.
+    """The GPU-style Pallas kernels with explicit block sizes (keys of FlashConfig) for tuning.
 
-    `fwd_impl="mosaic"` swaps in the experimental Mosaic GPU forward (Hopper; with
-    `interpret=True` it runs in Mosaic GPU interpret mode); the backward stays Triton.
+    `fwd_impl`: None picks per GPU (`choose_fwd_impl`: the Mosaic GPU forward on Hopper at
+    head_dim 128, else Triton); "mosaic" forces the Mosaic GPU forward (with `interpret=True` it
+    runs in Mosaic GPU interpret mode); "triton" forces the Triton-lowered one. The backward is
+    the Triton-lowered kernels either way.
     """
     lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
@@ -660,14 +727,18 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
     if d_pad != d:
         q, k, v = (_common.pad_axis(x, 3, d_pad) for x in (q, k, v))
     defaults = _default_blocks(lq, lk, d_pad)
-    if blocks.get("fwd_impl") == "mosaic":
+    fwd_impl = blocks.pop("fwd_impl", None)
+    if fwd_impl is None:
+        fwd_impl = "triton" if interpret else choose_fwd_impl(
+            d_pad, q.dtype, segment_ids is not None, _cuda_capability())
+    if fwd_impl == "mosaic":
         # Mosaic GPU forward: block_q rows per consumer warpgroup (two per CTA), 64-wide tiles.
         if segment_ids is not None or d_pad not in (64, 128):
             raise ValueError("fwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
-        defaults.update(block_q=64, block_k=128 if d_pad == 128 else 64)
+        defaults.update(MOSAIC_FWD_BLOCKS[d_pad])
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
-                      **{**defaults, **blocks})
+                      fwd_impl=fwd_impl, **{**defaults, **blocks})
     return _flash(q, k, v, segment_ids, cfg)[..., :d]
 
 

@@ -243,3 +243,33 @@ def test_mosaic_gpu_forward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, window):
                                            block_k=64, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
+    hopper, ampere, blackwell = (9, 0), (8, 0), (10, 0)
+    assert attn.choose_fwd_impl(128, jnp.bfloat16, False, hopper) == "mosaic"
+    assert attn.choose_fwd_impl(128, jnp.float16, False, hopper) == "mosaic"
+    assert attn.choose_fwd_impl(128, jnp.float32, False, hopper) == "triton"    # tf32: Triton
+    assert attn.choose_fwd_impl(128, jnp.bfloat16, True, hopper) == "triton"    # segment ids
+    assert attn.choose_fwd_impl(256, jnp.bfloat16, False, hopper) == "triton"
+    for cc in (ampere, blackwell, None):
+        assert attn.choose_fwd_impl(128, jnp.bfloat16, False, cc) == "triton"
+    for d in (64, 128, 256):
+        expect = "mosaic" if d in attn.MOSAIC_FWD_DIMS else "triton"
+        assert attn.choose_fwd_impl(d, jnp.bfloat16, False, hopper) == expect
+    assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
+
+
+@pytest.mark.parametrize("causal,hkv,window,segments", [
+    (True, 2, None, False), pytest.param(True, 1, 20, True, marks=SLOW)])
+def test_backward_with_dq_fused_by_atomic_adds(causal, hkv, window, segments):
+    """bwd_impl="atomic": dq accumulated in f32 by the dk/dv kernel (no separate dq kernel)."""
+    q, k, v, do = _inputs(16, 1, 90, 90, 4, hkv, 32, jnp.float32)
+    seg = _segments(17, 1, 90) if segments else None
+    kw = dict(causal=causal, window=window, segment_ids=seg)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, bwd_impl="atomic",
+                                           **SMALL_BLOCKS, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 1e-4)
