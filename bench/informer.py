@@ -167,9 +167,12 @@ def reproduce(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Seed-major (a seed's runs find the compiled steps of the earlier seed in the cache),
-    # longest horizon first (the slowest runs do not end up last).
+    # longest horizon first (the slowest runs do not end up last); the later seeds of the
+    # --late mixers after everything else.
     todo = [(m, h, s) for s in args.seeds for h in sorted(args.horizons, reverse=True)
             for m in args.mixers]
+    todo.sort(key=lambda r: (r[2] != args.seeds[0] and r[0] in args.late, args.seeds.index(r[2]),
+                             -r[1], args.mixers.index(r[0])))
     t0, done, failed = time.time(), 0, []
     slots = queue.SimpleQueue()
     for i in range(args.jobs):
@@ -311,6 +314,8 @@ def main(argv=None) -> None:
     rep.add_argument("--epochs", type=int, default=6)
     rep.add_argument("--set", nargs="*", default=[], help="extra train.py overrides")
     rep.add_argument("--write", default=None, help="markdown file to update (between markers)")
+    rep.add_argument("--late", nargs="*", default=[], choices=list(MIXERS),
+                     help="run these mixers' seeds after the first one last")
     rep.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the GPUs)")
     rep.add_argument("--gpus", default="", help="e.g. 0,1: spread the runs over these GPUs")
     rep.add_argument("--budget", type=float, default=0.0,
