@@ -220,6 +220,78 @@ def benchmark(res, budget, sizes, cfg_kw, tag="main", refs=True):
         out.append(row)
 
 
+# Kernel variants (keyword arguments of selective_scan_pallas) for --compare: "fwd" times the
+# inference forward, "fb" the training forward + backward.
+VARIANTS = {
+    "v2.1": {},
+    "ahead2": dict(ahead=2),
+    "ahead4": dict(ahead=4),
+    "ahead4_c8": dict(ahead=4, fwd_chunk=8),
+    "v3": dict(ahead=2, lane_reduce=True),
+    "v3_c4": dict(ahead=2, lane_reduce=True, chunk=4),
+    "ahead4_ftz": dict(ahead=4, fast_exp=True),
+    "v3_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True),
+}
+
+
+def compare(res, budget, fwd_names, fb_names, size=(8, 2048, 2048, 16), threads=8, out=None):
+    """Compiles every variant in parallel (XLA releases the GIL while Triton compiles), checks
+    each against the associative-scan reference at the timed size, then times it."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+    b, length, dn, n = size
+    x = _inputs(b, length, dn, n)
+    args, fns = _variants(x, {})
+    dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
+    jobs = {("ref", "fwd"): (fns["associative"], "fwd"), ("ref", "fb"): (fns["associative"], "fb")}
+    for mode, names in (("fwd", fwd_names), ("fb", fb_names)):
+        for name in names:
+            jobs[(name, mode)] = (_variants(x, VARIANTS[name])[1]["pallas"], mode)
+
+    def build(key):
+        fn, mode = jobs[key]
+        t = time.perf_counter()
+        f = jax.jit(fn) if mode == "fwd" else jax.jit(functools.partial(_vjp, fn))
+        c = f.lower(*(args if mode == "fwd" else (dy, *args))).compile()
+        return c, time.perf_counter() - t
+
+    pool = ThreadPoolExecutor(threads)
+    futs = {k: pool.submit(build, k) for k in jobs}
+    rows = res.setdefault("compare", [])
+    refs = {}
+    for key in jobs:                       # the references first, then in submission order
+        left = budget - (time.perf_counter() - T0)
+        done, _ = wait([futs[key]], timeout=max(left, 0))
+        name, mode = key
+        row = {"variant": name, "mode": mode, "cfg": VARIANTS.get(name), "size": size}
+        if not done:
+            row["error"] = "not compiled within the budget"
+            rows.append(row)
+            print(f"  {name} {mode}: not compiled within the budget")
+            continue
+        try:
+            comp, row["compile_s"] = futs[key].result()
+            call_args = args if mode == "fwd" else (dy, *args)
+            out = comp(*call_args)
+            if name == "ref":
+                refs[mode] = out
+            elif mode in refs:
+                outs, ref_outs = (out, refs[mode]) if mode == "fb" else ((out,), (refs[mode],))
+                row["errs"] = [_rel(o, r) for o, r in zip(outs, ref_outs, strict=True)]
+                row["max_err"] = max(row["errs"])
+                row["ok"] = bool(row["max_err"] < 2e-2)
+            row["ms"] = _timeit(comp, *call_args, reps=5)
+        except Exception as e:   # noqa: BLE001 (keep the other variants)
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        print(f"  {name} {mode}: {row.get('ms')} ms, compile {row.get('compile_s', 0):.0f}s, "
+              f"max err {row.get('max_err')} {row.get('error', '')} "
+              f"(t={time.perf_counter() - T0:.0f}s)", flush=True)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _decode_loop(backend, inputs, kw, h):
     """32 decode steps in one jit: launch overhead is part of decoding too."""
     def body(_, h):
@@ -287,6 +359,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="the anchor size only, no correctness")
     p.add_argument("--report", default=None, help="print the table of a results file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode, on CPU")
+    p.add_argument("--compare-fwd", default="", help="variants (VARIANTS) to compare, forward")
+    p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -305,6 +379,12 @@ def main():
              ("correctness", lambda: None if a.quick else correctness(res)),
              ("bench", lambda: benchmark(res, a.budget, sizes, {})),
              ("decode", lambda: decode_bench(res, a.budget))]
+    if a.compare_fwd or a.compare_fb:     # variants at the anchor size instead of the above
+        names = lambda v: [k for k in v.split(",") if k]
+        size = (1, 40, 64, 4) if a.smoke else sizes[0]
+        steps = [steps[0], ("compare", lambda: compare(res, a.budget, names(a.compare_fwd),
+                                                       names(a.compare_fb), size,
+                                                       out=a.out))]
     if a.sweep:
         sweep = [dict(fwd_chunk=c, chunk=k, block_d=bd, num_warps=w)
                  for c, k, bd, w in ((8, 4, 32, 1), (32, 8, 32, 1), (16, 8, 64, 2),
@@ -321,6 +401,9 @@ def main():
             json.dump(res, f, indent=1, default=str)
         print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
     report(res)
+    if a.compare_fwd or a.compare_fb:   # compile threads past the budget must not keep us
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -155,12 +155,25 @@ class _Config:
     fwd_chunk: int = 16       # steps per chunk of the inference forward (no checkpoints)
     block_d: int = 32         # channels per program (rounded down to fit groups)
     num_warps: int = 1
+    ahead: int = 0            # B/C scalars load this many steps before their use
+    lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
+    fast_exp: bool = False    # ex2.approx.ftz instead of libdevice exp2f (GPU only)
     interpret: bool = False
 
 
 def _softplus(x):
     # log1p(exp(x)) overflows for large x; like mamba-ssm, switch to the identity above 20.
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _exp2(x, fast):
+    """2^x; `fast` (Triton only) is the bare ex2.approx.ftz (one MUFU instruction) instead of
+    libdevice's exp2f, which adds a denormal range check and two multiplies around it."""
+    if not fast:
+        return jnp.exp2(x)
+    return plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
 def _delta_step(raw, bias, i, *, softplus, length, padded):
@@ -185,12 +198,20 @@ def _load_chunk(refs, names, c, chunk):
     return tuple(tuple(refs[k][c * chunk + t, :] for t in range(chunk)) for k in names)
 
 
-def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt):
+def _load_bc(r, i, n_state):
+    """The scalars B_t[n] and C_t[n] of step i (warp-uniform loads)."""
+    return (tuple(r["b"][i, n] for n in range(n_state)),
+            tuple(r["c"][i, n] for n in range(n_state)))
+
+
+def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
+                ahead, fast_exp):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
     r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
     f32 = jnp.float32
     bd = r["u"].shape[-1]
+    last = n_chunks * chunk - 1
     a2 = [r["a"][n, :] * _LOG2E for n in range(n_state)]
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
@@ -201,7 +222,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         h0 = tuple(jnp.zeros((bd,), f32) for _ in range(n_state))
 
     def chunk_body(c, carry):
-        h, rows = list(carry[0]), carry[1]
+        h, rows, window = list(carry[0]), carry[1], list(carry[2])
         next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
         if save_ckpt:
             for n in range(n_state):
@@ -209,57 +230,94 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         ys = []
         for t in range(chunk):
             i = c * chunk + t
+            if ahead:   # B/C scalars of step i + ahead load now, `ahead` steps before their use
+                window.append(_load_bc(r, jnp.minimum(i + ahead, last), n_state))
+                b_t, c_t = window.pop(0)
+            else:
+                b_t, c_t = _load_bc(r, i, n_state)
             u = rows[0][t].astype(f32)
             dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
                                 padded=padded)
             dtu = dt * u
             y = d * u if d is not None else jnp.zeros_like(u)
             for n in range(n_state):
-                h[n] = jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n]
-                y = y + h[n] * r["c"][i, n]
+                h[n] = _exp2(dt * a2[n], fast_exp) * h[n] + dtu * b_t[n]
+                y = y + h[n] * c_t[n]
             if "z" in r:
                 z = rows[2][t].astype(f32)
                 y = y * (z * jax.nn.sigmoid(z))
             ys.append(y)
         for t in range(chunk):      # stores last, so that no load of this chunk waits on them
             r["y"][c * chunk + t, :] = ys[t].astype(r["y"].dtype)
-        return tuple(h), next_rows
+        return tuple(h), next_rows, tuple(window)
 
-    h, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
-                             (h0, _load_chunk(r, seq_names, 0, chunk)))
+    window = tuple(_load_bc(r, min(i, last), n_state) for i in range(ahead))
+    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                                (h0, _load_chunk(r, seq_names, 0, chunk), window))
     for n in range(n_state):
         r["hT"][n, :] = h[n]
 
 
-def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts):
+_LANES = 32   # one warp: the lane reduction below needs block_d == 32 and num_warps == 1
+
+
+def _shfl_xor(x, mask, interpret):
+    """x from lane `lane ^ mask` of the warp (one element of the [32] vector per lane)."""
+    if interpret:
+        lane = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+        return jnp.take(x, lane ^ mask)
+    return plgpu.elementwise_inline_asm(
+        f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;", args=[x],
+        constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _lane_reduce_scatter(vals, lane, interpret):
+    """32 [32]-vectors in, one out whose lane q holds the sum over lanes of vals[q]: a
+    recursive-halving butterfly, 31 shuffles for 32 sums (instead of 5 shuffles per sum)."""
+    m = _LANES // 2
+    while m:
+        hi = (lane & m) != 0
+        half = len(vals) // 2
+        vals = [jnp.where(hi, vals[q + half], vals[q])
+                + _shfl_xor(jnp.where(hi, vals[q], vals[q + half]), m, interpret)
+                for q in range(half)]
+        m //= 2
+    return vals[0]
+
+
+def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, ahead,
+                lane_reduce, fast_exp, interpret):
     # Reverse scan. g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with q = g_t a_t h_{t-1}:
     # dA += dt_t q, d(delta_t) = u_t <g_t, B_t> + <A, q>, du_t = dt_t <g_t, B_t> + D dy_t,
     # dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t (per program; summed over blocks outside).
+    # dbc [Lp, Q] holds dB_t in columns 0..N-1 and dC_t in N..2N-1 (Q = 2N, or padded to a
+    # multiple of 32 when the lanes reduce them: lane q then stores column q in one row store).
     in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
                 "ck", "dy", "dhT"]
-    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "db", "dc", "da",
+    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
                  *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
     r = _name_refs(refs, in_names + out_names)
     f32 = jnp.float32
     bd = r["u"].shape[-1]
     A = [r["a"][n, :] for n in range(n_state)]
-    a2 = [x * _LOG2E for x in A]
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
     step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
                              padded=padded)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
     zeros = jnp.zeros((bd,), f32)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
+    n_q = r["dbc"].shape[-1]
 
     def load_ck(c):
         return tuple(r["ck"][c, n, :] for n in range(n_state))
 
-    def load_bc(i):
-        return ([r["b"][i, n] for n in range(n_state)], [r["c"][i, n] for n in range(n_state)])
+    def load_b(i):
+        return tuple(r["b"][i, n] for n in range(n_state))
 
     def chunk_body(k, carry):
-        dh, da, dd, dbias, rows, h = carry
-        dh, da, h = list(dh), list(da), list(h)
+        dh, da, dd, dbias, rows, h, wb, wbc = carry
+        dh, da, h, wb, wbc = list(dh), list(da), list(h), list(wb), list(wbc)
         c = n_chunks - 1 - k
         # The next chunk's rows and checkpoint load before this chunk's first store.
         next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
@@ -267,16 +325,28 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
         hs = [h]
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
+            if ahead:    # B of the recompute step `ahead` later (in the next chunk, c - 1)
+                nxt = (c * chunk + t + ahead if t + ahead < chunk
+                       else jnp.maximum(c - 1, 0) * chunk + t + ahead - chunk)
+                wb.append(load_b(nxt))
+                b_t = wb.pop(0)
+            else:
+                b_t = load_b(i)
             dt, _ = step(rows[1][t], i=i)
+            dtl = dt * _LOG2E
             dtu = dt * rows[0][t].astype(f32)
-            h = [jnp.exp2(dt * a2[n]) * h[n] + dtu * r["b"][i, n] for n in range(n_state)]
+            h = [_exp2(dtl * A[n], fast_exp) * h[n] + dtu * b_t[n] for n in range(n_state)]
             hs.append(h)
-        bc_next = load_bc(c * chunk + chunk - 1)
         for t in reversed(range(chunk)):
             i = c * chunk + t
-            (b_t, c_t), bc_next = bc_next, (load_bc(i - 1) if t > 0 else None)  # a step ahead
+            if ahead:    # B/C of the reverse step `ahead` later (i - ahead)
+                wbc.append(_load_bc(r, jnp.maximum(i - ahead, 0), n_state))
+                b_t, c_t = wbc.pop(0)
+            else:
+                b_t, c_t = _load_bc(r, i, n_state)
             u = rows[0][t].astype(f32)
             dt, x = step(rows[1][t], i=i)
+            dtl = dt * _LOG2E
             dtu = dt * u
             dout = rows[2][t].astype(f32)
             h_prev, h_t = hs[t], hs[t + 1]
@@ -291,16 +361,26 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
             else:
                 dy = dout
             gb, saq = zeros, zeros
+            qb, qc = [], []
             for n in range(n_state):
                 g = dh[n] + c_t[n] * dy
-                r["dc"][i, n] = jnp.sum(dy * h_t[n])
-                r["db"][i, n] = jnp.sum(g * dtu)
-                a_n = jnp.exp2(dt * a2[n])
+                qb.append(g * dtu)
+                qc.append(dy * h_t[n])
+                a_n = _exp2(dtl * A[n], fast_exp)
                 q = g * a_n * h_prev[n]
                 da[n] = da[n] + dt * q
                 saq = saq + A[n] * q
                 gb = gb + g * b_t[n]
                 dh[n] = a_n * g
+            if lane_reduce:
+                vals = qb + qc + [zeros] * (n_q - 2 * n_state)
+                for j in range(0, n_q, _LANES):
+                    r["dbc"][i, j:j + _LANES] = _lane_reduce_scatter(vals[j:j + _LANES], lane,
+                                                                     interpret)
+            else:
+                for n in range(n_state):
+                    r["dbc"][i, n] = jnp.sum(qb[n])
+                    r["dbc"][i, n_state + n] = jnp.sum(qc[n])
             du = dt * gb
             if d is not None:
                 du = du + d * dy
@@ -313,12 +393,16 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts)
                 ddt = jnp.where(i < length, ddt, 0.0)
             dbias = dbias + ddt
             r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
-        return tuple(dh), tuple(da), dd, dbias, next_rows, next_ck
+        return (tuple(dh), tuple(da), dd, dbias, next_rows, next_ck, tuple(wb), tuple(wbc))
 
     dh0 = tuple(r["dhT"][n, :] for n in range(n_state))
+    last = n_chunks - 1
+    wb = tuple(load_b(last * chunk + t if t < chunk else max(last - 1, 0) * chunk + t - chunk)
+               for t in range(ahead))
+    wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), n_state) for t in range(ahead))
     init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros,
-            _load_chunk(r, seq_names, n_chunks - 1, chunk), load_ck(n_chunks - 1))
-    dh, da, dd, dbias, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+            _load_chunk(r, seq_names, last, chunk), load_ck(last), wb, wbc)
+    dh, da, dd, dbias, *_ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
     for n in range(n_state):
         r["dh0"][n, :] = dh[n]
         r["da"][n, :] = da[n]
@@ -427,7 +511,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                       lambda b, j: (b, 0, 0, j)))
     kernel = functools.partial(
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt)
+        padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
+        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp and not cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -447,8 +532,10 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
     specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
               state_spec]
-    part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n), f32)
-    part_spec = pl.BlockSpec((None, lp, None, n), lambda b, j: (b, 0, j, 0))
+    lane_reduce = cfg.lane_reduce and bd == _LANES and cfg.num_warps == 1
+    n_q = _common.round_up(2 * n, _LANES) if lane_reduce else 2 * n
+    part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n_q), f32)
+    part_spec = pl.BlockSpec((None, lp, None, n_q), lambda b, j: (b, 0, j, 0))
     per_batch = jax.ShapeDtypeStruct((bsz, dp), f32)
     per_batch_spec = pl.BlockSpec((None, bd), lambda b, j: (b, j))
     state = jax.ShapeDtypeStruct((bsz, n, dp), f32)
@@ -458,8 +545,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     if z is not None:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp, dp), z.dtype))
         out_specs.append(seq_spec)
-    out_shape += [part, part, state]
-    out_specs += [part_spec, part_spec, state_spec]
+    out_shape += [part, state]
+    out_specs += [part_spec, state_spec]
     for x in (D, delta_bias):
         if x is not None:
             out_shape.append(per_batch)
@@ -468,7 +555,9 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     out_specs.append(state_spec)
     kernel = functools.partial(
         _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lp != lay.length, softplus=cfg.softplus, opts=opts)
+        padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
+        ahead=min(cfg.ahead, lay.chunk), lane_reduce=lane_reduce,
+        fast_exp=cfg.fast_exp and not cfg.interpret, interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
@@ -478,7 +567,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     # Deterministic reductions: the per-block partial sums of dB/dC and the per-batch dA/dD/dbias
     # are added here in a fixed order (no atomics).
     group_sum = lambda x: rearrange(x, "b l (g k) n -> b l g k n", g=lay.groups).sum(3)
-    db, dc = (group_sum(outs.pop(0))[:, :lay.length] for _ in range(2))
+    dbc = group_sum(outs.pop(0))[:, :lay.length]
+    db, dc = dbc[..., :n], dbc[..., n:2 * n]
     if B.ndim == 3:
         db, dc = db[:, :, 0], dc[:, :, 0]
     da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
@@ -510,10 +600,12 @@ _scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=8, fwd_chunk=16,
-                          block_d=32, num_warps=1, interpret=False):
+                          block_d=32, num_warps=1, ahead=0, lane_reduce=False,
+                          fast_exp=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state)."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
-                  num_warps=num_warps, interpret=interpret)
+                  num_warps=num_warps, ahead=ahead, lane_reduce=lane_reduce,
+                  fast_exp=fast_exp, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
