@@ -255,6 +255,8 @@ def speed(args) -> None:
     on_gpu = jax.devices()[0].platform == "gpu"
     fns = {
         "probsparse": lambda q, k, v, key: probsparse_attention(q, k, v, key, factor=5),
+        "probsparse_einsum": lambda q, k, v, key: probsparse_attention(
+            q, k, v, key, factor=5, score_form="einsum"),
         "probsparse_shared": lambda q, k, v, key: probsparse_attention(
             q, k, v, key, factor=5, sampling="shared"),
         "xla_full": lambda q, k, v, key: jax.nn.dot_product_attention(q, k, v),
