@@ -301,16 +301,17 @@ def bench_mixer(shape, backend, variants, results, log, over):
                 f"{tb * 1e3:.3f} | {rb / tb:.2f} |")
 
 
-SWEEP = [  # (op, block sizes) tried besides the defaults
-    ("prefix_mean chunked", [dict(group=4), dict(group=8), dict(group=32),
-                             dict(group=16, block_d=128, num_warps=8)]),
-    ("prefix_mean lookback", [dict(group=16, lookback=True), dict(group=128, lookback=True),
-                              dict(group=64, block_d=128, lookback=True)]),
-    ("ponet_pool_fuse", [dict(block_l=64, block_d=64), dict(block_l=32, block_d=256)]),
+SWEEP = [  # (op, block sizes) tried besides the defaults, most wanted first
     ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=16, block_d=64),
                                 dict(group=8, block_d=256, num_warps=8)]),
+    ("prefix_mean chunked", [dict(group=4), dict(group=64),
+                             dict(group=16, block_d=128, num_warps=8)]),
+    ("global_aggregate", [dict(num_warps=8), dict(block_l=16, block_d=512),
+                          dict(block_l=64, block_d=1024, num_warps=8)]),
+    ("ponet_pool_fuse", [dict(block_l=64, block_d=64), dict(block_l=32, block_d=256)]),
     ("segment_max", [dict(block_l=64, block_d=128)]),
-    ("global_aggregate", [dict(block_l=16, block_d=512), dict(block_l=64, block_d=1024)]),
+    ("prefix_mean lookback", [dict(group=16, lookback=True), dict(group=256, lookback=True),
+                              dict(group=64, block_d=128, lookback=True)]),
 ]
 
 
@@ -357,14 +358,15 @@ def main():
     parser.add_argument("--check-ops", default=None, help="ops checked for correctness (--ops)")
     parser.add_argument("--check-shapes", default="2x4133x1000,2x1037x520",
                         help="ragged shapes of the bf16 and the f32 correctness checks")
-    parser.add_argument("--copy-mib", type=int, default=2048)
+    parser.add_argument("--copy-mib", type=int, default=2048, help="0: no bandwidth, no floors")
     parser.add_argument("--backend", default="pallas", help="'interpret' for a dry run on CPU")
     parser.add_argument("--mixer-shapes", default="8x4096x1024",
                         help="comma-separated, '' to skip the mixer; timed after the ops of the "
-                             "first shape")
+                             "first shape (--shapes '': no ops, only the mixer and the sweep)")
     parser.add_argument("--mixer-variants", default="fused,3 kernels,reference",
                         help=f"comma-separated, of {list(MIXER_VARIANTS)}")
     parser.add_argument("--sweep", action="store_true", help="time other block sizes too")
+    parser.add_argument("--sweep-shape", default="", help="default: the first of --shapes")
     parser.add_argument("--tag", default="pooling", help="name of the json and md files")
     args = parser.parse_args()
     t_start = time.time()
@@ -398,17 +400,27 @@ def main():
             names if args.check_ops is None else args.check_ops.split(","))
         log(f"correctness: {'all pass' if ok else 'FAILURES'}  ({time.time() - t_start:.0f} s)")
         save()
-    bw = copy_bandwidth(args.copy_mib)
-    results["bandwidth"] = bw
-    copy_bw = bw["torch_copy"] or bw["xla_copy"]
-    log("bandwidth TB/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw.items() if v))
-    save()
+    copy_bw = float("nan")
+    if args.copy_mib:
+        bw = copy_bandwidth(args.copy_mib)
+        results["bandwidth"] = bw
+        copy_bw = bw["torch_copy"] or bw["xla_copy"]
+        log("bandwidth TB/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw.items() if v))
+        save()
 
-    log("| op | B x L x D | fwd ms | ref fwd ms | fwd / floor | ref / floor | fwd+bwd ms | "
-        "ref fwd+bwd ms | fwd+bwd / floor | ref / floor | rel err |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    def mixer(mixer_shapes):
+        for mshape in (s for s in mixer_shapes.split(",") if s):
+            if not over():
+                bench_mixer(mshape, args.backend, args.mixer_variants.split(","), results, log,
+                            over)
+                save()
+
     over = lambda: time.time() - t_start > args.budget
-    shapes = args.shapes.split(",")
+    shapes = [s for s in args.shapes.split(",") if s]
+    if shapes:
+        log("| op | B x L x D | fwd ms | ref fwd ms | fwd / floor | ref / floor | fwd+bwd ms | "
+            "ref fwd+bwd ms | fwd+bwd / floor | ref / floor | rel err |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|")
     for si, shape in enumerate(shapes):
         b, l, d = map(int, shape.split("x"))
         for name in names:
@@ -439,14 +451,13 @@ def main():
                 f"{row['fwd_bwd'] / fb:.2f} | {row['ref_fwd_bwd'] / fb:.2f} | "
                 f"{row['max_rel_err']:.1e} |")
             save()
-        if si == 0 and args.mixer_shapes:
-            for mshape in args.mixer_shapes.split(","):
-                if not over():
-                    bench_mixer(mshape, args.backend, args.mixer_variants.split(","), results,
-                                log, over)
-                    save()
-    if args.sweep and not over():
-        sweep(shapes[0], args.backend, copy_bw, results, log, over, names, save)
+        if si == 0:
+            mixer(args.mixer_shapes)
+    if not shapes:
+        mixer(args.mixer_shapes)
+    sweep_shape = args.sweep_shape or (shapes[0] if shapes else "")
+    if args.sweep and sweep_shape and not over():
+        sweep(sweep_shape, args.backend, copy_bw, results, log, over, names, save)
     log(f"total {time.time() - t_start:.0f} s")
     save()
 
