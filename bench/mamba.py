@@ -231,10 +231,14 @@ VARIANTS = {
     "v3_c4": dict(ahead=2, lane_reduce=True, chunk=4),
     "ahead4_ftz": dict(ahead=4, fast_exp=True),
     "v3_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True),
+    "split2_ftz": dict(split=2, ahead=4, fast_exp=True),
+    "split4_ftz": dict(split=4, ahead=4, fast_exp=True),
+    "v3_split2_ftz": dict(split=2, ahead=2, lane_reduce=True, fast_exp=True),
+    "v3_c4_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
 }
 
 
-def compare(res, budget, fwd_names, fb_names, size=(8, 2048, 2048, 16), threads=8, out=None):
+def compare(res, budget, fwd_names, fb_names, size=(8, 2048, 2048, 16), threads=12, out_path=None):
     """Compiles every variant in parallel (XLA releases the GIL while Triton compiles), checks
     each against the associative-scan reference at the timed size, then times it."""
     from concurrent.futures import ThreadPoolExecutor, wait
@@ -283,8 +287,8 @@ def compare(res, budget, fwd_names, fb_names, size=(8, 2048, 2048, 16), threads=
         except Exception as e:   # noqa: BLE001 (keep the other variants)
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
-        if out:
-            with open(out, "w") as f:
+        if out_path:
+            with open(out_path, "w") as f:
                 json.dump(res, f, indent=1, default=str)
         print(f"  {name} {mode}: {row.get('ms')} ms, compile {row.get('compile_s', 0):.0f}s, "
               f"max err {row.get('max_err')} {row.get('error', '')} "
@@ -384,7 +388,7 @@ def main():
         size = (1, 40, 64, 4) if a.smoke else sizes[0]
         steps = [steps[0], ("compare", lambda: compare(res, a.budget, names(a.compare_fwd),
                                                        names(a.compare_fb), size,
-                                                       out=a.out))]
+                                                       out_path=a.out))]
     if a.sweep:
         sweep = [dict(fwd_chunk=c, chunk=k, block_d=bd, num_warps=w)
                  for c, k, bd, w in ((8, 4, 32, 1), (32, 8, 32, 1), (16, 8, 64, 2),

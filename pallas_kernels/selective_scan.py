@@ -158,6 +158,7 @@ class _Config:
     ahead: int = 0            # B/C scalars load this many steps before their use
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
     fast_exp: bool = False    # ex2.approx.ftz instead of libdevice exp2f (GPU only)
+    split: int = 1            # forward: lanes per channel (each owns N / split states)
     interpret: bool = False
 
 
@@ -191,73 +192,6 @@ def _name_refs(refs, names):
     return dict(zip(names, refs, strict=True))
 
 
-def _load_chunk(refs, names, c, chunk):
-    """The state-independent [bd] rows of chunk c, one tuple per name. They are loaded a chunk
-    ahead: a load cannot move above a store that may alias it, so loads issued inside the step
-    loop (after the previous step's stores) would expose the full memory latency every step."""
-    return tuple(tuple(refs[k][c * chunk + t, :] for t in range(chunk)) for k in names)
-
-
-def _load_bc(r, i, n_state):
-    """The scalars B_t[n] and C_t[n] of step i (warp-uniform loads)."""
-    return (tuple(r["b"][i, n] for n in range(n_state)),
-            tuple(r["c"][i, n] for n in range(n_state)))
-
-
-def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
-                ahead, fast_exp):
-    # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
-    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
-    r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
-    f32 = jnp.float32
-    bd = r["u"].shape[-1]
-    last = n_chunks * chunk - 1
-    a2 = [r["a"][n, :] * _LOG2E for n in range(n_state)]
-    d = r["d"][...] if "d" in r else None
-    bias = r["bias"][...] if "bias" in r else None
-    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
-    if "h0" in r:
-        h0 = tuple(r["h0"][n, :] for n in range(n_state))
-    else:
-        h0 = tuple(jnp.zeros((bd,), f32) for _ in range(n_state))
-
-    def chunk_body(c, carry):
-        h, rows, window = list(carry[0]), carry[1], list(carry[2])
-        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
-        if save_ckpt:
-            for n in range(n_state):
-                r["ck"][c, n, :] = h[n]
-        ys = []
-        for t in range(chunk):
-            i = c * chunk + t
-            if ahead:   # B/C scalars of step i + ahead load now, `ahead` steps before their use
-                window.append(_load_bc(r, jnp.minimum(i + ahead, last), n_state))
-                b_t, c_t = window.pop(0)
-            else:
-                b_t, c_t = _load_bc(r, i, n_state)
-            u = rows[0][t].astype(f32)
-            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
-                                padded=padded)
-            dtu = dt * u
-            y = d * u if d is not None else jnp.zeros_like(u)
-            for n in range(n_state):
-                h[n] = _exp2(dt * a2[n], fast_exp) * h[n] + dtu * b_t[n]
-                y = y + h[n] * c_t[n]
-            if "z" in r:
-                z = rows[2][t].astype(f32)
-                y = y * (z * jax.nn.sigmoid(z))
-            ys.append(y)
-        for t in range(chunk):      # stores last, so that no load of this chunk waits on them
-            r["y"][c * chunk + t, :] = ys[t].astype(r["y"].dtype)
-        return tuple(h), next_rows, tuple(window)
-
-    window = tuple(_load_bc(r, min(i, last), n_state) for i in range(ahead))
-    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
-                                (h0, _load_chunk(r, seq_names, 0, chunk), window))
-    for n in range(n_state):
-        r["hT"][n, :] = h[n]
-
-
 _LANES = 32   # one warp: the lane reduction below needs block_d == 32 and num_warps == 1
 
 
@@ -269,6 +203,89 @@ def _shfl_xor(x, mask, interpret):
     return plgpu.elementwise_inline_asm(
         f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;", args=[x],
         constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _load_chunk(refs, names, c, chunk, cols=slice(None)):
+    """The state-independent [bd] rows of chunk c, one tuple per name. They are loaded a chunk
+    ahead: a load cannot move above a store that may alias it, so loads issued inside the step
+    loop (after the previous step's stores) would expose the full memory latency every step."""
+    return tuple(tuple(refs[k][c * chunk + t, cols] for t in range(chunk)) for k in names)
+
+
+def _load_bc(r, i, states):
+    """B_t[n] and C_t[n] of step i for n in `states` (ints: warp-uniform scalar loads; or
+    [lanes] index vectors in the split forward)."""
+    return tuple(r["b"][i, n] for n in states), tuple(r["c"][i, n] for n in states)
+
+
+def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
+                ahead, fast_exp, split, interpret):
+    # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
+    # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
+    # and its states (e // bd) * K + k, k < K = N / split; y sums the lanes' parts by shuffles.
+    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    n_k = n_state // split
+    if split > 1:
+        lane = jax.lax.broadcasted_iota(jnp.int32, (bd * split,), 0)
+        cols, part = lane % bd, lane // bd
+        states = [part * n_k + k for k in range(n_k)]
+    else:
+        cols, states = slice(None), list(range(n_state))
+    width = bd * split
+    last = n_chunks * chunk - 1
+    a2 = [r["a"][n, cols] * _LOG2E for n in states]
+    d = r["d"][cols] if "d" in r else None
+    bias = r["bias"][cols] if "bias" in r else None
+    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
+    if "h0" in r:
+        h0 = tuple(r["h0"][n, cols] for n in states)
+    else:
+        h0 = tuple(jnp.zeros((width,), f32) for _ in states)
+
+    def chunk_body(c, carry):
+        h, rows, window = list(carry[0]), carry[1], list(carry[2])
+        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk, cols)
+        if save_ckpt:
+            for k, n in enumerate(states):
+                r["ck"][c, n, cols] = h[k]
+        ys = []
+        for t in range(chunk):
+            i = c * chunk + t
+            if ahead:   # B/C scalars of step i + ahead load now, `ahead` steps before their use
+                window.append(_load_bc(r, jnp.minimum(i + ahead, last), states))
+                b_t, c_t = window.pop(0)
+            else:
+                b_t, c_t = _load_bc(r, i, states)
+            u = rows[0][t].astype(f32)
+            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
+                                padded=padded)
+            dtu = dt * u
+            y = jnp.zeros_like(u)
+            for k in range(n_k):
+                h[k] = _exp2(dt * a2[k], fast_exp) * h[k] + dtu * b_t[k]
+                y = y + h[k] * c_t[k]
+            m = bd
+            while m < width:
+                y = y + _shfl_xor(y, m, interpret)
+                m *= 2
+            if d is not None:
+                y = y + d * u
+            if "z" in r:
+                z = rows[2][t].astype(f32)
+                y = y * (z * jax.nn.sigmoid(z))
+            ys.append(y)
+        for t in range(chunk):      # stores last, so that no load of this chunk waits on them
+            r["y"][c * chunk + t, cols] = ys[t].astype(r["y"].dtype)
+        return tuple(h), next_rows, tuple(window)
+
+    window = tuple(_load_bc(r, min(i, last), states) for i in range(ahead))
+    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                                (h0, _load_chunk(r, seq_names, 0, chunk, cols), window))
+    for k, n in enumerate(states):
+        r["hT"][n, cols] = h[k]
 
 
 def _lane_reduce_scatter(vals, lane, interpret):
@@ -340,10 +357,10 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         for t in reversed(range(chunk)):
             i = c * chunk + t
             if ahead:    # B/C of the reverse step `ahead` later (i - ahead)
-                wbc.append(_load_bc(r, jnp.maximum(i - ahead, 0), n_state))
+                wbc.append(_load_bc(r, jnp.maximum(i - ahead, 0), range(n_state)))
                 b_t, c_t = wbc.pop(0)
             else:
-                b_t, c_t = _load_bc(r, i, n_state)
+                b_t, c_t = _load_bc(r, i, range(n_state))
             u = rows[0][t].astype(f32)
             dt, x = step(rows[1][t], i=i)
             dtl = dt * _LOG2E
@@ -399,7 +416,8 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     last = n_chunks - 1
     wb = tuple(load_b(last * chunk + t if t < chunk else max(last - 1, 0) * chunk + t - chunk)
                for t in range(ahead))
-    wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), n_state) for t in range(ahead))
+    wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), range(n_state))
+                for t in range(ahead))
     init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros,
             _load_chunk(r, seq_names, last, chunk), load_ck(last), wb, wbc)
     dh, da, dd, dbias, *_ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
@@ -498,7 +516,14 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
-    lay = _layout(u, A, B, cfg.chunk if save_ckpt else cfg.fwd_chunk, cfg.block_d)
+    chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
+    split = cfg.split
+    if split > 1:    # needs 32 // split channels per block, split | N, one warp
+        lay = _layout(u, A, B, chunk, _LANES // split)
+        if lay.bd * split != _LANES or lay.n % split or cfg.num_warps != 1:
+            split = 1
+    if split == 1:
+        lay = _layout(u, A, B, chunk, cfg.block_d)
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
     out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
@@ -512,7 +537,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     kernel = functools.partial(
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp and not cfg.interpret)
+        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp and not cfg.interpret, split=split,
+        interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -601,11 +627,11 @@ _scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=8, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=0, lane_reduce=False,
-                          fast_exp=False, interpret=False):
+                          fast_exp=False, split=1, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state)."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, lane_reduce=lane_reduce,
-                  fast_exp=fast_exp, interpret=interpret)
+                  fast_exp=fast_exp, split=split, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -1,5 +1,6 @@
 """Selective scan kernels (interpret mode, CPU) against the step-by-step lax.scan recurrence."""
 
+import functools
 import importlib
 
 import jax
@@ -67,6 +68,23 @@ IDS = ["all_options_groups_ragged", "plain_bf16_n16", "bias_no_softplus_init", "
 @pytest.mark.parametrize("name,dtype,n,groups,length,use,softplus", CASES, ids=IDS)
 def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, groups, length, use,
                                                    softplus):
+    check_against_recurrence(dtype, n, groups, length, use, softplus)
+
+
+@pytest.mark.parametrize("tiling,n", [
+    pytest.param(dict(split=1, ahead=0, lane_reduce=False), 6, marks=pytest.mark.slow),
+    (dict(split=2, ahead=3, lane_reduce=True), 6),
+    pytest.param(dict(split=4, ahead=1, lane_reduce=True), 16, marks=pytest.mark.slow),
+], ids=["plain", "split2_ahead3_lanes", "split4_ahead1_lanes"])
+def test_kernel_schedules_match_recurrence(tiling, n):
+    # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the split forward (two
+    # lanes per channel), the B/C prefetch window across chunks and the backward's lane
+    # butterfly for dB/dC (2N = 12 sums padded to 32 lanes) against the plain schedule.
+    check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
+
+
+def check_against_recurrence(dtype, n, groups, length, use, softplus, **tiling):
+    kernel_fn = functools.partial(kernel, **tiling)
     inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype)
     names = ("u", "delta", "A", "B", "C") + tuple(k for k in OPTIONAL if k in use)
 
@@ -82,7 +100,7 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
     w_h = jax.random.normal(jax.random.PRNGKey(21), inputs["initial_state"].shape)
     xs = tuple(inputs[k] for k in names)
     argnums = tuple(range(len(xs)))
-    value, grads = jax.jit(jax.value_and_grad(loss(kernel), argnums=argnums))(*xs)
+    value, grads = jax.jit(jax.value_and_grad(loss(kernel_fn), argnums=argnums))(*xs)
     xs32 = tuple(x.astype(jnp.float32) for x in xs)
     value_ref, grads_ref = jax.value_and_grad(loss(reference), argnums=argnums)(*xs32)
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
