@@ -99,6 +99,22 @@ def _time_into(row, compiled, args_of):
             traceback.print_exc()
 
 
+def _agreement(row, compiled, args_of, names):
+    """Largest relative difference over o and the four gradients of each candidate against the
+    first one (same inputs, real lowering): every tiling must compute the same function."""
+    first = compiled.get(f"{names[0]}_fwd_bwd")
+    if len(names) < 2 or first is None or isinstance(first, str):
+        return
+    base = jax.tree.leaves(first(*args_of(f"{names[0]}_fwd_bwd")))
+    for name in names[1:]:
+        fn = compiled.get(f"{name}_fwd_bwd")
+        if fn is None or isinstance(fn, str):
+            continue
+        outs = jax.tree.leaves(fn(*args_of(f"{name}_fwd_bwd")))
+        row[f"{name}_vs_{names[0]}"] = max(rel_error(a, b) for a, b in zip(outs, base,
+                                                                           strict=True))
+
+
 def _save(results, path):
     results["elapsed_s"] = _elapsed()
     results["table"] = report(results)
@@ -243,6 +259,7 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
     compiled = _compile_all(items, args_of)
     row["compile_s"] = time.perf_counter() - t0
     _time_into(row, compiled, args_of)
+    _agreement(row, compiled, args_of, list(candidates))
     del compiled
     fla.time_into(row, b, t, h, dk, dv)
     print(f"[{key} {_elapsed():.0f}s] {row}", flush=True)
@@ -298,10 +315,14 @@ VARIANTS = {
     "seq_st1": dataclasses.replace(SEQ, num_stages=1),
     "seq_st3": dataclasses.replace(SEQ, num_stages=3),
     "seq_sub32": dataclasses.replace(SEQ, sub_chunk=32),
+    "seq_sub64": dataclasses.replace(SEQ, sub_chunk=64),
     "cp": CP,
     "cp_fused": dataclasses.replace(CP, dkv_split=False),
     "cp_bv128": dataclasses.replace(CP, block_v=128),
     "cp_sub32": dataclasses.replace(CP, sub_chunk=32),
+    "cp_sub64": dataclasses.replace(CP, sub_chunk=64),
+    "cp_bf16": dataclasses.replace(CP, bf16_states=True),
+    "cp_sub64_bf16": dataclasses.replace(CP, sub_chunk=64, bf16_states=True),
 }
 
 

@@ -135,7 +135,11 @@ class GLABlocks:
     """Tiling of the Pallas kernels (static; hashable)."""
 
     chunk_size: int = 64        # rows per loop iteration (unrolled into sub-chunks)
-    sub_chunk: int = 16         # rows per state step; the intra block is sub_chunk x sub_chunk
+    sub_chunk: int = 16         # rows per state step (the f32 state is updated once per step)
+    # Rows of a diagonal block: inside it the scores use gates relative to its middle row
+    # (|exponent| <= intra_block / 2 steps of log_g); blocks of a step further apart are scored
+    # with decays split at the earlier block's end (every factor <= 1). GPU kernels only.
+    intra_block: int = 16
     block_v: int = 64           # state columns per program in the forward
     block_k: int = 64           # state rows per program in the dq backward (and the dS pass)
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
@@ -148,6 +152,9 @@ class GLABlocks:
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
     num_stages: int = 2
+    # Chunk-parallel schedule with bf16 inputs: store the per-chunk states and dS in bf16 (half
+    # the traffic; the kernels feed them to bf16 matmuls anyway) instead of f32.
+    bf16_states: bool = False
     # "sequential": one program walks a whole sequence (no stored states in the forward);
     # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
     # then one program per chunk (and the same for dS in the backward). GPU kernels only.
@@ -158,9 +165,11 @@ class GLABlocks:
         if self.schedule not in ("auto", "sequential", "chunk_parallel"):
             raise ValueError(f"schedule must be 'auto', 'sequential' or 'chunk_parallel', "
                              f"got {self.schedule!r}")
-        if self.chunk_size % self.sub_chunk or self.sub_chunk < 16:
+        if (self.chunk_size % self.sub_chunk or self.sub_chunk % self.intra_block
+                or self.intra_block < 16):
             raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of sub_chunk "
-                             f"({self.sub_chunk}) >= 16")
+                             f"({self.sub_chunk}), a multiple of intra_block "
+                             f"({self.intra_block}) >= 16")
 
 
 _DKV_FUSED_MAX = 64 * 64    # largest Dk * Dv of the fused dk/dv kernel (GLABlocks.dkv_split)
@@ -184,6 +193,10 @@ def _num_warps(given, state_rows, state_cols):
     if given is not None:
         return given
     return max(4, min(8, state_rows * state_cols // 2048))
+
+
+def _states_dtype(blocks, x):
+    return jnp.bfloat16 if blocks.bf16_states and x.dtype == jnp.bfloat16 else _F32
 
 
 def _gpu_params(blocks, warps, state_rows, state_cols, interpret):
@@ -213,26 +226,108 @@ def _causal_mask(sub):
     return t >= s
 
 
+def _step_blocks(base, blocks, load):
+    """The intra blocks of one state step starting at row `base`: for each, its rows, what
+    `load(rows)` returns (a dict of tiles, "g" included), its gates c/e/m (`_sub_chunk_gates`),
+    pre = the step's log-gate sum before it (E_{<i}, None for the first), pre_end (E_{<=i}) and
+    total (E, the step's sum)."""
+    ib = blocks.intra_block
+    out, pre = [], None
+    for i in range(blocks.sub_chunk // ib):
+        rows = pl.ds(base + i * ib, ib)
+        blk = load(rows)
+        blk["rows"] = rows
+        blk["c"], blk["e"], blk["m"] = _sub_chunk_gates(blk.pop("g").astype(_F32), ib)
+        blk["pre"] = pre
+        pre = blk["e"] if pre is None else pre + blk["e"]
+        blk["pre_end"] = pre
+        out.append(blk)
+    for blk in out:
+        blk["total"] = pre
+    return out
+
+
+def _memo(b, name, fn):
+    if name not in b:
+        b[name] = fn()
+    return b[name]
+
+
+def _exp_c(b):      # exp(c) [ib, K]: decay from the block's start to each row
+    return _memo(b, "exp_c", lambda: jnp.exp(b["c"]))
+
+
+def _exp_out(b):    # exp(e - c): decay from each row to the block's end
+    return _memo(b, "exp_out", lambda: jnp.exp(b["e"][None, :] - b["c"]))
+
+
+def _from_step_start(b):
+    """exp(C) for the block's rows: the decay from the step's start to each row."""
+    if b["pre"] is None:
+        return _exp_c(b)
+    return _memo(b, "from_start", lambda: _exp_c(b) * jnp.exp(b["pre"])[None, :])
+
+
+def _to_step_end(b):
+    """exp(E - C) for the block's rows: the decay from each row to the step's end."""
+    if b["pre_end"] is b["total"]:
+        return _exp_out(b)
+    return _memo(b, "to_end", lambda: _exp_out(b) * jnp.exp(b["total"] - b["pre_end"])[None, :])
+
+
+def _q_loc(b):      # q * exp(c)
+    return _memo(b, "q_loc", lambda: b["q"] * _exp_c(b))
+
+
+def _k_out(b):      # k * exp(e - c)
+    return _memo(b, "k_out", lambda: b["k"] * _exp_out(b))
+
+
+def _q_in(b):       # q decayed from the step's start: reads the state entering the step
+    return _memo(b, "q_in", lambda: b["q"] * _from_step_start(b))
+
+
+def _k_end(b):      # k decayed to the step's end: writes the state leaving it
+    return _memo(b, "k_end", lambda: b["k"] * _to_step_end(b))
+
+
+def _cross(later, earlier):
+    """exp(E_{<i} - E_{<=j}) [K] for blocks i > j: with exp(c_i) on the rows of i and
+    exp(e_j - c_j) on those of j, the decay between them; every factor <= 1."""
+    return jnp.exp(later["pre"] - earlier["pre_end"])
+
+
 def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, dot_dtype):
     """Rows [base, base + chunk_size) of one program: writes o, returns the state after them."""
     # q/k/g [*, K], v/o [*, BV], s [K, BV] f32
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
-    for j in range(blocks.chunk_size // sub):
-        rows = pl.ds(base + j * sub, sub)
-        q = q_ref[rows, :].astype(_F32)
-        k = k_ref[rows, :].astype(_F32)
-        g = g_ref[rows, :].astype(_F32)
-        v = v_ref[rows, :].astype(dot_dtype)
-        c, c_end, m = _sub_chunk_gates(g, sub)
-        q_in = (q * jnp.exp(c)).astype(dot_dtype)
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-        a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
-        o = _dot(q_in, s_KV.astype(dot_dtype)) + _dot(a, v)
-        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
-        s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+    causal = _causal_mask(blocks.intra_block)
+    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype))
+    for st in range(blocks.chunk_size // blocks.sub_chunk):
+        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+        s_dot = s_KV.astype(dot_dtype)
+        for i, b in enumerate(blks):
+            q, k, c, m = b["q"], b["k"], b["c"], b["m"]
+            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
+            o = _dot(_q_in(b).astype(dot_dtype), s_dot) + _dot(a, b["v"])
+            for e in blks[:i]:   # earlier blocks of the step
+                q_x = (_q_loc(b) * _cross(b, e)[None, :]).astype(dot_dtype)
+                a_x = _dot(q_x, _k_out(e).astype(dot_dtype), tb=True).astype(dot_dtype)
+                o = o + _dot(a_x, e["v"])
+            o_ref[b["rows"], :] = (scale * o).astype(o_ref.dtype)
+        s_KV = _state_step(s_KV, blks, _k_end, lambda b: b["v"], dot_dtype)
+    return s_KV
+
+
+def _state_step(s_KV, blks, key_of, val_of, dot_dtype, scale=1.0):
+    """exp(E) * S + scale * sum over blocks of key^T val, key = key_of(block) [ib, K] f32
+    already decayed to the step's end (or from its start, for dS)."""
+    s_KV = jnp.exp(blks[-1]["pre_end"])[:, None] * s_KV
+    for b in blks:
+        term = _dot(key_of(b).astype(dot_dtype), val_of(b), ta=True)
+        s_KV = s_KV + (term if scale == 1.0 else scale * term)
     return s_KV
 
 
@@ -243,14 +338,15 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, n_chun
     st_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
 
 
-def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, *, blocks, n_chunks,
+def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, blocks, n_chunks,
                        dot_dtype):
     # Chunk-parallel schedule, pass 1: k/g [Lp, K], v [Lp, BV], s0 [K, BV],
-    # states [N + 1, K, BV]: the state entering each chunk, then the final state.
+    # states [N + 1, K, BV] (f32 or bf16): the state entering each chunk, then the final state,
+    # which also goes to final [K, BV] in f32.
     size = blocks.chunk_size
 
     def chunk(ci, s_KV):
-        states_ref[ci] = s_KV
+        states_ref[ci] = s_KV.astype(states_ref.dtype)
         rows = pl.ds(ci * size, size)
         g = g_ref[rows, :].astype(_F32)
         b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
@@ -259,7 +355,9 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, *, blocks, n_chu
         return (jnp.exp(b_end)[:, None] * s_KV
                 + _dot(k_out, v_ref[rows, :].astype(dot_dtype), ta=True))
 
-    states_ref[n_chunks] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+    final = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+    states_ref[n_chunks] = final.astype(states_ref.dtype)
+    final_ref[...] = final
 
 
 def _gla_fwd_chunk_kernel(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw):
@@ -289,13 +387,14 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
             name="gla_fwd", **params,
         )(q, k, v, log_g, s0)
         return o, st, None
-    states = pl.pallas_call(
+    states, final = pl.pallas_call(
         functools.partial(_gla_states_kernel, n_chunks=n_chunks, **kw),
         grid=(b, h, dv // bv),
         in_specs=[seq_k, seq_v, seq_k, state],
-        out_specs=pl.BlockSpec((None, None, n_chunks + 1, dk, bv),
-                               lambda i, j, n: (i, j, 0, 0, n)),
-        out_shape=jax.ShapeDtypeStruct((b, h, n_chunks + 1, dk, dv), _F32),
+        out_specs=[pl.BlockSpec((None, None, n_chunks + 1, dk, bv),
+                                lambda i, j, n: (i, j, 0, 0, n)), state],
+        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks + 1, dk, dv), _states_dtype(blocks, q)),
+                   jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
         name="gla_fwd_states", **params,
     )(k, v, log_g, s0)
     chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
@@ -309,7 +408,7 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
         out_shape=o_shape,
         name="gla_fwd_chunks", **params,
     )(q, k, v, log_g, states)
-    return o, states[:, :, n_chunks], states
+    return o, final, states
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,22 +427,27 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
 
 def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks, dot_dtype):
     # k/g/dq [*, BK], v/do [*, V], s [BK, V] f32 entering the chunk; returns the state after it
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
-    for j in range(blocks.chunk_size // sub):
-        rows = pl.ds(base + j * sub, sub)
-        k = k_ref[rows, :].astype(_F32)
-        g = g_ref[rows, :].astype(_F32)
-        v = v_ref[rows, :].astype(dot_dtype)
-        do = do_ref[rows, :].astype(dot_dtype)
-        c, c_end, m = _sub_chunk_gates(g, sub)
-        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-        da = jnp.where(causal, _dot(do, v, tb=True), 0.0).astype(dot_dtype)
-        dq = (jnp.exp(c) * _dot(do, s_KV.astype(dot_dtype), tb=True)
-              + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
-        dq_ref[rows, :] = scale * dq
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        s_KV = jnp.exp(c_end)[:, None] * s_KV + _dot(k_out, v, ta=True)
+    causal = _causal_mask(blocks.intra_block)
+    load = lambda rows: dict(k=k_ref[rows, :].astype(_F32), g=g_ref[rows, :],
+                             v=v_ref[rows, :].astype(dot_dtype),
+                             do=do_ref[rows, :].astype(dot_dtype))
+    for st in range(blocks.chunk_size // blocks.sub_chunk):
+        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+        s_dot = s_KV.astype(dot_dtype)
+        for i, b in enumerate(blks):
+            k, c, m, do = b["k"], b["c"], b["m"], b["do"]
+            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            da = jnp.where(causal, _dot(do, b["v"], tb=True), 0.0).astype(dot_dtype)
+            dq = (_from_step_start(b) * _dot(do, s_dot, tb=True)
+                  + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
+            if i:   # earlier blocks of the step
+                x = 0.0
+                for e in blks[:i]:
+                    da_x = _dot(do, e["v"], tb=True).astype(dot_dtype)
+                    x = x + _cross(b, e)[None, :] * _dot(da_x, _k_out(e).astype(dot_dtype))
+                dq = dq + _exp_c(b) * x
+            dq_ref[b["rows"], :] = scale * dq
+        s_KV = _state_step(s_KV, blks, _k_end, lambda b: b["v"], dot_dtype)
     return s_KV
 
 
@@ -372,7 +476,7 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
 
     def chunk(i, ds_KV):
         ci = n_chunks - 1 - i
-        dstates_ref[ci] = ds_KV
+        dstates_ref[ci] = ds_KV.astype(dstates_ref.dtype)
         rows = pl.ds(ci * size, size)
         g = g_ref[rows, :].astype(_F32)
         b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
@@ -383,65 +487,100 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
 
 
+def _q_mid(b, dot_dtype):
+    return _memo(b, "q_mid", lambda: (b["q"] * jnp.exp(b["c"] - b["m"][None, :])
+                                      ).astype(dot_dtype))
+
+
+def _dv_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
+    """dv of block j of a step (reverse walk): A^T do inside the step plus k decayed to the
+    step's end times dS there. blks hold q, k (all of K), do (this program's V columns)."""
+    b = blks[j]
+    k_mid = (b["k"] * jnp.exp(b["m"][None, :] - b["c"])).astype(dot_dtype)
+    a = jnp.where(causal, scale * _dot(_q_mid(b, dot_dtype), k_mid, tb=True), 0.0)
+    dv = (_dot(_k_end(b).astype(dot_dtype), ds_dot)
+          + _dot(a.astype(dot_dtype), b["do"], ta=True))
+    for later in blks[j + 1:]:
+        q_x = (_q_loc(later) * _cross(later, b)[None, :]).astype(dot_dtype)
+        a_x = scale * _dot(q_x, _k_out(b).astype(dot_dtype), tb=True)
+        dv = dv + _dot(a_x.astype(dot_dtype), later["do"], ta=True)
+    return dv
+
+
+def _dk_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
+    """dk of block j of a step (reverse walk). blks hold q, k (this program's K columns), v and
+    do (all of V); ds_dot [BK, V] at the step's end."""
+    b = blks[j]
+    c, m = b["c"], b["m"]
+    da = jnp.where(causal, scale * _dot(b["do"], b["v"], tb=True), 0.0).astype(dot_dtype)
+    dk = (jnp.exp(m[None, :] - c) * _dot(da, _q_mid(b, dot_dtype), ta=True)
+          + _to_step_end(b) * _dot(b["v"], ds_dot, tb=True))
+    if j + 1 < len(blks):
+        x = 0.0
+        for later in blks[j + 1:]:
+            da_x = (scale * _dot(later["do"], b["v"], tb=True)).astype(dot_dtype)
+            x = x + _cross(later, b)[None, :] * _dot(da_x, _q_loc(later).astype(dot_dtype),
+                                                     ta=True)
+        dk = dk + _exp_out(b) * x
+    return dk
+
+
+def _write_dq_dk_dg(b, dk, acc_K, dq_ref, dk_ref, dg_ref):
+    """dq (cast), dk and dlog_g = reverse cumsum in the chunk of q * dq - k * dk; returns the
+    running sum for the rows before this block."""
+    x = b["q"] * b["dq"] - b["k"] * dk
+    total = jnp.sum(x, axis=0)
+    rows = b["rows"]
+    dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
+                       + x).astype(dg_ref.dtype)
+    dq_ref[rows, :] = b["dq"].astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    return acc_K + total
+
+
+def _ds_step(ds_KV, blks, scale, dot_dtype):
+    """dS at the step's start from dS at its end."""
+    return _state_step(ds_KV, blks, _q_in, lambda b: b["do"], dot_dtype, scale)
+
+
 def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref,
                base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype):
     # Fused dk/dv (small states): q/k/g/dq32/dq/dk/dg [*, K], v/do/dv [*, V], ds/s_end [K, V]
-    # at the chunk's end. Sub-chunks in reverse; returns dS at the chunk's start.
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
+    # at the chunk's end. Steps and blocks in reverse; returns dS at the chunk's start.
+    causal = _causal_mask(blocks.intra_block)
+    kw = dict(scale=scale, dot_dtype=dot_dtype)
     # The gate of a row in this chunk scales every later row's view of the chunk's end state:
     # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
     # and its rounding does not grow with the length.
     acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)
-    for j in reversed(range(blocks.chunk_size // sub)):
-        rows = pl.ds(base + j * sub, sub)
-        v = v_ref[rows, :].astype(dot_dtype)
-        do = do_ref[rows, :].astype(dot_dtype)
-        q = q_ref[rows, :].astype(_F32)
-        k = k_ref[rows, :].astype(_F32)
-        dq = dq32_ref[rows, :]
-        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
-        da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
-        ds = ds_KV.astype(dot_dtype)
-        dv = _dot(k_out, ds) + _dot(a, do, ta=True)
-        dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
-              + jnp.exp(c_end[None, :] - c) * _dot(v, ds, tb=True))
-        x = q * dq - k * dk
-        total = jnp.sum(x, axis=0)
-        dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
-                           + x).astype(dg_ref.dtype)
-        acc_K = acc_K + total
-        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        q_in = (q * jnp.exp(c)).astype(dot_dtype)
-        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
+                             do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
+    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
+        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+        ds_dot = ds_KV.astype(dot_dtype)
+        for j in reversed(range(len(blks))):
+            dv = _dv_block(blks, j, ds_dot, causal, **kw)
+            dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
+            dk = _dk_block(blks, j, ds_dot, causal, **kw)
+            acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
+        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
     return ds_KV
 
 
 def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks, dot_dtype):
     # Split dv pass: q/k/g [*, K], do/dv [*, BV], ds [K, BV] (this program's columns of dS) at
     # the chunk's end. dv = A^T do + k_out dS is exact per block of columns.
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
-    for j in reversed(range(blocks.chunk_size // sub)):
-        rows = pl.ds(base + j * sub, sub)
-        do = do_ref[rows, :].astype(dot_dtype)
-        q = q_ref[rows, :].astype(_F32)
-        k = k_ref[rows, :].astype(_F32)
-        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-        k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        a = jnp.where(causal, scale * _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
-        dv = _dot(k_out, ds_KV.astype(dot_dtype)) + _dot(a, do, ta=True)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        q_in = (q * jnp.exp(c)).astype(dot_dtype)
-        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    causal = _causal_mask(blocks.intra_block)
+    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                             g=g_ref[rows, :], do=do_ref[rows, :].astype(dot_dtype))
+    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
+        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+        ds_dot = ds_KV.astype(dot_dtype)
+        for j in reversed(range(len(blks))):
+            dv = _dv_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
+            dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
+        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
     return ds_KV
 
 
@@ -449,30 +588,18 @@ def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_r
               s_end_KV, *, scale, blocks, dot_dtype):
     # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end [BK, V] (this program's
     # rows of dS and S) at the chunk's end. dk and dlog_g are exact per block of rows.
-    sub = blocks.sub_chunk
-    causal = _causal_mask(sub)
+    causal = _causal_mask(blocks.intra_block)
     acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)   # see _dkv_chunk
-    for j in reversed(range(blocks.chunk_size // sub)):
-        rows = pl.ds(base + j * sub, sub)
-        v = v_ref[rows, :].astype(dot_dtype)
-        do = do_ref[rows, :].astype(dot_dtype)
-        q = q_ref[rows, :].astype(_F32)
-        k = k_ref[rows, :].astype(_F32)
-        dq = dq32_ref[rows, :]
-        c, c_end, m = _sub_chunk_gates(g_ref[rows, :].astype(_F32), sub)
-        q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-        da = jnp.where(causal, scale * _dot(do, v, tb=True), 0.0).astype(dot_dtype)
-        dk = (jnp.exp(m[None, :] - c) * _dot(da, q_mid, ta=True)
-              + jnp.exp(c_end[None, :] - c) * _dot(v, ds_KV.astype(dot_dtype), tb=True))
-        x = q * dq - k * dk
-        total = jnp.sum(x, axis=0)
-        dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
-                           + x).astype(dg_ref.dtype)
-        acc_K = acc_K + total
-        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        q_in = (q * jnp.exp(c)).astype(dot_dtype)
-        ds_KV = jnp.exp(c_end)[:, None] * ds_KV + scale * _dot(q_in, do, ta=True)
+    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
+                             do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
+    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
+        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+        ds_dot = ds_KV.astype(dot_dtype)
+        for j in reversed(range(len(blks))):
+            dk = _dk_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
+            acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
+        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
     return ds_KV
 
 
@@ -498,7 +625,7 @@ def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_en
                               dq_ref, dk_ref, dv_ref, dg_ref, **kw):
     # Chunk-parallel, fused: one chunk ([C, *]), s_end/ds [K, V] at its end
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
-    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...], **kw)
+    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), **kw)
 
 
 def _gla_bwd_dv_kernel(q_ref, k_ref, g_ref, do_ref, dst_ref, dv_ref, ds0_ref, *, n_chunks, **kw):
@@ -524,7 +651,7 @@ def _gla_bwd_dk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, 
 def _gla_bwd_dk_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
                              dq_ref, dk_ref, dg_ref, **kw):
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
-    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...], **kw)
+    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), **kw)
 
 
 def _dkv_split(blocks, dk, dv):
@@ -607,7 +734,7 @@ def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret):
         in_specs=[sp.rows(bk, True), sp.rows(bk, True), sp.rows(dv, False),
                   sp.state(bk, dv, 0)],
         out_specs=[sp.state(bk, dv, 0, all_chunks=n_chunks), sp.state(bk, dv, 0)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32),
+        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _states_dtype(blocks, q)),
                    jax.ShapeDtypeStruct(dst.shape, _F32)],
         name="gla_bwd_dstates", **_gpu_params(blocks, blocks.num_warps_dq, bk, dv, interpret),
     )(q, log_g, do, dst)

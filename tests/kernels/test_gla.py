@@ -95,22 +95,40 @@ def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay(schedu
     "chunk_parallel", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
     # 2 blocks of Dv columns in the forward, 2 blocks of Dk rows in the dq pass, the dk/dv pass
-    # split into a dv kernel over 2 column blocks and a dk kernel over 2 row blocks (Dk != Dv).
+    # split into a dv kernel over 2 column blocks and a dk kernel over 2 row blocks (Dk != Dv);
+    # one state step per chunk of 64 rows (4 diagonal blocks of 16 and the scores between them).
     # log_g in [-1, 0]: the chunk-parallel state pass sums log gates over 64 rows at once and
     # its exp carries ~|b| * 6e-8 relative rounding (1e-5 at |b| ~ 300, log_g down to -5).
     args = _inputs(128, 1, 128, 2, 32, 64, jnp.float32, log_g_min=-1.0)
     blocks = gla_mod.GLABlocks(block_v=32, block_k=16, dkv_split=True, block_k_dkv=16,
-                               block_v_dkv=32, schedule=schedule)
+                               block_v_dkv=32, schedule=schedule, sub_chunk=64)
     _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
                               grad_tol=1e-4, blocks=blocks)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, sub_chunk, split", [("chunk_parallel", 64, True),
+                                                        ("sequential", 32, False)])
+def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, split):
+    # State steps of 32/64 rows made of 16-row diagonal blocks plus cross-block scores with
+    # decays split at the earlier block's end; gates down to e^-8 per step (the step's total
+    # decay reaches e^-500): still finite and exact to f32 rounding.
+    q, k, v, _, s0 = _inputs(77, 1, 77, 2, 32, 16, jnp.float32)
+    log_g = _mixed_gates(78, 1, 77, 32)
+    blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, dkv_split=split,
+                               block_k_dkv=16, block_v_dkv=16)
+    _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
+                              fwd_tol=1e-5, grad_tol=1e-4, blocks=blocks)
+
+
 def test_gla_matches_recurrence_bf16():
     # bf16 operands in the matmuls, f32 state: errors of a few 1e-3 relative. dlog_g is a
-    # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2.
+    # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2. Run with
+    # the chunk-parallel per-chunk states and dS stored in bf16 and 32-row state steps.
     args = _inputs(3, 1, 93, 2, 16, 32, jnp.bfloat16)
+    blocks = gla_mod.GLABlocks(schedule="chunk_parallel", sub_chunk=32, bf16_states=True)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
-                              grad_tol=1e-2, dlog_g_tol=6e-2)
+                              grad_tol=1e-2, dlog_g_tol=6e-2, blocks=blocks)
 
 
 def test_gla_tpu_kernel_matches_recurrence():
