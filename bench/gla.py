@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -79,7 +80,9 @@ def _compile_all(items, args_of):
     the Triton kernels releases the GIL); failures map to the error string."""
     def one(name):
         try:
-            return name, jax.jit(items[name]).lower(*args_of(name)).compile()
+            fn = items[name]
+            fn.__name__ = re.sub(r"\W+", "_", name)   # names the XLA module (PTX dumps)
+            return name, jax.jit(fn).lower(*args_of(name)).compile()
         except Exception as e:  # noqa: BLE001 - report and go on
             traceback.print_exc()
             return name, f"{type(e).__name__}: {str(e)[:300]}"
@@ -266,7 +269,7 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
     _save(results, out)
 
 
-def run_stages(results, b, t, h, d, out, budget):
+def run_stages(results, b, t, h, d, out, budget, extra=False):
     """Each pass alone (its own jit), both schedules, D=Dk=Dv=d: where the time goes."""
     if _elapsed() > budget:
         results["stages"].append({"skipped": "time budget"})
@@ -300,6 +303,16 @@ def run_stages(results, b, t, h, d, out, budget):
         "cp dkv chunks split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
                                                        **kw(cp_split))[:4],
     }
+    if extra:   # one state step per 64-row chunk
+        s64 = lambda blocks: dataclasses.replace(blocks, sub_chunk=64)
+        items.update({
+            "seq fwd sub64": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(s64(SEQ)))[:2],
+            "seq dq pass sub64": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(s64(SEQ))),
+            "seq dkv split sub64": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
+                                                           **kw(s64(seq_split))),
+            "cp dkv chunks split sub64": lambda: m._bwd_dkv_pass(
+                q, k, v, g, do, dq32, states, dstates, **kw(s64(cp_split)))[:4],
+        })
     compiled = _compile_all(items, lambda name: ())
     row = {"b": b, "t": t, "h": h, "d": d}
     _time_into(row, compiled, lambda name: ())
@@ -390,7 +403,7 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_dump_to={args.regs}").strip()
         results = {"stages": [], "timings": [], "hybrid": []}
-        run_stages(results, B, 2048, H, 128, args.out, args.budget)
+        run_stages(results, B, 2048, H, 128, args.out, args.budget, extra=True)
         results["ptxas"] = ptxas_report(args.regs)
         _save(results, args.out)
         print("\n".join(results["ptxas"]))

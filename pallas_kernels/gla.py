@@ -152,8 +152,9 @@ class GLABlocks:
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
     num_stages: int = 2
-    # Chunk-parallel schedule with bf16 inputs: store the per-chunk states and dS in bf16 (half
-    # the traffic; the kernels feed them to bf16 matmuls anyway) instead of f32.
+    # With bf16 inputs: store the per-chunk states (chunk-parallel: states and dS; sequential:
+    # the dq pass's states for dlog_g) in bf16 instead of f32, half the traffic; the kernels
+    # feed them to bf16 matmuls anyway.
     bf16_states: bool = False
     # "sequential": one program walks a whole sequence (no stored states in the forward);
     # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
@@ -458,7 +459,7 @@ def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *
 
     def chunk(ci, s_KV):
         s_KV = _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, ci * step, s_KV, **kw)
-        s_end_ref[ci] = s_KV
+        s_end_ref[ci] = s_KV.astype(s_end_ref.dtype)
         return s_KV
 
     lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
@@ -616,7 +617,7 @@ def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref,
                         dk_ref, dv_ref, dg_ref, ds0_ref, *, n_chunks, **kw):
     # Sequential, fused: whole sequences ([Lp, *]), s_end [N, K, V], dst/ds0 [K, V]
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
-    fn = lambda base, ci, ds: _dkv_chunk(*refs, base, ds, s_end_ref[ci], **kw)
+    fn = lambda base, ci, ds: _dkv_chunk(*refs, base, ds, s_end_ref[ci].astype(_F32), **kw)
     ds0_ref[...] = _reverse_walk(n_chunks, kw["blocks"].chunk_size,
                                  dst_ref[...].astype(_F32), fn)
 
@@ -644,7 +645,7 @@ def _gla_bwd_dk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, 
     # Sequential, split: q/k/g/dq32/dq/dk/dg [Lp, BK], v/do [Lp, V], s_end [N, BK, V],
     # dst [BK, V]
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
-    fn = lambda base, ci, ds: _dk_chunk(*refs, base, ds, s_end_ref[ci], **kw)
+    fn = lambda base, ci, ds: _dk_chunk(*refs, base, ds, s_end_ref[ci].astype(_F32), **kw)
     _reverse_walk(n_chunks, kw["blocks"].chunk_size, dst_ref[...].astype(_F32), fn)
 
 
@@ -705,7 +706,8 @@ def _bwd_dq_pass(k, v, log_g, s0, states, do, *, scale, blocks, interpret):
             in_specs=[sp.rows(bk, True), sp.rows(dv, False), sp.rows(bk, True),
                       sp.rows(dv, False), sp.state(bk, dv, 0)],
             out_specs=[sp.rows(bk, True), sp.state(bk, dv, 0, all_chunks=n_chunks)],
-            out_shape=[dq_shape, jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _F32)],
+            out_shape=[dq_shape, jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv),
+                                                      _states_dtype(blocks, k))],
             name="gla_bwd_dq", **params,
         )(k, v, log_g, do, s0)
     dq32 = pl.pallas_call(
