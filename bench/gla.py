@@ -329,6 +329,7 @@ VARIANTS = {
     "seq_st3": dataclasses.replace(SEQ, num_stages=3),
     "seq_sub32": dataclasses.replace(SEQ, sub_chunk=32),
     "seq_sub64": dataclasses.replace(SEQ, sub_chunk=64),
+    "seq_sub64_bf16": dataclasses.replace(SEQ, sub_chunk=64, bf16_states=True),
     "cp": CP,
     "cp_fused": dataclasses.replace(CP, dkv_split=False),
     "cp_bv128": dataclasses.replace(CP, block_v=128),
@@ -391,7 +392,10 @@ def main():
     p.add_argument("--dims", default="128,64")
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--hybrid", action="store_true", help="B=8/16, H=6, Dk=64, Dv=128, T=2048")
-    p.add_argument("--variants", default="", help="comma list of VARIANTS names at D=128 T=2k")
+    p.add_argument("--variants", default="", help="groups of VARIANTS names at D=128, T=2k, "
+                   "one row each: 'a,b;c,d' (the first group runs first, the rest last)")
+    p.add_argument("--candidates", default="seq,cp",
+                   help="VARIANTS names timed in the main and hybrid cells")
     p.add_argument("--stages", action="store_true", help="each pass alone at D=128, T=2048")
     p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
     p.add_argument("--ref-max-t", type=int, default=2048,
@@ -420,24 +424,27 @@ def main():
         results["correctness_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         traceback.print_exc()
     _save(results, args.out)
+    groups = [g.split(",") for g in args.variants.split(";") if g]
+    cell_nofla = dict(cell, fla=_Fla(False, 0, results), ref_max_t=0)
+    variants = lambda names: run_cell(results, "variants", B, 2048, H, 128, 128,
+                                      {n: VARIANTS[n] for n in names}, **cell_nofla)
+    if groups:   # the first group before everything else, the others at the end
+        variants(groups[0])
+    both = {n: VARIANTS[n] for n in args.candidates.split(",")}
+    if args.hybrid:
+        for b in (8, 16):
+            run_cell(results, "hybrid", b, 2048, 6, 64, 128, both, **cell)
     if args.stages:
         try:
             run_stages(results, B, 2048, H, 128, args.out, args.budget)
         except Exception as e:  # noqa: BLE001
             results["stages"].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
             traceback.print_exc()
-    if args.variants:
-        names = args.variants.split(",")
-        cell_nofla = dict(cell, fla=_Fla(False, 0, results), ref_max_t=0)
-        run_cell(results, "variants", B, 2048, H, 128, 128,
-                 {n: VARIANTS[n] for n in names}, **cell_nofla)
-    both = {"seq": SEQ, "cp": CP}
-    if args.hybrid:
-        for b in (8, 16):
-            run_cell(results, "hybrid", b, 2048, 6, 64, 128, both, **cell)
     for d in [int(x) for x in args.dims.split(",") if x]:
         for t in [int(x) for x in args.lengths.split(",") if x]:
             run_cell(results, "timings", B, t, H, d, d, both, **cell)
+    for names in groups[1:]:
+        variants(names)
     _save(results, args.out)
     print(results["table"])
 
