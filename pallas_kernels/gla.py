@@ -14,14 +14,18 @@ an inter-chunk state recurrence) that makes long sequences usable on CPU. In the
 exponent is a difference b_t - b_s of cumulative log gates with s <= t, hence <= 0: nothing
 overflows however strong the decay.
 
-The kernels (`gla_pallas`) walk each (batch, head) through chunks of 64 rows, each in sub-chunks
-of 16: the f32 state carries everything before a sub-chunk, the 16 x 16 block inside it is scored
-with gates relative to its middle row (see the comment above `GLABlocks`). The backward recomputes
-instead of storing: a dq pass re-runs the state recurrence (and stores one f32 state per chunk),
-a dk/dv pass walks the chunks backwards with dS, and dlog_g is a reverse cumsum, inside each
-chunk, of q * dq - k * dk plus sum_v S_end * dS_end. GPU: Triton lowering; TPU: Mosaic, with the
-chunk axis of the grid sequential and the state in VMEM. `gla_step` is the exact one-token step
-for decoding (jnp: a [Dk, Dv] update per head, no kernel).
+The kernels (`gla_pallas`) walk each (batch, head) through chunks of 64 rows, each in state
+steps (`sub_chunk` rows) made of 16-row blocks: the f32 state carries everything before a step,
+a 16 x 16 block is scored with gates relative to its middle row and blocks further apart with
+the decay split at the earlier block's end (see the comment above `GLABlocks`). Two schedules: one
+program walks a whole sequence, or a light pass stores the state entering each chunk and one
+program per chunk does the rest. The backward recomputes instead of storing: a dq pass re-runs
+the state recurrence (and stores one state per chunk), dk/dv passes walk the chunks backwards
+with dS (fused, or a dv kernel and a dk kernel each carrying a block of dS), and dlog_g is a
+reverse cumsum, inside each chunk, of q * dq - k * dk plus sum_v S_end * dS_end. GPU: Triton
+lowering; TPU: Mosaic, with the chunk axis of the grid sequential and the state in VMEM.
+`gla_step` is the exact one-token step for decoding (jnp: a [Dk, Dv] update per head, no
+kernel).
 """
 
 from __future__ import annotations
@@ -117,13 +121,17 @@ def gla_step(q, k, v, log_g, state, *, scale=None):
 #
 # A program owns one (batch, head) and a block of the state and walks chunks of `chunk_size`
 # (64) rows (all of the sequence, or one chunk from a stored state: `GLABlocks.schedule`), each
-# done as `sub_chunk` (16) row steps:
-#   * inter part: rows read the f32 state entering the sub-chunk, q * exp(c) @ S, and the state
-#     leaving it is exp(c_end) * S + (k * exp(c_end - c))^T v, with c = b - b_start the
-#     cumulative log gate inside the sub-chunk: every exponent is <= 0;
-#   * intra part: A = (q * exp(c - m)) (k * exp(m - c))^T masked to s <= t, with m the gate
-#     cumsum at the middle row of the sub-chunk: exponents stay within +-8 steps of log_g, so
-#     nothing overflows for log_g >= -11 per step (f32 exp overflows at 88.7).
+# done as steps of `sub_chunk` rows, each step as blocks of `intra_block` (16) rows. With C the
+# cumulative log gate from the step's start:
+#   * inter part: rows read the f32 state entering the step, q * exp(C) @ S, and the state
+#     leaving it is exp(C_end) * S + (k * exp(C_end - C))^T v: every exponent is <= 0;
+#   * diagonal blocks: A = (q * exp(c - m)) (k * exp(m - c))^T masked to s <= t, with c the
+#     cumsum inside the block and m its value at the middle row: exponents stay within +-8
+#     steps of log_g, so nothing overflows for log_g >= -11 per step (f32 exp overflows at 88.7);
+#   * block i after block j of the same step: (q_i * exp(c_i) * exp(E_<i - E_<=j)) @
+#     (k_j * exp(e_j - c_j))^T, E the step's cumsum at block ends: every factor <= 1.
+# One state step per 16 rows is the old kernel (4 dependent state updates per chunk); 64-row
+# steps trade them for the 6 cross-block scores (fewer FLOPs at D >= 64, GLA's secondary level).
 # Matmul operands are in the input dtype (bf16 stays bf16), accumulation and state in f32.
 # --------------------------------------------------------------------------------------------
 
@@ -846,7 +854,7 @@ def _tpu_gates(g_CK, sub):
 def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref, *, scale,
                         blocks, dot_dtype):
     # q/k/g [C, K], v/o [C, V], s0/st [V, K] (transposed), scratch s [V, K] f32
-    sub = blocks.sub_chunk
+    sub = blocks.intra_block   # TPU: one state step per diagonal block
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)
@@ -875,7 +883,7 @@ def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref
 def _gla_bwd_dq_tpu_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, s_ref, *,
                            scale, blocks, dot_dtype):
     # k/g/dq [C, K], v/do [C, V], s0/s_end [V, K], scratch s [V, K] f32
-    sub = blocks.sub_chunk
+    sub = blocks.intra_block   # TPU: one state step per diagonal block
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)
@@ -905,7 +913,7 @@ def _gla_bwd_dkv_tpu_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_
                             dot_dtype):
     # Chunks in reverse order. q/k/g/dq32/dq/dk/dg [C, K], v/do/dv [C, V],
     # s_end/dst/ds0 [V, K], scratch ds [V, K] f32 (dS^T)
-    sub = blocks.sub_chunk
+    sub = blocks.intra_block   # TPU: one state step per diagonal block
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)
