@@ -1,6 +1,7 @@
 """Mamba-1 selective scan on one GPU: real-lowering correctness, then times against the anchors.
 
-    PYTHONUNBUFFERED=1 python3 bench/mamba.py --out $OUT/mamba.json [--budget 220] [--sweep]
+    PYTHONUNBUFFERED=1 python3 bench/mamba.py --out $OUT/mamba.json [--budget 220] [--quick]
+        [--variant NAME] [--sweep NAME,NAME] | [--compare-fwd NAME,.. --compare-fb NAME,..]
 
 In one run: (1) the device-to-device copy bandwidth and the exp2 rate of the special-function
 units (a Pallas kernel of independent exp2 chains), which give the floors; (2) forward, final
@@ -57,6 +58,33 @@ def _timeit(fn, *args, min_ms=100.0, reps=5):
 _rel = rel_error
 
 
+class _Compiler:
+    """Compiles jitted functions in a thread pool (XLA releases the GIL while Triton and ptxas
+    run), so that a run waits for the longest compile rather than the sum of them. Steps are
+    generators: the first `next` submits their compiles, the rest runs them (see `main`)."""
+
+    def __init__(self, budget, threads=12):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool, self.futs, self.budget = ThreadPoolExecutor(threads), {}, budget
+
+    def submit(self, key, fn, *args):
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+
+        def build():
+            t = time.perf_counter()
+            return jax.jit(fn).lower(*specs).compile(), time.perf_counter() - t
+        self.futs[key] = self.pool.submit(build)
+
+    def get(self, key):
+        """The compiled function; raises TimeoutError once past the budget."""
+        from concurrent.futures import wait
+        left = self.budget - (time.perf_counter() - T0)
+        done, _ = wait([self.futs[key]], timeout=max(left, 0))
+        if not done:
+            raise TimeoutError("not compiled within the budget")
+        return self.futs[key].result()[0]
+
+
 def _inputs(b, length, dn, n, *, groups=None, dtype=jnp.bfloat16, seed=0):
     ks = jax.random.split(jax.random.key(seed), 9)
     bc = (b, length, n) if groups is None else (b, length, groups, n)
@@ -105,60 +133,78 @@ def _loss(fn, *xs, names, use, sp, w, wh):
     return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
 
 
-def correctness(res):
+def correctness(res, comp, cfg_kw):
     cases = [  # b, L, Dn, N, groups, dtype, options, softplus
         (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
         (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
         (1, 300, 96, 5, 2, jnp.float32, ("initial_state",), False),
-        (2, 513, 128, 16, None, jnp.bfloat16, (), False),
     ]
     if SMOKE:
         cases = [(1, 19, 32, 5, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True)]
-    rows = []
-    for b, length, dn, n, groups, dtype, use, sp in cases:
+    kern = lambda *a, **k: ss.selective_scan_pallas(*a, **k, **cfg_kw, **SMOKE)
+    ref = lambda *a, **k: ss.selective_scan_reference(*a, **k, method="scan")
+    plans = []
+    for ci, (b, length, dn, n, groups, dtype, use, sp) in enumerate(cases):
         x = _inputs(b, length, dn, n, groups=groups, dtype=dtype, seed=length)
         if not sp:   # without softplus the raw delta is the step and must be positive
             x["delta"] = jax.nn.softplus(x["delta"].astype(jnp.float32)).astype(dtype)
         names = ("u", "delta", "A", "B", "C") + use
         w = jax.random.normal(jax.random.key(5), (b, length, dn))
         wh = jax.random.normal(jax.random.key(6), (b, dn, n))
-
         loss = functools.partial(_loss, names=names, use=use, sp=sp, w=w, wh=wh)
-        kern = lambda *a, **k: ss.selective_scan_pallas(*a, **k, **SMOKE)
-        ref = lambda *a, **k: ss.selective_scan_reference(*a, **k, method="scan")
         xs = tuple(x[k] for k in names)
-        argn = tuple(range(len(xs)))
-        (_, (y, h)), g = jax.jit(jax.value_and_grad(functools.partial(loss, kern), argn,
-                                                    has_aux=True))(*xs)
-        y_inf, h_inf = jax.jit(functools.partial(loss, kern))(*xs)[1]   # the inference kernel
         xs32 = tuple(v.astype(jnp.float32) for v in xs)
-        (_, (yr, hr)), gr = jax.jit(jax.value_and_grad(functools.partial(loss, ref), argn,
-                                                       has_aux=True))(*xs32)
+        argn = tuple(range(len(xs)))
+        comp.submit(("corr", ci, "kern"),
+                    jax.value_and_grad(functools.partial(loss, kern), argn, has_aux=True), *xs)
+        comp.submit(("corr", ci, "inf"), functools.partial(loss, kern), *xs)   # inference fwd
+        comp.submit(("corr", ci, "ref"),
+                    jax.value_and_grad(functools.partial(loss, ref), argn, has_aux=True), *xs32)
+        plans.append((ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32))
+    # decode: 16 steps of the step kernel against the full forward
+    xd = _inputs(4, 16, 512, 16, dtype=jnp.bfloat16, seed=3)
+    kw = dict(D=xd["D"], delta_bias=xd["delta_bias"], delta_softplus=True)
+    step = lambda h, u, d, b, c, z: ss.selective_state_update(
+        h, u, d, xd["A"], b, c, z=z, **kw, backend="interpret" if SMOKE else "pallas")
+    step_args = lambda h, t: (h, *(xd[k][:, t] for k in ("u", "delta", "B", "C", "z")))
+    comp.submit(("corr", "decode"), step, *step_args(xd["initial_state"], 0))
+    yield
+
+    rows = res.setdefault("correctness", [])
+    for ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32 in plans:
+        case = (f"b{b} L{length} Dn{dn} N{n} G{groups} {jnp.dtype(dtype).name} "
+                f"{'+'.join(use) or 'plain'} sp={sp}")
+        try:
+            (_, (y, h)), g = comp.get(("corr", ci, "kern"))(*xs)
+            y_inf, h_inf = comp.get(("corr", ci, "inf"))(*xs)[1]
+            (_, (yr, hr)), gr = comp.get(("corr", ci, "ref"))(*xs32)
+        except Exception as e:   # noqa: BLE001 (keep the other cases)
+            rows.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(f"[FAIL] {case}: {rows[-1]['error']}")
+            continue
         errs = {"y": _rel(y, yr), "y_inference": _rel(y_inf, yr), "final": _rel(h, hr),
                 "final_inference": _rel(h_inf, hr)}
         errs.update({f"d{k}": _rel(gk, gkr) for k, gk, gkr in zip(names, g, gr, strict=True)})
         tol = 1e-4 if dtype == jnp.float32 else 2e-2
-        ok = all(e < tol for e in errs.values())
-        rows.append({"case": f"b{b} L{length} Dn{dn} N{n} G{groups} {jnp.dtype(dtype).name} "
-                             f"{'+'.join(use) or 'plain'} sp={sp}", "ok": ok, "max_err": max(
-                                 errs.values()), "errs": errs})
-        print(f"[{'ok' if ok else 'FAIL'}] {rows[-1]['case']}: max rel err "
+        ok = all(e < tol for e in errs.values())   # NaN fails
+        rows.append({"case": case, "ok": ok, "max_err": max(errs.values()), "errs": errs})
+        print(f"[{'ok' if ok else 'FAIL'}] {case}: max rel err "
               f"{rows[-1]['max_err']:.2e} ({max(errs, key=errs.get)})")
-    # decode: 16 steps of the step kernel against the full forward
-    x = _inputs(4, 16, 512, 16, dtype=jnp.bfloat16, seed=3)
-    kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
-    yr, hr = ss.selective_scan_reference(x["u"], x["delta"], x["A"], x["B"], x["C"], z=x["z"],
-                                         initial_state=x["initial_state"], method="scan", **kw)
-    step = jax.jit(lambda h, u, d, b, c, z: ss.selective_state_update(
-        h, u, d, x["A"], b, c, z=z, **kw, backend="interpret" if SMOKE else "pallas"))
-    h, ys = x["initial_state"], []
-    for t in range(16):
-        y, h = step(h, x["u"][:, t], x["delta"][:, t], x["B"][:, t], x["C"][:, t], x["z"][:, t])
-        ys.append(y)
-    e = max(_rel(jnp.stack(ys, 1), yr), _rel(h, hr))
-    rows.append({"case": "decode 16 steps vs forward", "ok": e < 2e-2, "max_err": e})
-    print(f"[{'ok' if e < 2e-2 else 'FAIL'}] decode: max rel err {e:.2e}")
-    res["correctness"] = rows
+        yield
+    try:
+        yr, hr = ss.selective_scan_reference(xd["u"], xd["delta"], xd["A"], xd["B"], xd["C"],
+                                             z=xd["z"], initial_state=xd["initial_state"],
+                                             method="scan", **kw)
+        f = comp.get(("corr", "decode"))
+        h, ys = xd["initial_state"], []
+        for t in range(16):
+            y, h = f(*step_args(h, t))
+            ys.append(y)
+        e = max(_rel(jnp.stack(ys, 1), yr), _rel(h, hr))
+        rows.append({"case": "decode 16 steps vs forward", "ok": e < 2e-2, "max_err": e})
+        print(f"[{'ok' if e < 2e-2 else 'FAIL'}] decode: max rel err {e:.2e}")
+    except Exception as e:   # noqa: BLE001
+        rows.append({"case": "decode", "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
 
 
 def _floors(res, b, length, dn, n):
@@ -190,40 +236,55 @@ def _vjp(fn, dy, *args):
     return jax.vjp(fn, *args)[1](dy)
 
 
-def benchmark(res, budget, sizes, cfg_kw, tag="main", refs=True):
+def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),)):
+    """Ours at every size; the references only at the sizes in `refs_at` (the issue's anchors
+    are at 8x2048x2048; at 8k x 4096 the associative scan runs out of memory)."""
     out = res.setdefault("bench", [])
+    plans = []
     for b, length, dn, n in sizes:
         x = _inputs(b, length, dn, n)
         args, fns = _variants(x, cfg_kw)
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
+        names = [k for k in fns if k == "pallas" or (b, length, dn, n) in refs_at]
+        for mode in ("fwd", "fwd+bwd"):
+            for name in names:
+                if mode == "fwd":
+                    comp.submit((tag, b, length, dn, name, mode), fns[name], *args)
+                else:
+                    comp.submit((tag, b, length, dn, name, mode),
+                                functools.partial(_vjp, fns[name]), dy, *args)
+        plans.append((b, length, dn, n, names))
+        del x, args, dy
+    yield
+
+    for b, length, dn, n, names in plans:
+        x = _inputs(b, length, dn, n)
+        args, _ = _variants(x, cfg_kw)
+        dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         row = {"tag": tag, "cfg": cfg_kw, "B": b, "L": length, "Dn": dn, "N": n,
                **_floors(res, b, length, dn, n)}
-        for mode in ("fwd", "fwd+bwd"):        # every forward first: they compile fastest
-            for name, fn in fns.items():
-                if name != "pallas" and not refs:
-                    continue
+        for mode in ("fwd", "fwd+bwd"):
+            for name in names:
                 key = f"{name} {mode}"
-                if time.perf_counter() - T0 > budget:
-                    row[key] = "skipped (budget)"
-                    continue
-                if mode == "fwd":
-                    f, call_args = jax.jit(fn), args
-                else:
-                    f, call_args = jax.jit(functools.partial(_vjp, fn)), (dy, *args)
                 try:
+                    f = comp.get((tag, b, length, dn, name, mode))
+                    call_args = args if mode == "fwd" else (dy, *args)
                     slow = name != "pallas" and length * dn > 2048 * 2048
                     row[key] = _timeit(f, *call_args, reps=3 if slow else 5)
-                except Exception as e:   # noqa: BLE001 (OOM of the references at 8k x 4096)
+                except Exception as e:   # noqa: BLE001 (budget; OOM of the references)
                     row[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
                 print(f"  {tag} B{b} L{length} Dn{dn} {key}: {row[key]}  "
                       f"(t={time.perf_counter() - T0:.0f}s)")
+                yield
         out.append(row)
+        del x, args, dy
 
 
 # Kernel variants (keyword arguments of selective_scan_pallas) for --compare: "fwd" times the
 # inference forward, "fb" the training forward + backward.
 VARIANTS = {
-    "v2.1": {},
+    "default": {},
+    "v2.1": dict(ahead=0, lane_reduce=False, fast_exp=False, split=1),
     "ahead2": dict(ahead=2),
     "ahead4": dict(ahead=4),
     "ahead4_c8": dict(ahead=4, fwd_chunk=8),
@@ -304,25 +365,34 @@ def _decode_loop(backend, inputs, kw, h):
     return jax.lax.fori_loop(0, 32, body, h)
 
 
-def decode_bench(res, budget):
-    if time.perf_counter() - T0 > budget:
-        return
-    rows = []
+def decode_bench(res, comp):
+    plans = []
     for b, dn, n in ((2, 64, 16),) if SMOKE else ((8, 4096, 16), (64, 4096, 16)):
         x = _inputs(b, 1, dn, n)
         kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
         u, d, bb, cc, z = (x[k][:, 0] for k in ("u", "delta", "B", "C", "z"))
-
-        row = {"B": b, "Dn": dn, "N": n, "pallas_us": None,
-               "state_floor_us": 2 * b * dn * n * 4 / (res["hbm_tb_s"] * 1e12) * 1e6}
         for backend in ("interpret" if SMOKE else "pallas", "reference"):
-            f = jax.jit(functools.partial(_decode_loop, backend, (u, d, x["A"], bb, cc, z), kw))
-            key = "reference_us" if backend == "reference" else "pallas_us"
-            row[key] = _timeit(f, x["initial_state"]) / 32 * 1e3
+            comp.submit(("decode", b, dn, backend),
+                        functools.partial(_decode_loop, backend, (u, d, x["A"], bb, cc, z), kw),
+                        x["initial_state"])
+        plans.append((b, dn, n, x))
+    yield
+
+    rows = res.setdefault("decode", [])
+    for b, dn, n, x in plans:
+        row = {"B": b, "Dn": dn, "N": n,
+               "state_floor_us": 2 * b * dn * n * 4 / (res["hbm_tb_s"] * 1e12) * 1e6}
+        try:
+            for backend in ("interpret" if SMOKE else "pallas", "reference"):
+                key = "reference_us" if backend == "reference" else "pallas_us"
+                row[key] = _timeit(comp.get(("decode", b, dn, backend)),
+                                   x["initial_state"]) / 32 * 1e3
+        except Exception as e:   # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        print(f"  decode B{b} Dn{dn}: kernel {row['pallas_us']:.1f} us, jnp "
-              f"{row['reference_us']:.1f} us, floor {row['state_floor_us']:.1f} us")
-    res["decode"] = rows
+        print(f"  decode B{b} Dn{dn}: kernel {row.get('pallas_us')} us, jnp "
+              f"{row.get('reference_us')} us, floor {row['state_floor_us']:.1f} us")
+        yield
 
 
 def _fmt(v):
@@ -351,15 +421,22 @@ def report(res):
                   f"{_fmt(a)} | {_ratio(a, ours)} | {_fmt(s)} | {_ratio(s, ours)} |")
     for r in res.get("bench", []):
         if r["tag"] != "main":
-            print(f"sweep {r['cfg']} L{r['L']} Dn{r['Dn']}: fwd {r.get('pallas fwd')} "
+            print(f"{r['tag']} {r['cfg']} L{r['L']} Dn{r['Dn']}: fwd {r.get('pallas fwd')} "
                   f"fwd+bwd {r.get('pallas fwd+bwd')}")
+    for r in res.get("compare", []):
+        print(f"compare {r['variant']} {r['mode']}: {_fmt(r.get('ms'))} ms, max err "
+              f"{r.get('max_err')}, compile {_fmt(r.get('compile_s'))} s {r.get('error', '')}")
+    for r in res.get("correctness", []):
+        print(f"[{'ok' if r.get('ok') else 'FAIL'}] {r['case']}: {r.get('max_err')} "
+              f"{r.get('error', '')}")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="mamba.json")
     p.add_argument("--budget", type=float, default=220.0)
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep", default="", help="VARIANTS names to time at the anchor size too")
+    p.add_argument("--variant", default="default", help="VARIANTS name of the main kernel config")
     p.add_argument("--quick", action="store_true", help="the anchor size only, no correctness")
     p.add_argument("--report", default=None, help="print the table of a results file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode, on CPU")
@@ -379,35 +456,54 @@ def main():
         sizes = [(1, 40, 32, 4)]
     if a.quick:
         sizes = sizes[:1]
-    steps = [("ceilings", lambda: None if a.smoke else measure_ceilings(res)),
-             ("correctness", lambda: None if a.quick else correctness(res)),
-             ("bench", lambda: benchmark(res, a.budget, sizes, {})),
-             ("decode", lambda: decode_bench(res, a.budget))]
+    cfg = VARIANTS[a.variant]
+
+    def save():
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+    def ceilings():
+        if not a.smoke:
+            measure_ceilings(res)
+
     if a.compare_fwd or a.compare_fb:     # variants at the anchor size instead of the above
         names = lambda v: [k for k in v.split(",") if k]
         size = (1, 40, 64, 4) if a.smoke else sizes[0]
-        steps = [steps[0], ("compare", lambda: compare(res, a.budget, names(a.compare_fwd),
-                                                       names(a.compare_fb), size,
-                                                       out_path=a.out))]
-    if a.sweep:
-        sweep = [dict(fwd_chunk=c, chunk=k, block_d=bd, num_warps=w)
-                 for c, k, bd, w in ((8, 4, 32, 1), (32, 8, 32, 1), (16, 8, 64, 2),
-                                     (16, 8, 64, 1))]
-        steps.append(("sweep", lambda: [benchmark(res, a.budget, [(8, 2048, 2048, 16)], c,
-                                                     tag="sweep", refs=False) for c in sweep]))
-    for name, step in steps:
-        try:
-            step()
-        except Exception:   # noqa: BLE001 (keep what was measured)
-            res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
-            print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
+        for name, step in (("ceilings", ceilings), ("compare", lambda: compare(
+                res, a.budget, names(a.compare_fwd), names(a.compare_fb), size, out_path=a.out))):
+            try:
+                step()
+            except Exception:   # noqa: BLE001 (keep what was measured)
+                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+                print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+            save()
+    else:
+        comp = _Compiler(a.budget)
+        steps = [] if a.quick else [("correctness", correctness(res, comp, cfg))]
+        steps.append(("bench", benchmark(res, comp, sizes, cfg, refs_at=sizes[:1])))
+        for c in (a.sweep.split(",") if a.sweep else []):
+            steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
+                                             refs_at=())))
+        steps.append(("decode", decode_bench(res, comp)))
+        ready = []
+        for name, gen in steps:          # submit every compile before anything runs
+            try:
+                next(gen)
+                ready.append((name, gen))
+            except Exception:   # noqa: BLE001
+                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+        for name, step in [("ceilings", ceilings)] + [(n, lambda g=g: [save() for _ in g])
+                                                      for n, g in ready]:
+            try:
+                step()
+            except Exception:   # noqa: BLE001 (keep what was measured)
+                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+                print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+            save()
+            print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
     report(res)
-    if a.compare_fwd or a.compare_fb:   # compile threads past the budget must not keep us
-        sys.stdout.flush()
-        os._exit(0)
+    sys.stdout.flush()
+    os._exit(0)   # compile threads still running past the budget must not keep the process
 
 
 if __name__ == "__main__":
