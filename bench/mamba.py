@@ -440,6 +440,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="the anchor size only, no correctness")
     p.add_argument("--report", default=None, help="print the table of a results file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, interpret mode, on CPU")
+    p.add_argument("--profile", default="", help="VARIANT[:fb]: run it twice at the anchor size "
+                   "and exit (for ncu)")
     p.add_argument("--compare-fwd", default="", help="variants (VARIANTS) to compare, forward")
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     a = p.parse_args()
@@ -457,6 +459,18 @@ def main():
     if a.quick:
         sizes = sizes[:1]
     cfg = VARIANTS[a.variant]
+    if a.profile:
+        name, _, mode = a.profile.partition(":")
+        x = _inputs(*((1, 40, 64, 4) if a.smoke else sizes[0]))
+        args, fns = _variants(x, VARIANTS[name])
+        f = jax.jit(fns["pallas"])
+        if mode == "fb":
+            dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
+            f, args = jax.jit(functools.partial(_vjp, fns["pallas"])), (dy, *args)
+        for _ in range(2):
+            jax.block_until_ready(f(*args))
+        print(f"profile {a.profile}: ran twice at {time.perf_counter() - T0:.0f}s")
+        return
 
     def save():
         with open(a.out, "w") as f:
