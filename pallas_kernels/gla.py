@@ -292,6 +292,14 @@ def _k_out(b):      # k * exp(e - c)
     return _memo(b, "k_out", lambda: b["k"] * _exp_out(b))
 
 
+def _q_loc_d(b, dot_dtype):
+    return _memo(b, "q_loc_d", lambda: _q_loc(b).astype(dot_dtype))
+
+
+def _k_out_d(b, dot_dtype):
+    return _memo(b, "k_out_d", lambda: _k_out(b).astype(dot_dtype))
+
+
 def _q_in(b):       # q decayed from the step's start: reads the state entering the step
     return _memo(b, "q_in", lambda: b["q"] * _from_step_start(b))
 
@@ -323,21 +331,20 @@ def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, 
             o = _dot(_q_in(b).astype(dot_dtype), s_dot) + _dot(a, b["v"])
             for e in blks[:i]:   # earlier blocks of the step
                 q_x = (_q_loc(b) * _cross(b, e)[None, :]).astype(dot_dtype)
-                a_x = _dot(q_x, _k_out(e).astype(dot_dtype), tb=True).astype(dot_dtype)
+                a_x = _dot(q_x, _k_out_d(e, dot_dtype), tb=True).astype(dot_dtype)
                 o = o + _dot(a_x, e["v"])
             o_ref[b["rows"], :] = (scale * o).astype(o_ref.dtype)
-        s_KV = _state_step(s_KV, blks, _k_end, lambda b: b["v"], dot_dtype)
+            s_KV = _block_update(s_KV, b, _k_out_d(b, dot_dtype), b["v"])
     return s_KV
 
 
-def _state_step(s_KV, blks, key_of, val_of, dot_dtype, scale=1.0):
-    """exp(E) * S + scale * sum over blocks of key^T val, key = key_of(block) [ib, K] f32
-    already decayed to the step's end (or from its start, for dS)."""
-    s_KV = jnp.exp(blks[-1]["pre_end"])[:, None] * s_KV
-    for b in blks:
-        term = _dot(key_of(b).astype(dot_dtype), val_of(b), ta=True)
-        s_KV = s_KV + (term if scale == 1.0 else scale * term)
-    return s_KV
+def _block_update(s_KV, b, key, val, scale=None):
+    """The state across one block: exp(e) * S + (scale *) key^T val. Forward: key = k decayed
+    to the block's end, S walks forward; backward: key = q decayed from the block's start and
+    S = dS walks back. The step's outputs read the state at the step's edge (converted once),
+    so these updates are off their path."""
+    term = _dot(key, val, ta=True)
+    return jnp.exp(b["e"])[:, None] * s_KV + (term if scale is None else scale * term)
 
 
 def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, n_chunks, **kw):
@@ -453,10 +460,10 @@ def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks,
                 x = 0.0
                 for e in blks[:i]:
                     da_x = _dot(do, e["v"], tb=True).astype(dot_dtype)
-                    x = x + _cross(b, e)[None, :] * _dot(da_x, _k_out(e).astype(dot_dtype))
+                    x = x + _cross(b, e)[None, :] * _dot(da_x, _k_out_d(e, dot_dtype))
                 dq = dq + _exp_c(b) * x
             dq_ref[b["rows"], :] = scale * dq
-        s_KV = _state_step(s_KV, blks, _k_end, lambda b: b["v"], dot_dtype)
+            s_KV = _block_update(s_KV, b, _k_out_d(b, dot_dtype), b["v"])
     return s_KV
 
 
@@ -511,7 +518,7 @@ def _dv_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
           + _dot(a.astype(dot_dtype), b["do"], ta=True))
     for later in blks[j + 1:]:
         q_x = (_q_loc(later) * _cross(later, b)[None, :]).astype(dot_dtype)
-        a_x = scale * _dot(q_x, _k_out(b).astype(dot_dtype), tb=True)
+        a_x = scale * _dot(q_x, _k_out_d(b, dot_dtype), tb=True)
         dv = dv + _dot(a_x.astype(dot_dtype), later["do"], ta=True)
     return dv
 
@@ -528,8 +535,7 @@ def _dk_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
         x = 0.0
         for later in blks[j + 1:]:
             da_x = (scale * _dot(later["do"], b["v"], tb=True)).astype(dot_dtype)
-            x = x + _cross(later, b)[None, :] * _dot(da_x, _q_loc(later).astype(dot_dtype),
-                                                     ta=True)
+            x = x + _cross(later, b)[None, :] * _dot(da_x, _q_loc_d(later, dot_dtype), ta=True)
         dk = dk + _exp_out(b) * x
     return dk
 
@@ -547,9 +553,9 @@ def _write_dq_dk_dg(b, dk, acc_K, dq_ref, dk_ref, dg_ref):
     return acc_K + total
 
 
-def _ds_step(ds_KV, blks, scale, dot_dtype):
-    """dS at the step's start from dS at its end."""
-    return _state_step(ds_KV, blks, _q_in, lambda b: b["do"], dot_dtype, scale)
+def _ds_update(ds_KV, b, scale, dot_dtype):
+    """dS at the start of block b from dS at its end."""
+    return _block_update(ds_KV, b, _q_loc_d(b, dot_dtype), b["do"], scale)
 
 
 def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref,
@@ -573,7 +579,7 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
             dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
             dk = _dk_block(blks, j, ds_dot, causal, **kw)
             acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
-        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
+            ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
     return ds_KV
 
 
@@ -589,7 +595,7 @@ def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks
         for j in reversed(range(len(blks))):
             dv = _dv_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
             dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
-        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
+            ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
     return ds_KV
 
 
@@ -608,7 +614,7 @@ def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_r
         for j in reversed(range(len(blks))):
             dk = _dk_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
             acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
-        ds_KV = _ds_step(ds_KV, blks, scale, dot_dtype)
+            ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
     return ds_KV
 
 
