@@ -295,6 +295,8 @@ def run_stages(results, b, t, h, d, out, budget, extra=False):
         "seq dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
                                                  **kw(seq_split)),
         "cp fwd (states + chunks)": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[:2],
+        "hybrid fwd (seq, stores states)": lambda: m._gla_fwd_call(q, k, v, g, s0,
+                                                                   **kw(GB(schedule="hybrid"))),
         "cp states pass": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[2],
         "cp dq chunks": lambda: m._bwd_dq_pass(k, v, g, s0, states, do, **kw(CP))[0],
         "cp dstates pass": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(CP)),
@@ -336,6 +338,8 @@ VARIANTS = {
     "cp_sub32": dataclasses.replace(CP, sub_chunk=32),
     "cp_sub64": dataclasses.replace(CP, sub_chunk=64),
     "cp_bf16": dataclasses.replace(CP, bf16_states=True),
+    "hyb": GB(schedule="hybrid"),
+    "hyb_sub64_bf16": GB(schedule="hybrid", sub_chunk=64, bf16_states=True),
     "cp_sub64_bf16": dataclasses.replace(CP, sub_chunk=64, bf16_states=True),
 }
 

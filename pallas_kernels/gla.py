@@ -167,13 +167,14 @@ class GLABlocks:
     # "sequential": one program walks a whole sequence (no stored states in the forward);
     # "chunk_parallel": a light pass writes the state entering each chunk (f32, one per chunk),
     # then one program per chunk (and the same for dS in the backward). GPU kernels only.
-    # "auto": chosen by shape (`_pick_schedule`).
+    # "hybrid": the sequential forward, which also writes the state entering each chunk, and the
+    # chunk-parallel backward. "auto": chosen by shape (`_pick_schedule`).
     schedule: str = "auto"
 
     def __post_init__(self):
-        if self.schedule not in ("auto", "sequential", "chunk_parallel"):
-            raise ValueError(f"schedule must be 'auto', 'sequential' or 'chunk_parallel', "
-                             f"got {self.schedule!r}")
+        if self.schedule not in ("auto", "sequential", "chunk_parallel", "hybrid"):
+            raise ValueError(f"schedule must be 'auto', 'sequential', 'chunk_parallel' or "
+                             f"'hybrid', got {self.schedule!r}")
         if (self.chunk_size % self.sub_chunk or self.sub_chunk % self.intra_block
                 or self.intra_block < 16):
             raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of sub_chunk "
@@ -347,11 +348,21 @@ def _block_update(s_KV, b, key, val, scale=None):
     return jnp.exp(b["e"])[:, None] * s_KV + (term if scale is None else scale * term)
 
 
-def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *, n_chunks, **kw):
-    # Sequential schedule: q/k/g [Lp, K], v/o [Lp, BV], s0/st [K, BV]
+def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *states_ref, n_chunks,
+                    **kw):
+    # Sequential schedule: q/k/g [Lp, K], v/o [Lp, BV], s0/st [K, BV]; "hybrid" also writes
+    # states [N + 1, K, BV], the state entering each chunk and then the final one.
     step = kw["blocks"].chunk_size
-    chunk = lambda ci, s: _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, ci * step, s, **kw)
-    st_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+
+    def chunk(ci, s_KV):
+        if states_ref:
+            states_ref[0][ci] = s_KV.astype(states_ref[0].dtype)
+        return _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, ci * step, s_KV, **kw)
+
+    final = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+    st_ref[...] = final
+    if states_ref:
+        states_ref[0][n_chunks] = final.astype(states_ref[0].dtype)
 
 
 def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, blocks, n_chunks,
@@ -393,24 +404,26 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
     seq_v = pl.BlockSpec((None, lp, None, bv), lambda i, j, n: (i, 0, j, n))
     state = pl.BlockSpec((None, None, dk, bv), lambda i, j, n: (i, j, 0, n))
     o_shape = jax.ShapeDtypeStruct((b, lp, h, dv), v.dtype)
-    if blocks.schedule == "sequential":
-        o, st = pl.pallas_call(
+    states_spec = pl.BlockSpec((None, None, n_chunks + 1, dk, bv), lambda i, j, n: (i, j, 0, 0, n))
+    states_shape = jax.ShapeDtypeStruct((b, h, n_chunks + 1, dk, dv), _states_dtype(blocks, q))
+    if blocks.schedule in ("sequential", "hybrid"):
+        store = blocks.schedule == "hybrid"
+        res = pl.pallas_call(
             functools.partial(_gla_fwd_kernel, scale=scale, n_chunks=n_chunks, **kw),
             grid=(b, h, dv // bv),
             in_specs=[seq_k, seq_k, seq_v, seq_k, state],
-            out_specs=[seq_v, state],
-            out_shape=[o_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
+            out_specs=[seq_v, state] + [states_spec] * store,
+            out_shape=[o_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)]
+            + [states_shape] * store,
             name="gla_fwd", **params,
         )(q, k, v, log_g, s0)
-        return o, st, None
+        return res[0], res[1], (res[2] if store else None)
     states, final = pl.pallas_call(
         functools.partial(_gla_states_kernel, n_chunks=n_chunks, **kw),
         grid=(b, h, dv // bv),
         in_specs=[seq_k, seq_v, seq_k, state],
-        out_specs=[pl.BlockSpec((None, None, n_chunks + 1, dk, bv),
-                                lambda i, j, n: (i, j, 0, 0, n)), state],
-        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks + 1, dk, dv), _states_dtype(blocks, q)),
-                   jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
+        out_specs=[states_spec, state],
+        out_shape=[states_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
         name="gla_fwd_states", **params,
     )(k, v, log_g, s0)
     chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
@@ -1047,6 +1060,8 @@ def _fwd_call(mode, *args, **kwargs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gla_pallas(q, k, v, log_g, s0, scale, blocks, mode):
+    if blocks.schedule == "hybrid":   # no backward: no stored states
+        blocks = dataclasses.replace(blocks, schedule="sequential")
     o, st, _ = _fwd_call(mode, q, k, v, log_g, s0, scale=scale, blocks=blocks)
     return o, st
 
