@@ -338,6 +338,8 @@ VARIANTS = {
     "cp_sub32": dataclasses.replace(CP, sub_chunk=32),
     "cp_sub64": dataclasses.replace(CP, sub_chunk=64),
     "cp_bf16": dataclasses.replace(CP, bf16_states=True),
+    "cp_sub64_bf16_w8": dataclasses.replace(CP, sub_chunk=64, bf16_states=True, num_warps_fwd=8,
+                                            num_warps_dq=8, num_warps_dkv=8),
     "hyb": GB(schedule="hybrid"),
     "hyb_sub64_bf16": GB(schedule="hybrid", sub_chunk=64, bf16_states=True),
     "cp_sub64_bf16": dataclasses.replace(CP, sub_chunk=64, bf16_states=True),
