@@ -144,6 +144,7 @@ def selective_state_update_reference(state, u, delta, A, B, C, *, D=None, z=None
 # exp(dt * A) is computed as exp2(dt * A * log2(e)): one MUFU instruction on NVIDIA GPUs.
 
 _LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 _OPTIONAL = ("z", "d", "bias", "h0")
 
 
@@ -157,32 +158,42 @@ class _Config:
     num_warps: int = 1
     ahead: int = 0            # B/C scalars load this many steps before their use
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
-    fast_exp: bool = False    # ex2.approx.ftz instead of libdevice exp2f (GPU only)
+    fast_exp: bool = False    # ex2/lg2.approx.ftz for the decays and softplus (see _softplus)
     split: int = 1            # forward: lanes per channel (each owns N / split states)
     interpret: bool = False
 
 
-def _softplus(x):
-    # log1p(exp(x)) overflows for large x; like mamba-ssm, switch to the identity above 20.
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def _exp2(x, fast):
-    """2^x; `fast` (Triton only) is the bare ex2.approx.ftz (one MUFU instruction) instead of
-    libdevice's exp2f, which adds a denormal range check and two multiplies around it."""
-    if not fast:
-        return jnp.exp2(x)
+def _ptx_unary(op, x):
     return plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
-def _delta_step(raw, bias, i, *, softplus, length, padded):
+def _exp2(x, asm):
+    """2^x; `asm` (Triton only) is the bare ex2.approx.ftz (one MUFU instruction) instead of
+    libdevice's exp2f, which adds a denormal range check and two multiplies around it."""
+    return _ptx_unary("ex2", x) if asm else jnp.exp2(x)
+
+
+def _softplus(x, fast=False, asm=False):
+    # log1p(exp(x)) overflows for large x; like mamba-ssm, switch to the identity above 20.
+    if not fast:   # libdevice expf + log1pf: ~30 instructions
+        return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+    # ~12 instructions, two of them MUFU: log1p(e) = ln2 log2(1 + e), and for e < 2^-6 (where
+    # 1 + e would drop e's low bits) the series e - e^2/2 + e^3/3 (relative error < 2^-20).
+    e = _exp2(jnp.minimum(x, 20.0) * _LOG2E, asm)
+    one_e = 1.0 + e
+    big = (_ptx_unary("lg2", one_e) if asm else jnp.log2(one_e)) * _LN2
+    small = e * (1.0 - e * (0.5 - e * (1.0 / 3.0)))
+    return jnp.where(x > 20.0, x, jnp.where(e < 2.0 ** -6, small, big))
+
+
+def _delta_step(raw, bias, i, *, softplus, length, padded, fast=False, asm=False):
     """delta_t for one step from the raw row: returns (delta [bd] f32, pre-softplus value)."""
     x = raw.astype(jnp.float32)
     if bias is not None:
         x = x + bias
-    dt = _softplus(x) if softplus else x
+    dt = _softplus(x, fast, asm) if softplus else x
     if padded:   # padded steps get delta = 0: exp(0) = 1 and no input, the state passes through
         dt = jnp.where(i < length, dt, 0.0)
     return dt, x
@@ -228,6 +239,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     f32 = jnp.float32
     bd = r["u"].shape[-1]
     n_k = n_state // split
+    asm = fast_exp and not interpret
     if split > 1:
         lane = jax.lax.broadcasted_iota(jnp.int32, (bd * split,), 0)
         cols, part = lane % bd, lane // bd
@@ -261,11 +273,11 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 b_t, c_t = _load_bc(r, i, states)
             u = rows[0][t].astype(f32)
             dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
-                                padded=padded)
+                                padded=padded, fast=fast_exp, asm=asm)
             dtu = dt * u
             y = jnp.zeros_like(u)
             for k in range(n_k):
-                h[k] = _exp2(dt * a2[k], fast_exp) * h[k] + dtu * b_t[k]
+                h[k] = _exp2(dt * a2[k], asm) * h[k] + dtu * b_t[k]
                 y = y + h[k] * c_t[k]
             m = bd
             while m < width:
@@ -319,8 +331,9 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     A = [r["a"][n, :] for n in range(n_state)]
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
+    asm = fast_exp and not interpret
     step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
-                             padded=padded)
+                             padded=padded, fast=fast_exp, asm=asm)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
     zeros = jnp.zeros((bd,), f32)
     lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
@@ -339,7 +352,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         # The next chunk's rows and checkpoint load before this chunk's first store.
         next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
         next_ck = load_ck(jnp.maximum(c - 1, 0))
-        hs = [h]
+        hs, steps = [h], []
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
             if ahead:    # B of the recompute step `ahead` later (in the next chunk, c - 1)
@@ -349,10 +362,11 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 b_t = wb.pop(0)
             else:
                 b_t = load_b(i)
-            dt, _ = step(rows[1][t], i=i)
+            dt, x = step(rows[1][t], i=i)
+            steps.append((dt, x))                    # reused by the reverse pass
             dtl = dt * _LOG2E
             dtu = dt * rows[0][t].astype(f32)
-            h = [_exp2(dtl * A[n], fast_exp) * h[n] + dtu * b_t[n] for n in range(n_state)]
+            h = [_exp2(dtl * A[n], asm) * h[n] + dtu * b_t[n] for n in range(n_state)]
             hs.append(h)
         for t in reversed(range(chunk)):
             i = c * chunk + t
@@ -362,7 +376,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             else:
                 b_t, c_t = _load_bc(r, i, range(n_state))
             u = rows[0][t].astype(f32)
-            dt, x = step(rows[1][t], i=i)
+            dt, x = steps[t]
             dtl = dt * _LOG2E
             dtu = dt * u
             dout = rows[2][t].astype(f32)
@@ -383,7 +397,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 g = dh[n] + c_t[n] * dy
                 qb.append(g * dtu)
                 qc.append(dy * h_t[n])
-                a_n = _exp2(dtl * A[n], fast_exp)
+                a_n = _exp2(dtl * A[n], asm)
                 q = g * a_n * h_prev[n]
                 da[n] = da[n] + dt * q
                 saq = saq + A[n] * q
@@ -537,7 +551,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     kernel = functools.partial(
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp and not cfg.interpret, split=split,
+        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
         interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
@@ -583,7 +597,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
         ahead=min(cfg.ahead, lay.chunk), lane_reduce=lane_reduce,
-        fast_exp=cfg.fast_exp and not cfg.interpret, interpret=cfg.interpret)
+        fast_exp=cfg.fast_exp, interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
