@@ -291,6 +291,7 @@ VARIANTS = {
     "v3": dict(ahead=2, lane_reduce=True),
     "v3_c4": dict(ahead=2, lane_reduce=True, chunk=4),
     "ahead4_ftz": dict(ahead=4, fast_exp=True),
+    "ahead2_ftz": dict(ahead=2, fast_exp=True),
     "v3_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True),
     "split2_ftz": dict(split=2, ahead=4, fast_exp=True),
     "split4_ftz": dict(split=4, ahead=4, fast_exp=True),
