@@ -188,8 +188,12 @@ def reproduce(args) -> None:
         finally:
             slots.put(slot)
 
+    if args.no_run:                       # only tabulate what has finished
+        todo_run = []
+    else:
+        todo_run = todo
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(one, *key): key for key in todo}
+        futures = {pool.submit(one, *key): key for key in todo_run}
         for fut in concurrent.futures.as_completed(futures):
             mixer, horizon, seed = futures[fut]
             try:
@@ -214,8 +218,9 @@ def reproduce(args) -> None:
         raise SystemExit("no finished runs")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # runs may still be going
     import jax
-    settings = (f"Measured {datetime.date.today()} on {jax.devices()[0].device_kind} "
-                f"({jax.device_count()} device(s)), jax {jax.__version__}: multivariate ETTh1, "
+    where = args.measured_on or (f"{jax.devices()[0].device_kind} ({jax.device_count()} "
+                                 f"device(s)), jax {jax.__version__}")
+    settings = (f"Measured {datetime.date.today()} on {where}: multivariate ETTh1, "
                 f"up to {args.epochs} epochs (early stopping, patience 3), seeds "
                 f"{args.seeds}, extra overrides {args.set or 'none'}.")
     text = markdown(aggregate(results), settings)
@@ -255,8 +260,6 @@ def speed(args) -> None:
     on_gpu = jax.devices()[0].platform == "gpu"
     fns = {
         "probsparse": lambda q, k, v, key: probsparse_attention(q, k, v, key, factor=5),
-        "probsparse_einsum": lambda q, k, v, key: probsparse_attention(
-            q, k, v, key, factor=5, score_form="einsum"),
         "probsparse_shared": lambda q, k, v, key: probsparse_attention(
             q, k, v, key, factor=5, sampling="shared"),
         "xla_full": lambda q, k, v, key: jax.nn.dot_product_attention(q, k, v),
@@ -318,6 +321,10 @@ def main(argv=None) -> None:
     rep.add_argument("--write", default=None, help="markdown file to update (between markers)")
     rep.add_argument("--late", nargs="*", default=[], choices=list(MIXERS),
                      help="run these mixers' seeds after the first one last")
+    rep.add_argument("--no-run", action="store_true",
+                     help="train nothing: tabulate the finished runs under --out")
+    rep.add_argument("--measured-on", default="",
+                     help="where the runs ran, for the table's header (with --no-run)")
     rep.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the GPUs)")
     rep.add_argument("--gpus", default="", help="e.g. 0,1: spread the runs over these GPUs")
     rep.add_argument("--budget", type=float, default=0.0,

@@ -64,8 +64,7 @@ def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
     return n_sample, u
 
 
-def _sample_scores(q_BHLD, k_BHLD, key, n_sample, *, sampling, causal_samples,
-                   score_form="reduce"):
+def _sample_scores(q_BHLD, k_BHLD, key, n_sample, *, sampling, causal_samples):
     """Scores of each query against its sampled keys: ([B, H, Lq, S], valid [Lq, S] or None)."""
     l_q, l_k = q_BHLD.shape[2], k_BHLD.shape[2]
     if sampling == "shared":
@@ -79,15 +78,11 @@ def _sample_scores(q_BHLD, k_BHLD, key, n_sample, *, sampling, causal_samples,
         idx_LS = jnp.minimum(idx_LS, l_k - 1)
     else:
         idx_LS = jax.random.randint(key, (l_q, n_sample), 0, l_k)
-    # score_form "reduce": a multiply and a sum over D, which lets XLA fuse the gather of the
-    # sampled keys into the reduction instead of writing the [B, H, Lq, S, D] keys out as a dot
-    # operand ("einsum"; 0.8 GB at B=32, H=8, L=720). Same result; bench/informer.py speed
-    # times both.
+    # The [B, H, Lq, S, D] gathered keys are written out as a dot operand (0.8 GB at B=32, H=8,
+    # L=720): that gather is most of this layer's time on a GPU. A multiply-and-sum form that
+    # XLA fuses with the gather measured 1.7x slower on the H200 (docs/informer.md).
     k_sample = k_BHLD[:, :, idx_LS]                                     # [B, H, Lq, S, D]
-    if score_form == "einsum":
-        return jnp.einsum("bhld,bhlsd->bhls", q_BHLD, k_sample), None
-    qk = (q_BHLD[:, :, :, None, :].astype(jnp.float32) * k_sample.astype(jnp.float32)).sum(-1)
-    return qk, None
+    return jnp.einsum("bhld,bhlsd->bhls", q_BHLD, k_sample), None
 
 
 def _sparsity(qk_BHLS, valid_LS, l_k):
@@ -119,12 +114,10 @@ def _prefix_selection(m_BHL, u):
 
 def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
                          query_selection: str = "global", sampling: str = "per_query",
-                         lazy_causal: str = "cumsum", sm_scale: float | None = None,
-                         score_form: str = "reduce"):
+                         lazy_causal: str = "cumsum", sm_scale: float | None = None):
     """ProbSparse attention on q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
-    `key` draws the sampled keys. See the module docstring for the options. `score_form`
-    ("reduce" | "einsum") only changes how the per-query sampled scores are computed (speed).
+    `key` draws the sampled keys. See the module docstring for the options.
     """
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal ProbSparse attention needs Lq == Lk, got q {q.shape}, "
@@ -138,8 +131,7 @@ def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
 
     # The sampled scores only choose which queries are active (an integer choice): no gradient.
     qk, valid = _sample_scores(jax.lax.stop_gradient(q_BHLD), jax.lax.stop_gradient(k_BHLD),
-                               key, n_sample, sampling=sampling, causal_samples=prefix,
-                               score_form=score_form)
+                               key, n_sample, sampling=sampling, causal_samples=prefix)
     m_BHL = _sparsity(qk.astype(jnp.float32), valid, l_k)
     if prefix:
         top_BHU = _prefix_selection(m_BHL, u)
