@@ -297,6 +297,7 @@ VARIANTS = {
     "split4_ftz": dict(split=4, ahead=4, fast_exp=True),
     "v3_split2_ftz": dict(split=2, ahead=2, lane_reduce=True, fast_exp=True),
     "v3_c4_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
+    "v3_c4_a1_ftz": dict(ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
 }
 
 
