@@ -284,20 +284,20 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # inference forward, "fb" the training forward + backward.
 VARIANTS = {
     "default": {},
-    "v2.1": dict(ahead=0, lane_reduce=False, fast_exp=False, split=1),
+    "v2.1": dict(ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1),
     "ahead2": dict(ahead=2),
     "ahead4": dict(ahead=4),
     "ahead4_c8": dict(ahead=4, fwd_chunk=8),
-    "v3": dict(ahead=2, lane_reduce=True),
-    "v3_c4": dict(ahead=2, lane_reduce=True, chunk=4),
+    "v3": dict(ahead=2, bwd_ahead=2, lane_reduce=True),
+    "v3_c4": dict(ahead=2, bwd_ahead=2, lane_reduce=True, chunk=4),
     "ahead4_ftz": dict(ahead=4, fast_exp=True),
     "ahead2_ftz": dict(ahead=2, fast_exp=True),
-    "v3_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True),
+    "v3_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
     "split2_ftz": dict(split=2, ahead=4, fast_exp=True),
     "split4_ftz": dict(split=4, ahead=4, fast_exp=True),
-    "v3_split2_ftz": dict(split=2, ahead=2, lane_reduce=True, fast_exp=True),
-    "v3_c4_ftz": dict(ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
-    "v3_c4_a1_ftz": dict(ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
+    "v3_split2_ftz": dict(split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
+    "v3_c4_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
+    "v3_c4_a1_ftz": dict(ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
 }
 
 

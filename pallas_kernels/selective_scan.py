@@ -156,7 +156,8 @@ class _Config:
     fwd_chunk: int = 16       # steps per chunk of the inference forward (no checkpoints)
     block_d: int = 32         # channels per program (rounded down to fit groups)
     num_warps: int = 1
-    ahead: int = 0            # B/C scalars load this many steps before their use
+    ahead: int = 0            # forward: B/C scalars load this many steps before their use
+    bwd_ahead: int = 0        # the same in the backward
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
     fast_exp: bool = False    # ex2/lg2.approx.ftz for the decays and softplus (see _softplus)
     split: int = 1            # forward: lanes per channel (each owns N / split states)
@@ -596,7 +597,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     kernel = functools.partial(
         _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
-        ahead=min(cfg.ahead, lay.chunk), lane_reduce=lane_reduce,
+        ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
         fast_exp=cfg.fast_exp, interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
@@ -640,11 +641,12 @@ _scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=8, fwd_chunk=16,
-                          block_d=32, num_warps=1, ahead=0, lane_reduce=False,
+                          block_d=32, num_warps=1, ahead=0, bwd_ahead=0, lane_reduce=False,
                           fast_exp=False, split=1, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state)."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
-                  num_warps=num_warps, ahead=ahead, lane_reduce=lane_reduce,
+                  num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
+                  lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 

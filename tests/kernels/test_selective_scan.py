@@ -73,8 +73,9 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
 
 @pytest.mark.parametrize("tiling,n", [
     pytest.param(dict(split=1, ahead=0, lane_reduce=False), 6, marks=pytest.mark.slow),
-    (dict(split=2, ahead=3, lane_reduce=True, fast_exp=True), 6),
-    pytest.param(dict(split=4, ahead=1, lane_reduce=True), 16, marks=pytest.mark.slow),
+    (dict(split=2, ahead=3, bwd_ahead=3, lane_reduce=True, fast_exp=True), 6),
+    pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True), 16,
+                 marks=pytest.mark.slow),
 ], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the split forward (two
