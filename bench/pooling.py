@@ -144,15 +144,15 @@ def _ops():
             lambda a: 2 * n(a), lambda a: 3 * n(a)),
         "prefix_mean": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
             x, backend=be, blocks=bl), lambda a: 2 * n(a), lambda a: 2 * n(a)),
-        # the variants: one walk over L, chunk sums first, decoupled look-back (one pass)
-        "prefix_mean 1 walk": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
-            x, backend=be, blocks=bl or pool.PoolBlocks(group=1, lookback=False)),
+        # the variants: one walk over L (scan, or tensor-core products), chunk sums first
+        "prefix_mean scan": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=1, dot=False)),
+            lambda a: 2 * n(a), lambda a: 2 * n(a)),
+        "prefix_mean dot": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=1, dot=True)),
             lambda a: 2 * n(a), lambda a: 2 * n(a)),
         "prefix_mean chunked": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
-            x, backend=be, blocks=bl or pool.PoolBlocks(group=16, lookback=False)),
-            lambda a: 2 * n(a), lambda a: 2 * n(a)),
-        "prefix_mean lookback": (x_args, lambda be, bl=None: lambda x: pool.prefix_mean(
-            x, backend=be, blocks=bl or pool.PoolBlocks(group=64, lookback=True)),
+            x, backend=be, blocks=bl or pool.PoolBlocks(group=16)),
             lambda a: 2 * n(a), lambda a: 2 * n(a)),
         "global_aggregate": (qkv_args, lambda be, bl=None: lambda q, k, v: pool.global_aggregate(
             q, k, v, backend=be, blocks=bl), lambda a: 3 * n(a), lambda a: 5 * n(a)),
@@ -195,8 +195,8 @@ def check_correctness(log, backend, shapes, selected):
     """Pallas vs reference on ragged shapes with ties: forward and gradients, bf16 and f32."""
     rows, ok = [], True
     bf16_shape, f32_shape = (tuple(map(int, s.split("x"))) for s in shapes.split(","))
-    f32_ops = ["prefix_mean", "prefix_mean chunked", "prefix_mean lookback", "global_aggregate",
-               "ponet_fuse", "ponet_pool_fuse", "ponet_pool_fuse causal"]
+    f32_ops = ["prefix_mean", "prefix_mean chunked", "global_aggregate", "ponet_fuse",
+               "ponet_pool_fuse", "ponet_pool_fuse causal"]
     cases = [(jnp.bfloat16, bf16_shape, list(_ops())), (jnp.float32, f32_shape, f32_ops)]
     for dtype, (b, l, d), names in cases:
         for name in (n for n in names if n in selected):
@@ -220,25 +220,24 @@ def check_correctness(log, backend, shapes, selected):
     return rows, ok
 
 
-def _separate_projections():
-    """PoolingMixer whose six input projections are six matmuls (x @ W[:, i*D:(i+1)*D]) instead
-    of one matmul and jnp.split (bench only: does the split copy its six slices?)."""
+def _one_matmul():
+    """PoolingMixer with its earlier input projection: one matmul x @ W [D, 6D] and jnp.split
+    (bench only; the mixer now makes six matmuls, one per column block of W)."""
     from mixers.pooling import PoolingMixer
 
-    class SeparateProjections(PoolingMixer):
+    class OneMatmul(PoolingMixer):
         def _project(self, x):
-            w, d = self.in_proj.kernel[...].astype(x.dtype), self.d_model
-            return [x @ w[:, i * d:(i + 1) * d] for i in range(6)]
+            return jnp.split(self.in_proj(x), 6, axis=-1)
 
-    return SeparateProjections
+    return OneMatmul
 
 
-MIXER_VARIANTS = {  # name -> (impl is the kernel backend?, spec overrides, separate projections)
-    "fused": (True, {"fused_pool": True}, False),
+MIXER_VARIANTS = {  # name -> (impl is the kernel backend?, spec overrides, one matmul)
+    "fused": (True, {"fused_pool": True}, False),               # the defaults
     "3 kernels": (True, {"fused_pool": False}, False),
-    "fused 6 matmuls": (True, {"fused_pool": True}, True),
+    "fused 1 matmul": (True, {"fused_pool": True}, True),
     "reference": (False, {}, False),
-    "reference 6 matmuls": (False, {}, True),
+    "reference 1 matmul": (False, {}, True),
 }
 
 
@@ -252,12 +251,12 @@ def mixer_fns(b, l, d, causal, backend, variants):
     x = jax.random.normal(jax.random.key(1), (b, l, d), jnp.bfloat16)
     out = {}
     for name in variants:
-        kernel, over, separate = MIXER_VARIANTS[name]
+        kernel, over, one_matmul = MIXER_VARIANTS[name]
         spec = {"causal": causal, "impl": backend if kernel else "reference",
                 "n_heads": d // HEAD_DIM, "segment_size": SEGMENT, "local_window": WINDOW, **over}
-        if separate:
-            mixer = _separate_projections()(PoolingConfig(**spec), d_model=d, rngs=nnx.Rngs(0),
-                                            dtype=jnp.bfloat16)
+        if one_matmul:
+            mixer = _one_matmul()(PoolingConfig(**spec), d_model=d, rngs=nnx.Rngs(0),
+                                  dtype=jnp.bfloat16)
         else:
             mixer = build_mixer({"type": "pooling", **spec}, d_model=d, rngs=nnx.Rngs(0),
                                 dtype=jnp.bfloat16)
@@ -302,17 +301,67 @@ def bench_mixer(shape, backend, variants, results, log, over):
 
 
 SWEEP = [  # (op, block sizes) tried besides the defaults, most wanted first
-    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=16, block_d=64),
-                                dict(group=8, block_d=256, num_warps=8)]),
-    ("prefix_mean chunked", [dict(group=4), dict(group=64),
-                             dict(group=16, block_d=128, num_warps=8)]),
-    ("global_aggregate", [dict(num_warps=8), dict(block_l=16, block_d=512, num_warps=8),
-                          dict(block_l=32, block_d=256)]),
+    ("prefix_mean dot", [dict(block_l=32, dot=True), dict(block_d=32, dot=True),
+                         dict(block_l=128, dot=True), dict(group=4, dot=True)]),
+    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=16, block_d=64)]),
+    ("global_aggregate", [dict(num_warps=8), dict(block_l=16, block_d=512, num_warps=8)]),
     ("ponet_pool_fuse", [dict(block_l=64, block_d=64), dict(block_l=32, block_d=256)]),
     ("segment_max", [dict(block_l=64, block_d=128)]),
-    ("prefix_mean lookback", [dict(group=16, lookback=True), dict(group=256, lookback=True),
-                              dict(group=64, block_d=128, lookback=True)]),
 ]
+
+# --tune: op -> (key of pool._DEFAULTS, candidates); the fastest correct forward + backward at
+# the tuning shape becomes the default of that key for the rest of the run (and is written to
+# tuned.json). The current default is always a candidate ({}).
+TUNE = {
+    "prefix_mean": ("prefix_mean", [{}, dict(dot=True), dict(dot=True, block_l=32),
+                                    dict(dot=True, block_d=32), dict(dot=True, block_l=128)]),
+    "global_aggregate": ("aggregate", [{}, dict(num_warps=8),
+                                       dict(block_l=16, block_d=512, num_warps=8),
+                                       dict(block_l=32, block_d=256)]),
+    "local_max causal": ("local_max", [{}, dict(block_l=64, block_d=128, num_warps=8),
+                                       dict(block_l=16, block_d=256)]),
+    "ponet_fuse": ("fuse", [{}, dict(block_l=64, block_d=128, num_warps=8),
+                            dict(block_l=16, block_d=256)]),
+    "ponet_pool_fuse causal": ("pool_fuse_causal", [{}, dict(group=4)]),
+    "ponet_pool_fuse": ("pool_fuse", [{}, dict(block_l=64, num_warps=8)]),
+}
+_FIELDS = ("block_l", "block_d", "group", "num_warps", "num_stages", "dot")
+
+
+def tune(shape, backend, copy_bw, log, over, publish):
+    """Pick each TUNE op's fastest correct candidate; publish({defaults key: tuple}) after each
+    op (so that a timeout keeps what was tuned)."""
+    b, l, d = map(int, shape.split("x"))
+    ops, chosen = _ops(), {}
+    log(f"| tune at {shape} | candidate | fwd / floor | fwd+bwd / floor | rel err |")
+    for name, (key, candidates) in TUNE.items():
+        make, op, floor_f, floor_b = ops[name]
+        a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
+        dy = cotangent(op("reference"), a)
+        ref_out = fwd_bwd(op("reference"))(dy, *a)
+        ff, fb = floor_f(a) / copy_bw, (floor_f(a) + floor_b(a)) / copy_bw
+        best = None
+        for v in candidates:
+            if over():
+                break
+            try:
+                fn = op(backend, pool.PoolBlocks(**v))
+                tf = timeit(jax.jit(fn), *a)[0]
+                tb, out = timeit(fwd_bwd(fn), dy, *a)
+                err = max_rel_err(out, ref_out)
+            except Exception as e:
+                log(f"| {name} | {v} | error: {type(e).__name__}: {str(e)[:200]} |")
+                continue
+            log(f"| {name} | {v} | {tf / ff:.2f} | {tb / fb:.2f} | {err:.1e} |")
+            # a new default must beat the current one ({}, timed first) by 3%: not by noise
+            if err < 2e-2 and (best is None or tb < (0.97 if best[1] == {} else 1.0) * best[0]):
+                best = (tb, v)
+        if best is not None:
+            default = pool._DEFAULTS[key]
+            chosen[key] = tuple(best[1].get(f, dv) for f, dv in zip(_FIELDS, default,
+                                                                      strict=True))
+            log(f"tuned {key}: {default} -> {chosen[key]}")
+            publish(chosen)
 
 
 def sweep(shape, backend, copy_bw, results, log, over, names, save):
@@ -352,8 +401,7 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget", type=float, default=120.0, help="seconds; later rows skipped")
     parser.add_argument("--shapes", default="8x16384x2048,8x4096x1024,8x4096x2048,8x16384x1024")
-    parser.add_argument("--ops", default=",".join(o for o in _ops() if o != "prefix_mean lookback"),
-                        help="comma-separated; the look-back scan is opt-in (it spins)")
+    parser.add_argument("--ops", default=",".join(_ops()), help="comma-separated")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--check-ops", default=None, help="ops checked for correctness (--ops)")
     parser.add_argument("--check-shapes", default="2x4133x1000,2x1037x520",
@@ -367,6 +415,10 @@ def main():
                         help=f"comma-separated, of {list(MIXER_VARIANTS)}")
     parser.add_argument("--sweep", action="store_true", help="time other block sizes too")
     parser.add_argument("--sweep-shape", default="", help="default: the first of --shapes")
+    parser.add_argument("--tune", default="", help="a shape: pick the TUNE defaults there first "
+                                                   "(written to tuned.json)")
+    parser.add_argument("--defaults", default="", help="a tuned.json to apply first (if it exists)")
+    parser.add_argument("--late-mixer-shapes", default="", help="mixer shapes timed last")
     parser.add_argument("--tag", default="pooling", help="name of the json and md files")
     args = parser.parse_args()
     t_start = time.time()
@@ -389,11 +441,18 @@ def main():
     results = {"meta": meta, "bench": [], "mixer": []}
 
     def save():                                     # after every row: a timeout keeps the rest
+        results["defaults_in_effect"] = {k: list(v) for k, v in pool._DEFAULTS.items()}
         with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
+    if args.defaults and os.path.exists(args.defaults):
+        with open(args.defaults) as f:
+            tuned = {k: tuple(v) for k, v in json.load(f).items()}
+        pool._DEFAULTS.update(tuned)
+        results["defaults_applied"] = tuned
+        log(f"defaults from {args.defaults}: {tuned}")
     if not args.no_check:
         results["check"], ok = check_correctness(
             log, args.backend, args.check_shapes,
@@ -416,6 +475,15 @@ def main():
                 save()
 
     over = lambda: time.time() - t_start > args.budget
+    if args.tune:
+        def publish(tuned):
+            pool._DEFAULTS.update(tuned)
+            results["tuned"] = tuned
+            with open(os.path.join(args.out, "tuned.json"), "w") as f:
+                json.dump(tuned, f)
+            save()
+
+        tune(args.tune, args.backend, copy_bw, log, over, publish)
     shapes = [s for s in args.shapes.split(",") if s]
     if shapes:
         log("| op | B x L x D | fwd ms | ref fwd ms | fwd / floor | ref / floor | fwd+bwd ms | "
@@ -455,6 +523,7 @@ def main():
             mixer(args.mixer_shapes)
     if not shapes:
         mixer(args.mixer_shapes)
+    mixer(args.late_mixer_shapes)
     sweep_shape = args.sweep_shape or (shapes[0] if shapes else "")
     if args.sweep and sweep_shape and not over():
         sweep(sweep_shape, args.backend, copy_bw, results, log, over, names, save)

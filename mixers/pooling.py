@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from mixers.base import ConfigError, Mixer, MixerConfig, dense, shard_kernel
+from mixers.base import ConfigError, Mixer, MixerConfig, _batch_axes, dense, shard_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +86,22 @@ class PoolingMixer(Mixer):
         return self.out_proj(y)
 
     def _project(self, x):
-        """The six projections q, k, v, s, l, o of x, each [B, L, d_model]."""
-        return jnp.split(self.in_proj(x), 6, axis=-1)
+        """The six projections q, k, v, s, l, o of x, each [B, L, d_model]: six matmuls, one per
+        column block of the in_proj weight, rather than one matmul and jnp.split (whose slices
+        XLA copies before the kernels' custom calls, and whose gradient is a concatenation);
+        projections a path does not use (q and k when causal) are never computed."""
+        proj, d = self.in_proj, self.d_model
+        kernel = proj.kernel[...]
+        axes = _batch_axes(x.shape[0])
+        if axes:                        # as Dense does: weights gathered, activations split
+            kernel = jax.lax.with_sharding_constraint(kernel, jax.P())
+        x, kernel, _ = proj.promote_dtype((x, kernel, None), dtype=proj.dtype)
+        outs = []
+        for i in range(6):
+            y = jax.lax.dot_general(x, kernel[:, i * d:(i + 1) * d],
+                                    (((x.ndim - 1,), (0,)), ((), ())), precision=proj.precision)
+            outs.append(jax.lax.with_sharding_constraint(y, jax.P(axes)) if axes else y)
+        return outs
 
     def init_cache(self, batch_size, max_length, dtype=jnp.float32):
         if not self.causal:

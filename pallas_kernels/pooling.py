@@ -27,9 +27,9 @@ length works (rows past L and channels past D are masked inside the kernels):
                   its rows in tiles, an in-tile cumsum plus a float32 carry; backward: the same
                   walk from the end (dx_u = sum_{t >= u} dy_t / (t + 1)). With one chunk (the
                   default) the carry starts at 0; with more, a first pass of chunk sums gives
-                  each chunk its carry (one more read, more parallel programs), or, opt-in
-                  (PoolBlocks(lookback=True)), the chunks hand carries on in the same pass
-                  (decoupled look-back through published chunk sums).
+                  each chunk its carry (one more read, more parallel programs). The in-tile
+                  cumsum is a scan across the tile's threads, or (PoolBlocks(dot=True), bf16)
+                  a product with a triangular matrix on the tensor cores.
   segment_max     bidirectional: a program owns (batch, group of segments, channel block); the
                   forward saves the argmax [B, ceil(L / S), D] int32 (small), the backward writes
                   the segment's gradient sum at it. Causal: a running max row by row; the
@@ -144,8 +144,8 @@ class PoolBlocks:
     block_l: rows of a tile (segment_max: segments x positions per tile); block_d: channels of a
     tile; group: segments per program of the causal segment max, chunks of the length that
     prefix_mean runs in parallel (1: one pass, else one more read for the chunk sums);
-    num_warps, num_stages: Triton; lookback (prefix_mean, GPU): the chunks get their carries
-    from each other in a single pass (decoupled look-back) instead of from a pass of sums.
+    num_warps, num_stages: Triton; dot (prefix_mean, bf16 inputs, block_l >= 16): in-tile
+    prefix sums as triangular-matrix products on the tensor cores instead of a scan.
     """
 
     block_l: int | None = None
@@ -153,7 +153,7 @@ class PoolBlocks:
     group: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    lookback: bool | None = None
+    dot: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,16 +164,18 @@ class _Cfg:
     group: int
     num_warps: int
     num_stages: int
-    lookback: bool = False
+    dot: bool = False
 
 
-_DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages, lookback), for an H200
+_DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages, dot), for an H200
     "prefix_mean": (64, 64, 1, 4, 3, False),  # group: chunks of the length run in parallel
     "segment_max": (32, 128, 1, 4, 3, False),
     "segment_cummax": (1, 128, 8, 4, 3, False),   # group: segments per program
     "local_max": (32, 128, 1, 4, 3, False),
     "fuse": (32, 128, 1, 4, 3, False),
     "aggregate": (32, 512, 1, 4, 3, False),
+    "pool_fuse": (32, 128, 1, 4, 3, False),           # ponet_pool_fuse: as segment_max
+    "pool_fuse_causal": (1, 128, 8, 4, 3, False),     # as segment_cummax
 }
 
 
@@ -185,7 +187,7 @@ def _cfg(op: str, blocks: PoolBlocks | None, interpret: bool) -> _Cfg:
     for name, v in zip(("block_l", "block_d", "group"), vals[:3], strict=True):
         if v < 1 or v & (v - 1):
             raise ValueError(f"blocks.{name} must be a power of two, got {v}")
-    return _Cfg(interpret, *vals[:5], lookback=vals[5])
+    return _Cfg(interpret, *vals[:5], dot=vals[5])
 
 
 def _call(kernel, cfg: _Cfg, *, grid, in_specs, out_specs, out_shape, name):
@@ -250,6 +252,11 @@ def _hd(ref, c, heads, dims):
     return ref.at[idx], (heads < n_heads)[:, None] & (dims < head_dim)[None, :]
 
 
+def _dot_f32(a, b):
+    """a @ b of two 2D 16-bit tiles on the tensor cores, summed in float32."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def _row_loop(n: int, step, carry, unroll: int):
     """carry = step(s, carry) for s in range(n); `unroll` steps per loop iteration."""
     def body(i, carry):
@@ -268,18 +275,27 @@ def _row_loop(n: int, step, carry, unroll: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefix_mean_fwd_kernel(x_ref, carry_ref, y_ref, *, chunk, block_l, block_d):
+def _prefix_mean_fwd_kernel(x_ref, carry_ref, y_ref, *, chunk, block_l, block_d, dot):
     # x_ref, y_ref: [L, D] of one batch row; the program owns rows [c*chunk, (c+1)*chunk) and
     # channels [j*block_d, ...); carry_ref [C, D] f32: the sum of x over the chunks before c.
+    # dot (bf16 x): the in-tile cumsum is tril(ones) @ x on the tensor cores (exact products,
+    # float32 sums) instead of a scan across the threads of the tile.
     length, width = x_ref.shape
     c = pl.program_id(1)
     cols = pl.program_id(2) * block_d + _ar(block_d)
+    tril = _ar(block_l)[None, :] <= _ar(block_l)[:, None]
 
     def tile(i, carry_D):
         rows = c * chunk + i * block_l + _ar(block_l)
-        x = _load_f32(x_ref, rows, cols, rows < length, 0.0)
-        csum = jnp.cumsum(x, axis=0) + carry_D[None, :]
-        _store(y_ref, rows, cols, rows < length, csum / (rows + 1).astype(jnp.float32)[:, None])
+        count = (rows + 1).astype(jnp.float32)[:, None]
+        if dot:
+            x = _load(x_ref, rows, cols, rows < length, 0.0)
+            csum = _dot_f32(tril.astype(x.dtype), x) + carry_D[None, :]
+            x = x.astype(jnp.float32)
+        else:
+            x = _load_f32(x_ref, rows, cols, rows < length, 0.0)
+            csum = jnp.cumsum(x, axis=0) + carry_D[None, :]
+        _store(y_ref, rows, cols, rows < length, csum / count)
         return carry_D + jnp.sum(x, axis=0)
 
     carry_D = plgpu.load(carry_ref.at[c, cols], mask=cols < width, other=0.0)
@@ -461,109 +477,37 @@ def _aggregate_fwd_kernel(qbar_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, scal
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefix_mean_bwd_kernel(dy_ref, carry_ref, dx_ref, *, chunk, block_l, block_d):
-    # dx_u = sum_{t >= u} dy_t / (t + 1): the forward walk run from the chunk's end, rows
-    # reversed; carry_ref [C, D] f32: that sum over the chunks after c.
+def _prefix_mean_bwd_kernel(dy_ref, carry_ref, dx_ref, *, chunk, block_l, block_d, dot):
+    # dx_u = sum_{t >= u} dy_t / (t + 1): the forward walk run from the chunk's end; carry_ref
+    # [C, D] f32: that sum over the chunks after c. dot (bf16 dy): dx = M @ dy with
+    # M[u, t] = [t >= u] / (t + 1), M split into bf16 hi + lo (two tensor-core products,
+    # about 16 bits of M), since dy is exact in bf16.
     length, width = dy_ref.shape
     c = pl.program_id(1)
     cols = pl.program_id(2) * block_d + _ar(block_d)
     n_tiles = chunk // block_l
+    triu = _ar(block_l)[None, :] >= _ar(block_l)[:, None]
 
     def tile(i, carry_D):
-        rows = c * chunk + (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
-        w = (_load_f32(dy_ref, rows, cols, rows < length, 0.0)
-             / (rows + 1).astype(jnp.float32)[:, None])
-        _store(dx_ref, rows, cols, rows < length, jnp.cumsum(w, axis=0) + carry_D[None, :])
+        if dot:
+            rows = c * chunk + (n_tiles - 1 - i) * block_l + _ar(block_l)
+            dy = _load(dy_ref, rows, cols, rows < length, 0.0)
+            inv = 1.0 / (rows + 1).astype(jnp.float32)
+            m = jnp.where(triu, inv[None, :], 0.0)
+            m_hi = m.astype(dy.dtype)
+            m_lo = (m - m_hi.astype(jnp.float32)).astype(dy.dtype)
+            dx = _dot_f32(m_hi, dy) + _dot_f32(m_lo, dy) + carry_D[None, :]
+            w = dy.astype(jnp.float32) * inv[:, None]
+        else:                                   # rows reversed: a forward cumsum
+            rows = c * chunk + (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
+            w = (_load_f32(dy_ref, rows, cols, rows < length, 0.0)
+                 / (rows + 1).astype(jnp.float32)[:, None])
+            dx = jnp.cumsum(w, axis=0) + carry_D[None, :]
+        _store(dx_ref, rows, cols, rows < length, dx)
         return carry_D + jnp.sum(w, axis=0)
 
     carry_D = plgpu.load(carry_ref.at[c, cols], mask=cols < width, other=0.0)
     lax.fori_loop(0, n_tiles, tile, carry_D)
-
-
-_NOT_READY = 0x7FBADBAD        # a signalling-NaN bit pattern that no arithmetic produces
-
-
-def _atomic_read(ref, idx, mask, interpret):
-    # Interpret mode runs programs one after another (and has no masked atomics): plain loads.
-    if interpret:
-        return plgpu.load(ref.at[idx], mask=mask, other=_NOT_READY)
-    # An atomic OR with 0 reads without writing (atomic_add would lower an int32 block to fadd).
-    return plgpu.atomic_or(ref, idx, jnp.zeros(mask.shape, ref.dtype), mask=mask)
-
-
-def _atomic_write(ref, idx, val, mask, interpret):
-    if interpret:
-        plgpu.store(ref.at[idx], val, mask=mask)
-    else:
-        plgpu.atomic_xchg(ref, idx, val, mask=mask)
-
-
-def _prefix_mean_lookback_kernel(x_ref, agg_in, incl_in, ticket_in, y_ref, agg_ref, incl_ref,
-                                 ticket_ref, *, n_chunks, chunk, block_l, block_d, backward,
-                                 interpret):
-    # One pass with every chunk in parallel (decoupled look-back, as in single-pass GPU scans):
-    # a program takes the next ticket, which orders chunks so that its predecessors already run;
-    # it sums its chunk, publishes the sum (agg), adds up its predecessors' published values
-    # (agg, or incl = everything up to and including that chunk, which ends the walk), publishes
-    # its own incl, and walks its rows again (from L2) writing the output. agg/incl hold float32
-    # bits, _NOT_READY until written, so each word is valid on its own.
-    del agg_in, incl_in, ticket_in                   # aliased to agg_ref, incl_ref, ticket_ref
-    n_b, length, width = x_ref.shape
-    n_d = pl.cdiv(width, block_d)
-    ticket = plgpu.atomic_add(ticket_ref, (jnp.int32(0),), jnp.int32(1))
-    order = ticket // (n_b * n_d)                    # publishing order of the chunks
-    b = (ticket // n_d) % n_b
-    cols = (ticket % n_d) * block_d + _ar(block_d)
-    col_ok = cols < width
-    c = n_chunks - 1 - order if backward else order
-    n_tiles = chunk // block_l
-
-    def rows_of(i):
-        if backward:
-            return c * chunk + (n_tiles - 1 - i) * block_l + (block_l - 1 - _ar(block_l))
-        return c * chunk + i * block_l + _ar(block_l)
-
-    def values(rows):
-        mask = (rows < length)[:, None] & col_ok[None, :]
-        x = plgpu.load(x_ref.at[b, rows[:, None], cols[None, :]], mask=mask, other=0.0)
-        x = x.astype(jnp.float32)
-        return x / (rows + 1).astype(jnp.float32)[:, None] if backward else x
-
-    agg = lax.fori_loop(0, n_tiles, lambda i, acc: acc + jnp.sum(values(rows_of(i)), axis=0),
-                        jnp.zeros((block_d,), jnp.float32))
-    bits = lambda v: lax.bitcast_convert_type(v, jnp.int32)
-    _atomic_write(agg_ref, (order, b, cols), bits(agg), col_ok, interpret)
-
-    def waiting(carry):
-        return jnp.sum(jnp.where(carry[2], 0, 1)) > 0
-
-    def look_back(carry):
-        k, prefix, done = carry
-        incl = _atomic_read(incl_ref, (k, b, cols), ~done, interpret)
-        agg_k = _atomic_read(agg_ref, (k, b, cols), ~done, interpret)
-        use_incl = ~done & (incl != _NOT_READY)
-        use_agg = ~done & ~use_incl & (agg_k != _NOT_READY)
-        take = jnp.where(use_incl, incl, agg_k)
-        prefix = prefix + jnp.where(use_incl | use_agg,
-                                    lax.bitcast_convert_type(take, jnp.float32), 0.0)
-        return jnp.where(use_agg, k - 1, k), prefix, done | use_incl
-
-    init = (jnp.full((block_d,), order - 1, jnp.int32), jnp.zeros((block_d,), jnp.float32),
-            ~col_ok | (order == 0))
-    _, prefix, _ = lax.while_loop(waiting, look_back, init)
-    _atomic_write(incl_ref, (order, b, cols), bits(prefix + agg), col_ok, interpret)
-
-    def tile(i, carry_D):
-        rows = rows_of(i)
-        x = values(rows)
-        csum = jnp.cumsum(x, axis=0) + carry_D[None, :]
-        out = csum if backward else csum / (rows + 1).astype(jnp.float32)[:, None]
-        mask = (rows < length)[:, None] & col_ok[None, :]
-        plgpu.store(y_ref.at[b, rows[:, None], cols[None, :]], out.astype(y_ref.dtype),
-                    mask=mask)
-        return carry_D + jnp.sum(x, axis=0)
-
-    lax.fori_loop(0, n_tiles, tile, prefix)
 
 
 def _segment_max_bwd_kernel(arg_ref, dy_ref, dx_ref, *, size, group, chunk, block_d):
@@ -789,33 +733,13 @@ def _col_sums(x, chunk, cfg: _Cfg, weighted=False):
                  out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), name="column_sums")(x)
 
 
-def _prefix_mean_lookback_call(x, cfg: _Cfg, backward: bool, n_chunks: int, chunk: int):
-    b, _, width = x.shape
-    state = jnp.full((n_chunks, b, width), _NOT_READY, jnp.int32)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda t: (0,) * a.ndim)
-    args = (x, state, state, jnp.zeros((1,), jnp.int32))
-    kernel = functools.partial(_prefix_mean_lookback_kernel, n_chunks=n_chunks, chunk=chunk,
-                               block_l=cfg.block_l, block_d=cfg.block_d, backward=backward,
-                               interpret=cfg.interpret)
-    return pl.pallas_call(
-        kernel, grid=(n_chunks * b * pl.cdiv(width, cfg.block_d),),
-        in_specs=[whole(a) for a in args], out_specs=[whole(a) for a in args],
-        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args],
-        input_output_aliases={1: 1, 2: 2, 3: 3},
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
-        interpret=cfg.interpret, name="prefix_mean_lookback")(*args)[0]
-
-
 def _prefix_mean_call(x, cfg: _Cfg, backward: bool):
-    # cfg.group chunks of the length run in parallel. Their carries come from a first pass of
-    # chunk sums (one more read of x), or with cfg.lookback from each other in the same pass.
+    # cfg.group chunks of the length run in parallel; their carries come from a first pass of
+    # chunk sums (one more read of x). cfg.dot: in-tile sums on the tensor cores (bf16 only).
     b, length, width = x.shape
     n_chunks = min(cfg.group, pl.cdiv(length, cfg.block_l))
     chunk = _common.round_up(pl.cdiv(length, n_chunks), cfg.block_l)
     n_chunks = pl.cdiv(length, chunk)
-    if cfg.lookback:
-        return _prefix_mean_lookback_call(x, cfg, backward, n_chunks, chunk)
     if n_chunks == 1:
         carry = jnp.zeros((b, 1, width), jnp.float32)
     else:
@@ -826,7 +750,8 @@ def _prefix_mean_call(x, cfg: _Cfg, backward: bool):
         carry = jnp.cumsum(jnp.pad(sums[:, :-1], ((0, 0), (1, 0), (0, 0))), axis=1)
         carry = jnp.flip(carry, 1) if backward else carry
     kernel = _prefix_mean_bwd_kernel if backward else _prefix_mean_fwd_kernel
-    kernel = functools.partial(kernel, chunk=chunk, block_l=cfg.block_l, block_d=cfg.block_d)
+    kernel = functools.partial(kernel, chunk=chunk, block_l=cfg.block_l, block_d=cfg.block_d,
+                               dot=cfg.dot and x.dtype == jnp.bfloat16 and cfg.block_l >= 16)
     return _call(kernel, cfg, grid=(b, n_chunks, pl.cdiv(width, cfg.block_d)),
                  in_specs=[_slab(x.shape), _slab(carry.shape)], out_specs=_slab(x.shape),
                  out_shape=_like(x), name="prefix_mean_bwd" if backward else "prefix_mean_fwd")(
@@ -1605,7 +1530,7 @@ def ponet_pool_fuse(g, s, o, l, segment_size: int, window: int = 3, *, causal: b
     kind, interpret = _kernel_backend(backend)
     if kind == "reference":
         return ponet_pool_fuse_reference(g, s, o, l, segment_size, window, causal=causal)
-    cfg = _cfg("segment_cummax" if causal else "segment_max", blocks, interpret)
+    cfg = _cfg("pool_fuse_causal" if causal else "pool_fuse", blocks, interpret)
     if kind == "tpu" or (not causal and pl.next_power_of_2(segment_size) > cfg.block_l):
         return ponet_fuse(g, segment_max(s, segment_size, causal=causal, backend=backend,
                                          blocks=blocks), o,
