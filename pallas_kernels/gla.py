@@ -182,6 +182,7 @@ class GLABlocks:
                              f"({self.intra_block}) >= 16")
 
 
+_MAX_BLOCK_DECAY = 80.0     # largest |total log gate| of a diagonal block > 16 rows (_walk_steps)
 _DKV_FUSED_MAX = 64 * 64    # largest Dk * Dv of the fused dk/dv kernel (GLABlocks.dkv_split)
 _SEQ_MIN_PROGRAMS = 256     # "auto": sequential when B * H * Dv/block_v reaches this
 
@@ -315,14 +316,34 @@ def _cross(later, earlier):
     return jnp.exp(later["pre"] - earlier["pre_end"])
 
 
+def _walk_steps(step, g_ref, base, carry, blocks, reverse=False):
+    """The state steps of a chunk at row `base` (in reverse for the backward): carry =
+    step(first row, carry, blocks). Diagonal blocks longer than 16 rows are scored from their
+    middle row: exact while the block's total log gate is >= -_MAX_BLOCK_DECAY in every column
+    (no exponent above it), which each step checks; steps with stronger decay run with 16-row
+    blocks (safe down to log_g = -11 per step)."""
+    n = blocks.chunk_size // blocks.sub_chunk
+    safe = dataclasses.replace(blocks, intra_block=16)
+    for st in (reversed(range(n)) if reverse else range(n)):
+        at = base + st * blocks.sub_chunk
+        if blocks.intra_block <= 16:
+            carry = step(at, carry, blocks)
+            continue
+        g = g_ref[pl.ds(at, blocks.sub_chunk), :].astype(_F32)
+        ok = jnp.min(jnp.sum(g, axis=0)) >= -_MAX_BLOCK_DECAY
+        carry = lax.cond(ok, functools.partial(step, at, blocks=blocks),
+                         functools.partial(step, at, blocks=safe), carry)
+    return carry
+
+
 def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, dot_dtype):
     """Rows [base, base + chunk_size) of one program: writes o, returns the state after them."""
     # q/k/g [*, K], v/o [*, BV], s [K, BV] f32
-    causal = _causal_mask(blocks.intra_block)
-    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype))
-    for st in range(blocks.chunk_size // blocks.sub_chunk):
-        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+    def step(at, s_KV, blocks):
+        causal = _causal_mask(blocks.intra_block)
+        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                                 g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype))
+        blks = _step_blocks(at, blocks, load)
         s_dot = s_KV.astype(dot_dtype)
         for i, b in enumerate(blks):
             q, k, c, m = b["q"], b["k"], b["c"], b["m"]
@@ -336,7 +357,8 @@ def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, 
                 o = o + _dot(a_x, e["v"])
             o_ref[b["rows"], :] = (scale * o).astype(o_ref.dtype)
             s_KV = _block_update(s_KV, b, _k_out_d(b, dot_dtype), b["v"])
-    return s_KV
+        return s_KV
+    return _walk_steps(step, g_ref, base, s_KV, blocks)
 
 
 def _block_update(s_KV, b, key, val, scale=None):
@@ -456,12 +478,12 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
 
 def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks, dot_dtype):
     # k/g/dq [*, BK], v/do [*, V], s [BK, V] f32 entering the chunk; returns the state after it
-    causal = _causal_mask(blocks.intra_block)
-    load = lambda rows: dict(k=k_ref[rows, :].astype(_F32), g=g_ref[rows, :],
-                             v=v_ref[rows, :].astype(dot_dtype),
-                             do=do_ref[rows, :].astype(dot_dtype))
-    for st in range(blocks.chunk_size // blocks.sub_chunk):
-        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+    def step(at, s_KV, blocks):
+        causal = _causal_mask(blocks.intra_block)
+        load = lambda rows: dict(k=k_ref[rows, :].astype(_F32), g=g_ref[rows, :],
+                                 v=v_ref[rows, :].astype(dot_dtype),
+                                 do=do_ref[rows, :].astype(dot_dtype))
+        blks = _step_blocks(at, blocks, load)
         s_dot = s_KV.astype(dot_dtype)
         for i, b in enumerate(blks):
             k, c, m, do = b["k"], b["c"], b["m"], b["do"]
@@ -477,7 +499,8 @@ def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks,
                 dq = dq + _exp_c(b) * x
             dq_ref[b["rows"], :] = scale * dq
             s_KV = _block_update(s_KV, b, _k_out_d(b, dot_dtype), b["v"])
-    return s_KV
+        return s_KV
+    return _walk_steps(step, g_ref, base, s_KV, blocks)
 
 
 def _gla_bwd_dq_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, *, n_chunks,
@@ -575,17 +598,15 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
                base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype):
     # Fused dk/dv (small states): q/k/g/dq32/dq/dk/dg [*, K], v/do/dv [*, V], ds/s_end [K, V]
     # at the chunk's end. Steps and blocks in reverse; returns dS at the chunk's start.
-    causal = _causal_mask(blocks.intra_block)
     kw = dict(scale=scale, dot_dtype=dot_dtype)
-    # The gate of a row in this chunk scales every later row's view of the chunk's end state:
-    # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
-    # and its rounding does not grow with the length.
-    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)
-    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
-                             do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
-    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
-        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+
+    def step(at, carry, blocks):
+        ds_KV, acc_K = carry
+        causal = _causal_mask(blocks.intra_block)
+        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                                 g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
+                                 do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
+        blks = _step_blocks(at, blocks, load)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
             dv = _dv_block(blks, j, ds_dot, causal, **kw)
@@ -593,42 +614,50 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
             dk = _dk_block(blks, j, ds_dot, causal, **kw)
             acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
             ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
-    return ds_KV
+        return ds_KV, acc_K
+    # The gate of a row in this chunk scales every later row's view of the chunk's end state:
+    # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
+    # and its rounding does not grow with the length.
+    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)
+    return _walk_steps(step, g_ref, base, (ds_KV, acc_K), blocks, reverse=True)[0]
 
 
 def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks, dot_dtype):
     # Split dv pass: q/k/g [*, K], do/dv [*, BV], ds [K, BV] (this program's columns of dS) at
     # the chunk's end. dv = A^T do + k_out dS is exact per block of columns.
-    causal = _causal_mask(blocks.intra_block)
-    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                             g=g_ref[rows, :], do=do_ref[rows, :].astype(dot_dtype))
-    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
-        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+    def step(at, ds_KV, blocks):
+        causal = _causal_mask(blocks.intra_block)
+        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                                 g=g_ref[rows, :], do=do_ref[rows, :].astype(dot_dtype))
+        blks = _step_blocks(at, blocks, load)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
             dv = _dv_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
             dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
             ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
-    return ds_KV
+        return ds_KV
+    return _walk_steps(step, g_ref, base, ds_KV, blocks, reverse=True)
 
 
 def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref, base, ds_KV,
               s_end_KV, *, scale, blocks, dot_dtype):
     # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end [BK, V] (this program's
     # rows of dS and S) at the chunk's end. dk and dlog_g are exact per block of rows.
-    causal = _causal_mask(blocks.intra_block)
-    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)   # see _dkv_chunk
-    load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                             g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
-                             do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
-    for st in reversed(range(blocks.chunk_size // blocks.sub_chunk)):
-        blks = _step_blocks(base + st * blocks.sub_chunk, blocks, load)
+    def step(at, carry, blocks):
+        ds_KV, acc_K = carry
+        causal = _causal_mask(blocks.intra_block)
+        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                                 g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
+                                 do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
+        blks = _step_blocks(at, blocks, load)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
             dk = _dk_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
             acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
             ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
-    return ds_KV
+        return ds_KV, acc_K
+    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)   # see _dkv_chunk
+    return _walk_steps(step, g_ref, base, (ds_KV, acc_K), blocks, reverse=True)[0]
 
 
 def _reverse_walk(n_chunks, step, ds_KV, chunk_fn):
@@ -873,7 +902,7 @@ def _tpu_gates(g_CK, sub):
 def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref, *, scale,
                         blocks, dot_dtype):
     # q/k/g [C, K], v/o [C, V], s0/st [V, K] (transposed), scratch s [V, K] f32
-    sub = blocks.intra_block   # TPU: one state step per diagonal block
+    sub = 16   # TPU: one state step per 16 rows
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)
@@ -902,7 +931,7 @@ def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref
 def _gla_bwd_dq_tpu_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, s_ref, *,
                            scale, blocks, dot_dtype):
     # k/g/dq [C, K], v/do [C, V], s0/s_end [V, K], scratch s [V, K] f32
-    sub = blocks.intra_block   # TPU: one state step per diagonal block
+    sub = 16   # TPU: one state step per 16 rows
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)
@@ -932,7 +961,7 @@ def _gla_bwd_dkv_tpu_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_
                             dot_dtype):
     # Chunks in reverse order. q/k/g/dq32/dq/dk/dg [C, K], v/do/dv [C, V],
     # s_end/dst/ds0 [V, K], scratch ds [V, K] f32 (dS^T)
-    sub = blocks.intra_block   # TPU: one state step per diagonal block
+    sub = 16   # TPU: one state step per 16 rows
     causal = _causal_mask(sub)
 
     @pl.when(pl.program_id(2) == 0)

@@ -106,17 +106,19 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
                               grad_tol=1e-4, blocks=blocks)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("schedule, sub_chunk, split", [("chunk_parallel", 64, True),
-                                                        ("sequential", 32, False)])
-def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, split):
-    # State steps of 32/64 rows made of 16-row diagonal blocks plus cross-block scores with
-    # decays split at the earlier block's end; gates down to e^-8 per step (the step's total
-    # decay reaches e^-500): still finite and exact to f32 rounding.
+@pytest.mark.parametrize("schedule, sub_chunk, intra_block, split", [
+    ("chunk_parallel", 64, 64, True),
+    pytest.param("sequential", 64, 32, False, marks=pytest.mark.slow),
+    pytest.param("hybrid", 32, 16, True, marks=pytest.mark.slow)])
+def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, intra_block, split):
+    # State steps of 32/64 rows made of diagonal blocks plus cross-block scores with decays split
+    # at the earlier block's end. Gates: head 0 ~1 (blocks longer than 16 rows scored from
+    # their middle row), head 1 e^-4..e^-8 per step (a step's total decay reaches e^-500: those
+    # steps fall back to 16-row blocks): finite and exact to f32 rounding either way.
     q, k, v, _, s0 = _inputs(77, 1, 77, 2, 32, 16, jnp.float32)
     log_g = _mixed_gates(78, 1, 77, 32)
-    blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, dkv_split=split,
-                               block_k_dkv=16, block_v_dkv=16)
+    blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, intra_block=intra_block,
+                               dkv_split=split, block_k_dkv=16, block_v_dkv=16)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
                               fwd_tol=1e-5, grad_tol=1e-4, blocks=blocks)
 
@@ -124,9 +126,11 @@ def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, split)
 def test_gla_matches_recurrence_bf16():
     # bf16 operands in the matmuls, f32 state: errors of a few 1e-3 relative. dlog_g is a
     # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2. Run with
-    # the chunk-parallel per-chunk states and dS stored in bf16 and 32-row state steps.
+    # the chunk-parallel per-chunk states and dS stored in bf16 and 32-row state steps, one
+    # diagonal block each (log_g in [-5, 0]: steps with total decay past e^-80 use 16-row blocks).
     args = _inputs(3, 1, 93, 2, 16, 32, jnp.bfloat16)
-    blocks = gla_mod.GLABlocks(schedule="chunk_parallel", sub_chunk=32, bf16_states=True)
+    blocks = gla_mod.GLABlocks(schedule="chunk_parallel", sub_chunk=32, intra_block=32,
+                               bf16_states=True)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
                               grad_tol=1e-2, dlog_g_tol=6e-2, blocks=blocks)
 
