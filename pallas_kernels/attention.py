@@ -126,7 +126,9 @@ class FlashConfig:
     fwd_impl: str = "triton"     # "mosaic": the Mosaic GPU forward (attention_mgpu, Hopper)
     mgpu_stages: int = 2
     mgpu_ping_pong: bool = True  # alternate the two consumer warpgroups (FA3 ping-pong)
-    bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds)
+    bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
+    #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
+    mgpu_stages_bwd: int = 2
     interpret: bool = False
 
 
@@ -440,6 +442,11 @@ def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
 
 
 def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
+    if cfg.bwd_impl == "mosaic":
+        from pallas_kernels import attention_mgpu
+        return attention_mgpu.mosaic_backward(q, k, v, o, lse, do, cfg,
+                                              stages=cfg.mgpu_stages_bwd,
+                                              interpret=cfg.interpret)
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     rep = hq // hkv

@@ -27,7 +27,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common
+from pallas_kernels import attention as _attn
 from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_range
+
+_q_block_range = _attn._q_block_range
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
@@ -176,6 +179,240 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             def _drain(i=i):
                 plgpu.barrier_wait(k_free.at[i])
                 plgpu.barrier_wait(v_free.at[i])
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem,
+                     barriers, *, cfg: FlashConfig, rep: int, stages: int, lq_pad: int,
+                     gpu_path: bool):
+    """dk, dv of 2 * block_k keys of one KV head, and their dq contributions (FlashAttention-3).
+
+    Consumer warpgroup w owns keys [k0, k0 + block_k) with K, V resident in SMEM; the producer
+    streams (Q, dO, [lse; delta]) blocks of the `rep` query heads of the KV head over the CTA's
+    visible query blocks. Per step a consumer computes S^T = K Q^T, P^T, dV += P^T dO,
+    dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and writes dS^T (bf16) to SMEM; after
+    a barrier both halves of dS are there and dq_block += dS K (each warpgroup one half of the
+    head dim, K of both warpgroups) goes to HBM by a TMA reduce-add into an f32 accumulator.
+    """
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    d = q_ref.shape[-1]
+    dq_wgs = 2 if d >= 128 else 1                           # dq column halves need 64-wide tiles
+    dh = d // dq_wgs
+    b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
+    wg = lax.axis_index("wg")
+    k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
+    kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
+    cta_k0 = tile * (2 * bk)
+    lo, _, _, hi = _q_block_range(cta_k0, bq, 2 * bk, lq_pad, cfg)
+    n = hi - lo                                            # query blocks per head
+    total = rep * n
+    scale = cfg.sm_scale * LOG2E
+
+    def sync():
+        plgpu.barrier_arrive(ds_sync)
+        plgpu.barrier_wait(ds_sync)
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        k0 = cta_k0 + wg * bk
+        _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
+        w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
+        w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
+        rows = pl.ds(wg * bk, bk)
+        kv_at = (b, pl.ds(k0, bk), g)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_smem.at[rows], kv_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_smem.at[rows], kv_ready.at[2 + wg])
+        plgpu.barrier_wait(kv_ready.at[wg])
+        plgpu.barrier_wait(kv_ready.at[2 + wg])
+        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(i, carry, r, masked):
+            dk, dv = carry
+            t = r * n + (i - lo)
+            slot, buf = lax.rem(t, jnp.int32(stages)), lax.rem(t, jnp.int32(2))
+            h = g * rep + r
+            plgpu.barrier_wait(q_ready.at[slot])
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, k_smem.at[rows], q_smem.at[slot].transpose((1, 0)))
+                return s_ref[...]
+            st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32)) * scale
+            if masked:
+                kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+                qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+                k_pos = kk + k0
+                q_pos = qq + (i * bq + cfg.lk - cfg.lq)
+                mask = k_pos < cfg.lk
+                if cfg.causal:
+                    mask &= k_pos <= q_pos
+                if cfg.window is not None:
+                    mask &= k_pos > q_pos - cfg.window
+                st = jnp.where(mask, st, -jnp.inf)
+            plgpu.barrier_wait(ld_ready.at[slot])
+            lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
+            delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
+            pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+            pt_lo = pt.astype(q_smem.dtype)
+            plgpu.barrier_wait(do_ready.at[slot])
+            do_t = do_smem.at[slot].transpose((1, 0))
+            if gpu_path:
+                def dv_dp(refs):
+                    dv_ref, dp_ref = refs
+                    plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
+                    plgpu.wgmma(dp_ref, v_smem.at[rows], do_t)
+                dv, dpt = pl.run_state(dv_dp)(
+                    (plgpu.ACC.init(dv), plgpu.ACC.init(
+                        plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32),
+                                          plgpu.Layout.WGMMA))))
+            else:                   # interpret mode: wgmma operands from SMEM, no run_state
+                p_smem.at[wg][...] = pt_lo
+                plgpu.commit_smem()
+
+                def dv_dp(dv_ref, dp_ref):
+                    plgpu.wgmma(dv_ref, p_smem.at[wg], do_smem.at[slot])
+                    plgpu.wgmma(dp_ref, v_smem.at[rows], do_t)
+                    return dv_ref[...], dp_ref[...]
+                dv_inc, dpt = pl.run_scoped(dv_dp, plgpu.ACC((bk, d), jnp.float32),
+                                            plgpu.ACC((bk, bq), jnp.float32))
+                dv = dv + dv_inc
+            dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
+            ds_lo = dst.astype(q_smem.dtype)
+            ds_smem.at[buf, rows][...] = ds_lo
+            plgpu.commit_smem()
+            if gpu_path:
+                def dk_mm(dk_ref):
+                    plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+                dk = pl.run_state(dk_mm)(plgpu.ACC.init(dk))
+            else:
+                def dk_mm(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_smem.at[buf, rows], q_smem.at[slot])
+                    return acc_ref[...]
+                dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
+            plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+            sync()                                           # both halves of dS^T are in SMEM
+
+            @pl.when(wg < dq_wgs)
+            def _dq():
+                cols = pl.ds(wg * dh, dh)
+
+                def dq_mm(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_smem.at[buf].transpose((1, 0)), k_smem.at[:, cols])
+                    return acc_ref[...]
+                dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
+                dq_smem.at[wg][...] = dq
+                plgpu.commit_smem()
+                q_at = (b, pl.ds(i * bq, bq), h, cols)
+                if gpu_path:
+                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[q_at], reduction_op="add")
+                else:       # interpret mode has no TMA reduction: one slot per KV tile, summed
+                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[(tile, *q_at)])
+            return dk, dv
+
+        def head(r, carry):
+            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
+            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
+                                  carry)
+            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
+
+        dk, dv = lax.fori_loop(0, rep, head, (zeros, zeros))
+        sync()                                   # the other warpgroup is done reading K and dS
+        k_smem.at[rows][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+        v_smem.at[rows][...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem.at[rows], dk_ref.at[kv_at])
+        plgpu.copy_smem_to_gmem(v_smem.at[rows], dv_ref.at[kv_at])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t):
+            slot = lax.rem(t, jnp.int32(stages))
+            r = lax.div(t, n)
+            i = lo + t - r * n
+            h = g * rep + r
+            at = (b, pl.ds(i * bq, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
+            plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
+                                    ld_ready.at[slot])
+
+        for i in range(stages):
+            pl.when(i < total)(functools.partial(load, jnp.int32(i)))
+
+        @pl.loop(jnp.int32(stages), jnp.maximum(total, stages))
+        def _refill(t):
+            plgpu.barrier_wait(free.at[lax.rem(t, jnp.int32(stages))])
+            load(t)
+
+        for i in range(stages):
+            pl.when(i < total)(lambda i=i: plgpu.barrier_wait(free.at[i]))
+
+
+def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
+                    interpret: bool = False):
+    """dq, dk, dv from the saved base-2 lse (the contract of `_flash_backward`, no segments).
+
+    Needs bf16/f16 inputs and head_dim 64 or 128; lengths are padded here.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    if d % 64 or d > 128:
+        raise ValueError(f"the Mosaic GPU backward needs head_dim 64 or 128, got {d}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU backward needs bf16 or f16 inputs, got {q.dtype}")
+    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+    qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
+    kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
+    lq_pad, lk_pad = qp.shape[1], kp.shape[1]
+    ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
+                    _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
+    n_tiles = lk_pad // (2 * bk)
+    dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, b, lq_pad, hq, d)
+    dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
+    dq_wgs = 2 if d >= 128 else 1
+    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def entry(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref):
+        smem = (plgpu.SMEM((2 * bk, d), q.dtype, transforms=tiles),
+                plgpu.SMEM((2 * bk, d), q.dtype, transforms=tiles),
+                plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
+                plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
+                plgpu.SMEM((stages, 2, bq), jnp.float32),
+                plgpu.SMEM((2, 2 * bk, bq), q.dtype, transforms=tiles),
+                plgpu.SMEM((dq_wgs, bq, d // dq_wgs), jnp.float32),
+                # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
+                None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
+        barriers = (plgpu.Barrier(num_barriers=4),
+                    plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                    plgpu.Barrier(num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2))
+        pl.run_scoped(
+            lambda smem, barriers: _backward_kernel(
+                q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem, barriers,
+                cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad, gpu_path=not interpret),
+            smem, barriers, collective_axes="wg")
+
+    dk, dv = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                  jax.ShapeDtypeStruct(vp.shape, v.dtype)),
+        grid=(hkv, n_tiles, b),
+        grid_names=("heads", "kv_tile", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(qp, kp, vp, dop, ld, dq_acc)
+    dq = dq_acc[...]
+    if interpret:
+        dq = dq.sum(axis=0)
+    return dq[:, :lq].astype(q.dtype), dk[:, :lk], dv[:, :lk]
 
 
 def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: bool = True,
