@@ -83,6 +83,14 @@ def child(spec: dict) -> dict:
         jax.block_until_ready(state)
         timed = spec["steps"] - spec["warmup"]
         elapsed = time.perf_counter() - t_start
+        profile = None
+        if spec.get("profile_steps"):
+            with tempfile.TemporaryDirectory() as pdir:
+                with jax.profiler.trace(pdir, create_perfetto_trace=True):
+                    for i in range(spec["profile_steps"]):
+                        state, _ = step_fn(state, batch_fn(spec["steps"] + i))
+                    jax.block_until_ready(state)
+                profile = summarize_trace(pdir, spec["profile_steps"])
         losses = [float(x["loss"]) for x in jax.device_get(metrics)]
         stats = [d.memory_stats() or {} for d in devices]
         peak = [s.get("peak_bytes_in_use") for s in stats]
@@ -98,7 +106,68 @@ def child(spec: dict) -> dict:
             "global_batch": [run.train.batch_size, run.train.seq_len],
             "parameters": params,
             "final_loss": float(np.mean(losses[-10:])),
+            "profile": profile,
         }
+
+
+# Kernel-name patterns of each category, checked in this order (lower case).
+CATEGORIES = [
+    ("communication", ("nccl", "all-reduce", "allreduce", "all_reduce", "reduce-scatter",
+                       "reduce_scatter", "all-gather", "all_gather", "collective")),
+    ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "sm90_xmma", "dot")),
+    ("gla kernels", ("gla",)),
+    # pallas_kernels/attention*.py name no pallas_call: their kernels carry the function names.
+    ("attention kernels", ("flash", "attention", "mha", "attn", "_fwd_kernel", "_dq_kernel",
+                           "_dkv_kernel", "_forward_kernel", "_decode_kernel")),
+    ("other pallas", ("pallas", "scan", "pool", "mamba", "kernel")),
+]
+
+
+def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict:
+    """Per-step GPU time by kernel and by category, from the perfetto trace of
+    jax.profiler.trace(create_perfetto_trace=True). Only the first device's kernels."""
+    import collections
+    import glob
+    import gzip
+
+    files = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {"error": "no perfetto trace written"}
+    data = json.load(gzip.open(files[0]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = sorted(pid for pid, n in names.items() if "gpu" in n.lower() and "host" not in
+                     n.lower())
+    if not devices:
+        return {"error": "no device events (CPU run?)", "processes": sorted(set(names.values()))}
+    pid = devices[0]
+    # A device's trace has kernel rows per CUDA stream and may have rows of XLA modules / ops
+    # spanning them: count the stream rows only, when there are any.
+    threads = {e["tid"]: e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") == pid}
+    streams = {t for t, n in threads.items() if "stream" in n.lower()}
+    per_kernel, count = collections.Counter(), 0
+    first, last = float("inf"), 0.0
+    for e in events:
+        if (e.get("ph") == "X" and e.get("pid") == pid and e.get("dur")
+                and (not streams or e.get("tid") in streams)):
+            per_kernel[e["name"]] += e["dur"]
+            count += 1
+            first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
+    busy = sum(per_kernel.values())
+    cats = collections.Counter()
+    for name, dur in per_kernel.items():
+        low = name.lower()
+        cat = next((c for c, pats in CATEGORIES if any(x in low for x in pats)),
+                   "other (fusions, copies)")
+        cats[cat] += dur
+    ms = lambda us: round(us / steps / 1e3, 3)
+    return {"device": names[pid], "rows": sorted(set(threads.values())), "steps": steps,
+            "kernels_per_step": count / steps,
+            "busy_ms_per_step": ms(busy), "span_ms_per_step": ms(last - first),
+            "categories_ms_per_step": {c: ms(d) for c, d in cats.most_common()},
+            "top_kernels_ms_per_step": [[n, ms(d)] for n, d in per_kernel.most_common(top)]}
 
 
 class _nullcontext:
@@ -125,7 +194,7 @@ def _spec(name: str, n: int, args) -> dict:
         data, fsdp = int(sizes.get("data", 1)), int(sizes.get("fsdp", 1))
     return {"name": name, "data": data, "fsdp": fsdp, "unsharded": name == "single",
             "config": args.config, "overrides": args.set, "steps": args.steps,
-            "warmup": min(args.warmup, args.steps - 1)}
+            "warmup": min(args.warmup, args.steps - 1), "profile_steps": args.profile}
 
 
 def _launch(spec: dict, env: dict) -> dict:
@@ -203,6 +272,26 @@ def plot_losses(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def profile_table(results: list[dict]) -> str:
+    """GPU time per step of the first device by category, for the runs traced (--profile)."""
+    runs = [r for r in results if "error" not in r and (r.get("profile") or {}).get(
+        "categories_ms_per_step")]
+    if not runs:
+        return ""
+    cats = []
+    for r in runs:
+        cats += [c for c in r["profile"]["categories_ms_per_step"] if c not in cats]
+    rows = ["| run | step ms (timed) | GPU busy ms / step | kernels / step | " +
+            " | ".join(cats) + " |", "|---" * (4 + len(cats)) + "|"]
+    for r in runs:
+        pr = r["profile"]
+        rows.append(f"| {r['name']} | {r['step_ms']:.1f} | {pr['busy_ms_per_step']:.1f} | "
+                    f"{pr['kernels_per_step']:.0f} | " + " | ".join(
+                        f"{pr['categories_ms_per_step'].get(c, 0.0):.1f}" for c in cats) + " |")
+    return ("GPU time per step on the first device, from a jax.profiler trace of the steps after "
+            "the timed ones (ms):\n\n" + "\n".join(rows))
+
+
 def write(results: list[dict], args, n: int, platform: str, wall_s: float, out: Path) -> dict:
     """scaling.json, scaling.md and losses.png for the runs so far (rewritten after each run,
     so a run that hits a time limit keeps the earlier ones)."""
@@ -223,6 +312,8 @@ def write(results: list[dict], args, n: int, platform: str, wall_s: float, out: 
         head += (f" Sharded path on one device / unsharded: "
                  f"{summary['mesh1_vs_single_tokens_ratio']:.3f}x tokens/s.")
     summary["markdown"] = head + "\n\n" + table(results)
+    if profile_table(results):
+        summary["markdown"] += "\n\n" + profile_table(results)
     (out / "scaling.json").write_text(json.dumps(summary, indent=1))
     (out / "scaling.md").write_text(summary["markdown"] + "\n")
     plot_losses(results, out / "losses.png", f"{args.config}: training loss per run")
@@ -240,6 +331,10 @@ def main(argv=None) -> int:
                    help="runs separated by ';': single, mesh1, data, fsdp or data=A,fsdp=B "
                         "(default: single;mesh1;data;fsdp)")
     p.add_argument("--out", default="bench_out/scaling")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, trace N more steps with jax.profiler and report GPU time "
+                        "per step by kernel and by category (matmul, GLA / attention kernels, "
+                        "communication, other)")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="scaling.json of an earlier call (same config and --set): its runs join "
                         "the table (e.g. `single` measured in one device call, `data` in another)")
