@@ -66,13 +66,16 @@ class _Compiler:
     def __init__(self, budget, threads=12):
         from concurrent.futures import ThreadPoolExecutor
         self.pool, self.futs, self.budget = ThreadPoolExecutor(threads), {}, budget
+        self.seconds = {}    # compile wall time per key (threads share the CPU)
 
     def submit(self, key, fn, *args):
         specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
 
         def build():
             t = time.perf_counter()
-            return jax.jit(fn).lower(*specs).compile(), time.perf_counter() - t
+            compiled = jax.jit(fn).lower(*specs).compile()
+            self.seconds[key] = (round(t - T0, 1), round(time.perf_counter() - T0, 1))
+            return compiled
         self.futs[key] = self.pool.submit(build)
 
     def get(self, key):
@@ -82,7 +85,7 @@ class _Compiler:
         done, _ = wait([self.futs[key]], timeout=max(left, 0))
         if not done:
             raise TimeoutError("not compiled within the budget")
-        return self.futs[key].result()[0]
+        return self.futs[key].result()
 
 
 def _inputs(b, length, dn, n, *, groups=None, dtype=jnp.bfloat16, seed=0):
@@ -133,12 +136,13 @@ def _loss(fn, *xs, names, use, sp, w, wh):
     return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
 
 
-def correctness(res, comp, cfg_kw):
+def correctness(res, comp, cfg_kw, which=None, decode=True):
     cases = [  # b, L, Dn, N, groups, dtype, options, softplus
         (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
         (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
         (1, 300, 96, 5, 2, jnp.float32, ("initial_state",), False),
     ]
+    cases = [c for i, c in enumerate(cases) if which is None or i in which]
     if SMOKE:
         cases = [(1, 19, 32, 5, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True)]
     kern = lambda *a, **k: ss.selective_scan_pallas(*a, **k, **cfg_kw, **SMOKE)
@@ -167,7 +171,8 @@ def correctness(res, comp, cfg_kw):
     step = lambda h, u, d, b, c, z: ss.selective_state_update(
         h, u, d, xd["A"], b, c, z=z, **kw, backend="interpret" if SMOKE else "pallas")
     step_args = lambda h, t: (h, *(xd[k][:, t] for k in ("u", "delta", "B", "C", "z")))
-    comp.submit(("corr", "decode"), step, *step_args(xd["initial_state"], 0))
+    if decode:
+        comp.submit(("corr", "decode"), step, *step_args(xd["initial_state"], 0))
     yield
 
     rows = res.setdefault("correctness", [])
@@ -191,6 +196,8 @@ def correctness(res, comp, cfg_kw):
         print(f"[{'ok' if ok else 'FAIL'}] {case}: max rel err "
               f"{rows[-1]['max_err']:.2e} ({max(errs, key=errs.get)})")
         yield
+    if not decode:
+        return
     try:
         yr, hr = ss.selective_scan_reference(xd["u"], xd["delta"], xd["A"], xd["B"], xd["C"],
                                              z=xd["z"], initial_state=xd["initial_state"],
@@ -298,65 +305,58 @@ VARIANTS = {
     "v3_split2_ftz": dict(split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
     "v3_c4_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
     "v3_c4_a1_ftz": dict(ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
+    # full configurations (inference forward, training forward and backward) for call 3
+    "s2a4_c4b1": dict(split=2, ahead=4, fast_exp=True, chunk=4, bwd_ahead=1, lane_reduce=True),
+    "s2a4_c8b1": dict(split=2, ahead=4, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
+    "s1a2_c8b1": dict(split=1, ahead=2, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
 }
 
 
-def compare(res, budget, fwd_names, fb_names, size=(8, 2048, 2048, 16), threads=12, out_path=None):
-    """Compiles every variant in parallel (XLA releases the GIL while Triton compiles), checks
-    each against the associative-scan reference at the timed size, then times it."""
-    from concurrent.futures import ThreadPoolExecutor, wait
+def compare(res, comp, fwd_names, fb_names, size):
+    """VARIANTS at one size: each checked against the associative-scan reference (the output,
+    and for forward+backward every gradient), then timed; the references are timed too."""
     b, length, dn, n = size
     x = _inputs(b, length, dn, n)
     args, fns = _variants(x, {})
     dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
-    jobs = {("ref", "fwd"): (fns["associative"], "fwd"), ("ref", "fb"): (fns["associative"], "fb")}
-    for mode, names in (("fwd", fwd_names), ("fb", fb_names)):
-        for name in names:
-            jobs[(name, mode)] = (_variants(x, VARIANTS[name])[1]["pallas"], mode)
+    fb_args = (dy, *args)
+    jobs = [("associative", "fwd", fns["associative"])]
+    jobs += [(k, "fwd", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fwd_names]
+    jobs += [("associative", "fb", fns["associative"])]
+    jobs += [(k, "fb", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fb_names]
+    jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
+    for name, mode, fn in jobs:          # submitted in order of priority
+        if mode == "fwd":
+            comp.submit(("cmp", name, mode), fn, *args)
+        else:
+            comp.submit(("cmp", name, mode), functools.partial(_vjp, fn), *fb_args)
+    yield
 
-    def build(key):
-        fn, mode = jobs[key]
-        t = time.perf_counter()
-        f = jax.jit(fn) if mode == "fwd" else jax.jit(functools.partial(_vjp, fn))
-        c = f.lower(*(args if mode == "fwd" else (dy, *args))).compile()
-        return c, time.perf_counter() - t
-
-    pool = ThreadPoolExecutor(threads)
-    futs = {k: pool.submit(build, k) for k in jobs}
     rows = res.setdefault("compare", [])
     refs = {}
-    for key in jobs:                       # the references first, then in submission order
-        left = budget - (time.perf_counter() - T0)
-        done, _ = wait([futs[key]], timeout=max(left, 0))
-        name, mode = key
+    order = sorted(jobs, key=lambda j: (j[0] != "associative", j[0] == "lax.scan"))
+    for name, mode, _ in order:
         row = {"variant": name, "mode": mode, "cfg": VARIANTS.get(name), "size": size}
-        if not done:
-            row["error"] = "not compiled within the budget"
-            rows.append(row)
-            print(f"  {name} {mode}: not compiled within the budget")
-            continue
         try:
-            comp, row["compile_s"] = futs[key].result()
-            call_args = args if mode == "fwd" else (dy, *args)
-            out = comp(*call_args)
-            if name == "ref":
+            f = comp.get(("cmp", name, mode))
+            row["compile_start_end_s"] = comp.seconds.get(("cmp", name, mode))
+            call_args = args if mode == "fwd" else fb_args
+            out = f(*call_args)
+            if name == "associative":
                 refs[mode] = out
-            elif mode in refs:
+            elif name != "lax.scan":
                 outs, ref_outs = (out, refs[mode]) if mode == "fb" else ((out,), (refs[mode],))
                 row["errs"] = [_rel(o, r) for o, r in zip(outs, ref_outs, strict=True)]
                 row["max_err"] = max(row["errs"])
-                row["ok"] = bool(row["max_err"] < 2e-2)
-            row["ms"] = _timeit(comp, *call_args, reps=5)
+                row["ok"] = bool(row["max_err"] < 2e-2)   # NaN fails
+            del out
+            row["ms"] = _timeit(f, *call_args, reps=3 if name == "lax.scan" else 5)
         except Exception as e:   # noqa: BLE001 (keep the other variants)
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump(res, f, indent=1, default=str)
-        print(f"  {name} {mode}: {row.get('ms')} ms, compile {row.get('compile_s', 0):.0f}s, "
-              f"max err {row.get('max_err')} {row.get('error', '')} "
-              f"(t={time.perf_counter() - T0:.0f}s)", flush=True)
-    pool.shutdown(wait=False, cancel_futures=True)
+        print(f"  {name} {mode}: {row.get('ms')} ms, max err {row.get('max_err')} "
+              f"{row.get('error', '')} (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        yield
 
 
 def _decode_loop(backend, inputs, kw, h):
@@ -409,7 +409,18 @@ def report(res):
     print("\n| B×L×Dn | mode | Pallas ms | floor ms (HBM / exp) | ×floor | assoc ms | assoc/ours "
           "| lax.scan ms | scan/ours |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in res.get("bench", []):
+    rows = list(res.get("bench", []))
+    cmp = {(r["variant"], r["mode"]): r.get("ms", r.get("error")) for r in res.get("compare", [])}
+    if cmp and "hbm_tb_s" in res:   # the anchor row of the main table from the comparison
+        b, length, dn, n = res["compare"][0]["size"]
+        row = {"tag": "main", "B": b, "L": length, "Dn": dn, "N": n,
+               **_floors(res, b, length, dn, n)}
+        for name, key in ((res.get("variant"), "pallas"), ("associative", "associative"),
+                          ("lax.scan", "lax.scan")):
+            row[f"{key} fwd"] = cmp.get((name, "fwd"))
+            row[f"{key} fwd+bwd"] = cmp.get((name, "fb"))
+        rows.insert(0, row)
+    for r in rows:
         if r["tag"] != "main":
             continue
         for mode, pre in (("fwd", "fwd"), ("fwd+bwd", "fb")):
@@ -427,7 +438,8 @@ def report(res):
                   f"fwd+bwd {r.get('pallas fwd+bwd')}")
     for r in res.get("compare", []):
         print(f"compare {r['variant']} {r['mode']}: {_fmt(r.get('ms'))} ms, max err "
-              f"{r.get('max_err')}, compile {_fmt(r.get('compile_s'))} s {r.get('error', '')}")
+              f"{r.get('max_err')}, compiled (start, end) {r.get('compile_start_end_s')} s "
+              f"{r.get('error', '')}")
     for r in res.get("correctness", []):
         print(f"[{'ok' if r.get('ok') else 'FAIL'}] {r['case']}: {r.get('max_err')} "
               f"{r.get('error', '')}")
@@ -446,6 +458,8 @@ def main():
                    "and exit (for ncu)")
     p.add_argument("--compare-fwd", default="", help="variants (VARIANTS) to compare, forward")
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
+    p.add_argument("--skip-decode", action="store_true", help="no decode step (check, timing)")
+    p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -453,11 +467,11 @@ def main():
         report(json.load(open(a.report)))
         return
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "variant": a.variant, "argv": sys.argv[1:]}
     sizes = [(8, 2048, 2048, 16), (8, 2048, 4096, 16), (8, 8192, 2048, 16), (8, 8192, 4096, 16)]
     if a.smoke:
         res.update(hbm_tb_s=1.0, exp2_per_s=1e12)
-        sizes = [(1, 40, 32, 4)]
+        sizes = [(1, 40, 32, 4), (1, 24, 64, 4)]
     if a.quick:
         sizes = sizes[:1]
     cfg = VARIANTS[a.variant]
@@ -482,41 +496,41 @@ def main():
         if not a.smoke:
             measure_ceilings(res)
 
-    if a.compare_fwd or a.compare_fb:     # variants at the anchor size instead of the above
-        names = lambda v: [k for k in v.split(",") if k]
-        size = (1, 40, 64, 4) if a.smoke else sizes[0]
-        for name, step in (("ceilings", ceilings), ("compare", lambda: compare(
-                res, a.budget, names(a.compare_fwd), names(a.compare_fb), size, out_path=a.out))):
-            try:
-                step()
-            except Exception:   # noqa: BLE001 (keep what was measured)
-                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
-                print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
-            save()
-    else:
-        comp = _Compiler(a.budget)
-        steps = [] if a.quick else [("correctness", correctness(res, comp, cfg))]
-        steps.append(("bench", benchmark(res, comp, sizes, cfg, refs_at=sizes[:1])))
-        for c in (a.sweep.split(",") if a.sweep else []):
-            steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
-                                             refs_at=())))
+    names = lambda v: [k for k in v.split(",") if k]
+    comp = _Compiler(a.budget)
+    steps, bench_sizes = [], sizes
+    if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
+        steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
+                                         sizes[0])))
+        bench_sizes = sizes[1:]
+    if not a.quick:
+        which = [int(i) for i in a.cases.split(",")] if a.cases else None
+        steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
+    if bench_sizes:
+        refs_at = () if a.compare_fwd or a.compare_fb else sizes[:1]
+        steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at)))
+    for c in names(a.sweep):
+        steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
+                                         refs_at=())))
+    if not a.skip_decode:
         steps.append(("decode", decode_bench(res, comp)))
-        ready = []
-        for name, gen in steps:          # submit every compile before anything runs
-            try:
-                next(gen)
-                ready.append((name, gen))
-            except Exception:   # noqa: BLE001
-                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
-        for name, step in [("ceilings", ceilings)] + [(n, lambda g=g: [save() for _ in g])
-                                                      for n, g in ready]:
-            try:
-                step()
-            except Exception:   # noqa: BLE001 (keep what was measured)
-                res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
-                print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
-            save()
-            print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
+    ready = []
+    for name, gen in steps:          # submit every compile before anything runs
+        try:
+            next(gen)
+            ready.append((name, gen))
+        except Exception:   # noqa: BLE001
+            res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+            print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+    for name, step in [("ceilings", ceilings)] + [(n, lambda g=g: [save() for _ in g])
+                                                  for n, g in ready]:
+        try:
+            step()
+        except Exception:   # noqa: BLE001 (keep what was measured)
+            res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
+            print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+        save()
+        print(f"-- {name} done at {time.perf_counter() - T0:.0f}s")
     report(res)
     sys.stdout.flush()
     os._exit(0)   # compile threads still running past the budget must not keep the process
