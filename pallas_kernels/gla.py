@@ -476,6 +476,24 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
 # --------------------------------------------------------------------------------------------
 
 
+def _dq_block(blks, i, s_dot, causal, *, scale, dot_dtype):
+    """dq of block i of a step: do S^T from the state entering the step (s_dot [BK, V]) plus
+    dA k inside the step. blks hold k (this program's K columns), v and do (all of V)."""
+    b = blks[i]
+    k, c, m, do = b["k"], b["c"], b["m"], b["do"]
+    k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+    da = jnp.where(causal, _dot(do, b["v"], tb=True), 0.0).astype(dot_dtype)
+    dq = (_from_step_start(b) * _dot(do, s_dot, tb=True)
+          + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
+    if i:   # earlier blocks of the step
+        x = 0.0
+        for e in blks[:i]:
+            da_x = _dot(do, e["v"], tb=True).astype(dot_dtype)
+            x = x + _cross(b, e)[None, :] * _dot(da_x, _k_out_d(e, dot_dtype))
+        dq = dq + _exp_c(b) * x
+    return scale * dq
+
+
 def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks, dot_dtype):
     # k/g/dq [*, BK], v/do [*, V], s [BK, V] f32 entering the chunk; returns the state after it
     def step(at, s_KV, blocks):
@@ -486,18 +504,8 @@ def _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, base, s_KV, *, scale, blocks,
         blks = _step_blocks(at, blocks, load)
         s_dot = s_KV.astype(dot_dtype)
         for i, b in enumerate(blks):
-            k, c, m, do = b["k"], b["c"], b["m"], b["do"]
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            da = jnp.where(causal, _dot(do, b["v"], tb=True), 0.0).astype(dot_dtype)
-            dq = (_from_step_start(b) * _dot(do, s_dot, tb=True)
-                  + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
-            if i:   # earlier blocks of the step
-                x = 0.0
-                for e in blks[:i]:
-                    da_x = _dot(do, e["v"], tb=True).astype(dot_dtype)
-                    x = x + _cross(b, e)[None, :] * _dot(da_x, _k_out_d(e, dot_dtype))
-                dq = dq + _exp_c(b) * x
-            dq_ref[b["rows"], :] = scale * dq
+            dq_ref[b["rows"], :] = _dq_block(blks, i, s_dot, causal, scale=scale,
+                                             dot_dtype=dot_dtype)
             s_KV = _block_update(s_KV, b, _k_out_d(b, dot_dtype), b["v"])
         return s_KV
     return _walk_steps(step, g_ref, base, s_KV, blocks)
@@ -594,19 +602,41 @@ def _ds_update(ds_KV, b, scale, dot_dtype):
     return _block_update(ds_KV, b, _q_loc_d(b, dot_dtype), b["do"], scale)
 
 
+def _loader(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dot_dtype):
+    def load(rows):
+        out = dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
+                   g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
+                   do=do_ref[rows, :].astype(dot_dtype))
+        if dq32_ref is not None:
+            out["dq"] = dq32_ref[rows, :]
+        return out
+    return load
+
+
+def _fill_dq(blks, s0_KV, causal, dot_dtype, scale):
+    """One step per chunk, chunk-parallel: dq of every block from the stored state entering
+    the chunk (no dq pass)."""
+    if s0_KV is None:
+        return
+    s0_dot = s0_KV.astype(dot_dtype)
+    for i, b in enumerate(blks):
+        b["dq"] = _dq_block(blks, i, s0_dot, causal, scale=scale, dot_dtype=dot_dtype)
+
+
 def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref,
-               base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype):
+               base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype, s0_KV=None):
     # Fused dk/dv (small states): q/k/g/dq32/dq/dk/dg [*, K], v/do/dv [*, V], ds/s_end [K, V]
-    # at the chunk's end. Steps and blocks in reverse; returns dS at the chunk's start.
+    # at the chunk's end. Steps and blocks in reverse; returns dS at the chunk's start. With
+    # s0 (the state entering the chunk; one step per chunk) dq is computed here, dq32 unused.
     kw = dict(scale=scale, dot_dtype=dot_dtype)
+    load = _loader(q_ref, k_ref, g_ref, v_ref, do_ref, None if s0_KV is not None else dq32_ref,
+                   dot_dtype)
 
     def step(at, carry, blocks):
         ds_KV, acc_K = carry
         causal = _causal_mask(blocks.intra_block)
-        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                                 g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
-                                 do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
         blks = _step_blocks(at, blocks, load)
+        _fill_dq(blks, s0_KV, causal, dot_dtype, scale)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
             dv = _dv_block(blks, j, ds_dot, causal, **kw)
@@ -640,16 +670,18 @@ def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks
 
 
 def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref, base, ds_KV,
-              s_end_KV, *, scale, blocks, dot_dtype):
-    # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end [BK, V] (this program's
-    # rows of dS and S) at the chunk's end. dk and dlog_g are exact per block of rows.
+              s_end_KV, *, scale, blocks, dot_dtype, s0_KV=None):
+    # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end/s0 [BK, V] (this
+    # program's rows of dS and S) at the chunk's end (s0: its start, see _dkv_chunk). dk and
+    # dlog_g are exact per block of rows.
+    load = _loader(q_ref, k_ref, g_ref, v_ref, do_ref, None if s0_KV is not None else dq32_ref,
+                   dot_dtype)
+
     def step(at, carry, blocks):
         ds_KV, acc_K = carry
         causal = _causal_mask(blocks.intra_block)
-        load = lambda rows: dict(q=q_ref[rows, :].astype(_F32), k=k_ref[rows, :].astype(_F32),
-                                 g=g_ref[rows, :], v=v_ref[rows, :].astype(dot_dtype),
-                                 do=do_ref[rows, :].astype(dot_dtype), dq=dq32_ref[rows, :])
         blks = _step_blocks(at, blocks, load)
+        _fill_dq(blks, s0_KV, causal, dot_dtype, scale)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
             dk = _dk_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
@@ -679,10 +711,12 @@ def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref,
 
 
 def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
-                              dq_ref, dk_ref, dv_ref, dg_ref, **kw):
-    # Chunk-parallel, fused: one chunk ([C, *]), s_end/ds [K, V] at its end
+                              dq_ref, dk_ref, dv_ref, dg_ref, *, fuse_dq, **kw):
+    # Chunk-parallel, fused: one chunk ([C, *]), s_end/ds [K, V] at its end; fuse_dq: dq32_ref
+    # is the state entering the chunk [K, V] and dq is computed here.
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
-    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), **kw)
+    s0 = dq32_ref[...].astype(_F32) if fuse_dq else None
+    _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), s0_KV=s0, **kw)
 
 
 def _gla_bwd_dv_kernel(q_ref, k_ref, g_ref, do_ref, dst_ref, dv_ref, ds0_ref, *, n_chunks, **kw):
@@ -706,9 +740,10 @@ def _gla_bwd_dk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, 
 
 
 def _gla_bwd_dk_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
-                             dq_ref, dk_ref, dg_ref, **kw):
+                             dq_ref, dk_ref, dg_ref, *, fuse_dq, **kw):
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
-    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), **kw)
+    s0 = dq32_ref[...].astype(_F32) if fuse_dq else None
+    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), s0_KV=s0, **kw)
 
 
 def _dkv_split(blocks, dk, dv):
@@ -803,7 +838,8 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
 
     Sequential: s_end [B, H, N, K, V] = the state after each chunk, ds_in = dS at the end of
     the sequence. Chunk-parallel: s_end = the stored states entering each chunk (N + 1 of
-    them; a chunk's end state is the next one's), ds_in = dS at each chunk's end."""
+    them; a chunk's end state is the next one's), ds_in = dS at each chunk's end; dq32 None
+    (one state step per chunk): the dk kernels compute dq from the state entering the chunk."""
     b, lp, h, dk = q.shape
     dv = v.shape[-1]
     n_chunks = lp // blocks.chunk_size
@@ -816,9 +852,15 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
                                            sp.state(rows, cols, axis, shift=shift))
     grid = lambda nblk: (b, h, nblk) if sp.sequential else (b, h, n_chunks, nblk)
     seq = "" if sp.sequential else "_chunks"
+    fuse = dq32 is None
+    if fuse:
+        assert not sp.sequential and blocks.sub_chunk == blocks.chunk_size
+        dq32 = s_end   # the state entering each chunk takes dq32's place
+    dq_spec = lambda rows, blocked: (sp.state(rows, dv, 0) if fuse else sp.rows(rows, blocked))
+    chunk_kw = {} if sp.sequential else dict(fuse_dq=fuse)
     if not _dkv_split(blocks, dk, dv):
         kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, **kw) if sp.sequential
-                else functools.partial(_gla_bwd_dkv_chunk_kernel, **kw))
+                else functools.partial(_gla_bwd_dkv_chunk_kernel, **chunk_kw, **kw))
         rk, rv = sp.rows(dk, False), sp.rows(dv, False)
         outs = [shape(q), shape(k), shape(v), shape(log_g)]
         out_specs = [rk, rk, rv, rk]
@@ -827,7 +869,8 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
             out_specs.append(sp.state(dk, dv, 0))
         res = pl.pallas_call(
             kern, grid=grid(1),
-            in_specs=[rk, rk, rk, rv, rv, rk, end_states(dk, dv, 0), sp.state(dk, dv, 0)],
+            in_specs=[rk, rk, rk, rv, rv, dq_spec(dk, False), end_states(dk, dv, 0),
+                      sp.state(dk, dv, 0)],
             out_specs=out_specs, out_shape=outs, name="gla_bwd_dkv" + seq,
             **_gpu_params(blocks, blocks.num_warps_dkv, dk, dv, interpret),
         )(q, k, log_g, v, do, dq32, s_end, ds_in)
@@ -850,10 +893,11 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     )(q, k, log_g, do, ds_in)
     rbk, rv = sp.rows(bk, True), sp.rows(dv, False)
     dk_kern = (functools.partial(_gla_bwd_dk_kernel, n_chunks=n_chunks, **kw) if sp.sequential
-               else functools.partial(_gla_bwd_dk_chunk_kernel, **kw))
+               else functools.partial(_gla_bwd_dk_chunk_kernel, **chunk_kw, **kw))
     dq, dk_, dg = pl.pallas_call(
         dk_kern, grid=grid(dk // bk),
-        in_specs=[rbk, rbk, rbk, rv, rv, rbk, end_states(bk, dv, 0), sp.state(bk, dv, 0)],
+        in_specs=[rbk, rbk, rbk, rv, rv, dq_spec(bk, True), end_states(bk, dv, 0),
+                  sp.state(bk, dv, 0)],
         out_specs=[rbk, rbk, rbk], out_shape=[shape(q), shape(k), shape(log_g)],
         name="gla_bwd_dk" + seq,
         **_gpu_params(blocks, blocks.num_warps_dkv, bk, dv, interpret),
@@ -863,7 +907,10 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
 
 def _gla_bwd_call(q, k, v, log_g, s0, states, do, dst, *, scale, blocks, interpret):
     kw = dict(scale=scale, blocks=blocks, interpret=interpret)
-    dq32, s_end = _bwd_dq_pass(k, v, log_g, s0, states, do, **kw)
+    if blocks.schedule != "sequential" and blocks.sub_chunk == blocks.chunk_size:
+        dq32 = None   # computed in the dk kernels from the stored states: no dq pass
+    else:
+        dq32, s_end = _bwd_dq_pass(k, v, log_g, s0, states, do, **kw)
     if blocks.schedule == "sequential":
         return _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, dst, **kw)
     dstates, ds0 = _bwd_dstates_pass(q, log_g, do, dst, **kw)
