@@ -131,16 +131,21 @@ def _save(results, path):
 
 def check_correctness(results, n_cases):
     """Ours (real lowering) against the f32 recurrence: outputs, final state, all gradients."""
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, jnp.bfloat16, -5.0,
-              2e-2, SEQ),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp", 2, 300, 4, 128, 128, jnp.bfloat16, -5.0,
-              2e-2, CP),
-             ("f32 T=300 Dk=64 Dv=128 log_g>=-5 seq", 2, 300, 2, 64, 128, jnp.float32, -5.0,
-              1e-3, SEQ),
-             ("bf16 T=1000 Dk=64 Dv=128 log_g>=-1 cp", 2, 1000, 3, 64, 128, jnp.bfloat16, -1.0,
-              2e-2, CP),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq", 2, 777, 4, 64, 64, jnp.bfloat16, -0.1,
-              2e-2, SEQ)]
+    v = VARIANTS
+    bf, f32 = jnp.bfloat16, jnp.float32
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
+             # 64-row diagonal blocks (log_g >= -1: the middle-row path; >= -5: the fallback)
+             ("bf16 T=1000 Dk=Dv=128 log_g>=-1 cp64", 2, 1000, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64"]),
+             ("bf16 T=1000 Dk=Dv=128 log_g>=-1 cp64f32", 2, 1000, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64f32"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
+              v["cp64"]),
+             ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
+              v["hyb64"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["seq64"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
     for case in cases[:n_cases]:
         results["correctness"].append(_check_case(*case))
 
@@ -269,52 +274,53 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
     _save(results, out)
 
 
-def run_stages(results, b, t, h, d, out, budget, extra=False):
-    """Each pass alone (its own jit), both schedules, D=Dk=Dv=d: where the time goes."""
+def run_stages(results, b, t, h, d, out, budget, only=None):
+    """Each pass alone (its own jit), D=Dk=Dv=d: where the time goes. `only`: item names."""
     if _elapsed() > budget:
         results["stages"].append({"skipped": "time budget"})
         return
     q, k, v, g, s0, do = _inputs(b, t, h, d, d, jnp.bfloat16, seed=5)
-    dst = jnp.zeros_like(s0)
+    dst = jax.random.normal(jax.random.key(9), s0.shape, jnp.float32)
     m = gla_mod
     kw = lambda blocks: dict(scale=d ** -0.5, blocks=blocks, interpret=False)
-    seq_split, seq_fused = dataclasses.replace(SEQ, dkv_split=True), dataclasses.replace(
-        SEQ, dkv_split=False)
-    cp_split, cp_fused = dataclasses.replace(CP, dkv_split=True), dataclasses.replace(
-        CP, dkv_split=False)
+    rep = dataclasses.replace
+    cp64, seq64 = VARIANTS["cp64"], VARIANTS["seq64"]
     # Residuals the backward passes take, computed once.
     s_end = jax.jit(lambda *a: m._bwd_dq_pass(*a, **kw(SEQ))[1])(k, v, g, s0, None, do)
     states = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(CP))[2])(q, k, v, g, s0)
     dstates = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(CP))[0])(q, g, do, dst)
-    dq32 = jnp.zeros(q.shape, jnp.float32) + 0.01
+    states64 = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(cp64))[2])(q, k, v, g, s0)
+    dstates64 = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(cp64))[0])(q, g, do, dst)
+    dq32 = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
+    fwd = lambda blocks: (lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(blocks)))
     items = {
-        "seq fwd": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(SEQ))[:2],
+        "seq fwd": fwd(SEQ),
         "seq dq pass": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(SEQ)),
         "seq dkv fused": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                 **kw(seq_fused)),
+                                                 **kw(rep(SEQ, dkv_split=False))),
         "seq dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                 **kw(seq_split)),
-        "cp fwd (states + chunks)": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[:2],
-        "hybrid fwd (seq, stores states)": lambda: m._gla_fwd_call(q, k, v, g, s0,
-                                                                   **kw(GB(schedule="hybrid"))),
+                                                 **kw(rep(SEQ, dkv_split=True))),
+        "cp fwd (states + chunks)": fwd(CP),
         "cp states pass": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[2],
         "cp dq chunks": lambda: m._bwd_dq_pass(k, v, g, s0, states, do, **kw(CP))[0],
         "cp dstates pass": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(CP)),
-        "cp dkv chunks fused": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
-                                                       **kw(cp_fused))[:4],
         "cp dkv chunks split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
-                                                       **kw(cp_split))[:4],
+                                                       **kw(CP))[:4],
+        "seq64 fwd": fwd(seq64),
+        "seq64 dq pass": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(seq64)),
+        "seq64 dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
+                                                   **kw(seq64)),
+        "hyb64 fwd (seq, stores states)": fwd(VARIANTS["hyb64"]),
+        "cp64 fwd (states + chunks)": fwd(cp64),
+        "cp64 states pass (bf16)": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(cp64))[2],
+        "cp64 dstates pass (bf16)": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(cp64)),
+        "cp64 dkv chunks split (dq inside)": lambda: m._bwd_dkv_pass(
+            q, k, v, g, do, None, states64, dstates64, **kw(cp64))[:4],
+        "cp64 dkv chunks fused (dq inside)": lambda: m._bwd_dkv_pass(
+            q, k, v, g, do, None, states64, dstates64, **kw(rep(cp64, dkv_split=False)))[:4],
     }
-    if extra:   # one state step per 64-row chunk
-        s64 = lambda blocks: dataclasses.replace(blocks, sub_chunk=64)
-        items.update({
-            "seq fwd sub64": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(s64(SEQ)))[:2],
-            "seq dq pass sub64": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(s64(SEQ))),
-            "seq dkv split sub64": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                           **kw(s64(seq_split))),
-            "cp dkv chunks split sub64": lambda: m._bwd_dkv_pass(
-                q, k, v, g, do, dq32, states, dstates, **kw(s64(cp_split)))[:4],
-        })
+    if only:
+        items = {n: f for n, f in items.items() if n in only}
     compiled = _compile_all(items, lambda name: ())
     row = {"b": b, "t": t, "h": h, "d": d}
     _time_into(row, compiled, lambda name: ())
@@ -323,26 +329,30 @@ def run_stages(results, b, t, h, d, out, budget, extra=False):
     _save(results, out)
 
 
+_SUB64 = dict(sub_chunk=64, intra_block=64, bf16_states=True)
+_W8 = dict(num_warps_fwd=8, num_warps_dq=8, num_warps_dkv=8)
 VARIANTS = {
+    # sub_chunk 16 (4 state steps per 64-row chunk, 16-row diagonal blocks), f32 states
     "seq": SEQ,
-    "seq_fused": dataclasses.replace(SEQ, dkv_split=False),
-    "seq_dkv8w": dataclasses.replace(SEQ, num_warps_dkv=8),
-    "seq_st1": dataclasses.replace(SEQ, num_stages=1),
-    "seq_st3": dataclasses.replace(SEQ, num_stages=3),
-    "seq_sub32": dataclasses.replace(SEQ, sub_chunk=32),
-    "seq_sub64": dataclasses.replace(SEQ, sub_chunk=64),
-    "seq_sub64_bf16": dataclasses.replace(SEQ, sub_chunk=64, bf16_states=True),
     "cp": CP,
-    "cp_fused": dataclasses.replace(CP, dkv_split=False),
-    "cp_bv128": dataclasses.replace(CP, block_v=128),
-    "cp_sub32": dataclasses.replace(CP, sub_chunk=32),
-    "cp_sub64": dataclasses.replace(CP, sub_chunk=64),
-    "cp_bf16": dataclasses.replace(CP, bf16_states=True),
-    "cp_sub64_bf16_w8": dataclasses.replace(CP, sub_chunk=64, bf16_states=True, num_warps_fwd=8,
-                                            num_warps_dq=8, num_warps_dkv=8),
     "hyb": GB(schedule="hybrid"),
-    "hyb_sub64_bf16": GB(schedule="hybrid", sub_chunk=64, bf16_states=True),
-    "cp_sub64_bf16": dataclasses.replace(CP, sub_chunk=64, bf16_states=True),
+    "seq_fused": dataclasses.replace(SEQ, dkv_split=False),
+    "cp_fused": dataclasses.replace(CP, dkv_split=False),
+    "seq_st1": dataclasses.replace(SEQ, num_stages=1),
+    # one state step per chunk, one 64-row diagonal block (guarded), bf16 stored states
+    "seq64": GB(schedule="sequential", **_SUB64),
+    "cp64": GB(schedule="chunk_parallel", **_SUB64),
+    "hyb64": GB(schedule="hybrid", **_SUB64),
+    "seq64w8": GB(schedule="sequential", **_SUB64, **_W8),
+    "cp64w8": GB(schedule="chunk_parallel", **_SUB64, **_W8),
+    "hyb64w8": GB(schedule="hybrid", **_SUB64, **_W8),
+    "cp64f32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=64),
+    "cp64i16": GB(schedule="chunk_parallel", sub_chunk=64, bf16_states=True),
+    "cp64i32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=32, bf16_states=True),
+    "cp64st1": GB(schedule="chunk_parallel", **_SUB64, num_stages=1),
+    "cp64fused": GB(schedule="chunk_parallel", **_SUB64, dkv_split=False),
+    "cp32": GB(schedule="chunk_parallel", sub_chunk=32, intra_block=32, bf16_states=True),
+    "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
 }
 
 
@@ -369,23 +379,32 @@ def ptxas_report(dump_dir):
 
 
 def report(results):
-    lines = ["| B | H | Dk | Dv | T | auto | seq fwd | seq fwd+bwd | cp fwd | cp fwd+bwd | "
-             "fla fwd | fla fwd+bwd | best fwd vs fla | best fwd+bwd vs fla | ref fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Per shape: the fastest of our candidates (forward and forward+backward separately),
+    fla, the ratios, the reference; every candidate's numbers stay in the JSON."""
+    lines = ["| B | H | Dk | Dv | T | auto | best ours fwd | best ours fwd+bwd | fla fwd | "
+             "fla fwd+bwd | fwd vs fla | fwd+bwd vs fla | ref fwd+bwd | fwd+bwd vs ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
+    r = lambda a, b: f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
 
-    def ratio(row, kind):
-        ours = [row.get(f"{s}_{kind}") for s in ("seq", "cp")]
-        ours = [x for x in ours if isinstance(x, float)]
-        fla = row.get(f"fla_{kind}")
-        return f"{fla / min(ours):.2f}x" if ours and isinstance(fla, float) else "-"
+    def best(row, kind):
+        ours = {k[:-len(kind) - 1]: x for k, x in row.items()
+                if k.endswith("_" + kind) and isinstance(x, float)
+                and not k.startswith(("fla", "ref")) and (kind == "fwd_bwd"
+                                                          or not k.endswith("fwd_bwd"))}
+        if not ours:
+            return None, "-"
+        name = min(ours, key=ours.get)
+        return ours[name], f"{ours[name]:.3f} ({name})"
     for row in results["timings"] + results["hybrid"]:
+        bf, bf_s = best(row, "fwd")
+        bb, bb_s = best(row, "fwd_bwd")
         lines.append(
             f"| {row['b']} | {row['h']} | {row['dk']} | {row['dv']} | {row['t']} | "
-            f"{row.get('auto', '-')} | {f(row.get('seq_fwd'))} | {f(row.get('seq_fwd_bwd'))} | "
-            f"{f(row.get('cp_fwd'))} | {f(row.get('cp_fwd_bwd'))} | {f(row.get('fla_fwd'))} | "
-            f"{f(row.get('fla_fwd_bwd'))} | {ratio(row, 'fwd')} | {ratio(row, 'fwd_bwd')} | "
-            f"{f(row.get('ref_fwd_bwd'))} |")
+            f"{row.get('auto', '-')} | {bf_s} | {bb_s} | {f(row.get('fla_fwd'))} | "
+            f"{f(row.get('fla_fwd_bwd'))} | {r(row.get('fla_fwd'), bf)} | "
+            f"{r(row.get('fla_fwd_bwd'), bb)} | {f(row.get('ref_fwd_bwd'))} | "
+            f"{r(row.get('ref_fwd_bwd'), bb)} |")
     return "\n".join(lines)
 
 
@@ -399,8 +418,8 @@ def main():
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--hybrid", action="store_true", help="B=8/16, H=6, Dk=64, Dv=128, T=2048")
     p.add_argument("--variants", default="", help="groups of VARIANTS names at D=128, T=2k, "
-                   "one row each: 'a,b;c,d' (the first group runs first, the rest last)")
-    p.add_argument("--candidates", default="seq,cp",
+                   "one row each: 'a,b;c,d' (run last)")
+    p.add_argument("--candidates", default="seq,cp,seq64,cp64,hyb64",
                    help="VARIANTS names timed in the main and hybrid cells")
     p.add_argument("--stages", action="store_true", help="each pass alone at D=128, T=2048")
     p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
@@ -413,7 +432,9 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_dump_to={args.regs}").strip()
         results = {"stages": [], "timings": [], "hybrid": []}
-        run_stages(results, B, 2048, H, 128, args.out, args.budget, extra=True)
+        run_stages(results, B, 2048, H, 128, args.out, args.budget,
+                   only=["seq fwd", "seq dkv split", "cp64 fwd (states + chunks)",
+                         "cp64 dkv chunks split (dq inside)"])
         results["ptxas"] = ptxas_report(args.regs)
         _save(results, args.out)
         print("\n".join(results["ptxas"]))
@@ -432,25 +453,28 @@ def main():
     _save(results, args.out)
     groups = [g.split(",") for g in args.variants.split(";") if g]
     cell_nofla = dict(cell, fla=_Fla(False, 0, results), ref_max_t=0)
-    variants = lambda names: run_cell(results, "variants", B, 2048, H, 128, 128,
-                                      {n: VARIANTS[n] for n in names}, **cell_nofla)
-    if groups:   # the first group before everything else, the others at the end
-        variants(groups[0])
-    both = {n: VARIANTS[n] for n in args.candidates.split(",")}
-    if args.hybrid:
+    cands = {n: VARIANTS[n] for n in args.candidates.split(",")}
+    # Order: the first head dim at every length, the hybrid_3to1_gpu shape, the other head
+    # dims, each pass alone, the variant groups (later items are the first to hit --budget).
+    dims = [int(x) for x in args.dims.split(",") if x]
+    for i, d in enumerate(dims):
+        for t in [int(x) for x in args.lengths.split(",") if x]:
+            run_cell(results, "timings", B, t, H, d, d, cands, **cell)
+        if i == 0 and args.hybrid:
+            for b in (8, 16):
+                run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands, **cell)
+    if args.hybrid and not dims:
         for b in (8, 16):
-            run_cell(results, "hybrid", b, 2048, 6, 64, 128, both, **cell)
+            run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands, **cell)
     if args.stages:
         try:
             run_stages(results, B, 2048, H, 128, args.out, args.budget)
         except Exception as e:  # noqa: BLE001
             results["stages"].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
             traceback.print_exc()
-    for d in [int(x) for x in args.dims.split(",") if x]:
-        for t in [int(x) for x in args.lengths.split(",") if x]:
-            run_cell(results, "timings", B, t, H, d, d, both, **cell)
-    for names in groups[1:]:
-        variants(names)
+    for names in groups:
+        run_cell(results, "variants", B, 2048, H, 128, 128, {n: VARIANTS[n] for n in names},
+                 **cell_nofla)
     _save(results, args.out)
     print(results["table"])
 
