@@ -159,30 +159,34 @@ def correctness_variants(results):
 
 def mosaic_bwd(results, deadline, n=4096):
     """The Mosaic GPU backward (dq fused by TMA reduce-add): real-lowering checks, then fwd+bwd
-    TFLOP/s at N=4k against the default (Triton) backward in the same process."""
-    rows = results.setdefault("correctness", [])
-    cases = [(1, 1024, 4, 4, 64, False, None), (2, 1000, 8, 2, 128, True, None),
-             (1, 2048, 8, 1, 64, True, 300), (1, 777, 4, 2, 128, False, None)]
-    for i, (b, n_, hq, hkv, d, causal, window) in enumerate(cases):
-        if time.time() > deadline:
-            break
-        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=90 + i)
-        kw = dict(causal=causal, window=window)
-        row = dict(case=f"mosaic bwd b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
-                        f"window={window}")
-        try:
-            o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention_kernel(
-                q, k, v, bwd_impl="mosaic", **kw))(q, k, v, do)
-            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
-                q, k, v, **kw))(*f32)
-            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
-                       dv=_rel(g[2], g_ref[2]))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-            traceback.print_exc(limit=4)
-        print("check", row, flush=True)
-        rows.append(row)
+    TFLOP/s at N=4k against the default (Triton) backward in the same process. The causal GQA
+    and window checks run last: they hung in Mosaic GPU interpret mode on the 2-core CI machine
+    (the interpreter never started one warpgroup), so a hang here costs only them."""
+    def check(cases):
+        rows = results.setdefault("correctness", [])
+        for i, (b, n_, hq, hkv, d, causal, window) in enumerate(cases):
+            if time.time() > deadline:
+                break
+            q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=90 + i)
+            kw = dict(causal=causal, window=window)
+            row = dict(case=f"mosaic bwd b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                            f"window={window}")
+            try:
+                o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention_kernel(
+                    q, k, v, bwd_impl="mosaic", **kw))(q, k, v, do)
+                f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+                o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
+                    q, k, v, **kw))(*f32)
+                row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                           dv=_rel(g[2], g_ref[2]))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+                traceback.print_exc(limit=4)
+            print("check", row, flush=True)
+            rows.append(row)
+
+    check([(1, 1024, 4, 4, 64, False, None), (1, 777, 4, 2, 128, False, None),
+           (1, 1000, 4, 4, 128, True, None)])
     rows = results.setdefault("bwd_sweep", [])
     b = TOKENS // n
     for d in (128, 64):
@@ -203,6 +207,7 @@ def mosaic_bwd(results, deadline, n=4096):
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print("bsweep", row, flush=True)
                 rows.append(row)
+    check([(2, 1000, 8, 2, 128, True, None), (1, 2048, 8, 1, 64, True, 300)])
 
 
 def _impls(d, causal, ours_cfg, mgpu_cfg=None):
