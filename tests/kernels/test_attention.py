@@ -273,3 +273,23 @@ def test_backward_with_dq_fused_by_atomic_adds(causal, hkv, window, segments):
                                            **SMALL_BLOCKS, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 1e-4)
+
+
+@pytest.mark.parametrize("lq,lk,hq,hkv,d,causal", [
+    (100, 100, 4, 2, 64, False),
+    pytest.param(130, 100, 1, 1, 64, True, marks=SLOW),
+    pytest.param(128, 128, 1, 1, 128, False, marks=SLOW),
+])
+def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal):
+    """The Mosaic GPU backward (dk/dv with dq fused; interpret mode stores dq per KV tile and
+    sums, the GPU uses a TMA reduce-add). Causal GQA and window cases hang in the interpreter
+    on this 2-CPU machine (one warpgroup thread never starts), so they are checked on the GPU
+    only (bench/attention.py --parts mbwd)."""
+    q, k, v, do = _inputs(18, 1, lq, lk, hq, hkv, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
