@@ -160,8 +160,7 @@ def correctness_variants(results):
 def mosaic_bwd(results, deadline, n=4096):
     """The Mosaic GPU backward (dq fused by TMA reduce-add): real-lowering checks, then fwd+bwd
     TFLOP/s at N=4k against the default (Triton) backward in the same process. The causal GQA
-    and window checks run last: they hung in Mosaic GPU interpret mode on the 2-core CI machine
-    (the interpreter never started one warpgroup), so a hang here costs only them."""
+    and window checks run last, so that a hang on the first real lowering costs only them."""
     def check(cases):
         rows = results.setdefault("correctness", [])
         for i, (b, n_, hq, hkv, d, causal, window) in enumerate(cases):
