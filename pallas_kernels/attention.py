@@ -691,6 +691,9 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
 # it measured faster than the Triton forward (docs/kernels/flash_attention.md, "Which path runs
 # where"). Other head dims, f32 inputs, segment ids and pre-Hopper GPUs take the Triton path.
 MOSAIC_FWD_DIMS = (128,)
+# Head dims whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add) on Hopper by
+# default; empty until it measures faster than the Triton backward.
+MOSAIC_BWD_DIMS: tuple[int, ...] = ()
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -703,20 +706,30 @@ def _cuda_capability() -> tuple[int, int] | None:
     return major, minor
 
 
-def choose_fwd_impl(d_pad: int, dtype, has_segments: bool, capability) -> str:
+def choose_fwd_impl(d_pad: int, dtype, has_segments: bool, capability,
+                    dims=None) -> str:
     """The forward kernel for one call: "mosaic" (wgmma/TMA, sm_90 only) or "triton".
 
     `capability` is the CUDA compute capability (major, minor) or None (not an NVIDIA GPU: the
     caller runs interpret mode). wgmma exists only on sm_90, so Blackwell (10.x) and Ampere /
-    Ada (8.x) take the Triton path.
+    Ada (8.x) take the Triton path. `dims`: the head dims that run Mosaic (MOSAIC_FWD_DIMS).
     """
+    dims = MOSAIC_FWD_DIMS if dims is None else dims
     if capability is None or capability[0] != 9:
         return "triton"
-    if has_segments or d_pad not in MOSAIC_FWD_DIMS:
+    if has_segments or d_pad not in dims:
         return "triton"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return "triton"
     return "mosaic"
+
+
+def choose_bwd_impl(d_pad: int, dtype, has_segments: bool, capability) -> str:
+    """The backward for one call: "mosaic" where MOSAIC_BWD_DIMS says so, else "split"
+    (the Triton dq kernel plus the Triton dk/dv kernel)."""
+    if choose_fwd_impl(d_pad, dtype, has_segments, capability, MOSAIC_BWD_DIMS) == "mosaic":
+        return "mosaic"
+    return "split"
 
 
 def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=None,
@@ -725,8 +738,9 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
 
     `fwd_impl`: None picks per GPU (`choose_fwd_impl`: the Mosaic GPU forward on Hopper at
     head_dim 128, else Triton); "mosaic" forces the Mosaic GPU forward (with `interpret=True` it
-    runs in Mosaic GPU interpret mode); "triton" forces the Triton-lowered one. The backward is
-    the Triton-lowered kernels either way.
+    runs in Mosaic GPU interpret mode); "triton" forces the Triton-lowered one. `bwd_impl`: None
+    picks per GPU (`choose_bwd_impl`), "split" (Triton dq + dk/dv kernels), "atomic" (Triton dk/dv
+    kernel with dq by f32 atomic adds) or "mosaic" (Mosaic GPU, dq by TMA reduce-add).
     """
     lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
@@ -738,6 +752,11 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
     if fwd_impl is None:
         fwd_impl = "triton" if interpret else choose_fwd_impl(
             d_pad, q.dtype, segment_ids is not None, _cuda_capability())
+    if blocks.get("bwd_impl") is None:
+        blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
+            d_pad, q.dtype, segment_ids is not None, _cuda_capability())
+    if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):
+        raise ValueError("bwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
     if fwd_impl == "mosaic":
         # Mosaic GPU forward: block_q rows per consumer warpgroup (two per CTA), 64-wide tiles.
         if segment_ids is not None or d_pad not in (64, 128):
