@@ -192,7 +192,8 @@ def mosaic_bwd(results, deadline, n=4096):
         q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
         for causal in (False, True):
             flops = 4 * b * H * n * n * d / (2 if causal else 1) * 3.5
-            for cfg in (dict(bwd_impl="mosaic"), dict(bwd_impl="split")):
+            for cfg in (dict(bwd_impl="mosaic"), dict(bwd_impl="mosaic", mgpu_bwd_dq="own"),
+                        dict(bwd_impl="split")):
                 row = dict(d=d, causal=causal, n=n, cfg=cfg)
                 if time.time() > deadline:
                     row["skipped"] = "time budget"

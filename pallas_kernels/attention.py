@@ -129,6 +129,7 @@ class FlashConfig:
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2
+    mgpu_bwd_dq: str = "halves"  # Mosaic dq: "halves" of D over both warpgroups' keys, or "own"
     interpret: bool = False
 
 

@@ -195,8 +195,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     """
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     d = q_ref.shape[-1]
-    dq_wgs = 2 if d >= 128 else 1                           # dq column halves need 64-wide tiles
-    dh = d // dq_wgs
+    own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
+    dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
+    dh = d if own else d // dq_wgs
     b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
@@ -229,7 +230,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         def step(i, carry, r, masked):
             dk, dv = carry
             t = r * n + (i - lo)
-            slot, buf = lax.rem(t, jnp.int32(stages)), lax.rem(t, jnp.int32(2))
+            slot = lax.rem(t, jnp.int32(stages))
+            buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
 
@@ -289,14 +291,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     return acc_ref[...]
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
             plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
-            sync()                                           # both halves of dS^T are in SMEM
+            if not own:
+                sync()                                       # both halves of dS^T are in SMEM
 
             @pl.when(wg < dq_wgs)
             def _dq():
-                cols = pl.ds(wg * dh, dh)
+                cols = pl.ds(0 if own else wg * dh, dh)
 
                 def dq_mm(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_smem.at[buf].transpose((1, 0)), k_smem.at[:, cols])
+                    if own:
+                        plgpu.wgmma(acc_ref, ds_smem.at[buf, rows].transpose((1, 0)),
+                                    k_smem.at[rows])
+                    else:
+                        plgpu.wgmma(acc_ref, ds_smem.at[buf].transpose((1, 0)),
+                                    k_smem.at[:, cols])
                     return acc_ref[...]
                 dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
@@ -305,8 +313,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 q_at = (b, pl.ds(i * bq, bq), h, cols)
                 if gpu_path:
                     plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[q_at], reduction_op="add")
-                else:       # interpret mode has no TMA reduction: one slot per KV tile, summed
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[(tile, *q_at)])
+                else:       # interpret mode has no TMA reduction: a slot per (tile, wg), summed
+                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[(tile, wg, *q_at)])
             return dk, dv
 
         def head(r, carry):
@@ -372,9 +380,11 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
                     _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
     n_tiles = lk_pad // (2 * bk)
-    dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, b, lq_pad, hq, d)
+    dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, 2, b, lq_pad, hq, d)
     dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
-    dq_wgs = 2 if d >= 128 else 1
+    own = cfg.mgpu_bwd_dq == "own"
+    dq_wgs = 2 if (d >= 128 or own) else 1
+    dq_cols = d if own else d // dq_wgs
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref):
@@ -383,8 +393,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                 plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
                 plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
                 plgpu.SMEM((stages, 2, bq), jnp.float32),
-                plgpu.SMEM((2, 2 * bk, bq), q.dtype, transforms=tiles),
-                plgpu.SMEM((dq_wgs, bq, d // dq_wgs), jnp.float32),
+                plgpu.SMEM((1 if own else 2, 2 * bk, bq), q.dtype, transforms=tiles),
+                plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
                 # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
                 None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
         barriers = (plgpu.Barrier(num_barriers=4),
@@ -411,7 +421,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]
     if interpret:
-        dq = dq.sum(axis=0)
+        dq = dq.sum(axis=(0, 1))
     return dq[:, :lq].astype(q.dtype), dk[:, :lk], dv[:, :lk]
 
 
