@@ -129,28 +129,43 @@ def _save(results, path):
 # ------------------------------------------------------------------------------ correctness
 
 
-def check_correctness(results, n_cases):
-    """Ours (real lowering) against the f32 recurrence: outputs, final state, all gradients."""
+def check_correctness(results, n_cases, out):
+    """Ours (real lowering) against the f32 recurrence: outputs, final state, all gradients.
+    The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
-             # 64-row diagonal blocks (log_g >= -1: the middle-row path; >= -5: the fallback)
-             ("bf16 T=1000 Dk=Dv=128 log_g>=-1 cp64", 2, 1000, 4, 128, 128, bf, -1.0, 2e-2,
+    cases = [# 64-row diagonal blocks (log_g >= -1: the middle-row path; >= -5: the fallback)
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
               v["cp64"]),
-             ("bf16 T=1000 Dk=Dv=128 log_g>=-1 cp64f32", 2, 1000, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64f32"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
               v["cp64"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64f32"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
-    for case in cases[:n_cases]:
-        results["correctness"].append(_check_case(*case))
+    prepared = [_check_case(*case) for case in cases[:n_cases]]
+    compiled = _compile_all({p["name"] + " ours": p["ours"] for p in prepared}
+                            | {p["name"] + " ref": p["ref"] for p in prepared},
+                            lambda name: next(p["args"] for p in prepared
+                                              if name.startswith(p["name"] + " ")))
+    for p in prepared:
+        try:
+            results["correctness"].append(p["finish"](compiled[p["name"] + " ours"],
+                                                      compiled[p["name"] + " ref"]))
+        except Exception as e:  # noqa: BLE001
+            results["correctness"].append({"case": p["name"], "error": f"{type(e).__name__}: "
+                                           f"{str(e)[:300]}"})
+            traceback.print_exc()
+        _save(results, out)
 
 
 def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol, blocks):
+    """The two functions to compile (ours, the f32 recurrence: gradient of a weighted sum of
+    the outputs and the final state, with the outputs), their inputs, and `finish`."""
     q, k, v, g, s0, do = _inputs(b, t, h, dk, dv, dtype, seed=t, log_g_min=gmin)
     up = lambda x: x.astype(jnp.float32)
     w = jax.random.normal(jax.random.key(1), (b, h, dk, dv))
@@ -166,18 +181,25 @@ def _check_case(name, b, t, h, dk, dv, dtype, gmin, tol, blocks):
         with jax.default_matmul_precision("highest"):  # no tf32 in the f32 reference
             return gla_mod.gla_recurrent_reference(up(q), up(k), up(v), up(g), initial_state=s0)
 
-    grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), (0, 1, 2, 3, 4), has_aux=True))
-    (g_o, (o, st)), (g_r, (o_r, st_r)) = grad(ours)(q, k, v, g, s0), grad(ref)(q, k, v, g, s0)
-    errs = {"o": rel_error(o, o_r), "state": rel_error(st, st_r)}
-    errs.update({n: rel_error(a, r) for n, a, r in
-                 zip(("dq", "dk", "dv", "dlog_g", "ds0"), g_o, g_r, strict=True)})
-    # dlog_g: a reverse cumsum (inside a chunk) of differences of matmul terms, which are bf16
-    # operands for bf16 and tf32 (Triton's f32 dot) for f32 inputs.
-    dg_tol = 3 * tol if dtype == jnp.bfloat16 else 10 * tol
-    ok = all(e <= (dg_tol if n == "dlog_g" else tol) for n, e in errs.items())
-    print(f"[check {_elapsed():.0f}s] {name}: {'OK' if ok else 'FAIL'} "
-          + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
-    return {"case": name, "ok": ok, "tol": tol, "dlog_g_tol": dg_tol, **errs}
+    grad = lambda fn: jax.grad(lambda *a: loss(fn, *a), (0, 1, 2, 3, 4), has_aux=True)
+
+    def finish(ours_c, ref_c):
+        if isinstance(ours_c, str) or isinstance(ref_c, str):
+            raise RuntimeError(ours_c if isinstance(ours_c, str) else ref_c)
+        (g_o, (o, st)), (g_r, (o_r, st_r)) = ours_c(*args), ref_c(*args)
+        errs = {"o": rel_error(o, o_r), "state": rel_error(st, st_r)}
+        errs.update({n: rel_error(a, r) for n, a, r in
+                     zip(("dq", "dk", "dv", "dlog_g", "ds0"), g_o, g_r, strict=True)})
+        # dlog_g: a reverse cumsum (inside a chunk) of differences of matmul terms, which are
+        # bf16 operands for bf16 and tf32 (Triton's f32 dot) for f32 inputs.
+        dg_tol = 3 * tol if dtype == jnp.bfloat16 else 10 * tol
+        ok = all(e <= (dg_tol if n == "dlog_g" else tol) for n, e in errs.items())
+        print(f"[check {_elapsed():.0f}s] {name}: {'OK' if ok else 'FAIL'} "
+              + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
+        return {"case": name, "ok": ok, "tol": tol, "dlog_g_tol": dg_tol, **errs}
+
+    args = (q, k, v, g, s0)
+    return dict(name=name, ours=grad(ours), ref=grad(ref), args=args, finish=finish)
 
 
 # ------------------------------------------------------------------------------ fla
@@ -417,6 +439,7 @@ def main():
     p.add_argument("--dims", default="128,64")
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--hybrid", action="store_true", help="B=8/16, H=6, Dk=64, Dv=128, T=2048")
+    p.add_argument("--fla-hybrid", action="store_true", help="fla at the hybrid shape too")
     p.add_argument("--variants", default="", help="groups of VARIANTS names at D=128, T=2k, "
                    "one row each: 'a,b;c,d' (run last)")
     p.add_argument("--candidates", default="seq,cp,seq64,cp64,hyb64",
@@ -446,7 +469,7 @@ def main():
     fla = _Fla(not args.no_fla, args.fla_configs, results)
     cell = dict(budget=args.budget, fla=fla, ref_max_t=args.ref_max_t, out=args.out)
     try:
-        check_correctness(results, args.checks)
+        check_correctness(results, args.checks, args.out)
     except Exception as e:  # noqa: BLE001
         results["correctness_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         traceback.print_exc()
@@ -454,18 +477,20 @@ def main():
     groups = [g.split(",") for g in args.variants.split(";") if g]
     cell_nofla = dict(cell, fla=_Fla(False, 0, results), ref_max_t=0)
     cands = {n: VARIANTS[n] for n in args.candidates.split(",")}
-    # Order: the first head dim at every length, the hybrid_3to1_gpu shape, the other head
-    # dims, each pass alone, the variant groups (later items are the first to hit --budget).
+    # Order: the first length for the first head dim, the hybrid_3to1_gpu shape, the first
+    # length for the other head dims, then the other lengths (later cells hit --budget first).
     dims = [int(x) for x in args.dims.split(",") if x]
-    for i, d in enumerate(dims):
-        for t in [int(x) for x in args.lengths.split(",") if x]:
-            run_cell(results, "timings", B, t, H, d, d, cands, **cell)
-        if i == 0 and args.hybrid:
-            for b in (8, 16):
-                run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands, **cell)
-    if args.hybrid and not dims:
-        for b in (8, 16):
-            run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands, **cell)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    cells = [(d, t) for t in lengths for d in dims]
+    hybrid = lambda: [run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands,
+                               **(cell if args.fla_hybrid else cell_nofla))
+                      for b in (8, 16)] if args.hybrid else None
+    for i, (d, t) in enumerate(cells):
+        run_cell(results, "timings", B, t, H, d, d, cands, **cell)
+        if i == 0:
+            hybrid()
+    if not cells:
+        hybrid()
     if args.stages:
         try:
             run_stages(results, B, 2048, H, 128, args.out, args.budget)
