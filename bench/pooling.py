@@ -316,12 +316,12 @@ def bench_mixer(shape, backend, variants, results, log, over):
 
 
 SWEEP = [  # (op, block sizes) tried besides the defaults, most wanted first
+    ("global_aggregate", [dict(block_l=16, block_d=512, num_warps=8), dict(num_warps=8)]),
+    ("ponet_fuse", [dict(block_l=64, block_d=128, num_warps=8)]),
+    ("local_max causal", [dict(block_l=64, block_d=128, num_warps=8)]),
+    ("ponet_pool_fuse causal", [dict(group=4, block_d=128)]),
     ("prefix_mean dot", [dict(block_l=32, dot=True), dict(block_d=32, dot=True),
-                         dict(block_l=128, dot=True), dict(group=4, dot=True)]),
-    ("ponet_pool_fuse causal", [dict(group=4, block_d=128), dict(group=16, block_d=64)]),
-    ("global_aggregate", [dict(num_warps=8), dict(block_l=16, block_d=512, num_warps=8)]),
-    ("ponet_pool_fuse", [dict(block_l=64, block_d=64), dict(block_l=32, block_d=256)]),
-    ("segment_max", [dict(block_l=64, block_d=128)]),
+                         dict(group=4, dot=True)]),
 ]
 
 # --tune: op -> (key of pool._DEFAULTS, candidates); the fastest correct forward + backward at
