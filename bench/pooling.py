@@ -247,13 +247,33 @@ def _one_matmul():
     return OneMatmul
 
 
-MIXER_VARIANTS = {  # name -> (impl is the kernel backend?, spec overrides, one matmul)
-    "fused": (True, {"fused_pool": True}, False),               # the defaults
-    "3 kernels": (True, {"fused_pool": False}, False),
-    "fused 1 matmul": (True, {"fused_pool": True}, True),
-    "reference": (False, {}, False),
-    "reference 1 matmul": (False, {}, True),
+MIXER_VARIANTS = {  # name -> (impl is the kernel backend?, spec overrides, one matmul,
+    #                      kernel defaults in effect while it is traced)
+    "fused": (True, {"fused_pool": True}, False, {}),               # the defaults
+    "3 kernels": (True, {"fused_pool": False}, False, {}),
+    "fused 1 matmul": (True, {"fused_pool": True}, True, {}),
+    "fused dot": (True, {"fused_pool": True}, False,                # causal only
+                  {"prefix_mean": (64, 64, 1, 4, 3, True)}),
+    "reference": (False, {}, False, {}),
+    "reference 1 matmul": (False, {}, True, {}),
 }
+
+
+def _with_defaults(fn, defaults):
+    """fn, with pool._DEFAULTS updated by `defaults` during each call (jit traces at the first)."""
+    if not defaults:
+        return fn
+
+    def run(*args):
+        saved = dict(pool._DEFAULTS)
+        pool._DEFAULTS.update(defaults)
+        try:
+            return fn(*args)
+        finally:
+            pool._DEFAULTS.clear()
+            pool._DEFAULTS.update(saved)
+
+    return run
 
 
 def mixer_fns(b, l, d, causal, backend, variants):
@@ -266,7 +286,9 @@ def mixer_fns(b, l, d, causal, backend, variants):
     x = jax.random.normal(jax.random.key(1), (b, l, d), jnp.bfloat16)
     out = {}
     for name in variants:
-        kernel, over, one_matmul = MIXER_VARIANTS[name]
+        kernel, over, one_matmul, defaults = MIXER_VARIANTS[name]
+        if "dot" in name and not causal:
+            continue
         spec = {"causal": causal, "impl": backend if kernel else "reference",
                 "n_heads": d // HEAD_DIM, "segment_size": SEGMENT, "local_window": WINDOW, **over}
         if one_matmul:
@@ -282,7 +304,7 @@ def mixer_fns(b, l, d, causal, backend, variants):
             return jnp.sum(nnx.merge(g, state)(x).astype(jnp.float32) ** 2)
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        out[name] = (fwd, grad, state, x)
+        out[name] = (_with_defaults(fwd, defaults), _with_defaults(grad, defaults), state, x)
     return out
 
 
