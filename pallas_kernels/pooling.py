@@ -627,7 +627,8 @@ def _pool_fuse_causal_bwd_kernel(g_ref, s_ref, o_ref, l_ref, dy_ref, ds_ref, do_
                                  dg_ref, *, size, group, block_d, window, unroll, barrier):
     # Sweep 1, forward through each segment: the running max s' gives do = dy * (g + s') and is
     # parked in ds; dl and dg need no order. Sweep 2, backward: the argmax positions are the
-    # strict increases of the parked s', and each takes the sum of dy * o over its run.
+    # strict increases of the parked s', and each takes the sum of dy * o over its run (read
+    # back from dg when g has a length axis, as in the causal mixer).
     length = s_ref.shape[0]
     segs = pl.program_id(1) * group + _ar(group)
     cols = pl.program_id(2) * block_d + _ar(block_d)
@@ -667,8 +668,11 @@ def _pool_fuse_causal_bwd_kernel(g_ref, s_ref, o_ref, l_ref, dy_ref, ds_ref, do_
         s_max = _load_f32(ds_ref, rows, cols, ok, -jnp.inf)
         s_prev = _load_f32(ds_ref, rows - 1, cols, ok & (t > 0), -jnp.inf)
         new = (s_max > s_prev) | (t == 0)
-        acc = acc + (_load_f32(dy_ref, rows, cols, ok, 0.0)
-                     * _load_f32(o_ref, rows, cols, ok, 0.0))
+        if g_row:
+            dy_o = _load_f32(dy_ref, rows, cols, ok, 0.0) * _load_f32(o_ref, rows, cols, ok, 0.0)
+        else:                           # dg = dy * o, written by sweep 1: one read, not two
+            dy_o = _load_f32(dg_ref, rows, cols, ok, 0.0)
+        acc = acc + dy_o
         _store(ds_ref, rows, cols, ok, jnp.where(new, acc, 0.0))
         return jnp.where(new, 0.0, acc)
 
