@@ -157,7 +157,7 @@ def correctness_variants(results):
     results["dispatch"] = row
 
 
-def mosaic_bwd(results, deadline, n=4096):
+def mosaic_bwd(results, deadline, n=4096, lengths=()):
     """The Mosaic GPU backward (dq fused by TMA reduce-add): real-lowering checks, then fwd+bwd
     TFLOP/s at N=4k against the default (Triton) backward in the same process. The causal GQA
     and window checks run last, so that a hang on the first real lowering costs only them."""
@@ -208,14 +208,28 @@ def mosaic_bwd(results, deadline, n=4096):
                 print("bsweep", row, flush=True)
                 rows.append(row)
     check([(2, 1000, 8, 2, 128, True, None), (1, 2048, 8, 1, 64, True, 300)])
+    mbwd = [r for r in rows if r["cfg"].get("bwd_impl") == "mosaic" and "tflops" in r]
+    if mbwd and lengths:
+        score = {}
+        for r in mbwd:
+            mode = r["cfg"].get("mgpu_bwd_dq", "halves")
+            score[mode] = score.get(mode, 0.0) + r["tflops"]
+        best = max(score, key=score.get)
+        results["chosen_mbwd"] = best
+        print("mosaic backward dq mode:", best, score, flush=True)
+        throughput(results, lengths, (128, 64), deadline, ["ours_mbwd"],
+                   mbwd_cfg=dict(mgpu_bwd_dq=best), modes=("fwd+bwd",))
 
 
-def _impls(d, causal, ours_cfg, mgpu_cfg=None):
+def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
     """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
     mgpu_cfg = {k: v for k, v in (mgpu_cfg or {}).items() if k != "fwd_impl"}
     impls = {
         "ours": (lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **ours_cfg),
                  None, True),
+        "ours_mbwd": (lambda q, k, v: attn.flash_attention_kernel(
+            q, k, v, causal=causal, **{**ours_cfg, "bwd_impl": "mosaic", **(mbwd_cfg or {})}),
+            None, True),
         "ours_triton": (lambda q, k, v: attn.flash_attention_kernel(
             q, k, v, causal=causal, **{**ours_cfg, "fwd_impl": "triton"}), None, True),
         "ours_mgpu": (lambda q, k, v: attn.flash_attention_kernel(
@@ -245,7 +259,7 @@ def _impls(d, causal, ours_cfg, mgpu_cfg=None):
 
 
 def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
-               xla_max_n=1 << 30, mgpu_cfg=None):
+               xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd")):
     rows = results.setdefault("throughput", [])
     for d in dims:
         for causal in (False, True):
@@ -254,12 +268,12 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                 flops = 4 * b * H * n * n * d / (2 if causal else 1)
                 cfg = (ours_cfg or {}) if d == 128 else {}
                 mcfg = (mgpu_cfg or {}) if d == 128 else {}
-                for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg).items():
+                for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg, mbwd_cfg).items():
                     if impl_filter and name not in impl_filter:
                         continue
                     if name == "xla" and n > xla_max_n:
                         continue
-                    for mode in ("fwd", "fwd+bwd"):
+                    for mode in modes:
                         row = dict(impl=name, d=d, causal=causal, n=n, b=b, mode=mode)
                         if mode == "fwd+bwd" and not has_bwd:
                             continue
@@ -594,7 +608,7 @@ def main():
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
              "bsweep": lambda dl: bwd_sweep(results, dl),
-             "mbwd": lambda dl: mosaic_bwd(results, dl),
+             "mbwd": lambda dl: mosaic_bwd(results, dl, lengths=lengths),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

@@ -668,10 +668,14 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
             raise ValueError(f"window must be >= 1, got {window}")
 
 
-# Mosaic GPU forward tiles per head dim: block_q rows per consumer warpgroup, block_k, ring depth.
-# D=128 from the call-1 msweep (block_k 128 with 2 stages 597 TFLOP/s; 3 stages exceed SMEM).
-MOSAIC_FWD_BLOCKS = {128: dict(block_q=64, block_k=128, mgpu_stages=2),
-                     64: dict(block_q=64, block_k=64, mgpu_stages=2)}
+# Mosaic GPU forward tiles per (head dim, causal): block_q rows per consumer warpgroup, block_k,
+# ring depth. D=128 from the call-1 msweep (block_k 128 with 2 stages 597 TFLOP/s at 4k; 3 stages
+# exceed SMEM); D=64 from the call-2 sweep at 4k (full: 128 x 128 / 2 stages 387 vs Triton 329;
+# causal: 64 x 128 / 3 stages 324 vs Triton 268; 128 x 128 is 226 there).
+MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2),
+                     (128, True): dict(block_q=64, block_k=128, mgpu_stages=2),
+                     (64, False): dict(block_q=128, block_k=128, mgpu_stages=2),
+                     (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
 
 
 def _default_blocks(lq: int, lk: int, d: int) -> dict:
@@ -691,7 +695,7 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
 # Head dims (after padding) whose forward runs the Mosaic GPU kernel on Hopper by default: where
 # it measured faster than the Triton forward (docs/kernels/flash_attention.md, "Which path runs
 # where"). Other head dims, f32 inputs, segment ids and pre-Hopper GPUs take the Triton path.
-MOSAIC_FWD_DIMS = (128,)
+MOSAIC_FWD_DIMS = (128, 64)
 # Head dims whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add) on Hopper by
 # default; empty until it measures faster than the Triton backward.
 MOSAIC_BWD_DIMS: tuple[int, ...] = ()
@@ -762,7 +766,7 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
         # Mosaic GPU forward: block_q rows per consumer warpgroup (two per CTA), 64-wide tiles.
         if segment_ids is not None or d_pad not in (64, 128):
             raise ValueError("fwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
-        defaults.update(MOSAIC_FWD_BLOCKS[d_pad])
+        defaults.update(MOSAIC_FWD_BLOCKS[d_pad, bool(causal)])
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
                       fwd_impl=fwd_impl, **{**defaults, **blocks})

@@ -318,3 +318,16 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
                                            bwd_impl="mosaic", **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=SLOW)])
+def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
+    """The Hopper default tiles at D=64 (full: 128 rows per warpgroup x 128 keys; causal: 64 x
+    128 with a 3-deep ring), Mosaic GPU interpret mode, ragged length."""
+    q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
