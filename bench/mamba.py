@@ -305,6 +305,7 @@ VARIANTS = {
     "v3_split2_ftz": dict(split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
     "v3_c4_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
     "v3_c4_a1_ftz": dict(ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
+    "fast_only": dict(fast_exp=True),
     # full configurations (inference forward, training forward and backward) for call 3
     "s2a4_c4b1": dict(split=2, ahead=4, fast_exp=True, chunk=4, bwd_ahead=1, lane_reduce=True),
     "s2a4_c8b1": dict(split=2, ahead=4, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
