@@ -219,10 +219,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
         w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
         w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
-        rows = pl.ds(wg * bk, bk)
+        # SMEM is indexed by warpgroup on untiled leading axes only (no dynamic slices of a
+        # tiled axis): K/V [2, bk, D], dS^T [buffer, 2, bk, bq].
         kv_at = (b, pl.ds(k0, bk), g)
-        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_smem.at[rows], kv_ready.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_smem.at[rows], kv_ready.at[2 + wg])
+        k_own, v_own = k_smem.at[wg], v_smem.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_own, kv_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_own, kv_ready.at[2 + wg])
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
@@ -236,7 +238,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(q_ready.at[slot])
 
             def qk(s_ref):
-                plgpu.wgmma(s_ref, k_smem.at[rows], q_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                 return s_ref[...]
             st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32)) * scale
             if masked:
@@ -261,7 +263,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 def dv_dp(refs):
                     dv_ref, dp_ref = refs
                     plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
-                    plgpu.wgmma(dp_ref, v_smem.at[rows], do_t)
+                    plgpu.wgmma(dp_ref, v_own, do_t)
                 dv, dpt = pl.run_state(dv_dp)(
                     (plgpu.ACC.init(dv), plgpu.ACC.init(
                         plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32),
@@ -272,14 +274,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
                 def dv_dp(dv_ref, dp_ref):
                     plgpu.wgmma(dv_ref, p_smem.at[wg], do_smem.at[slot])
-                    plgpu.wgmma(dp_ref, v_smem.at[rows], do_t)
+                    plgpu.wgmma(dp_ref, v_own, do_t)
                     return dv_ref[...], dp_ref[...]
                 dv_inc, dpt = pl.run_scoped(dv_dp, plgpu.ACC((bk, d), jnp.float32),
                                             plgpu.ACC((bk, bq), jnp.float32))
                 dv = dv + dv_inc
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
             ds_lo = dst.astype(q_smem.dtype)
-            ds_smem.at[buf, rows][...] = ds_lo
+            ds_smem.at[buf, wg][...] = ds_lo
             plgpu.commit_smem()
             if gpu_path:
                 def dk_mm(dk_ref):
@@ -287,34 +289,37 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dk = pl.run_state(dk_mm)(plgpu.ACC.init(dk))
             else:
                 def dk_mm(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_smem.at[buf, rows], q_smem.at[slot])
+                    plgpu.wgmma(acc_ref, ds_smem.at[buf, wg], q_smem.at[slot])
                     return acc_ref[...]
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
             plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
             if not own:
                 sync()                                       # both halves of dS^T are in SMEM
 
-            @pl.when(wg < dq_wgs)
-            def _dq():
-                cols = pl.ds(0 if own else wg * dh, dh)
+            def dq_block(w: int):                            # static warpgroup index
+                if own:         # dq += dS_w K_w over the full head dim
+                    terms = [(ds_smem.at[buf, w], k_smem.at[w])]
+                    cols = pl.ds(0, d)
+                else:           # columns [w * dh, (w + 1) * dh) over both warpgroups' keys
+                    cols = pl.ds(w * dh, dh)
+                    terms = [(ds_smem.at[buf, u], k_smem.at[u, :, cols]) for u in range(2)]
 
                 def dq_mm(acc_ref):
-                    if own:
-                        plgpu.wgmma(acc_ref, ds_smem.at[buf, rows].transpose((1, 0)),
-                                    k_smem.at[rows])
-                    else:
-                        plgpu.wgmma(acc_ref, ds_smem.at[buf].transpose((1, 0)),
-                                    k_smem.at[:, cols])
+                    for ds_ref, k_ref_ in terms:
+                        plgpu.wgmma(acc_ref, ds_ref.transpose((1, 0)), k_ref_)
                     return acc_ref[...]
                 dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
-                dq_smem.at[wg][...] = dq
+                dq_smem.at[w][...] = dq
                 plgpu.commit_smem()
                 q_at = (b, pl.ds(i * bq, bq), h, cols)
                 if gpu_path:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[q_at], reduction_op="add")
+                    plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
                 else:       # interpret mode has no TMA reduction: a slot per (tile, wg), summed
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[(tile, wg, *q_at)])
+                    plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+
+            for w in range(dq_wgs):
+                pl.when(wg == w)(functools.partial(dq_block, w))
             return dk, dv
 
         def head(r, carry):
@@ -325,11 +330,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
         dk, dv = lax.fori_loop(0, rep, head, (zeros, zeros))
         sync()                                   # the other warpgroup is done reading K and dS
-        k_smem.at[rows][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
-        v_smem.at[rows][...] = dv.astype(v_smem.dtype)
+        k_own[...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+        v_own[...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem.at[rows], dk_ref.at[kv_at])
-        plgpu.copy_smem_to_gmem(v_smem.at[rows], dv_ref.at[kv_at])
+        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[kv_at])
+        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_at])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -388,12 +393,12 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref):
-        smem = (plgpu.SMEM((2 * bk, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((2 * bk, d), q.dtype, transforms=tiles),
+        smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
+                plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
                 plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
                 plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
                 plgpu.SMEM((stages, 2, bq), jnp.float32),
-                plgpu.SMEM((1 if own else 2, 2 * bk, bq), q.dtype, transforms=tiles),
+                plgpu.SMEM((1 if own else 2, 2, bk, bq), q.dtype, transforms=tiles),
                 plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
                 # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
                 None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
