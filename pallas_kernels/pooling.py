@@ -28,8 +28,8 @@ length works (rows past L and channels past D are masked inside the kernels):
                   walk from the end (dx_u = sum_{t >= u} dy_t / (t + 1)). With one chunk (the
                   default) the carry starts at 0; with more, a first pass of chunk sums gives
                   each chunk its carry (one more read, more parallel programs). The in-tile
-                  cumsum is a scan across the tile's threads, or (PoolBlocks(dot=True), bf16)
-                  a product with a triangular matrix on the tensor cores.
+                  cumsum is a product with a triangular matrix on the tensor cores for bf16
+                  (the default, PoolBlocks(dot=True)), else a scan across the tile's threads.
   segment_max     bidirectional: a program owns (batch, group of segments, channel block); the
                   forward saves the argmax [B, ceil(L / S), D] int32 (small), the backward writes
                   the segment's gradient sum at it. Causal: a running max row by row; the
@@ -168,7 +168,7 @@ class _Cfg:
 
 
 _DEFAULTS = {  # op -> (block_l, block_d, group, num_warps, num_stages, dot), for an H200
-    "prefix_mean": (64, 64, 1, 4, 3, False),  # group: chunks of the length run in parallel
+    "prefix_mean": (64, 64, 1, 4, 3, True),   # group: chunks run in parallel; dot: bf16 only
     "segment_max": (32, 128, 1, 4, 3, False),
     "segment_cummax": (1, 128, 8, 4, 3, False),   # group: segments per program
     "local_max": (32, 128, 1, 4, 3, False),
