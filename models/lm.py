@@ -30,6 +30,7 @@ class LMConfig:
     mlp_ratio: float = 4.0               # SwiGLU hidden = 2/3 * mlp_ratio * d_model, rounded to 8
     mlp_hidden: int | None = None        # overrides mlp_ratio; 0 drops the MLPs
     tie_embeddings: bool = True
+    embed_lookup: str = "auto"           # "gather", "one_hot", or "auto": one_hot up to 4096 tokens
     dtype: str = "float32"               # compute dtype; parameters stay float32
     type: str = "lm"
 
@@ -53,7 +54,22 @@ class LMConfig:
                                  f"in {path}.mixers; defined: {sorted(mixers)}")
         return [(name, mixers[name]) for name in names]
 
+    @property
+    def one_hot_embed(self) -> bool:
+        """Token embedding as one_hot(tokens) @ table instead of a gather. The gather's gradient is
+        a scatter-add of every token's row into a [vocab, d_model] table; with a small vocabulary
+        each row collects thousands of colliding updates. On an H200 the largest kernel of a
+        hybrid_3to1_gpu step (byte vocabulary, 65k tokens per step) was a scatter fusion: 77 of
+        the 166 ms (docs/BENCHMARKS.md). The embedding gradient is the model's only scatter with
+        repeated indices. As a matmul the gradient is one_hot^T @ grad on the tensor cores."""
+        if self.embed_lookup == "auto":
+            return self.vocab_size <= 4096
+        return self.embed_lookup == "one_hot"
+
     def validate(self, path: str = "model") -> None:
+        if self.embed_lookup not in ("auto", "gather", "one_hot"):
+            raise ValueError(f"{path}.embed_lookup: must be one of ['auto', 'gather', 'one_hot'], "
+                             f"got {self.embed_lookup!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{path}.dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for key in ("vocab_size", "d_model"):
@@ -96,8 +112,15 @@ class LanguageModel(nnx.Module):
             return self.head(x).astype(jnp.float32)
         return self.embed.attend(x).astype(jnp.float32) / jnp.sqrt(self.cfg.d_model)
 
+    def _embed(self, tokens):
+        if not self.cfg.one_hot_embed:
+            return self.embed(tokens)
+        dtype = DTYPES[self.cfg.dtype]
+        table = self.embed.embedding[...].astype(dtype)
+        return jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dtype) @ table
+
     def __call__(self, tokens, *, segment_ids=None, positions=None):
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         for block in self.blocks:
             x = block(x, segment_ids=segment_ids, positions=positions)
         return self._logits(x)
@@ -108,7 +131,7 @@ class LanguageModel(nnx.Module):
 
     def decode(self, tokens_B1, caches):
         """One token per sequence: tokens [B, 1] -> (logits [B, 1, vocab], caches)."""
-        x = self.embed(tokens_B1)
+        x = self._embed(tokens_B1)
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x, cache = block.decode(x, cache)

@@ -92,6 +92,7 @@ def test_parameter_count_matches_hand_count():
     ({"mixers": {"gla": {"type": "gla", "n_heads": 5}}}, r"model.mixers.gla.expand_k"),
     ({"dmodel": 3}, r"model.dmodel: unknown key"),
     ({"type": "rnn"}, r"model.type: unknown model type 'rnn'"),
+    ({"embed_lookup": "table"}, r"model.embed_lookup: must be one of"),
 ])
 def test_bad_model_configs_name_the_key(change, match):
     cfg = {"d_model": 32, "n_layers": 2, "layers": ["gla", "gla"],
@@ -99,3 +100,26 @@ def test_bad_model_configs_name_the_key(change, match):
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         build_model(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_embedding_equals_the_gather(dtype):
+    """embed_lookup one_hot (the default up to 4096 tokens) gives the gather's logits and
+    embedding gradient: the same model, a matmul instead of a scatter in the backward."""
+    base = {"d_model": 32, "n_layers": 1, "layers": ["attn"], "dtype": dtype,
+            "mixers": {"attn": {"type": "attention", "n_heads": 2, "impl": "reference"}}}
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 17), 0, 256)
+    results = {}
+    for lookup in ("gather", "one_hot"):
+        model = build_model({**base, "embed_lookup": lookup}, rngs=nnx.Rngs(0))
+        assert model.cfg.one_hot_embed == (lookup == "one_hot")
+        loss, grads = nnx.value_and_grad(lambda m: (m(tokens) ** 2).mean())(model)
+        results[lookup] = loss, grads.embed.embedding[...]
+    tol = 1e-6 if dtype == "float32" else 1e-3
+    np.testing.assert_allclose(results["one_hot"][0], results["gather"][0], rtol=tol)
+    g_one_hot, g_gather = results["one_hot"][1], results["gather"][1]
+    assert float(jnp.abs(g_gather).max()) > 0
+    scale = float(jnp.abs(g_gather).max())
+    np.testing.assert_allclose(g_one_hot, g_gather, rtol=0, atol=tol * scale)
+    big = build_model({**base, "vocab_size": 5000}, rngs=nnx.Rngs(0))
+    assert not big.cfg.one_hot_embed                       # auto: a gather above 4096 tokens
