@@ -696,9 +696,11 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
 # it measured faster than the Triton forward (docs/kernels/flash_attention.md, "Which path runs
 # where"). Other head dims, f32 inputs, segment ids and pre-Hopper GPUs take the Triton path.
 MOSAIC_FWD_DIMS = (128, 64)
-# Head dims whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add) on Hopper by
-# default; empty until it measures faster than the Triton backward.
-MOSAIC_BWD_DIMS: tuple[int, ...] = ()
+# (head dim, causal) cells whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add)
+# on Hopper by default: where it measured faster than the Triton backward in the same run (call 3
+# of session 2, N=4k: D=64 full 378 vs 321 TFLOP/s fwd+bwd; D=128 it lost, 367 vs 405 full and
+# 324 vs 369 causal; D=64 causal had no same-run comparison).
+MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False),)
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -729,10 +731,12 @@ def choose_fwd_impl(d_pad: int, dtype, has_segments: bool, capability,
     return "mosaic"
 
 
-def choose_bwd_impl(d_pad: int, dtype, has_segments: bool, capability) -> str:
-    """The backward for one call: "mosaic" where MOSAIC_BWD_DIMS says so, else "split"
-    (the Triton dq kernel plus the Triton dk/dv kernel)."""
-    if choose_fwd_impl(d_pad, dtype, has_segments, capability, MOSAIC_BWD_DIMS) == "mosaic":
+def choose_bwd_impl(d_pad: int, dtype, has_segments: bool, capability,
+                    causal: bool = False) -> str:
+    """The backward for one call: "mosaic" in the MOSAIC_BWD_CELLS (Hopper, bf16/f16, no
+    segment ids), else "split" (the Triton dq kernel plus the Triton dk/dv kernel)."""
+    dims = tuple(d for d, c in MOSAIC_BWD_CELLS if c == bool(causal))
+    if choose_fwd_impl(d_pad, dtype, has_segments, capability, dims) == "mosaic":
         return "mosaic"
     return "split"
 
@@ -759,7 +763,7 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
             d_pad, q.dtype, segment_ids is not None, _cuda_capability())
     if blocks.get("bwd_impl") is None:
         blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
-            d_pad, q.dtype, segment_ids is not None, _cuda_capability())
+            d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal)
     if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):
         raise ValueError("bwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
     if fwd_impl == "mosaic":

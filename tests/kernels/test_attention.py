@@ -268,10 +268,14 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
         expect = "mosaic" if d in attn.MOSAIC_FWD_DIMS else "triton"
         assert attn.choose_fwd_impl(d, jnp.bfloat16, False, hopper) == expect
     for d in (64, 128, 256):
-        expect = "mosaic" if d in attn.MOSAIC_BWD_DIMS else "split"
-        assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper) == expect
-        assert attn.choose_bwd_impl(d, jnp.bfloat16, False, ampere) == "split"
-        assert attn.choose_bwd_impl(d, jnp.bfloat16, True, hopper) == "split"
+        for causal in (False, True):
+            expect = "mosaic" if (d, causal) in attn.MOSAIC_BWD_CELLS else "split"
+            assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper, causal) == expect
+            assert attn.choose_bwd_impl(d, jnp.bfloat16, False, ampere, causal) == "split"
+            assert attn.choose_bwd_impl(d, jnp.bfloat16, True, hopper, causal) == "split"
+            assert attn.choose_bwd_impl(d, jnp.float32, False, hopper, causal) == "split"
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
+    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "split"
     assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
 
 
