@@ -291,7 +291,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # inference forward, "fb" the training forward + backward.
 VARIANTS = {
     "default": {},
-    "v2.1": dict(ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1),
+    "v2.1": dict(chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1),
     "ahead2": dict(ahead=2),
     "ahead4": dict(ahead=4),
     "ahead4_c8": dict(ahead=4, fwd_chunk=8),
@@ -305,7 +305,7 @@ VARIANTS = {
     "v3_split2_ftz": dict(split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
     "v3_c4_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
     "v3_c4_a1_ftz": dict(ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
-    "fast_only": dict(fast_exp=True),
+    "fast_only": dict(chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=True, split=1),
     # full configurations (inference forward, training forward and backward) for call 3
     "s2a4_c4b1": dict(split=2, ahead=4, fast_exp=True, chunk=4, bwd_ahead=1, lane_reduce=True),
     "s2a4_c8b1": dict(split=2, ahead=4, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
