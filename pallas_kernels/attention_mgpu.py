@@ -1,9 +1,11 @@
-"""Flash attention forward as a Mosaic GPU kernel for Hopper (wgmma, TMA, warp specialisation).
+"""Flash attention forward and backward as Mosaic GPU kernels for Hopper (wgmma, TMA, warp
+specialisation).
 
-EXPERIMENTAL: verified only in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`) on CPU; it
-has never been compiled for or timed on a GPU. It is not a default path: select it with
-`flash_attention_kernel(..., fwd_impl="mosaic")` (the backward stays the Triton-lowered kernels;
-both share the saved base-2 log-sum-exp). See docs/kernels/flash_attention.md.
+The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids); the
+backward (`mosaic_backward`, dq fused by TMA reduce-add) is the default only where it measured
+faster (D=64 full attention); see `choose_fwd_impl` / `choose_bwd_impl` in attention.py and
+docs/kernels/flash_attention.md. Both compiled and checked against the f32 reference on an H200
+(jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
 
 One CTA per (query head, 2 * block_q query rows, batch) runs three warpgroups: two consumers own
 block_q rows each and a producer streams K/V blocks by TMA into a `stages`-deep shared-memory
