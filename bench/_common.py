@@ -8,9 +8,16 @@ import jax
 import numpy as np
 
 
-def timeit_ms(fn, *args, iters=10, reps=3):
-    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up)."""
+def timeit_ms(fn, *args, iters=10, reps=3, min_ms=None):
+    """Median over `reps` of the mean time (ms) of `iters` back-to-back calls (after a warm-up).
+    With `min_ms`, `iters` (1..100) is chosen from one timed call so that a repetition lasts
+    about `min_ms`."""
     jax.block_until_ready(fn(*args))
+    if min_ms is not None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        one = (time.perf_counter() - t0) * 1e3
+        iters = int(max(1, min(100, min_ms / max(one, 1e-3))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -52,6 +52,23 @@ def _fwd_bwd(fn):
     return jax.jit(run)
 
 
+def _check_against_reference(rows, row, kernel, qkvdo, kw, impl_kw=None, err_chars=400):
+    """Forward and q/k/v gradients of `kernel(q, k, v, **kw, **impl_kw)` against the f32
+    reference with the same `kw`: relative errors into `row`, or the error; printed and
+    appended to `rows`."""
+    try:
+        o, g = _fwd_bwd(lambda q, k, v: kernel(q, k, v, **kw, **(impl_kw or {})))(*qkvdo)
+        f32 = [x.astype(jnp.float32) for x in qkvdo]
+        o_ref, g_ref = _fwd_bwd(lambda q, k, v: attn.attention_reference(q, k, v, **kw))(*f32)
+        row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                   dv=_rel(g[2], g_ref[2]))
+    except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e)[:err_chars]}"
+        traceback.print_exc(limit=4)
+    print("check", row, flush=True)
+    rows.append(row)
+
+
 def correctness(results, max_cases=99):
     cases = [  # b, lq, lk, hq, hkv, d, causal, window, segments, dtype
         (2, 1000, 1000, 8, 2, 128, True, None, False, jnp.bfloat16),
@@ -69,19 +86,8 @@ def correctness(results, max_cases=99):
         kw = dict(causal=causal, window=window, segment_ids=seg)
         row = dict(case=f"b{b} lq{lq} lk{lk} hq{hq} hkv{hkv} d{d} causal={causal} "
                         f"window={window} seg={segs} {jnp.dtype(dtype).name}")
-        try:
-            o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention(
-                q, k, v, backend="pallas", **kw))(q, k, v, do)
-            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
-                q, k, v, **kw))(*f32)
-            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
-                       dv=_rel(g[2], g_ref[2]))
-        except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc(limit=3)
-        print("check", row, flush=True)
-        rows.append(row)
+        _check_against_reference(rows, row, attn.flash_attention, (q, k, v, do), kw,
+                                 dict(backend="pallas"))
     # The experimental Mosaic GPU forward (attention_mgpu.py; backward: the Triton kernels).
     for i, (b, n, hq, hkv, d, causal, window) in enumerate(
             [(2, 1000, 8, 2, 128, True, None), (1, 4097, 8, 1, 64, True, 512),
@@ -90,19 +96,8 @@ def correctness(results, max_cases=99):
         kw = dict(causal=causal, window=window)
         row = dict(case=f"mosaic fwd b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} "
                         f"window={window}")
-        try:
-            o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention_kernel(
-                q, k, v, fwd_impl="mosaic", **kw))(q, k, v, do)
-            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
-                q, k, v, **kw))(*f32)
-            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
-                       dv=_rel(g[2], g_ref[2]))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc(limit=3)
-        print("check", row, flush=True)
-        rows.append(row)
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 dict(fwd_impl="mosaic"))
     for t, hq, hkv, s, window in [(1, 32, 8, 5000, None), (4, 16, 2, 3000, 700)]:
         b, d = 3, 128
         q, k, v, _ = _inputs((b, t, hq, d), (b, s, hkv, d), jnp.bfloat16, seed=s)
@@ -138,19 +133,8 @@ def correctness_variants(results):
         kw = dict(causal=causal, window=window, segment_ids=seg)
         row = dict(case=f"{extra or 'default'} b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} "
                         f"window={window} seg={segs}")
-        try:
-            o, g = _fwd_bwd(lambda q, k, v, kw=kw, extra=extra: attn.flash_attention_kernel(
-                q, k, v, **kw, **extra))(q, k, v, do)
-            f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-            o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
-                q, k, v, **kw))(*f32)
-            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
-                       dv=_rel(g[2], g_ref[2]))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc(limit=3)
-        print("check", row, flush=True)
-        rows.append(row)
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 extra)
     row = dict(capability=attn._cuda_capability(),
                d128=attn.choose_fwd_impl(128, jnp.bfloat16, False, attn._cuda_capability()))
     print("dispatch", row, flush=True)
@@ -170,19 +154,8 @@ def mosaic_bwd(results, deadline, n=4096, lengths=()):
             kw = dict(causal=causal, window=window)
             row = dict(case=f"mosaic bwd b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
                             f"window={window}")
-            try:
-                o, g = _fwd_bwd(lambda q, k, v, kw=kw: attn.flash_attention_kernel(
-                    q, k, v, bwd_impl="mosaic", **kw))(q, k, v, do)
-                f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-                o_ref, g_ref = _fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
-                    q, k, v, **kw))(*f32)
-                row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
-                           dv=_rel(g[2], g_ref[2]))
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-                traceback.print_exc(limit=4)
-            print("check", row, flush=True)
-            rows.append(row)
+            _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                     kw, dict(bwd_impl="mosaic"), err_chars=600)
 
     check([(1, 1024, 4, 4, 64, False, None), (1, 777, 4, 2, 128, False, None),
            (1, 1000, 4, 4, 128, True, None)])

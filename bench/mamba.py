@@ -28,31 +28,17 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 ss = importlib.import_module("pallas_kernels.selective_scan")
-from bench._common import rel_error  # noqa: E402
+from bench._common import rel_error, timeit_ms  # noqa: E402
 
 T0 = time.perf_counter()
 SMOKE = {}   # --smoke: tiny sizes in interpret mode on CPU, to check this script itself
 
 
-def _timeit(fn, *args, min_ms=100.0, reps=5):
-    """Median over `reps` of the mean time (ms) of back-to-back calls, after a warm-up."""
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = (time.perf_counter() - t) * 1e3
-    iters = int(max(1, min(100, min_ms / max(one, 1e-3))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / iters * 1e3)
-    return float(np.median(times))
+# Back-to-back calls for about 100 ms per repetition, median of 5.
+_timeit = functools.partial(timeit_ms, min_ms=100.0, reps=5)
 
 
 _rel = rel_error
