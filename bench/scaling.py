@@ -199,8 +199,8 @@ def _spec(name: str, n: int, args) -> dict:
 
 def _launch(spec: dict, env: dict) -> dict:
     env = dict(env)
-    if spec["data"] * spec["fsdp"] == 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = "0"        # a one-device run holds only one GPU
+    if spec["data"] * spec["fsdp"] == 1:       # a one-device run holds only one GPU
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     t = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                          capture_output=True, text=True, cwd=ROOT)
