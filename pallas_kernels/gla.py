@@ -152,6 +152,12 @@ class GLABlocks:
     intra_block: int = 64
     block_v: int = 64           # state columns per program in the forward
     block_k: int = 64           # state rows per program in the dq backward (and the dS pass)
+    # Tile of the chunk-parallel states pass (forward) and dS pass (backward), the light
+    # sequential walks: rows and columns of the state are independent there, so smaller tiles
+    # give more programs for the same serial chain. None: all of Dk (forward) / block_k (dS),
+    # and block_v (forward) / all of Dv (dS).
+    states_block_k: int | None = None
+    states_block_v: int | None = None
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
     # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
@@ -443,13 +449,19 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
             name="gla_fwd", **params,
         )(q, k, v, log_g, s0)
         return res[0], res[1], (res[2] if store else None)
+    sk, sv = min(blocks.states_block_k or dk, dk), min(blocks.states_block_v or bv, dv)
+    tile = lambda width, blk: pl.BlockSpec((None, lp, None, width),
+                                           lambda i, j, m, n: (i, 0, j, blk(m, n)))
     states, final = pl.pallas_call(
         functools.partial(_gla_states_kernel, n_chunks=n_chunks, **kw),
-        grid=(b, h, dv // bv),
-        in_specs=[seq_k, seq_v, seq_k, state],
-        out_specs=[states_spec, state],
+        grid=(b, h, dk // sk, dv // sv),
+        in_specs=[tile(sk, lambda m, n: m), tile(sv, lambda m, n: n), tile(sk, lambda m, n: m),
+                  pl.BlockSpec((None, None, sk, sv), lambda i, j, m, n: (i, j, m, n))],
+        out_specs=[pl.BlockSpec((None, None, n_chunks + 1, sk, sv),
+                                lambda i, j, m, n: (i, j, 0, m, n)),
+                   pl.BlockSpec((None, None, sk, sv), lambda i, j, m, n: (i, j, m, n))],
         out_shape=[states_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
-        name="gla_fwd_states", **params,
+        name="gla_fwd_states", **_gpu_params(blocks, blocks.num_warps_fwd, sk, sv, interpret),
     )(k, v, log_g, s0)
     chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
     chunk_v = pl.BlockSpec((None, size, None, bv), lambda i, j, c, n: (i, c, j, n))
@@ -628,9 +640,12 @@ def _fill_dq(blks, s0_KV, causal, dot_dtype, scale):
 
 def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref,
                base, ds_KV, s_end_KV, *, scale, blocks, dot_dtype, s0_KV=None):
-    # Fused dk/dv (small states): q/k/g/dq32/dq/dk/dg [*, K], v/do/dv [*, V], ds/s_end [K, V]
-    # at the chunk's end. Steps and blocks in reverse; returns dS at the chunk's start. With
-    # s0 (the state entering the chunk; one step per chunk) dq is computed here, dq32 unused.
+    # dk, dq, dlog_g (and dv unless dv_ref is None) of the chunk at row `base`, steps and blocks
+    # in reverse; returns dS at the chunk's start. Fused (dv_ref given): q/k/g/dq32/dq/dk/dg
+    # [*, K], v/do/dv [*, V], ds/s_end [K, V] at the chunk's end. Split dk kernel (dv_ref None):
+    # q/k/g/dq32/dq/dk/dg [*, BK], ds/s_end [BK, V], this program's rows of dS and S (dk and
+    # dlog_g are exact per block of rows). With s0 (the state entering the chunk; one step per
+    # chunk) dq is computed here and dq32 is unused.
     kw = dict(scale=scale, dot_dtype=dot_dtype)
     load = _loader(q_ref, k_ref, g_ref, v_ref, do_ref, None if s0_KV is not None else dq32_ref,
                    dot_dtype)
@@ -642,8 +657,9 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
         _fill_dq(blks, s0_KV, causal, dot_dtype, scale)
         ds_dot = ds_KV.astype(dot_dtype)
         for j in reversed(range(len(blks))):
-            dv = _dv_block(blks, j, ds_dot, causal, **kw)
-            dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
+            if dv_ref is not None:
+                dv = _dv_block(blks, j, ds_dot, causal, **kw)
+                dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
             dk = _dk_block(blks, j, ds_dot, causal, **kw)
             acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
             ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
@@ -672,29 +688,6 @@ def _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, base, ds_KV, *, scale, blocks
     return _walk_steps(step, g_ref, base, ds_KV, blocks, reverse=True)
 
 
-def _dk_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref, base, ds_KV,
-              s_end_KV, *, scale, blocks, dot_dtype, s0_KV=None):
-    # Split dk pass: q/k/g/dq32/dq/dk/dg [*, BK], v/do [*, V], ds/s_end/s0 [BK, V] (this
-    # program's rows of dS and S) at the chunk's end (s0: its start, see _dkv_chunk). dk and
-    # dlog_g are exact per block of rows.
-    load = _loader(q_ref, k_ref, g_ref, v_ref, do_ref, None if s0_KV is not None else dq32_ref,
-                   dot_dtype)
-
-    def step(at, carry, blocks):
-        ds_KV, acc_K = carry
-        causal = _causal_mask(blocks.intra_block)
-        blks = _step_blocks(at, blocks, load)
-        _fill_dq(blks, s0_KV, causal, dot_dtype, scale)
-        ds_dot = ds_KV.astype(dot_dtype)
-        for j in reversed(range(len(blks))):
-            dk = _dk_block(blks, j, ds_dot, causal, scale=scale, dot_dtype=dot_dtype)
-            acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
-            ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
-        return ds_KV, acc_K
-    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)   # see _dkv_chunk
-    return _walk_steps(step, g_ref, base, (ds_KV, acc_K), blocks, reverse=True)[0]
-
-
 def _reverse_walk(n_chunks, step, ds_KV, chunk_fn):
     """Sequential schedule: chunk_fn(row base, chunk index, dS at its end) over chunks in
     reverse; returns dS at the start."""
@@ -705,18 +698,23 @@ def _reverse_walk(n_chunks, step, ds_KV, chunk_fn):
 
 
 def _gla_bwd_dkv_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, dst_ref, dq_ref,
-                        dk_ref, dv_ref, dg_ref, ds0_ref, *, n_chunks, **kw):
-    # Sequential, fused: whole sequences ([Lp, *]), s_end [N, K, V], dst/ds0 [K, V]
+                        dk_ref, *outs, n_chunks, with_dv, **kw):
+    # Sequential: whole sequences ([Lp, *]), s_end [N, K, V], dst [K, V]. Fused (with_dv):
+    # outs = dv, dlog_g, ds0 [K, V]; the split dk kernel (rows BK of the state): outs = dlog_g.
+    dv_ref, dg_ref, *ds0_ref = outs if with_dv else (None, *outs)
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
     fn = lambda base, ci, ds: _dkv_chunk(*refs, base, ds, s_end_ref[ci].astype(_F32), **kw)
-    ds0_ref[...] = _reverse_walk(n_chunks, kw["blocks"].chunk_size,
-                                 dst_ref[...].astype(_F32), fn)
+    ds0 = _reverse_walk(n_chunks, kw["blocks"].chunk_size, dst_ref[...].astype(_F32), fn)
+    if ds0_ref:
+        ds0_ref[0][...] = ds0
 
 
 def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
-                              dq_ref, dk_ref, dv_ref, dg_ref, *, fuse_dq, **kw):
-    # Chunk-parallel, fused: one chunk ([C, *]), s_end/ds [K, V] at its end; fuse_dq: dq32_ref
-    # is the state entering the chunk [K, V] and dq is computed here.
+                              dq_ref, dk_ref, *outs, fuse_dq, with_dv, **kw):
+    # Chunk-parallel: one chunk ([C, *]), s_end/ds at its end; outs = dv, dlog_g (with_dv) or
+    # dlog_g (split dk kernel). fuse_dq: dq32_ref is the state entering the chunk and dq is
+    # computed here.
+    dv_ref, dg_ref = outs if with_dv else (None, *outs)
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
     s0 = dq32_ref[...].astype(_F32) if fuse_dq else None
     _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), s0_KV=s0, **kw)
@@ -731,22 +729,6 @@ def _gla_bwd_dv_kernel(q_ref, k_ref, g_ref, do_ref, dst_ref, dv_ref, ds0_ref, *,
 
 def _gla_bwd_dv_chunk_kernel(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, **kw):
     _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, 0, ds_ref[...].astype(_F32), **kw)
-
-
-def _gla_bwd_dk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, dst_ref, dq_ref,
-                       dk_ref, dg_ref, *, n_chunks, **kw):
-    # Sequential, split: q/k/g/dq32/dq/dk/dg [Lp, BK], v/do [Lp, V], s_end [N, BK, V],
-    # dst [BK, V]
-    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
-    fn = lambda base, ci, ds: _dk_chunk(*refs, base, ds, s_end_ref[ci].astype(_F32), **kw)
-    _reverse_walk(n_chunks, kw["blocks"].chunk_size, dst_ref[...].astype(_F32), fn)
-
-
-def _gla_bwd_dk_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref,
-                             dq_ref, dk_ref, dg_ref, *, fuse_dq, **kw):
-    refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dg_ref)
-    s0 = dq32_ref[...].astype(_F32) if fuse_dq else None
-    _dk_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), s0_KV=s0, **kw)
 
 
 def _dkv_split(blocks, dk, dv):
@@ -821,18 +803,22 @@ def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret):
     b, lp, h, dk = q.shape
     dv = do.shape[-1]
     n_chunks = lp // blocks.chunk_size
-    bk = min(blocks.block_k, dk)
-    sp = _Specs(True, lp, blocks.chunk_size)
+    bk = min(blocks.states_block_k or blocks.block_k, dk)
+    bv = min(blocks.states_block_v or dv, dv)
+    tile = lambda width, blk: pl.BlockSpec((None, lp, None, width),
+                                           lambda i, j, m, n: (i, 0, j, blk(m, n)))
+    state = lambda *chunks: pl.BlockSpec((None, None, *chunks, bk, bv),
+                                         lambda i, j, m, n: (i, j, *(0,) * len(chunks), m, n))
     return pl.pallas_call(
         functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, scale=scale, blocks=blocks,
                           dot_dtype=_dot_dtype(q)),
-        grid=(b, h, dk // bk),
-        in_specs=[sp.rows(bk, True), sp.rows(bk, True), sp.rows(dv, False),
-                  sp.state(bk, dv, 0)],
-        out_specs=[sp.state(bk, dv, 0, all_chunks=n_chunks), sp.state(bk, dv, 0)],
+        grid=(b, h, dk // bk, dv // bv),
+        in_specs=[tile(bk, lambda m, n: m), tile(bk, lambda m, n: m), tile(bv, lambda m, n: n),
+                  state()],
+        out_specs=[state(n_chunks), state()],
         out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _states_dtype(blocks, q)),
                    jax.ShapeDtypeStruct(dst.shape, _F32)],
-        name="gla_bwd_dstates", **_gpu_params(blocks, blocks.num_warps_dq, bk, dv, interpret),
+        name="gla_bwd_dstates", **_gpu_params(blocks, blocks.num_warps_dq, bk, bv, interpret),
     )(q, log_g, do, dst)
 
 
@@ -862,8 +848,9 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     dq_spec = lambda rows, blocked: (sp.state(rows, dv, 0) if fuse else sp.rows(rows, blocked))
     chunk_kw = {} if sp.sequential else dict(fuse_dq=fuse)
     if not _dkv_split(blocks, dk, dv):
-        kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, **kw) if sp.sequential
-                else functools.partial(_gla_bwd_dkv_chunk_kernel, **chunk_kw, **kw))
+        kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=True, **kw)
+                if sp.sequential else
+                functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=True, **chunk_kw, **kw))
         rk, rv = sp.rows(dk, False), sp.rows(dv, False)
         outs = [shape(q), shape(k), shape(v), shape(log_g)]
         out_specs = [rk, rk, rv, rk]
@@ -895,8 +882,9 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
         **_gpu_params(blocks, blocks.num_warps_dkv, dk, bv, interpret),
     )(q, k, log_g, do, ds_in)
     rbk, rv = sp.rows(bk, True), sp.rows(dv, False)
-    dk_kern = (functools.partial(_gla_bwd_dk_kernel, n_chunks=n_chunks, **kw) if sp.sequential
-               else functools.partial(_gla_bwd_dk_chunk_kernel, **chunk_kw, **kw))
+    dk_kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=False, **kw)
+               if sp.sequential else
+               functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=False, **chunk_kw, **kw))
     dq, dk_, dg = pl.pallas_call(
         dk_kern, grid=grid(dk // bk),
         in_specs=[rbk, rbk, rbk, rv, rv, dq_spec(bk, True), end_states(bk, dv, 0),
