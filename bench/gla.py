@@ -148,18 +148,24 @@ def check_correctness(results, n_cases, out):
     The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    cases = [# 64-row diagonal blocks (log_g >= -1: the middle-row path; >= -5: the fallback)
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
-              v["cp64"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64f32"]),
+    # First the kernels a change touched: states / dS passes over [32, 32] tiles with 128-column
+    # forward programs, then each of the four dk/dv kernel forms (chunk-parallel split and
+    # fused, sequential split and fused), then both sides of the 64-row block's decay guard.
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64v128s32"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 default", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
+              v["default"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 default", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["default"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["cp64f32"]),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
     prepared = [_check_case(*case) for case in cases[:n_cases]]
     compiled = _compile_all({p["name"] + " ours": p["ours"] for p in prepared}
@@ -320,40 +326,40 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
     m = gla_mod
     kw = lambda blocks: dict(scale=d ** -0.5, blocks=blocks, interpret=False)
     rep = dataclasses.replace
-    cp64, seq64 = VARIANTS["cp64"], VARIANTS["seq64"]
+    v_ = VARIANTS
+    cp64 = v_["cp64"]
     # Residuals the backward passes take, computed once.
     s_end = jax.jit(lambda *a: m._bwd_dq_pass(*a, **kw(SEQ))[1])(k, v, g, s0, None, do)
-    states = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(CP))[2])(q, k, v, g, s0)
-    dstates = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(CP))[0])(q, g, do, dst)
     states64 = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(cp64))[2])(q, k, v, g, s0)
     dstates64 = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(cp64))[0])(q, g, do, dst)
     dq32 = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
     fwd = lambda blocks: (lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(blocks)))
+    # The chunk pass's output is unused here: XLA drops that pallas_call.
+    states = lambda name: (lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(v_[name]))[2])
+    dstates = lambda name: (lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(v_[name])))
+    dkv = lambda blocks: (lambda: m._bwd_dkv_pass(q, k, v, g, do, None, states64, dstates64,
+                                                  **kw(blocks))[:4])
     items = {
         "seq fwd": fwd(SEQ),
-        "seq dq pass": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(SEQ)),
-        "seq dkv fused": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                 **kw(rep(SEQ, dkv_split=False))),
         "seq dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
                                                  **kw(rep(SEQ, dkv_split=True))),
-        "cp fwd (states + chunks)": fwd(CP),
-        "cp states pass": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(CP))[2],
-        "cp dq chunks": lambda: m._bwd_dq_pass(k, v, g, s0, states, do, **kw(CP))[0],
-        "cp dstates pass": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(CP)),
-        "cp dkv chunks split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, states, dstates,
-                                                       **kw(CP))[:4],
-        "seq64 fwd": fwd(seq64),
-        "seq64 dq pass": lambda: m._bwd_dq_pass(k, v, g, s0, None, do, **kw(seq64)),
-        "seq64 dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                   **kw(seq64)),
-        "hyb64 fwd (seq, stores states)": fwd(VARIANTS["hyb64"]),
         "cp64 fwd (states + chunks)": fwd(cp64),
-        "cp64 states pass (bf16)": lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(cp64))[2],
-        "cp64 dstates pass (bf16)": lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(cp64)),
-        "cp64 dkv chunks split (dq inside)": lambda: m._bwd_dkv_pass(
-            q, k, v, g, do, None, states64, dstates64, **kw(cp64))[:4],
-        "cp64 dkv chunks fused (dq inside)": lambda: m._bwd_dkv_pass(
-            q, k, v, g, do, None, states64, dstates64, **kw(rep(cp64, dkv_split=False)))[:4],
+        "cp64v128s32 fwd (states + chunks)": fwd(v_["cp64v128s32"]),
+        "cp64v128s32w4 fwd (states + chunks)": fwd(v_["cp64v128s32w4"]),
+        "cp64 states pass": states("cp64"),
+        "cp64s16 states pass": states("cp64s16"),
+        "cp64s32 states pass": states("cp64s32"),
+        "cp64s64 states pass": states("cp64s64"),
+        "cp64p states pass": states("cp64p"),
+        "cp64s32p states pass": states("cp64s32p"),
+        "cp64 dstates pass": dstates("cp64"),
+        "cp64s16 dstates pass": dstates("cp64s16"),
+        "cp64s32 dstates pass": dstates("cp64s32"),
+        "cp64s64 dstates pass": dstates("cp64s64"),
+        "cp64p dstates pass": dstates("cp64p"),
+        "cp64s32p dstates pass": dstates("cp64s32p"),
+        "cp64 dkv chunks split (dq inside)": dkv(rep(cp64, dkv_split=True)),
+        "cp64 dkv chunks fused (dq inside)": dkv(rep(cp64, dkv_split=False)),
     }
     if only:
         items = {n: f for n, f in items.items() if n in only}
@@ -388,6 +394,23 @@ VARIANTS = {
     "cp64st1": GB(schedule="chunk_parallel", **_SUB64, num_stages=1),
     "cp64fused": GB(schedule="chunk_parallel", **_SUB64, dkv_split=False),
     "cp32": GB(schedule="chunk_parallel", sub_chunk=32, intra_block=32, bf16_states=True),
+    # the library's default object (schedule "auto", resolved per shape as the library does)
+    "default": GB(),
+    # cp64 with the states / dS passes over [s, s] tiles of the state (more programs for the
+    # same serial chain) and (v128) one program per chunk over all 128 columns of v
+    "cp64s16": GB(schedule="chunk_parallel", **_SUB64, states_block_k=16, states_block_v=16),
+    "cp64s32": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32),
+    "cp64s64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=64, states_block_v=64),
+    "cp64v128s32": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                      states_block_v=32),
+    "cp64v128s32w4": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                        states_block_v=32, num_warps_fwd=4),
+    # p: the states / dS passes load the next chunk's tiles one iteration ahead
+    "cp64p": GB(schedule="chunk_parallel", **_SUB64, states_prefetch=True),
+    "cp64s32p": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
+                   states_prefetch=True),
+    "cp64v128s32p": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                       states_block_v=32, states_prefetch=True),
     "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
 }
 
@@ -459,6 +482,9 @@ def main():
     p.add_argument("--candidates", default="seq,cp,cp64,hyb64",
                    help="VARIANTS names timed in the main and hybrid cells")
     p.add_argument("--stages", action="store_true", help="each pass alone at D=128, T=2048")
+    p.add_argument("--stage-shapes", default="128:2048",
+                   help="D:T pairs for --stages, comma-separated")
+    p.add_argument("--stages-first", action="store_true", help="--stages before the cells")
     p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
     p.add_argument("--ref-max-t", type=int, default=2048,
                    help="longest T for the jnp reference (0: never)")
@@ -499,6 +525,17 @@ def main():
     hybrid = lambda: [run_cell(results, "hybrid", b, 2048, 6, 64, 128, cands,
                                **(cell if args.fla_hybrid else cell_nofla))
                       for b in (8, 16)] if args.hybrid else None
+
+    def stages():
+        for shape in args.stage_shapes.split(","):
+            d, t = map(int, shape.split(":"))
+            try:
+                run_stages(results, B, t, H, d, args.out, args.budget)
+            except Exception as e:  # noqa: BLE001
+                results["stages"].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+                traceback.print_exc()
+    if args.stages and args.stages_first:
+        stages()
     for i, (d, t) in enumerate(cells):
         first = next((r for r in results["timings"] if r["dk"] == d and r["t"] == lengths[0]
                       and "skipped" not in r), None)
@@ -508,12 +545,8 @@ def main():
             hybrid()
     if not cells:
         hybrid()
-    if args.stages:
-        try:
-            run_stages(results, B, 2048, H, 128, args.out, args.budget)
-        except Exception as e:  # noqa: BLE001
-            results["stages"].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
-            traceback.print_exc()
+    if args.stages and not args.stages_first:
+        stages()
     for names in groups:
         run_cell(results, "variants", B, 2048, H, 128, 128, {n: VARIANTS[n] for n in names},
                  **cell_nofla)

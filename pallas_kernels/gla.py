@@ -158,6 +158,8 @@ class GLABlocks:
     # and block_v (forward) / all of Dv (dS).
     states_block_k: int | None = None
     states_block_v: int | None = None
+    # States / dS passes: load the next chunk's tiles one iteration ahead (`_state_walk`).
+    states_prefetch: bool = False
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
     # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
@@ -396,6 +398,27 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *states_r
         states_ref[0][n_chunks] = final.astype(states_ref[0].dtype)
 
 
+def _state_walk(n_chunks, chunk_of, load, update, s_KV, store, prefetch):
+    """The serial chain of the states / dS passes: for i < n_chunks, with ci = chunk_of(i),
+    store(ci, s) then s = update(load(ci), s); returns the last s. prefetch: each iteration
+    loads the next chunk's tiles (carried to the next iteration) before this chunk's update,
+    so their memory latency overlaps the update instead of adding to the chain."""
+    if not prefetch:
+        def body(i, s_KV):
+            ci = chunk_of(i)
+            store(ci, s_KV)
+            return update(load(ci), s_KV)
+        return lax.fori_loop(0, n_chunks, body, s_KV)
+
+    def body_prefetch(i, carry):
+        s_KV, tiles = carry
+        ci = chunk_of(i)
+        following = load(chunk_of(jnp.minimum(i + 1, n_chunks - 1)))
+        store(ci, s_KV)
+        return update(tiles, s_KV), following
+    return lax.fori_loop(0, n_chunks, body_prefetch, (s_KV, load(chunk_of(0))))[0]
+
+
 def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, blocks, n_chunks,
                        dot_dtype):
     # Chunk-parallel schedule, pass 1: k/g [Lp, K], v [Lp, BV], s0 [K, BV],
@@ -403,17 +426,23 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
     # which also goes to final [K, BV] in f32.
     size = blocks.chunk_size
 
-    def chunk(ci, s_KV):
-        states_ref[ci] = s_KV.astype(states_ref.dtype)
+    def load(ci):
         rows = pl.ds(ci * size, size)
-        g = g_ref[rows, :].astype(_F32)
+        return k_ref[rows, :], v_ref[rows, :], g_ref[rows, :]
+
+    def update(tiles, s_KV):
+        k, v, g = tiles
+        g = g.astype(_F32)
         b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
         # exp(b_end - b) may underflow for strong decays: then so does the true contribution.
-        k_out = (k_ref[rows, :].astype(_F32) * jnp.exp(b_end[None, :] - b)).astype(dot_dtype)
-        return (jnp.exp(b_end)[:, None] * s_KV
-                + _dot(k_out, v_ref[rows, :].astype(dot_dtype), ta=True))
+        k_out = (k.astype(_F32) * jnp.exp(b_end[None, :] - b)).astype(dot_dtype)
+        return jnp.exp(b_end)[:, None] * s_KV + _dot(k_out, v.astype(dot_dtype), ta=True)
 
-    final = lax.fori_loop(0, n_chunks, chunk, s0_ref[...].astype(_F32))
+    def store(ci, s_KV):
+        states_ref[ci] = s_KV.astype(states_ref.dtype)
+
+    final = _state_walk(n_chunks, lambda i: i, load, update, s0_ref[...].astype(_F32), store,
+                        blocks.states_prefetch)
     states_ref[n_chunks] = final.astype(states_ref.dtype)
     final_ref[...] = final
 
@@ -545,21 +574,26 @@ def _gla_bwd_dq_chunk_kernel(k_ref, v_ref, g_ref, do_ref, s_ref, dq_ref, **kw):
 
 def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, scale, blocks,
                         n_chunks, dot_dtype):
-    # Chunks in reverse: q/g [Lp, BK], do [Lp, V], dst/ds0 [BK, V], dstates [N, BK, V]: the
+    # Chunks in reverse: q/g [Lp, BK], do [Lp, BV], dst/ds0 [BK, BV], dstates [N, BK, BV]: the
     # gradient w.r.t. the state at the end of each chunk.
     size = blocks.chunk_size
 
-    def chunk(i, ds_KV):
-        ci = n_chunks - 1 - i
-        dstates_ref[ci] = ds_KV.astype(dstates_ref.dtype)
+    def load(ci):
         rows = pl.ds(ci * size, size)
-        g = g_ref[rows, :].astype(_F32)
-        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
-        q_in = (q_ref[rows, :].astype(_F32) * jnp.exp(b)).astype(dot_dtype)
-        return (jnp.exp(b_end)[:, None] * ds_KV
-                + scale * _dot(q_in, do_ref[rows, :].astype(dot_dtype), ta=True))
+        return q_ref[rows, :], g_ref[rows, :], do_ref[rows, :]
 
-    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dst_ref[...].astype(_F32))
+    def update(tiles, ds_KV):
+        q, g, do = tiles
+        g = g.astype(_F32)
+        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+        q_in = (q.astype(_F32) * jnp.exp(b)).astype(dot_dtype)
+        return jnp.exp(b_end)[:, None] * ds_KV + scale * _dot(q_in, do.astype(dot_dtype), ta=True)
+
+    def store(ci, ds_KV):
+        dstates_ref[ci] = ds_KV.astype(dstates_ref.dtype)
+
+    ds0_ref[...] = _state_walk(n_chunks, lambda i: n_chunks - 1 - i, load, update,
+                               dst_ref[...].astype(_F32), store, blocks.states_prefetch)
 
 
 def _q_mid(b, dot_dtype):
