@@ -18,7 +18,9 @@ Distilling between encoder layers: Conv1d k3 circular -> BatchNorm -> ELU -> Max
 halves the length. The encoder's and decoder's self-mixers are registry specs
 (`encoder_mixer`, `decoder_mixer`): probsparse, attention, gla, mamba, pooling; the encoder
 defaults to `causal: false`, the decoder to `causal: true`. Cross-attention is full softmax
-attention with dropout on its weights, as the reference.
+attention with dropout on its weights, as the reference. LayerNorms use torch's epsilon (1e-5).
+`init: torch` re-draws every Linear and Conv (the mixers' too) as torch's defaults, uniform
++-1/sqrt(fan_in) for weights and biases, instead of flax's LeCun normal with zero biases.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class InformerConfig:
     encoder_mixer: dict = dataclasses.field(default_factory=_default_encoder)
     decoder_mixer: dict = dataclasses.field(default_factory=_default_decoder)
     dtype: str = "float32"
+    init: str = "flax"                # flax (LeCun normal, zero bias) | torch (the reference's)
     type: str = "informer"
 
     def specs(self) -> tuple[dict, dict]:
@@ -82,7 +85,7 @@ class InformerConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{path}.{key}: must be >= 1, got {getattr(self, key)}")
         choices = {"activation": tuple(ACTIVATIONS), "embed": ("timeF", "fixed", "learned"),
-                   "freq": ("h", "t"), "dtype": tuple(DTYPES)}
+                   "freq": ("h", "t"), "dtype": tuple(DTYPES), "init": ("flax", "torch")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"{path}.{key}: must be one of {valid}, got "
@@ -108,6 +111,27 @@ def sinusoid_table(n: int, d: int) -> jax.Array:
     table = jnp.zeros((n, d), jnp.float32)
     table = table.at[:, 0::2].set(jnp.sin(pos * div))
     return table.at[:, 1::2].set(jnp.cos(pos * div)[:, : d // 2])
+
+
+def layer_norm(d: int, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+    """LayerNorm with torch's epsilon (1e-5), as the reference."""
+    return nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs, dtype=dtype)
+
+
+def torch_init(module: nnx.Module, rngs: nnx.Rngs, skip=()) -> None:
+    """Re-draw every Linear and Conv under `module` (mixers included) as torch's defaults do:
+    weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (`kaiming_uniform_(a=sqrt(5))`; a third
+    of the variance of LeCun normal). Modules in `skip` keep their init."""
+    skip = {id(m) for m in skip}
+    for _, m in module.iter_modules():
+        if not isinstance(m, (nnx.Linear, nnx.Conv)) or id(m) in skip:
+            continue
+        shape = m.kernel.value.shape
+        bound = 1.0 / math.sqrt(math.prod(shape[:-1]))       # fan_in: [k..., in, out]
+        for p in (m.kernel, m.bias):
+            if p is not None:
+                p.value = jax.random.uniform(rngs.params(), p.value.shape, p.value.dtype,
+                                             -bound, bound)
 
 
 def circular_pad(x_BLC, pad: int = 1):
@@ -190,8 +214,8 @@ class EncoderLayer(nnx.Module):
         d = cfg.d_model
         self.mixer = build_mixer(spec, d_model=d, rngs=rngs, dtype=dtype,
                                  path="model.encoder_mixer")
-        self.norm1 = nnx.LayerNorm(d, rngs=rngs, dtype=dtype)
-        self.norm2 = nnx.LayerNorm(d, rngs=rngs, dtype=dtype)
+        self.norm1 = layer_norm(d, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(d, rngs=rngs, dtype=dtype)
         self.ffn = FeedForward(cfg, rngs=rngs, dtype=dtype)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
@@ -219,9 +243,9 @@ class DecoderLayer(nnx.Module):
         self.mixer = build_mixer(spec, d_model=d, rngs=rngs, dtype=dtype,
                                  path="model.decoder_mixer")
         self.cross = CrossAttention(cfg, rngs=rngs, dtype=dtype)
-        self.norm1 = nnx.LayerNorm(d, rngs=rngs, dtype=dtype)
-        self.norm2 = nnx.LayerNorm(d, rngs=rngs, dtype=dtype)
-        self.norm3 = nnx.LayerNorm(d, rngs=rngs, dtype=dtype)
+        self.norm1 = layer_norm(d, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(d, rngs=rngs, dtype=dtype)
+        self.norm3 = layer_norm(d, rngs=rngs, dtype=dtype)
         self.ffn = FeedForward(cfg, rngs=rngs, dtype=dtype)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
@@ -248,12 +272,14 @@ class Informer(nnx.Module):
         n_distil = cfg.e_layers - 1 if cfg.distil else 0
         self.distil = nnx.List([DistilLayer(cfg.d_model, rngs=rngs, dtype=dtype)
                                 for _ in range(n_distil)])
-        self.enc_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=dtype)
+        self.enc_norm = layer_norm(cfg.d_model, rngs=rngs, dtype=dtype)
         self.decoder = nnx.List([DecoderLayer(dec_spec, cfg, rngs=rngs, dtype=dtype)
                                  for _ in range(cfg.d_layers)])
-        self.dec_norm = nnx.LayerNorm(cfg.d_model, rngs=rngs, dtype=dtype)
+        self.dec_norm = layer_norm(cfg.d_model, rngs=rngs, dtype=dtype)
         self.head = dense(cfg.d_model, cfg.c_out, ("embed", None), rngs=rngs, dtype=dtype,
                           use_bias=True)
+        if cfg.init == "torch":        # the value convolutions keep the reference's kaiming normal
+            torch_init(self, rngs, skip=(self.enc_embed.value, self.dec_embed.value))
 
     def encode(self, x_enc, mark_enc, *, train: bool = False):
         """[B, Ls, C_in] -> memory [B, Ls / 2^(e_layers - 1), d_model] (with distilling)."""
