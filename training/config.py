@@ -120,6 +120,8 @@ class ETTDataConfig:
     pred_len: int = 24              # forecast horizon
     split: str = "auto"             # auto (from the file name) | etth | ettm | ratio (70/10/20)
     scale: bool = True              # standard scaler fitted on the training rows
+    scale_fit: str = "train"        # train | all: every row of the file, as the authors' first
+                                    # releases did (test statistics leak into the scaling)
     synthetic_length: int = 17420
     synthetic_seed: int = 0
 
@@ -129,6 +131,8 @@ class ETTDataConfig:
         if self.split not in ("auto", "etth", "ettm", "ratio"):
             raise ConfigError(f"data.split: must be auto, etth, ettm or ratio, got "
                               f"{self.split!r}")
+        if self.scale_fit not in ("train", "all"):
+            raise ConfigError(f"data.scale_fit: must be train or all, got {self.scale_fit!r}")
         if self.label_len < 0 or self.pred_len < 1:
             raise ConfigError("data.pred_len: need pred_len >= 1 and label_len >= 0, got "
                               f"{self.pred_len}, {self.label_len}")

@@ -35,6 +35,20 @@ def test_etth1_splits_and_scaler_fitted_on_train_only():
     np.testing.assert_array_equal(b["y"][0, 0], data.splits["eval"][0][96])   # row 8640
 
 
+@needs_etth1
+def test_scale_fit_all_uses_every_row_of_the_file():
+    """`data.scale_fit: all` (the authors' first releases): statistics of the whole file."""
+    data = ETTData(ETTDataConfig(path=str(ETTH1), scale_fit="all"), seq_len=96, seed=0)
+    raw = np.loadtxt(ETTH1, delimiter=",", skiprows=1, usecols=range(1, 8))
+    np.testing.assert_allclose(data.std, raw.std(0), rtol=1e-6)
+    train = data.splits["train"][0]
+    np.testing.assert_allclose(train[:, 0], (raw[:8640, 0] - raw[:, 0].mean()) / raw[:, 0].std(),
+                               rtol=1e-4, atol=1e-4)
+    assert np.abs(train.std(0) - 1).max() > 0.05           # not the training rows' scaling
+    with pytest.raises(ConfigError, match="data.scale_fit"):
+        ETTDataConfig(path=str(ETTH1), scale_fit="test").validate()
+
+
 def test_features_target_and_decoder_input(tmp_path):
     cols, dates, values = synthetic_series(600, seed=1)
     csv = tmp_path / "custom.csv"
