@@ -303,6 +303,7 @@ def write(results: list[dict], args, n: int, platform: str, wall_s: float, out: 
     if "single" in by and "mesh1" in by:
         summary["mesh1_vs_single_tokens_ratio"] = (by["mesh1"]["tokens_per_s"] /
                                                   by["single"]["tokens_per_s"])
+    n = max([r["devices"] for r in ok] or [n])     # merged runs may come from another machine
     head = (f"{time.strftime('%Y-%m-%d')}, {n} x {ok[0]['device_kind'] if ok else platform}, "
             f"jax {ok[0]['jax'] if ok else '?'}, config `{args.config}` "
             f"{' '.join(args.set)}, global batch "
@@ -328,7 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="steps per run (loss curve length)")
     p.add_argument("--warmup", type=int, default=20, help="untimed first steps (compile)")
     p.add_argument("--runs", default=None,
-                   help="runs separated by ';': single, mesh1, data, fsdp or data=A,fsdp=B "
+                   help="runs separated by ';': single, mesh1, data, fsdp or data=A,fsdp=B; "
+                        "none: only tabulate the --merge files "
                         "(default: single;mesh1;data;fsdp)")
     p.add_argument("--out", default="bench_out/scaling")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
         if args.config == "hybrid_3to1_gpu":
             args.config = "hybrid_3to1"
     n, platform = _device_count(env)
-    names = args.runs.split(";") if args.runs else (
+    names = [] if args.runs == "none" else args.runs.split(";") if args.runs else (
         ["single", "mesh1"] + (["data", "fsdp"] if n > 1 else []))
     print(f"{n} {platform} device(s); config {args.config} {' '.join(args.set)}; "
           f"{args.steps} steps per run ({args.warmup} untimed); runs {names}", flush=True)
@@ -373,7 +375,8 @@ def main(argv=None) -> int:
             print(f"  {name}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step, "
                   f"final loss {r['final_loss']:.4f}, shard_map in step: "
                   f"{r['shard_map_in_step']}, {r['wall_s']:.0f} s wall", flush=True)
-        summary = write(results, args, n, platform, time.perf_counter() - t0, out)
+        write(results, args, n, platform, time.perf_counter() - t0, out)   # progress
+    summary = write(results, args, n, platform, time.perf_counter() - t0, out)
     print("\n" + summary["markdown"], flush=True)
     print(f"\nwrote {out / 'scaling.json'}, {out / 'scaling.md'} and {out / 'losses.png'} "
           f"({summary['wall_s']:.0f} s)", flush=True)
