@@ -228,8 +228,11 @@ def reproduce(args) -> None:
     (out / "results.md").write_text(text)
     if args.write:
         path = Path(args.write)
-        begin, end = "<!-- bench/informer.py: begin -->", "<!-- bench/informer.py: end -->"
-        doc = path.read_text() if path.is_file() else f"{begin}\n{end}\n"
+        tag = f" {args.section}" if args.section else ""
+        begin, end = (f"<!-- bench/informer.py: {w}{tag} -->" for w in ("begin", "end"))
+        doc = path.read_text() if path.is_file() else ""
+        if begin not in doc:                      # a new section goes at the end
+            doc += f"\n{begin}\n{end}\n"
         head, rest = doc.split(begin, 1)
         path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
@@ -319,6 +322,8 @@ def main(argv=None) -> None:
     rep.add_argument("--epochs", type=int, default=6)
     rep.add_argument("--set", nargs="*", default=[], help="extra train.py overrides")
     rep.add_argument("--write", default=None, help="markdown file to update (between markers)")
+    rep.add_argument("--section", default="",
+                     help="name of the marker pair in --write (one table per variant)")
     rep.add_argument("--late", nargs="*", default=[], choices=list(MIXERS),
                      help="run these mixers' seeds after the first one last")
     rep.add_argument("--no-run", action="store_true",
