@@ -42,7 +42,10 @@ from bench._common import rel_error, timeit_ms  # noqa: E402
 B, H = 8, 16
 T0 = time.perf_counter()
 GB = gla_mod.GLABlocks
-SEQ, CP = GB(schedule="sequential"), GB(schedule="chunk_parallel")
+# Session 1-2 tilings: 16-row state steps and diagonal blocks, f32 stored states (explicit: the
+# GLABlocks defaults changed to 64-row steps, so GB(schedule=...) alone is seq64 / cp64).
+_SUB16 = dict(sub_chunk=16, intra_block=16, bf16_states=False)
+SEQ, CP = GB(schedule="sequential", **_SUB16), GB(schedule="chunk_parallel", **_SUB16)
 
 
 def _elapsed():
@@ -148,11 +151,12 @@ def check_correctness(results, n_cases, out):
     The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    # First the kernels a change touched: states / dS passes over [32, 32] tiles with 128-column
-    # forward programs, then each of the four dk/dv kernel forms (chunk-parallel split and
-    # fused, sequential split and fused), then both sides of the 64-row block's decay guard.
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64v128s32"]),
+    # First the kernels a change touched: states / dS passes over [32, 32] tiles with prefetch,
+    # 128-column forward and dv programs, then each of the four dk/dv kernel forms
+    # (chunk-parallel split and fused, sequential split and fused), then both sides of the
+    # 64-row block's decay guard.
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pdv128", 2, 300, 4, 128, 128, bf,
+              -1.0, 2e-2, v["cp64v128s32pdv128"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
@@ -328,44 +332,43 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
     rep = dataclasses.replace
     v_ = VARIANTS
     cp64 = v_["cp64"]
-    # Residuals the backward passes take, computed once.
+    # Residuals the backward passes take, computed once; every item takes these arguments (no
+    # large constants in the compiled modules).
     s_end = jax.jit(lambda *a: m._bwd_dq_pass(*a, **kw(SEQ))[1])(k, v, g, s0, None, do)
     states64 = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(cp64))[2])(q, k, v, g, s0)
     dstates64 = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(cp64))[0])(q, g, do, dst)
     dq32 = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
-    fwd = lambda blocks: (lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(blocks)))
+    args = (q, k, v, g, s0, do, dst, dq32, s_end, states64, dstates64)
+    fwd = lambda blocks: (lambda q, k, v, g, s0, *_: m._gla_fwd_call(q, k, v, g, s0,
+                                                                     **kw(blocks)))
     # The chunk pass's output is unused here: XLA drops that pallas_call.
-    states = lambda name: (lambda: m._gla_fwd_call(q, k, v, g, s0, **kw(v_[name]))[2])
-    dstates = lambda name: (lambda: m._bwd_dstates_pass(q, g, do, dst, **kw(v_[name])))
-    dkv = lambda blocks: (lambda: m._bwd_dkv_pass(q, k, v, g, do, None, states64, dstates64,
-                                                  **kw(blocks))[:4])
+    states = lambda name: (lambda q, k, v, g, s0, *_: m._gla_fwd_call(q, k, v, g, s0,
+                                                                      **kw(v_[name]))[2])
+    dstates = lambda name: (lambda q, k, v, g, s0, do, dst, *_: m._bwd_dstates_pass(
+        q, g, do, dst, **kw(v_[name])))
+    dkv = lambda blocks: (lambda q, k, v, g, s0, do, dst, dq32, s_end, st, dst_: m._bwd_dkv_pass(
+        q, k, v, g, do, None, st, dst_, **kw(blocks))[:4])
     items = {
         "seq fwd": fwd(SEQ),
-        "seq dkv split": lambda: m._bwd_dkv_pass(q, k, v, g, do, dq32, s_end, dst,
-                                                 **kw(rep(SEQ, dkv_split=True))),
+        "seq dkv split": lambda q, k, v, g, s0, do, dst, dq32, s_end, *_: m._bwd_dkv_pass(
+            q, k, v, g, do, dq32, s_end, dst, **kw(rep(SEQ, dkv_split=True))),
         "cp64 fwd (states + chunks)": fwd(cp64),
-        "cp64v128s32 fwd (states + chunks)": fwd(v_["cp64v128s32"]),
-        "cp64v128s32w4 fwd (states + chunks)": fwd(v_["cp64v128s32w4"]),
-        "cp64 states pass": states("cp64"),
-        "cp64s16 states pass": states("cp64s16"),
-        "cp64s32 states pass": states("cp64s32"),
-        "cp64s64 states pass": states("cp64s64"),
-        "cp64p states pass": states("cp64p"),
-        "cp64s32p states pass": states("cp64s32p"),
-        "cp64 dstates pass": dstates("cp64"),
-        "cp64s16 dstates pass": dstates("cp64s16"),
-        "cp64s32 dstates pass": dstates("cp64s32"),
-        "cp64s64 dstates pass": dstates("cp64s64"),
-        "cp64p dstates pass": dstates("cp64p"),
-        "cp64s32p dstates pass": dstates("cp64s32p"),
+        "cp64s32p fwd (states + chunks)": fwd(v_["cp64s32p"]),
+        "cp64v128s32p fwd (states + chunks)": fwd(v_["cp64v128s32p"]),
+        "cp64v128s32pw4 fwd (states + chunks)": fwd(v_["cp64v128s32pw4"]),
+        **{f"{n} states pass": states(n)
+           for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
+        **{f"{n} dstates pass": dstates(n)
+           for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
         "cp64 dkv chunks split (dq inside)": dkv(rep(cp64, dkv_split=True)),
         "cp64 dkv chunks fused (dq inside)": dkv(rep(cp64, dkv_split=False)),
+        "cp64 dkv chunks split dv128": dkv(rep(cp64, dkv_split=True, block_v_dkv=128)),
     }
     if only:
         items = {n: f for n, f in items.items() if n in only}
-    compiled = _compile_all(items, lambda name: ())
+    compiled = _compile_all(items, lambda name: args)
     row = {"b": b, "t": t, "h": h, "d": d}
-    _time_into(row, compiled, lambda name: ())
+    _time_into(row, compiled, lambda name: args)
     results["stages"].append(row)
     print(f"[stages {_elapsed():.0f}s] {row}", flush=True)
     _save(results, out)
@@ -377,7 +380,7 @@ VARIANTS = {
     # sub_chunk 16 (4 state steps per 64-row chunk, 16-row diagonal blocks), f32 states
     "seq": SEQ,
     "cp": CP,
-    "hyb": GB(schedule="hybrid"),
+    "hyb": GB(schedule="hybrid", **_SUB16),
     "seq_fused": dataclasses.replace(SEQ, dkv_split=False),
     "cp_fused": dataclasses.replace(CP, dkv_split=False),
     "seq_st1": dataclasses.replace(SEQ, num_stages=1),
@@ -388,8 +391,8 @@ VARIANTS = {
     "seq64w8": GB(schedule="sequential", **_SUB64, **_W8),
     "cp64w8": GB(schedule="chunk_parallel", **_SUB64, **_W8),
     "hyb64w8": GB(schedule="hybrid", **_SUB64, **_W8),
-    "cp64f32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=64),
-    "cp64i16": GB(schedule="chunk_parallel", sub_chunk=64, bf16_states=True),
+    "cp64f32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=64, bf16_states=False),
+    "cp64i16": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=16, bf16_states=True),
     "cp64i32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=32, bf16_states=True),
     "cp64st1": GB(schedule="chunk_parallel", **_SUB64, num_stages=1),
     "cp64fused": GB(schedule="chunk_parallel", **_SUB64, dkv_split=False),
@@ -403,14 +406,17 @@ VARIANTS = {
     "cp64s64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=64, states_block_v=64),
     "cp64v128s32": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                       states_block_v=32),
-    "cp64v128s32w4": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                        states_block_v=32, num_warps_fwd=4),
+    "cp64v128s32pw4": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                         states_block_v=32, states_prefetch=True, num_warps_fwd=4),
     # p: the states / dS passes load the next chunk's tiles one iteration ahead
     "cp64p": GB(schedule="chunk_parallel", **_SUB64, states_prefetch=True),
     "cp64s32p": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
                    states_prefetch=True),
     "cp64v128s32p": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                        states_block_v=32, states_prefetch=True),
+    # dv128: the split dv kernel over all 128 columns (the scores A once per chunk, not twice)
+    "cp64v128s32pdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                            states_block_v=32, states_prefetch=True, block_v_dkv=128),
     "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
 }
 
