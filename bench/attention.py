@@ -194,6 +194,93 @@ def mosaic_bwd(results, deadline, n=4096, lengths=()):
                    mbwd_cfg=dict(mgpu_bwd_dq=best), modes=("fwd+bwd",))
 
 
+MBWD2_VARIANTS = [  # (name, flash_attention_kernel kwargs), most important first
+    ("split", dict(bwd_impl="split")),
+    ("mosaic", dict(bwd_impl="mosaic")),
+    ("mosaic_overlap", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True)),
+    ("mosaic_overlap_r240", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
+                                 mgpu_bwd_regs=(240, 24))),
+    ("mosaic_r240", dict(bwd_impl="mosaic", mgpu_bwd_regs=(240, 24))),
+    ("mosaic_overlap_s3", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True, mgpu_stages_bwd=3)),
+    ("mosaic_overlap_own", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True, mgpu_bwd_dq="own")),
+]
+
+
+def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64)):
+    """Session 3: the Mosaic backward's FA3-order variant (S^T and dP^T issued together, dS^T
+    while dV runs) and the 240/24 register split. Real-lowering checks against the f32
+    reference first, then fwd+bwd TFLOP/s at N=4k with jax.nn cuDNN in the same process."""
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate([
+            (2, 1000, 8, 2, 128, True, None, dict(mgpu_bwd_overlap=True)),
+            (1, 2048, 8, 1, 64, True, 300, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24))),
+            (1, 777, 4, 2, 128, False, None, dict(mgpu_bwd_overlap=True,
+                                                  mgpu_bwd_regs=(240, 24)))]):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=110 + i)
+        kw = dict(causal=causal, window=window)
+        row = dict(case=f"mosaic bwd {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 dict(bwd_impl="mosaic", **extra), err_chars=600)
+    out = results.setdefault("bwd_sweep2", [])
+    b = TOKENS // n
+    for d in dims:
+        q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        for causal in (False, True):
+            flops = 4 * b * H * n * n * d / (2 if causal else 1) * 3.5
+            fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                q, k, v, is_causal=c, implementation="cudnn"))]
+            fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c, **cfg)) for name, cfg in MBWD2_VARIANTS]
+            for name, fn in fns:
+                row = dict(d=d, causal=causal, n=n, impl=name)
+                if time.time() > deadline:
+                    row["skipped"] = "time budget"
+                else:
+                    try:
+                        ms = _timeit(_fwd_bwd(fn), q, k, v, do)
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print("bsweep2", row, flush=True)
+                out.append(row)
+
+
+def mosaic_compile_report(results, deadline):
+    """Compile (and run once, small shapes) the Mosaic kernels whose ptxas report and SASS
+    the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
+    rows = results.setdefault("compiled", [])
+    cases = [("bwd_d128_base", 128, True, dict(bwd_impl="mosaic")),
+             ("bwd_d128_overlap", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_overlap=True)),
+             ("bwd_d128_overlap_r240", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
+                                                       mgpu_bwd_regs=(240, 24))),
+             ("bwd_d64_base", 64, False, dict(bwd_impl="mosaic")),
+             ("fwd_d128", 128, False, None),
+             ("fwd_d64", 64, False, None),
+             ("fwd_d64_causal", 64, True, None)]
+    for name, d, causal, cfg in cases:
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((1, 512, 4, d), (1, 512, 4, d), jnp.bfloat16)
+        row = dict(name=name, d=d, causal=causal, cfg=cfg)
+        t = time.time()
+        try:
+            if cfg is None:                                 # the Hopper default forward
+                jax.block_until_ready(jax.jit(lambda q, k, v, c=causal: attn.flash_attention_kernel(
+                    q, k, v, causal=c))(q, k, v))
+            else:
+                jax.block_until_ready(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
+                                               attn.flash_attention_kernel(q, k, v, causal=c,
+                                                                           **cfg))(q, k, v, do))
+            row["compile_and_run_s"] = time.time() - t
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("compiled", row, flush=True)
+        rows.append(row)
+
+
 def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
     """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
     mgpu_cfg = {k: v for k, v in (mgpu_cfg or {}).items() if k != "fwd_impl"}
@@ -582,6 +669,8 @@ def main():
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
              "bsweep": lambda dl: bwd_sweep(results, dl),
              "mbwd": lambda dl: mosaic_bwd(results, dl, lengths=lengths),
+             "mbwd2": lambda dl: mosaic_bwd2(results, dl),
+             "mregs": lambda dl: mosaic_compile_report(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

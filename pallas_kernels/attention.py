@@ -130,6 +130,9 @@ class FlashConfig:
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2
     mgpu_bwd_dq: str = "halves"  # Mosaic dq: "halves" of D over both warpgroups' keys, or "own"
+    mgpu_bwd_overlap: bool = False  # Mosaic bwd: S^T and dP^T issued together (P^T computed
+    #                                 while dP^T runs), dS^T computed while dV runs (FA3 order)
+    mgpu_bwd_regs: tuple[int, int] = (232, 40)  # Mosaic bwd registers: consumer, producer
     interpret: bool = False
 
 
@@ -697,10 +700,11 @@ def _default_blocks(lq: int, lk: int, d: int) -> dict:
 # where"). Other head dims, f32 inputs, segment ids and pre-Hopper GPUs take the Triton path.
 MOSAIC_FWD_DIMS = (128, 64)
 # (head dim, causal) cells whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add)
-# on Hopper by default: where it measured faster than the Triton backward in the same run (call 3
-# of session 2, N=4k: D=64 full 378 vs 321 TFLOP/s fwd+bwd; D=128 it lost, 367 vs 405 full and
-# 324 vs 369 causal; D=64 causal had no same-run comparison).
-MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False),)
+# on Hopper by default: where it measured faster than the Triton backward in the same run, N=4k
+# fwd+bwd TFLOP/s: D=64 full 378 vs 321 (session 2, call 3) and 381 vs 323 (session 3, call 1);
+# D=64 causal 324 vs 297 (session 3, call 1, with the causal GQA/window GPU checks). D=128 it lost
+# (366 vs 404 full, 326 vs 381 causal, session 3 call 1).
+MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True))
 
 
 def _cuda_capability() -> tuple[int, int] | None:

@@ -216,7 +216,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
     @pl.when(wg < 2)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
         k0 = cta_k0 + wg * bk
         _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
         w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
@@ -231,6 +231,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_wait(kv_ready.at[2 + wg])
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
 
+        def mask_scores(st, i):
+            kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+            qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+            k_pos = kk + k0
+            q_pos = qq + (i * bq + cfg.lk - cfg.lq)
+            mask = k_pos < cfg.lk
+            if cfg.causal:
+                mask &= k_pos <= q_pos
+            if cfg.window is not None:
+                mask &= k_pos > q_pos - cfg.window
+            return jnp.where(mask, st, -jnp.inf)
+
         def step(i, carry, r, masked):
             dk, dv = carry
             t = r * n + (i - lo)
@@ -238,29 +250,63 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
+            do_t = do_smem.at[slot].transpose((1, 0))
+            if cfg.mgpu_bwd_overlap:
+                # FA3 order: S^T and dP^T are issued back to back; P^T is computed while dP^T
+                # is still on the tensor cores (wait until one wgmma group is left), and dS^T
+                # while dV runs.
+                plgpu.barrier_wait(ld_ready.at[slot])
+                lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
+                delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def s_dp(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_own, do_t)
+                    st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * scale
+                    if masked:
+                        st = mask_scores(st, i)
+                    pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+                    return pt, dp_ref[...]
+                pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
+                                        plgpu.ACC((bk, bq), jnp.float32))
+                pt_lo = pt.astype(q_smem.dtype)
+                delta_b = lax.broadcast_in_dim(delta, pt.shape, [1])
+                if gpu_path:
+                    def dv_dk(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
+                        ds_lo = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+                        ds_smem.at[buf, wg][...] = ds_lo
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+                    dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                else:               # interpret mode: wgmma operands from SMEM, no run_state
+                    p_smem.at[wg][...] = pt_lo
+                    ds_smem.at[buf, wg][...] = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+                    plgpu.commit_smem()
+
+                    def dv_dk(dv_ref, dk_ref):
+                        plgpu.wgmma(dv_ref, p_smem.at[wg], do_smem.at[slot])
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg], q_smem.at[slot])
+                        return dv_ref[...], dk_ref[...]
+                    dv_inc, dk_inc = pl.run_scoped(dv_dk, plgpu.ACC((bk, d), jnp.float32),
+                                                   plgpu.ACC((bk, d), jnp.float32))
+                    dv, dk = dv + dv_inc, dk + dk_inc
+                return dq_step(i, slot, buf, h, dk, dv)
 
             def qk(s_ref):
                 plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                 return s_ref[...]
             st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32)) * scale
             if masked:
-                kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
-                qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
-                k_pos = kk + k0
-                q_pos = qq + (i * bq + cfg.lk - cfg.lq)
-                mask = k_pos < cfg.lk
-                if cfg.causal:
-                    mask &= k_pos <= q_pos
-                if cfg.window is not None:
-                    mask &= k_pos > q_pos - cfg.window
-                st = jnp.where(mask, st, -jnp.inf)
+                st = mask_scores(st, i)
             plgpu.barrier_wait(ld_ready.at[slot])
             lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
             delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
             pt_lo = pt.astype(q_smem.dtype)
             plgpu.barrier_wait(do_ready.at[slot])
-            do_t = do_smem.at[slot].transpose((1, 0))
             if gpu_path:
                 def dv_dp(refs):
                     dv_ref, dp_ref = refs
@@ -294,6 +340,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.wgmma(acc_ref, ds_smem.at[buf, wg], q_smem.at[slot])
                     return acc_ref[...]
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
+            return dq_step(i, slot, buf, h, dk, dv)
+
+        def dq_step(i, slot, buf, h, dk, dv):
             plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
             if not own:
                 sync()                                       # both halves of dS^T are in SMEM
@@ -341,7 +390,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(cfg.mgpu_bwd_regs[1], action="decrease")
 
         def load(t):
             slot = lax.rem(t, jnp.int32(stages))
@@ -423,6 +472,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         grid_names=("heads", "kv_tile", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
+                     f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
+                     f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(qp, kp, vp, dop, ld, dq_acc)
@@ -473,6 +525,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         grid_names=("heads", "q_tile", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
+                     f"_s{stages}"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(qp, kp, vp)

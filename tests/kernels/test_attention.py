@@ -275,6 +275,7 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
             assert attn.choose_bwd_impl(d, jnp.bfloat16, True, hopper, causal) == "split"
             assert attn.choose_bwd_impl(d, jnp.float32, False, hopper, causal) == "split"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, True) == "mosaic"
     assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "split"
     assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
 
@@ -309,6 +310,24 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
                                            bwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("d,causal,extra", [
+    (64, True, dict(mgpu_bwd_overlap=True)),
+    pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24)), marks=SLOW),
+    pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
+])
+def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
+    """mgpu_bwd_overlap: S^T and dP^T issued together, dS^T computed while dV runs (the FA3
+    order); same results as the reference (interpret mode, GQA, ragged length)."""
+    q, k, v, do = _inputs(21, 1, 200, 200, 4, 2, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **extra, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
