@@ -248,6 +248,46 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64)):
                 out.append(row)
 
 
+def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
+    """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
+    (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
+    Mosaic forward and jax.nn cuDNN in the same process."""
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window) in enumerate([
+            (2, 1000, 8, 2, 64, True, None), (1, 2048, 4, 4, 128, True, 300)]):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=130 + i)
+        kw = dict(causal=causal, window=window)
+        row = dict(case=f"mosaic fwd fold b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 dict(fwd_impl="mosaic", mgpu_fold_scale=True), err_chars=600)
+    out = results.setdefault("fwd_sweep2", [])
+    b = TOKENS // n
+    for d in dims:
+        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        for causal in (False, True):
+            flops = 4 * b * H * n * n * d / (2 if causal else 1)
+            fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                q, k, v, is_causal=c, implementation="cudnn"))]
+            fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c, **cfg)) for name, cfg in
+                [("mosaic", dict()), ("mosaic_fold", dict(mgpu_fold_scale=True))]]
+            for name, fn in fns:
+                row = dict(d=d, causal=causal, n=n, impl=name)
+                if time.time() > deadline:
+                    row["skipped"] = "time budget"
+                else:
+                    try:
+                        ms = _timeit(jax.jit(fn), q, k, v)
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print("fsweep2", row, flush=True)
+                out.append(row)
+
+
 def mosaic_compile_report(results, deadline):
     """Compile (and run once, small shapes) the Mosaic kernels whose ptxas report and SASS
     the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
@@ -259,7 +299,8 @@ def mosaic_compile_report(results, deadline):
              ("bwd_d64_base", 64, False, dict(bwd_impl="mosaic")),
              ("fwd_d128", 128, False, None),
              ("fwd_d64", 64, False, None),
-             ("fwd_d64_causal", 64, True, None)]
+             ("fwd_d64_causal", 64, True, None),
+             ("fwd_d64_fold", 64, False, "fold")]
     for name, d, causal, cfg in cases:
         if time.time() > deadline:
             break
@@ -267,9 +308,10 @@ def mosaic_compile_report(results, deadline):
         row = dict(name=name, d=d, causal=causal, cfg=cfg)
         t = time.time()
         try:
-            if cfg is None:                                 # the Hopper default forward
-                jax.block_until_ready(jax.jit(lambda q, k, v, c=causal: attn.flash_attention_kernel(
-                    q, k, v, causal=c))(q, k, v))
+            if cfg in (None, "fold"):                       # the Hopper default forward
+                jax.block_until_ready(jax.jit(lambda q, k, v, c=causal, f=cfg == "fold":
+                                              attn.flash_attention_kernel(
+                                                  q, k, v, causal=c, mgpu_fold_scale=f))(q, k, v))
             else:
                 jax.block_until_ready(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
                                                attn.flash_attention_kernel(q, k, v, causal=c,
@@ -671,6 +713,7 @@ def main():
              "mbwd": lambda dl: mosaic_bwd(results, dl, lengths=lengths),
              "mbwd2": lambda dl: mosaic_bwd2(results, dl),
              "mregs": lambda dl: mosaic_compile_report(results, dl),
+             "mfwd2": lambda dl: mosaic_fwd2(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

@@ -38,6 +38,7 @@ _q_block_range = _attn._q_block_range
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
                     rep: int, stages: int, ping_pong: bool, gpu_path: bool):
     bq, bk = cfg.block_q, cfg.block_k
+    fold = cfg.mgpu_fold_scale
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
@@ -96,7 +97,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 return s_ref[...]
             s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = s * (cfg.sm_scale * LOG2E)
+            c = cfg.sm_scale * LOG2E
+            if not fold:
+                s = s * c
             if masked:
                 rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
@@ -108,9 +111,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 if cfg.window is not None:
                     mask &= k_pos > q_pos - cfg.window
                 s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
+            if fold:    # max on raw scores; scale folded into exp2's argument (one FFMA)
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            else:
+                m_new = jnp.maximum(m, s.max(axis=1))
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p_lo = p.astype(v_smem.dtype)
@@ -263,10 +270,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 def s_dp(s_ref, dp_ref):
                     plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                     plgpu.wgmma(dp_ref, v_own, do_t)
-                    st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1) * scale
+                    st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
                     if masked:
                         st = mask_scores(st, i)
-                    pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+                    # the scale folded into exp2's argument: one FFMA per score
+                    pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
                     return pt, dp_ref[...]
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
@@ -526,7 +534,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         num_threads=3,
         thread_name="wg",
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
-                     f"_s{stages}"),
+                     f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(qp, kp, vp)

@@ -343,6 +343,19 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
+    """mgpu_fold_scale: row max on raw scores, scale applied inside exp2's argument (causal
+    masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode)."""
+    q, k, v, do = _inputs(22, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=True, window=50)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fold_scale=True, block_k=64, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 @pytest.mark.parametrize("causal", [False, pytest.param(True, marks=SLOW)])
 def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
     """The Hopper default tiles at D=64 (full: 128 rows per warpgroup x 128 keys; causal: 64 x
