@@ -161,6 +161,11 @@ class _Config:
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
     fast_exp: bool = False    # ex2/lg2.approx.ftz for the decays and softplus (see _softplus)
     split: int = 1            # forward: lanes per channel (each owns N / split states)
+    bwd_split: int = 1        # the same in the backward (needs lane_reduce)
+    keep_decay: bool = False  # backward: the recompute's decays stay in registers for the
+                              # reverse pass (one exp per element instead of two)
+    bc_rows: bool = False     # forward: B_t/C_t as one [32]-lane row per step (loaded a chunk
+                              # ahead with u/delta), each lane's values taken by shfl.idx
     interpret: bool = False
 
 
@@ -217,6 +222,16 @@ def _shfl_xor(x, mask, interpret):
         constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
+def _shfl_idx(x, src, interpret):
+    """x from lane src[lane] of the warp (src: a [32] int32 vector)."""
+    if interpret:
+        return jnp.take(x, src)
+    return plgpu.elementwise_inline_asm(
+        "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", args=[x, src],
+        constraints="=f,f,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
 def _load_chunk(refs, names, c, chunk, cols=slice(None)):
     """The state-independent [bd] rows of chunk c, one tuple per name. They are loaded a chunk
     ahead: a load cannot move above a store that may alias it, so loads issued inside the step
@@ -235,19 +250,31 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
     # and its states (e // bd) * K + k, k < K = N / split; y sums the lanes' parts by shuffles.
-    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    # "bc" in opts (bc_rows): instead of b/c, one bc [Lp, 32] f32 ref, row i = B_i (columns
+    # 0..N-1), C_i (N..2N-1), zeros; lane e loads column e and the states' values are shuffled
+    # out of that row (no per-state loads, no B/C window: the rows come a chunk ahead).
+    bc_rows = "bc" in opts
+    names = ["u", "dt", "a", *(["bc"] if bc_rows else ["b", "c"]),
+             *[k for k in _OPTIONAL if k in opts], "y", "hT"]
     r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
     f32 = jnp.float32
     bd = r["u"].shape[-1]
     n_k = n_state // split
     asm = fast_exp and not interpret
+    width = bd * split
+    lane = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
     if split > 1:
-        lane = jax.lax.broadcasted_iota(jnp.int32, (bd * split,), 0)
         cols, part = lane % bd, lane // bd
         states = [part * n_k + k for k in range(n_k)]
     else:
         cols, states = slice(None), list(range(n_state))
-    width = bd * split
+    if bc_rows:
+        ahead = 0
+        src_b = [n + jnp.zeros_like(lane) for n in states]     # [32] int32 lane indices
+        src_c = [n + n_state for n in src_b]
+
+        def load_bc_rows(c):
+            return tuple(r["bc"][c * chunk + t, :] for t in range(chunk))
     last = n_chunks * chunk - 1
     a2 = [r["a"][n, cols] * _LOG2E for n in states]
     d = r["d"][cols] if "d" in r else None
@@ -261,13 +288,18 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     def chunk_body(c, carry):
         h, rows, window = list(carry[0]), carry[1], list(carry[2])
         next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk, cols)
+        if bc_rows:    # the window slot carries this chunk's bc rows
+            next_window = load_bc_rows(jnp.minimum(c + 1, n_chunks - 1))
         if save_ckpt:
             for k, n in enumerate(states):
                 r["ck"][c, n, cols] = h[k]
         ys = []
         for t in range(chunk):
             i = c * chunk + t
-            if ahead:   # B/C scalars of step i + ahead load now, `ahead` steps before their use
+            if bc_rows:
+                b_t = [_shfl_idx(window[t], src, interpret) for src in src_b]
+                c_t = [_shfl_idx(window[t], src, interpret) for src in src_c]
+            elif ahead:  # B/C scalars of step i + ahead load now, `ahead` steps before their use
                 window.append(_load_bc(r, jnp.minimum(i + ahead, last), states))
                 b_t, c_t = window.pop(0)
             else:
@@ -292,19 +324,34 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             ys.append(y)
         for t in range(chunk):      # stores last, so that no load of this chunk waits on them
             r["y"][c * chunk + t, cols] = ys[t].astype(r["y"].dtype)
-        return tuple(h), next_rows, tuple(window)
+        return tuple(h), next_rows, (next_window if bc_rows else tuple(window))
 
-    window = tuple(_load_bc(r, min(i, last), states) for i in range(ahead))
+    if bc_rows:
+        window = load_bc_rows(0)
+    else:
+        window = tuple(_load_bc(r, min(i, last), states) for i in range(ahead))
     h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
                                 (h0, _load_chunk(r, seq_names, 0, chunk, cols), window))
     for k, n in enumerate(states):
         r["hT"][n, cols] = h[k]
 
 
+def _lanes_sum(x, bd, width, interpret):
+    """Sums a [width] vector over the lanes that hold parts of the same channel (lanes
+    e, e + bd, e + 2 bd, ...): log2(width / bd) shuffles; every part gets the same bits."""
+    m = bd
+    while m < width:
+        x = x + _shfl_xor(x, m, interpret)
+        m *= 2
+    return x
+
+
 def _lane_reduce_scatter(vals, lane, interpret):
-    """32 [32]-vectors in, one out whose lane q holds the sum over lanes of vals[q]: a
-    recursive-halving butterfly, 31 shuffles for 32 sums (instead of 5 shuffles per sum)."""
-    m = _LANES // 2
+    """len(vals) = P [32]-vectors in (P a power of 2 <= 32), one out: lane e holds the sum of
+    vals[e % P] over the lanes that agree with e above bit log2(P) (over all 32 when P = 32).
+    A recursive-halving butterfly: P - 1 shuffles for P sums per lane group (instead of
+    log2(P) shuffles per sum)."""
+    m = len(vals) // 2
     while m:
         hi = (lane & m) != 0
         half = len(vals) // 2
@@ -316,47 +363,77 @@ def _lane_reduce_scatter(vals, lane, interpret):
 
 
 def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, ahead,
-                lane_reduce, fast_exp, interpret):
+                lane_reduce, fast_exp, split, keep_decay, interpret):
     # Reverse scan. g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with q = g_t a_t h_{t-1}:
     # dA += dt_t q, d(delta_t) = u_t <g_t, B_t> + <A, q>, du_t = dt_t <g_t, B_t> + D dy_t,
     # dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t (per program; summed over blocks outside).
     # dbc [Lp, Q] holds dB_t in columns 0..N-1 and dC_t in N..2N-1 (Q = 2N, or padded to a
     # multiple of 32 when the lanes reduce them: lane q then stores column q in one row store).
-    in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
-                "ck", "dy", "dhT"]
+    # split > 1 (lane_reduce only): as in the forward, lane e holds channel e % bd and states
+    # (e // bd) * K + k, K = N / split; <g, B>, <A, q> and y add the parts by shuffles, and the
+    # butterfly reduces the 2K values of each part over the part's bd channels: pass j stores
+    # the 32-column row j, column p * bd + q = value j * bd + q of part p (see _backward).
+    # "bc" in opts (bc_rows): B/C as [Lp, 32] rows as in the forward; a chunk's rows load a
+    # chunk ahead, the recompute and the reverse step shuffle the states' values out of them.
+    bc_rows = "bc" in opts
+    in_names = ["u", "dt", "a", *(["bc"] if bc_rows else ["b", "c"]),
+                *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy", "dhT"]
     out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
                  *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
     r = _name_refs(refs, in_names + out_names)
     f32 = jnp.float32
     bd = r["u"].shape[-1]
-    A = [r["a"][n, :] for n in range(n_state)]
-    d = r["d"][...] if "d" in r else None
-    bias = r["bias"][...] if "bias" in r else None
+    n_k = n_state // split
+    width = bd * split
+    lane = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
+    if split > 1:
+        cols, part = lane % bd, lane // bd
+        states = [part * n_k + k for k in range(n_k)]
+    else:
+        cols, states = slice(None), list(range(n_state))
+    A = [r["a"][n, cols] for n in states]
+    d = r["d"][cols] if "d" in r else None
+    bias = r["bias"][cols] if "bias" in r else None
     asm = fast_exp and not interpret
     step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
                              padded=padded, fast=fast_exp, asm=asm)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
-    zeros = jnp.zeros((bd,), f32)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
+    zeros = jnp.zeros((width,), f32)
     n_q = r["dbc"].shape[-1]
+    lsum = functools.partial(_lanes_sum, bd=bd, width=width, interpret=interpret)
 
     def load_ck(c):
-        return tuple(r["ck"][c, n, :] for n in range(n_state))
+        return tuple(r["ck"][c, n, cols] for n in states)
 
     def load_b(i):
-        return tuple(r["b"][i, n] for n in range(n_state))
+        return tuple(r["b"][i, n] for n in states)
+
+    if bc_rows:
+        ahead = 0
+        src_b = [n + jnp.zeros_like(lane) for n in states]
+        src_c = [n + n_state for n in src_b]
+
+        def load_bc_rows(c):
+            return tuple(r["bc"][c * chunk + t, :] for t in range(chunk))
+
+        def shfl_bc(row, srcs):
+            return tuple(_shfl_idx(row, src, interpret) for src in srcs)
 
     def chunk_body(k, carry):
         dh, da, dd, dbias, rows, h, wb, wbc = carry
         dh, da, h, wb, wbc = list(dh), list(da), list(h), list(wb), list(wbc)
         c = n_chunks - 1 - k
         # The next chunk's rows and checkpoint load before this chunk's first store.
-        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
+        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk, cols)
         next_ck = load_ck(jnp.maximum(c - 1, 0))
-        hs, steps = [h], []
+        if bc_rows:      # wb carries this chunk's bc rows, wbc is empty
+            bc_cur, wb = wb, load_bc_rows(jnp.maximum(c - 1, 0))
+        hs, steps, decays = [h], [], []
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
-            if ahead:    # B of the recompute step `ahead` later (in the next chunk, c - 1)
+            if bc_rows:
+                b_t = shfl_bc(bc_cur[t], src_b)
+            elif ahead:  # B of the recompute step `ahead` later (in the next chunk, c - 1)
                 nxt = (c * chunk + t + ahead if t + ahead < chunk
                        else jnp.maximum(c - 1, 0) * chunk + t + ahead - chunk)
                 wb.append(load_b(nxt))
@@ -367,15 +444,20 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             steps.append((dt, x))                    # reused by the reverse pass
             dtl = dt * _LOG2E
             dtu = dt * rows[0][t].astype(f32)
-            h = [_exp2(dtl * A[n], asm) * h[n] + dtu * b_t[n] for n in range(n_state)]
+            a_t = [_exp2(dtl * A[n], asm) for n in range(n_k)]
+            if keep_decay:
+                decays.append(a_t)
+            h = [a_t[n] * h[n] + dtu * b_t[n] for n in range(n_k)]
             hs.append(h)
         for t in reversed(range(chunk)):
             i = c * chunk + t
-            if ahead:    # B/C of the reverse step `ahead` later (i - ahead)
-                wbc.append(_load_bc(r, jnp.maximum(i - ahead, 0), range(n_state)))
+            if bc_rows:  # the B shuffles are the recompute's (the same pure asm: CSE)
+                b_t, c_t = shfl_bc(bc_cur[t], src_b), shfl_bc(bc_cur[t], src_c)
+            elif ahead:  # B/C of the reverse step `ahead` later (i - ahead)
+                wbc.append(_load_bc(r, jnp.maximum(i - ahead, 0), states))
                 b_t, c_t = wbc.pop(0)
             else:
-                b_t, c_t = _load_bc(r, i, range(n_state))
+                b_t, c_t = _load_bc(r, i, states)
             u = rows[0][t].astype(f32)
             dt, x = steps[t]
             dtl = dt * _LOG2E
@@ -385,30 +467,33 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             if "z" in r:
                 z = rows[3][t].astype(f32)
                 sz = jax.nn.sigmoid(z)
-                y = sum(h_t[n] * c_t[n] for n in range(n_state))
+                y = lsum(sum(h_t[n] * c_t[n] for n in range(n_k)))
                 if d is not None:
                     y = y + d * u
-                r["dz"][i, :] = (dout * y * sz * (1.0 + z * (1.0 - sz))).astype(r["dz"].dtype)
+                r["dz"][i, cols] = (dout * y * sz * (1.0 + z * (1.0 - sz))).astype(
+                    r["dz"].dtype)
                 dy = dout * z * sz
             else:
                 dy = dout
             gb, saq = zeros, zeros
             qb, qc = [], []
-            for n in range(n_state):
+            for n in range(n_k):
                 g = dh[n] + c_t[n] * dy
                 qb.append(g * dtu)
                 qc.append(dy * h_t[n])
-                a_n = _exp2(dtl * A[n], asm)
+                a_n = decays[t][n] if keep_decay else _exp2(dtl * A[n], asm)
                 q = g * a_n * h_prev[n]
                 da[n] = da[n] + dt * q
                 saq = saq + A[n] * q
                 gb = gb + g * b_t[n]
                 dh[n] = a_n * g
+            gb, saq = lsum(gb), lsum(saq)
             if lane_reduce:
-                vals = qb + qc + [zeros] * (n_q - 2 * n_state)
-                for j in range(0, n_q, _LANES):
-                    r["dbc"][i, j:j + _LANES] = _lane_reduce_scatter(vals[j:j + _LANES], lane,
-                                                                     interpret)
+                vals = qb + qc
+                vals += [zeros] * (n_q // _LANES * bd - len(vals))
+                for j in range(n_q // _LANES):
+                    r["dbc"][i, j * _LANES:(j + 1) * _LANES] = _lane_reduce_scatter(
+                        vals[j * bd:(j + 1) * bd], lane, interpret)
             else:
                 for n in range(n_state):
                     r["dbc"][i, n] = jnp.sum(qb[n])
@@ -417,32 +502,33 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             if d is not None:
                 du = du + d * dy
                 dd = dd + dy * u
-            r["du"][i, :] = du.astype(r["du"].dtype)
+            r["du"][i, cols] = du.astype(r["du"].dtype)
             ddt = u * gb + saq
             if softplus:
                 ddt = ddt * jax.nn.sigmoid(x)
             if padded:
                 ddt = jnp.where(i < length, ddt, 0.0)
             dbias = dbias + ddt
-            r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
+            r["ddt"][i, cols] = ddt.astype(r["ddt"].dtype)
         return (tuple(dh), tuple(da), dd, dbias, next_rows, next_ck, tuple(wb), tuple(wbc))
 
-    dh0 = tuple(r["dhT"][n, :] for n in range(n_state))
+    dh0 = tuple(r["dhT"][n, cols] for n in states)
     last = n_chunks - 1
     wb = tuple(load_b(last * chunk + t if t < chunk else max(last - 1, 0) * chunk + t - chunk)
                for t in range(ahead))
-    wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), range(n_state))
-                for t in range(ahead))
-    init = (dh0, tuple(zeros for _ in range(n_state)), zeros, zeros,
-            _load_chunk(r, seq_names, last, chunk), load_ck(last), wb, wbc)
+    if bc_rows:
+        wb = load_bc_rows(last)
+    wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), states) for t in range(ahead))
+    init = (dh0, tuple(zeros for _ in range(n_k)), zeros, zeros,
+            _load_chunk(r, seq_names, last, chunk, cols), load_ck(last), wb, wbc)
     dh, da, dd, dbias, *_ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
-    for n in range(n_state):
-        r["dh0"][n, :] = dh[n]
-        r["da"][n, :] = da[n]
+    for k, n in enumerate(states):
+        r["dh0"][n, cols] = dh[k]
+        r["da"][n, cols] = da[k]
     if "dd" in r:
-        r["dd"][...] = dd
+        r["dd"][cols] = dd
     if "dbias" in r:
-        r["dbias"][...] = dbias
+        r["dbias"][cols] = dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,8 +576,9 @@ def _layout(u, A, B, chunk, block_d) -> _Layout:
                    _common.round_up(length, chunk), chunk)
 
 
-def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
-    """Pad and transpose to kernel layouts; returns (arrays, block specs, opts)."""
+def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows=False):
+    """Pad and transpose to kernel layouts; returns (arrays, block specs, opts). bc_rows: B
+    and C as one [B, Lp, G, 32] array (B in columns 0..N-1, C in N..2N-1; 2N <= 32)."""
     f32 = jnp.float32
     bd, lp, n = lay.bd, lay.lp, lay.n
     per_group = lay.dn // lay.groups
@@ -501,11 +588,18 @@ def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
         B, C = B[:, :, None], C[:, :, None]
     bc = lambda x: _common.pad_axis(x.astype(f32), 1, lay.chunk)
     seq_spec = pl.BlockSpec((None, lp, bd), lambda b, j: (b, 0, j))
-    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, bd),
-              bc(B), bc(C)]
-    specs = [seq_spec, seq_spec, pl.BlockSpec((n, bd), lambda b, j: (0, j)),
-             *[pl.BlockSpec((None, lp, None, n), lambda b, j: (b, 0, j * bd // per_group, 0))] * 2]
-    opts = []
+    a_spec = pl.BlockSpec((n, bd), lambda b, j: (0, j))
+    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, bd)]
+    specs = [seq_spec, seq_spec, a_spec]
+    if bc_rows:
+        arrays.append(_common.pad_axis(jnp.concatenate([bc(B), bc(C)], -1), 3, _LANES))
+        specs.append(pl.BlockSpec((None, lp, None, _LANES),
+                                  lambda b, j: (b, 0, j * bd // per_group, 0)))
+    else:
+        arrays += [bc(B), bc(C)]
+        specs += [pl.BlockSpec((None, lp, None, n),
+                               lambda b, j: (b, 0, j * bd // per_group, 0))] * 2
+    opts = ["bc"] if bc_rows else []
     for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
         if x is None:
             continue
@@ -539,7 +633,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             split = 1
     if split == 1:
         lay = _layout(u, A, B, chunk, cfg.block_d)
-    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0)
+    bc_rows = (cfg.bc_rows and lay.bd * split == _LANES and 2 * lay.n <= _LANES
+               and cfg.num_warps == 1)
+    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
     out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
                  jax.ShapeDtypeStruct((lay.bsz, lay.n, lay.dp), jnp.float32)]
@@ -562,19 +658,32 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
 
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
-    lay = _layout(u, A, B, cfg.chunk, cfg.block_d)
-    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None)
+    split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
+    if split > 1:    # needs 32 // split channels per block and split | N
+        lay = _layout(u, A, B, cfg.chunk, _LANES // split)
+        if lay.bd * split != _LANES or lay.n % split:
+            split = 1
+    if split == 1:
+        lay = _layout(u, A, B, cfg.chunk, cfg.block_d)
+    bc_rows = (cfg.bc_rows and lay.bd * split == _LANES and 2 * lay.n <= _LANES
+               and cfg.num_warps == 1)
+    arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None,
+                                         bc_rows)
     f32 = jnp.float32
     bsz, lp, dp, bd, n = lay.bsz, lay.lp, lay.dp, lay.bd, lay.n
     seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, lay.chunk), 2, bd)
     seq_spec = pl.BlockSpec((None, lp, bd), lambda b, j: (b, 0, j))
     state_spec = pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j))
+    if ck.shape[-1] != dp:   # the forward's channel block can differ (split): re-pad
+        ck = _common.pad_axis(ck[..., :lay.dn], 3, bd)
     arrays += [ck, seq(y_bar.astype(u.dtype)),
                _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
     specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
               state_spec]
-    lane_reduce = cfg.lane_reduce and bd == _LANES and cfg.num_warps == 1
-    n_q = _common.round_up(2 * n, _LANES) if lane_reduce else 2 * n
+    lane_reduce = cfg.lane_reduce and bd * split == _LANES and cfg.num_warps == 1
+    # lane_reduce: per pass, 32 columns = `split` parts of bd values (2K = 2N / split of them
+    # per part, padded to whole passes); else the 2N sums directly.
+    n_q = _LANES * -(-2 * n // split // bd) if lane_reduce else 2 * n
     part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n_q), f32)
     part_spec = pl.BlockSpec((None, lp, None, n_q), lambda b, j: (b, 0, j, 0))
     per_batch = jax.ShapeDtypeStruct((bsz, dp), f32)
@@ -598,7 +707,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
         ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
-        fast_exp=cfg.fast_exp, interpret=cfg.interpret)
+        fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
@@ -609,7 +718,12 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     # are added here in a fixed order (no atomics).
     group_sum = lambda x: rearrange(x, "b l (g k) n -> b l g k n", g=lay.groups).sum(3)
     dbc = group_sum(outs.pop(0))[:, :lay.length]
-    db, dc = dbc[..., :n], dbc[..., n:2 * n]
+    if split > 1:    # [pass, part, value] columns -> [part, value]; values: K of dB, K of dC
+        dbc = rearrange(dbc, "... (j p q) -> ... p (j q)", p=split, q=bd)[..., :2 * (n // split)]
+        db = rearrange(dbc[..., :n // split], "... p k -> ... (p k)")
+        dc = rearrange(dbc[..., n // split:], "... p k -> ... (p k)")
+    else:
+        db, dc = dbc[..., :n], dbc[..., n:2 * n]
     if B.ndim == 3:
         db, dc = db[:, :, 0], dc[:, :, 0]
     da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
@@ -642,7 +756,8 @@ _scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
-                          fast_exp=True, split=2, interpret=False):
+                          fast_exp=True, split=2, bwd_split=1, keep_decay=False,
+                          bc_rows=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v3, "s2a4_c4b1" of bench/mamba.py): the fastest correct configuration measured
@@ -651,7 +766,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
-                  fast_exp=fast_exp, split=split, interpret=interpret)
+                  fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
+                  bc_rows=bc_rows, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -77,17 +77,37 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
                  marks=pytest.mark.slow),
     pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True), 16,
                  marks=pytest.mark.slow),
-], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes"])
+    (dict(bc_rows=True, bwd_split=2, keep_decay=True), 16),
+    pytest.param(dict(bwd_split=2, keep_decay=True, ahead=1, bwd_ahead=1), 16,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(bwd_split=2, keep_decay=False, ahead=3, bwd_ahead=3), 6,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(split=4, bwd_split=4, keep_decay=True, bc_rows=True), 8,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(split=1, bc_rows=True), 6, marks=pytest.mark.slow),
+], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes", "bc_rows_bwd_split2_kept",
+        "bwd_split2_keep_decay", "bwd_split2_ahead3", "split4_bwd_split4_bc_rows",
+        "bc_rows_split1_n6"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the v2.1 schedule (the
     # default is now the split forward, the B/C prefetch window and the lane butterfly, which
-    # every other test runs), and the split forward with a window longer than the chunk.
+    # every other test runs), the split forward with a window longer than the chunk, the
+    # backward split over lanes (dB/dC columns per lane part), with and without the kept decays,
+    # and B/C as one lane row per step, shuffled out per state (bc_rows, forward and backward).
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
 
 
-def check_against_recurrence(dtype, n, groups, length, use, softplus, **tiling):
+@pytest.mark.slow
+def test_split_forward_checkpoints_feed_unsplit_backward_at_odd_width():
+    # Dn = 48: the split forward's 16-channel blocks give checkpoints 48 wide, the one-lane
+    # backward's 32-channel blocks need 64 (re-padded in _backward).
+    check_against_recurrence(jnp.float32, 4, None, 7, OPTIONAL, True, dn=48, split=2,
+                             bwd_split=1)
+
+
+def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
     kernel_fn = functools.partial(kernel, **tiling)
-    inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype)
+    inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype, dn=dn)
     names = ("u", "delta", "A", "B", "C") + tuple(k for k in OPTIONAL if k in use)
 
     def loss(fn):
