@@ -318,6 +318,7 @@ VARIANTS = {
     "bcr": dict(bc_rows=True),
     "bcr_s4": dict(bc_rows=True, split=4),
     "bcr_bs2": dict(bc_rows=True, bwd_split=2),
+    "bcr_bs2_c8": dict(bc_rows=True, bwd_split=2, chunk=8),
 }
 
 
