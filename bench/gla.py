@@ -152,13 +152,17 @@ def check_correctness(results, n_cases, out):
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
     # First the kernels a change touched: states / dS passes over [32, 32] tiles with prefetch,
-    # 128-column forward and dv programs, then each of the four dk/dv kernel forms
-    # (chunk-parallel split and fused, sequential split and fused), then both sides of the
-    # 64-row block's decay guard.
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pdv128", 2, 300, 4, 128, 128, bf,
-              -1.0, 2e-2, v["cp64v128s32pdv128"]),
+    # 128-column forward and dv programs, the guard split into two kernels (both sides of the
+    # 64-row block's decay guard), then each of the four dk/dv kernel forms (chunk-parallel
+    # split and fused, sequential split and fused).
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pgdv128", 2, 300, 4, 128, 128, bf,
+              -1.0, 2e-2, v["cp64v128s32pgdv128"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64s32g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
+              v["cp64s32g"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp64s32g", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["cp64s32g"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
@@ -352,10 +356,9 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
         "seq fwd": fwd(SEQ),
         "seq dkv split": lambda q, k, v, g, s0, do, dst, dq32, s_end, *_: m._bwd_dkv_pass(
             q, k, v, g, do, dq32, s_end, dst, **kw(rep(SEQ, dkv_split=True))),
-        "cp64 fwd (states + chunks)": fwd(cp64),
-        "cp64s32p fwd (states + chunks)": fwd(v_["cp64s32p"]),
-        "cp64v128s32p fwd (states + chunks)": fwd(v_["cp64v128s32p"]),
-        "cp64v128s32pw4 fwd (states + chunks)": fwd(v_["cp64v128s32pw4"]),
+        **{f"{n} fwd (states + chunks)": fwd(v_[n])
+           for n in ("cp64", "cp64s32", "cp64s32p", "cp64s32g", "cp64s32gw8", "cp64v128s32",
+                     "cp64v128s32g", "cp64v128s32pw4")},
         **{f"{n} states pass": states(n)
            for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
         **{f"{n} dstates pass": dstates(n)
@@ -363,6 +366,12 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
         "cp64 dkv chunks split (dq inside)": dkv(rep(cp64, dkv_split=True)),
         "cp64 dkv chunks fused (dq inside)": dkv(rep(cp64, dkv_split=False)),
         "cp64 dkv chunks split dv128": dkv(rep(cp64, dkv_split=True, block_v_dkv=128)),
+        "cp64 dkv chunks split, guard split": dkv(rep(cp64, dkv_split=True, guard="split")),
+        "cp64 dkv chunks split w8, guard split": dkv(rep(cp64, dkv_split=True, guard="split",
+                                                         num_warps_dkv=8)),
+        "cp64 dkv chunks fused, guard split": dkv(rep(cp64, dkv_split=False, guard="split")),
+        "cp64 dkv chunks split dv128, guard split": dkv(rep(cp64, dkv_split=True,
+                                                            block_v_dkv=128, guard="split")),
     }
     if only:
         items = {n: f for n, f in items.items() if n in only}
@@ -408,6 +417,17 @@ VARIANTS = {
                       states_block_v=32),
     "cp64v128s32pw4": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                          states_block_v=32, states_prefetch=True, num_warps_fwd=4),
+    # g: guard "split" (the per-chunk kernels without the 16-row fallback code, plus a second
+    # kernel for the chunks whose decay fails the guard); w8: 8 warps in the per-chunk kernels
+    "cp64s32g": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
+                   guard="split"),
+    "cp64s32gw8": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
+                     guard="split", num_warps_fwd=8, num_warps_dkv=8),
+    "cp64v128s32g": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                       states_block_v=32, guard="split"),
+    "cp64v128s32pgdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128,
+                             states_block_k=32, states_block_v=32, states_prefetch=True,
+                             guard="split", block_v_dkv=128),
     # p: the states / dS passes load the next chunk's tiles one iteration ahead
     "cp64p": GB(schedule="chunk_parallel", **_SUB64, states_prefetch=True),
     "cp64s32p": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
@@ -415,6 +435,8 @@ VARIANTS = {
     "cp64v128s32p": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                        states_block_v=32, states_prefetch=True),
     # dv128: the split dv kernel over all 128 columns (the scores A once per chunk, not twice)
+    "cp64v128s32dv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                           states_block_v=32, block_v_dkv=128),
     "cp64v128s32pdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                             states_block_v=32, states_prefetch=True, block_v_dkv=128),
     "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
@@ -494,9 +516,19 @@ def main():
     p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
     p.add_argument("--ref-max-t", type=int, default=2048,
                    help="longest T for the jnp reference (0: never)")
+    p.add_argument("--profile", default="", help="NAMES:D:T: run each VARIANTS name's "
+                   "forward+backward once at B=8, H=16, D, T (bf16), then exit (under ncu)")
     p.add_argument("--regs", default="", help="dump dir: only compile each pass (D=128, "
                    "T=2048) with XLA dumping PTX there, then ptxas -v: registers and spills")
     args = p.parse_args()
+    if args.profile:
+        names, d, t = args.profile.split(":")
+        q, k, v, g, _, do = _inputs(B, int(t), H, int(d), int(d), jnp.bfloat16)
+        for name in names.split(","):
+            fn = jax.jit(_fwd_bwd("pallas", VARIANTS[name]))
+            jax.block_until_ready(fn(q, k, v, g, do))
+            print(f"profiled {name}", flush=True)
+        return
     if args.regs:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_dump_to={args.regs}").strip()

@@ -160,6 +160,12 @@ class GLABlocks:
     states_block_v: int | None = None
     # States / dS passes: load the next chunk's tiles one iteration ahead (`_state_walk`).
     states_prefetch: bool = False
+    # The decay guard of diagonal blocks > 16 rows (`_walk_steps`): "cond" branches inside each
+    # kernel; "split" (chunk-parallel kernels) runs each per-chunk kernel twice, "fast" (the
+    # long blocks where the guard holds, nothing elsewhere), then "safe" (16-row blocks where
+    # it fails) into the same outputs, so the common kernel is compiled without the long
+    # fallback code and its registers.
+    guard: str = "cond"
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
     # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
@@ -182,6 +188,8 @@ class GLABlocks:
     schedule: str = "auto"
 
     def __post_init__(self):
+        if self.guard not in ("cond", "split", "fast", "safe"):
+            raise ValueError(f"guard must be 'cond' or 'split', got {self.guard!r}")
         if self.schedule not in ("auto", "sequential", "chunk_parallel", "hybrid"):
             raise ValueError(f"schedule must be 'auto', 'sequential', 'chunk_parallel' or "
                              f"'hybrid', got {self.schedule!r}")
@@ -342,9 +350,46 @@ def _walk_steps(step, g_ref, base, carry, blocks, reverse=False):
             continue
         g = g_ref[pl.ds(at, blocks.sub_chunk), :].astype(_F32)
         ok = jnp.min(jnp.sum(g, axis=0)) >= -_MAX_BLOCK_DECAY
-        carry = lax.cond(ok, functools.partial(step, at, blocks=blocks),
-                         functools.partial(step, at, blocks=safe), carry)
+        fast = functools.partial(step, at, blocks=blocks)
+        slow = functools.partial(step, at, blocks=safe)
+        if blocks.guard == "fast":     # GLABlocks.guard: the other kernel does the rest
+            slow = lambda carry: carry
+        elif blocks.guard == "safe":
+            fast = lambda carry: carry
+        carry = lax.cond(ok, fast, slow, carry)
     return carry
+
+
+def _split_guard(blocks):
+    return blocks.guard == "split" and blocks.intra_block > 16
+
+
+def _guarded_calls(blocks, call):
+    """Runs call(blocks, outputs so far) -> outputs: once, or with GLABlocks.guard == "split"
+    as the "fast" kernel and then the "safe" kernel writing into its outputs."""
+    if not _split_guard(blocks):
+        return call(blocks, ())
+    out = call(dataclasses.replace(blocks, guard="fast"), ())
+    return call(dataclasses.replace(blocks, guard="safe"), out)
+
+
+def _aliased(kernel, n_in, n_prev):
+    """kernel(*inputs, *outputs) as a kernel that also takes n_prev inputs aliased to its
+    outputs (written in place, not read)."""
+    return lambda *refs: kernel(*refs[:n_in], *refs[n_in + n_prev:])
+
+
+def _chunk_call(kernel, blocks, prev, *, in_specs, out_specs, out_shape, **kw):
+    """A chunk-parallel pallas_call of `kernel` (a partial without `blocks`); prev: outputs
+    of the same call to write into. Returns a tuple of outputs."""
+    out_specs, out_shape = list(out_specs), list(out_shape)
+    n_in = len(in_specs)
+    fn = pl.pallas_call(
+        _aliased(functools.partial(kernel, blocks=blocks), n_in, len(prev)),
+        in_specs=list(in_specs) + out_specs[:len(prev)], out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases={n_in + i: i for i in range(len(prev))},
+        **kw)
+    return lambda *args: tuple(fn(*args, *prev))
 
 
 def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, dot_dtype):
@@ -495,14 +540,12 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
     chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
     chunk_v = pl.BlockSpec((None, size, None, bv), lambda i, j, c, n: (i, c, j, n))
     state_c = pl.BlockSpec((None, None, None, dk, bv), lambda i, j, c, n: (i, j, c, 0, n))
-    o = pl.pallas_call(
-        functools.partial(_gla_fwd_chunk_kernel, scale=scale, **kw),
-        grid=(b, h, n_chunks, dv // bv),
-        in_specs=[chunk_k, chunk_k, chunk_v, chunk_k, state_c],
-        out_specs=chunk_v,
-        out_shape=o_shape,
-        name="gla_fwd_chunks", **params,
-    )(q, k, v, log_g, states)
+    kern = functools.partial(_gla_fwd_chunk_kernel, scale=scale, dot_dtype=kw["dot_dtype"])
+    (o,) = _guarded_calls(blocks, lambda blk, prev: _chunk_call(
+        kern, blk, prev, grid=(b, h, n_chunks, dv // bv),
+        in_specs=[chunk_k, chunk_k, chunk_v, chunk_k, state_c], out_specs=[chunk_v],
+        out_shape=[o_shape], name="gla_fwd_chunks", **params,
+    )(q, k, v, log_g, states))
     return o, final, states
 
 
@@ -866,7 +909,8 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     b, lp, h, dk = q.shape
     dv = v.shape[-1]
     n_chunks = lp // blocks.chunk_size
-    kw = dict(scale=scale, blocks=blocks, dot_dtype=_dot_dtype(q))
+    ckw = dict(scale=scale, dot_dtype=_dot_dtype(q))   # chunk-parallel kernels take blocks later
+    kw = dict(blocks=blocks, **ckw)
     sp = _Specs(blocks.schedule == "sequential", lp, blocks.chunk_size)
     shape = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
     shift = 0 if sp.sequential else 1
@@ -882,51 +926,58 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     dq_spec = lambda rows, blocked: (sp.state(rows, dv, 0) if fuse else sp.rows(rows, blocked))
     chunk_kw = {} if sp.sequential else dict(fuse_dq=fuse)
     if not _dkv_split(blocks, dk, dv):
-        kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=True, **kw)
-                if sp.sequential else
-                functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=True, **chunk_kw, **kw))
         rk, rv = sp.rows(dk, False), sp.rows(dv, False)
         outs = [shape(q), shape(k), shape(v), shape(log_g)]
         out_specs = [rk, rk, rv, rk]
+        in_specs = [rk, rk, rk, rv, rv, dq_spec(dk, False), end_states(dk, dv, 0),
+                    sp.state(dk, dv, 0)]
+        params = dict(grid=grid(1), name="gla_bwd_dkv" + seq,
+                      **_gpu_params(blocks, blocks.num_warps_dkv, dk, dv, interpret))
+        args = (q, k, log_g, v, do, dq32, s_end, ds_in)
         if sp.sequential:
-            outs.append(jax.ShapeDtypeStruct((b, h, dk, dv), _F32))
-            out_specs.append(sp.state(dk, dv, 0))
-        res = pl.pallas_call(
-            kern, grid=grid(1),
-            in_specs=[rk, rk, rk, rv, rv, dq_spec(dk, False), end_states(dk, dv, 0),
-                      sp.state(dk, dv, 0)],
-            out_specs=out_specs, out_shape=outs, name="gla_bwd_dkv" + seq,
-            **_gpu_params(blocks, blocks.num_warps_dkv, dk, dv, interpret),
-        )(q, k, log_g, v, do, dq32, s_end, ds_in)
-        return (*res, None) if not sp.sequential else tuple(res)
+            return tuple(pl.pallas_call(
+                functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=True, **kw),
+                in_specs=in_specs, out_specs=out_specs + [sp.state(dk, dv, 0)],
+                out_shape=outs + [jax.ShapeDtypeStruct((b, h, dk, dv), _F32)], **params,
+            )(*args))
+        kern = functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=True, **chunk_kw, **ckw)
+        res = _guarded_calls(blocks, lambda blk, prev: _chunk_call(
+            kern, blk, prev, in_specs=in_specs, out_specs=out_specs, out_shape=outs,
+            **params)(*args))
+        return (*res, None)
     # Split: dv over blocks of dS's columns, dk / dlog_g over blocks of its rows; each program
     # carries half (or less) of dS and its outputs are exact (no partial sums).
     bv, bk = min(blocks.block_v_dkv, dv), min(blocks.block_k_dkv, dk)
     rk, rbv = sp.rows(dk, False), sp.rows(bv, True)
-    dv_kern = (functools.partial(_gla_bwd_dv_kernel, n_chunks=n_chunks, **kw) if sp.sequential
-               else functools.partial(_gla_bwd_dv_chunk_kernel, **kw))
-    dv_outs, dv_specs = [shape(v)], [rbv]
+    dv_in = [rk, rk, rk, rbv, sp.state(dk, bv, 1)]
+    dv_params = dict(grid=grid(dv // bv), name="gla_bwd_dv" + seq,
+                     **_gpu_params(blocks, blocks.num_warps_dkv, dk, bv, interpret))
+    dv_args = (q, k, log_g, do, ds_in)
     if sp.sequential:
-        dv_outs.append(jax.ShapeDtypeStruct((b, h, dk, dv), _F32))
-        dv_specs.append(sp.state(dk, bv, 1))
-    dv_res = pl.pallas_call(
-        dv_kern, grid=grid(dv // bv),
-        in_specs=[rk, rk, rk, rbv, sp.state(dk, bv, 1)],
-        out_specs=dv_specs, out_shape=dv_outs, name="gla_bwd_dv" + seq,
-        **_gpu_params(blocks, blocks.num_warps_dkv, dk, bv, interpret),
-    )(q, k, log_g, do, ds_in)
+        dv_res = pl.pallas_call(
+            functools.partial(_gla_bwd_dv_kernel, n_chunks=n_chunks, **kw), in_specs=dv_in,
+            out_specs=[rbv, sp.state(dk, bv, 1)],
+            out_shape=[shape(v), jax.ShapeDtypeStruct((b, h, dk, dv), _F32)], **dv_params,
+        )(*dv_args)
+    else:
+        dv_res = _guarded_calls(blocks, lambda blk, prev: _chunk_call(
+            functools.partial(_gla_bwd_dv_chunk_kernel, **ckw), blk, prev, in_specs=dv_in,
+            out_specs=[rbv], out_shape=[shape(v)], **dv_params)(*dv_args))
     rbk, rv = sp.rows(bk, True), sp.rows(dv, False)
-    dk_kern = (functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=False, **kw)
-               if sp.sequential else
-               functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=False, **chunk_kw, **kw))
-    dq, dk_, dg = pl.pallas_call(
-        dk_kern, grid=grid(dk // bk),
-        in_specs=[rbk, rbk, rbk, rv, rv, dq_spec(bk, True), end_states(bk, dv, 0),
-                  sp.state(bk, dv, 0)],
-        out_specs=[rbk, rbk, rbk], out_shape=[shape(q), shape(k), shape(log_g)],
-        name="gla_bwd_dk" + seq,
-        **_gpu_params(blocks, blocks.num_warps_dkv, bk, dv, interpret),
-    )(q, k, log_g, v, do, dq32, s_end, ds_in)
+    dk_in = [rbk, rbk, rbk, rv, rv, dq_spec(bk, True), end_states(bk, dv, 0),
+             sp.state(bk, dv, 0)]
+    dk_out = dict(out_specs=[rbk, rbk, rbk], out_shape=[shape(q), shape(k), shape(log_g)])
+    dk_params = dict(grid=grid(dk // bk), name="gla_bwd_dk" + seq,
+                     **_gpu_params(blocks, blocks.num_warps_dkv, bk, dv, interpret))
+    dk_args = (q, k, log_g, v, do, dq32, s_end, ds_in)
+    if sp.sequential:
+        dq, dk_, dg = pl.pallas_call(
+            functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=False, **kw),
+            in_specs=dk_in, **dk_out, **dk_params)(*dk_args)
+    else:
+        dq, dk_, dg = _guarded_calls(blocks, lambda blk, prev: _chunk_call(
+            functools.partial(_gla_bwd_dkv_chunk_kernel, with_dv=False, **chunk_kw, **ckw),
+            blk, prev, in_specs=dk_in, **dk_out, **dk_params)(*dk_args))
     return dq, dk_, dv_res[0], dg, (dv_res[1] if sp.sequential else None)
 
 
