@@ -319,6 +319,9 @@ VARIANTS = {
     "bcr_s4": dict(bc_rows=True, split=4),
     "bcr_bs2": dict(bc_rows=True, bwd_split=2),
     "bcr_bs2_c8": dict(bc_rows=True, bwd_split=2, chunk=8),
+    # backward: states permuted per lane, dB/dC butterfly without selects
+    "bcr_bs2_x": dict(bc_rows=True, bwd_split=2, xor_reduce=True),
+    "bcr_x": dict(bc_rows=True, xor_reduce=True),
 }
 
 

@@ -166,6 +166,8 @@ class _Config:
                               # reverse pass (one exp per element instead of two)
     bc_rows: bool = False     # forward: B_t/C_t as one [32]-lane row per step (loaded a chunk
                               # ahead with u/delta), each lane's values taken by shfl.idx
+    xor_reduce: bool = False  # backward, N = 16: states permuted per lane so that the dB/dC
+                              # butterfly needs no selects (see _xor_reduce)
     interpret: bool = False
 
 
@@ -362,8 +364,26 @@ def _lane_reduce_scatter(vals, lane, interpret):
     return vals[0]
 
 
+def _xor_reduce(qb, qc, lane, bd, interpret):
+    """dB/dC sums over the bd channels of a lane part without selects (xor_reduce; 2K = bd).
+    Register k of lane e holds state k ^ s, s = (e >> 1) % K (see _bwd_kernel), so at the level
+    of lane bit b (masks bd/2 .. 2) the value a lane keeps in slot j and the one its partner
+    sends from slot j + half are the same state: slot j + shfl(slot j + half), one shuffle and
+    one add per value. Then each lane holds the dB and dC sums of state s; the last level
+    (mask 1) keeps dB on even lanes and dC on odd ones: lane e ends with column e of
+    [part, state s, (dB, dC)]."""
+    m = bd // 2
+    while len(qb) > 1:
+        half = len(qb) // 2
+        qb = [qb[j] + _shfl_xor(qb[j + half], m, interpret) for j in range(half)]
+        qc = [qc[j] + _shfl_xor(qc[j + half], m, interpret) for j in range(half)]
+        m //= 2
+    odd = (lane & 1) != 0
+    return jnp.where(odd, qc[0], qb[0]) + _shfl_xor(jnp.where(odd, qb[0], qc[0]), 1, interpret)
+
+
 def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, ahead,
-                lane_reduce, fast_exp, split, keep_decay, interpret):
+                lane_reduce, fast_exp, split, keep_decay, xor_reduce, interpret):
     # Reverse scan. g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with q = g_t a_t h_{t-1}:
     # dA += dt_t q, d(delta_t) = u_t <g_t, B_t> + <A, q>, du_t = dt_t <g_t, B_t> + D dy_t,
     # dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t (per program; summed over blocks outside).
@@ -391,6 +411,9 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         states = [part * n_k + k for k in range(n_k)]
     else:
         cols, states = slice(None), list(range(n_state))
+    if xor_reduce:   # register k holds state k ^ s of the part (see _xor_reduce)
+        perm = (lane >> 1) % n_k
+        cols, states = lane % bd, [(lane // bd) * n_k + (k ^ perm) for k in range(n_k)]
     A = [r["a"][n, cols] for n in states]
     d = r["d"][cols] if "d" in r else None
     bias = r["bias"][cols] if "bias" in r else None
@@ -488,7 +511,9 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 gb = gb + g * b_t[n]
                 dh[n] = a_n * g
             gb, saq = lsum(gb), lsum(saq)
-            if lane_reduce:
+            if xor_reduce:
+                r["dbc"][i, :] = _xor_reduce(qb, qc, lane, bd, interpret)
+            elif lane_reduce:
                 vals = qb + qc
                 vals += [zeros] * (n_q // _LANES * bd - len(vals))
                 for j in range(n_q // _LANES):
@@ -684,6 +709,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     # lane_reduce: per pass, 32 columns = `split` parts of bd values (2K = 2N / split of them
     # per part, padded to whole passes); else the 2N sums directly.
     n_q = _LANES * -(-2 * n // split // bd) if lane_reduce else 2 * n
+    k_st = n // split
+    xor_reduce = cfg.xor_reduce and lane_reduce and 2 * k_st == bd and k_st & (k_st - 1) == 0
     part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n_q), f32)
     part_spec = pl.BlockSpec((None, lp, None, n_q), lambda b, j: (b, 0, j, 0))
     per_batch = jax.ShapeDtypeStruct((bsz, dp), f32)
@@ -707,7 +734,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
         ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
-        fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, interpret=cfg.interpret)
+        fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, xor_reduce=xor_reduce,
+        interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
@@ -718,7 +746,10 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     # are added here in a fixed order (no atomics).
     group_sum = lambda x: rearrange(x, "b l (g k) n -> b l g k n", g=lay.groups).sum(3)
     dbc = group_sum(outs.pop(0))[:, :lay.length]
-    if split > 1:    # [pass, part, value] columns -> [part, value]; values: K of dB, K of dC
+    if xor_reduce:   # columns [part, state, (dB, dC)]
+        dbc = rearrange(dbc, "... (k t) -> ... t k", t=2)
+        db, dc = dbc[..., 0, :], dbc[..., 1, :]
+    elif split > 1:  # [pass, part, value] columns -> [part, value]; values: K of dB, K of dC
         dbc = rearrange(dbc, "... (j p q) -> ... p (j q)", p=split, q=bd)[..., :2 * (n // split)]
         db = rearrange(dbc[..., :n // split], "... p k -> ... (p k)")
         dc = rearrange(dbc[..., n // split:], "... p k -> ... (p k)")
@@ -757,7 +788,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=1, keep_decay=False,
-                          bc_rows=False, interpret=False):
+                          bc_rows=False, xor_reduce=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v3, "s2a4_c4b1" of bench/mamba.py): the fastest correct configuration measured
@@ -767,7 +798,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
-                  bc_rows=bc_rows, interpret=interpret)
+                  bc_rows=bc_rows, xor_reduce=xor_reduce, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

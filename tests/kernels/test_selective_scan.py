@@ -77,23 +77,30 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
                  marks=pytest.mark.slow),
     pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True), 16,
                  marks=pytest.mark.slow),
-    (dict(bc_rows=True, bwd_split=2, keep_decay=True), 16),
+    (dict(bc_rows=True, bwd_split=2, keep_decay=True, xor_reduce=True), 16),
+    pytest.param(dict(bc_rows=True, bwd_split=2, keep_decay=True), 16, marks=pytest.mark.slow),
+    pytest.param(dict(xor_reduce=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, keep_decay=True, ahead=1, bwd_ahead=1), 16,
                  marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, keep_decay=False, ahead=3, bwd_ahead=3), 6,
                  marks=pytest.mark.slow),
     pytest.param(dict(split=4, bwd_split=4, keep_decay=True, bc_rows=True), 8,
                  marks=pytest.mark.slow),
+    pytest.param(dict(split=4, bwd_split=4, bc_rows=True, xor_reduce=True), 16,
+                 marks=pytest.mark.slow),
     pytest.param(dict(split=1, bc_rows=True), 6, marks=pytest.mark.slow),
-], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes", "bc_rows_bwd_split2_kept",
+], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes",
+        "bc_rows_bwd_split2_kept_xor", "bc_rows_bwd_split2_kept", "xor_split1",
         "bwd_split2_keep_decay", "bwd_split2_ahead3", "split4_bwd_split4_bc_rows",
-        "bc_rows_split1_n6"])
+        "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the v2.1 schedule (the
     # default is now the split forward, the B/C prefetch window and the lane butterfly, which
     # every other test runs), the split forward with a window longer than the chunk, the
     # backward split over lanes (dB/dC columns per lane part), with and without the kept decays,
-    # and B/C as one lane row per step, shuffled out per state (bc_rows, forward and backward).
+    # B/C as one lane row per step, shuffled out per state (bc_rows, forward and backward), and
+    # the select-free dB/dC butterfly over per-lane permuted states (xor_reduce, N = 16 only;
+    # other N fall back to the butterfly with selects).
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
 
 
