@@ -357,8 +357,8 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
         "seq dkv split": lambda q, k, v, g, s0, do, dst, dq32, s_end, *_: m._bwd_dkv_pass(
             q, k, v, g, do, dq32, s_end, dst, **kw(rep(SEQ, dkv_split=True))),
         **{f"{n} fwd (states + chunks)": fwd(v_[n])
-           for n in ("cp64", "cp64s32", "cp64s32p", "cp64s32g", "cp64s32gw8", "cp64v128s32",
-                     "cp64v128s32g", "cp64v128s32pw4")},
+           for n in ("cp64", "cp64s32", "cp64s32p", "cp64s32g", "cp64s32gw8", "cp64s32gk64",
+                     "cp64v128s32", "cp64v128s32g", "cp64v128s32gk64", "cp64v128s32pw4")},
         **{f"{n} states pass": states(n)
            for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
         **{f"{n} dstates pass": dstates(n)
@@ -425,6 +425,13 @@ VARIANTS = {
                      guard="split", num_warps_fwd=8, num_warps_dkv=8),
     "cp64v128s32g": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                        states_block_v=32, guard="split"),
+    # k64: the common per-chunk forward contracts over Dk in slices of 64 (guard split)
+    "cp64s32gk64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
+                      guard="split", block_k_fwd=64),
+    "cp64s32gk32": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
+                      guard="split", block_k_fwd=32),
+    "cp64v128s32gk64": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
+                          states_block_v=32, guard="split", block_k_fwd=64),
     "cp64v128s32pgdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128,
                              states_block_k=32, states_block_v=32, states_prefetch=True,
                              guard="split", block_v_dkv=128),

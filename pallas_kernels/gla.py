@@ -166,6 +166,10 @@ class GLABlocks:
     # it fails) into the same outputs, so the common kernel is compiled without the long
     # fallback code and its registers.
     guard: str = "cond"
+    # With guard "split" and one 64-row block per chunk: the common per-chunk forward kernel
+    # contracts over Dk in slices of this many columns (scores and q @ S accumulated), so its
+    # live tiles are [64, block_k_fwd] instead of [64, Dk]. None: all of Dk at once.
+    block_k_fwd: int | None = None
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
     # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
@@ -494,7 +498,37 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
 
 def _gla_fwd_chunk_kernel(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw):
     # Chunk-parallel schedule, pass 2: one chunk, q/k/g [C, K], v/o [C, BV], s [K, BV] entering.
+    blocks = kw["blocks"]
+    if (blocks.guard == "fast" and blocks.block_k_fwd
+            and blocks.sub_chunk == blocks.intra_block == blocks.chunk_size):
+        _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw)
+        return
     _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, 0, s_ref[...].astype(_F32), **kw)
+
+
+def _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, scale, blocks, dot_dtype):
+    """The guarded 64-row block of one chunk (GLABlocks.block_k_fwd; chunks failing the guard
+    are left to the "safe" kernel): A = sum over slices of Dk of q_mid k_mid^T and o_inter =
+    sum of (q * exp(c)) @ S, with q * exp(c) = q_mid * exp(m) (|m| <= 80 under the guard)."""
+    size, dk = q_ref.shape
+    kb = min(blocks.block_k_fwd, dk)
+    ok = jnp.min(jnp.sum(g_ref[...].astype(_F32), axis=0)) >= -_MAX_BLOCK_DECAY
+
+    @pl.when(ok)
+    def _():
+        a = jnp.zeros((size, size), _F32)
+        o = jnp.zeros(o_ref.shape, _F32)
+        for h in range(dk // kb):
+            cols = pl.ds(h * kb, kb)
+            c, _, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
+            q_mid = q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])
+            k_mid = (k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            a = a + _dot(q_mid.astype(dot_dtype), k_mid, tb=True)
+            q_in = (q_mid * jnp.exp(m)[None, :]).astype(dot_dtype)
+            o = o + _dot(q_in, s_ref[cols, :].astype(dot_dtype))
+        a = jnp.where(_causal_mask(size), a, 0.0).astype(dot_dtype)
+        o = o + _dot(a, v_ref[...].astype(dot_dtype))
+        o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
 def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
