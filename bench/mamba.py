@@ -322,6 +322,8 @@ VARIANTS = {
     # backward: states permuted per lane, dB/dC butterfly without selects
     "bcr_bs2_x": dict(bc_rows=True, bwd_split=2, xor_reduce=True),
     "bcr_x": dict(bc_rows=True, xor_reduce=True),
+    # candidate default: lane rows, select-free butterfly, backward split while it fits a wave
+    "cand": dict(bc_rows=True, xor_reduce=True, bwd_split=0),
 }
 
 

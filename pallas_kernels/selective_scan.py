@@ -161,7 +161,8 @@ class _Config:
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
     fast_exp: bool = False    # ex2/lg2.approx.ftz for the decays and softplus (see _softplus)
     split: int = 1            # forward: lanes per channel (each owns N / split states)
-    bwd_split: int = 1        # the same in the backward (needs lane_reduce)
+    bwd_split: int = 1        # the same in the backward (needs lane_reduce); 0: 2 when the
+                              # split grid fits one wave (_auto_bwd_split), else 1
     keep_decay: bool = False  # backward: the recompute's decays stay in registers for the
                               # reverse pass (one exp per element instead of two)
     bc_rows: bool = False     # forward: B_t/C_t as one [32]-lane row per step (loaded a chunk
@@ -681,9 +682,24 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     return y, final, (outs[2] if save_ckpt else None)
 
 
+# Warps of the split backward (bc_rows + xor_reduce: 222 registers in the SASS) that fit on one
+# multiprocessor: 65536 registers / (224 * 32) = 9.
+_SPLIT_BWD_WARPS_PER_SM = 9
+
+
+def _auto_bwd_split(bsz, dn):
+    """2 lanes per channel in the backward while its B * Dn / 16 one-warp programs fit in one
+    wave (two warps per scheduler instead of one); past that the unsplit backward (fewer
+    instructions per channel) already has two warps per scheduler."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return 2 if bsz * -(-dn // 16) <= _SPLIT_BWD_WARPS_PER_SM * sms else 1
+
+
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
+    if split == 0:
+        split = _auto_bwd_split(u.shape[0], u.shape[2])
     if split > 1:    # needs 32 // split channels per block and split | N
         lay = _layout(u, A, B, cfg.chunk, _LANES // split)
         if lay.bd * split != _LANES or lay.n % split:
