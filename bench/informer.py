@@ -145,7 +145,7 @@ def _job_env(slot: int, args) -> dict:
         gpus = args.gpus.split(",")
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         per_gpu = -(-args.jobs // len(gpus))
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{args.mem_fraction or 0.9 / per_gpu:.3f}"
     return env
 
 
@@ -332,6 +332,9 @@ def main(argv=None) -> None:
                      help="where the runs ran, for the table's header (with --no-run)")
     rep.add_argument("--jobs", type=int, default=1, help="runs at a time (they share the GPUs)")
     rep.add_argument("--gpus", default="", help="e.g. 0,1: spread the runs over these GPUs")
+    rep.add_argument("--mem-fraction", type=float, default=0.0,
+                     help="GPU memory share of each run (default 0.9 / runs per GPU; set it when "
+                          "several reproduce processes share a GPU)")
     rep.add_argument("--budget", type=float, default=0.0,
                      help="seconds after which no new run starts (0: no limit)")
     spd = sub.add_parser("speed", help="ProbSparse vs full attention timings")
