@@ -338,7 +338,7 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
     cp64 = v_["cp64"]
     # Residuals the backward passes take, computed once; every item takes these arguments (no
     # large constants in the compiled modules).
-    s_end = jax.jit(lambda *a: m._bwd_dq_pass(*a, **kw(SEQ))[1])(k, v, g, s0, None, do)
+    s_end = None   # (the sequential dk/dv items that took the dq pass's states are gone)
     states64 = jax.jit(lambda *a: m._gla_fwd_call(*a, **kw(cp64))[2])(q, k, v, g, s0)
     dstates64 = jax.jit(lambda *a: m._bwd_dstates_pass(*a, **kw(cp64))[0])(q, g, do, dst)
     dq32 = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
@@ -352,26 +352,26 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
         q, g, do, dst, **kw(v_[name])))
     dkv = lambda blocks: (lambda q, k, v, g, s0, do, dst, dq32, s_end, st, dst_: m._bwd_dkv_pass(
         q, k, v, g, do, None, st, dst_, **kw(blocks))[:4])
+    split_g = dict(dkv_split=True, guard="split")
     items = {
         "seq fwd": fwd(SEQ),
-        "seq dkv split": lambda q, k, v, g, s0, do, dst, dq32, s_end, *_: m._bwd_dkv_pass(
-            q, k, v, g, do, dq32, s_end, dst, **kw(rep(SEQ, dkv_split=True))),
         **{f"{n} fwd (states + chunks)": fwd(v_[n])
-           for n in ("cp64", "cp64s32", "cp64s32p", "cp64s32g", "cp64s32gw8", "cp64s32gk64",
-                     "cp64v128s32", "cp64v128s32g", "cp64v128s32gk64", "cp64v128s32pw4")},
+           for n in ("cp64", "cp64s32", "cp64s32g", "cp64s32gw8", "cp64s32gk64", "cp64s32gk32",
+                     "cp64v128s32", "cp64v128s32g", "cp64v128s32gk64")},
         **{f"{n} states pass": states(n)
-           for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
+           for n in ("cp64", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
         **{f"{n} dstates pass": dstates(n)
-           for n in ("cp64", "cp64p", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
+           for n in ("cp64", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
         "cp64 dkv chunks split (dq inside)": dkv(rep(cp64, dkv_split=True)),
         "cp64 dkv chunks fused (dq inside)": dkv(rep(cp64, dkv_split=False)),
         "cp64 dkv chunks split dv128": dkv(rep(cp64, dkv_split=True, block_v_dkv=128)),
-        "cp64 dkv chunks split, guard split": dkv(rep(cp64, dkv_split=True, guard="split")),
-        "cp64 dkv chunks split w8, guard split": dkv(rep(cp64, dkv_split=True, guard="split",
-                                                         num_warps_dkv=8)),
-        "cp64 dkv chunks fused, guard split": dkv(rep(cp64, dkv_split=False, guard="split")),
-        "cp64 dkv chunks split dv128, guard split": dkv(rep(cp64, dkv_split=True,
-                                                            block_v_dkv=128, guard="split")),
+        "cp64 dkv split, guard split": dkv(rep(cp64, **split_g)),
+        "cp64 dkv split w8, guard split": dkv(rep(cp64, **split_g, num_warps_dkv=8)),
+        "cp64 dkv fused, guard split": dkv(rep(cp64, dkv_split=False, guard="split")),
+        "cp64 dkv split, guard split, slices 64": dkv(rep(cp64, **split_g, contract_slice=64)),
+        "cp64 dkv split, guard split, slices 32": dkv(rep(cp64, **split_g, contract_slice=32)),
+        "cp64 dkv split w8, guard split, slices 64": dkv(rep(cp64, **split_g, contract_slice=64,
+                                                            num_warps_dkv=8)),
     }
     if only:
         items = {n: f for n, f in items.items() if n in only}
@@ -425,13 +425,14 @@ VARIANTS = {
                      guard="split", num_warps_fwd=8, num_warps_dkv=8),
     "cp64v128s32g": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
                        states_block_v=32, guard="split"),
-    # k64: the common per-chunk forward contracts over Dk in slices of 64 (guard split)
+    # k64 / k32: the common per-chunk forward, dv and dk kernels contract over Dk or Dv in slices
+    # of 64 / 32 (guard split)
     "cp64s32gk64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                      guard="split", block_k_fwd=64),
+                      guard="split", contract_slice=64),
     "cp64s32gk32": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                      guard="split", block_k_fwd=32),
+                      guard="split", contract_slice=32),
     "cp64v128s32gk64": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                          states_block_v=32, guard="split", block_k_fwd=64),
+                          states_block_v=32, guard="split", contract_slice=64),
     "cp64v128s32pgdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128,
                              states_block_k=32, states_block_v=32, states_prefetch=True,
                              guard="split", block_v_dkv=128),

@@ -166,10 +166,11 @@ class GLABlocks:
     # it fails) into the same outputs, so the common kernel is compiled without the long
     # fallback code and its registers.
     guard: str = "cond"
-    # With guard "split" and one 64-row block per chunk: the common per-chunk forward kernel
-    # contracts over Dk in slices of this many columns (scores and q @ S accumulated), so its
-    # live tiles are [64, block_k_fwd] instead of [64, Dk]. None: all of Dk at once.
-    block_k_fwd: int | None = None
+    # With guard "split" and one 64-row block per chunk: the common per-chunk forward, dv and
+    # (split) dk kernels contract their wide dimension (Dk in the forward and dv kernels, Dv in
+    # the dk kernel) in slices of this width, accumulating the scores and the state products,
+    # so their live tiles are [64, contract_slice] instead of [64, D]. None: all at once.
+    contract_slice: int | None = None
     # dk/dv backward: fused (one program carries all of dS) or split into a dv kernel over
     # blocks of dS's columns and a dk kernel over blocks of its rows (both exact, each carries a
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
@@ -498,23 +499,33 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
 
 def _gla_fwd_chunk_kernel(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw):
     # Chunk-parallel schedule, pass 2: one chunk, q/k/g [C, K], v/o [C, BV], s [K, BV] entering.
-    blocks = kw["blocks"]
-    if (blocks.guard == "fast" and blocks.block_k_fwd
-            and blocks.sub_chunk == blocks.intra_block == blocks.chunk_size):
+    if _sliced(kw["blocks"]):
         _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, **kw)
         return
     _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, 0, s_ref[...].astype(_F32), **kw)
 
 
-def _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, scale, blocks, dot_dtype):
-    """The guarded 64-row block of one chunk (GLABlocks.block_k_fwd; chunks failing the guard
-    are left to the "safe" kernel): A = sum over slices of Dk of q_mid k_mid^T and o_inter =
-    sum of (q * exp(c)) @ S, with q * exp(c) = q_mid * exp(m) (|m| <= 80 under the guard)."""
-    size, dk = q_ref.shape
-    kb = min(blocks.block_k_fwd, dk)
-    ok = jnp.min(jnp.sum(g_ref[...].astype(_F32), axis=0)) >= -_MAX_BLOCK_DECAY
+def _sliced(blocks):
+    """The common kernel of guard "split" with one 64-row block per chunk, contracting in
+    slices (GLABlocks.contract_slice): `_fwd_chunk_sliced`, `_dv_chunk_sliced`,
+    `_dk_chunk_sliced`. Chunks failing the guard are left to the "safe" kernel; under the
+    guard |m| <= 80 and |e - m| <= 80, so exp(c) = exp(c - m) exp(m) and exp(e - c) =
+    exp(m - c) exp(e - m) stay in f32 range and one exp of each sign serves every factor."""
+    return (blocks.guard == "fast" and blocks.contract_slice is not None
+            and blocks.sub_chunk == blocks.intra_block == blocks.chunk_size)
 
-    @pl.when(ok)
+
+def _guard_ok(g_ref):
+    return jnp.min(jnp.sum(g_ref[...].astype(_F32), axis=0)) >= -_MAX_BLOCK_DECAY
+
+
+def _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, scale, blocks, dot_dtype):
+    """o of one chunk (see _sliced): A = sum over slices of Dk of q_mid k_mid^T and o_inter =
+    sum of (q * exp(c)) @ S, with q * exp(c) = q_mid * exp(m)."""
+    size, dk = q_ref.shape
+    kb = min(blocks.contract_slice, dk)
+
+    @pl.when(_guard_ok(g_ref))
     def _():
         a = jnp.zeros((size, size), _F32)
         o = jnp.zeros(o_ref.shape, _F32)
@@ -826,6 +837,10 @@ def _gla_bwd_dkv_chunk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_en
     # dlog_g (split dk kernel). fuse_dq: dq32_ref is the state entering the chunk and dq is
     # computed here.
     dv_ref, dg_ref = outs if with_dv else (None, *outs)
+    if fuse_dq and not with_dv and _sliced(kw["blocks"]):
+        _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, s_end_ref, ds_ref, dq_ref,
+                         dk_ref, dg_ref, **kw)
+        return
     refs = (q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_ref, dg_ref)
     s0 = dq32_ref[...].astype(_F32) if fuse_dq else None
     _dkv_chunk(*refs, 0, ds_ref[...].astype(_F32), s_end_ref[...].astype(_F32), s0_KV=s0, **kw)
@@ -839,7 +854,73 @@ def _gla_bwd_dv_kernel(q_ref, k_ref, g_ref, do_ref, dst_ref, dv_ref, ds0_ref, *,
 
 
 def _gla_bwd_dv_chunk_kernel(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, **kw):
+    if _sliced(kw["blocks"]):
+        _dv_chunk_sliced(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, **kw)
+        return
     _dv_chunk(q_ref, k_ref, g_ref, do_ref, dv_ref, 0, ds_ref[...].astype(_F32), **kw)
+
+
+def _dv_chunk_sliced(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, *, scale, blocks, dot_dtype):
+    """dv = A^T do + (k * exp(e - c)) @ dS of one chunk (see _sliced), A and the second term
+    summed over slices of Dk. q/k/g [C, K], do/dv [C, BV], ds [K, BV] at the chunk's end."""
+    size, dk = q_ref.shape
+    kb = min(blocks.contract_slice, dk)
+
+    @pl.when(_guard_ok(g_ref))
+    def _():
+        a = jnp.zeros((size, size), _F32)
+        dv = jnp.zeros(dv_ref.shape, _F32)
+        for h in range(dk // kb):
+            cols = pl.ds(h * kb, kb)
+            c, e, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
+            q_mid = (q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])).astype(dot_dtype)
+            k_mid = k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)
+            a = a + _dot(q_mid, k_mid.astype(dot_dtype), tb=True)
+            k_end = (k_mid * jnp.exp(e - m)[None, :]).astype(dot_dtype)
+            dv = dv + _dot(k_end, ds_ref[cols, :].astype(dot_dtype))
+        a = jnp.where(_causal_mask(size), scale * a, 0.0).astype(dot_dtype)
+        dv = dv + _dot(a, do_ref[...].astype(dot_dtype), ta=True)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_ref, dq_ref,
+                     dk_ref, dg_ref, *, scale, blocks, dot_dtype):
+    """dq, dk and dlog_g of one chunk (see _sliced; the split dk kernel with dq inside): the
+    products over Dv (dA = do v^T, do @ S0^T, v @ dS^T, sum_v S_end * dS) summed over slices
+    of Dv. q/k/g/dq/dk/dg [C, BK], v/do [C, V], s0/s_end/ds [BK, V]."""
+    size, bk = q_ref.shape
+    dv = v_ref.shape[1]
+    vb = min(blocks.contract_slice, dv)
+
+    @pl.when(_guard_ok(g_ref))
+    def _():
+        da = jnp.zeros((size, size), _F32)
+        do_s = jnp.zeros((size, bk), _F32)
+        v_ds = jnp.zeros((size, bk), _F32)
+        acc = jnp.zeros((bk,), _F32)
+        for h in range(dv // vb):
+            cols = pl.ds(h * vb, vb)
+            do = do_ref[:, cols].astype(dot_dtype)
+            v = v_ref[:, cols].astype(dot_dtype)
+            ds = ds_ref[:, cols]
+            da = da + _dot(do, v, tb=True)
+            do_s = do_s + _dot(do, s0_ref[:, cols].astype(dot_dtype), tb=True)
+            v_ds = v_ds + _dot(v, ds.astype(dot_dtype), tb=True)
+            acc = acc + jnp.sum(s_end_ref[:, cols].astype(_F32) * ds.astype(_F32), axis=1)
+        c, e, m = _sub_chunk_gates(g_ref[...].astype(_F32), size)
+        up, down = jnp.exp(c - m[None, :]), jnp.exp(m[None, :] - c)
+        causal = _causal_mask(size)
+        q_mid = (q_ref[...].astype(_F32) * up).astype(dot_dtype)
+        k_mid = (k_ref[...].astype(_F32) * down).astype(dot_dtype)
+        dq = scale * (up * (jnp.exp(m)[None, :] * do_s
+                            + _dot(jnp.where(causal, da, 0.0).astype(dot_dtype), k_mid)))
+        da_s = jnp.where(causal, scale * da, 0.0).astype(dot_dtype)
+        dk = down * (_dot(da_s, q_mid, ta=True) + jnp.exp(e - m)[None, :] * v_ds)
+        x = q_ref[...].astype(_F32) * dq - k_ref[...].astype(_F32) * dk
+        dg_ref[...] = (acc[None, :] + jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0)
+                       + x).astype(dg_ref.dtype)
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+        dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
 def _dkv_split(blocks, dk, dv):
