@@ -324,6 +324,9 @@ VARIANTS = {
     "bcr_x": dict(bc_rows=True, xor_reduce=True),
     # candidate default: lane rows, select-free butterfly, backward split while it fits a wave
     "cand": dict(bc_rows=True, xor_reduce=True, bwd_split=0),
+    # forward: 2 / 4 of a lane's 8 states take exp2 as an FMA-pipe polynomial
+    "bcr_p2": dict(bc_rows=True, poly_exp=2),
+    "bcr_p4": dict(bc_rows=True, poly_exp=4),
 }
 
 

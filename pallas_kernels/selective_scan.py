@@ -169,6 +169,8 @@ class _Config:
                               # ahead with u/delta), each lane's values taken by shfl.idx
     xor_reduce: bool = False  # backward, N = 16: states permuted per lane so that the dB/dC
                               # butterfly needs no selects (see _xor_reduce)
+    poly_exp: int = 0         # forward: this many of a lane's states take exp2 as a polynomial
+                              # on the FMA pipes instead of the MUFU (_exp2_poly)
     interpret: bool = False
 
 
@@ -182,6 +184,39 @@ def _exp2(x, asm):
     """2^x; `asm` (Triton only) is the bare ex2.approx.ftz (one MUFU instruction) instead of
     libdevice's exp2f, which adds a denormal range check and two multiplies around it."""
     return _ptx_unary("ex2", x) if asm else jnp.exp2(x)
+
+
+# 2^f on [-0.5, 0.5], degree 5, fitted to the relative error: <= 2.4e-7 evaluated in f32 (the
+# MUFU's ex2.approx is within 2 ulp).
+_EXP2_POLY = (1.0, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
+              0.009675503708422184, 0.0013276360696181655)
+_ROUND_MAGIC = 12582912.0     # 1.5 * 2^23: x + magic rounds x to an integer in the low bits
+
+
+def _exp2_poly(x, asm):
+    """2^x for x <= 0 on the FMA and integer pipes (FlashAttention-4's trick for the MUFU
+    bound): t = x + 1.5 * 2^23 holds round(x) in its low mantissa bits, f = x - round(x), 2^f
+    by Horner, and round(x) goes into the exponent as bits(t) << 23 (= round(x) << 23 mod
+    2^32). About 11 instructions instead of one MUFU op. Clamped at -125 (2^-125 instead of
+    the MUFU's flush to 0 below 2^-126). `asm` (Triton): (t - magic) goes through an opaque
+    mov so that no compiler folds it to x; otherwise (interpret mode, where XLA does fold it)
+    round(x) is jnp.round."""
+    x = jnp.maximum(x, -125.0)
+    if asm:
+        t = x + _ROUND_MAGIC
+        r = plgpu.elementwise_inline_asm(
+            "mov.b32 $0, $1;", args=[t], constraints="=f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(t.shape, t.dtype)])[0] - _ROUND_MAGIC
+        shift = jax.lax.shift_left(jax.lax.bitcast_convert_type(t, jnp.int32), 23)
+    else:
+        r = jnp.round(x)
+        shift = jax.lax.shift_left(r.astype(jnp.int32), 23)
+    f = x - r
+    p = jnp.full_like(f, _EXP2_POLY[-1])
+    for c in _EXP2_POLY[-2::-1]:
+        p = p * f + c
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(p, jnp.int32) + shift,
+                                        jnp.float32)
 
 
 def _softplus(x, fast=False, asm=False):
@@ -249,7 +284,7 @@ def _load_bc(r, i, states):
 
 
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
-                ahead, fast_exp, split, interpret):
+                ahead, fast_exp, split, poly_exp, interpret):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
     # and its states (e // bd) * K + k, k < K = N / split; y sums the lanes' parts by shuffles.
@@ -313,7 +348,8 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             dtu = dt * u
             y = jnp.zeros_like(u)
             for k in range(n_k):
-                h[k] = _exp2(dt * a2[k], asm) * h[k] + dtu * b_t[k]
+                e = _exp2_poly(dt * a2[k], asm) if k < poly_exp else _exp2(dt * a2[k], asm)
+                h[k] = e * h[k] + dtu * b_t[k]
                 y = y + h[k] * c_t[k]
             m = bd
             while m < width:
@@ -675,7 +711,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
         ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
-        interpret=cfg.interpret)
+        poly_exp=cfg.poly_exp, interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -804,7 +840,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=1, keep_decay=False,
-                          bc_rows=False, xor_reduce=False, interpret=False):
+                          bc_rows=False, xor_reduce=False, poly_exp=0, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v3, "s2a4_c4b1" of bench/mamba.py): the fastest correct configuration measured
@@ -814,7 +850,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
-                  bc_rows=bc_rows, xor_reduce=xor_reduce, interpret=interpret)
+                  bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -89,10 +89,11 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
     pytest.param(dict(split=4, bwd_split=4, bc_rows=True, xor_reduce=True), 16,
                  marks=pytest.mark.slow),
     pytest.param(dict(split=1, bc_rows=True), 6, marks=pytest.mark.slow),
+    pytest.param(dict(bc_rows=True, poly_exp=3), 16, marks=pytest.mark.slow),
 ], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes",
         "bc_rows_bwd_split2_kept_xor", "bc_rows_bwd_split2_kept", "xor_split1",
         "bwd_split2_keep_decay", "bwd_split2_ahead3", "split4_bwd_split4_bc_rows",
-        "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6"])
+        "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6", "poly_exp3"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the v2.1 schedule (the
     # default is now the split forward, the B/C prefetch window and the lane butterfly, which
@@ -102,6 +103,17 @@ def test_kernel_schedules_match_recurrence(tiling, n):
     # the select-free dB/dC butterfly over per-lane permuted states (xor_reduce, N = 16 only;
     # other N fall back to the butterfly with selects).
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
+
+
+def test_polynomial_exp2_matches_exp2():
+    # The FMA-pipe exp2 of the forward (poly_exp) over the decays' whole range: x <= 0.
+    x = jnp.concatenate([jnp.linspace(-125.0, 0.0, 100001), -jnp.abs(
+        jax.random.normal(jax.random.PRNGKey(30), (10000,))) * 30.0])
+    got = np.asarray(jax.jit(ss._exp2_poly, static_argnums=1)(x, False), np.float64)
+    want = np.exp2(np.asarray(x, np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    assert float(ss._exp2_poly(jnp.zeros(()), False)) == 1.0
+    assert 0.0 < float(ss._exp2_poly(jnp.float32(-400.0), False)) < 1e-37
 
 
 @pytest.mark.slow
