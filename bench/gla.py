@@ -153,16 +153,16 @@ def check_correctness(results, n_cases, out):
     bf, f32 = jnp.bfloat16, jnp.float32
     # First the kernels a change touched: states / dS passes over [32, 32] tiles with prefetch,
     # 128-column forward and dv programs, the guard split into two kernels (both sides of the
-    # 64-row block's decay guard), then each of the four dk/dv kernel forms (chunk-parallel
-    # split and fused, sequential split and fused).
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pgdv128", 2, 300, 4, 128, 128, bf,
-              -1.0, 2e-2, v["cp64v128s32pgdv128"]),
+    # 64-row block's decay guard) with the common kernels contracting in slices, then each of
+    # the four dk/dv kernel forms (chunk-parallel split and fused, sequential split and fused).
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pgdv128k64", 2, 300, 4, 128, 128, bf,
+              -1.0, 2e-2, dataclasses.replace(v["cp64v128s32pgdv128"], contract_slice=64)),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64s32g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
               v["cp64s32g"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp64s32g", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["cp64s32g"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp64s32gk64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["cp64s32gk64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
