@@ -165,8 +165,9 @@ class _Config:
                               # split grid fits one wave (_auto_bwd_split), else 1
     keep_decay: bool = False  # backward: the recompute's decays stay in registers for the
                               # reverse pass (one exp per element instead of two)
-    bc_rows: bool = False     # forward: B_t/C_t as one [32]-lane row per step (loaded a chunk
-                              # ahead with u/delta), each lane's values taken by shfl.idx
+    bc_rows: bool | str = False  # B_t/C_t as one [32]-lane row per step (loaded a chunk ahead
+                              # with u/delta), each lane's values taken by shfl.idx; "fwd" or
+                              # "bwd": in that kernel only
     xor_reduce: bool = False  # backward, N = 16: states permuted per lane so that the dB/dC
                               # butterfly needs no selects (see _xor_reduce)
     poly_exp: int = 0         # forward: this many of a lane's states take exp2 as a polynomial
@@ -695,7 +696,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             split = 1
     if split == 1:
         lay = _layout(u, A, B, chunk, cfg.block_d)
-    bc_rows = (cfg.bc_rows and lay.bd * split == _LANES and 2 * lay.n <= _LANES
+    bc_rows = (cfg.bc_rows in (True, "fwd") and lay.bd * split == _LANES and 2 * lay.n <= _LANES
                and cfg.num_warps == 1)
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
@@ -742,7 +743,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
             split = 1
     if split == 1:
         lay = _layout(u, A, B, cfg.chunk, cfg.block_d)
-    bc_rows = (cfg.bc_rows and lay.bd * split == _LANES and 2 * lay.n <= _LANES
+    bc_rows = (cfg.bc_rows in (True, "bwd") and lay.bd * split == _LANES and 2 * lay.n <= _LANES
                and cfg.num_warps == 1)
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None,
                                          bc_rows)
