@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import pooling as pool
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._common import timeit_ms  # noqa: E402
+from pallas_kernels import pooling as pool  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -34,20 +36,9 @@ SEGMENT, WINDOW, HEAD_DIM = 32, 3, 128         # the mixer's defaults; heads = D
 
 
 def timeit(f, *args, reps=5, inner=10, target=0.02):
-    """Median seconds per call over `reps` groups of back-to-back calls (after warm-up); a group
-    is `inner` calls, fewer for slow functions (about `target` seconds a group)."""
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    inner = max(1, min(inner, int(target / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times)), out
+    """Median seconds per call (bench._common.timeit_ms, about `target` s a repetition) and the
+    output of one more call."""
+    return timeit_ms(f, *args, iters=inner, reps=reps, min_ms=target * 1e3) / 1e3, f(*args)
 
 
 def copy_bandwidth(mib):
