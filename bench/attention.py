@@ -198,24 +198,36 @@ MBWD2_VARIANTS = [  # (name, flash_attention_kernel kwargs), most important firs
     ("split", dict(bwd_impl="split")),
     ("mosaic", dict(bwd_impl="mosaic")),
     ("mosaic_overlap", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True)),
+    ("mosaic_defer", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
+    ("mosaic_defer_r240", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True,
+                               mgpu_bwd_regs=(240, 24))),
     ("mosaic_overlap_r240", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
                                  mgpu_bwd_regs=(240, 24))),
-    ("mosaic_r240", dict(bwd_impl="mosaic", mgpu_bwd_regs=(240, 24))),
+    ("mosaic_defer_s3", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3)),
     ("mosaic_overlap_s3", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True, mgpu_stages_bwd=3)),
-    ("mosaic_overlap_own", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True, mgpu_bwd_dq="own")),
+    ("mosaic_r240", dict(bwd_impl="mosaic", mgpu_bwd_regs=(240, 24))),
 ]
 
 
-def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64)):
+def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64), which="all"):
     """Session 3: the Mosaic backward's FA3-order variant (S^T and dP^T issued together, dS^T
-    while dV runs) and the 240/24 register split. Real-lowering checks against the f32
-    reference first, then fwd+bwd TFLOP/s at N=4k with jax.nn cuDNN in the same process."""
+    while dV runs), dq deferred by one step, the 240/24 register split. Real-lowering checks
+    against the f32 reference first, then fwd+bwd TFLOP/s at N=4k with jax.nn cuDNN in the same
+    process. `which`: "all", "defer" (the deferred-dq variants plus the Mosaic baseline) or
+    "nodefer" (the rest), so that a hang of one variant family costs only its own process."""
+    def wanted(name):
+        return (which == "all" or name in ("cudnn", "mosaic")
+                or ("defer" in name) == (which == "defer"))
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate([
+            (2, 1000, 8, 2, 128, True, None, dict(mgpu_bwd_defer_dq=True)),
+            (1, 2048, 8, 1, 64, True, 300, dict(mgpu_bwd_defer_dq=True)),
             (2, 1000, 8, 2, 128, True, None, dict(mgpu_bwd_overlap=True)),
             (1, 2048, 8, 1, 64, True, 300, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24))),
             (1, 777, 4, 2, 128, False, None, dict(mgpu_bwd_overlap=True,
                                                   mgpu_bwd_regs=(240, 24)))]):
+        if not wanted("defer" if "mgpu_bwd_defer_dq" in extra else "x"):
+            continue
         if time.time() > deadline:
             break
         q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=110 + i)
@@ -235,6 +247,8 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64)):
             fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
                 q, k, v, causal=c, **cfg)) for name, cfg in MBWD2_VARIANTS]
             for name, fn in fns:
+                if not wanted(name):
+                    continue
                 row = dict(d=d, causal=causal, n=n, impl=name)
                 if time.time() > deadline:
                     row["skipped"] = "time budget"
@@ -300,7 +314,10 @@ def mosaic_compile_report(results, deadline):
              ("fwd_d128", 128, False, None),
              ("fwd_d64", 64, False, None),
              ("fwd_d64_causal", 64, True, None),
-             ("fwd_d64_fold", 64, False, "fold")]
+             ("fwd_d64_fold", 64, False, "fold"),
+             ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
+             ("bwd_d128_defer_r240", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True,
+                                                     mgpu_bwd_regs=(240, 24)))]
     for name, d, causal, cfg in cases:
         if time.time() > deadline:
             break
@@ -712,6 +729,8 @@ def main():
              "bsweep": lambda dl: bwd_sweep(results, dl),
              "mbwd": lambda dl: mosaic_bwd(results, dl, lengths=lengths),
              "mbwd2": lambda dl: mosaic_bwd2(results, dl),
+             "mbwd2a": lambda dl: mosaic_bwd2(results, dl, which="nodefer"),
+             "mbwd2b": lambda dl: mosaic_bwd2(results, dl, which="defer"),
              "mregs": lambda dl: mosaic_compile_report(results, dl),
              "mfwd2": lambda dl: mosaic_fwd2(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),

@@ -135,6 +135,8 @@ class FlashConfig:
     mgpu_bwd_overlap: bool = False  # Mosaic bwd: S^T and dP^T issued together (P^T computed
     #                                 while dP^T runs), dS^T computed while dV runs (FA3 order)
     mgpu_bwd_regs: tuple[int, int] = (232, 40)  # Mosaic bwd registers: consumer, producer
+    mgpu_bwd_defer_dq: bool = False  # Mosaic bwd: dq of step t-1 issued with S^T/dP^T of step
+    #                                  t (split dS barrier: the warpgroups are not in lock-step)
     interpret: bool = False
 
 

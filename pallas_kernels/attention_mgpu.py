@@ -190,6 +190,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 plgpu.barrier_wait(v_free.at[i])
 
 
+def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig):
+    """S^T [bk keys, bq queries] of keys k0.. and query block i with invisible pairs at -inf
+    (key padding, causal diagonal, left window)."""
+    kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+    qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+    k_pos = kk + k0
+    q_pos = qq + (i * bq + cfg.lk - cfg.lq)
+    mask = k_pos < cfg.lk
+    if cfg.causal:
+        mask &= k_pos <= q_pos
+    if cfg.window is not None:
+        mask &= k_pos > q_pos - cfg.window
+    return jnp.where(mask, st, -jnp.inf)
+
+
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem,
                      barriers, *, cfg: FlashConfig, rep: int, stages: int, lq_pad: int,
                      gpu_path: bool):
@@ -221,7 +236,136 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
-    @pl.when(wg < 2)
+    def _consumer_defer(w: int):
+        """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
+        the static warpgroup index). Step t issues dq_{t-1} (both dS^T halves of step t-1 are
+        in SMEM), S^T_t and dP^T_t back to back; dq_{t-1} goes to HBM while S^T and dP^T run,
+        P^T is computed while dP^T runs and dS^T while dV runs. The dS barrier is split: a
+        warpgroup arrives after writing dS^T_t and waits only at the start of step t+1, so the
+        two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros)."""
+        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        k0 = cta_k0 + w * bk
+        _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
+        w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
+        w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
+        kv_at = (b, pl.ds(k0, bk), g)
+        k_own, v_own = k_smem.at[w], v_smem.at[w]
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_own, kv_ready.at[w])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_own, kv_ready.at[2 + w])
+        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+        ds_smem.at[1, w][...] = plgpu.layout_cast(jnp.zeros((bk, bq), q_smem.dtype),
+                                                  plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_sync)                      # dS^T of step -1 (zeros)
+        plgpu.barrier_wait(kv_ready.at[w])
+        plgpu.barrier_wait(kv_ready.at[2 + w])
+        does_dq = w < dq_wgs
+        cols = pl.ds(w * dh, dh)
+
+        def dq_mm(dq_ref, buf):
+            for u in range(2):
+                plgpu.wgmma(dq_ref, ds_smem.at[buf, u].transpose((1, 0)), k_smem.at[u, :, cols])
+
+        def emit_dq(dq, i_prev, h_prev):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
+            dq_smem.at[w][...] = dq * cfg.sm_scale
+            plgpu.commit_smem()
+            q_at = (b, pl.ds(i_prev * bq, bq), h_prev, cols)
+            if gpu_path:
+                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
+            else:           # interpret mode has no TMA reduction: a slot per (tile, wg), summed
+                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+
+        def step(i, carry, r, masked):
+            dk, dv, i_prev, h_prev = carry
+            t = r * n + (i - lo)
+            slot = lax.rem(t, jnp.int32(stages))
+            buf, prev = lax.rem(t, jnp.int32(2)), lax.rem(t + 1, jnp.int32(2))
+            h = g * rep + r
+            plgpu.barrier_wait(q_ready.at[slot])
+            plgpu.barrier_wait(ld_ready.at[slot])
+            lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
+            delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
+            plgpu.barrier_wait(do_ready.at[slot])
+            plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
+            do_t = do_smem.at[slot].transpose((1, 0))
+
+            def scores(s_ref, dp_ref, wait_s):
+                plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(dp_ref, v_own, do_t)
+                st = plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_s)
+                if masked:
+                    st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+                pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
+                return pt, dp_ref[...]
+
+            acc_s = plgpu.ACC((bk, bq), jnp.float32)
+            if does_dq:
+                def dq_s_dp(dq_ref, s_ref, dp_ref):
+                    dq_mm(dq_ref, prev)
+                    # dq_{t-1} first (two groups), then S^T, dP^T: wait until those two are left
+                    plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_own, do_t)
+                    emit_dq(plgpu.wgmma_accumulator_load(dq_ref, wait_n=2), i_prev, h_prev)
+                    st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                    if masked:
+                        st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+                    pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
+                    return pt, dp_ref[...]
+                pt, dpt = pl.run_scoped(dq_s_dp, plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+            else:
+                pt, dpt = pl.run_scoped(functools.partial(scores, wait_s=1), acc_s, acc_s)
+            pt_lo = pt.astype(q_smem.dtype)
+            delta_b = lax.broadcast_in_dim(delta, pt.shape, [1])
+            if gpu_path:
+                def dv_dk(refs):
+                    dv_ref, dk_ref = refs
+                    plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
+                    ds_lo = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+                    ds_smem.at[buf, w][...] = ds_lo
+                    plgpu.commit_smem()
+                    plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+                dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            else:                   # interpret mode: wgmma operands from SMEM, no run_state
+                p_smem.at[w][...] = pt_lo
+                ds_smem.at[buf, w][...] = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+                plgpu.commit_smem()
+
+                def dv_dk(dv_ref, dk_ref):
+                    plgpu.wgmma(dv_ref, p_smem.at[w], do_smem.at[slot])
+                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w], q_smem.at[slot])
+                    return dv_ref[...], dk_ref[...]
+                dv_inc, dk_inc = pl.run_scoped(dv_dk, plgpu.ACC((bk, d), jnp.float32),
+                                               plgpu.ACC((bk, d), jnp.float32))
+                dv, dk = dv + dv_inc, dk + dk_inc
+            plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+            plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
+            return dk, dv, i, h
+
+        def head(r, carry):
+            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
+            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
+                                  carry)
+            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
+
+        i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: step -1 adds 0
+        dk, dv, i_prev, h_prev = lax.fori_loop(0, rep, head, (zeros, zeros, i0, g * rep))
+        plgpu.barrier_wait(ds_sync)                        # the last step's dS^T
+        if does_dq:
+            last = lax.rem(total + 1, jnp.int32(2))        # buffer of step total-1 (-1: zeros)
+
+            def dq_last(dq_ref):
+                dq_mm(dq_ref, last)
+                return dq_ref[...]
+            emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), i_prev, h_prev)
+        sync()                                   # the other warpgroup is done reading K and dS
+        k_own[...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+        v_own[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[kv_at])
+        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_at])
+        plgpu.wait_smem_to_gmem(0)
+
     def _consumer():
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
         k0 = cta_k0 + wg * bk
@@ -239,16 +383,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
 
         def mask_scores(st, i):
-            kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
-            qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
-            k_pos = kk + k0
-            q_pos = qq + (i * bq + cfg.lk - cfg.lq)
-            mask = k_pos < cfg.lk
-            if cfg.causal:
-                mask &= k_pos <= q_pos
-            if cfg.window is not None:
-                mask &= k_pos > q_pos - cfg.window
-            return jnp.where(mask, st, -jnp.inf)
+            return _mask_bwd_scores(st, i, k0, bq, bk, cfg)
 
         def step(i, carry, r, masked):
             dk, dv = carry
@@ -396,6 +531,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_at])
         plgpu.wait_smem_to_gmem(0)
 
+    if cfg.mgpu_bwd_defer_dq:
+        for w in range(2):
+            pl.when(wg == w)(functools.partial(_consumer_defer, w))
+    else:
+        pl.when(wg < 2)(_consumer)
+
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[1], action="decrease")
@@ -437,6 +578,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         raise ValueError(f"the Mosaic GPU backward needs head_dim 64 or 128, got {d}")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"the Mosaic GPU backward needs bf16 or f16 inputs, got {q.dtype}")
+    if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
+        raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
@@ -482,6 +625,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         thread_name="wg",
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
+                     f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,

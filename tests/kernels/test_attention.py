@@ -9,6 +9,11 @@ import os
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+# The warpgroup programs also run their barrier-wait callbacks on XLA:CPU's worker pool, which
+# has one thread per core: with 2 cores, two warpgroups blocked in barrier waits can hold both
+# threads while the third's program waits for one (a hang seen in session 3 with -k filters).
+# PJRT_NPROC sizes that pool (read when the CPU client starts).
+os.environ.setdefault("PJRT_NPROC", "8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -318,10 +323,13 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     (64, True, dict(mgpu_bwd_overlap=True)),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24)), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
+    (128, True, dict(mgpu_bwd_defer_dq=True)),
+    pytest.param(64, False, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """mgpu_bwd_overlap: S^T and dP^T issued together, dS^T computed while dV runs (the FA3
-    order); same results as the reference (interpret mode, GQA, ragged length)."""
+    order); mgpu_bwd_defer_dq: dq of step t-1 issued with step t (split dS barrier); same
+    results as the reference (interpret mode, GQA, ragged length)."""
     q, k, v, do = _inputs(21, 1, 200, 200, 4, 2, d, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
