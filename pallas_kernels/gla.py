@@ -519,24 +519,35 @@ def _guard_ok(g_ref):
     return jnp.min(jnp.sum(g_ref[...].astype(_F32), axis=0)) >= -_MAX_BLOCK_DECAY
 
 
+def _scores_by_slices(q_ref, k_ref, g_ref, blocks, dot_dtype, term, acc):
+    """(A, acc) for one guarded chunk: A = sum over slices of Dk of q_mid k_mid^T [C, C] and
+    acc + sum of term(cols, q_mid, k_mid, e, m) (f32 q_mid, k_mid of the slice)."""
+    size, dk = q_ref.shape
+    kb = min(blocks.contract_slice, dk)
+    a = jnp.zeros((size, size), _F32)
+    for h in range(dk // kb):
+        cols = pl.ds(h * kb, kb)
+        c, e, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
+        q_mid = q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])
+        k_mid = k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)
+        a = a + _dot(q_mid.astype(dot_dtype), k_mid.astype(dot_dtype), tb=True)
+        acc = acc + term(cols, q_mid, k_mid, e, m)
+    return a, acc
+
+
 def _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, scale, blocks, dot_dtype):
     """o of one chunk (see _sliced): A = sum over slices of Dk of q_mid k_mid^T and o_inter =
     sum of (q * exp(c)) @ S, with q * exp(c) = q_mid * exp(m)."""
-    size, dk = q_ref.shape
-    kb = min(blocks.contract_slice, dk)
+    size = q_ref.shape[0]
+
+    def q_in_s(cols, q_mid, k_mid, e, m):
+        return _dot((q_mid * jnp.exp(m)[None, :]).astype(dot_dtype),
+                    s_ref[cols, :].astype(dot_dtype))
 
     @pl.when(_guard_ok(g_ref))
     def _():
-        a = jnp.zeros((size, size), _F32)
-        o = jnp.zeros(o_ref.shape, _F32)
-        for h in range(dk // kb):
-            cols = pl.ds(h * kb, kb)
-            c, _, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
-            q_mid = q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])
-            k_mid = (k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)).astype(dot_dtype)
-            a = a + _dot(q_mid.astype(dot_dtype), k_mid, tb=True)
-            q_in = (q_mid * jnp.exp(m)[None, :]).astype(dot_dtype)
-            o = o + _dot(q_in, s_ref[cols, :].astype(dot_dtype))
+        a, o = _scores_by_slices(q_ref, k_ref, g_ref, blocks, dot_dtype, q_in_s,
+                                 jnp.zeros(o_ref.shape, _F32))
         a = jnp.where(_causal_mask(size), a, 0.0).astype(dot_dtype)
         o = o + _dot(a, v_ref[...].astype(dot_dtype))
         o_ref[...] = (scale * o).astype(o_ref.dtype)
@@ -863,21 +874,16 @@ def _gla_bwd_dv_chunk_kernel(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, **kw):
 def _dv_chunk_sliced(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, *, scale, blocks, dot_dtype):
     """dv = A^T do + (k * exp(e - c)) @ dS of one chunk (see _sliced), A and the second term
     summed over slices of Dk. q/k/g [C, K], do/dv [C, BV], ds [K, BV] at the chunk's end."""
-    size, dk = q_ref.shape
-    kb = min(blocks.contract_slice, dk)
+    size = q_ref.shape[0]
+
+    def k_end_ds(cols, q_mid, k_mid, e, m):
+        return _dot((k_mid * jnp.exp(e - m)[None, :]).astype(dot_dtype),
+                    ds_ref[cols, :].astype(dot_dtype))
 
     @pl.when(_guard_ok(g_ref))
     def _():
-        a = jnp.zeros((size, size), _F32)
-        dv = jnp.zeros(dv_ref.shape, _F32)
-        for h in range(dk // kb):
-            cols = pl.ds(h * kb, kb)
-            c, e, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
-            q_mid = (q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])).astype(dot_dtype)
-            k_mid = k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)
-            a = a + _dot(q_mid, k_mid.astype(dot_dtype), tb=True)
-            k_end = (k_mid * jnp.exp(e - m)[None, :]).astype(dot_dtype)
-            dv = dv + _dot(k_end, ds_ref[cols, :].astype(dot_dtype))
+        a, dv = _scores_by_slices(q_ref, k_ref, g_ref, blocks, dot_dtype, k_end_ds,
+                                  jnp.zeros(dv_ref.shape, _F32))
         a = jnp.where(_causal_mask(size), scale * a, 0.0).astype(dot_dtype)
         dv = dv + _dot(a, do_ref[...].astype(dot_dtype), ta=True)
         dv_ref[...] = dv.astype(dv_ref.dtype)
