@@ -80,8 +80,9 @@ def _mixed_gates(seed, b, length, dk):
     return jnp.concatenate([weak, strong], axis=2)
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "chunk_parallel",
-                                      pytest.param("hybrid", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("schedule", [
+    "chunk_parallel", pytest.param("sequential", marks=pytest.mark.slow),
+    pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_gla_matches_recurrence_f32_gates_from_nearly_one_to_strong_decay(schedule):
     # Ragged length (padded to the chunk), Dk != Dv, odd head dims (padded to powers of two),
     # and gates from ~1 to e^-8 per step: finite and exact to f32 rounding.
