@@ -302,6 +302,40 @@ def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
                 out.append(row)
 
 
+def mosaic_grid_order(results, deadline, n=16384):
+    """Grid order of the Mosaic kernels at N=16k (B=1): heads fastest (default) against query /
+    KV tiles fastest (`mgpu_tiles_fastest`: the CTAs in flight share one head's K/V in L2),
+    forward TFLOP/s with jax.nn cuDNN in the same process, then fwd+bwd at D 64 (Mosaic bwd)."""
+    out = results.setdefault("grid_sweep", [])
+    b = max(1, TOKENS // n)
+    cells = [(128, False, "fwd"), (128, True, "fwd"), (64, False, "fwd"), (64, False, "fwd+bwd"),
+             (128, False, "fwd+bwd")]
+    for d, causal, mode in cells:
+        q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn"))]
+        cfgs = [("mosaic", dict()), ("mosaic_tf", dict(mgpu_tiles_fastest=True))]
+        if mode != "fwd" and d == 128:     # the Mosaic backward, both orders (not the default)
+            cfgs = [(nm + "_mbwd", dict(c, bwd_impl="mosaic", mgpu_bwd_defer_dq=True))
+                    for nm, c in cfgs]
+        fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for name, cfg in cfgs]
+        for name, fn in fns:
+            row = dict(d=d, causal=causal, n=n, mode=mode, impl=name)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                try:
+                    ms = (_timeit(jax.jit(fn), q, k, v) if mode == "fwd"
+                          else _timeit(_fwd_bwd(fn), q, k, v, do))
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("gsweep", row, flush=True)
+            out.append(row)
+
+
 def mosaic_compile_report(results, deadline):
     """Compile (and run once, small shapes) the Mosaic kernels whose ptxas report and SASS
     the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
@@ -733,6 +767,7 @@ def main():
              "mbwd2b": lambda dl: mosaic_bwd2(results, dl, which="defer"),
              "mregs": lambda dl: mosaic_compile_report(results, dl),
              "mfwd2": lambda dl: mosaic_fwd2(results, dl),
+             "mgrid": lambda dl: mosaic_grid_order(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

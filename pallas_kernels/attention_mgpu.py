@@ -236,6 +236,37 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
+    def own_keys(w):
+        """Warpgroup w's keys: first key, unmasked query-block range, TMA of K and V into its
+        SMEM slots (waited on kv_ready[w] / kv_ready[2 + w])."""
+        k0 = cta_k0 + w * bk
+        _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
+        w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
+        w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
+        kv_at = (b, pl.ds(k0, bk), g)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_smem.at[w], kv_ready.at[w])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_smem.at[w], kv_ready.at[2 + w])
+        return k0, w_mid_lo, w_mid_hi, kv_at
+
+    def all_steps(step, w_mid_lo, w_mid_hi, carry):
+        """`step(i, carry, r, masked)` over the rep query heads and the CTA's query blocks:
+        masked edges and the unmasked middle in separate loops."""
+        def head(r, carry):
+            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
+            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
+                                  carry)
+            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
+        return lax.fori_loop(0, rep, head, carry)
+
+    def write_dkdv(w, dk, dv, kv_at):
+        sync()                                   # the other warpgroup is done reading K and dS
+        k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+        v_smem.at[w][...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
+        plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
+        plgpu.wait_smem_to_gmem(0)
+
     def _consumer_defer(w: int):
         """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
         the static warpgroup index). Step t issues dq_{t-1} (both dS^T halves of step t-1 are
@@ -244,14 +275,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         warpgroup arrives after writing dS^T_t and waits only at the start of step t+1, so the
         two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros)."""
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        k0 = cta_k0 + w * bk
-        _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
-        w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
-        w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
-        kv_at = (b, pl.ds(k0, bk), g)
+        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
         k_own, v_own = k_smem.at[w], v_smem.at[w]
-        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_own, kv_ready.at[w])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_own, kv_ready.at[2 + w])
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
         ds_smem.at[1, w][...] = plgpu.layout_cast(jnp.zeros((bk, bq), q_smem.dtype),
                                                   plgpu.Layout.WGMMA)
@@ -342,14 +367,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
             return dk, dv, i, h
 
-        def head(r, carry):
-            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
-            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
-                                  carry)
-            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
-
         i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: step -1 adds 0
-        dk, dv, i_prev, h_prev = lax.fori_loop(0, rep, head, (zeros, zeros, i0, g * rep))
+        dk, dv, i_prev, h_prev = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros, i0, g * rep))
         plgpu.barrier_wait(ds_sync)                        # the last step's dS^T
         if does_dq:
             last = lax.rem(total + 1, jnp.int32(2))        # buffer of step total-1 (-1: zeros)
@@ -358,26 +377,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dq_mm(dq_ref, last)
                 return dq_ref[...]
             emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), i_prev, h_prev)
-        sync()                                   # the other warpgroup is done reading K and dS
-        k_own[...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
-        v_own[...] = dv.astype(v_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[kv_at])
-        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_at])
-        plgpu.wait_smem_to_gmem(0)
+        write_dkdv(w, dk, dv, kv_at)
 
     def _consumer():
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        k0 = cta_k0 + wg * bk
-        _, w_mid_lo, w_mid_hi, _ = _q_block_range(k0, bq, bk, lq_pad, cfg)
-        w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, lo), hi)
-        w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), hi)
         # SMEM is indexed by warpgroup on untiled leading axes only (no dynamic slices of a
         # tiled axis): K/V [2, bk, D], dS^T [buffer, 2, bk, bq].
-        kv_at = (b, pl.ds(k0, bk), g)
+        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
         k_own, v_own = k_smem.at[wg], v_smem.at[wg]
-        plgpu.copy_gmem_to_smem(k_ref.at[kv_at], k_own, kv_ready.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_own, kv_ready.at[2 + wg])
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
@@ -516,20 +523,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 pl.when(wg == w)(functools.partial(dq_block, w))
             return dk, dv
 
-        def head(r, carry):
-            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
-            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
-                                  carry)
-            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
-
-        dk, dv = lax.fori_loop(0, rep, head, (zeros, zeros))
-        sync()                                   # the other warpgroup is done reading K and dS
-        k_own[...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
-        v_own[...] = dv.astype(v_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[kv_at])
-        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_at])
-        plgpu.wait_smem_to_gmem(0)
+        dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
+        write_dkdv(wg, dk, dv, kv_at)
 
     if cfg.mgpu_bwd_defer_dq:
         for w in range(2):
@@ -564,6 +559,36 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             pl.when(i < total)(lambda i=i: plgpu.barrier_wait(free.at[i]))
 
 
+def _check_inputs(q, what: str):
+    d = q.shape[-1]
+    if d % 64 or d > 128:
+        raise ValueError(f"the Mosaic GPU {what} needs head_dim 64 or 128, got {d}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU {what} needs bf16 or f16 inputs, got {q.dtype}")
+
+
+def _grid(cfg: FlashConfig, heads, tiles, batch: int) -> dict:
+    """grid / grid_names: heads fastest (the default) or tiles fastest (`mgpu_tiles_fastest`:
+    the CTAs in flight then share one head's K/V (forward) or Q/dO (backward) in L2)."""
+    first, second = (tiles, heads) if cfg.mgpu_tiles_fastest else (heads, tiles)
+    return dict(grid=(first[1], second[1], batch), grid_names=(first[0], second[0], "batch"))
+
+
+def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kernel_name,
+                      interpret):
+    """plgpu.kernel with two consumer warpgroups and one producer ("wg" 0, 1 | 2): `body(*refs,
+    smem, barriers)` gets the kernel's refs and the scoped SMEM / barrier trees."""
+    def entry(*refs):
+        pl.run_scoped(lambda smem_, barriers_: body(*refs, smem_, barriers_), smem, barriers,
+                      collective_axes="wg")
+
+    return plgpu.kernel(
+        entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3,
+        thread_name="wg", kernel_name=kernel_name,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
 def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                     interpret: bool = False):
     """dq, dk, dv from the saved base-2 lse (the contract of `_flash_backward`, no segments).
@@ -574,10 +599,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     lk, hkv = k.shape[1], k.shape[2]
     rep = hq // hkv
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
-    if d % 64 or d > 128:
-        raise ValueError(f"the Mosaic GPU backward needs head_dim 64 or 128, got {d}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"the Mosaic GPU backward needs bf16 or f16 inputs, got {q.dtype}")
+    _check_inputs(q, "backward")
     if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
         raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
@@ -594,41 +616,35 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     dq_cols = d if own else d // dq_wgs
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def entry(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref):
-        smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((stages, 2, bq), jnp.float32),
-                plgpu.SMEM((1 if own else 2, 2, bk, bq), q.dtype, transforms=tiles),
-                plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
-                # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
-                None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
-        barriers = (plgpu.Barrier(num_barriers=4),
-                    plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                    plgpu.Barrier(num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2))
-        pl.run_scoped(
-            lambda smem, barriers: _backward_kernel(
-                q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem, barriers,
-                cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad, gpu_path=not interpret),
-            smem, barriers, collective_axes="wg")
-
-    dk, dv = plgpu.kernel(
-        entry,
+    smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((stages, 2, bq), jnp.float32),
+            plgpu.SMEM((1 if own else 2, 2, bk, bq), q.dtype, transforms=tiles),
+            plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
+            # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
+            None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
+    barriers = (plgpu.Barrier(num_barriers=4),
+                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2))
+    dk, dv = _warp_specialized(
+        functools.partial(_backward_kernel, cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad,
+                          gpu_path=not interpret),
+        smem, barriers,
         out_type=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
                   jax.ShapeDtypeStruct(vp.shape, v.dtype)),
-        grid=(hkv, n_tiles, b),
-        grid_names=("heads", "kv_tile", "batch"),
-        num_threads=3,
-        thread_name="wg",
+        # CUDA launches the first grid axis fastest: KV tiles first keeps the CTAs in flight on
+        # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
+        **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
-                     f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+                     f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+        interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]
     if interpret:
@@ -642,44 +658,33 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     b, lq, hq, d = q.shape
     rep = hq // k.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
-    if d % 64 or d > 128:
-        raise ValueError(f"the Mosaic GPU forward needs head_dim 64 or 128, got {d}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"the Mosaic GPU forward needs bf16 or f16 inputs, got {q.dtype}")
+    _check_inputs(q, "forward")
     qp = _common.pad_axis(q, 1, 2 * bq)
     kp, vp = _common.pad_axis(k, 1, bk), _common.pad_axis(v, 1, bk)
     lq_pad = qp.shape[1]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        smem = (plgpu.SMEM((2, bq, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
-                plgpu.SMEM((2, bq), jnp.float32),
-                # P staging for interpret mode only (the GPU path keeps P in registers).
-                None if not interpret else plgpu.SMEM((2, bq, bk), q.dtype, transforms=tiles))
-        barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                    plgpu.Barrier(num_barriers=2),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2))
-        pl.run_scoped(
-            lambda smem, barriers: _forward_kernel(
-                q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, cfg=cfg, rep=rep,
-                stages=stages, ping_pong=ping_pong, gpu_path=not interpret),
-            smem, barriers, collective_axes="wg")
-
-    o, lse = plgpu.kernel(
-        entry,
+    smem = (plgpu.SMEM((2, bq, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
+            plgpu.SMEM((2, bq), jnp.float32),
+            # P staging for interpret mode only (the GPU path keeps P in registers).
+            None if not interpret else plgpu.SMEM((2, bq, bk), q.dtype, transforms=tiles))
+    barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=2),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2))
+    o, lse = _warp_specialized(
+        functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
+                          ping_pong=ping_pong, gpu_path=not interpret),
+        smem, barriers,
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
-        grid=(hq, lq_pad // (2 * bq), b),
-        grid_names=("heads", "q_tile", "batch"),
-        num_threads=3,
-        thread_name="wg",
+        **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (2 * bq)), b),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
-                     f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+                     f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+        interpret=interpret,
     )(qp, kp, vp)
     return o[:, :lq], lse

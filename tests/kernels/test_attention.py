@@ -353,13 +353,15 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
 
 def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     """mgpu_fold_scale: row max on raw scores, scale applied inside exp2's argument (causal
-    masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode)."""
+    masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode); with
+    mgpu_tiles_fastest (grid order) for the Mosaic forward and backward."""
     q, k, v, do = _inputs(22, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
     kw = dict(causal=True, window=50)
 
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
-                                           mgpu_fold_scale=True, block_k=64, **kw)
+                                           mgpu_fold_scale=True, mgpu_tiles_fastest=True,
+                                           bwd_impl="mosaic", block_k=64, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
