@@ -199,13 +199,13 @@ MBWD2_VARIANTS = [  # (name, flash_attention_kernel kwargs), most important firs
     ("mosaic", dict(bwd_impl="mosaic")),
     ("mosaic_overlap", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True)),
     ("mosaic_defer", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
+    ("mosaic_defer_tf", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True, mgpu_tiles_fastest=True)),
+    ("mosaic_overlap_tf", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
+                               mgpu_tiles_fastest=True)),
     ("mosaic_defer_r240", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True,
                                mgpu_bwd_regs=(240, 24))),
     ("mosaic_overlap_r240", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
                                  mgpu_bwd_regs=(240, 24))),
-    ("mosaic_defer_s3", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3)),
-    ("mosaic_overlap_s3", dict(bwd_impl="mosaic", mgpu_bwd_overlap=True, mgpu_stages_bwd=3)),
-    ("mosaic_r240", dict(bwd_impl="mosaic", mgpu_bwd_regs=(240, 24))),
 ]
 
 
