@@ -711,6 +711,9 @@ MOSAIC_FWD_DIMS = (128, 64)
 # D=64 causal 324 vs 297 (session 3, call 1, with the causal GQA/window GPU checks). D=128 it lost
 # (366 vs 404 full, 326 vs 381 causal, session 3 call 1).
 MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True))
+# Mosaic backward options per (head dim, causal) cell, applied when the dispatch picks the Mosaic
+# backward (an explicit bwd_impl keeps FlashConfig's defaults unless given).
+MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {}
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -774,6 +777,8 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
     if blocks.get("bwd_impl") is None:
         blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
             d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal)
+        if blocks["bwd_impl"] == "mosaic":
+            defaults.update(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
     if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):
         raise ValueError("bwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
     if fwd_impl == "mosaic":
