@@ -64,6 +64,15 @@ class _Compiler:
             return compiled
         self.futs[key] = self.pool.submit(build)
 
+    def wait_all(self):
+        """Blocks until every submitted compile is done or the budget is spent: timing while
+        compile threads run (they hold the GIL in Python lowering) adds host-side gaps between
+        back-to-back calls, which inflated the ceilings and the references timed early in
+        session 3's call 2."""
+        from concurrent.futures import wait
+        left = self.budget - (time.perf_counter() - T0)
+        wait(list(self.futs.values()), timeout=max(left, 0))
+
     def get(self, key):
         """The compiled function; raises TimeoutError once past the budget."""
         from concurrent.futures import wait
@@ -288,41 +297,47 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 
 # Kernel variants (keyword arguments of selective_scan_pallas) for --compare: "fwd" times the
 # inference forward, "fb" the training forward + backward.
+V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
-    "v2.1": dict(chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1),
-    "ahead2": dict(ahead=2),
-    "ahead4": dict(ahead=4),
-    "ahead4_c8": dict(ahead=4, fwd_chunk=8),
-    "v3": dict(ahead=2, bwd_ahead=2, lane_reduce=True),
-    "v3_c4": dict(ahead=2, bwd_ahead=2, lane_reduce=True, chunk=4),
-    "ahead4_ftz": dict(ahead=4, fast_exp=True),
-    "ahead2_ftz": dict(ahead=2, fast_exp=True),
-    "v3_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
-    "split2_ftz": dict(split=2, ahead=4, fast_exp=True),
-    "split4_ftz": dict(split=4, ahead=4, fast_exp=True),
-    "v3_split2_ftz": dict(split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
-    "v3_c4_ftz": dict(ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
-    "v3_c4_a1_ftz": dict(ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
-    "fast_only": dict(chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=True, split=1),
-    # full configurations (inference forward, training forward and backward) for call 3
-    "s2a4_c4b1": dict(split=2, ahead=4, fast_exp=True, chunk=4, bwd_ahead=1, lane_reduce=True),
-    "s2a4_c8b1": dict(split=2, ahead=4, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
-    "s1a2_c8b1": dict(split=1, ahead=2, fast_exp=True, chunk=8, bwd_ahead=1, lane_reduce=True),
+    "v2.1": dict(V3, chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1),
+    "ahead2": dict(V3, ahead=2),
+    "ahead4": dict(V3, ahead=4),
+    "ahead4_c8": dict(V3, ahead=4, fwd_chunk=8),
+    "v3": dict(V3, ahead=2, bwd_ahead=2, lane_reduce=True),
+    "v3_c4": dict(V3, ahead=2, bwd_ahead=2, lane_reduce=True, chunk=4),
+    "ahead4_ftz": dict(V3, ahead=4, fast_exp=True),
+    "ahead2_ftz": dict(V3, ahead=2, fast_exp=True),
+    "v3_ftz": dict(V3, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
+    "split2_ftz": dict(V3, split=2, ahead=4, fast_exp=True),
+    "split4_ftz": dict(V3, split=4, ahead=4, fast_exp=True),
+    "v3_split2_ftz": dict(V3, split=2, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True),
+    "v3_c4_ftz": dict(V3, ahead=2, bwd_ahead=2, lane_reduce=True, fast_exp=True, chunk=4),
+    "v3_c4_a1_ftz": dict(V3, ahead=1, bwd_ahead=1, lane_reduce=True, fast_exp=True, chunk=4),
+    "fast_only": dict(V3, chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=True,
+                      split=1),
+    # full configurations (inference forward, training forward and backward) for call 3;
+    # s2a4_c4b1 is v3, the default from session 2 to session 3's call 2
+    "s2a4_c4b1": dict(V3, split=2, ahead=4, fast_exp=True, chunk=4, bwd_ahead=1,
+                      lane_reduce=True),
+    "s2a4_c8b1": dict(V3, split=2, ahead=4, fast_exp=True, chunk=8, bwd_ahead=1,
+                      lane_reduce=True),
+    "s1a2_c8b1": dict(V3, split=1, ahead=2, fast_exp=True, chunk=8, bwd_ahead=1,
+                      lane_reduce=True),
     # session 3: the backward split over two lanes per channel, with and without keeping the
     # recompute's decays in registers (one exp per element in the backward instead of two)
-    "bs2": dict(bwd_split=2, keep_decay=True),
-    "bs2_nokd": dict(bwd_split=2, keep_decay=False),
-    "s4": dict(split=4),
+    "bs2": dict(V3, bwd_split=2, keep_decay=True),
+    "bs2_nokd": dict(V3, bwd_split=2, keep_decay=False),
+    "s4": dict(V3, split=4),
     # forward: B/C as one lane row per step, loaded a chunk ahead, shuffled out per state
-    "bcr": dict(bc_rows=True),
-    "bcr_s4": dict(bc_rows=True, split=4),
-    "bcr_bs2": dict(bc_rows=True, bwd_split=2),
+    "bcr": dict(bc_rows=True, bwd_split=1),
+    "bcr_s4": dict(bc_rows=True, bwd_split=1, split=4),
+    "bcr_bs2": dict(bc_rows=True, bwd_split=2),             # v4, the default since call 2
     "bcr_bs2_c8": dict(bc_rows=True, bwd_split=2, chunk=8),
     # backward: states permuted per lane, dB/dC butterfly without selects
     "bcr_bs2_x": dict(bc_rows=True, bwd_split=2, xor_reduce=True),
-    "bcr_x": dict(bc_rows=True, xor_reduce=True),
-    # candidate default: lane rows, select-free butterfly, backward split while it fits a wave
+    "bcr_x": dict(bc_rows=True, bwd_split=1, xor_reduce=True),
+    "bcr_s4_bs2_x": dict(bc_rows=True, bwd_split=2, xor_reduce=True, split=4),
     "cand": dict(bc_rows=True, xor_reduce=True, bwd_split=0),
     # forward: 2 / 4 of a lane's 8 states take exp2 as an FMA-pipe polynomial
     "bcr_p2": dict(bc_rows=True, poly_exp=2),
@@ -478,6 +493,7 @@ def main():
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     p.add_argument("--skip-decode", action="store_true", help="no decode step (check, timing)")
     p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
+    p.add_argument("--profile-runs", type=int, default=2, help="runs per --profile item")
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
     a = p.parse_args()
     if a.smoke:
@@ -508,9 +524,10 @@ def main():
             runs.append((item, args))
         for item, args in runs:
             f = comp.get(item)
-            for _ in range(2):
+            for _ in range(a.profile_runs):
                 jax.block_until_ready(f(*args))
-            print(f"profile {item}: ran twice at {time.perf_counter() - T0:.0f}s", flush=True)
+            print(f"profile {item}: ran {a.profile_runs}x at {time.perf_counter() - T0:.0f}s",
+                  flush=True)
         sys.stdout.flush()
         os._exit(0)
 
@@ -550,6 +567,8 @@ def main():
         except Exception:   # noqa: BLE001
             res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-2000:]}")
             print(f"{name} failed:\n{traceback.format_exc()[-2000:]}")
+    comp.wait_all()
+    print(f"-- compiles done (or budget spent) at {time.perf_counter() - T0:.0f}s", flush=True)
     for name, step in [("ceilings", ceilings)] + [(n, lambda g=g: [save() for _ in g])
                                                   for n, g in ready]:
         try:

@@ -840,13 +840,14 @@ _scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
-                          fast_exp=True, split=2, bwd_split=1, keep_decay=False,
-                          bc_rows=False, xor_reduce=False, poly_exp=0, interpret=False):
+                          fast_exp=True, split=2, bwd_split=2, keep_decay=False,
+                          bc_rows=True, xor_reduce=False, poly_exp=0, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v3, "s2a4_c4b1" of bench/mamba.py): the fastest correct configuration measured
-    on an H200 (docs/kernels/selective_scan.md); v2.1 was chunk=8, ahead=0, bwd_ahead=0,
-    lane_reduce=False, fast_exp=False, split=1."""
+    Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
+    on an H200 (docs/kernels/selective_scan.md): B/C as lane rows (bc_rows) in both kernels and
+    the backward split over two lanes per channel too. v3 was bc_rows=False, bwd_split=1; v2.1
+    also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,

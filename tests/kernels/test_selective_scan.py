@@ -72,11 +72,12 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
 
 
 @pytest.mark.parametrize("tiling,n", [
-    (dict(split=1, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False), 6),
-    pytest.param(dict(split=2, ahead=3, bwd_ahead=3, lane_reduce=True, fast_exp=True), 6,
-                 marks=pytest.mark.slow),
-    pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True), 16,
-                 marks=pytest.mark.slow),
+    (dict(split=1, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, bc_rows=False,
+          bwd_split=1), 6),
+    pytest.param(dict(split=2, ahead=3, bwd_ahead=3, lane_reduce=True, fast_exp=True,
+                      bc_rows=False), 6, marks=pytest.mark.slow),
+    pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True, bc_rows=False,
+                      bwd_split=1), 16, marks=pytest.mark.slow),
     (dict(bc_rows=True, bwd_split=2, keep_decay=True, xor_reduce=True), 16),
     pytest.param(dict(bc_rows=True, bwd_split=2, keep_decay=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(xor_reduce=True), 16, marks=pytest.mark.slow),
@@ -96,8 +97,9 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
         "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6", "poly_exp3"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the v2.1 schedule (the
-    # default is now the split forward, the B/C prefetch window and the lane butterfly, which
-    # every other test runs), the split forward with a window longer than the chunk, the
+    # default is now v4: both kernels split over two lanes per channel, B/C as lane rows, the
+    # lane butterfly, which every other test runs), the B/C prefetch window of v3 (with a
+    # window longer than the chunk), the
     # backward split over lanes (dB/dC columns per lane part), with and without the kept decays,
     # B/C as one lane row per step, shuffled out per state (bc_rows, forward and backward), and
     # the select-free dB/dC butterfly over per-lane permuted states (xor_reduce, N = 16 only;
