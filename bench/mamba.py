@@ -342,6 +342,9 @@ VARIANTS = {
     # forward: 2 / 4 of a lane's 8 states take exp2 as an FMA-pipe polynomial
     "bcr_p2": dict(bc_rows=True, poly_exp=2),
     "bcr_p4": dict(bc_rows=True, poly_exp=4),
+    # forward: delta (bias + softplus) computed once per channel-step and shuffled to the parts
+    "sh": dict(share_dt=True),
+    "s4_sh": dict(share_dt=True, split=4),
 }
 
 

@@ -172,6 +172,8 @@ class _Config:
                               # butterfly needs no selects (see _xor_reduce)
     poly_exp: int = 0         # forward: this many of a lane's states take exp2 as a polynomial
                               # on the FMA pipes instead of the MUFU (_exp2_poly)
+    share_dt: bool = False    # forward, split S: each lane part computes delta (bias, softplus)
+                              # for one step of S and the others take it by shuffle
     interpret: bool = False
 
 
@@ -285,7 +287,7 @@ def _load_bc(r, i, states):
 
 
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
-                ahead, fast_exp, split, poly_exp, interpret):
+                ahead, fast_exp, split, poly_exp, share_dt, interpret):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
     # and its states (e // bd) * K + k, k < K = N / split; y sums the lanes' parts by shuffles.
@@ -318,15 +320,27 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     a2 = [r["a"][n, cols] * _LOG2E for n in states]
     d = r["d"][cols] if "d" in r else None
     bias = r["bias"][cols] if "bias" in r else None
-    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
+    # share_dt (split > 1, chunk % split == 0): lanes of part p load the delta row of step
+    # g * split + p of each group g of `split` steps, compute its delta once, and every step
+    # takes its delta from the part that computed it (one shfl.idx instead of ~14 instructions).
+    share = share_dt and split > 1 and chunk % split == 0
+    seq_names = ["u"] + ([] if share else ["dt"]) + (["z"] if "z" in r else [])
+    ri = {k: j for j, k in enumerate(seq_names)}
     if "h0" in r:
         h0 = tuple(r["h0"][n, cols] for n in states)
     else:
         h0 = tuple(jnp.zeros((width,), f32) for _ in states)
 
+    def load_rows(c):
+        rows = _load_chunk(r, seq_names, c, chunk, cols)
+        if share:
+            rows += (tuple(r["dt"][c * chunk + g * split + part, cols]
+                           for g in range(chunk // split)),)
+        return rows
+
     def chunk_body(c, carry):
         h, rows, window = list(carry[0]), carry[1], list(carry[2])
-        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk, cols)
+        next_rows = load_rows(jnp.minimum(c + 1, n_chunks - 1))
         if bc_rows:    # the window slot carries this chunk's bc rows
             next_window = load_bc_rows(jnp.minimum(c + 1, n_chunks - 1))
         if save_ckpt:
@@ -344,8 +358,16 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             else:
                 b_t, c_t = _load_bc(r, i, states)
             u = rows[0][t].astype(f32)
-            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
-                                padded=padded, fast=fast_exp, asm=asm)
+            if share:
+                g, j = divmod(t, split)
+                if j == 0:   # this lane's step of the group: c * chunk + g * split + part
+                    sp, _ = _delta_step(rows[-1][g], bias, c * chunk + g * split + part,
+                                        softplus=softplus, length=length, padded=padded,
+                                        fast=fast_exp, asm=asm)
+                dt = _shfl_idx(sp, j * bd + cols, interpret)
+            else:
+                dt, _ = _delta_step(rows[ri["dt"]][t], bias, i, softplus=softplus,
+                                    length=length, padded=padded, fast=fast_exp, asm=asm)
             dtu = dt * u
             y = jnp.zeros_like(u)
             for k in range(n_k):
@@ -359,7 +381,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             if d is not None:
                 y = y + d * u
             if "z" in r:
-                z = rows[2][t].astype(f32)
+                z = rows[ri["z"]][t].astype(f32)
                 y = y * (z * jax.nn.sigmoid(z))
             ys.append(y)
         for t in range(chunk):      # stores last, so that no load of this chunk waits on them
@@ -370,8 +392,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         window = load_bc_rows(0)
     else:
         window = tuple(_load_bc(r, min(i, last), states) for i in range(ahead))
-    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
-                                (h0, _load_chunk(r, seq_names, 0, chunk, cols), window))
+    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, (h0, load_rows(0), window))
     for k, n in enumerate(states):
         r["hT"][n, cols] = h[k]
 
@@ -712,7 +733,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
         ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
-        poly_exp=cfg.poly_exp, interpret=cfg.interpret)
+        poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -841,7 +862,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
-                          bc_rows=True, xor_reduce=False, poly_exp=0, interpret=False):
+                          bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
+                          interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -853,7 +875,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
-                  interpret=interpret)
+                  share_dt=share_dt, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

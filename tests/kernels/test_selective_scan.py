@@ -78,7 +78,7 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
                       bc_rows=False), 6, marks=pytest.mark.slow),
     pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True, bc_rows=False,
                       bwd_split=1), 16, marks=pytest.mark.slow),
-    (dict(bc_rows=True, bwd_split=2, keep_decay=True, xor_reduce=True), 16),
+    (dict(bc_rows=True, bwd_split=2, keep_decay=True, xor_reduce=True, share_dt=True), 16),
     pytest.param(dict(bc_rows=True, bwd_split=2, keep_decay=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(xor_reduce=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, keep_decay=True, ahead=1, bwd_ahead=1), 16,
@@ -91,10 +91,11 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
                  marks=pytest.mark.slow),
     pytest.param(dict(split=1, bc_rows=True), 6, marks=pytest.mark.slow),
     pytest.param(dict(bc_rows=True, poly_exp=3), 16, marks=pytest.mark.slow),
+    pytest.param(dict(split=4, share_dt=True, chunk=4), 8, marks=pytest.mark.slow),
 ], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes",
         "bc_rows_bwd_split2_kept_xor", "bc_rows_bwd_split2_kept", "xor_split1",
         "bwd_split2_keep_decay", "bwd_split2_ahead3", "split4_bwd_split4_bc_rows",
-        "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6", "poly_exp3"])
+        "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6", "poly_exp3", "split4_share_dt"])
 def test_kernel_schedules_match_recurrence(tiling, n):
     # Ragged (11 steps, chunk 2), grouped (two groups of 32 channels): the v2.1 schedule (the
     # default is now v4: both kernels split over two lanes per channel, B/C as lane rows, the
@@ -103,7 +104,7 @@ def test_kernel_schedules_match_recurrence(tiling, n):
     # backward split over lanes (dB/dC columns per lane part), with and without the kept decays,
     # B/C as one lane row per step, shuffled out per state (bc_rows, forward and backward), and
     # the select-free dB/dC butterfly over per-lane permuted states (xor_reduce, N = 16 only;
-    # other N fall back to the butterfly with selects).
+    # other N fall back to the butterfly with selects), delta shared across the lane parts.
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
 
 
