@@ -345,6 +345,9 @@ VARIANTS = {
     # forward: delta (bias + softplus) computed once per channel-step and shuffled to the parts
     "sh": dict(share_dt=True),
     "s4_sh": dict(share_dt=True, split=4),
+    # candidate v5: forward split 4 while it fits one wave (else 2) with the shared delta,
+    # backward with the select-free butterfly
+    "v5c": dict(split=0, share_dt=True, xor_reduce=True),
 }
 
 

@@ -160,7 +160,8 @@ class _Config:
     bwd_ahead: int = 0        # the same in the backward
     lane_reduce: bool = False  # backward: dB/dC reduced by one lane butterfly per step
     fast_exp: bool = False    # ex2/lg2.approx.ftz for the decays and softplus (see _softplus)
-    split: int = 1            # forward: lanes per channel (each owns N / split states)
+    split: int = 1            # forward: lanes per channel (each owns N / split states); 0: 4
+                              # when that grid fits one wave (_auto_fwd_split), else 2
     bwd_split: int = 1        # the same in the backward (needs lane_reduce); 0: 2 when the
                               # split grid fits one wave (_auto_bwd_split), else 1
     keep_decay: bool = False  # backward: the recompute's decays stay in registers for the
@@ -710,7 +711,7 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
-    split = cfg.split
+    split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     if split > 1:    # needs 32 // split channels per block, split | N, one warp
         lay = _layout(u, A, B, chunk, _LANES // split)
         if lay.bd * split != _LANES or lay.n % split or cfg.num_warps != 1:
@@ -743,6 +744,17 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
 # Warps of the split backward (bc_rows + xor_reduce: 222 registers in the SASS) that fit on one
 # multiprocessor: 65536 registers / (224 * 32) = 9.
 _SPLIT_BWD_WARPS_PER_SM = 9
+
+
+# Warps of the v4 forward (127-128 registers in the SASS) that fit on one multiprocessor.
+_FWD_WARPS_PER_SM = 16
+
+
+def _auto_fwd_split(bsz, dn):
+    """split=0: 4 lanes per channel in the forward while its B * Dn / 8 one-warp programs fit
+    in one wave (four warps per scheduler), else 2."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return 4 if bsz * -(-dn // 8) <= _FWD_WARPS_PER_SM * sms else 2
 
 
 def _auto_bwd_split(bsz, dn):

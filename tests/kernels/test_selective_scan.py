@@ -78,7 +78,7 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
                       bc_rows=False), 6, marks=pytest.mark.slow),
     pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True, bc_rows=False,
                       bwd_split=1), 16, marks=pytest.mark.slow),
-    (dict(bc_rows=True, bwd_split=2, keep_decay=True, xor_reduce=True, share_dt=True), 16),
+    (dict(split=0, share_dt=True, xor_reduce=True, keep_decay=True, chunk=4), 16),
     pytest.param(dict(bc_rows=True, bwd_split=2, keep_decay=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(xor_reduce=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, keep_decay=True, ahead=1, bwd_ahead=1), 16,
@@ -93,7 +93,7 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
     pytest.param(dict(bc_rows=True, poly_exp=3), 16, marks=pytest.mark.slow),
     pytest.param(dict(split=4, share_dt=True, chunk=4), 8, marks=pytest.mark.slow),
 ], ids=["plain", "split2_ahead3_lanes_fast", "split4_ahead1_lanes",
-        "bc_rows_bwd_split2_kept_xor", "bc_rows_bwd_split2_kept", "xor_split1",
+        "auto_split4_share_dt_xor", "bc_rows_bwd_split2_kept", "xor_split1",
         "bwd_split2_keep_decay", "bwd_split2_ahead3", "split4_bwd_split4_bc_rows",
         "split4_bwd_split4_bc_rows_xor", "bc_rows_split1_n6", "poly_exp3", "split4_share_dt"])
 def test_kernel_schedules_match_recurrence(tiling, n):
