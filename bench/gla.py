@@ -151,27 +151,26 @@ def check_correctness(results, n_cases, out):
     The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    # First the kernels a change touched: states / dS passes over [32, 32] tiles with prefetch,
-    # 128-column forward and dv programs, the guard split into two kernels (both sides of the
-    # 64-row block's decay guard) with the common kernels contracting in slices, then each of
-    # the four dk/dv kernel forms (chunk-parallel split and fused, sequential split and fused).
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64v128s32pgdv128k64", 2, 300, 4, 128, 128, bf,
-              -1.0, 2e-2, dataclasses.replace(v["cp64v128s32pgdv128"], contract_slice=64)),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 cp64s32g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
-              v["cp64s32g"]),
+    # First the kernels a change touched: the guard split into two kernels (both sides of the
+    # 64-row block's decay guard) with the common kernels contracting in slices, the default's
+    # new tiles at D=64 and 128, then the other dk/dv kernel forms (fused chunk-parallel,
+    # sequential split and fused).
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 gk64dv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["gk64dv128"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["g"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 default", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["default"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["default"]),
+             ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 default", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
+              v["default"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
               v["hyb64"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp64s32gk64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["cp64s32gk64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 default", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
               v["default"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 default", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["default"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
               v["cp64f32"]),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
@@ -352,26 +351,17 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
         q, g, do, dst, **kw(v_[name])))
     dkv = lambda blocks: (lambda q, k, v, g, s0, do, dst, dq32, s_end, st, dst_: m._bwd_dkv_pass(
         q, k, v, g, do, None, st, dst_, **kw(blocks))[:4])
-    split_g = dict(dkv_split=True, guard="split")
+    split = dict(dkv_split=True)
     items = {
         "seq fwd": fwd(SEQ),
         **{f"{n} fwd (states + chunks)": fwd(v_[n])
-           for n in ("cp64", "cp64s32", "cp64s32g", "cp64s32gw8", "cp64s32gk64", "cp64s32gk32",
-                     "cp64v128s32", "cp64v128s32g", "cp64v128s32gk64")},
-        **{f"{n} states pass": states(n)
-           for n in ("cp64", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
-        **{f"{n} dstates pass": dstates(n)
-           for n in ("cp64", "cp64s16", "cp64s32", "cp64s32p", "cp64s64")},
-        "cp64 dkv chunks split (dq inside)": dkv(rep(cp64, dkv_split=True)),
-        "cp64 dkv chunks fused (dq inside)": dkv(rep(cp64, dkv_split=False)),
-        "cp64 dkv chunks split dv128": dkv(rep(cp64, dkv_split=True, block_v_dkv=128)),
-        "cp64 dkv split, guard split": dkv(rep(cp64, **split_g)),
-        "cp64 dkv split w8, guard split": dkv(rep(cp64, **split_g, num_warps_dkv=8)),
-        "cp64 dkv fused, guard split": dkv(rep(cp64, dkv_split=False, guard="split")),
-        "cp64 dkv split, guard split, slices 64": dkv(rep(cp64, **split_g, contract_slice=64)),
-        "cp64 dkv split, guard split, slices 32": dkv(rep(cp64, **split_g, contract_slice=32)),
-        "cp64 dkv split w8, guard split, slices 64": dkv(rep(cp64, **split_g, contract_slice=64,
-                                                            num_warps_dkv=8)),
+           for n in ("default", "cp64", "v64", "told", "t32", "g", "gk64")},
+        **{f"{n} states pass": states(n) for n in ("default", "t32", "cp64", "cp64s64")},
+        **{f"{n} dstates pass": dstates(n) for n in ("default", "t32")},
+        **{f"{n} dkv chunks split": dkv(rep(v_[n], **split))
+           for n in ("default", "g", "gk64", "gk64w8", "gk64dv128")},
+        "default dkv chunks fused": dkv(rep(v_["default"], dkv_split=False)),
+        "g dkv chunks fused": dkv(rep(v_["g"], dkv_split=False)),
     }
     if only:
         items = {n: f for n, f in items.items() if n in only}
@@ -384,7 +374,23 @@ def run_stages(results, b, t, h, d, out, budget, only=None):
 
 
 _SUB64 = dict(sub_chunk=64, intra_block=64, bf16_states=True)
+# The per-chunk / states tiles before session 3's call 3: states pass over [Dk, 64] (all rows,
+# block_v columns), per-chunk forward over 64 columns of v.
+_OLD_TILES = dict(states_block_k=None, states_block_v=None, chunk_block_v=64)
 _W8 = dict(num_warps_fwd=8, num_warps_dq=8, num_warps_dkv=8)
+
+
+def _cp(**kw):
+    """Chunk-parallel, 64-row steps, bf16 states, the old tiles unless kw says otherwise (the
+    names below keep the meaning they had when measured)."""
+    return GB(schedule="chunk_parallel", **{**_SUB64, **_OLD_TILES, **kw})
+
+
+def _new(**kw):
+    """The library's defaults (session 3, call 3) with kw changed, schedule chunk-parallel."""
+    return GB(schedule="chunk_parallel", **kw)
+
+
 VARIANTS = {
     # sub_chunk 16 (4 state steps per 64-row chunk, 16-row diagonal blocks), f32 states
     "seq": SEQ,
@@ -395,59 +401,43 @@ VARIANTS = {
     "seq_st1": dataclasses.replace(SEQ, num_stages=1),
     # one state step per chunk, one 64-row diagonal block (guarded), bf16 stored states
     "seq64": GB(schedule="sequential", **_SUB64),
-    "cp64": GB(schedule="chunk_parallel", **_SUB64),
+    "cp64": _cp(),            # the default of session 2's call 3 up to session 3's call 2
     "hyb64": GB(schedule="hybrid", **_SUB64),
     "seq64w8": GB(schedule="sequential", **_SUB64, **_W8),
-    "cp64w8": GB(schedule="chunk_parallel", **_SUB64, **_W8),
-    "hyb64w8": GB(schedule="hybrid", **_SUB64, **_W8),
-    "cp64f32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=64, bf16_states=False),
-    "cp64i16": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=16, bf16_states=True),
-    "cp64i32": GB(schedule="chunk_parallel", sub_chunk=64, intra_block=32, bf16_states=True),
-    "cp64st1": GB(schedule="chunk_parallel", **_SUB64, num_stages=1),
-    "cp64fused": GB(schedule="chunk_parallel", **_SUB64, dkv_split=False),
-    "cp32": GB(schedule="chunk_parallel", sub_chunk=32, intra_block=32, bf16_states=True),
+    "cp64w8": _cp(**_W8),
+    "cp64f32": _cp(bf16_states=False),
+    "cp64st1": _cp(num_stages=1),
+    "cp64fused": _cp(dkv_split=False),
+    "cp32": _cp(sub_chunk=32, intra_block=32),
+    "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
     # the library's default object (schedule "auto", resolved per shape as the library does)
     "default": GB(),
-    # cp64 with the states / dS passes over [s, s] tiles of the state (more programs for the
-    # same serial chain) and (v128) one program per chunk over all 128 columns of v
-    "cp64s16": GB(schedule="chunk_parallel", **_SUB64, states_block_k=16, states_block_v=16),
-    "cp64s32": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32),
-    "cp64s64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=64, states_block_v=64),
-    "cp64v128s32": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                      states_block_v=32),
-    "cp64v128s32pw4": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                         states_block_v=32, states_prefetch=True, num_warps_fwd=4),
-    # g: guard "split" (the per-chunk kernels without the 16-row fallback code, plus a second
-    # kernel for the chunks whose decay fails the guard); w8: 8 warps in the per-chunk kernels
-    "cp64s32g": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                   guard="split"),
-    "cp64s32gw8": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                     guard="split", num_warps_fwd=8, num_warps_dkv=8),
-    "cp64v128s32g": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                       states_block_v=32, guard="split"),
-    # k64 / k32: the common per-chunk forward, dv and dk kernels contract over Dk or Dv in slices
-    # of 64 / 32 (guard split)
-    "cp64s32gk64": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                      guard="split", contract_slice=64),
-    "cp64s32gk32": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                      guard="split", contract_slice=32),
-    "cp64v128s32gk64": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                          states_block_v=32, guard="split", contract_slice=64),
-    "cp64v128s32pgdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128,
-                             states_block_k=32, states_block_v=32, states_prefetch=True,
-                             guard="split", block_v_dkv=128),
-    # p: the states / dS passes load the next chunk's tiles one iteration ahead
-    "cp64p": GB(schedule="chunk_parallel", **_SUB64, states_prefetch=True),
-    "cp64s32p": GB(schedule="chunk_parallel", **_SUB64, states_block_k=32, states_block_v=32,
-                   states_prefetch=True),
-    "cp64v128s32p": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                       states_block_v=32, states_prefetch=True),
-    # dv128: the split dv kernel over all 128 columns (the scores A once per chunk, not twice)
-    "cp64v128s32dv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                           states_block_v=32, block_v_dkv=128),
-    "cp64v128s32pdv128": GB(schedule="chunk_parallel", **_SUB64, block_v=128, states_block_k=32,
-                            states_block_v=32, states_prefetch=True, block_v_dkv=128),
-    "seq32": GB(schedule="sequential", sub_chunk=32, intra_block=32, bf16_states=True),
+    # session 3, call 2: states / dS passes over [s, s] tiles (p: next chunk's tiles loaded one
+    # iteration ahead), v128: the per-chunk forward over all 128 columns, dv128: the split dv
+    # kernel over all 128 columns
+    "cp64p": _cp(states_prefetch=True),
+    "cp64s16": _cp(states_block_k=16, states_block_v=16),
+    "cp64s32": _cp(states_block_k=32, states_block_v=32),
+    "cp64s64": _cp(states_block_k=64, states_block_v=64),
+    "cp64s32p": _cp(states_block_k=32, states_block_v=32, states_prefetch=True),
+    "cp64v128s32p": _cp(chunk_block_v=128, states_block_k=32, states_block_v=32,
+                        states_prefetch=True, num_warps_fwd=8),
+    "cp64v128s32pw4": _cp(chunk_block_v=128, states_block_k=32, states_block_v=32,
+                          states_prefetch=True, num_warps_fwd=4),
+    "cp64v128s32pdv128": _cp(chunk_block_v=128, states_block_k=32, states_block_v=32,
+                             states_prefetch=True, num_warps_fwd=8, block_v_dkv=128),
+    # relative to today's defaults (states over [64, Dv<=128] tiles, per-chunk forward over
+    # Dv<=128 columns with 4 warps): t32 states over [32, 128]; told the old states tiles; v64
+    # the per-chunk forward over 64 columns; g guard "split" (the per-chunk kernels without the
+    # 16-row fallback code plus a kernel for the chunks failing the guard); k64 the common
+    # per-chunk kernels contract over slices of 64; w8 8 warps in the dk/dv kernels
+    "t32": _new(states_block_k=32),
+    "told": _new(states_block_k=None, states_block_v=None),
+    "v64": _new(chunk_block_v=64),
+    "g": _new(guard="split"),
+    "gk64": _new(guard="split", contract_slice=64),
+    "gk64w8": _new(guard="split", contract_slice=64, num_warps_dkv=8),
+    "gk64dv128": _new(guard="split", contract_slice=64, block_v_dkv=128),
 }
 
 

@@ -150,14 +150,19 @@ class GLABlocks:
     # (|exponent| <= intra_block / 2 steps of log_g); blocks of a step further apart are scored
     # with decays split at the earlier block's end (every factor <= 1). GPU kernels only.
     intra_block: int = 64
-    block_v: int = 64           # state columns per program in the forward
+    block_v: int = 64           # state columns per program in the sequential forward
+    # Columns of v (and o) per program of the chunk-parallel per-chunk forward; its state is
+    # read, not carried, so 4 warps unless num_warps_fwd says otherwise. 128 (all of Dv up to
+    # 128): the scores and decays once per chunk, not once per 64 columns (H200, call 3).
+    chunk_block_v: int = 128
     block_k: int = 64           # state rows per program in the dq backward (and the dS pass)
     # Tile of the chunk-parallel states pass (forward) and dS pass (backward), the light
-    # sequential walks: rows and columns of the state are independent there, so smaller tiles
-    # give more programs for the same serial chain. None: all of Dk (forward) / block_k (dS),
-    # and block_v (forward) / all of Dv (dS).
-    states_block_k: int | None = None
-    states_block_v: int | None = None
+    # sequential walks: rows and columns of the state are independent there. The per-chunk
+    # cumsum and exps of the gates cost as much as the update, so the tile spans all of Dv up
+    # to 128 (each gate column done once) and 64 rows of Dk (H200, session 3). None: all of Dk
+    # (forward) / block_k (dS), and block_v (forward) / all of Dv (dS).
+    states_block_k: int | None = 64
+    states_block_v: int | None = 128
     # States / dS passes: load the next chunk's tiles one iteration ahead (`_state_walk`).
     states_prefetch: bool = False
     # The decay guard of diagonal blocks > 16 rows (`_walk_steps`): "cond" branches inside each
@@ -593,10 +598,12 @@ def _gla_fwd_call(q, k, v, log_g, s0, *, scale, blocks, interpret):
         out_shape=[states_shape, jax.ShapeDtypeStruct((b, h, dk, dv), _F32)],
         name="gla_fwd_states", **_gpu_params(blocks, blocks.num_warps_fwd, sk, sv, interpret),
     )(k, v, log_g, s0)
+    bv = min(blocks.chunk_block_v, dv)
     chunk_k = pl.BlockSpec((None, size, None, dk), lambda i, j, c, n: (i, c, j, 0))
     chunk_v = pl.BlockSpec((None, size, None, bv), lambda i, j, c, n: (i, c, j, n))
     state_c = pl.BlockSpec((None, None, None, dk, bv), lambda i, j, c, n: (i, j, c, 0, n))
     kern = functools.partial(_gla_fwd_chunk_kernel, scale=scale, dot_dtype=kw["dot_dtype"])
+    params = _gpu_params(blocks, blocks.num_warps_fwd or 4, dk, bv, interpret)
     (o,) = _guarded_calls(blocks, lambda blk, prev: _chunk_call(
         kern, blk, prev, grid=(b, h, n_chunks, dv // bv),
         in_specs=[chunk_k, chunk_k, chunk_v, chunk_k, state_c], out_specs=[chunk_v],

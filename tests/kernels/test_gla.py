@@ -105,8 +105,8 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
     # log_g in [-1, 0]: the chunk-parallel state pass sums log gates over 64 rows at once and
     # its exp carries ~|b| * 6e-8 relative rounding (1e-5 at |b| ~ 300, log_g down to -5).
     args = _inputs(128, 1, 128, 2, 32, 64, jnp.float32, log_g_min=-1.0)
-    blocks = gla_mod.GLABlocks(block_v=32, block_k=16, dkv_split=True, block_k_dkv=16,
-                               block_v_dkv=32, schedule=schedule, sub_chunk=64,
+    blocks = gla_mod.GLABlocks(block_v=32, chunk_block_v=32, block_k=16, dkv_split=True,
+                               block_k_dkv=16, block_v_dkv=32, schedule=schedule, sub_chunk=64,
                                states_block_k=16, states_block_v=16, states_prefetch=True)
     _check_against_recurrence(args, use_s0=False, backend="interpret", fwd_tol=1e-5,
                               grad_tol=1e-4, blocks=blocks)
