@@ -262,6 +262,55 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64), which="all"):
                 out.append(row)
 
 
+MBWD3_VARIANTS = [  # session 3, call 3: after the register report (D=128 spills ~740 bytes)
+    ("split", dict(bwd_impl="split")),
+    ("mosaic", dict(bwd_impl="mosaic")),                     # 240/24 registers (new default)
+    ("mosaic_plo", dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True)),
+    ("mosaic_tf", dict(bwd_impl="mosaic", mgpu_tiles_fastest=True)),
+    ("mosaic_plo_tf", dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True, mgpu_tiles_fastest=True)),
+    ("mosaic_defer", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
+]
+
+
+def mosaic_bwd3(results, deadline, n=4096):
+    """Session 3, call 3: GPU checks of the dS-from-bf16-P and tiles-fastest variants, then
+    fwd+bwd TFLOP/s at N=4k (D 128 full, causal, D 64 full) with cuDNN in the same process."""
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate([
+            (2, 1000, 8, 2, 128, True, None, dict(mgpu_bwd_p_lo=True, mgpu_tiles_fastest=True)),
+            (1, 2048, 8, 1, 64, True, 300, dict(mgpu_bwd_p_lo=True, mgpu_tiles_fastest=True)),
+            (2, 1000, 8, 2, 128, True, None, dict(mgpu_bwd_defer_dq=True))]):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=150 + i)
+        kw = dict(causal=causal, window=window)
+        row = dict(case=f"mosaic bwd {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 dict(bwd_impl="mosaic", **extra), err_chars=600)
+    out = results.setdefault("bwd_sweep3", [])
+    b = TOKENS // n
+    for d, causal in ((128, False), (128, True), (64, False)):
+        q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1) * 3.5
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn"))]
+        fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for name, cfg in MBWD3_VARIANTS]
+        for name, fn in fns:
+            row = dict(d=d, causal=causal, n=n, impl=name)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                try:
+                    ms = _timeit(_fwd_bwd(fn), q, k, v, do)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("bsweep3", row, flush=True)
+            out.append(row)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -316,9 +365,6 @@ def mosaic_grid_order(results, deadline, n=16384):
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn"))]
         cfgs = [("mosaic", dict()), ("mosaic_tf", dict(mgpu_tiles_fastest=True))]
-        if mode != "fwd" and d == 128:     # the Mosaic backward, both orders (not the default)
-            cfgs = [(nm + "_mbwd", dict(c, bwd_impl="mosaic", mgpu_bwd_defer_dq=True))
-                    for nm, c in cfgs]
         fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
             q, k, v, causal=c, **cfg)) for name, cfg in cfgs]
         for name, fn in fns:
@@ -341,17 +387,10 @@ def mosaic_compile_report(results, deadline):
     the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
     rows = results.setdefault("compiled", [])
     cases = [("bwd_d128_base", 128, True, dict(bwd_impl="mosaic")),
-             ("bwd_d128_overlap", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_overlap=True)),
-             ("bwd_d128_overlap_r240", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_overlap=True,
-                                                       mgpu_bwd_regs=(240, 24))),
-             ("bwd_d64_base", 64, False, dict(bwd_impl="mosaic")),
-             ("fwd_d128", 128, False, None),
-             ("fwd_d64", 64, False, None),
-             ("fwd_d64_causal", 64, True, None),
+             ("bwd_d128_plo", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True)),
+             ("bwd_d128_r232", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_regs=(232, 40))),
              ("fwd_d64_fold", 64, False, "fold"),
-             ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
-             ("bwd_d128_defer_r240", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True,
-                                                     mgpu_bwd_regs=(240, 24)))]
+             ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True))]
     for name, d, causal, cfg in cases:
         if time.time() > deadline:
             break
@@ -768,6 +807,7 @@ def main():
              "mregs": lambda dl: mosaic_compile_report(results, dl),
              "mfwd2": lambda dl: mosaic_fwd2(results, dl),
              "mgrid": lambda dl: mosaic_grid_order(results, dl),
+             "mbwd3": lambda dl: mosaic_bwd3(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

@@ -136,7 +136,10 @@ class FlashConfig:
     mgpu_bwd_dq: str = "halves"  # Mosaic dq: "halves" of D over both warpgroups' keys, or "own"
     mgpu_bwd_overlap: bool = False  # Mosaic bwd: S^T and dP^T issued together (P^T computed
     #                                 while dP^T runs), dS^T computed while dV runs (FA3 order)
-    mgpu_bwd_regs: tuple[int, int] = (232, 40)  # Mosaic bwd registers: consumer, producer
+    # Mosaic bwd registers (consumer, producer): 240/24 measured 1.13-1.16x 232/40 at D=128
+    # (session 3, call 2; ptxas spills ~740 bytes per thread at D=128 with either).
+    mgpu_bwd_regs: tuple[int, int] = (240, 24)
+    mgpu_bwd_p_lo: bool = False  # Mosaic bwd: dS^T from the bf16 P^T (16 fewer live registers)
     mgpu_bwd_defer_dq: bool = False  # Mosaic bwd: dq of step t-1 issued with S^T/dP^T of step
     #                                  t (split dS barrier: the warpgroups are not in lock-step)
     interpret: bool = False
@@ -681,9 +684,15 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # ring depth. D=128 from the call-1 msweep (block_k 128 with 2 stages 597 TFLOP/s at 4k; 3 stages
 # exceed SMEM); D=64 from the call-2 sweep at 4k (full: 128 x 128 / 2 stages 387 vs Triton 329;
 # causal: 64 x 128 / 3 stages 324 vs Triton 268; 128 x 128 is 226 there).
-MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2),
-                     (128, True): dict(block_q=64, block_k=128, mgpu_stages=2),
-                     (64, False): dict(block_q=128, block_k=128, mgpu_stages=2),
+# mgpu_fold_scale (scale folded into exp2's argument) where it measured faster (session 3, call 2,
+# N=4k forward TFLOP/s: D=128 full 616 vs 593, causal 519 vs 504, D=64 full 405 vs 382; D=64
+# causal 317 vs 326 keeps the plain form).
+MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
+                                        mgpu_fold_scale=True),
+                     (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
+                                       mgpu_fold_scale=True),
+                     (64, False): dict(block_q=128, block_k=128, mgpu_stages=2,
+                                       mgpu_fold_scale=True),
                      (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
 
 
@@ -708,9 +717,10 @@ MOSAIC_FWD_DIMS = (128, 64)
 # (head dim, causal) cells whose backward runs the Mosaic GPU kernel (dq fused by TMA reduce-add)
 # on Hopper by default: where it measured faster than the Triton backward in the same run, N=4k
 # fwd+bwd TFLOP/s: D=64 full 378 vs 321 (session 2, call 3) and 381 vs 323 (session 3, call 1);
-# D=64 causal 324 vs 297 (session 3, call 1, with the causal GQA/window GPU checks). D=128 it lost
-# (366 vs 404 full, 326 vs 381 causal, session 3 call 1).
-MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True))
+# D=64 causal 324 vs 297 (session 3, call 1, with the causal GQA/window GPU checks); D=128 full
+# with the 240/24 register split 417 vs 408 (session 3, call 2). D=128 causal keeps the Triton
+# backward (365 vs 376).
+MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128, False))
 # Mosaic backward options per (head dim, causal) cell, applied when the dispatch picks the Mosaic
 # backward (an explicit bwd_impl keeps FlashConfig's defaults unless given).
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {}

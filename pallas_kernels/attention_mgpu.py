@@ -477,6 +477,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dv_inc, dpt = pl.run_scoped(dv_dp, plgpu.ACC((bk, d), jnp.float32),
                                             plgpu.ACC((bk, bq), jnp.float32))
                 dv = dv + dv_inc
+            if cfg.mgpu_bwd_p_lo:   # dS from the bf16 P^T: the f32 P^T dies at the cast
+                pt = pt_lo.astype(jnp.float32)
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
             ds_lo = dst.astype(q_smem.dtype)
             ds_smem.at[buf, wg][...] = ds_lo
@@ -642,6 +644,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
+                     f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,

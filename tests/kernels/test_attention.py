@@ -281,7 +281,8 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
             assert attn.choose_bwd_impl(d, jnp.float32, False, hopper, causal) == "split"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, True) == "mosaic"
-    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "split"
+    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "mosaic"
+    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, True) == "split"
     assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
 
 
@@ -320,15 +321,17 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
 
 
 @pytest.mark.parametrize("d,causal,extra", [
-    (64, True, dict(mgpu_bwd_overlap=True)),
-    pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24)), marks=SLOW),
+    (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_regs=(232, 40))),
+    pytest.param(64, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
+    pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
-    (128, True, dict(mgpu_bwd_defer_dq=True)),
+    pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
-    """mgpu_bwd_overlap: S^T and dP^T issued together, dS^T computed while dV runs (the FA3
-    order); mgpu_bwd_defer_dq: dq of step t-1 issued with step t (split dS barrier); same
+    """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T),
+    mgpu_bwd_overlap (S^T and dP^T issued together, dS^T computed while dV runs: the FA3
+    order), mgpu_bwd_defer_dq (dq of step t-1 issued with step t, split dS barrier); same
     results as the reference (interpret mode, GQA, ragged length)."""
     q, k, v, do = _inputs(21, 1, 200, 200, 4, 2, d, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
