@@ -139,7 +139,8 @@ class FlashConfig:
     # Mosaic bwd registers (consumer, producer): 240/24 measured 1.13-1.16x 232/40 at D=128
     # (session 3, call 2; ptxas spills ~740 bytes per thread at D=128 with either).
     mgpu_bwd_regs: tuple[int, int] = (240, 24)
-    mgpu_bwd_p_lo: bool = False  # Mosaic bwd: dS^T from the bf16 P^T (16 fewer live registers)
+    mgpu_bwd_p_lo: bool = False  # Mosaic bwd, fewer live registers at the dV/dP^T step: dS^T
+    #                              from the bf16 P^T, delta loaded after dP^T, scale in exp2
     mgpu_bwd_defer_dq: bool = False  # Mosaic bwd: dq of step t-1 issued with S^T/dP^T of step
     #                                  t (split dS barrier: the warpgroups are not in lock-step)
     interpret: bool = False

@@ -448,13 +448,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             def qk(s_ref):
                 plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                 return s_ref[...]
-            st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32)) * scale
+            lean = cfg.mgpu_bwd_p_lo
+            st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32))
+            if not lean:
+                st = st * scale
             if masked:
                 st = mask_scores(st, i)
             plgpu.barrier_wait(ld_ready.at[slot])
             lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
-            delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-            pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
+            lse_b = lax.broadcast_in_dim(lse, st.shape, [1])
+            if lean:        # scale folded into exp2's argument; delta loaded after dP^T
+                pt = jnp.exp2(st * scale - lse_b)
+            else:
+                delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
+                pt = jnp.exp2(st - lse_b)
             pt_lo = pt.astype(q_smem.dtype)
             plgpu.barrier_wait(do_ready.at[slot])
             if gpu_path:
@@ -477,8 +484,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dv_inc, dpt = pl.run_scoped(dv_dp, plgpu.ACC((bk, d), jnp.float32),
                                             plgpu.ACC((bk, bq), jnp.float32))
                 dv = dv + dv_inc
-            if cfg.mgpu_bwd_p_lo:   # dS from the bf16 P^T: the f32 P^T dies at the cast
+            if lean:        # dS from the bf16 P^T: the f32 P^T dies at the cast
                 pt = pt_lo.astype(jnp.float32)
+                delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
             ds_lo = dst.astype(q_smem.dtype)
             ds_smem.at[buf, wg][...] = ds_lo
