@@ -269,6 +269,7 @@ MBWD3_VARIANTS = [  # session 3, call 3: after the register report (D=128 spills
     ("mosaic_tf", dict(bwd_impl="mosaic", mgpu_tiles_fastest=True)),
     ("mosaic_plo_tf", dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True, mgpu_tiles_fastest=True)),
     ("mosaic_defer", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)),
+    ("mosaic_plo_bq128", dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True, block_q_dkv=128)),
 ]
 
 
@@ -296,7 +297,8 @@ def mosaic_bwd3(results, deadline, n=4096):
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn"))]
         fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
-            q, k, v, causal=c, **cfg)) for name, cfg in MBWD3_VARIANTS]
+            q, k, v, causal=c, **cfg)) for name, cfg in MBWD3_VARIANTS
+            if d == 64 or "bq128" not in name]                # 128-query steps: D 64 only
         for name, fn in fns:
             row = dict(d=d, causal=causal, n=n, impl=name)
             if time.time() > deadline:
