@@ -384,6 +384,33 @@ def mosaic_grid_order(results, deadline, n=16384):
             out.append(row)
 
 
+def mosaic_fwd3(results, deadline, n=4096):
+    """Session 3, call 3: the Mosaic forward with 240/24 registers (the D 64 full 128 x 128 tiles
+    spill 124-156 bytes at 232/40), N=4k, with jax.nn cuDNN in the same process."""
+    out = results.setdefault("fwd_sweep3", [])
+    b = TOKENS // n
+    for d, causal in ((64, False), (128, False), (64, True)):
+        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1)
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn"))]
+        fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for name, cfg in
+            [("mosaic", dict()), ("mosaic_r240", dict(mgpu_fwd_regs=(240, 24)))]]
+        for name, fn in fns:
+            row = dict(d=d, causal=causal, n=n, impl=name)
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+            else:
+                try:
+                    ms = _timeit(jax.jit(fn), q, k, v)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("fsweep3", row, flush=True)
+            out.append(row)
+
+
 def mosaic_compile_report(results, deadline):
     """Compile (and run once, small shapes) the Mosaic kernels whose ptxas report and SASS
     the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
@@ -392,6 +419,7 @@ def mosaic_compile_report(results, deadline):
              ("bwd_d128_plo", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True)),
              ("bwd_d128_r232", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_regs=(232, 40))),
              ("fwd_d64_fold", 64, False, "fold"),
+             ("fwd_d64_r240", 64, False, "r240"),
              ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True))]
     for name, d, causal, cfg in cases:
         if time.time() > deadline:
@@ -400,10 +428,11 @@ def mosaic_compile_report(results, deadline):
         row = dict(name=name, d=d, causal=causal, cfg=cfg)
         t = time.time()
         try:
-            if cfg in (None, "fold"):                       # the Hopper default forward
-                jax.block_until_ready(jax.jit(lambda q, k, v, c=causal, f=cfg == "fold":
+            if cfg in (None, "fold", "r240"):               # the Hopper default forward
+                extra = dict(mgpu_fwd_regs=(240, 24)) if cfg == "r240" else {}
+                jax.block_until_ready(jax.jit(lambda q, k, v, c=causal, e=extra:
                                               attn.flash_attention_kernel(
-                                                  q, k, v, causal=c, mgpu_fold_scale=f))(q, k, v))
+                                                  q, k, v, causal=c, **e))(q, k, v))
             else:
                 jax.block_until_ready(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
                                                attn.flash_attention_kernel(q, k, v, causal=c,
@@ -810,6 +839,7 @@ def main():
              "mfwd2": lambda dl: mosaic_fwd2(results, dl),
              "mgrid": lambda dl: mosaic_grid_order(results, dl),
              "mbwd3": lambda dl: mosaic_bwd3(results, dl),
+             "mfwd3": lambda dl: mosaic_fwd3(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

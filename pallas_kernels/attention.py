@@ -128,6 +128,7 @@ class FlashConfig:
     mgpu_ping_pong: bool = True  # alternate the two consumer warpgroups (FA3 ping-pong)
     mgpu_tiles_fastest: bool = False  # Mosaic fwd/bwd grid: query (KV) tiles as the fastest
     #                                   CUDA grid axis instead of heads (L2 reuse at long N)
+    mgpu_fwd_regs: tuple[int, int] = (232, 40)  # Mosaic fwd registers: consumer, producer
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);

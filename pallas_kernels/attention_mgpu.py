@@ -56,7 +56,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
     @pl.when(wg < 2)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
         q0 = cta_q0 + wg * bq
         w_lo, w_mid_lo, w_mid_hi, w_hi = _kv_block_range(q0, bq, bk, cfg)
         w_lo, w_hi = jnp.maximum(w_lo, lo), jnp.minimum(w_hi, hi)
@@ -164,7 +164,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(cfg.mgpu_fwd_regs[1], action="decrease")
         g = lax.div(h, jnp.int32(rep))
 
         def load(j):
@@ -695,6 +695,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (2 * bq)), b),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
+                     f"_r{cfg.mgpu_fwd_regs[0]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,
     )(qp, kp, vp)
