@@ -2,9 +2,12 @@
 specialisation).
 
 The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids); the
-backward (`mosaic_backward`, dq fused by TMA reduce-add) is the default only where it measured
-faster (D=64 full attention); see `choose_fwd_impl` / `choose_bwd_impl` in attention.py and
-docs/kernels/flash_attention.md. Both compiled and checked against the f32 reference on an H200
+backward (`mosaic_backward`, dq fused by TMA reduce-add, 240/24 registers) is the default where
+it measured faster than the Triton backward (D=64 full and causal, D=128 full); see
+`choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` in attention.py and
+docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
+order and the deferred dq in the backward, dS from the bf16 P, the tiles-fastest grid, the
+register splits. Both compiled and checked against the f32 reference on an H200
 (jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
 
 One CTA per (query head, 2 * block_q query rows, batch) runs three warpgroups: two consumers own
