@@ -16,11 +16,13 @@ of the tests); "associative" runs lax.associative_scan over the whole length (ma
 state between chunks with lax.scan, so memory stays O(B * 64 * Dn * N).
 
 Kernels (notes and measurements: docs/kernels/selective_scan.md):
-- GPU-style (Triton lowering; `backend="interpret"` on CPU): grid (batch, channel blocks), the
-  state in registers, time in unrolled chunks; the training forward keeps only the state at each
-  chunk start and the backward recomputes a chunk from it before its reverse scan
-  (`selective_scan_pallas`). Gradients of every input through jax.custom_vjp, reduced without
-  atomics.
+- GPU-style (Triton lowering; `backend="interpret"` on CPU): grid (batch, channel blocks), one
+  warp per program with two lanes per channel (each holding half of the N states), the state
+  in registers, B_t/C_t as one lane row per step shuffled out per state, time in unrolled
+  chunks; the training forward keeps only the state at each chunk start and the backward
+  recomputes a chunk from it before its reverse scan (`selective_scan_pallas`). Gradients of
+  every input through jax.custom_vjp, reduced without atomics (dB/dC by a lane butterfly per
+  step and per-block partial sums).
 - Mosaic TPU (`backend="tpu_interpret"`, or "pallas" on a TPU): grid (batch, channel blocks,
   chunks), the state in VMEM scratch (`selective_scan_tpu`).
 - `selective_state_update`: one decoding step on a [block_d, N] tile, state updated in place.
