@@ -153,7 +153,7 @@ class GLABlocks:
     block_v: int = 64           # state columns per program in the sequential forward
     # Columns of v (and o) per program of the chunk-parallel per-chunk forward; its state is
     # read, not carried, so 4 warps unless num_warps_fwd says otherwise. 128 (all of Dv up to
-    # 128): the scores and decays once per chunk, not once per 64 columns (H200, call 3).
+    # 128): the scores and decays once per chunk, not once per 64 columns (H200, session 3 call 3).
     chunk_block_v: int = 128
     block_k: int = 64           # state rows per program in the dq backward (and the dS pass)
     # Tile of the chunk-parallel states pass (forward) and dS pass (backward), the light
