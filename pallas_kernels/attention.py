@@ -724,8 +724,10 @@ MOSAIC_FWD_DIMS = (128, 64)
 # backward (365 vs 376).
 MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128, False))
 # Mosaic backward options per (head dim, causal) cell, applied when the dispatch picks the Mosaic
-# backward (an explicit bwd_impl keeps FlashConfig's defaults unless given).
-MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {}
+# backward (an explicit bwd_impl keeps FlashConfig's defaults unless given). D=128 full: the lean
+# dV/dP step (session 3, call 3, N=4k fwd+bwd: 442 vs 424 TFLOP/s; GPU-checked). At D=64 it lost
+# (360 vs 386); the deferred dq measured 415 vs 386 there but has no D=64 GPU check yet.
+MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_p_lo=True)}
 
 
 def _cuda_capability() -> tuple[int, int] | None:
