@@ -15,6 +15,7 @@ the table and writes the PNG chart from a results file.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -50,6 +51,21 @@ def _fwd_bwd(fn):
         o, vjp = jax.vjp(fn, q, k, v)
         return o, vjp(do)
     return jax.jit(run)
+
+
+def _timed(row, deadline, flops, tag, rows, fn, *args):
+    """One timing row of the sweeps: ms and TFLOP/s of `fn(*args)` into `row` (or why not: the
+    time budget is spent, or the error), printed under `tag` and appended to `rows`."""
+    if time.time() > deadline:
+        row["skipped"] = "time budget"
+    else:
+        try:
+            ms = _timeit(fn, *args)
+            row.update(ms=ms, tflops=flops / ms / 1e9)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(tag, row, flush=True)
+    rows.append(row)
 
 
 def _check_against_reference(rows, row, kernel, qkvdo, kw, impl_kw=None, err_chars=400):
@@ -168,18 +184,8 @@ def mosaic_bwd(results, deadline, n=4096, lengths=()):
             for cfg in (dict(bwd_impl="mosaic"), dict(bwd_impl="mosaic", mgpu_bwd_dq="own"),
                         dict(bwd_impl="split")):
                 row = dict(d=d, causal=causal, n=n, cfg=cfg)
-                if time.time() > deadline:
-                    row["skipped"] = "time budget"
-                else:
-                    try:
-                        ms = _timeit(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
-                                              attn.flash_attention_kernel(q, k, v, causal=c,
-                                                                          **cfg)), q, k, v, do)
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print("bsweep", row, flush=True)
-                rows.append(row)
+                kernel = functools.partial(attn.flash_attention_kernel, causal=causal, **cfg)
+                _timed(row, deadline, flops, "bsweep", rows, _fwd_bwd(kernel), q, k, v, do)
     check([(2, 1000, 8, 2, 128, True, None), (1, 2048, 8, 1, 64, True, 300)])
     mbwd = [r for r in rows if r["cfg"].get("bwd_impl") == "mosaic" and "tflops" in r]
     if mbwd and lengths:
@@ -250,16 +256,7 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64), which="all"):
                 if not wanted(name):
                     continue
                 row = dict(d=d, causal=causal, n=n, impl=name)
-                if time.time() > deadline:
-                    row["skipped"] = "time budget"
-                else:
-                    try:
-                        ms = _timeit(_fwd_bwd(fn), q, k, v, do)
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print("bsweep2", row, flush=True)
-                out.append(row)
+                _timed(row, deadline, flops, "bsweep2", out, _fwd_bwd(fn), q, k, v, do)
 
 
 MBWD3_VARIANTS = [  # session 3, call 3: after the register report (D=128 spills ~740 bytes)
@@ -301,16 +298,7 @@ def mosaic_bwd3(results, deadline, n=4096):
             if d == 64 or "bq128" not in name]                # 128-query steps: D 64 only
         for name, fn in fns:
             row = dict(d=d, causal=causal, n=n, impl=name)
-            if time.time() > deadline:
-                row["skipped"] = "time budget"
-            else:
-                try:
-                    ms = _timeit(_fwd_bwd(fn), q, k, v, do)
-                    row.update(ms=ms, tflops=flops / ms / 1e9)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("bsweep3", row, flush=True)
-            out.append(row)
+            _timed(row, deadline, flops, "bsweep3", out, _fwd_bwd(fn), q, k, v, do)
 
 
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
@@ -341,16 +329,7 @@ def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
                 [("mosaic", dict()), ("mosaic_fold", dict(mgpu_fold_scale=True))]]
             for name, fn in fns:
                 row = dict(d=d, causal=causal, n=n, impl=name)
-                if time.time() > deadline:
-                    row["skipped"] = "time budget"
-                else:
-                    try:
-                        ms = _timeit(jax.jit(fn), q, k, v)
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print("fsweep2", row, flush=True)
-                out.append(row)
+                _timed(row, deadline, flops, "fsweep2", out, jax.jit(fn), q, k, v)
 
 
 def mosaic_grid_order(results, deadline, n=16384):
@@ -371,17 +350,9 @@ def mosaic_grid_order(results, deadline, n=16384):
             q, k, v, causal=c, **cfg)) for name, cfg in cfgs]
         for name, fn in fns:
             row = dict(d=d, causal=causal, n=n, mode=mode, impl=name)
-            if time.time() > deadline:
-                row["skipped"] = "time budget"
-            else:
-                try:
-                    ms = (_timeit(jax.jit(fn), q, k, v) if mode == "fwd"
-                          else _timeit(_fwd_bwd(fn), q, k, v, do))
-                    row.update(ms=ms, tflops=flops / ms / 1e9)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("gsweep", row, flush=True)
-            out.append(row)
+            timed, args = ((jax.jit(fn), (q, k, v)) if mode == "fwd"
+                           else (_fwd_bwd(fn), (q, k, v, do)))
+            _timed(row, deadline, flops, "gsweep", out, timed, *args)
 
 
 def mosaic_fwd3(results, deadline, n=4096):
@@ -399,16 +370,7 @@ def mosaic_fwd3(results, deadline, n=4096):
             [("mosaic", dict()), ("mosaic_r240", dict(mgpu_fwd_regs=(240, 24)))]]
         for name, fn in fns:
             row = dict(d=d, causal=causal, n=n, impl=name)
-            if time.time() > deadline:
-                row["skipped"] = "time budget"
-            else:
-                try:
-                    ms = _timeit(jax.jit(fn), q, k, v)
-                    row.update(ms=ms, tflops=flops / ms / 1e9)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("fsweep3", row, flush=True)
-            out.append(row)
+            _timed(row, deadline, flops, "fsweep3", out, jax.jit(fn), q, k, v)
 
 
 def mosaic_compile_report(results, deadline):
@@ -616,18 +578,8 @@ def bwd_sweep(results, deadline, dims=(128, 64), n=4096):
             flops = 4 * b * H * n * n * d / (2 if causal else 1) * 3.5
             for cfg in variants:
                 row = dict(d=d, causal=causal, n=n, cfg=cfg)
-                if time.time() > deadline:
-                    row["skipped"] = "time budget"
-                else:
-                    try:
-                        ms = _timeit(_fwd_bwd(lambda q, k, v, cfg=cfg, c=causal:
-                                              attn.flash_attention_kernel(q, k, v, causal=c,
-                                                                          **cfg)), q, k, v, do)
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print("bsweep", row, flush=True)
-                rows.append(row)
+                kernel = functools.partial(attn.flash_attention_kernel, causal=causal, **cfg)
+                _timed(row, deadline, flops, "bsweep", rows, _fwd_bwd(kernel), q, k, v, do)
 
 
 def mosaic_sweep_d(results, deadline, d=64, n=4096):
