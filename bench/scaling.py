@@ -96,7 +96,9 @@ def child(spec: dict) -> dict:
         peak = [s.get("peak_bytes_in_use") for s in stats]
         tokens = run.train.batch_size * run.train.seq_len
         return {
-            "name": spec["name"], "devices": n, "mesh": dict(trainer.mesh.shape),
+            "name": spec["name"] + (f" ({spec['label']})" if spec.get("label") else ""),
+            "run": spec["name"], "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": n,
+            "mesh": dict(trainer.mesh.shape),
             "platform": devices[0].platform, "device_kind": devices[0].device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,
             "shard_map_in_step": "shard_map" in jaxpr, "timed_steps": timed,
@@ -147,27 +149,70 @@ def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict:
     threads = {e["tid"]: e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") == pid}
     streams = {t for t, n in threads.items() if "stream" in n.lower()}
-    per_kernel, count = collections.Counter(), 0
+    per_kernel, count, calls = collections.Counter(), 0, collections.Counter()
     first, last = float("inf"), 0.0
+    spans = {"communication": [], "compute": []}
+    category = lambda name: next((c for c, pats in CATEGORIES
+                                  if any(x in name.lower() for x in pats)),
+                                 "other (fusions, copies)")
     for e in events:
         if (e.get("ph") == "X" and e.get("pid") == pid and e.get("dur")
                 and (not streams or e.get("tid") in streams)):
             per_kernel[e["name"]] += e["dur"]
+            calls[e["name"]] += 1
             count += 1
             first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
+            kind = "communication" if category(e["name"]) == "communication" else "compute"
+            spans[kind].append((e["ts"], e["ts"] + e["dur"]))
     busy = sum(per_kernel.values())
     cats = collections.Counter()
     for name, dur in per_kernel.items():
-        low = name.lower()
-        cat = next((c for c, pats in CATEGORIES if any(x in low for x in pats)),
-                   "other (fusions, copies)")
-        cats[cat] += dur
+        cats[category(name)] += dur
     ms = lambda us: round(us / steps / 1e3, 3)
+    compute = _union(spans["compute"])
+    comm = _union(spans["communication"])
+    exposed = _length(comm) - _overlap(comm, compute)
     return {"device": names[pid], "rows": sorted(set(threads.values())), "steps": steps,
             "kernels_per_step": count / steps,
             "busy_ms_per_step": ms(busy), "span_ms_per_step": ms(last - first),
+            # Time with a compute kernel running on any stream, and the communication time
+            # during which no compute kernel ran (collectives not hidden behind compute).
+            "compute_ms_per_step": ms(_length(compute)),
+            "exposed_communication_ms_per_step": ms(exposed),
+            "idle_ms_per_step": ms((last - first) - _length(_union(compute + comm))),
             "categories_ms_per_step": {c: ms(d) for c, d in cats.most_common()},
-            "top_kernels_ms_per_step": [[n, ms(d)] for n, d in per_kernel.most_common(top)]}
+            "top_kernels_ms_per_step": [[n, ms(d)] for n, d in per_kernel.most_common(top)],
+            # Every kernel: [launches per step, ms per step] (to diff two runs' programs).
+            "kernels": {n: [calls[n] / steps, ms(d)] for n, d in per_kernel.most_common()}}
+
+
+def _union(spans: list) -> list:
+    """Sorted, merged [start, end) intervals."""
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(union: list) -> float:
+    return sum(b - a for a, b in union)
+
+
+def _overlap(u: list, v: list) -> float:
+    """Total length of the intersection of two merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(u) and j < len(v):
+        a, b = max(u[i][0], v[j][0]), min(u[i][1], v[j][1])
+        total += max(0.0, b - a)
+        if u[i][1] < v[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 class _nullcontext:
@@ -194,7 +239,8 @@ def _spec(name: str, n: int, args) -> dict:
         data, fsdp = int(sizes.get("data", 1)), int(sizes.get("fsdp", 1))
     return {"name": name, "data": data, "fsdp": fsdp, "unsharded": name == "single",
             "config": args.config, "overrides": args.set, "steps": args.steps,
-            "warmup": min(args.warmup, args.steps - 1), "profile_steps": args.profile}
+            "warmup": min(args.warmup, args.steps - 1), "profile_steps": args.profile,
+            "label": args.label}
 
 
 def _launch(spec: dict, env: dict) -> dict:
@@ -224,7 +270,8 @@ def _fmt(x, spec="{:.1f}"):
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["name"] == "single" and "error" not in r), None)
+    base = next((r for r in results if r.get("run", r["name"]) == "single" and "error" not in r),
+                None)
     rows = ["| run | devices | mesh | tokens/s | step (ms) | peak GiB / device | speedup | "
             "efficiency | final loss | loss diff vs single: max / mean of last 50 |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -241,7 +288,7 @@ def table(results: list[dict]) -> str:
             diff, late = max(d), sum(d[-50:]) / len(d[-50:])
         peaks = [p for p in r["peak_gib_per_device"] if p is not None]
         mesh = ", ".join(f"{k}: {v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
-        if r["name"] == "single":
+        if r.get("run", r["name"]) == "single":
             mesh = "none (unsharded)"
         rows.append(f"| {r['name']} | {r['devices']} | {mesh} | {r['tokens_per_s']:,.0f} | "
                     f"{r['step_ms']:.1f} | {_fmt(max(peaks) if peaks else None, '{:.2f}')} | "
@@ -281,13 +328,19 @@ def profile_table(results: list[dict]) -> str:
     cats = []
     for r in runs:
         cats += [c for c in r["profile"]["categories_ms_per_step"] if c not in cats]
+    extra = [("compute_ms_per_step", "compute ms (any stream)"),
+             ("exposed_communication_ms_per_step", "exposed comm. ms"),
+             ("idle_ms_per_step", "idle ms")]
+    extra = [(k, h) for k, h in extra if any(k in r["profile"] for r in runs)]
     rows = ["| run | step ms (timed) | GPU busy ms / step | kernels / step | " +
-            " | ".join(cats) + " |", "|---" * (4 + len(cats)) + "|"]
+            " | ".join(cats + [h for _, h in extra]) + " |",
+            "|---" * (4 + len(cats) + len(extra)) + "|"]
     for r in runs:
         pr = r["profile"]
         rows.append(f"| {r['name']} | {r['step_ms']:.1f} | {pr['busy_ms_per_step']:.1f} | "
                     f"{pr['kernels_per_step']:.0f} | " + " | ".join(
-                        f"{pr['categories_ms_per_step'].get(c, 0.0):.1f}" for c in cats) + " |")
+                        [f"{pr['categories_ms_per_step'].get(c, 0.0):.1f}" for c in cats] +
+                        [f"{pr[k]:.1f}" if k in pr else "" for k, _ in extra]) + " |")
     return ("GPU time per step on the first device, from a jax.profiler trace of the steps after "
             "the timed ones (ms):\n\n" + "\n".join(rows))
 
@@ -340,6 +393,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="scaling.json of an earlier call (same config and --set): its runs join "
                         "the table (e.g. `single` measured in one device call, `data` in another)")
+    p.add_argument("--label", default="",
+                   help="appended to the run names in the table, e.g. the XLA_FLAGS of this "
+                        "call (the flags themselves are recorded in scaling.json)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model on 8 simulated CPU devices (checks this script)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
