@@ -34,6 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 gla_mod = importlib.import_module("pallas_kernels.gla")
@@ -42,6 +43,7 @@ from bench._common import rel_error, timeit_ms  # noqa: E402
 B, H = 8, 16
 T0 = time.perf_counter()
 GB = gla_mod.GLABlocks
+TIMER = {"loop": False}   # --timer loop: also the looped-jit / CUDA-event times (keys *_loop)
 # Session 1-2 tilings: 16-row state steps and diagonal blocks, f32 stored states (explicit: the
 # GLABlocks defaults changed to 64-row steps, so GB(schedule=...) alone is seq64 / cp64).
 _SUB16 = dict(sub_chunk=16, intra_block=16, bf16_states=False)
@@ -93,12 +95,52 @@ def _compile_all(items, args_of):
         return dict(ex.map(one, list(items)))
 
 
-def _time_into(row, compiled, args_of):
+def _loop_n(t):
+    """Calls per looped jit (--timer loop): ~10-40 ms of work per call at B=8, H=16."""
+    return max(4, int(40 * 2048 / t))
+
+
+def _looped(fn, n):
+    """fn called n times inside one jit (lax.fori_loop): one dispatch for n calls, so the time
+    per call is device time back to back, free of host launch and scheduling noise. The inputs
+    pass through an optimization_barrier in the loop body (otherwise XLA hoists the
+    loop-invariant call out of the loop); the last call's outputs are the result."""
+    def run(*args):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+
+        def body(_, carry):
+            a = jax.lax.optimization_barrier(carry[0])
+            return a, fn(*a)
+        return jax.lax.fori_loop(0, n, body, (args, zeros))[1]
+    return run
+
+
+def timeit_loop_ms(fn, n, *args, reps=5):
+    """Median over `reps` of (wall time of one call of the looped jit `fn`) / n, in ms."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) / n * 1e3)
+    return float(np.median(times))
+
+
+def _time_into(row, compiled, args_of, loop_n=None):
     for name, fn in compiled.items():
         if isinstance(fn, str):
             row[f"{name}_error"] = fn
             continue
         try:
+            mem = fn.memory_analysis()   # XLA's buffer assignment: scratch + outputs
+            if mem is not None and not name.endswith("_loop"):
+                row[f"{name}_mem_mb"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
+        except Exception:  # noqa: BLE001, S110 - memory is optional
+            pass
+        try:
+            if name.endswith("_loop"):
+                row[name] = timeit_loop_ms(fn, loop_n, *args_of(name))
+                continue
             row[name] = timeit_ms(fn, *args_of(name), iters=5 if "fwd_bwd" in name else 10)
         except Exception as e:  # noqa: BLE001
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -108,8 +150,10 @@ def _time_into(row, compiled, args_of):
 def _agreement(row, compiled, args_of, names):
     """Largest relative difference over o and the four gradients of each candidate against the
     first one (same inputs, real lowering): every tiling must compute the same function."""
+    if len(names) < 2:
+        return
     first = compiled.get(f"{names[0]}_fwd_bwd")
-    if len(names) < 2 or first is None or isinstance(first, str):
+    if first is None or isinstance(first, str):
         return
     base = jax.tree.leaves(first(*args_of(f"{names[0]}_fwd_bwd")))
     for name in names[1:]:
@@ -151,17 +195,18 @@ def check_correctness(results, n_cases, out):
     The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    # First the kernels a change touched: the guard split into two kernels (both sides of the
-    # 64-row block's decay guard) with the common kernels contracting in slices, the default's
-    # new tiles at D=64 and 128, then the other dk/dv kernel forms (fused chunk-parallel,
-    # sequential split and fused).
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 gk64dv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["gk64dv128"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["g"]),
+    # First the default at D=128 (both sides of the 64-row block's decay guard) and D=64, then
+    # the guard split into two kernels with the common kernels contracting in slices, then the
+    # other dk/dv kernel forms (fused chunk-parallel, sequential split and fused).
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["default"]),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 default", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["default"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 default", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
               v["default"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 gk64dv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["gk64dv128"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["g"]),
              ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 default", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
               v["default"]),
              ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
@@ -169,8 +214,6 @@ def check_correctness(results, n_cases, out):
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
               v["seq64"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 default", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
-              v["default"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
               v["cp64f32"]),
              ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
@@ -265,10 +308,37 @@ def _fla_times(chunk_gla, b, t, h, dk, dv):
         return torch.autograd.grad(o, (q, k, v, g), do)
 
     fwd_bwd()  # autotunes (once per shape class) and compiles
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    mem = {"fla_fwd_bwd_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
     out = {"fla_fwd": triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median"),
            "fla_fwd_bwd": triton.testing.do_bench(fwd_bwd, warmup=25, rep=100,
-                                                  return_mode="median")}
+                                                  return_mode="median"), **mem}
+    if TIMER["loop"]:
+        out["fla_fwd_loop"] = _cuda_events_ms(fwd, _loop_n(t))
+        out["fla_fwd_bwd_loop"] = _cuda_events_ms(fwd_bwd, _loop_n(t))
     return out
+
+
+def _cuda_events_ms(fn, n, reps=5):
+    """fla's counterpart of timeit_loop_ms: CUDA events around n back-to-back calls (no L2
+    flush between them, unlike do_bench), median over reps of the mean per call, in ms."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return float(np.median(times))
 
 
 class _Fla:
@@ -306,16 +376,23 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
     row["auto"] = auto
     q, k, v, g, _, do = _inputs(b, t, h, dk, dv, jnp.bfloat16, seed=t + dk)
     items = {}
+    n = row["loop_n"] = _loop_n(t)
     for name, blocks in candidates.items():
         items[f"{name}_fwd"] = _fwd("pallas", blocks)
         items[f"{name}_fwd_bwd"] = _fwd_bwd("pallas", blocks)
+        if TIMER["loop"]:
+            items[f"{name}_fwd_loop"] = _looped(_fwd("pallas", blocks), n)
+            items[f"{name}_fwd_bwd_loop"] = _looped(_fwd_bwd("pallas", blocks), n)
     if t <= ref_max_t:
         items["ref_fwd"], items["ref_fwd_bwd"] = _fwd("reference"), _fwd_bwd("reference")
-    args_of = lambda name: (q, k, v, g, do) if name.endswith("fwd_bwd") else (q, k, v, g)
+        if TIMER["loop"]:
+            items["ref_fwd_loop"] = _looped(_fwd("reference"), n)
+            items["ref_fwd_bwd_loop"] = _looped(_fwd_bwd("reference"), n)
+    args_of = lambda name: (q, k, v, g, do) if "fwd_bwd" in name else (q, k, v, g)
     t0 = time.perf_counter()
     compiled = _compile_all(items, args_of)
     row["compile_s"] = time.perf_counter() - t0
-    _time_into(row, compiled, args_of)
+    _time_into(row, compiled, args_of, loop_n=n)
     _agreement(row, compiled, args_of, list(candidates))
     del compiled
     fla.time_into(row, b, t, h, dk, dv)
@@ -490,6 +567,21 @@ def report(results):
             f"{f(row.get('fla_fwd_bwd'))} | {r(row.get('fla_fwd'), bf)} | "
             f"{r(row.get('fla_fwd_bwd'), bb)} | {f(row.get('ref_fwd_bwd'))} | "
             f"{r(row.get('ref_fwd_bwd'), bb)} |")
+    loop = ["", "Looped-jit (ours, ref) and CUDA-event (fla) times, ms, n calls back to back:",
+            "| Dk | T | n | name | fwd | fwd+bwd | fla fwd | fla fwd+bwd | fwd vs fla | "
+            "fwd+bwd vs fla | mem fwd+bwd MB (fla) |", "|---" * 11 + "|"]
+    for row in results["timings"] + results["hybrid"]:
+        for key in row:
+            if key.endswith("_fwd_loop") and not key.startswith("fla"):
+                name = key[:-len("_fwd_loop")]
+                a, b_ = row.get(key), row.get(f"{name}_fwd_bwd_loop")
+                fa, fb = row.get("fla_fwd_loop"), row.get("fla_fwd_bwd_loop")
+                loop.append(f"| {row['dk']} | {row['t']} | {row.get('loop_n')} | {name} | {f(a)} "
+                            f"| {f(b_)} | {f(fa)} | {f(fb)} | {r(fa, a)} | {r(fb, b_)} | "
+                            f"{f(row.get(f'{name}_fwd_bwd_mem_mb'))} "
+                            f"({f(row.get('fla_fwd_bwd_mem_mb'))}) |")
+    if len(loop) > 4:
+        lines += loop
     return "\n".join(lines)
 
 
@@ -512,6 +604,9 @@ def main():
                    help="D:T pairs for --stages, comma-separated")
     p.add_argument("--stages-first", action="store_true", help="--stages before the cells")
     p.add_argument("--checks", type=int, default=5, help="how many correctness cases")
+    p.add_argument("--timer", default="host", choices=["host", "loop"],
+                   help="loop: also time n calls inside one jit (ours) and CUDA events around "
+                   "n back-to-back calls (fla), keys *_loop")
     p.add_argument("--ref-max-t", type=int, default=2048,
                    help="longest T for the jnp reference (0: never)")
     p.add_argument("--profile", default="", help="NAMES:D:T: run each VARIANTS name's "
@@ -519,6 +614,7 @@ def main():
     p.add_argument("--regs", default="", help="dump dir: only compile each pass (D=128, "
                    "T=2048) with XLA dumping PTX there, then ptxas -v: registers and spills")
     args = p.parse_args()
+    TIMER["loop"] = args.timer == "loop"
     if args.profile:
         names, d, t = args.profile.split(":")
         q, k, v, g, _, do = _inputs(B, int(t), H, int(d), int(d), jnp.bfloat16)
