@@ -144,6 +144,8 @@ class FlashConfig:
     #                              from the bf16 P^T, delta loaded after dP^T, scale in exp2
     mgpu_bwd_defer_dq: bool = False  # Mosaic bwd: dq of step t-1 issued with S^T/dP^T of step
     #                                  t (split dS barrier: the warpgroups are not in lock-step)
+    mgpu_bwd_rows: bool = False  # Mosaic bwd: S, dP with query rows (row lse/delta), P and dS
+    #                              through SMEM (FlashAttention-3's D=128 layout)
     interpret: bool = False
 
 

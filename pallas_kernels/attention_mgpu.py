@@ -193,11 +193,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 plgpu.barrier_wait(v_free.at[i])
 
 
-def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig):
-    """S^T [bk keys, bq queries] of keys k0.. and query block i with invisible pairs at -inf
-    (key padding, causal diagonal, left window)."""
-    kk = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
-    qq = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
+    """S^T [bk keys, bq queries] (or S [bq, bk] with `rows`) of keys k0.. and query block i
+    with invisible pairs at -inf (key padding, causal diagonal, left window)."""
+    shape, k_axis = ((bq, bk), 1) if rows else ((bk, bq), 0)
+    kk = plgpu.broadcasted_iota(jnp.int32, shape, k_axis, layout=plgpu.Layout.WGMMA)
+    qq = plgpu.broadcasted_iota(jnp.int32, shape, 1 - k_axis, layout=plgpu.Layout.WGMMA)
     k_pos = kk + k0
     q_pos = qq + (i * bq + cfg.lk - cfg.lq)
     mask = k_pos < cfg.lk
@@ -223,6 +224,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     d = q_ref.shape[-1]
     own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
+    rows = cfg.mgpu_bwd_rows            # S, dP, P, dS as [queries, keys] (see _consumer_rows)
     dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
     dh = d if own else d // dq_wgs
     b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
@@ -269,6 +271,35 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
         plgpu.wait_smem_to_gmem(0)
+
+    def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv):
+        """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
+        P^T from registers, dS^T = P^T (dP^T - delta) computed while dV runs and written to
+        SMEM (buffer `buf`, warpgroup `w`), dK += dS^T Q. Returns (dk, dv)."""
+        pt_lo = pt.astype(q_smem.dtype)
+        delta_b = lax.broadcast_in_dim(delta, pt.shape, [1])
+        if gpu_path:
+            def dv_dk(refs):
+                dv_ref, dk_ref = refs
+                plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
+                ds_lo = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+                ds_smem.at[buf, w][...] = ds_lo
+                plgpu.commit_smem()
+                plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+            dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
+        # interpret mode: wgmma operands from SMEM, no run_state
+        p_smem.at[w][...] = pt_lo
+        ds_smem.at[buf, w][...] = (pt * (dpt - delta_b)).astype(q_smem.dtype)
+        plgpu.commit_smem()
+
+        def dv_dk_interpret(dv_ref, dk_ref):
+            plgpu.wgmma(dv_ref, p_smem.at[w], do_smem.at[slot])
+            plgpu.wgmma(dk_ref, ds_smem.at[buf, w], q_smem.at[slot])
+            return dv_ref[...], dk_ref[...]
+        dv_inc, dk_inc = pl.run_scoped(dv_dk_interpret, plgpu.ACC((bk, d), jnp.float32),
+                                       plgpu.ACC((bk, d), jnp.float32))
+        return dk + dk_inc, dv + dv_inc
 
     def _consumer_defer(w: int):
         """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
@@ -343,29 +374,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 pt, dpt = pl.run_scoped(dq_s_dp, plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
             else:
                 pt, dpt = pl.run_scoped(functools.partial(scores, wait_s=1), acc_s, acc_s)
-            pt_lo = pt.astype(q_smem.dtype)
-            delta_b = lax.broadcast_in_dim(delta, pt.shape, [1])
-            if gpu_path:
-                def dv_dk(refs):
-                    dv_ref, dk_ref = refs
-                    plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
-                    ds_lo = (pt * (dpt - delta_b)).astype(q_smem.dtype)
-                    ds_smem.at[buf, w][...] = ds_lo
-                    plgpu.commit_smem()
-                    plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
-                dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            else:                   # interpret mode: wgmma operands from SMEM, no run_state
-                p_smem.at[w][...] = pt_lo
-                ds_smem.at[buf, w][...] = (pt * (dpt - delta_b)).astype(q_smem.dtype)
-                plgpu.commit_smem()
-
-                def dv_dk(dv_ref, dk_ref):
-                    plgpu.wgmma(dv_ref, p_smem.at[w], do_smem.at[slot])
-                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w], q_smem.at[slot])
-                    return dv_ref[...], dk_ref[...]
-                dv_inc, dk_inc = pl.run_scoped(dv_dk, plgpu.ACC((bk, d), jnp.float32),
-                                               plgpu.ACC((bk, d), jnp.float32))
-                dv, dk = dv + dv_inc, dk + dk_inc
+            dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
             plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
             plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
             return dk, dv, i, h
@@ -423,29 +432,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     return pt, dp_ref[...]
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
-                pt_lo = pt.astype(q_smem.dtype)
-                delta_b = lax.broadcast_in_dim(delta, pt.shape, [1])
-                if gpu_path:
-                    def dv_dk(refs):
-                        dv_ref, dk_ref = refs
-                        plgpu.wgmma(dv_ref, pt_lo, do_smem.at[slot])
-                        ds_lo = (pt * (dpt - delta_b)).astype(q_smem.dtype)
-                        ds_smem.at[buf, wg][...] = ds_lo
-                        plgpu.commit_smem()
-                        plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
-                    dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-                else:               # interpret mode: wgmma operands from SMEM, no run_state
-                    p_smem.at[wg][...] = pt_lo
-                    ds_smem.at[buf, wg][...] = (pt * (dpt - delta_b)).astype(q_smem.dtype)
-                    plgpu.commit_smem()
-
-                    def dv_dk(dv_ref, dk_ref):
-                        plgpu.wgmma(dv_ref, p_smem.at[wg], do_smem.at[slot])
-                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg], q_smem.at[slot])
-                        return dv_ref[...], dk_ref[...]
-                    dv_inc, dk_inc = pl.run_scoped(dv_dk, plgpu.ACC((bk, d), jnp.float32),
-                                                   plgpu.ACC((bk, d), jnp.float32))
-                    dv, dk = dv + dv_inc, dk + dk_inc
+                dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv)
                 return dq_step(i, slot, buf, h, dk, dv)
 
             def qk(s_ref):
@@ -505,36 +492,107 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
             return dq_step(i, slot, buf, h, dk, dv)
 
-        def dq_step(i, slot, buf, h, dk, dv):
-            plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
-            if not own:
-                sync()                                       # both halves of dS^T are in SMEM
+        dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
+        write_dkdv(wg, dk, dv, kv_at)
 
-            def dq_block(w: int):                            # static warpgroup index
-                if own:         # dq += dS_w K_w over the full head dim
-                    terms = [(ds_smem.at[buf, w], k_smem.at[w])]
-                    cols = pl.ds(0, d)
-                else:           # columns [w * dh, (w + 1) * dh) over both warpgroups' keys
-                    cols = pl.ds(w * dh, dh)
-                    terms = [(ds_smem.at[buf, u], k_smem.at[u, :, cols]) for u in range(2)]
+    def dq_step(i, slot, buf, h, dk, dv):
+        """Releases the slot, then dq of query block i (head h) from the dS tiles of both
+        warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
+        reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
+        plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+        if not own:
+            sync()                                       # both halves of dS^T are in SMEM
 
-                def dq_mm(acc_ref):
-                    for ds_ref, k_ref_ in terms:
-                        plgpu.wgmma(acc_ref, ds_ref.transpose((1, 0)), k_ref_)
-                    return acc_ref[...]
-                dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
-                dq_smem.at[w][...] = dq
+        def dq_block(w: int):                            # static warpgroup index
+            if own:         # dq += dS_w K_w over the full head dim
+                terms = [(ds_smem.at[buf, w], k_smem.at[w])]
+                cols = pl.ds(0, d)
+            else:           # columns [w * dh, (w + 1) * dh) over both warpgroups' keys
+                cols = pl.ds(w * dh, dh)
+                terms = [(ds_smem.at[buf, u], k_smem.at[u, :, cols]) for u in range(2)]
+
+            def dq_mm(acc_ref):
+                for ds_ref, k_ref_ in terms:
+                    plgpu.wgmma(acc_ref, ds_ref if rows else ds_ref.transpose((1, 0)), k_ref_)
+                return acc_ref[...]
+            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
+            dq_smem.at[w][...] = dq
+            plgpu.commit_smem()
+            q_at = (b, pl.ds(i * bq, bq), h, cols)
+            if gpu_path:
+                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
+            else:       # interpret mode has no TMA reduction: a slot per (tile, wg), summed
+                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+
+        for w in range(dq_wgs):
+            pl.when(wg == w)(functools.partial(dq_block, w))
+        return dk, dv
+
+    def _consumer_rows():
+        """The consumer with query rows (`mgpu_bwd_rows`, FlashAttention-3's D=128 layout):
+        S = Q K_w^T and dP = dO V_w^T are [block_q, block_k] tiles whose rows are queries, so
+        lse and delta are row vectors (2 registers per thread instead of 16 for the column
+        vectors of S^T), and P, dS go to SMEM as [queries, keys]; dV += P^T dO and
+        dK += dS^T Q take the transposed SMEM views as A operands, dq = dS K takes dS as is.
+        S and dP are issued back to back, P is computed and stored while dP runs, dS while dV
+        runs. Live registers at the peak: dK, dV (2 * block_k * D / 128) + P and dP (f32)."""
+        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
+        k_own, v_own, p_own = k_smem.at[wg], v_smem.at[wg], p_smem.at[wg]
+        plgpu.barrier_wait(kv_ready.at[wg])
+        plgpu.barrier_wait(kv_ready.at[2 + wg])
+        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+        row = plgpu.Layout.WGMMA.reduce(1)
+
+        def step(i, carry, r, masked):
+            dk, dv = carry
+            t = r * n + (i - lo)
+            slot = lax.rem(t, jnp.int32(stages))
+            buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
+            h = g * rep + r
+            plgpu.barrier_wait(q_ready.at[slot])
+            plgpu.barrier_wait(do_ready.at[slot])
+            plgpu.barrier_wait(ld_ready.at[slot])
+
+            def s_dp(s_ref, dp_ref):
+                plgpu.wgmma(s_ref, q_smem.at[slot], k_own.transpose((1, 0)))
+                plgpu.wgmma(dp_ref, do_smem.at[slot], v_own.transpose((1, 0)))
+                s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                if masked:
+                    s_ = _mask_bwd_scores(s_, i, k0, bq, bk, cfg, rows=True)
+                lse = plgpu.load(ld_smem.at[slot, 0], layout=row)
+                p = jnp.exp2(s_ * scale - lax.broadcast_in_dim(lse, s_.shape, [0]))
+                p_own[...] = p.astype(q_smem.dtype)
+                return p, dp_ref[...]
+            p, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
+                                  plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.commit_smem()
+            delta = plgpu.load(ld_smem.at[slot, 1], layout=row)
+
+            def ds_to_smem():
+                ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+                ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
                 plgpu.commit_smem()
-                q_at = (b, pl.ds(i * bq, bq), h, cols)
-                if gpu_path:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
-                else:       # interpret mode has no TMA reduction: a slot per (tile, wg), summed
-                    plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
 
-            for w in range(dq_wgs):
-                pl.when(wg == w)(functools.partial(dq_block, w))
-            return dk, dv
+            def mms(dv_ref, dk_ref):
+                plgpu.wgmma(dv_ref, p_own.transpose((1, 0)), do_smem.at[slot])
+                if gpu_path:
+                    ds_to_smem()                           # while dV is on the tensor cores
+                plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)), q_smem.at[slot])
+            if gpu_path:
+                dv, dk = pl.run_state(lambda refs: mms(*refs))(
+                    (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            else:                   # interpret mode: no run_state
+                ds_to_smem()
+
+                def mms_interpret(dv_ref, dk_ref):
+                    mms(dv_ref, dk_ref)
+                    return dv_ref[...], dk_ref[...]
+                dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
+                                               plgpu.ACC((bk, d), jnp.float32))
+                dv, dk = dv + dv_inc, dk + dk_inc
+            return dq_step(i, slot, buf, h, dk, dv)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
@@ -542,6 +600,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     if cfg.mgpu_bwd_defer_dq:
         for w in range(2):
             pl.when(wg == w)(functools.partial(_consumer_defer, w))
+    elif rows:
+        pl.when(wg < 2)(_consumer_rows)
     else:
         pl.when(wg < 2)(_consumer)
 
@@ -615,6 +675,10 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     _check_inputs(q, "backward")
     if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
         raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
+    if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_defer_dq or cfg.mgpu_bwd_overlap
+                              or cfg.mgpu_bwd_p_lo):
+        raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_defer_dq, "
+                         "mgpu_bwd_overlap and mgpu_bwd_p_lo")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
@@ -627,6 +691,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     own = cfg.mgpu_bwd_dq == "own"
     dq_wgs = 2 if (d >= 128 or own) else 1
     dq_cols = d if own else d // dq_wgs
+    rows = cfg.mgpu_bwd_rows
+    ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
@@ -634,10 +700,12 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
             plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
-            plgpu.SMEM((1 if own else 2, 2, bk, bq), q.dtype, transforms=tiles),
+            plgpu.SMEM((1 if own else 2, 2, *ds_tile), q.dtype, transforms=tiles),
             plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
-            # P^T staging for interpret mode only (the GPU path keeps P^T in registers).
-            None if not interpret else plgpu.SMEM((2, bk, bq), q.dtype, transforms=tiles))
+            # P (rows) or P^T staging: the rows variant always, else interpret mode only (the
+            # GPU path keeps P^T in registers).
+            None if not (interpret or rows) else plgpu.SMEM((2, *ds_tile), q.dtype,
+                                                            transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=4),
                 plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
@@ -656,6 +724,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
                      f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
+                     f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,

@@ -322,6 +322,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
 
 @pytest.mark.parametrize("d,causal,extra", [
     (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_regs=(232, 40))),
+    (128, True, dict(mgpu_bwd_rows=True)),
+    pytest.param(64, False, dict(mgpu_bwd_rows=True), marks=SLOW),
+    pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(64, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
@@ -329,7 +332,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, False, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
-    """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T),
+    """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
+    (S, dP with query rows, P and dS through SMEM),
     mgpu_bwd_overlap (S^T and dP^T issued together, dS^T computed while dV runs: the FA3
     order), mgpu_bwd_defer_dq (dq of step t-1 issued with step t, split dS barrier); same
     results as the reference (interpret mode, GQA, ragged length)."""
