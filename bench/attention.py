@@ -303,6 +303,53 @@ def mosaic_bwd3(results, deadline, n=4096):
             _timed(row, deadline, flops, "bsweep3", out, _fwd_bwd(fn), q, k, v, do)
 
 
+def _variant_checks_and_times(results, deadline, name, checks, cells, variants, n=4096,
+                              mode="fwd+bwd", seed=0):
+    """Real-lowering checks, then TFLOP/s at N=n with jax.nn cuDNN in the same process.
+
+    `checks`: (b, n, hq, hkv, d, causal, window, flash_attention_kernel kwargs) against the f32
+    reference (into results["correctness"]); `cells`: (d, causal) pairs; `variants`: (name,
+    kwargs) timed after cuDNN in each cell (into results[name], printed with tag `name`)."""
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=seed + i)
+        kw = dict(causal=causal, window=window)
+        row = dict(case=f"{name} {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do), kw,
+                                 extra, err_chars=600)
+    out = results.setdefault(name, [])
+    b = TOKENS // n
+    for d, causal in cells:
+        q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn"))]
+        fns += [(v_name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for v_name, cfg in variants]
+        for v_name, fn in fns:
+            row = dict(d=d, causal=causal, n=n, mode=mode, impl=v_name)
+            if mode == "fwd":
+                _timed(row, deadline, flops, name, out, jax.jit(fn), q, k, v)
+            else:
+                _timed(row, deadline, flops, name, out, _fwd_bwd(fn), q, k, v, do)
+
+
+def mosaic_bwd4(results, deadline):
+    """Session 4: the backward with query rows (mgpu_bwd_rows: row lse/delta, P and dS through
+    SMEM), checked and timed against the default dispatch and cuDNN (N 4k)."""
+    rows_cfg = dict(bwd_impl="mosaic", mgpu_bwd_rows=True)
+    _variant_checks_and_times(
+        results, deadline, "bwd_sweep4",
+        checks=[(2, 1000, 8, 2, 128, True, None, rows_cfg),
+                (1, 777, 4, 2, 128, False, None, rows_cfg),
+                (1, 2048, 8, 1, 64, True, 300, rows_cfg)],
+        cells=[(128, False), (128, True), (64, False), (64, True)],
+        variants=[("default", {}), ("mosaic_rows", rows_cfg)], seed=170)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -794,6 +841,7 @@ def main():
              "mgrid": lambda dl: mosaic_grid_order(results, dl),
              "mbwd3": lambda dl: mosaic_bwd3(results, dl),
              "mfwd3": lambda dl: mosaic_fwd3(results, dl),
+             "mbwd4": lambda dl: mosaic_bwd4(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
