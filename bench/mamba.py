@@ -348,6 +348,13 @@ VARIANTS = {
     # candidate v5: forward split 4 while it fits one wave (else 2) with the shared delta,
     # backward with the select-free butterfly
     "v5c": dict(split=0, share_dt=True, xor_reduce=True),
+    # session 4: the backward over four lanes per channel (K = 4 states per lane: fewer
+    # registers, four warps per scheduler at 8x2048x2048), with 4- and 8-step chunks
+    "bs4": dict(bwd_split=4),
+    "bs4_c8": dict(bwd_split=4, chunk=8),
+    "bs4_x": dict(bwd_split=4, xor_reduce=True),
+    "sh_bs4": dict(share_dt=True, bwd_split=4),
+    "sh_bs4_x": dict(share_dt=True, bwd_split=4, xor_reduce=True),
 }
 
 
