@@ -155,8 +155,14 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     rules: dict | None = None
+    # ZeRO-1: also split the optimizer moments over `data` (parameters stay as `rules` place
+    # them); the update runs on each device's slice and the new parameters are all-gathered.
+    shard_optimizer: bool = False
 
     def validate(self) -> None:
+        if not isinstance(self.shard_optimizer, bool):
+            raise ConfigError(f"mesh.shard_optimizer: must be true or false, got "
+                              f"{self.shard_optimizer!r}")
         for key in MESH_AXES:
             value = getattr(self, key)
             if value == 0 or value < -1:

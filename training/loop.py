@@ -85,7 +85,9 @@ class Trainer:
         # logical axes (training.sharding), never whole on one device.
         self.graphdef, abstract = nnx.split(nnx.eval_shape(init))
         rules = sharding.logical_rules(run.mesh)
-        self.state_sharding = sharding.state_shardings(abstract, self.mesh, rules)
+        self.state_sharding = sharding.state_shardings(
+            abstract, self.mesh, rules,
+            sharding.zero1_rules(rules) if run.mesh.shard_optimizer else None)
         self.state = jax.jit(lambda: nnx.split(init())[1],
                              out_shardings=self.state_sharding)()
         self.model, self.optimizer = nnx.merge(self.graphdef, self.state)

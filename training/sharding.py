@@ -87,15 +87,28 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state, mesh, rules: dict):
+def state_shardings(state, mesh, rules: dict, optimizer_rules: dict | None = None):
     """The NamedSharding of every variable of an nnx state (parameters, optimizer moments, step
-    counters), from its `out_sharding` logical axes; the tree has the structure of `state`."""
-    def one(var):
+    counters), from its `out_sharding` logical axes; the tree has the structure of `state`.
+    `optimizer_rules` (ZeRO-1, `mesh.shard_optimizer`) replace `rules` for the variables under
+    the Trainer's optimizer, the second entry of its (model, optimizer) state."""
+    def one(path, var):
         if not _is_var(var):
             return NamedSharding(mesh, P())
+        key = getattr(path[0], "key", None) if path else None
+        use = optimizer_rules if optimizer_rules is not None and key == 1 else rules
         logical = var.get_metadata().get("out_sharding")
-        return var.replace(NamedSharding(mesh, logical_to_spec(logical, var.shape, mesh, rules)))
-    return jax.tree.map(one, state, is_leaf=_is_var)
+        return var.replace(NamedSharding(mesh, logical_to_spec(logical, var.shape, mesh, use)))
+    return jax.tree.map_with_path(one, state, is_leaf=_is_var)
+
+
+def zero1_rules(rules: dict) -> dict:
+    """ZeRO-1 (`mesh.shard_optimizer`): the rules for the optimizer moments, `data` added after
+    the mesh axes each logical name already maps to, and `embed` -> `data` if it maps to none.
+    A moment is then split over `data` along the first of its named axes the mesh divides."""
+    out = {name: axes if "data" in axes else axes + ("data",) for name, axes in rules.items()}
+    out.setdefault("embed", ("data",))
+    return out
 
 
 def batch_sharding(mesh) -> NamedSharding:

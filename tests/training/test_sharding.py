@@ -1,6 +1,7 @@
 """Data and FSDP parallelism on 8 simulated CPU devices: one step's loss and gradients agree on
 meshes 8x1, 4x2, 2x4 and one device; parameters are split by the logical axis rules; the step
-compiles once; checkpoints restore across mesh shapes (4x2 -> 8x1 -> 1 device); bad meshes are
+compiles once; `mesh.shard_optimizer` (ZeRO-1) splits the Adam moments and matches one device;
+checkpoints restore across mesh shapes (4x2 -> 8x1 -> 1 device); bad meshes are
 errors naming `mesh`.
 
 The 8-device checks run in one subprocess (XLA_FLAGS must be set before jax starts, and the rest
@@ -113,6 +114,10 @@ def test_loss_and_gradients_agree_on_every_mesh_shape(eight_devices):
     assert r["mlp_spec"]["2x4"] == ["fsdp", None] and r["mlp_shard"]["2x4"] == [8, 64]
     assert r["mu_shard"]["2x4"] == [8, 64]
     assert r["mlp_shard"]["8x1"] == [32, 64]                 # pure data parallel: replicated
+    # mesh.shard_optimizer (ZeRO-1): parameters replicated, moments split over data = 8, and
+    # two steps land on the same parameters as one device.
+    assert r["mlp_shard"]["zero1"] == [32, 64] and r["mu_shard"]["zero1"] == [4, 64]
+    assert r["param_err"]["zero1"] < 1e-5, r["param_err"]
     assert r["batch_shard"]["4x2"] == [1, 16]
 
 
@@ -227,6 +232,16 @@ def _agree(tmp, trainers):
     scale = np.abs(grads["1"]).max()
     for name in grads:
         out["grad_err"][name] = float(np.abs(grads[name] - grads["1"]).max() / scale)
+    # ZeRO-1: data parallelism over 8 with the Adam moments split over `data`.
+    t = _trainer("8x1", Path(tmp) / "zero1", ("model.n_layers=2", "model.layers=[gla, attn]",
+                                              "mesh.shard_optimizer=true"))
+    for step in range(2):
+        t.state, _ = t._train_step(t.state, t._device_batch(step, "train"))
+    params["zero1"] = _flat(nnx.state(nnx.merge(t.graphdef, t.state)[0], nnx.Param))
+    mlp = t.state[0]["blocks"][0]["mlp"]["gate"]["kernel"]
+    mu = t.state[1]["opt_state"][1][0]["mu"]["blocks"][0]["mlp"]["gate"]["kernel"]
+    out["mlp_shard"]["zero1"] = list(mlp.get_value().addressable_shards[0].data.shape)
+    out["mu_shard"]["zero1"] = list(mu.get_value().addressable_shards[0].data.shape)
     for name in params:
         out["param_err"][name] = float(np.abs(params[name] - params["1"]).max())
     out["devices"] = jax.device_count()
