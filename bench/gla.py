@@ -515,6 +515,9 @@ VARIANTS = {
     "gk64": _new(guard="split", contract_slice=64),
     "gk64w8": _new(guard="split", contract_slice=64, num_warps_dkv=8),
     "gk64dv128": _new(guard="split", contract_slice=64, block_v_dkv=128),
+    # session 4: fx = the gate factors as exp2(x * log2 e) (one ex2.approx instead of libdevice
+    # expf)
+    "fx": _new(fast_exp=True),
 }
 
 

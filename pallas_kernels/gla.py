@@ -186,6 +186,10 @@ class GLABlocks:
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
     num_stages: int = 2
+    # GPU kernels: the gate factors as exp2(x * log2(e)), one ex2.approx instruction (~2 ulp),
+    # instead of jnp.exp (libdevice expf, ~10 instructions per element; about a quarter of
+    # the per-chunk kernels' instructions at D=128 by the PTX).
+    fast_exp: bool = False
     # With bf16 inputs: store the per-chunk states (chunk-parallel: states and dS; sequential:
     # the dq pass's states for dlog_g) in bf16 instead of f32, half the traffic; the kernels
     # feed them to bf16 matmuls anyway.
@@ -212,6 +216,7 @@ class GLABlocks:
 
 _MAX_BLOCK_DECAY = 80.0     # largest |total log gate| of a diagonal block > 16 rows (_walk_steps)
 _DKV_FUSED_MAX = 64 * 128   # largest Dk * Dv of the fused dk/dv kernel (GLABlocks.dkv_split)
+_LOG2E = 1.4426950408889634
 
 
 def _pick_schedule(blocks, b, h, dv):
@@ -243,6 +248,13 @@ def _gpu_params(blocks, warps, state_rows, state_cols, interpret):
     return dict(compiler_params=plgpu.CompilerParams(
         num_warps=_num_warps(warps, state_rows, state_cols), num_stages=blocks.num_stages),
         interpret=interpret)
+
+
+def _exp_fn(blocks):
+    """The exp of the GPU kernels' gate factors (GLABlocks.fast_exp)."""
+    if blocks.fast_exp:
+        return lambda x: jnp.exp2(x * _LOG2E)
+    return jnp.exp
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -278,6 +290,7 @@ def _step_blocks(base, blocks, load):
         blk = load(rows)
         blk["rows"] = rows
         blk["c"], blk["e"], blk["m"] = _sub_chunk_gates(blk.pop("g").astype(_F32), ib)
+        blk["exp"] = _exp_fn(blocks)
         blk["pre"] = pre
         pre = blk["e"] if pre is None else pre + blk["e"]
         blk["pre_end"] = pre
@@ -294,25 +307,25 @@ def _memo(b, name, fn):
 
 
 def _exp_c(b):      # exp(c) [ib, K]: decay from the block's start to each row
-    return _memo(b, "exp_c", lambda: jnp.exp(b["c"]))
+    return _memo(b, "exp_c", lambda: b["exp"](b["c"]))
 
 
 def _exp_out(b):    # exp(e - c): decay from each row to the block's end
-    return _memo(b, "exp_out", lambda: jnp.exp(b["e"][None, :] - b["c"]))
+    return _memo(b, "exp_out", lambda: b["exp"](b["e"][None, :] - b["c"]))
 
 
 def _from_step_start(b):
     """exp(C) for the block's rows: the decay from the step's start to each row."""
     if b["pre"] is None:
         return _exp_c(b)
-    return _memo(b, "from_start", lambda: _exp_c(b) * jnp.exp(b["pre"])[None, :])
+    return _memo(b, "from_start", lambda: _exp_c(b) * b["exp"](b["pre"])[None, :])
 
 
 def _to_step_end(b):
     """exp(E - C) for the block's rows: the decay from each row to the step's end."""
     if b["pre_end"] is b["total"]:
         return _exp_out(b)
-    return _memo(b, "to_end", lambda: _exp_out(b) * jnp.exp(b["total"] - b["pre_end"])[None, :])
+    return _memo(b, "to_end", lambda: _exp_out(b) * b["exp"](b["total"] - b["pre_end"])[None, :])
 
 
 def _q_loc(b):      # q * exp(c)
@@ -342,7 +355,7 @@ def _k_end(b):      # k decayed to the step's end: writes the state leaving it
 def _cross(later, earlier):
     """exp(E_{<i} - E_{<=j}) [K] for blocks i > j: with exp(c_i) on the rows of i and
     exp(e_j - c_j) on those of j, the decay between them; every factor <= 1."""
-    return jnp.exp(later["pre"] - earlier["pre_end"])
+    return later["exp"](later["pre"] - earlier["pre_end"])
 
 
 def _walk_steps(step, g_ref, base, carry, blocks, reverse=False):
@@ -413,8 +426,8 @@ def _fwd_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, base, s_KV, *, scale, blocks, 
         s_dot = s_KV.astype(dot_dtype)
         for i, b in enumerate(blks):
             q, k, c, m = b["q"], b["k"], b["c"], b["m"]
-            q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
-            k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+            q_mid = (q * b["exp"](c - m[None, :])).astype(dot_dtype)
+            k_mid = (k * b["exp"](m[None, :] - c)).astype(dot_dtype)
             a = jnp.where(causal, _dot(q_mid, k_mid, tb=True), 0.0).astype(dot_dtype)
             o = _dot(_q_in(b).astype(dot_dtype), s_dot) + _dot(a, b["v"])
             for e in blks[:i]:   # earlier blocks of the step
@@ -433,7 +446,7 @@ def _block_update(s_KV, b, key, val, scale=None):
     S = dS walks back. The step's outputs read the state at the step's edge (converted once),
     so these updates are off their path."""
     term = _dot(key, val, ta=True)
-    return jnp.exp(b["e"])[:, None] * s_KV + (term if scale is None else scale * term)
+    return b["exp"](b["e"])[:, None] * s_KV + (term if scale is None else scale * term)
 
 
 def _gla_fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, *states_ref, n_chunks,
@@ -480,6 +493,7 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
     # states [N + 1, K, BV] (f32 or bf16): the state entering each chunk, then the final state,
     # which also goes to final [K, BV] in f32.
     size = blocks.chunk_size
+    exp = _exp_fn(blocks)
 
     def load(ci):
         rows = pl.ds(ci * size, size)
@@ -490,8 +504,8 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
         g = g.astype(_F32)
         b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
         # exp(b_end - b) may underflow for strong decays: then so does the true contribution.
-        k_out = (k.astype(_F32) * jnp.exp(b_end[None, :] - b)).astype(dot_dtype)
-        return jnp.exp(b_end)[:, None] * s_KV + _dot(k_out, v.astype(dot_dtype), ta=True)
+        k_out = (k.astype(_F32) * exp(b_end[None, :] - b)).astype(dot_dtype)
+        return exp(b_end)[:, None] * s_KV + _dot(k_out, v.astype(dot_dtype), ta=True)
 
     def store(ci, s_KV):
         states_ref[ci] = s_KV.astype(states_ref.dtype)
@@ -529,12 +543,13 @@ def _scores_by_slices(q_ref, k_ref, g_ref, blocks, dot_dtype, term, acc):
     acc + sum of term(cols, q_mid, k_mid, e, m) (f32 q_mid, k_mid of the slice)."""
     size, dk = q_ref.shape
     kb = min(blocks.contract_slice, dk)
+    exp = _exp_fn(blocks)
     a = jnp.zeros((size, size), _F32)
     for h in range(dk // kb):
         cols = pl.ds(h * kb, kb)
         c, e, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
-        q_mid = q_ref[:, cols].astype(_F32) * jnp.exp(c - m[None, :])
-        k_mid = k_ref[:, cols].astype(_F32) * jnp.exp(m[None, :] - c)
+        q_mid = q_ref[:, cols].astype(_F32) * exp(c - m[None, :])
+        k_mid = k_ref[:, cols].astype(_F32) * exp(m[None, :] - c)
         a = a + _dot(q_mid.astype(dot_dtype), k_mid.astype(dot_dtype), tb=True)
         acc = acc + term(cols, q_mid, k_mid, e, m)
     return a, acc
@@ -544,9 +559,10 @@ def _fwd_chunk_sliced(q_ref, k_ref, v_ref, g_ref, s_ref, o_ref, *, scale, blocks
     """o of one chunk (see _sliced): A = sum over slices of Dk of q_mid k_mid^T and o_inter =
     sum of (q * exp(c)) @ S, with q * exp(c) = q_mid * exp(m)."""
     size = q_ref.shape[0]
+    exp = _exp_fn(blocks)
 
     def q_in_s(cols, q_mid, k_mid, e, m):
-        return _dot((q_mid * jnp.exp(m)[None, :]).astype(dot_dtype),
+        return _dot((q_mid * exp(m)[None, :]).astype(dot_dtype),
                     s_ref[cols, :].astype(dot_dtype))
 
     @pl.when(_guard_ok(g_ref))
@@ -630,11 +646,11 @@ def _dq_block(blks, i, s_dot, causal, *, scale, dot_dtype):
     """dq of block i of a step: do S^T from the state entering the step (s_dot [BK, V]) plus
     dA k inside the step. blks hold k (this program's K columns), v and do (all of V)."""
     b = blks[i]
-    k, c, m, do = b["k"], b["c"], b["m"], b["do"]
-    k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
+    k, c, m, do, exp = b["k"], b["c"], b["m"], b["do"], b["exp"]
+    k_mid = (k * exp(m[None, :] - c)).astype(dot_dtype)
     da = jnp.where(causal, _dot(do, b["v"], tb=True), 0.0).astype(dot_dtype)
     dq = (_from_step_start(b) * _dot(do, s_dot, tb=True)
-          + jnp.exp(c - m[None, :]) * _dot(da, k_mid))
+          + exp(c - m[None, :]) * _dot(da, k_mid))
     if i:   # earlier blocks of the step
         x = 0.0
         for e in blks[:i]:
@@ -683,6 +699,7 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
     # Chunks in reverse: q/g [Lp, BK], do [Lp, BV], dst/ds0 [BK, BV], dstates [N, BK, BV]: the
     # gradient w.r.t. the state at the end of each chunk.
     size = blocks.chunk_size
+    exp = _exp_fn(blocks)
 
     def load(ci):
         rows = pl.ds(ci * size, size)
@@ -692,8 +709,8 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
         q, g, do = tiles
         g = g.astype(_F32)
         b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
-        q_in = (q.astype(_F32) * jnp.exp(b)).astype(dot_dtype)
-        return jnp.exp(b_end)[:, None] * ds_KV + scale * _dot(q_in, do.astype(dot_dtype), ta=True)
+        q_in = (q.astype(_F32) * exp(b)).astype(dot_dtype)
+        return exp(b_end)[:, None] * ds_KV + scale * _dot(q_in, do.astype(dot_dtype), ta=True)
 
     def store(ci, ds_KV):
         dstates_ref[ci] = ds_KV.astype(dstates_ref.dtype)
@@ -703,7 +720,7 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
 
 
 def _q_mid(b, dot_dtype):
-    return _memo(b, "q_mid", lambda: (b["q"] * jnp.exp(b["c"] - b["m"][None, :])
+    return _memo(b, "q_mid", lambda: (b["q"] * b["exp"](b["c"] - b["m"][None, :])
                                       ).astype(dot_dtype))
 
 
@@ -711,7 +728,7 @@ def _dv_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
     """dv of block j of a step (reverse walk): A^T do inside the step plus k decayed to the
     step's end times dS there. blks hold q, k (all of K), do (this program's V columns)."""
     b = blks[j]
-    k_mid = (b["k"] * jnp.exp(b["m"][None, :] - b["c"])).astype(dot_dtype)
+    k_mid = (b["k"] * b["exp"](b["m"][None, :] - b["c"])).astype(dot_dtype)
     a = jnp.where(causal, scale * _dot(_q_mid(b, dot_dtype), k_mid, tb=True), 0.0)
     dv = (_dot(_k_end(b).astype(dot_dtype), ds_dot)
           + _dot(a.astype(dot_dtype), b["do"], ta=True))
@@ -728,7 +745,7 @@ def _dk_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
     b = blks[j]
     c, m = b["c"], b["m"]
     da = jnp.where(causal, scale * _dot(b["do"], b["v"], tb=True), 0.0).astype(dot_dtype)
-    dk = (jnp.exp(m[None, :] - c) * _dot(da, _q_mid(b, dot_dtype), ta=True)
+    dk = (b["exp"](m[None, :] - c) * _dot(da, _q_mid(b, dot_dtype), ta=True)
           + _to_step_end(b) * _dot(b["v"], ds_dot, tb=True))
     if j + 1 < len(blks):
         x = 0.0
@@ -882,9 +899,10 @@ def _dv_chunk_sliced(q_ref, k_ref, g_ref, do_ref, ds_ref, dv_ref, *, scale, bloc
     """dv = A^T do + (k * exp(e - c)) @ dS of one chunk (see _sliced), A and the second term
     summed over slices of Dk. q/k/g [C, K], do/dv [C, BV], ds [K, BV] at the chunk's end."""
     size = q_ref.shape[0]
+    exp = _exp_fn(blocks)
 
     def k_end_ds(cols, q_mid, k_mid, e, m):
-        return _dot((k_mid * jnp.exp(e - m)[None, :]).astype(dot_dtype),
+        return _dot((k_mid * exp(e - m)[None, :]).astype(dot_dtype),
                     ds_ref[cols, :].astype(dot_dtype))
 
     @pl.when(_guard_ok(g_ref))
@@ -904,6 +922,7 @@ def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_r
     size, bk = q_ref.shape
     dv = v_ref.shape[1]
     vb = min(blocks.contract_slice, dv)
+    exp = _exp_fn(blocks)
 
     @pl.when(_guard_ok(g_ref))
     def _():
@@ -921,14 +940,14 @@ def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_r
             v_ds = v_ds + _dot(v, ds.astype(dot_dtype), tb=True)
             acc = acc + jnp.sum(s_end_ref[:, cols].astype(_F32) * ds.astype(_F32), axis=1)
         c, e, m = _sub_chunk_gates(g_ref[...].astype(_F32), size)
-        up, down = jnp.exp(c - m[None, :]), jnp.exp(m[None, :] - c)
+        up, down = exp(c - m[None, :]), exp(m[None, :] - c)
         causal = _causal_mask(size)
         q_mid = (q_ref[...].astype(_F32) * up).astype(dot_dtype)
         k_mid = (k_ref[...].astype(_F32) * down).astype(dot_dtype)
-        dq = scale * (up * (jnp.exp(m)[None, :] * do_s
+        dq = scale * (up * (exp(m)[None, :] * do_s
                             + _dot(jnp.where(causal, da, 0.0).astype(dot_dtype), k_mid)))
         da_s = jnp.where(causal, scale * da, 0.0).astype(dot_dtype)
-        dk = down * (_dot(da_s, q_mid, ta=True) + jnp.exp(e - m)[None, :] * v_ds)
+        dk = down * (_dot(da_s, q_mid, ta=True) + exp(e - m)[None, :] * v_ds)
         x = q_ref[...].astype(_F32) * dq - k_ref[...].astype(_F32) * dk
         dg_ref[...] = (acc[None, :] + jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0)
                        + x).astype(dg_ref.dtype)

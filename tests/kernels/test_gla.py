@@ -112,25 +112,28 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
                               grad_tol=1e-4, blocks=blocks)
 
 
-@pytest.mark.parametrize("schedule, sub_chunk, intra_block, split, guard", [
-    ("chunk_parallel", 64, 64, True, "cond"),
-    ("chunk_parallel", 64, 64, True, "split"),
-    pytest.param("chunk_parallel", 64, 64, False, "split", marks=pytest.mark.slow),
-    pytest.param("sequential", 64, 32, False, "cond", marks=pytest.mark.slow),
-    pytest.param("hybrid", 32, 16, True, "cond", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("schedule, sub_chunk, intra_block, split, guard, fast_exp", [
+    ("chunk_parallel", 64, 64, True, "cond", False),
+    ("chunk_parallel", 64, 64, True, "cond", True),
+    ("chunk_parallel", 64, 64, True, "split", True),
+    pytest.param("chunk_parallel", 64, 64, False, "split", False, marks=pytest.mark.slow),
+    pytest.param("sequential", 64, 32, False, "cond", True, marks=pytest.mark.slow),
+    pytest.param("hybrid", 32, 16, True, "cond", False, marks=pytest.mark.slow)])
 def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, intra_block, split,
-                                                     guard):
+                                                     guard, fast_exp):
     # State steps of 32/64 rows made of diagonal blocks plus cross-block scores with decays split
     # at the earlier block's end. Gates: head 0 ~1 (blocks longer than 16 rows scored from
     # their middle row), head 1 e^-4..e^-8 per step (a step's total decay reaches e^-500: those
     # steps fall back to 16-row blocks): finite and exact to f32 rounding either way. guard
     # "split": the two cases run in two kernels writing the same outputs (the common forward,
-    # dv and dk kernels contracting over 2 slices of Dk or Dv).
+    # dv and dk kernels contracting over 2 slices of Dk or Dv). fast_exp: every gate factor as
+    # exp2(x * log2 e), the same function to f32 rounding.
     q, k, v, _, s0 = _inputs(77, 1, 77, 2, 32, 32, jnp.float32)
     log_g = _mixed_gates(78, 1, 77, 32)
     blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, intra_block=intra_block,
                                dkv_split=split, block_k_dkv=16, block_v_dkv=16, guard=guard,
-                               contract_slice=16 if guard == "split" else None)
+                               contract_slice=16 if guard == "split" else None,
+                               fast_exp=fast_exp)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
                               fwd_tol=1e-5, grad_tol=1e-4, blocks=blocks)
 
