@@ -289,6 +289,28 @@ def _load_bc(r, i, states):
     return tuple(r["b"][i, n] for n in states), tuple(r["c"][i, n] for n in states)
 
 
+def _lane_map(bd, n_state, split):
+    """Lanes of a program of `bd` channels: returns (lane, cols, part, states). split > 1: lane
+    e holds channel cols = e % bd and states part * K + k (part = e // bd, K = N / split);
+    split = 1: every lane one channel and all N states (cols a full slice, part None)."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bd * split,), 0)
+    if split == 1:
+        return lane, slice(None), None, list(range(n_state))
+    part = lane // bd
+    return lane, lane % bd, part, [part * (n_state // split) + k for k in range(n_state // split)]
+
+
+def _bc_sources(lane, states, n_state):
+    """bc_rows: the lanes (column of the [32] B/C row) that each state's B and C come from."""
+    src_b = [n + jnp.zeros_like(lane) for n in states]
+    return src_b, [n + n_state for n in src_b]
+
+
+def _load_bc_rows(r, c, chunk):
+    """bc_rows: the chunk's [32] B/C rows, one per step."""
+    return tuple(r["bc"][c * chunk + t, :] for t in range(chunk))
+
+
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
                 ahead, fast_exp, split, poly_exp, share_dt, interpret):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
@@ -306,19 +328,11 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     n_k = n_state // split
     asm = fast_exp and not interpret
     width = bd * split
-    lane = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
-    if split > 1:
-        cols, part = lane % bd, lane // bd
-        states = [part * n_k + k for k in range(n_k)]
-    else:
-        cols, states = slice(None), list(range(n_state))
+    lane, cols, part, states = _lane_map(bd, n_state, split)
     if bc_rows:
         ahead = 0
-        src_b = [n + jnp.zeros_like(lane) for n in states]     # [32] int32 lane indices
-        src_c = [n + n_state for n in src_b]
-
-        def load_bc_rows(c):
-            return tuple(r["bc"][c * chunk + t, :] for t in range(chunk))
+        src_b, src_c = _bc_sources(lane, states, n_state)
+        load_bc_rows = functools.partial(_load_bc_rows, r, chunk=chunk)
     last = n_chunks * chunk - 1
     a2 = [r["a"][n, cols] * _LOG2E for n in states]
     d = r["d"][cols] if "d" in r else None
@@ -467,12 +481,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     bd = r["u"].shape[-1]
     n_k = n_state // split
     width = bd * split
-    lane = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
-    if split > 1:
-        cols, part = lane % bd, lane // bd
-        states = [part * n_k + k for k in range(n_k)]
-    else:
-        cols, states = slice(None), list(range(n_state))
+    lane, cols, _, states = _lane_map(bd, n_state, split)
     if xor_reduce:   # register k holds state k ^ s of the part (see _xor_reduce)
         perm = (lane >> 1) % n_k
         cols, states = lane % bd, [(lane // bd) * n_k + (k ^ perm) for k in range(n_k)]
@@ -495,11 +504,8 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
 
     if bc_rows:
         ahead = 0
-        src_b = [n + jnp.zeros_like(lane) for n in states]
-        src_c = [n + n_state for n in src_b]
-
-        def load_bc_rows(c):
-            return tuple(r["bc"][c * chunk + t, :] for t in range(chunk))
+        src_b, src_c = _bc_sources(lane, states, n_state)
+        load_bc_rows = functools.partial(_load_bc_rows, r, chunk=chunk)
 
         def shfl_bc(row, srcs):
             return tuple(_shfl_idx(row, src, interpret) for src in srcs)
@@ -703,6 +709,21 @@ def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0, bc_row
     return arrays, specs, tuple(opts)
 
 
+def _split_layout(u, A, B, chunk, split, cfg, kernel):
+    """(layout, split, bc_rows) of the forward (kernel="fwd") or backward ("bwd"): `split`
+    lanes per channel where 32 // split channels make a block (split | N, one warp), else 1;
+    B/C as lane rows (cfg.bc_rows) where the block fills the 32 lanes and 2N <= 32."""
+    if split > 1:
+        lay = _layout(u, A, B, chunk, _LANES // split)
+        if lay.bd * split != _LANES or lay.n % split or cfg.num_warps != 1:
+            split = 1
+    if split == 1:
+        lay = _layout(u, A, B, chunk, cfg.block_d)
+    bc_rows = (cfg.bc_rows in (True, kernel) and lay.bd * split == _LANES
+               and 2 * lay.n <= _LANES and cfg.num_warps == 1)
+    return lay, split, bc_rows
+
+
 def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
     return pl.pallas_call(
         kernel, grid=(lay.bsz, lay.n_blocks), in_specs=in_specs, out_specs=out_specs,
@@ -714,14 +735,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
-    if split > 1:    # needs 32 // split channels per block, split | N, one warp
-        lay = _layout(u, A, B, chunk, _LANES // split)
-        if lay.bd * split != _LANES or lay.n % split or cfg.num_warps != 1:
-            split = 1
-    if split == 1:
-        lay = _layout(u, A, B, chunk, cfg.block_d)
-    bc_rows = (cfg.bc_rows in (True, "fwd") and lay.bd * split == _LANES and 2 * lay.n <= _LANES
-               and cfg.num_warps == 1)
+    lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
     out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
@@ -772,14 +786,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
-    if split > 1:    # needs 32 // split channels per block and split | N
-        lay = _layout(u, A, B, cfg.chunk, _LANES // split)
-        if lay.bd * split != _LANES or lay.n % split:
-            split = 1
-    if split == 1:
-        lay = _layout(u, A, B, cfg.chunk, cfg.block_d)
-    bc_rows = (cfg.bc_rows in (True, "bwd") and lay.bd * split == _LANES and 2 * lay.n <= _LANES
-               and cfg.num_warps == 1)
+    lay, split, bc_rows = _split_layout(u, A, B, cfg.chunk, split, cfg, "bwd")
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None,
                                          bc_rows)
     f32 = jnp.float32
