@@ -355,6 +355,9 @@ VARIANTS = {
     "bs4_x": dict(bwd_split=4, xor_reduce=True),
     "sh_bs4": dict(share_dt=True, bwd_split=4),
     "sh_bs4_x": dict(share_dt=True, bwd_split=4, xor_reduce=True),
+    # the dB/dC partials in bf16 (B, C bf16): half their bytes
+    "bs4_x16": dict(bwd_split=4, xor_reduce=True, dbc_bf16=True),
+    "bs2_16": dict(dbc_bf16=True),
 }
 
 

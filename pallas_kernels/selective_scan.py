@@ -177,6 +177,8 @@ class _Config:
                               # on the FMA pipes instead of the MUFU (_exp2_poly)
     share_dt: bool = False    # forward, split S: each lane part computes delta (bias, softplus)
                               # for one step of S and the others take it by shuffle
+    dbc_bf16: bool = False    # backward: the per-block dB/dC partials in bf16 when B and C are
+                              # bf16 (half the bytes; summed in f32 outside)
     interpret: bool = False
 
 
@@ -579,18 +581,19 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 gb = gb + g * b_t[n]
                 dh[n] = a_n * g
             gb, saq = lsum(gb), lsum(saq)
+            dbc_type = r["dbc"].dtype
             if xor_reduce:
-                r["dbc"][i, :] = _xor_reduce(qb, qc, lane, bd, interpret)
+                r["dbc"][i, :] = _xor_reduce(qb, qc, lane, bd, interpret).astype(dbc_type)
             elif lane_reduce:
                 vals = qb + qc
                 vals += [zeros] * (n_q // _LANES * bd - len(vals))
                 for j in range(n_q // _LANES):
                     r["dbc"][i, j * _LANES:(j + 1) * _LANES] = _lane_reduce_scatter(
-                        vals[j * bd:(j + 1) * bd], lane, interpret)
+                        vals[j * bd:(j + 1) * bd], lane, interpret).astype(dbc_type)
             else:
                 for n in range(n_state):
-                    r["dbc"][i, n] = jnp.sum(qb[n])
-                    r["dbc"][i, n_state + n] = jnp.sum(qc[n])
+                    r["dbc"][i, n] = jnp.sum(qb[n]).astype(dbc_type)
+                    r["dbc"][i, n_state + n] = jnp.sum(qc[n]).astype(dbc_type)
             du = dt * gb
             if d is not None:
                 du = du + d * dy
@@ -806,7 +809,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     n_q = _LANES * -(-2 * n // split // bd) if lane_reduce else 2 * n
     k_st = n // split
     xor_reduce = cfg.xor_reduce and lane_reduce and 2 * k_st == bd and k_st & (k_st - 1) == 0
-    part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n_q), f32)
+    bf16 = cfg.dbc_bf16 and B.dtype == C.dtype == jnp.bfloat16
+    part = jax.ShapeDtypeStruct((bsz, lp, lay.n_blocks, n_q), jnp.bfloat16 if bf16 else f32)
     part_spec = pl.BlockSpec((None, lp, None, n_q), lambda b, j: (b, 0, j, 0))
     per_batch = jax.ShapeDtypeStruct((bsz, dp), f32)
     per_batch_spec = pl.BlockSpec((None, bd), lambda b, j: (b, j))
@@ -839,7 +843,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     dz = crop(outs.pop(0)) if z is not None else None
     # Deterministic reductions: the per-block partial sums of dB/dC and the per-batch dA/dD/dbias
     # are added here in a fixed order (no atomics).
-    group_sum = lambda x: rearrange(x, "b l (g k) n -> b l g k n", g=lay.groups).sum(3)
+    group_sum = lambda x: rearrange(x.astype(f32), "b l (g k) n -> b l g k n",
+                                    g=lay.groups).sum(3)
     dbc = group_sum(outs.pop(0))[:, :lay.length]
     if xor_reduce:   # columns [part, state, (dB, dC)]
         dbc = rearrange(dbc, "... (k t) -> ... t k", t=2)
@@ -884,7 +889,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          interpret=False):
+                          dbc_bf16=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -896,7 +901,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
-                  share_dt=share_dt, interpret=interpret)
+                  share_dt=share_dt, dbc_bf16=dbc_bf16, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
