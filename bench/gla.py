@@ -525,6 +525,58 @@ VARIANTS = {
 }
 
 
+def kernel_times(fn, args, runs=5):
+    """Device time per call of each kernel of `fn` (compiled) from a profiler trace of `runs`
+    calls: {line name: {event name: [mean us per call, launches per call]}} over the GPU
+    planes' lines (streams: kernels; "XLA Ops" / "XLA Modules": HLO ops and modules)."""
+    import glob
+    import tempfile
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(runs):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(paths[0])
+        out = {}
+        for plane in data.planes:
+            if "GPU" not in plane.name and "gpu" not in plane.name:
+                continue
+            for line in plane.lines:
+                sums = {}
+                for ev in line.events:
+                    t, c = sums.get(ev.name, (0.0, 0))
+                    sums[ev.name] = (t + ev.duration_ns, c + 1)
+                key = f"{plane.name} | {line.name}"
+                out[key] = {n: [round(t / runs / 1e3, 2), c / runs]
+                            for n, (t, c) in sorted(sums.items(), key=lambda x: -x[1][0])[:40]}
+        return out
+
+
+def run_trace(results, spec, out):
+    """--trace NAMES:D:T: each VARIANTS name's forward and forward+backward (B=8, H=16, bf16)
+    under the profiler: device time per kernel per call."""
+    names, d, t = spec.split(":")
+    q, k, v, g, _, do = _inputs(B, int(t), H, int(d), int(d), jnp.bfloat16)
+    items = {}
+    for name in names.split(","):
+        items[f"{name}_fwd"] = _fwd("pallas", VARIANTS[name])
+        items[f"{name}_fwd_bwd"] = _fwd_bwd("pallas", VARIANTS[name])
+    args_of = lambda name: (q, k, v, g, do) if "fwd_bwd" in name else (q, k, v, g)
+    compiled = _compile_all(items, args_of)
+    for name, fn in compiled.items():
+        row = {"name": name, "d": int(d), "t": int(t)}
+        try:
+            row["kernels"] = kernel_times(fn, args_of(name))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        results["trace"].append(row)
+        print(f"[trace {_elapsed():.0f}s] {json.dumps(row)[:3000]}", flush=True)
+        _save(results, out)
+
+
 def ptxas_report(dump_dir):
     """ptxas -v (Triton's copy) over the PTX XLA dumped: registers, spills per gla kernel."""
     import glob
@@ -618,6 +670,8 @@ def main():
                    help="longest T for the jnp reference (0: never)")
     p.add_argument("--profile", default="", help="NAMES:D:T: run each VARIANTS name's "
                    "forward+backward once at B=8, H=16, D, T (bf16), then exit (under ncu)")
+    p.add_argument("--trace", default="", help="NAMES:D:T: device time per kernel of each "
+                   "VARIANTS name's forward and forward+backward from a profiler trace (first)")
     p.add_argument("--regs", default="", help="dump dir: only compile each pass (D=128, "
                    "T=2048) with XLA dumping PTX there, then ptxas -v: registers and spills")
     args = p.parse_args()
@@ -644,7 +698,14 @@ def main():
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "dtype": "bfloat16",
                "fla_configs_per_kernel": args.fla_configs or "all",
-               "correctness": [], "timings": [], "hybrid": [], "variants": [], "stages": []}
+               "correctness": [], "timings": [], "hybrid": [], "variants": [], "stages": [],
+               "trace": []}
+    if args.trace:
+        try:
+            run_trace(results, args.trace, args.out)
+        except Exception as e:  # noqa: BLE001
+            results["trace_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
     fla = _Fla(not args.no_fla, args.fla_configs, results)
     cell = dict(budget=args.budget, fla=fla, ref_max_t=args.ref_max_t, out=args.out)
     try:
