@@ -350,6 +350,25 @@ def mosaic_bwd4(results, deadline):
         variants=[("default", {}), ("mosaic_rows", rows_cfg)], seed=170)
 
 
+WG3 = dict(fwd_impl="mosaic", block_q=64, block_k=128, mgpu_stages=2, mgpu_fwd_wgs=3,
+           mgpu_fwd_regs=(160, 24))
+
+
+def mosaic_fwd4(results, deadline, n=4096):
+    """Session 4: the D=64 forward with 3 consumer warpgroups of 64 rows (mgpu_fwd_wgs=3, FA3's
+    D=64 tile, no spills expected at 160 registers), checked, then forward TFLOP/s at N=4k
+    against the default tiles and cuDNN."""
+    _variant_checks_and_times(
+        results, deadline, "fwd_sweep4",
+        checks=[(2, 1000, 8, 2, 64, True, None, dict(WG3, mgpu_fold_scale=True)),
+                (1, 1000, 4, 4, 64, False, None, dict(WG3, mgpu_stages=3))],
+        cells=[(64, False), (64, True)], mode="fwd", seed=190,
+        variants=[("default", {}), ("wg3_fold", dict(WG3, mgpu_fold_scale=True)),
+                  ("wg3", WG3), ("wg3_s3_fold", dict(WG3, mgpu_stages=3, mgpu_fold_scale=True)),
+                  ("wg3_s3", dict(WG3, mgpu_stages=3)),
+                  ("wg3_fold_noping", dict(WG3, mgpu_fold_scale=True, mgpu_ping_pong=False))])
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -842,6 +861,7 @@ def main():
              "mbwd3": lambda dl: mosaic_bwd3(results, dl),
              "mfwd3": lambda dl: mosaic_fwd3(results, dl),
              "mbwd4": lambda dl: mosaic_bwd4(results, dl),
+             "mfwd4": lambda dl: mosaic_fwd4(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),

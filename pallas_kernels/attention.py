@@ -129,6 +129,8 @@ class FlashConfig:
     mgpu_tiles_fastest: bool = False  # Mosaic fwd/bwd grid: query (KV) tiles as the fastest
     #                                   CUDA grid axis instead of heads (L2 reuse at long N)
     mgpu_fwd_regs: tuple[int, int] = (232, 40)  # Mosaic fwd registers: consumer, producer
+    mgpu_fwd_wgs: int = 2        # Mosaic fwd consumer warpgroups (block_q rows each); 3 wants
+    #                              registers like (160, 24): 3 * 160 + 24 <= 512
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);

@@ -41,13 +41,14 @@ _q_block_range = _attn._q_block_range
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
                     rep: int, stages: int, ping_pong: bool, gpu_path: bool):
     bq, bk = cfg.block_q, cfg.block_k
+    nc = cfg.mgpu_fwd_wgs                                  # consumer warpgroups
     fold = cfg.mgpu_fold_scale
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
-    cta_q0 = tile * (2 * bq)
-    lo, _, _, hi = _kv_block_range(cta_q0, 2 * bq, bk, cfg)   # blocks any row of the CTA sees
+    cta_q0 = tile * (nc * bq)
+    lo, _, _, hi = _kv_block_range(cta_q0, nc * bq, bk, cfg)  # blocks any row of the CTA sees
 
     def step_slot(j):
         return lax.rem(j - lo, jnp.int32(stages))
@@ -57,7 +58,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    @pl.when(wg < 2)
+    @pl.when(wg < nc)
     def _consumer():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
         q0 = cta_q0 + wg * bq
@@ -73,8 +74,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
                                 plgpu.Layout.WGMMA)
+        # Ping-pong: the schedule barrier takes one arrival per consumer and phase; consumer w
+        # starts w phases late (2 consumers: FA3's alternation; 3: a staggered round).
         if ping_pong:
-            pl.when(wg == 1)(sync_schedule)
+            for w in range(1, nc):
+                pl.when(wg >= w)(sync_schedule)
 
         def skip(j, carry):
             slot = step_slot(j)
@@ -152,8 +156,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
         acc, m, l = lax.fori_loop(w_hi, hi, skip, carry)
-        if ping_pong:
-            pl.when(wg == 0)(sync_schedule)
+        if ping_pong:                                      # balance the phases again
+            for w in range(1, nc):
+                pl.when(wg < nc - w)(sync_schedule)
 
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
@@ -165,7 +170,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == nc)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[1], action="decrease")
         g = lax.div(h, jnp.int32(rep))
@@ -648,15 +653,16 @@ def _grid(cfg: FlashConfig, heads, tiles, batch: int) -> dict:
 
 
 def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kernel_name,
-                      interpret):
-    """plgpu.kernel with two consumer warpgroups and one producer ("wg" 0, 1 | 2): `body(*refs,
-    smem, barriers)` gets the kernel's refs and the scoped SMEM / barrier trees."""
+                      interpret, consumers: int = 2):
+    """plgpu.kernel with `consumers` consumer warpgroups and one producer ("wg" 0 ..
+    consumers - 1 | consumers): `body(*refs, smem, barriers)` gets the kernel's refs and the
+    scoped SMEM / barrier trees."""
     def entry(*refs):
         pl.run_scoped(lambda smem_, barriers_: body(*refs, smem_, barriers_), smem, barriers,
                       collective_axes="wg")
 
     return plgpu.kernel(
-        entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3,
+        entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=consumers + 1,
         thread_name="wg", kernel_name=kernel_name,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
@@ -741,34 +747,38 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     b, lq, hq, d = q.shape
     rep = hq // k.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
+    nc = cfg.mgpu_fwd_wgs
     _check_inputs(q, "forward")
-    qp = _common.pad_axis(q, 1, 2 * bq)
+    if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
+        raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
+                         f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
+    qp = _common.pad_axis(q, 1, nc * bq)
     kp, vp = _common.pad_axis(k, 1, bk), _common.pad_axis(v, 1, bk)
     lq_pad = qp.shape[1]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    smem = (plgpu.SMEM((2, bq, d), q.dtype, transforms=tiles),
+    smem = (plgpu.SMEM((nc, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
-            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((nc, bq), jnp.float32),
             # P staging for interpret mode only (the GPU path keeps P in registers).
-            None if not interpret else plgpu.SMEM((2, bq, bk), q.dtype, transforms=tiles))
+            None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=2),
-                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=2))
+                plgpu.Barrier(num_barriers=nc),
+                plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=nc))
     o, lse = _warp_specialized(
         functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
                           ping_pong=ping_pong, gpu_path=not interpret),
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
-        **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (2 * bq)), b),
+        **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
-                     f"_r{cfg.mgpu_fwd_regs[0]}"
+                     f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
-        interpret=interpret,
+        interpret=interpret, consumers=nc,
     )(qp, kp, vp)
     return o[:, :lq], lse

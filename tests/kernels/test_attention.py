@@ -384,3 +384,22 @@ def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("causal,window,stages", [
+    pytest.param(False, None, 2, marks=SLOW),       # opt-in: default once measured faster
+    pytest.param(True, None, 3, marks=SLOW),
+    pytest.param(True, 40, 2, marks=SLOW),
+])
+def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages):
+    """mgpu_fwd_wgs=3: 3 x 64-row consumer warpgroups per CTA with a staggered ping-pong over
+    a 3-arrival schedule barrier (FA3's D=64 tile), GQA, ragged length, interpret mode."""
+    q, k, v, do = _inputs(23, 1, 300, 300, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           block_q=64, block_k=128, mgpu_stages=stages,
+                                           mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24), **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
