@@ -54,7 +54,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels as pk
 from mixers.base import ConfigError, Mixer, MixerConfig, check_heads, dense
+from pallas_kernels import _common
+from pallas_kernels.attention import flash_attention_kernel
+from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
 
 
 def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
@@ -64,34 +68,17 @@ def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
     return n_sample, u
 
 
-def _sample_scores(q_BHLD, k_BHLD, key, n_sample, *, sampling, causal_samples):
-    """Scores of each query against its sampled keys: ([B, H, Lq, S], valid [Lq, S] or None)."""
-    l_q, l_k = q_BHLD.shape[2], k_BHLD.shape[2]
+def draw_samples(key, l_q: int, l_k: int, n_sample: int, *, sampling: str,
+                 causal_samples: bool):
+    """Sampled key indices: [S] (`shared`) or [Lq, S] (`per_query`; uniform over keys 0..i for
+    query i with `causal_samples`). One draw per call, shared by batch and heads (the code's)."""
     if sampling == "shared":
-        idx_S = jax.random.randint(key, (n_sample,), 0, l_k)
-        qk = jnp.einsum("bhld,bhsd->bhls", q_BHLD, k_BHLD[:, :, idx_S])
-        valid = idx_S[None, :] <= jnp.arange(l_q)[:, None] if causal_samples else None
-        return qk, valid
-    if causal_samples:            # uniform over keys 0..i for query i
+        return jax.random.randint(key, (n_sample,), 0, l_k)
+    if causal_samples:
         r = jax.random.uniform(key, (l_q, n_sample))
         idx_LS = jnp.floor(r * (jnp.arange(l_q)[:, None] + 1)).astype(jnp.int32)
-        idx_LS = jnp.minimum(idx_LS, l_k - 1)
-    else:
-        idx_LS = jax.random.randint(key, (l_q, n_sample), 0, l_k)
-    # The [B, H, Lq, S, D] gathered keys are written out as a dot operand (0.8 GB at B=32, H=8,
-    # L=720): that gather is most of this layer's time on a GPU. A multiply-and-sum form that
-    # XLA fuses with the gather measured 1.7x slower on the H200 (docs/informer.md).
-    k_sample = k_BHLD[:, :, idx_LS]                                     # [B, H, Lq, S, D]
-    return jnp.einsum("bhld,bhlsd->bhls", q_BHLD, k_sample), None
-
-
-def _sparsity(qk_BHLS, valid_LS, l_k):
-    """M = max - sum / L_K over the (valid) sampled scores (the authors' divisor)."""
-    if valid_LS is None:
-        return qk_BHLS.max(-1) - qk_BHLS.sum(-1) / l_k
-    neg = jnp.finfo(qk_BHLS.dtype).min
-    m = jnp.where(valid_LS, qk_BHLS, neg).max(-1) - jnp.where(valid_LS, qk_BHLS, 0).sum(-1) / l_k
-    return jnp.where(valid_LS.any(-1), m, 0.0)
+        return jnp.minimum(idx_LS, l_k - 1)
+    return jax.random.randint(key, (l_q, n_sample), 0, l_k)
 
 
 def _prefix_selection(m_BHL, u):
@@ -112,31 +99,22 @@ def _prefix_selection(m_BHL, u):
         jnp.broadcast_to(pos, m_BHL.shape).astype(jnp.int32), mode="drop")
 
 
-def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
-                         query_selection: str = "global", sampling: str = "per_query",
-                         lazy_causal: str = "cumsum", sm_scale: float | None = None):
-    """ProbSparse attention on q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
-
-    `key` draws the sampled keys. See the module docstring for the options.
-    """
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal ProbSparse attention needs Lq == Lk, got q {q.shape}, "
-                         f"k {k.shape}")
-    q_BHLD, k_BHLD, v_BHLD = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-    b, h, l_q, d = q_BHLD.shape
-    l_k = k_BHLD.shape[2]
-    sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-    n_sample, u = probsparse_sizes(l_q, l_k, factor)
-    prefix = causal and query_selection == "prefix"
-
-    # The sampled scores only choose which queries are active (an integer choice): no gradient.
-    qk, valid = _sample_scores(jax.lax.stop_gradient(q_BHLD), jax.lax.stop_gradient(k_BHLD),
-                               key, n_sample, sampling=sampling, causal_samples=prefix)
-    m_BHL = _sparsity(qk.astype(jnp.float32), valid, l_k)
+def _select(m_BHL, u, prefix: bool):
+    """Active query indices [B, H, U]: top-u by M (global) or the strictly causal choice."""
     if prefix:
-        top_BHU = _prefix_selection(m_BHL, u)
-    else:
-        top_BHU = jax.lax.top_k(m_BHL, u)[1].astype(jnp.int32)
+        return _prefix_selection(m_BHL, u)
+    return jax.lax.top_k(m_BHL, u)[1].astype(jnp.int32)
+
+
+def _reference(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale):
+    """The plain jnp form in [B, H, L, D] (dense [u, Lk] rows, scatter into the lazy fill)."""
+    q_BHLD, k_BHLD, v_BHLD = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    b, h, l_q, _ = q_BHLD.shape
+    l_k = k_BHLD.shape[2]
+    # The sampled scores only choose which queries are active (an integer choice): no gradient.
+    m_BHL = sparsity_reference(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), idx,
+                               causal_samples=prefix and idx.ndim == 1)
+    top_BHU = _select(m_BHL, u, prefix)
     bi, hi = jnp.indices((b, h))
     bi, hi = bi[..., None], hi[..., None]
     q_top = q_BHLD[bi, hi, jnp.minimum(top_BHU, l_q - 1)]                # [B, H, U, D]
@@ -145,16 +123,90 @@ def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
         s = jnp.where(jnp.arange(l_k)[None, None, None, :] <= top_BHU[..., None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     out_top = jnp.einsum("bhuk,bhkd->bhud", p, v_BHLD.astype(jnp.float32))
-
-    v32 = v_BHLD.astype(jnp.float32)
-    if not causal:
-        context = jnp.broadcast_to(v32.mean(2, keepdims=True), (b, h, l_q, v32.shape[-1]))
-    elif lazy_causal == "cummean":
-        context = jnp.cumsum(v32, axis=2) / jnp.arange(1, l_q + 1)[:, None]
-    else:
-        context = jnp.cumsum(v32, axis=2)
+    context = _lazy_fill(v_BHLD, 2, l_q, causal, lazy_causal)
     context = context.at[bi, hi, top_BHU].set(out_top, mode="drop")
     return jnp.swapaxes(context, 1, 2).astype(q.dtype)
+
+
+def _lazy_fill(v, axis: int, l_q: int, causal: bool, lazy_causal: str):
+    """The lazy queries' output (f32, length l_q along `axis`): mean(V) broadcast, cumsum(V) or
+    the running mean (causal: l_q == Lk)."""
+    v32 = v.astype(jnp.float32)
+    if not causal:
+        shape = list(v.shape)
+        shape[axis] = l_q
+        return jnp.broadcast_to(v32.mean(axis, keepdims=True), shape)
+    context = jnp.cumsum(v32, axis=axis)
+    if lazy_causal == "cummean":
+        shape = [1] * v.ndim
+        shape[axis] = v.shape[axis]
+        context = context / jnp.arange(1, v.shape[axis] + 1).reshape(shape)
+    return context
+
+
+def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, flash_opts):
+    """The kernel path, in the [B, L, H, D] layout (no transposes): M by the Pallas kernel (no
+    [B, H, L, S, D] gather), top-u in XLA, the u active rows by `flash_attention` on the
+    gathered queries (Pallas forward and backward; bidirectional), and one scatter of those rows
+    into the lazy fill."""
+    b, l_q, h, _ = q.shape
+    m_BHL = sparsity_measure(q, k, idx, causal_samples=prefix and idx.ndim == 1,
+                             backend=backend)
+    top_BUH = jnp.swapaxes(_select(m_BHL, u, prefix), 1, 2)             # [B, U, H]
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
+    q_top = q[bi, jnp.minimum(top_BUH, l_q - 1), hi]                   # [B, U, H, D]
+    if causal:
+        # Query i sees keys j <= i at its own position: not flash's causal mask (which places the
+        # U gathered queries at the last U positions), so the [U, Lk] rows stay dense here.
+        s = jnp.einsum("buhd,bkhd->bhuk", q_top, k,
+                       preferred_element_type=jnp.float32) * sm_scale
+        visible = jnp.arange(k.shape[1]) <= jnp.swapaxes(top_BUH, 1, 2)[..., None]
+        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+        o_top = jnp.einsum("bhuk,bkhd->buhd", p, v.astype(jnp.float32))
+        out = _lazy_fill(v, 1, l_q, causal, lazy_causal)
+    else:
+        if backend == "interpret":
+            o_top = pk.flash_attention(q_top, k, v, sm_scale=sm_scale, backend="interpret")
+        else:
+            o_top = flash_attention_kernel(q_top, k, v, sm_scale=sm_scale, **flash_opts)
+        fill = v.astype(jnp.float32).mean(1, keepdims=True).astype(q.dtype)   # [B, 1, H, D]
+        out = jnp.broadcast_to(fill, q.shape)
+    out = out.at[bi, top_BUH, hi].set(o_top.astype(out.dtype), mode="drop",
+                                      unique_indices=not prefix)
+    return out.astype(q.dtype)
+
+
+# Options of the flash kernel for the u gathered query rows (a few dozen rows per head): the
+# Triton forward with 64-row blocks; the Mosaic forward's 2 x 128-row tiles would pad u ~ 35 to
+# 256 rows. Measured in docs/informer.md (session-4 call 2).
+FLASH_TOP_OPTS = {"fwd_impl": "triton"}
+
+
+def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
+                         query_selection: str = "global", sampling: str = "per_query",
+                         lazy_causal: str = "cumsum", sm_scale: float | None = None,
+                         backend: str | None = None, flash_opts: dict | None = None):
+    """ProbSparse attention on q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    `key` draws the sampled keys. See the module docstring for the options. `backend`: None
+    (the kernel path on GPU, the jnp form elsewhere), "pallas", "interpret" (the kernel path
+    with Pallas in interpret mode) or "reference" (the plain jnp form). `flash_opts`: keyword
+    arguments of `flash_attention_kernel` for the active rows (tuning; GPU only).
+    """
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal ProbSparse attention needs Lq == Lk, got q {q.shape}, "
+                         f"k {k.shape}")
+    l_q, l_k, d = q.shape[1], k.shape[1], q.shape[3]
+    sm_scale = d ** -0.5 if sm_scale is None else sm_scale
+    n_sample, u = probsparse_sizes(l_q, l_k, factor)
+    prefix = causal and query_selection == "prefix"
+    idx = draw_samples(key, l_q, l_k, n_sample, sampling=sampling, causal_samples=prefix)
+    kw = dict(u=u, causal=causal, prefix=prefix, lazy_causal=lazy_causal, sm_scale=sm_scale)
+    backend = _common.resolve_backend(backend)
+    if backend == "reference" or _common.platform() == "tpu" or backend == "tpu_interpret":
+        return _reference(q, k, v, idx, **kw)
+    return _fused(q, k, v, idx, backend=backend,
+                  flash_opts=FLASH_TOP_OPTS if flash_opts is None else flash_opts, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +222,7 @@ class ProbSparseConfig(MixerConfig):
 
     @classmethod
     def valid_impls(cls):
-        return ("reference",)
+        return ("pallas", "interpret", "reference")
 
     def validate(self, d_model: int) -> None:
         super().validate(d_model)
@@ -192,8 +244,8 @@ class ProbSparseAttention(Mixer):
     """Informer's ProbSparse self-attention. Args (ProbSparseConfig): n_heads, head_dim,
     factor (c in u = c ln L), causal, query_selection (global | prefix), sampling
     (per_query | shared), lazy_causal (cumsum | cummean), use_bias, mix_heads (the authors'
-    `mix=True` reshape of [B, H, L, D] as [B, L, H*D]), impl (reference only: the sparse
-    selection is plain jnp)."""
+    `mix=True` reshape of [B, H, L, D] as [B, L, H*D]), impl (pallas | interpret | reference;
+    unset: the kernel path on GPU, the jnp form on CPU)."""
 
     def __init__(self, cfg: ProbSparseConfig, *, d_model: int, rngs: nnx.Rngs, dtype=None):
         self.cfg, self.causal = cfg, cfg.causal
@@ -217,7 +269,7 @@ class ProbSparseAttention(Mixer):
         cfg = self.cfg
         o = probsparse_attention(q, k, v, self.rngs(), factor=cfg.factor, causal=self.causal,
                                  query_selection=cfg.selection, sampling=cfg.sampling,
-                                 lazy_causal=cfg.lazy_causal)
+                                 lazy_causal=cfg.lazy_causal, backend=cfg.impl)
         if cfg.mix_heads:                  # [B, L, H, D] -> [B, H, L, D], read as [B, L, H*D]
             o = jnp.swapaxes(o, 1, 2)
         return self.o_proj(o.reshape(b, l, -1))

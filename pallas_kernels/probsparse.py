@@ -1,0 +1,175 @@
+"""ProbSparse attention's sparsity measure (Zhou et al. 2021, Informer) as a Pallas kernel.
+
+    M[b, h, i] = max_s q[b, i, h] . k[b, idx_s, h]  -  sum_s q[b, i, h] . k[b, idx_s, h] / L_K
+
+over the sampled keys `idx` of query i (the authors' measure: unscaled scores, the sampled sum
+divided by L_K). `idx` is either one sample [S] shared by every query (`sampling: shared`) or one
+sample per query [Lq, S] (`sampling: per_query`, the authors' code); both are shared by batch and
+heads, as the code's single torch.randint per call. With `causal_samples` (shared only) key idx_s
+counts for query i only when idx_s <= i; a query with no valid key gets M = 0.
+
+Shapes: q [B, Lq, H, D], k [B, Lk, H, D] (the mixers' layout: no transposes), M [B, H, Lq] f32.
+M only chooses which queries are active (an integer choice), so it takes no gradient: the inputs
+go through stop_gradient and there is no backward kernel.
+
+Kernel: one program per (query block, batch, head); the query block is read once, with masked
+loads past Lq (no padded copy of q).
+  shared     the S sampled keys of (b, h) ([S_pad, D], gathered by XLA: S x D per head) form
+             one tensor-core dot [block_q, D] x [D, S_pad]; padding columns are masked;
+  per_query  a loop over the S samples gathers the rows k[idx[i, s]] of the block's queries
+             straight from K (row gathers that hit L1/L2: K of one head is Lk x D) and keeps a
+             running max and sum: the [B, H, Lq, S, D] gathered keys of the jnp form are never
+             written (they are most of that form's time on a GPU, docs/informer.md).
+The other ProbSparse steps (top-u, the u full rows through `flash_attention`, the lazy fill)
+are in mixers/probsparse.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+def sparsity_reference(q, k, idx, *, causal_samples: bool = False):
+    """M [B, H, Lq] (f32) of q [B, Lq, H, D] over the keys idx ([S] or [Lq, S]) of k."""
+    l_q, l_k = q.shape[1], k.shape[1]
+    if idx.ndim == 1:
+        qk = jnp.einsum("blhd,bshd->bhls", q, k[:, idx], preferred_element_type=jnp.float32)
+        valid = idx[None, :] <= jnp.arange(l_q)[:, None] if causal_samples else None
+    else:
+        qk = jnp.einsum("blhd,blshd->bhls", q, k[:, idx], preferred_element_type=jnp.float32)
+        valid = None
+    return measure_from_scores(qk, valid, l_k)
+
+
+def measure_from_scores(qk_BHLS, valid_LS, l_k: int):
+    """M = max - sum / L_K over the (valid) sampled scores [..., Lq, S] (the authors' divisor)."""
+    if valid_LS is None:
+        return qk_BHLS.max(-1) - qk_BHLS.sum(-1) / l_k
+    neg = jnp.finfo(qk_BHLS.dtype).min
+    m = jnp.where(valid_LS, qk_BHLS, neg).max(-1) - jnp.where(valid_LS, qk_BHLS, 0).sum(-1) / l_k
+    return jnp.where(valid_LS.any(-1), m, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernels (no backward: M takes no gradient)
+# --------------------------------------------------------------------------------------------
+def _load_rows(ref, r0, block: int, n_rows: int):
+    """Rows r0 .. r0 + block of a [n_rows, D] ref, zeros past n_rows (masked load)."""
+    rows = r0 + jnp.arange(block)
+    return plgpu.load(ref.at[pl.ds(r0, block), :], mask=(rows < n_rows)[:, None], other=0.0)
+
+
+def _shared_kernel(q_ref, ks_ref, sidx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
+                   n_sample: int, causal_samples: bool):
+    i0 = pl.program_id(0) * block_q
+    q_BqD = _load_rows(q_ref, i0, block_q, l_q)
+    s = lax.dot_general(q_BqD, ks_ref[...], (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)            # [block_q, S_pad]
+    col = jnp.arange(s.shape[1])
+    valid = jnp.broadcast_to((col < n_sample)[None, :], s.shape)
+    if causal_samples:
+        valid &= sidx_ref[...][None, :] <= (i0 + jnp.arange(block_q))[:, None]
+    neg = jnp.finfo(jnp.float32).min
+    m = (jnp.max(jnp.where(valid, s, neg), axis=1)
+         - jnp.sum(jnp.where(valid, s, 0.0), axis=1) / l_k)
+    if causal_samples:
+        m = jnp.where(jnp.max(valid.astype(jnp.int32), axis=1) > 0, m, 0.0)
+    m_ref[...] = m
+
+
+def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
+                      n_sample: int):
+    i0 = pl.program_id(0) * block_q
+    q_BqD = _load_rows(q_ref, i0, block_q, l_q).astype(jnp.float32)
+
+    def body(s, carry):
+        mx, total = carry
+        k_BqD = k_ref[idx_ref[s, :], :].astype(jnp.float32)           # row gather from K
+        score = jnp.sum(q_BqD * k_BqD, axis=1)
+        return jnp.maximum(mx, score), total + score
+
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    mx, total = lax.fori_loop(0, n_sample, body, init)
+    m_ref[...] = mx - total / l_k
+
+
+def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
+                    num_stages: int, interpret: bool):
+    b, l_q, h, d = q.shape
+    l_k = k.shape[1]
+    n_sample = idx.shape[-1]
+    d_pad = max(16, pl.next_power_of_2(d))                  # Triton tiles: powers of 2
+    if d_pad != d:
+        q, k = (_common.pad_axis(x, 3, d_pad) for x in (q, k))
+    block_q = min(block_q, max(16, pl.next_power_of_2(l_q)))
+    n_blocks = pl.cdiv(l_q, block_q)
+    grid = (n_blocks, b, h)                                 # query blocks of one head adjacent
+    q_spec = pl.BlockSpec((None, l_q, None, d_pad), lambda i, b_, h_: (b_, 0, h_, 0))
+    m_spec = pl.BlockSpec((None, None, block_q), lambda i, b_, h_: (b_, h_, i))
+    common = dict(block_q=block_q, l_q=l_q, l_k=l_k, n_sample=n_sample)
+    if idx.ndim == 1:
+        s_pad = max(16, pl.next_power_of_2(n_sample))
+        ks = _common.pad_axis(k[:, idx], 1, s_pad)           # [B, S_pad, H, D]: S x D per head
+        sidx = _common.pad_axis(idx.astype(jnp.int32), 0, s_pad, l_k)
+        kernel = functools.partial(_shared_kernel, causal_samples=causal_samples, **common)
+        in_specs = [q_spec, pl.BlockSpec((None, s_pad, None, d_pad),
+                                         lambda i, b_, h_: (b_, 0, h_, 0)),
+                    pl.BlockSpec((s_pad,), lambda i, b_, h_: (0,))]
+        args = (q, ks, sidx)
+    else:
+        idx_SL = _common.pad_axis(idx.astype(jnp.int32).T, 1, block_q)   # [S, Lq_pad]
+        kernel = functools.partial(_per_query_kernel, **common)
+        in_specs = [q_spec, pl.BlockSpec((None, l_k, None, d_pad),
+                                         lambda i, b_, h_: (b_, 0, h_, 0)),
+                    pl.BlockSpec((n_sample, block_q), lambda i, b_, h_: (0, i))]
+        args = (q, k, idx_SL)
+    m = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=m_spec,
+        out_shape=jax.ShapeDtypeStruct((b, h, n_blocks * block_q), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="probsparse_measure",
+    )(*args)
+    return m[:, :, :l_q]
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | None = None,
+                     block_q: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """ProbSparse's M [B, H, Lq] (f32, no gradient) of q [B, Lq, H, D] over the sampled keys of
+    k [B, Lk, H, D]: `idx` [S] (shared sample) or [Lq, S] (a sample per query), int in [0, Lk).
+    """
+    _common.check_rank("q", q, 4, "[batch, Lq, heads, head_dim]")
+    _common.check_rank("k", k, 4, "[batch, Lk, heads, head_dim]")
+    for name, x in (("q", q), ("k", k)):
+        _common.check_float(name, x)
+    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k must have shape [{q.shape[0]}, Lk, {q.shape[2]}, {q.shape[3]}] to "
+                         f"match q {q.shape}, got {k.shape}")
+    if idx.ndim not in (1, 2) or (idx.ndim == 2 and idx.shape[0] != q.shape[1]):
+        raise ValueError(f"idx must have shape [S] or [{q.shape[1]}, S], got {idx.shape}")
+    if causal_samples and idx.ndim != 1:
+        raise ValueError("causal_samples applies to a shared sample idx [S] only")
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    backend = _common.resolve_backend(backend)
+    if backend == "reference" or (backend == "pallas" and _common.platform() == "tpu"):
+        return sparsity_reference(q, k, idx, causal_samples=causal_samples)
+    if backend == "tpu_interpret":
+        raise ValueError("sparsity_measure has no Mosaic TPU kernel: use backend='interpret'")
+    if block_q is None:
+        block_q = 64 if idx.ndim == 1 else 32
+    return _measure_pallas(q, k, idx, causal_samples=causal_samples, block_q=block_q,
+                           num_warps=num_warps, num_stages=num_stages,
+                           interpret=backend == "interpret")

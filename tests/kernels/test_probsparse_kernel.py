@@ -1,0 +1,64 @@
+"""ProbSparse's sparsity-measure kernel against its jnp reference (Pallas interpret mode, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+
+measure = jax.jit(sparsity_measure, static_argnames=("causal_samples", "backend", "block_q"))
+
+
+def _qk(keys, b=2, lq=40, lk=40, h=3, d=16, dtype=jnp.float32):
+    kq, kk = keys(2)
+    return (jax.random.normal(kq, (b, lq, h, d), dtype),
+            jax.random.normal(kk, (b, lk, h, d), dtype))
+
+
+@pytest.mark.parametrize("lq,lk,d,per_query,causal", [
+    (40, 40, 16, False, False),       # 40 = 2.5 blocks of 16: masked tail rows
+    (40, 40, 16, False, True),        # keys idx_s <= i only; rows without a valid key get 0
+    (40, 40, 16, True, False),        # row gathers, one sample per query
+    (24, 70, 24, False, False),       # cross lengths, head_dim padded to 32
+    (70, 24, 24, True, False),
+])
+def test_measure_matches_reference(keys, lq, lk, d, per_query, causal):
+    q, k = _qk(keys, lq=lq, lk=lk, d=d)
+    shape = (lq, 9) if per_query else (9,)
+    idx = jax.random.randint(jax.random.PRNGKey(4), shape, 3 if causal else 0, lk)
+    got = measure(q, k, idx, causal_samples=causal, backend="interpret", block_q=16)
+    ref = sparsity_reference(q, k, idx, causal_samples=causal)
+    assert got.shape == (2, 3, lq) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    if causal:                                    # queries 0..2 see no sampled key (all >= 3)
+        assert np.all(np.asarray(got)[..., :3] == 0) and np.all(np.asarray(got)[..., 3:] != 0)
+
+
+def test_measure_bf16_is_accumulated_in_f32(keys):
+    q, k = _qk(keys, lq=64, lk=64, d=64, dtype=jnp.bfloat16)
+    idx = jax.random.randint(jax.random.PRNGKey(1), (64, 25), 0, 64)
+    got = measure(q, k, idx, backend="interpret")
+    exact = sparsity_reference(q.astype(jnp.float32), k.astype(jnp.float32), idx)
+    np.testing.assert_allclose(got, exact, atol=1e-4, rtol=1e-4)
+
+
+def test_measure_takes_no_gradient(keys):
+    q, k = _qk(keys)
+    idx = jnp.arange(9)
+    g = jax.grad(lambda q: sparsity_measure(q, k, idx, backend="interpret").sum())(q)
+    assert not np.any(np.asarray(g))
+
+
+@pytest.mark.parametrize("idx_shape,match", [((5, 9), r"idx must have shape"),
+                                             ((2, 3, 4), r"idx must have shape")])
+def test_bad_idx_shape_names_it(keys, idx_shape, match):
+    q, k = _qk(keys)
+    with pytest.raises(ValueError, match=match):
+        sparsity_measure(q, k, jnp.zeros(idx_shape, jnp.int32), backend="interpret")
+
+
+def test_bad_k_shape_names_it(keys):
+    q, k = _qk(keys)
+    with pytest.raises(ValueError, match=r"k must have shape"):
+        sparsity_measure(q, k[..., :8], jnp.arange(9), backend="interpret")
