@@ -258,6 +258,34 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.copy_gmem_to_smem(v_ref.at[kv_at], v_smem.at[w], kv_ready.at[2 + w])
         return k0, w_mid_lo, w_mid_hi, kv_at
 
+    def send_dq(w: int, dq, i, h, cols):
+        """dq [bq, cols] of query block i, head h: to SMEM (once the last reduce-add has read
+        it), then a TMA reduce-add into the f32 accumulator."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        dq_smem.at[w][...] = dq
+        plgpu.commit_smem()
+        q_at = (b, pl.ds(i * bq, bq), h, cols)
+        if gpu_path:
+            plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
+        else:           # interpret mode has no TMA reduction: a slot per (tile, wg), summed
+            plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+
+    def begin_consumer():
+        """The default and rows consumers' start: registers up, own K/V in SMEM; returns
+        (k0, w_mid_lo, w_mid_hi, kv_at, zero dK/dV accumulator)."""
+        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
+        plgpu.barrier_wait(kv_ready.at[wg])
+        plgpu.barrier_wait(kv_ready.at[2 + wg])
+        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+        return k0, w_mid_lo, w_mid_hi, kv_at, zeros
+
+    def step_slots(i, r):
+        """Ring slot, dS buffer and query head of query block i of the r-th head of the group."""
+        t = r * n + (i - lo)
+        buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
+        return lax.rem(t, jnp.int32(stages)), buf, g * rep + r
+
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
         """`step(i, carry, r, masked)` over the rep query heads and the CTA's query blocks:
         masked edges and the unmasked middle in separate loops."""
@@ -331,14 +359,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 plgpu.wgmma(dq_ref, ds_smem.at[buf, u].transpose((1, 0)), k_smem.at[u, :, cols])
 
         def emit_dq(dq, i_prev, h_prev):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
-            dq_smem.at[w][...] = dq * cfg.sm_scale
-            plgpu.commit_smem()
-            q_at = (b, pl.ds(i_prev * bq, bq), h_prev, cols)
-            if gpu_path:
-                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
-            else:           # interpret mode has no TMA reduction: a slot per (tile, wg), summed
-                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+            send_dq(w, dq * cfg.sm_scale, i_prev, h_prev, cols)
 
         def step(i, carry, r, masked):
             dk, dv, i_prev, h_prev = carry
@@ -397,24 +418,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         write_dkdv(w, dk, dv, kv_at)
 
     def _consumer():
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
         # SMEM is indexed by warpgroup on untiled leading axes only (no dynamic slices of a
         # tiled axis): K/V [2, bk, D], dS^T [buffer, 2, bk, bq].
-        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
+        k0, w_mid_lo, w_mid_hi, kv_at, zeros = begin_consumer()
         k_own, v_own = k_smem.at[wg], v_smem.at[wg]
-        plgpu.barrier_wait(kv_ready.at[wg])
-        plgpu.barrier_wait(kv_ready.at[2 + wg])
-        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
 
         def mask_scores(st, i):
             return _mask_bwd_scores(st, i, k0, bq, bk, cfg)
 
         def step(i, carry, r, masked):
             dk, dv = carry
-            t = r * n + (i - lo)
-            slot = lax.rem(t, jnp.int32(stages))
-            buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
-            h = g * rep + r
+            slot, buf, h = step_slots(i, r)
             plgpu.barrier_wait(q_ready.at[slot])
             do_t = do_smem.at[slot].transpose((1, 0))
             if cfg.mgpu_bwd_overlap:
@@ -521,14 +535,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.wgmma(acc_ref, ds_ref if rows else ds_ref.transpose((1, 0)), k_ref_)
                 return acc_ref[...]
             dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last step's reduce-add
-            dq_smem.at[w][...] = dq
-            plgpu.commit_smem()
-            q_at = (b, pl.ds(i * bq, bq), h, cols)
-            if gpu_path:
-                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[q_at], reduction_op="add")
-            else:       # interpret mode has no TMA reduction: a slot per (tile, wg), summed
-                plgpu.copy_smem_to_gmem(dq_smem.at[w], dq_ref.at[(tile, w, *q_at)])
+            send_dq(w, dq, i, h, cols)
 
         for w in range(dq_wgs):
             pl.when(wg == w)(functools.partial(dq_block, w))
@@ -542,20 +549,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         dK += dS^T Q take the transposed SMEM views as A operands, dq = dS K takes dS as is.
         S and dP are issued back to back, P is computed and stored while dP runs, dS while dV
         runs. Live registers at the peak: dK, dV (2 * block_k * D / 128) + P and dP (f32)."""
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
+        k0, w_mid_lo, w_mid_hi, kv_at, zeros = begin_consumer()
         k_own, v_own, p_own = k_smem.at[wg], v_smem.at[wg], p_smem.at[wg]
-        plgpu.barrier_wait(kv_ready.at[wg])
-        plgpu.barrier_wait(kv_ready.at[2 + wg])
-        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
         row = plgpu.Layout.WGMMA.reduce(1)
 
         def step(i, carry, r, masked):
             dk, dv = carry
-            t = r * n + (i - lo)
-            slot = lax.rem(t, jnp.int32(stages))
-            buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
-            h = g * rep + r
+            slot, buf, h = step_slots(i, r)
             plgpu.barrier_wait(q_ready.at[slot])
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
