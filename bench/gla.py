@@ -43,6 +43,7 @@ from bench._common import rel_error, timeit_ms  # noqa: E402
 B, H = 8, 16
 T0 = time.perf_counter()
 GB = gla_mod.GLABlocks
+REF_BG = False   # --ref-bg: the reference compiled in background threads, timed last
 TIMER = {"loop": False}   # --timer loop: also the looped-jit / CUDA-event times (keys *_loop)
 # Session 1-2 tilings: 16-row state steps and diagonal blocks, f32 stored states (explicit: the
 # GLABlocks defaults changed to 64-row steps, so GB(schedule=...) alone is seq64 / cp64).
@@ -387,11 +388,8 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
         if TIMER["loop"]:
             items[f"{name}_fwd_loop"] = _looped(_fwd("pallas", blocks), n)
             items[f"{name}_fwd_bwd_loop"] = _looped(_fwd_bwd("pallas", blocks), n)
-    if t <= ref_max_t:
+    if t <= ref_max_t and not REF_BG:
         items["ref_fwd"], items["ref_fwd_bwd"] = _fwd("reference"), _fwd_bwd("reference")
-        if TIMER["loop"]:
-            items["ref_fwd_loop"] = _looped(_fwd("reference"), n)
-            items["ref_fwd_bwd_loop"] = _looped(_fwd_bwd("reference"), n)
     args_of = lambda name: (q, k, v, g, do) if "fwd_bwd" in name else (q, k, v, g)
     t0 = time.perf_counter()
     compiled = _compile_all(items, args_of)
@@ -402,6 +400,52 @@ def run_cell(results, key, b, t, h, dk, dv, candidates, *, budget, fla, ref_max_
     fla.time_into(row, b, t, h, dk, dv)
     print(f"[{key} {_elapsed():.0f}s] {row}", flush=True)
     _save(results, out)
+
+
+def start_ref_compiles(cells, ref_max_t):
+    """--ref-bg: the jnp reference's jits (XLA compiles them in minutes: a slow reduction
+    fusion) compiled in background threads from the start, timed after our cells
+    (`time_refs`). {(d, t): {name: future}}."""
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=12)
+    futures = {}
+    for d, t in cells:
+        if t > ref_max_t or (d, t) in futures:
+            continue
+        spec = jax.ShapeDtypeStruct((B, t, H, d), jnp.bfloat16)
+        compile_ = lambda fn, n_args, spec: jax.jit(fn).lower(*[spec] * n_args).compile()
+        futures[(d, t)] = {"ref_fwd": ex.submit(compile_, _fwd("reference"), 4, spec),
+                           "ref_fwd_bwd": ex.submit(compile_, _fwd_bwd("reference"), 5, spec)}
+    ex.shutdown(wait=False)
+    return futures
+
+
+def time_refs(results, futures, deadline, out):
+    """Times the background-compiled references into their cells' rows (the first row of each
+    shape), waiting for a compile until `deadline` (seconds since the start)."""
+    for (d, t), named in futures.items():
+        row = next((r for r in results["timings"] if r["dk"] == d and r["t"] == t
+                    and "skipped" not in r), None)
+        if row is None:
+            continue
+        q, k, v, g, _, do = _inputs(B, t, H, d, d, jnp.bfloat16, seed=t + d)
+        for name, fut in named.items():
+            try:
+                fn = fut.result(timeout=max(0.0, deadline - _elapsed()))
+                row[f"{name}_compile_done_s"] = _elapsed()
+                mem = fn.memory_analysis()
+                if mem is not None:
+                    row[f"{name}_mem_mb"] = (mem.temp_size_in_bytes
+                                             + mem.output_size_in_bytes) / 2**20
+                args = (q, k, v, g, do) if name.endswith("fwd_bwd") else (q, k, v, g)
+                row[name] = timeit_ms(fn, *args, iters=3, reps=3)
+            except concurrent.futures.TimeoutError:
+                row[f"{name}_error"] = f"compile not done by {deadline:.0f} s"
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            print(f"[ref {_elapsed():.0f}s] D={d} T={t} {name}: {row.get(name)} "
+                  f"{row.get(name + '_error', '')}", flush=True)
+            _save(results, out)
 
 
 def run_stages(results, b, t, h, d, out, budget, only=None):
@@ -668,6 +712,9 @@ def main():
                    "n back-to-back calls (fla), keys *_loop")
     p.add_argument("--ref-max-t", type=int, default=2048,
                    help="longest T for the jnp reference (0: never)")
+    p.add_argument("--ref-bg", type=float, default=0.0, help="seconds: compile the reference "
+                   "in background threads from the start, time it after the cells, waiting "
+                   "for compiles until this many seconds since the start")
     p.add_argument("--profile", default="", help="NAMES:D:T: run each VARIANTS name's "
                    "forward+backward once at B=8, H=16, D, T (bf16), then exit (under ncu)")
     p.add_argument("--trace", default="", help="NAMES:D:T: device time per kernel of each "
@@ -676,6 +723,8 @@ def main():
                    "T=2048) with XLA dumping PTX there, then ptxas -v: registers and spills")
     args = p.parse_args()
     TIMER["loop"] = args.timer == "loop"
+    global REF_BG
+    REF_BG = bool(args.ref_bg)
     if args.profile:
         names, d, t = args.profile.split(":")
         q, k, v, g, _, do = _inputs(B, int(t), H, int(d), int(d), jnp.bfloat16)
@@ -736,6 +785,7 @@ def main():
                 traceback.print_exc()
     if args.stages and args.stages_first:
         stages()
+    ref_futures = start_ref_compiles(cells, args.ref_max_t) if REF_BG else {}
     for i, (d, t) in enumerate(cells):
         first = next((r for r in results["timings"] if r["dk"] == d and r["t"] == lengths[0]
                       and "skipped" not in r), None)
@@ -745,6 +795,8 @@ def main():
             hybrid()
     if not cells:
         hybrid()
+    if ref_futures:
+        time_refs(results, ref_futures, args.ref_bg, args.out)
     if args.stages and not args.stages_first:
         stages()
     for names in groups:
