@@ -358,6 +358,11 @@ VARIANTS = {
     # the dB/dC partials in bf16 (B, C bf16): half their bytes
     "bs4_x16": dict(bwd_split=4, xor_reduce=True, dbc_bf16=True),
     "bs2_16": dict(dbc_bf16=True),
+    # the backward's per-channel work once per channel-step (delta shuffled from the part that
+    # computed it, the step's end reduce-scattered over the parts)
+    "bs4_sh": dict(bwd_split=4, bwd_share=True),
+    "bs4_x_sh": dict(bwd_split=4, xor_reduce=True, bwd_share=True),
+    "bs2_sh": dict(bwd_share=True),
 }
 
 

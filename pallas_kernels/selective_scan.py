@@ -179,6 +179,8 @@ class _Config:
                               # for one step of S and the others take it by shuffle
     dbc_bf16: bool = False    # backward: the per-block dB/dC partials in bf16 when B and C are
                               # bf16 (half the bytes; summed in f32 outside)
+    bwd_share: bool = False   # backward, split S: per-channel work once per channel-step
+                              # (delta by shuffle, the step's end reduce-scattered over parts)
     interpret: bool = False
 
 
@@ -426,17 +428,18 @@ def _lanes_sum(x, bd, width, interpret):
     return x
 
 
-def _lane_reduce_scatter(vals, lane, interpret):
+def _lane_reduce_scatter(vals, lane, interpret, unit=1):
     """len(vals) = P [32]-vectors in (P a power of 2 <= 32), one out: lane e holds the sum of
     vals[e % P] over the lanes that agree with e above bit log2(P) (over all 32 when P = 32).
     A recursive-halving butterfly: P - 1 shuffles for P sums per lane group (instead of
-    log2(P) shuffles per sum)."""
+    log2(P) shuffles per sum). unit > 1 (a power of 2): the same over lane bits log2(unit)
+    and up: lane e holds the sum of vals[(e // unit) % P] over the lanes e ^ (k * unit)."""
     m = len(vals) // 2
     while m:
-        hi = (lane & m) != 0
+        hi = (lane & (m * unit)) != 0
         half = len(vals) // 2
         vals = [jnp.where(hi, vals[q + half], vals[q])
-                + _shfl_xor(jnp.where(hi, vals[q], vals[q + half]), m, interpret)
+                + _shfl_xor(jnp.where(hi, vals[q], vals[q + half]), m * unit, interpret)
                 for q in range(half)]
         m //= 2
     return vals[0]
@@ -461,7 +464,7 @@ def _xor_reduce(qb, qc, lane, bd, interpret):
 
 
 def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, ahead,
-                lane_reduce, fast_exp, split, keep_decay, xor_reduce, interpret):
+                lane_reduce, fast_exp, split, keep_decay, xor_reduce, share, interpret):
     # Reverse scan. g_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with q = g_t a_t h_{t-1}:
     # dA += dt_t q, d(delta_t) = u_t <g_t, B_t> + <A, q>, du_t = dt_t <g_t, B_t> + D dy_t,
     # dB_t = sum_d g_t dt_t u_t, dC_t = sum_d dy_t h_t (per program; summed over blocks outside).
@@ -473,6 +476,12 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     # the 32-column row j, column p * bd + q = value j * bd + q of part p (see _backward).
     # "bc" in opts (bc_rows): B/C as [Lp, 32] rows as in the forward; a chunk's rows load a
     # chunk ahead, the recompute and the reverse step shuffle the states' values out of them.
+    # share (split S > 1, S | chunk): the per-channel work is done once per channel-step, not
+    # S times: in each group of S steps, part p computes delta (bias, softplus) of step g S + p
+    # (the others take it by shfl.idx), and after the group's reverse steps the lane partials
+    # of <g, B>, <A, q> (and y with z) are reduce-scattered over the parts, so that part p
+    # finishes step g S + p alone (du, ddelta, dz, their stores; D and bias sums per part,
+    # added over the parts at the end).
     bc_rows = "bc" in opts
     in_names = ["u", "dt", "a", *(["bc"] if bc_rows else ["b", "c"]),
                 *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy", "dhT"]
@@ -483,7 +492,7 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     bd = r["u"].shape[-1]
     n_k = n_state // split
     width = bd * split
-    lane, cols, _, states = _lane_map(bd, n_state, split)
+    lane, cols, part, states = _lane_map(bd, n_state, split)
     if xor_reduce:   # register k holds state k ^ s of the part (see _xor_reduce)
         perm = (lane >> 1) % n_k
         cols, states = lane % bd, [(lane // bd) * n_k + (k ^ perm) for k in range(n_k)]
@@ -494,12 +503,23 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
                              padded=padded, fast=fast_exp, asm=asm)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
+    if share:    # the per-step dt rows are not needed; each part loads its steps' rows
+        seq_names.remove("dt")
+        grp_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
+    ri = {k: j for j, k in enumerate(seq_names)}
     zeros = jnp.zeros((width,), f32)
     n_q = r["dbc"].shape[-1]
     lsum = functools.partial(_lanes_sum, bd=bd, width=width, interpret=interpret)
 
     def load_ck(c):
         return tuple(r["ck"][c, n, cols] for n in states)
+
+    def load_rows(c):
+        rows = _load_chunk(r, seq_names, c, chunk, cols)
+        if share:   # rows[-1][g][name]: the row of step g * split + part
+            rows += (tuple({k: r[k][c * chunk + g * split + part, cols] for k in grp_names}
+                           for g in range(chunk // split)),)
+        return rows
 
     def load_b(i):
         return tuple(r["b"][i, n] for n in states)
@@ -517,11 +537,11 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         dh, da, h, wb, wbc = list(dh), list(da), list(h), list(wb), list(wbc)
         c = n_chunks - 1 - k
         # The next chunk's rows and checkpoint load before this chunk's first store.
-        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk, cols)
+        next_rows = load_rows(jnp.maximum(c - 1, 0))
         next_ck = load_ck(jnp.maximum(c - 1, 0))
         if bc_rows:      # wb carries this chunk's bc rows, wbc is empty
             bc_cur, wb = wb, load_bc_rows(jnp.maximum(c - 1, 0))
-        hs, steps, decays = [h], [], []
+        hs, steps, decays, grp, parts = [h], [], [], [], {}
         for t in range(chunk):                       # recompute the chunk's states
             i = c * chunk + t
             if bc_rows:
@@ -533,7 +553,13 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 b_t = wb.pop(0)
             else:
                 b_t = load_b(i)
-            dt, x = step(rows[1][t], i=i)
+            if share:
+                g, j = divmod(t, split)
+                if j == 0:   # this part's step of the group: delta and the pre-softplus x
+                    grp.append(step(rows[-1][g]["dt"], i=c * chunk + g * split + part))
+                dt, x = _shfl_idx(grp[g][0], j * bd + cols, interpret), None
+            else:
+                dt, x = step(rows[ri["dt"]][t], i=i)
             steps.append((dt, x))                    # reused by the reverse pass
             dtl = dt * _LOG2E
             dtu = dt * rows[0][t].astype(f32)
@@ -551,14 +577,18 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 b_t, c_t = wbc.pop(0)
             else:
                 b_t, c_t = _load_bc(r, i, states)
-            u = rows[0][t].astype(f32)
+            u = rows[ri["u"]][t].astype(f32)
             dt, x = steps[t]
             dtl = dt * _LOG2E
             dtu = dt * u
-            dout = rows[2][t].astype(f32)
+            dout = rows[ri["dy"]][t].astype(f32)
             h_prev, h_t = hs[t], hs[t + 1]
-            if "z" in r:
-                z = rows[3][t].astype(f32)
+            if "z" in r and share:
+                z = rows[ri["z"]][t].astype(f32)
+                dy = dout * z * jax.nn.sigmoid(z)
+                parts.setdefault("y", {})[t] = sum(h_t[n] * c_t[n] for n in range(n_k))
+            elif "z" in r:
+                z = rows[ri["z"]][t].astype(f32)
                 sz = jax.nn.sigmoid(z)
                 y = lsum(sum(h_t[n] * c_t[n] for n in range(n_k)))
                 if d is not None:
@@ -580,7 +610,8 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 saq = saq + A[n] * q
                 gb = gb + g * b_t[n]
                 dh[n] = a_n * g
-            gb, saq = lsum(gb), lsum(saq)
+            if not share:
+                gb, saq = lsum(gb), lsum(saq)
             dbc_type = r["dbc"].dtype
             if xor_reduce:
                 r["dbc"][i, :] = _xor_reduce(qb, qc, lane, bd, interpret).astype(dbc_type)
@@ -594,6 +625,14 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 for n in range(n_state):
                     r["dbc"][i, n] = jnp.sum(qb[n]).astype(dbc_type)
                     r["dbc"][i, n_state + n] = jnp.sum(qc[n]).astype(dbc_type)
+            if share:
+                parts.setdefault("gb", {})[t] = gb
+                parts.setdefault("saq", {})[t] = saq
+                g_, j_ = divmod(t, split)
+                if j_ == 0:   # the group's steps are done: part p finishes step g * split + p
+                    dd, dbias = finish_part(g_, grp[g_], rows[-1][g_], parts, dd, dbias,
+                                            c * chunk + g_ * split + part)
+                continue
             du = dt * gb
             if d is not None:
                 du = du + d * dy
@@ -608,6 +647,33 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
             r["ddt"][i, cols] = ddt.astype(r["ddt"].dtype)
         return (tuple(dh), tuple(da), dd, dbias, next_rows, next_ck, tuple(wb), tuple(wbc))
 
+    def finish_part(g, delta_x, row, parts, dd, dbias, i):
+        """share: the per-channel end of step i = g * split + part in the lanes of `part`."""
+        total = {k: _lane_reduce_scatter([v[g * split + j] for j in range(split)], lane,
+                                         interpret, unit=bd) for k, v in parts.items()}
+        dt, x = delta_x
+        u, dout = row["u"].astype(f32), row["dy"].astype(f32)
+        if "z" in r:
+            z = row["z"].astype(f32)
+            sz = jax.nn.sigmoid(z)
+            y = total["y"] + d * u if d is not None else total["y"]
+            r["dz"][i, cols] = (dout * y * sz * (1.0 + z * (1.0 - sz))).astype(r["dz"].dtype)
+            dy = dout * z * sz
+        else:
+            dy = dout
+        du = dt * total["gb"]
+        if d is not None:
+            du = du + d * dy
+            dd = dd + dy * u
+        r["du"][i, cols] = du.astype(r["du"].dtype)
+        ddt = u * total["gb"] + total["saq"]
+        if softplus:
+            ddt = ddt * jax.nn.sigmoid(x)
+        if padded:
+            ddt = jnp.where(i < length, ddt, 0.0)
+        r["ddt"][i, cols] = ddt.astype(r["ddt"].dtype)
+        return dd, dbias + ddt
+
     dh0 = tuple(r["dhT"][n, cols] for n in states)
     last = n_chunks - 1
     wb = tuple(load_b(last * chunk + t if t < chunk else max(last - 1, 0) * chunk + t - chunk)
@@ -616,8 +682,10 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         wb = load_bc_rows(last)
     wbc = tuple(_load_bc(r, max(n_chunks * chunk - 1 - t, 0), states) for t in range(ahead))
     init = (dh0, tuple(zeros for _ in range(n_k)), zeros, zeros,
-            _load_chunk(r, seq_names, last, chunk, cols), load_ck(last), wb, wbc)
+            load_rows(last), load_ck(last), wb, wbc)
     dh, da, dd, dbias, *_ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    if share:    # each part summed D and bias terms over its own steps
+        dd, dbias = lsum(dd), lsum(dbias)
     for k, n in enumerate(states):
         r["dh0"][n, cols] = dh[k]
         r["da"][n, cols] = da[k]
@@ -834,6 +902,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
         ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
         fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, xor_reduce=xor_reduce,
+        share=cfg.bwd_share and lane_reduce and split > 1 and lay.chunk % split == 0,
         interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
@@ -889,7 +958,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          dbc_bf16=False, interpret=False):
+                          dbc_bf16=False, bwd_share=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -901,7 +970,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
-                  share_dt=share_dt, dbc_bf16=dbc_bf16, interpret=interpret)
+                  share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -108,6 +108,28 @@ def test_kernel_schedules_match_recurrence(tiling, n):
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
 
 
+@pytest.mark.parametrize("tiling,n", [
+    (dict(bwd_split=4, bwd_share=True, chunk=4), 16),
+    pytest.param(dict(bwd_split=2, bwd_share=True, xor_reduce=True), 16, marks=pytest.mark.slow),
+    pytest.param(dict(bwd_split=4, bwd_share=True, chunk=8, keep_decay=True), 8,
+                 marks=pytest.mark.slow),
+], ids=["bwd_split4_share", "bwd_split2_share_xor", "bwd_split4_share_c8_n8"])
+def test_backward_shared_channel_work_matches_recurrence(tiling, n):
+    # bwd_share: delta computed by one lane part per step and shuffled, the end of each step
+    # (du, ddelta, dz, D and bias sums) by one part after a reduce-scatter over the parts;
+    # ragged (11 steps: the padded steps' ddelta is masked per part), grouped, every option.
+    check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiling", [dict(dbc_bf16=True), dict(bwd_split=4, dbc_bf16=True,
+                                                               xor_reduce=True)],
+                         ids=["bwd_split2", "bwd_split4_xor"])
+def test_bf16_dbc_partials_match_recurrence(tiling):
+    # dbc_bf16: the per-block dB/dC partials rounded to bf16 (B, C bf16), summed in f32.
+    check_against_recurrence(jnp.bfloat16, 16, None, 10, ("D", "delta_bias"), True, **tiling)
+
+
 def test_polynomial_exp2_matches_exp2():
     # The FMA-pipe exp2 of the forward (poly_exp) over the decays' whole range: x <= 0.
     x = jnp.concatenate([jnp.linspace(-125.0, 0.0, 100001), -jnp.abs(
