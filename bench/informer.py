@@ -15,11 +15,17 @@ summary.json in their workdir) are reused, so an interrupted sweep resumes.
         [--write docs/RESULTS.md] [--jobs 6 --gpus 0,1] [--budget SECONDS]
 
 (b) Forward and forward+backward time of the self-attention core at input lengths 96..2048
-(B=32, H=8, Dh=64, bf16): ProbSparse (per-query and shared sampling) against full attention
-(the project's flash kernel, and XLA's jax.nn.dot_product_attention). Prints a table, writes
-JSON under --out. Meant for a GPU (about a minute on an H200):
+(B=32, H=8, Dh=64, bf16): ProbSparse (per-query and shared sampling; the kernel path and the
+plain jnp form) against full attention (the project's flash kernel, and XLA's
+jax.nn.dot_product_attention). Prints a table, writes JSON under --out. Meant for a GPU:
 
-    python bench/informer.py speed --out runs/informer_speed [--lengths 96 192 ... 2048]
+    python bench/informer.py speed --out runs/informer_speed [--lengths 96 192 ... 2048] \
+        [--fns probsparse probsparse_shared flash_full xla_full] [--check 720] \
+        [--stages 720 2048] [--trace 720] [--budget SECONDS]
+
+`--check` compares the kernel path with the jnp form on the GPU first (M, the chosen queries,
+output, gradients); `--stages` times each step of the kernel path alone and tuning variants;
+`--trace` records the device time of every kernel (profiler), free of dispatch overhead.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import functools
 import json
 import os
 import queue
@@ -251,62 +258,283 @@ def _time(fn, *args, reps: int = 20) -> float:
     return best * 1e3
 
 
-def speed(args) -> None:
+def _timed(fn, *args) -> tuple[float, float]:
+    """(best ms of 3 x 20 calls, seconds of the first call: compile + one run)."""
+    import jax
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    return _time(fn, *args), first
+
+
+def _inputs(b, length, h=8, d=64):
     import jax
     import jax.numpy as jnp
+    ks = jax.random.split(jax.random.PRNGKey(length), 4)
+    q, k, v = (jax.random.normal(kk, (b, length, h, d), jnp.bfloat16) for kk in ks[:3])
+    return q, k, v, ks[3]
+
+
+def _speed_fns(on_gpu: bool) -> dict:
+    """The timed functions of the table: name -> fn(q, k, v, key)."""
+    import jax
 
     import pallas_kernels as pk
-    from mixers.probsparse import probsparse_attention, probsparse_sizes
-
-    b, h, d = args.batch, 8, 64
-    dtype = jnp.bfloat16
-    on_gpu = jax.devices()[0].platform == "gpu"
-    fns = {
-        "probsparse": lambda q, k, v, key: probsparse_attention(q, k, v, key, factor=5),
-        "probsparse_shared": lambda q, k, v, key: probsparse_attention(
-            q, k, v, key, factor=5, sampling="shared"),
+    from mixers.probsparse import probsparse_attention
+    ps = lambda sampling, backend=None: lambda q, k, v, key: probsparse_attention(
+        q, k, v, key, factor=5, sampling=sampling, backend=backend)
+    return {
+        "probsparse": ps("per_query"),                       # the default path of the platform
+        "probsparse_shared": ps("shared"),
+        "probsparse_jnp": ps("per_query", "reference"),      # the plain jnp form (before)
+        "probsparse_shared_jnp": ps("shared", "reference"),
         "xla_full": lambda q, k, v, key: jax.nn.dot_product_attention(q, k, v),
         "flash_full": lambda q, k, v, key: pk.flash_attention(
             q, k, v, backend=None if on_gpu else "reference"),
     }
+
+
+def _fwd_and_grad(fn):
+    import jax
+    import jax.numpy as jnp
+    loss = lambda q, k, v, key: fn(q, k, v, key).astype(jnp.float32).sum()
+    return jax.jit(fn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _speed_check(b: int, length: int) -> list[dict]:
+    """GPU correctness of the kernel path against the jnp form at one length (bf16): M, the
+    chosen queries, the output and the gradients."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench._common import rel_error
+    from mixers.probsparse import draw_samples, probsparse_attention, probsparse_sizes
+    from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+    q, k, v, key = _inputs(b, length)
+    n_sample, u = probsparse_sizes(length, length, 5)
+    kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"    # CPU: dry run
     rows = []
-    for length in args.lengths:
-        ks = jax.random.split(jax.random.PRNGKey(length), 4)
-        q, k, v = (jax.random.normal(kk, (b, length, h, d), dtype) for kk in ks[:3])
-        n_sample, u = probsparse_sizes(length, length, 5)
-        row = {"length": length, "n_sample": n_sample, "u": u}
-        for name, fn in fns.items():
-            fwd = jax.jit(fn)
-            loss = lambda q, k, v, key, fn=fn: fn(q, k, v, key).astype(jnp.float32).sum()
-            bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            try:
-                row[f"{name}_fwd_ms"] = _time(fwd, q, k, v, ks[3])
-                row[f"{name}_fwdbwd_ms"] = _time(bwd, q, k, v, ks[3])
-            except Exception as e:                      # report, keep the other columns
-                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    for sampling, causal, selection in (("shared", False, "global"),
+                                        ("per_query", False, "global"),
+                                        ("shared", True, "prefix"),
+                                        ("per_query", True, "global")):
+        prefix = causal and selection == "prefix"
+        idx = draw_samples(key, length, length, n_sample, sampling=sampling,
+                           causal_samples=prefix)
+        cs = prefix and sampling == "shared"
+        m = jax.jit(functools.partial(sparsity_measure, causal_samples=cs, backend=kernel))(
+            q, k, idx)
+        m_ref = jax.jit(functools.partial(sparsity_reference, causal_samples=cs))(q, k, idx)
+        top = np.sort(np.asarray(jax.lax.top_k(m, u)[1]), -1)
+        top_ref = np.sort(np.asarray(jax.lax.top_k(m_ref, u)[1]), -1)
+        kw = dict(factor=5, causal=causal, query_selection=selection, sampling=sampling)
+        fns = {be: _fwd_and_grad(functools.partial(probsparse_attention, backend=be, **kw))
+               for be in (kernel, "reference")}
+        outs = {be: (f(q, k, v, key), g(q, k, v, key)) for be, (f, g) in fns.items()}
+        row = {"check": f"{sampling}{' causal ' + selection if causal else ''}", "length": length,
+               "m_max_abs_err": float(jnp.abs(m - m_ref).max()),
+               "same_top_u_rows": float((top == top_ref).all(-1).mean()),
+               "out_rel_err": rel_error(outs[kernel][0].astype(jnp.float32),
+                                        outs["reference"][0].astype(jnp.float32)),
+               "grad_rel_err": [rel_error(a.astype(jnp.float32), r.astype(jnp.float32))
+                                for a, r in zip(outs[kernel][1], outs["reference"][1],
+                                                strict=True)]}
+        row["ok"] = bool(row["same_top_u_rows"] > 0.99 and row["out_rel_err"] < 2e-2
+                         and max(row["grad_rel_err"]) < 2e-2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = list(fns)
-    print(f"\nB={b} H={h} Dh={d} bf16, {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-          "ms, best of 3 x 20; ratio = flash_full / probsparse (> 1: ProbSparse faster)")
-    print("| L | u | " + " | ".join(f"{n} fwd | {n} f+b" for n in names) +
-          " | ratio fwd | ratio f+b | ratio fwd (shared) |")
-    print("|---" * (2 + 2 * len(names) + 3) + "|")
-    nan = float("nan")
-    for r in rows:
-        cells = [f"{r.get(f'{n}_fwd_ms', nan):.3f} | {r.get(f'{n}_fwdbwd_ms', nan):.3f}"
-                 for n in names]
-        ratios = [r.get(f"flash_full_{p}_ms", nan) / r.get(f"{n}_{p}_ms", nan)
-                  for n, p in (("probsparse", "fwd"), ("probsparse", "fwdbwd"),
-                               ("probsparse_shared", "fwd"))]
-        print(f"| {r['length']} | {r['u']} | " + " | ".join(cells) + " | " +
-              " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return rows
+
+
+def _speed_stages(b: int, length: int) -> list[dict]:
+    """Each step of the kernel path timed alone (separate jits), and tuning variants."""
+    import jax
+    import jax.numpy as jnp
+
+    from mixers.probsparse import draw_samples, probsparse_attention, probsparse_sizes
+    from pallas_kernels.attention import flash_attention_kernel
+    from pallas_kernels.probsparse import sparsity_measure
+    q, k, v, key = _inputs(b, length)
+    h = q.shape[2]
+    n_sample, u = probsparse_sizes(length, length, 5)
+    interp = jax.devices()[0].platform != "gpu"                    # CPU: a dry run
+    kernel = "interpret" if interp else "pallas"
+    measure = functools.partial(sparsity_measure, backend=kernel)
+    flash = functools.partial(flash_attention_kernel, interpret=interp)
+    rows = []
+
+    def rec(name, fn, *args):
+        try:
+            ms, first = _timed(jax.jit(fn), *args)
+            row = {"stage": name, "length": length, "ms": ms, "first_s": round(first, 2)}
+        except Exception as e:                          # report, keep going
+            row = {"stage": name, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    idx_s = draw_samples(key, length, length, n_sample, sampling="shared", causal_samples=False)
+    idx_q = draw_samples(key, length, length, n_sample, sampling="per_query",
+                         causal_samples=False)
+    m = jax.jit(lambda q, k: measure(q, k, idx_s))(q, k)
+    top_BUH = jnp.swapaxes(jax.lax.top_k(m, u)[1], 1, 2)
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
+    q_top = q[bi, top_BUH, hi]
+    o_top = flash(q_top, k, v, fwd_impl="triton")
+    rec("draw per_query idx", lambda key: draw_samples(
+        key, length, length, n_sample, sampling="per_query", causal_samples=False), key)
+    rec("measure shared (kernel)", lambda q, k, i: measure(q, k, i), q, k, idx_s)
+    rec("measure per_query (kernel)", lambda q, k, i: measure(q, k, i), q, k, idx_q)
+    rec("top_k", lambda m: jax.lax.top_k(m, u)[1], m)
+    rec("gather q rows", lambda q, t: q[bi, t, hi], q, top_BUH)
+    rec("flash top rows, triton fwd", lambda qt, k, v: flash(
+        qt, k, v, fwd_impl="triton"), q_top, k, v)
+    rec("flash top rows, default fwd", lambda qt, k, v: flash(qt, k, v),
+        q_top, k, v)
+    rec("mean(V) fill + scatter", lambda v, t, o: jnp.broadcast_to(
+        v.astype(jnp.float32).mean(1, keepdims=True).astype(v.dtype), v.shape).at[
+        bi, t, hi].set(o, unique_indices=True), v, top_BUH, o_top)
+    rec("read q,k,v + write out (copy floor)", lambda q, k, v: q + k + v, q, k, v)
+    for bq, nw, unroll in ((32, 4, 5), (16, 4, 5), (64, 4, 5), (32, 2, 5), (32, 4, 1),
+                           (64, 8, 5), (128, 8, 5)):
+        rec(f"measure per_query block_q={bq} warps={nw} unroll={unroll}",
+            lambda q, k, i, bq=bq, nw=nw, unroll=unroll: measure(
+                q, k, i, block_q=bq, num_warps=nw, unroll=unroll), q, k, idx_q)
+    for bq, nw in ((32, 4), (128, 4), (64, 2)):
+        rec(f"measure shared block_q={bq} warps={nw}", lambda q, k, i, bq=bq, nw=nw:
+            measure(q, k, i, block_q=bq, num_warps=nw), q, k, idx_s)
+    loss = lambda f: lambda q, k, v, key: f(q, k, v, key).astype(jnp.float32).sum()
+    for sampling in ("shared", "per_query"):
+        for tag, opts in (("triton fwd, default bwd", {"fwd_impl": "triton"}),
+                          ("triton fwd, split bwd", {"fwd_impl": "triton", "bwd_impl": "split"}),
+                          ("default fwd, default bwd", {})):
+            f = lambda q, k, v, key, s=sampling, o=opts: probsparse_attention(
+                q, k, v, key, sampling=s, flash_opts=o, backend=kernel)
+            rec(f"{sampling} fwd, flash {tag}", f, q, k, v, key)
+            rec(f"{sampling} fwd+bwd, flash {tag}", jax.grad(loss(f), argnums=(0, 1, 2)),
+                q, k, v, key)
+    return rows
+
+
+def _kernel_times(fn, args, runs: int = 5) -> dict:
+    """Device time per call of each GPU kernel of `fn` from a profiler trace of `runs` calls:
+    {line: {kernel: [us per call, launches per call]}} (the dispatch overhead is not in it)."""
+    import glob
+    import tempfile
+
+    import jax
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(runs):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(paths[0])
+        result = {}
+        for plane in data.planes:
+            if "gpu" not in plane.name.lower():
+                continue
+            for line in plane.lines:
+                sums = {}
+                for ev in line.events:
+                    t, c = sums.get(ev.name, (0.0, 0))
+                    sums[ev.name] = (t + ev.duration_ns, c + 1)
+                top = sorted(sums.items(), key=lambda x: -x[1][0])[:30]
+                result[f"{plane.name} | {line.name}"] = {
+                    n[:120]: [round(t / runs / 1e3, 2), c / runs] for n, (t, c) in top}
+        return result
+
+
+def _speed_trace(b: int, length: int) -> list[dict]:
+    """Per-kernel device time of ProbSparse (both samplings) and flash, forward and fwd+bwd."""
+    on_gpu = __import__("jax").devices()[0].platform == "gpu"
+    fns = _speed_fns(on_gpu)
+    q, k, v, key = _inputs(b, length)
+    rows = []
+    for name in ("probsparse_shared", "probsparse", "flash_full"):
+        for mode, f in zip(("fwd", "fwdbwd"), _fwd_and_grad(fns[name]), strict=True):
+            try:
+                row = {"trace": f"{name} {mode}", "length": length,
+                       "kernels": _kernel_times(f, (q, k, v, key))}
+            except Exception as e:                      # report, keep going
+                row = {"trace": f"{name} {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append(row)
+            print(json.dumps(row)[:4000], flush=True)
+    return rows
+
+
+def speed(args) -> None:
+    import jax
+
+    from mixers.probsparse import probsparse_sizes
+    t_start = time.perf_counter()
+    b, h, d = args.batch, 8, 64
+    on_gpu = jax.devices()[0].platform == "gpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": b,
-            "heads": h, "head_dim": d, "dtype": "bfloat16", "date": str(datetime.date.today())}
-    (out / "informer_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            "heads": h, "head_dim": d, "dtype": "bfloat16", "date": str(datetime.date.today()),
+            "command": "python bench/informer.py " + " ".join(sys.argv[1:])}
+    result = {"meta": meta, "checks": [], "stages": [], "rows": [], "traces": []}
+
+    def save():
+        (out / "informer_speed.json").write_text(json.dumps(result, indent=2))
+
+    def over_budget():
+        return args.budget and time.perf_counter() - t_start > args.budget
+
+    for length in args.check:
+        result["checks"] += _speed_check(b, length)
+        save()
+    for length in args.stages:
+        if over_budget():
+            break
+        result["stages"] += _speed_stages(b, length)
+        save()
+    for length in args.trace:
+        if over_budget():
+            break
+        result["traces"] += _speed_trace(b, length)
+        save()
+    all_fns = _speed_fns(on_gpu)
+    fns = {n: all_fns[n] for n in (args.fns or all_fns)}
+    for length in args.lengths:
+        if over_budget():
+            print(f"budget: stopped before L={length}", flush=True)
+            break
+        q, k, v, key = _inputs(b, length, h, d)
+        n_sample, u = probsparse_sizes(length, length, 5)
+        row = {"length": length, "n_sample": n_sample, "u": u}
+        for name, fn in fns.items():
+            fwd, bwd = _fwd_and_grad(fn)
+            try:
+                row[f"{name}_fwd_ms"], row[f"{name}_fwd_first_s"] = _timed(fwd, q, k, v, key)
+                row[f"{name}_fwdbwd_ms"], row[f"{name}_fwdbwd_first_s"] = _timed(
+                    bwd, q, k, v, key)
+            except Exception as e:                      # report, keep the other columns
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        result["rows"].append(row)
+        save()
+        print(json.dumps(row), flush=True)
+    _speed_table(result, list(fns))
     print(f"wrote {out / 'informer_speed.json'}")
+
+
+def _speed_table(result: dict, names: list[str]) -> None:
+    meta, nan = result["meta"], float("nan")
+    print(f"\nB={meta['batch']} H={meta['heads']} Dh={meta['head_dim']} bf16, {meta['device']}, "
+          f"jax {meta['jax']}; ms, best of 3 x 20; ratio = flash_full / X (> 1: X faster)")
+    probs = [n for n in names if n.startswith("probsparse")]
+    print("| L | u | " + " | ".join([f"{n} fwd / f+b" for n in names] +
+                                    [f"flash / {n} fwd / f+b" for n in probs]) + " |")
+    print("|---" * (2 + len(names) + len(probs)) + "|")
+    for r in result["rows"]:
+        cells = [f"{r.get(f'{n}_fwd_ms', nan):.3f} / {r.get(f'{n}_fwdbwd_ms', nan):.3f}"
+                 for n in names]
+        ratios = [" / ".join(f"{r.get(f'flash_full_{p}_ms', nan) / r.get(f'{n}_{p}_ms', nan):.2f}"
+                             for p in ("fwd", "fwdbwd")) for n in probs]
+        print(f"| {r['length']} | {r['u']} | " + " | ".join(cells + ratios) + " |")
 
 
 def main(argv=None) -> None:
@@ -342,6 +570,16 @@ def main(argv=None) -> None:
     spd.add_argument("--lengths", type=int, nargs="+",
                      default=[96, 192, 336, 720, 1024, 1440, 2048])
     spd.add_argument("--batch", type=int, default=32)
+    spd.add_argument("--fns", nargs="*", default=None,
+                     help="columns of the table (default: all; see _speed_fns)")
+    spd.add_argument("--check", type=int, nargs="*", default=[],
+                     help="lengths at which to check the kernel path against the jnp form first")
+    spd.add_argument("--stages", type=int, nargs="*", default=[],
+                     help="lengths at which to time each step of the kernel path and variants")
+    spd.add_argument("--trace", type=int, nargs="*", default=[],
+                     help="lengths at which to record per-kernel device times (profiler)")
+    spd.add_argument("--budget", type=float, default=0.0,
+                     help="seconds after which no new length starts (0: no limit)")
     args = parser.parse_args(argv)
     reproduce(args) if args.cmd == "reproduce" else speed(args)
 

@@ -89,23 +89,31 @@ def _shared_kernel(q_ref, ks_ref, sidx_ref, m_ref, *, block_q: int, l_q: int, l_
 
 
 def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
-                      n_sample: int):
+                      n_sample: int, unroll: int):
     i0 = pl.program_id(0) * block_q
     q_BqD = _load_rows(q_ref, i0, block_q, l_q).astype(jnp.float32)
 
-    def body(s, carry):
+    def step(s, carry):
         mx, total = carry
         k_BqD = k_ref[idx_ref[s, :], :].astype(jnp.float32)           # row gather from K
         score = jnp.sum(q_BqD * k_BqD, axis=1)
         return jnp.maximum(mx, score), total + score
 
-    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    mx, total = lax.fori_loop(0, n_sample, body, init)
+    def body(j, carry):                 # `unroll` independent gathers in flight per iteration
+        for r in range(unroll):
+            carry = step(j * unroll + r, carry)
+        return carry
+
+    carry = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(0, n_sample // unroll, body, carry)
+    for s in range(n_sample - n_sample % unroll, n_sample):
+        carry = step(s, carry)
+    mx, total = carry
     m_ref[...] = mx - total / l_k
 
 
 def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
-                    num_stages: int, interpret: bool):
+                    num_stages: int, unroll: int, interpret: bool):
     b, l_q, h, d = q.shape
     l_k = k.shape[1]
     n_sample = idx.shape[-1]
@@ -120,8 +128,8 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
     common = dict(block_q=block_q, l_q=l_q, l_k=l_k, n_sample=n_sample)
     if idx.ndim == 1:
         s_pad = max(16, pl.next_power_of_2(n_sample))
-        ks = _common.pad_axis(k[:, idx], 1, s_pad)           # [B, S_pad, H, D]: S x D per head
-        sidx = _common.pad_axis(idx.astype(jnp.int32), 0, s_pad, l_k)
+        sidx = _common.pad_axis(idx.astype(jnp.int32), 0, s_pad, l_k)   # l_k: masked column
+        ks = k[:, jnp.minimum(sidx, l_k - 1)]                 # [B, S_pad, H, D]: S x D per head
         kernel = functools.partial(_shared_kernel, causal_samples=causal_samples, **common)
         in_specs = [q_spec, pl.BlockSpec((None, s_pad, None, d_pad),
                                          lambda i, b_, h_: (b_, 0, h_, 0)),
@@ -129,7 +137,8 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
         args = (q, ks, sidx)
     else:
         idx_SL = _common.pad_axis(idx.astype(jnp.int32).T, 1, block_q)   # [S, Lq_pad]
-        kernel = functools.partial(_per_query_kernel, **common)
+        kernel = functools.partial(_per_query_kernel, unroll=max(1, min(unroll, n_sample)),
+                                   **common)
         in_specs = [q_spec, pl.BlockSpec((None, l_k, None, d_pad),
                                          lambda i, b_, h_: (b_, 0, h_, 0)),
                     pl.BlockSpec((n_sample, block_q), lambda i, b_, h_: (0, i))]
@@ -147,9 +156,12 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
 # Public function
 # --------------------------------------------------------------------------------------------
 def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | None = None,
-                     block_q: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                     block_q: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     unroll: int = 5):
     """ProbSparse's M [B, H, Lq] (f32, no gradient) of q [B, Lq, H, D] over the sampled keys of
     k [B, Lk, H, D]: `idx` [S] (shared sample) or [Lq, S] (a sample per query), int in [0, Lk).
+    Tuning: `block_q` queries per program, `num_warps`, `num_stages`, `unroll` (per_query: row
+    gathers issued per loop iteration).
     """
     _common.check_rank("q", q, 4, "[batch, Lq, heads, head_dim]")
     _common.check_rank("k", k, 4, "[batch, Lk, heads, head_dim]")
@@ -171,5 +183,5 @@ def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | 
     if block_q is None:
         block_q = 64 if idx.ndim == 1 else 32
     return _measure_pallas(q, k, idx, causal_samples=causal_samples, block_q=block_q,
-                           num_warps=num_warps, num_stages=num_stages,
+                           num_warps=num_warps, num_stages=num_stages, unroll=unroll,
                            interpret=backend == "interpret")

@@ -7,7 +7,8 @@ import pytest
 
 from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
 
-measure = jax.jit(sparsity_measure, static_argnames=("causal_samples", "backend", "block_q"))
+measure = jax.jit(sparsity_measure, static_argnames=("causal_samples", "backend", "block_q",
+                                                   "unroll"))
 
 
 def _qk(keys, b=2, lq=40, lk=40, h=3, d=16, dtype=jnp.float32):
@@ -62,3 +63,11 @@ def test_bad_k_shape_names_it(keys):
     q, k = _qk(keys)
     with pytest.raises(ValueError, match=r"k must have shape"):
         sparsity_measure(q, k[..., :8], jnp.arange(9), backend="interpret")
+
+
+@pytest.mark.parametrize("unroll", [1, 4, 9, 16])
+def test_per_query_unroll_gives_the_same_measure(keys, unroll):
+    q, k = _qk(keys, lq=40, lk=33)
+    idx = jax.random.randint(jax.random.PRNGKey(2), (40, 9), 0, 33)
+    got = measure(q, k, idx, backend="interpret", block_q=16, unroll=unroll)
+    np.testing.assert_allclose(got, sparsity_reference(q, k, idx), atol=1e-5, rtol=1e-5)
