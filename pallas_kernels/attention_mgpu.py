@@ -334,6 +334,51 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                        plgpu.ACC((bk, d), jnp.float32))
         return dk + dk_inc, dv + dv_inc
 
+    def rows_issue_s_dp(s_ref, dp_ref, slot, w):
+        """Rows layout: S = Q K_w^T and dP = dO V_w^T ([bq, bk]) issued back to back."""
+        plgpu.wgmma(s_ref, q_smem.at[slot], k_smem.at[w].transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_smem.at[slot], v_smem.at[w].transpose((1, 0)))
+
+    def rows_p(s_ref, slot, i, k0, masked, w, wait_n=1):
+        """Rows layout: P = exp2(S * scale - lse) once S is done (`wait_n` wgmma groups may
+        still run: dP), stored to warpgroup w's P tile in SMEM (bf16); returns P in f32."""
+        s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_n)
+        if masked:
+            s_ = _mask_bwd_scores(s_, i, k0, bq, bk, cfg, rows=True)
+        lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(1))
+        p = jnp.exp2(s_ * scale - lax.broadcast_in_dim(lse, s_.shape, [0]))
+        p_smem.at[w][...] = p.astype(q_smem.dtype)
+        return p
+
+    def rows_tail(p, dp, slot, buf, w, dk, dv):
+        """Rows layout, the end of a step: dV += P^T dO (P^T: the transposed SMEM view),
+        dS = P (dP - delta) to SMEM while dV runs, dK += dS^T Q. Returns (dk, dv)."""
+        plgpu.commit_smem()                                # P visible to the tensor cores
+        delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+
+        def ds_to_smem():
+            ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+            ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
+            plgpu.commit_smem()
+
+        def mms(dv_ref, dk_ref):
+            plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+            if gpu_path:
+                ds_to_smem()                               # while dV is on the tensor cores
+            plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+        if gpu_path:
+            dv, dk = pl.run_state(lambda refs: mms(*refs))(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
+        ds_to_smem()                                       # interpret mode: no run_state
+
+        def mms_interpret(dv_ref, dk_ref):
+            mms(dv_ref, dk_ref)
+            return dv_ref[...], dk_ref[...]
+        dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
+                                       plgpu.ACC((bk, d), jnp.float32))
+        return dk + dk_inc, dv + dv_inc
+
     def _consumer_defer(w: int):
         """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
         the static warpgroup index). Step t issues dq_{t-1} (both dS^T halves of step t-1 are
@@ -345,7 +390,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
         k_own, v_own = k_smem.at[w], v_smem.at[w]
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
-        ds_smem.at[1, w][...] = plgpu.layout_cast(jnp.zeros((bk, bq), q_smem.dtype),
+        ds_smem.at[1, w][...] = plgpu.layout_cast(jnp.zeros(ds_smem.shape[2:], q_smem.dtype),
                                                   plgpu.Layout.WGMMA)
         plgpu.commit_smem()
         plgpu.barrier_arrive(ds_sync)                      # dS^T of step -1 (zeros)
@@ -356,7 +401,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
         def dq_mm(dq_ref, buf):
             for u in range(2):
-                plgpu.wgmma(dq_ref, ds_smem.at[buf, u].transpose((1, 0)), k_smem.at[u, :, cols])
+                ds_u = ds_smem.at[buf, u]
+                plgpu.wgmma(dq_ref, ds_u if rows else ds_u.transpose((1, 0)),
+                            k_smem.at[u, :, cols])
 
         def emit_dq(dq, i_prev, h_prev):
             send_dq(w, dq * cfg.sm_scale, i_prev, h_prev, cols)
@@ -369,38 +416,47 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
-            lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
-            delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
+            if not rows:
+                lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
+                delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
             do_t = do_smem.at[slot].transpose((1, 0))
 
-            def scores(s_ref, dp_ref, wait_s):
-                plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
-                plgpu.wgmma(dp_ref, v_own, do_t)
-                st = plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_s)
+            def issue_s_dp(s_ref, dp_ref):
+                if rows:
+                    rows_issue_s_dp(s_ref, dp_ref, slot, w)
+                else:
+                    plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_own, do_t)
+
+            def probs(s_ref):                              # P (rows) or P^T, S waited for
+                if rows:
+                    return rows_p(s_ref, slot, i, k0, masked, w)
+                st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
                 if masked:
                     st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
-                pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
-                return pt, dp_ref[...]
+                return jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
 
-            acc_s = plgpu.ACC((bk, bq), jnp.float32)
+            def scores(s_ref, dp_ref):
+                issue_s_dp(s_ref, dp_ref)
+                return probs(s_ref), dp_ref[...]
+
+            acc_s = plgpu.ACC(ds_smem.shape[2:], jnp.float32)
             if does_dq:
                 def dq_s_dp(dq_ref, s_ref, dp_ref):
                     dq_mm(dq_ref, prev)
                     # dq_{t-1} first (two groups), then S^T, dP^T: wait until those two are left
-                    plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma(dp_ref, v_own, do_t)
+                    issue_s_dp(s_ref, dp_ref)
                     emit_dq(plgpu.wgmma_accumulator_load(dq_ref, wait_n=2), i_prev, h_prev)
-                    st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                    if masked:
-                        st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
-                    pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
-                    return pt, dp_ref[...]
+                    return probs(s_ref), dp_ref[...]
                 pt, dpt = pl.run_scoped(dq_s_dp, plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
             else:
-                pt, dpt = pl.run_scoped(functools.partial(scores, wait_s=1), acc_s, acc_s)
-            dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
+                pt, dpt = pl.run_scoped(scores, acc_s, acc_s)
+            if rows:
+                dk, dv = rows_tail(pt, dpt, slot, buf, w, dk, dv)
+            else:
+                dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
             plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
             plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
             return dk, dv, i, h
@@ -550,8 +606,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         S and dP are issued back to back, P is computed and stored while dP runs, dS while dV
         runs. Live registers at the peak: dK, dV (2 * block_k * D / 128) + P and dP (f32)."""
         k0, w_mid_lo, w_mid_hi, kv_at, zeros = begin_consumer()
-        k_own, v_own, p_own = k_smem.at[wg], v_smem.at[wg], p_smem.at[wg]
-        row = plgpu.Layout.WGMMA.reduce(1)
 
         def step(i, carry, r, masked):
             dk, dv = carry
@@ -561,42 +615,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(ld_ready.at[slot])
 
             def s_dp(s_ref, dp_ref):
-                plgpu.wgmma(s_ref, q_smem.at[slot], k_own.transpose((1, 0)))
-                plgpu.wgmma(dp_ref, do_smem.at[slot], v_own.transpose((1, 0)))
-                s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                if masked:
-                    s_ = _mask_bwd_scores(s_, i, k0, bq, bk, cfg, rows=True)
-                lse = plgpu.load(ld_smem.at[slot, 0], layout=row)
-                p = jnp.exp2(s_ * scale - lax.broadcast_in_dim(lse, s_.shape, [0]))
-                p_own[...] = p.astype(q_smem.dtype)
-                return p, dp_ref[...]
+                rows_issue_s_dp(s_ref, dp_ref, slot, wg)
+                return rows_p(s_ref, slot, i, k0, masked, wg), dp_ref[...]
             p, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.commit_smem()
-            delta = plgpu.load(ld_smem.at[slot, 1], layout=row)
-
-            def ds_to_smem():
-                ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
-                ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
-                plgpu.commit_smem()
-
-            def mms(dv_ref, dk_ref):
-                plgpu.wgmma(dv_ref, p_own.transpose((1, 0)), do_smem.at[slot])
-                if gpu_path:
-                    ds_to_smem()                           # while dV is on the tensor cores
-                plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)), q_smem.at[slot])
-            if gpu_path:
-                dv, dk = pl.run_state(lambda refs: mms(*refs))(
-                    (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            else:                   # interpret mode: no run_state
-                ds_to_smem()
-
-                def mms_interpret(dv_ref, dk_ref):
-                    mms(dv_ref, dk_ref)
-                    return dv_ref[...], dk_ref[...]
-                dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
-                                               plgpu.ACC((bk, d), jnp.float32))
-                dv, dk = dv + dv_inc, dk + dk_inc
+            dk, dv = rows_tail(p, dp, slot, buf, wg, dk, dv)
             return dq_step(i, slot, buf, h, dk, dv)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
@@ -681,10 +704,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     _check_inputs(q, "backward")
     if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
         raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
-    if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_defer_dq or cfg.mgpu_bwd_overlap
-                              or cfg.mgpu_bwd_p_lo):
-        raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_defer_dq, "
-                         "mgpu_bwd_overlap and mgpu_bwd_p_lo")
+    if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
+        raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
+                         "and mgpu_bwd_p_lo")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)

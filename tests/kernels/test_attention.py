@@ -325,6 +325,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     (128, True, dict(mgpu_bwd_rows=True)),
     pytest.param(64, False, dict(mgpu_bwd_rows=True), marks=SLOW),
     pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_dq="own"), marks=SLOW),
+    pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True), marks=SLOW),
+    pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True), marks=SLOW),
     pytest.param(64, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
