@@ -309,7 +309,8 @@ def _variant_checks_and_times(results, deadline, name, checks, cells, variants, 
 
     `checks`: (b, n, hq, hkv, d, causal, window, flash_attention_kernel kwargs) against the f32
     reference (into results["correctness"]); `cells`: (d, causal) pairs; `variants`: (name,
-    kwargs) timed after cuDNN in each cell (into results[name], printed with tag `name`)."""
+    kwargs[, head dims it runs at]) timed after cuDNN in each cell (into results[name], printed
+    with tag `name`)."""
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
         if time.time() > deadline:
@@ -327,8 +328,8 @@ def _variant_checks_and_times(results, deadline, name, checks, cells, variants, 
         flops = 4 * b * H * n * n * d / (2 if causal else 1) * (3.5 if mode != "fwd" else 1)
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn"))]
-        fns += [(v_name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
-            q, k, v, causal=c, **cfg)) for v_name, cfg in variants]
+        fns += [(var[0], lambda q, k, v, cfg=var[1], c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for var in variants if len(var) < 3 or d in var[2]]
         for v_name, fn in fns:
             row = dict(d=d, causal=causal, n=n, mode=mode, impl=v_name)
             if mode == "fwd":
@@ -341,13 +342,15 @@ def mosaic_bwd4(results, deadline):
     """Session 4: the backward with query rows (mgpu_bwd_rows: row lse/delta, P and dS through
     SMEM), checked and timed against the default dispatch and cuDNN (N 4k)."""
     rows_cfg = dict(bwd_impl="mosaic", mgpu_bwd_rows=True)
+    defer_cfg = dict(rows_cfg, mgpu_bwd_defer_dq=True)
     _variant_checks_and_times(
         results, deadline, "bwd_sweep4",
         checks=[(2, 1000, 8, 2, 128, True, None, rows_cfg),
                 (1, 777, 4, 2, 128, False, None, rows_cfg),
-                (1, 2048, 8, 1, 64, True, 300, rows_cfg)],
+                (1, 2048, 8, 1, 64, True, 300, defer_cfg)],
         cells=[(128, False), (128, True), (64, False), (64, True)],
-        variants=[("default", {}), ("mosaic_rows", rows_cfg)], seed=170)
+        variants=[("default", {}), ("mosaic_rows", rows_cfg), ("mosaic_rows_defer", defer_cfg),
+                  ("mosaic_rows_bq128", dict(rows_cfg, block_q_dkv=128), (64,))], seed=170)
 
 
 WG3 = dict(fwd_impl="mosaic", block_q=64, block_k=128, mgpu_stages=2, mgpu_fwd_wgs=3,
