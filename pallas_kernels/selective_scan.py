@@ -181,6 +181,8 @@ class _Config:
                               # bf16 (half the bytes; summed in f32 outside)
     bwd_share: bool = False   # backward, split S: per-channel work once per channel-step
                               # (delta by shuffle, the step's end reduce-scattered over parts)
+    ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
+                              # inference forward, its checkpoints still every `chunk` steps
     interpret: bool = False
 
 
@@ -316,6 +318,7 @@ def _load_bc_rows(r, c, chunk):
 
 
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
+                ck_every,
                 ahead, fast_exp, split, poly_exp, share_dt, interpret):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
@@ -365,11 +368,15 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         if bc_rows:    # the window slot carries this chunk's bc rows
             next_window = load_bc_rows(jnp.minimum(c + 1, n_chunks - 1))
         if save_ckpt:
+            ck_c = c if ck_every == chunk else c * (chunk // ck_every)
             for k, n in enumerate(states):
-                r["ck"][c, n, cols] = h[k]
+                r["ck"][ck_c, n, cols] = h[k]
         ys = []
         for t in range(chunk):
             i = c * chunk + t
+            if save_ckpt and t and t % ck_every == 0:   # ck_unroll: more checkpoints a chunk
+                for k, n in enumerate(states):
+                    r["ck"][c * (chunk // ck_every) + t // ck_every, n, cols] = h[k]
             if bc_rows:
                 b_t = [_shfl_idx(window[t], src, interpret) for src in src_b]
                 c_t = [_shfl_idx(window[t], src, interpret) for src in src_c]
@@ -805,6 +812,9 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
+    ck_every = chunk
+    if save_ckpt and cfg.ck_unroll and cfg.fwd_chunk % cfg.chunk == 0:
+        chunk = cfg.fwd_chunk    # unrolled like the inference forward, checkpoints as before
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
@@ -813,14 +823,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                  jax.ShapeDtypeStruct((lay.bsz, lay.n, lay.dp), jnp.float32)]
     out_specs = [pl.BlockSpec((None, lay.lp, lay.bd), lambda b, j: (b, 0, j)), state_spec]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((lay.bsz, lay.n_chunks, lay.n, lay.dp),
-                                              jnp.float32))
-        out_specs.append(pl.BlockSpec((None, lay.n_chunks, lay.n, lay.bd),
-                                      lambda b, j: (b, 0, 0, j)))
+        n_ck = lay.lp // ck_every
+        out_shape.append(jax.ShapeDtypeStruct((lay.bsz, n_ck, lay.n, lay.dp), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, n_ck, lay.n, lay.bd), lambda b, j: (b, 0, 0, j)))
     kernel = functools.partial(
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
+        ck_every=ck_every, ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
         poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
@@ -867,6 +876,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     state_spec = pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j))
     if ck.shape[-1] != dp:   # the forward's channel block can differ (split): re-pad
         ck = _common.pad_axis(ck[..., :lay.dn], 3, bd)
+    if ck.shape[1] != lay.n_chunks:   # ck_unroll: the forward padded L to its longer chunk
+        ck = ck[:, :lay.n_chunks]
     arrays += [ck, seq(y_bar.astype(u.dtype)),
                _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
     specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
@@ -958,7 +969,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          dbc_bf16=False, bwd_share=False, interpret=False):
+                          dbc_bf16=False, bwd_share=False, ck_unroll=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -971,7 +982,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
-                  interpret=interpret)
+                  ck_unroll=ck_unroll, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
