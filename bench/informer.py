@@ -352,9 +352,9 @@ def _speed_stages(b: int, length: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from mixers.probsparse import draw_samples, probsparse_attention, probsparse_sizes
+    from mixers.probsparse import TUNING, draw_samples, probsparse_attention, probsparse_sizes
     from pallas_kernels.attention import flash_attention_kernel
-    from pallas_kernels.probsparse import sparsity_measure
+    from pallas_kernels.probsparse import sparsity_measure, top_u
     q, k, v, key = _inputs(b, length)
     h = q.shape[2]
     n_sample, u = probsparse_sizes(length, length, 5)
@@ -385,7 +385,8 @@ def _speed_stages(b: int, length: int) -> list[dict]:
         key, length, length, n_sample, sampling="per_query", causal_samples=False), key)
     rec("measure shared (kernel)", lambda q, k, i: measure(q, k, i), q, k, idx_s)
     rec("measure per_query (kernel)", lambda q, k, i: measure(q, k, i), q, k, idx_q)
-    rec("top_k", lambda m: jax.lax.top_k(m, u)[1], m)
+    rec("top_k (XLA)", lambda m: jax.lax.top_k(m, u)[1], m)
+    rec("top_u (kernel)", lambda m: top_u(m, u, backend=kernel), m)
     rec("gather q rows", lambda q, t: q[bi, t, hi], q, top_BUH)
     rec("flash top rows, triton fwd", lambda qt, k, v: flash(
         qt, k, v, fwd_impl="triton"), q_top, k, v)
@@ -395,23 +396,24 @@ def _speed_stages(b: int, length: int) -> list[dict]:
         v.astype(jnp.float32).mean(1, keepdims=True).astype(v.dtype), v.shape).at[
         bi, t, hi].set(o, unique_indices=True), v, top_BUH, o_top)
     rec("read q,k,v + write out (copy floor)", lambda q, k, v: q + k + v, q, k, v)
-    for bq, nw, unroll in ((32, 4, 5), (16, 4, 5), (64, 4, 5), (32, 2, 5), (32, 4, 1),
-                           (64, 8, 5), (128, 8, 5)):
+    for bq, nw, unroll in ((16, 4, 5), (64, 4, 5), (32, 2, 5), (32, 4, 1), (64, 8, 5)):
         rec(f"measure per_query block_q={bq} warps={nw} unroll={unroll}",
             lambda q, k, i, bq=bq, nw=nw, unroll=unroll: measure(
                 q, k, i, block_q=bq, num_warps=nw, unroll=unroll), q, k, idx_q)
-    for bq, nw in ((32, 4), (128, 4), (64, 2)):
+    for bq, nw in ((32, 4), (128, 4)):
         rec(f"measure shared block_q={bq} warps={nw}", lambda q, k, i, bq=bq, nw=nw:
             measure(q, k, i, block_q=bq, num_warps=nw), q, k, idx_s)
     loss = lambda f: lambda q, k, v, key: f(q, k, v, key).astype(jnp.float32).sum()
+    variants = {"default": TUNING, "top_u kernel": {**TUNING, "top_u": "kernel"},
+                "flash split bwd": {**TUNING, "flash": {"fwd_impl": "triton",
+                                                        "bwd_impl": "split"}},
+                "flash default fwd": {**TUNING, "flash": {}}}
     for sampling in ("shared", "per_query"):
-        for tag, opts in (("triton fwd, default bwd", {"fwd_impl": "triton"}),
-                          ("triton fwd, split bwd", {"fwd_impl": "triton", "bwd_impl": "split"}),
-                          ("default fwd, default bwd", {})):
-            f = lambda q, k, v, key, s=sampling, o=opts: probsparse_attention(
-                q, k, v, key, sampling=s, flash_opts=o, backend=kernel)
-            rec(f"{sampling} fwd, flash {tag}", f, q, k, v, key)
-            rec(f"{sampling} fwd+bwd, flash {tag}", jax.grad(loss(f), argnums=(0, 1, 2)),
+        for tag, tuning in variants.items():
+            f = lambda q, k, v, key, s=sampling, t=tuning: probsparse_attention(
+                q, k, v, key, sampling=s, tuning=t, backend=kernel)
+            rec(f"{sampling} fwd, {tag}", f, q, k, v, key)
+            rec(f"{sampling} fwd+bwd, {tag}", jax.grad(loss(f), argnums=(0, 1, 2)),
                 q, k, v, key)
     return rows
 

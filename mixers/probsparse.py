@@ -58,7 +58,7 @@ import pallas_kernels as pk
 from mixers.base import ConfigError, Mixer, MixerConfig, check_heads, dense
 from pallas_kernels import _common
 from pallas_kernels.attention import flash_attention_kernel
-from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+from pallas_kernels.probsparse import sparsity_measure, sparsity_reference, top_u
 
 
 def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
@@ -144,15 +144,19 @@ def _lazy_fill(v, axis: int, l_q: int, causal: bool, lazy_causal: str):
     return context
 
 
-def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, flash_opts):
+def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, tuning):
     """The kernel path, in the [B, L, H, D] layout (no transposes): M by the Pallas kernel (no
     [B, H, L, S, D] gather), top-u in XLA, the u active rows by `flash_attention` on the
     gathered queries (Pallas forward and backward; bidirectional), and one scatter of those rows
     into the lazy fill."""
     b, l_q, h, _ = q.shape
     m_BHL = sparsity_measure(q, k, idx, causal_samples=prefix and idx.ndim == 1,
-                             backend=backend)
-    top_BUH = jnp.swapaxes(_select(m_BHL, u, prefix), 1, 2)             # [B, U, H]
+                             backend=backend, **tuning.get("measure", {}))
+    if not prefix and tuning.get("top_u") == "kernel":
+        top_BHU = top_u(m_BHL, u, backend=backend)      # the same set, in position order
+    else:
+        top_BHU = _select(m_BHL, u, prefix)
+    top_BUH = jnp.swapaxes(top_BHU, 1, 2)                                # [B, U, H]
     bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
     q_top = q[bi, jnp.minimum(top_BUH, l_q - 1), hi]                   # [B, U, H, D]
     if causal:
@@ -168,7 +172,8 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, f
         if backend == "interpret":
             o_top = pk.flash_attention(q_top, k, v, sm_scale=sm_scale, backend="interpret")
         else:
-            o_top = flash_attention_kernel(q_top, k, v, sm_scale=sm_scale, **flash_opts)
+            o_top = flash_attention_kernel(q_top, k, v, sm_scale=sm_scale,
+                                           **tuning.get("flash", {}))
         fill = v.astype(jnp.float32).mean(1, keepdims=True).astype(q.dtype)   # [B, 1, H, D]
         out = jnp.broadcast_to(fill, q.shape)
     out = out.at[bi, top_BUH, hi].set(o_top.astype(out.dtype), mode="drop",
@@ -176,22 +181,24 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, f
     return out.astype(q.dtype)
 
 
-# Options of the flash kernel for the u gathered query rows (a few dozen rows per head): the
-# Triton forward with 64-row blocks; the Mosaic forward's 2 x 128-row tiles would pad u ~ 35 to
-# 256 rows. Measured in docs/informer.md (session-4 call 2).
-FLASH_TOP_OPTS = {"fwd_impl": "triton"}
+# Tuning of the kernel path (GPU). "flash": options of flash_attention_kernel for the u gathered
+# query rows (a few dozen per head): the Triton forward with 64-row blocks (the Mosaic forward's
+# 2 x 128-row tiles would pad u ~ 35 to 256 rows). "top_u": "xla" (lax.top_k) or "kernel"
+# (pallas_kernels.probsparse.top_u: no sort). "measure": block sizes of sparsity_measure.
+# Measured in docs/informer.md (session-4 calls 2 and 3).
+TUNING = {"flash": {"fwd_impl": "triton"}, "top_u": "xla", "measure": {}}
 
 
 def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
                          query_selection: str = "global", sampling: str = "per_query",
                          lazy_causal: str = "cumsum", sm_scale: float | None = None,
-                         backend: str | None = None, flash_opts: dict | None = None):
+                         backend: str | None = None, tuning: dict | None = None):
     """ProbSparse attention on q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     `key` draws the sampled keys. See the module docstring for the options. `backend`: None
     (the kernel path on GPU, the jnp form elsewhere), "pallas", "interpret" (the kernel path
-    with Pallas in interpret mode) or "reference" (the plain jnp form). `flash_opts`: keyword
-    arguments of `flash_attention_kernel` for the active rows (tuning; GPU only).
+    with Pallas in interpret mode) or "reference" (the plain jnp form). `tuning`: replaces
+    TUNING (the kernel path's options; "flash" applies on GPU only).
     """
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal ProbSparse attention needs Lq == Lk, got q {q.shape}, "
@@ -205,8 +212,8 @@ def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,
     backend = _common.resolve_backend(backend)
     if backend == "reference" or _common.platform() == "tpu" or backend == "tpu_interpret":
         return _reference(q, k, v, idx, **kw)
-    return _fused(q, k, v, idx, backend=backend,
-                  flash_opts=FLASH_TOP_OPTS if flash_opts is None else flash_opts, **kw)
+    return _fused(q, k, v, idx, backend=backend, tuning=TUNING if tuning is None else tuning,
+                  **kw)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,12 @@ def measure_from_scores(qk_BHLS, valid_LS, l_k: int):
     return jnp.where(valid_LS.any(-1), m, 0.0)
 
 
+def top_u_reference(m_BHL, u: int):
+    """The u largest entries' positions [B, H, u] in increasing position order (ties: the lower
+    positions first, as lax.top_k)."""
+    return jnp.sort(lax.top_k(m_BHL, u)[1], axis=-1).astype(jnp.int32)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward kernels (no backward: M takes no gradient)
 # --------------------------------------------------------------------------------------------
@@ -110,6 +116,34 @@ def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l
         carry = step(s, carry)
     mx, total = carry
     m_ref[...] = mx - total / l_k
+
+
+def _top_u_kernel(m_ref, o_ref, *, length: int, l_pad: int, u: int):
+    """Top-u of one row without sorting: the u-th largest value by a 32-step bitwise search on
+    the float's order-preserving int32 key, then the positions above it (and the first ones
+    equal to it) compacted in position order by a cumsum; `o_ref` gets all positions, the u
+    active ones first."""
+    pos = jnp.arange(l_pad)
+    x = plgpu.load(m_ref.at[pl.ds(0, l_pad)], mask=pos < length, other=-jnp.inf)
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    key = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)      # signed int order = float order
+    key = jnp.where(pos < length, key, _INT_MIN)
+    t = jnp.int32(0)                    # the threshold's bits with the sign bit flipped
+    for bit in range(31, -1, -1):       # largest t with count(key >= t) >= u, bit by bit
+        cand = t | jnp.int32(-(2 ** 31) if bit == 31 else 1 << bit)
+        count = jnp.sum((key >= (cand ^ _INT_MIN)).astype(jnp.int32))
+        t = jnp.where(count >= u, cand, t)
+    thr = t ^ _INT_MIN
+    above = key > thr
+    need = u - jnp.sum(above.astype(jnp.int32))
+    tied = (key == thr) & (pos < length)
+    active = above | (tied & (jnp.cumsum(tied.astype(jnp.int32)) <= need))
+    n_active = jnp.cumsum(active.astype(jnp.int32))             # inclusive
+    # A full permutation (active positions first, the rest after), so no two lanes collide.
+    o_ref[jnp.where(active, n_active - 1, u + pos - n_active)] = pos
+
+
+_INT_MIN = -(2 ** 31)
 
 
 def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
@@ -185,3 +219,28 @@ def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | 
     return _measure_pallas(q, k, idx, causal_samples=causal_samples, block_q=block_q,
                            num_warps=num_warps, num_stages=num_stages, unroll=unroll,
                            interpret=backend == "interpret")
+
+
+def top_u(m_BHL, u: int, *, backend: str | None = None):
+    """Positions [B, H, u] (int32, increasing) of the u largest entries of each row of m [B, H, L]
+    (f32, no NaN); ties go to the lower positions, so the set is lax.top_k's."""
+    _common.check_rank("m", m_BHL, 3, "[batch, heads, length]")
+    b, h, length = m_BHL.shape
+    if not 1 <= u <= length:
+        raise ValueError(f"u must be in [1, {length}], got {u}")
+    backend = _common.resolve_backend(backend)
+    if backend == "reference" or (backend == "pallas" and _common.platform() == "tpu"):
+        return top_u_reference(m_BHL, u)
+    if backend == "tpu_interpret":
+        raise ValueError("top_u has no Mosaic TPU kernel: use backend='interpret'")
+    l_pad = pl.next_power_of_2(length)
+    out = pl.pallas_call(
+        functools.partial(_top_u_kernel, length=length, l_pad=l_pad, u=u),
+        grid=(b, h),
+        in_specs=[pl.BlockSpec((None, None, length), lambda b_, h_: (b_, h_, 0))],
+        out_specs=pl.BlockSpec((None, None, l_pad), lambda b_, h_: (b_, h_, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, l_pad), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=backend == "interpret", name="probsparse_top_u",
+    )(m_BHL.astype(jnp.float32))
+    return out[..., :u]

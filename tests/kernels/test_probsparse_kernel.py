@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+from pallas_kernels.probsparse import (
+    sparsity_measure,
+    sparsity_reference,
+    top_u,
+    top_u_reference,
+)
 
 measure = jax.jit(sparsity_measure, static_argnames=("causal_samples", "backend", "block_q",
                                                    "unroll"))
@@ -71,3 +76,21 @@ def test_per_query_unroll_gives_the_same_measure(keys, unroll):
     idx = jax.random.randint(jax.random.PRNGKey(2), (40, 9), 0, 33)
     got = measure(q, k, idx, backend="interpret", block_q=16, unroll=unroll)
     np.testing.assert_allclose(got, sparsity_reference(q, k, idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length,u", [(40, 7), (100, 30), (16, 16), (33, 1)])
+@pytest.mark.parametrize("values", ["normal", "ties", "negative", "constant"])
+def test_top_u_is_the_set_of_lax_top_k(length, u, values):
+    m = jax.random.normal(jax.random.PRNGKey(length), (2, 3, length))
+    m = {"normal": m, "ties": jnp.round(m * 2) / 2, "negative": -jnp.abs(m) - 1e-30,
+         "constant": jnp.zeros_like(m)}[values]
+    got = jax.jit(top_u, static_argnames=("u", "backend"))(m, u, backend="interpret")
+    want = top_u_reference(m, u)
+    assert got.shape == (2, 3, u) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want, np.sort(np.asarray(jax.lax.top_k(m, u)[1]), -1))
+
+
+def test_top_u_rejects_bad_u():
+    with pytest.raises(ValueError, match=r"u must be in \[1, 8\]"):
+        top_u(jnp.zeros((1, 1, 8)), 9, backend="interpret")

@@ -174,6 +174,17 @@ def test_kernel_path_matches_the_jnp_form_with_gradients(keys, causal, selection
     np.testing.assert_allclose(out, ps(q, k, v, key, backend="reference", **kw), atol=1e-5)
 
 
+def test_kernel_top_u_gives_the_same_layer(keys):
+    """tuning top_u="kernel" (no sort; positions in increasing order) selects the same rows."""
+    from mixers.probsparse import TUNING
+    q, k, v = _qkv(keys, length=40)
+    key = jax.random.PRNGKey(2)
+    tuning = {**TUNING, "top_u": "kernel"}
+    got = jax.jit(lambda q, k, v: probsparse_attention(q, k, v, key, backend="interpret",
+                                                       tuning=tuning))(q, k, v)
+    np.testing.assert_allclose(got, ps(q, k, v, key, backend="reference"), atol=1e-5)
+
+
 def test_mixer_impl_interpret_equals_reference(keys):
     x = jax.random.normal(keys(1)[0], (2, 40, 32))
     outs = [build_mixer({"type": "probsparse", "n_heads": 4, "factor": 3, "impl": impl},
