@@ -305,12 +305,8 @@ def _speed_check(b: int, length: int) -> list[dict]:
     """GPU correctness of the kernel path against the jnp form at one length (bf16): M, the
     chosen queries, the output and the gradients."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from bench._common import rel_error
-    from mixers.probsparse import draw_samples, probsparse_attention, probsparse_sizes
-    from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+    from mixers.probsparse import probsparse_sizes
     q, k, v, key = _inputs(b, length)
     n_sample, u = probsparse_sizes(length, length, 5)
     kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"    # CPU: dry run
@@ -319,35 +315,52 @@ def _speed_check(b: int, length: int) -> list[dict]:
                                         ("per_query", False, "global"),
                                         ("shared", True, "prefix"),
                                         ("per_query", True, "global")):
-        prefix = causal and selection == "prefix"
-        idx = draw_samples(key, length, length, n_sample, sampling=sampling,
-                           causal_samples=prefix)
-        cs = prefix and sampling == "shared"
-        m = jax.jit(functools.partial(sparsity_measure, causal_samples=cs, backend=kernel))(
-            q, k, idx)
-        m_ref = jax.jit(functools.partial(sparsity_reference, causal_samples=cs))(q, k, idx)
-        top = np.sort(np.asarray(jax.lax.top_k(m, u)[1]), -1)
-        top_ref = np.sort(np.asarray(jax.lax.top_k(m_ref, u)[1]), -1)
-        kw = dict(factor=5, causal=causal, query_selection=selection, sampling=sampling)
-        fns = {be: _fwd_and_grad(functools.partial(probsparse_attention, backend=be, **kw))
-               for be in (kernel, "reference")}
-        outs = {be: (f(q, k, v, key), g(q, k, v, key)) for be, (f, g) in fns.items()}
-        row = {"check": f"{sampling}{' causal ' + selection if causal else ''}", "length": length,
-               "m_max_abs_err": float(jnp.abs(m - m_ref).max()),
-               "same_top_u_rows": float((top == top_ref).all(-1).mean()),
-               "out_rel_err": rel_error(outs[kernel][0].astype(jnp.float32),
-                                        outs["reference"][0].astype(jnp.float32)),
-               "grad_rel_err": [rel_error(a.astype(jnp.float32), r.astype(jnp.float32))
-                                for a, r in zip(outs[kernel][1], outs["reference"][1],
-                                                strict=True)]}
-        row["ok"] = bool(row["same_top_u_rows"] > 0.99 and row["out_rel_err"] < 2e-2
-                         and max(row["grad_rel_err"]) < 2e-2)
+        try:
+            row = _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal,
+                             selection)
+        except Exception as e:                          # report, keep going
+            row = {"check": f"{sampling} {causal} {selection}", "ok": False,
+                   "error": f"{type(e).__name__}: {e}"[:400]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def _speed_stages(b: int, length: int) -> list[dict]:
+def _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal, selection):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench._common import rel_error
+    from mixers.probsparse import draw_samples, probsparse_attention
+    from pallas_kernels.probsparse import sparsity_measure, sparsity_reference
+    prefix = causal and selection == "prefix"
+    idx = draw_samples(key, length, length, n_sample, sampling=sampling,
+                       causal_samples=prefix)
+    cs = prefix and sampling == "shared"
+    m = jax.jit(functools.partial(sparsity_measure, causal_samples=cs, backend=kernel))(
+        q, k, idx)
+    m_ref = jax.jit(functools.partial(sparsity_reference, causal_samples=cs))(q, k, idx)
+    top = np.sort(np.asarray(jax.lax.top_k(m, u)[1]), -1)
+    top_ref = np.sort(np.asarray(jax.lax.top_k(m_ref, u)[1]), -1)
+    kw = dict(factor=5, causal=causal, query_selection=selection, sampling=sampling)
+    fns = {be: _fwd_and_grad(functools.partial(probsparse_attention, backend=be, **kw))
+           for be in (kernel, "reference")}
+    outs = {be: (f(q, k, v, key), g(q, k, v, key)) for be, (f, g) in fns.items()}
+    row = {"check": f"{sampling}{' causal ' + selection if causal else ''}", "length": length,
+           "m_max_abs_err": float(jnp.abs(m - m_ref).max()),
+           "same_top_u_rows": float((top == top_ref).all(-1).mean()),
+           "out_rel_err": rel_error(outs[kernel][0].astype(jnp.float32),
+                                    outs["reference"][0].astype(jnp.float32)),
+           "grad_rel_err": [rel_error(a.astype(jnp.float32), r.astype(jnp.float32))
+                            for a, r in zip(outs[kernel][1], outs["reference"][1],
+                                            strict=True)]}
+    row["ok"] = bool(row["same_top_u_rows"] > 0.99 and row["out_rel_err"] < 2e-2
+                     and max(row["grad_rel_err"]) < 2e-2)
+    return row
+
+
+def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
     """Each step of the kernel path timed alone (separate jits), and tuning variants."""
     import jax
     import jax.numpy as jnp
@@ -365,6 +378,8 @@ def _speed_stages(b: int, length: int) -> list[dict]:
     rows = []
 
     def rec(name, fn, *args):
+        if over_budget():
+            return
         try:
             ms, first = _timed(jax.jit(fn), *args)
             row = {"stage": name, "length": length, "ms": ms, "first_s": round(first, 2)}
@@ -489,16 +504,6 @@ def speed(args) -> None:
     for length in args.check:
         result["checks"] += _speed_check(b, length)
         save()
-    for length in args.stages:
-        if over_budget():
-            break
-        result["stages"] += _speed_stages(b, length)
-        save()
-    for length in args.trace:
-        if over_budget():
-            break
-        result["traces"] += _speed_trace(b, length)
-        save()
     all_fns = _speed_fns(on_gpu)
     fns = {n: all_fns[n] for n in (args.fns or all_fns)}
     for length in args.lengths:
@@ -520,6 +525,16 @@ def speed(args) -> None:
         save()
         print(json.dumps(row), flush=True)
     _speed_table(result, list(fns))
+    for length in args.trace:
+        if over_budget():
+            break
+        result["traces"] += _speed_trace(b, length)
+        save()
+    for length in args.stages:
+        if over_budget():
+            break
+        result["stages"] += _speed_stages(b, length, over_budget)
+        save()
     print(f"wrote {out / 'informer_speed.json'}")
 
 
