@@ -411,13 +411,6 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
         v.astype(jnp.float32).mean(1, keepdims=True).astype(v.dtype), v.shape).at[
         bi, t, hi].set(o, unique_indices=True), v, top_BUH, o_top)
     rec("read q,k,v + write out (copy floor)", lambda q, k, v: q + k + v, q, k, v)
-    for bq, nw, unroll in ((16, 4, 5), (64, 4, 5), (32, 2, 5), (32, 4, 1), (64, 8, 5)):
-        rec(f"measure per_query block_q={bq} warps={nw} unroll={unroll}",
-            lambda q, k, i, bq=bq, nw=nw, unroll=unroll: measure(
-                q, k, i, block_q=bq, num_warps=nw, unroll=unroll), q, k, idx_q)
-    for bq, nw in ((32, 4), (128, 4)):
-        rec(f"measure shared block_q={bq} warps={nw}", lambda q, k, i, bq=bq, nw=nw:
-            measure(q, k, i, block_q=bq, num_warps=nw), q, k, idx_s)
     loss = lambda f: lambda q, k, v, key: f(q, k, v, key).astype(jnp.float32).sum()
     variants = {"default": TUNING, "top_u kernel": {**TUNING, "top_u": "kernel"},
                 "flash split bwd": {**TUNING, "flash": {"fwd_impl": "triton",
@@ -430,6 +423,15 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
             rec(f"{sampling} fwd, {tag}", f, q, k, v, key)
             rec(f"{sampling} fwd+bwd, {tag}", jax.grad(loss(f), argnums=(0, 1, 2)),
                 q, k, v, key)
+    for bq, nw, unroll, blocks in ((16, 4, 5, 1), (64, 4, 5, 1), (32, 2, 5, 1), (32, 4, 1, 1),
+                                   (64, 8, 5, 1), (32, 4, 5, 4), (32, 4, 5, 64), (64, 4, 5, 2),
+                                   (16, 2, 5, 8)):
+        rec(f"measure per_query block_q={bq} warps={nw} unroll={unroll} blocks={blocks}",
+            lambda q, k, i, bq=bq, nw=nw, unroll=unroll, blocks=blocks: measure(
+                q, k, i, block_q=bq, num_warps=nw, unroll=unroll, blocks=blocks), q, k, idx_q)
+    for bq, nw in ((32, 4), (128, 4)):
+        rec(f"measure shared block_q={bq} warps={nw}", lambda q, k, i, bq=bq, nw=nw:
+            measure(q, k, i, block_q=bq, num_warps=nw), q, k, idx_s)
     return rows
 
 
@@ -493,6 +495,8 @@ def speed(args) -> None:
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": b,
             "heads": h, "head_dim": d, "dtype": "bfloat16", "date": str(datetime.date.today()),
             "command": "python bench/informer.py " + " ".join(sys.argv[1:])}
+    # host time of one call of a trivial jitted function: the floor of the timer (dispatch)
+    meta["dispatch_floor_ms"] = _time(jax.jit(lambda x: x + 1), jax.numpy.zeros(()))
     result = {"meta": meta, "checks": [], "stages": [], "rows": [], "traces": []}
 
     def save():

@@ -95,27 +95,40 @@ def _shared_kernel(q_ref, ks_ref, sidx_ref, m_ref, *, block_q: int, l_q: int, l_
 
 
 def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
-                      n_sample: int, unroll: int):
-    i0 = pl.program_id(0) * block_q
-    q_BqD = _load_rows(q_ref, i0, block_q, l_q).astype(jnp.float32)
+                      n_sample: int, unroll: int, blocks: int):
+    """`blocks` query blocks per program, one after the other: the K rows of one head are then
+    gathered by fewer programs (more L1 reuse)."""
+    first = pl.program_id(0) * blocks            # (read outside the loop: interpret mode)
 
-    def step(s, carry):
+    def one_block(j, _):
+        i0 = (first + j) * block_q
+        q_BqD = _load_rows(q_ref, i0, block_q, l_q).astype(jnp.float32)
+        cols = pl.ds(j * block_q, block_q)
+
+        def step(s, carry):
+            mx, total = carry
+            k_BqD = k_ref[idx_ref[s, cols], :].astype(jnp.float32)     # row gather from K
+            score = jnp.sum(q_BqD * k_BqD, axis=1)
+            return jnp.maximum(mx, score), total + score
+
+        def body(t, carry):             # `unroll` independent gathers in flight per iteration
+            for r in range(unroll):
+                carry = step(t * unroll + r, carry)
+            return carry
+
+        carry = (jnp.full((block_q,), -jnp.inf, jnp.float32),
+                 jnp.zeros((block_q,), jnp.float32))
+        carry = lax.fori_loop(0, n_sample // unroll, body, carry)
+        for s in range(n_sample - n_sample % unroll, n_sample):
+            carry = step(s, carry)
         mx, total = carry
-        k_BqD = k_ref[idx_ref[s, :], :].astype(jnp.float32)           # row gather from K
-        score = jnp.sum(q_BqD * k_BqD, axis=1)
-        return jnp.maximum(mx, score), total + score
+        m_ref[cols] = mx - total / l_k
+        return 0
 
-    def body(j, carry):                 # `unroll` independent gathers in flight per iteration
-        for r in range(unroll):
-            carry = step(j * unroll + r, carry)
-        return carry
-
-    carry = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    carry = lax.fori_loop(0, n_sample // unroll, body, carry)
-    for s in range(n_sample - n_sample % unroll, n_sample):
-        carry = step(s, carry)
-    mx, total = carry
-    m_ref[...] = mx - total / l_k
+    if blocks == 1:
+        one_block(0, 0)
+    else:
+        lax.fori_loop(0, blocks, one_block, 0)
 
 
 def _top_u_kernel(m_ref, o_ref, *, length: int, l_pad: int, u: int):
@@ -147,7 +160,7 @@ _INT_MIN = -(2 ** 31)
 
 
 def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
-                    num_stages: int, unroll: int, interpret: bool):
+                    num_stages: int, unroll: int, blocks: int, interpret: bool):
     b, l_q, h, d = q.shape
     l_k = k.shape[1]
     n_sample = idx.shape[-1]
@@ -155,10 +168,14 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
     if d_pad != d:
         q, k = (_common.pad_axis(x, 3, d_pad) for x in (q, k))
     block_q = min(block_q, max(16, pl.next_power_of_2(l_q)))
-    n_blocks = pl.cdiv(l_q, block_q)
-    grid = (n_blocks, b, h)                                 # query blocks of one head adjacent
+    if idx.ndim == 1:
+        blocks = 1
+    blocks = max(1, min(blocks, pl.cdiv(l_q, block_q)))
+    rows = block_q * blocks                                 # query rows per program
+    n_prog = pl.cdiv(l_q, rows)
+    grid = (n_prog, b, h)                                   # query blocks of one head adjacent
     q_spec = pl.BlockSpec((None, l_q, None, d_pad), lambda i, b_, h_: (b_, 0, h_, 0))
-    m_spec = pl.BlockSpec((None, None, block_q), lambda i, b_, h_: (b_, h_, i))
+    m_spec = pl.BlockSpec((None, None, rows), lambda i, b_, h_: (b_, h_, i))
     common = dict(block_q=block_q, l_q=l_q, l_k=l_k, n_sample=n_sample)
     if idx.ndim == 1:
         s_pad = max(16, pl.next_power_of_2(n_sample))
@@ -170,16 +187,16 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
                     pl.BlockSpec((s_pad,), lambda i, b_, h_: (0,))]
         args = (q, ks, sidx)
     else:
-        idx_SL = _common.pad_axis(idx.astype(jnp.int32).T, 1, block_q)   # [S, Lq_pad]
+        idx_SL = _common.pad_axis(idx.astype(jnp.int32).T, 1, rows)       # [S, Lq_pad]
         kernel = functools.partial(_per_query_kernel, unroll=max(1, min(unroll, n_sample)),
-                                   **common)
+                                   blocks=blocks, **common)
         in_specs = [q_spec, pl.BlockSpec((None, l_k, None, d_pad),
                                          lambda i, b_, h_: (b_, 0, h_, 0)),
-                    pl.BlockSpec((n_sample, block_q), lambda i, b_, h_: (0, i))]
+                    pl.BlockSpec((n_sample, rows), lambda i, b_, h_: (0, i))]
         args = (q, k, idx_SL)
     m = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=m_spec,
-        out_shape=jax.ShapeDtypeStruct((b, h, n_blocks * block_q), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, h, n_prog * rows), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="probsparse_measure",
     )(*args)
@@ -191,11 +208,11 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
 # --------------------------------------------------------------------------------------------
 def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | None = None,
                      block_q: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                     unroll: int = 5):
+                     unroll: int = 5, blocks: int = 1):
     """ProbSparse's M [B, H, Lq] (f32, no gradient) of q [B, Lq, H, D] over the sampled keys of
     k [B, Lk, H, D]: `idx` [S] (shared sample) or [Lq, S] (a sample per query), int in [0, Lk).
-    Tuning: `block_q` queries per program, `num_warps`, `num_stages`, `unroll` (per_query: row
-    gathers issued per loop iteration).
+    Tuning: `block_q` queries per step, `num_warps`, `num_stages`; per_query only: `unroll` (row
+    gathers issued per loop iteration) and `blocks` (query blocks per program).
     """
     _common.check_rank("q", q, 4, "[batch, Lq, heads, head_dim]")
     _common.check_rank("k", k, 4, "[batch, Lk, heads, head_dim]")
@@ -218,7 +235,7 @@ def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | 
         block_q = 64 if idx.ndim == 1 else 32
     return _measure_pallas(q, k, idx, causal_samples=causal_samples, block_q=block_q,
                            num_warps=num_warps, num_stages=num_stages, unroll=unroll,
-                           interpret=backend == "interpret")
+                           blocks=blocks, interpret=backend == "interpret")
 
 
 def top_u(m_BHL, u: int, *, backend: str | None = None):

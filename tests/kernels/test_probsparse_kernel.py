@@ -13,7 +13,7 @@ from pallas_kernels.probsparse import (
 )
 
 measure = jax.jit(sparsity_measure, static_argnames=("causal_samples", "backend", "block_q",
-                                                   "unroll"))
+                                                   "unroll", "blocks"))
 
 
 def _qk(keys, b=2, lq=40, lk=40, h=3, d=16, dtype=jnp.float32):
@@ -70,11 +70,11 @@ def test_bad_k_shape_names_it(keys):
         sparsity_measure(q, k[..., :8], jnp.arange(9), backend="interpret")
 
 
-@pytest.mark.parametrize("unroll", [1, 4, 9, 16])
-def test_per_query_unroll_gives_the_same_measure(keys, unroll):
-    q, k = _qk(keys, lq=40, lk=33)
+@pytest.mark.parametrize("unroll,blocks", [(1, 1), (4, 2), (9, 3), (16, 8)])
+def test_per_query_unroll_and_blocks_give_the_same_measure(keys, unroll, blocks):
+    q, k = _qk(keys, lq=40, lk=33)                # 3 blocks of 16: 2 per program leaves a gap
     idx = jax.random.randint(jax.random.PRNGKey(2), (40, 9), 0, 33)
-    got = measure(q, k, idx, backend="interpret", block_q=16, unroll=unroll)
+    got = measure(q, k, idx, backend="interpret", block_q=16, unroll=unroll, blocks=blocks)
     np.testing.assert_allclose(got, sparsity_reference(q, k, idx), atol=1e-5, rtol=1e-5)
 
 
