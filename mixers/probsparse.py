@@ -11,6 +11,16 @@ Sequence Time-Series Forecasting", AAAI), as a mixer x [B, L, d_model] -> [B, L,
 Cost O(L ln L) per head instead of O(L^2). With u >= L every query is active and the layer is
 exactly full softmax attention (tested).
 
+Two implementations of the same layer (same sampled keys, same active queries; tested equal):
+- `impl: reference` (the default off GPU): plain jnp in [B, H, L, D]; `per_query` gathers the
+  [B, H, L, S, D] sampled keys as a dot operand, which is why the public code is slow.
+- `impl: pallas` (the default on GPU; `interpret` runs it on CPU): in the [B, L, H, D] layout
+  without transposes, M by a Pallas kernel (pallas_kernels/probsparse.py: a dot against the
+  shared sample, or row gathers from K per query, never writing the gathered keys), top-u, the
+  u active rows by the project's flash kernel on the gathered queries (Pallas forward and
+  backward; bidirectional), and one scatter of those rows into the mean(V) fill. Causal
+  variants keep the u rows as a dense masked [u, L] block. Speed: docs/informer.md.
+
 Paper vs the authors' public code (zhouhaoyi/Informer2020, `models/attn.py`), and what we follow:
 - Sampling: the paper samples U = L_K ln L_Q dot-product pairs in total; the code samples
   `factor * ceil(ln L_K)` keys for each query (one draw per call, shared by batch and heads).
