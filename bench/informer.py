@@ -424,8 +424,8 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
             rec(f"{sampling} fwd+bwd, {tag}", jax.grad(loss(f), argnums=(0, 1, 2)),
                 q, k, v, key)
     for bq, nw, unroll, blocks in ((16, 4, 5, 1), (64, 4, 5, 1), (32, 2, 5, 1), (32, 4, 1, 1),
-                                   (64, 8, 5, 1), (32, 4, 5, 4), (32, 4, 5, 64), (64, 4, 5, 2),
-                                   (16, 2, 5, 8)):
+                                   (64, 8, 5, 1), (32, 4, 5, 4), (64, 8, 5, 64), (32, 8, 5, 8),
+                                   (32, 4, 5, 64), (16, 2, 5, 8)):
         rec(f"measure per_query block_q={bq} warps={nw} unroll={unroll} blocks={blocks}",
             lambda q, k, i, bq=bq, nw=nw, unroll=unroll, blocks=blocks: measure(
                 q, k, i, block_q=bq, num_warps=nw, unroll=unroll, blocks=blocks), q, k, idx_q)
