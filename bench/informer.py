@@ -550,7 +550,7 @@ def _speed_table(result: dict, names: list[str]) -> None:
     print("| L | u | " + " | ".join([f"{n} fwd / f+b" for n in names] +
                                     [f"flash / {n} fwd / f+b" for n in probs]) + " |")
     print("|---" * (2 + len(names) + len(probs)) + "|")
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: r["length"]):
         cells = [f"{r.get(f'{n}_fwd_ms', nan):.3f} / {r.get(f'{n}_fwdbwd_ms', nan):.3f}"
                  for n in names]
         ratios = [" / ".join(f"{r.get(f'flash_full_{p}_ms', nan) / r.get(f'{n}_{p}_ms', nan):.2f}"
