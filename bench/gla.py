@@ -566,6 +566,9 @@ VARIANTS = {
     # session 4: fx = the gate factors as exp2(x * log2 e) (one ex2.approx instead of libdevice
     # expf)
     "fx": _new(fast_exp=True),
+    # m: the in-chunk cumulative gates as a matmul by a triangular ones matrix (no scan)
+    "m": _new(cumsum_matmul=True),
+    "fxm": _new(fast_exp=True, cumsum_matmul=True),
 }
 
 

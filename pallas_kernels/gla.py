@@ -190,6 +190,10 @@ class GLABlocks:
     # instead of jnp.exp (libdevice expf, ~10 instructions per element; about a quarter of
     # the per-chunk kernels' instructions at D=128 by the PTX).
     fast_exp: bool = False
+    # GPU kernels with bf16 / f16 gates: the cumulative gates inside a chunk as a matmul by a
+    # triangular ones matrix (`_cumsum_rows`) instead of a scan (by the PTX about a third of
+    # the per-chunk kernels' instructions at D=128).
+    cumsum_matmul: bool = False
     # With bf16 inputs: store the per-chunk states (chunk-parallel: states and dS; sequential:
     # the dq pass's states for dlog_g) in bf16 instead of f32, half the traffic; the kernels
     # feed them to bf16 matmuls anyway.
@@ -263,9 +267,23 @@ def _dot(a, b, *, ta=False, tb=False):
     return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _sub_chunk_gates(g_CK, sub):
-    """Cumulative log gate inside a sub-chunk: c [C, K], its total c_end [K], midpoint m [K]."""
-    c_CK = jnp.cumsum(g_CK, axis=0)
+def _cumsum_rows(g, blocks):
+    """Cumulative sum along the rows of a gate tile, f32. GLABlocks.cumsum_matmul with bf16 /
+    f16 gates: one matmul by the lower-triangular ones matrix (exact products, f32
+    accumulation) instead of Triton's scan across the warps."""
+    if blocks.cumsum_matmul and g.dtype in (jnp.bfloat16, jnp.float16):
+        n = g.shape[0]
+        tril = (lax.broadcasted_iota(jnp.int32, (n, n), 0)
+                >= lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(g.dtype)
+        return _dot(tril, g)
+    return jnp.cumsum(g.astype(_F32), axis=0)
+
+
+def _sub_chunk_gates(g, sub, blocks):
+    """Cumulative log gate inside a sub-chunk: c [C, K], its total c_end [K], midpoint m [K]
+    (f32; g in the input dtype)."""
+    c_CK = _cumsum_rows(g, blocks)
+    g_CK = g.astype(_F32)
     c_end_K = jnp.sum(g_CK, axis=0)
     rows = lax.broadcasted_iota(jnp.int32, g_CK.shape, 0)
     m_K = jnp.sum(jnp.where(rows < sub // 2, g_CK, 0.0), axis=0)
@@ -289,7 +307,7 @@ def _step_blocks(base, blocks, load):
         rows = pl.ds(base + i * ib, ib)
         blk = load(rows)
         blk["rows"] = rows
-        blk["c"], blk["e"], blk["m"] = _sub_chunk_gates(blk.pop("g").astype(_F32), ib)
+        blk["c"], blk["e"], blk["m"] = _sub_chunk_gates(blk.pop("g"), ib, blocks)
         blk["exp"] = _exp_fn(blocks)
         blk["pre"] = pre
         pre = blk["e"] if pre is None else pre + blk["e"]
@@ -501,8 +519,7 @@ def _gla_states_kernel(k_ref, v_ref, g_ref, s0_ref, states_ref, final_ref, *, bl
 
     def update(tiles, s_KV):
         k, v, g = tiles
-        g = g.astype(_F32)
-        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+        b, b_end = _cumsum_rows(g, blocks), jnp.sum(g.astype(_F32), axis=0)
         # exp(b_end - b) may underflow for strong decays: then so does the true contribution.
         k_out = (k.astype(_F32) * exp(b_end[None, :] - b)).astype(dot_dtype)
         return exp(b_end)[:, None] * s_KV + _dot(k_out, v.astype(dot_dtype), ta=True)
@@ -547,7 +564,7 @@ def _scores_by_slices(q_ref, k_ref, g_ref, blocks, dot_dtype, term, acc):
     a = jnp.zeros((size, size), _F32)
     for h in range(dk // kb):
         cols = pl.ds(h * kb, kb)
-        c, e, m = _sub_chunk_gates(g_ref[:, cols].astype(_F32), size)
+        c, e, m = _sub_chunk_gates(g_ref[:, cols], size, blocks)
         q_mid = q_ref[:, cols].astype(_F32) * exp(c - m[None, :])
         k_mid = k_ref[:, cols].astype(_F32) * exp(m[None, :] - c)
         a = a + _dot(q_mid.astype(dot_dtype), k_mid.astype(dot_dtype), tb=True)
@@ -707,8 +724,7 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
 
     def update(tiles, ds_KV):
         q, g, do = tiles
-        g = g.astype(_F32)
-        b, b_end = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+        b, b_end = _cumsum_rows(g, blocks), jnp.sum(g.astype(_F32), axis=0)
         q_in = (q.astype(_F32) * exp(b)).astype(dot_dtype)
         return exp(b_end)[:, None] * ds_KV + scale * _dot(q_in, do.astype(dot_dtype), ta=True)
 
@@ -939,7 +955,7 @@ def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_r
             do_s = do_s + _dot(do, s0_ref[:, cols].astype(dot_dtype), tb=True)
             v_ds = v_ds + _dot(v, ds.astype(dot_dtype), tb=True)
             acc = acc + jnp.sum(s_end_ref[:, cols].astype(_F32) * ds.astype(_F32), axis=1)
-        c, e, m = _sub_chunk_gates(g_ref[...].astype(_F32), size)
+        c, e, m = _sub_chunk_gates(g_ref[...], size, blocks)
         up, down = exp(c - m[None, :]), exp(m[None, :] - c)
         causal = _causal_mask(size)
         q_mid = (q_ref[...].astype(_F32) * up).astype(dot_dtype)

@@ -138,14 +138,16 @@ def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, intra_
                               fwd_tol=1e-5, grad_tol=1e-4, blocks=blocks)
 
 
-def test_gla_matches_recurrence_bf16():
+@pytest.mark.parametrize("fast", [False, True])
+def test_gla_matches_recurrence_bf16(fast):
     # bf16 operands in the matmuls, f32 state: errors of a few 1e-3 relative. dlog_g is a
     # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2. Run with
     # the chunk-parallel per-chunk states and dS stored in bf16 and 32-row state steps, one
     # diagonal block each (log_g in [-5, 0]: steps with total decay past e^-80 use 16-row blocks).
+    # fast: exp2 gate factors and the in-chunk cumulative gates as triangular matmuls (bf16).
     args = _inputs(3, 1, 93, 2, 16, 32, jnp.bfloat16)
     blocks = gla_mod.GLABlocks(schedule="chunk_parallel", sub_chunk=32, intra_block=32,
-                               bf16_states=True)
+                               bf16_states=True, fast_exp=fast, cumsum_matmul=fast)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
                               grad_tol=1e-2, dlog_g_tol=6e-2, blocks=blocks)
 
