@@ -772,14 +772,27 @@ def _dk_block(blks, j, ds_dot, causal, *, scale, dot_dtype):
     return dk
 
 
-def _write_dq_dk_dg(b, dk, acc_K, dq_ref, dk_ref, dg_ref):
+def _reverse_cumsum_rows(x, blocks, dot_dtype):
+    """Inclusive reverse cumulative sum along the rows of an f32 tile. GLABlocks.cumsum_matmul
+    with bf16 operands: upper-triangular ones @ (x in two bf16 parts, x_hi + x_lo, ~2^-16
+    relative), f32 accumulation; otherwise total - cumsum + x."""
+    if blocks.cumsum_matmul and dot_dtype == jnp.bfloat16:
+        n = x.shape[0]
+        triu = (lax.broadcasted_iota(jnp.int32, (n, n), 0)
+                <= lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(dot_dtype)
+        hi = x.astype(dot_dtype)
+        return _dot(triu, hi) + _dot(triu, (x - hi.astype(_F32)).astype(dot_dtype))
+    return jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x
+
+
+def _write_dq_dk_dg(b, dk, acc_K, dq_ref, dk_ref, dg_ref, blocks, dot_dtype):
     """dq (cast), dk and dlog_g = reverse cumsum in the chunk of q * dq - k * dk; returns the
     running sum for the rows before this block."""
     x = b["q"] * b["dq"] - b["k"] * dk
     total = jnp.sum(x, axis=0)
     rows = b["rows"]
-    dg_ref[rows, :] = (acc_K[None, :] + total[None, :] - jnp.cumsum(x, axis=0)
-                       + x).astype(dg_ref.dtype)
+    dg_ref[rows, :] = (acc_K[None, :] + _reverse_cumsum_rows(x, blocks, dot_dtype)
+                       ).astype(dg_ref.dtype)
     dq_ref[rows, :] = b["dq"].astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     return acc_K + total
@@ -834,7 +847,8 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
                 dv = _dv_block(blks, j, ds_dot, causal, **kw)
                 dv_ref[blks[j]["rows"], :] = dv.astype(dv_ref.dtype)
             dk = _dk_block(blks, j, ds_dot, causal, **kw)
-            acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref)
+            acc_K = _write_dq_dk_dg(blks[j], dk, acc_K, dq_ref, dk_ref, dg_ref, blocks,
+                                    dot_dtype)
             ds_KV = _ds_update(ds_KV, blks[j], scale, dot_dtype)
         return ds_KV, acc_K
     # The gate of a row in this chunk scales every later row's view of the chunk's end state:
@@ -965,8 +979,8 @@ def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_r
         da_s = jnp.where(causal, scale * da, 0.0).astype(dot_dtype)
         dk = down * (_dot(da_s, q_mid, ta=True) + exp(e - m)[None, :] * v_ds)
         x = q_ref[...].astype(_F32) * dq - k_ref[...].astype(_F32) * dk
-        dg_ref[...] = (acc[None, :] + jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0)
-                       + x).astype(dg_ref.dtype)
+        dg_ref[...] = (acc[None, :] + _reverse_cumsum_rows(x, blocks, dot_dtype)
+                       ).astype(dg_ref.dtype)
         dq_ref[...] = dq.astype(dq_ref.dtype)
         dk_ref[...] = dk.astype(dk_ref.dtype)
 
