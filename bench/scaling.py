@@ -97,7 +97,9 @@ def child(spec: dict) -> dict:
         tokens = run.train.batch_size * run.train.seq_len
         return {
             "name": spec["name"] + (f" ({spec['label']})" if spec.get("label") else ""),
-            "run": spec["name"], "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": n,
+            "run": spec["name"], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compiler_options": {} if spec["unsharded"] else trainer.compiler_options,
+            "devices": n,
             "mesh": dict(trainer.mesh.shape),
             "platform": devices[0].platform, "device_kind": devices[0].device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,

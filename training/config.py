@@ -53,6 +53,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"     # cosine (warmup + decay) | halve_every_epoch | constant
     early_stopping_patience: int = 0  # > 0: stop after this many evals without a better eval
     #                                   loss, then restore the best state (before test splits)
+    compiler_options: dict | None = None  # XLA options of the compiled train / eval steps;
+    #   None: training.loop.default_compiler_options (the latency-hiding scheduler, which
+    #   overlaps the gradient collectives with the backward, on a multi-GPU mesh); {}: none
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
@@ -66,6 +69,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.compiler_options and not all(isinstance(k, str) for k in self.compiler_options):
+            raise ConfigError(f"train.compiler_options: keys must be XLA option names, got "
+                              f"{list(self.compiler_options)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule: must be one of {LR_SCHEDULES}, got "
                               f"{self.lr_schedule!r}")
@@ -160,9 +166,6 @@ class MeshConfig:
     shard_optimizer: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.shard_optimizer, bool):
-            raise ConfigError(f"mesh.shard_optimizer: must be true or false, got "
-                              f"{self.shard_optimizer!r}")
         for key in MESH_AXES:
             value = getattr(self, key)
             if value == 0 or value < -1:

@@ -34,6 +34,8 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.layers=[gla, attn]",
     (["optim.lr=1"], r"unknown section 'optim'"),
     (["train.dtype=float8"], r"^train.dtype"),
     (["mesh.data=0"], r"^mesh.data"),
+    (["train.compiler_options=[1]"], r"^train.compiler_options: expected dict"),
+    (["mesh.shard_optimizer=maybe"], r"^mesh.shard_optimizer: expected bool"),
 ])
 def test_config_errors_name_the_key_path(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -93,6 +95,20 @@ def test_tiny_run_learns_is_interrupted_and_resumes_exactly(tmp_path):
     for step in (16, 20, 24):
         np.testing.assert_allclose(after[step], train_losses[step], rtol=1e-5)
     np.testing.assert_allclose(resumed["eval_loss"], full["eval_loss"], rtol=1e-5)
+
+
+def test_compiler_options_reach_the_steps_and_bad_names_fail_at_start(tmp_path):
+    from training.loop import Trainer
+    run = load_config("hybrid_3to1", TINY)
+    assert Trainer(run, tmp_path / "a", log=lambda *a, **k: None).compiler_options == {}  # CPU
+    run = load_config("hybrid_3to1", TINY + [
+        "train.compiler_options={xla_gpu_enable_latency_hiding_scheduler: true}"])
+    t = Trainer(run, tmp_path / "b", log=lambda *a, **k: None)
+    assert t.compiler_options == {"xla_gpu_enable_latency_hiding_scheduler": True}
+    t._train_step(t.state, t._device_batch(0, "train"))
+    run = load_config("hybrid_3to1", TINY + ["train.compiler_options={xla_no_such_option: 1}"])
+    with pytest.raises(ConfigError, match=r"^train.compiler_options: .*xla_no_such_option"):
+        Trainer(run, tmp_path / "c", log=lambda *a, **k: None)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
