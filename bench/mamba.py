@@ -363,6 +363,12 @@ VARIANTS = {
     "bs4_sh": dict(bwd_split=4, bwd_share=True),
     "bs4_x_sh": dict(bwd_split=4, xor_reduce=True, bwd_share=True),
     "bs2_sh": dict(bwd_share=True),
+    # the training forward unrolled over 16 steps like the inference forward (checkpoints
+    # still every 4): its chunk-ahead loads come 16 steps ahead instead of 4
+    "cku": dict(ck_unroll=True),
+    "cku_sdt": dict(ck_unroll=True, share_dt=True),
+    "cku_bsh": dict(ck_unroll=True, bwd_share=True),
+    "cku_16": dict(ck_unroll=True, dbc_bf16=True),
 }
 
 
