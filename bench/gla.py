@@ -569,6 +569,9 @@ VARIANTS = {
     # m: the in-chunk cumulative gates as a matmul by a triangular ones matrix (no scan)
     "m": _new(cumsum_matmul=True),
     "fxm": _new(fast_exp=True, cumsum_matmul=True),
+    # a: dlog_g's chunk-end term sum_v S_end * dS_end written by the dS pass (the dk kernels
+    # do not read S_end)
+    "fxma": _new(fast_exp=True, cumsum_matmul=True, dstates_acc=True),
 }
 
 

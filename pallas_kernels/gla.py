@@ -194,6 +194,10 @@ class GLABlocks:
     # triangular ones matrix (`_cumsum_rows`) instead of a scan (by the PTX about a third of
     # the per-chunk kernels' instructions at D=128).
     cumsum_matmul: bool = False
+    # Chunk-parallel backward: the dS pass also writes dlog_g's chunk-end term sum_v S_end *
+    # dS_end per chunk ([Dk] in f32), so the dk kernels read that instead of the [Dk, Dv]
+    # state at the chunk's end.
+    dstates_acc: bool = False
     # With bf16 inputs: store the per-chunk states (chunk-parallel: states and dS; sequential:
     # the dq pass's states for dlog_g) in bf16 instead of f32, half the traffic; the kernels
     # feed them to bf16 matmuls anyway.
@@ -711,10 +715,16 @@ def _gla_bwd_dq_chunk_kernel(k_ref, v_ref, g_ref, do_ref, s_ref, dq_ref, **kw):
     _dq_chunk(k_ref, v_ref, g_ref, do_ref, dq_ref, 0, s_ref[...].astype(_F32), **kw)
 
 
-def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, scale, blocks,
-                        n_chunks, dot_dtype):
+def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, *refs, scale, blocks, n_chunks,
+                        dot_dtype):
     # Chunks in reverse: q/g [Lp, BK], do [Lp, BV], dst/ds0 [BK, BV], dstates [N, BK, BV]: the
-    # gradient w.r.t. the state at the end of each chunk.
+    # gradient w.r.t. the state at the end of each chunk. With GLABlocks.dstates_acc refs =
+    # (states [N + 1, BK, BV], dstates, ds0, acc [N, BK]): acc = sum over this tile's columns
+    # of S_end * dS_end per chunk (S_end = the stored state entering the next chunk).
+    if blocks.dstates_acc:
+        states_ref, dstates_ref, ds0_ref, acc_ref = refs
+    else:
+        (dstates_ref, ds0_ref), states_ref = refs, None
     size = blocks.chunk_size
     exp = _exp_fn(blocks)
 
@@ -730,6 +740,8 @@ def _gla_dstates_kernel(q_ref, g_ref, do_ref, dst_ref, dstates_ref, ds0_ref, *, 
 
     def store(ci, ds_KV):
         dstates_ref[ci] = ds_KV.astype(dstates_ref.dtype)
+        if states_ref is not None:
+            acc_ref[ci] = jnp.sum(states_ref[ci + 1].astype(_F32) * ds_KV, axis=1)
 
     ds0_ref[...] = _state_walk(n_chunks, lambda i: n_chunks - 1 - i, load, update,
                                dst_ref[...].astype(_F32), store, blocks.states_prefetch)
@@ -854,7 +866,8 @@ def _dkv_chunk(q_ref, k_ref, g_ref, v_ref, do_ref, dq32_ref, dq_ref, dk_ref, dv_
     # The gate of a row in this chunk scales every later row's view of the chunk's end state:
     # that part of dlog_g is sum_v S_end * dS_end, so the reverse cumsum stays inside the chunk
     # and its rounding does not grow with the length.
-    acc_K = jnp.sum(s_end_KV * ds_KV, axis=1)
+    # s_end_KV [K] (GLABlocks.dstates_acc): that sum, from the dS pass.
+    acc_K = s_end_KV if s_end_KV.ndim == 1 else jnp.sum(s_end_KV * ds_KV, axis=1)
     return _walk_steps(step, g_ref, base, (ds_KV, acc_K), blocks, reverse=True)[0]
 
 
@@ -985,6 +998,13 @@ def _dk_chunk_sliced(q_ref, k_ref, g_ref, v_ref, do_ref, s0_ref, s_end_ref, ds_r
         dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
+def _dstates_acc(blocks):
+    """GLABlocks.dstates_acc where it applies: the chunk-parallel dk kernels that take the
+    state at the chunk's end (not the sliced one of guard "split")."""
+    return (blocks.dstates_acc and blocks.schedule != "sequential"
+            and not (_split_guard(blocks) and blocks.contract_slice is not None))
+
+
 def _dkv_split(blocks, dk, dv):
     return blocks.dkv_split if blocks.dkv_split is not None else dk * dv > _DKV_FUSED_MAX
 
@@ -1052,8 +1072,9 @@ def _bwd_dq_pass(k, v, log_g, s0, states, do, *, scale, blocks, interpret):
     return dq32, None
 
 
-def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret):
-    """Chunk-parallel schedule: dS at every chunk's end [B, H, N, K, V] and at the start."""
+def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret, states=None):
+    """Chunk-parallel schedule: dS at every chunk's end [B, H, N, K, V] and at the start; with
+    `states` (GLABlocks.dstates_acc) also sum_v S_end * dS_end per chunk [B, H, N, K] f32."""
     b, lp, h, dk = q.shape
     dv = do.shape[-1]
     n_chunks = lp // blocks.chunk_size
@@ -1063,26 +1084,42 @@ def _bwd_dstates_pass(q, log_g, do, dst, *, scale, blocks, interpret):
                                            lambda i, j, m, n: (i, 0, j, blk(m, n)))
     state = lambda *chunks: pl.BlockSpec((None, None, *chunks, bk, bv),
                                          lambda i, j, m, n: (i, j, *(0,) * len(chunks), m, n))
-    return pl.pallas_call(
-        functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, scale=scale, blocks=blocks,
-                          dot_dtype=_dot_dtype(q)),
-        grid=(b, h, dk // bk, dv // bv),
-        in_specs=[tile(bk, lambda m, n: m), tile(bk, lambda m, n: m), tile(bv, lambda m, n: n),
-                  state()],
-        out_specs=[state(n_chunks), state()],
-        out_shape=[jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _states_dtype(blocks, q)),
-                   jax.ShapeDtypeStruct(dst.shape, _F32)],
+    in_specs = [tile(bk, lambda m, n: m), tile(bk, lambda m, n: m), tile(bv, lambda m, n: n),
+                state()]
+    out_specs = [state(n_chunks), state()]
+    out_shape = [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), _states_dtype(blocks, q)),
+                 jax.ShapeDtypeStruct(dst.shape, _F32)]
+    args = (q, log_g, do, dst)
+    with_acc = states is not None
+    if with_acc:   # partial sums per tile of columns, summed below
+        in_specs.append(state(n_chunks + 1))
+        out_specs.append(pl.BlockSpec((None, None, None, n_chunks, bk),
+                                      lambda i, j, m, n: (i, j, n, 0, m)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, dv // bv, n_chunks, dk), _F32))
+        args += (states,)
+    kernel = functools.partial(_gla_dstates_kernel, n_chunks=n_chunks, scale=scale,
+                               blocks=dataclasses.replace(blocks, dstates_acc=with_acc),
+                               dot_dtype=_dot_dtype(q))
+    res = pl.pallas_call(
+        kernel, grid=(b, h, dk // bk, dv // bv), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
         name="gla_bwd_dstates", **_gpu_params(blocks, blocks.num_warps_dq, bk, bv, interpret),
-    )(q, log_g, do, dst)
+    )(*args)
+    if with_acc:
+        return res[0], res[1], jnp.sum(res[2], axis=2)
+    return res[0], res[1], None
 
 
-def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, interpret):
+def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, interpret,
+                  acc=None):
     """dq (input dtype), dk, dv, dlog_g, and (sequential) dS at the start.
 
     Sequential: s_end [B, H, N, K, V] = the state after each chunk, ds_in = dS at the end of
     the sequence. Chunk-parallel: s_end = the stored states entering each chunk (N + 1 of
     them; a chunk's end state is the next one's), ds_in = dS at each chunk's end; dq32 None
-    (one state step per chunk): the dk kernels compute dq from the state entering the chunk."""
+    (one state step per chunk): the dk kernels compute dq from the state entering the chunk.
+    acc [B, H, N, K] (GLABlocks.dstates_acc): sum_v S_end * dS_end per chunk, read by the dk
+    kernels instead of the end states."""
     b, lp, h, dk = q.shape
     dv = v.shape[-1]
     n_chunks = lp // blocks.chunk_size
@@ -1094,6 +1131,12 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     end_states = lambda rows, cols, axis: (sp.state(rows, cols, axis, all_chunks=n_chunks)
                                            if sp.sequential else
                                            sp.state(rows, cols, axis, shift=shift))
+    if acc is not None:   # the dk kernels' chunk-end term, [rows] of chunk c instead of S_end
+        end_states = lambda rows, cols, axis: pl.BlockSpec(
+            (None, None, None, rows), lambda i, j, c, n: (i, j, c, n))
+        s_end_dk = acc
+    else:
+        s_end_dk = s_end
     grid = lambda nblk: (b, h, nblk) if sp.sequential else (b, h, n_chunks, nblk)
     seq = "" if sp.sequential else "_chunks"
     fuse = dq32 is None
@@ -1110,7 +1153,7 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
                     sp.state(dk, dv, 0)]
         params = dict(grid=grid(1), name="gla_bwd_dkv" + seq,
                       **_gpu_params(blocks, blocks.num_warps_dkv, dk, dv, interpret))
-        args = (q, k, log_g, v, do, dq32, s_end, ds_in)
+        args = (q, k, log_g, v, do, dq32, s_end_dk, ds_in)
         if sp.sequential:
             return tuple(pl.pallas_call(
                 functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=True, **kw),
@@ -1146,7 +1189,7 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
     dk_out = dict(out_specs=[rbk, rbk, rbk], out_shape=[shape(q), shape(k), shape(log_g)])
     dk_params = dict(grid=grid(dk // bk), name="gla_bwd_dk" + seq,
                      **_gpu_params(blocks, blocks.num_warps_dkv, bk, dv, interpret))
-    dk_args = (q, k, log_g, v, do, dq32, s_end, ds_in)
+    dk_args = (q, k, log_g, v, do, dq32, s_end_dk, ds_in)
     if sp.sequential:
         dq, dk_, dg = pl.pallas_call(
             functools.partial(_gla_bwd_dkv_kernel, n_chunks=n_chunks, with_dv=False, **kw),
@@ -1166,8 +1209,10 @@ def _gla_bwd_call(q, k, v, log_g, s0, states, do, dst, *, scale, blocks, interpr
         dq32, s_end = _bwd_dq_pass(k, v, log_g, s0, states, do, **kw)
     if blocks.schedule == "sequential":
         return _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, dst, **kw)
-    dstates, ds0 = _bwd_dstates_pass(q, log_g, do, dst, **kw)
-    dq, dk_, dv_, dg, _ = _bwd_dkv_pass(q, k, v, log_g, do, dq32, states, dstates, **kw)
+    acc_states = states if _dstates_acc(blocks) else None
+    dstates, ds0, acc = _bwd_dstates_pass(q, log_g, do, dst, states=acc_states, **kw)
+    dq, dk_, dv_, dg, _ = _bwd_dkv_pass(q, k, v, log_g, do, dq32, states, dstates, acc=acc,
+                                        **kw)
     return dq, dk_, dv_, dg, ds0
 
 

@@ -127,13 +127,14 @@ def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, intra_
     # steps fall back to 16-row blocks): finite and exact to f32 rounding either way. guard
     # "split": the two cases run in two kernels writing the same outputs (the common forward,
     # dv and dk kernels contracting over 2 slices of Dk or Dv). fast_exp: every gate factor as
-    # exp2(x * log2 e), the same function to f32 rounding.
+    # exp2(x * log2 e), the same function to f32 rounding, and dlog_g's chunk-end term from
+    # the dS pass (dstates_acc; ignored by the sliced dk kernel).
     q, k, v, _, s0 = _inputs(77, 1, 77, 2, 32, 32, jnp.float32)
     log_g = _mixed_gates(78, 1, 77, 32)
     blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, intra_block=intra_block,
                                dkv_split=split, block_k_dkv=16, block_v_dkv=16, guard=guard,
                                contract_slice=16 if guard == "split" else None,
-                               fast_exp=fast_exp)
+                               fast_exp=fast_exp, dstates_acc=fast_exp)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
                               fwd_tol=1e-5, grad_tol=1e-4, blocks=blocks)
 
@@ -144,10 +145,12 @@ def test_gla_matches_recurrence_bf16(fast):
     # reverse cumsum of differences of such terms inside a chunk of 64: a few 1e-2. Run with
     # the chunk-parallel per-chunk states and dS stored in bf16 and 32-row state steps, one
     # diagonal block each (log_g in [-5, 0]: steps with total decay past e^-80 use 16-row blocks).
-    # fast: exp2 gate factors and the in-chunk cumulative gates as triangular matmuls (bf16).
+    # fast: exp2 gate factors, the in-chunk cumulative gates as triangular matmuls (bf16) and
+    # dlog_g's chunk-end term from the dS pass.
     args = _inputs(3, 1, 93, 2, 16, 32, jnp.bfloat16)
     blocks = gla_mod.GLABlocks(schedule="chunk_parallel", sub_chunk=32, intra_block=32,
-                               bf16_states=True, fast_exp=fast, cumsum_matmul=fast)
+                               bf16_states=True, fast_exp=fast, cumsum_matmul=fast,
+                               dstates_acc=fast)
     _check_against_recurrence(args, use_s0=True, backend="interpret", fwd_tol=1e-2,
                               grad_tol=1e-2, dlog_g_tol=6e-2, blocks=blocks)
 
