@@ -196,11 +196,20 @@ def check_correctness(results, n_cases, out):
     The cases' jits compile in parallel threads, then run one after the other."""
     v = VARIANTS
     bf, f32 = jnp.bfloat16, jnp.float32
-    # First the default at D=128, fast_exp at D=128 (both sides of the 64-row block's decay
-    # guard) and D=64, the default at D=64 and past the guard, then the guard split into two
+    # First fxma (fast_exp, cumsum_matmul, dstates_acc) at D=128 on both sides of the 64-row
+    # block's decay guard, D=64 and Dk=64/Dv=128, then the default at D=128, fast_exp at D=128
+    # and D=64, the default at D=64 and past the guard, then the guard split into two
     # kernels with the common kernels contracting in slices, then the other dk/dv kernel forms
     # (fused chunk-parallel, sequential split and fused).
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 fxma", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["fxma"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-5 fxma", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
+              v["fxma"]),
+             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 fxma", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
+              v["fxma"]),
+             ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 fxma", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
+              v["fxma"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
               v["default"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-1 fx", 2, 300, 4, 128, 128, bf, -1.0, 2e-2, v["fx"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-5 fx", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["fx"]),
