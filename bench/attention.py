@@ -223,7 +223,7 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64), which="all"):
     "nodefer" (the rest), so that a hang of one variant family costs only its own process."""
     def wanted(name):
         if which == "defer":    # session 4: the tiles-fastest and 240/24 copies are settled
-            return name in ("cudnn", "mosaic", "mosaic_defer")
+            return name in ("cudnn", "mosaic", "mosaic_defer", "defer_check")
         return which == "all" or name in ("cudnn", "mosaic") or "defer" not in name
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate([
@@ -234,7 +234,7 @@ def mosaic_bwd2(results, deadline, n=4096, dims=(128, 64), which="all"):
             (1, 2048, 8, 1, 64, True, 300, dict(mgpu_bwd_overlap=True, mgpu_bwd_regs=(240, 24))),
             (1, 777, 4, 2, 128, False, None, dict(mgpu_bwd_overlap=True,
                                                   mgpu_bwd_regs=(240, 24)))]):
-        if not wanted("defer" if "mgpu_bwd_defer_dq" in extra else "x"):
+        if not wanted("defer_check" if "mgpu_bwd_defer_dq" in extra else "x"):
             continue
         if time.time() > deadline:
             break
@@ -336,6 +336,35 @@ def _variant_checks_and_times(results, deadline, name, checks, cells, variants, 
                 _timed(row, deadline, flops, name, out, jax.jit(fn), q, k, v)
             else:
                 _timed(row, deadline, flops, name, out, _fwd_bwd(fn), q, k, v, do)
+
+
+def hang_probe(results, deadline, seeds=12, **impl):
+    """Session 4: the D 64 causal window-512 MQA 4097 check did not finish in two runs (session 3
+    call 3, session 4 call 1) and passed in one. One jitted fwd+bwd with `impl` (fwd_impl /
+    bwd_impl), run on fresh random inputs per seed with a progress line before and after each
+    run: a hang shows as a "start" line without its "done" line."""
+    rows = results.setdefault("hang_probe", [])
+    b, n, hq, hkv, d = 1, 4097, 8, 1, 64
+    kw = dict(causal=True, window=512)
+    fn = _fwd_bwd(lambda q, k, v: attn.flash_attention_kernel(q, k, v, **kw, **impl))
+    ref = _fwd_bwd(lambda q, k, v: attn.attention_reference(q, k, v, **kw))
+    for seed in range(seeds):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16, seed=300 + seed)
+        row = dict(impl=str(impl), seed=seed)
+        print("hang start", row, flush=True)
+        t = time.time()
+        try:
+            o, g = jax.block_until_ready(fn(q, k, v, do))
+            row["s"] = time.time() - t
+            o_ref, g_ref = ref(*[x.astype(jnp.float32) for x in (q, k, v, do)])
+            row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
+                       dv=_rel(g[2], g_ref[2]))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("hang done", row, flush=True)
+        rows.append(row)
 
 
 def mosaic_bwd4(results, deadline):
@@ -865,6 +894,9 @@ def main():
              "mfwd3": lambda dl: mosaic_fwd3(results, dl),
              "mbwd4": lambda dl: mosaic_bwd4(results, dl),
              "mfwd4": lambda dl: mosaic_fwd4(results, dl),
+             "hangf": lambda dl: hang_probe(results, dl, fwd_impl="mosaic", bwd_impl="split"),
+             "hangb": lambda dl: hang_probe(results, dl, fwd_impl="triton", bwd_impl="mosaic"),
+             "hangfb": lambda dl: hang_probe(results, dl),
              "dsweep": lambda dl: decode_sweep(results, dl),
              "packed": lambda dl: packed(results, dl),
              "mem": lambda dl: memory(results, [4096, 16384, 65536], dl),
