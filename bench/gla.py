@@ -209,6 +209,8 @@ def check_correctness(results, n_cases, out):
               v["fxma"]),
              ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 fxma", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
               v["fxma"]),
+             ("bf16 T=300 Dk=Dv=128 log_g>=-1 fxmadv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
+              v["fxmadv128"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
               v["default"]),
              ("bf16 T=300 Dk=Dv=128 log_g>=-1 fx", 2, 300, 4, 128, 128, bf, -1.0, 2e-2, v["fx"]),
@@ -581,6 +583,10 @@ VARIANTS = {
     # a: dlog_g's chunk-end term sum_v S_end * dS_end written by the dS pass (the dk kernels
     # do not read S_end)
     "fxma": _new(fast_exp=True, cumsum_matmul=True, dstates_acc=True),
+    # fxma with the split dv kernel over all 128 columns (A and the gates once per chunk) with
+    # 4 warps (the auto rule gives it 8: one program per SM)
+    "fxmadv128": _new(fast_exp=True, cumsum_matmul=True, dstates_acc=True, block_v_dkv=128,
+                      num_warps_dkv=4),
 }
 
 
