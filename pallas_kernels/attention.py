@@ -131,6 +131,8 @@ class FlashConfig:
     mgpu_fwd_regs: tuple[int, int] = (232, 40)  # Mosaic fwd registers: consumer, producer
     mgpu_fwd_wgs: int = 2        # Mosaic fwd consumer warpgroups (block_q rows each); 3 wants
     #                              registers like (160, 24): 3 * 160 + 24 <= 512
+    mgpu_fwd_opt_barrier: bool = False  # Mosaic fwd: optimization_barrier on (O, l, m, P) before
+    #                                     the ping-pong arrive (JAX's attention_mgpu ordering)
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);

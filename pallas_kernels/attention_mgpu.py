@@ -128,6 +128,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p_lo = p.astype(v_smem.dtype)
+            if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
+                acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
             if ping_pong:
                 plgpu.barrier_arrive(schedule)             # softmax done
             plgpu.barrier_wait(v_ready.at[slot])
@@ -799,7 +801,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
-                     f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}"
+                     f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret, consumers=nc,
     )(qp, kp, vp)

@@ -363,14 +363,16 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
 def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     """mgpu_fold_scale: row max on raw scores, scale applied inside exp2's argument (causal
     masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode); with
-    mgpu_tiles_fastest (grid order) for the Mosaic forward and backward."""
+    mgpu_tiles_fastest (grid order) for the Mosaic forward and backward, and the optimization
+    barrier before the ping-pong arrive (mgpu_fwd_opt_barrier)."""
     q, k, v, do = _inputs(22, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
     kw = dict(causal=True, window=50)
 
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
                                            mgpu_fold_scale=True, mgpu_tiles_fastest=True,
-                                           bwd_impl="mosaic", block_k=64, **kw)
+                                           mgpu_fwd_opt_barrier=True, bwd_impl="mosaic",
+                                           block_k=64, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
@@ -388,12 +390,13 @@ def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
-@pytest.mark.parametrize("causal,window,stages", [
-    pytest.param(False, None, 2, marks=SLOW),       # opt-in: default once measured faster
-    pytest.param(True, None, 3, marks=SLOW),
-    pytest.param(True, 40, 2, marks=SLOW),
+@pytest.mark.parametrize("causal,window,stages,ping_pong", [
+    pytest.param(False, None, 2, True, marks=SLOW),  # opt-in: default once measured faster
+    pytest.param(True, None, 3, True, marks=SLOW),
+    pytest.param(True, 40, 2, True, marks=SLOW),
+    pytest.param(True, None, 2, False, marks=SLOW),
 ])
-def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages):
+def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages, ping_pong):
     """mgpu_fwd_wgs=3: 3 x 64-row consumer warpgroups per CTA with a staggered ping-pong over
     a 3-arrival schedule barrier (FA3's D=64 tile), GQA, ragged length, interpret mode."""
     q, k, v, do = _inputs(23, 1, 300, 300, 4, 2, 64, jnp.bfloat16)
@@ -402,6 +405,7 @@ def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages):
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
                                            block_q=64, block_k=128, mgpu_stages=stages,
-                                           mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24), **kw)
+                                           mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
+                                           mgpu_ping_pong=ping_pong, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
