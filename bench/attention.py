@@ -401,6 +401,40 @@ def mosaic_fwd4(results, deadline, n=4096):
                   ("wg3_fold_noping", dict(WG3, mgpu_fold_scale=True, mgpu_ping_pong=False))])
 
 
+def mosaic_bwd5(results, deadline):
+    """Session 4, call 2: the deferred dq at D 64 (plain and in the rows layout): GPU checks,
+    then fwd+bwd at N 4k and 16k, full and causal, against the default and cuDNN."""
+    defer = dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True)
+    rows_defer = dict(defer, mgpu_bwd_rows=True)
+    variants = [("default", {}), ("mosaic_defer", defer), ("mosaic_rows_defer", rows_defer)]
+    cells = [(64, False), (64, True)]
+    _variant_checks_and_times(
+        results, deadline, "bwd_sweep5",
+        checks=[(2, 1000, 4, 2, 64, False, None, defer),
+                (1, 2048, 8, 1, 64, True, 300, defer),
+                (2, 1000, 4, 2, 64, False, None, rows_defer)],
+        cells=cells, variants=variants, seed=210)
+    _variant_checks_and_times(results, deadline, "bwd_sweep5", checks=[], cells=cells,
+                              variants=variants, n=16384)
+
+
+def mosaic_fwd5(results, deadline):
+    """Session 4, call 2: forward orderings at N 4k: the optimization barrier before the
+    ping-pong arrive, 3 consumer warpgroups without ping-pong (D 64), against cuDNN."""
+    ob = dict(fwd_impl="mosaic", mgpu_fwd_opt_barrier=True)
+    wg3 = dict(WG3, mgpu_ping_pong=False)
+    _variant_checks_and_times(
+        results, deadline, "fwd_sweep5",
+        checks=[(2, 1000, 8, 2, 64, True, None, ob), (1, 1000, 4, 2, 64, False, None, wg3),
+                (1, 1000, 4, 4, 128, False, None, ob)],
+        cells=[(64, False), (64, True), (128, False), (128, True)], mode="fwd", seed=230,
+        variants=[("default", {}), ("opt_barrier", ob),
+                  ("wg3_noping", dict(wg3, mgpu_fold_scale=True), (64,)),
+                  ("wg3_noping_ob", dict(wg3, mgpu_fold_scale=True, mgpu_fwd_opt_barrier=True),
+                   (64,)),
+                  ("wg3_noping_s3", dict(wg3, mgpu_stages=3), (64,))])
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -894,6 +928,8 @@ def main():
              "mfwd3": lambda dl: mosaic_fwd3(results, dl),
              "mbwd4": lambda dl: mosaic_bwd4(results, dl),
              "mfwd4": lambda dl: mosaic_fwd4(results, dl),
+             "mbwd5": lambda dl: mosaic_bwd5(results, dl),
+             "mfwd5": lambda dl: mosaic_fwd5(results, dl),
              "hangf": lambda dl: hang_probe(results, dl, fwd_impl="mosaic", bwd_impl="split"),
              "hangb": lambda dl: hang_probe(results, dl, fwd_impl="triton", bwd_impl="mosaic"),
              "hangfb": lambda dl: hang_probe(results, dl),
