@@ -418,6 +418,19 @@ def mosaic_bwd5(results, deadline):
                               variants=variants, n=16384)
 
 
+def bwd_short(results, deadline):
+    """Session 4, call 2: which backward at short lengths (1k, 2k): the Triton split kernels
+    against the Mosaic backward (default options per cell) and the deferred dq, fwd+bwd."""
+    variants = [("default", {}), ("split", dict(bwd_impl="split")),
+                ("mosaic", dict(bwd_impl="mosaic")),
+                ("mosaic_plo", dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True), (128,)),
+                ("mosaic_defer", dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True), (64,))]
+    for n in (1024, 2048):
+        _variant_checks_and_times(results, deadline, "bwd_short", checks=[], n=n,
+                                  cells=[(128, False), (128, True), (64, False), (64, True)],
+                                  variants=variants)
+
+
 def mosaic_fwd5(results, deadline):
     """Session 4, call 2: forward orderings at N 4k: the optimization barrier before the
     ping-pong arrive, 3 consumer warpgroups without ping-pong (D 64), against cuDNN."""
@@ -930,6 +943,7 @@ def main():
              "mfwd4": lambda dl: mosaic_fwd4(results, dl),
              "mbwd5": lambda dl: mosaic_bwd5(results, dl),
              "mfwd5": lambda dl: mosaic_fwd5(results, dl),
+             "bshort": lambda dl: bwd_short(results, dl),
              "hangf": lambda dl: hang_probe(results, dl, fwd_impl="mosaic", bwd_impl="split"),
              "hangb": lambda dl: hang_probe(results, dl, fwd_impl="triton", bwd_impl="mosaic"),
              "hangfb": lambda dl: hang_probe(results, dl),
