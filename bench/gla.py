@@ -587,6 +587,9 @@ VARIANTS = {
     # 4 warps (the auto rule gives it 8: one program per SM)
     "fxmadv128": _new(fast_exp=True, cumsum_matmul=True, dstates_acc=True, block_v_dkv=128,
                       num_warps_dkv=4),
+    # the default of session 3 (commit 03c4677), whatever the defaults are now
+    "s3": _new(fast_exp=False, cumsum_matmul=False, dstates_acc=False, block_v_dkv=64,
+               num_warps_dkv=None),
 }
 
 
