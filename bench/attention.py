@@ -373,7 +373,10 @@ def hang_probe(results, deadline, seeds=12, **impl):
         try:
             o, g = jax.block_until_ready(fn(q, k, v, do))
             row["s"] = time.time() - t
-            o_ref, g_ref = ref(*[x.astype(jnp.float32) for x in (q, k, v, do)])
+            t = time.time()
+            o_ref, g_ref = jax.block_until_ready(ref(*[x.astype(jnp.float32)
+                                                        for x in (q, k, v, do)]))
+            row["ref_s"] = time.time() - t
             row.update(o=_rel(o, o_ref), dq=_rel(g[0], g_ref[0]), dk=_rel(g[1], g_ref[1]),
                        dv=_rel(g[2], g_ref[2]))
         except Exception as e:  # noqa: BLE001
