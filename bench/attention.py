@@ -539,16 +539,18 @@ def mosaic_fwd3(results, deadline, n=4096):
             _timed(row, deadline, flops, "fsweep3", out, jax.jit(fn), q, k, v)
 
 
-def mosaic_compile_report(results, deadline):
+def mosaic_compile_report(results, deadline, cases=None):
     """Compile (and run once, small shapes) the Mosaic kernels whose ptxas report and SASS
-    the request dumps (MOSAIC_GPU_DUMP_TO set by the caller). Kernel names say the variant."""
+    the request dumps (MOSAIC_GPU_DUMP_PTXAS / _SASS set by the caller). Kernel names say the
+    variant."""
     rows = results.setdefault("compiled", [])
-    cases = [("bwd_d128_base", 128, True, dict(bwd_impl="mosaic")),
-             ("bwd_d128_plo", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True)),
-             ("bwd_d128_r232", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_regs=(232, 40))),
-             ("fwd_d64_fold", 64, False, "fold"),
-             ("fwd_d64_r240", 64, False, "r240"),
-             ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True))]
+    cases = cases or [
+        ("bwd_d128_base", 128, True, dict(bwd_impl="mosaic")),
+        ("bwd_d128_plo", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True)),
+        ("bwd_d128_r232", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_regs=(232, 40))),
+        ("fwd_d64_fold", 64, False, "fold"),
+        ("fwd_d64_r240", 64, False, "r240"),
+        ("bwd_d128_defer", 128, True, dict(bwd_impl="mosaic", mgpu_bwd_defer_dq=True))]
     for name, d, causal, cfg in cases:
         if time.time() > deadline:
             break
@@ -963,6 +965,9 @@ def main():
              "mbwd5": lambda dl: mosaic_bwd5(results, dl),
              "mfwd5": lambda dl: mosaic_fwd5(results, dl),
              "bshort": lambda dl: bwd_short(results, dl),
+             # session 4: SASS of the D 128 full lean backward (216 bytes of spills: where?)
+             "msass": lambda dl: mosaic_compile_report(results, dl, cases=[
+                 ("bwd_d128_full_plo", 128, False, dict(bwd_impl="mosaic", mgpu_bwd_p_lo=True))]),
              "hangf": lambda dl: hang_probe(results, dl, fwd_impl="mosaic", bwd_impl="split"),
              "hangb": lambda dl: hang_probe(results, dl, fwd_impl="triton", bwd_impl="mosaic"),
              "hangfb": lambda dl: hang_probe(results, dl),
