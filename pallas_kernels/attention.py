@@ -734,6 +734,9 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # dV/dP step (session 3, call 3, N=4k fwd+bwd: 442 vs 424 TFLOP/s; GPU-checked). At D=64 it lost
 # (360 vs 386); the deferred dq measured 415 vs 386 there but has no D=64 GPU check yet.
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_p_lo=True)}
+# Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
+# shorter calls take the Triton split backward. Empty: every length of a cell runs Mosaic.
+MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {}
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -765,9 +768,13 @@ def choose_fwd_impl(d_pad: int, dtype, has_segments: bool, capability,
 
 
 def choose_bwd_impl(d_pad: int, dtype, has_segments: bool, capability,
-                    causal: bool = False) -> str:
+                    causal: bool = False, lk: int | None = None) -> str:
     """The backward for one call: "mosaic" in the MOSAIC_BWD_CELLS (Hopper, bf16/f16, no
-    segment ids), else "split" (the Triton dq kernel plus the Triton dk/dv kernel)."""
+    segment ids) from the cell's MOSAIC_BWD_MIN_LK key length on, else "split" (the Triton dq
+    kernel plus the Triton dk/dv kernel)."""
+    cell = (d_pad, bool(causal))
+    if lk is not None and lk < MOSAIC_BWD_MIN_LK.get(cell, 0):
+        return "split"
     dims = tuple(d for d, c in MOSAIC_BWD_CELLS if c == bool(causal))
     if choose_fwd_impl(d_pad, dtype, has_segments, capability, dims) == "mosaic":
         return "mosaic"
@@ -796,7 +803,7 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
             d_pad, q.dtype, segment_ids is not None, _cuda_capability())
     if blocks.get("bwd_impl") is None:
         blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
-            d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal)
+            d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal, lk)
         if blocks["bwd_impl"] == "mosaic":
             defaults.update(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
     if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):

@@ -283,7 +283,19 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, True) == "mosaic"
     assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "mosaic"
     assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, True) == "split"
+    for (d, causal), min_lk in attn.MOSAIC_BWD_MIN_LK.items():    # short keys: Triton
+        assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper, causal, min_lk - 1) == "split"
+        assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper, causal, min_lk) == "mosaic"
     assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
+
+
+def test_backward_dispatch_minimum_key_length(monkeypatch):
+    hopper = (9, 0)
+    monkeypatch.setitem(attn.MOSAIC_BWD_MIN_LK, (64, False), 2048)
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False, 1024) == "split"
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False, 2048) == "mosaic"
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
+    assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, True, 1024) == "mosaic"
 
 
 @pytest.mark.parametrize("causal,hkv,window,segments", [
