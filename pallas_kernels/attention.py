@@ -133,6 +133,8 @@ class FlashConfig:
     #                              registers like (160, 24): 3 * 160 + 24 <= 512
     mgpu_fwd_opt_barrier: bool = False  # Mosaic fwd: optimization_barrier on (O, l, m, P) before
     #                                     the ping-pong arrive (JAX's attention_mgpu ordering)
+    mgpu_fwd_overlap: bool = False  # Mosaic fwd: S_j issued with P_{j-1} V_{j-1}, softmax of
+    #                                 S_j while P V runs (FA3's intra-warpgroup overlap)
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);

@@ -43,6 +43,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     bq, bk = cfg.block_q, cfg.block_k
     nc = cfg.mgpu_fwd_wgs                                  # consumer warpgroups
     fold = cfg.mgpu_fold_scale
+    overlap = cfg.mgpu_fwd_overlap
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
@@ -58,8 +59,36 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    @pl.when(wg < nc)
-    def _consumer():
+    def softmax(s, m, l, j, q0, masked):
+        """Online-softmax step on the scores S of KV block j for rows q0..: returns P (input
+        dtype), the new running max and sum, and alpha = exp2(m - m_new) (the O rescale)."""
+        c = cfg.sm_scale * LOG2E
+        if not fold:
+            s = s * c
+        if masked:
+            rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+            q_pos = rows + (q0 + cfg.lk - cfg.lq)
+            k_pos = cols + j * bk
+            mask = k_pos < cfg.lk
+            if cfg.causal:
+                mask &= k_pos <= q_pos
+            if cfg.window is not None:
+                mask &= k_pos > q_pos - cfg.window
+            s = jnp.where(mask, s, -jnp.inf)
+        if fold:    # max on raw scores; scale folded into exp2's argument (one FFMA)
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        else:
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + p.sum(axis=1)
+        return p.astype(v_smem.dtype), m_new, l, alpha
+
+    def consumer_setup():
+        """Registers up, this warpgroup's Q in SMEM; returns (q0, w_lo, w_mid_lo, w_mid_hi, w_hi,
+        q_smem, m, l, acc): its rows, its KV block ranges inside the CTA's, the initial state."""
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
         q0 = cta_q0 + wg * bq
         w_lo, w_mid_lo, w_mid_hi, w_hi = _kv_block_range(q0, bq, bk, cfg)
@@ -74,6 +103,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
                                 plgpu.Layout.WGMMA)
+        return q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc
+
+    def finish(q0, q_smem, acc, m, l):
+        """o = acc / l and the base-2 lse (+inf for rows without visible keys) to HBM."""
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        q_smem[...] = acc.astype(q_smem.dtype)
+        lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe) * LOG2E)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    def _consumer():
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
         # Ping-pong: the schedule barrier takes one arrival per consumer and phase; consumer w
         # starts w phases late (2 consumers: FA3's alternation; 3: a staggered round).
         if ping_pong:
@@ -104,30 +149,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 return s_ref[...]
             s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            c = cfg.sm_scale * LOG2E
-            if not fold:
-                s = s * c
-            if masked:
-                rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-                q_pos = rows + (q0 + cfg.lk - cfg.lq)
-                k_pos = cols + j * bk
-                mask = k_pos < cfg.lk
-                if cfg.causal:
-                    mask &= k_pos <= q_pos
-                if cfg.window is not None:
-                    mask &= k_pos > q_pos - cfg.window
-                s = jnp.where(mask, s, -jnp.inf)
-            if fold:    # max on raw scores; scale folded into exp2's argument (one FFMA)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            else:
-                m_new = jnp.maximum(m, s.max(axis=1))
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            alpha = jnp.exp2(m - m_new)
-            l = l * alpha + p.sum(axis=1)
+            p_lo, m_new, l, alpha = softmax(s, m, l, j, q0, masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p_lo = p.astype(v_smem.dtype)
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
                 acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
             if ping_pong:
@@ -162,26 +185,134 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             for w in range(1, nc):
                 pl.when(wg < nc - w)(sync_schedule)
 
-        empty = l == 0.0
-        l_safe = jnp.where(empty, 1.0, l)
-        acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem[...] = acc.astype(q_smem.dtype)
-        lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe) * LOG2E)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+        finish(q0, q_smem, acc, m, l)
+
+    def _consumer_overlap():
+        """`mgpu_fwd_overlap` (FA3's intra-warpgroup overlap, two consumers): step j issues
+        S_j = Q K_j^T and P_{j-1} V_{j-1} back to back (the latter into a fresh accumulator),
+        computes the softmax of S_j while P_{j-1} V_{j-1} is on the tensor cores, then
+        O = (O + P_{j-1} V_{j-1}) * alpha_j. With ping-pong the two warpgroups pass a token
+        (one 1-arrival barrier each) around their GEMM issues, so the issues alternate. V_j is
+        released one step later than K_j (the producer waits for K and V separately)."""
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
+        tok = schedule
+        p0 = plgpu.layout_cast(jnp.zeros((bq, bk), v_smem.dtype), plgpu.Layout.WGMMA)
+
+        def turn_begin():
+            if ping_pong:
+                plgpu.barrier_wait(tok.at[wg])
+
+        def turn_end():
+            if ping_pong:
+                plgpu.barrier_arrive(tok.at[1 - wg])
+        if ping_pong:
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(tok.at[0]))     # warpgroup 0 first
+
+        def p_operand(p_prev):
+            if gpu_path:
+                return p_prev
+            p_smem.at[wg][...] = p_prev                    # interpret: operands from SMEM
+            plgpu.commit_smem()
+            return p_smem.at[wg]
+
+        def skip(j, carry):
+            slot = step_slot(j)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            turn_begin()
+            turn_end()
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            return carry
+
+        def first(j, carry):                               # S only: no P V pending yet
+            acc, m, l, _ = carry
+            slot = step_slot(j)
+            plgpu.barrier_wait(k_ready.at[slot])
+            turn_begin()
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                turn_end()
+                return s_ref[...]
+            s_ = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            p_lo, m, l, _ = softmax(s_, m, l, j, q0, True)
+            return acc, m, l, p_lo
+
+        def visit(j, carry, masked):
+            acc, m, l, p_prev = carry
+            slot, prev = step_slot(j), step_slot(j - 1)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[prev])
+            turn_begin()
+            p_op = p_operand(p_prev)
+
+            def s_pv(s_ref, pv_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(pv_ref, p_op, v_smem.at[prev])
+                turn_end()
+                s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                plgpu.barrier_arrive(k_free.at[slot])
+                p_lo, m_new, l_new, alpha = softmax(s_, m, l, j, q0, masked)
+                return p_lo, m_new, l_new, alpha, pv_ref[...]
+            p_lo, m, l, alpha, pv = pl.run_scoped(
+                s_pv, plgpu.ACC((bq, bk), jnp.float32),
+                plgpu.ACC((bq, q_ref.shape[-1]), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[prev])
+            acc = (acc + pv) * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            return acc, m, l, p_lo
+
+        def last(j, carry):                                # P V of the last visited block
+            acc, m, l, p_prev = carry
+            slot = step_slot(j)
+            plgpu.barrier_wait(v_ready.at[slot])
+            turn_begin()
+            p_op = p_operand(p_prev)
+
+            def pv(pv_ref):
+                plgpu.wgmma(pv_ref, p_op, v_smem.at[slot])
+                turn_end()
+                return pv_ref[...]
+            acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, q_ref.shape[-1]), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m, l, p_prev
+
+        def idle_turn(_, carry):                           # keeps the turn count equal
+            turn_begin()
+            turn_end()
+            return carry
+
+        v0 = jnp.minimum(w_lo + 1, w_hi)
+        m_lo = jnp.minimum(jnp.maximum(w_mid_lo, v0), w_hi)
+        m_hi = jnp.minimum(jnp.maximum(w_mid_hi, m_lo), w_hi)
+        carry = (acc, m, l, p0)
+        carry = lax.fori_loop(lo, w_lo, skip, carry)
+        carry = lax.fori_loop(w_lo, v0, first, carry)     # 0 or 1 step
+        carry = lax.fori_loop(v0, m_lo, functools.partial(visit, masked=True), carry)
+        carry = lax.fori_loop(m_lo, m_hi, functools.partial(visit, masked=False), carry)
+        carry = lax.fori_loop(m_hi, w_hi, functools.partial(visit, masked=True), carry)
+        carry = lax.fori_loop(jnp.maximum(w_hi - 1, w_lo), w_hi, last, carry)
+        carry = lax.fori_loop(jnp.int32(0), (w_hi <= w_lo).astype(jnp.int32), idle_turn, carry)
+        acc, m, l, _ = lax.fori_loop(w_hi, hi, skip, carry)
+        if ping_pong:
+            pl.when(wg == 0)(lambda: plgpu.barrier_wait(tok.at[0]))   # the last token
+        finish(q0, q_smem, acc, m, l)
+
+    pl.when(wg < nc)(_consumer_overlap if overlap else _consumer)
 
     @pl.when(wg == nc)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[1], action="decrease")
         g = lax.div(h, jnp.int32(rep))
 
-        def load(j):
+        def load(j, what=("k", "v")):
             slot = step_slot(j)
             at = (b, pl.ds(j * bk, bk), g)
-            plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
+            if "k" in what:
+                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
+            if "v" in what:
+                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
 
         for i in range(stages):                            # fill the ring
             pl.when(lo + i < hi)(functools.partial(load, lo + i))
@@ -190,8 +321,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         def _refill(j):
             slot = step_slot(j)
             plgpu.barrier_wait(k_free.at[slot])
+            if overlap:                   # K_j is released a step before V_j: load it first
+                load(j, "k")
             plgpu.barrier_wait(v_free.at[slot])
-            load(j)
+            load(j, "v" if overlap else ("k", "v"))
 
         for i in range(stages):                            # drain: observe each slot's last use
             @pl.when(lo + i < hi)
@@ -773,6 +906,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     bq, bk = cfg.block_q, cfg.block_k
     nc = cfg.mgpu_fwd_wgs
     _check_inputs(q, "forward")
+    if cfg.mgpu_fwd_overlap and nc != 2:
+        raise ValueError("mgpu_fwd_overlap needs mgpu_fwd_wgs=2")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
         raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
                          f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
@@ -791,7 +926,9 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                 plgpu.Barrier(num_barriers=nc),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=nc))
+                # ping-pong: a rendezvous of the consumers, or (overlap) one token each
+                plgpu.Barrier(num_barriers=2) if cfg.mgpu_fwd_overlap
+                else plgpu.Barrier(num_arrivals=nc))
     o, lse = _warp_specialized(
         functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
                           ping_pong=ping_pong, gpu_path=not interpret),
@@ -802,6 +939,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
                      f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
+                     f"{'_ov' if cfg.mgpu_fwd_overlap else ''}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret, consumers=nc,
     )(qp, kp, vp)

@@ -421,3 +421,22 @@ def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages, pi
                                            mgpu_ping_pong=ping_pong, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("lq,lk,d,causal,window,extra", [
+    pytest.param(257, 257, 64, True, 16, dict(block_q=64, block_k=64), marks=SLOW),
+    pytest.param(200, 330, 128, True, None, dict(mgpu_ping_pong=False), marks=SLOW),
+    pytest.param(300, 300, 64, False, None, dict(block_q=64, mgpu_stages=3), marks=SLOW),
+])
+def test_mosaic_gpu_forward_intra_warpgroup_overlap(lq, lk, d, causal, window, extra):
+    """mgpu_fwd_overlap: S_j issued with P_{j-1} V_{j-1} (softmax of S_j while P V runs), the
+    token-passing ping-pong, K released a step before V; padded rows with no visible key
+    (window 16 at length 257), Lq != Lk, no ping-pong, a 3-deep ring; interpret mode."""
+    q, k, v, do = _inputs(24, 1, lq, lk, 4, 1, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fwd_overlap=True, **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
