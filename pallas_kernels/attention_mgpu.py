@@ -59,6 +59,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
+    def qk_scores(slot, q_smem, after_issue):
+        """S = Q K^T of the K block in `slot` (`after_issue()` runs once the wgmma is issued);
+        the K slot is released once S is in registers."""
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+            after_issue()
+            return s_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return s
+
     def softmax(s, m, l, j, q0, masked):
         """Online-softmax step on the scores S of KV block j for rows q0..: returns P (input
         dtype), the new running max and sum, and alpha = exp2(m - m_new) (the O rescale)."""
@@ -143,12 +154,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             slot = step_slot(j)
             plgpu.barrier_wait(k_ready.at[slot])
 
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                sync_schedule()
-                return s_ref[...]
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+            s = qk_scores(slot, q_smem, sync_schedule)
             p_lo, m_new, l, alpha = softmax(s, m, l, j, q0, masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
@@ -231,12 +237,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_wait(k_ready.at[slot])
             turn_begin()
 
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                turn_end()
-                return s_ref[...]
-            s_ = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+            s_ = qk_scores(slot, q_smem, turn_end)
             p_lo, m, l, _ = softmax(s_, m, l, j, q0, True)
             return acc, m, l, p_lo
 
