@@ -455,15 +455,20 @@ def bwd_short(results, deadline):
 
 
 def mosaic_fwd5(results, deadline):
-    """Session 4, call 2: forward orderings at N 4k: the optimization barrier before the
-    ping-pong arrive, 3 consumer warpgroups without ping-pong (D 64), against cuDNN."""
+    """Session 4, call 2: forward orderings at N 4k: FA3's intra-warpgroup overlap (64-row
+    warpgroups; D 128 also with 64-key blocks), the optimization barrier before the ping-pong
+    arrive, 3 consumer warpgroups without ping-pong (D 64), against cuDNN."""
     ob = dict(fwd_impl="mosaic", mgpu_fwd_opt_barrier=True)
     wg3 = dict(WG3, mgpu_ping_pong=False)
+    ov = dict(fwd_impl="mosaic", mgpu_fwd_overlap=True, block_q=64)   # 64 rows per warpgroup
     _variant_checks_and_times(
         results, deadline, "fwd_sweep5",
-        checks=[(2, 1000, 8, 2, 64, True, None, ob), (1, 1000, 4, 2, 64, False, None, wg3)],
+        checks=[(1, 2048, 8, 1, 64, True, 300, ov), (1, 777, 4, 2, 128, False, None, ov),
+                (2, 1000, 8, 2, 64, True, None, ob), (1, 1000, 4, 2, 64, False, None, wg3)],
         cells=[(64, False), (64, True), (128, False)], mode="fwd", seed=230,
-        variants=[("default", {}), ("opt_barrier", ob),
+        variants=[("default", {}), ("overlap", ov),
+                  ("overlap_bk64", dict(ov, block_k=64), (128,)),
+                  ("opt_barrier", ob),
                   ("wg3_noping", dict(wg3, mgpu_fold_scale=True), (64,))])
 
 
