@@ -696,13 +696,16 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # causal: 64 x 128 / 3 stages 324 vs Triton 268; 128 x 128 is 226 there).
 # mgpu_fold_scale (scale folded into exp2's argument) where it measured faster (session 3, call 2,
 # N=4k forward TFLOP/s: D=128 full 616 vs 593, causal 519 vs 504, D=64 full 405 vs 382; D=64
-# causal 317 vs 326 keeps the plain form).
+# causal 317 vs 326 keeps the plain form). D=64 full since session 4: three consumer warpgroups of
+# 64 rows without ping-pong (no spills at 160 registers; the 128 x 128 tiles spill 156 bytes),
+# N=4k forward 419 vs 413 (call 1) and 425 vs 414 (call 2), GPU-checked (D 64 full GQA 1000).
 MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                         mgpu_fold_scale=True),
                      (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True),
-                     (64, False): dict(block_q=128, block_k=128, mgpu_stages=2,
-                                       mgpu_fold_scale=True),
+                     (64, False): dict(block_q=64, block_k=128, mgpu_stages=2,
+                                       mgpu_fold_scale=True, mgpu_fwd_wgs=3,
+                                       mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False),
                      (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
 
 
@@ -734,11 +737,16 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # Mosaic backward options per (head dim, causal) cell, applied when the dispatch picks the Mosaic
 # backward (an explicit bwd_impl keeps FlashConfig's defaults unless given). D=128 full: the lean
 # dV/dP step (session 3, call 3, N=4k fwd+bwd: 442 vs 424 TFLOP/s; GPU-checked). At D=64 it lost
-# (360 vs 386); the deferred dq measured 415 vs 386 there but has no D=64 GPU check yet.
-MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_p_lo=True)}
+# (360 vs 386). D=64: the deferred dq (session 4: full 417 vs 387 at 4k and 290 vs 276 at 1k,
+# causal 330 vs 322 at 4k; GPU-checked at D 64 full GQA ragged and causal window MQA).
+MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_p_lo=True),
+                                                 (64, False): dict(mgpu_bwd_defer_dq=True),
+                                                 (64, True): dict(mgpu_bwd_defer_dq=True)}
 # Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
-# shorter calls take the Triton split backward. Empty: every length of a cell runs Mosaic.
-MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {}
+# shorter calls take the Triton split backward. Session 4, call 2, N=1k fwd+bwd TFLOP/s: D=128
+# full Triton 353 vs Mosaic (lean) 312-320; D=64 causal Triton 212 vs Mosaic 182-183 (at 4k the
+# Mosaic kernels win: 440 vs 419, 322-330 vs 297). 2k was not measured.
+MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 2048, (64, True): 2048}
 
 
 def _cuda_capability() -> tuple[int, int] | None:

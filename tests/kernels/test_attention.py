@@ -292,6 +292,7 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
 def test_backward_dispatch_minimum_key_length(monkeypatch):
     hopper = (9, 0)
     monkeypatch.setitem(attn.MOSAIC_BWD_MIN_LK, (64, False), 2048)
+    monkeypatch.delitem(attn.MOSAIC_BWD_MIN_LK, (64, True), raising=False)
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False, 1024) == "split"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False, 2048) == "mosaic"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
@@ -343,7 +344,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
-    pytest.param(64, False, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
+    (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
@@ -391,8 +392,9 @@ def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
 
 @pytest.mark.parametrize("causal", [False, pytest.param(True, marks=SLOW)])
 def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
-    """The Hopper default tiles at D=64 (full: 128 rows per warpgroup x 128 keys; causal: 64 x
-    128 with a 3-deep ring), Mosaic GPU interpret mode, ragged length."""
+    """The Hopper default tiles at D=64 (full: 3 consumer warpgroups of 64 rows x 128 keys
+    without ping-pong; causal: 64 x 128 with a 3-deep ring), Mosaic GPU interpret mode, ragged
+    length."""
     q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
