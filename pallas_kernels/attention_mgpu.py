@@ -1,18 +1,22 @@
 """Flash attention forward and backward as Mosaic GPU kernels for Hopper (wgmma, TMA, warp
 specialisation).
 
-The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids); the
-backward (`mosaic_backward`, dq fused by TMA reduce-add, 240/24 registers) is the default where
-it measured faster than the Triton backward (D=64 full and causal, D=128 full); see
-`choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` in attention.py and
-docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
-order and the deferred dq in the backward, dS from the bf16 P, the tiles-fastest grid, the
-register splits. Both compiled and checked against the f32 reference on an H200
-(jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
+The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids; D=64 full
+attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
+fused by TMA reduce-add, 240/24 registers) is the default where it measured faster than the
+Triton backward (D=64 with the deferred dq, D=128 full with the lean step, from 2k keys at D=128
+full and D=64 causal); see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` /
+`MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py and docs/kernels/flash_attention.md.
+Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq and the
+query-rows layout in the backward, dS from the bf16 P, the tiles-fastest grid, the register
+splits, and in the forward the intra-warpgroup overlap and an optimization barrier. Compiled and
+checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode
+(`plgpu.InterpretGPUParams`) in the CPU tests.
 
 One CTA per (query head, 2 * block_q query rows, batch) runs three warpgroups: two consumers own
-block_q rows each and a producer streams K/V blocks by TMA into a `stages`-deep shared-memory
-ring (one mbarrier per slot for "loaded", one with two arrivals for "consumed"). A consumer
+block_q rows each (three with `mgpu_fwd_wgs=3`) and a producer streams K/V blocks by TMA into a
+`stages`-deep shared-memory ring (one mbarrier per slot for "loaded", one with an arrival per
+consumer for "consumed"). A consumer
 computes S = Q K^T by wgmma, the base-2 online softmax in registers, and O += P V by wgmma with P
 from registers; a shared "schedule" barrier alternates the two consumers (FA3 ping-pong) so one's
 softmax overlaps the other's matmuls. Both consumers step through the CTA's whole KV block range
