@@ -181,22 +181,29 @@ class GLABlocks:
     # block of dS; the dS recurrence runs in both). None: split when Dk * Dv > 64 * 128.
     dkv_split: bool | None = None
     block_k_dkv: int = 64       # state rows per program of the split dk kernel
-    block_v_dkv: int = 64       # state columns per program of the split dv kernel
+    # State columns per program of the split dv kernel. None: the chunk-parallel kernel (dS
+    # read, not carried) spans all of Dv up to 128 with 4 warps while Dk <= 128 (the scores
+    # and gates once per chunk: dv 356 -> 255 us at D=128 T=2k, H200, session 4 call 2), else
+    # and in the sequential kernel 64.
+    block_v_dkv: int | None = None
     num_warps_fwd: int | None = None   # None: one warp per 2048 f32 state entries, 4..8
     num_warps_dq: int | None = None
     num_warps_dkv: int | None = None
     num_stages: int = 2
     # GPU kernels: the gate factors as exp2(x * log2(e)), one ex2.approx instruction (~2 ulp),
     # instead of jnp.exp (libdevice expf, ~10 instructions per element; about a quarter of
-    # the per-chunk kernels' instructions at D=128 by the PTX).
-    fast_exp: bool = False
+    # the per-chunk kernels' instructions at D=128 by the PTX). Forward chunks -9%, dv -8% at
+    # D=128 T=2k (H200, session 4 call 1).
+    fast_exp: bool = True
     # GPU kernels with bf16 / f16 gates: the cumulative gates inside a chunk as a matmul by a
     # triangular ones matrix (`_cumsum_rows`) instead of a scan (by the PTX about a third of
-    # the per-chunk kernels' instructions at D=128).
-    cumsum_matmul: bool = False
+    # the per-chunk kernels' instructions at D=128). With fast_exp: dk -16%, states / dS
+    # passes -8 / -13% at D=128 T=2k (H200, session 4 call 2).
+    cumsum_matmul: bool = True
     # Chunk-parallel backward: the dS pass also writes dlog_g's chunk-end term sum_v S_end *
     # dS_end per chunk ([Dk] in f32), so the dk kernels read that instead of the [Dk, Dv]
-    # state at the chunk's end.
+    # state at the chunk's end. Opt-in: measured slower (dS pass +33 us, dk unchanged at D=128
+    # T=2k, H200, session 4 call 2).
     dstates_acc: bool = False
     # With bf16 inputs: store the per-chunk states (chunk-parallel: states and dS; sequential:
     # the dq pass's states for dlog_g) in bf16 instead of f32, half the traffic; the kernels
@@ -1167,11 +1174,14 @@ def _bwd_dkv_pass(q, k, v, log_g, do, dq32, s_end, ds_in, *, scale, blocks, inte
         return (*res, None)
     # Split: dv over blocks of dS's columns, dk / dlog_g over blocks of its rows; each program
     # carries half (or less) of dS and its outputs are exact (no partial sums).
-    bv, bk = min(blocks.block_v_dkv, dv), min(blocks.block_k_dkv, dk)
+    wide = not sp.sequential and dk <= 128   # GLABlocks.block_v_dkv None
+    bv = min(blocks.block_v_dkv or (128 if wide else 64), dv)
+    bk = min(blocks.block_k_dkv, dk)
     rk, rbv = sp.rows(dk, False), sp.rows(bv, True)
     dv_in = [rk, rk, rk, rbv, sp.state(dk, bv, 1)]
+    dv_warps = blocks.num_warps_dkv or (4 if wide and blocks.block_v_dkv is None else None)
     dv_params = dict(grid=grid(dv // bv), name="gla_bwd_dv" + seq,
-                     **_gpu_params(blocks, blocks.num_warps_dkv, dk, bv, interpret))
+                     **_gpu_params(blocks, dv_warps, dk, bv, interpret))
     dv_args = (q, k, log_g, do, ds_in)
     if sp.sequential:
         dv_res = pl.pallas_call(

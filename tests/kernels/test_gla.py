@@ -127,12 +127,13 @@ def test_gla_matches_recurrence_f32_long_state_steps(schedule, sub_chunk, intra_
     # steps fall back to 16-row blocks): finite and exact to f32 rounding either way. guard
     # "split": the two cases run in two kernels writing the same outputs (the common forward,
     # dv and dk kernels contracting over 2 slices of Dk or Dv). fast_exp: every gate factor as
-    # exp2(x * log2 e), the same function to f32 rounding, and dlog_g's chunk-end term from
-    # the dS pass (dstates_acc; ignored by the sliced dk kernel).
+    # exp2(x * log2 e), the same function to f32 rounding, dlog_g's chunk-end term from the dS
+    # pass (dstates_acc; ignored by the sliced dk kernel) and the default dv tile (all of Dv).
     q, k, v, _, s0 = _inputs(77, 1, 77, 2, 32, 32, jnp.float32)
     log_g = _mixed_gates(78, 1, 77, 32)
     blocks = gla_mod.GLABlocks(schedule=schedule, sub_chunk=sub_chunk, intra_block=intra_block,
-                               dkv_split=split, block_k_dkv=16, block_v_dkv=16, guard=guard,
+                               dkv_split=split, block_k_dkv=16,
+                               block_v_dkv=None if fast_exp else 16, guard=guard,
                                contract_slice=16 if guard == "split" else None,
                                fast_exp=fast_exp, dstates_acc=fast_exp)
     _check_against_recurrence((q, k, v, log_g, s0), use_s0=True, backend="interpret",
