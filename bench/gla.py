@@ -726,6 +726,7 @@ def main():
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--hybrid", action="store_true", help="B=8/16, H=6, Dk=64, Dv=128, T=2048")
     p.add_argument("--fla-hybrid", action="store_true", help="fla at the hybrid shape too")
+    p.add_argument("--hybrid-last", action="store_true", help="the hybrid cells after the others")
     p.add_argument("--variants", default="", help="groups of VARIANTS names at D=128, T=2k, "
                    "one row each: 'a,b;c,d' (run last)")
     p.add_argument("--candidates", default="seq,cp,cp64,hyb64",
@@ -819,9 +820,9 @@ def main():
                       and "skipped" not in r), None)
         keep = _close_to_best(first, cands) if t != lengths[0] and first else cands
         run_cell(results, "timings", B, t, H, d, d, keep, **cell)
-        if i == 0:
+        if i == 0 and not args.hybrid_last:
             hybrid()
-    if not cells:
+    if not cells or args.hybrid_last:
         hybrid()
     if ref_futures:
         time_refs(results, ref_futures, args.ref_bg, args.out)
