@@ -417,7 +417,7 @@ def start_ref_compiles(cells, ref_max_t):
     """--ref-bg: the jnp reference's jits (XLA compiles them in minutes: a slow reduction
     fusion) compiled in background threads from the start, timed after our cells
     (`time_refs`). {(d, t): {name: future}}."""
-    ex = concurrent.futures.ThreadPoolExecutor(max_workers=12)
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=8)
     futures = {}
     for d, t in cells:
         if t > ref_max_t or (d, t) in futures:
