@@ -280,12 +280,14 @@ def _speed_fns(on_gpu: bool) -> dict:
     import jax
 
     import pallas_kernels as pk
-    from mixers.probsparse import probsparse_attention
-    ps = lambda sampling, backend=None: lambda q, k, v, key: probsparse_attention(
-        q, k, v, key, factor=5, sampling=sampling, backend=backend)
+    from mixers.probsparse import FAST, probsparse_attention
+    ps = lambda sampling, backend=None, tuning=None: lambda q, k, v, key: probsparse_attention(
+        q, k, v, key, factor=5, sampling=sampling, backend=backend, tuning=tuning)
     return {
         "probsparse": ps("per_query"),                       # the default path of the platform
         "probsparse_shared": ps("shared"),
+        "probsparse_fast": ps("per_query", tuning=FAST),     # rows kernel + top_u kernel
+        "probsparse_shared_fast": ps("shared", tuning=FAST),
         "probsparse_jnp": ps("per_query", "reference"),      # the plain jnp form (before)
         "probsparse_shared_jnp": ps("shared", "reference"),
         "xla_full": lambda q, k, v, key: jax.nn.dot_product_attention(q, k, v),
@@ -301,7 +303,7 @@ def _fwd_and_grad(fn):
     return jax.jit(fn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def _speed_check(b: int, length: int) -> list[dict]:
+def _speed_check(b: int, length: int, cases: list[int] | None = None) -> list[dict]:
     """GPU correctness of the kernel path against the jnp form at one length (bf16): M, the
     chosen queries, the output and the gradients."""
     import jax
@@ -311,13 +313,20 @@ def _speed_check(b: int, length: int) -> list[dict]:
     n_sample, u = probsparse_sizes(length, length, 5)
     kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"    # CPU: dry run
     rows = []
-    for sampling, causal, selection in (("shared", False, "global"),
-                                        ("per_query", False, "global"),
-                                        ("shared", True, "prefix"),
-                                        ("per_query", True, "global")):
+    from mixers.probsparse import FAST
+    skipped = 0
+    for sampling, causal, selection, tuning in (("shared", False, "global", FAST),
+                                                ("per_query", False, "global", FAST),
+                                                ("shared", False, "global", None),
+                                                ("per_query", False, "global", None),
+                                                ("shared", True, "prefix", None),
+                                                ("per_query", True, "global", None)):
+        if cases and len(rows) + skipped not in cases:
+            skipped += 1
+            continue
         try:
             row = _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal,
-                             selection)
+                             selection, tuning)
         except Exception as e:                          # report, keep going
             row = {"check": f"{sampling} {causal} {selection}", "ok": False,
                    "error": f"{type(e).__name__}: {e}"[:400]}
@@ -326,7 +335,8 @@ def _speed_check(b: int, length: int) -> list[dict]:
     return rows
 
 
-def _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal, selection):
+def _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal, selection,
+               tuning):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -344,10 +354,12 @@ def _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal, sele
     top = np.sort(np.asarray(jax.lax.top_k(m, u)[1]), -1)
     top_ref = np.sort(np.asarray(jax.lax.top_k(m_ref, u)[1]), -1)
     kw = dict(factor=5, causal=causal, query_selection=selection, sampling=sampling)
-    fns = {be: _fwd_and_grad(functools.partial(probsparse_attention, backend=be, **kw))
+    fns = {be: _fwd_and_grad(functools.partial(probsparse_attention, backend=be, tuning=tuning,
+                                               **kw))
            for be in (kernel, "reference")}
     outs = {be: (f(q, k, v, key), g(q, k, v, key)) for be, (f, g) in fns.items()}
-    row = {"check": f"{sampling}{' causal ' + selection if causal else ''}", "length": length,
+    row = {"check": f"{sampling}{' causal ' + selection if causal else ''}"
+                    f"{' fast' if tuning else ''}", "length": length,
            "m_max_abs_err": float(jnp.abs(m - m_ref).max()),
            "same_top_u_rows": float((top == top_ref).all(-1).mean()),
            "out_rel_err": rel_error(outs[kernel][0].astype(jnp.float32),
@@ -365,7 +377,13 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from mixers.probsparse import TUNING, draw_samples, probsparse_attention, probsparse_sizes
+    from mixers.probsparse import (
+        FAST,
+        TUNING,
+        draw_samples,
+        probsparse_attention,
+        probsparse_sizes,
+    )
     from pallas_kernels.attention import flash_attention_kernel
     from pallas_kernels.probsparse import sparsity_measure, top_u
     q, k, v, key = _inputs(b, length)
@@ -412,7 +430,7 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
         bi, t, hi].set(o, unique_indices=True), v, top_BUH, o_top)
     rec("read q,k,v + write out (copy floor)", lambda q, k, v: q + k + v, q, k, v)
     loss = lambda f: lambda q, k, v, key: f(q, k, v, key).astype(jnp.float32).sum()
-    variants = {"default": TUNING, "top_u kernel": {**TUNING, "top_u": "kernel"},
+    variants = {"default": TUNING, "fast": FAST, "top_u kernel": {**TUNING, "top_u": "kernel"},
                 "flash split bwd": {**TUNING, "flash": {"fwd_impl": "triton",
                                                         "bwd_impl": "split"}},
                 "flash default fwd": {**TUNING, "flash": {}}}
@@ -471,7 +489,8 @@ def _speed_trace(b: int, length: int) -> list[dict]:
     fns = _speed_fns(on_gpu)
     q, k, v, key = _inputs(b, length)
     rows = []
-    for name in ("probsparse_shared", "probsparse", "flash_full"):
+    for name in ("probsparse_shared_fast", "probsparse_fast", "probsparse_shared", "probsparse",
+                 "flash_full"):
         for mode, f in zip(("fwd", "fwdbwd"), _fwd_and_grad(fns[name]), strict=True):
             try:
                 row = {"trace": f"{name} {mode}", "length": length,
@@ -506,10 +525,15 @@ def speed(args) -> None:
         return args.budget and time.perf_counter() - t_start > args.budget
 
     for length in args.check:
-        result["checks"] += _speed_check(b, length)
+        result["checks"] += _speed_check(b, length, args.check_cases)
         save()
     all_fns = _speed_fns(on_gpu)
-    fns = {n: all_fns[n] for n in (args.fns or all_fns)}
+    names = args.fns or list(all_fns)
+    if args.fns_if_check_fails and not all(c.get("ok") for c in result["checks"]):
+        names = args.fns_if_check_fails
+        print(f"a check failed: timing {names}", flush=True)
+    result["meta"]["fns"] = names
+    fns = {n: all_fns[n] for n in names}
     for length in args.lengths:
         if over_budget():
             print(f"budget: stopped before L={length}", flush=True)
@@ -595,6 +619,11 @@ def main(argv=None) -> None:
                      help="columns of the table (default: all; see _speed_fns)")
     spd.add_argument("--check", type=int, nargs="*", default=[],
                      help="lengths at which to check the kernel path against the jnp form first")
+    spd.add_argument("--check-cases", type=int, nargs="*", default=[],
+                     help="which of the checks (0: shared fast, 1: per_query fast, 2: shared, "
+                          "3: per_query, 4: shared causal prefix, 5: per_query causal global)")
+    spd.add_argument("--fns-if-check-fails", nargs="*", default=[],
+                     help="columns to time instead of --fns when a check fails")
     spd.add_argument("--stages", type=int, nargs="*", default=[],
                      help="lengths at which to time each step of the kernel path and variants")
     spd.add_argument("--trace", type=int, nargs="*", default=[],

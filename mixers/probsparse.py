@@ -68,7 +68,12 @@ import pallas_kernels as pk
 from mixers.base import ConfigError, Mixer, MixerConfig, check_heads, dense
 from pallas_kernels import _common
 from pallas_kernels.attention import flash_attention_kernel
-from pallas_kernels.probsparse import sparsity_measure, sparsity_reference, top_u
+from pallas_kernels.probsparse import (
+    active_rows_attention,
+    sparsity_measure,
+    sparsity_reference,
+    top_u,
+)
 
 
 def probsparse_sizes(l_q: int, l_k: int, factor: int) -> tuple[int, int]:
@@ -166,6 +171,10 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, t
         top_BHU = top_u(m_BHL, u, backend=backend)      # the same set, in position order
     else:
         top_BHU = _select(m_BHL, u, prefix)
+    d = q.shape[3]
+    if not causal and tuning.get("rows") == "kernel" and d >= 16 and not d & (d - 1):
+        # one Pallas kernel each way: gather the u rows, attend, write into the mean(V) fill
+        return active_rows_attention(q, k, v, top_BHU, sm_scale=sm_scale, backend=backend)
     top_BUH = jnp.swapaxes(top_BHU, 1, 2)                                # [B, U, H]
     bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
     q_top = q[bi, jnp.minimum(top_BUH, l_q - 1), hi]                   # [B, U, H, D]
@@ -195,8 +204,11 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, t
 # query rows (a few dozen per head): the Triton forward with 64-row blocks (the Mosaic forward's
 # 2 x 128-row tiles would pad u ~ 35 to 256 rows). "top_u": "xla" (lax.top_k) or "kernel"
 # (pallas_kernels.probsparse.top_u: no sort). "measure": block sizes of sparsity_measure.
-# Measured in docs/informer.md (session-4 calls 2 and 3).
-TUNING = {"flash": {"fwd_impl": "triton"}, "top_u": "xla", "measure": {}}
+# "rows" (bidirectional): "flash" (gather, flash_attention_kernel, scatter into the fill) or
+# "kernel" (pallas_kernels.probsparse.active_rows_attention: one kernel each way, no padded
+# copies of K and V, no gather/scatter kernels). Measured in docs/informer.md (session 4).
+TUNING = {"flash": {"fwd_impl": "triton"}, "top_u": "xla", "measure": {}, "rows": "flash"}
+FAST = {**TUNING, "top_u": "kernel", "rows": "kernel"}
 
 
 def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,

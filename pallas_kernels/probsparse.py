@@ -159,6 +159,93 @@ def _top_u_kernel(m_ref, o_ref, *, length: int, l_pad: int, u: int):
 _INT_MIN = -(2 ** 31)
 
 
+LOG2E = 1.4426950408889634
+MASK_VALUE = -1e30
+
+
+def _dot_t(a, b):
+    """a^T @ b of two 2-D tiles (contracting their first dims), f32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):
+    """a @ b^T of two 2-D tiles, f32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _rows_fwd_kernel(top_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, lse_ref, *, u: int,
+                     l_k: int, block_k: int, scale: float):
+    """The u active rows of one (batch, head): gathered from q, attended over all keys (online
+    softmax in base 2, as flash), written in place into the lazy fill (o_ref aliases fill_ref)."""
+    del fill_ref
+    top = top_ref[...]                                      # [U_pad] (padding repeats row 0)
+    q_UD = q_ref[top, :]                                    # row gather
+
+    def body(j, carry):
+        acc, m, l = carry
+        k0 = j * block_k
+        in_k = k0 + jnp.arange(block_k) < l_k
+        s = _dot_nt(q_UD, _load_rows(k_ref, k0, block_k, l_k)) * scale
+        s = jnp.where(in_k[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        v_blk = _load_rows(v_ref, k0, block_k, l_k)
+        acc = acc * alpha[:, None] + lax.dot_general(
+            p.astype(v_blk.dtype), v_blk, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    u_pad, d = q_UD.shape
+    carry = (jnp.zeros((u_pad, d), jnp.float32), jnp.full((u_pad,), MASK_VALUE, jnp.float32),
+             jnp.zeros((u_pad,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, pl.cdiv(l_k, block_k), body, carry)
+    # Row scatter; the padding rows repeat row 0 and write the same values there (no mask).
+    o_ref[top[:, None], jnp.arange(d)[None, :]] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)
+
+
+def _rows_bwd_kernel(top_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlazy_ref, dq0_ref,
+                     dq_ref, dk_ref, dv_ref, *, u: int, l_k: int, block_k: int, scale: float,
+                     sm_scale: float):
+    """dq (u rows, scattered into zeros aliased by dq0_ref), dk and dv (every key row: all u
+    queries of the head are in this program, so no atomics) of one (batch, head); dv also gets
+    the lazy rows' share dlazy = sum of their dout / L_K (d mean(V))."""
+    del dq0_ref
+    top = top_ref[...]
+    u_pad = top.shape[0]
+    real = (jnp.arange(u_pad) < u)[None, :]    # padding rows (copies of row 0): no dk, dv share
+    q_UD = q_ref[top, :]
+    do_UD = do_ref[top, :].astype(q_UD.dtype)
+    delta = jnp.sum(do_UD.astype(jnp.float32) * o_ref[top, :].astype(jnp.float32), axis=1)
+    lse = lse_ref[...]
+    dlazy = dlazy_ref[...]                                  # [D] f32
+
+    def body(j, dq):
+        k0 = j * block_k
+        rows = pl.ds(k0, block_k)
+        in_k = (k0 + jnp.arange(block_k) < l_k)[:, None]
+        k_blk = _load_rows(k_ref, k0, block_k, l_k)
+        v_blk = _load_rows(v_ref, k0, block_k, l_k)
+        pt = jnp.exp2(_dot_nt(k_blk, q_UD) * scale - lse[None, :])       # [bk, U_pad]
+        pt = jnp.where(in_k, pt, 0.0)
+        dv = lax.dot_general(jnp.where(real, pt, 0.0).astype(do_UD.dtype), do_UD,
+                             (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dst = pt * (_dot_nt(v_blk, do_UD) - delta[None, :])
+        ds_lo = dst.astype(q_UD.dtype)
+        dk = lax.dot_general(jnp.where(real, ds_lo, 0).astype(q_UD.dtype), q_UD,
+                             (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32) * sm_scale
+        plgpu.store(dk_ref.at[rows, :], dk.astype(dk_ref.dtype), mask=in_k)
+        plgpu.store(dv_ref.at[rows, :], (dv + dlazy[None, :]).astype(dv_ref.dtype), mask=in_k)
+        return dq + _dot_t(ds_lo, k_blk)
+
+    dq = lax.fori_loop(0, pl.cdiv(l_k, block_k), body, jnp.zeros(q_UD.shape, jnp.float32))
+    # The padding rows computed row 0's dq again: the same values, written without a mask.
+    dq_ref[top[:, None], jnp.arange(q_UD.shape[1])[None, :]] = (dq * sm_scale).astype(
+        dq_ref.dtype)
+
+
 def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
                     num_stages: int, unroll: int, blocks: int, interpret: bool):
     b, l_q, h, d = q.shape
@@ -261,3 +348,112 @@ def top_u(m_BHL, u: int, *, backend: str | None = None):
         interpret=backend == "interpret", name="probsparse_top_u",
     )(m_BHL.astype(jnp.float32))
     return out[..., :u]
+
+
+# --------------------------------------------------------------------------------------------
+# The active rows: lazy fill + u full rows in one kernel each way (bidirectional)
+# --------------------------------------------------------------------------------------------
+def active_rows_reference(q, k, v, top_BHU, *, sm_scale: float):
+    """mean(V) for every query, full softmax attention for the rows top [B, H, U]."""
+    b, l_q, h, _ = q.shape
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
+    top_BUH = jnp.swapaxes(top_BHU, 1, 2)
+    q_top = q[bi, top_BUH, hi]                                         # [B, U, H, D]
+    s = jnp.einsum("buhd,bkhd->bhuk", q_top, k, preferred_element_type=jnp.float32) * sm_scale
+    o_top = jnp.einsum("bhuk,bkhd->buhd", jax.nn.softmax(s, axis=-1), v.astype(jnp.float32))
+    fill = v.astype(jnp.float32).mean(1, keepdims=True)
+    out = jnp.broadcast_to(fill, (b, l_q) + v.shape[2:])
+    return out.at[bi, top_BUH, hi].set(o_top).astype(q.dtype)
+
+
+def _rows_specs(b, l_q, l_k, h, d, u_pad):
+    top = pl.BlockSpec((None, None, u_pad), lambda b_, h_: (b_, h_, 0))
+    seq_q = pl.BlockSpec((None, l_q, None, d), lambda b_, h_: (b_, 0, h_, 0))
+    seq_k = pl.BlockSpec((None, l_k, None, d), lambda b_, h_: (b_, 0, h_, 0))
+    return top, seq_q, seq_k
+
+
+def _rows_forward(q, k, v, top_pad, cfg):
+    u, block_k, num_warps, interpret, sm_scale = cfg
+    b, l_q, h, d = q.shape
+    l_k, u_pad = k.shape[1], top_pad.shape[2]
+    fill = jnp.broadcast_to(v.astype(jnp.float32).mean(1, keepdims=True).astype(q.dtype),
+                            q.shape)
+    top, seq_q, seq_k = _rows_specs(b, l_q, l_k, h, d, u_pad)
+    out, lse = pl.pallas_call(
+        functools.partial(_rows_fwd_kernel, u=u, l_k=l_k, block_k=block_k,
+                          scale=sm_scale * LOG2E),
+        grid=(b, h), in_specs=[top, seq_q, seq_k, seq_k, seq_q], out_specs=[seq_q, top],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, u_pad), jnp.float32)],
+        input_output_aliases={4: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret, name="probsparse_rows_fwd",
+    )(top_pad, q, k, v, fill)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _rows(q, k, v, top_pad, cfg):
+    return _rows_forward(q, k, v, top_pad, cfg)[0]
+
+
+def _rows_fwd_rule(q, k, v, top_pad, cfg):
+    out, lse = _rows_forward(q, k, v, top_pad, cfg)
+    return out, (q, k, v, top_pad, out, lse)
+
+
+def _rows_bwd_rule(cfg, res, dout):
+    u, block_k, num_warps, interpret, sm_scale = cfg
+    q, k, v, top_pad, out, lse = res
+    b, l_q, h, d = q.shape
+    l_k, u_pad = k.shape[1], top_pad.shape[2]
+    # d mean(V): the lazy rows' dout summed, over L_K (every key row gets it in dv)
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
+    do_top = dout[bi, jnp.swapaxes(top_pad[..., :u], 1, 2), hi].astype(jnp.float32)
+    dlazy = (dout.astype(jnp.float32).sum(1) - do_top.sum(1)) / l_k          # [B, H, D]
+    top, seq_q, seq_k = _rows_specs(b, l_q, l_k, h, d, u_pad)
+    dq, dk, dv = pl.pallas_call(
+        functools.partial(_rows_bwd_kernel, u=u, l_k=l_k, block_k=block_k,
+                          scale=sm_scale * LOG2E, sm_scale=sm_scale),
+        grid=(b, h),
+        in_specs=[top, seq_q, seq_k, seq_k, seq_q, seq_q, top,
+                  pl.BlockSpec((None, None, d), lambda b_, h_: (b_, h_, 0)), seq_q],
+        out_specs=[seq_q, seq_k, seq_k],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        input_output_aliases={8: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret, name="probsparse_rows_bwd",
+    )(top_pad, q, k, v, dout, out, lse, dlazy, jnp.zeros_like(q))
+    return dq, dk, dv, None
+
+
+_rows.defvjp(_rows_fwd_rule, _rows_bwd_rule)
+
+
+def active_rows_attention(q, k, v, top_BHU, *, sm_scale: float | None = None,
+                          backend: str | None = None, block_k: int = 64, num_warps: int = 4):
+    """Bidirectional ProbSparse output: mean(V) for every query of q [B, Lq, H, D], full softmax
+    attention over k/v [B, Lk, H, D] for the rows top [B, H, U] (distinct positions per row).
+
+    One Pallas program per (batch, head) gathers its U query rows, attends over all keys and
+    writes them into the fill in place; the backward kernel does the same for dq, dk, dv (all U
+    rows of a head in one program: dk, dv without atomics). head_dim: a power of 2 >= 16.
+    """
+    b, l_q, h, d = q.shape
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"active_rows_attention needs a power-of-2 head_dim >= 16, got {d}")
+    backend = _common.resolve_backend(backend)
+    if backend == "reference" or backend == "tpu_interpret" or (
+            backend == "pallas" and _common.platform() == "tpu"):
+        return active_rows_reference(q, k, v, top_BHU, sm_scale=sm_scale)
+    u = top_BHU.shape[-1]
+    u_pad = max(16, pl.next_power_of_2(u))
+    top_pad = jnp.concatenate(                              # padding rows repeat the first
+        [top_BHU, jnp.broadcast_to(top_BHU[..., :1], (b, h, u_pad - u))], axis=-1)
+    cfg = (u, min(block_k, max(16, pl.next_power_of_2(k.shape[1]))), num_warps,
+           backend == "interpret", sm_scale)
+    return _rows(q, k, v, top_pad.astype(jnp.int32), cfg)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.probsparse import (
+    active_rows_attention,
+    active_rows_reference,
     sparsity_measure,
     sparsity_reference,
     top_u,
@@ -94,3 +96,26 @@ def test_top_u_is_the_set_of_lax_top_k(length, u, values):
 def test_top_u_rejects_bad_u():
     with pytest.raises(ValueError, match=r"u must be in \[1, 8\]"):
         top_u(jnp.zeros((1, 1, 8)), 9, backend="interpret")
+
+
+@pytest.mark.parametrize("lq,lk,u", [(40, 40, 20), (24, 70, 5), (50, 33, 50)])
+def test_active_rows_match_reference_with_gradients(keys, lq, lk, u):
+    """u padded to 32 / 16 / 64 rows (padding repeats row 0); Lk a partial key block."""
+    kq, kk, kv, kt, kw = keys(5)
+    q = jax.random.normal(kq, (2, lq, 3, 16))
+    k, v = (jax.random.normal(x, (2, lk, 3, 16)) for x in (kk, kv))
+    perm = jax.vmap(lambda x: jax.random.permutation(x, lq)[:u])(jax.random.split(kt, 6))
+    top = perm.reshape(2, 3, u).astype(jnp.int32)
+    w = jax.random.normal(kw, q.shape)
+    f = lambda q, k, v: active_rows_attention(q, k, v, top, backend="interpret", block_k=16)
+    r = lambda q, k, v: active_rows_reference(q, k, v, top, sm_scale=0.25)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), r(q, k, v), atol=1e-5, rtol=1e-5)
+    grad = lambda fn: jax.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2))
+    for g, ref in zip(jax.jit(grad(f))(q, k, v), grad(r)(q, k, v), strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_active_rows_rejects_odd_head_dim(keys):
+    q = jnp.zeros((1, 8, 1, 24))
+    with pytest.raises(ValueError, match=r"power-of-2 head_dim"):
+        active_rows_attention(q, q, q, jnp.zeros((1, 1, 2), jnp.int32), backend="interpret")

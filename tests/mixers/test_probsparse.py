@@ -174,15 +174,21 @@ def test_kernel_path_matches_the_jnp_form_with_gradients(keys, causal, selection
     np.testing.assert_allclose(out, ps(q, k, v, key, backend="reference", **kw), atol=1e-5)
 
 
-def test_kernel_top_u_gives_the_same_layer(keys):
-    """tuning top_u="kernel" (no sort; positions in increasing order) selects the same rows."""
-    from mixers.probsparse import TUNING
-    q, k, v = _qkv(keys, length=40)
+@pytest.mark.parametrize("sampling", ["shared", "per_query"])
+def test_fast_tuning_gives_the_same_layer_and_grads(keys, sampling):
+    """FAST: the top_u kernel (no sort) and the active-rows kernel (gather, attend, write into
+    the fill; its own backward kernel) against the jnp form."""
+    from mixers.probsparse import FAST
+    q, k, v = _qkv(keys, length=40, d=16)
     key = jax.random.PRNGKey(2)
-    tuning = {**TUNING, "top_u": "kernel"}
-    got = jax.jit(lambda q, k, v: probsparse_attention(q, k, v, key, backend="interpret",
-                                                       tuning=tuning))(q, k, v)
-    np.testing.assert_allclose(got, ps(q, k, v, key, backend="reference"), atol=1e-5)
+    loss = lambda **kw: jax.jit(jax.value_and_grad(
+        lambda q, k, v: (probsparse_attention(q, k, v, key, sampling=sampling, **kw) ** 2).sum(),
+        argnums=(0, 1, 2)))(q, k, v)
+    (got_l, got_g), (ref_l, ref_g) = loss(backend="interpret", tuning=FAST), loss(
+        backend="reference")
+    np.testing.assert_allclose(got_l, ref_l, rtol=1e-5)
+    for g, r in zip(got_g, ref_g, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4)
 
 
 def test_mixer_impl_interpret_equals_reference(keys):
