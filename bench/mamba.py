@@ -369,10 +369,15 @@ VARIANTS = {
     "cku_sdt": dict(ck_unroll=True, share_dt=True),
     "cku_bsh": dict(ck_unroll=True, bwd_share=True),
     "cku_16": dict(ck_unroll=True, dbc_bf16=True),
+    # diagnostics of the training forward's cost: the inference forward at the training
+    # forward's 4-step chunks (no checkpoint stores), and checkpoints stored from copies
+    "fc4": dict(fwd_chunk=4),
+    "ckc": dict(ck_copy=True),
+    "ckc_sdt": dict(ck_copy=True, share_dt=True),
 }
 
 
-def compare(res, comp, fwd_names, fb_names, size):
+def compare(res, comp, fwd_names, fb_names, size, repeat=1):
     """VARIANTS at one size: each checked against the associative-scan reference (the output,
     and for forward+backward every gradient), then timed; the references are timed too."""
     b, length, dn, n = size
@@ -393,7 +398,7 @@ def compare(res, comp, fwd_names, fb_names, size):
     yield
 
     rows = res.setdefault("compare", [])
-    refs = {}
+    refs, timed = {}, []
     order = sorted(jobs, key=lambda j: (j[0] != "associative", j[0] == "lax.scan"))
     for name, mode, _ in order:
         row = {"variant": name, "mode": mode, "cfg": VARIANTS.get(name), "size": size}
@@ -411,11 +416,21 @@ def compare(res, comp, fwd_names, fb_names, size):
                 row["ok"] = bool(row["max_err"] < 2e-2)   # NaN fails
             del out
             row["ms"] = _timeit(f, *call_args, reps=3 if name == "lax.scan" else 5)
+            row["ms_runs"] = [row["ms"]]
+            if name != "lax.scan":
+                timed.append((row, f, call_args))
         except Exception as e:   # noqa: BLE001 (keep the other variants)
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(f"  {name} {mode}: {row.get('ms')} ms, max err {row.get('max_err')} "
               f"{row.get('error', '')} (t={time.perf_counter() - T0:.0f}s)", flush=True)
+        yield
+    for _ in range(repeat - 1):   # more passes in turn: a transient slows one pass, not all
+        for row, f, call_args in timed:
+            row["ms_runs"].append(_timeit(f, *call_args))
+            row["ms"] = sorted(row["ms_runs"])[(len(row["ms_runs"]) - 1) // 2]   # median
+            print(f"  {row['variant']} {row['mode']}: pass {len(row['ms_runs'])} "
+                  f"{row['ms_runs'][-1]:.4f} ms (t={time.perf_counter() - T0:.0f}s)", flush=True)
         yield
 
 
@@ -522,6 +537,8 @@ def main():
     p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
     p.add_argument("--profile-runs", type=int, default=2, help="runs per --profile item")
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
+    p.add_argument("--repeat", type=int, default=1, help="timing passes over the compared "
+                   "kernels (median reported)")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -571,7 +588,7 @@ def main():
     steps, bench_sizes = [], sizes
     if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
         steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
-                                         sizes[0])))
+                                         sizes[0], a.repeat)))
         bench_sizes = sizes[1:]
     if not a.quick:
         which = [int(i) for i in a.cases.split(",")] if a.cases else None

@@ -183,12 +183,20 @@ class _Config:
                               # (delta by shuffle, the step's end reduce-scattered over parts)
     ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
                               # inference forward, its checkpoints still every `chunk` steps
+    ck_copy: bool = False     # training forward: checkpoints stored from copies of the state
     interpret: bool = False
 
 
 def _ptx_unary(op, x):
     return plgpu.elementwise_inline_asm(
         f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _ptx_add_zero(x):
+    """x + 0 (-0 becomes +0) as an opaque add.f32: a copy of x in a new register."""
+    return plgpu.elementwise_inline_asm(
+        "add.rn.f32 $0, $1, 0f00000000;", args=[x], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
 
@@ -318,7 +326,7 @@ def _load_bc_rows(r, c, chunk):
 
 
 def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts, save_ckpt,
-                ck_every,
+                ck_every, ck_copy,
                 ahead, fast_exp, split, poly_exp, share_dt, interpret):
     # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
     # split > 1: the program's vectors have bd * split = 32 lanes; lane e holds channel e % bd
@@ -367,16 +375,20 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         next_rows = load_rows(jnp.minimum(c + 1, n_chunks - 1))
         if bc_rows:    # the window slot carries this chunk's bc rows
             next_window = load_bc_rows(jnp.minimum(c + 1, n_chunks - 1))
+        # ck_copy: the checkpoint is stored from a copy (an add of +0 the compiler cannot
+        # drop), so that the state's own registers, overwritten by the next step, do not wait
+        # for the store to read them.
+        ck_val = _ptx_add_zero if ck_copy and not interpret else (lambda v: v)
         if save_ckpt:
             ck_c = c if ck_every == chunk else c * (chunk // ck_every)
             for k, n in enumerate(states):
-                r["ck"][ck_c, n, cols] = h[k]
+                r["ck"][ck_c, n, cols] = ck_val(h[k])
         ys = []
         for t in range(chunk):
             i = c * chunk + t
             if save_ckpt and t and t % ck_every == 0:   # ck_unroll: more checkpoints a chunk
                 for k, n in enumerate(states):
-                    r["ck"][c * (chunk // ck_every) + t // ck_every, n, cols] = h[k]
+                    r["ck"][c * (chunk // ck_every) + t // ck_every, n, cols] = ck_val(h[k])
             if bc_rows:
                 b_t = [_shfl_idx(window[t], src, interpret) for src in src_b]
                 c_t = [_shfl_idx(window[t], src, interpret) for src in src_c]
@@ -829,7 +841,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     kernel = functools.partial(
         _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
         padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ck_every=ck_every, ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
+        ck_every=ck_every, ck_copy=cfg.ck_copy, ahead=min(cfg.ahead, lay.lp),
+        fast_exp=cfg.fast_exp, split=split,
         poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
@@ -969,7 +982,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          dbc_bf16=False, bwd_share=False, ck_unroll=False, interpret=False):
+                          dbc_bf16=False, bwd_share=False, ck_unroll=False, ck_copy=False,
+                          interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -982,7 +996,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
-                  ck_unroll=ck_unroll, interpret=interpret)
+                  ck_unroll=ck_unroll, ck_copy=ck_copy, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
