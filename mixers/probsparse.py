@@ -70,6 +70,7 @@ from pallas_kernels import _common
 from pallas_kernels.attention import flash_attention_kernel
 from pallas_kernels.probsparse import (
     active_rows_attention,
+    rows_padding,
     sparsity_measure,
     sparsity_reference,
     top_u,
@@ -167,14 +168,20 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, t
     b, l_q, h, _ = q.shape
     m_BHL = sparsity_measure(q, k, idx, causal_samples=prefix and idx.ndim == 1,
                              backend=backend, **tuning.get("measure", {}))
-    if not prefix and tuning.get("top_u") == "kernel":
+    d = q.shape[3]
+    kernel_top = not prefix and tuning.get("top_u") == "kernel"
+    if (not causal and tuning.get("rows") == "kernel" and d >= 16 and not d & (d - 1)
+            and rows_padding(l_q, u)):
+        # One Pallas kernel each way writes the whole output: the u rows (gathered, attended)
+        # and the mean(V) fill. It takes u_pad distinct rows, the u active ones first.
+        top_ext = (top_u(m_BHL, u, backend=backend, permutation=True) if kernel_top
+                   else jax.lax.top_k(m_BHL, rows_padding(l_q, u))[1])
+        return active_rows_attention(q, k, v, top_ext, sm_scale=sm_scale, backend=backend,
+                                     top_is_extended=True, u=u)
+    if kernel_top:
         top_BHU = top_u(m_BHL, u, backend=backend)      # the same set, in position order
     else:
         top_BHU = _select(m_BHL, u, prefix)
-    d = q.shape[3]
-    if not causal and tuning.get("rows") == "kernel" and d >= 16 and not d & (d - 1):
-        # one Pallas kernel each way: gather the u rows, attend, write into the mean(V) fill
-        return active_rows_attention(q, k, v, top_BHU, sm_scale=sm_scale, backend=backend)
     top_BUH = jnp.swapaxes(top_BHU, 1, 2)                                # [B, U, H]
     bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
     q_top = q[bi, jnp.minimum(top_BUH, l_q - 1), hi]                   # [B, U, H, D]

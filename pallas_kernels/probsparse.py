@@ -76,6 +76,13 @@ def _load_rows(ref, r0, block: int, n_rows: int):
     return plgpu.load(ref.at[pl.ds(r0, block), :], mask=(rows < n_rows)[:, None], other=0.0)
 
 
+def _store_rows(ref, r0, block: int, n_rows: int, x):
+    """ref[r0 : r0 + block] = x, rows past n_rows dropped (masked store)."""
+    rows = r0 + jnp.arange(block)
+    mask = rows < n_rows
+    plgpu.store(ref.at[pl.ds(r0, block)], x, mask=mask if x.ndim == 1 else mask[:, None])
+
+
 def _shared_kernel(q_ref, ks_ref, sidx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
                    n_sample: int, causal_samples: bool):
     i0 = pl.program_id(0) * block_q
@@ -91,7 +98,7 @@ def _shared_kernel(q_ref, ks_ref, sidx_ref, m_ref, *, block_q: int, l_q: int, l_
          - jnp.sum(jnp.where(valid, s, 0.0), axis=1) / l_k)
     if causal_samples:
         m = jnp.where(jnp.max(valid.astype(jnp.int32), axis=1) > 0, m, 0.0)
-    m_ref[...] = m
+    _store_rows(m_ref, i0, block_q, l_q, m)
 
 
 def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l_k: int,
@@ -122,7 +129,7 @@ def _per_query_kernel(q_ref, k_ref, idx_ref, m_ref, *, block_q: int, l_q: int, l
         for s in range(n_sample - n_sample % unroll, n_sample):
             carry = step(s, carry)
         mx, total = carry
-        m_ref[cols] = mx - total / l_k
+        _store_rows(m_ref, i0, block_q, l_q, mx - total / l_k)
         return 0
 
     if blocks == 1:
@@ -173,16 +180,25 @@ def _dot_nt(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _rows_fwd_kernel(top_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, lse_ref, *, u: int,
+def _lazy_rows(top_U, real_U, r0, block: int, n_rows: int):
+    """Mask of the rows r0 .. r0 + block that exist and are not among the active rows."""
+    rows = r0 + jnp.arange(block)
+    hit = (rows[:, None] == top_U[None, :]) & real_U[None, :]
+    return (jnp.max(hit.astype(jnp.int32), axis=1) == 0) & (rows < n_rows)
+
+
+def _rows_fwd_kernel(top_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, u: int, l_q: int,
                      l_k: int, block_k: int, scale: float):
-    """The u active rows of one (batch, head): gathered from q, attended over all keys (online
-    softmax in base 2, as flash), written in place into the lazy fill (o_ref aliases fill_ref)."""
-    del fill_ref
-    top = top_ref[...]                                      # [U_pad] (padding repeats row 0)
+    """One (batch, head): gather the u active query rows, attend over all keys (online softmax
+    in base 2, as flash) while summing V, then write mean(V) into the lazy rows and the
+    attention rows into theirs. top_ref: u active rows, then distinct other rows (padding)."""
+    top = top_ref[...]                                      # [U_pad]
+    u_pad = top.shape[0]
+    real = jnp.arange(u_pad) < u
     q_UD = q_ref[top, :]                                    # row gather
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, l, v_sum = carry
         k0 = j * block_k
         in_k = k0 + jnp.arange(block_k) < l_k
         s = _dot_nt(q_UD, _load_rows(k_ref, k0, block_k, l_k)) * scale
@@ -194,32 +210,54 @@ def _rows_fwd_kernel(top_ref, q_ref, k_ref, v_ref, fill_ref, o_ref, lse_ref, *, 
         acc = acc * alpha[:, None] + lax.dot_general(
             p.astype(v_blk.dtype), v_blk, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32)
-        return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+        v_sum = v_sum + jnp.sum(v_blk.astype(jnp.float32), axis=0)
+        return acc, m_new, alpha * l + jnp.sum(p, axis=1), v_sum
 
-    u_pad, d = q_UD.shape
+    d = q_UD.shape[1]
     carry = (jnp.zeros((u_pad, d), jnp.float32), jnp.full((u_pad,), MASK_VALUE, jnp.float32),
-             jnp.zeros((u_pad,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, pl.cdiv(l_k, block_k), body, carry)
-    # Row scatter; the padding rows repeat row 0 and write the same values there (no mask).
-    o_ref[top[:, None], jnp.arange(d)[None, :]] = (acc / l[:, None]).astype(o_ref.dtype)
+             jnp.zeros((u_pad,), jnp.float32), jnp.zeros((d,), jnp.float32))
+    acc, m, l, v_sum = lax.fori_loop(0, pl.cdiv(l_k, block_k), body, carry)
+    fill = jnp.broadcast_to((v_sum / l_k)[None, :], (block_k, d)).astype(o_ref.dtype)
+
+    def write_fill(j, _):
+        r0 = j * block_k
+        lazy = _lazy_rows(top, real, r0, block_k, l_q)
+        plgpu.store(o_ref.at[pl.ds(r0, block_k), :], fill, mask=lazy[:, None])
+        return 0
+
+    lax.fori_loop(0, pl.cdiv(l_q, block_k), write_fill, 0)
+    cols = jnp.arange(d)[None, :]
+    plgpu.store(o_ref.at[top[:, None], cols], (acc / l[:, None]).astype(o_ref.dtype),
+                mask=real[:, None])
     lse_ref[...] = m + jnp.log2(l)
 
 
-def _rows_bwd_kernel(top_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlazy_ref, dq0_ref,
-                     dq_ref, dk_ref, dv_ref, *, u: int, l_k: int, block_k: int, scale: float,
+def _rows_bwd_kernel(top_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, dk_ref,
+                     dv_ref, *, u: int, l_q: int, l_k: int, block_k: int, scale: float,
                      sm_scale: float):
-    """dq (u rows, scattered into zeros aliased by dq0_ref), dk and dv (every key row: all u
-    queries of the head are in this program, so no atomics) of one (batch, head); dv also gets
-    the lazy rows' share dlazy = sum of their dout / L_K (d mean(V))."""
-    del dq0_ref
+    """dq (zeros on the lazy rows), dk and dv (every key row: all u queries of the head are in
+    this program, so no atomics) of one (batch, head); dv also gets d mean(V) = the lazy rows'
+    dout summed over L_K."""
     top = top_ref[...]
     u_pad = top.shape[0]
-    real = (jnp.arange(u_pad) < u)[None, :]    # padding rows (copies of row 0): no dk, dv share
+    real = jnp.arange(u_pad) < u
     q_UD = q_ref[top, :]
-    do_UD = do_ref[top, :].astype(q_UD.dtype)
+    d = q_UD.shape[1]
+    do_UD = jnp.where(real[:, None], do_ref[top, :], 0).astype(q_UD.dtype)   # padding: none
     delta = jnp.sum(do_UD.astype(jnp.float32) * o_ref[top, :].astype(jnp.float32), axis=1)
     lse = lse_ref[...]
-    dlazy = dlazy_ref[...]                                  # [D] f32
+    zeros = jnp.zeros((block_k, d), dq_ref.dtype)
+
+    def lazy_pass(j, dlazy):            # sum of the lazy rows' dout; zeros into their dq
+        r0 = j * block_k
+        lazy = _lazy_rows(top, real, r0, block_k, l_q)[:, None]
+        rows = pl.ds(r0, block_k)
+        do_blk = plgpu.load(do_ref.at[rows, :], mask=lazy, other=0.0)
+        plgpu.store(dq_ref.at[rows, :], zeros, mask=lazy)
+        return dlazy + jnp.sum(do_blk.astype(jnp.float32), axis=0)
+
+    dlazy = lax.fori_loop(0, pl.cdiv(l_q, block_k), lazy_pass,
+                          jnp.zeros((d,), jnp.float32)) / l_k
 
     def body(j, dq):
         k0 = j * block_k
@@ -229,21 +267,19 @@ def _rows_bwd_kernel(top_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dlazy
         v_blk = _load_rows(v_ref, k0, block_k, l_k)
         pt = jnp.exp2(_dot_nt(k_blk, q_UD) * scale - lse[None, :])       # [bk, U_pad]
         pt = jnp.where(in_k, pt, 0.0)
-        dv = lax.dot_general(jnp.where(real, pt, 0.0).astype(do_UD.dtype), do_UD,
-                             (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dv = lax.dot_general(pt.astype(do_UD.dtype), do_UD, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
         dst = pt * (_dot_nt(v_blk, do_UD) - delta[None, :])
         ds_lo = dst.astype(q_UD.dtype)
-        dk = lax.dot_general(jnp.where(real, ds_lo, 0).astype(q_UD.dtype), q_UD,
-                             (((1,), (0,)), ((), ())),
+        dk = lax.dot_general(ds_lo, q_UD, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32) * sm_scale
         plgpu.store(dk_ref.at[rows, :], dk.astype(dk_ref.dtype), mask=in_k)
         plgpu.store(dv_ref.at[rows, :], (dv + dlazy[None, :]).astype(dv_ref.dtype), mask=in_k)
         return dq + _dot_t(ds_lo, k_blk)
 
     dq = lax.fori_loop(0, pl.cdiv(l_k, block_k), body, jnp.zeros(q_UD.shape, jnp.float32))
-    # The padding rows computed row 0's dq again: the same values, written without a mask.
-    dq_ref[top[:, None], jnp.arange(q_UD.shape[1])[None, :]] = (dq * sm_scale).astype(
-        dq_ref.dtype)
+    plgpu.store(dq_ref.at[top[:, None], jnp.arange(d)[None, :]],
+                (dq * sm_scale).astype(dq_ref.dtype), mask=real[:, None])
 
 
 def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps: int,
@@ -262,7 +298,7 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
     n_prog = pl.cdiv(l_q, rows)
     grid = (n_prog, b, h)                                   # query blocks of one head adjacent
     q_spec = pl.BlockSpec((None, l_q, None, d_pad), lambda i, b_, h_: (b_, 0, h_, 0))
-    m_spec = pl.BlockSpec((None, None, rows), lambda i, b_, h_: (b_, h_, i))
+    m_spec = pl.BlockSpec((None, None, l_q), lambda i, b_, h_: (b_, h_, 0))   # masked stores
     common = dict(block_q=block_q, l_q=l_q, l_k=l_k, n_sample=n_sample)
     if idx.ndim == 1:
         s_pad = max(16, pl.next_power_of_2(n_sample))
@@ -283,11 +319,11 @@ def _measure_pallas(q, k, idx, *, causal_samples: bool, block_q: int, num_warps:
         args = (q, k, idx_SL)
     m = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=m_spec,
-        out_shape=jax.ShapeDtypeStruct((b, h, n_prog * rows), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, h, l_q), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="probsparse_measure",
     )(*args)
-    return m[:, :, :l_q]
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +361,11 @@ def sparsity_measure(q, k, idx, *, causal_samples: bool = False, backend: str | 
                            blocks=blocks, interpret=backend == "interpret")
 
 
-def top_u(m_BHL, u: int, *, backend: str | None = None):
+def top_u(m_BHL, u: int, *, backend: str | None = None, permutation: bool = False):
     """Positions [B, H, u] (int32, increasing) of the u largest entries of each row of m [B, H, L]
-    (f32, no NaN); ties go to the lower positions, so the set is lax.top_k's."""
+    (f32, no NaN); ties go to the lower positions, so the set is lax.top_k's. With
+    `permutation` (Pallas backends): [B, H, max(16, next_pow2(L))], the u positions followed by
+    all the others (then the padding positions >= L), each in increasing order."""
     _common.check_rank("m", m_BHL, 3, "[batch, heads, length]")
     b, h, length = m_BHL.shape
     if not 1 <= u <= length:
@@ -337,7 +375,7 @@ def top_u(m_BHL, u: int, *, backend: str | None = None):
         return top_u_reference(m_BHL, u)
     if backend == "tpu_interpret":
         raise ValueError("top_u has no Mosaic TPU kernel: use backend='interpret'")
-    l_pad = pl.next_power_of_2(length)
+    l_pad = max(16, pl.next_power_of_2(length))
     out = pl.pallas_call(
         functools.partial(_top_u_kernel, length=length, l_pad=l_pad, u=u),
         grid=(b, h),
@@ -347,7 +385,7 @@ def top_u(m_BHL, u: int, *, backend: str | None = None):
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=backend == "interpret", name="probsparse_top_u",
     )(m_BHL.astype(jnp.float32))
-    return out[..., :u]
+    return out if permutation else out[..., :u]
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,94 +404,105 @@ def active_rows_reference(q, k, v, top_BHU, *, sm_scale: float):
     return out.at[bi, top_BUH, hi].set(o_top).astype(q.dtype)
 
 
-def _rows_specs(b, l_q, l_k, h, d, u_pad):
+def _rows_specs(l_q, l_k, d, u_pad):
     top = pl.BlockSpec((None, None, u_pad), lambda b_, h_: (b_, h_, 0))
     seq_q = pl.BlockSpec((None, l_q, None, d), lambda b_, h_: (b_, 0, h_, 0))
     seq_k = pl.BlockSpec((None, l_k, None, d), lambda b_, h_: (b_, 0, h_, 0))
     return top, seq_q, seq_k
 
 
-def _rows_forward(q, k, v, top_pad, cfg):
-    u, block_k, num_warps, interpret, sm_scale = cfg
+def _rows_forward(q, k, v, top_ext, cfg):
+    u, u_pad, block_k, num_warps, interpret, sm_scale = cfg
     b, l_q, h, d = q.shape
-    l_k, u_pad = k.shape[1], top_pad.shape[2]
-    fill = jnp.broadcast_to(v.astype(jnp.float32).mean(1, keepdims=True).astype(q.dtype),
-                            q.shape)
-    top, seq_q, seq_k = _rows_specs(b, l_q, l_k, h, d, u_pad)
-    out, lse = pl.pallas_call(
-        functools.partial(_rows_fwd_kernel, u=u, l_k=l_k, block_k=block_k,
+    l_k = k.shape[1]
+    top, seq_q, seq_k = _rows_specs(l_q, l_k, d, u_pad)
+    return pl.pallas_call(
+        functools.partial(_rows_fwd_kernel, u=u, l_q=l_q, l_k=l_k, block_k=block_k,
                           scale=sm_scale * LOG2E),
-        grid=(b, h), in_specs=[top, seq_q, seq_k, seq_k, seq_q], out_specs=[seq_q, top],
+        grid=(b, h), in_specs=[top, seq_q, seq_k, seq_k],
+        out_specs=[seq_q, pl.BlockSpec((None, None, u_pad), lambda b_, h_: (b_, h_, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, u_pad), jnp.float32)],
-        input_output_aliases={4: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret, name="probsparse_rows_fwd",
-    )(top_pad, q, k, v, fill)
-    return out, lse
+    )(top_ext, q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _rows(q, k, v, top_pad, cfg):
-    return _rows_forward(q, k, v, top_pad, cfg)[0]
+def _rows(q, k, v, top_ext, cfg):
+    return _rows_forward(q, k, v, top_ext, cfg)[0]
 
 
-def _rows_fwd_rule(q, k, v, top_pad, cfg):
-    out, lse = _rows_forward(q, k, v, top_pad, cfg)
-    return out, (q, k, v, top_pad, out, lse)
+def _rows_fwd_rule(q, k, v, top_ext, cfg):
+    out, lse = _rows_forward(q, k, v, top_ext, cfg)
+    return out, (q, k, v, top_ext, out, lse)
 
 
 def _rows_bwd_rule(cfg, res, dout):
-    u, block_k, num_warps, interpret, sm_scale = cfg
-    q, k, v, top_pad, out, lse = res
+    u, u_pad, block_k, num_warps, interpret, sm_scale = cfg
+    q, k, v, top_ext, out, lse = res
     b, l_q, h, d = q.shape
-    l_k, u_pad = k.shape[1], top_pad.shape[2]
-    # d mean(V): the lazy rows' dout summed, over L_K (every key row gets it in dv)
-    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, None, :]
-    do_top = dout[bi, jnp.swapaxes(top_pad[..., :u], 1, 2), hi].astype(jnp.float32)
-    dlazy = (dout.astype(jnp.float32).sum(1) - do_top.sum(1)) / l_k          # [B, H, D]
-    top, seq_q, seq_k = _rows_specs(b, l_q, l_k, h, d, u_pad)
+    l_k = k.shape[1]
+    top, seq_q, seq_k = _rows_specs(l_q, l_k, d, u_pad)
     dq, dk, dv = pl.pallas_call(
-        functools.partial(_rows_bwd_kernel, u=u, l_k=l_k, block_k=block_k,
+        functools.partial(_rows_bwd_kernel, u=u, l_q=l_q, l_k=l_k, block_k=block_k,
                           scale=sm_scale * LOG2E, sm_scale=sm_scale),
         grid=(b, h),
-        in_specs=[top, seq_q, seq_k, seq_k, seq_q, seq_q, top,
-                  pl.BlockSpec((None, None, d), lambda b_, h_: (b_, h_, 0)), seq_q],
+        in_specs=[top, seq_q, seq_k, seq_k, seq_q, seq_q,
+                  pl.BlockSpec((None, None, u_pad), lambda b_, h_: (b_, h_, 0))],
         out_specs=[seq_q, seq_k, seq_k],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        input_output_aliases={8: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret, name="probsparse_rows_bwd",
-    )(top_pad, q, k, v, dout, out, lse, dlazy, jnp.zeros_like(q))
+    )(top_ext, q, k, v, dout, out, lse)
     return dq, dk, dv, None
 
 
 _rows.defvjp(_rows_fwd_rule, _rows_bwd_rule)
 
 
+def rows_padding(l_q: int, u: int) -> int:
+    """Rows per program of the active-rows kernels: u padded to a power of 2 (>= 16); 0 when
+    the padding needs more rows than the sequence has (then use the flash path)."""
+    u_pad = max(16, pl.next_power_of_2(u))
+    return u_pad if u_pad <= l_q else 0
+
+
 def active_rows_attention(q, k, v, top_BHU, *, sm_scale: float | None = None,
-                          backend: str | None = None, block_k: int = 64, num_warps: int = 4):
+                          backend: str | None = None, block_k: int = 64, num_warps: int = 4,
+                          top_is_extended: bool = False, u: int | None = None):
     """Bidirectional ProbSparse output: mean(V) for every query of q [B, Lq, H, D], full softmax
     attention over k/v [B, Lk, H, D] for the rows top [B, H, U] (distinct positions per row).
 
-    One Pallas program per (batch, head) gathers its U query rows, attends over all keys and
-    writes them into the fill in place; the backward kernel does the same for dq, dk, dv (all U
-    rows of a head in one program: dk, dv without atomics). head_dim: a power of 2 >= 16.
+    One Pallas program per (batch, head) gathers its U query rows, attends over all keys (and
+    sums V), and writes the whole output of the head: the attention rows and mean(V) elsewhere;
+    the backward kernel does the same for dq, dk, dv (all U rows of a head in one program: dk,
+    dv without atomics). head_dim: a power of 2 >= 16; Lq >= `rows_padding(Lq, U)` > 0.
+    `top_is_extended`: top [B, H, >= U_pad] already holds U_pad distinct rows, the u active ones
+    first (pallas_kernels.probsparse top_u's permutation), with `u` given.
     """
     b, l_q, h, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     if d < 16 or d & (d - 1):
         raise ValueError(f"active_rows_attention needs a power-of-2 head_dim >= 16, got {d}")
+    u = top_BHU.shape[-1] if u is None else u
+    u_pad = rows_padding(l_q, u)
+    if not u_pad:
+        raise ValueError(f"active_rows_attention needs Lq >= {max(16, pl.next_power_of_2(u))} "
+                         f"rows for u = {u}, got Lq = {l_q}")
     backend = _common.resolve_backend(backend)
     if backend == "reference" or backend == "tpu_interpret" or (
             backend == "pallas" and _common.platform() == "tpu"):
-        return active_rows_reference(q, k, v, top_BHU, sm_scale=sm_scale)
-    u = top_BHU.shape[-1]
-    u_pad = max(16, pl.next_power_of_2(u))
-    top_pad = jnp.concatenate(                              # padding rows repeat the first
-        [top_BHU, jnp.broadcast_to(top_BHU[..., :1], (b, h, u_pad - u))], axis=-1)
-    cfg = (u, min(block_k, max(16, pl.next_power_of_2(k.shape[1]))), num_warps,
-           backend == "interpret", sm_scale)
-    return _rows(q, k, v, top_pad.astype(jnp.int32), cfg)
+        return active_rows_reference(q, k, v, top_BHU[..., :u], sm_scale=sm_scale)
+    if top_is_extended:
+        top_ext = top_BHU[..., :u_pad]
+    else:                               # padding: the first u_pad - u lazy positions
+        active = jnp.zeros((b, h, l_q), jnp.int32).at[
+            jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], top_BHU].set(1)
+        lazy_first = jnp.argsort(active, axis=-1, stable=True)[..., :u_pad - u]
+        top_ext = jnp.concatenate([top_BHU, lazy_first], axis=-1)
+    cfg = (u, u_pad, min(block_k, max(16, pl.next_power_of_2(max(l_q, k.shape[1])))),
+           num_warps, backend == "interpret", sm_scale)
+    return _rows(q, k, v, top_ext.astype(jnp.int32), cfg)

@@ -98,9 +98,9 @@ def test_top_u_rejects_bad_u():
         top_u(jnp.zeros((1, 1, 8)), 9, backend="interpret")
 
 
-@pytest.mark.parametrize("lq,lk,u", [(40, 40, 20), (24, 70, 5), (50, 33, 50)])
+@pytest.mark.parametrize("lq,lk,u", [(40, 40, 20), (24, 70, 5), (64, 33, 50)])
 def test_active_rows_match_reference_with_gradients(keys, lq, lk, u):
-    """u padded to 32 / 16 / 64 rows (padding repeats row 0); Lk a partial key block."""
+    """u padded to 32 / 16 / 64 rows (padding: distinct lazy rows, masked); partial blocks."""
     kq, kk, kv, kt, kw = keys(5)
     q = jax.random.normal(kq, (2, lq, 3, 16))
     k, v = (jax.random.normal(x, (2, lk, 3, 16)) for x in (kk, kv))
@@ -115,7 +115,20 @@ def test_active_rows_match_reference_with_gradients(keys, lq, lk, u):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_active_rows_rejects_odd_head_dim(keys):
+def test_active_rows_rejects_odd_head_dim_and_short_sequences(keys):
     q = jnp.zeros((1, 8, 1, 24))
     with pytest.raises(ValueError, match=r"power-of-2 head_dim"):
         active_rows_attention(q, q, q, jnp.zeros((1, 1, 2), jnp.int32), backend="interpret")
+    q = jnp.zeros((1, 12, 1, 16))                 # u = 10 pads to 16 rows > 12
+    with pytest.raises(ValueError, match=r"needs Lq >= 16 rows for u = 10"):
+        active_rows_attention(q, q, q, jnp.zeros((1, 1, 10), jnp.int32), backend="interpret")
+
+
+def test_top_u_permutation_lists_the_others_after(keys):
+    m = jax.random.normal(keys(1)[0], (2, 3, 20))
+    perm = np.asarray(top_u(m, 5, backend="interpret", permutation=True))
+    assert perm.shape == (2, 3, 32)
+    np.testing.assert_array_equal(perm[..., :5], top_u_reference(m, 5))
+    rest = perm[..., 5:]
+    assert np.all(np.diff(rest, axis=-1) > 0)                       # increasing, distinct
+    np.testing.assert_array_equal(np.sort(perm, -1), np.broadcast_to(np.arange(32), perm.shape))

@@ -174,17 +174,19 @@ def test_kernel_path_matches_the_jnp_form_with_gradients(keys, causal, selection
     np.testing.assert_allclose(out, ps(q, k, v, key, backend="reference", **kw), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampling", ["shared", "per_query"])
-def test_fast_tuning_gives_the_same_layer_and_grads(keys, sampling):
-    """FAST: the top_u kernel (no sort) and the active-rows kernel (gather, attend, write into
-    the fill; its own backward kernel) against the jnp form."""
+@pytest.mark.parametrize("sampling,top", [("shared", "kernel"), ("per_query", "kernel"),
+                                          ("shared", "xla")])
+def test_fast_tuning_gives_the_same_layer_and_grads(keys, sampling, top):
+    """FAST: the top_u kernel (no sort; or lax.top_k) and the active-rows kernel (gather,
+    attend, write the whole output with the mean(V) fill; its own backward) vs the jnp form."""
     from mixers.probsparse import FAST
+    tuning = {**FAST, "top_u": top}
     q, k, v = _qkv(keys, length=40, d=16)
     key = jax.random.PRNGKey(2)
     loss = lambda **kw: jax.jit(jax.value_and_grad(
         lambda q, k, v: (probsparse_attention(q, k, v, key, sampling=sampling, **kw) ** 2).sum(),
         argnums=(0, 1, 2)))(q, k, v)
-    (got_l, got_g), (ref_l, ref_g) = loss(backend="interpret", tuning=FAST), loss(
+    (got_l, got_g), (ref_l, ref_g) = loss(backend="interpret", tuning=tuning), loss(
         backend="reference")
     np.testing.assert_allclose(got_l, ref_l, rtol=1e-5)
     for g, r in zip(got_g, ref_g, strict=True):
