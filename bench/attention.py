@@ -479,7 +479,8 @@ def mosaic_fwd5(results, deadline):
     arrive, 3 consumer warpgroups without ping-pong (D 64), against cuDNN."""
     ob = dict(fwd_impl="mosaic", mgpu_fwd_opt_barrier=True)
     wg3 = dict(WG3, mgpu_ping_pong=False)
-    ov = dict(fwd_impl="mosaic", mgpu_fwd_overlap=True, block_q=64)   # 64 rows per warpgroup
+    ov = dict(fwd_impl="mosaic", mgpu_fwd_overlap=True, block_q=64,   # 64 rows per warpgroup
+              mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True)
     _variant_checks_and_times(
         results, deadline, "fwd_sweep5",
         checks=[(1, 2048, 8, 1, 64, True, 300, ov), (1, 777, 4, 2, 128, False, None, ov),
