@@ -280,14 +280,14 @@ def _speed_fns(on_gpu: bool) -> dict:
     import jax
 
     import pallas_kernels as pk
-    from mixers.probsparse import FAST, probsparse_attention
+    from mixers.probsparse import V1, probsparse_attention
     ps = lambda sampling, backend=None, tuning=None: lambda q, k, v, key: probsparse_attention(
         q, k, v, key, factor=5, sampling=sampling, backend=backend, tuning=tuning)
     return {
         "probsparse": ps("per_query"),                       # the default path of the platform
         "probsparse_shared": ps("shared"),
-        "probsparse_fast": ps("per_query", tuning=FAST),     # rows kernel + top_u kernel
-        "probsparse_shared_fast": ps("shared", tuning=FAST),
+        "probsparse_v1": ps("per_query", tuning=V1),         # flash on the gathered rows
+        "probsparse_shared_v1": ps("shared", tuning=V1),
         "probsparse_jnp": ps("per_query", "reference"),      # the plain jnp form (before)
         "probsparse_shared_jnp": ps("shared", "reference"),
         "xla_full": lambda q, k, v, key: jax.nn.dot_product_attention(q, k, v),
@@ -313,12 +313,12 @@ def _speed_check(b: int, length: int, cases: list[int] | None = None) -> list[di
     n_sample, u = probsparse_sizes(length, length, 5)
     kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"    # CPU: dry run
     rows = []
-    from mixers.probsparse import FAST
+    from mixers.probsparse import V1
     skipped = 0
-    for sampling, causal, selection, tuning in (("shared", False, "global", FAST),
-                                                ("per_query", False, "global", FAST),
-                                                ("shared", False, "global", None),
+    for sampling, causal, selection, tuning in (("shared", False, "global", None),
                                                 ("per_query", False, "global", None),
+                                                ("shared", False, "global", V1),
+                                                ("per_query", False, "global", V1),
                                                 ("shared", True, "prefix", None),
                                                 ("per_query", True, "global", None)):
         if cases and len(rows) + skipped not in cases:
@@ -359,7 +359,7 @@ def _check_one(q, k, v, key, length, n_sample, u, kernel, sampling, causal, sele
            for be in (kernel, "reference")}
     outs = {be: (f(q, k, v, key), g(q, k, v, key)) for be, (f, g) in fns.items()}
     row = {"check": f"{sampling}{' causal ' + selection if causal else ''}"
-                    f"{' fast' if tuning else ''}", "length": length,
+                    f"{' v1' if tuning else ''}", "length": length,
            "m_max_abs_err": float(jnp.abs(m - m_ref).max()),
            "same_top_u_rows": float((top == top_ref).all(-1).mean()),
            "out_rel_err": rel_error(outs[kernel][0].astype(jnp.float32),
@@ -378,8 +378,8 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
     import jax.numpy as jnp
 
     from mixers.probsparse import (
-        FAST,
         TUNING,
+        V1,
         draw_samples,
         probsparse_attention,
         probsparse_sizes,
@@ -430,10 +430,10 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
         bi, t, hi].set(o, unique_indices=True), v, top_BUH, o_top)
     rec("read q,k,v + write out (copy floor)", lambda q, k, v: q + k + v, q, k, v)
     loss = lambda f: lambda q, k, v, key: f(q, k, v, key).astype(jnp.float32).sum()
-    variants = {"default": TUNING, "fast": FAST, "top_u kernel": {**TUNING, "top_u": "kernel"},
-                "flash split bwd": {**TUNING, "flash": {"fwd_impl": "triton",
+    variants = {"default": TUNING, "lax.top_k": {**TUNING, "top_u": "xla"}, "v1": V1,
+                "v1, flash split bwd": {**V1, "flash": {"fwd_impl": "triton",
                                                         "bwd_impl": "split"}},
-                "flash default fwd": {**TUNING, "flash": {}}}
+                "v1, flash default fwd": {**V1, "flash": {}}}
     for sampling in ("shared", "per_query"):
         for tag, tuning in variants.items():
             f = lambda q, k, v, key, s=sampling, t=tuning: probsparse_attention(
@@ -489,7 +489,7 @@ def _speed_trace(b: int, length: int) -> list[dict]:
     fns = _speed_fns(on_gpu)
     q, k, v, key = _inputs(b, length)
     rows = []
-    for name in ("probsparse_shared_fast", "probsparse_fast", "probsparse_shared", "probsparse",
+    for name in ("probsparse_shared", "probsparse", "probsparse_shared_v1", "probsparse_v1",
                  "flash_full"):
         for mode, f in zip(("fwd", "fwdbwd"), _fwd_and_grad(fns[name]), strict=True):
             try:
@@ -620,8 +620,8 @@ def main(argv=None) -> None:
     spd.add_argument("--check", type=int, nargs="*", default=[],
                      help="lengths at which to check the kernel path against the jnp form first")
     spd.add_argument("--check-cases", type=int, nargs="*", default=[],
-                     help="which of the checks (0: shared fast, 1: per_query fast, 2: shared, "
-                          "3: per_query, 4: shared causal prefix, 5: per_query causal global)")
+                     help="which of the checks (0: shared, 1: per_query, 2: shared v1, "
+                          "3: per_query v1, 4: shared causal prefix, 5: per_query causal global)")
     spd.add_argument("--fns-if-check-fails", nargs="*", default=[],
                      help="columns to time instead of --fns when a check fails")
     spd.add_argument("--stages", type=int, nargs="*", default=[],

@@ -15,11 +15,13 @@ Two implementations of the same layer (same sampled keys, same active queries; t
 - `impl: reference` (the default off GPU): plain jnp in [B, H, L, D]; `per_query` gathers the
   [B, H, L, S, D] sampled keys as a dot operand, which is why the public code is slow.
 - `impl: pallas` (the default on GPU; `interpret` runs it on CPU): in the [B, L, H, D] layout
-  without transposes, M by a Pallas kernel (pallas_kernels/probsparse.py: a dot against the
-  shared sample, or row gathers from K per query, never writing the gathered keys), top-u, the
-  u active rows by the project's flash kernel on the gathered queries (Pallas forward and
-  backward; bidirectional), and one scatter of those rows into the mean(V) fill. Causal
-  variants keep the u rows as a dense masked [u, L] block. Speed: docs/informer.md.
+  without transposes, three Pallas kernels (pallas_kernels/probsparse.py): M (a dot against the
+  shared sample, or row gathers from K per query, never writing the gathered keys), top-u
+  without a sort, and the output of each (batch, head) in one kernel (the u rows gathered and
+  attended over all keys, mean(V) summed on the way into the lazy rows), with a backward kernel
+  of the same shape (dk, dv of a head in one program: no atomics). Causal variants keep the u
+  rows as a dense masked [u, L] block in XLA. `TUNING` (V1: flash on the gathered rows). Speed:
+  docs/informer.md.
 
 Paper vs the authors' public code (zhouhaoyi/Informer2020, `models/attn.py`), and what we follow:
 - Sampling: the paper samples U = L_K ln L_Q dot-product pairs in total; the code samples
@@ -162,9 +164,8 @@ def _lazy_fill(v, axis: int, l_q: int, causal: bool, lazy_causal: str):
 
 def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, tuning):
     """The kernel path, in the [B, L, H, D] layout (no transposes): M by the Pallas kernel (no
-    [B, H, L, S, D] gather), top-u in XLA, the u active rows by `flash_attention` on the
-    gathered queries (Pallas forward and backward; bidirectional), and one scatter of those rows
-    into the lazy fill."""
+    [B, H, L, S, D] gather), top-u (kernel or lax.top_k), then (bidirectional) the active-rows
+    kernels or flash on the gathered rows plus a scatter into the fill; causal: dense rows."""
     b, l_q, h, _ = q.shape
     m_BHL = sparsity_measure(q, k, idx, causal_samples=prefix and idx.ndim == 1,
                              backend=backend, **tuning.get("measure", {}))
@@ -207,15 +208,15 @@ def _fused(q, k, v, idx, *, u, causal, prefix, lazy_causal, sm_scale, backend, t
     return out.astype(q.dtype)
 
 
-# Tuning of the kernel path (GPU). "flash": options of flash_attention_kernel for the u gathered
-# query rows (a few dozen per head): the Triton forward with 64-row blocks (the Mosaic forward's
-# 2 x 128-row tiles would pad u ~ 35 to 256 rows). "top_u": "xla" (lax.top_k) or "kernel"
-# (pallas_kernels.probsparse.top_u: no sort). "measure": block sizes of sparsity_measure.
-# "rows" (bidirectional): "flash" (gather, flash_attention_kernel, scatter into the fill) or
-# "kernel" (pallas_kernels.probsparse.active_rows_attention: one kernel each way, no padded
-# copies of K and V, no gather/scatter kernels). Measured in docs/informer.md (session 4).
-TUNING = {"flash": {"fwd_impl": "triton"}, "top_u": "xla", "measure": {}, "rows": "flash"}
-FAST = {**TUNING, "top_u": "kernel", "rows": "kernel"}
+# Tuning of the kernel path. "measure": block sizes of sparsity_measure. "top_u": "kernel"
+# (pallas_kernels.probsparse.top_u: no sort) or "xla" (lax.top_k). "rows" (bidirectional):
+# "kernel" (pallas_kernels.probsparse.active_rows_attention: one kernel each way writes the
+# whole output, the u attention rows and the mean(V) fill) or "flash" (gather the u query
+# rows, flash_attention_kernel with the options "flash" (GPU only; the Triton forward: the
+# Mosaic forward's 2 x 128-row tiles would pad u ~ 35 to 256), scatter into the fill).
+# V1 is the session-4 call-2 path; docs/informer.md has the measurements of both.
+V1 = {"flash": {"fwd_impl": "triton"}, "top_u": "xla", "measure": {}, "rows": "flash"}
+TUNING = {**V1, "top_u": "kernel", "rows": "kernel"}
 
 
 def probsparse_attention(q, k, v, key, *, factor: int = 5, causal: bool = False,

@@ -174,13 +174,13 @@ def test_kernel_path_matches_the_jnp_form_with_gradients(keys, causal, selection
     np.testing.assert_allclose(out, ps(q, k, v, key, backend="reference", **kw), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampling,top", [("shared", "kernel"), ("per_query", "kernel"),
-                                          ("shared", "xla")])
-def test_fast_tuning_gives_the_same_layer_and_grads(keys, sampling, top):
-    """FAST: the top_u kernel (no sort; or lax.top_k) and the active-rows kernel (gather,
-    attend, write the whole output with the mean(V) fill; its own backward) vs the jnp form."""
-    from mixers.probsparse import FAST
-    tuning = {**FAST, "top_u": top}
+@pytest.mark.parametrize("sampling,variant", [("shared", "v1"), ("per_query", "v1"),
+                                              ("shared", "lax.top_k")])
+def test_other_tunings_give_the_same_layer_and_grads(keys, sampling, variant):
+    """V1 (lax.top_k, flash on the gathered rows, scatter into the fill) and the default with
+    lax.top_k instead of the top_u kernel, against the jnp form."""
+    from mixers.probsparse import TUNING, V1
+    tuning = V1 if variant == "v1" else {**TUNING, "top_u": "xla"}
     q, k, v = _qkv(keys, length=40, d=16)
     key = jax.random.PRNGKey(2)
     loss = lambda **kw: jax.jit(jax.value_and_grad(
