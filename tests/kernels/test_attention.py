@@ -428,7 +428,9 @@ def test_mosaic_gpu_forward_three_consumer_warpgroups(causal, window, stages, pi
 @pytest.mark.parametrize("lq,lk,d,causal,window,extra", [
     pytest.param(257, 257, 64, True, 16, dict(block_q=64, block_k=64), marks=SLOW),
     pytest.param(200, 330, 128, True, None, dict(mgpu_ping_pong=False), marks=SLOW),
-    pytest.param(300, 300, 64, False, None, dict(block_q=64, mgpu_stages=3), marks=SLOW),
+    pytest.param(300, 300, 64, False, None, dict(block_q=64, mgpu_stages=3, mgpu_fwd_wgs=2,
+                                                 mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True),
+                 marks=SLOW),
 ])
 def test_mosaic_gpu_forward_intra_warpgroup_overlap(lq, lk, d, causal, window, extra):
     """mgpu_fwd_overlap: S_j issued with P_{j-1} V_{j-1} (softmax of S_j while P V runs), the
