@@ -407,6 +407,7 @@ def main(argv=None) -> int:
         return 0
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")      # as train.py sets it
     if args.smoke:
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
         args.set = SMOKE_SET + args.set
