@@ -56,8 +56,8 @@ def default_compiler_options(mesh) -> dict:
 
     On GPUs with a mesh of several devices: XLA's latency-hiding scheduler, which starts the
     gradient all-reduces (or FSDP's gathers) early and overlaps them with the backward. On two
-    H200s it took data parallelism from 55.1 to 53.7 ms per step, 0.2 ms of collectives left
-    exposed (docs/BENCHMARKS.md). Off elsewhere (XLA's default)."""
+    H200s 0.2-0.6 ms of 1-1.5 ms of collectives per data-parallel step stay exposed with it,
+    most of 2.0 ms without (docs/BENCHMARKS.md). Off elsewhere (XLA's default)."""
     devices = mesh.devices.flat
     if mesh.size > 1 and all(d.platform == "gpu" for d in devices):
         return {"xla_gpu_enable_latency_hiding_scheduler": True}
