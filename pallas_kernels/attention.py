@@ -807,6 +807,10 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
     if d_pad != d:
         q, k, v = (_common.pad_axis(x, 3, d_pad) for x in (q, k, v))
     defaults = _default_blocks(lq, lk, d_pad)
+    if jnp.dtype(q.dtype).itemsize == 4:
+        # f32 K/V: the bf16-tuned Triton forward (128-key blocks, 3 stages) asks for 393 KB of
+        # shared memory at D=128 (session 4, call 3); session 1's tiles passed on the H200.
+        defaults.update(block_k=min(defaults["block_k"], 64), num_stages=2)
     fwd_impl = blocks.pop("fwd_impl", None)
     if fwd_impl is None:
         fwd_impl = "triton" if interpret else choose_fwd_impl(

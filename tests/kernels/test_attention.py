@@ -444,3 +444,16 @@ def test_mosaic_gpu_forward_intra_warpgroup_overlap(lq, lk, d, causal, window, e
                                            mgpu_fwd_overlap=True, **extra, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_f32_inputs_get_tiles_that_fit_shared_memory(monkeypatch):
+    """f32 at D=128: the Triton forward uses 64-key blocks and 2 stages (the bf16 tiles, 128 keys
+    and 3 stages, exceeded the H200's shared memory in session 4)."""
+    seen = []
+    monkeypatch.setattr(attn, "_flash", lambda q, k, v, seg, cfg: (seen.append(cfg), q)[1])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q = jnp.ones((1, 777, 4, 128), dtype)
+        attn.flash_attention_kernel(q, q, q, causal=True, fwd_impl="triton")
+    f32, bf16 = seen
+    assert (f32.block_k, f32.num_stages) == (64, 2)
+    assert (bf16.block_k, bf16.num_stages) == (128, 3)
