@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 gla_mod = importlib.import_module("pallas_kernels.gla")
-from bench._common import rel_error, timeit_ms  # noqa: E402
+from bench._common import kernel_times, rel_error, timeit_ms  # noqa: E402
 
 B, H = 8, 16
 T0 = time.perf_counter()
@@ -595,35 +595,6 @@ VARIANTS = {
     # the default of session 3 (commit 03c4677), whatever the defaults are now
     "s3": _new(),
 }
-
-
-def kernel_times(fn, args, runs=5):
-    """Device time per call of each kernel of `fn` (compiled) from a profiler trace of `runs`
-    calls: {line name: {event name: [mean us per call, launches per call]}} over the GPU
-    planes' lines (streams: kernels; "XLA Ops" / "XLA Modules": HLO ops and modules)."""
-    import glob
-    import tempfile
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(runs):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        data = jax.profiler.ProfileData.from_file(paths[0])
-        out = {}
-        for plane in data.planes:
-            if "GPU" not in plane.name and "gpu" not in plane.name:
-                continue
-            for line in plane.lines:
-                sums = {}
-                for ev in line.events:
-                    t, c = sums.get(ev.name, (0.0, 0))
-                    sums[ev.name] = (t + ev.duration_ns, c + 1)
-                key = f"{plane.name} | {line.name}"
-                out[key] = {n: [round(t / runs / 1e3, 2), c / runs]
-                            for n, (t, c) in sorted(sums.items(), key=lambda x: -x[1][0])[:40]}
-        return out
 
 
 def run_trace(results, spec, out):

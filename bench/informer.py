@@ -453,38 +453,9 @@ def _speed_stages(b: int, length: int, over_budget=lambda: False) -> list[dict]:
     return rows
 
 
-def _kernel_times(fn, args, runs: int = 5) -> dict:
-    """Device time per call of each GPU kernel of `fn` from a profiler trace of `runs` calls:
-    {line: {kernel: [us per call, launches per call]}} (the dispatch overhead is not in it)."""
-    import glob
-    import tempfile
-
-    import jax
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(runs):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        data = jax.profiler.ProfileData.from_file(paths[0])
-        result = {}
-        for plane in data.planes:
-            if "gpu" not in plane.name.lower():
-                continue
-            for line in plane.lines:
-                sums = {}
-                for ev in line.events:
-                    t, c = sums.get(ev.name, (0.0, 0))
-                    sums[ev.name] = (t + ev.duration_ns, c + 1)
-                top = sorted(sums.items(), key=lambda x: -x[1][0])[:30]
-                result[f"{plane.name} | {line.name}"] = {
-                    n[:120]: [round(t / runs / 1e3, 2), c / runs] for n, (t, c) in top}
-        return result
-
-
 def _speed_trace(b: int, length: int) -> list[dict]:
     """Per-kernel device time of ProbSparse (both samplings) and flash, forward and fwd+bwd."""
+    from bench._common import kernel_times
     on_gpu = __import__("jax").devices()[0].platform == "gpu"
     fns = _speed_fns(on_gpu)
     q, k, v, key = _inputs(b, length)
@@ -494,7 +465,7 @@ def _speed_trace(b: int, length: int) -> list[dict]:
         for mode, f in zip(("fwd", "fwdbwd"), _fwd_and_grad(fns[name]), strict=True):
             try:
                 row = {"trace": f"{name} {mode}", "length": length,
-                       "kernels": _kernel_times(f, (q, k, v, key))}
+                       "kernels": kernel_times(f, (q, k, v, key), top=30)}
             except Exception as e:                      # report, keep going
                 row = {"trace": f"{name} {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(row)
