@@ -322,7 +322,8 @@ def train(run: RunConfig, workdir: str | Path, *, log=print, plot: bool = True) 
                                            run.train.sample_temperature)
     if trainer.is_main:
         (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        if plot:
+        # A run stopped before its first progress line has no metrics yet: nothing to plot.
+        if plot and (Path(workdir) / "metrics.jsonl").is_file():
             try:
                 from training.plot import plot_runs
                 summary["plot"] = str(plot_runs([workdir], Path(workdir) / "loss.png"))

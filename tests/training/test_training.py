@@ -97,6 +97,26 @@ def test_tiny_run_learns_is_interrupted_and_resumes_exactly(tmp_path):
     np.testing.assert_allclose(resumed["eval_loss"], full["eval_loss"], rtol=1e-5)
 
 
+def test_interrupt_before_the_first_log_line_saves_and_skips_the_plot(tmp_path, monkeypatch):
+    """A run stopped (Ctrl-C, SIGTERM of a timeout) before any metrics row keeps its checkpoint
+    and returns its summary; the loss plot is skipped instead of failing on the missing file."""
+    from training import loop
+
+    batch = loop.Trainer._device_batch
+
+    def stop_at_step_3(self, step, split):
+        if split == "train" and step == 3:
+            raise KeyboardInterrupt
+        return batch(self, step, split)
+
+    monkeypatch.setattr(loop.Trainer, "_device_batch", stop_at_step_3)
+    run = load_config("hybrid_3to1", TINY)
+    summary = train(run, tmp_path, log=lambda *a, **k: None, plot=True)
+    assert summary["interrupted"] and summary["step"] == 3
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert not (tmp_path / "metrics.jsonl").exists() and "plot" not in summary
+
+
 def test_compiler_options_reach_the_steps_and_bad_names_fail_at_start(tmp_path):
     from training.loop import Trainer
     run = load_config("hybrid_3to1", TINY)
