@@ -201,38 +201,22 @@ def check_correctness(results, n_cases, out):
     # fxma / fxmadv128 / fx (session 4's candidates), then the guard split into two kernels with
     # the common kernels contracting in slices, then the other dk/dv kernel forms (fused
     # chunk-parallel, sequential split and fused).
-    cases = [("bf16 T=300 Dk=Dv=128 log_g>=-1 default", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["default"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 default", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
-              v["default"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 default", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["default"]),
-             ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 default", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
-              v["default"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 fxma", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["fxma"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 fxma", 2, 300, 4, 128, 128, bf, -5.0, 2e-2,
-              v["fxma"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 fxma", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["fxma"]),
-             ("bf16 T=300 Dk=64 Dv=128 log_g>=-1 fxma", 2, 300, 2, 64, 128, bf, -1.0, 2e-2,
-              v["fxma"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 fxmadv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["fxmadv128"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 fx", 2, 300, 4, 128, 128, bf, -1.0, 2e-2, v["fx"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 fx", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["fx"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 fx", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, v["fx"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 gk64dv128", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["gk64dv128"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 g", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, v["g"]),
-             ("f32 T=300 Dk=64 Dv=128 log_g>=-1 hyb64", 2, 300, 2, 64, 128, f32, -1.0, 1e-3,
-              v["hyb64"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-5 seq", 2, 300, 4, 128, 128, bf, -5.0, 2e-2, SEQ),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 seq64", 2, 777, 4, 64, 64, bf, -0.1, 2e-2,
-              v["seq64"]),
-             ("bf16 T=300 Dk=Dv=128 log_g>=-1 cp64f32", 2, 300, 4, 128, 128, bf, -1.0, 2e-2,
-              v["cp64f32"]),
-             ("bf16 T=777 Dk=Dv=64 log_g>=-0.1 cp", 2, 777, 4, 64, 64, bf, -0.1, 2e-2, CP)]
+    # Shapes: (label, batch, T, heads, Dk, Dv, dtype, lowest log-gate, tolerance).
+    shapes = {"d128g1": ("bf16 T=300 Dk=Dv=128 log_g>=-1", 2, 300, 4, 128, 128, bf, -1.0, 2e-2),
+              "d128g5": ("bf16 T=300 Dk=Dv=128 log_g>=-5", 2, 300, 4, 128, 128, bf, -5.0, 2e-2),
+              "d64": ("bf16 T=777 Dk=Dv=64 log_g>=-0.1", 2, 777, 4, 64, 64, bf, -0.1, 2e-2),
+              "k64v128": ("bf16 T=300 Dk=64 Dv=128 log_g>=-1", 2, 300, 2, 64, 128, bf, -1.0,
+                          2e-2),
+              "k64v128f32": ("f32 T=300 Dk=64 Dv=128 log_g>=-1", 2, 300, 2, 64, 128, f32, -1.0,
+                             1e-3)}
+    four = ("d128g1", "d128g5", "d64", "k64v128")
+    plan = ([(sh, "default") for sh in four] + [(sh, "fxma") for sh in four]
+            + [("d128g1", "fxmadv128")] + [(sh, "fx") for sh in four[:3]]
+            + [("d128g1", "gk64dv128"), ("d128g5", "g"), ("k64v128f32", "hyb64"),
+               ("d128g5", "seq"), ("d64", "seq64"), ("d128g1", "cp64f32"), ("d64", "cp")])
+    blocks = {"seq": SEQ, "cp": CP}
+    cases = [(f"{shapes[sh][0]} {name}", *shapes[sh][1:], blocks.get(name) or v[name])
+             for sh, name in plan]
     prepared = [_check_case(*case) for case in cases[:n_cases]]
     compiled = _compile_all({p["name"] + " ours": p["ours"] for p in prepared}
                             | {p["name"] + " ref": p["ref"] for p in prepared},
