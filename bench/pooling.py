@@ -356,6 +356,28 @@ TUNE = {
 _FIELDS = ("block_l", "block_d", "group", "num_warps", "num_stages", "dot")
 
 
+def _setup(ops, name, b, l, d, copy_bw):
+    """One op at one shape: (op, inputs, cotangent, reference result, fwd floor, fwd+bwd floor)."""
+    make, op, floor_f, floor_b = ops[name]
+    a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
+    dy = cotangent(op("reference"), a)
+    ref_out = fwd_bwd(op("reference"))(dy, *a)
+    return op, a, dy, ref_out, floor_f(a) / copy_bw, (floor_f(a) + floor_b(a)) / copy_bw
+
+
+def _time_variant(name, op, backend, v, a, dy, ref_out, log):
+    """Forward and forward+backward seconds and max relative error of one block variant, or
+    None (logged) when it fails to compile or run."""
+    try:
+        fn = op(backend, pool.PoolBlocks(**v))
+        tf = timeit(jax.jit(fn), *a)[0]
+        tb, out = timeit(fwd_bwd(fn), dy, *a)
+        return tf, tb, max_rel_err(out, ref_out)
+    except Exception as e:
+        log(f"| {name} | {v} | error: {type(e).__name__}: {str(e)[:200]} |")
+        return None
+
+
 def tune(shape, backend, copy_bw, log, over, publish):
     """Pick each TUNE op's fastest correct candidate; publish({defaults key: tuple}) after each
     op (so that a timeout keeps what was tuned)."""
@@ -363,23 +385,15 @@ def tune(shape, backend, copy_bw, log, over, publish):
     ops, chosen = _ops(), {}
     log(f"| tune at {shape} | candidate | fwd / floor | fwd+bwd / floor | rel err |")
     for name, (key, candidates) in TUNE.items():
-        make, op, floor_f, floor_b = ops[name]
-        a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
-        dy = cotangent(op("reference"), a)
-        ref_out = fwd_bwd(op("reference"))(dy, *a)
-        ff, fb = floor_f(a) / copy_bw, (floor_f(a) + floor_b(a)) / copy_bw
+        op, a, dy, ref_out, ff, fb = _setup(ops, name, b, l, d, copy_bw)
         best = None
         for v in candidates:
             if over():
                 break
-            try:
-                fn = op(backend, pool.PoolBlocks(**v))
-                tf = timeit(jax.jit(fn), *a)[0]
-                tb, out = timeit(fwd_bwd(fn), dy, *a)
-                err = max_rel_err(out, ref_out)
-            except Exception as e:
-                log(f"| {name} | {v} | error: {type(e).__name__}: {str(e)[:200]} |")
+            timed = _time_variant(name, op, backend, v, a, dy, ref_out, log)
+            if timed is None:
                 continue
+            tf, tb, err = timed
             log(f"| {name} | {v} | {tf / ff:.2f} | {tb / fb:.2f} | {err:.1e} |")
             # a new default must beat the current one ({}, timed first) by 3%: not by noise
             if err < 2e-2 and (best is None or tb < (0.97 if best[1] == {} else 1.0) * best[0]):
@@ -400,22 +414,14 @@ def sweep(shape, backend, copy_bw, results, log, over, names, save):
     for name, variants in SWEEP:
         if name not in names:
             continue
-        make, op, floor_f, floor_b = ops[name]
-        a = make(jax.random.key(0), b, l, d, jnp.bfloat16)
-        dy = cotangent(op("reference"), a)
-        ref_out = fwd_bwd(op("reference"))(dy, *a)
+        op, a, dy, ref_out, ff, fb = _setup(ops, name, b, l, d, copy_bw)
         for v in variants:
             if over():
                 return
-            fn = op(backend, pool.PoolBlocks(**v))
-            try:
-                tf = timeit(jax.jit(fn), *a)[0]
-                tb, out = timeit(fwd_bwd(fn), dy, *a)
-                err = max_rel_err(out, ref_out)
-            except Exception as e:
-                log(f"| {name} | {v} | error: {type(e).__name__}: {str(e)[:200]} |")
+            timed = _time_variant(name, op, backend, v, a, dy, ref_out, log)
+            if timed is None:
                 continue
-            ff, fb = floor_f(a) / copy_bw, (floor_f(a) + floor_b(a)) / copy_bw
+            tf, tb, err = timed
             results.setdefault("sweep", []).append({"op": name, "blocks": v, "fwd": tf,
                                                     "fwd_bwd": tb, "shape": [b, l, d],
                                                     "max_rel_err": err})
