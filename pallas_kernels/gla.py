@@ -1243,6 +1243,7 @@ def _tpu_dot(a, b, contract):
 
 
 _NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+_TPU_SUB = 16   # TPU kernels: one state step per 16 rows
 
 
 def _tpu_gates(g_CK, sub):
@@ -1254,31 +1255,46 @@ def _tpu_gates(g_CK, sub):
     return c_CK, jnp.sum(g_CK, axis=0), m_K
 
 
+def _tpu_carried(scratch_ref, init_ref):
+    """The [V, K] state carried over the chunk axis (grid axis 2) in VMEM scratch: set from
+    `init_ref` at the first chunk; returns its value."""
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        scratch_ref[...] = init_ref[...]
+
+    return scratch_ref[...]
+
+
+def _tpu_rows(blocks, reverse=False):
+    """Row slices of a chunk's sub-chunks (TPU: one state step per _TPU_SUB rows)."""
+    order = range(blocks.chunk_size // _TPU_SUB)
+    return [slice(j * _TPU_SUB, (j + 1) * _TPU_SUB)
+            for j in (reversed(order) if reverse else order)]
+
+
+def _tpu_advance(s_VK, k, v, c, c_end, dot_dtype):
+    """S^T <- S^T diag(exp(c_end)) + V^T (K * exp(c_end - c)) over one sub-chunk."""
+    k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
+    return jnp.exp(c_end)[None, :] * s_VK + _tpu_dot(v, k_out, _TN)
+
+
 def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref, *, scale,
                         blocks, dot_dtype):
     # q/k/g [C, K], v/o [C, V], s0/st [V, K] (transposed), scratch s [V, K] f32
-    sub = 16   # TPU: one state step per 16 rows
-    causal = _causal_mask(sub)
-
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        s_ref[...] = s0_ref[...]
-
-    s_VK = s_ref[...]
-    for j in range(blocks.chunk_size // sub):
-        rows = slice(j * sub, (j + 1) * sub)
+    causal = _causal_mask(_TPU_SUB)
+    s_VK = _tpu_carried(s_ref, s0_ref)
+    for rows in _tpu_rows(blocks):
         q = q_ref[rows, :].astype(_F32)
         k = k_ref[rows, :].astype(_F32)
         v = v_ref[rows, :].astype(dot_dtype)
-        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), sub)
+        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), _TPU_SUB)
         q_in = (q * jnp.exp(c)).astype(dot_dtype)
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
         q_mid = (q * jnp.exp(c - m[None, :])).astype(dot_dtype)
         k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
         a = jnp.where(causal, _tpu_dot(q_mid, k_mid, _NT), 0.0).astype(dot_dtype)
         o = _tpu_dot(q_in, s_VK.astype(dot_dtype), _NT) + _tpu_dot(a, v, _NN)
         o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
-        s_VK = jnp.exp(c_end)[None, :] * s_VK + _tpu_dot(v, k_out, _TN)
+        s_VK = _tpu_advance(s_VK, k, v, c, c_end, dot_dtype)
     s_ref[...] = s_VK
     st_ref[...] = s_VK
 
@@ -1286,27 +1302,19 @@ def _gla_fwd_tpu_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, st_ref, s_ref
 def _gla_bwd_dq_tpu_kernel(k_ref, v_ref, g_ref, do_ref, s0_ref, dq_ref, s_end_ref, s_ref, *,
                            scale, blocks, dot_dtype):
     # k/g/dq [C, K], v/do [C, V], s0/s_end [V, K], scratch s [V, K] f32
-    sub = 16   # TPU: one state step per 16 rows
-    causal = _causal_mask(sub)
-
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        s_ref[...] = s0_ref[...]
-
-    s_VK = s_ref[...]
-    for j in range(blocks.chunk_size // sub):
-        rows = slice(j * sub, (j + 1) * sub)
+    causal = _causal_mask(_TPU_SUB)
+    s_VK = _tpu_carried(s_ref, s0_ref)
+    for rows in _tpu_rows(blocks):
         k = k_ref[rows, :].astype(_F32)
         v = v_ref[rows, :].astype(dot_dtype)
         do = do_ref[rows, :].astype(dot_dtype)
-        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), sub)
+        c, c_end, m = _tpu_gates(g_ref[rows, :].astype(_F32), _TPU_SUB)
         k_mid = (k * jnp.exp(m[None, :] - c)).astype(dot_dtype)
         da = jnp.where(causal, _tpu_dot(do, v, _NT), 0.0).astype(dot_dtype)
         dq = (jnp.exp(c) * _tpu_dot(do, s_VK.astype(dot_dtype), _NN)
               + jnp.exp(c - m[None, :]) * _tpu_dot(da, k_mid, _NN))
         dq_ref[rows, :] = scale * dq
-        k_out = (k * jnp.exp(c_end[None, :] - c)).astype(dot_dtype)
-        s_VK = jnp.exp(c_end)[None, :] * s_VK + _tpu_dot(v, k_out, _TN)
+        s_VK = _tpu_advance(s_VK, k, v, c, c_end, dot_dtype)
     s_ref[...] = s_VK
     s_end_ref[...] = s_VK
 
@@ -1316,17 +1324,11 @@ def _gla_bwd_dkv_tpu_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, dq32_ref, s_end_
                             dot_dtype):
     # Chunks in reverse order. q/k/g/dq32/dq/dk/dg [C, K], v/do/dv [C, V],
     # s_end/dst/ds0 [V, K], scratch ds [V, K] f32 (dS^T)
-    sub = 16   # TPU: one state step per 16 rows
+    sub = _TPU_SUB
     causal = _causal_mask(sub)
-
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        ds_ref[...] = dst_ref[...]
-
-    ds_VK = ds_ref[...]
+    ds_VK = _tpu_carried(ds_ref, dst_ref)
     acc_K = jnp.sum(s_end_ref[...] * ds_VK, axis=0)
-    for j in reversed(range(blocks.chunk_size // sub)):
-        rows = slice(j * sub, (j + 1) * sub)
+    for rows in _tpu_rows(blocks, reverse=True):
         q = q_ref[rows, :].astype(_F32)
         k = k_ref[rows, :].astype(_F32)
         v = v_ref[rows, :].astype(dot_dtype)
