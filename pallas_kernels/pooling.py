@@ -539,20 +539,29 @@ def _segment_cummax_bwd_kernel(y_ref, dy_ref, dx_ref, *, size, group, block_d, u
     segs = pl.program_id(1) * group + _ar(group)
     cols = pl.program_id(2) * block_d + _ar(block_d)
 
+    _cummax_grad_walk(y_ref, dx_ref, segs, cols, size, length, unroll,
+                      lambda rows, ok: _load_f32(dy_ref, rows, cols, ok, 0.0))
+
+
+def _cummax_grad_walk(m_ref, out_ref, segs, cols, size, length, unroll, grad_at):
+    """Walk each segment backwards summing grad_at(rows, ok); where the running max in m_ref
+    strictly increases (earliest wins ties: the argmax rows) write the sum of the run and
+    restart it, elsewhere write 0. out_ref may be m_ref (row t is written after row t-1 is
+    read)."""
     steps = min(size, length)                             # rows past L are all masked
 
-    def step(r, acc_GD):
-        s = steps - 1 - r
-        rows = segs * size + s
+    def step(r, acc):
+        t = steps - 1 - r
+        rows = segs * size + t
         ok = rows < length
-        y = _load_f32(y_ref, rows, cols, ok, -jnp.inf)
-        y_prev = _load_f32(y_ref, rows - 1, cols, ok & (s > 0), -jnp.inf)
-        new = (y > y_prev) | (s == 0)
-        acc_GD = acc_GD + _load_f32(dy_ref, rows, cols, ok, 0.0)
-        _store(dx_ref, rows, cols, ok, jnp.where(new, acc_GD, 0.0))
-        return jnp.where(new, 0.0, acc_GD)
+        m = _load_f32(m_ref, rows, cols, ok, -jnp.inf)
+        m_prev = _load_f32(m_ref, rows - 1, cols, ok & (t > 0), -jnp.inf)
+        new = (m > m_prev) | (t == 0)
+        acc = acc + grad_at(rows, ok)
+        _store(out_ref, rows, cols, ok, jnp.where(new, acc, 0.0))
+        return jnp.where(new, 0.0, acc)
 
-    _row_loop(steps, step, jnp.zeros((group, block_d), jnp.float32), unroll)
+    _row_loop(steps, step, jnp.zeros((segs.shape[0], cols.shape[0]), jnp.float32), unroll)
 
 
 def _window_max_grad(x_ref, dy_ref, rows, cols, window, left):
@@ -661,22 +670,12 @@ def _pool_fuse_causal_bwd_kernel(g_ref, s_ref, o_ref, l_ref, dy_ref, ds_ref, do_
     if barrier:                         # sweep 2 reads what other threads may have written to ds
         plgpu.debug_barrier()
 
-    def backward(r, acc):
-        t = steps - 1 - r
-        rows = segs * size + t
-        ok = rows < length
-        s_max = _load_f32(ds_ref, rows, cols, ok, -jnp.inf)
-        s_prev = _load_f32(ds_ref, rows - 1, cols, ok & (t > 0), -jnp.inf)
-        new = (s_max > s_prev) | (t == 0)
+    def dy_o(rows, ok):
         if g_row:
-            dy_o = _load_f32(dy_ref, rows, cols, ok, 0.0) * _load_f32(o_ref, rows, cols, ok, 0.0)
-        else:                           # dg = dy * o, written by sweep 1: one read, not two
-            dy_o = _load_f32(dg_ref, rows, cols, ok, 0.0)
-        acc = acc + dy_o
-        _store(ds_ref, rows, cols, ok, jnp.where(new, acc, 0.0))
-        return jnp.where(new, 0.0, acc)
+            return _load_f32(dy_ref, rows, cols, ok, 0.0) * _load_f32(o_ref, rows, cols, ok, 0.0)
+        return _load_f32(dg_ref, rows, cols, ok, 0.0)   # dy * o, written by sweep 1: one read
 
-    _row_loop(steps, backward, jnp.zeros((group, block_d), jnp.float32), unroll)
+    _cummax_grad_walk(ds_ref, ds_ref, segs, cols, size, length, unroll, dy_o)
 
 
 def _aggregate_bwd_kernel(qbar_ref, dg_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
