@@ -137,6 +137,10 @@ class FlashConfig:
     #                                 S_j while P V runs (FA3's intra-warpgroup overlap)
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
+    mgpu_fwd_nab: bool = False  # Mosaic fwd compiled with unsafe_no_auto_barriers and no
+    #                             cross-warp reduction scratch (row reductions stay in a warp)
+    mgpu_fwd_reverse: bool = False  # Mosaic fwd: query tiles walked last-first (causal: the
+    #                                 longest tiles start first, the short ones fill the tail)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -49,6 +49,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     fold = cfg.mgpu_fold_scale
     overlap = cfg.mgpu_fwd_overlap
     b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
+    if cfg.mgpu_fwd_reverse:                               # longest (causal) tiles first
+        tile = (q_ref.shape[1] // (nc * bq) - 1) - tile
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
@@ -816,10 +818,10 @@ def _grid(cfg: FlashConfig, heads, tiles, batch: int) -> dict:
 
 
 def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kernel_name,
-                      interpret, consumers: int = 2):
+                      interpret, consumers: int = 2, compiler_params=None):
     """plgpu.kernel with `consumers` consumer warpgroups and one producer ("wg" 0 ..
     consumers - 1 | consumers): `body(*refs, smem, barriers)` gets the kernel's refs and the
-    scoped SMEM / barrier trees."""
+    scoped SMEM / barrier trees. `compiler_params`: default `CompilerParams(approx_math=True)`."""
     def entry(*refs):
         pl.run_scoped(lambda smem_, barriers_: body(*refs, smem_, barriers_), smem, barriers,
                       collective_axes="wg")
@@ -827,7 +829,7 @@ def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kerne
     return plgpu.kernel(
         entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=consumers + 1,
         thread_name="wg", kernel_name=kernel_name,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params or plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
@@ -945,7 +947,16 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
                      f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
                      f"{'_ov' if cfg.mgpu_fwd_overlap else ''}"
-                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
+                     f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
+                     f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"),
         interpret=interpret, consumers=nc,
+        # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
+        # written by one thread: Q/O and lse are written by registers only after the last
+        # wgmma read of Q was awaited) and no cross-warp reduction scratch (the row max/sum of
+        # the WGMMA layout reduce within a warp), 2 KB of SMEM freed.
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
+                                             reduction_scratch_bytes=0)
+        if cfg.mgpu_fwd_nab and not interpret else None,
     )(qp, kp, vp)
     return o[:, :lq], lse

@@ -457,3 +457,19 @@ def test_f32_inputs_get_tiles_that_fit_shared_memory(monkeypatch):
     f32, bf16 = seen
     assert (f32.block_k, f32.num_stages) == (64, 2)
     assert (bf16.block_k, bf16.num_stages) == (128, 3)
+
+
+@pytest.mark.parametrize("lq,lk,window", [(300, 300, None), (200, 330, 40)])
+def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
+    """mgpu_fwd_reverse: CTA t computes query tile n_tiles - 1 - t (causal: the longest tiles
+    start first); every tile is still written once (ragged lengths, Lq != Lk, GQA, window),
+    interpret mode. (`mgpu_fwd_nab` changes only the GPU compile: ignored here.)"""
+    q, k, v, do = _inputs(25, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=True, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           block_q=64, block_k=64, mgpu_fwd_reverse=True,
+                                           mgpu_fwd_nab=True, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
