@@ -520,14 +520,19 @@ def mosaic_fwd6(results, deadline, n=4096):
     """Session 5: forward variants at N 4k against cuDNN and tokamax in the same process:
     compiled without automatic barriers and reduction scratch (`mgpu_fwd_nab`, which frees the
     2 KB that kept a 3-deep ring out of SMEM at D 128), the query tiles walked last-first
-    (`mgpu_fwd_reverse`, causal: longest tiles first). Real-lowering checks first."""
+    (`mgpu_fwd_reverse`, causal: longest tiles first), persistent CTAs (`mgpu_fwd_persistent`,
+    one per SM: one K/V ring across tiles, the next Q loaded during the epilogue).
+    Real-lowering checks first."""
+    sms = getattr(jax.devices()[0], "core_count", 132)
     nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
     rev = dict(fwd_impl="mosaic", mgpu_fwd_reverse=True)
+    pers = dict(fwd_impl="mosaic", mgpu_fwd_persistent=sms)
     s3 = dict(nab, mgpu_stages=3)
     checks = [(2, 1000, 8, 2, 128, True, None, dict(nab, mgpu_fwd_reverse=True)),
-              (1, 2048, 8, 1, 64, True, 300, dict(nab, mgpu_fwd_reverse=True)),
-              (1, 777, 4, 2, 128, False, None, s3),
-              (2, 1000, 4, 4, 64, False, None, nab)]
+              (1, 2048, 8, 1, 64, True, 300, dict(pers, mgpu_fwd_reverse=True)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, mgpu_fwd_nab=True)),
+              (2, 1000, 4, 4, 64, False, None, pers),
+              (1, 1500, 4, 2, 128, False, None, s3)]
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
         if time.time() > deadline:
@@ -539,15 +544,18 @@ def mosaic_fwd6(results, deadline, n=4096):
                                  dict(causal=causal, window=window), extra, err_chars=600)
     out = results.setdefault("fwd_sweep6", [])
     b = TOKENS // n
-    for d, causal in [(128, True), (64, True), (128, False), (64, False)]:
+    for d, causal in [(128, False), (128, True), (64, False), (64, True)]:
         q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
         flops = 4 * b * H * n * n * d / (2 if causal else 1)
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
-        variants = [("default", {}), ("nab", nab)]
-        variants += [("rev", rev), ("nab_rev", dict(nab, mgpu_fwd_reverse=True))] if causal \
-            else []
-        variants += [("nab_s3", s3)] if d == 128 else []
+        if causal:
+            variants = [("default", {}), ("rev", rev), ("nab", nab),
+                        ("pers_rev", dict(pers, mgpu_fwd_reverse=True))]
+        else:
+            variants = [("default", {}), ("pers", pers), ("nab", nab),
+                        ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
+            variants += [("nab_s3", s3)] if d == 128 else []
         fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
             q, k, v, causal=c, **cfg)) for name, cfg in variants]
         for v_name, fn in fns:

@@ -141,6 +141,9 @@ class FlashConfig:
     #                             cross-warp reduction scratch (row reductions stay in a warp)
     mgpu_fwd_reverse: bool = False  # Mosaic fwd: query tiles walked last-first (causal: the
     #                                 longest tiles start first, the short ones fill the tail)
+    mgpu_fwd_persistent: int = 0  # Mosaic fwd: that many persistent CTAs (e.g. the SM count)
+    #                               walk the tiles, one K/V ring across tiles, the next Q
+    #                               prefetched during the epilogue; 0: one CTA per tile
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -28,6 +28,7 @@ and unmasked in the middle. Inputs bf16 or f16, head_dim 64 or 128; lengths padd
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,23 +43,66 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
+class _FwdTile(NamedTuple):
+    """One query tile of a forward CTA: batch, head, first query row, KV block range, ring
+    steps taken before it."""
+    b: jax.Array
+    h: jax.Array
+    q0: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    c0: jax.Array
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
                     rep: int, stages: int, ping_pong: bool, gpu_path: bool):
     bq, bk = cfg.block_q, cfg.block_k
     nc = cfg.mgpu_fwd_wgs                                  # consumer warpgroups
     fold = cfg.mgpu_fold_scale
     overlap = cfg.mgpu_fwd_overlap
-    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
-    if cfg.mgpu_fwd_reverse:                               # longest (causal) tiles first
-        tile = (q_ref.shape[1] // (nc * bq) - 1) - tile
+    n_ctas = cfg.mgpu_fwd_persistent                      # 0: one CTA per tile
+    hq, n_tiles = q_ref.shape[2], q_ref.shape[1] // (nc * bq)
     wg = lax.axis_index("wg")
-    qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
+    qo_smem, k_smem, v_smem, lse_smem, p_smem, o_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
-    cta_q0 = tile * (nc * bq)
-    lo, _, _, hi = _kv_block_range(cta_q0, nc * bq, bk, cfg)  # blocks any row of the CTA sees
 
-    def step_slot(j):
-        return lax.rem(j - lo, jnp.int32(stages))
+    def tile_at(b, h, tile, c0):
+        """The CTA's work on one query tile: its KV block range [lo, hi) (blocks any of its
+        rows sees) and c0, the ring steps taken before it (persistent CTAs)."""
+        if cfg.mgpu_fwd_reverse:                           # longest (causal) tiles first
+            tile = (n_tiles - 1) - tile
+        q0 = tile * (nc * bq)
+        lo, _, _, hi = _kv_block_range(q0, nc * bq, bk, cfg)
+        return _FwdTile(b, h, q0, lo, hi, c0)
+
+    if n_ctas:
+        # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
+        # query tiles, then batch: the order of the one-CTA-per-tile grid).
+        sm = lax.axis_index("sm")
+        n_local = lax.div(q_ref.shape[0] * hq * n_tiles - sm + (n_ctas - 1), n_ctas)
+
+        def coords(i):
+            f = sm + i * n_ctas
+            r = lax.div(f, hq)
+            return lax.div(r, n_tiles), lax.rem(f, hq), lax.rem(r, n_tiles)
+
+    def for_tiles(fn):
+        """fn(t, i) on each tile of this CTA (i: its index in the CTA's list, None when one
+        CTA per tile); returns the ring steps taken in all."""
+        if not n_ctas:
+            t = tile_at(lax.axis_index("batch"), lax.axis_index("heads"),
+                        lax.axis_index("q_tile"), jnp.int32(0))
+            fn(t, None)
+            return t.hi - t.lo
+
+        def body(i, c0):
+            t = tile_at(*coords(i), c0)
+            fn(t, i)
+            return c0 + (t.hi - t.lo)
+        return lax.fori_loop(0, n_local, body, jnp.int32(0))
+
+    def step_slot(t, j):
+        return lax.rem(t.c0 + j - t.lo, jnp.int32(stages))
 
     def sync_schedule():
         if ping_pong:
@@ -103,17 +147,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         l = l * alpha + p.sum(axis=1)
         return p.astype(v_smem.dtype), m_new, l, alpha
 
-    def consumer_setup():
-        """Registers up, this warpgroup's Q in SMEM; returns (q0, w_lo, w_mid_lo, w_mid_hi, w_hi,
-        q_smem, m, l, acc): its rows, its KV block ranges inside the CTA's, the initial state."""
-        plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
-        q0 = cta_q0 + wg * bq
+    def load_q(t):
+        plgpu.copy_gmem_to_smem(q_ref.at[t.b, pl.ds(t.q0 + wg * bq, bq), t.h], qo_smem.at[wg],
+                                q_ready.at[wg])
+
+    def consumer_setup(t):
+        """This warpgroup's Q in SMEM (loaded here, or prefetched when persistent); returns
+        (q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc): its rows, its KV block ranges
+        inside the CTA's, the initial state."""
+        q0 = t.q0 + wg * bq
         w_lo, w_mid_lo, w_mid_hi, w_hi = _kv_block_range(q0, bq, bk, cfg)
-        w_lo, w_hi = jnp.maximum(w_lo, lo), jnp.minimum(w_hi, hi)
+        w_lo, w_hi = jnp.maximum(w_lo, t.lo), jnp.minimum(w_hi, t.hi)
         w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, w_lo), w_hi)
         w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), w_hi)
         q_smem = qo_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_ready.at[wg])
+        if not n_ctas:
+            load_q(t)
         plgpu.barrier_wait(q_ready.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row_layout)
@@ -122,20 +171,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                                 plgpu.Layout.WGMMA)
         return q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc
 
-    def finish(q0, q_smem, acc, m, l):
-        """o = acc / l and the base-2 lse (+inf for rows without visible keys) to HBM."""
+    def finish(t, q0, q_smem, acc, m, l):
+        """o = acc / l and the base-2 lse (+inf for rows without visible keys) to HBM (through
+        the Q buffer, or when persistent through an O buffer whose stores are awaited only
+        before its next use)."""
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
         acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem[...] = acc.astype(q_smem.dtype)
+        out_smem = o_smem.at[wg] if n_ctas else q_smem
+        if n_ctas:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's stores
+        out_smem[...] = acc.astype(out_smem.dtype)
         lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe) * LOG2E)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.copy_smem_to_gmem(out_smem, o_ref.at[t.b, pl.ds(q0, bq), t.h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[t.b, t.h, pl.ds(q0, bq)])
+        if not n_ctas:
+            plgpu.wait_smem_to_gmem(0)
 
-    def _consumer():
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
+    def prefetch_next_q(i):
+        """Persistent: the next tile's Q into this warpgroup's Q buffer (every wgmma that
+        read it was awaited), so that its load overlaps this tile's epilogue."""
+        if n_ctas:
+            pl.when(i + 1 < n_local)(lambda: load_q(tile_at(*coords(i + 1), 0)))
+
+    def _consumer(t, i):
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
         # Ping-pong: the schedule barrier takes one arrival per consumer and phase; consumer w
         # starts w phases late (2 consumers: FA3's alternation; 3: a staggered round).
         if ping_pong:
@@ -143,7 +204,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 pl.when(wg >= w)(sync_schedule)
 
         def skip(j, carry):
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             sync_schedule()
             plgpu.barrier_arrive(k_free.at[slot])
@@ -157,7 +218,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def visit(j, carry, masked):
             acc, m, l = carry
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
 
             s = qk_scores(slot, q_smem, sync_schedule)
@@ -188,25 +249,26 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             return acc, m_new, l
 
         carry = (acc, m, l)
-        carry = lax.fori_loop(lo, w_lo, skip, carry)
+        carry = lax.fori_loop(t.lo, w_lo, skip, carry)
         carry = lax.fori_loop(w_lo, w_mid_lo, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
-        acc, m, l = lax.fori_loop(w_hi, hi, skip, carry)
+        acc, m, l = lax.fori_loop(w_hi, t.hi, skip, carry)
         if ping_pong:                                      # balance the phases again
             for w in range(1, nc):
                 pl.when(wg < nc - w)(sync_schedule)
+        prefetch_next_q(i)
+        finish(t, q0, q_smem, acc, m, l)
 
-        finish(q0, q_smem, acc, m, l)
-
-    def _consumer_overlap():
+    def _consumer_overlap(t, i):
         """`mgpu_fwd_overlap` (FA3's intra-warpgroup overlap, two consumers): step j issues
         S_j = Q K_j^T and P_{j-1} V_{j-1} back to back (the latter into a fresh accumulator),
         computes the softmax of S_j while P_{j-1} V_{j-1} is on the tensor cores, then
         O = (O + P_{j-1} V_{j-1}) * alpha_j. With ping-pong the two warpgroups pass a token
         (one 1-arrival barrier each) around their GEMM issues, so the issues alternate. V_j is
         released one step later than K_j (the producer waits for K and V separately)."""
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
+        del i                                              # never persistent
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
         tok = schedule
         p0 = plgpu.layout_cast(jnp.zeros((bq, bk), v_smem.dtype), plgpu.Layout.WGMMA)
 
@@ -228,7 +290,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             return p_smem.at[wg]
 
         def skip(j, carry):
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             turn_begin()
@@ -239,7 +301,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def first(j, carry):                               # S only: no P V pending yet
             acc, m, l, _ = carry
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             turn_begin()
 
@@ -249,7 +311,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def visit(j, carry, masked):
             acc, m, l, p_prev = carry
-            slot, prev = step_slot(j), step_slot(j - 1)
+            slot, prev = step_slot(t, j), step_slot(t, j - 1)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[prev])
             turn_begin()
@@ -272,7 +334,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def last(j, carry):                                # P V of the last visited block
             acc, m, l, p_prev = carry
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(v_ready.at[slot])
             turn_begin()
             p_op = p_operand(p_prev)
@@ -294,50 +356,76 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         m_lo = jnp.minimum(jnp.maximum(w_mid_lo, v0), w_hi)
         m_hi = jnp.minimum(jnp.maximum(w_mid_hi, m_lo), w_hi)
         carry = (acc, m, l, p0)
-        carry = lax.fori_loop(lo, w_lo, skip, carry)
+        carry = lax.fori_loop(t.lo, w_lo, skip, carry)
         carry = lax.fori_loop(w_lo, v0, first, carry)     # 0 or 1 step
         carry = lax.fori_loop(v0, m_lo, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(m_lo, m_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(m_hi, w_hi, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(jnp.maximum(w_hi - 1, w_lo), w_hi, last, carry)
         carry = lax.fori_loop(jnp.int32(0), (w_hi <= w_lo).astype(jnp.int32), idle_turn, carry)
-        acc, m, l, _ = lax.fori_loop(w_hi, hi, skip, carry)
+        acc, m, l, _ = lax.fori_loop(w_hi, t.hi, skip, carry)
         if ping_pong:
             pl.when(wg == 0)(lambda: plgpu.barrier_wait(tok.at[0]))   # the last token
-        finish(q0, q_smem, acc, m, l)
+        finish(t, q0, q_smem, acc, m, l)
 
-    pl.when(wg < nc)(_consumer_overlap if overlap else _consumer)
+    @pl.when(wg < nc)
+    def _consumers():
+        plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
+        if n_ctas:                                         # the first tile's Q
+            pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0)))
+        for_tiles(_consumer_overlap if overlap else _consumer)
+        if n_ctas:
+            plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == nc)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[1], action="decrease")
-        g = lax.div(h, jnp.int32(rep))
 
-        def load(j, what=("k", "v")):
-            slot = step_slot(j)
-            at = (b, pl.ds(j * bk, bk), g)
-            if "k" in what:
-                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
-            if "v" in what:
-                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
+        def produce(t, i):
+            g = lax.div(t.h, jnp.int32(rep))
 
-        for i in range(stages):                            # fill the ring
-            pl.when(lo + i < hi)(functools.partial(load, lo + i))
+            def load(j, what=("k", "v")):
+                slot = step_slot(t, j)
+                at = (t.b, pl.ds(j * bk, bk), g)
+                if "k" in what:
+                    plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
+                if "v" in what:
+                    plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
 
-        @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
-        def _refill(j):
-            slot = step_slot(j)
-            plgpu.barrier_wait(k_free.at[slot])
-            if overlap:                   # K_j is released a step before V_j: load it first
-                load(j, "k")
-            plgpu.barrier_wait(v_free.at[slot])
-            load(j, "v" if overlap else ("k", "v"))
+            if n_ctas:
+                # One ring over all tiles of the CTA: ring step n waits for the consumers to
+                # free its slot from step n - stages (the next tile's first blocks load while
+                # the consumers finish this one).
+                @pl.loop(t.lo, t.hi)
+                def _step(j):
+                    slot = step_slot(t, j)
 
-        for i in range(stages):                            # drain: observe each slot's last use
-            @pl.when(lo + i < hi)
-            def _drain(i=i):
-                plgpu.barrier_wait(k_free.at[i])
-                plgpu.barrier_wait(v_free.at[i])
+                    @pl.when(t.c0 + j - t.lo >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+                    load(j)
+                return
+
+            lo, hi = t.lo, t.hi
+            for s_ in range(stages):                        # fill the ring
+                pl.when(lo + s_ < hi)(functools.partial(load, lo + s_))
+
+            @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
+            def _refill(j):
+                slot = step_slot(t, j)
+                plgpu.barrier_wait(k_free.at[slot])
+                if overlap:               # K_j is released a step before V_j: load it first
+                    load(j, "k")
+                plgpu.barrier_wait(v_free.at[slot])
+                load(j, "v" if overlap else ("k", "v"))
+
+        total = for_tiles(produce)
+        for s_ in range(stages):                           # drain: observe each slot's last use
+            @pl.when(s_ < total)
+            def _drain(s_=s_):
+                plgpu.barrier_wait(k_free.at[s_])
+                plgpu.barrier_wait(v_free.at[s_])
 
 
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
@@ -915,6 +1003,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     _check_inputs(q, "forward")
     if cfg.mgpu_fwd_overlap and nc != 2:
         raise ValueError("mgpu_fwd_overlap needs mgpu_fwd_wgs=2")
+    if cfg.mgpu_fwd_overlap and cfg.mgpu_fwd_persistent:
+        raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
         raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
                          f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
@@ -928,7 +1018,10 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((nc, bq), jnp.float32),
             # P staging for interpret mode only (the GPU path keeps P in registers).
-            None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles))
+            None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles),
+            # persistent CTAs: an O buffer, so that the next tile's Q loads during the epilogue
+            None if not cfg.mgpu_fwd_persistent else plgpu.SMEM((nc, bq, d), q.dtype,
+                                                                 transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=nc),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
@@ -942,14 +1035,17 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
-        **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b),
+        **(dict(grid=(cfg.mgpu_fwd_persistent,), grid_names=("sm",))
+           if cfg.mgpu_fwd_persistent else
+           _grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b)),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
                      f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
                      f"{'_ov' if cfg.mgpu_fwd_overlap else ''}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
                      f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
-                     f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"),
+                     f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
+                     f"{f'_p{cfg.mgpu_fwd_persistent}' if cfg.mgpu_fwd_persistent else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

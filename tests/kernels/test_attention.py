@@ -473,3 +473,24 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
                                            mgpu_fwd_nab=True, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("b,lq,lk,causal,window,extra", [
+    (2, 300, 300, False, None, dict(block_q=64, block_k=64)),
+    (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
+    pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
+                                                mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
+                                                mgpu_ping_pong=False), marks=SLOW),
+])
+def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
+    """mgpu_fwd_persistent: 3 CTAs walk all (batch, head, query tile) tiles (more tiles than
+    CTAs, uneven counts per CTA), one K/V ring across tiles, the next Q prefetched during the
+    epilogue, O through its own buffer; ragged lengths, Lq != Lk, GQA; interpret mode."""
+    q, k, v, do = _inputs(26, b, lq, lk, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fwd_persistent=3, **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
