@@ -517,7 +517,7 @@ def f32_and_anchor_checks(results):
 
 
 def mosaic_fwd6(results, deadline, n=4096):
-    """Session 5: forward variants at N 4k against cuDNN and tokamax in the same process:
+    """Session 5: forward variants at N 4k (then 1k) against cuDNN and tokamax in the same process:
     compiled without automatic barriers and reduction scratch (`mgpu_fwd_nab`, which frees the
     2 KB that kept a 3-deep ring out of SMEM at D 128), the query tiles walked last-first
     (`mgpu_fwd_reverse`, causal: longest tiles first), persistent CTAs (`mgpu_fwd_persistent`,
@@ -543,8 +543,10 @@ def mosaic_fwd6(results, deadline, n=4096):
         _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
                                  dict(causal=causal, window=window), extra, err_chars=600)
     out = results.setdefault("fwd_sweep6", [])
-    b = TOKENS // n
-    for d, causal in [(128, False), (128, True), (64, False), (64, True)]:
+    cells = [(128, False, n), (128, True, n), (64, False, n), (64, True, n),
+             (128, False, 1024), (64, True, 1024), (64, False, 1024), (128, True, 1024)]
+    for d, causal, n in cells:
+        b = TOKENS // n
         q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
         flops = 4 * b * H * n * n * d / (2 if causal else 1)
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
