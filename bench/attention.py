@@ -521,14 +521,20 @@ def mosaic_fwd6(results, deadline, n=4096):
     compiled without automatic barriers and reduction scratch (`mgpu_fwd_nab`, which frees the
     2 KB that kept a 3-deep ring out of SMEM at D 128), the query tiles walked last-first
     (`mgpu_fwd_reverse`, causal: longest tiles first), persistent CTAs (`mgpu_fwd_persistent`,
-    one per SM: one K/V ring across tiles, the next Q loaded during the epilogue).
+    one per SM: one K/V ring across tiles, the next Q loaded during the epilogue), FA3's
+    ping-pong on two named barriers (`mgpu_fwd_fa3_sched`).
     Real-lowering checks first."""
     sms = getattr(jax.devices()[0], "core_count", 132)
     nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
     rev = dict(fwd_impl="mosaic", mgpu_fwd_reverse=True)
     pers = dict(fwd_impl="mosaic", mgpu_fwd_persistent=sms)
     s3 = dict(nab, mgpu_stages=3)
-    checks = [(2, 1000, 8, 2, 128, True, None, dict(nab, mgpu_fwd_reverse=True)),
+    fa3 = dict(fwd_impl="mosaic", mgpu_fwd_fa3_sched=True)
+    fa3_64 = dict(fa3, block_q=64, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True)
+    checks = [(2, 1000, 8, 2, 128, True, None, dict(fa3, mgpu_fwd_reverse=True)),
+              (1, 2048, 8, 1, 64, True, 300, fa3),
+              (1, 777, 4, 2, 128, False, None, dict(fa3, mgpu_fwd_persistent=sms)),
+              (2, 1000, 8, 2, 128, True, None, dict(nab, mgpu_fwd_reverse=True)),
               (1, 2048, 8, 1, 64, True, 300, dict(pers, mgpu_fwd_reverse=True)),
               (1, 777, 4, 2, 128, False, None, dict(pers, mgpu_fwd_nab=True)),
               (2, 1000, 4, 4, 64, False, None, pers),
@@ -552,11 +558,13 @@ def mosaic_fwd6(results, deadline, n=4096):
         fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=c, implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
         if causal:
-            variants = [("default", {}), ("rev", rev), ("nab", nab),
+            variants = [("default", {}), ("rev", rev), ("fa3", fa3),
+                        ("fa3_rev", dict(fa3, mgpu_fwd_reverse=True)), ("nab", nab),
                         ("pers_rev", dict(pers, mgpu_fwd_reverse=True))]
         else:
-            variants = [("default", {}), ("pers", pers), ("nab", nab),
-                        ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
+            variants = [("default", {}), ("pers", pers), ("fa3", fa3 if d == 128 else fa3_64),
+                        ("pers_fa3", dict(pers, **(fa3 if d == 128 else fa3_64))),
+                        ("nab", nab), ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
             variants += [("nab_s3", s3)] if d == 128 else []
         fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
             q, k, v, causal=c, **cfg)) for name, cfg in variants]

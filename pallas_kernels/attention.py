@@ -144,6 +144,8 @@ class FlashConfig:
     mgpu_fwd_persistent: int = 0  # Mosaic fwd: that many persistent CTAs (e.g. the SM count)
     #                               walk the tiles, one K/V ring across tiles, the next Q
     #                               prefetched during the epilogue; 0: one CTA per tile
+    mgpu_fwd_fa3_sched: bool = False  # Mosaic fwd, 2 consumers: FA3's ping-pong on two named
+    #                                   barriers (S issue lets the other go; sync before P V)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common
@@ -41,6 +42,17 @@ from pallas_kernels import attention as _attn
 from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_range
 
 _q_block_range = _attn._q_block_range
+
+
+_FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
+
+
+def _named_barrier(op: str, barrier_id: int, num_threads: int):
+    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier."""
+    @plgpu.inline_mgpu()
+    def bar(_):
+        mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};", has_side_effects=True)
+    bar()
 
 
 class _FwdTile(NamedTuple):
@@ -195,24 +207,76 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         if n_ctas:
             pl.when(i + 1 < n_local)(lambda: load_q(tile_at(*coords(i + 1), 0)))
 
-    def _consumer(t, i):
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
-        # Ping-pong: the schedule barrier takes one arrival per consumer and phase; consumer w
-        # starts w phases late (2 consumers: FA3's alternation; 3: a staggered round).
-        if ping_pong:
+    # The ping-pong protocols. Default: one `schedule` mbarrier with an arrival per consumer
+    # and phase, consumer w starting w phases late; each step meets after its S issue, arrives
+    # after its softmax and waits before its P V (2 consumers: FA3's alternation; 3: a
+    # staggered round). `mgpu_fwd_fa3_sched` (2 consumers): FA3's pair of named barriers, one
+    # per consumer: after issuing S a consumer lets the other one go on (arrive on the other's
+    # barrier), before issuing P V it waits for the other's S issue (sync on its own): the GEMM
+    # issues alternate, and no consumer waits for the other's softmax. On the GPU these are
+    # hardware named barriers (`bar.arrive` / `bar.sync`, ids 8 and 9 of 16: Mosaic uses 0 and
+    # 1 + warpgroup); interpret mode has no inline PTX and uses two 2-arrival mbarriers.
+    fa3 = cfg.mgpu_fwd_fa3_sched and ping_pong
+
+    def named_bar(op, which):
+        for w in range(2):
+            pl.when(which == w)(functools.partial(_named_barrier, op, _FA3_BAR0 + w, 256))
+
+    def fa3_arrive_other():
+        if gpu_path:
+            named_bar("arrive", 1 - wg)
+        else:
+            plgpu.barrier_arrive(schedule.at[1 - wg])
+
+    def fa3_sync_own():
+        if gpu_path:
+            named_bar("sync", wg)
+        else:
+            plgpu.barrier_arrive(schedule.at[wg])
+            plgpu.barrier_wait(schedule.at[wg])
+
+    def sched_tile_start():
+        if fa3:
+            pl.when(wg == 1)(fa3_sync_own)
+        elif ping_pong:
             for w in range(1, nc):
                 pl.when(wg >= w)(sync_schedule)
+
+    def sched_after_s():
+        if fa3:
+            fa3_arrive_other()
+        else:
+            sync_schedule()
+
+    def sched_after_softmax():
+        if ping_pong and not fa3:
+            plgpu.barrier_arrive(schedule)                 # softmax done
+
+    def sched_before_pv():
+        if fa3:
+            fa3_sync_own()
+        elif ping_pong:
+            plgpu.barrier_wait(schedule)                   # the tensor cores are ours again
+
+    def sched_tile_end():                                  # balance the phases again
+        if fa3:
+            pl.when(wg == 0)(fa3_arrive_other)
+        elif ping_pong:
+            for w in range(1, nc):
+                pl.when(wg < nc - w)(sync_schedule)
+
+    def _consumer(t, i):
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
+        sched_tile_start()
 
         def skip(j, carry):
             slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
-            sync_schedule()
+            sched_after_s()
             plgpu.barrier_arrive(k_free.at[slot])
-            if ping_pong:
-                plgpu.barrier_arrive(schedule)
+            sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
-            if ping_pong:
-                plgpu.barrier_wait(schedule)
+            sched_before_pv()
             plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
@@ -221,16 +285,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
 
-            s = qk_scores(slot, q_smem, sync_schedule)
+            s = qk_scores(slot, q_smem, sched_after_s)
             p_lo, m_new, l, alpha = softmax(s, m, l, j, q0, masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
                 acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
-            if ping_pong:
-                plgpu.barrier_arrive(schedule)             # softmax done
+            sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
-            if ping_pong:
-                plgpu.barrier_wait(schedule)               # the tensor cores are ours again
+            sched_before_pv()
 
             if gpu_path:                                   # P from registers, O in place
                 def pv(acc_ref):
@@ -254,9 +316,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
         acc, m, l = lax.fori_loop(w_hi, t.hi, skip, carry)
-        if ping_pong:                                      # balance the phases again
-            for w in range(1, nc):
-                pl.when(wg < nc - w)(sync_schedule)
+        sched_tile_end()
         prefetch_next_q(i)
         finish(t, q0, q_smem, acc, m, l)
 
@@ -1005,6 +1065,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         raise ValueError("mgpu_fwd_overlap needs mgpu_fwd_wgs=2")
     if cfg.mgpu_fwd_overlap and cfg.mgpu_fwd_persistent:
         raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
+    if cfg.mgpu_fwd_fa3_sched and (nc != 2 or cfg.mgpu_fwd_overlap):
+        raise ValueError("mgpu_fwd_fa3_sched needs mgpu_fwd_wgs=2 without mgpu_fwd_overlap")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
         raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
                          f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
@@ -1026,8 +1088,10 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                 plgpu.Barrier(num_barriers=nc),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
-                # ping-pong: a rendezvous of the consumers, or (overlap) one token each
+                # ping-pong: a rendezvous of the consumers, (overlap) one token each, or
+                # (fa3_sched, interpret mode) one 2-arrival barrier per consumer
                 plgpu.Barrier(num_barriers=2) if cfg.mgpu_fwd_overlap
+                else plgpu.Barrier(num_arrivals=2, num_barriers=2) if cfg.mgpu_fwd_fa3_sched
                 else plgpu.Barrier(num_arrivals=nc))
     o, lse = _warp_specialized(
         functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
@@ -1045,7 +1109,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
                      f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
                      f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
-                     f"{f'_p{cfg.mgpu_fwd_persistent}' if cfg.mgpu_fwd_persistent else ''}"),
+                     f"{f'_p{cfg.mgpu_fwd_persistent}' if cfg.mgpu_fwd_persistent else ''}"
+                     f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

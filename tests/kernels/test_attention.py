@@ -494,3 +494,22 @@ def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
                                            mgpu_fwd_persistent=3, **extra, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("lq,lk,causal,window,extra", [
+    (300, 300, True, 40, dict(block_q=64, block_k=64)),
+    pytest.param(200, 330, False, None, dict(block_q=64, block_k=128, mgpu_fwd_persistent=3),
+                 marks=SLOW),
+])
+def test_mosaic_gpu_forward_fa3_schedule(lq, lk, causal, window, extra):
+    """mgpu_fwd_fa3_sched: FA3's ping-pong on one barrier per consumer (interpret mode: two
+    2-arrival mbarriers standing in for the GPU's named barriers), with the skipped steps of
+    a causal window (each consumer's own range inside the CTA's), persistent CTAs."""
+    q, k, v, do = _inputs(27, 1, lq, lk, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fwd_fa3_sched=True, **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
