@@ -516,14 +516,15 @@ def f32_and_anchor_checks(results):
                                                      segment_ids=None))
 
 
-def mosaic_fwd6(results, deadline, n=4096):
+def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
     """Session 5: forward variants at N 4k (then 1k) against cuDNN and tokamax in the same process:
     compiled without automatic barriers and reduction scratch (`mgpu_fwd_nab`, which frees the
     2 KB that kept a 3-deep ring out of SMEM at D 128), the query tiles walked last-first
     (`mgpu_fwd_reverse`, causal: longest tiles first), persistent CTAs (`mgpu_fwd_persistent`,
     one per SM: one K/V ring across tiles, the next Q loaded during the epilogue), FA3's
     ping-pong on two named barriers (`mgpu_fwd_fa3_sched`).
-    Real-lowering checks first."""
+    Real-lowering checks first. `fa3_only`: the fa3 checks and cells alone (own process: a
+    named-barrier protocol could hang), else everything but them."""
     sms = getattr(jax.devices()[0], "core_count", 132)
     nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
     rev = dict(fwd_impl="mosaic", mgpu_fwd_reverse=True)
@@ -543,6 +544,8 @@ def mosaic_fwd6(results, deadline, n=4096):
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
         if time.time() > deadline:
             break
+        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
+            continue
         q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=310 + i)
         row = dict(case=f"fwd6 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
                         f"window={window}")
@@ -566,6 +569,12 @@ def mosaic_fwd6(results, deadline, n=4096):
                         ("pers_fa3", dict(pers, **(fa3 if d == 128 else fa3_64))),
                         ("nab", nab), ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
             variants += [("nab_s3", s3)] if d == 128 else []
+        if fa3_only:
+            fns = fns[:1] + [("default", None)]
+            fns[1] = (fns[1][0], lambda q, k, v, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c))
+        variants = [(name, cfg) for name, cfg in variants
+                    if bool(cfg.get("mgpu_fwd_fa3_sched")) == fa3_only]
         fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
             q, k, v, causal=c, **cfg)) for name, cfg in variants]
         for v_name, fn in fns:
@@ -1081,6 +1090,7 @@ def main():
                                            modes=tuple(args.modes.split(","))),
              "f32chk": lambda dl: f32_and_anchor_checks(results),
              "mfwd6": lambda dl: mosaic_fwd6(results, dl),
+             "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
