@@ -525,7 +525,7 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
     ping-pong on two named barriers (`mgpu_fwd_fa3_sched`).
     Real-lowering checks first. `fa3_only`: the fa3 checks and cells alone (own process: a
     named-barrier protocol could hang), else everything but them."""
-    sms = getattr(jax.devices()[0], "core_count", 132)
+    sms = -1                                               # one persistent CTA per SM
     nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
     rev = dict(fwd_impl="mosaic", mgpu_fwd_reverse=True)
     pers = dict(fwd_impl="mosaic", mgpu_fwd_persistent=sms)

@@ -141,7 +141,7 @@ class FlashConfig:
     #                             cross-warp reduction scratch (row reductions stay in a warp)
     mgpu_fwd_reverse: bool = False  # Mosaic fwd: query tiles walked last-first (causal: the
     #                                 longest tiles start first, the short ones fill the tail)
-    mgpu_fwd_persistent: int = 0  # Mosaic fwd: that many persistent CTAs (e.g. the SM count)
+    mgpu_fwd_persistent: int = 0  # Mosaic fwd: that many persistent CTAs (-1: one per SM)
     #                               walk the tiles, one K/V ring across tiles, the next Q
     #                               prefetched during the epilogue; 0: one CTA per tile
     mgpu_fwd_fa3_sched: bool = False  # Mosaic fwd, 2 consumers: FA3's ping-pong on two named

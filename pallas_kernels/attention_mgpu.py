@@ -67,12 +67,12 @@ class _FwdTile(NamedTuple):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
-                    rep: int, stages: int, ping_pong: bool, gpu_path: bool):
+                    rep: int, stages: int, ping_pong: bool, gpu_path: bool, n_ctas: int):
     bq, bk = cfg.block_q, cfg.block_k
     nc = cfg.mgpu_fwd_wgs                                  # consumer warpgroups
     fold = cfg.mgpu_fold_scale
     overlap = cfg.mgpu_fwd_overlap
-    n_ctas = cfg.mgpu_fwd_persistent                      # 0: one CTA per tile
+    # n_ctas: persistent CTAs (mgpu_fwd_persistent resolved), 0: one CTA per tile
     hq, n_tiles = q_ref.shape[2], q_ref.shape[1] // (nc * bq)
     wg = lax.axis_index("wg")
     qo_smem, k_smem, v_smem, lse_smem, p_smem, o_smem = smem
@@ -1063,7 +1063,10 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     _check_inputs(q, "forward")
     if cfg.mgpu_fwd_overlap and nc != 2:
         raise ValueError("mgpu_fwd_overlap needs mgpu_fwd_wgs=2")
-    if cfg.mgpu_fwd_overlap and cfg.mgpu_fwd_persistent:
+    n_ctas = cfg.mgpu_fwd_persistent
+    if n_ctas < 0:                                         # one persistent CTA per SM
+        n_ctas = 3 if interpret else jax.devices()[0].core_count
+    if cfg.mgpu_fwd_overlap and n_ctas:
         raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
     if cfg.mgpu_fwd_fa3_sched and (nc != 2 or cfg.mgpu_fwd_overlap):
         raise ValueError("mgpu_fwd_fa3_sched needs mgpu_fwd_wgs=2 without mgpu_fwd_overlap")
@@ -1073,6 +1076,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     qp = _common.pad_axis(q, 1, nc * bq)
     kp, vp = _common.pad_axis(k, 1, bk), _common.pad_axis(v, 1, bk)
     lq_pad = qp.shape[1]
+    n_ctas = min(n_ctas, b * hq * (lq_pad // (nc * bq)))  # no idle persistent CTAs
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     smem = (plgpu.SMEM((nc, bq, d), q.dtype, transforms=tiles),
@@ -1082,7 +1086,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
             # P staging for interpret mode only (the GPU path keeps P in registers).
             None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles),
             # persistent CTAs: an O buffer, so that the next tile's Q loads during the epilogue
-            None if not cfg.mgpu_fwd_persistent else plgpu.SMEM((nc, bq, d), q.dtype,
+            None if not n_ctas else plgpu.SMEM((nc, bq, d), q.dtype,
                                                                  transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=nc),
@@ -1095,12 +1099,11 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                 else plgpu.Barrier(num_arrivals=nc))
     o, lse = _warp_specialized(
         functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
-                          ping_pong=ping_pong, gpu_path=not interpret),
+                          ping_pong=ping_pong, gpu_path=not interpret, n_ctas=n_ctas),
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
-        **(dict(grid=(cfg.mgpu_fwd_persistent,), grid_names=("sm",))
-           if cfg.mgpu_fwd_persistent else
+        **(dict(grid=(n_ctas,), grid_names=("sm",)) if n_ctas else
            _grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b)),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
@@ -1109,7 +1112,7 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
                      f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
                      f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
-                     f"{f'_p{cfg.mgpu_fwd_persistent}' if cfg.mgpu_fwd_persistent else ''}"
+                     f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and

@@ -483,15 +483,16 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
                                                 mgpu_ping_pong=False), marks=SLOW),
 ])
 def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
-    """mgpu_fwd_persistent: 3 CTAs walk all (batch, head, query tile) tiles (more tiles than
-    CTAs, uneven counts per CTA), one K/V ring across tiles, the next Q prefetched during the
-    epilogue, O through its own buffer; ragged lengths, Lq != Lk, GQA; interpret mode."""
+    """mgpu_fwd_persistent=-1 (3 CTAs in interpret mode, one per SM on the GPU) walk all
+    (batch, head, query tile) tiles (more tiles than CTAs, uneven counts per CTA), one K/V
+    ring across tiles, the next Q prefetched during the epilogue, O through its own buffer;
+    ragged lengths, Lq != Lk, GQA; interpret mode."""
     q, k, v, do = _inputs(26, b, lq, lk, 4, 2, 64, jnp.bfloat16)
     kw = dict(causal=causal, window=window)
 
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
-                                           mgpu_fwd_persistent=3, **extra, **kw)
+                                           mgpu_fwd_persistent=-1, **extra, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
