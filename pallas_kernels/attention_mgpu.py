@@ -261,6 +261,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     def sched_tile_end():                                  # balance the phases again
         if fa3:
             pl.when(wg == 0)(fa3_arrive_other)
+            if n_ctas:
+                # Persistent: consumer 0 would otherwise run into the next tile and arrive on
+                # consumer 1's barrier again before consumer 1 synced on the last arrival (two
+                # arrivals of one consumer complete a named barrier's phase on their own):
+                # consumer 0 waits here until consumer 1 is past its last sync.
+                pl.when(wg == 1)(fa3_arrive_other)
+                pl.when(wg == 0)(fa3_sync_own)
         elif ping_pong:
             for w in range(1, nc):
                 pl.when(wg < nc - w)(sync_schedule)
