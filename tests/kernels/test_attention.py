@@ -459,7 +459,8 @@ def test_f32_inputs_get_tiles_that_fit_shared_memory(monkeypatch):
     assert (bf16.block_k, bf16.num_stages) == (128, 3)
 
 
-@pytest.mark.parametrize("lq,lk,window", [(300, 300, None), (200, 330, 40)])
+@pytest.mark.parametrize("lq,lk,window", [(300, 300, None),
+                                          pytest.param(200, 330, 40, marks=SLOW)])
 def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     """mgpu_fwd_reverse: CTA t computes query tile n_tiles - 1 - t (causal: the longest tiles
     start first); every tile is still written once (ragged lengths, Lq != Lk, GQA, window),
@@ -498,7 +499,7 @@ def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
 
 
 @pytest.mark.parametrize("lq,lk,causal,window,extra", [
-    (300, 300, True, 40, dict(block_q=64, block_k=64)),
+    pytest.param(300, 300, True, 40, dict(block_q=64, block_k=64), marks=SLOW),  # opt-in
     pytest.param(200, 330, False, None, dict(block_q=64, block_k=128, mgpu_fwd_persistent=3),
                  marks=SLOW),
 ])
