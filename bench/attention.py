@@ -539,7 +539,8 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
               (1, 2048, 8, 1, 64, True, 300, dict(pers, mgpu_fwd_reverse=True)),
               (1, 777, 4, 2, 128, False, None, dict(pers, mgpu_fwd_nab=True)),
               (2, 1000, 4, 4, 64, False, None, pers),
-              (1, 1500, 4, 2, 128, False, None, s3)]
+              (1, 1500, 4, 2, 128, False, None, s3),
+              (2, 1000, 4, 2, 64, False, None, dict(pers, mgpu_fwd_skip_pad=True))]
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
         if time.time() > deadline:
@@ -568,7 +569,9 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
             variants = [("default", {}), ("pers", pers), ("fa3", fa3 if d == 128 else fa3_64),
                         ("pers_fa3", dict(pers, **(fa3 if d == 128 else fa3_64))),
                         ("nab", nab), ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
-            variants += [("nab_s3", s3)] if d == 128 else []
+            variants += [("nab_s3", s3)] if d == 128 else [
+                ("skip_pad", dict(fwd_impl="mosaic", mgpu_fwd_skip_pad=True)),
+                ("pers_skip_pad", dict(pers, mgpu_fwd_skip_pad=True))]
         if fa3_only:
             fns = fns[:1] + [("default", None)]
             fns[1] = (fns[1][0], lambda q, k, v, c=causal: attn.flash_attention_kernel(

@@ -146,6 +146,8 @@ class FlashConfig:
     #                               prefetched during the epilogue; 0: one CTA per tile
     mgpu_fwd_fa3_sched: bool = False  # Mosaic fwd, 2 consumers: FA3's ping-pong on two named
     #                                   barriers (S issue lets the other go; sync before P V)
+    mgpu_fwd_skip_pad: bool = False  # Mosaic fwd: warpgroups whose rows are all length padding
+    #                                  only wait/release their steps (no wgmma, no softmax)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

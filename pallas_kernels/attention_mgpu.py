@@ -172,6 +172,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         w_lo, w_hi = jnp.maximum(w_lo, t.lo), jnp.minimum(w_hi, t.hi)
         w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, w_lo), w_hi)
         w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), w_hi)
+        if cfg.mgpu_fwd_skip_pad:
+            # Rows that are all length padding (e.g. 1024 rows in 192-row CTAs: 1152) do no
+            # work: every step of the CTA's range is a skip step for this warpgroup.
+            pad = q0 >= cfg.lq
+            w_mid_lo, w_mid_hi, w_hi = (jnp.where(pad, w_lo, x) for x in (w_mid_lo, w_mid_hi,
+                                                                          w_hi))
         q_smem = qo_smem.at[wg]
         if not n_ctas:
             load_q(t)
@@ -1120,7 +1126,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
                      f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
                      f"{f'_p{n_ctas}' if n_ctas else ''}"
-                     f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"),
+                     f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"
+                     f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

@@ -482,6 +482,10 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
                                                 mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
                                                 mgpu_ping_pong=False), marks=SLOW),
+    # 200 rows in 192-row CTAs: the second tile's warpgroups 1 and 2 are all padding
+    (1, 200, 200, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
+                                    mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
+                                    mgpu_fwd_skip_pad=True)),
 ])
 def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
     """mgpu_fwd_persistent=-1 (3 CTAs in interpret mode, one per SM on the GPU) walk all
