@@ -540,7 +540,8 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
               (1, 777, 4, 2, 128, False, None, dict(pers, mgpu_fwd_nab=True)),
               (2, 1000, 4, 4, 64, False, None, pers),
               (1, 1500, 4, 2, 128, False, None, s3),
-              (2, 1000, 4, 2, 64, False, None, dict(pers, mgpu_fwd_skip_pad=True))]
+              (2, 1000, 4, 2, 64, False, None, dict(pers, mgpu_fwd_skip_pad=True)),
+              (2, 1000, 8, 2, 128, True, None, dict(nab, block_k=192))]
     rows = results.setdefault("correctness", [])
     for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
         if time.time() > deadline:
@@ -565,11 +566,13 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
             variants = [("default", {}), ("rev", rev), ("fa3", fa3),
                         ("fa3_rev", dict(fa3, mgpu_fwd_reverse=True)), ("nab", nab),
                         ("pers_rev", dict(pers, mgpu_fwd_reverse=True))]
+            variants += [("nab_bk192", dict(nab, block_k=192))] if d == 128 else []
         else:
             variants = [("default", {}), ("pers", pers), ("fa3", fa3 if d == 128 else fa3_64),
                         ("pers_fa3", dict(pers, **(fa3 if d == 128 else fa3_64))),
                         ("nab", nab), ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
-            variants += [("nab_s3", s3)] if d == 128 else [
+            variants += [("nab_s3", s3), ("nab_bk192", dict(nab, block_k=192))] if d == 128 \
+                else [
                 ("skip_pad", dict(fwd_impl="mosaic", mgpu_fwd_skip_pad=True)),
                 ("pers_skip_pad", dict(pers, mgpu_fwd_skip_pad=True))]
         if fa3_only:
