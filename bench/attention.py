@@ -555,7 +555,7 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
                                  dict(causal=causal, window=window), extra, err_chars=600)
     out = results.setdefault("fwd_sweep6", [])
     cells = [(128, False, n), (128, True, n), (64, False, n), (64, True, n),
-             (128, False, 1024), (64, True, 1024), (64, False, 1024), (128, True, 1024)]
+             (64, False, 1024), (128, False, 1024), (64, True, 1024), (128, True, 1024)]
     for d, causal, n in cells:
         b = TOKENS // n
         q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
