@@ -590,6 +590,69 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
             _timed(row, deadline, flops, "fwd_sweep6", out, jax.jit(fn), q, k, v)
 
 
+WG2_64 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40),
+              mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
+
+
+def mosaic_fwd7(results, deadline, fa3_only=False):
+    """Session 5, call 2: candidate forward defaults per (D, causal) cell at 4k, 16k and 1k,
+    against cuDNN and tokamax in the same process (the default timed again at the end of the
+    4k cells: the run-to-run spread). `fa3_only`: the named-barrier (FA3) candidates alone, in
+    their own process."""
+    nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
+    pers = dict(nab, mgpu_fwd_persistent=-1)
+    rev = dict(nab, mgpu_fwd_reverse=True)
+    fa3 = dict(mgpu_fwd_fa3_sched=True)
+    cells = {
+        (64, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3)),
+                     ("tk_like", dict(rev, **fa3, mgpu_fold_scale=True, mgpu_stages=2))],
+        (128, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3))],
+        (64, False): [("pers_nab_sp", dict(pers, mgpu_fwd_skip_pad=True)),
+                      ("wg2_pers_nab", dict(pers, **WG2_64)),
+                      ("wg2_fa3_pers_nab", dict(pers, **WG2_64, **fa3))],
+        (128, False): [("pers_nab", pers), ("fa3_pers_nab", dict(pers, **fa3))],
+    }
+    checks = [(2, 1000, 4, 2, 64, False, None, dict(pers, **WG2_64)),
+              (1, 2048, 8, 1, 64, True, 300, rev),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **fa3)),
+              (1, 2048, 8, 1, 64, True, 300, dict(rev, **fa3, mgpu_fold_scale=True,
+                                                  mgpu_stages=2)),
+              (2, 1000, 4, 2, 64, False, None, dict(pers, **WG2_64, **fa3)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, **fa3))]
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
+        if time.time() > deadline:
+            break
+        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
+            continue
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=330 + i)
+        row = dict(case=f"fwd7 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                 dict(causal=causal, window=window), extra, err_chars=600)
+    out = results.setdefault("fwd_sweep7", [])
+    for (d, causal), variants in cells.items():
+        variants = [(nm, cfg) for nm, cfg in variants
+                    if bool(cfg.get("mgpu_fwd_fa3_sched")) == fa3_only]
+        for n in (4096, 16384, 1024):
+            b = TOKENS // n
+            q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+            flops = 4 * b * H * n * n * d / (2 if causal else 1)
+            fns = [] if fa3_only else [
+                ("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=c, implementation="cudnn")),
+                ("tokamax", _tokamax_fn(causal))]
+            fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c, **cfg)) for nm, cfg in [("default", {})] + variants]
+            if n == 4096 and not fa3_only:
+                fns.append(("default_again", fns[2][1]))
+            for v_name, fn in fns:
+                if fn is None:
+                    continue
+                row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+                _timed(row, deadline, flops, "fwd_sweep7", out, jax.jit(fn), q, k, v)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -1097,6 +1160,8 @@ def main():
              "f32chk": lambda dl: f32_and_anchor_checks(results),
              "mfwd6": lambda dl: mosaic_fwd6(results, dl),
              "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
+             "mfwd7": lambda dl: mosaic_fwd7(results, dl),
+             "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
