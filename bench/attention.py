@@ -605,8 +605,10 @@ def mosaic_fwd7(results, deadline, fa3_only=False):
     fa3 = dict(mgpu_fwd_fa3_sched=True)
     cells = {
         (64, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3)),
-                     ("tk_like", dict(rev, **fa3, mgpu_fold_scale=True, mgpu_stages=2))],
-        (128, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3))],
+                     ("tk_like", dict(rev, **fa3, mgpu_fold_scale=True, mgpu_stages=2)),
+                     ("nab_rev_kw", dict(rev, mgpu_fwd_early_kwait=True))],
+        (128, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3)),
+                      ("nab_rev_kw", dict(rev, mgpu_fwd_early_kwait=True))],
         (64, False): [("pers_nab_sp", dict(pers, mgpu_fwd_skip_pad=True)),
                       ("wg2_pers_nab", dict(pers, **WG2_64)),
                       ("wg2_fa3_pers_nab", dict(pers, **WG2_64, **fa3))],

@@ -148,6 +148,8 @@ class FlashConfig:
     #                                   barriers (S issue lets the other go; sync before P V)
     mgpu_fwd_skip_pad: bool = False  # Mosaic fwd: warpgroups whose rows are all length padding
     #                                  only wait/release their steps (no wgmma, no softmax)
+    mgpu_fwd_early_kwait: bool = False  # Mosaic fwd: the next K awaited while P V runs (not
+    #                                     at the start of the next step)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -293,10 +293,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
+        early = cfg.mgpu_fwd_early_kwait
+
+        def next_k(j):
+            """mgpu_fwd_early_kwait: K of this warpgroup's next visited step is awaited while
+            this step's P V is on the tensor cores (the first one before the first visit).
+            Returns the waiting function; its condition and slot are computed here, outside
+            the wgmma's run_state (a constant closed over there fails to lower)."""
+            more, nxt = j + 1 < w_hi, step_slot(t, j + 1)
+            return lambda: pl.when(more)(lambda: plgpu.barrier_wait(k_ready.at[nxt]))
+
         def visit(j, carry, masked):
             acc, m, l = carry
             slot = step_slot(t, j)
-            plgpu.barrier_wait(k_ready.at[slot])
+            if not early:
+                plgpu.barrier_wait(k_ready.at[slot])
 
             s = qk_scores(slot, q_smem, sched_after_s)
             p_lo, m_new, l, alpha = softmax(s, m, l, j, q0, masked)
@@ -307,9 +318,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_wait(v_ready.at[slot])
             sched_before_pv()
 
+            wait_next_k = next_k(j) if early else None
             if gpu_path:                                   # P from registers, O in place
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+                    if early:
+                        wait_next_k()
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             else:
                 # GPU interpret mode has no run_state and reads wgmma operands from SMEM only.
@@ -320,11 +334,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                     plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot])
                     return pv_ref[...]
                 acc = acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+                if early:
+                    wait_next_k()
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
         carry = (acc, m, l)
         carry = lax.fori_loop(t.lo, w_lo, skip, carry)
+        if early:
+            pl.when(w_lo < w_hi)(lambda: plgpu.barrier_wait(k_ready.at[step_slot(t, w_lo)]))
         carry = lax.fori_loop(w_lo, w_mid_lo, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
@@ -1127,7 +1145,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
                      f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"
-                     f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"),
+                     f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"
+                     f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last
