@@ -722,6 +722,11 @@ MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                      (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
 
 
+# Mosaic GPU forward options for short queries, per (head dim, causal): ((max_lq, options), ...);
+# the first entry with lq <= max_lq is applied on top of MOSAIC_FWD_BLOCKS.
+MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+
+
 def _default_blocks(lq: int, lk: int, d: int) -> dict:
     """Block sizes, warps and pipeline stages per kernel, from the H200 sweeps in
     docs/kernels/flash_attention.md (D=128, N=4k: forward 3 stages +22%, block_k 128 +9%;
@@ -840,6 +845,10 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
         if segment_ids is not None or d_pad not in (64, 128):
             raise ValueError("fwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
         defaults.update(MOSAIC_FWD_BLOCKS[d_pad, bool(causal)])
+        for max_lq, opts in MOSAIC_FWD_SHORT.get((d_pad, bool(causal)), ()):
+            if lq <= max_lq:
+                defaults.update(opts)
+                break
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
                       fwd_impl=fwd_impl, **{**defaults, **blocks})

@@ -522,3 +522,21 @@ def test_mosaic_gpu_forward_fa3_schedule(lq, lk, causal, window, extra):
                                            mgpu_fwd_fa3_sched=True, **extra, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_forward_short_query_options(monkeypatch):
+    """MOSAIC_FWD_SHORT: the first (max_lq, options) entry with lq <= max_lq is applied on top of
+    MOSAIC_FWD_BLOCKS for the Mosaic forward; longer queries keep the cell's options."""
+    seen = []
+    monkeypatch.setattr(attn, "_flash", lambda q, k, v, seg, cfg: (seen.append(cfg), q)[1])
+    monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, False),
+                        ((1024, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40))),
+                         (2048, dict(mgpu_fwd_wgs=3, mgpu_stages=3))))
+    for n in (1000, 2048, 4096):
+        q = jnp.ones((1, n, 2, 64), jnp.bfloat16)
+        attn.flash_attention_kernel(q, q, q, fwd_impl="mosaic", bwd_impl="split")
+    short, mid, long = seen
+    assert (short.mgpu_fwd_wgs, short.mgpu_fwd_regs) == (2, (232, 40))
+    assert (mid.mgpu_fwd_wgs, mid.mgpu_stages) == (3, 3)
+    base = attn.MOSAIC_FWD_BLOCKS[64, False]
+    assert (long.mgpu_fwd_wgs, long.mgpu_stages) == (base["mgpu_fwd_wgs"], base["mgpu_stages"])
