@@ -712,19 +712,33 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # causal 317 vs 326 keeps the plain form). D=64 full since session 4: three consumer warpgroups of
 # 64 rows without ping-pong (no spills at 160 registers; the 128 x 128 tiles spill 156 bytes),
 # N=4k forward 419 vs 413 (call 1) and 425 vs 414 (call 2), GPU-checked (D 64 full GQA 1000).
+# Session 5 (call 2, same GPU, TFLOP/s at 4k / 16k / 1k; GPU-checked): causal cells walk the
+# query tiles last-first (mgpu_fwd_reverse) and compile without automatic barriers
+# (mgpu_fwd_nab): D=128 causal 539 / 584 / 370 vs 526 / 563 / 371; D=64 causal in addition
+# FA3's named-barrier ping-pong, the folded scale and a 2-deep ring: 391 / 443 / 249 vs
+# 350 / 396 / 229 (cuDNN 383 / 422 / 281, tokamax 374 / 432 / 261).
 MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                         mgpu_fold_scale=True),
                      (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
-                                       mgpu_fold_scale=True),
+                                       mgpu_fold_scale=True, mgpu_fwd_reverse=True,
+                                       mgpu_fwd_nab=True),
                      (64, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_wgs=3,
                                        mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False),
-                     (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
+                     (64, True): dict(block_q=64, block_k=128, mgpu_stages=2,
+                                      mgpu_fold_scale=True, mgpu_fwd_fa3_sched=True,
+                                      mgpu_fwd_reverse=True, mgpu_fwd_nab=True)}
 
 
 # Mosaic GPU forward options for short queries, per (head dim, causal): ((max_lq, options), ...);
-# the first entry with lq <= max_lq is applied on top of MOSAIC_FWD_BLOCKS.
-MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+# the first entry with lq <= max_lq is applied on top of MOSAIC_FWD_BLOCKS. Session 5, call 1,
+# N=1k (GPU-checked): persistent CTAs, one per SM (the prologue and epilogue of 8-step CTAs
+# overlap the next tile's loads): D=128 full with nab 531 vs 483 TFLOP/s (tokamax 533); D=64 full
+# with skip_pad (1024 rows in 192-row CTAs) 315 vs 285. At 4k persistent CTAs measured -1% to +1%.
+MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (128, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_nab=True)),),
+    (64, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_skip_pad=True)),),
+}
 
 
 def _default_blocks(lq: int, lk: int, d: int) -> dict:

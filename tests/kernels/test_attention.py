@@ -390,11 +390,12 @@ def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
-@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=SLOW)])
+@pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
-    """The Hopper default tiles at D=64 (full: 3 consumer warpgroups of 64 rows x 128 keys
-    without ping-pong; causal: 64 x 128 with a 3-deep ring), Mosaic GPU interpret mode, ragged
-    length."""
+    """The Hopper defaults at D=64 (full: 3 consumer warpgroups of 64 rows x 128 keys without
+    ping-pong, at this length persistent CTAs skipping all-padding warpgroups; causal: 64 x 128,
+    FA3's named-barrier ping-pong (two mbarriers in interpret mode), reversed tiles), Mosaic GPU
+    interpret mode, ragged length."""
     q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
@@ -506,7 +507,7 @@ def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
 
 
 @pytest.mark.parametrize("lq,lk,causal,window,extra", [
-    pytest.param(300, 300, True, 40, dict(block_q=64, block_k=64), marks=SLOW),  # opt-in
+    pytest.param(300, 300, True, 40, dict(block_q=64, block_k=64), marks=SLOW),
     pytest.param(200, 330, False, None, dict(block_q=64, block_k=128, mgpu_fwd_persistent=3),
                  marks=SLOW),
 ])
