@@ -460,7 +460,8 @@ def test_f32_inputs_get_tiles_that_fit_shared_memory(monkeypatch):
     assert (bf16.block_k, bf16.num_stages) == (128, 3)
 
 
-@pytest.mark.parametrize("lq,lk,window", [(300, 300, None),
+# (the default-tile D 64 causal test runs the reversed order too)
+@pytest.mark.parametrize("lq,lk,window", [pytest.param(300, 300, None, marks=SLOW),
                                           pytest.param(200, 330, 40, marks=SLOW)])
 def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     """mgpu_fwd_reverse: CTA t computes query tile n_tiles - 1 - t (causal: the longest tiles
@@ -478,7 +479,8 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
 
 
 @pytest.mark.parametrize("b,lq,lk,causal,window,extra", [
-    (2, 300, 300, False, None, dict(block_q=64, block_k=64)),
+    # (the default-tile D 64 full test runs persistent CTAs with skip_pad at length 300)
+    pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64), marks=SLOW),
     (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
     pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
                                                 mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
@@ -487,9 +489,9 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     pytest.param(1, 330, 330, True, 40, dict(block_q=64, block_k=64,
                                              mgpu_fwd_early_kwait=True), marks=SLOW),
     # 200 rows in 192-row CTAs: the second tile's warpgroups 1 and 2 are all padding
-    (1, 200, 200, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
-                                    mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
-                                    mgpu_fwd_skip_pad=True)),
+    pytest.param(1, 200, 200, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
+                                                mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
+                                                mgpu_fwd_skip_pad=True), marks=SLOW),
 ])
 def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
     """mgpu_fwd_persistent=-1 (3 CTAs in interpret mode, one per SM on the GPU) walk all
