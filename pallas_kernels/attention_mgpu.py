@@ -2,18 +2,14 @@
 specialisation).
 
 The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids; D=64 full
-attention with three consumer warpgroups, `mgpu_fwd_wgs=3`; causal tiles walked last-first;
-D=64 causal with FA3's named-barrier ping-pong; persistent CTAs for short full attention: see
-MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py); the backward (`mosaic_backward`, dq
+attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add, 240/24 registers) is the default where it measured faster than the
 Triton backward (D=64 with the deferred dq, D=128 full with the lean step, from 2k keys at D=128
 full and D=64 causal); see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` /
 `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py and docs/kernels/flash_attention.md.
 Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq and the
 query-rows layout in the backward, dS from the bf16 P, the tiles-fastest grid, the register
-splits, and in the forward the intra-warpgroup overlap, an optimization barrier, persistent CTAs
-(`mgpu_fwd_persistent`), reversed tiles, FA3's named-barrier schedule (`mgpu_fwd_fa3_sched`),
-no automatic barriers (`mgpu_fwd_nab`), padding-row skipping and the early K wait. Compiled and
+splits, and in the forward the intra-warpgroup overlap and an optimization barrier. Compiled and
 checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode
 (`plgpu.InterpretGPUParams`) in the CPU tests.
 
@@ -48,6 +44,12 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
+# Forward defaults and options since session 5 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in
+# attention.py): causal query tiles walked last-first (`mgpu_fwd_reverse`) and compiled without
+# automatic barriers (`mgpu_fwd_nab`); D=64 causal with FA3's named-barrier ping-pong
+# (`mgpu_fwd_fa3_sched`); full attention up to 1k queries with one persistent CTA per SM
+# (`mgpu_fwd_persistent`; D=64 skipping all-padding warpgroups, `mgpu_fwd_skip_pad`). Opt-in:
+# the early K wait (`mgpu_fwd_early_kwait`).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 
 
