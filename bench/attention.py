@@ -492,6 +492,169 @@ def mosaic_fwd5(results, deadline):
                   ("wg3_noping", dict(wg3, mgpu_fold_scale=True), (64,))])
 
 
+def f32_and_anchor_checks(results):
+    """Session 5: the f32 case of `correctness` (Triton forward with session 1's f32 tiles,
+    D 128, Lq 777 / Lk 1500, causal) and tokamax's forward and gradients against the f32
+    reference (the anchor must compute the same function)."""
+    rows = results.setdefault("correctness", [])
+    b, lq, lk, hq, hkv, d, causal = 1, 777, 1500, 4, 4, 128, True
+    q, k, v, do = _inputs((b, lq, hq, d), (b, lk, hkv, d), jnp.float32, seed=2)
+    row = dict(case=f"b{b} lq{lq} lk{lk} hq{hq} hkv{hkv} d{d} causal={causal} window=None "
+                    "seg=False float32")
+    _check_against_reference(rows, row, attn.flash_attention, (q, k, v, do),
+                              dict(causal=causal, window=None, segment_ids=None),
+                              dict(backend="pallas"))
+    for i, (n, hq, hkv, d, causal) in enumerate([(1000, 8, 2, 128, True),
+                                                 (2048, 4, 4, 64, False)]):
+        tk = _tokamax_fn(causal)
+        if tk is None:
+            break
+        q, k, v, do = _inputs((2, n, hq, d), (2, n, hkv, d), jnp.bfloat16, seed=300 + i)
+        row = dict(case=f"tokamax b2 n{n} hq{hq} hkv{hkv} d{d} causal={causal}")
+        _check_against_reference(rows, row, lambda q, k, v, tk=tk, **kw: tk(q, k, v),
+                                 (q, k, v, do), dict(causal=causal, window=None,
+                                                     segment_ids=None))
+
+
+def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
+    """Session 5: forward variants at N 4k (then 1k) against cuDNN and tokamax in the same process:
+    compiled without automatic barriers and reduction scratch (`mgpu_fwd_nab`, which frees the
+    2 KB that kept a 3-deep ring out of SMEM at D 128), the query tiles walked last-first
+    (`mgpu_fwd_reverse`, causal: longest tiles first), persistent CTAs (`mgpu_fwd_persistent`,
+    one per SM: one K/V ring across tiles, the next Q loaded during the epilogue), FA3's
+    ping-pong on two named barriers (`mgpu_fwd_fa3_sched`).
+    Real-lowering checks first. `fa3_only`: the fa3 checks and cells alone (own process: a
+    named-barrier protocol could hang), else everything but them."""
+    sms = -1                                               # one persistent CTA per SM
+    nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
+    rev = dict(fwd_impl="mosaic", mgpu_fwd_reverse=True)
+    pers = dict(fwd_impl="mosaic", mgpu_fwd_persistent=sms)
+    s3 = dict(nab, mgpu_stages=3)
+    fa3 = dict(fwd_impl="mosaic", mgpu_fwd_fa3_sched=True)
+    fa3_64 = dict(fa3, block_q=64, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True)
+    checks = [(2, 1000, 8, 2, 128, True, None, dict(fa3, mgpu_fwd_reverse=True)),
+              (1, 2048, 8, 1, 64, True, 300, fa3),
+              (1, 777, 4, 2, 128, False, None, dict(fa3, mgpu_fwd_persistent=sms)),
+              (2, 1000, 8, 2, 128, True, None, dict(nab, mgpu_fwd_reverse=True)),
+              (1, 2048, 8, 1, 64, True, 300, dict(pers, mgpu_fwd_reverse=True)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, mgpu_fwd_nab=True)),
+              (2, 1000, 4, 4, 64, False, None, pers),
+              (1, 1500, 4, 2, 128, False, None, s3),
+              (2, 1000, 4, 2, 64, False, None, dict(pers, mgpu_fwd_skip_pad=True)),
+              (2, 1000, 8, 2, 128, True, None, dict(nab, block_k=192))]
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
+        if time.time() > deadline:
+            break
+        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
+            continue
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=310 + i)
+        row = dict(case=f"fwd6 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                 dict(causal=causal, window=window), extra, err_chars=600)
+    out = results.setdefault("fwd_sweep6", [])
+    cells = [(128, False, n), (128, True, n), (64, False, n), (64, True, n),
+             (64, False, 1024), (128, False, 1024), (64, True, 1024), (128, True, 1024)]
+    for d, causal, n in cells:
+        b = TOKENS // n
+        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1)
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
+        if causal:
+            variants = [("default", {}), ("rev", rev), ("fa3", fa3),
+                        ("fa3_rev", dict(fa3, mgpu_fwd_reverse=True)), ("nab", nab),
+                        ("pers_rev", dict(pers, mgpu_fwd_reverse=True))]
+            variants += [("nab_bk192", dict(nab, block_k=192))] if d == 128 else []
+        else:
+            variants = [("default", {}), ("pers", pers), ("fa3", fa3 if d == 128 else fa3_64),
+                        ("pers_fa3", dict(pers, **(fa3 if d == 128 else fa3_64))),
+                        ("nab", nab), ("pers_nab", dict(pers, mgpu_fwd_nab=True))]
+            variants += [("nab_s3", s3), ("nab_bk192", dict(nab, block_k=192))] if d == 128 \
+                else [
+                ("skip_pad", dict(fwd_impl="mosaic", mgpu_fwd_skip_pad=True)),
+                ("pers_skip_pad", dict(pers, mgpu_fwd_skip_pad=True))]
+        if fa3_only:
+            fns = fns[:1] + [("default", None)]
+            fns[1] = (fns[1][0], lambda q, k, v, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c))
+        variants = [(name, cfg) for name, cfg in variants
+                    if bool(cfg.get("mgpu_fwd_fa3_sched")) == fa3_only]
+        fns += [(name, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for name, cfg in variants]
+        for v_name, fn in fns:
+            if fn is None:
+                continue
+            row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+            _timed(row, deadline, flops, "fwd_sweep6", out, jax.jit(fn), q, k, v)
+
+
+WG2_64 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40),
+              mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
+
+
+def mosaic_fwd7(results, deadline, fa3_only=False):
+    """Session 5, call 2: candidate forward defaults per (D, causal) cell at 4k, 16k and 1k,
+    against cuDNN and tokamax in the same process (the default timed again at the end of the
+    4k cells: the run-to-run spread). `fa3_only`: the named-barrier (FA3) candidates alone, in
+    their own process."""
+    nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
+    pers = dict(nab, mgpu_fwd_persistent=-1)
+    rev = dict(nab, mgpu_fwd_reverse=True)
+    fa3 = dict(mgpu_fwd_fa3_sched=True)
+    cells = {
+        (64, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3)),
+                     ("tk_like", dict(rev, **fa3, mgpu_fold_scale=True, mgpu_stages=2)),
+                     ("nab_rev_kw", dict(rev, mgpu_fwd_early_kwait=True))],
+        (128, True): [("nab_rev", rev), ("fa3_nab_rev", dict(rev, **fa3)),
+                      ("nab_rev_kw", dict(rev, mgpu_fwd_early_kwait=True))],
+        (64, False): [("pers_nab_sp", dict(pers, mgpu_fwd_skip_pad=True)),
+                      ("wg2_pers_nab", dict(pers, **WG2_64)),
+                      ("wg2_fa3_pers_nab", dict(pers, **WG2_64, **fa3))],
+        (128, False): [("pers_nab", pers), ("fa3_pers_nab", dict(pers, **fa3))],
+    }
+    checks = [(2, 1000, 4, 2, 64, False, None, dict(pers, **WG2_64)),
+              (1, 2048, 8, 1, 64, True, 300, rev),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **fa3)),
+              (1, 2048, 8, 1, 64, True, 300, dict(rev, **fa3, mgpu_fold_scale=True,
+                                                  mgpu_stages=2)),
+              (2, 1000, 4, 2, 64, False, None, dict(pers, **WG2_64, **fa3)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, **fa3))]
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
+        if time.time() > deadline:
+            break
+        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
+            continue
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=330 + i)
+        row = dict(case=f"fwd7 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                 dict(causal=causal, window=window), extra, err_chars=600)
+    out = results.setdefault("fwd_sweep7", [])
+    for (d, causal), variants in cells.items():
+        variants = [(nm, cfg) for nm, cfg in variants
+                    if bool(cfg.get("mgpu_fwd_fa3_sched")) == fa3_only]
+        for n in (4096, 16384, 1024):
+            b = TOKENS // n
+            q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+            flops = 4 * b * H * n * n * d / (2 if causal else 1)
+            fns = [] if fa3_only else [
+                ("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=c, implementation="cudnn")),
+                ("tokamax", _tokamax_fn(causal))]
+            fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+                q, k, v, causal=c, **cfg)) for nm, cfg in [("default", {})] + variants]
+            if n == 4096 and not fa3_only:
+                fns.append(("default_again", fns[2][1]))
+            for v_name, fn in fns:
+                if fn is None:
+                    continue
+                row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+                _timed(row, deadline, flops, "fwd_sweep7", out, jax.jit(fn), q, k, v)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -599,6 +762,18 @@ def mosaic_compile_report(results, deadline, cases=None):
         rows.append(row)
 
 
+def _tokamax_fn(causal):
+    """tokamax's Mosaic GPU attention (PyPI `tokamax`; its heuristic config, no autotuning),
+    fn(q, k, v) in our [B, L, H, D] layout (tokamax's is the same: [*B, T, N, H]), default scale
+    1/sqrt(D); None if tokamax does not import (the GPU host has it in /tmp/site)."""
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001
+        return None
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal,
+                                                         implementation="mosaic")
+
+
 def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
     """name -> (fwd fn(q, k, v), dtype override or None, supports backward)."""
     mgpu_cfg = {k: v for k, v in (mgpu_cfg or {}).items() if k != "fwd_impl"}
@@ -626,6 +801,9 @@ def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
                                                         causal=causal), None, True)
     except Exception:  # noqa: BLE001
         pass
+    tk = _tokamax_fn(causal)
+    if tk is not None:
+        impls["tokamax"] = (tk, None, True)
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
         cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
@@ -950,6 +1128,8 @@ def main():
     ap.add_argument("--impls", default="", help="comma list to restrict the throughput table")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
+    ap.add_argument("--modes", default="fwd,fwd+bwd", help="throughput passes (comma list)")
+    ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
     ap.add_argument("--traceback-after", type=float, default=0.0,
                     help="seconds after which every thread's Python stack is printed (stalls)")
@@ -974,9 +1154,16 @@ def main():
     steps = {"check": lambda dl: correctness(results, args.checks),
              "check2": lambda dl: correctness_variants(results),
              "sweep": lambda dl: chosen.update(sweep(results, dl)),
-             "tput": lambda dl: throughput(results, lengths, (128, 64), dl,
+             "tput": lambda dl: throughput(results, lengths,
+                                           tuple(int(x) for x in args.dims.split(",")), dl,
                                            [s for s in args.impls.split(",") if s], chosen,
-                                           args.xla_max_n, chosen_mgpu),
+                                           args.xla_max_n, chosen_mgpu,
+                                           modes=tuple(args.modes.split(","))),
+             "f32chk": lambda dl: f32_and_anchor_checks(results),
+             "mfwd6": lambda dl: mosaic_fwd6(results, dl),
+             "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
+             "mfwd7": lambda dl: mosaic_fwd7(results, dl),
+             "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
@@ -1019,13 +1206,15 @@ def summary(results):
     for r in rows:
         cells.setdefault((r["d"], r["causal"], r["mode"], r["n"]), {})[r["impl"]] = r["tflops"]
     print("\nd causal mode n | " + " ".join(f"{i:>8}" for i in
-                                            ("ours", "ours_mg", "cudnn", "xla", "jax_mha",
-                                             "mgpu16")))
+                                            ("ours", "ours_mg", "cudnn", "tokamax", "xla",
+                                             "jax_mha", "mgpu16")))
     for key, v in sorted(cells.items()):
-        vals = [v.get(i) for i in ("ours", "ours_mgpu", "cudnn", "xla", "jax_mha",
+        vals = [v.get(i) for i in ("ours", "ours_mgpu", "cudnn", "tokamax", "xla", "jax_mha",
                                    "jax_mgpu_fp16")]
+        best = max([v[a] for a in ("cudnn", "tokamax") if a in v], default=None)
         print(*key, "|", " ".join(f"{x:8.1f}" if x else "       -" for x in vals),
-              f" ours/cudnn={v['ours'] / v['cudnn']:.2f}" if "ours" in v and "cudnn" in v else "")
+              f" ours/cudnn={v['ours'] / v['cudnn']:.2f}" if "ours" in v and "cudnn" in v else "",
+              f" ours/best={v['ours'] / best:.2f}" if "ours" in v and best else "")
 
 
 def report(paths):
@@ -1054,7 +1243,7 @@ def report(paths):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    base = ["ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16", "ours_mgpu"]
+    base = ["ours", "cudnn", "xla", "jax_mha", "jax_mgpu_fp16", "ours_mgpu", "tokamax"]
     color = {b: f"C{i}" for i, b in enumerate(base)}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9), sharex=True)
     for col, (d, mode) in enumerate([(128, "fwd"), (128, "fwd+bwd"), (64, "fwd"),

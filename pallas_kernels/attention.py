@@ -137,6 +137,19 @@ class FlashConfig:
     #                                 S_j while P V runs (FA3's intra-warpgroup overlap)
     mgpu_fold_scale: bool = False  # Mosaic fwd: row max on raw scores, softmax scale folded
     #                                into exp2's argument (an FFMA instead of FMUL + FADD)
+    mgpu_fwd_nab: bool = False  # Mosaic fwd compiled with unsafe_no_auto_barriers and no
+    #                             cross-warp reduction scratch (row reductions stay in a warp)
+    mgpu_fwd_reverse: bool = False  # Mosaic fwd: query tiles walked last-first (causal: the
+    #                                 longest tiles start first, the short ones fill the tail)
+    mgpu_fwd_persistent: int = 0  # Mosaic fwd: that many persistent CTAs (-1: one per SM)
+    #                               walk the tiles, one K/V ring across tiles, the next Q
+    #                               prefetched during the epilogue; 0: one CTA per tile
+    mgpu_fwd_fa3_sched: bool = False  # Mosaic fwd, 2 consumers: FA3's ping-pong on two named
+    #                                   barriers (S issue lets the other go; sync before P V)
+    mgpu_fwd_skip_pad: bool = False  # Mosaic fwd: warpgroups whose rows are all length padding
+    #                                  only wait/release their steps (no wgmma, no softmax)
+    mgpu_fwd_early_kwait: bool = False  # Mosaic fwd: the next K awaited while P V runs (not
+    #                                     at the start of the next step)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2
@@ -699,14 +712,33 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # causal 317 vs 326 keeps the plain form). D=64 full since session 4: three consumer warpgroups of
 # 64 rows without ping-pong (no spills at 160 registers; the 128 x 128 tiles spill 156 bytes),
 # N=4k forward 419 vs 413 (call 1) and 425 vs 414 (call 2), GPU-checked (D 64 full GQA 1000).
+# Session 5 (call 2, same GPU, TFLOP/s at 4k / 16k / 1k; GPU-checked): causal cells walk the
+# query tiles last-first (mgpu_fwd_reverse) and compile without automatic barriers
+# (mgpu_fwd_nab): D=128 causal 539 / 584 / 370 vs 526 / 563 / 371; D=64 causal in addition
+# FA3's named-barrier ping-pong, the folded scale and a 2-deep ring: 391 / 443 / 249 vs
+# 350 / 396 / 229 (cuDNN 383 / 422 / 281, tokamax 374 / 432 / 261).
 MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                         mgpu_fold_scale=True),
                      (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
-                                       mgpu_fold_scale=True),
+                                       mgpu_fold_scale=True, mgpu_fwd_reverse=True,
+                                       mgpu_fwd_nab=True),
                      (64, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_wgs=3,
                                        mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False),
-                     (64, True): dict(block_q=64, block_k=128, mgpu_stages=3)}
+                     (64, True): dict(block_q=64, block_k=128, mgpu_stages=2,
+                                      mgpu_fold_scale=True, mgpu_fwd_fa3_sched=True,
+                                      mgpu_fwd_reverse=True, mgpu_fwd_nab=True)}
+
+
+# Mosaic GPU forward options for short queries, per (head dim, causal): ((max_lq, options), ...);
+# the first entry with lq <= max_lq is applied on top of MOSAIC_FWD_BLOCKS. Session 5, call 1,
+# N=1k (GPU-checked): persistent CTAs, one per SM (the prologue and epilogue of 8-step CTAs
+# overlap the next tile's loads): D=128 full with nab 531 vs 483 TFLOP/s (tokamax 533); D=64 full
+# with skip_pad (1024 rows in 192-row CTAs) 315 vs 285. At 4k persistent CTAs measured -1% to +1%.
+MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (128, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_nab=True)),),
+    (64, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_skip_pad=True)),),
+}
 
 
 def _default_blocks(lq: int, lk: int, d: int) -> dict:
@@ -827,6 +859,10 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
         if segment_ids is not None or d_pad not in (64, 128):
             raise ValueError("fwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
         defaults.update(MOSAIC_FWD_BLOCKS[d_pad, bool(causal)])
+        for max_lq, opts in MOSAIC_FWD_SHORT.get((d_pad, bool(causal)), ()):
+            if lq <= max_lq:
+                defaults.update(opts)
+                break
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
                       fwd_impl=fwd_impl, **{**defaults, **blocks})

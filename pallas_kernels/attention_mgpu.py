@@ -28,11 +28,13 @@ and unmasked in the middle. Inputs bf16 or f16, head_dim 64 or 128; lengths padd
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common
@@ -42,21 +44,83 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
+# Forward defaults and options since session 5 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in
+# attention.py): causal query tiles walked last-first (`mgpu_fwd_reverse`) and compiled without
+# automatic barriers (`mgpu_fwd_nab`); D=64 causal with FA3's named-barrier ping-pong
+# (`mgpu_fwd_fa3_sched`); full attention up to 1k queries with one persistent CTA per SM
+# (`mgpu_fwd_persistent`; D=64 skipping all-padding warpgroups, `mgpu_fwd_skip_pad`). Opt-in:
+# the early K wait (`mgpu_fwd_early_kwait`).
+_FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
+
+
+def _named_barrier(op: str, barrier_id: int, num_threads: int):
+    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier."""
+    @plgpu.inline_mgpu()
+    def bar(_):
+        mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};", has_side_effects=True)
+    bar()
+
+
+class _FwdTile(NamedTuple):
+    """One query tile of a forward CTA: batch, head, first query row, KV block range, ring
+    steps taken before it."""
+    b: jax.Array
+    h: jax.Array
+    q0: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    c0: jax.Array
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg: FlashConfig,
-                    rep: int, stages: int, ping_pong: bool, gpu_path: bool):
+                    rep: int, stages: int, ping_pong: bool, gpu_path: bool, n_ctas: int):
     bq, bk = cfg.block_q, cfg.block_k
     nc = cfg.mgpu_fwd_wgs                                  # consumer warpgroups
     fold = cfg.mgpu_fold_scale
     overlap = cfg.mgpu_fwd_overlap
-    b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tile")
+    # n_ctas: persistent CTAs (mgpu_fwd_persistent resolved), 0: one CTA per tile
+    hq, n_tiles = q_ref.shape[2], q_ref.shape[1] // (nc * bq)
     wg = lax.axis_index("wg")
-    qo_smem, k_smem, v_smem, lse_smem, p_smem = smem
+    qo_smem, k_smem, v_smem, lse_smem, p_smem, o_smem = smem
     k_ready, v_ready, q_ready, k_free, v_free, schedule = barriers
-    cta_q0 = tile * (nc * bq)
-    lo, _, _, hi = _kv_block_range(cta_q0, nc * bq, bk, cfg)  # blocks any row of the CTA sees
 
-    def step_slot(j):
-        return lax.rem(j - lo, jnp.int32(stages))
+    def tile_at(b, h, tile, c0):
+        """The CTA's work on one query tile: its KV block range [lo, hi) (blocks any of its
+        rows sees) and c0, the ring steps taken before it (persistent CTAs)."""
+        if cfg.mgpu_fwd_reverse:                           # longest (causal) tiles first
+            tile = (n_tiles - 1) - tile
+        q0 = tile * (nc * bq)
+        lo, _, _, hi = _kv_block_range(q0, nc * bq, bk, cfg)
+        return _FwdTile(b, h, q0, lo, hi, c0)
+
+    if n_ctas:
+        # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
+        # query tiles, then batch: the order of the one-CTA-per-tile grid).
+        sm = lax.axis_index("sm")
+        n_local = lax.div(q_ref.shape[0] * hq * n_tiles - sm + (n_ctas - 1), n_ctas)
+
+        def coords(i):
+            f = sm + i * n_ctas
+            r = lax.div(f, hq)
+            return lax.div(r, n_tiles), lax.rem(f, hq), lax.rem(r, n_tiles)
+
+    def for_tiles(fn):
+        """fn(t, i) on each tile of this CTA (i: its index in the CTA's list, None when one
+        CTA per tile); returns the ring steps taken in all."""
+        if not n_ctas:
+            t = tile_at(lax.axis_index("batch"), lax.axis_index("heads"),
+                        lax.axis_index("q_tile"), jnp.int32(0))
+            fn(t, None)
+            return t.hi - t.lo
+
+        def body(i, c0):
+            t = tile_at(*coords(i), c0)
+            fn(t, i)
+            return c0 + (t.hi - t.lo)
+        return lax.fori_loop(0, n_local, body, jnp.int32(0))
+
+    def step_slot(t, j):
+        return lax.rem(t.c0 + j - t.lo, jnp.int32(stages))
 
     def sync_schedule():
         if ping_pong:
@@ -101,17 +165,28 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         l = l * alpha + p.sum(axis=1)
         return p.astype(v_smem.dtype), m_new, l, alpha
 
-    def consumer_setup():
-        """Registers up, this warpgroup's Q in SMEM; returns (q0, w_lo, w_mid_lo, w_mid_hi, w_hi,
-        q_smem, m, l, acc): its rows, its KV block ranges inside the CTA's, the initial state."""
-        plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
-        q0 = cta_q0 + wg * bq
+    def load_q(t):
+        plgpu.copy_gmem_to_smem(q_ref.at[t.b, pl.ds(t.q0 + wg * bq, bq), t.h], qo_smem.at[wg],
+                                q_ready.at[wg])
+
+    def consumer_setup(t):
+        """This warpgroup's Q in SMEM (loaded here, or prefetched when persistent); returns
+        (q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc): its rows, its KV block ranges
+        inside the CTA's, the initial state."""
+        q0 = t.q0 + wg * bq
         w_lo, w_mid_lo, w_mid_hi, w_hi = _kv_block_range(q0, bq, bk, cfg)
-        w_lo, w_hi = jnp.maximum(w_lo, lo), jnp.minimum(w_hi, hi)
+        w_lo, w_hi = jnp.maximum(w_lo, t.lo), jnp.minimum(w_hi, t.hi)
         w_mid_lo = jnp.minimum(jnp.maximum(w_mid_lo, w_lo), w_hi)
         w_mid_hi = jnp.minimum(jnp.maximum(w_mid_hi, w_mid_lo), w_hi)
+        if cfg.mgpu_fwd_skip_pad:
+            # Rows that are all length padding (e.g. 1024 rows in 192-row CTAs: 1152) do no
+            # work: every step of the CTA's range is a skip step for this warpgroup.
+            pad = q0 >= cfg.lq
+            w_mid_lo, w_mid_hi, w_hi = (jnp.where(pad, w_lo, x) for x in (w_mid_lo, w_mid_hi,
+                                                                          w_hi))
         q_smem = qo_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_ready.at[wg])
+        if not n_ctas:
+            load_q(t)
         plgpu.barrier_wait(q_ready.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row_layout)
@@ -120,58 +195,141 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                                 plgpu.Layout.WGMMA)
         return q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc
 
-    def finish(q0, q_smem, acc, m, l):
-        """o = acc / l and the base-2 lse (+inf for rows without visible keys) to HBM."""
+    def finish(t, q0, q_smem, acc, m, l):
+        """o = acc / l and the base-2 lse (+inf for rows without visible keys) to HBM (through
+        the Q buffer, or when persistent through an O buffer whose stores are awaited only
+        before its next use)."""
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
         acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem[...] = acc.astype(q_smem.dtype)
+        out_smem = o_smem.at[wg] if n_ctas else q_smem
+        if n_ctas:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's stores
+        out_smem[...] = acc.astype(out_smem.dtype)
         lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe) * LOG2E)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.copy_smem_to_gmem(out_smem, o_ref.at[t.b, pl.ds(q0, bq), t.h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[t.b, t.h, pl.ds(q0, bq)])
+        if not n_ctas:
+            plgpu.wait_smem_to_gmem(0)
 
-    def _consumer():
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
-        # Ping-pong: the schedule barrier takes one arrival per consumer and phase; consumer w
-        # starts w phases late (2 consumers: FA3's alternation; 3: a staggered round).
-        if ping_pong:
+    def prefetch_next_q(i):
+        """Persistent: the next tile's Q into this warpgroup's Q buffer (every wgmma that
+        read it was awaited), so that its load overlaps this tile's epilogue."""
+        if n_ctas:
+            pl.when(i + 1 < n_local)(lambda: load_q(tile_at(*coords(i + 1), 0)))
+
+    # The ping-pong protocols. Default: one `schedule` mbarrier with an arrival per consumer
+    # and phase, consumer w starting w phases late; each step meets after its S issue, arrives
+    # after its softmax and waits before its P V (2 consumers: FA3's alternation; 3: a
+    # staggered round). `mgpu_fwd_fa3_sched` (2 consumers): FA3's pair of named barriers, one
+    # per consumer: after issuing S a consumer lets the other one go on (arrive on the other's
+    # barrier), before issuing P V it waits for the other's S issue (sync on its own): the GEMM
+    # issues alternate, and no consumer waits for the other's softmax. On the GPU these are
+    # hardware named barriers (`bar.arrive` / `bar.sync`, ids 8 and 9 of 16: Mosaic uses 0 and
+    # 1 + warpgroup); interpret mode has no inline PTX and uses two 2-arrival mbarriers.
+    fa3 = cfg.mgpu_fwd_fa3_sched and ping_pong
+
+    def named_bar(op, which):
+        for w in range(2):
+            pl.when(which == w)(functools.partial(_named_barrier, op, _FA3_BAR0 + w, 256))
+
+    def fa3_arrive_other():
+        if gpu_path:
+            named_bar("arrive", 1 - wg)
+        else:
+            plgpu.barrier_arrive(schedule.at[1 - wg])
+
+    def fa3_sync_own():
+        if gpu_path:
+            named_bar("sync", wg)
+        else:
+            plgpu.barrier_arrive(schedule.at[wg])
+            plgpu.barrier_wait(schedule.at[wg])
+
+    def sched_tile_start():
+        if fa3:
+            pl.when(wg == 1)(fa3_sync_own)
+        elif ping_pong:
             for w in range(1, nc):
                 pl.when(wg >= w)(sync_schedule)
 
-        def skip(j, carry):
-            slot = step_slot(j)
-            plgpu.barrier_wait(k_ready.at[slot])
+    def sched_after_s():
+        if fa3:
+            fa3_arrive_other()
+        else:
             sync_schedule()
+
+    def sched_after_softmax():
+        if ping_pong and not fa3:
+            plgpu.barrier_arrive(schedule)                 # softmax done
+
+    def sched_before_pv():
+        if fa3:
+            fa3_sync_own()
+        elif ping_pong:
+            plgpu.barrier_wait(schedule)                   # the tensor cores are ours again
+
+    def sched_tile_end():                                  # balance the phases again
+        if fa3:
+            pl.when(wg == 0)(fa3_arrive_other)
+            if n_ctas:
+                # Persistent: consumer 0 would otherwise run into the next tile and arrive on
+                # consumer 1's barrier again before consumer 1 synced on the last arrival (two
+                # arrivals of one consumer complete a named barrier's phase on their own):
+                # consumer 0 waits here until consumer 1 is past its last sync.
+                pl.when(wg == 1)(fa3_arrive_other)
+                pl.when(wg == 0)(fa3_sync_own)
+        elif ping_pong:
+            for w in range(1, nc):
+                pl.when(wg < nc - w)(sync_schedule)
+
+    def _consumer(t, i):
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
+        sched_tile_start()
+
+        def skip(j, carry):
+            slot = step_slot(t, j)
+            plgpu.barrier_wait(k_ready.at[slot])
+            sched_after_s()
             plgpu.barrier_arrive(k_free.at[slot])
-            if ping_pong:
-                plgpu.barrier_arrive(schedule)
+            sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
-            if ping_pong:
-                plgpu.barrier_wait(schedule)
+            sched_before_pv()
             plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
+        early = cfg.mgpu_fwd_early_kwait
+
+        def next_k(j):
+            """mgpu_fwd_early_kwait: K of this warpgroup's next visited step is awaited while
+            this step's P V is on the tensor cores (the first one before the first visit).
+            Returns the waiting function; its condition and slot are computed here, outside
+            the wgmma's run_state (a constant closed over there fails to lower)."""
+            more, nxt = j + 1 < w_hi, step_slot(t, j + 1)
+            return lambda: pl.when(more)(lambda: plgpu.barrier_wait(k_ready.at[nxt]))
+
         def visit(j, carry, masked):
             acc, m, l = carry
-            slot = step_slot(j)
-            plgpu.barrier_wait(k_ready.at[slot])
+            slot = step_slot(t, j)
+            if not early:
+                plgpu.barrier_wait(k_ready.at[slot])
 
-            s = qk_scores(slot, q_smem, sync_schedule)
+            s = qk_scores(slot, q_smem, sched_after_s)
             p_lo, m_new, l, alpha = softmax(s, m, l, j, q0, masked)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
                 acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
-            if ping_pong:
-                plgpu.barrier_arrive(schedule)             # softmax done
+            sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
-            if ping_pong:
-                plgpu.barrier_wait(schedule)               # the tensor cores are ours again
+            sched_before_pv()
 
+            wait_next_k = next_k(j) if early else None
             if gpu_path:                                   # P from registers, O in place
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p_lo, v_smem.at[slot])
+                    if early:
+                        wait_next_k()
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             else:
                 # GPU interpret mode has no run_state and reads wgmma operands from SMEM only.
@@ -182,29 +340,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                     plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot])
                     return pv_ref[...]
                 acc = acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+                if early:
+                    wait_next_k()
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
         carry = (acc, m, l)
-        carry = lax.fori_loop(lo, w_lo, skip, carry)
+        carry = lax.fori_loop(t.lo, w_lo, skip, carry)
+        if early:
+            pl.when(w_lo < w_hi)(lambda: plgpu.barrier_wait(k_ready.at[step_slot(t, w_lo)]))
         carry = lax.fori_loop(w_lo, w_mid_lo, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
-        acc, m, l = lax.fori_loop(w_hi, hi, skip, carry)
-        if ping_pong:                                      # balance the phases again
-            for w in range(1, nc):
-                pl.when(wg < nc - w)(sync_schedule)
+        acc, m, l = lax.fori_loop(w_hi, t.hi, skip, carry)
+        sched_tile_end()
+        prefetch_next_q(i)
+        finish(t, q0, q_smem, acc, m, l)
 
-        finish(q0, q_smem, acc, m, l)
-
-    def _consumer_overlap():
+    def _consumer_overlap(t, i):
         """`mgpu_fwd_overlap` (FA3's intra-warpgroup overlap, two consumers): step j issues
         S_j = Q K_j^T and P_{j-1} V_{j-1} back to back (the latter into a fresh accumulator),
         computes the softmax of S_j while P_{j-1} V_{j-1} is on the tensor cores, then
         O = (O + P_{j-1} V_{j-1}) * alpha_j. With ping-pong the two warpgroups pass a token
         (one 1-arrival barrier each) around their GEMM issues, so the issues alternate. V_j is
         released one step later than K_j (the producer waits for K and V separately)."""
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup()
+        del i                                              # never persistent
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
         tok = schedule
         p0 = plgpu.layout_cast(jnp.zeros((bq, bk), v_smem.dtype), plgpu.Layout.WGMMA)
 
@@ -226,7 +387,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             return p_smem.at[wg]
 
         def skip(j, carry):
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             turn_begin()
@@ -237,7 +398,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def first(j, carry):                               # S only: no P V pending yet
             acc, m, l, _ = carry
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             turn_begin()
 
@@ -247,7 +408,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def visit(j, carry, masked):
             acc, m, l, p_prev = carry
-            slot, prev = step_slot(j), step_slot(j - 1)
+            slot, prev = step_slot(t, j), step_slot(t, j - 1)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[prev])
             turn_begin()
@@ -270,7 +431,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
         def last(j, carry):                                # P V of the last visited block
             acc, m, l, p_prev = carry
-            slot = step_slot(j)
+            slot = step_slot(t, j)
             plgpu.barrier_wait(v_ready.at[slot])
             turn_begin()
             p_op = p_operand(p_prev)
@@ -292,50 +453,76 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         m_lo = jnp.minimum(jnp.maximum(w_mid_lo, v0), w_hi)
         m_hi = jnp.minimum(jnp.maximum(w_mid_hi, m_lo), w_hi)
         carry = (acc, m, l, p0)
-        carry = lax.fori_loop(lo, w_lo, skip, carry)
+        carry = lax.fori_loop(t.lo, w_lo, skip, carry)
         carry = lax.fori_loop(w_lo, v0, first, carry)     # 0 or 1 step
         carry = lax.fori_loop(v0, m_lo, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(m_lo, m_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(m_hi, w_hi, functools.partial(visit, masked=True), carry)
         carry = lax.fori_loop(jnp.maximum(w_hi - 1, w_lo), w_hi, last, carry)
         carry = lax.fori_loop(jnp.int32(0), (w_hi <= w_lo).astype(jnp.int32), idle_turn, carry)
-        acc, m, l, _ = lax.fori_loop(w_hi, hi, skip, carry)
+        acc, m, l, _ = lax.fori_loop(w_hi, t.hi, skip, carry)
         if ping_pong:
             pl.when(wg == 0)(lambda: plgpu.barrier_wait(tok.at[0]))   # the last token
-        finish(q0, q_smem, acc, m, l)
+        finish(t, q0, q_smem, acc, m, l)
 
-    pl.when(wg < nc)(_consumer_overlap if overlap else _consumer)
+    @pl.when(wg < nc)
+    def _consumers():
+        plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
+        if n_ctas:                                         # the first tile's Q
+            pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0)))
+        for_tiles(_consumer_overlap if overlap else _consumer)
+        if n_ctas:
+            plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == nc)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[1], action="decrease")
-        g = lax.div(h, jnp.int32(rep))
 
-        def load(j, what=("k", "v")):
-            slot = step_slot(j)
-            at = (b, pl.ds(j * bk, bk), g)
-            if "k" in what:
-                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
-            if "v" in what:
-                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
+        def produce(t, i):
+            g = lax.div(t.h, jnp.int32(rep))
 
-        for i in range(stages):                            # fill the ring
-            pl.when(lo + i < hi)(functools.partial(load, lo + i))
+            def load(j, what=("k", "v")):
+                slot = step_slot(t, j)
+                at = (t.b, pl.ds(j * bk, bk), g)
+                if "k" in what:
+                    plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_ready.at[slot])
+                if "v" in what:
+                    plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_ready.at[slot])
 
-        @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
-        def _refill(j):
-            slot = step_slot(j)
-            plgpu.barrier_wait(k_free.at[slot])
-            if overlap:                   # K_j is released a step before V_j: load it first
-                load(j, "k")
-            plgpu.barrier_wait(v_free.at[slot])
-            load(j, "v" if overlap else ("k", "v"))
+            if n_ctas:
+                # One ring over all tiles of the CTA: ring step n waits for the consumers to
+                # free its slot from step n - stages (the next tile's first blocks load while
+                # the consumers finish this one).
+                @pl.loop(t.lo, t.hi)
+                def _step(j):
+                    slot = step_slot(t, j)
 
-        for i in range(stages):                            # drain: observe each slot's last use
-            @pl.when(lo + i < hi)
-            def _drain(i=i):
-                plgpu.barrier_wait(k_free.at[i])
-                plgpu.barrier_wait(v_free.at[i])
+                    @pl.when(t.c0 + j - t.lo >= stages)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+                    load(j)
+                return
+
+            lo, hi = t.lo, t.hi
+            for s_ in range(stages):                        # fill the ring
+                pl.when(lo + s_ < hi)(functools.partial(load, lo + s_))
+
+            @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
+            def _refill(j):
+                slot = step_slot(t, j)
+                plgpu.barrier_wait(k_free.at[slot])
+                if overlap:               # K_j is released a step before V_j: load it first
+                    load(j, "k")
+                plgpu.barrier_wait(v_free.at[slot])
+                load(j, "v" if overlap else ("k", "v"))
+
+        total = for_tiles(produce)
+        for s_ in range(stages):                           # drain: observe each slot's last use
+            @pl.when(s_ < total)
+            def _drain(s_=s_):
+                plgpu.barrier_wait(k_free.at[s_])
+                plgpu.barrier_wait(v_free.at[s_])
 
 
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
@@ -816,10 +1003,10 @@ def _grid(cfg: FlashConfig, heads, tiles, batch: int) -> dict:
 
 
 def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kernel_name,
-                      interpret, consumers: int = 2):
+                      interpret, consumers: int = 2, compiler_params=None):
     """plgpu.kernel with `consumers` consumer warpgroups and one producer ("wg" 0 ..
     consumers - 1 | consumers): `body(*refs, smem, barriers)` gets the kernel's refs and the
-    scoped SMEM / barrier trees."""
+    scoped SMEM / barrier trees. `compiler_params`: default `CompilerParams(approx_math=True)`."""
     def entry(*refs):
         pl.run_scoped(lambda smem_, barriers_: body(*refs, smem_, barriers_), smem, barriers,
                       collective_axes="wg")
@@ -827,7 +1014,7 @@ def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kerne
     return plgpu.kernel(
         entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=consumers + 1,
         thread_name="wg", kernel_name=kernel_name,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params or plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
@@ -913,12 +1100,20 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     _check_inputs(q, "forward")
     if cfg.mgpu_fwd_overlap and nc != 2:
         raise ValueError("mgpu_fwd_overlap needs mgpu_fwd_wgs=2")
+    n_ctas = cfg.mgpu_fwd_persistent
+    if n_ctas < 0:                                         # one persistent CTA per SM
+        n_ctas = 3 if interpret else getattr(jax.devices()[0], "core_count", 132)
+    if cfg.mgpu_fwd_overlap and n_ctas:
+        raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
+    if cfg.mgpu_fwd_fa3_sched and (nc != 2 or cfg.mgpu_fwd_overlap):
+        raise ValueError("mgpu_fwd_fa3_sched needs mgpu_fwd_wgs=2 without mgpu_fwd_overlap")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
         raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
                          f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
     qp = _common.pad_axis(q, 1, nc * bq)
     kp, vp = _common.pad_axis(k, 1, bk), _common.pad_axis(v, 1, bk)
     lq_pad = qp.shape[1]
+    n_ctas = min(n_ctas, b * hq * (lq_pad // (nc * bq)))  # no idle persistent CTAs
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     smem = (plgpu.SMEM((nc, bq, d), q.dtype, transforms=tiles),
@@ -926,26 +1121,45 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((nc, bq), jnp.float32),
             # P staging for interpret mode only (the GPU path keeps P in registers).
-            None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles))
+            None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles),
+            # persistent CTAs: an O buffer, so that the next tile's Q loads during the epilogue
+            None if not n_ctas else plgpu.SMEM((nc, bq, d), q.dtype,
+                                                                 transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=nc),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
-                # ping-pong: a rendezvous of the consumers, or (overlap) one token each
+                # ping-pong: a rendezvous of the consumers, (overlap) one token each, or
+                # (fa3_sched, interpret mode) one 2-arrival barrier per consumer
                 plgpu.Barrier(num_barriers=2) if cfg.mgpu_fwd_overlap
+                else plgpu.Barrier(num_arrivals=2, num_barriers=2) if cfg.mgpu_fwd_fa3_sched
                 else plgpu.Barrier(num_arrivals=nc))
     o, lse = _warp_specialized(
         functools.partial(_forward_kernel, cfg=cfg, rep=rep, stages=stages,
-                          ping_pong=ping_pong, gpu_path=not interpret),
+                          ping_pong=ping_pong, gpu_path=not interpret, n_ctas=n_ctas),
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
-        **_grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b),
+        **(dict(grid=(n_ctas,), grid_names=("sm",)) if n_ctas else
+           _grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b)),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
                      f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
                      f"{'_ov' if cfg.mgpu_fwd_overlap else ''}"
-                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
+                     f"{'_nab' if cfg.mgpu_fwd_nab else ''}"
+                     f"{'_rev' if cfg.mgpu_fwd_reverse else ''}"
+                     f"{f'_p{n_ctas}' if n_ctas else ''}"
+                     f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"
+                     f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"
+                     f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"),
         interpret=interpret, consumers=nc,
+        # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
+        # written by one thread: Q/O and lse are written by registers only after the last
+        # wgmma read of Q was awaited) and no cross-warp reduction scratch (the row max/sum of
+        # the WGMMA layout reduce within a warp), 2 KB of SMEM freed.
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
+                                             reduction_scratch_bytes=0)
+        if cfg.mgpu_fwd_nab and not interpret else None,
     )(qp, kp, vp)
     return o[:, :lq], lse

@@ -390,11 +390,12 @@ def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
-@pytest.mark.parametrize("causal", [False, pytest.param(True, marks=SLOW)])
+@pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal):
-    """The Hopper default tiles at D=64 (full: 3 consumer warpgroups of 64 rows x 128 keys
-    without ping-pong; causal: 64 x 128 with a 3-deep ring), Mosaic GPU interpret mode, ragged
-    length."""
+    """The Hopper defaults at D=64 (full: 3 consumer warpgroups of 64 rows x 128 keys without
+    ping-pong, at this length persistent CTAs skipping all-padding warpgroups; causal: 64 x 128,
+    FA3's named-barrier ping-pong (two mbarriers in interpret mode), reversed tiles), Mosaic GPU
+    interpret mode, ragged length."""
     q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
@@ -457,3 +458,88 @@ def test_f32_inputs_get_tiles_that_fit_shared_memory(monkeypatch):
     f32, bf16 = seen
     assert (f32.block_k, f32.num_stages) == (64, 2)
     assert (bf16.block_k, bf16.num_stages) == (128, 3)
+
+
+# (the default-tile D 64 causal test runs the reversed order too)
+@pytest.mark.parametrize("lq,lk,window", [pytest.param(300, 300, None, marks=SLOW),
+                                          pytest.param(200, 330, 40, marks=SLOW)])
+def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
+    """mgpu_fwd_reverse: CTA t computes query tile n_tiles - 1 - t (causal: the longest tiles
+    start first); every tile is still written once (ragged lengths, Lq != Lk, GQA, window),
+    interpret mode. (`mgpu_fwd_nab` changes only the GPU compile: ignored here.)"""
+    q, k, v, do = _inputs(25, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=True, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           block_q=64, block_k=64, mgpu_fwd_reverse=True,
+                                           mgpu_fwd_nab=True, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("b,lq,lk,causal,window,extra", [
+    # (the default-tile D 64 full test runs persistent CTAs with skip_pad at length 300)
+    pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64), marks=SLOW),
+    (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
+    pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
+                                                mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
+                                                mgpu_ping_pong=False), marks=SLOW),
+    # the next K awaited during P V; causal window: visits inside each warpgroup's own range
+    pytest.param(1, 330, 330, True, 40, dict(block_q=64, block_k=64,
+                                             mgpu_fwd_early_kwait=True), marks=SLOW),
+    # 200 rows in 192-row CTAs: the second tile's warpgroups 1 and 2 are all padding
+    pytest.param(1, 200, 200, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
+                                                mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
+                                                mgpu_fwd_skip_pad=True), marks=SLOW),
+])
+def test_mosaic_gpu_forward_persistent_ctas(b, lq, lk, causal, window, extra):
+    """mgpu_fwd_persistent=-1 (3 CTAs in interpret mode, one per SM on the GPU) walk all
+    (batch, head, query tile) tiles (more tiles than CTAs, uneven counts per CTA), one K/V
+    ring across tiles, the next Q prefetched during the epilogue, O through its own buffer;
+    ragged lengths, Lq != Lk, GQA; interpret mode."""
+    q, k, v, do = _inputs(26, b, lq, lk, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fwd_persistent=-1, **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("lq,lk,causal,window,extra", [
+    pytest.param(300, 300, True, 40, dict(block_q=64, block_k=64), marks=SLOW),
+    pytest.param(200, 330, False, None, dict(block_q=64, block_k=128, mgpu_fwd_persistent=3),
+                 marks=SLOW),
+])
+def test_mosaic_gpu_forward_fa3_schedule(lq, lk, causal, window, extra):
+    """mgpu_fwd_fa3_sched: FA3's ping-pong on one barrier per consumer (interpret mode: two
+    2-arrival mbarriers standing in for the GPU's named barriers), with the skipped steps of
+    a causal window (each consumer's own range inside the CTA's), persistent CTAs."""
+    q, k, v, do = _inputs(27, 1, lq, lk, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic",
+                                           mgpu_fwd_fa3_sched=True, **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_forward_short_query_options(monkeypatch):
+    """MOSAIC_FWD_SHORT: the first (max_lq, options) entry with lq <= max_lq is applied on top of
+    MOSAIC_FWD_BLOCKS for the Mosaic forward; longer queries keep the cell's options."""
+    seen = []
+    monkeypatch.setattr(attn, "_flash", lambda q, k, v, seg, cfg: (seen.append(cfg), q)[1])
+    monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, False),
+                        ((1024, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40))),
+                         (2048, dict(mgpu_fwd_wgs=3, mgpu_stages=3))))
+    for n in (1000, 2048, 4096):
+        q = jnp.ones((1, n, 2, 64), jnp.bfloat16)
+        attn.flash_attention_kernel(q, q, q, fwd_impl="mosaic", bwd_impl="split")
+    short, mid, long = seen
+    assert (short.mgpu_fwd_wgs, short.mgpu_fwd_regs) == (2, (232, 40))
+    assert (mid.mgpu_fwd_wgs, mid.mgpu_stages) == (3, 3)
+    base = attn.MOSAIC_FWD_BLOCKS[64, False]
+    assert (long.mgpu_fwd_wgs, long.mgpu_stages) == (base["mgpu_fwd_wgs"], base["mgpu_stages"])
