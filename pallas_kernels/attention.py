@@ -152,6 +152,9 @@ class FlashConfig:
     #                                  t (split dS barrier: the warpgroups are not in lock-step)
     mgpu_bwd_rows: bool = False  # Mosaic bwd: S, dP with query rows (row lse/delta), P and dS
     #                              through SMEM (FlashAttention-3's D=128 layout)
+    mgpu_bwd_ds_early: bool = False  # Mosaic bwd with mgpu_bwd_rows: dS computed as soon as dP
+    #                                  is done, before dV/dK are issued (no f32 P/dP tile live
+    #                                  while the dK/dV accumulators are on the tensor cores)
     interpret: bool = False
 
 

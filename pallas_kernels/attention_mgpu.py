@@ -519,6 +519,24 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                        plgpu.ACC((bk, d), jnp.float32))
         return dk + dk_inc, dv + dv_inc
 
+    def rows_dv_dk(slot, buf, w, dk, dv):
+        """Rows layout with the early dS (`mgpu_bwd_ds_early`): dV += P^T dO and dK += dS^T Q
+        with both A operands from SMEM (P and dS already there). Returns (dk, dv)."""
+        def mms(dv_ref, dk_ref):
+            plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+            plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+        if gpu_path:
+            dv, dk = pl.run_state(lambda refs: mms(*refs))(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
+
+        def mms_interpret(dv_ref, dk_ref):
+            mms(dv_ref, dk_ref)
+            return dv_ref[...], dk_ref[...]
+        dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
+                                       plgpu.ACC((bk, d), jnp.float32))
+        return dk + dk_inc, dv + dv_inc
+
     def _consumer_defer(w: int):
         """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
         the static warpgroup index). Step t issues dq_{t-1} (both dS^T halves of step t-1 are
@@ -754,6 +772,19 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
 
+            if cfg.mgpu_bwd_ds_early:
+                def s_dp_ds(s_ref, dp_ref):
+                    rows_issue_s_dp(s_ref, dp_ref, slot, wg)
+                    p = rows_p(s_ref, slot, i, k0, masked, wg)
+                    delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+                    ds = p * (dp_ref[...] - lax.broadcast_in_dim(delta, p.shape, [0]))
+                    ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
+                pl.run_scoped(s_dp_ds, plgpu.ACC((bq, bk), jnp.float32),
+                              plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.commit_smem()                        # P and dS visible to the tensor cores
+                dk, dv = rows_dv_dk(slot, buf, wg, dk, dv)
+                return dq_step(i, slot, buf, h, dk, dv)
+
             def s_dp(s_ref, dp_ref):
                 rows_issue_s_dp(s_ref, dp_ref, slot, wg)
                 return rows_p(s_ref, slot, i, k0, masked, wg), dp_ref[...]
@@ -847,6 +878,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
         raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
                          "and mgpu_bwd_p_lo")
+    if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
+        raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
@@ -893,6 +926,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
                      f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
                      f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
+                     f"{'_early' if cfg.mgpu_bwd_ds_early else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,
