@@ -38,6 +38,10 @@ VARIANTS = {
     "rows": ROWS,
     "rows_early": dict(ROWS, mgpu_bwd_ds_early=True),
     "rows_early_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
+    # no producer warpgroup: 2 x 128 threads with 255 registers each (not 240)
+    "plo_np": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False),
+    "mosaic_np": dict(MOSAIC, mgpu_bwd_producer=False),
+    "rows_early_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_producer=False),
 }
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 

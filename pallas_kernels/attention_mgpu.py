@@ -370,6 +370,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     d = q_ref.shape[-1]
     own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
     rows = cfg.mgpu_bwd_rows            # S, dP, P, dS as [queries, keys] (see _consumer_rows)
+    producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
     dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
     dh = d if own else d // dq_wgs
     b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
@@ -385,6 +386,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def sync():
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
+
+    def load_step(t):
+        """TMA of step t's Q, dO and [lse; delta] blocks into ring slot t % stages."""
+        slot = lax.rem(t, jnp.int32(stages))
+        r = lax.div(t, n)
+        i = lo + t - r * n
+        h = g * rep + r
+        at = (b, pl.ds(i * bq, bq), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
+                                ld_ready.at[slot])
 
     def own_keys(w):
         """Warpgroup w's keys: first key, unmasked query-block range, TMA of K and V into its
@@ -413,7 +426,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def begin_consumer():
         """The default and rows consumers' start: registers up, own K/V in SMEM; returns
         (k0, w_mid_lo, w_mid_hi, kv_at, zero dK/dV accumulator)."""
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        if producer:
+            plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        else:           # warpgroup 0 fills the ring (no producer warpgroup)
+            for t0 in range(stages):
+                pl.when((wg == 0) & (t0 < total))(functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
@@ -666,7 +683,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv)
-                return dq_step(i, slot, buf, h, dk, dv)
+                return dq_step(i, slot, buf, h, dk, dv, r)
 
             def qk(s_ref):
                 plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
@@ -723,18 +740,22 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.wgmma(acc_ref, ds_smem.at[buf, wg], q_smem.at[slot])
                     return acc_ref[...]
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
-            return dq_step(i, slot, buf, h, dk, dv)
+            return dq_step(i, slot, buf, h, dk, dv, r)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
 
-    def dq_step(i, slot, buf, h, dk, dv):
+    def dq_step(i, slot, buf, h, dk, dv, r=None):
         """Releases the slot, then dq of query block i (head h) from the dS tiles of both
         warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
         reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
-        plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+        if producer:
+            plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
         if not own:
             sync()                                       # both halves of dS^T are in SMEM
+        if not producer:    # both warpgroups are past their last read of the slot: refill it
+            t_next = r * n + (i - lo) + stages
+            pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
 
         def dq_block(w: int):                            # static warpgroup index
             if own:         # dq += dS_w K_w over the full head dim
@@ -783,7 +804,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                               plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.commit_smem()                        # P and dS visible to the tensor cores
                 dk, dv = rows_dv_dk(slot, buf, wg, dk, dv)
-                return dq_step(i, slot, buf, h, dk, dv)
+                return dq_step(i, slot, buf, h, dk, dv, r)
 
             def s_dp(s_ref, dp_ref):
                 rows_issue_s_dp(s_ref, dp_ref, slot, wg)
@@ -791,7 +812,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             p, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
             dk, dv = rows_tail(p, dp, slot, buf, wg, dk, dv)
-            return dq_step(i, slot, buf, h, dk, dv)
+            return dq_step(i, slot, buf, h, dk, dv, r)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
@@ -804,20 +825,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     else:
         pl.when(wg < 2)(_consumer)
 
+    if not producer:
+        return
+
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[1], action="decrease")
-
-        def load(t):
-            slot = lax.rem(t, jnp.int32(stages))
-            r = lax.div(t, n)
-            i = lo + t - r * n
-            h = g * rep + r
-            at = (b, pl.ds(i * bq, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
-            plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
-                                    ld_ready.at[slot])
+        load = load_step
 
         for i in range(stages):
             pl.when(i < total)(functools.partial(load, jnp.int32(i)))
@@ -878,6 +892,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
         raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
                          "and mgpu_bwd_p_lo")
+    if not cfg.mgpu_bwd_producer and (cfg.mgpu_bwd_defer_dq or cfg.mgpu_bwd_dq == "own"):
+        raise ValueError("mgpu_bwd_producer=False needs the per-step dS barrier: not with "
+                         "mgpu_bwd_defer_dq or mgpu_bwd_dq='own'")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
@@ -921,12 +938,14 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         # CUDA launches the first grid axis fastest: KV tiles first keeps the CTAs in flight on
         # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
         **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
+        consumers=2 if cfg.mgpu_bwd_producer else 1,   # num_threads = consumers + 1
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
                      f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
                      f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
                      f"{'_early' if cfg.mgpu_bwd_ds_early else ''}"
+                     f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,
