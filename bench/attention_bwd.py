@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--parts", default="check:0.3,tput:1.0")
     ap.add_argument("--variants", default="default,split,rows_early")
     ap.add_argument("--check-variants", default="")
+    ap.add_argument("--kvariants", default="", help="variants of part ktimes (default: the "
+                    "first three of --variants), first cell only")
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", type=int, default=4096)
     args = ap.parse_args()
@@ -151,7 +153,8 @@ def main():
     cells = [s for s in args.cells.split(",") if s]
     steps = {"check": lambda dl: checks(results, dl, check_names),
              "tput": lambda dl: throughput(results, dl, names, cells, args.n),
-             "ktimes": lambda dl: ktimes(results, dl, names, cells, args.n),
+             "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
+                                         or names[:3], cells[:1], args.n),
              "compile": lambda dl: compile_only(results, dl, names, cells)}
     for part in args.parts.split(","):
         p, frac = part.split(":")
