@@ -42,6 +42,10 @@ VARIANTS = {
     "plo_np": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False),
     "mosaic_np": dict(MOSAIC, mgpu_bwd_producer=False),
     "rows_early_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_producer=False),
+    # and dV issued before the dP wait (dS computed while dV runs)
+    "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
+    "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                       mgpu_bwd_producer=False),
 }
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 

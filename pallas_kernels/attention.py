@@ -155,6 +155,9 @@ class FlashConfig:
     mgpu_bwd_ds_early: bool = False  # Mosaic bwd with mgpu_bwd_rows: dS computed as soon as dP
     #                                  is done, before dV/dK are issued (no f32 P/dP tile live
     #                                  while the dK/dV accumulators are on the tensor cores)
+    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
+    #                                  dS computed while dV runs (GPU path; interpret mode runs
+    #                                  the ds_early order)
     mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
     #                                 issues the Q/dO loads after the per-step dS barrier), so
     #                                 the 2 consumers get 255 registers each instead of 240

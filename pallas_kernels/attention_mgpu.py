@@ -793,7 +793,29 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
 
-            if cfg.mgpu_bwd_ds_early:
+            if cfg.mgpu_bwd_dv_early and gpu_path:
+                def step_mms(refs):
+                    dv_ref, dk_ref = refs
+
+                    def s_dp(s_ref, dp_ref):
+                        rows_issue_s_dp(s_ref, dp_ref, slot, wg)
+                        p = rows_p(s_ref, slot, i, k0, masked, wg)      # S waited for
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dv_ref, p_smem.at[wg].transpose((1, 0)), do_smem.at[slot])
+                        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may run
+                        delta = plgpu.load(ld_smem.at[slot, 1],
+                                           layout=plgpu.Layout.WGMMA.reduce(1))
+                        ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+                        ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
+                                    q_smem.at[slot])
+                    pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
+                                  plgpu.ACC((bq, bk), jnp.float32))
+                dv, dk = pl.run_state(step_mms)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                return dq_step(i, slot, buf, h, dk, dv, r)
+
+            if cfg.mgpu_bwd_ds_early:       # (interpret mode runs dv_early this way too)
                 def s_dp_ds(s_ref, dp_ref):
                     rows_issue_s_dp(s_ref, dp_ref, slot, wg)
                     p = rows_p(s_ref, slot, i, k0, masked, wg)
@@ -897,6 +919,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                          "mgpu_bwd_defer_dq or mgpu_bwd_dq='own'")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
+    if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
+        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
@@ -945,6 +969,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
                      f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
                      f"{'_early' if cfg.mgpu_bwd_ds_early else ''}"
+                     f"{'_dv' if cfg.mgpu_bwd_dv_early else ''}"
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
