@@ -350,7 +350,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
                  marks=SLOW),
     (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False)),     # no producer warpgroup
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
-                                  mgpu_bwd_producer=False), marks=SLOW),
+                                  mgpu_bwd_dv_early=True, mgpu_bwd_producer=False), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
