@@ -46,6 +46,10 @@ VARIANTS = {
     "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
     "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                        mgpu_bwd_producer=False),
+    # dq "own": each warpgroup reduces dS_w K_w over the full head dim (no per-step barrier)
+    "rows_dv_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                        mgpu_bwd_dq="own"),
+    "plo_own": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_dq="own"),
 }
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 

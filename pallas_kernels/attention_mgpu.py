@@ -440,7 +440,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def step_slots(i, r):
         """Ring slot, dS buffer and query head of query block i of the r-th head of the group."""
         t = r * n + (i - lo)
-        buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
+        buf = 0 if own else lax.rem(t, jnp.int32(2))     # static 0: a constant index of a
+        #                                                   transposed SMEM view fails to lower
         return lax.rem(t, jnp.int32(stages)), buf, g * rep + r
 
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
