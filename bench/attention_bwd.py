@@ -46,6 +46,10 @@ VARIANTS = {
     "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
     "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                        mgpu_bwd_producer=False),
+    "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                        mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False),
+    "rows_dqf_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                         mgpu_bwd_dq_fused=True, mgpu_bwd_dq="own"),
     # dq "own": each warpgroup reduces dS_w K_w over the full head dim (no per-step barrier)
     "rows_dv_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq="own"),

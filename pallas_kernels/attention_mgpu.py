@@ -750,6 +750,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         """Releases the slot, then dq of query block i (head h) from the dS tiles of both
         warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
         reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
+        release_and_sync(i, slot, r)
+        dq_send(i, buf, h)
+        return dk, dv
+
+    def release_and_sync(i, slot, r):
+        """Step end: the ring slot is released (or refilled by warpgroup 0 without a producer)
+        and, for dq "halves", both warpgroups meet (both dS tiles are in SMEM)."""
         if producer:
             plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
         if not own:
@@ -758,6 +765,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
 
+    def dq_send(i, buf, h):
+        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
         def dq_block(w: int):                            # static warpgroup index
             if own:         # dq += dS_w K_w over the full head dim
                 terms = [(ds_smem.at[buf, w], k_smem.at[w])]
@@ -775,7 +784,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
         for w in range(dq_wgs):
             pl.when(wg == w)(functools.partial(dq_block, w))
-        return dk, dv
 
     def _consumer_rows():
         """The consumer with query rows (`mgpu_bwd_rows`, FlashAttention-3's D=128 layout):
@@ -813,7 +821,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                     q_smem.at[slot])
                     pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
+                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                        release_and_sync(i, slot, r)
+                        dq_send(i, buf, h)
                 dv, dk = pl.run_state(step_mms)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                if cfg.mgpu_bwd_dq_fused:
+                    return dk, dv
                 return dq_step(i, slot, buf, h, dk, dv, r)
 
             if cfg.mgpu_bwd_ds_early:       # (interpret mode runs dv_early this way too)
@@ -922,6 +935,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
+    if cfg.mgpu_bwd_dq_fused and not cfg.mgpu_bwd_dv_early:
+        raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
@@ -971,6 +986,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
                      f"{'_early' if cfg.mgpu_bwd_ds_early else ''}"
                      f"{'_dv' if cfg.mgpu_bwd_dv_early else ''}"
+                     f"{'_dqf' if cfg.mgpu_bwd_dq_fused else ''}"
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
