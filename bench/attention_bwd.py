@@ -77,10 +77,10 @@ def checks(results, deadline, names):
                                            (q, k, v, do), kw, VARIANTS[name], err_chars=600)
 
 
-def throughput(results, deadline, names, cells, n):
+def throughput(results, deadline, names, cells, lengths):
     out = results.setdefault("bwd_tput", [])
-    b = battn.TOKENS // n
-    for cell in cells:
+    for n, cell in [(n, c) for n in lengths for c in cells]:
+        b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
@@ -155,7 +155,7 @@ def main():
     ap.add_argument("--kvariants", default="", help="variants of part ktimes (default: the "
                     "first three of --variants), first cell only")
     ap.add_argument("--cells", default="128f,128c")
-    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     args = ap.parse_args()
     t0 = time.time()
     results = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__,
@@ -163,10 +163,11 @@ def main():
     names = [s for s in args.variants.split(",") if s]
     check_names = [s for s in args.check_variants.split(",") if s] or names
     cells = [s for s in args.cells.split(",") if s]
+    lengths = [int(x) for x in args.n.split(",")]
     steps = {"check": lambda dl: checks(results, dl, check_names),
-             "tput": lambda dl: throughput(results, dl, names, cells, args.n),
+             "tput": lambda dl: throughput(results, dl, names, cells, lengths),
              "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
-                                         or names[:3], cells[:1], args.n),
+                                         or names[:3], cells[:1], lengths[0]),
              "compile": lambda dl: compile_only(results, dl, names, cells)}
     for part in args.parts.split(","):
         p, frac = part.split(":")
