@@ -43,6 +43,8 @@ VARIANTS = {
     "mosaic_np": dict(MOSAIC, mgpu_bwd_producer=False),
     "rows_early_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_producer=False),
     "overlap_np": dict(MOSAIC, mgpu_bwd_overlap=True, mgpu_bwd_producer=False),   # FA3 order, S^T
+    "overlap_dqf_np": dict(MOSAIC, mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
+                           mgpu_bwd_producer=False),
     # and dV issued before the dP wait (dS computed while dV runs)
     "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
     "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,

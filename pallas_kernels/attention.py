@@ -158,9 +158,9 @@ class FlashConfig:
     mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
     #                                  dS computed while dV runs (GPU path; interpret mode runs
     #                                  the ds_early order)
-    mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early: the dS barrier and the dq wgmma
-    #                                  follow the dK issue in one wgmma state (dK, dq in flight
-    #                                  together; GPU path)
+    mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early or mgpu_bwd_overlap: the dS
+    #                                  barrier and the dq wgmma follow the dK issue in one wgmma
+    #                                  state (dK, dq in flight together; GPU path)
     mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
     #                                 issues the Q/dO loads after the per-step dS barrier), so
     #                                 the 2 consumers get 255 registers each instead of 240

@@ -463,7 +463,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
         plgpu.wait_smem_to_gmem(0)
 
-    def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv):
+    def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
         P^T from registers, dS^T = P^T (dP^T - delta) computed while dV runs and written to
         SMEM (buffer `buf`, warpgroup `w`), dK += dS^T Q. Returns (dk, dv)."""
@@ -477,6 +477,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 ds_smem.at[buf, w][...] = ds_lo
                 plgpu.commit_smem()
                 plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+                if tail is not None:        # mgpu_bwd_dq_fused: barrier + dq while dK runs
+                    tail()
             dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
         # interpret mode: wgmma operands from SMEM, no run_state
@@ -683,6 +685,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     return pt, dp_ref[...]
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
+                if cfg.mgpu_bwd_dq_fused and gpu_path:
+                    def tail():
+                        release_and_sync(i, slot, r)
+                        dq_send(i, buf, h)
+                    return dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv, tail)
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv)
                 return dq_step(i, slot, buf, h, dk, dv, r)
 
@@ -821,7 +828,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                     q_smem.at[slot])
                     pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
-                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs (GPU path)
                         release_and_sync(i, slot, r)
                         dq_send(i, buf, h)
                 dv, dk = pl.run_state(step_mms)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
@@ -935,8 +942,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
-    if cfg.mgpu_bwd_dq_fused and not cfg.mgpu_bwd_dv_early:
-        raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early")
+    if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
+        raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
     delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
