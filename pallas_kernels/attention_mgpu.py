@@ -492,6 +492,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             return dv_ref[...], dk_ref[...]
         dv_inc, dk_inc = pl.run_scoped(dv_dk_interpret, plgpu.ACC((bk, d), jnp.float32),
                                        plgpu.ACC((bk, d), jnp.float32))
+        if tail is not None:
+            tail()
         return dk + dk_inc, dv + dv_inc
 
     def rows_issue_s_dp(s_ref, dp_ref, slot, w):
@@ -685,10 +687,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     return pt, dp_ref[...]
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
-                if cfg.mgpu_bwd_dq_fused and gpu_path:
+                if cfg.mgpu_bwd_dq_fused:
                     def tail():
-                        release_and_sync(i, slot, r)
-                        dq_send(i, buf, h)
+                        fused_dq_tail(i, slot, buf, h, r)
                     return dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv, tail)
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv)
                 return dq_step(i, slot, buf, h, dk, dv, r)
@@ -772,6 +773,24 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
 
+    def fused_dq_tail(i, slot, buf, h, r):
+        """`mgpu_bwd_dq_fused`, called right after this warpgroup's dK issue: the dS barrier,
+        dq (its wait also covers dK), then the slot release. dK reads Q of the slot, so the
+        release waits for both warpgroups' dK: an arrival on the slot's "free" barrier, which
+        the producer (or, without one, warpgroup 0 before it refills the slot) waits on."""
+        if not own:
+            sync()                                       # both dS tiles are in SMEM
+        dq_send(i, buf, h)
+        plgpu.wgmma_wait(0)                              # dK done (a no-op after dq's wait)
+        plgpu.barrier_arrive(free.at[slot])
+        if not producer:
+            t_next = r * n + (i - lo) + stages
+
+            @pl.when(wg == 0)
+            def _refill():
+                plgpu.barrier_wait(free.at[slot])        # every phase observed, refill or not
+                pl.when(t_next < total)(functools.partial(load_step, t_next))
+
     def dq_send(i, buf, h):
         """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
         def dq_block(w: int):                            # static warpgroup index
@@ -809,10 +828,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
 
-            if cfg.mgpu_bwd_dv_early and gpu_path:
-                def step_mms(refs):
-                    dv_ref, dk_ref = refs
-
+            if cfg.mgpu_bwd_dv_early:
+                def step_mms(dv_ref, dk_ref):
                     def s_dp(s_ref, dp_ref):
                         rows_issue_s_dp(s_ref, dp_ref, slot, wg)
                         p = rows_p(s_ref, slot, i, k0, masked, wg)      # S waited for
@@ -828,15 +845,24 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                     q_smem.at[slot])
                     pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
-                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs (GPU path)
-                        release_and_sync(i, slot, r)
-                        dq_send(i, buf, h)
-                dv, dk = pl.run_state(step_mms)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                        fused_dq_tail(i, slot, buf, h, r)
+                if gpu_path:
+                    dv, dk = pl.run_state(lambda refs: step_mms(*refs))(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                else:       # interpret mode: no run_state; increments from zero, then added
+                    def step_interpret(dv_ref, dk_ref):
+                        step_mms(dv_ref, dk_ref)
+                        return dv_ref[...], dk_ref[...]
+                    dv_inc, dk_inc = pl.run_scoped(step_interpret,
+                                                   plgpu.ACC((bk, d), jnp.float32),
+                                                   plgpu.ACC((bk, d), jnp.float32))
+                    dv, dk = dv + dv_inc, dk + dk_inc
                 if cfg.mgpu_bwd_dq_fused:
                     return dk, dv
                 return dq_step(i, slot, buf, h, dk, dv, r)
 
-            if cfg.mgpu_bwd_ds_early:       # (interpret mode runs dv_early this way too)
+            if cfg.mgpu_bwd_ds_early:
                 def s_dp_ds(s_ref, dp_ref):
                     rows_issue_s_dp(s_ref, dp_ref, slot, wg)
                     p = rows_p(s_ref, slot, i, k0, masked, wg)

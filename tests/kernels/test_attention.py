@@ -345,12 +345,18 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
-    (128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True)),      # session 5
+    # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
+    (128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True)),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
                  marks=SLOW),
-    (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False)),     # no producer warpgroup
+    pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
+    (128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False)),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
-                                  mgpu_bwd_dv_early=True, mgpu_bwd_producer=False), marks=SLOW),
+                                  mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
+                                  mgpu_bwd_producer=False), marks=SLOW),
+    pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
+                                mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
+                                mgpu_bwd_dq="own"), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
