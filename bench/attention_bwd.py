@@ -58,6 +58,7 @@ VARIANTS = {
                         mgpu_bwd_dq="own"),
     "plo_own": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_dq="own"),
 }
+_SAVE = [lambda: None]     # main() puts the results writer here (results survive a timeout)
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 
 
@@ -78,6 +79,7 @@ def checks(results, deadline, names):
                             f"window={window}", variant=name)
             battn._check_against_reference(rows, row, attn.flash_attention_kernel,
                                            (q, k, v, do), kw, VARIANTS[name], err_chars=600)
+            _SAVE[0]()
 
 
 def throughput(results, deadline, names, cells, lengths):
@@ -97,6 +99,7 @@ def throughput(results, deadline, names, cells, lengths):
                     return attn.flash_attention_kernel(q, k, v, causal=c, **cfg)
             row = dict(d=d, causal=causal, n=n, mode="fwd+bwd", impl=name)
             battn._timed(row, deadline, flops, "bwd", out, battn._fwd_bwd(fn), q, k, v, do)
+            _SAVE[0]()
 
 
 def ktimes(results, deadline, names, cells, n):
@@ -124,6 +127,7 @@ def ktimes(results, deadline, names, cells, n):
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print("ktimes", json.dumps(row), flush=True)
             out.append(row)
+            _SAVE[0]()
 
 
 def compile_only(results, deadline, names, cells):
@@ -172,12 +176,15 @@ def main():
              "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
                                          or names[:3], cells[:1], lengths[0]),
              "compile": lambda dl: compile_only(results, dl, names, cells)}
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    _SAVE[0] = save
     for part in args.parts.split(","):
         p, frac = part.split(":")
         steps[p](t0 + args.budget * float(frac))
         results.setdefault("elapsed", {})[p] = round(time.time() - t0, 1)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        save()
 
 
 if __name__ == "__main__":
