@@ -945,17 +945,9 @@ def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kerne
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
-def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
-                    interpret: bool = False):
-    """dq, dk, dv from the saved base-2 lse (the contract of `_flash_backward`, no segments).
-
-    Needs bf16/f16 inputs and head_dim 64 or 128; lengths are padded here.
-    """
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    rep = hq // hkv
-    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
-    _check_inputs(q, "backward")
+def check_backward_options(cfg: FlashConfig):
+    """ValueError for combinations of the Mosaic backward's `mgpu_bwd_*` options that have no
+    kernel."""
     if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
         raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
@@ -970,7 +962,21 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
-    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+
+
+def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
+                    interpret: bool = False):
+    """dq, dk, dv from the saved base-2 lse (the contract of `_flash_backward`, no segments).
+
+    Needs bf16/f16 inputs and head_dim 64 or 128; lengths are padded here.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+    _check_inputs(q, "backward")
+    check_backward_options(cfg)
+    delta = _attn.backward_delta(o, do, cfg.bwd_delta)
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
     lq_pad, lk_pad = qp.shape[1], kp.shape[1]
