@@ -58,19 +58,42 @@ VARIANTS = {
                         mgpu_bwd_dq="own"),
     "plo_own": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_dq="own"),
 }
+VARIANTS.update({
+    # the dispatch's Mosaic options of the cell, forced at any length (MOSAIC_BWD_MIN_LK off)
+    "mosaic_opts": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {})),
+    "default_einsum": dict(bwd_delta="einsum"),            # sessions 1-4's delta fusion
+    "default_barrier": dict(bwd_delta="rowsum_barrier"),
+})
+
+
+def _cfg(name, d, causal):
+    cfg = VARIANTS[name]
+    return cfg(d, causal) if callable(cfg) else cfg
+
+
+def _attn_fn(name, d, causal, **extra):
+    """fn(q, k, v) of jax.nn cuDNN ("cudnn") or of our kernel with the named variant."""
+    if name == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                            implementation="cudnn")
+    cfg = {**_cfg(name, d, causal), **extra}
+    return lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **cfg)
+
+
 _SAVE = [lambda: None]     # main() puts the results writer here (results survive a timeout)
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 
 
 def checks(results, deadline, names):
-    """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA, plus D 64 causal
-    window MQA for the first variant) against the f32 reference."""
+    """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA; the first variant also
+    D 64 and D 128 causal window MQA and D 128 full at 2048) against the f32 reference."""
     rows = results.setdefault("correctness", [])
     cases = [(2, 1000, 8, 2, 128, True, None), (1, 777, 4, 2, 128, False, None),
-             (1, 2048, 8, 1, 64, True, 300)]
+             (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
+             (2, 2048, 4, 4, 128, False, None)]
     for j, name in enumerate(names):
         for i, (b, n, hq, hkv, d, causal, window) in enumerate(cases):
-            if time.time() > deadline or (i == 2 and j > 0):
+            if time.time() > deadline or (i >= 2 and j > 0):
                 continue
             q, k, v, do = battn._inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16,
                                         seed=500 + 10 * j + i)
@@ -78,7 +101,8 @@ def checks(results, deadline, names):
             row = dict(case=f"{name} b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} "
                             f"window={window}", variant=name)
             battn._check_against_reference(rows, row, attn.flash_attention_kernel,
-                                           (q, k, v, do), kw, VARIANTS[name], err_chars=600)
+                                           (q, k, v, do), kw, _cfg(name, d, causal),
+                                           err_chars=600)
             _SAVE[0]()
 
 
@@ -90,13 +114,7 @@ def throughput(results, deadline, names, cells, lengths):
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
         for name in ["cudnn"] + names:
-            if name == "cudnn":
-                def fn(q, k, v, c=causal):
-                    return jax.nn.dot_product_attention(q, k, v, is_causal=c,
-                                                        implementation="cudnn")
-            else:
-                def fn(q, k, v, c=causal, cfg=VARIANTS[name]):
-                    return attn.flash_attention_kernel(q, k, v, causal=c, **cfg)
+            fn = _attn_fn(name, d, causal)
             row = dict(d=d, causal=causal, n=n, mode="fwd+bwd", impl=name)
             battn._timed(row, deadline, flops, "bwd", out, battn._fwd_bwd(fn), q, k, v, do)
             _SAVE[0]()
@@ -112,13 +130,7 @@ def ktimes(results, deadline, names, cells, n):
         for name in ["cudnn"] + names:
             if time.time() > deadline:
                 return
-            if name == "cudnn":
-                def fn(q, k, v, c=causal):
-                    return jax.nn.dot_product_attention(q, k, v, is_causal=c,
-                                                        implementation="cudnn")
-            else:
-                def fn(q, k, v, c=causal, cfg=VARIANTS[name]):
-                    return attn.flash_attention_kernel(q, k, v, causal=c, **cfg)
+            fn = _attn_fn(name, d, causal)
             row = dict(d=d, causal=causal, n=n, impl=name)
             try:
                 kt = kernel_times(battn._fwd_bwd(fn), (q, k, v, do), runs=5, top=8)
@@ -141,9 +153,7 @@ def compile_only(results, deadline, names, cells):
             row = dict(variant=name, d=d, causal=causal)
             t = time.time()
             try:
-                fn = battn._fwd_bwd(lambda q, k, v, c=causal, cfg=VARIANTS[name]:
-                                    attn.flash_attention_kernel(q, k, v, causal=c,
-                                                                fwd_impl="triton", **cfg))
+                fn = battn._fwd_bwd(_attn_fn(name, d, causal, fwd_impl="triton"))
                 jax.block_until_ready(fn(q, k, v, do))
                 row["s"] = round(time.time() - t, 2)
             except Exception as e:  # noqa: BLE001
