@@ -57,6 +57,12 @@ VARIANTS = {
     "rows_dv_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq="own"),
     "plo_own": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_dq="own"),
+    # dq "own" without the producer: each warpgroup arrives on the slot's free barrier,
+    # warpgroup 0 waits for both and refills (no per-step dS barrier)
+    "plo_own_np": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_dq="own", mgpu_bwd_producer=False),
+    "mosaic_own_np": dict(MOSAIC, mgpu_bwd_dq="own", mgpu_bwd_producer=False),
+    "rows_dv_own_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                           mgpu_bwd_dq="own", mgpu_bwd_producer=False),
 }
 VARIANTS.update({
     # the dispatch's Mosaic options of the cell, forced at any length (MOSAIC_BWD_MIN_LK off)

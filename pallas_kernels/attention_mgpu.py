@@ -769,9 +769,22 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
         if not own:
             sync()                                       # both halves of dS^T are in SMEM
-        if not producer:    # both warpgroups are past their last read of the slot: refill it
+        if not producer and not own:    # both warpgroups are past their reads of the slot
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+        elif not producer:                               # dq "own": no barrier to lean on
+            release_to_wg0(i, slot, r)
+
+    def release_to_wg0(i, slot, r):
+        """Without a producer: both warpgroups arrive on the slot's "free" barrier once done
+        with it; warpgroup 0 waits for both (every phase, refill or not) and refills it."""
+        plgpu.barrier_arrive(free.at[slot])
+        t_next = r * n + (i - lo) + stages
+
+        @pl.when(wg == 0)
+        def _refill():
+            plgpu.barrier_wait(free.at[slot])
+            pl.when(t_next < total)(functools.partial(load_step, t_next))
 
     def fused_dq_tail(i, slot, buf, h, r):
         """`mgpu_bwd_dq_fused`, called right after this warpgroup's dK issue: the dS barrier,
@@ -782,14 +795,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             sync()                                       # both dS tiles are in SMEM
         dq_send(i, buf, h)
         plgpu.wgmma_wait(0)                              # dK done (a no-op after dq's wait)
-        plgpu.barrier_arrive(free.at[slot])
-        if not producer:
-            t_next = r * n + (i - lo) + stages
-
-            @pl.when(wg == 0)
-            def _refill():
-                plgpu.barrier_wait(free.at[slot])        # every phase observed, refill or not
-                pl.when(t_next < total)(functools.partial(load_step, t_next))
+        if producer:
+            plgpu.barrier_arrive(free.at[slot])
+        else:
+            release_to_wg0(i, slot, r)
 
     def dq_send(i, buf, h):
         """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
@@ -953,9 +962,8 @@ def check_backward_options(cfg: FlashConfig):
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
         raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
                          "and mgpu_bwd_p_lo")
-    if not cfg.mgpu_bwd_producer and (cfg.mgpu_bwd_defer_dq or cfg.mgpu_bwd_dq == "own"):
-        raise ValueError("mgpu_bwd_producer=False needs the per-step dS barrier: not with "
-                         "mgpu_bwd_defer_dq or mgpu_bwd_dq='own'")
+    if not cfg.mgpu_bwd_producer and cfg.mgpu_bwd_defer_dq:
+        raise ValueError("mgpu_bwd_producer=False is not implemented with mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:

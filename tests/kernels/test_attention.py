@@ -306,7 +306,7 @@ def test_mosaic_backward_default_options_are_valid():
                                has_segments=False, bwd_impl="mosaic", **opts)
         attention_mgpu.check_backward_options(cfg)
     bad = attn.FlashConfig(causal=False, window=None, sm_scale=1.0, lq=256, lk=256,
-                           has_segments=False, mgpu_bwd_producer=False, mgpu_bwd_dq="own")
+                           has_segments=False, mgpu_bwd_producer=False, mgpu_bwd_defer_dq=True)
     with pytest.raises(ValueError, match="mgpu_bwd_producer"):
         attention_mgpu.check_backward_options(bad)
 
