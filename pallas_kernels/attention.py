@@ -161,11 +161,11 @@ class FlashConfig:
     mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early or mgpu_bwd_overlap: the dS
     #                                  barrier and the dq wgmma follow the dK issue in one wgmma
     #                                  state (dK, dq in flight together; GPU path)
-    bwd_delta: str = "rowsum"    # delta = rowsum(dO * O) in XLA: "einsum" (sessions 1-4: one
-    #                              fusion with the [lse; delta] stack took 274 us at 4k where
-    #                              cuDNN's dot(dO, O) kernel takes 70), "rowsum" (a row
-    #                              reduction over D, then a transpose), "rowsum_barrier" (the
-    #                              same behind an optimization barrier: no fusion with the stack)
+    bwd_delta: str = "rowsum_barrier"  # delta = rowsum(dO * O) in XLA: "einsum" (sessions 1-4)
+    #                              and "rowsum" both become one fusion with the [lse; delta]
+    #                              stack that took 274-276 us at 4k (H200, session 5 call 2);
+    #                              "rowsum_barrier" (the row reduction behind an optimization
+    #                              barrier) is a reduction fusion of 35 us + a 2.5 us concat
     mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
     #                                 issues the Q/dO loads after the per-step dS barrier), so
     #                                 the 2 consumers get 255 registers each instead of 240
@@ -481,7 +481,7 @@ def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_delta(o, do, mode: str = "rowsum"):
+def backward_delta(o, do, mode: str = "rowsum_barrier"):
     """delta [B, H, L] (f32): delta_i = sum_d dO_id O_id, the row term of the softmax
     Jacobian; padded rows give 0. `mode`: FlashConfig.bwd_delta."""
     o32, do32 = o.astype(jnp.float32), do.astype(jnp.float32)
@@ -774,7 +774,11 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # Session 5, call 1 (N=4k fwd+bwd, same process; cuDNN 517 / 446): D=128 full: rows layout, dS
 # and dV issued early, no producer warpgroup (255 registers: 16 B of spills where the 240/24
 # lean default spilled 204) 489 vs 440 (lean default); D=128 causal: the lean step without the
-# producer 382 (the rows layout lost there: 344).
+# producer 382 (the rows layout lost there: 344). Call 2 (same process): full 478 vs 435 (lean)
+# at 4k, 523 vs 473 at 16k (cuDNN 514 / 545); causal 384 vs Triton 358 at 4k, 455 vs 396 at 16k
+# (cuDNN 439 / 524); GPU checks of both option sets passed (D 128 causal GQA 1000 and window 300
+# MQA 2048, full GQA 777). At D=64 the deferred dq stays (409 vs rows_dv_np 369, dq "own"
+# without producer 320-326, cuDNN 414).
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
                                                                     mgpu_bwd_ds_early=True,
                                                                     mgpu_bwd_dv_early=True,
