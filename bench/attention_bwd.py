@@ -90,15 +90,17 @@ _SAVE = [lambda: None]     # main() puts the results writer here (results surviv
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 
 
-def checks(results, deadline, names):
+def checks(results, deadline, names, order=None):
     """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA; the first variant also
     D 64 and D 128 causal window MQA and D 128 full at 2048) against the f32 reference."""
     rows = results.setdefault("correctness", [])
     cases = [(2, 1000, 8, 2, 128, True, None), (1, 777, 4, 2, 128, False, None),
              (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
              (2, 2048, 4, 4, 128, False, None)]
+    order = order or list(range(len(cases)))
     for j, name in enumerate(names):
-        for i, (b, n, hq, hkv, d, causal, window) in enumerate(cases):
+        for i in order:
+            b, n, hq, hkv, d, causal, window = cases[i]
             if time.time() > deadline or (i >= 2 and j > 0):
                 continue
             q, k, v, do = battn._inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16,
@@ -176,7 +178,8 @@ def main():
     ap.add_argument("--variants", default="default,split,rows_early")
     ap.add_argument("--check-variants", default="")
     ap.add_argument("--kvariants", default="", help="variants of part ktimes (default: the "
-                    "first three of --variants), first cell only")
+                    "first three of --variants)")
+    ap.add_argument("--check-cases", default="", help="indices into checks()'s cases, in order")
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     args = ap.parse_args()
@@ -187,10 +190,11 @@ def main():
     check_names = [s for s in args.check_variants.split(",") if s] or names
     cells = [s for s in args.cells.split(",") if s]
     lengths = [int(x) for x in args.n.split(",")]
-    steps = {"check": lambda dl: checks(results, dl, check_names),
+    order = [int(x) for x in args.check_cases.split(",") if x]
+    steps = {"check": lambda dl: checks(results, dl, check_names, order),
              "tput": lambda dl: throughput(results, dl, names, cells, lengths),
              "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
-                                         or names[:3], cells[:1], lengths[0]),
+                                         or names[:3], cells, lengths[0]),
              "compile": lambda dl: compile_only(results, dl, names, cells)}
     def save():
         with open(args.out, "w") as f:
