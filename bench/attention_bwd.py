@@ -96,7 +96,7 @@ def checks(results, deadline, names, order=None):
     rows = results.setdefault("correctness", [])
     cases = [(2, 1000, 8, 2, 128, True, None), (1, 777, 4, 2, 128, False, None),
              (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
-             (2, 2048, 4, 4, 128, False, None)]
+             (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300)]
     order = order or list(range(len(cases)))
     for j, name in enumerate(names):
         for i in order:
