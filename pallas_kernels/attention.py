@@ -165,6 +165,23 @@ class FlashConfig:
     #                                  t (split dS barrier: the warpgroups are not in lock-step)
     mgpu_bwd_rows: bool = False  # Mosaic bwd: S, dP with query rows (row lse/delta), P and dS
     #                              through SMEM (FlashAttention-3's D=128 layout)
+    mgpu_bwd_ds_early: bool = False  # Mosaic bwd with mgpu_bwd_rows: dS computed as soon as dP
+    #                                  is done, before dV/dK are issued (no f32 P/dP tile live
+    #                                  while the dK/dV accumulators are on the tensor cores)
+    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
+    #                                  dS computed while dV runs (GPU path; interpret mode runs
+    #                                  the ds_early order)
+    mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early or mgpu_bwd_overlap: the dS
+    #                                  barrier and the dq wgmma follow the dK issue in one wgmma
+    #                                  state (dK, dq in flight together; GPU path)
+    bwd_delta: str = "rowsum_barrier"  # delta = rowsum(dO * O) in XLA: "einsum" (sessions 1-4)
+    #                              and "rowsum" both become one fusion with the [lse; delta]
+    #                              stack that took 274-276 us at 4k (H200, session 5 call 2);
+    #                              "rowsum_barrier" (the row reduction behind an optimization
+    #                              barrier) is a reduction fusion of 35 us + a 2.5 us concat
+    mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
+    #                                 issues the Q/dO loads after the per-step dS barrier), so
+    #                                 the 2 consumers get 255 registers each instead of 240
     interpret: bool = False
 
 
@@ -477,6 +494,20 @@ def _dkv_kernel(*refs, cfg: FlashConfig, rep: int, lq_pad: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def backward_delta(o, do, mode: str = "rowsum_barrier"):
+    """delta [B, H, L] (f32): delta_i = sum_d dO_id O_id, the row term of the softmax
+    Jacobian; padded rows give 0. `mode`: FlashConfig.bwd_delta."""
+    o32, do32 = o.astype(jnp.float32), do.astype(jnp.float32)
+    if mode == "einsum":
+        return jnp.einsum("blhd,blhd->bhl", o32, do32)
+    if mode not in ("rowsum", "rowsum_barrier"):
+        raise ValueError(f"bwd_delta must be 'einsum', 'rowsum' or 'rowsum_barrier', got {mode!r}")
+    delta = jnp.sum(o32 * do32, axis=-1)                   # [B, L, H]: reduce the minor dim
+    if mode == "rowsum_barrier":
+        delta = lax.optimization_barrier(delta)
+    return jnp.swapaxes(delta, 1, 2)
+
+
 def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     if cfg.bwd_impl == "mosaic":
         from pallas_kernels import attention_mgpu
@@ -487,8 +518,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     hkv = k.shape[2]
     rep = hq // hkv
     cparams = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
-    # delta_i = sum_d dO_id O_id (the row term of the softmax Jacobian); padded rows give 0.
-    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = backward_delta(o, do, cfg.bwd_delta)
 
     # dq: blocks (block_q_dq, block_k_dq); lse was saved with the forward's padding.
     fused_dq = cfg.bwd_impl == "atomic"
@@ -763,22 +793,40 @@ MOSAIC_FWD_DIMS = (128, 64)
 # on Hopper by default: where it measured faster than the Triton backward in the same run, N=4k
 # fwd+bwd TFLOP/s: D=64 full 378 vs 321 (session 2, call 3) and 381 vs 323 (session 3, call 1);
 # D=64 causal 324 vs 297 (session 3, call 1, with the causal GQA/window GPU checks); D=128 full
-# with the 240/24 register split 417 vs 408 (session 3, call 2). D=128 causal keeps the Triton
-# backward (365 vs 376).
-MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128, False))
+# with the 240/24 register split 417 vs 408 (session 3, call 2). D=128 causal: the Mosaic
+# backward without a producer warpgroup (session 5, call 1: 382 vs Triton 365 at 4k, 459 vs 400
+# at 16k; GPU checks at D 128 causal GQA 1000, full GQA 777, D 64 causal window 300 MQA 2048).
+MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128, False),
+                                                  (128, True))
 # Mosaic backward options per (head dim, causal) cell, applied when the dispatch picks the Mosaic
 # backward (an explicit bwd_impl keeps FlashConfig's defaults unless given). D=128 full: the lean
 # dV/dP step (session 3, call 3, N=4k fwd+bwd: 442 vs 424 TFLOP/s; GPU-checked). At D=64 it lost
 # (360 vs 386). D=64: the deferred dq (session 4: full 417 vs 387 at 4k and 290 vs 276 at 1k,
 # causal 330 vs 322 at 4k; GPU-checked at D 64 full GQA ragged and causal window MQA).
-MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_p_lo=True),
+# Session 5, call 1 (N=4k fwd+bwd, same process; cuDNN 517 / 446): D=128 full: rows layout, dS
+# and dV issued early, no producer warpgroup (255 registers: 16 B of spills where the 240/24
+# lean default spilled 204) 489 vs 440 (lean default); D=128 causal: the lean step without the
+# producer 382 (the rows layout lost there: 344). Call 2 (same process): full 478 vs 435 (lean)
+# at 4k, 523 vs 473 at 16k (cuDNN 514 / 545); causal 384 vs Triton 358 at 4k, 455 vs 396 at 16k
+# (cuDNN 439 / 524); GPU checks of both option sets passed (D 128 causal GQA 1000 and window 300
+# MQA 2048, full GQA 777). At D=64 the deferred dq stays (409 vs rows_dv_np 369, dq "own"
+# without producer 320-326, cuDNN 414).
+MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
+                                                                    mgpu_bwd_ds_early=True,
+                                                                    mgpu_bwd_dv_early=True,
+                                                                    mgpu_bwd_producer=False),
+                                                 (128, True): dict(mgpu_bwd_p_lo=True,
+                                                                   mgpu_bwd_producer=False),
                                                  (64, False): dict(mgpu_bwd_defer_dq=True),
                                                  (64, True): dict(mgpu_bwd_defer_dq=True)}
 # Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
 # shorter calls take the Triton split backward. Session 4, call 2, N=1k fwd+bwd TFLOP/s: D=128
 # full Triton 353 vs Mosaic (lean) 312-320; D=64 causal Triton 212 vs Mosaic 182-183 (at 4k the
-# Mosaic kernels win: 440 vs 419, 322-330 vs 297). 2k was not measured.
-MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 2048, (64, True): 2048}
+# Mosaic kernels win: 440 vs 419, 322-330 vs 297). 2k was not measured. D=128 causal (session 5):
+# the Mosaic backward is measured faster at 4k and 16k only (1k/2k were cut from call 2), so
+# shorter keys keep the session-4 choice (Triton).
+MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 2048, (64, True): 2048,
+                                                  (128, True): 4096}
 
 
 def _cuda_capability() -> tuple[int, int] | None:

@@ -3,15 +3,17 @@ specialisation).
 
 The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids; D=64 full
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
-fused by TMA reduce-add, 240/24 registers) is the default where it measured faster than the
-Triton backward (D=64 with the deferred dq, D=128 full with the lean step, from 2k keys at D=128
-full and D=64 causal); see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` /
-`MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py and docs/kernels/flash_attention.md.
-Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq and the
-query-rows layout in the backward, dS from the bf16 P, the tiles-fastest grid, the register
-splits, and in the forward the intra-warpgroup overlap and an optimization barrier. Compiled and
-checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode
-(`plgpu.InterpretGPUParams`) in the CPU tests.
+fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
+with the deferred dq (240/24 registers), D=128 full with the query-rows layout, dS and dV issued
+early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with
+the lean step and no producer; from 2k keys at D=128 and D=64 causal; see `choose_fwd_impl` /
+`choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py
+and docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3
+issue order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own"
+and the producer-less CTA in the backward, dS from the bf16 P, the tiles-fastest grid, the
+register splits, and in the forward the intra-warpgroup overlap and an optimization barrier.
+Compiled and checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU
+interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
 
 One CTA per (query head, 2 * block_q query rows, batch) runs three warpgroups: two consumers own
 block_q rows each (three with `mgpu_fwd_wgs=3`) and a producer streams K/V blocks by TMA into a
@@ -557,6 +559,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     d = q_ref.shape[-1]
     own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
     rows = cfg.mgpu_bwd_rows            # S, dP, P, dS as [queries, keys] (see _consumer_rows)
+    producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
     dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
     dh = d if own else d // dq_wgs
     b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
@@ -572,6 +575,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def sync():
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
+
+    def load_step(t):
+        """TMA of step t's Q, dO and [lse; delta] blocks into ring slot t % stages."""
+        slot = lax.rem(t, jnp.int32(stages))
+        r = lax.div(t, n)
+        i = lo + t - r * n
+        h = g * rep + r
+        at = (b, pl.ds(i * bq, bq), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
+                                ld_ready.at[slot])
 
     def own_keys(w):
         """Warpgroup w's keys: first key, unmasked query-block range, TMA of K and V into its
@@ -600,7 +615,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def begin_consumer():
         """The default and rows consumers' start: registers up, own K/V in SMEM; returns
         (k0, w_mid_lo, w_mid_hi, kv_at, zero dK/dV accumulator)."""
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        if producer:
+            plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        else:           # warpgroup 0 fills the ring (no producer warpgroup)
+            for t0 in range(stages):
+                pl.when((wg == 0) & (t0 < total))(functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
@@ -610,7 +629,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def step_slots(i, r):
         """Ring slot, dS buffer and query head of query block i of the r-th head of the group."""
         t = r * n + (i - lo)
-        buf = jnp.int32(0) if own else lax.rem(t, jnp.int32(2))
+        buf = 0 if own else lax.rem(t, jnp.int32(2))     # static 0: a constant index of a
+        #                                                   transposed SMEM view fails to lower
         return lax.rem(t, jnp.int32(stages)), buf, g * rep + r
 
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
@@ -632,7 +652,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
         plgpu.wait_smem_to_gmem(0)
 
-    def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv):
+    def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
         P^T from registers, dS^T = P^T (dP^T - delta) computed while dV runs and written to
         SMEM (buffer `buf`, warpgroup `w`), dK += dS^T Q. Returns (dk, dv)."""
@@ -646,6 +666,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 ds_smem.at[buf, w][...] = ds_lo
                 plgpu.commit_smem()
                 plgpu.wgmma(dk_ref, ds_lo, q_smem.at[slot])
+                if tail is not None:        # mgpu_bwd_dq_fused: barrier + dq while dK runs
+                    tail()
             dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
         # interpret mode: wgmma operands from SMEM, no run_state
@@ -659,6 +681,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             return dv_ref[...], dk_ref[...]
         dv_inc, dk_inc = pl.run_scoped(dv_dk_interpret, plgpu.ACC((bk, d), jnp.float32),
                                        plgpu.ACC((bk, d), jnp.float32))
+        if tail is not None:
+            tail()
         return dk + dk_inc, dv + dv_inc
 
     def rows_issue_s_dp(s_ref, dp_ref, slot, w):
@@ -698,6 +722,24 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
         ds_to_smem()                                       # interpret mode: no run_state
+
+        def mms_interpret(dv_ref, dk_ref):
+            mms(dv_ref, dk_ref)
+            return dv_ref[...], dk_ref[...]
+        dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
+                                       plgpu.ACC((bk, d), jnp.float32))
+        return dk + dk_inc, dv + dv_inc
+
+    def rows_dv_dk(slot, buf, w, dk, dv):
+        """Rows layout with the early dS (`mgpu_bwd_ds_early`): dV += P^T dO and dK += dS^T Q
+        with both A operands from SMEM (P and dS already there). Returns (dk, dv)."""
+        def mms(dv_ref, dk_ref):
+            plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+            plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+        if gpu_path:
+            dv, dk = pl.run_state(lambda refs: mms(*refs))(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
 
         def mms_interpret(dv_ref, dk_ref):
             mms(dv_ref, dk_ref)
@@ -834,8 +876,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     return pt, dp_ref[...]
                 pt, dpt = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
                                         plgpu.ACC((bk, bq), jnp.float32))
+                if cfg.mgpu_bwd_dq_fused:
+                    def tail():
+                        fused_dq_tail(i, slot, buf, h, r)
+                    return dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv, tail)
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, wg, dk, dv)
-                return dq_step(i, slot, buf, h, dk, dv)
+                return dq_step(i, slot, buf, h, dk, dv, r)
 
             def qk(s_ref):
                 plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
@@ -892,19 +938,59 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.wgmma(acc_ref, ds_smem.at[buf, wg], q_smem.at[slot])
                     return acc_ref[...]
                 dk = dk + pl.run_scoped(dk_mm, plgpu.ACC((bk, d), jnp.float32))
-            return dq_step(i, slot, buf, h, dk, dv)
+            return dq_step(i, slot, buf, h, dk, dv, r)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
 
-    def dq_step(i, slot, buf, h, dk, dv):
+    def dq_step(i, slot, buf, h, dk, dv, r=None):
         """Releases the slot, then dq of query block i (head h) from the dS tiles of both
         warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
         reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
-        plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+        release_and_sync(i, slot, r)
+        dq_send(i, buf, h)
+        return dk, dv
+
+    def release_and_sync(i, slot, r):
+        """Step end: the ring slot is released (or refilled by warpgroup 0 without a producer)
+        and, for dq "halves", both warpgroups meet (both dS tiles are in SMEM)."""
+        if producer:
+            plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
         if not own:
             sync()                                       # both halves of dS^T are in SMEM
+        if not producer and not own:    # both warpgroups are past their reads of the slot
+            t_next = r * n + (i - lo) + stages
+            pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+        elif not producer:                               # dq "own": no barrier to lean on
+            release_to_wg0(i, slot, r)
 
+    def release_to_wg0(i, slot, r):
+        """Without a producer: both warpgroups arrive on the slot's "free" barrier once done
+        with it; warpgroup 0 waits for both (every phase, refill or not) and refills it."""
+        plgpu.barrier_arrive(free.at[slot])
+        t_next = r * n + (i - lo) + stages
+
+        @pl.when(wg == 0)
+        def _refill():
+            plgpu.barrier_wait(free.at[slot])
+            pl.when(t_next < total)(functools.partial(load_step, t_next))
+
+    def fused_dq_tail(i, slot, buf, h, r):
+        """`mgpu_bwd_dq_fused`, called right after this warpgroup's dK issue: the dS barrier,
+        dq (its wait also covers dK), then the slot release. dK reads Q of the slot, so the
+        release waits for both warpgroups' dK: an arrival on the slot's "free" barrier, which
+        the producer (or, without one, warpgroup 0 before it refills the slot) waits on."""
+        if not own:
+            sync()                                       # both dS tiles are in SMEM
+        dq_send(i, buf, h)
+        plgpu.wgmma_wait(0)                              # dK done (a no-op after dq's wait)
+        if producer:
+            plgpu.barrier_arrive(free.at[slot])
+        else:
+            release_to_wg0(i, slot, r)
+
+    def dq_send(i, buf, h):
+        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
         def dq_block(w: int):                            # static warpgroup index
             if own:         # dq += dS_w K_w over the full head dim
                 terms = [(ds_smem.at[buf, w], k_smem.at[w])]
@@ -922,7 +1008,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
         for w in range(dq_wgs):
             pl.when(wg == w)(functools.partial(dq_block, w))
-        return dk, dv
 
     def _consumer_rows():
         """The consumer with query rows (`mgpu_bwd_rows`, FlashAttention-3's D=128 layout):
@@ -941,13 +1026,60 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ld_ready.at[slot])
 
+            if cfg.mgpu_bwd_dv_early:
+                def step_mms(dv_ref, dk_ref):
+                    def s_dp(s_ref, dp_ref):
+                        rows_issue_s_dp(s_ref, dp_ref, slot, wg)
+                        p = rows_p(s_ref, slot, i, k0, masked, wg)      # S waited for
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dv_ref, p_smem.at[wg].transpose((1, 0)), do_smem.at[slot])
+                        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may run
+                        delta = plgpu.load(ld_smem.at[slot, 1],
+                                           layout=plgpu.Layout.WGMMA.reduce(1))
+                        ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+                        ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
+                                    q_smem.at[slot])
+                    pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
+                                  plgpu.ACC((bq, bk), jnp.float32))
+                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                        fused_dq_tail(i, slot, buf, h, r)
+                if gpu_path:
+                    dv, dk = pl.run_state(lambda refs: step_mms(*refs))(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                else:       # interpret mode: no run_state; increments from zero, then added
+                    def step_interpret(dv_ref, dk_ref):
+                        step_mms(dv_ref, dk_ref)
+                        return dv_ref[...], dk_ref[...]
+                    dv_inc, dk_inc = pl.run_scoped(step_interpret,
+                                                   plgpu.ACC((bk, d), jnp.float32),
+                                                   plgpu.ACC((bk, d), jnp.float32))
+                    dv, dk = dv + dv_inc, dk + dk_inc
+                if cfg.mgpu_bwd_dq_fused:
+                    return dk, dv
+                return dq_step(i, slot, buf, h, dk, dv, r)
+
+            if cfg.mgpu_bwd_ds_early:
+                def s_dp_ds(s_ref, dp_ref):
+                    rows_issue_s_dp(s_ref, dp_ref, slot, wg)
+                    p = rows_p(s_ref, slot, i, k0, masked, wg)
+                    delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+                    ds = p * (dp_ref[...] - lax.broadcast_in_dim(delta, p.shape, [0]))
+                    ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
+                pl.run_scoped(s_dp_ds, plgpu.ACC((bq, bk), jnp.float32),
+                              plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.commit_smem()                        # P and dS visible to the tensor cores
+                dk, dv = rows_dv_dk(slot, buf, wg, dk, dv)
+                return dq_step(i, slot, buf, h, dk, dv, r)
+
             def s_dp(s_ref, dp_ref):
                 rows_issue_s_dp(s_ref, dp_ref, slot, wg)
                 return rows_p(s_ref, slot, i, k0, masked, wg), dp_ref[...]
             p, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
             dk, dv = rows_tail(p, dp, slot, buf, wg, dk, dv)
-            return dq_step(i, slot, buf, h, dk, dv)
+            return dq_step(i, slot, buf, h, dk, dv, r)
 
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
@@ -960,20 +1092,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     else:
         pl.when(wg < 2)(_consumer)
 
+    if not producer:
+        return
+
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(cfg.mgpu_bwd_regs[1], action="decrease")
-
-        def load(t):
-            slot = lax.rem(t, jnp.int32(stages))
-            r = lax.div(t, n)
-            i = lo + t - r * n
-            h = g * rep + r
-            at = (b, pl.ds(i * bq, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
-            plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
-                                    ld_ready.at[slot])
+        load = load_step
 
         for i in range(stages):
             pl.when(i < total)(functools.partial(load, jnp.int32(i)))
@@ -1018,6 +1143,24 @@ def _warp_specialized(body, smem, barriers, *, out_type, grid, grid_names, kerne
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
+def check_backward_options(cfg: FlashConfig):
+    """ValueError for combinations of the Mosaic backward's `mgpu_bwd_*` options that have no
+    kernel."""
+    if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
+        raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
+    if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
+        raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
+                         "and mgpu_bwd_p_lo")
+    if not cfg.mgpu_bwd_producer and cfg.mgpu_bwd_defer_dq:
+        raise ValueError("mgpu_bwd_producer=False is not implemented with mgpu_bwd_defer_dq")
+    if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
+        raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
+    if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
+        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
+    if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
+        raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
+
+
 def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                     interpret: bool = False):
     """dq, dk, dv from the saved base-2 lse (the contract of `_flash_backward`, no segments).
@@ -1029,12 +1172,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     rep = hq // hkv
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     _check_inputs(q, "backward")
-    if cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_dq != "halves":
-        raise ValueError("mgpu_bwd_defer_dq needs mgpu_bwd_dq='halves'")
-    if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
-        raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
-                         "and mgpu_bwd_p_lo")
-    delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+    check_backward_options(cfg)
+    delta = _attn.backward_delta(o, do, cfg.bwd_delta)
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
     lq_pad, lk_pad = qp.shape[1], kp.shape[1]
@@ -1075,11 +1214,16 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         # CUDA launches the first grid axis fastest: KV tiles first keeps the CTAs in flight on
         # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
         **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
+        consumers=2 if cfg.mgpu_bwd_producer else 1,   # num_threads = consumers + 1
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
                      f"{'_plo' if cfg.mgpu_bwd_p_lo else ''}"
                      f"{'_rows' if cfg.mgpu_bwd_rows else ''}"
+                     f"{'_early' if cfg.mgpu_bwd_ds_early else ''}"
+                     f"{'_dv' if cfg.mgpu_bwd_dv_early else ''}"
+                     f"{'_dqf' if cfg.mgpu_bwd_dq_fused else ''}"
+                     f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,

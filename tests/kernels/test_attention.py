@@ -282,11 +282,33 @@ def test_forward_dispatch_picks_mosaic_only_on_hopper_for_measured_head_dims():
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, False) == "mosaic"
     assert attn.choose_bwd_impl(64, jnp.bfloat16, False, hopper, True) == "mosaic"
     assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, False) == "mosaic"
-    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, True) == "split"
+    assert attn.choose_bwd_impl(128, jnp.bfloat16, False, hopper, True) == "mosaic"  # session 5
     for (d, causal), min_lk in attn.MOSAIC_BWD_MIN_LK.items():    # short keys: Triton
         assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper, causal, min_lk - 1) == "split"
         assert attn.choose_bwd_impl(d, jnp.bfloat16, False, hopper, causal, min_lk) == "mosaic"
     assert attn._cuda_capability() is None                  # CPU: interpret / reference paths
+
+
+def test_backward_delta_modes_agree():
+    q, _, _, do = _inputs(3, 2, 50, 50, 4, 4, 64, jnp.bfloat16)
+    ref = attn.backward_delta(q, do, "einsum")
+    assert ref.shape == (2, 4, 50)
+    for mode in ("rowsum", "rowsum_barrier"):
+        np.testing.assert_allclose(attn.backward_delta(q, do, mode), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="bwd_delta"):
+        attn.backward_delta(q, do, "nope")
+
+
+def test_mosaic_backward_default_options_are_valid():
+    from pallas_kernels import attention_mgpu
+    for (d, causal), opts in attn.MOSAIC_BWD_OPTS.items():
+        cfg = attn.FlashConfig(causal=causal, window=None, sm_scale=d ** -0.5, lq=256, lk=256,
+                               has_segments=False, bwd_impl="mosaic", **opts)
+        attention_mgpu.check_backward_options(cfg)
+    bad = attn.FlashConfig(causal=False, window=None, sm_scale=1.0, lq=256, lk=256,
+                           has_segments=False, mgpu_bwd_producer=False, mgpu_bwd_defer_dq=True)
+    with pytest.raises(ValueError, match="mgpu_bwd_producer"):
+        attention_mgpu.check_backward_options(bad)
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -334,7 +356,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
 
 
 @pytest.mark.parametrize("d,causal,extra", [
-    (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_regs=(232, 40))),
+    pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_regs=(232, 40)), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_rows=True), marks=SLOW),   # opt-in (lost on the H200)
     pytest.param(64, False, dict(mgpu_bwd_rows=True), marks=SLOW),
     pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_dq="own"), marks=SLOW),
@@ -345,6 +367,21 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
+    # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
+    pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True), marks=SLOW),
+    pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
+                 marks=SLOW),
+    pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
+    pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
+                                 mgpu_bwd_producer=False), marks=SLOW),
+    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 5)
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
+    pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
+                                  mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
+                                  mgpu_bwd_producer=False), marks=SLOW),
+    pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
+                                mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
+                                mgpu_bwd_dq="own"), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
