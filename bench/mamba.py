@@ -374,6 +374,12 @@ VARIANTS = {
     "fc4": dict(fwd_chunk=4),
     "ckc": dict(ck_copy=True),
     "ckc_sdt": dict(ck_copy=True, share_dt=True),
+    # session 5: the forward with one lane per channel holding all 16 states as an [N, 32]
+    # tile, B/C rows broadcast to the lanes (vector loads of one address), the rows loaded
+    # `ahead` steps early; the backward is v4's
+    "tile": dict(state_tile=True, ahead=2),
+    "tile4": dict(state_tile=True, ahead=4),
+    "tile1": dict(state_tile=True, ahead=1),
 }
 
 
@@ -442,9 +448,9 @@ def _decode_loop(backend, inputs, kw, h):
     return jax.lax.fori_loop(0, 32, body, h)
 
 
-def decode_bench(res, comp):
+def decode_bench(res, comp, batches=(8, 64)):
     plans = []
-    for b, dn, n in ((2, 64, 16),) if SMOKE else ((8, 4096, 16), (64, 4096, 16)):
+    for b, dn, n in ((2, 64, 16),) if SMOKE else tuple((b, 4096, 16) for b in batches):
         x = _inputs(b, 1, dn, n)
         kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
         u, d, bb, cc, z = (x[k][:, 0] for k in ("u", "delta", "B", "C", "z"))
@@ -539,6 +545,8 @@ def main():
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
     p.add_argument("--repeat", type=int, default=1, help="timing passes over the compared "
                    "kernels (median reported)")
+    p.add_argument("--decode-batches", default="8,64", help="batch sizes of the decode timing")
+    p.add_argument("--bench-also", default="", help="VARIANTS also timed at the bench sizes")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -598,11 +606,15 @@ def main():
     if bench_sizes:
         refs_at = () if a.compare_fwd or a.compare_fb else sizes[:1]
         steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at)))
+    for c in names(a.bench_also):
+        steps.append(("bench " + c, benchmark(res, comp, bench_sizes, VARIANTS[c],
+                                              tag=f"also {c}", refs_at=())))
     for c in names(a.sweep):
         steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
                                          refs_at=())))
     if not a.skip_decode:
-        steps.append(("decode", decode_bench(res, comp)))
+        steps.append(("decode", decode_bench(
+            res, comp, tuple(int(b) for b in a.decode_batches.split(",")))))
     ready = []
     for name, gen in steps:          # submit every compile before anything runs
         try:

@@ -184,6 +184,9 @@ class _Config:
     ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
                               # inference forward, its checkpoints still every `chunk` steps
     ck_copy: bool = False     # training forward: checkpoints stored from copies of the state
+    state_tile: bool = False  # forward: one lane per channel holding all N states as an
+                              # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
+                              # the B/C rows load `ahead` steps early
     interpret: bool = False
 
 
@@ -435,6 +438,77 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, (h0, load_rows(0), window))
     for k, n in enumerate(states):
         r["hT"][n, cols] = h[k]
+
+
+def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
+                     save_ckpt, ahead, fast_exp, interpret):
+    """state_tile forward: one channel per lane with all N states in that lane, the state an
+    [N, bd] tile (Triton's default layout for it with one warp: lane e owns column e, so the
+    sum over states is lane-local), B_t and C_t [N] rows broadcast to every lane. A row has
+    fewer elements than the warp has lanes, so Triton may re-load it in the broadcast layout
+    (each lane the whole row, vector loads of one address) instead of shuffling it: about 0.5
+    load per element instead of the split layout's 2 shuffles, and the per-channel work
+    (softplus, D, gate, stores) once per channel instead of once per lane part. The B/C rows
+    load `ahead` steps before their use (a rolling window carried across chunks); u/delta/z rows
+    a chunk ahead; y stored at the chunk end."""
+    # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
+    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    asm = fast_exp and not interpret
+    rows_n = jax.lax.broadcasted_iota(jnp.int32, (n_state, bd), 0)
+
+    def tile(vecs):      # N [bd] rows -> [N, bd] tile, built by selects (no 2D load anchors)
+        out = jnp.zeros((n_state, bd), f32)
+        for n, v in enumerate(vecs):
+            out = jnp.where(rows_n == n, v[None, :], out)
+        return out
+
+    a2 = tile([r["a"][n, :] * _LOG2E for n in range(n_state)])
+    h0 = tile([r["h0"][n, :] for n in range(n_state)]) if "h0" in r else jnp.zeros(
+        (n_state, bd), f32)
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
+    last = n_chunks * chunk - 1
+
+    def load_bc(i):
+        return r["b"][i, :], r["c"][i, :]
+
+    def chunk_body(c, carry):
+        h, rows, window = carry[0], carry[1], list(carry[2])
+        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
+        if save_ckpt:
+            r["ck"][c, :, :] = h
+        ys = []
+        for t in range(chunk):
+            i = c * chunk + t
+            if ahead:
+                window.append(load_bc(jnp.minimum(i + ahead, last)))
+                b_t, c_t = window.pop(0)
+            else:
+                b_t, c_t = load_bc(i)
+            u = rows[0][t].astype(f32)
+            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
+                                padded=padded, fast=fast_exp, asm=asm)
+            e = _exp2(dt[None, :] * a2, asm)
+            h = e * h + (dt * u)[None, :] * b_t[:, None]
+            y = jnp.sum(h * c_t[:, None], axis=0)
+            if d is not None:
+                y = y + d * u
+            if "z" in r:
+                z = rows[2][t].astype(f32)
+                y = y * (z * jax.nn.sigmoid(z))
+            ys.append(y)
+        for t in range(chunk):
+            r["y"][c * chunk + t, :] = ys[t].astype(r["y"].dtype)
+        return h, next_rows, tuple(window)
+
+    window = tuple(load_bc(min(i, last)) for i in range(ahead))
+    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                                (h0, _load_chunk(r, seq_names, 0, chunk), window))
+    r["hT"][...] = h
 
 
 def _lanes_sum(x, bd, width, interpret):
@@ -829,6 +903,12 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         chunk = cfg.fwd_chunk    # unrolled like the inference forward, checkpoints as before
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
+    n_st = A.shape[1]
+    tile = (cfg.state_tile and cfg.num_warps == 1 and n_st == _next_pow2(n_st) <= 32
+            and ck_every == chunk)
+    if tile:    # one lane per channel (split 1), B/C as [N] rows
+        lay = _layout(u, A, B, chunk, cfg.block_d)
+        split, bc_rows = 1, False
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
     out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
@@ -838,12 +918,19 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         n_ck = lay.lp // ck_every
         out_shape.append(jax.ShapeDtypeStruct((lay.bsz, n_ck, lay.n, lay.dp), jnp.float32))
         out_specs.append(pl.BlockSpec((None, n_ck, lay.n, lay.bd), lambda b, j: (b, 0, 0, j)))
-    kernel = functools.partial(
-        _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ck_every=ck_every, ck_copy=cfg.ck_copy, ahead=min(cfg.ahead, lay.lp),
-        fast_exp=cfg.fast_exp, split=split,
-        poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
+    if tile:
+        kernel = functools.partial(
+            _fwd_tile_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
+            save_ckpt=save_ckpt, ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp,
+            interpret=cfg.interpret)
+    else:
+        kernel = functools.partial(
+            _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
+            save_ckpt=save_ckpt, ck_every=ck_every, ck_copy=cfg.ck_copy,
+            ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
+            poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -983,7 +1070,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
                           dbc_bf16=False, bwd_share=False, ck_unroll=False, ck_copy=False,
-                          interpret=False):
+                          state_tile=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -996,7 +1083,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
-                  ck_unroll=ck_unroll, ck_copy=ck_copy, interpret=interpret)
+                  ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -126,6 +126,21 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
 
 
+@pytest.mark.parametrize("tiling,n,groups", [
+    (dict(state_tile=True, ahead=3, chunk=4), 16, 2),
+    pytest.param(dict(state_tile=True, ahead=0), 8, None, marks=pytest.mark.slow),
+], ids=["ahead3_n16_groups", "ahead0_n8"])
+def test_state_tile_forward_matches_recurrence(tiling, n, groups):
+    # state_tile: the forward (inference and training) with one lane per channel holding all
+    # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward.
+    # Ragged (11 steps), every option; the B/C window (ahead 3) crosses the chunks.
+    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, **tiling)
+    args, kwargs = split(make_inputs(4, n=n, groups=groups, length=11), OPTIONAL)
+    y, h = kernel(*args, **kwargs, delta_softplus=True, **tiling)    # the inference forward
+    y_ref, h_ref = reference(*args, **kwargs, delta_softplus=True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tiling", [dict(dbc_bf16=True), dict(bwd_split=4, dbc_bf16=True,
                                                                xor_reduce=True)],
