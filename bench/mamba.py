@@ -380,6 +380,8 @@ VARIANTS = {
     "tile": dict(state_tile=True, ahead=2),
     "tile4": dict(state_tile=True, ahead=4),
     "tile1": dict(state_tile=True, ahead=1),
+    "tile_c8": dict(state_tile=True, ahead=2, fwd_chunk=8),
+    "tile_cku": dict(state_tile=True, ahead=2, ck_unroll=True),   # 16-step training forward
 }
 
 

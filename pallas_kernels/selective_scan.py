@@ -441,7 +441,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
 
 
 def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
-                     save_ckpt, ahead, fast_exp, interpret):
+                     save_ckpt, ck_every, ahead, fast_exp, interpret):
     """state_tile forward: one channel per lane with all N states in that lane, the state an
     [N, bd] tile (Triton's default layout for it with one warp: lane e owns column e, so the
     sum over states is lane-local), B_t and C_t [N] rows broadcast to every lane. A row has
@@ -479,11 +479,11 @@ def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
     def chunk_body(c, carry):
         h, rows, window = carry[0], carry[1], list(carry[2])
         next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
-        if save_ckpt:
-            r["ck"][c, :, :] = h
         ys = []
         for t in range(chunk):
             i = c * chunk + t
+            if save_ckpt and t % ck_every == 0:   # ck_every < chunk: ck_unroll
+                r["ck"][c * (chunk // ck_every) + t // ck_every, :, :] = h
             if ahead:
                 window.append(load_bc(jnp.minimum(i + ahead, last)))
                 b_t, c_t = window.pop(0)
@@ -904,8 +904,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
     n_st = A.shape[1]
-    tile = (cfg.state_tile and cfg.num_warps == 1 and n_st == _next_pow2(n_st) <= 32
-            and ck_every == chunk)
+    tile = cfg.state_tile and cfg.num_warps == 1 and n_st == _next_pow2(n_st) <= 32
     if tile:    # one lane per channel (split 1), B/C as [N] rows
         lay = _layout(u, A, B, chunk, cfg.block_d)
         split, bc_rows = 1, False
@@ -922,8 +921,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         kernel = functools.partial(
             _fwd_tile_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
             length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
-            save_ckpt=save_ckpt, ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp,
-            interpret=cfg.interpret)
+            save_ckpt=save_ckpt, ck_every=ck_every, ahead=min(cfg.ahead, lay.lp),
+            fast_exp=cfg.fast_exp, interpret=cfg.interpret)
     else:
         kernel = functools.partial(
             _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
