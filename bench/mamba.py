@@ -382,6 +382,7 @@ VARIANTS = {
     "tile1": dict(state_tile=True, ahead=1),
     "tile_c8": dict(state_tile=True, ahead=2, fwd_chunk=8),
     "tile_cku": dict(state_tile=True, ahead=2, ck_unroll=True),   # 16-step training forward
+    "tile_ckr": dict(state_tile=True, ahead=2, ck_copy=True),     # checkpoints row by row
 }
 
 

@@ -183,7 +183,8 @@ class _Config:
                               # (delta by shuffle, the step's end reduce-scattered over parts)
     ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
                               # inference forward, its checkpoints still every `chunk` steps
-    ck_copy: bool = False     # training forward: checkpoints stored from copies of the state
+    ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
+                              # with state_tile: stored row by row out of the tile
     state_tile: bool = False  # forward: one lane per channel holding all N states as an
                               # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
                               # the B/C rows load `ahead` steps early
@@ -441,7 +442,7 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
 
 
 def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
-                     save_ckpt, ck_every, ahead, fast_exp, interpret):
+                     save_ckpt, ck_every, ck_rows, ahead, fast_exp, interpret):
     """state_tile forward: one channel per lane with all N states in that lane, the state an
     [N, bd] tile (Triton's default layout for it with one warp: lane e owns column e, so the
     sum over states is lane-local), B_t and C_t [N] rows broadcast to every lane. A row has
@@ -476,6 +477,14 @@ def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
     def load_bc(i):
         return r["b"][i, :], r["c"][i, :]
 
+    def store_ck(j, h):
+        if not ck_rows:    # one [N, bd] store: Triton converts the tile's layout (shared memory)
+            r["ck"][j, :, :] = h
+            return
+        for n in range(n_state):   # row n taken out of the lane's registers (selects on
+            # constant row indices and adds of -0: nothing left after LLVM folds them)
+            r["ck"][j, n, :] = jnp.sum(jnp.where(rows_n == n, h, -0.0), axis=0)
+
     def chunk_body(c, carry):
         h, rows, window = carry[0], carry[1], list(carry[2])
         next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
@@ -483,7 +492,7 @@ def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
         for t in range(chunk):
             i = c * chunk + t
             if save_ckpt and t % ck_every == 0:   # ck_every < chunk: ck_unroll
-                r["ck"][c * (chunk // ck_every) + t // ck_every, :, :] = h
+                store_ck(c * (chunk // ck_every) + t // ck_every, h)
             if ahead:
                 window.append(load_bc(jnp.minimum(i + ahead, last)))
                 b_t, c_t = window.pop(0)
@@ -921,7 +930,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         kernel = functools.partial(
             _fwd_tile_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
             length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
-            save_ckpt=save_ckpt, ck_every=ck_every, ahead=min(cfg.ahead, lay.lp),
+            save_ckpt=save_ckpt, ck_every=ck_every, ck_rows=cfg.ck_copy,
+            ahead=min(cfg.ahead, lay.lp),
             fast_exp=cfg.fast_exp, interpret=cfg.interpret)
     else:
         kernel = functools.partial(

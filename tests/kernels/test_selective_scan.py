@@ -131,7 +131,9 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     pytest.param(dict(state_tile=True, ahead=0), 8, None, marks=pytest.mark.slow),
     pytest.param(dict(state_tile=True, ahead=2, ck_unroll=True, chunk=2, fwd_chunk=4), 16, 2,
                  marks=pytest.mark.slow),
-], ids=["ahead3_n16_groups", "ahead0_n8", "ck_unroll"])
+    pytest.param(dict(state_tile=True, ahead=1, ck_copy=True), 16, None,
+                 marks=pytest.mark.slow),
+], ids=["ahead3_n16_groups", "ahead0_n8", "ck_unroll", "ck_rows"])
 def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     # state_tile: the forward (inference and training) with one lane per channel holding all
     # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward.
