@@ -185,6 +185,8 @@ class _Config:
                               # inference forward, its checkpoints still every `chunk` steps
     ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
                               # with state_tile: stored row by row out of the tile
+    bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel);
+                              # keep_decay: the reverse pass reuses the recompute's decays
     state_tile: bool = False  # forward: one lane per channel holding all N states as an
                               # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
                               # the B/C rows load `ahead` steps early
@@ -797,6 +799,152 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         r["dbias"][cols] = dbias
 
 
+def _tile_shfl_xor(x, mask, interpret):
+    """_shfl_xor of an [R, 32] tile whose lane e holds column e (state_tile's layout)."""
+    if interpret:
+        lane = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        return jnp.take(x, lane ^ mask, axis=-1)
+    return _shfl_xor(x, mask, interpret)
+
+
+def _tile_reduce_scatter(qb, qc, lane, interpret):
+    """bwd_tile: the dB and dC sums of an [N, 32] tile pair over the warp's 32 channels (lane
+    e = column e), N = 16: a recursive-halving butterfly over tiles, one row block of the tile
+    kept and the other sent at each level (16 + 8 + 4 + 2 + 1 = 31 shuffles). Lane e ends with
+    column e of [dB_0..dB_15, dC_0..dC_15]."""
+    hi = ((lane & 16) != 0)[None, :]
+    v = jnp.where(hi, qc, qb) + _tile_shfl_xor(jnp.where(hi, qb, qc), 16, interpret)
+    m = 8
+    while v.shape[0] > 1:
+        lo, up = jnp.split(v, 2, axis=0)
+        bit = ((lane & m) != 0)[None, :]
+        v = jnp.where(bit, up, lo) + _tile_shfl_xor(jnp.where(bit, lo, up), m, interpret)
+        m //= 2
+    return v.reshape(v.shape[1:])
+
+
+def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
+                     fast_exp, recompute_decay, interpret):
+    """bwd_tile: the backward in state_tile's layout (one lane per channel, the N = 16 states
+    of a lane as an [N, 32] tile, B/C rows broadcast by vector loads), so that the per-channel
+    work runs once per channel-step and B/C cost no shuffles; dB/dC by _tile_reduce_scatter.
+    Per chunk (in reverse): recompute the chunk's states from its checkpoint, then the
+    reverse steps; every store of the chunk waits until its end, so that no load of the chunk
+    (B/C rows) is held behind a store. recompute_decay: the reverse pass takes exp2 again
+    (a different asm string, so the compiler cannot reuse the recompute's values: fewer
+    registers for more MUFU work)."""
+    in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
+                "ck", "dy", "dhT"]
+    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
+                 *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
+    r = _name_refs(refs, in_names + out_names)
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    asm = fast_exp and not interpret
+    rows_n = jax.lax.broadcasted_iota(jnp.int32, (n_state, bd), 0)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
+
+    def tile(vecs):      # N [bd] rows -> [N, bd] tile (selects on constant rows: folded)
+        out = jnp.zeros((n_state, bd), f32)
+        for n, v in enumerate(vecs):
+            out = jnp.where(rows_n == n, v[None, :], out)
+        return out
+
+    def rows_of(t):      # the [bd] rows of a tile, for row stores
+        return [jnp.sum(jnp.where(rows_n == n, t, -0.0), axis=0) for n in range(n_state)]
+
+    def exp2_again(x):   # the same 2^x (another asm string: not CSE'd with _exp2's)
+        if not asm:
+            return jnp.exp2(x)
+        return plgpu.elementwise_inline_asm(
+            "{ ex2.approx.ftz.f32 $0, $1; }", args=[x], constraints="=f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+    A = tile([r["a"][n, :] for n in range(n_state)])
+    a2 = A * _LOG2E
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
+                             padded=padded, fast=fast_exp, asm=asm)
+    seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
+    zeros = jnp.zeros((bd,), f32)
+
+    def load_ck(c):
+        return tile([r["ck"][c, n, :] for n in range(n_state)])
+
+    def chunk_body(k, carry):
+        dh, da, dd, dbias, rows, h = carry
+        c = n_chunks - 1 - k
+        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
+        next_ck = load_ck(jnp.maximum(c - 1, 0))
+        hs, steps, decays = [h], [], []
+        for t in range(chunk):                       # recompute the chunk's states
+            i = c * chunk + t
+            dt, x = step(rows[1][t], i=i)
+            steps.append((dt, x))
+            a_t = _exp2(dt[None, :] * a2, asm)
+            decays.append(a_t)
+            h = a_t * h + (dt * rows[0][t].astype(f32))[None, :] * r["b"][i, :][:, None]
+            hs.append(h)
+        out = []
+        for t in reversed(range(chunk)):
+            i = c * chunk + t
+            b_t, c_t = r["b"][i, :][:, None], r["c"][i, :][:, None]
+            u = rows[0][t].astype(f32)
+            dt, x = steps[t]
+            dout = rows[2][t].astype(f32)
+            h_prev, h_t = hs[t], hs[t + 1]
+            dz = None
+            if "z" in r:
+                z = rows[3][t].astype(f32)
+                sz = jax.nn.sigmoid(z)
+                y = jnp.sum(h_t * c_t, axis=0)
+                if d is not None:
+                    y = y + d * u
+                dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+                dy = dout * z * sz
+            else:
+                dy = dout
+            g = dh + c_t * dy[None, :]
+            a_n = exp2_again(dt[None, :] * a2) if recompute_decay else decays[t]
+            q = g * a_n * h_prev
+            da = da + dt[None, :] * q
+            saq = jnp.sum(A * q, axis=0)
+            gb = jnp.sum(g * b_t, axis=0)
+            dh = a_n * g
+            dbc = _tile_reduce_scatter(g * (dt * u)[None, :], dy[None, :] * h_t, lane, interpret)
+            du = dt * gb
+            if d is not None:
+                du = du + d * dy
+                dd = dd + dy * u
+            ddt = u * gb + saq
+            if softplus:
+                ddt = ddt * jax.nn.sigmoid(x)
+            if padded:
+                ddt = jnp.where(i < length, ddt, 0.0)
+            dbias = dbias + ddt
+            out.append((i, du, ddt, dz, dbc))
+        for i, du, ddt, dz, dbc in out:      # the chunk's stores last
+            r["du"][i, :] = du.astype(r["du"].dtype)
+            r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
+            if dz is not None:
+                r["dz"][i, :] = dz.astype(r["dz"].dtype)
+            r["dbc"][i, :] = dbc.astype(r["dbc"].dtype)
+        return dh, da, dd, dbias, next_rows, next_ck
+
+    last = n_chunks - 1
+    init = (tile([r["dhT"][n, :] for n in range(n_state)]), jnp.zeros((n_state, bd), f32),
+            zeros, zeros, _load_chunk(r, seq_names, last, chunk), load_ck(last))
+    dh, da, dd, dbias, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for n, (row_dh, row_da) in enumerate(zip(rows_of(dh), rows_of(da), strict=True)):
+        r["dh0"][n, :] = row_dh
+        r["da"][n, :] = row_da
+    if "dd" in r:
+        r["dd"][...] = dd
+    if "dbias" in r:
+        r["dbias"][...] = dbias
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout glue and custom_vjp.
 #
@@ -976,6 +1124,11 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, cfg.chunk, split, cfg, "bwd")
+    tile = False
+    if cfg.bwd_tile and cfg.num_warps == 1 and A.shape[1] == 16:
+        tile_lay = _layout(u, A, B, cfg.chunk, _LANES)
+        if tile_lay.bd == _LANES:    # one lane per channel, N = 16 states in the lane
+            lay, split, bc_rows, tile = tile_lay, 1, False, True
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None,
                                          bc_rows)
     f32 = jnp.float32
@@ -991,7 +1144,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
     specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
               state_spec]
-    lane_reduce = cfg.lane_reduce and bd * split == _LANES and cfg.num_warps == 1
+    lane_reduce = (cfg.lane_reduce or tile) and bd * split == _LANES and cfg.num_warps == 1
     # lane_reduce: per pass, 32 columns = `split` parts of bd values (2K = 2N / split of them
     # per part, padded to whole passes); else the 2N sums directly.
     n_q = _LANES * -(-2 * n // split // bd) if lane_reduce else 2 * n
@@ -1017,13 +1170,22 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
             out_specs.append(per_batch_spec)
     out_shape.append(state)
     out_specs.append(state_spec)
-    kernel = functools.partial(
-        _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
-        ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
-        fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, xor_reduce=xor_reduce,
-        share=cfg.bwd_share and lane_reduce and split > 1 and lay.chunk % split == 0,
-        interpret=cfg.interpret)
+    if tile:
+        xor_reduce = False
+        kernel = functools.partial(
+            _bwd_tile_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
+            fast_exp=cfg.fast_exp, recompute_decay=not cfg.keep_decay,
+            interpret=cfg.interpret)
+    else:
+        kernel = functools.partial(
+            _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
+            ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
+            fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay,
+            xor_reduce=xor_reduce,
+            share=cfg.bwd_share and lane_reduce and split > 1 and lay.chunk % split == 0,
+            interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
@@ -1079,7 +1241,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
                           dbc_bf16=False, bwd_share=False, ck_unroll=False, ck_copy=False,
-                          state_tile=False, interpret=False):
+                          state_tile=False, bwd_tile=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
@@ -1093,6 +1255,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
+                  bwd_tile=bwd_tile,
                   interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
