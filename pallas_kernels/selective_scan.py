@@ -185,8 +185,7 @@ class _Config:
                               # inference forward, its checkpoints still every `chunk` steps
     ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
                               # with state_tile: stored row by row out of the tile
-    bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel);
-                              # keep_decay: the reverse pass reuses the recompute's decays
+    bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel)
     state_tile: bool = False  # forward: one lane per channel holding all N states as an
                               # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
                               # the B/C rows load `ahead` steps early
@@ -824,15 +823,14 @@ def _tile_reduce_scatter(qb, qc, lane, interpret):
 
 
 def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
-                     fast_exp, recompute_decay, interpret):
+                     fast_exp, interpret):
     """bwd_tile: the backward in state_tile's layout (one lane per channel, the N = 16 states
     of a lane as an [N, 32] tile, B/C rows broadcast by vector loads), so that the per-channel
     work runs once per channel-step and B/C cost no shuffles; dB/dC by _tile_reduce_scatter.
     Per chunk (in reverse): recompute the chunk's states from its checkpoint, then the
-    reverse steps; every store of the chunk waits until its end, so that no load of the chunk
-    (B/C rows) is held behind a store. recompute_decay: the reverse pass takes exp2 again
-    (a different asm string, so the compiler cannot reuse the recompute's values: fewer
-    registers for more MUFU work)."""
+    reverse steps (the recompute's decays reused: ptxas merges identical ex2 instructions
+    anyway); every store of the chunk waits until its end, so that no load of the chunk (B/C
+    rows) is held behind a store."""
     in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
                 "ck", "dy", "dhT"]
     out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
@@ -852,13 +850,6 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
 
     def rows_of(t):      # the [bd] rows of a tile, for row stores
         return [jnp.sum(jnp.where(rows_n == n, t, -0.0), axis=0) for n in range(n_state)]
-
-    def exp2_again(x):   # the same 2^x (another asm string: not CSE'd with _exp2's)
-        if not asm:
-            return jnp.exp2(x)
-        return plgpu.elementwise_inline_asm(
-            "{ ex2.approx.ftz.f32 $0, $1; }", args=[x], constraints="=f,f", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
 
     A = tile([r["a"][n, :] for n in range(n_state)])
     a2 = A * _LOG2E
@@ -906,7 +897,7 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
             else:
                 dy = dout
             g = dh + c_t * dy[None, :]
-            a_n = exp2_again(dt[None, :] * a2) if recompute_decay else decays[t]
+            a_n = decays[t]
             q = g * a_n * h_prev
             da = da + dt[None, :] * q
             saq = jnp.sum(A * q, axis=0)
@@ -1175,8 +1166,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         kernel = functools.partial(
             _bwd_tile_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
             length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
-            fast_exp=cfg.fast_exp, recompute_decay=not cfg.keep_decay,
-            interpret=cfg.interpret)
+            fast_exp=cfg.fast_exp, interpret=cfg.interpret)
     else:
         kernel = functools.partial(
             _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
