@@ -384,8 +384,9 @@ VARIANTS = {
     "tile_cku": dict(state_tile=True, ahead=2, ck_unroll=True),   # 16-step training forward
     "tile_ckr": dict(state_tile=True, ahead=2, ck_copy=True),     # checkpoints row by row
     # the backward in the tile layout too (one lane per channel, dB/dC by a butterfly over
-    # tiles)
+    # tiles), the reverse pass taking its decays again (_k: keeping the recompute's)
     "tile_bt": dict(state_tile=True, ahead=2, bwd_tile=True),
+    "tile_bt_k": dict(state_tile=True, ahead=2, bwd_tile=True, keep_decay=True),
 }
 
 

@@ -36,6 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange, repeat
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -823,14 +824,14 @@ def _tile_reduce_scatter(qb, qc, lane, interpret):
 
 
 def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
-                     fast_exp, interpret):
+                     fast_exp, keep_decay, interpret):
     """bwd_tile: the backward in state_tile's layout (one lane per channel, the N = 16 states
     of a lane as an [N, 32] tile, B/C rows broadcast by vector loads), so that the per-channel
     work runs once per channel-step and B/C cost no shuffles; dB/dC by _tile_reduce_scatter.
     Per chunk (in reverse): recompute the chunk's states from its checkpoint, then the
-    reverse steps (the recompute's decays reused: ptxas merges identical ex2 instructions
-    anyway); every store of the chunk waits until its end, so that no load of the chunk (B/C
-    rows) is held behind a store."""
+    reverse steps (keep_decay: with the recompute's decays; ptxas merges identical ex2
+    instructions even from separate asm strings); every store of the chunk waits until its
+    end, so that no load of the chunk (B/C rows) is held behind a store."""
     in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
                 "ck", "dy", "dhT"]
     out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
@@ -852,13 +853,17 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
         return [jnp.sum(jnp.where(rows_n == n, t, -0.0), axis=0) for n in range(n_state)]
 
     A = tile([r["a"][n, :] for n in range(n_state)])
-    a2 = A * _LOG2E
     d = r["d"][...] if "d" in r else None
     bias = r["bias"][...] if "bias" in r else None
     step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
                              padded=padded, fast=fast_exp, asm=asm)
     seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
     zeros = jnp.zeros((bd,), f32)
+    # Without keep_decay the reverse pass takes its decays again, as exp2 of dt * log2(e)'
+    # with log2(e)' one ulp under log2(e) (within 1e-7 of the recompute's values): an input
+    # ptxas cannot match to the recompute's ex2, so it cannot merge them and keep 64
+    # registers of decays.
+    log2e_again = float(np.nextafter(np.float32(_LOG2E), np.float32(0)))
 
     def load_ck(c):
         return tile([r["ck"][c, n, :] for n in range(n_state)])
@@ -873,7 +878,7 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
             i = c * chunk + t
             dt, x = step(rows[1][t], i=i)
             steps.append((dt, x))
-            a_t = _exp2(dt[None, :] * a2, asm)
+            a_t = _exp2((dt * _LOG2E)[None, :] * A, asm)
             decays.append(a_t)
             h = a_t * h + (dt * rows[0][t].astype(f32))[None, :] * r["b"][i, :][:, None]
             hs.append(h)
@@ -897,7 +902,7 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
             else:
                 dy = dout
             g = dh + c_t * dy[None, :]
-            a_n = decays[t]
+            a_n = decays[t] if keep_decay else _exp2((dt * log2e_again)[None, :] * A, asm)
             q = g * a_n * h_prev
             da = da + dt[None, :] * q
             saq = jnp.sum(A * q, axis=0)
@@ -1166,7 +1171,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         kernel = functools.partial(
             _bwd_tile_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
             length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
-            fast_exp=cfg.fast_exp, interpret=cfg.interpret)
+            fast_exp=cfg.fast_exp, keep_decay=cfg.keep_decay, interpret=cfg.interpret)
     else:
         kernel = functools.partial(
             _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,

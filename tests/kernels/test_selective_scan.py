@@ -134,10 +134,10 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     pytest.param(dict(state_tile=True, ahead=1, ck_copy=True), 16, None,
                  marks=pytest.mark.slow),
     (dict(state_tile=True, bwd_tile=True, ahead=2, chunk=4), 16, 2),
-    pytest.param(dict(state_tile=True, bwd_tile=True, chunk=2), 16, None,
+    pytest.param(dict(state_tile=True, bwd_tile=True, keep_decay=True, chunk=2), 16, None,
                  marks=pytest.mark.slow),
 ], ids=["ahead3_n16_groups", "ahead0_n8", "ck_unroll", "ck_rows", "bwd_tile",
-        "bwd_tile_chunk2"])
+        "bwd_tile_kept_chunk2"])
 def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     # state_tile: the forward (inference and training) with one lane per channel holding all
     # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward.
