@@ -387,10 +387,16 @@ VARIANTS = {
     # tiles), the reverse pass taking its decays again (_k: keeping the recompute's)
     "tile_bt": dict(state_tile=True, ahead=2, bwd_tile=True),
     "tile_bt_k": dict(state_tile=True, ahead=2, bwd_tile=True, keep_decay=True),
+    # the lane-row forward with one lane per channel (all 16 states in the lane, 32 shuffles
+    # per step for B/C): half the warps of v4's, no per-channel work done twice
+    "s1": dict(split=1),
+    # candidate default: share_dt in the inference forward, and the 16-step training forward
+    # with share_dt while its grid fits one wave (cku_sdt at 8x2048x2048, v4 past one wave)
+    "auto5": dict(share_dt="auto", ck_unroll="auto"),
 }
 
 
-def compare(res, comp, fwd_names, fb_names, size, repeat=1):
+def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
     """VARIANTS at one size: each checked against the associative-scan reference (the output,
     and for forward+backward every gradient), then timed; the references are timed too."""
     b, length, dn, n = size
@@ -402,7 +408,8 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1):
     jobs += [(k, "fwd", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fwd_names]
     jobs += [("associative", "fb", fns["associative"])]
     jobs += [(k, "fb", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fb_names]
-    jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
+    if refs:    # lax.scan timed too (the associative scan is the check of every variant)
+        jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
     for name, mode, fn in jobs:          # submitted in order of priority
         if mode == "fwd":
             comp.submit(("cmp", name, mode), fn, *args)
@@ -554,6 +561,8 @@ def main():
                    "kernels (median reported)")
     p.add_argument("--decode-batches", default="8,64", help="batch sizes of the decode timing")
     p.add_argument("--bench-also", default="", help="VARIANTS also timed at the bench sizes")
+    p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
+                   "comparison (0: the anchor 8x2048x2048, with the references)")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -603,8 +612,9 @@ def main():
     steps, bench_sizes = [], sizes
     if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
         steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
-                                         sizes[0], a.repeat)))
-        bench_sizes = sizes[1:]
+                                         sizes[a.compare_size], a.repeat,
+                                         refs=a.compare_size == 0)))
+        bench_sizes = [s for i, s in enumerate(sizes) if i != a.compare_size]
     if not a.quick:
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))

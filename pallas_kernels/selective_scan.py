@@ -176,14 +176,16 @@ class _Config:
                               # butterfly needs no selects (see _xor_reduce)
     poly_exp: int = 0         # forward: this many of a lane's states take exp2 as a polynomial
                               # on the FMA pipes instead of the MUFU (_exp2_poly)
-    share_dt: bool = False    # forward, split S: each lane part computes delta (bias, softplus)
-                              # for one step of S and the others take it by shuffle
+    share_dt: bool | str = False  # forward, split S: each lane part computes delta (bias,
+                              # softplus) for one step of S and the others take it by shuffle;
+                              # "auto": not in a training forward of `chunk`-step chunks
     dbc_bf16: bool = False    # backward: the per-block dB/dC partials in bf16 when B and C are
                               # bf16 (half the bytes; summed in f32 outside)
     bwd_share: bool = False   # backward, split S: per-channel work once per channel-step
                               # (delta by shuffle, the step's end reduce-scattered over parts)
-    ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
-                              # inference forward, its checkpoints still every `chunk` steps
+    ck_unroll: bool | str = False  # training forward unrolled over fwd_chunk steps like the
+                              # inference forward, its checkpoints still every `chunk` steps;
+                              # "auto": while its grid fits one wave (_auto_ck_unroll)
     ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
                               # with state_tile: stored row by row out of the tile
     bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel)
@@ -1052,7 +1054,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
-    if save_ckpt and cfg.ck_unroll and cfg.fwd_chunk % cfg.chunk == 0:
+    ck_unroll = cfg.ck_unroll
+    if ck_unroll == "auto":
+        ck_unroll = _auto_ck_unroll(u.shape[0], u.shape[2])
+    if save_ckpt and ck_unroll and cfg.fwd_chunk % cfg.chunk == 0:
         chunk = cfg.fwd_chunk    # unrolled like the inference forward, checkpoints as before
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
@@ -1083,7 +1088,12 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
             save_ckpt=save_ckpt, ck_every=ck_every, ck_copy=cfg.ck_copy,
             ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
-            poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
+            poly_exp=cfg.poly_exp,
+            # share_dt "auto": in the inference forward, and in the training forward only
+            # when it runs the 16-step chunks (slower with 4-step ones: session 4)
+            share_dt=(cfg.share_dt is True or (cfg.share_dt == "auto"
+                                               and (not save_ckpt or chunk != ck_every))),
+            interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -1097,6 +1107,16 @@ _SPLIT_BWD_WARPS_PER_SM = 9
 
 # Warps of the v4 forward (127-128 registers in the SASS) that fit on one multiprocessor.
 _FWD_WARPS_PER_SM = 16
+
+# Warps of the 16-step training forward (ck_unroll: 168 registers in XLA's Triton, session 4).
+_CKU_WARPS_PER_SM = 12
+
+
+def _auto_ck_unroll(bsz, dn):
+    """ck_unroll="auto": the 16-step training forward while its B * Dn / 16 one-warp programs
+    fit in one wave (at 8x2048x4096 it needs 1.3 waves and was slower than the 4-step one)."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return bsz * -(-dn // 16) <= _CKU_WARPS_PER_SM * sms
 
 
 def _auto_fwd_split(bsz, dn):
