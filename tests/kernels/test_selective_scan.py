@@ -129,7 +129,7 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
 
 
 @pytest.mark.parametrize("tiling,n,groups", [
-    (dict(state_tile=True, ahead=3, chunk=4), 16, 2),
+    pytest.param(dict(state_tile=True, ahead=3, chunk=4), 16, 2, marks=pytest.mark.slow),
     pytest.param(dict(state_tile=True, ahead=0), 8, None, marks=pytest.mark.slow),
     pytest.param(dict(state_tile=True, ahead=2, ck_unroll=True, chunk=2, fwd_chunk=4), 16, 2,
                  marks=pytest.mark.slow),
@@ -142,8 +142,9 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
         "bwd_tile_kept_chunk2"])
 def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     # state_tile: the forward (inference and training) with one lane per channel holding all
-    # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward.
-    # Ragged (11 steps), every option; the B/C window (ahead 3) crosses the chunks.
+    # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward
+    # or (bwd_tile) the backward in the same layout, whose dB/dC butterfly runs over tiles.
+    # Ragged (11 steps), every option; the B/C window (ahead 2, 3) crosses the chunks.
     check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, **tiling)
     args, kwargs = split(make_inputs(4, n=n, groups=groups, length=11), OPTIONAL)
     y, h = kernel(*args, **kwargs, delta_softplus=True, **tiling)    # the inference forward
