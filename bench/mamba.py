@@ -393,6 +393,8 @@ VARIANTS = {
     # candidate default: share_dt in the inference forward, and the 16-step training forward
     # with share_dt while its grid fits one wave (cku_sdt at 8x2048x2048, v4 past one wave)
     "auto5": dict(share_dt="auto", ck_unroll="auto"),
+    # the training forward over 8-step chunks (checkpoints every 4), with the shared delta
+    "cku8_sdt": dict(share_dt="auto", ck_unroll=8),
 }
 
 

@@ -183,9 +183,10 @@ class _Config:
                               # bf16 (half the bytes; summed in f32 outside)
     bwd_share: bool = False   # backward, split S: per-channel work once per channel-step
                               # (delta by shuffle, the step's end reduce-scattered over parts)
-    ck_unroll: bool | str = False  # training forward unrolled over fwd_chunk steps like the
-                              # inference forward, its checkpoints still every `chunk` steps;
-                              # "auto": while its grid fits one wave (_auto_ck_unroll)
+    ck_unroll: bool | str | int = False  # training forward unrolled over fwd_chunk steps
+                              # like the inference forward, checkpoints still every `chunk`;
+                              # "auto": while its grid fits one wave (_auto_ck_unroll); an
+                              # int: over that many steps instead of fwd_chunk
     ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
                               # with state_tile: stored row by row out of the tile
     bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel)
@@ -1057,8 +1058,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     ck_unroll = cfg.ck_unroll
     if ck_unroll == "auto":
         ck_unroll = _auto_ck_unroll(u.shape[0], u.shape[2])
-    if save_ckpt and ck_unroll and cfg.fwd_chunk % cfg.chunk == 0:
-        chunk = cfg.fwd_chunk    # unrolled like the inference forward, checkpoints as before
+    body = cfg.fwd_chunk if ck_unroll is True else ck_unroll   # an int: that many steps
+    if save_ckpt and ck_unroll and body % cfg.chunk == 0:
+        chunk = body    # unrolled like the inference forward, checkpoints as before
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
     n_st = A.shape[1]

@@ -116,8 +116,9 @@ def test_kernel_schedules_match_recurrence(tiling, n):
     (dict(ck_unroll=True, fwd_chunk=8, share_dt=True, chunk=4), 16),
     pytest.param(dict(ck_unroll="auto", fwd_chunk=8, share_dt="auto", chunk=4), 16,
                  marks=pytest.mark.slow),
+    pytest.param(dict(ck_unroll=4, share_dt="auto", chunk=2), 16, marks=pytest.mark.slow),
 ], ids=["bwd_split4_share", "bwd_split2_share_xor", "bwd_split4_share_c8_n8",
-        "ck_unroll_share_dt", "auto_ck_unroll_share_dt"])
+        "ck_unroll_share_dt", "auto_ck_unroll_share_dt", "ck_unroll_4_steps"])
 def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     # bwd_share: delta computed by one lane part per step and shuffled, the end of each step
     # (du, ddelta, dz, D and bias sums) by one part after a reduce-scatter over the parts;
