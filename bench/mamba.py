@@ -395,6 +395,9 @@ VARIANTS = {
     "auto5": dict(share_dt="auto", ck_unroll="auto"),
     # the training forward over 8-step chunks (checkpoints every 4), with the shared delta
     "cku8_sdt": dict(share_dt="auto", ck_unroll=8),
+    # v4 spelled out (the default of sessions 3-4), whatever the default is now
+    "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
+               ck_unroll=False, state_tile=False, bwd_tile=False),
 }
 
 
