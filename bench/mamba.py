@@ -296,7 +296,9 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 
 
 # Kernel variants (keyword arguments of selective_scan_pallas) for --compare: "fwd" times the
-# inference forward, "fb" the training forward + backward.
+# inference forward, "fb" the training forward + backward. Each is relative to the defaults of
+# its time: since session 5 those include share_dt="auto", ck_unroll="auto" (the older entries
+# were measured with both off; "v4" spells that configuration out).
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},

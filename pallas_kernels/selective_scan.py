@@ -1256,15 +1256,19 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
-                          bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          dbc_bf16=False, bwd_share=False, ck_unroll=False, ck_copy=False,
+                          bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
+                          dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
-    on an H200 (docs/kernels/selective_scan.md): B/C as lane rows (bc_rows) in both kernels and
-    the backward split over two lanes per channel too. v3 was bc_rows=False, bwd_split=1; v2.1
-    also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1."""
+    Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
+    on an H200 (docs/kernels/selective_scan.md): v4 (B/C as lane rows (bc_rows) in both
+    kernels, both split over two lanes per channel) with the delta of each channel-step
+    computed once and shuffled to the lane parts in the inference forward, and the training
+    forward over 16-step chunks with that shared delta while its grid fits one wave
+    (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False, ck_unroll=False; v3
+    bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False,
+    fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
