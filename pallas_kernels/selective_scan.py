@@ -1706,8 +1706,9 @@ def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bi
     """One decoding step: state [B, Dn, N] f32, u/delta/z [B, Dn], B/C [B, N] or [B, G, N].
 
     Returns (y [B, Dn], new_state). `backend=None` takes the jnp step: the Pallas step kernel
-    (power-of-2 N; other shapes fall back to the jnp step) is opt-in until `bench/mamba.py`
-    measures it faster on the GPU.
+    (power-of-2 N; other shapes fall back to the jnp step) is opt-in, since on an H200 it was
+    not faster at any batch size consistently (B = 8..128, Dn 4096: both launch-bound, 8-20 us
+    per step; docs/kernels/selective_scan.md).
     """
     backend = _common.resolve_backend("reference" if backend is None else backend)
     groups = 1 if B.ndim == 2 else B.shape[1]
