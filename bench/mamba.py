@@ -296,7 +296,9 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 
 
 # Kernel variants (keyword arguments of selective_scan_pallas) for --compare: "fwd" times the
-# inference forward, "fb" the training forward + backward.
+# inference forward, "fb" the training forward + backward. Each is relative to the defaults of
+# its time: since session 5 those include share_dt="auto", ck_unroll="auto" (the older entries
+# were measured with both off; "v4" spells that configuration out).
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
@@ -374,10 +376,34 @@ VARIANTS = {
     "fc4": dict(fwd_chunk=4),
     "ckc": dict(ck_copy=True),
     "ckc_sdt": dict(ck_copy=True, share_dt=True),
+    # session 5: the forward with one lane per channel holding all 16 states as an [N, 32]
+    # tile, B/C rows broadcast to the lanes (vector loads of one address), the rows loaded
+    # `ahead` steps early; the backward is v4's
+    "tile": dict(state_tile=True, ahead=2),
+    "tile4": dict(state_tile=True, ahead=4),
+    "tile1": dict(state_tile=True, ahead=1),
+    "tile_c8": dict(state_tile=True, ahead=2, fwd_chunk=8),
+    "tile_cku": dict(state_tile=True, ahead=2, ck_unroll=True),   # 16-step training forward
+    "tile_ckr": dict(state_tile=True, ahead=2, ck_copy=True),     # checkpoints row by row
+    # the backward in the tile layout too (one lane per channel, dB/dC by a butterfly over
+    # tiles), the reverse pass taking its decays again (_k: keeping the recompute's)
+    "tile_bt": dict(state_tile=True, ahead=2, bwd_tile=True),
+    "tile_bt_k": dict(state_tile=True, ahead=2, bwd_tile=True, keep_decay=True),
+    # the lane-row forward with one lane per channel (all 16 states in the lane, 32 shuffles
+    # per step for B/C): half the warps of v4's, no per-channel work done twice
+    "s1": dict(split=1),
+    # candidate default: share_dt in the inference forward, and the 16-step training forward
+    # with share_dt while its grid fits one wave (cku_sdt at 8x2048x2048, v4 past one wave)
+    "auto5": dict(share_dt="auto", ck_unroll="auto"),
+    # the training forward over 8-step chunks (checkpoints every 4), with the shared delta
+    "cku8_sdt": dict(share_dt="auto", ck_unroll=8),
+    # v4 spelled out (the default of sessions 3-4), whatever the default is now
+    "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
+               ck_unroll=False, state_tile=False, bwd_tile=False),
 }
 
 
-def compare(res, comp, fwd_names, fb_names, size, repeat=1):
+def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
     """VARIANTS at one size: each checked against the associative-scan reference (the output,
     and for forward+backward every gradient), then timed; the references are timed too."""
     b, length, dn, n = size
@@ -389,7 +415,8 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1):
     jobs += [(k, "fwd", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fwd_names]
     jobs += [("associative", "fb", fns["associative"])]
     jobs += [(k, "fb", _variants(x, VARIANTS[k])[1]["pallas"]) for k in fb_names]
-    jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
+    if refs:    # lax.scan timed too (the associative scan is the check of every variant)
+        jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
     for name, mode, fn in jobs:          # submitted in order of priority
         if mode == "fwd":
             comp.submit(("cmp", name, mode), fn, *args)
@@ -442,9 +469,9 @@ def _decode_loop(backend, inputs, kw, h):
     return jax.lax.fori_loop(0, 32, body, h)
 
 
-def decode_bench(res, comp):
+def decode_bench(res, comp, batches=(8, 64)):
     plans = []
-    for b, dn, n in ((2, 64, 16),) if SMOKE else ((8, 4096, 16), (64, 4096, 16)):
+    for b, dn, n in ((2, 64, 16),) if SMOKE else tuple((b, 4096, 16) for b in batches):
         x = _inputs(b, 1, dn, n)
         kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
         u, d, bb, cc, z = (x[k][:, 0] for k in ("u", "delta", "B", "C", "z"))
@@ -539,6 +566,10 @@ def main():
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
     p.add_argument("--repeat", type=int, default=1, help="timing passes over the compared "
                    "kernels (median reported)")
+    p.add_argument("--decode-batches", default="8,64", help="batch sizes of the decode timing")
+    p.add_argument("--bench-also", default="", help="VARIANTS also timed at the bench sizes")
+    p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
+                   "comparison (0: the anchor 8x2048x2048, with the references)")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -588,8 +619,9 @@ def main():
     steps, bench_sizes = [], sizes
     if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
         steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
-                                         sizes[0], a.repeat)))
-        bench_sizes = sizes[1:]
+                                         sizes[a.compare_size], a.repeat,
+                                         refs=a.compare_size == 0)))
+        bench_sizes = [s for i, s in enumerate(sizes) if i != a.compare_size]
     if not a.quick:
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
@@ -598,11 +630,15 @@ def main():
     if bench_sizes:
         refs_at = () if a.compare_fwd or a.compare_fb else sizes[:1]
         steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at)))
+    for c in names(a.bench_also):
+        steps.append(("bench " + c, benchmark(res, comp, bench_sizes, VARIANTS[c],
+                                              tag=f"also {c}", refs_at=())))
     for c in names(a.sweep):
         steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
                                          refs_at=())))
     if not a.skip_decode:
-        steps.append(("decode", decode_bench(res, comp)))
+        steps.append(("decode", decode_bench(
+            res, comp, tuple(int(b) for b in a.decode_batches.split(",")))))
     ready = []
     for name, gen in steps:          # submit every compile before anything runs
         try:

@@ -36,6 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange, repeat
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -175,15 +176,23 @@ class _Config:
                               # butterfly needs no selects (see _xor_reduce)
     poly_exp: int = 0         # forward: this many of a lane's states take exp2 as a polynomial
                               # on the FMA pipes instead of the MUFU (_exp2_poly)
-    share_dt: bool = False    # forward, split S: each lane part computes delta (bias, softplus)
-                              # for one step of S and the others take it by shuffle
+    share_dt: bool | str = False  # forward, split S: each lane part computes delta (bias,
+                              # softplus) for one step of S and the others take it by shuffle;
+                              # "auto": not in a training forward of `chunk`-step chunks
     dbc_bf16: bool = False    # backward: the per-block dB/dC partials in bf16 when B and C are
                               # bf16 (half the bytes; summed in f32 outside)
     bwd_share: bool = False   # backward, split S: per-channel work once per channel-step
                               # (delta by shuffle, the step's end reduce-scattered over parts)
-    ck_unroll: bool = False   # training forward unrolled over fwd_chunk steps like the
-                              # inference forward, its checkpoints still every `chunk` steps
-    ck_copy: bool = False     # training forward: checkpoints stored from copies of the state
+    ck_unroll: bool | str | int = False  # training forward unrolled over fwd_chunk steps
+                              # like the inference forward, checkpoints still every `chunk`;
+                              # "auto": while its grid fits one wave (_auto_ck_unroll); an
+                              # int: over that many steps instead of fwd_chunk
+    ck_copy: bool = False     # training forward: checkpoints stored from copies of the state;
+                              # with state_tile: stored row by row out of the tile
+    bwd_tile: bool = False    # backward in state_tile's layout (N = 16; _bwd_tile_kernel)
+    state_tile: bool = False  # forward: one lane per channel holding all N states as an
+                              # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
+                              # the B/C rows load `ahead` steps early
     interpret: bool = False
 
 
@@ -435,6 +444,85 @@ def _fwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
     h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, (h0, load_rows(0), window))
     for k, n in enumerate(states):
         r["hT"][n, cols] = h[k]
+
+
+def _fwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
+                     save_ckpt, ck_every, ck_rows, ahead, fast_exp, interpret):
+    """state_tile forward: one channel per lane with all N states in that lane, the state an
+    [N, bd] tile (Triton's default layout for it with one warp: lane e owns column e, so the
+    sum over states is lane-local), B_t and C_t [N] rows broadcast to every lane. A row has
+    fewer elements than the warp has lanes, so Triton may re-load it in the broadcast layout
+    (each lane the whole row, vector loads of one address) instead of shuffling it: about 0.5
+    load per element instead of the split layout's 2 shuffles, and the per-channel work
+    (softplus, D, gate, stores) once per channel instead of once per lane part. The B/C rows
+    load `ahead` steps before their use (a rolling window carried across chunks); u/delta/z rows
+    a chunk ahead; y stored at the chunk end."""
+    # u/dt/z/y [Lp, bd]; a [N, bd]; b/c [Lp, N] f32; d/bias [bd]; h0/hT [N, bd]; ck [nC, N, bd]
+    names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
+    r = _name_refs(refs, names + (["ck"] if save_ckpt else []))
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    asm = fast_exp and not interpret
+    rows_n = jax.lax.broadcasted_iota(jnp.int32, (n_state, bd), 0)
+
+    def tile(vecs):      # N [bd] rows -> [N, bd] tile, built by selects (no 2D load anchors)
+        out = jnp.zeros((n_state, bd), f32)
+        for n, v in enumerate(vecs):
+            out = jnp.where(rows_n == n, v[None, :], out)
+        return out
+
+    a2 = tile([r["a"][n, :] * _LOG2E for n in range(n_state)])
+    h0 = tile([r["h0"][n, :] for n in range(n_state)]) if "h0" in r else jnp.zeros(
+        (n_state, bd), f32)
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    seq_names = ["u", "dt"] + (["z"] if "z" in r else [])
+    last = n_chunks * chunk - 1
+
+    def load_bc(i):
+        return r["b"][i, :], r["c"][i, :]
+
+    def store_ck(j, h):
+        if not ck_rows:    # one [N, bd] store: Triton converts the tile's layout (shared memory)
+            r["ck"][j, :, :] = h
+            return
+        for n in range(n_state):   # row n taken out of the lane's registers (selects on
+            # constant row indices and adds of -0: nothing left after LLVM folds them)
+            r["ck"][j, n, :] = jnp.sum(jnp.where(rows_n == n, h, -0.0), axis=0)
+
+    def chunk_body(c, carry):
+        h, rows, window = carry[0], carry[1], list(carry[2])
+        next_rows = _load_chunk(r, seq_names, jnp.minimum(c + 1, n_chunks - 1), chunk)
+        ys = []
+        for t in range(chunk):
+            i = c * chunk + t
+            if save_ckpt and t % ck_every == 0:   # ck_every < chunk: ck_unroll
+                store_ck(c * (chunk // ck_every) + t // ck_every, h)
+            if ahead:
+                window.append(load_bc(jnp.minimum(i + ahead, last)))
+                b_t, c_t = window.pop(0)
+            else:
+                b_t, c_t = load_bc(i)
+            u = rows[0][t].astype(f32)
+            dt, _ = _delta_step(rows[1][t], bias, i, softplus=softplus, length=length,
+                                padded=padded, fast=fast_exp, asm=asm)
+            e = _exp2(dt[None, :] * a2, asm)
+            h = e * h + (dt * u)[None, :] * b_t[:, None]
+            y = jnp.sum(h * c_t[:, None], axis=0)
+            if d is not None:
+                y = y + d * u
+            if "z" in r:
+                z = rows[2][t].astype(f32)
+                y = y * (z * jax.nn.sigmoid(z))
+            ys.append(y)
+        for t in range(chunk):
+            r["y"][c * chunk + t, :] = ys[t].astype(r["y"].dtype)
+        return h, next_rows, tuple(window)
+
+    window = tuple(load_bc(min(i, last)) for i in range(ahead))
+    h, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                                (h0, _load_chunk(r, seq_names, 0, chunk), window))
+    r["hT"][...] = h
 
 
 def _lanes_sum(x, bd, width, interpret):
@@ -714,6 +802,148 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
         r["dbias"][cols] = dbias
 
 
+def _tile_shfl_xor(x, mask, interpret):
+    """_shfl_xor of an [R, 32] tile whose lane e holds column e (state_tile's layout)."""
+    if interpret:
+        lane = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        return jnp.take(x, lane ^ mask, axis=-1)
+    return _shfl_xor(x, mask, interpret)
+
+
+def _tile_reduce_scatter(qb, qc, lane, interpret):
+    """bwd_tile: the dB and dC sums of an [N, 32] tile pair over the warp's 32 channels (lane
+    e = column e), N = 16: a recursive-halving butterfly over tiles, one row block of the tile
+    kept and the other sent at each level (16 + 8 + 4 + 2 + 1 = 31 shuffles). Lane e ends with
+    column e of [dB_0..dB_15, dC_0..dC_15]."""
+    hi = ((lane & 16) != 0)[None, :]
+    v = jnp.where(hi, qc, qb) + _tile_shfl_xor(jnp.where(hi, qb, qc), 16, interpret)
+    m = 8
+    while v.shape[0] > 1:
+        lo, up = jnp.split(v, 2, axis=0)
+        bit = ((lane & m) != 0)[None, :]
+        v = jnp.where(bit, up, lo) + _tile_shfl_xor(jnp.where(bit, lo, up), m, interpret)
+        m //= 2
+    return v.reshape(v.shape[1:])
+
+
+def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
+                     fast_exp, keep_decay, interpret):
+    """bwd_tile: the backward in state_tile's layout (one lane per channel, the N = 16 states
+    of a lane as an [N, 32] tile, B/C rows broadcast by vector loads), so that the per-channel
+    work runs once per channel-step and B/C cost no shuffles; dB/dC by _tile_reduce_scatter.
+    Per chunk (in reverse): recompute the chunk's states from its checkpoint, then the
+    reverse steps (keep_decay: with the recompute's decays; ptxas merges identical ex2
+    instructions even from separate asm strings); every store of the chunk waits until its
+    end, so that no load of the chunk (B/C rows) is held behind a store."""
+    in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
+                "ck", "dy", "dhT"]
+    out_names = ["du", "ddt", *(["dz"] if "z" in opts else []), "dbc", "da",
+                 *(["dd"] if "d" in opts else []), *(["dbias"] if "bias" in opts else []), "dh0"]
+    r = _name_refs(refs, in_names + out_names)
+    f32 = jnp.float32
+    bd = r["u"].shape[-1]
+    asm = fast_exp and not interpret
+    rows_n = jax.lax.broadcasted_iota(jnp.int32, (n_state, bd), 0)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bd,), 0)
+
+    def tile(vecs):      # N [bd] rows -> [N, bd] tile (selects on constant rows: folded)
+        out = jnp.zeros((n_state, bd), f32)
+        for n, v in enumerate(vecs):
+            out = jnp.where(rows_n == n, v[None, :], out)
+        return out
+
+    def rows_of(t):      # the [bd] rows of a tile, for row stores
+        return [jnp.sum(jnp.where(rows_n == n, t, -0.0), axis=0) for n in range(n_state)]
+
+    A = tile([r["a"][n, :] for n in range(n_state)])
+    d = r["d"][...] if "d" in r else None
+    bias = r["bias"][...] if "bias" in r else None
+    step = functools.partial(_delta_step, bias=bias, softplus=softplus, length=length,
+                             padded=padded, fast=fast_exp, asm=asm)
+    seq_names = ["u", "dt", "dy"] + (["z"] if "z" in r else [])
+    zeros = jnp.zeros((bd,), f32)
+    # Without keep_decay the reverse pass takes its decays again, as exp2 of dt * log2(e)'
+    # with log2(e)' one ulp under log2(e) (within 1e-7 of the recompute's values): an input
+    # ptxas cannot match to the recompute's ex2, so it cannot merge them and keep 64
+    # registers of decays.
+    log2e_again = float(np.nextafter(np.float32(_LOG2E), np.float32(0)))
+
+    def load_ck(c):
+        return tile([r["ck"][c, n, :] for n in range(n_state)])
+
+    def chunk_body(k, carry):
+        dh, da, dd, dbias, rows, h = carry
+        c = n_chunks - 1 - k
+        next_rows = _load_chunk(r, seq_names, jnp.maximum(c - 1, 0), chunk)
+        next_ck = load_ck(jnp.maximum(c - 1, 0))
+        hs, steps, decays = [h], [], []
+        for t in range(chunk):                       # recompute the chunk's states
+            i = c * chunk + t
+            dt, x = step(rows[1][t], i=i)
+            steps.append((dt, x))
+            a_t = _exp2((dt * _LOG2E)[None, :] * A, asm)
+            decays.append(a_t)
+            h = a_t * h + (dt * rows[0][t].astype(f32))[None, :] * r["b"][i, :][:, None]
+            hs.append(h)
+        out = []
+        for t in reversed(range(chunk)):
+            i = c * chunk + t
+            b_t, c_t = r["b"][i, :][:, None], r["c"][i, :][:, None]
+            u = rows[0][t].astype(f32)
+            dt, x = steps[t]
+            dout = rows[2][t].astype(f32)
+            h_prev, h_t = hs[t], hs[t + 1]
+            dz = None
+            if "z" in r:
+                z = rows[3][t].astype(f32)
+                sz = jax.nn.sigmoid(z)
+                y = jnp.sum(h_t * c_t, axis=0)
+                if d is not None:
+                    y = y + d * u
+                dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+                dy = dout * z * sz
+            else:
+                dy = dout
+            g = dh + c_t * dy[None, :]
+            a_n = decays[t] if keep_decay else _exp2((dt * log2e_again)[None, :] * A, asm)
+            q = g * a_n * h_prev
+            da = da + dt[None, :] * q
+            saq = jnp.sum(A * q, axis=0)
+            gb = jnp.sum(g * b_t, axis=0)
+            dh = a_n * g
+            dbc = _tile_reduce_scatter(g * (dt * u)[None, :], dy[None, :] * h_t, lane, interpret)
+            du = dt * gb
+            if d is not None:
+                du = du + d * dy
+                dd = dd + dy * u
+            ddt = u * gb + saq
+            if softplus:
+                ddt = ddt * jax.nn.sigmoid(x)
+            if padded:
+                ddt = jnp.where(i < length, ddt, 0.0)
+            dbias = dbias + ddt
+            out.append((i, du, ddt, dz, dbc))
+        for i, du, ddt, dz, dbc in out:      # the chunk's stores last
+            r["du"][i, :] = du.astype(r["du"].dtype)
+            r["ddt"][i, :] = ddt.astype(r["ddt"].dtype)
+            if dz is not None:
+                r["dz"][i, :] = dz.astype(r["dz"].dtype)
+            r["dbc"][i, :] = dbc.astype(r["dbc"].dtype)
+        return dh, da, dd, dbias, next_rows, next_ck
+
+    last = n_chunks - 1
+    init = (tile([r["dhT"][n, :] for n in range(n_state)]), jnp.zeros((n_state, bd), f32),
+            zeros, zeros, _load_chunk(r, seq_names, last, chunk), load_ck(last))
+    dh, da, dd, dbias, _, _ = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for n, (row_dh, row_da) in enumerate(zip(rows_of(dh), rows_of(da), strict=True)):
+        r["dh0"][n, :] = row_dh
+        r["da"][n, :] = row_da
+    if "dd" in r:
+        r["dd"][...] = dd
+    if "dbias" in r:
+        r["dbias"][...] = dbias
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout glue and custom_vjp.
 #
@@ -825,10 +1055,19 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
-    if save_ckpt and cfg.ck_unroll and cfg.fwd_chunk % cfg.chunk == 0:
-        chunk = cfg.fwd_chunk    # unrolled like the inference forward, checkpoints as before
+    ck_unroll = cfg.ck_unroll
+    if ck_unroll == "auto":
+        ck_unroll = _auto_ck_unroll(u.shape[0], u.shape[2])
+    body = cfg.fwd_chunk if ck_unroll is True else ck_unroll   # an int: that many steps
+    if save_ckpt and ck_unroll and body % cfg.chunk == 0:
+        chunk = body    # unrolled like the inference forward, checkpoints as before
     split = cfg.split or _auto_fwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, chunk, split, cfg, "fwd")
+    n_st = A.shape[1]
+    tile = cfg.state_tile and cfg.num_warps == 1 and n_st == _next_pow2(n_st) <= 32
+    if tile:    # one lane per channel (split 1), B/C as [N] rows
+        lay = _layout(u, A, B, chunk, cfg.block_d)
+        split, bc_rows = 1, False
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, h0, bc_rows)
     state_spec = pl.BlockSpec((None, lay.n, lay.bd), lambda b, j: (b, 0, j))
     out_shape = [jax.ShapeDtypeStruct((lay.bsz, lay.lp, lay.dp), u.dtype),
@@ -838,12 +1077,25 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         n_ck = lay.lp // ck_every
         out_shape.append(jax.ShapeDtypeStruct((lay.bsz, n_ck, lay.n, lay.dp), jnp.float32))
         out_specs.append(pl.BlockSpec((None, n_ck, lay.n, lay.bd), lambda b, j: (b, 0, 0, j)))
-    kernel = functools.partial(
-        _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts, save_ckpt=save_ckpt,
-        ck_every=ck_every, ck_copy=cfg.ck_copy, ahead=min(cfg.ahead, lay.lp),
-        fast_exp=cfg.fast_exp, split=split,
-        poly_exp=cfg.poly_exp, share_dt=cfg.share_dt, interpret=cfg.interpret)
+    if tile:
+        kernel = functools.partial(
+            _fwd_tile_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
+            save_ckpt=save_ckpt, ck_every=ck_every, ck_rows=cfg.ck_copy,
+            ahead=min(cfg.ahead, lay.lp),
+            fast_exp=cfg.fast_exp, interpret=cfg.interpret)
+    else:
+        kernel = functools.partial(
+            _fwd_kernel, n_state=lay.n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lay.lp != lay.length, softplus=cfg.softplus, opts=opts,
+            save_ckpt=save_ckpt, ck_every=ck_every, ck_copy=cfg.ck_copy,
+            ahead=min(cfg.ahead, lay.lp), fast_exp=cfg.fast_exp, split=split,
+            poly_exp=cfg.poly_exp,
+            # share_dt "auto": in the inference forward, and in the training forward only
+            # when it runs the 16-step chunks (slower with 4-step ones: session 4)
+            share_dt=(cfg.share_dt is True or (cfg.share_dt == "auto"
+                                               and (not save_ckpt or chunk != ck_every))),
+            interpret=cfg.interpret)
     outs = _call(kernel, lay, cfg, specs, out_shape, out_specs, "selective_scan_fwd")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn]
     final = jnp.swapaxes(outs[1][:, :, :lay.dn], 1, 2)
@@ -857,6 +1109,16 @@ _SPLIT_BWD_WARPS_PER_SM = 9
 
 # Warps of the v4 forward (127-128 registers in the SASS) that fit on one multiprocessor.
 _FWD_WARPS_PER_SM = 16
+
+# Warps of the 16-step training forward (ck_unroll: 168 registers in XLA's Triton, session 4).
+_CKU_WARPS_PER_SM = 12
+
+
+def _auto_ck_unroll(bsz, dn):
+    """ck_unroll="auto": the 16-step training forward while its B * Dn / 16 one-warp programs
+    fit in one wave (at 8x2048x4096 it needs 1.3 waves and was slower than the 4-step one)."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return bsz * -(-dn // 16) <= _CKU_WARPS_PER_SM * sms
 
 
 def _auto_fwd_split(bsz, dn):
@@ -880,6 +1142,11 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
     lay, split, bc_rows = _split_layout(u, A, B, cfg.chunk, split, cfg, "bwd")
+    tile = False
+    if cfg.bwd_tile and cfg.num_warps == 1 and A.shape[1] == 16:
+        tile_lay = _layout(u, A, B, cfg.chunk, _LANES)
+        if tile_lay.bd == _LANES:    # one lane per channel, N = 16 states in the lane
+            lay, split, bc_rows, tile = tile_lay, 1, False, True
     arrays, specs, opts = _kernel_inputs(lay, u, delta, A, B, C, D, z, delta_bias, None,
                                          bc_rows)
     f32 = jnp.float32
@@ -895,7 +1162,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, bd)]
     specs += [pl.BlockSpec((None, lay.n_chunks, n, bd), lambda b, j: (b, 0, 0, j)), seq_spec,
               state_spec]
-    lane_reduce = cfg.lane_reduce and bd * split == _LANES and cfg.num_warps == 1
+    lane_reduce = (cfg.lane_reduce or tile) and bd * split == _LANES and cfg.num_warps == 1
     # lane_reduce: per pass, 32 columns = `split` parts of bd values (2K = 2N / split of them
     # per part, padded to whole passes); else the 2N sums directly.
     n_q = _LANES * -(-2 * n // split // bd) if lane_reduce else 2 * n
@@ -921,13 +1188,21 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
             out_specs.append(per_batch_spec)
     out_shape.append(state)
     out_specs.append(state_spec)
-    kernel = functools.partial(
-        _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks, length=lay.length,
-        padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
-        ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
-        fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay, xor_reduce=xor_reduce,
-        share=cfg.bwd_share and lane_reduce and split > 1 and lay.chunk % split == 0,
-        interpret=cfg.interpret)
+    if tile:
+        xor_reduce = False
+        kernel = functools.partial(
+            _bwd_tile_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
+            fast_exp=cfg.fast_exp, keep_decay=cfg.keep_decay, interpret=cfg.interpret)
+    else:
+        kernel = functools.partial(
+            _bwd_kernel, n_state=n, chunk=lay.chunk, n_chunks=lay.n_chunks,
+            length=lay.length, padded=lp != lay.length, softplus=cfg.softplus, opts=opts,
+            ahead=min(cfg.bwd_ahead, lay.chunk), lane_reduce=lane_reduce,
+            fast_exp=cfg.fast_exp, split=split, keep_decay=cfg.keep_decay,
+            xor_reduce=xor_reduce,
+            share=cfg.bwd_share and lane_reduce and split > 1 and lay.chunk % split == 0,
+            interpret=cfg.interpret)
     outs = list(_call(kernel, lay, cfg, specs, out_shape, out_specs,
                       "selective_scan_bwd")(*arrays))
 
@@ -981,22 +1256,28 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, chunk=4, fwd_chunk=16,
                           block_d=32, num_warps=1, ahead=4, bwd_ahead=1, lane_reduce=True,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
-                          bc_rows=True, xor_reduce=False, poly_exp=0, share_dt=False,
-                          dbc_bf16=False, bwd_share=False, ck_unroll=False, ck_copy=False,
-                          interpret=False):
+                          bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
+                          dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
+                          state_tile=False, bwd_tile=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v4, "bcr_bs2" of bench/mamba.py): the fastest correct configuration measured
-    on an H200 (docs/kernels/selective_scan.md): B/C as lane rows (bc_rows) in both kernels and
-    the backward split over two lanes per channel too. v3 was bc_rows=False, bwd_split=1; v2.1
-    also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, split=1."""
+    Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
+    on an H200 (docs/kernels/selective_scan.md): v4 (B/C as lane rows (bc_rows) in both
+    kernels, both split over two lanes per channel) with the delta of each channel-step
+    computed once and shuffled to the lane parts in the inference forward, and the training
+    forward over 16-step chunks with that shared delta while its grid fits one wave
+    (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False, ck_unroll=False; v3
+    bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False,
+    fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
                   fast_exp=fast_exp, split=split, bwd_split=bwd_split, keep_decay=keep_decay,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
-                  ck_unroll=ck_unroll, ck_copy=ck_copy, interpret=interpret)
+                  ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
+                  bwd_tile=bwd_tile,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
@@ -1425,8 +1706,9 @@ def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bi
     """One decoding step: state [B, Dn, N] f32, u/delta/z [B, Dn], B/C [B, N] or [B, G, N].
 
     Returns (y [B, Dn], new_state). `backend=None` takes the jnp step: the Pallas step kernel
-    (power-of-2 N; other shapes fall back to the jnp step) is opt-in until `bench/mamba.py`
-    measures it faster on the GPU.
+    (power-of-2 N; other shapes fall back to the jnp step) is opt-in, since on an H200 it was
+    not faster at any batch size consistently (B = 8..128, Dn 4096: both launch-bound, 8-20 us
+    per step; docs/kernels/selective_scan.md).
     """
     backend = _common.resolve_backend("reference" if backend is None else backend)
     groups = 1 if B.ndim == 2 else B.shape[1]

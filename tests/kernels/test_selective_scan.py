@@ -114,8 +114,11 @@ def test_kernel_schedules_match_recurrence(tiling, n):
     pytest.param(dict(bwd_split=4, bwd_share=True, chunk=8, keep_decay=True), 8,
                  marks=pytest.mark.slow),
     (dict(ck_unroll=True, fwd_chunk=8, share_dt=True, chunk=4), 16),
+    pytest.param(dict(ck_unroll="auto", fwd_chunk=8, share_dt="auto", chunk=4), 16,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(ck_unroll=4, share_dt="auto", chunk=2), 16, marks=pytest.mark.slow),
 ], ids=["bwd_split4_share", "bwd_split2_share_xor", "bwd_split4_share_c8_n8",
-        "ck_unroll_share_dt"])
+        "ck_unroll_share_dt", "auto_ck_unroll_share_dt", "ck_unroll_4_steps"])
 def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     # bwd_share: delta computed by one lane part per step and shuffled, the end of each step
     # (du, ddelta, dz, D and bias sums) by one part after a reduce-scatter over the parts;
@@ -124,6 +127,30 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
     # checkpoints run past the backward's 12 padded steps), checkpoints every 4, delta shared
     # across the forward's two lane parts.
     check_against_recurrence(jnp.float32, n, 2, 11, OPTIONAL, True, **tiling)
+
+
+@pytest.mark.parametrize("tiling,n,groups", [
+    pytest.param(dict(state_tile=True, ahead=3, chunk=4), 16, 2, marks=pytest.mark.slow),
+    pytest.param(dict(state_tile=True, ahead=0), 8, None, marks=pytest.mark.slow),
+    pytest.param(dict(state_tile=True, ahead=2, ck_unroll=True, chunk=2, fwd_chunk=4), 16, 2,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(state_tile=True, ahead=1, ck_copy=True), 16, None,
+                 marks=pytest.mark.slow),
+    (dict(state_tile=True, bwd_tile=True, ahead=2, chunk=4), 16, 2),
+    pytest.param(dict(state_tile=True, bwd_tile=True, keep_decay=True, chunk=2), 16, None,
+                 marks=pytest.mark.slow),
+], ids=["ahead3_n16_groups", "ahead0_n8", "ck_unroll", "ck_rows", "bwd_tile",
+        "bwd_tile_kept_chunk2"])
+def test_state_tile_forward_matches_recurrence(tiling, n, groups):
+    # state_tile: the forward (inference and training) with one lane per channel holding all
+    # N states as an [N, bd] tile and B/C rows broadcast; its checkpoints feed the v4 backward
+    # or (bwd_tile) the backward in the same layout, whose dB/dC butterfly runs over tiles.
+    # Ragged (11 steps), every option; the B/C window (ahead 2, 3) crosses the chunks.
+    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, **tiling)
+    args, kwargs = split(make_inputs(4, n=n, groups=groups, length=11), OPTIONAL)
+    y, h = kernel(*args, **kwargs, delta_softplus=True, **tiling)    # the inference forward
+    y_ref, h_ref = reference(*args, **kwargs, delta_softplus=True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
 
 
 @pytest.mark.slow
