@@ -104,6 +104,23 @@ def _check_against_reference(rows, row, kernel, qkvdo, kw, impl_kw=None, err_cha
     rows.append(row)
 
 
+def _check_fwd_variants(results, checks, tag, seed, deadline, fa3_only):
+    """Real-lowering checks of forward variants: `checks` rows (b, n, hq, hkv, d, causal,
+    window, FlashConfig options); only the rows whose FA3 named-barrier flag is `fa3_only` (that
+    schedule runs in its own process: a barrier protocol can hang)."""
+    rows = results.setdefault("correctness", [])
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
+        if time.time() > deadline:
+            break
+        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
+            continue
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=seed + i)
+        row = dict(case=f"{tag} {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                 dict(causal=causal, window=window), extra, err_chars=600)
+
+
 def correctness(results, max_cases=99):
     cases = [  # b, lq, lk, hq, hkv, d, causal, window, segments, dtype
         (2, 1000, 1000, 8, 2, 128, True, None, False, jnp.bfloat16),
@@ -542,17 +559,7 @@ def mosaic_fwd6(results, deadline, n=4096, fa3_only=False):
               (1, 1500, 4, 2, 128, False, None, s3),
               (2, 1000, 4, 2, 64, False, None, dict(pers, mgpu_fwd_skip_pad=True)),
               (2, 1000, 8, 2, 128, True, None, dict(nab, block_k=192))]
-    rows = results.setdefault("correctness", [])
-    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
-        if time.time() > deadline:
-            break
-        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
-            continue
-        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=310 + i)
-        row = dict(case=f"fwd6 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
-                        f"window={window}")
-        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
-                                 dict(causal=causal, window=window), extra, err_chars=600)
+    _check_fwd_variants(results, checks, "fwd6", 310, deadline, fa3_only)
     out = results.setdefault("fwd_sweep6", [])
     cells = [(128, False, n), (128, True, n), (64, False, n), (64, True, n),
              (64, False, 1024), (128, False, 1024), (64, True, 1024), (128, True, 1024)]
@@ -621,17 +628,7 @@ def mosaic_fwd7(results, deadline, fa3_only=False):
                                                   mgpu_stages=2)),
               (2, 1000, 4, 2, 64, False, None, dict(pers, **WG2_64, **fa3)),
               (1, 777, 4, 2, 128, False, None, dict(pers, **fa3))]
-    rows = results.setdefault("correctness", [])
-    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(checks):
-        if time.time() > deadline:
-            break
-        if bool(extra.get("mgpu_fwd_fa3_sched")) != fa3_only:
-            continue
-        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=330 + i)
-        row = dict(case=f"fwd7 {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
-                        f"window={window}")
-        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
-                                 dict(causal=causal, window=window), extra, err_chars=600)
+    _check_fwd_variants(results, checks, "fwd7", 330, deadline, fa3_only)
     out = results.setdefault("fwd_sweep7", [])
     for (d, causal), variants in cells.items():
         variants = [(nm, cfg) for nm, cfg in variants
