@@ -717,11 +717,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             if gpu_path:
                 ds_to_smem()                               # while dV is on the tensor cores
             plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+        if not gpu_path:
+            ds_to_smem()                                   # interpret mode: no run_state
+        return dv_dk_accumulate(mms, dk, dv)
+
+    def dv_dk_accumulate(mms, dk, dv):
+        """dV and dK accumulated by `mms(dv_ref, dk_ref)` (wgmma): in place through run_state
+        on the GPU; in interpret mode into scoped accumulators, added after. Returns (dk, dv)."""
         if gpu_path:
             dv, dk = pl.run_state(lambda refs: mms(*refs))(
                 (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             return dk, dv
-        ds_to_smem()                                       # interpret mode: no run_state
 
         def mms_interpret(dv_ref, dk_ref):
             mms(dv_ref, dk_ref)
@@ -736,17 +742,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         def mms(dv_ref, dk_ref):
             plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
             plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
-        if gpu_path:
-            dv, dk = pl.run_state(lambda refs: mms(*refs))(
-                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            return dk, dv
-
-        def mms_interpret(dv_ref, dk_ref):
-            mms(dv_ref, dk_ref)
-            return dv_ref[...], dk_ref[...]
-        dv_inc, dk_inc = pl.run_scoped(mms_interpret, plgpu.ACC((bk, d), jnp.float32),
-                                       plgpu.ACC((bk, d), jnp.float32))
-        return dk + dk_inc, dv + dv_inc
+        return dv_dk_accumulate(mms, dk, dv)
 
     def _consumer_defer(w: int):
         """The consumer with dq deferred by one step (`mgpu_bwd_defer_dq`, dq "halves"; `w` is
