@@ -652,6 +652,129 @@ def mosaic_fwd7(results, deadline, fa3_only=False):
                 _timed(row, deadline, flops, "fwd_sweep7", out, jax.jit(fn), q, k, v)
 
 
+def _forward_with_lse(q, k, v, **kw):
+    """o and lse (base 2, [B, Hq, Lq_pad]) of flash_attention_kernel's forward for `kw`: the
+    FlashConfig the dispatch builds is captured from one call (attn._flash swapped for the
+    capture), then the forward alone is jitted."""
+    seen = []
+    orig = attn._flash
+    attn._flash = lambda q_, k_, v_, s_, cfg: seen.append((q_, k_, v_, cfg)) or q_
+    try:
+        attn.flash_attention_kernel(q, k, v, **kw)
+    finally:
+        attn._flash = orig
+    q_, k_, v_, cfg = seen[0]
+    return jax.jit(lambda a, b, c: attn._flash_forward(a, b, c, None, cfg))(q_, k_, v_)
+
+
+def _reference_lse2(q, k, causal, window):
+    """Base-2 log-sum-exp of the scaled scores per (batch, query head, row), f32, [B, Hq, Lq]."""
+    hkv, d = k.shape[2], q.shape[3]
+    rep = q.shape[2] // hkv
+    kf = jnp.repeat(k.astype(jnp.float32), rep, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf) * d ** -0.5
+    mask = attn.attention_mask(q.shape[1], k.shape[1], causal=causal, window=window)
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    return jax.nn.logsumexp(s, axis=-1) / jnp.log(2.0)
+
+
+def _check_fwd_lse(rows, tag, case, seed):
+    """Forward-only real-lowering check of one variant: o against the f32 reference and the
+    saved base-2 lse against the reference log-sum-exp (max abs error; the backward reads it)."""
+    b, n_, hq, hkv, d, causal, window, extra = case
+    q, k, v, _ = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=seed)
+    row = dict(case=f"{tag} {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                    f"window={window}")
+    try:
+        t = time.time()
+        o, lse = jax.block_until_ready(_forward_with_lse(q, k, v, causal=causal, window=window,
+                                                         **extra))
+        row["compile_s"] = round(time.time() - t, 2)
+        o_ref = attn.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                         v.astype(jnp.float32), causal=causal, window=window)
+        lse_ref = _reference_lse2(q, k, causal, window)
+        row.update(o=_rel(o, o_ref),
+                   lse_max_abs=float(jnp.max(jnp.abs(lse[:, :, :n_] - lse_ref))))
+    except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        traceback.print_exc(limit=4)
+    print("check", row, flush=True)
+    rows.append(row)
+
+
+def mosaic_fwd8(results, deadline):
+    """Session 6: forward candidates per cell against jax.nn cuDNN, tokamax and the current
+    default in the same process, cells in priority order (the default timed again at the end of
+    each cell: the run-to-run spread). Forward-only real-lowering checks (o and lse against the
+    f32 reference) of the timed combinations first. Candidates: two 64-row ping-pong warpgroups
+    with FA3's named barriers on persistent CTAs at D 64 full (tokamax's structure); FA3's
+    barriers, persistent CTAs and the early K wait (`mgpu_fwd_early_kwait`) at D 128 full; FA3
+    + reversed + early K wait at causal; everywhere the K/V "slot consumed" signal on hardware
+    named barriers (`mgpu_fwd_named_free`) instead of 128-thread mbarrier arrivals."""
+    nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
+    pers = dict(nab, mgpu_fwd_persistent=-1)
+    rev = dict(nab, mgpu_fwd_reverse=True)
+    fa3 = dict(mgpu_fwd_fa3_sched=True)
+    kw = dict(mgpu_fwd_early_kwait=True)
+    nf = dict(mgpu_fwd_named_free=True)
+    wg2 = dict(pers, **WG2_64, **fa3)
+    d64c = dict(attn.MOSAIC_FWD_BLOCKS[64, True], fwd_impl="mosaic")
+    cand = {   # (d, causal): [(name, options, lengths it runs at or None)]
+        (64, False): [("default_nf", dict(fwd_impl="mosaic", **nf), (2048, 4096, 16384)),
+                      ("wg2_fa3_pers_nab", wg2, None),
+                      ("wg2_fa3_pers_nab_kw", dict(wg2, **kw), None),
+                      ("wg2_fa3_pers_nab_kw_nf", dict(wg2, **kw, **nf), None)],
+        (128, False): [("nab", nab, None), ("nab_nf", dict(nab, **nf), None),
+                       ("fa3_pers_nab", dict(pers, **fa3), None),
+                       ("fa3_pers_nab_kw", dict(pers, **fa3, **kw), None),
+                       ("fa3_pers_nab_kw_nf", dict(pers, **fa3, **kw, **nf), None),
+                       ("fa3_nab_kw_nf", dict(nab, **fa3, **kw, **nf), (4096, 16384))],
+        (128, True): [("nab_rev_nf", dict(rev, **nf), None),
+                      ("fa3_nab_rev", dict(rev, **fa3), None),
+                      ("fa3_nab_rev_kw", dict(rev, **fa3, **kw), None),
+                      ("fa3_nab_rev_kw_nf", dict(rev, **fa3, **kw, **nf), None)],
+        (64, True): [("default_kw", dict(d64c, **kw), None), ("default_nf", dict(d64c, **nf), None),
+                     ("default_kw_nf", dict(d64c, **kw, **nf), None)],
+    }
+    order = [(64, False, 1024), (128, False, 4096), (64, False, 2048), (64, False, 4096),
+             (128, True, 4096), (64, True, 1024), (128, True, 1024), (128, True, 16384),
+             (128, False, 1024), (128, False, 16384), (64, False, 16384), (64, True, 4096)]
+    checks = [(2, 1000, 4, 2, 64, False, None, dict(wg2, **kw, **nf)),
+              (1, 2048, 4, 4, 64, False, None, dict(wg2, **kw)),
+              (1, 2048, 4, 2, 64, False, None, dict(fwd_impl="mosaic", **nf)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, **fa3, **kw, **nf)),
+              (1, 777, 4, 2, 128, False, None, dict(pers, **fa3, **kw)),
+              (1, 1500, 4, 2, 128, False, None, dict(nab, **nf)),
+              (1, 1500, 4, 2, 128, False, None, dict(nab, **fa3, **kw, **nf)),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **fa3, **kw, **nf)),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **nf)),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **fa3, **kw)),
+              (1, 2048, 8, 1, 64, True, 300, dict(d64c, **kw, **nf)),
+              (2, 1000, 8, 2, 64, True, None, dict(d64c, **kw))]
+    rows = results.setdefault("correctness", [])
+    for i, case in enumerate(checks):
+        if time.time() > deadline:
+            break
+        _check_fwd_lse(rows, "fwd8", case, 400 + i)
+    out = results.setdefault("fwd_sweep8", [])
+    for d, causal, n in order:
+        b = TOKENS // n
+        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1)
+        default = lambda q, k, v, c=causal: attn.flash_attention_kernel(q, k, v, causal=c)
+        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                   q, k, v, is_causal=c, implementation="cudnn")),
+               ("tokamax", _tokamax_fn(causal)), ("default", default)]
+        fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for nm, cfg, ns in cand[d, causal] if not ns or n in ns]
+        fns.append(("default_again", default))
+        for v_name, fn in fns:
+            if fn is None:
+                continue
+            row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+            _timed(row, deadline, flops, "fwd_sweep8", out, jax.jit(fn), q, k, v)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -1161,6 +1284,7 @@ def main():
              "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
              "mfwd7": lambda dl: mosaic_fwd7(results, dl),
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
+             "mfwd8": lambda dl: mosaic_fwd8(results, dl),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),

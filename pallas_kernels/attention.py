@@ -150,6 +150,9 @@ class FlashConfig:
     #                                  only wait/release their steps (no wgmma, no softmax)
     mgpu_fwd_early_kwait: bool = False  # Mosaic fwd: the next K awaited while P V runs (not
     #                                     at the start of the next step)
+    mgpu_fwd_named_free: bool = False  # Mosaic fwd: "K/V slot consumed" signalled on hardware
+    #                                    named barriers (bar.arrive / bar.sync) instead of
+    #                                    mbarriers that every consumer thread arrives on
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

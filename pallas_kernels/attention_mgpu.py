@@ -53,14 +53,25 @@ _q_block_range = _attn._q_block_range
 # (`mgpu_fwd_persistent`; D=64 skipping all-padding warpgroups, `mgpu_fwd_skip_pad`). Opt-in:
 # the early K wait (`mgpu_fwd_early_kwait`).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
+_FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
 
-def _named_barrier(op: str, barrier_id: int, num_threads: int):
-    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier."""
-    @plgpu.inline_mgpu()
-    def bar(_):
-        mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};", has_side_effects=True)
-    bar()
+def _named_barrier(op: str, barrier_id, num_threads: int):
+    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier; the id
+    is a Python int or a traced int32 scalar (the same in every thread of the warpgroup)."""
+    if isinstance(barrier_id, int):
+        @plgpu.inline_mgpu()
+        def bar(_):
+            mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};",
+                                  has_side_effects=True)
+        bar()
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+    def bar_at(_, bar_id):
+        mgpu.utils.inline_ptx(f"bar.{op} $0, {num_threads};", bar_id.registers[()],
+                              has_side_effects=True)
+    bar_at(barrier_id)
 
 
 class _FwdTile(NamedTuple):
@@ -124,6 +135,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     def step_slot(t, j):
         return lax.rem(t.c0 + j - t.lo, jnp.int32(stages))
 
+    # "Slot consumed" signals. Default: the k_free / v_free mbarriers (each consumer warpgroup's
+    # 128 threads arrive, the producer waits). `mgpu_fwd_named_free` (GPU path): hardware named
+    # barriers, ids _FREE_BAR0 + slot (K) and _FREE_BAR0 + stages + slot (V); the consumers'
+    # threads `bar.arrive`, the producer's `bar.sync` completes the phase (tokamax's and FA3's
+    # scheme). A consumer cannot arrive twice on one slot before the producer's sync: its next
+    # use of the slot needs the load that follows that sync.
+    named_free = cfg.mgpu_fwd_named_free and gpu_path
+    free_threads = (nc + 1) * 128
+
+    def free_bar(which, slot):                             # slot: int or traced int32
+        base = _FREE_BAR0 + (0 if which == "k" else stages)
+        return base + slot if isinstance(slot, int) else jnp.int32(base) + slot
+
+    def release(which, slot):                              # consumer: done reading the slot
+        if named_free:
+            _named_barrier("arrive", free_bar(which, slot), free_threads)
+        else:
+            plgpu.barrier_arrive((k_free if which == "k" else v_free).at[slot])
+
+    def await_free(which, slot):                           # producer: the slot may be refilled
+        if named_free:
+            _named_barrier("sync", free_bar(which, slot), free_threads)
+        else:
+            plgpu.barrier_wait((k_free if which == "k" else v_free).at[slot])
+
     def sync_schedule():
         if ping_pong:
             plgpu.barrier_arrive(schedule)
@@ -137,7 +173,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             after_issue()
             return s_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
+        release("k", slot)
         return s
 
     def softmax(s, m, l, j, q0, masked):
@@ -294,11 +330,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             slot = step_slot(t, j)
             plgpu.barrier_wait(k_ready.at[slot])
             sched_after_s()
-            plgpu.barrier_arrive(k_free.at[slot])
+            release("k", slot)
             sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
             sched_before_pv()
-            plgpu.barrier_arrive(v_free.at[slot])
+            release("v", slot)
             return carry
 
         early = cfg.mgpu_fwd_early_kwait
@@ -344,7 +380,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 acc = acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
                 if early:
                     wait_next_k()
-            plgpu.barrier_arrive(v_free.at[slot])
+            release("v", slot)
             return acc, m_new, l
 
         carry = (acc, m, l)
@@ -501,8 +537,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
                     @pl.when(t.c0 + j - t.lo >= stages)
                     def _():
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
+                        await_free("k", slot)
+                        await_free("v", slot)
                     load(j)
                 return
 
@@ -513,18 +549,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
             def _refill(j):
                 slot = step_slot(t, j)
-                plgpu.barrier_wait(k_free.at[slot])
+                await_free("k", slot)
                 if overlap:               # K_j is released a step before V_j: load it first
                     load(j, "k")
-                plgpu.barrier_wait(v_free.at[slot])
+                await_free("v", slot)
                 load(j, "v" if overlap else ("k", "v"))
 
         total = for_tiles(produce)
         for s_ in range(stages):                           # drain: observe each slot's last use
             @pl.when(s_ < total)
             def _drain(s_=s_):
-                plgpu.barrier_wait(k_free.at[s_])
-                plgpu.barrier_wait(v_free.at[s_])
+                await_free("k", s_)
+                await_free("v", s_)
 
 
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
@@ -1247,6 +1283,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
     if cfg.mgpu_fwd_fa3_sched and (nc != 2 or cfg.mgpu_fwd_overlap):
         raise ValueError("mgpu_fwd_fa3_sched needs mgpu_fwd_wgs=2 without mgpu_fwd_overlap")
+    if cfg.mgpu_fwd_named_free and (cfg.mgpu_fwd_overlap or stages > 3):
+        raise ValueError("mgpu_fwd_named_free needs mgpu_stages <= 3 without mgpu_fwd_overlap")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
         raise ValueError(f"mgpu_fwd_wgs must be 2 or 3 with consumers * mgpu_fwd_regs[0] + "
                          f"mgpu_fwd_regs[1] <= 512, got {nc} and {cfg.mgpu_fwd_regs}")
@@ -1292,7 +1330,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"
                      f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"
-                     f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"),
+                     f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"
+                     f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

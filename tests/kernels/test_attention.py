@@ -580,3 +580,35 @@ def test_mosaic_forward_short_query_options(monkeypatch):
     assert (mid.mgpu_fwd_wgs, mid.mgpu_stages) == (3, 3)
     base = attn.MOSAIC_FWD_BLOCKS[64, False]
     assert (long.mgpu_fwd_wgs, long.mgpu_stages) == (base["mgpu_fwd_wgs"], base["mgpu_stages"])
+
+
+@pytest.mark.parametrize("d,lq,causal,window,extra", [
+    # D 64 full: two 64-row ping-pong warpgroups, FA3's barriers, persistent CTAs (tokamax's
+    # structure), the next K awaited during P V, named "slot consumed" barriers
+    (64, 300, False, None, dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40),
+                                mgpu_ping_pong=True, mgpu_fold_scale=True,
+                                mgpu_fwd_persistent=-1, mgpu_fwd_fa3_sched=True,
+                                mgpu_fwd_early_kwait=True, mgpu_fwd_named_free=True)),
+    pytest.param(128, 330, True, 100, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
+                                           mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
+                                           mgpu_fwd_named_free=True), marks=SLOW),
+])
+def test_mosaic_gpu_forward_fa3_early_k_wait_named_free(d, lq, causal, window, extra):
+    """Session-6 forward candidates together: FA3's schedule, the early K wait and
+    `mgpu_fwd_named_free` (interpret mode has no named barriers: the consumed signals stay
+    mbarriers there, so this covers the schedule and the options' plumbing), GQA, ragged."""
+    q, k, v, do = _inputs(28, 2, lq, lq, 4, 2, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **extra,
+                                           **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_forward_named_free_needs_at_most_three_stages():
+    q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="mgpu_fwd_named_free"):
+        attn.flash_attention_kernel(q, q, q, interpret=True, fwd_impl="mosaic", mgpu_stages=4,
+                                    mgpu_fwd_named_free=True)
