@@ -775,6 +775,38 @@ def mosaic_fwd8(results, deadline):
             _timed(row, deadline, flops, "fwd_sweep8", out, jax.jit(fn), q, k, v)
 
 
+FWD_PROFILE_VARIANTS = {
+    "fa3_pers_nab_kw_nf": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
+                               mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
+                               mgpu_fwd_named_free=True),
+    "nab_nf": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_named_free=True),
+}
+
+
+def forward_profile_runs(results, deadline, d=128, causal=False, n=4096,
+                         variants=("default", "fa3_pers_nab_kw_nf", "tokamax")):
+    """One call each of our forward (the default and `FWD_PROFILE_VARIANTS`) and tokamax's at one
+    shape, for a kernel profiler (ncu) wrapped around the process: per-kernel stall reasons and
+    issue statistics of the same work."""
+    b = TOKENS // n
+    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    rows = results.setdefault("profile_runs", [])
+    for name in variants:
+        if time.time() > deadline:
+            break
+        if name == "tokamax":
+            fn = _tokamax_fn(causal)
+        else:
+            fn = functools.partial(attn.flash_attention_kernel, causal=causal,
+                                   **FWD_PROFILE_VARIANTS.get(name, {}))
+        if fn is None:
+            continue
+        t = time.time()
+        jax.block_until_ready(jax.jit(fn)(q, k, v))
+        rows.append(dict(name=name, d=d, causal=causal, n=n, s=round(time.time() - t, 2)))
+        print("profiled", rows[-1], flush=True)
+
+
 def mosaic_fwd2(results, deadline, n=4096, dims=(64, 128)):
     """Session 3: the Mosaic forward with the softmax scale folded into exp2's argument
     (mgpu_fold_scale): real-lowering checks, then forward TFLOP/s at N=4k against the default
@@ -1285,6 +1317,7 @@ def main():
              "mfwd7": lambda dl: mosaic_fwd7(results, dl),
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "mfwd8": lambda dl: mosaic_fwd8(results, dl),
+             "fprof": lambda dl: forward_profile_runs(results, dl),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
