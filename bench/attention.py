@@ -775,6 +775,41 @@ def mosaic_fwd8(results, deadline):
             _timed(row, deadline, flops, "fwd_sweep8", out, jax.jit(fn), q, k, v)
 
 
+def mosaic_fwd_plan(results, deadline, path):
+    """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
+    window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
+    "anchors": true}. Each cell times cuDNN and tokamax (when "anchors"), the default, the named
+    option sets (flash_attention_kernel keywords; lists become tuples) and the default again."""
+    with open(path) as f:
+        plan = json.load(f)
+
+    def opts(o):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in o.items()}
+    rows = results.setdefault("correctness", [])
+    for i, case in enumerate(plan.get("checks", [])):
+        if time.time() > deadline:
+            break
+        _check_fwd_lse(rows, "plan", (*case[:7], opts(case[7])), 500 + i)
+    out = results.setdefault("fwd_plan", [])
+    for d, causal, n, variants in plan.get("cells", []):
+        b = TOKENS // n
+        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+        flops = 4 * b * H * n * n * d / (2 if causal else 1)
+        default = lambda q, k, v, c=causal: attn.flash_attention_kernel(q, k, v, causal=c)
+        fns = [] if not plan.get("anchors", True) else [
+            ("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
+                q, k, v, is_causal=c, implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
+        fns.append(("default", default))
+        fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
+            q, k, v, causal=c, **cfg)) for nm, cfg in ((nm, opts(o)) for nm, o in variants)]
+        fns.append(("default_again", default))
+        for v_name, fn in fns:
+            if fn is None:
+                continue
+            row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+            _timed(row, deadline, flops, "fwd_plan", out, jax.jit(fn), q, k, v)
+
+
 FWD_PROFILE_VARIANTS = {
     "fa3_pers_nab_kw_nf": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
                                mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
@@ -1282,6 +1317,7 @@ def main():
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="throughput passes (comma list)")
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
+    ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
     ap.add_argument("--traceback-after", type=float, default=0.0,
                     help="seconds after which every thread's Python stack is printed (stalls)")
@@ -1318,6 +1354,7 @@ def main():
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "mfwd8": lambda dl: mosaic_fwd8(results, dl),
              "fprof": lambda dl: forward_profile_runs(results, dl),
+             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
