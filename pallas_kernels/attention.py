@@ -153,6 +153,8 @@ class FlashConfig:
     mgpu_fwd_named_free: bool = False  # Mosaic fwd: "K/V slot consumed" signalled on hardware
     #                                    named barriers (bar.arrive / bar.sync) instead of
     #                                    mbarriers that every consumer thread arrives on
+    mgpu_fwd_snake: bool = False  # Mosaic fwd, persistent: tiles in rounds, query tiles
+    #                               slowest, CTA order alternating per round (causal balance)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

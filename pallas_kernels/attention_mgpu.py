@@ -110,12 +110,29 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
         # query tiles, then batch: the order of the one-CTA-per-tile grid).
         sm = lax.axis_index("sm")
-        n_local = lax.div(q_ref.shape[0] * hq * n_tiles - sm + (n_ctas - 1), n_ctas)
+        n_all = q_ref.shape[0] * hq * n_tiles
+        n_local = lax.div(n_all - sm + (n_ctas - 1), n_ctas)
 
         def coords(i):
             f = sm + i * n_ctas
             r = lax.div(f, hq)
             return lax.div(r, n_tiles), lax.rem(f, hq), lax.rem(r, n_tiles)
+
+        if cfg.mgpu_fwd_snake:
+            # Rounds of n_ctas tiles, query tiles slowest (all heads and batches of one tile
+            # index, then the next: with mgpu_fwd_reverse the longest causal tiles first), CTA
+            # positions alternating direction per round, so that a CTA that got a longer tile
+            # in one round gets a shorter one in the next (a static balance of the triangle).
+            def snake_pos(i):
+                return jnp.where(lax.rem(i, 2) == 0, sm, (n_ctas - 1) - sm)
+            n_local = (n_all // n_ctas
+                       + (snake_pos(jnp.int32(n_all // n_ctas)) < n_all % n_ctas).astype(
+                           jnp.int32))
+
+            def coords(i):
+                f = i * n_ctas + snake_pos(i)
+                r = lax.rem(f, q_ref.shape[0] * hq)
+                return lax.div(r, hq), lax.rem(r, hq), lax.div(f, q_ref.shape[0] * hq)
 
     def for_tiles(fn):
         """fn(t, i) on each tile of this CTA (i: its index in the CTA's list, None when one
@@ -1331,7 +1348,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_fa3' if cfg.mgpu_fwd_fa3_sched else ''}"
                      f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"
                      f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"
-                     f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"),
+                     f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"
+                     f"{'_sn' if cfg.mgpu_fwd_snake else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

@@ -519,6 +519,10 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     # (the default-tile D 64 full test runs persistent CTAs with skip_pad at length 300)
     pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64), marks=SLOW),
     (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
+    # snake rounds (query tiles slowest, alternating CTA order): 2 x 4 heads x 4 tiles = 32
+    # tiles over 3 CTAs, the last round partial
+    (2, 500, 500, True, None, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
+                                   mgpu_fwd_snake=True)),
     pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
                                                 mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
                                                 mgpu_ping_pong=False), marks=SLOW),
