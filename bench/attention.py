@@ -710,7 +710,8 @@ def mosaic_fwd8(results, deadline):
     with FA3's named barriers on persistent CTAs at D 64 full (tokamax's structure); FA3's
     barriers, persistent CTAs and the early K wait (`mgpu_fwd_early_kwait`) at D 128 full; FA3
     + reversed + early K wait at causal; everywhere the K/V "slot consumed" signal on hardware
-    named barriers (`mgpu_fwd_named_free`) instead of 128-thread mbarrier arrivals."""
+    named barriers (`mgpu_fwd_named_free`) instead of 128-thread mbarrier arrivals; causal 1k:
+    persistent CTAs over snake rounds (`mgpu_fwd_snake`)."""
     nab = dict(fwd_impl="mosaic", mgpu_fwd_nab=True)
     pers = dict(nab, mgpu_fwd_persistent=-1)
     rev = dict(nab, mgpu_fwd_reverse=True)
@@ -718,6 +719,7 @@ def mosaic_fwd8(results, deadline):
     kw = dict(mgpu_fwd_early_kwait=True)
     nf = dict(mgpu_fwd_named_free=True)
     wg2 = dict(pers, **WG2_64, **fa3)
+    snake = dict(mgpu_fwd_persistent=-1, mgpu_fwd_snake=True)
     d64c = dict(attn.MOSAIC_FWD_BLOCKS[64, True], fwd_impl="mosaic")
     cand = {   # (d, causal): [(name, options, lengths it runs at or None)]
         (64, False): [("default_nf", dict(fwd_impl="mosaic", **nf), (2048, 4096, 16384)),
@@ -730,11 +732,13 @@ def mosaic_fwd8(results, deadline):
                        ("fa3_pers_nab_kw_nf", dict(pers, **fa3, **kw, **nf), None),
                        ("fa3_nab_kw_nf", dict(nab, **fa3, **kw, **nf), (4096, 16384))],
         (128, True): [("nab_rev_nf", dict(rev, **nf), None),
+                      ("pers_snake_nab_rev", dict(rev, **snake), (1024,)),
                       ("fa3_nab_rev", dict(rev, **fa3), None),
                       ("fa3_nab_rev_kw", dict(rev, **fa3, **kw), None),
                       ("fa3_nab_rev_kw_nf", dict(rev, **fa3, **kw, **nf), None)],
         (64, True): [("default_kw", dict(d64c, **kw), None), ("default_nf", dict(d64c, **nf), None),
-                     ("default_kw_nf", dict(d64c, **kw, **nf), None)],
+                     ("default_kw_nf", dict(d64c, **kw, **nf), None),
+                     ("pers_snake_nf", dict(d64c, **snake, **nf), (1024,))],
     }
     order = [(64, False, 1024), (128, False, 4096), (64, False, 2048), (64, False, 4096),
              (128, True, 4096), (64, True, 1024), (128, True, 1024), (128, True, 16384),
@@ -750,7 +754,9 @@ def mosaic_fwd8(results, deadline):
               (2, 1000, 8, 2, 128, True, None, dict(rev, **nf)),
               (2, 1000, 8, 2, 128, True, None, dict(rev, **fa3, **kw)),
               (1, 2048, 8, 1, 64, True, 300, dict(d64c, **kw, **nf)),
-              (2, 1000, 8, 2, 64, True, None, dict(d64c, **kw))]
+              (2, 1000, 8, 2, 64, True, None, dict(d64c, **kw)),
+              (2, 1000, 8, 2, 64, True, None, dict(d64c, **snake, **nf)),
+              (2, 1000, 8, 2, 128, True, None, dict(rev, **snake))]
     rows = results.setdefault("correctness", [])
     for i, case in enumerate(checks):
         if time.time() > deadline:
