@@ -521,8 +521,8 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
     (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
     # snake rounds (query tiles slowest, alternating CTA order): 2 x 4 heads x 4 tiles = 32
     # tiles over 3 CTAs, the last round partial
-    (2, 500, 500, True, None, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
-                                   mgpu_fwd_snake=True)),
+    pytest.param(2, 500, 500, True, None, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
+                                               mgpu_fwd_snake=True), marks=SLOW),
     pytest.param(1, 300, 300, False, None, dict(block_q=64, block_k=128, mgpu_stages=3,
                                                 mgpu_fwd_wgs=3, mgpu_fwd_regs=(160, 24),
                                                 mgpu_ping_pong=False), marks=SLOW),
@@ -589,10 +589,11 @@ def test_mosaic_forward_short_query_options(monkeypatch):
 @pytest.mark.parametrize("d,lq,causal,window,extra", [
     # D 64 full: two 64-row ping-pong warpgroups, FA3's barriers, persistent CTAs (tokamax's
     # structure), the next K awaited during P V, named "slot consumed" barriers
-    (64, 300, False, None, dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40),
-                                mgpu_ping_pong=True, mgpu_fold_scale=True,
-                                mgpu_fwd_persistent=-1, mgpu_fwd_fa3_sched=True,
-                                mgpu_fwd_early_kwait=True, mgpu_fwd_named_free=True)),
+    pytest.param(64, 300, False, None, dict(block_q=64, block_k=128, mgpu_fwd_wgs=2,
+                                            mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
+                                            mgpu_fold_scale=True, mgpu_fwd_persistent=-1,
+                                            mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
+                                            mgpu_fwd_named_free=True), marks=SLOW),
     pytest.param(128, 330, True, 100, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
                                            mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
                                            mgpu_fwd_named_free=True), marks=SLOW),
