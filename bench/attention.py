@@ -785,7 +785,8 @@ def mosaic_fwd_plan(results, deadline, path):
     """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
     window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
     "anchors": true}. Each cell times cuDNN and tokamax (when "anchors"), the default, the named
-    option sets (flash_attention_kernel keywords; lists become tuples) and the default again."""
+    option sets (flash_attention_kernel keywords; lists become tuples) and the default again
+    (unless the cell has a fifth element false)."""
     with open(path) as f:
         plan = json.load(f)
 
@@ -797,7 +798,7 @@ def mosaic_fwd_plan(results, deadline, path):
             break
         _check_fwd_lse(rows, "plan", (*case[:7], opts(case[7])), 500 + i)
     out = results.setdefault("fwd_plan", [])
-    for d, causal, n, variants in plan.get("cells", []):
+    for d, causal, n, variants, *again in plan.get("cells", []):
         b = TOKENS // n
         q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
         flops = 4 * b * H * n * n * d / (2 if causal else 1)
@@ -808,7 +809,8 @@ def mosaic_fwd_plan(results, deadline, path):
         fns.append(("default", default))
         fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
             q, k, v, causal=c, **cfg)) for nm, cfg in ((nm, opts(o)) for nm, o in variants)]
-        fns.append(("default_again", default))
+        if not again or again[0]:
+            fns.append(("default_again", default))
         for v_name, fn in fns:
             if fn is None:
                 continue

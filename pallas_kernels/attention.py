@@ -768,11 +768,16 @@ MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
 # Mosaic GPU forward options for short queries, per (head dim, causal): ((max_lq, options), ...);
 # the first entry with lq <= max_lq is applied on top of MOSAIC_FWD_BLOCKS. Session 5, call 1,
 # N=1k (GPU-checked): persistent CTAs, one per SM (the prologue and epilogue of 8-step CTAs
-# overlap the next tile's loads): D=128 full with nab 531 vs 483 TFLOP/s (tokamax 533); D=64 full
-# with skip_pad (1024 rows in 192-row CTAs) 315 vs 285. At 4k persistent CTAs measured -1% to +1%.
+# overlap the next tile's loads): D=128 full with nab 531 vs 483 TFLOP/s (tokamax 533). At 4k
+# persistent CTAs measured -1% to +1%. D=64 full, session 6 call 1 (same process, GPU-checked):
+# two 64-row warpgroups with FA3's named-barrier ping-pong on persistent CTAs without automatic
+# barriers (tokamax's structure) 385 vs 315 (three warpgroups, persistent, skip_pad) at 1k and
+# 417 vs 383 (three warpgroups) at 2k; tokamax 405 / 437, cuDNN 385 / 419.
 MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (128, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_nab=True)),),
-    (64, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_skip_pad=True)),),
+    (64, False): ((2048, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
+                              mgpu_fwd_fa3_sched=True, mgpu_fwd_persistent=-1,
+                              mgpu_fwd_nab=True)),),
 }
 
 
