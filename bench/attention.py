@@ -818,16 +818,15 @@ def mosaic_fwd_plan(results, deadline, path):
             _timed(row, deadline, flops, "fwd_plan", out, jax.jit(fn), q, k, v)
 
 
-FWD_PROFILE_VARIANTS = {
-    "fa3_pers_nab_kw_nf": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
-                               mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
-                               mgpu_fwd_named_free=True),
-    "nab_nf": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_named_free=True),
+FWD_PROFILE_VARIANTS = {   # at D 128 full: tokamax's structure (persistent, FA3 barriers)
+    "fa3_pers_nab_kw": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
+                            mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True),
+    "nab": dict(fwd_impl="mosaic", mgpu_fwd_nab=True),
 }
 
 
 def forward_profile_runs(results, deadline, d=128, causal=False, n=4096,
-                         variants=("default", "fa3_pers_nab_kw_nf", "tokamax")):
+                         variants=("fa3_pers_nab_kw", "tokamax", "default")):
     """One call each of our forward (the default and `FWD_PROFILE_VARIANTS`) and tokamax's at one
     shape, for a kernel profiler (ncu) wrapped around the process: per-kernel stall reasons and
     issue statistics of the same work."""
