@@ -155,6 +155,8 @@ class FlashConfig:
     #                                    mbarriers that every consumer thread arrives on
     mgpu_fwd_snake: bool = False  # Mosaic fwd, persistent: tiles in rounds, query tiles
     #                               slowest, CTA order alternating per round (causal balance)
+    mgpu_fwd_q2: bool = False  # Mosaic fwd, persistent: two Q buffers per warpgroup, the next
+    #                            tile's Q loaded after this tile's first step, O through Q's
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2
@@ -921,6 +923,8 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
             if lq <= max_lq:
                 defaults.update(opts)
                 break
+        if blocks.get("mgpu_fwd_wgs", 2) != 2:   # FA3's schedule is a two-consumer protocol
+            defaults.pop("mgpu_fwd_fa3_sched", None)
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
                       fwd_impl=fwd_impl, **{**defaults, **blocks})

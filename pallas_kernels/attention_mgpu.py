@@ -220,11 +220,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         l = l * alpha + p.sum(axis=1)
         return p.astype(v_smem.dtype), m_new, l, alpha
 
-    def load_q(t):
-        plgpu.copy_gmem_to_smem(q_ref.at[t.b, pl.ds(t.q0 + wg * bq, bq), t.h], qo_smem.at[wg],
-                                q_ready.at[wg])
+    # mgpu_fwd_q2 (persistent): two Q buffers per warpgroup, tile i in buffer i % 2; the next
+    # tile's Q is loaded into the other buffer right after this tile's first step (once the
+    # O / lse stores of the tile before, which went through that buffer, have been read), so
+    # its load latency is hidden by a whole tile instead of the epilogue; O leaves through the
+    # tile's own Q buffer (no separate O buffer: the same SMEM as the one-buffer persistent CTA).
+    q2 = cfg.mgpu_fwd_q2 and bool(n_ctas)
 
-    def consumer_setup(t):
+    def qbuf(i):
+        return lax.rem(jnp.int32(i), 2) * nc + wg if q2 else wg
+
+    def load_q(t, i=None):
+        plgpu.copy_gmem_to_smem(q_ref.at[t.b, pl.ds(t.q0 + wg * bq, bq), t.h],
+                                qo_smem.at[qbuf(i)], q_ready.at[qbuf(i)])
+
+    def consumer_setup(t, i=None):
         """This warpgroup's Q in SMEM (loaded here, or prefetched when persistent); returns
         (q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc): its rows, its KV block ranges
         inside the CTA's, the initial state."""
@@ -239,10 +249,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             pad = q0 >= cfg.lq
             w_mid_lo, w_mid_hi, w_hi = (jnp.where(pad, w_lo, x) for x in (w_mid_lo, w_mid_hi,
                                                                           w_hi))
-        q_smem = qo_smem.at[wg]
+        q_smem = qo_smem.at[qbuf(i)]
         if not n_ctas:
             load_q(t)
-        plgpu.barrier_wait(q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[qbuf(i)])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
@@ -257,7 +267,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
         acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        out_smem = o_smem.at[wg] if n_ctas else q_smem
+        out_smem = o_smem.at[wg] if n_ctas and not q2 else q_smem
         if n_ctas:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's stores
         out_smem[...] = acc.astype(out_smem.dtype)
@@ -271,8 +281,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     def prefetch_next_q(i):
         """Persistent: the next tile's Q into this warpgroup's Q buffer (every wgmma that
         read it was awaited), so that its load overlaps this tile's epilogue."""
-        if n_ctas:
+        if n_ctas and not q2:
             pl.when(i + 1 < n_local)(lambda: load_q(tile_at(*coords(i + 1), 0)))
+
+    def prefetch_next_q2(i):
+        """mgpu_fwd_q2: the next tile's Q into the other buffer, after the stores of the tile
+        before have read it."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        pl.when(i + 1 < n_local)(lambda: load_q(tile_at(*coords(i + 1), 0), i + 1))
 
     # The ping-pong protocols. Default: one `schedule` mbarrier with an arrival per consumer
     # and phase, consumer w starting w phases late; each step meets after its S issue, arrives
@@ -340,7 +356,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 pl.when(wg < nc - w)(sync_schedule)
 
     def _consumer(t, i):
-        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t)
+        q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t, i)
         sched_tile_start()
 
         def skip(j, carry):
@@ -398,6 +414,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 if early:
                     wait_next_k()
             release("v", slot)
+            if q2:
+                pl.when(j == w_lo)(lambda: prefetch_next_q2(i))
             return acc, m_new, l
 
         carry = (acc, m, l)
@@ -408,6 +426,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(visit, masked=False), carry)
         carry = lax.fori_loop(w_mid_hi, w_hi, functools.partial(visit, masked=True), carry)
         acc, m, l = lax.fori_loop(w_hi, t.hi, skip, carry)
+        if q2:                                             # no visited step: prefetch here
+            pl.when(w_lo >= w_hi)(lambda: prefetch_next_q2(i))
         sched_tile_end()
         prefetch_next_q(i)
         finish(t, q0, q_smem, acc, m, l)
@@ -524,7 +544,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     def _consumers():
         plgpu.set_max_registers(cfg.mgpu_fwd_regs[0], action="increase")
         if n_ctas:                                         # the first tile's Q
-            pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0)))
+            pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0), 0))
         for_tiles(_consumer_overlap if overlap else _consumer)
         if n_ctas:
             plgpu.wait_smem_to_gmem(0)
@@ -1300,6 +1320,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         raise ValueError("mgpu_fwd_overlap and mgpu_fwd_persistent exclude each other")
     if cfg.mgpu_fwd_fa3_sched and (nc != 2 or cfg.mgpu_fwd_overlap):
         raise ValueError("mgpu_fwd_fa3_sched needs mgpu_fwd_wgs=2 without mgpu_fwd_overlap")
+    if cfg.mgpu_fwd_q2 and not n_ctas:
+        raise ValueError("mgpu_fwd_q2 needs mgpu_fwd_persistent")
     if cfg.mgpu_fwd_named_free and (cfg.mgpu_fwd_overlap or stages > 3):
         raise ValueError("mgpu_fwd_named_free needs mgpu_stages <= 3 without mgpu_fwd_overlap")
     if nc not in (2, 3) or nc * cfg.mgpu_fwd_regs[0] + cfg.mgpu_fwd_regs[1] > 512:
@@ -1311,17 +1333,18 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
     n_ctas = min(n_ctas, b * hq * (lq_pad // (nc * bq)))  # no idle persistent CTAs
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    smem = (plgpu.SMEM((nc, bq, d), q.dtype, transforms=tiles),
+    q2 = cfg.mgpu_fwd_q2
+    smem = (plgpu.SMEM((2 * nc if q2 else nc, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((nc, bq), jnp.float32),
             # P staging for interpret mode only (the GPU path keeps P in registers).
             None if not interpret else plgpu.SMEM((nc, bq, bk), q.dtype, transforms=tiles),
             # persistent CTAs: an O buffer, so that the next tile's Q loads during the epilogue
-            None if not n_ctas else plgpu.SMEM((nc, bq, d), q.dtype,
+            None if not n_ctas or q2 else plgpu.SMEM((nc, bq, d), q.dtype,
                                                                  transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=nc),
+                plgpu.Barrier(num_barriers=2 * nc if q2 else nc),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages),
                 # ping-pong: a rendezvous of the consumers, (overlap) one token each, or
@@ -1349,7 +1372,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_sp' if cfg.mgpu_fwd_skip_pad else ''}"
                      f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"
                      f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"
-                     f"{'_sn' if cfg.mgpu_fwd_snake else ''}"),
+                     f"{'_sn' if cfg.mgpu_fwd_snake else ''}"
+                     f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last
