@@ -534,7 +534,8 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
                                              mgpu_fwd_early_kwait=True), marks=SLOW),
     # two Q buffers (the next Q loaded after the first step; warpgroups with no visited step
     # prefetch after their skips): causal window, and all-padding warpgroups with skip_pad
-    (1, 330, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_q2=True)),
+    pytest.param(1, 330, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_q2=True),
+                 marks=SLOW),
     pytest.param(1, 200, 200, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
                                                 mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
                                                 mgpu_fwd_skip_pad=True, mgpu_fwd_q2=True),
