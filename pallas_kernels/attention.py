@@ -754,11 +754,17 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # (mgpu_fwd_nab): D=128 causal 539 / 584 / 370 vs 526 / 563 / 371; D=64 causal in addition
 # FA3's named-barrier ping-pong, the folded scale and a 2-deep ring: 391 / 443 / 249 vs
 # 350 / 396 / 229 (cuDNN 383 / 422 / 281, tokamax 374 / 432 / 261).
+# Session 6 (same process each, GPU-checked; docs/kernels/flash_attention.md): D=128 full without
+# automatic barriers (nab) at 4k 575 vs 569 / 570 (call 1) and 577 vs 569 / 571 (call 2);
+# D=128 causal with FA3's named-barrier ping-pong and the next K awaited during P V (kw) at 4k
+# 575 vs 524 / 542 (call 1) and 518 vs 514 / 559 (call 2: the default's two rows 9% apart),
+# 16k 588 vs 583, 1k 384 vs 375 (call 2).
 MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
-                                        mgpu_fold_scale=True),
+                                        mgpu_fold_scale=True, mgpu_fwd_nab=True),
                      (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_reverse=True,
-                                       mgpu_fwd_nab=True),
+                                       mgpu_fwd_nab=True, mgpu_fwd_fa3_sched=True,
+                                       mgpu_fwd_early_kwait=True),
                      (64, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_wgs=3,
                                        mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False),
@@ -774,12 +780,16 @@ MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
 # persistent CTAs measured -1% to +1%. D=64 full, session 6 call 1 (same process, GPU-checked):
 # two 64-row warpgroups with FA3's named-barrier ping-pong on persistent CTAs without automatic
 # barriers (tokamax's structure) 385 vs 315 (three warpgroups, persistent, skip_pad) at 1k and
-# 417 vs 383 (three warpgroups) at 2k; tokamax 405 / 437, cuDNN 385 / 419.
+# 417 vs 383 (three warpgroups) at 2k; tokamax 405 / 437, cuDNN 385 / 419; call 2: 384 at 1k
+# (tokamax 405, cuDNN 388). D=64 causal at 1k, session 6 call 2: persistent CTAs over snake
+# rounds (mgpu_fwd_snake) with the named-barrier slot release 263 vs 249 (cuDNN 283).
 MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (128, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_nab=True)),),
     (64, False): ((2048, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
                               mgpu_fwd_fa3_sched=True, mgpu_fwd_persistent=-1,
                               mgpu_fwd_nab=True)),),
+    (64, True): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_snake=True,
+                             mgpu_fwd_named_free=True)),),
 }
 
 

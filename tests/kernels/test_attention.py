@@ -427,13 +427,15 @@ def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
-@pytest.mark.parametrize("causal,short", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("causal,short", [(False, True), (False, False), (True, True),
+                                          (True, False)])
 def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal, short, monkeypatch):
     """The Hopper defaults at D=64, Mosaic GPU interpret mode, ragged length. Full attention:
     up to 2k queries (MOSAIC_FWD_SHORT) two 64-row warpgroups with FA3's ping-pong on
     persistent CTAs; longer (`short=False`: the table's entry removed) 3 consumer warpgroups of
     64 rows x 128 keys without ping-pong. Causal: 64 x 128, FA3's named-barrier ping-pong (two
-    mbarriers in interpret mode), reversed tiles."""
+    mbarriers in interpret mode), reversed tiles; up to 1k queries on persistent CTAs over snake
+    rounds (3 CTAs in interpret mode)."""
     if not short:
         monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, causal), ())
     q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
