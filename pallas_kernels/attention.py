@@ -933,8 +933,13 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
             if lq <= max_lq:
                 defaults.update(opts)
                 break
-        if blocks.get("mgpu_fwd_wgs", 2) != 2:   # FA3's schedule is a two-consumer protocol
+        # Default options that an explicit request excludes (FA3's schedule: two consumers and
+        # no intra-warpgroup overlap; the overlap: one CTA per tile, mbarrier slot release).
+        if blocks.get("mgpu_fwd_wgs", 2) != 2 or blocks.get("mgpu_fwd_overlap"):
             defaults.pop("mgpu_fwd_fa3_sched", None)
+        if blocks.get("mgpu_fwd_overlap"):
+            for key in ("mgpu_fwd_persistent", "mgpu_fwd_snake", "mgpu_fwd_named_free"):
+                defaults.pop(key, None)
     cfg = FlashConfig(causal=bool(causal), window=window, sm_scale=sm_scale, lq=lq, lk=lk,
                       has_segments=segment_ids is not None, interpret=interpret,
                       fwd_impl=fwd_impl, **{**defaults, **blocks})
