@@ -157,6 +157,8 @@ class FlashConfig:
     #                               slowest, CTA order alternating per round (causal balance)
     mgpu_fwd_q2: bool = False  # Mosaic fwd, persistent: two Q buffers per warpgroup, the next
     #                            tile's Q loaded after this tile's first step, O through Q's
+    mgpu_fwd_warp_producer: bool = False  # Mosaic fwd (GPU path): one producer warp issues
+    #                                       the K/V loads (the other three producer warps exit)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -159,7 +159,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     # scheme). A consumer cannot arrive twice on one slot before the producer's sync: its next
     # use of the slot needs the load that follows that sync.
     named_free = cfg.mgpu_fwd_named_free and gpu_path
-    free_threads = (nc + 1) * 128
+    warp_producer = cfg.mgpu_fwd_warp_producer and gpu_path
+    free_threads = nc * 128 + (32 if warp_producer else 128)
 
     def free_bar(which, slot):                             # slot: int or traced int32
         base = _FREE_BAR0 + (0 if which == "k" else stages)
@@ -592,12 +593,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
                 await_free("v", slot)
                 load(j, "v" if overlap else ("k", "v"))
 
-        total = for_tiles(produce)
-        for s_ in range(stages):                           # drain: observe each slot's last use
-            @pl.when(s_ < total)
-            def _drain(s_=s_):
-                await_free("k", s_)
-                await_free("v", s_)
+        def run_producer():
+            total = for_tiles(produce)
+            for s_ in range(stages):                       # drain: observe each slot's last use
+                @pl.when(s_ < total)
+                def _drain(s_=s_):
+                    await_free("k", s_)
+                    await_free("v", s_)
+
+        if warp_producer:
+            # mgpu_fwd_warp_producer (GPU path): one warp issues the loads and waits for the
+            # slots; the producer warpgroup's other three warps finish at once (tokamax's
+            # producer), instead of four warps polling mbarriers next to the consumers.
+            @plgpu.warp_map
+            def _per_warp(warp_id):
+                pl.when(warp_id == 0)(run_producer)
+        else:
+            run_producer()
 
 
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
@@ -1373,7 +1385,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_kw' if cfg.mgpu_fwd_early_kwait else ''}"
                      f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"
                      f"{'_sn' if cfg.mgpu_fwd_snake else ''}"
-                     f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"),
+                     f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"
+                     f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last
