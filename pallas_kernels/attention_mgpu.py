@@ -46,12 +46,15 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
-# Forward defaults and options since session 5 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in
-# attention.py): causal query tiles walked last-first (`mgpu_fwd_reverse`) and compiled without
-# automatic barriers (`mgpu_fwd_nab`); D=64 causal with FA3's named-barrier ping-pong
-# (`mgpu_fwd_fa3_sched`); full attention up to 1k queries with one persistent CTA per SM
-# (`mgpu_fwd_persistent`; D=64 skipping all-padding warpgroups, `mgpu_fwd_skip_pad`). Opt-in:
-# the early K wait (`mgpu_fwd_early_kwait`).
+# Forward defaults since session 6 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): no
+# automatic barriers (`mgpu_fwd_nab`) at D=128 and D=64 causal; causal query tiles walked
+# last-first (`mgpu_fwd_reverse`) with FA3's named-barrier ping-pong (`mgpu_fwd_fa3_sched`), at
+# D=128 also the next K awaited during P V (`mgpu_fwd_early_kwait`); D=128 full up to 1k queries
+# on one persistent CTA per SM (`mgpu_fwd_persistent`); D=64 full up to 2k queries with two
+# 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
+# beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
+# with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
+# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
