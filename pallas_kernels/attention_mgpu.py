@@ -29,6 +29,7 @@ and unmasked in the middle. Inputs bf16 or f16, head_dim 64 or 128; lengths padd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -572,6 +573,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     total = rep * n
     scale = cfg.sm_scale * LOG2E
 
+    def scope(name):
+        """A named range of Mosaic GPU's on-device profiler (`mgpu_bwd_profile` only)."""
+        return jax.named_scope(name) if cfg.mgpu_bwd_profile else contextlib.nullcontext()
+
     def sync():
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
@@ -615,6 +620,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def begin_consumer():
         """The default and rows consumers' start: registers up, own K/V in SMEM; returns
         (k0, w_mid_lo, w_mid_hi, kv_at, zero dK/dV accumulator)."""
+        with scope("bwd_pro"):
+            return _begin_consumer()
+
+    def _begin_consumer():
         if producer:
             plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
         else:           # warpgroup 0 fills the ring (no producer warpgroup)
@@ -636,14 +645,23 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
         """`step(i, carry, r, masked)` over the rep query heads and the CTA's query blocks:
         masked edges and the unmasked middle in separate loops."""
+        def scoped(i, carry, r, masked):
+            with scope("bwd_step_m" if masked else "bwd_step"):
+                return step(i, carry, r=r, masked=masked)
+
         def head(r, carry):
-            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
-            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
+            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(scoped, r=r, masked=True),
                                   carry)
-            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
+            carry = lax.fori_loop(w_mid_lo, w_mid_hi,
+                                  functools.partial(scoped, r=r, masked=False), carry)
+            return lax.fori_loop(w_mid_hi, hi, functools.partial(scoped, r=r, masked=True), carry)
         return lax.fori_loop(0, rep, head, carry)
 
     def write_dkdv(w, dk, dv, kv_at):
+        with scope("bwd_epi"):
+            _write_dkdv(w, dk, dv, kv_at)
+
+    def _write_dkdv(w, dk, dv, kv_at):
         sync()                                   # the other warpgroup is done reading K and dS
         k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
         v_smem.at[w][...] = dv.astype(v_smem.dtype)
@@ -1184,6 +1202,11 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    params = None
+    if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
+        params = plgpu.CompilerParams(approx_math=True, profile_dir=cfg.mgpu_bwd_profile,
+                                      profile_space=rep * (lq_pad // bq) + 8,
+                                      profile_bounds_check=True)
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
@@ -1211,6 +1234,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
         # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
         **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
         consumers=2 if cfg.mgpu_bwd_producer else 1,   # num_threads = consumers + 1
+        compiler_params=params,
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
