@@ -56,6 +56,10 @@ VARIANTS = {
     "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
     "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                        mgpu_bwd_producer=False),
+    "rows_p": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                   mgpu_bwd_producer=False, mgpu_bwd_persistent=-1),     # session 6
+    "plo_np_p": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
+                     mgpu_bwd_persistent=-1),
     "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False),
     "rows_dqf_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
@@ -74,6 +78,9 @@ VARIANTS = {
 VARIANTS.update({
     # the dispatch's Mosaic options of the cell, forced at any length (MOSAIC_BWD_MIN_LK off)
     "mosaic_opts": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {})),
+    # session 6: the cell's Mosaic options with one persistent CTA per SM
+    "pers": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {}),
+                              mgpu_bwd_persistent=-1),
     "default_einsum": dict(bwd_delta="einsum"),            # sessions 1-4's delta fusion
     "default_barrier": dict(bwd_delta="rowsum_barrier"),
 })
@@ -102,11 +109,14 @@ CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (
 
 def checks(results, deadline, names, order=None):
     """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA; the first variant also
-    D 64 and D 128 causal window MQA and D 128 full at 2048) against the f32 reference."""
+    D 64 and D 128 causal window MQA, D 128 full at 2048, and cases with more KV tiles than
+    SMs) against the f32 reference."""
     rows = results.setdefault("correctness", [])
     cases = [(2, 1000, 8, 2, 128, True, None), (1, 777, 4, 2, 128, False, None),
              (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
-             (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300)]
+             (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300),
+             # session 6: more KV tiles than SMs (persistent CTAs walk 2-3 tiles each)
+             (2, 4096, 16, 4, 128, True, None), (2, 3000, 8, 8, 128, False, None)]
     order = order or list(range(len(cases)))
     for j, name in enumerate(names):
         for i in order:

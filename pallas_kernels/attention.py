@@ -171,6 +171,9 @@ class FlashConfig:
     mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
     #                                  dS computed while dV runs (GPU path; interpret mode runs
     #                                  the ds_early order)
+    mgpu_bwd_persistent: int = 0  # Mosaic bwd without producer: that many persistent CTAs (-1:
+    #                               one per SM) walk the KV tiles; the Q/dO ring runs on across
+    #                               tiles and the next K/V loads during the dK/dV store
     mgpu_bwd_profile: str = ""   # Mosaic bwd diagnostics: a directory for Mosaic GPU's on-device
     #                              profiler (per-warpgroup prologue / step / epilogue ranges)
     mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early or mgpu_bwd_overlap: the dS

@@ -544,9 +544,21 @@ def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool =
     return jnp.where(mask, st, -jnp.inf)
 
 
+class _BwdItem(NamedTuple):
+    """One (batch, KV head, KV tile) work item of a backward CTA: its query-block range
+    [lo, hi), steps (rep * (hi - lo)) and c0, the ring steps taken before it (persistent)."""
+    b: jax.Array
+    g: jax.Array
+    tile: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    total: jax.Array
+    c0: jax.Array
+
+
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem,
                      barriers, *, cfg: FlashConfig, rep: int, stages: int, lq_pad: int,
-                     gpu_path: bool):
+                     gpu_path: bool, n_ctas: int = 0):
     """dk, dv of 2 * block_k keys of one KV head, and their dq contributions (FlashAttention-3).
 
     Consumer warpgroup w owns keys [k0, k0 + block_k) with K, V resident in SMEM; the producer
@@ -555,6 +567,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and writes dS^T (bf16) to SMEM; after
     a barrier both halves of dS are there and dq_block += dS K (each warpgroup one half of the
     head dim, K of both warpgroups) goes to HBM by a TMA reduce-add into an f32 accumulator.
+
+    `n_ctas` > 0 (`mgpu_bwd_persistent`, no producer warpgroup): that many persistent CTAs walk
+    the (batch, KV head, KV tile) items (`_bwd_items`); the Q/dO ring runs on across items (the
+    last steps of an item load the first steps of the next) and the next item's K/V load is
+    issued as soon as the TMA store of the last dK/dV has read its SMEM.
     """
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     d = q_ref.shape[-1]
@@ -563,14 +580,30 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
     dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
     dh = d if own else d // dq_wgs
-    b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
     kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
-    cta_k0 = tile * (2 * bk)
-    lo, _, _, hi = _q_block_range(cta_k0, bq, 2 * bk, lq_pad, cfg)
-    n = hi - lo                                            # query blocks per head
-    total = rep * n
+    n_tiles, hkv, batch = k_ref.shape[1] // (2 * bk), k_ref.shape[2], q_ref.shape[0]
+
+    def item_at(b_, g_, tile_, c0_):
+        lo_, _, _, hi_ = _q_block_range(tile_ * (2 * bk), bq, 2 * bk, lq_pad, cfg)
+        return _BwdItem(b_, g_, tile_, lo_, hi_, rep * (hi_ - lo_), c0_)
+
+    # The current item's state: b, g, tile, cta_k0, lo, hi, n (query blocks per head), total
+    # (steps), c0 (ring steps before it), t_prev (steps of the CTA's previous item, 0 if none)
+    # and nxt (the next item, None if it has none: its first steps are loaded during this
+    # item's last ones). The helpers below read these names when called; persistent CTAs
+    # rebind them per item (`set_item`, inside the loop over items).
+    def set_item(it: _BwdItem, t_prev_, nxt_):
+        nonlocal b, g, tile, cta_k0, lo, hi, n, total, c0, t_prev, nxt
+        b, g, tile, lo, hi, total, c0 = it
+        cta_k0, n = tile * (2 * bk), hi - lo
+        t_prev, nxt = t_prev_, nxt_
+
+    b = g = tile = cta_k0 = lo = hi = n = total = c0 = t_prev = nxt = None
+    if not n_ctas:
+        set_item(item_at(lax.axis_index("batch"), lax.axis_index("heads"),
+                         lax.axis_index("kv_tile"), jnp.int32(0)), jnp.int32(0), None)
     scale = cfg.sm_scale * LOG2E
 
     def scope(name):
@@ -581,16 +614,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
-    def load_step(t):
-        """TMA of step t's Q, dO and [lse; delta] blocks into ring slot t % stages."""
-        slot = lax.rem(t, jnp.int32(stages))
-        r = lax.div(t, n)
-        i = lo + t - r * n
-        h = g * rep + r
-        at = (b, pl.ds(i * bq, bq), h)
+    def load_step(t, it: _BwdItem | None = None):
+        """TMA of step t's Q, dO and [lse; delta] blocks (of the current item, or of `it`) into
+        ring slot (c0 + t) % stages."""
+        if it is None:
+            it = _BwdItem(b, g, tile, lo, hi, total, c0)
+        n_ = it.hi - it.lo
+        slot = lax.rem(it.c0 + t, jnp.int32(stages))
+        r = lax.div(t, n_)
+        i = it.lo + t - r * n_
+        h = it.g * rep + r
+        at = (it.b, pl.ds(i * bq, bq), h)
         plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
-        plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
+        plgpu.copy_gmem_to_smem(ld_ref.at[it.b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
                                 ld_ready.at[slot])
 
     def own_keys(w):
@@ -626,9 +663,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def _begin_consumer():
         if producer:
             plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        else:           # warpgroup 0 fills the ring (no producer warpgroup)
-            for t0 in range(stages):
-                pl.when((wg == 0) & (t0 < total))(functools.partial(load_step, jnp.int32(t0)))
+        else:           # warpgroup 0 fills the ring (no producer warpgroup) where the previous
+            for t0 in range(stages):        # item's last steps did not (t0 >= stages - t_prev)
+                pl.when((wg == 0) & (t0 < total) & (t0 + t_prev < stages))(
+                    functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
@@ -640,7 +678,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         t = r * n + (i - lo)
         buf = 0 if own else lax.rem(t, jnp.int32(2))     # static 0: a constant index of a
         #                                                   transposed SMEM view fails to lower
-        return lax.rem(t, jnp.int32(stages)), buf, g * rep + r
+        return lax.rem(c0 + t, jnp.int32(stages)), buf, g * rep + r
 
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
         """`step(i, carry, r, masked)` over the rep query heads and the CTA's query blocks:
@@ -668,7 +706,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
-        plgpu.wait_smem_to_gmem(0)
+        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it
+        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas))
 
     def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
@@ -975,6 +1014,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         if not producer and not own:    # both warpgroups are past their reads of the slot
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+            if nxt is not None:         # persistent: the next item's first steps
+                j = t_next - total
+                pl.when((wg == 0) & (j >= 0) & (j < nxt.total))(
+                    functools.partial(load_step, j, nxt))
         elif not producer:                               # dq "own": no barrier to lean on
             release_to_wg0(i, slot, r)
 
@@ -1098,6 +1141,38 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
 
+    if n_ctas:          # persistent: no producer, no deferred dq (check_backward_options)
+        consumer = _consumer_rows if rows else _consumer
+        cta = lax.axis_index("cta")
+        n_items = batch * hkv * n_tiles
+        full_rounds, rem = divmod(n_items, n_ctas)
+        last_slot = (n_ctas - 1 - cta) if full_rounds % 2 else cta
+        n_local = full_rounds + (last_slot < rem).astype(jnp.int32)
+
+        def item(r, c0_):
+            """The r-th item of this CTA: items are handed out in rounds of n_ctas, the CTA
+            order reversed every other round (heavy and light causal tiles pair up)."""
+            k = r * n_ctas + jnp.where(lax.rem(r, 2) == 0, cta, n_ctas - 1 - cta)
+            if cfg.causal:      # KV tiles slowest: all heavy (low) tiles before lighter ones
+                tile_, rest = lax.div(k, hkv * batch), lax.rem(k, hkv * batch)
+                b_, g_ = lax.div(rest, hkv), lax.rem(rest, hkv)
+            else:               # the one-CTA-per-tile grid's order (heads, tiles, batch)
+                g_, rest = lax.rem(k, hkv), lax.div(k, hkv)
+                tile_, b_ = lax.rem(rest, n_tiles), lax.div(rest, n_tiles)
+            return item_at(b_, g_, tile_, c0_)
+
+        def body(r, carry):
+            c0_, t_prev_ = carry
+            it = item(r, c0_)
+            nxt_ = item(r + 1, c0_ + it.total)
+            # no next item: total 0 (nothing is prefetched)
+            nxt_ = nxt_._replace(total=jnp.where(r + 1 < n_local, nxt_.total, 0))
+            set_item(it, t_prev_, nxt_)
+            consumer()
+            return c0_ + it.total, it.total
+        lax.fori_loop(0, n_local, body, (jnp.int32(0), jnp.int32(0)))
+        plgpu.wait_smem_to_gmem(0)                       # the last dK/dV stores completed
+        return
     if cfg.mgpu_bwd_defer_dq:
         for w in range(2):
             pl.when(wg == w)(functools.partial(_consumer_defer, w))
@@ -1173,6 +1248,10 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
+    if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_defer_dq
+                                    or cfg.mgpu_bwd_dq != "halves" or cfg.mgpu_bwd_dq_fused):
+        raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves', and "
+                         "neither mgpu_bwd_defer_dq nor mgpu_bwd_dq_fused")
 
 
 def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
@@ -1194,6 +1273,10 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
                     _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
     n_tiles = lk_pad // (2 * bk)
+    n_ctas = cfg.mgpu_bwd_persistent
+    if n_ctas < 0:                                         # one persistent CTA per SM
+        n_ctas = 3 if interpret else getattr(jax.devices()[0], "core_count", 132)
+    n_ctas = min(n_ctas, b * hkv * n_tiles)                # no idle persistent CTAs
     dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, 2, b, lq_pad, hq, d)
     dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
     own = cfg.mgpu_bwd_dq == "own"
@@ -1226,13 +1309,14 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                 plgpu.Barrier(num_arrivals=2))
     dk, dv = _warp_specialized(
         functools.partial(_backward_kernel, cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad,
-                          gpu_path=not interpret),
+                          gpu_path=not interpret, n_ctas=n_ctas),
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
                   jax.ShapeDtypeStruct(vp.shape, v.dtype)),
         # CUDA launches the first grid axis fastest: KV tiles first keeps the CTAs in flight on
         # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
-        **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
+        **(dict(grid=(n_ctas,), grid_names=("cta",)) if n_ctas else
+           _grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b)),
         consumers=2 if cfg.mgpu_bwd_producer else 1,   # num_threads = consumers + 1
         compiler_params=params,
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
@@ -1244,6 +1328,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_dv' if cfg.mgpu_bwd_dv_early else ''}"
                      f"{'_dqf' if cfg.mgpu_bwd_dq_fused else ''}"
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
+                     f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,

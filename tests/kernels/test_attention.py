@@ -399,6 +399,33 @@ def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, ex
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+# the D=128 full options of session 5 (rows layout, dS and dV issued early, no producer)
+MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                       mgpu_bwd_producer=False)
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window,extra", [
+    (1, 200, 200, 4, 2, False, None, dict(MOSAIC_BWD_ROWS)),
+    pytest.param(1, 300, 300, 2, 1, True, None, {}, marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
+])
+def test_mosaic_gpu_backward_persistent_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal, window,
+                                                              extra):
+    """mgpu_bwd_persistent (session 6): 3 persistent CTAs (interpret mode) walk the KV tiles;
+    the Q/dO ring runs on from one tile to the next (a CTA with 2+ tiles prefetches), tiles
+    without visible queries (window, lq < lk) write zeros."""
+    q, k, v, do = _inputs(23, b, lq, lk, hq, hkv, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+    opts = extra or dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_persistent=-1,
+                                           **opts, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
     q, k, v, do = _inputs(19, 1, 260, 200, 2, 1, 128, jnp.bfloat16)
     kw = dict(causal=True, window=None)
