@@ -1287,9 +1287,11 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     params = None
     if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
+        space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256
+        if n_ctas:              # ranges (4 KB of SMEM per warpgroup; the rest is dropped)
+            space = min(space * -(-(b * hkv * n_tiles) // n_ctas), 256)
         params = plgpu.CompilerParams(approx_math=True, profile_dir=cfg.mgpu_bwd_profile,
-                                      profile_space=rep * (lq_pad // bq) + 8,
-                                      profile_bounds_check=True)
+                                      profile_space=space + 6, profile_bounds_check=True)
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
