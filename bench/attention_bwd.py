@@ -60,6 +60,10 @@ VARIANTS = {
                    mgpu_bwd_producer=False, mgpu_bwd_persistent=-1),     # session 6
     "plo_np_p": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
                      mgpu_bwd_persistent=-1),
+    # session 6: the deferred dq (dq_{t-1} issued with S_t / dP_t, split dS barrier) without a
+    # producer (warpgroup 0 refills the slot of step t-1 after the dS barrier of step t)
+    "rows_defer_np": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
+    "defer_np": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
     "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False),
     "rows_dqf_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
@@ -107,7 +111,7 @@ _SAVE = [lambda: None]     # main() puts the results writer here (results surviv
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 
 
-def checks(results, deadline, names, order=None):
+def checks(results, deadline, names, order=None, plan=None):
     """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA; the first variant also
     D 64 and D 128 causal window MQA, D 128 full at 2048, and cases with more KV tiles than
     SMs) against the f32 reference."""
@@ -118,10 +122,12 @@ def checks(results, deadline, names, order=None):
              # session 6: more KV tiles than SMs (persistent CTAs walk 2-3 tiles each)
              (2, 4096, 16, 4, 128, True, None), (2, 3000, 8, 8, 128, False, None)]
     order = order or list(range(len(cases)))
-    for j, name in enumerate(names):
-        for i in order:
+    plan = plan or [(name, order if j == 0 else [i for i in order if i < 2])
+                    for j, name in enumerate(names)]
+    for j, (name, idx) in enumerate(plan):
+        for i in idx:
             b, n, hq, hkv, d, causal, window = cases[i]
-            if time.time() > deadline or (i >= 2 and j > 0):
+            if time.time() > deadline:
                 continue
             q, k, v, do = battn._inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16,
                                         seed=500 + 10 * j + i)
@@ -328,6 +334,8 @@ def main():
     ap.add_argument("--kvariants", default="", help="variants of part ktimes (default: the "
                     "first three of --variants)")
     ap.add_argument("--check-cases", default="", help="indices into checks()'s cases, in order")
+    ap.add_argument("--check-plan", default="", help="variant=i,j;variant=k,...: the cases of "
+                    "each variant (overrides --check-variants / --check-cases)")
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
@@ -344,7 +352,9 @@ def main():
     cells = [s for s in args.cells.split(",") if s]
     lengths = [int(x) for x in args.n.split(",")]
     order = [int(x) for x in args.check_cases.split(",") if x]
-    steps = {"check": lambda dl: checks(results, dl, check_names, order),
+    plan = [(v, [int(x) for x in c.split(",")]) for v, c in
+            (item.split("=") for item in args.check_plan.split(";") if item)]
+    steps = {"check": lambda dl: checks(results, dl, check_names, order, plan),
              "tput": lambda dl: throughput(results, dl, names, cells, lengths,
                                            [s for s in args.anchors.split(",") if s]),
              "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")

@@ -807,8 +807,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         in SMEM), S^T_t and dP^T_t back to back; dq_{t-1} goes to HBM while S^T and dP^T run,
         P^T is computed while dP^T runs and dS^T while dV runs. The dS barrier is split: a
         warpgroup arrives after writing dS^T_t and waits only at the start of step t+1, so the
-        two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros)."""
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros).
+        Without a producer (session 6) warpgroup 0 refills the slot of step t-1 right after
+        the dS barrier of step t: both warpgroups have then finished step t-1 (its dK/dV
+        waited), so its Q, dO, lse and delta are no longer read."""
+        if producer:
+            plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        elif w == 0:
+            for t0 in range(stages):
+                pl.when(t0 < total)(functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
         k_own, v_own = k_smem.at[w], v_smem.at[w]
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
@@ -843,6 +850,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
+            if not producer and w == 0:                    # step t-1 is done: refill its slot
+                t_fill = t - 1 + stages
+                pl.when((t >= 1) & (t_fill < total))(functools.partial(load_step, t_fill))
             do_t = do_smem.at[slot].transpose((1, 0))
 
             def issue_s_dp(s_ref, dp_ref):
@@ -879,7 +889,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dk, dv = rows_tail(pt, dpt, slot, buf, w, dk, dv)
             else:
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
-            plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+            if producer:
+                plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
             plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
             return dk, dv, i, h
 
@@ -1240,8 +1251,6 @@ def check_backward_options(cfg: FlashConfig):
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
         raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
                          "and mgpu_bwd_p_lo")
-    if not cfg.mgpu_bwd_producer and cfg.mgpu_bwd_defer_dq:
-        raise ValueError("mgpu_bwd_producer=False is not implemented with mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:

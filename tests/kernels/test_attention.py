@@ -306,7 +306,7 @@ def test_mosaic_backward_default_options_are_valid():
                                has_segments=False, bwd_impl="mosaic", **opts)
         attention_mgpu.check_backward_options(cfg)
     bad = attn.FlashConfig(causal=False, window=None, sm_scale=1.0, lq=256, lk=256,
-                           has_segments=False, mgpu_bwd_producer=False, mgpu_bwd_defer_dq=True)
+                           has_segments=False, mgpu_bwd_persistent=-1)   # needs no producer
     with pytest.raises(ValueError, match="mgpu_bwd_producer"):
         attention_mgpu.check_backward_options(bad)
 
@@ -382,6 +382,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                 mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                 mgpu_bwd_dq="own"), marks=SLOW),
+    # session 6: the deferred dq without a producer (warpgroup 0 refills after the dS barrier)
+    (128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)),
+    pytest.param(128, True, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
