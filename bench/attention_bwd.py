@@ -64,6 +64,10 @@ VARIANTS = {
     # producer (warpgroup 0 refills the slot of step t-1 after the dS barrier of step t)
     "rows_defer_np": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
     "defer_np": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
+    "rows_defer_np_p": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_persistent=-1),
+    "defer_np_p": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                       mgpu_bwd_persistent=-1),
     "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False),
     "rows_dqf_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
@@ -83,7 +87,8 @@ VARIANTS.update({
     # the dispatch's Mosaic options of the cell, forced at any length (MOSAIC_BWD_MIN_LK off)
     "mosaic_opts": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {})),
     # session 6: the cell's Mosaic options with one persistent CTA per SM
-    "pers": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {}),
+    "pers": lambda d, c: dict(bwd_impl="mosaic", **{**attn.MOSAIC_BWD_OPTS.get((d, c), {}),
+                                                   "mgpu_bwd_producer": False},
                               mgpu_bwd_persistent=-1),
     "default_einsum": dict(bwd_delta="einsum"),            # sessions 1-4's delta fusion
     "default_barrier": dict(bwd_delta="rowsum_barrier"),

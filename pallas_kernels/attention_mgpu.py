@@ -813,9 +813,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         waited), so its Q, dO, lse and delta are no longer read."""
         if producer:
             plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        elif w == 0:
+        elif w == 0:        # the slots the previous item's last steps did not fill
             for t0 in range(stages):
-                pl.when(t0 < total)(functools.partial(load_step, jnp.int32(t0)))
+                pl.when((t0 < total) & (t0 + t_prev < stages))(
+                    functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
         k_own, v_own = k_smem.at[w], v_smem.at[w]
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
@@ -827,6 +828,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_wait(kv_ready.at[2 + w])
         does_dq = w < dq_wgs
         cols = pl.ds(w * dh, dh)
+
+        def refill(t):
+            """Without a producer, at the dS barrier of step t (t = total: the one after the
+            loop): the slot of step t-1 gets step t-1+stages, of this item or (persistent) of
+            the next one."""
+            t_fill = t - 1 + stages
+            pl.when((t >= 1) & (t_fill < total))(functools.partial(load_step, t_fill))
+            if nxt is not None:
+                j = t_fill - total
+                pl.when((t >= 1) & (j >= 0) & (j < nxt.total))(
+                    functools.partial(load_step, j, nxt))
 
         def dq_mm(dq_ref, buf):
             for u in range(2):
@@ -840,7 +852,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         def step(i, carry, r, masked):
             dk, dv, i_prev, h_prev = carry
             t = r * n + (i - lo)
-            slot = lax.rem(t, jnp.int32(stages))
+            slot = lax.rem(c0 + t, jnp.int32(stages))
             buf, prev = lax.rem(t, jnp.int32(2)), lax.rem(t + 1, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
@@ -851,8 +863,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
             if not producer and w == 0:                    # step t-1 is done: refill its slot
-                t_fill = t - 1 + stages
-                pl.when((t >= 1) & (t_fill < total))(functools.partial(load_step, t_fill))
+                refill(t)
             do_t = do_smem.at[slot].transpose((1, 0))
 
             def issue_s_dp(s_ref, dp_ref):
@@ -897,6 +908,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: step -1 adds 0
         dk, dv, i_prev, h_prev = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros, i0, g * rep))
         plgpu.barrier_wait(ds_sync)                        # the last step's dS^T
+        if not producer and w == 0 and nxt is not None:
+            refill(total)
         if does_dq:
             last = lax.rem(total + 1, jnp.int32(2))        # buffer of step total-1 (-1: zeros)
 
@@ -1152,8 +1165,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
 
-    if n_ctas:          # persistent: no producer, no deferred dq (check_backward_options)
-        consumer = _consumer_rows if rows else _consumer
+    if n_ctas:          # persistent: no producer, dq "halves" (check_backward_options)
+        def consumer():
+            if cfg.mgpu_bwd_defer_dq:
+                for w in range(2):
+                    pl.when(wg == w)(functools.partial(_consumer_defer, w))
+            else:
+                (_consumer_rows if rows else _consumer)()
         cta = lax.axis_index("cta")
         n_items = batch * hkv * n_tiles
         full_rounds, rem = divmod(n_items, n_ctas)
@@ -1257,10 +1275,10 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
-    if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_defer_dq
-                                    or cfg.mgpu_bwd_dq != "halves" or cfg.mgpu_bwd_dq_fused):
-        raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves', and "
-                         "neither mgpu_bwd_defer_dq nor mgpu_bwd_dq_fused")
+    if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
+                                    or cfg.mgpu_bwd_dq_fused):
+        raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
+                         "no mgpu_bwd_dq_fused")
 
 
 def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,

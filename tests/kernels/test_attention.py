@@ -407,17 +407,23 @@ MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_e
                        mgpu_bwd_producer=False)
 
 
-@pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window,extra", [
-    (1, 200, 200, 4, 2, False, None, dict(MOSAIC_BWD_ROWS)),
-    pytest.param(1, 300, 300, 2, 1, True, None, {}, marks=SLOW),
-    pytest.param(2, 100, 330, 2, 1, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
+DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
+    (1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS)),
+    pytest.param(1, 300, 300, 2, 1, 128, True, None, {}, marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, 128, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
+    (1, 100, 330, 4, 2, 64, True, 20, DEFER_NP),
+    pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(DEFER_NP, mgpu_bwd_rows=True),
+                 marks=SLOW),
 ])
-def test_mosaic_gpu_backward_persistent_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal, window,
-                                                              extra):
+def test_mosaic_gpu_backward_persistent_in_gpu_interpret_mode(b, lq, lk, hq, hkv, d, causal,
+                                                              window, extra):
     """mgpu_bwd_persistent (session 6): 3 persistent CTAs (interpret mode) walk the KV tiles;
     the Q/dO ring runs on from one tile to the next (a CTA with 2+ tiles prefetches), tiles
-    without visible queries (window, lq < lk) write zeros."""
-    q, k, v, do = _inputs(23, b, lq, lk, hq, hkv, 128, jnp.bfloat16)
+    without visible queries (window, lq < lk) write zeros; also with the deferred dq."""
+    q, k, v, do = _inputs(23, b, lq, lk, hq, hkv, d, jnp.bfloat16)
     kw = dict(causal=causal, window=window)
     opts = extra or dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False)
 
