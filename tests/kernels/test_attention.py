@@ -383,7 +383,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
                                 mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                 mgpu_bwd_dq="own"), marks=SLOW),
     # session 6: the deferred dq without a producer (warpgroup 0 refills after the dS barrier)
-    (128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)),
+    pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
+                                  mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
@@ -414,7 +415,7 @@ DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
     (1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS)),
     pytest.param(1, 300, 300, 2, 1, 128, True, None, {}, marks=SLOW),
     pytest.param(2, 100, 330, 2, 1, 128, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
-    (1, 100, 330, 4, 2, 64, True, 20, DEFER_NP),
+    pytest.param(1, 100, 330, 4, 2, 64, True, 20, DEFER_NP, marks=SLOW),
     pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(DEFER_NP, mgpu_bwd_rows=True),
                  marks=SLOW),
 ])
