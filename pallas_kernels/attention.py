@@ -829,8 +829,10 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
 # full Triton 353 vs Mosaic (lean) 312-320; D=64 causal Triton 212 vs Mosaic 182-183 (at 4k the
 # Mosaic kernels win: 440 vs 419, 322-330 vs 297). 2k was not measured. D=128 causal (session 5):
 # the Mosaic backward is measured faster at 4k and 16k only (1k/2k were cut from call 2), so
-# shorter keys keep the session-4 choice (Triton).
-MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 2048, (64, True): 2048,
+# shorter keys keep the session-4 choice (Triton). Session 6, call 1 (N=1k fwd+bwd TFLOP/s, same
+# process; cuDNN 406, tokamax 420): D=128 full with the session-5 options (rows layout, no
+# producer) 423 vs Triton 354, so the Mosaic backward from 1k keys.
+MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True): 2048,
                                                   (128, True): 4096}
 
 
