@@ -591,9 +591,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
     # The current item's state: b, g, tile, cta_k0, lo, hi, n (query blocks per head), total
     # (steps), c0 (ring steps before it), t_prev (steps of the CTA's previous item, 0 if none)
-    # and nxt (the next item, None if it has none: its first steps are loaded during this
+    # and nxt ((has_next, fn() -> the next item): its first steps are loaded during this
     # item's last ones). The helpers below read these names when called; persistent CTAs
     # rebind them per item (`set_item`, inside the loop over items).
+    def prefetch_next(j, cond):
+        """Persistent CTAs: step j of the next item (if any) into its ring slot, where `cond`.
+        The next item is computed here (only the last `stages` steps get here), so that its
+        fields are not live through the item's steps."""
+        has_next, next_item = nxt
+
+        @pl.when(cond & has_next & (j >= 0))
+        def _():
+            it = next_item()
+            pl.when(j < it.total)(functools.partial(load_step, j, it))
+
     def set_item(it: _BwdItem, t_prev_, nxt_):
         nonlocal b, g, tile, cta_k0, lo, hi, n, total, c0, t_prev, nxt
         b, g, tile, lo, hi, total, c0 = it
@@ -836,9 +847,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             t_fill = t - 1 + stages
             pl.when((t >= 1) & (t_fill < total))(functools.partial(load_step, t_fill))
             if nxt is not None:
-                j = t_fill - total
-                pl.when((t >= 1) & (j >= 0) & (j < nxt.total))(
-                    functools.partial(load_step, j, nxt))
+                prefetch_next(t_fill - total, t >= 1)
 
         def dq_mm(dq_ref, buf):
             for u in range(2):
@@ -1039,9 +1048,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
             if nxt is not None:         # persistent: the next item's first steps
-                j = t_next - total
-                pl.when((wg == 0) & (j >= 0) & (j < nxt.total))(
-                    functools.partial(load_step, j, nxt))
+                prefetch_next(t_next - total, wg == 0)
         elif not producer:                               # dq "own": no barrier to lean on
             release_to_wg0(i, slot, r)
 
@@ -1193,10 +1200,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         def body(r, carry):
             c0_, t_prev_ = carry
             it = item(r, c0_)
-            nxt_ = item(r + 1, c0_ + it.total)
-            # no next item: total 0 (nothing is prefetched)
-            nxt_ = nxt_._replace(total=jnp.where(r + 1 < n_local, nxt_.total, 0))
-            set_item(it, t_prev_, nxt_)
+            set_item(it, t_prev_, (r + 1 < n_local, lambda: item(r + 1, c0_ + it.total)))
             consumer()
             return c0_ + it.total, it.total
         lax.fori_loop(0, n_local, body, (jnp.int32(0), jnp.int32(0)))
