@@ -145,15 +145,16 @@ def checks(results, deadline, names, order=None, plan=None):
             _SAVE[0]()
 
 
-def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",)):
+def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",), per_cell=None):
     out = results.setdefault("bwd_tput", [])
     for n, cell in [(n, c) for n in lengths for c in cells]:
+        names_c = (per_cell or {}).get(cell, names)
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
         seen = {}
-        for name in list(anchors) + names:
+        for name in list(anchors) + names_c:
             row = dict(d=d, causal=causal, n=n, mode="fwd+bwd", impl=name)
             if name in VARIANTS:                       # the same options as an earlier variant
                 key = json.dumps(_cfg(name, d, causal), sort_keys=True)
@@ -344,6 +345,8 @@ def main():
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
+    ap.add_argument("--cell-variants", default="", help="cell=v1,v2;cell=...: the variants of "
+                    "those cells in part tput (others: --variants)")
     ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
                     "first of --variants)")
     ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
@@ -357,11 +360,14 @@ def main():
     cells = [s for s in args.cells.split(",") if s]
     lengths = [int(x) for x in args.n.split(",")]
     order = [int(x) for x in args.check_cases.split(",") if x]
+    per_cell = {c: v.split(",") for c, v in
+                (item.split("=") for item in args.cell_variants.split(";") if item)}
     plan = [(v, [int(x) for x in c.split(",")]) for v, c in
             (item.split("=") for item in args.check_plan.split(";") if item)]
     steps = {"check": lambda dl: checks(results, dl, check_names, order, plan),
              "tput": lambda dl: throughput(results, dl, names, cells, lengths,
-                                           [s for s in args.anchors.split(",") if s]),
+                                           [s for s in args.anchors.split(",") if s],
+                                           per_cell),
              "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")
                                                           if s] or names[:1], cells, args.pn,
                                            args.raw or None),
