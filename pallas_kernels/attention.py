@@ -834,6 +834,20 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
 # producer) 423 vs Triton 354, so the Mosaic backward from 1k keys.
 MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True): 2048,
                                                   (128, True): 4096}
+# Mosaic backward options for short keys, per (head dim, causal): ((max_lk, options), ...); the
+# first entry with lk <= max_lk is applied on top of MOSAIC_BWD_OPTS (session 6).
+MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+
+
+def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:
+    """The dispatch's Mosaic backward options of one call: MOSAIC_BWD_OPTS of the (head dim,
+    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk`."""
+    opts = dict(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
+    for max_lk, short in MOSAIC_BWD_SHORT.get((d_pad, bool(causal)), ()):
+        if lk <= max_lk:
+            opts.update(short)
+            break
+    return opts
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -906,7 +920,7 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
         blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
             d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal, lk)
         if blocks["bwd_impl"] == "mosaic":
-            defaults.update(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
+            defaults.update(mosaic_bwd_options(d_pad, bool(causal), lk))
     if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):
         raise ValueError("bwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
     if fwd_impl == "mosaic":

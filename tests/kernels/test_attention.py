@@ -311,6 +311,16 @@ def test_mosaic_backward_default_options_are_valid():
         attention_mgpu.check_backward_options(bad)
 
 
+def test_backward_short_key_options(monkeypatch):
+    monkeypatch.setitem(attn.MOSAIC_BWD_SHORT, (128, True),
+                        ((1024, dict(mgpu_bwd_defer_dq=True)), (2048, dict(mgpu_bwd_rows=True))))
+    base = attn.MOSAIC_BWD_OPTS[128, True]
+    assert attn.mosaic_bwd_options(128, True, 4096) == base
+    assert attn.mosaic_bwd_options(128, True, 1000) == {**base, "mgpu_bwd_defer_dq": True}
+    assert attn.mosaic_bwd_options(128, True, 2048) == {**base, "mgpu_bwd_rows": True}
+    assert attn.mosaic_bwd_options(128, False, 1000) == attn.MOSAIC_BWD_OPTS[128, False]
+
+
 def test_backward_dispatch_minimum_key_length(monkeypatch):
     hopper = (9, 0)
     monkeypatch.setitem(attn.MOSAIC_BWD_MIN_LK, (64, False), 2048)
