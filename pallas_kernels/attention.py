@@ -831,12 +831,21 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
 # the Mosaic backward is measured faster at 4k and 16k only (1k/2k were cut from call 2), so
 # shorter keys keep the session-4 choice (Triton). Session 6, call 1 (N=1k fwd+bwd TFLOP/s, same
 # process; cuDNN 406, tokamax 420): D=128 full with the session-5 options (rows layout, no
-# producer) 423 vs Triton 354, so the Mosaic backward from 1k keys.
+# producer) 423 vs Triton 354, so the Mosaic backward from 1k keys. Call 2 (N=1k, same process;
+# cuDNN 291, tokamax 309): D=128 causal Triton 268, the causal Mosaic options (lean, no producer)
+# 278, rows + the deferred dq without producer 283: the Mosaic backward from 1k keys, with the
+# latter up to 1k keys (MOSAIC_BWD_SHORT; 2k keys take the 4k options: not measured at 2k).
 MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True): 2048,
-                                                  (128, True): 4096}
+                                                  (128, True): 1024}
 # Mosaic backward options for short keys, per (head dim, causal): ((max_lk, options), ...); the
-# first entry with lk <= max_lk is applied on top of MOSAIC_BWD_OPTS (session 6).
-MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+# first entry with lk <= max_lk is applied on top of MOSAIC_BWD_OPTS (session 6). D=128 causal up
+# to 1k keys: query rows with the deferred dq and no producer (call 2 above; at 4k it measured
+# 412 vs the lean step's 416, at 16k 450 vs 468, so longer keys keep the lean step). GPU checks:
+# the deferred dq without producer (S^T layout) on D 128 causal GQA 1000, rows + deferred dq on
+# D 128 full GQA 777 (call 1).
+MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (128, True): ((1024, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True)),),
+}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

@@ -5,13 +5,15 @@ The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment i
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout, dS and dV issued
-early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with
-the lean step and no producer; from 2k keys at D=128 and D=64 causal; see `choose_fwd_impl` /
-`choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py
-and docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3
-issue order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own"
-and the producer-less CTA in the backward, dS from the bf16 P, the tiles-fastest grid, the
-register splits, and in the forward the intra-warpgroup overlap and an optimization barrier.
+early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with the
+lean step and no producer (up to 1k keys: query rows with the deferred dq and no producer); from 1k
+keys at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
+/ `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and
+docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
+order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own", the
+producer-less CTA, persistent CTAs (`mgpu_bwd_persistent`: measured slower) and the on-device
+profiler ranges (`mgpu_bwd_profile`) in the backward, dS from the bf16 P, the tiles-fastest grid,
+the register splits, and in the forward the intra-warpgroup overlap and an optimization barrier.
 Compiled and checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU
 interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
 
