@@ -423,7 +423,8 @@ DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
 
 
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
-    (1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS)),
+    pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
+                 marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
     pytest.param(1, 300, 300, 2, 1, 128, True, None, {}, marks=SLOW),
     pytest.param(2, 100, 330, 2, 1, 128, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
     pytest.param(1, 100, 330, 4, 2, 64, True, 20, DEFER_NP, marks=SLOW),
