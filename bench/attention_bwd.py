@@ -125,7 +125,9 @@ def checks(results, deadline, names, order=None, plan=None):
              (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
              (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300),
              # session 6: more KV tiles than SMs (persistent CTAs walk 2-3 tiles each)
-             (2, 4096, 16, 4, 128, True, None), (2, 3000, 8, 8, 128, False, None)]
+             (2, 4096, 16, 4, 128, True, None), (2, 3000, 8, 8, 128, False, None),
+             # D 128 causal at 1k keys: the dispatch's rows + deferred dq (MOSAIC_BWD_SHORT)
+             (2, 1024, 8, 2, 128, True, None)]
     order = order or list(range(len(cases)))
     plan = plan or [(name, order if j == 0 else [i for i in order if i < 2])
                     for j, name in enumerate(names)]
