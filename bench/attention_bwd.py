@@ -1,4 +1,4 @@
-"""Backward variants of the flash attention kernels on one GPU (issue 4, session 5).
+"""Backward variants of the flash attention kernels on one GPU (issue 4, sessions 5-6).
 
     PYTHONUNBUFFERED=1 python3 bench/attention_bwd.py --out $RES/bwd.json --budget 300 \
         --parts check:0.3,tput:1.0 --variants default,split,rows_early --cells 128f,128c
@@ -9,6 +9,10 @@ H=16, batch x length = 16k tokens, bf16) of the variants next to jax.nn cuDNN in
 process, and (part `ktimes`) the device time of each GPU kernel of one fwd+bwd call from a
 profiler trace (the backward kernel alone, ours against cuDNN's). Part `compile` only compiles
 the variants at a small shape (for MOSAIC_GPU_DUMP_TO / _PTXAS dumps set by the caller).
+Part `profile` (session 6) runs one fwd+bwd call of each variant with Mosaic GPU's on-device
+profiler in the backward kernel (`mgpu_bwd_profile`: %clock stamps of the prologue, of every
+step and of the epilogue per CTA) and summarises the per-CTA timelines (cycles per step, masked
+and unmasked, prologue, epilogue, and the gaps between consecutive CTAs of one SM).
 The main table and the forward live in bench/attention.py.
 """
 
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import attention as battn  # noqa: E402
@@ -49,6 +56,18 @@ VARIANTS = {
     "rows_dv": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True),
     "rows_dv_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                        mgpu_bwd_producer=False),
+    "rows_p": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                   mgpu_bwd_producer=False, mgpu_bwd_persistent=-1),     # session 6
+    "plo_np_p": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
+                     mgpu_bwd_persistent=-1),
+    # session 6: the deferred dq (dq_{t-1} issued with S_t / dP_t, split dS barrier) without a
+    # producer (warpgroup 0 refills the slot of step t-1 after the dS barrier of step t)
+    "rows_defer_np": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
+    "defer_np": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
+    "rows_defer_np_p": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_persistent=-1),
+    "defer_np_p": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                       mgpu_bwd_persistent=-1),
     "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                         mgpu_bwd_dq_fused=True, mgpu_bwd_producer=False),
     "rows_dqf_own": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
@@ -67,6 +86,10 @@ VARIANTS = {
 VARIANTS.update({
     # the dispatch's Mosaic options of the cell, forced at any length (MOSAIC_BWD_MIN_LK off)
     "mosaic_opts": lambda d, c: dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, c), {})),
+    # session 6: the cell's Mosaic options with one persistent CTA per SM
+    "pers": lambda d, c: dict(bwd_impl="mosaic", **{**attn.MOSAIC_BWD_OPTS.get((d, c), {}),
+                                                   "mgpu_bwd_producer": False},
+                              mgpu_bwd_persistent=-1),
     "default_einsum": dict(bwd_delta="einsum"),            # sessions 1-4's delta fusion
     "default_barrier": dict(bwd_delta="rowsum_barrier"),
 })
@@ -78,10 +101,13 @@ def _cfg(name, d, causal):
 
 
 def _attn_fn(name, d, causal, **extra):
-    """fn(q, k, v) of jax.nn cuDNN ("cudnn") or of our kernel with the named variant."""
+    """fn(q, k, v) of jax.nn cuDNN ("cudnn"), tokamax ("tokamax": None if it does not import)
+    or of our kernel with the named variant."""
     if name == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                             implementation="cudnn")
+    if name == "tokamax":
+        return battn._tokamax_fn(causal)
     cfg = {**_cfg(name, d, causal), **extra}
     return lambda q, k, v: attn.flash_attention_kernel(q, k, v, causal=causal, **cfg)
 
@@ -90,18 +116,25 @@ _SAVE = [lambda: None]     # main() puts the results writer here (results surviv
 CELLS = {"128f": (128, False), "128c": (128, True), "64f": (64, False), "64c": (64, True)}
 
 
-def checks(results, deadline, names, order=None):
+def checks(results, deadline, names, order=None, plan=None):
     """Each variant on two cases (D 128 causal GQA ragged, D 128 full GQA; the first variant also
-    D 64 and D 128 causal window MQA and D 128 full at 2048) against the f32 reference."""
+    D 64 and D 128 causal window MQA, D 128 full at 2048, and cases with more KV tiles than
+    SMs) against the f32 reference."""
     rows = results.setdefault("correctness", [])
     cases = [(2, 1000, 8, 2, 128, True, None), (1, 777, 4, 2, 128, False, None),
              (1, 2048, 8, 1, 64, True, 300), (1, 2048, 8, 1, 128, True, 300),
-             (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300)]
+             (2, 2048, 4, 4, 128, False, None), (1, 4096, 8, 1, 128, True, 300),
+             # session 6: more KV tiles than SMs (persistent CTAs walk 2-3 tiles each)
+             (2, 4096, 16, 4, 128, True, None), (2, 3000, 8, 8, 128, False, None),
+             # D 128 causal at 1k keys: the dispatch's rows + deferred dq (MOSAIC_BWD_SHORT)
+             (2, 1024, 8, 2, 128, True, None)]
     order = order or list(range(len(cases)))
-    for j, name in enumerate(names):
-        for i in order:
+    plan = plan or [(name, order if j == 0 else [i for i in order if i < 2])
+                    for j, name in enumerate(names)]
+    for j, (name, idx) in enumerate(plan):
+        for i in idx:
             b, n, hq, hkv, d, causal, window = cases[i]
-            if time.time() > deadline or (i >= 2 and j > 0):
+            if time.time() > deadline:
                 continue
             q, k, v, do = battn._inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16,
                                         seed=500 + 10 * j + i)
@@ -114,16 +147,29 @@ def checks(results, deadline, names, order=None):
             _SAVE[0]()
 
 
-def throughput(results, deadline, names, cells, lengths):
+def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",), per_cell=None):
     out = results.setdefault("bwd_tput", [])
     for n, cell in [(n, c) for n in lengths for c in cells]:
+        names_c = (per_cell or {}).get(cell, names)
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
-        for name in ["cudnn"] + names:
-            fn = _attn_fn(name, d, causal)
+        seen = {}
+        for name in list(anchors) + names_c:
             row = dict(d=d, causal=causal, n=n, mode="fwd+bwd", impl=name)
+            if name in VARIANTS:                       # the same options as an earlier variant
+                key = json.dumps(_cfg(name, d, causal), sort_keys=True)
+                if key in seen:
+                    row["same_as"] = seen[key]
+                    out.append(row)
+                    continue
+                seen[key] = name
+            fn = _attn_fn(name, d, causal)
+            if fn is None:
+                row["error"] = "does not import"
+                out.append(row)
+                continue
             battn._timed(row, deadline, flops, "bwd", out, battn._fwd_bwd(fn), q, k, v, do)
             _SAVE[0]()
 
@@ -148,6 +194,122 @@ def ktimes(results, deadline, names, cells, n):
             print("ktimes", json.dumps(row), flush=True)
             out.append(row)
             _SAVE[0]()
+
+
+def _ranges(tags, clocks, names):
+    """(name, begin, end) of the top-level ranges of one warpgroup's profiler events (clocks
+    relative to the first event, uint32 wrap-around handled)."""
+    from jax.experimental.mosaic.gpu import profiler as mprof
+    rel = (clocks - clocks[0]).astype(np.uint32).astype(np.int64)
+    out, stack = [], []
+    for tag, t in zip(tags, rel, strict=True):
+        if tag & mprof.ProfilerSpec.EXIT:
+            if stack:
+                name, t0 = stack.pop()
+                if not stack:
+                    out.append((name, int(t0), int(t)))
+        else:
+            stack.append((names[int(tag)], t))
+    return out
+
+
+def _profile_summary(buf, grid, block, interned):
+    """Per-CTA statistics of the backward kernel's profiler buffer (warpgroup 0's ranges:
+    bwd_pro, bwd_step / bwd_step_m, bwd_epi), in SM cycles, and the gaps between consecutive
+    CTAs of one SM (ns; the clock rate estimated from the tightest CTA-to-CTA spacing)."""
+    names = {v: k for k, v in interned.items()}
+    nb, tpb = math.prod(grid), math.prod(block) // 128
+    e = np.asarray(buf).reshape(nb, tpb, -1)
+    start = e[:, 0, 0].astype(np.int64)
+    sm = e[:, 0, 1].astype(np.int64)
+    used = e[:, 0, 2].astype(np.int64)
+    pro, epi, span, steps, msteps, first, nsteps = [], [], [], [], [], [], []
+    for c in range(nb):
+        ev = e[c, 0, 3:3 + used[c]]
+        if ev.size < 2:
+            span.append(0)
+            continue
+        rs = _ranges(ev[0::2], ev[1::2], names)
+        span.append(rs[-1][2] if rs else 0)
+        st = [(n, b_, e_) for n, b_, e_ in rs if n.startswith("bwd_step")]
+        nsteps.append(len(st))
+        for n, b_, e_ in rs:
+            if n == "bwd_pro":
+                pro.append(e_ - b_)
+            elif n == "bwd_epi":
+                epi.append(e_ - b_)
+        un = [e_ - b_ for n, b_, e_ in st if n == "bwd_step"]
+        steps += un[1:]
+        first += un[:1]
+        msteps += [e_ - b_ for n, b_, e_ in st if n == "bwd_step_m"]
+    span = np.asarray(span, np.int64)
+
+    def stat(x):
+        x = np.asarray(x, np.float64)
+        return (dict(n=int(x.size), mean=round(float(x.mean()), 1),
+                     p10=round(float(np.percentile(x, 10)), 1),
+                     p50=round(float(np.median(x)), 1), p90=round(float(np.percentile(x, 90)), 1))
+                if x.size else None)
+    gaps, ratios = [], []
+    for s_ in np.unique(sm):
+        idx = np.where(sm == s_)[0]
+        idx = idx[np.argsort(start[idx])]
+        dt = np.diff(start[idx]).astype(np.int64) % (1 << 32)
+        ratios += list(span[idx[:-1]] / np.maximum(dt, 1))
+        gaps.append((idx, dt))
+    ghz = float(np.percentile(ratios, 99)) if ratios else float("nan")   # cycles per ns
+    gap_ns = np.concatenate([dt - span[idx[:-1]] / ghz for idx, dt in gaps]) if gaps else []
+    gap_198 = np.concatenate([dt - span[idx[:-1]] / 1.98 for idx, dt in gaps]) if gaps else []
+    t_end = (start - start.min()) % (1 << 32) + span / ghz
+    busy = span.sum() / ghz / (len(np.unique(sm)) * t_end.max())
+    return dict(ctas=nb, sms=int(len(np.unique(sm))), ghz_est=round(ghz, 3),
+                kernel_us=round(float(t_end.max()) / 1e3, 1), sm_busy=round(float(busy), 4),
+                pro=stat(pro), step=stat(steps), step_first=stat(first), step_masked=stat(msteps),
+                epi=stat(epi), span=stat(span), steps_per_cta=stat(nsteps), gap_ns=stat(gap_ns),
+                gap_ns_at_1_98ghz=stat(gap_198))
+
+
+def profile(results, deadline, names, cells, n, raw_dir=None):
+    """One fwd+bwd call per (cell, variant) with the backward kernel's on-device profiler; the
+    per-CTA timelines are summarised (`_profile_summary`)."""
+    from jax.experimental.mosaic.gpu import profiler as mprof
+    out = results.setdefault("profile", [])
+    captured = []
+
+    def dump(self, buffer, f, grid, block):                # replaces the JSON trace writer
+        captured.append((np.asarray(buffer), grid, block, dict(self.interned_names)))
+        f.write("{}")
+    mprof.ProfilerSpec.dump = dump
+    b = battn.TOKENS // n
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in cells:
+            d, causal = CELLS[cell]
+            q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
+            seen = set()
+            for name in names:
+                key = json.dumps(_cfg(name, d, causal), sort_keys=True)
+                if time.time() > deadline or key in seen:
+                    continue
+                seen.add(key)
+                row = dict(d=d, causal=causal, n=n, impl=name)
+                try:
+                    fn = battn._fwd_bwd(_attn_fn(name, d, causal, mgpu_bwd_profile=tmp))
+                    for _ in range(3):                     # the last of 3 calls (clocks up)
+                        jax.block_until_ready(fn(q, k, v, do))
+                    jax.effects_barrier()
+                    buf, grid, block, interned = captured[-1]
+                    row.update(grid=list(grid), block=list(block),
+                               **_profile_summary(buf, grid, block, interned))
+                    if raw_dir:
+                        e = buf.reshape(math.prod(grid), math.prod(block) // 128, -1)[:, 0]
+                        np.savez_compressed(os.path.join(raw_dir, f"prof_{cell}_{n}_{name}.npz"),
+                                            wg0=e, names=json.dumps(interned))
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                captured.clear()
+                print("profile", json.dumps(row), flush=True)
+                out.append(row)
+                _SAVE[0]()
 
 
 def compile_only(results, deadline, names, cells):
@@ -180,8 +342,17 @@ def main():
     ap.add_argument("--kvariants", default="", help="variants of part ktimes (default: the "
                     "first three of --variants)")
     ap.add_argument("--check-cases", default="", help="indices into checks()'s cases, in order")
+    ap.add_argument("--check-plan", default="", help="variant=i,j;variant=k,...: the cases of "
+                    "each variant (overrides --check-variants / --check-cases)")
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
+    ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
+    ap.add_argument("--cell-variants", default="", help="cell=v1,v2;cell=...: the variants of "
+                    "those cells in part tput (others: --variants)")
+    ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
+                    "first of --variants)")
+    ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
+    ap.add_argument("--raw", default="", help="folder for the raw profiler buffers (npz)")
     args = ap.parse_args()
     t0 = time.time()
     results = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__,
@@ -191,8 +362,17 @@ def main():
     cells = [s for s in args.cells.split(",") if s]
     lengths = [int(x) for x in args.n.split(",")]
     order = [int(x) for x in args.check_cases.split(",") if x]
-    steps = {"check": lambda dl: checks(results, dl, check_names, order),
-             "tput": lambda dl: throughput(results, dl, names, cells, lengths),
+    per_cell = {c: v.split(",") for c, v in
+                (item.split("=") for item in args.cell_variants.split(";") if item)}
+    plan = [(v, [int(x) for x in c.split(",")]) for v, c in
+            (item.split("=") for item in args.check_plan.split(";") if item)]
+    steps = {"check": lambda dl: checks(results, dl, check_names, order, plan),
+             "tput": lambda dl: throughput(results, dl, names, cells, lengths,
+                                           [s for s in args.anchors.split(",") if s],
+                                           per_cell),
+             "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")
+                                                          if s] or names[:1], cells, args.pn,
+                                           args.raw or None),
              "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
                                          or names[:3], cells, lengths[0]),
              "compile": lambda dl: compile_only(results, dl, names, cells)}

@@ -180,6 +180,11 @@ class FlashConfig:
     mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
     #                                  dS computed while dV runs (GPU path; interpret mode runs
     #                                  the ds_early order)
+    mgpu_bwd_persistent: int = 0  # Mosaic bwd without producer: that many persistent CTAs (-1:
+    #                               one per SM) walk the KV tiles; the Q/dO ring runs on across
+    #                               tiles and the next K/V loads during the dK/dV store
+    mgpu_bwd_profile: str = ""   # Mosaic bwd diagnostics: a directory for Mosaic GPU's on-device
+    #                              profiler (per-warpgroup prologue / step / epilogue ranges)
     mgpu_bwd_dq_fused: bool = False  # with mgpu_bwd_dv_early or mgpu_bwd_overlap: the dS
     #                                  barrier and the dq wgmma follow the dK issue in one wgmma
     #                                  state (dK, dq in flight together; GPU path)
@@ -848,9 +853,34 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
 # full Triton 353 vs Mosaic (lean) 312-320; D=64 causal Triton 212 vs Mosaic 182-183 (at 4k the
 # Mosaic kernels win: 440 vs 419, 322-330 vs 297). 2k was not measured. D=128 causal (session 5):
 # the Mosaic backward is measured faster at 4k and 16k only (1k/2k were cut from call 2), so
-# shorter keys keep the session-4 choice (Triton).
-MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 2048, (64, True): 2048,
-                                                  (128, True): 4096}
+# shorter keys keep the session-4 choice (Triton). Session 6, call 1 (N=1k fwd+bwd TFLOP/s, same
+# process; cuDNN 406, tokamax 420): D=128 full with the session-5 options (rows layout, no
+# producer) 423 vs Triton 354, so the Mosaic backward from 1k keys. Call 2 (N=1k, same process;
+# cuDNN 291, tokamax 309): D=128 causal Triton 268, the causal Mosaic options (lean, no producer)
+# 278, rows + the deferred dq without producer 283: the Mosaic backward from 1k keys, with the
+# latter up to 1k keys (MOSAIC_BWD_SHORT; 2k keys take the 4k options: not measured at 2k).
+MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True): 2048,
+                                                  (128, True): 1024}
+# Mosaic backward options for short keys, per (head dim, causal): ((max_lk, options), ...); the
+# first entry with lk <= max_lk is applied on top of MOSAIC_BWD_OPTS (session 6). D=128 causal up
+# to 1k keys: query rows with the deferred dq and no producer (call 2 above; at 4k it measured
+# 412 vs the lean step's 416, at 16k 450 vs 468, so longer keys keep the lean step). GPU checks:
+# the deferred dq without producer (S^T layout) on D 128 causal GQA 1000, rows + deferred dq on
+# D 128 full GQA 777 (call 1).
+MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (128, True): ((1024, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True)),),
+}
+
+
+def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:
+    """The dispatch's Mosaic backward options of one call: MOSAIC_BWD_OPTS of the (head dim,
+    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk`."""
+    opts = dict(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
+    for max_lk, short in MOSAIC_BWD_SHORT.get((d_pad, bool(causal)), ()):
+        if lk <= max_lk:
+            opts.update(short)
+            break
+    return opts
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -923,7 +953,7 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
         blocks["bwd_impl"] = "split" if interpret else choose_bwd_impl(
             d_pad, q.dtype, segment_ids is not None, _cuda_capability(), causal, lk)
         if blocks["bwd_impl"] == "mosaic":
-            defaults.update(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
+            defaults.update(mosaic_bwd_options(d_pad, bool(causal), lk))
     if blocks["bwd_impl"] == "mosaic" and (segment_ids is not None or d_pad not in (64, 128)):
         raise ValueError("bwd_impl='mosaic' supports head_dim 64/128 without segment_ids")
     if fwd_impl == "mosaic":

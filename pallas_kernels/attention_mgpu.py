@@ -5,13 +5,15 @@ The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment i
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout, dS and dV issued
-early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with
-the lean step and no producer; from 2k keys at D=128 and D=64 causal; see `choose_fwd_impl` /
-`choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` in attention.py
-and docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3
-issue order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own"
-and the producer-less CTA in the backward, dS from the bf16 P, the tiles-fastest grid, the
-register splits, and in the forward the intra-warpgroup overlap and an optimization barrier.
+early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with the
+lean step and no producer (up to 1k keys: query rows with the deferred dq and no producer); from 1k
+keys at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
+/ `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and
+docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
+order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own", the
+producer-less CTA, persistent CTAs (`mgpu_bwd_persistent`: measured slower) and the on-device
+profiler ranges (`mgpu_bwd_profile`) in the backward, dS from the bf16 P, the tiles-fastest grid,
+the register splits, and in the forward the intra-warpgroup overlap and an optimization barrier.
 Compiled and checked against the f32 reference on an H200 (jax 0.11.2) and run in Mosaic GPU
 interpret mode (`plgpu.InterpretGPUParams`) in the CPU tests.
 
@@ -29,6 +31,7 @@ and unmasked in the middle. Inputs bf16 or f16, head_dim 64 or 128; lengths padd
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -631,9 +634,21 @@ def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool =
     return jnp.where(mask, st, -jnp.inf)
 
 
+class _BwdItem(NamedTuple):
+    """One (batch, KV head, KV tile) work item of a backward CTA: its query-block range
+    [lo, hi), steps (rep * (hi - lo)) and c0, the ring steps taken before it (persistent)."""
+    b: jax.Array
+    g: jax.Array
+    tile: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    total: jax.Array
+    c0: jax.Array
+
+
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref, smem,
                      barriers, *, cfg: FlashConfig, rep: int, stages: int, lq_pad: int,
-                     gpu_path: bool):
+                     gpu_path: bool, n_ctas: int = 0):
     """dk, dv of 2 * block_k keys of one KV head, and their dq contributions (FlashAttention-3).
 
     Consumer warpgroup w owns keys [k0, k0 + block_k) with K, V resident in SMEM; the producer
@@ -642,6 +657,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and writes dS^T (bf16) to SMEM; after
     a barrier both halves of dS are there and dq_block += dS K (each warpgroup one half of the
     head dim, K of both warpgroups) goes to HBM by a TMA reduce-add into an f32 accumulator.
+
+    `n_ctas` > 0 (`mgpu_bwd_persistent`, no producer warpgroup): that many persistent CTAs walk
+    the (batch, KV head, KV tile) items (`_bwd_items`); the Q/dO ring runs on across items (the
+    last steps of an item load the first steps of the next) and the next item's K/V load is
+    issued as soon as the TMA store of the last dK/dV has read its SMEM.
     """
     bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
     d = q_ref.shape[-1]
@@ -650,30 +670,65 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
     dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
     dh = d if own else d // dq_wgs
-    b, g, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_tile")
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
     kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
-    cta_k0 = tile * (2 * bk)
-    lo, _, _, hi = _q_block_range(cta_k0, bq, 2 * bk, lq_pad, cfg)
-    n = hi - lo                                            # query blocks per head
-    total = rep * n
+    n_tiles, hkv, batch = k_ref.shape[1] // (2 * bk), k_ref.shape[2], q_ref.shape[0]
+
+    def item_at(b_, g_, tile_, c0_):
+        lo_, _, _, hi_ = _q_block_range(tile_ * (2 * bk), bq, 2 * bk, lq_pad, cfg)
+        return _BwdItem(b_, g_, tile_, lo_, hi_, rep * (hi_ - lo_), c0_)
+
+    # The current item's state: b, g, tile, cta_k0, lo, hi, n (query blocks per head), total
+    # (steps), c0 (ring steps before it), t_prev (steps of the CTA's previous item, 0 if none)
+    # and nxt ((has_next, fn() -> the next item): its first steps are loaded during this
+    # item's last ones). The helpers below read these names when called; persistent CTAs
+    # rebind them per item (`set_item`, inside the loop over items).
+    def prefetch_next(j, cond):
+        """Persistent CTAs: step j of the next item (if any) into its ring slot, where `cond`.
+        The next item is computed here (only the last `stages` steps get here), so that its
+        fields are not live through the item's steps."""
+        has_next, next_item = nxt
+
+        @pl.when(cond & has_next & (j >= 0))
+        def _():
+            it = next_item()
+            pl.when(j < it.total)(functools.partial(load_step, j, it))
+
+    def set_item(it: _BwdItem, t_prev_, nxt_):
+        nonlocal b, g, tile, cta_k0, lo, hi, n, total, c0, t_prev, nxt
+        b, g, tile, lo, hi, total, c0 = it
+        cta_k0, n = tile * (2 * bk), hi - lo
+        t_prev, nxt = t_prev_, nxt_
+
+    b = g = tile = cta_k0 = lo = hi = n = total = c0 = t_prev = nxt = None
+    if not n_ctas:
+        set_item(item_at(lax.axis_index("batch"), lax.axis_index("heads"),
+                         lax.axis_index("kv_tile"), jnp.int32(0)), jnp.int32(0), None)
     scale = cfg.sm_scale * LOG2E
+
+    def scope(name):
+        """A named range of Mosaic GPU's on-device profiler (`mgpu_bwd_profile` only)."""
+        return jax.named_scope(name) if cfg.mgpu_bwd_profile else contextlib.nullcontext()
 
     def sync():
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
-    def load_step(t):
-        """TMA of step t's Q, dO and [lse; delta] blocks into ring slot t % stages."""
-        slot = lax.rem(t, jnp.int32(stages))
-        r = lax.div(t, n)
-        i = lo + t - r * n
-        h = g * rep + r
-        at = (b, pl.ds(i * bq, bq), h)
+    def load_step(t, it: _BwdItem | None = None):
+        """TMA of step t's Q, dO and [lse; delta] blocks (of the current item, or of `it`) into
+        ring slot (c0 + t) % stages."""
+        if it is None:
+            it = _BwdItem(b, g, tile, lo, hi, total, c0)
+        n_ = it.hi - it.lo
+        slot = lax.rem(it.c0 + t, jnp.int32(stages))
+        r = lax.div(t, n_)
+        i = it.lo + t - r * n_
+        h = it.g * rep + r
+        at = (it.b, pl.ds(i * bq, bq), h)
         plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
-        plgpu.copy_gmem_to_smem(ld_ref.at[b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
+        plgpu.copy_gmem_to_smem(ld_ref.at[it.b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
                                 ld_ready.at[slot])
 
     def own_keys(w):
@@ -703,11 +758,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     def begin_consumer():
         """The default and rows consumers' start: registers up, own K/V in SMEM; returns
         (k0, w_mid_lo, w_mid_hi, kv_at, zero dK/dV accumulator)."""
+        with scope("bwd_pro"):
+            return _begin_consumer()
+
+    def _begin_consumer():
         if producer:
             plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
-        else:           # warpgroup 0 fills the ring (no producer warpgroup)
-            for t0 in range(stages):
-                pl.when((wg == 0) & (t0 < total))(functools.partial(load_step, jnp.int32(t0)))
+        else:           # warpgroup 0 fills the ring (no producer warpgroup) where the previous
+            for t0 in range(stages):        # item's last steps did not (t0 >= stages - t_prev)
+                pl.when((wg == 0) & (t0 < total) & (t0 + t_prev < stages))(
+                    functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(wg)
         plgpu.barrier_wait(kv_ready.at[wg])
         plgpu.barrier_wait(kv_ready.at[2 + wg])
@@ -719,26 +779,36 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         t = r * n + (i - lo)
         buf = 0 if own else lax.rem(t, jnp.int32(2))     # static 0: a constant index of a
         #                                                   transposed SMEM view fails to lower
-        return lax.rem(t, jnp.int32(stages)), buf, g * rep + r
+        return lax.rem(c0 + t, jnp.int32(stages)), buf, g * rep + r
 
     def all_steps(step, w_mid_lo, w_mid_hi, carry):
         """`step(i, carry, r, masked)` over the rep query heads and the CTA's query blocks:
         masked edges and the unmasked middle in separate loops."""
+        def scoped(i, carry, r, masked):
+            with scope("bwd_step_m" if masked else "bwd_step"):
+                return step(i, carry, r=r, masked=masked)
+
         def head(r, carry):
-            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(step, r=r, masked=True), carry)
-            carry = lax.fori_loop(w_mid_lo, w_mid_hi, functools.partial(step, r=r, masked=False),
+            carry = lax.fori_loop(lo, w_mid_lo, functools.partial(scoped, r=r, masked=True),
                                   carry)
-            return lax.fori_loop(w_mid_hi, hi, functools.partial(step, r=r, masked=True), carry)
+            carry = lax.fori_loop(w_mid_lo, w_mid_hi,
+                                  functools.partial(scoped, r=r, masked=False), carry)
+            return lax.fori_loop(w_mid_hi, hi, functools.partial(scoped, r=r, masked=True), carry)
         return lax.fori_loop(0, rep, head, carry)
 
     def write_dkdv(w, dk, dv, kv_at):
+        with scope("bwd_epi"):
+            _write_dkdv(w, dk, dv, kv_at)
+
+    def _write_dkdv(w, dk, dv, kv_at):
         sync()                                   # the other warpgroup is done reading K and dS
         k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
         v_smem.at[w][...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
-        plgpu.wait_smem_to_gmem(0)
+        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it
+        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas))
 
     def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
@@ -838,8 +908,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         in SMEM), S^T_t and dP^T_t back to back; dq_{t-1} goes to HBM while S^T and dP^T run,
         P^T is computed while dP^T runs and dS^T while dV runs. The dS barrier is split: a
         warpgroup arrives after writing dS^T_t and waits only at the start of step t+1, so the
-        two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros)."""
-        plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        two warpgroups are not in lock-step. "Step -1" has a zero dS^T (its dq adds zeros).
+        Without a producer (session 6) warpgroup 0 refills the slot of step t-1 right after
+        the dS barrier of step t: both warpgroups have then finished step t-1 (its dK/dV
+        waited), so its Q, dO, lse and delta are no longer read."""
+        if producer:
+            plgpu.set_max_registers(cfg.mgpu_bwd_regs[0], action="increase")
+        elif w == 0:        # the slots the previous item's last steps did not fill
+            for t0 in range(stages):
+                pl.when((t0 < total) & (t0 + t_prev < stages))(
+                    functools.partial(load_step, jnp.int32(t0)))
         k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
         k_own, v_own = k_smem.at[w], v_smem.at[w]
         zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
@@ -851,6 +929,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_wait(kv_ready.at[2 + w])
         does_dq = w < dq_wgs
         cols = pl.ds(w * dh, dh)
+
+        def refill(t):
+            """Without a producer, at the dS barrier of step t (t = total: the one after the
+            loop): the slot of step t-1 gets step t-1+stages, of this item or (persistent) of
+            the next one."""
+            t_fill = t - 1 + stages
+            pl.when((t >= 1) & (t_fill < total))(functools.partial(load_step, t_fill))
+            if nxt is not None:
+                prefetch_next(t_fill - total, t >= 1)
 
         def dq_mm(dq_ref, buf):
             for u in range(2):
@@ -864,7 +951,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         def step(i, carry, r, masked):
             dk, dv, i_prev, h_prev = carry
             t = r * n + (i - lo)
-            slot = lax.rem(t, jnp.int32(stages))
+            slot = lax.rem(c0 + t, jnp.int32(stages))
             buf, prev = lax.rem(t, jnp.int32(2)), lax.rem(t + 1, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
@@ -874,6 +961,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             plgpu.barrier_wait(do_ready.at[slot])
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
+            if not producer and w == 0:                    # step t-1 is done: refill its slot
+                refill(t)
             do_t = do_smem.at[slot].transpose((1, 0))
 
             def issue_s_dp(s_ref, dp_ref):
@@ -910,13 +999,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 dk, dv = rows_tail(pt, dpt, slot, buf, w, dk, dv)
             else:
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
-            plgpu.barrier_arrive(free.at[slot])              # Q, dO, lse, delta of the slot
+            if producer:
+                plgpu.barrier_arrive(free.at[slot])          # Q, dO, lse, delta of the slot
             plgpu.barrier_arrive(ds_sync)                    # my dS^T of step t is in SMEM
             return dk, dv, i, h
 
         i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: step -1 adds 0
         dk, dv, i_prev, h_prev = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros, i0, g * rep))
         plgpu.barrier_wait(ds_sync)                        # the last step's dS^T
+        if not producer and w == 0 and nxt is not None:
+            refill(total)
         if does_dq:
             last = lax.rem(total + 1, jnp.int32(2))        # buffer of step total-1 (-1: zeros)
 
@@ -1045,6 +1137,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         if not producer and not own:    # both warpgroups are past their reads of the slot
             t_next = r * n + (i - lo) + stages
             pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+            if nxt is not None:         # persistent: the next item's first steps
+                prefetch_next(t_next - total, wg == 0)
         elif not producer:                               # dq "own": no barrier to lean on
             release_to_wg0(i, slot, r)
 
@@ -1168,6 +1262,40 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         dk, dv = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros))
         write_dkdv(wg, dk, dv, kv_at)
 
+    if n_ctas:          # persistent: no producer, dq "halves" (check_backward_options)
+        def consumer():
+            if cfg.mgpu_bwd_defer_dq:
+                for w in range(2):
+                    pl.when(wg == w)(functools.partial(_consumer_defer, w))
+            else:
+                (_consumer_rows if rows else _consumer)()
+        cta = lax.axis_index("cta")
+        n_items = batch * hkv * n_tiles
+        full_rounds, rem = divmod(n_items, n_ctas)
+        last_slot = (n_ctas - 1 - cta) if full_rounds % 2 else cta
+        n_local = full_rounds + (last_slot < rem).astype(jnp.int32)
+
+        def item(r, c0_):
+            """The r-th item of this CTA: items are handed out in rounds of n_ctas, the CTA
+            order reversed every other round (heavy and light causal tiles pair up)."""
+            k = r * n_ctas + jnp.where(lax.rem(r, 2) == 0, cta, n_ctas - 1 - cta)
+            if cfg.causal:      # KV tiles slowest: all heavy (low) tiles before lighter ones
+                tile_, rest = lax.div(k, hkv * batch), lax.rem(k, hkv * batch)
+                b_, g_ = lax.div(rest, hkv), lax.rem(rest, hkv)
+            else:               # the one-CTA-per-tile grid's order (heads, tiles, batch)
+                g_, rest = lax.rem(k, hkv), lax.div(k, hkv)
+                tile_, b_ = lax.rem(rest, n_tiles), lax.div(rest, n_tiles)
+            return item_at(b_, g_, tile_, c0_)
+
+        def body(r, carry):
+            c0_, t_prev_ = carry
+            it = item(r, c0_)
+            set_item(it, t_prev_, (r + 1 < n_local, lambda: item(r + 1, c0_ + it.total)))
+            consumer()
+            return c0_ + it.total, it.total
+        lax.fori_loop(0, n_local, body, (jnp.int32(0), jnp.int32(0)))
+        plgpu.wait_smem_to_gmem(0)                       # the last dK/dV stores completed
+        return
     if cfg.mgpu_bwd_defer_dq:
         for w in range(2):
             pl.when(wg == w)(functools.partial(_consumer_defer, w))
@@ -1235,14 +1363,16 @@ def check_backward_options(cfg: FlashConfig):
     if cfg.mgpu_bwd_rows and (cfg.mgpu_bwd_overlap or cfg.mgpu_bwd_p_lo):
         raise ValueError("mgpu_bwd_rows has its own step order: it excludes mgpu_bwd_overlap "
                          "and mgpu_bwd_p_lo")
-    if not cfg.mgpu_bwd_producer and cfg.mgpu_bwd_defer_dq:
-        raise ValueError("mgpu_bwd_producer=False is not implemented with mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
     if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
+    if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
+                                    or cfg.mgpu_bwd_dq_fused):
+        raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
+                         "no mgpu_bwd_dq_fused")
 
 
 def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
@@ -1264,6 +1394,10 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
                     _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
     n_tiles = lk_pad // (2 * bk)
+    n_ctas = cfg.mgpu_bwd_persistent
+    if n_ctas < 0:                                         # one persistent CTA per SM
+        n_ctas = 3 if interpret else getattr(jax.devices()[0], "core_count", 132)
+    n_ctas = min(n_ctas, b * hkv * n_tiles)                # no idle persistent CTAs
     dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, 2, b, lq_pad, hq, d)
     dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
     own = cfg.mgpu_bwd_dq == "own"
@@ -1272,6 +1406,13 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    params = None
+    if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
+        space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256
+        if n_ctas:              # ranges (4 KB of SMEM per warpgroup; the rest is dropped)
+            space = min(space * -(-(b * hkv * n_tiles) // n_ctas), 256)
+        params = plgpu.CompilerParams(approx_math=True, profile_dir=cfg.mgpu_bwd_profile,
+                                      profile_space=space + 6, profile_bounds_check=True)
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
@@ -1291,14 +1432,16 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                 plgpu.Barrier(num_arrivals=2))
     dk, dv = _warp_specialized(
         functools.partial(_backward_kernel, cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad,
-                          gpu_path=not interpret),
+                          gpu_path=not interpret, n_ctas=n_ctas),
         smem, barriers,
         out_type=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
                   jax.ShapeDtypeStruct(vp.shape, v.dtype)),
         # CUDA launches the first grid axis fastest: KV tiles first keeps the CTAs in flight on
         # one head (its Q/dO stream shared in L2), heads first spreads them over all heads.
-        **_grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b),
+        **(dict(grid=(n_ctas,), grid_names=("cta",)) if n_ctas else
+           _grid(cfg, ("heads", hkv), ("kv_tile", n_tiles), b)),
         consumers=2 if cfg.mgpu_bwd_producer else 1,   # num_threads = consumers + 1
+        compiler_params=params,
         kernel_name=(f"flash_bwd_d{d}_{'causal' if cfg.causal else 'full'}_{cfg.mgpu_bwd_dq}"
                      f"{'_overlap' if cfg.mgpu_bwd_overlap else ''}"
                      f"{'_defer' if cfg.mgpu_bwd_defer_dq else ''}"
@@ -1308,6 +1451,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_dv' if cfg.mgpu_bwd_dv_early else ''}"
                      f"{'_dqf' if cfg.mgpu_bwd_dq_fused else ''}"
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
+                     f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
         interpret=interpret,

@@ -306,9 +306,19 @@ def test_mosaic_backward_default_options_are_valid():
                                has_segments=False, bwd_impl="mosaic", **opts)
         attention_mgpu.check_backward_options(cfg)
     bad = attn.FlashConfig(causal=False, window=None, sm_scale=1.0, lq=256, lk=256,
-                           has_segments=False, mgpu_bwd_producer=False, mgpu_bwd_defer_dq=True)
+                           has_segments=False, mgpu_bwd_persistent=-1)   # needs no producer
     with pytest.raises(ValueError, match="mgpu_bwd_producer"):
         attention_mgpu.check_backward_options(bad)
+
+
+def test_backward_short_key_options(monkeypatch):
+    monkeypatch.setitem(attn.MOSAIC_BWD_SHORT, (128, True),
+                        ((1024, dict(mgpu_bwd_defer_dq=True)), (2048, dict(mgpu_bwd_rows=True))))
+    base = attn.MOSAIC_BWD_OPTS[128, True]
+    assert attn.mosaic_bwd_options(128, True, 4096) == base
+    assert attn.mosaic_bwd_options(128, True, 1000) == {**base, "mgpu_bwd_defer_dq": True}
+    assert attn.mosaic_bwd_options(128, True, 2048) == {**base, "mgpu_bwd_rows": True}
+    assert attn.mosaic_bwd_options(128, False, 1000) == attn.MOSAIC_BWD_OPTS[128, False]
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -376,12 +386,17 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
                                  mgpu_bwd_producer=False), marks=SLOW),
     (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 5)
     (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
+    (128, True, attn.mosaic_bwd_options(128, True, 1024)),  # D=128 causal up to 1k (session 6)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                   mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                   mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(64, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                 mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                 mgpu_bwd_dq="own"), marks=SLOW),
+    # session 6: the deferred dq without a producer (warpgroup 0 refills after the dS barrier)
+    pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
+                                  mgpu_bwd_producer=False), marks=SLOW),
+    pytest.param(128, True, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, extra):
     """Opt-in Mosaic backward variants: mgpu_bwd_p_lo (dS^T from the bf16 P^T), mgpu_bwd_rows
@@ -395,6 +410,40 @@ def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, ex
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
                                            bwd_impl="mosaic", **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+# the D=128 full options of session 5 (rows layout, dS and dV issued early, no producer)
+MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                       mgpu_bwd_producer=False)
+
+
+DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
+    pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
+                 marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
+    pytest.param(1, 300, 300, 2, 1, 128, True, None, {}, marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, 128, True, 40, dict(MOSAIC_BWD_ROWS), marks=SLOW),
+    pytest.param(1, 100, 330, 4, 2, 64, True, 20, DEFER_NP, marks=SLOW),
+    pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(DEFER_NP, mgpu_bwd_rows=True),
+                 marks=SLOW),
+])
+def test_mosaic_gpu_backward_persistent_in_gpu_interpret_mode(b, lq, lk, hq, hkv, d, causal,
+                                                              window, extra):
+    """mgpu_bwd_persistent (session 6): 3 persistent CTAs (interpret mode) walk the KV tiles;
+    the Q/dO ring runs on from one tile to the next (a CTA with 2+ tiles prefetches), tiles
+    without visible queries (window, lq < lk) write zeros; also with the deferred dq."""
+    q, k, v, do = _inputs(23, b, lq, lk, hq, hkv, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+    opts = extra or dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_persistent=-1,
+                                           **opts, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
