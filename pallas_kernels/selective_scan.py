@@ -193,6 +193,11 @@ class _Config:
     state_tile: bool = False  # forward: one lane per channel holding all N states as an
                               # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
                               # the B/C rows load `ahead` steps early
+    mgpu: bool | str = False  # forward through the Mosaic GPU kernel (selective_scan_mgpu: one
+                              # channel per thread, B/C rows by TMA into shared memory): "fwd"
+                              # the inference forward only, True the training forward too
+    mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
+    mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU forward
     interpret: bool = False
 
 
@@ -1053,6 +1058,13 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
+    use_mgpu = cfg.mgpu is True or (cfg.mgpu == "fwd" and not save_ckpt)
+    if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
+        from pallas_kernels import selective_scan_mgpu as mgpu
+        if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
+            return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
+                                save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                stages=cfg.mgpu_stages, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1258,7 +1270,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
-                          state_tile=False, bwd_tile=False, interpret=False):
+                          state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
+                          mgpu_stages=2, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1276,8 +1289,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
-                  bwd_tile=bwd_tile,
-                  interpret=interpret)
+                  bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
+                  mgpu_stages=mgpu_stages, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
