@@ -407,6 +407,10 @@ VARIANTS = {
     "mg_s3": dict(mgpu=True, mgpu_stages=3),
     "mg_c32s3": dict(mgpu=True, mgpu_chunk=32, mgpu_stages=3),
     "mg_c8": dict(mgpu=True, mgpu_chunk=8, mgpu_stages=4),
+    # the backward through Mosaic GPU too (one channel per thread, dB/dC summed over the 128
+    # channels through shared memory; N <= 16)
+    "mgb": dict(mgpu=True, mgpu_bwd=True),
+    "mgb_c8": dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False),

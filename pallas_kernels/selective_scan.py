@@ -197,7 +197,9 @@ class _Config:
                               # channel per thread, B/C rows by TMA into shared memory): "fwd"
                               # the inference forward only, True the training forward too
     mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
-    mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU forward
+    mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
+    mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
+                              # chunk 4; selective_scan_mgpu.backward)
     interpret: bool = False
 
 
@@ -1150,6 +1152,14 @@ def _auto_bwd_split(bsz, dn):
 
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if cfg.mgpu is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0:
+        from pallas_kernels import selective_scan_mgpu as mgpu
+        if (mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
+                and mgpu.bwd_supported(A.shape[1], cfg.chunk)):
+            # the checkpoints come from the Mosaic GPU training forward (same conditions)
+            return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
+                                 chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                 stages=cfg.mgpu_stages, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1271,7 +1281,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
-                          mgpu_stages=2, interpret=False):
+                          mgpu_stages=2, mgpu_bwd=False, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1290,7 +1300,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
-                  mgpu_stages=mgpu_stages, interpret=interpret)
+                  mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

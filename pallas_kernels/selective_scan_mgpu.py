@@ -33,6 +33,13 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 
 
+def _zeros():
+    """A [128] f32 zero in the one-element-per-thread layout (a loop carry must keep its
+    layout: a plain jnp.zeros is a splat)."""
+    return plgpu.layout_cast(jnp.zeros((_WG,), jnp.float32),
+                             plgpu.Layout.WG_STRIDED((_WG,), vec_size=1))
+
+
 def supported(dn: int, groups: int) -> bool:
     """Whether the Mosaic GPU forward takes these shapes (else the Triton kernels run)."""
     if groups == 1:
@@ -95,7 +102,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         plgpu.barrier_wait(r["bar"].at[3])
         h0 = tuple(r["h_s"][n] for n in range(n_state))
     else:
-        h0 = tuple(jnp.zeros((_WG,), f32) for _ in range(n_state))
+        h0 = tuple(_zeros() for _ in range(n_state))
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -218,3 +225,282 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     y = outs[0][:, :length, :dn]
     final = jnp.swapaxes(outs[1][:, :, :dn], 1, 2)
     return y, final, (outs[2] if save_ckpt else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (mgpu_bwd): the Triton backward's recurrence (see selective_scan._bwd_kernel) with one
+# channel per thread. Chunks run in reverse through the same hand-written TMA pipeline; each
+# chunk is `chunk / ck_every` sub-chunks of ck_every = 4 steps: the sub-chunk's states are
+# recomputed from its checkpoint into registers (its decays kept), then its steps run in reverse.
+# dB_t / dC_t (sums over the 128 channels of the program) go through shared memory: step t's
+# 2N per-thread values are rows (t, q) of `red` [4 * 32, 132] (one conflict-free st.shared
+# per value); after the sub-chunk thread i sums row i (32 vector loads of 4 floats, the row
+# stride of 132 floats keeps them conflict-free), then the 4 lanes of its vector through a
+# [128, 4] scratch. So the program writes one dB/dC row per step, summed over the Dn / 128
+# programs (and groups) outside, in a fixed order.
+
+_SMEM_BYTES = 220 * 1024   # of the H200's 227 KB per block, with room for Mosaic's own
+_NQ = 32     # dB/dC values per step (2N <= 32, padded): 4 steps x 32 = 128 rows, one per thread
+_RED_PAD = 4
+
+
+def bwd_supported(n: int, ck_every: int) -> bool:
+    return 2 * n <= _NQ and ck_every * _NQ == _WG
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
+
+
+def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
+              stages):
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
+    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
+    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
+             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "a_s", "p_s", "h_s", "bar", "red", "red2",
+             *[k + "_s" for k in seq_in + seq_out], "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    cols = pl.ds(j * _WG, _WG)
+    groups = r["bc"].shape[1]
+    g_idx = j * _WG * groups // r["u"].shape[2]
+    n_sub = chunk // ck_every
+
+    def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
+        c = n_chunks - 1 - k
+        rows = pl.ds(c * chunk, chunk)
+        for name in seq_in:
+            if name == "bc":
+                src = r["bc"].at[b, g_idx, rows]
+            elif name == "ck":
+                src = r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, cols]
+            else:
+                src = r[name].at[b, rows, cols]
+            plgpu.copy_gmem_to_smem(src, r[name + "_s"].at[slot], r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    plgpu.copy_gmem_to_smem(r["a"].at[:, cols], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i], r["bar"].at[1 + i])
+    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, cols], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a_raw = [r["a_s"][n] for n in range(n_state)]
+    a2 = [x * _LOG2E for x in a_raw]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = r["p_s"][i]
+    plgpu.barrier_wait(r["bar"].at[3])
+    dh_init = tuple(r["h_s"][n] for n in range(n_state))
+    zero = _zeros()
+
+    def delta_of(dt_s, t, i):
+        x = dt_s[t].astype(f32)
+        if "bias" in vec:
+            x = x + vec["bias"]
+        dt = _softplus(x, True) if softplus else x
+        if padded:
+            dt = jnp.where(i < length, dt, 0.0)
+        return dt, x
+
+    def chunk_body(k, carry):
+        dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+        c = n_chunks - 1 - k
+        slot = jax.lax.rem(k, stages)
+        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        bc_s = s_["bc"]
+        for sub in reversed(range(n_sub)):
+            t0 = sub * ck_every
+            h = [s_["ck"][sub, n] for n in range(n_state)]
+            hs, steps, decays = [h], [], []
+            for t in range(t0, t0 + ck_every):                 # recompute
+                i = c * chunk + t
+                dt, x = delta_of(s_["dt"], t, i)
+                u = s_["u"][t].astype(f32)
+                dtu = dt * u
+                steps.append((dt, x, u, dtu))
+                a_t = [jnp.exp2(dt * a2[n]) for n in range(n_state)]
+                decays.append(a_t)
+                h = [a_t[n] * h[n] + dtu * bc_s[t, n] for n in range(n_state)]
+                hs.append(h)
+            for tl in reversed(range(ck_every)):               # reverse steps
+                t = t0 + tl
+                i = c * chunk + t
+                dt, x, u, dtu = steps[tl]
+                dout = s_["dy"][t].astype(f32)
+                h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
+                if has_z:
+                    zz = s_["z"][t].astype(f32)
+                    sz = _sigmoid(zz)
+                    y = None
+                    for n in range(n_state):
+                        hc = h_t[n] * bc_s[t, n_state + n]
+                        y = hc if y is None else y + hc
+                    if "d" in vec:
+                        y = y + vec["d"] * u
+                    s_["dz"][t] = (dout * y * sz * (1.0 + zz * (1.0 - sz))).astype(
+                        s_["dz"].dtype)
+                    dy = dout * zz * sz
+                else:
+                    dy = dout
+                gb, saq = None, None
+                for n in range(n_state):
+                    g = dh[n] + bc_s[t, n_state + n] * dy
+                    r["red"][tl * _NQ + n, pl.ds(0, _WG)] = g * dtu
+                    r["red"][tl * _NQ + n_state + n, pl.ds(0, _WG)] = dy * h_t[n]
+                    q = g * a_t[n] * h_prev[n]
+                    da[n] = da[n] + dt * q
+                    saq = a_raw[n] * q if saq is None else saq + a_raw[n] * q
+                    gb = g * bc_s[t, n] if gb is None else gb + g * bc_s[t, n]
+                    dh[n] = a_t[n] * g
+                du = dt * gb
+                if "d" in vec:
+                    du = du + vec["d"] * dy
+                    dd = dd + dy * u
+                s_["du"][t] = du.astype(s_["du"].dtype)
+                ddt = u * gb + saq
+                if softplus:
+                    ddt = ddt * _sigmoid(x)
+                if padded:
+                    ddt = jnp.where(i < length, ddt, 0.0)
+                dbias = dbias + ddt
+                s_["ddt"][t] = ddt.astype(s_["ddt"].dtype)
+            # dB/dC of the sub-chunk: row i of `red` is (step i // 32, value i % 32)
+            plgpu.commit_smem()
+            acc = None
+            for m in range(_WG // 4):
+                v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
+                               layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                acc = v if acc is None else acc + v
+            r["red2"][...] = acc
+            plgpu.commit_smem()
+            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+        plgpu.commit_smem()
+        for name in seq_out:
+            if name == "dbc":
+                dst = r["dbc"].at[b, j, pl.ds(c * chunk, chunk)]
+            else:
+                dst = r[name].at[b, pl.ds(c * chunk, chunk), cols]
+            plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(k + stages < n_chunks)
+        def _():
+            fetch(k + stages, slot)
+        return tuple(dh), tuple(da), dd, dbias
+
+    init = (dh_init, tuple(zero for _ in range(n_state)), zero, zero)
+    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for n in range(n_state):
+        r["h_s"][n] = dh[n]
+        r["a_s"][n] = da[n]
+    outs_vec = [(k, v) for k, v in (("dd", dd), ("dbias", dbias)) if k in r]
+    for i, (_, v) in enumerate(outs_vec):
+        r["p_s"][i] = v
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, cols])
+    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, cols])
+    for i, (k, _) in enumerate(outs_vec):
+        plgpu.copy_smem_to_gmem(r["p_s"].at[i], r[k].at[b, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
+             interpret=False):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
+    training forward above (its checkpoints every ck_every steps, chunks of `chunk`)."""
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    grouped = B.ndim == 4
+    if not grouped:
+        B3, C3 = B[:, :, None], C[:, :, None]
+    else:
+        B3, C3 = B, C
+    groups = B3.shape[2]
+    dp = _common.round_up(dn, _WG)
+    bcw = _common.round_up(2 * n, 4)
+    # shared memory: per slot the chunk's rows in and out, B/C, checkpoints, dB/dC rows; plus
+    # the dB/dC transpose buffers and the parameters. Halve the chunk until it fits.
+    seq_bytes = 2 * (u.dtype.itemsize + delta.dtype.itemsize
+                     + (z.dtype.itemsize if z is not None else 0))
+    fixed = ck_every * _NQ * (_WG + _RED_PAD) * 4 + _WG * 16 + (2 * n + 2) * _WG * 4 + 1024
+    per_step = _WG * seq_bytes + bcw * 4 + n * _WG * 4 // ck_every + _NQ * 4
+    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES:
+        chunk //= 2
+    lp = _common.round_up(length, chunk)
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, _WG)
+    vec = lambda x: _common.pad_axis(x.astype(f32), 0, _WG)
+    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, _WG), bc]
+    opts = []
+    for name, x in (("z", z), ("d", D), ("bias", delta_bias)):
+        if x is not None:
+            opts.append(name)
+            arrays.append(seq(x) if name == "z" else vec(x))
+    arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
+               _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG)]
+    n_blocks = dp // _WG
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, lp, dp), delta.dtype)]
+    if z is not None:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp, dp), z.dtype))
+    out_shape += [jax.ShapeDtypeStruct((bsz, n_blocks, lp, _NQ), f32),
+                  jax.ShapeDtypeStruct((bsz, n, dp), f32)]
+    out_shape += [jax.ShapeDtypeStruct((bsz, dp), f32) for x in (D, delta_bias)
+                  if x is not None]
+    out_shape.append(jax.ShapeDtypeStruct((bsz, n, dp), f32))
+    slot = lambda dtype, *shape: plgpu.SMEM((stages, *shape), dtype)
+    seq_bufs = [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG),
+                slot(u.dtype, chunk, _WG), slot(f32, chunk, bc.shape[-1]),
+                slot(f32, chunk // ck_every, n, _WG)]
+    if z is not None:
+        seq_bufs.append(slot(z.dtype, chunk, _WG))
+    seq_bufs += [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG)]
+    if z is not None:
+        seq_bufs.append(slot(z.dtype, chunk, _WG))
+    seq_bufs.append(slot(f32, chunk, _NQ))
+    n_in = 5 + (z is not None)
+    scratch = [plgpu.SMEM((n, _WG), f32), plgpu.SMEM((2, _WG), f32), plgpu.SMEM((n, _WG), f32),
+               plgpu.Barrier(num_barriers=4),
+               plgpu.SMEM((ck_every * _NQ, _WG + _RED_PAD), f32), plgpu.SMEM((_WG, 4), f32),
+               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
+        padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages)
+    outs = list(plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_bwd_mgpu")(*arrays))
+    crop = lambda x: x[:, :length, :dn]
+    du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
+    dz = crop(outs.pop(0)) if z is not None else None
+    # dB/dC rows per 128-channel block, summed over the blocks of each group in a fixed order
+    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, n_blocks // groups, length, _NQ)
+    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    db, dc = dbc[..., :n], dbc[..., n:2 * n]
+    if not grouped:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:dn].astype(A.dtype)
+    dd = outs.pop(0).sum(0)[:dn].astype(D.dtype) if D is not None else None
+    dbias = (outs.pop(0).sum(0)[:dn].astype(delta_bias.dtype)
+             if delta_bias is not None else None)
+    dh0 = outs.pop(0)
+    dh0 = (jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)

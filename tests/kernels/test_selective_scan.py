@@ -155,9 +155,13 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
 
 @pytest.mark.parametrize("tiling,n,groups,dn", [
     (dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256),
+    (dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2, 256),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=4, mgpu_stages=3, chunk=4), 5,
+                 None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
                  marks=pytest.mark.slow),
-], ids=["train_n16_groups", "inference_only_n5_padded_channels"])
+], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
+        "inference_only_n5_padded_channels"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
