@@ -200,6 +200,7 @@ class _Config:
     mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
+    mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
     interpret: bool = False
 
 
@@ -1159,7 +1160,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
             # the checkpoints come from the Mosaic GPU training forward (same conditions)
             return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                                  chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
-                                 stages=cfg.mgpu_stages, interpret=cfg.interpret)
+                                 stages=cfg.mgpu_stages, keep_decay=cfg.mgpu_keep,
+                                 interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1281,7 +1283,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
-                          mgpu_stages=2, mgpu_bwd=False, interpret=False):
+                          mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1300,7 +1302,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
-                  mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, interpret=interpret)
+                  mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -253,7 +253,7 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages):
+              stages, keep_decay):
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
@@ -290,8 +290,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i], r["bar"].at[1 + i])
     plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, cols], r["h_s"], r["bar"].at[3])
     plgpu.barrier_wait(r["bar"].at[0])
-    a_raw = [r["a_s"][n] for n in range(n_state)]
-    a2 = [x * _LOG2E for x in a_raw]
+    a2 = [r["a_s"][n] * _LOG2E for n in range(n_state)]   # <A, q> = ln2 <A log2(e), q>
     vec = {}
     for i, k in enumerate(vec_names):
         plgpu.barrier_wait(r["bar"].at[1 + i])
@@ -320,7 +319,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         for sub in reversed(range(n_sub)):
             t0 = sub * ck_every
             h = [s_["ck"][sub, n] for n in range(n_state)]
-            hs, steps, decays = [h], [], []
+            hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
             for t in range(t0, t0 + ck_every):                 # recompute
                 i = c * chunk + t
                 dt, x = delta_of(s_["dt"], t, i)
@@ -328,7 +327,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 dtu = dt * u
                 steps.append((dt, x, u, dtu))
                 a_t = [jnp.exp2(dt * a2[n]) for n in range(n_state)]
-                decays.append(a_t)
+                decays.append(a_t if keep_decay else None)
                 h = [a_t[n] * h[n] + dtu * bc_s[t, n] for n in range(n_state)]
                 hs.append(h)
             for tl in reversed(range(ck_every)):               # reverse steps
@@ -336,7 +335,9 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 i = c * chunk + t
                 dt, x, u, dtu = steps[tl]
                 dout = s_["dy"][t].astype(f32)
-                h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
+                h_prev = hs[tl] or [s_["ck"][sub, n] for n in range(n_state)]
+                h_t = hs[tl + 1]
+                a_t = decays[tl] or [jnp.exp2(dt * a2[n]) for n in range(n_state)]
                 if has_z:
                     zz = s_["z"][t].astype(f32)
                     sz = _sigmoid(zz)
@@ -358,7 +359,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                     r["red"][tl * _NQ + n_state + n, pl.ds(0, _WG)] = dy * h_t[n]
                     q = g * a_t[n] * h_prev[n]
                     da[n] = da[n] + dt * q
-                    saq = a_raw[n] * q if saq is None else saq + a_raw[n] * q
+                    saq = a2[n] * q if saq is None else saq + a2[n] * q
                     gb = g * bc_s[t, n] if gb is None else gb + g * bc_s[t, n]
                     dh[n] = a_t[n] * g
                 du = dt * gb
@@ -366,7 +367,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                     du = du + vec["d"] * dy
                     dd = dd + dy * u
                 s_["du"][t] = du.astype(s_["du"].dtype)
-                ddt = u * gb + saq
+                ddt = u * gb + saq * _LN2
                 if softplus:
                     ddt = ddt * _sigmoid(x)
                 if padded:
@@ -415,7 +416,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             interpret=False):
+             keep_decay=True, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
@@ -480,7 +481,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
-        padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages)
+        padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
+        keep_decay=keep_decay)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
