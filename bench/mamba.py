@@ -412,6 +412,10 @@ VARIANTS = {
     "mgb": dict(mgpu=True, mgpu_bwd=True),
     "mgb_c8": dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8),
     "mgb_nk": dict(mgpu=True, mgpu_bwd=True, mgpu_keep=False),   # decays taken again
+    # the Mosaic GPU inference forward with two threads per channel (8 states each, 64
+    # channels per program: two warps per scheduler at 8x2048x2048)
+    "mg2": dict(mgpu=True, mgpu_split=2),
+    "mgb2": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False),

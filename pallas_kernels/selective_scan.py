@@ -197,6 +197,7 @@ class _Config:
                               # channel per thread, B/C rows by TMA into shared memory): "fwd"
                               # the inference forward only, True the training forward too
     mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
+    mgpu_split: int = 1       # its inference forward: 2 threads per channel (N / 2 states each)
     mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
@@ -1065,9 +1066,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
         if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
+            split = cfg.mgpu_split if not save_ckpt and A.shape[1] % 2 == 0 else 1
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
-                                stages=cfg.mgpu_stages, interpret=cfg.interpret)
+                                stages=cfg.mgpu_stages, split=split, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1283,7 +1285,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
-                          mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, interpret=False):
+                          mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, mgpu_split=1,
+                          interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1303,7 +1306,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
-                  interpret=interpret)
+                  mgpu_split=mgpu_split, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -33,11 +33,11 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 
 
-def _zeros():
-    """A [128] f32 zero in the one-element-per-thread layout (a loop carry must keep its
-    layout: a plain jnp.zeros is a splat)."""
-    return plgpu.layout_cast(jnp.zeros((_WG,), jnp.float32),
-                             plgpu.Layout.WG_STRIDED((_WG,), vec_size=1))
+def _zeros(shape=(_WG,)):
+    """f32 zeros in the one-element-per-thread layout (a loop carry must keep its layout: a
+    plain jnp.zeros is a splat)."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
+                             plgpu.Layout.WG_STRIDED(shape, vec_size=1))
 
 
 def supported(dn: int, groups: int) -> bool:
@@ -58,68 +58,123 @@ def _softplus(x, approx):
     return jnp.where(x > 20.0, x, jnp.where(e < 2.0 ** -6, small, big))
 
 
+def _part_of_thread():
+    """[split, bd] int32: the lane part (row) of each thread's element."""
+    return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
+
+
+def _state_of_part(bc_row_ref, t, k, n_k, interpret):
+    """split 2: [2, 64] with B/C value column `part * n_k + k` of step t for each thread
+    (threads 0..63 part 0, 64..127 part 1; warp-uniform, not warpgroup-uniform)."""
+    if interpret:
+        row = bc_row_ref[t, :]
+        return row[_part_of_thread() * n_k + k]
+
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED((2, _WG // 2), vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=plgpu.ShapeDtypeStruct((2, _WG // 2), jnp.float32,
+                                                          layout=layout))
+    def load(ctx, ref):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        part = arith.shrui(arith.andi(mgpu.utils.warp_idx(sync=True), mgpu.c(3, i32)),
+                           mgpu.c(1, i32))
+        col = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(k, i32))
+        val = memref.load(ref, [mgpu.c(t, index), arith.index_cast(index, col)])
+        reg = vector.broadcast(ir.VectorType.get((1,), ir.F32Type.get()), val)
+        return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                    _layout=layout.to_mgpu(), _is_signed=None)
+    return load(bc_row_ref)
+
+
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages):
-    """The kernel of one (batch, 128-channel block) program; see the module docstring. A
+              ck_every, stages, split, interpret):
+    """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
-    chunks ahead; its outputs leave from the same slot of the output buffers by TMA."""
+    chunks ahead; its outputs leave from the same slot of the output buffers by TMA.
+
+    split = 2: 64 channels per program, thread i holds channel i % 64 and states
+    (i // 64) * N / 2 + k: every per-thread array is [2, 64] (the strided layout's element i is
+    thread i), the u/delta/z rows land twice (one copy per part) so that a [2, 64] view reads
+    them, B/C values by a warp-uniform load at a per-part column, and y adds the two parts'
+    sums through shared memory at the chunk end."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     outs = ["y", *(["ck"] if save_ckpt else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
-             "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in + outs], "in_bar"]
+             "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in + outs],
+             *(["yp_s"] if split > 1 else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
+    bd = _WG // split
+    n_k = n_state // split
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
-    cols = pl.ds(j * _WG, _WG)
+    cols = pl.ds(j * bd, bd)
     groups = r["bc"].shape[1]
-    g = j * _WG * groups // r["u"].shape[2]      # the group of this channel block
+    g = j * bd * groups // r["u"].shape[2]      # the group of this channel block
 
     def fetch(c, slot):      # chunk c's input rows into `slot` (one barrier for all of them)
         rows = pl.ds(c * chunk, chunk)
         for k in seq_in:
-            src = r["bc"].at[b, g, rows] if k == "bc" else r[k].at[b, rows, cols]
-            plgpu.copy_gmem_to_smem(src, r[k + "_s"].at[slot], r["in_bar"].at[slot])
+            if k == "bc":
+                plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot],
+                                        r["in_bar"].at[slot])
+                continue
+            for p in range(split):
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, cols], r[k + "_s"].at[slot, p],
+                                        r["in_bar"].at[slot])
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    # one-time parameters: A^T log2(e) [N, 128], D, bias [128] rows and h0 [N, 128]
-    plgpu.copy_gmem_to_smem(r["a"].at[:, cols], r["a_s"], r["bar"].at[0])
+    # one-time parameters: A^T log2(e) [K, split, bd], D, bias [split, bd] and h0
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i], r["bar"].at[1 + i])
+        for p in range(split):
+            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
+                                    r["bar"].at[1 + i * split + p])
     if "h0" in opts:
-        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, cols], r["h_s"], r["bar"].at[3])
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, :, cols], r["h_s"], r["bar"].at[1 + 2 * split])
     plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][n] for n in range(n_state)]
+    a2 = [r["a_s"][k] for k in range(n_k)]
     vec = {}
     for i, k in enumerate(vec_names):
-        plgpu.barrier_wait(r["bar"].at[1 + i])
+        for p in range(split):
+            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
         vec[k] = r["p_s"][i]
     if "h0" in opts:
-        plgpu.barrier_wait(r["bar"].at[3])
-        h0 = tuple(r["h_s"][n] for n in range(n_state))
+        plgpu.barrier_wait(r["bar"].at[1 + 2 * split])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
     else:
-        h0 = tuple(_zeros() for _ in range(n_state))
+        h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
+
+    def bc_val(bc_s, t, k, which):     # B (which 0) or C (1) of state k of the thread's part
+        col = which * n_state + k
+        if split == 1:
+            return bc_s[t, col]
+        return _state_of_part(bc_s, t, col, n_k, interpret)
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
-        u_s, dt_s, bc_s = (r[k + "_s"].at[slot] for k in ("u", "dt", "bc"))
-        z_s = r["z_s"].at[slot] if has_z else None
-        y_s = r["y_s"].at[slot]
-        ck_s = r["ck_s"].at[slot] if save_ckpt else None
+        s_ = {k: r[k + "_s"].at[slot] for k in seq_in + outs}
         plgpu.barrier_wait(r["in_bar"].at[slot])
         # the output slot's previous store (chunk c - stages) must have read it
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
+        ys = []
         for t in range(chunk):
             if save_ckpt and t % ck_every == 0:
-                for n in range(n_state):
-                    ck_s[t // ck_every, n] = h[n]
-            u = u_s[t].astype(f32)
-            x = dt_s[t].astype(f32)
+                for k in range(n_k):
+                    s_["ck"][t // ck_every, k] = h[k]
+            u = s_["u"][:, t, :].astype(f32)
+            x = s_["dt"][:, t, :].astype(f32)
             if "bias" in vec:
                 x = x + vec["bias"]
             dt = _softplus(x, True) if softplus else x
@@ -127,23 +182,27 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
                 dt = jnp.where(c * chunk + t < length, dt, 0.0)
             dtu = dt * u
             y = None
-            for n in range(n_state):
-                e = jnp.exp2(dt * a2[n])
-                h[n] = e * h[n] + dtu * bc_s[t, n]
-                hc = h[n] * bc_s[t, n_state + n]
+            for k in range(n_k):
+                e = jnp.exp2(dt * a2[k])
+                h[k] = e * h[k] + dtu * bc_val(s_["bc"], t, k, 0)
+                hc = h[k] * bc_val(s_["bc"], t, k, 1)
                 y = hc if y is None else y + hc
-            if "d" in vec:
-                y = y + vec["d"] * u
-            if has_z:
-                zz = z_s[t].astype(f32)
-                y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
-            y_s[t] = y.astype(y_s.dtype)
+            if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
+                r["yp_s"][t, pl.ds(0, 2), :] = y
+                r["yp_s"][t, pl.ds(2, 2), :] = y
+                ys.append((y, u))
+                continue
+            ys.append(finish(y, u, s_, t))
+        if split > 1:
+            plgpu.commit_smem()
+            for t, (y, u) in enumerate(ys):   # rows 1, 2: the other part's sum
+                finish(y + r["yp_s"][t, pl.ds(1, 2), :], u, s_, t)
         plgpu.commit_smem()   # every thread is done with the input slot and wrote its outputs
-        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), cols],
+        plgpu.copy_smem_to_gmem(s_["y"].at[0], r["y"].at[b, pl.ds(c * chunk, chunk), cols],
                                 commit_group=False)
         if save_ckpt:
             per = chunk // ck_every
-            plgpu.copy_smem_to_gmem(ck_s, r["ck"].at[b, pl.ds(c * per, per), :, cols],
+            plgpu.copy_smem_to_gmem(s_["ck"], r["ck"].at[b, pl.ds(c * per, per), :, :, cols],
                                     commit_group=False)
         plgpu.commit_smem_to_gmem_group()
 
@@ -152,18 +211,27 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
             fetch(c + stages, slot)
         return tuple(h)
 
+    def finish(y, u, s_, t):
+        if "d" in vec:
+            y = y + vec["d"] * u
+        if has_z:
+            zz = s_["z"][:, t, :].astype(f32)
+            y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+        s_["y"][:, t, :] = y.astype(s_["y"].dtype)
+
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
-    for n in range(n_state):
-        r["h_s"][n] = h[n]
+    for k in range(n_k):
+        r["h_s"][k] = h[k]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, cols])
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
-            ck_every=4, stages=2, interpret=False):
+            ck_every=4, stages=2, split=1, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
-    None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step."""
+    None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
+    split = 2 (N even, inference only): two threads per channel, 64 channels per program."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -173,6 +241,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     if not supported(dn, groups):
         raise ValueError(f"selective_scan_mgpu: Dn={dn} with G={groups} groups is not a "
                          f"multiple of {_WG} channels per group")
+    if split not in (1, 2) or n % split or (split > 1 and save_ckpt):
+        raise ValueError(f"selective_scan_mgpu: split={split} needs an even N and no "
+                         "checkpoints")
+    bd, n_k = _WG // split, n // split
     dp = _common.round_up(dn, _WG)
     lp = _common.round_up(length, chunk)
     seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, _WG)
@@ -182,7 +254,9 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
     bc = _common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4)
     bc = jnp.swapaxes(bc, 1, 2)
-    a2 = _common.pad_axis(A.astype(f32).T * _LOG2E, 1, _WG)
+    # per-state arrays as [K, split, Dp]: row k of part p is state p * K + k
+    by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
+    a2 = by_part(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, _WG))
     arrays = [seq(u), seq(delta), a2, bc]
     opts = []
     for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
@@ -192,39 +266,45 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
         if name == "z":
             arrays.append(seq(x))
         elif name == "h0":
-            arrays.append(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG))
+            arrays.append(by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG)))
         else:
             arrays.append(vec(x))
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
-                 jax.ShapeDtypeStruct((bsz, n, dp), f32)]
+                 jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp), f32))
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n_k, split, dp), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
-    seq_bufs = [plgpu.SMEM((stages, chunk, _WG), x.dtype) for x in (u, delta)]
-    seq_bufs.append(plgpu.SMEM((stages, chunk, bc.shape[-1]), f32))
+    rows = lambda dtype: plgpu.SMEM((stages, split, chunk, bd), dtype)
+    seq_bufs = [rows(u.dtype), rows(delta.dtype),
+                plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
     if z is not None:
-        seq_bufs.append(plgpu.SMEM((stages, chunk, _WG), z.dtype))
-    seq_bufs.append(plgpu.SMEM((stages, chunk, _WG), u.dtype))
+        seq_bufs.append(rows(z.dtype))
+    seq_bufs.append(rows(u.dtype))
     if save_ckpt:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, _WG), f32))
-    scratch = [plgpu.SMEM((n, _WG), f32), plgpu.SMEM((2, _WG), f32), plgpu.SMEM((n, _WG), f32),
-               plgpu.Barrier(num_barriers=4), *seq_bufs,
-               plgpu.Barrier(num_arrivals=3 + (z is not None), num_barriers=stages)]
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n_k, split, bd), f32))
+    if split > 1:
+        seq_bufs.append(plgpu.SMEM((chunk, 2 * split, bd), f32))
+    n_in = 2 * split + 1 + (split if z is not None else 0)
+    scratch = [plgpu.SMEM((n_k, split, bd), f32), plgpu.SMEM((2, split, bd), f32),
+               plgpu.SMEM((n_k, split, bd), f32),
+               plgpu.Barrier(num_barriers=2 + 2 * split), *seq_bufs,
+               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _fwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, save_ckpt=save_ckpt,
-        ck_every=ck_every, stages=stages)
+        ck_every=ck_every, stages=stages, split=split, interpret=interpret)
     outs = plgpu.kernel(
-        body, out_type=out_shape, grid=(bsz, dp // _WG), grid_names=("b", "j"),
+        body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="selective_scan_fwd_mgpu" + ("_ck" if save_ckpt else ""))(*arrays)
     y = outs[0][:, :length, :dn]
-    final = jnp.swapaxes(outs[1][:, :, :dn], 1, 2)
-    return y, final, (outs[2] if save_ckpt else None)
+    unpart = lambda x: jnp.swapaxes(x, -3, -2).reshape(*x.shape[:-3], n, x.shape[-1])
+    final = jnp.swapaxes(unpart(outs[1])[:, :, :dn], 1, 2)
+    return y, final, (unpart(outs[2]) if save_ckpt else None)
 
 
 # ---------------------------------------------------------------------------------------------

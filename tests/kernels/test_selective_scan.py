@@ -160,8 +160,12 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
                       mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
                  marks=pytest.mark.slow),
+    (dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2, 256),
+    pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
+                 marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
-        "inference_only_n5_padded_channels"])
+        "inference_only_n5_padded_channels", "split2_inference_n16_groups",
+        "split2_inference_only_n6"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
