@@ -1,19 +1,22 @@
-"""Mamba-1 selective scan forward on Hopper through Pallas's Mosaic GPU lowering.
+"""Mamba-1 selective scan on Hopper through Pallas's Mosaic GPU lowering (forward, backward).
 
 One warpgroup (128 threads) per program, one channel per thread with all N states of the
 channel in that thread's registers (the Lane semantics' [128] arrays in the WG_STRIDED layout:
 one element per thread), so that y_t = <C_t, h_t> is thread-local. Grid (batch, Dn / 128); time
-runs through `plgpu.emit_pipeline` over chunks of `chunk` steps: each chunk's u/delta(/z) rows
-[chunk, 128] and its B/C rows [chunk, 2N] arrive by TMA into shared memory, `stages` chunks
-ahead, and each step reads B_t[n], C_t[n] as scalars from shared memory (one address for the
-whole warp: a broadcast `ld.shared`), not from L2 as the Triton kernels must. y rows go to a
-shared-memory tile stored by TMA. The training forward also stores the state every `ck_every`
-steps ([B, Lp / ck_every, N, Dp] f32, the checkpoint layout of the Triton backward in
-`selective_scan.py`, which consumes them). Notes and measurements:
-docs/kernels/selective_scan.md ("Session 6").
+runs through a hand-written TMA pipeline over chunks of `chunk` steps: each chunk's
+u/delta(/z) rows [chunk, 128] and its B/C rows [chunk, 2N] arrive by TMA into shared memory,
+`stages` chunks ahead, and each step reads B_t[n], C_t[n] as scalars from shared memory (one
+address for the whole warp: a broadcast `ld.shared`), not from L2 as the Triton kernels must.
+y rows go to a shared-memory tile stored by TMA. The training forward also stores the state
+every `ck_every` steps ([B, Lp / ck_every, N, Dp] f32, the checkpoint layout of the Triton
+backward in `selective_scan.py`, which can consume them). `split=2` (inference forward): two
+threads per channel, N / 2 states each, 64 channels per program. `backward`: the reverse
+scan with one channel per thread, dB/dC summed over the program's 128 channels through shared
+memory. Notes and measurements: docs/kernels/selective_scan.md ("Session 6").
 
-Limits (the caller falls back to the Triton kernels otherwise): Dn a multiple of 128 when B/C
-are grouped (Dn / G too), float inputs; any L (padded to the chunk; padded steps get delta 0).
+Limits (the caller falls back to the Triton kernels otherwise): Dn / G a multiple of 128 when
+B/C are grouped, float inputs; any L (padded to the chunk; padded steps get delta 0); the
+backward N <= 16 with checkpoints every 4 steps.
 """
 
 from __future__ import annotations
