@@ -154,13 +154,15 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
 
 
 @pytest.mark.parametrize("tiling,n,groups,dn", [
-    (dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256),
+    pytest.param(dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256,
+                 marks=pytest.mark.slow),
     (dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2, 256),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=4, mgpu_stages=3, chunk=4,
                       mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
                  marks=pytest.mark.slow),
-    (dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2, 256),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2,
+                 256, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
                  marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
