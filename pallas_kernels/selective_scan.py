@@ -197,7 +197,8 @@ class _Config:
                               # channel per thread, B/C rows by TMA into shared memory): "fwd"
                               # the inference forward only, True the training forward too
     mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
-    mgpu_split: int = 1       # its inference forward: 2 threads per channel (N / 2 states each)
+    mgpu_split: int = 1       # its forward: 2 threads per channel (N / 2 states each); the
+                              # training forward only with mgpu_bwd
     mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
@@ -1066,10 +1067,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
         if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
-            split = cfg.mgpu_split if not save_ckpt and A.shape[1] % 2 == 0 else 1
+            # split training forwards only for the Mosaic backward (it reads their checkpoint
+            # layout as it is; the Triton one would need them reordered)
+            to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
+            split = (cfg.mgpu_split if A.shape[1] % 2 == 0 and (not save_ckpt or to_mgpu_bwd)
+                     else 1)
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
-                                stages=cfg.mgpu_stages, split=split, interpret=cfg.interpret)
+                                stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
+                                interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1153,17 +1159,21 @@ def _auto_bwd_split(bsz, dn):
     return 2 if bsz * -(-dn // 16) <= _SPLIT_BWD_WARPS_PER_SM * sms else 1
 
 
+def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
+    """Whether the Mosaic GPU backward runs (then the training forward is the Mosaic one)."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    return (cfg.mgpu is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
+            and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
+            and mgpu.bwd_supported(A.shape[1], cfg.chunk))
+
+
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
-    if cfg.mgpu is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0:
+    if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
-        if (mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
-                and mgpu.bwd_supported(A.shape[1], cfg.chunk)):
-            # the checkpoints come from the Mosaic GPU training forward (same conditions)
-            return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
-                                 chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
-                                 stages=cfg.mgpu_stages, keep_decay=cfg.mgpu_keep,
-                                 interpret=cfg.interpret)
+        return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
+                             chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
+                             keep_decay=cfg.mgpu_keep, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])

@@ -231,10 +231,12 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
-            ck_every=4, stages=2, split=1, interpret=False):
+            ck_every=4, stages=2, split=1, parted_ck=False, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
-    split = 2 (N even, inference only): two threads per channel, 64 channels per program."""
+    split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
+    keep the [B, Lp / ck_every, N / 2, 2, Dp] layout (state p * N / 2 + k at [k, p]) when
+    `parted_ck` (for `backward`), else they are reordered to [.., N, Dp]."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -244,9 +246,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     if not supported(dn, groups):
         raise ValueError(f"selective_scan_mgpu: Dn={dn} with G={groups} groups is not a "
                          f"multiple of {_WG} channels per group")
-    if split not in (1, 2) or n % split or (split > 1 and save_ckpt):
-        raise ValueError(f"selective_scan_mgpu: split={split} needs an even N and no "
-                         "checkpoints")
+    if split not in (1, 2) or n % split:
+        raise ValueError(f"selective_scan_mgpu: split={split} needs an even N")
     bd, n_k = _WG // split, n // split
     dp = _common.round_up(dn, _WG)
     lp = _common.round_up(length, chunk)
@@ -307,7 +308,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     y = outs[0][:, :length, :dn]
     unpart = lambda x: jnp.swapaxes(x, -3, -2).reshape(*x.shape[:-3], n, x.shape[-1])
     final = jnp.swapaxes(unpart(outs[1])[:, :, :dn], 1, 2)
-    return y, final, (unpart(outs[2]) if save_ckpt else None)
+    ck = None
+    if save_ckpt:
+        ck = outs[2] if parted_ck else unpart(outs[2])
+    return y, final, ck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +340,7 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay):
+              stages, keep_decay, ck_split):
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
@@ -352,6 +356,10 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     groups = r["bc"].shape[1]
     g_idx = j * _WG * groups // r["u"].shape[2]
     n_sub = chunk // ck_every
+    n_k = n_state // ck_split
+
+    def ck_row(ck_s, sub, n):     # state n = p * n_k + k sits at [k, p]
+        return ck_s[sub, n % n_k, n // n_k]
 
     def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
         c = n_chunks - 1 - k
@@ -360,7 +368,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             if name == "bc":
                 src = r["bc"].at[b, g_idx, rows]
             elif name == "ck":
-                src = r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, cols]
+                src = r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols]
             else:
                 src = r[name].at[b, rows, cols]
             plgpu.copy_gmem_to_smem(src, r[name + "_s"].at[slot], r["in_bar"].at[slot])
@@ -401,7 +409,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         bc_s = s_["bc"]
         for sub in reversed(range(n_sub)):
             t0 = sub * ck_every
-            h = [s_["ck"][sub, n] for n in range(n_state)]
+            h = [ck_row(s_["ck"], sub, n) for n in range(n_state)]
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
             for t in range(t0, t0 + ck_every):                 # recompute
                 i = c * chunk + t
@@ -418,7 +426,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 i = c * chunk + t
                 dt, x, u, dtu = steps[tl]
                 dout = s_["dy"][t].astype(f32)
-                h_prev = hs[tl] or [s_["ck"][sub, n] for n in range(n_state)]
+                h_prev = hs[tl] or [ck_row(s_["ck"], sub, n) for n in range(n_state)]
                 h_t = hs[tl + 1]
                 a_t = decays[tl] or [jnp.exp2(dt * a2[n]) for n in range(n_state)]
                 if has_z:
@@ -501,8 +509,12 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              keep_decay=True, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
-    training forward above (its checkpoints every ck_every steps, chunks of `chunk`)."""
+    training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
+    layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp])."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if ck.ndim == 4:
+        ck = ck[:, :, :, None]
+    ck_split = ck.shape[3]
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -550,7 +562,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     slot = lambda dtype, *shape: plgpu.SMEM((stages, *shape), dtype)
     seq_bufs = [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG),
                 slot(u.dtype, chunk, _WG), slot(f32, chunk, bc.shape[-1]),
-                slot(f32, chunk // ck_every, n, _WG)]
+                slot(f32, chunk // ck_every, n // ck_split, ck_split, _WG)]
     if z is not None:
         seq_bufs.append(slot(z.dtype, chunk, _WG))
     seq_bufs += [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG)]
@@ -565,7 +577,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     body = functools.partial(
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
-        keep_decay=keep_decay)
+        keep_decay=keep_decay, ck_split=ck_split)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,

@@ -166,7 +166,7 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
                  marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
-        "inference_only_n5_padded_channels", "split2_inference_n16_groups",
+        "inference_only_n5_padded_channels", "split2_train_bwd_n16_groups",
         "split2_inference_only_n6"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
