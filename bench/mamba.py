@@ -416,6 +416,9 @@ VARIANTS = {
     # channels per program: two warps per scheduler at 8x2048x2048)
     "mg2": dict(mgpu=True, mgpu_split=2),
     "mgb2": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2),
+    # ... and the Mosaic backward with two threads per channel too (8-step chunks: two
+    # programs per SM fit in shared memory)
+    "mgb22": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False),

@@ -203,6 +203,7 @@ class _Config:
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
+    mgpu_bwd_split: int = 1   # its threads per channel (2 needs mgpu_split=2)
     interpret: bool = False
 
 
@@ -1164,7 +1165,8 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
     from pallas_kernels import selective_scan_mgpu as mgpu
     return (cfg.mgpu is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
             and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
-            and mgpu.bwd_supported(A.shape[1], cfg.chunk))
+            and mgpu.bwd_supported(A.shape[1], cfg.chunk)
+            and (cfg.mgpu_bwd_split == 1 or (cfg.mgpu_split == 2 and A.shape[1] % 2 == 0)))
 
 
 def _backward(cfg: _Config, res, y_bar, final_bar):
@@ -1173,7 +1175,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         from pallas_kernels import selective_scan_mgpu as mgpu
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
-                             keep_decay=cfg.mgpu_keep, interpret=cfg.interpret)
+                             keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
+                             interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1296,7 +1299,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, mgpu_split=1,
-                          interpret=False):
+                          mgpu_bwd_split=1, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1316,7 +1319,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
-                  mgpu_split=mgpu_split, interpret=interpret)
+                  mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

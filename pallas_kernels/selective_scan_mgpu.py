@@ -340,64 +340,112 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay, ck_split):
+              stages, keep_decay, ck_split, split, interpret):
+    """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
+    the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
+    shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
+    each step (du, ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are
+    ordered q' = 2k + p (reordered outside)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
     names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
              "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
              "a_s", "p_s", "h_s", "bar", "red", "red2",
-             *[k + "_s" for k in seq_in + seq_out], "in_bar"]
+             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if split > 1 else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
+    bd = _WG // split
+    n_k = n_state // split
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
-    cols = pl.ds(j * _WG, _WG)
+    cols = pl.ds(j * bd, bd)
     groups = r["bc"].shape[1]
-    g_idx = j * _WG * groups // r["u"].shape[2]
+    g_idx = j * bd * groups // r["u"].shape[2]
     n_sub = chunk // ck_every
-    n_k = n_state // ck_split
+    ck_k = n_state // ck_split
+    rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
 
-    def ck_row(ck_s, sub, n):     # state n = p * n_k + k sits at [k, p]
-        return ck_s[sub, n % n_k, n // n_k]
+    def ck_state(ck_s, sub, k):     # [split, bd]: state p * n_k + k of each thread
+        if split == 1:              # the checkpoint layout keeps state n at [n % ck_k, n // ck_k]
+            return ck_s[sub, k % ck_k, pl.ds(k // ck_k, 1), :]
+        return ck_s[sub, k]         # split 2 needs ck_split 2: [k, p] is state p * n_k + k
 
     def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
         c = n_chunks - 1 - k
         rows = pl.ds(c * chunk, chunk)
-        for name in seq_in:
-            if name == "bc":
-                src = r["bc"].at[b, g_idx, rows]
-            elif name == "ck":
-                src = r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols]
-            else:
-                src = r[name].at[b, rows, cols]
-            plgpu.copy_gmem_to_smem(src, r[name + "_s"].at[slot], r["in_bar"].at[slot])
+        bar = r["in_bar"].at[slot]
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols],
+                                r["ck_s"].at[slot], bar)
+        for name in rows_names:
+            for p in range(split):
+                plgpu.copy_gmem_to_smem(r[name].at[b, rows, cols], r[name + "_s"].at[slot, p],
+                                        bar)
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    plgpu.copy_gmem_to_smem(r["a"].at[:, cols], r["a_s"], r["bar"].at[0])
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i], r["bar"].at[1 + i])
-    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, cols], r["h_s"], r["bar"].at[3])
+        for p in range(split):
+            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
+                                    r["bar"].at[1 + i * split + p])
+    dh_bar = r["bar"].at[1 + 2 * split]
+    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, :, cols], r["h_s"], dh_bar)
     plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][n] * _LOG2E for n in range(n_state)]   # <A, q> = ln2 <A log2(e), q>
+    a2 = [r["a_s"][k] * _LOG2E for k in range(n_k)]   # <A, q> = ln2 <A log2(e), q>
     vec = {}
     for i, k in enumerate(vec_names):
-        plgpu.barrier_wait(r["bar"].at[1 + i])
+        for p in range(split):
+            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
         vec[k] = r["p_s"][i]
-    plgpu.barrier_wait(r["bar"].at[3])
-    dh_init = tuple(r["h_s"][n] for n in range(n_state))
-    zero = _zeros()
+    plgpu.barrier_wait(dh_bar)
+    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    zero = _zeros((split, bd))
+
+    def bc_val(bc_s, t, k, which):     # B (which 0) or C (1) of state k of the thread's part
+        col = which * n_state + k
+        if split == 1:
+            return bc_s[t, col]
+        return _state_of_part(bc_s, t, col, n_k, interpret)
 
     def delta_of(dt_s, t, i):
-        x = dt_s[t].astype(f32)
+        x = dt_s[:, t, :].astype(f32)
         if "bias" in vec:
             x = x + vec["bias"]
         dt = _softplus(x, True) if softplus else x
         if padded:
             dt = jnp.where(i < length, dt, 0.0)
         return dt, x
+
+    def finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias):
+        """The per-channel end of step t (i = its index in the sequence)."""
+        if has_z:
+            sz = _sigmoid(zz)
+            if "d" in vec:
+                y = y + vec["d"] * u
+            s_["dz"][:, t, :] = (dout * y * sz * (1.0 + zz * (1.0 - sz))).astype(
+                s_["dz"].dtype)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        du = dt * gb
+        if "d" in vec:
+            du = du + vec["d"] * dy
+            dd = dd + dy * u
+        s_["du"][:, t, :] = du.astype(s_["du"].dtype)
+        ddt = u * gb + saq * _LN2
+        if softplus:
+            ddt = ddt * _sigmoid(x)
+        if padded:
+            ddt = jnp.where(i < length, ddt, 0.0)
+        s_["ddt"][:, t, :] = ddt.astype(s_["ddt"].dtype)
+        return dd, dbias + ddt
+
+    def exchange(row, kind, v):      # split 2: this part's sum, twice: rows [p0, p1, p0, p1]
+        r["x_s"][row, kind, pl.ds(0, 2), :] = v
+        r["x_s"][row, kind, pl.ds(2, 2), :] = v
 
     def chunk_body(k, carry):
         dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
@@ -409,66 +457,68 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         bc_s = s_["bc"]
         for sub in reversed(range(n_sub)):
             t0 = sub * ck_every
-            h = [ck_row(s_["ck"], sub, n) for n in range(n_state)]
+            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
             for t in range(t0, t0 + ck_every):                 # recompute
                 i = c * chunk + t
                 dt, x = delta_of(s_["dt"], t, i)
-                u = s_["u"][t].astype(f32)
+                u = s_["u"][:, t, :].astype(f32)
                 dtu = dt * u
                 steps.append((dt, x, u, dtu))
-                a_t = [jnp.exp2(dt * a2[n]) for n in range(n_state)]
+                a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
                 decays.append(a_t if keep_decay else None)
-                h = [a_t[n] * h[n] + dtu * bc_s[t, n] for n in range(n_state)]
+                h = [a_t[kk] * h[kk] + dtu * bc_val(bc_s, t, kk, 0) for kk in range(n_k)]
                 hs.append(h)
+            pending = []
             for tl in reversed(range(ck_every)):               # reverse steps
                 t = t0 + tl
                 i = c * chunk + t
                 dt, x, u, dtu = steps[tl]
-                dout = s_["dy"][t].astype(f32)
-                h_prev = hs[tl] or [ck_row(s_["ck"], sub, n) for n in range(n_state)]
+                dout = s_["dy"][:, t, :].astype(f32)
+                h_prev = hs[tl] or [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
                 h_t = hs[tl + 1]
-                a_t = decays[tl] or [jnp.exp2(dt * a2[n]) for n in range(n_state)]
+                a_t = decays[tl] or [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                zz, y = None, None
                 if has_z:
-                    zz = s_["z"][t].astype(f32)
-                    sz = _sigmoid(zz)
-                    y = None
-                    for n in range(n_state):
-                        hc = h_t[n] * bc_s[t, n_state + n]
+                    zz = s_["z"][:, t, :].astype(f32)
+                    for kk in range(n_k):
+                        hc = h_t[kk] * bc_val(bc_s, t, kk, 1)
                         y = hc if y is None else y + hc
-                    if "d" in vec:
-                        y = y + vec["d"] * u
-                    s_["dz"][t] = (dout * y * sz * (1.0 + zz * (1.0 - sz))).astype(
-                        s_["dz"].dtype)
-                    dy = dout * zz * sz
+                    dy = dout * zz * _sigmoid(zz)
                 else:
                     dy = dout
                 gb, saq = None, None
-                for n in range(n_state):
-                    g = dh[n] + bc_s[t, n_state + n] * dy
-                    r["red"][tl * _NQ + n, pl.ds(0, _WG)] = g * dtu
-                    r["red"][tl * _NQ + n_state + n, pl.ds(0, _WG)] = dy * h_t[n]
-                    q = g * a_t[n] * h_prev[n]
-                    da[n] = da[n] + dt * q
-                    saq = a2[n] * q if saq is None else saq + a2[n] * q
-                    gb = g * bc_s[t, n] if gb is None else gb + g * bc_s[t, n]
-                    dh[n] = a_t[n] * g
-                du = dt * gb
-                if "d" in vec:
-                    du = du + vec["d"] * dy
-                    dd = dd + dy * u
-                s_["du"][t] = du.astype(s_["du"].dtype)
-                ddt = u * gb + saq * _LN2
-                if softplus:
-                    ddt = ddt * _sigmoid(x)
-                if padded:
-                    ddt = jnp.where(i < length, ddt, 0.0)
-                dbias = dbias + ddt
-                s_["ddt"][t] = ddt.astype(s_["ddt"].dtype)
+                for kk in range(n_k):
+                    g = dh[kk] + bc_val(bc_s, t, kk, 1) * dy
+                    row = tl * _NQ + split * kk
+                    r["red"][pl.ds(row, split), pl.ds(0, bd)] = g * dtu
+                    r["red"][pl.ds(row + n_state, split), pl.ds(0, bd)] = dy * h_t[kk]
+                    q = g * a_t[kk] * h_prev[kk]
+                    da[kk] = da[kk] + dt * q
+                    saq = a2[kk] * q if saq is None else saq + a2[kk] * q
+                    gb = g * bc_val(bc_s, t, kk, 0) if gb is None else gb + g * bc_val(
+                        bc_s, t, kk, 0)
+                    dh[kk] = a_t[kk] * g
+                if split == 1:
+                    dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias)
+                else:
+                    exchange(tl, 0, gb)
+                    exchange(tl, 1, saq)
+                    if has_z:
+                        exchange(tl, 2, y)
+                    pending.append((t, i, tl))
             # dB/dC of the sub-chunk: row i of `red` is (step i // 32, value i % 32)
             plgpu.commit_smem()
+            for t, i, tl in pending:     # split 2: both parts finish each step
+                dt, x, u, _ = steps[tl]
+                other = lambda kind, tl=tl: (r["x_s"][tl, kind, pl.ds(0, 2), :]
+                                             + r["x_s"][tl, kind, pl.ds(1, 2), :])
+                dout = s_["dy"][:, t, :].astype(f32)
+                zz = s_["z"][:, t, :].astype(f32) if has_z else None
+                dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
+                                   other(0), other(1), dd, dbias)
             acc = None
-            for m in range(_WG // 4):
+            for m in range(bd // 4):
                 v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
                                layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
                 acc = v if acc is None else acc + v
@@ -479,10 +529,12 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         plgpu.commit_smem()
         for name in seq_out:
             if name == "dbc":
-                dst = r["dbc"].at[b, j, pl.ds(c * chunk, chunk)]
+                plgpu.copy_smem_to_gmem(s_["dbc"], r["dbc"].at[b, j, pl.ds(c * chunk, chunk)],
+                                        commit_group=False)
             else:
-                dst = r[name].at[b, pl.ds(c * chunk, chunk), cols]
-            plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
+                plgpu.copy_smem_to_gmem(s_[name].at[0],
+                                        r[name].at[b, pl.ds(c * chunk, chunk), cols],
+                                        commit_group=False)
         plgpu.commit_smem_to_gmem_group()
 
         @pl.when(k + stages < n_chunks)
@@ -490,34 +542,39 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             fetch(k + stages, slot)
         return tuple(dh), tuple(da), dd, dbias
 
-    init = (dh_init, tuple(zero for _ in range(n_state)), zero, zero)
+    init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
     dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
-    for n in range(n_state):
-        r["h_s"][n] = dh[n]
-        r["a_s"][n] = da[n]
+    for kk in range(n_k):
+        r["h_s"][kk] = dh[kk]
+        r["a_s"][kk] = da[kk]
     outs_vec = [(k, v) for k, v in (("dd", dd), ("dbias", dbias)) if k in r]
     for i, (_, v) in enumerate(outs_vec):
         r["p_s"][i] = v
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, cols])
-    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, cols])
+    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, :, cols])
+    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, :, cols])
     for i, (k, _) in enumerate(outs_vec):
-        plgpu.copy_smem_to_gmem(r["p_s"].at[i], r[k].at[b, cols])
+        plgpu.copy_smem_to_gmem(r["p_s"].at[i, 0], r[k].at[b, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             keep_decay=True, interpret=False):
+             keep_decay=True, split=1, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
-    layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp])."""
+    layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
+    threads per channel (needs the split forward's checkpoints)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if ck.ndim == 4:
         ck = ck[:, :, :, None]
     ck_split = ck.shape[3]
+    if split not in (1, 2) or (split == 2 and ck_split != 2):
+        raise ValueError(f"selective_scan_mgpu.backward: split={split} needs checkpoints of "
+                         f"the split forward, got {ck.shape}")
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
+    bd, n_k = _WG // split, n // split
     grouped = B.ndim == 4
     if not grouped:
         B3, C3 = B[:, :, None], C[:, :, None]
@@ -528,56 +585,63 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     bcw = _common.round_up(2 * n, 4)
     # shared memory: per slot the chunk's rows in and out, B/C, checkpoints, dB/dC rows; plus
     # the dB/dC transpose buffers and the parameters. Halve the chunk until it fits.
-    seq_bytes = 2 * (u.dtype.itemsize + delta.dtype.itemsize
-                     + (z.dtype.itemsize if z is not None else 0))
-    fixed = ck_every * _NQ * (_WG + _RED_PAD) * 4 + _WG * 16 + (2 * n + 2) * _WG * 4 + 1024
-    per_step = _WG * seq_bytes + bcw * 4 + n * _WG * 4 // ck_every + _NQ * 4
-    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES:
+    seq_bytes = split * 2 * (u.dtype.itemsize + delta.dtype.itemsize
+                             + (z.dtype.itemsize if z is not None else 0))
+    fixed = (ck_every * _NQ * (bd + _RED_PAD) * 4 + _WG * 16 + (2 * n + 2) * _WG * 4
+             + (ck_every * 12 * bd * 4 if split > 1 else 0) + 1024)
+    per_step = bd * seq_bytes + bcw * 4 + n * bd * 4 // ck_every + _NQ * 4
+    limit = _SMEM_BYTES if split == 1 else _SMEM_BYTES // 2   # split 2: two programs per SM
+    while chunk > ck_every and fixed + stages * chunk * per_step > limit:
         chunk //= 2
     lp = _common.round_up(length, chunk)
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, _WG)
     vec = lambda x: _common.pad_axis(x.astype(f32), 0, _WG)
+    by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
+    unpart = lambda x: jnp.swapaxes(x, -3, -2).reshape(*x.shape[:-3], n, x.shape[-1])
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, _WG), bc]
+    arrays = [seq(u), seq(delta), by_part(_common.pad_axis(A.astype(f32).T, 1, _WG)), bc]
     opts = []
     for name, x in (("z", z), ("d", D), ("bias", delta_bias)):
         if x is not None:
             opts.append(name)
             arrays.append(seq(x) if name == "z" else vec(x))
     arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
-               _common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG)]
-    n_blocks = dp // _WG
+               by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
+    n_blocks = dp // bd
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
                  jax.ShapeDtypeStruct((bsz, lp, dp), delta.dtype)]
     if z is not None:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp, dp), z.dtype))
     out_shape += [jax.ShapeDtypeStruct((bsz, n_blocks, lp, _NQ), f32),
-                  jax.ShapeDtypeStruct((bsz, n, dp), f32)]
+                  jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
     out_shape += [jax.ShapeDtypeStruct((bsz, dp), f32) for x in (D, delta_bias)
                   if x is not None]
-    out_shape.append(jax.ShapeDtypeStruct((bsz, n, dp), f32))
+    out_shape.append(jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32))
     slot = lambda dtype, *shape: plgpu.SMEM((stages, *shape), dtype)
-    seq_bufs = [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG),
-                slot(u.dtype, chunk, _WG), slot(f32, chunk, bc.shape[-1]),
-                slot(f32, chunk // ck_every, n // ck_split, ck_split, _WG)]
+    rows = lambda dtype: slot(dtype, split, chunk, bd)
+    seq_bufs = [rows(u.dtype), rows(delta.dtype), rows(u.dtype),
+                slot(f32, chunk, bc.shape[-1]),
+                slot(f32, chunk // ck_every, n // ck_split, ck_split, bd)]
     if z is not None:
-        seq_bufs.append(slot(z.dtype, chunk, _WG))
-    seq_bufs += [slot(u.dtype, chunk, _WG), slot(delta.dtype, chunk, _WG)]
+        seq_bufs.append(rows(z.dtype))
+    seq_bufs += [rows(u.dtype), rows(delta.dtype)]
     if z is not None:
-        seq_bufs.append(slot(z.dtype, chunk, _WG))
+        seq_bufs.append(rows(z.dtype))
     seq_bufs.append(slot(f32, chunk, _NQ))
-    n_in = 5 + (z is not None)
-    scratch = [plgpu.SMEM((n, _WG), f32), plgpu.SMEM((2, _WG), f32), plgpu.SMEM((n, _WG), f32),
-               plgpu.Barrier(num_barriers=4),
-               plgpu.SMEM((ck_every * _NQ, _WG + _RED_PAD), f32), plgpu.SMEM((_WG, 4), f32),
+    if split > 1:
+        seq_bufs.append(plgpu.SMEM((ck_every, 3, 4, bd), f32))
+    n_in = 2 + split * (3 + (z is not None))
+    scratch = [plgpu.SMEM((n_k, split, bd), f32), plgpu.SMEM((2, split, bd), f32),
+               plgpu.SMEM((n_k, split, bd), f32), plgpu.Barrier(num_barriers=2 + 2 * split),
+               plgpu.SMEM((ck_every * _NQ, bd + _RED_PAD), f32), plgpu.SMEM((_WG, 4), f32),
                *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
-        keep_decay=keep_decay, ck_split=ck_split)
+        keep_decay=keep_decay, ck_split=ck_split, split=split, interpret=interpret)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -588,16 +652,18 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     crop = lambda x: x[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None
-    # dB/dC rows per 128-channel block, summed over the blocks of each group in a fixed order
+    # dB/dC rows per channel block, summed over the blocks of each group in a fixed order;
+    # within a row, state p * K + k of part p sits at column split * k + p (C: N + that)
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, n_blocks // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    db, dc = dbc[..., :n], dbc[..., n:2 * n]
+    perm = [split * (m % n_k) + m // n_k for m in range(n)]
+    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
-    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:dn].astype(A.dtype)
+    da = jnp.swapaxes(unpart(outs.pop(0)).sum(0), 0, 1)[:dn].astype(A.dtype)
     dd = outs.pop(0).sum(0)[:dn].astype(D.dtype) if D is not None else None
     dbias = (outs.pop(0).sum(0)[:dn].astype(delta_bias.dtype)
              if delta_bias is not None else None)
-    dh0 = outs.pop(0)
+    dh0 = unpart(outs.pop(0))
     dh0 = (jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None)
     return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)

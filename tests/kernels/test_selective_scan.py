@@ -163,10 +163,15 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
                  marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2,
                  256, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2, mgpu_chunk=4,
+                      chunk=4, mgpu_keep=False), 6, None, 128, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
                  marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
         "inference_only_n5_padded_channels", "split2_train_bwd_n16_groups",
+        "split2_bwd_split2_n16_groups", "split2_bwd_split2_n6_decays_again",
         "split2_inference_only_n6"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
