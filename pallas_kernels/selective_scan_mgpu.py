@@ -66,33 +66,52 @@ def _part_of_thread():
     return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
 
 
-def _state_of_part(bc_row_ref, t, k, n_k, interpret):
-    """split 2: [2, 64] with B/C value column `part * n_k + k` of step t for each thread
-    (threads 0..63 part 0, 64..127 part 1; warp-uniform, not warpgroup-uniform)."""
+def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
+    """B/C values of step t at columns col .. col + count - 1 (shifted by part * n_k for the
+    thread's part when split = 2), each as a [split, bd] array (or a scalar). With `vec`
+    (count 4, 16-byte aligned columns) on the GPU: one `ld.shared.v4` per thread through
+    inline_mgpu (Pallas scalar reads become one `ld.shared.b32` each); split 2 needs
+    inline_mgpu anyway (the column is warp-uniform, not warpgroup-uniform)."""
     if interpret:
+        if split == 1:
+            return [bc_row_ref[t, col + e] for e in range(count)]
         row = bc_row_ref[t, :]
-        return row[_part_of_thread() * n_k + k]
+        return [row[_part_of_thread() * n_k + col + e] for e in range(count)]
+    if split == 1 and not vec:
+        return [bc_row_ref[t, col + e] for e in range(count)]
 
     import numpy as np
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED((2, _WG // 2), vec_size=1)
+    shape = (split, _WG // split)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_load = 4 if vec else 1
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                       return_type=plgpu.ShapeDtypeStruct((2, _WG // 2), jnp.float32,
-                                                          layout=layout))
+                       return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
     def load(ctx, ref):
         del ctx
-        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-        part = arith.shrui(arith.andi(mgpu.utils.warp_idx(sync=True), mgpu.c(3, i32)),
-                           mgpu.c(1, i32))
-        col = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(k, i32))
-        val = memref.load(ref, [mgpu.c(t, index), arith.index_cast(index, col)])
-        reg = vector.broadcast(ir.VectorType.get((1,), ir.F32Type.get()), val)
-        return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
-                                    _layout=layout.to_mgpu(), _is_signed=None)
-    return load(bc_row_ref)
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        first = mgpu.c(col, i32)
+        if split > 1:   # warps 0-1: part 0, warps 2-3: part 1 (no shuffle: CSE-able)
+            warp = mgpu.utils.warp_idx(sync=False)
+            part = arith.shrui(arith.andi(warp, mgpu.c(3, i32)), mgpu.c(1, i32))
+            first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), first)
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(bc_row_ref))
 
 
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
@@ -158,11 +177,12 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     else:
         h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
 
-    def bc_val(bc_s, t, k, which):     # B (which 0) or C (1) of state k of the thread's part
-        col = which * n_state + k
-        if split == 1:
-            return bc_s[t, col]
-        return _state_of_part(bc_s, t, col, n_k, interpret)
+    vec4 = n_k % 4 == 0 and n_state % 4 == 0
+
+    def bc_step(bc_s, t):      # (B, C) of the thread's states at step t
+        get = lambda which: _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4,
+                                     interpret)
+        return get(0), get(1)
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -184,11 +204,12 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
             if padded:
                 dt = jnp.where(c * chunk + t < length, dt, 0.0)
             dtu = dt * u
+            b_t, c_t = bc_step(s_["bc"], t)
             y = None
             for k in range(n_k):
                 e = jnp.exp2(dt * a2[k])
-                h[k] = e * h[k] + dtu * bc_val(s_["bc"], t, k, 0)
-                hc = h[k] * bc_val(s_["bc"], t, k, 1)
+                h[k] = e * h[k] + dtu * b_t[k]
+                hc = h[k] * c_t[k]
                 y = hc if y is None else y + hc
             if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
                 r["yp_s"][t, pl.ds(0, 2), :] = y
@@ -302,7 +323,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="selective_scan_fwd_mgpu" + ("_ck" if save_ckpt else ""))(*arrays)
     y = outs[0][:, :length, :dn]
@@ -404,11 +426,10 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
     zero = _zeros((split, bd))
 
-    def bc_val(bc_s, t, k, which):     # B (which 0) or C (1) of state k of the thread's part
-        col = which * n_state + k
-        if split == 1:
-            return bc_s[t, col]
-        return _state_of_part(bc_s, t, col, n_k, interpret)
+    vec4 = n_k % 4 == 0 and n_state % 4 == 0
+
+    def bc_get(bc_s, t, which):     # B (which 0) or C (1) of the thread's states at step t
+        return _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4, interpret)
 
     def delta_of(dt_s, t, i):
         x = dt_s[:, t, :].astype(f32)
@@ -467,7 +488,8 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 steps.append((dt, x, u, dtu))
                 a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
                 decays.append(a_t if keep_decay else None)
-                h = [a_t[kk] * h[kk] + dtu * bc_val(bc_s, t, kk, 0) for kk in range(n_k)]
+                b_t = bc_get(bc_s, t, 0)
+                h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
                 hs.append(h)
             pending = []
             for tl in reversed(range(ck_every)):               # reverse steps
@@ -478,26 +500,26 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 h_prev = hs[tl] or [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
                 h_t = hs[tl + 1]
                 a_t = decays[tl] or [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                b_t, c_t = bc_get(bc_s, t, 0), bc_get(bc_s, t, 1)
                 zz, y = None, None
                 if has_z:
                     zz = s_["z"][:, t, :].astype(f32)
                     for kk in range(n_k):
-                        hc = h_t[kk] * bc_val(bc_s, t, kk, 1)
+                        hc = h_t[kk] * c_t[kk]
                         y = hc if y is None else y + hc
                     dy = dout * zz * _sigmoid(zz)
                 else:
                     dy = dout
                 gb, saq = None, None
                 for kk in range(n_k):
-                    g = dh[kk] + bc_val(bc_s, t, kk, 1) * dy
+                    g = dh[kk] + c_t[kk] * dy
                     row = tl * _NQ + split * kk
                     r["red"][pl.ds(row, split), pl.ds(0, bd)] = g * dtu
                     r["red"][pl.ds(row + n_state, split), pl.ds(0, bd)] = dy * h_t[kk]
                     q = g * a_t[kk] * h_prev[kk]
                     da[kk] = da[kk] + dt * q
                     saq = a2[kk] * q if saq is None else saq + a2[kk] * q
-                    gb = g * bc_val(bc_s, t, kk, 0) if gb is None else gb + g * bc_val(
-                        bc_s, t, kk, 0)
+                    gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
                     dh[kk] = a_t[kk] * g
                 if split == 1:
                     dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias)
@@ -646,7 +668,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="selective_scan_bwd_mgpu")(*arrays))
     crop = lambda x: x[:, :length, :dn]
