@@ -419,6 +419,8 @@ VARIANTS = {
     # ... and the Mosaic backward with two threads per channel too (8-step chunks: two
     # programs per SM fit in shared memory)
     "mgb22": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2),
+    # session 6 call 2 (no automatic barriers, B/C by vector loads): B/C by scalar reads
+    "mgb_sc": dict(mgpu=True, mgpu_bwd=True, mgpu_vec=False),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False),

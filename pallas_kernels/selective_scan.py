@@ -204,6 +204,7 @@ class _Config:
                               # chunk 4; selective_scan_mgpu.backward)
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
     mgpu_bwd_split: int = 1   # its threads per channel (2 needs mgpu_split=2)
+    mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
     interpret: bool = False
 
 
@@ -1076,7 +1077,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
-                                interpret=cfg.interpret)
+                                vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1176,7 +1177,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
-                             interpret=cfg.interpret)
+                             vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1299,7 +1300,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, mgpu_split=1,
-                          mgpu_bwd_split=1, interpret=False):
+                          mgpu_bwd_split=1, mgpu_vec=True, interpret=False):
     """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
@@ -1319,7 +1320,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
-                  mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, interpret=interpret)
+                  mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -115,7 +115,7 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
 
 
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages, split, interpret):
+              ck_every, stages, split, vec_bc, interpret):
     """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
@@ -177,7 +177,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     else:
         h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
 
-    vec4 = n_k % 4 == 0 and n_state % 4 == 0
+    vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
 
     def bc_step(bc_s, t):      # (B, C) of the thread's states at step t
         get = lambda which: _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4,
@@ -252,7 +252,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
-            ck_every=4, stages=2, split=1, parted_ck=False, interpret=False):
+            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
     split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
@@ -318,7 +318,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     body = functools.partial(
         _fwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, save_ckpt=save_ckpt,
-        ck_every=ck_every, stages=stages, split=split, interpret=interpret)
+        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret)
     outs = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -362,7 +362,7 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay, ck_split, split, interpret):
+              stages, keep_decay, ck_split, split, vec_bc, interpret):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -426,7 +426,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
     zero = _zeros((split, bd))
 
-    vec4 = n_k % 4 == 0 and n_state % 4 == 0
+    vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
 
     def bc_get(bc_s, t, which):     # B (which 0) or C (1) of the thread's states at step t
         return _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4, interpret)
@@ -581,7 +581,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             keep_decay=True, split=1, interpret=False):
+             keep_decay=True, split=1, vec_bc=True, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
@@ -663,7 +663,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     body = functools.partial(
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
-        keep_decay=keep_decay, ck_split=ck_split, split=split, interpret=interpret)
+        keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
+        interpret=interpret)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
