@@ -195,7 +195,8 @@ class _Config:
                               # the B/C rows load `ahead` steps early
     mgpu: bool | str = False  # forward through the Mosaic GPU kernel (selective_scan_mgpu: one
                               # channel per thread, B/C rows by TMA into shared memory): "fwd"
-                              # the inference forward only, True the training forward too
+                              # the inference forward only, True the training forward too;
+                              # "auto": True on a Hopper GPU (not in interpret mode)
     mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
     mgpu_split: int = 1       # its forward: 2 threads per channel (N / 2 states each); the
                               # training forward only with mgpu_bwd
@@ -1065,7 +1066,8 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
-    use_mgpu = cfg.mgpu is True or (cfg.mgpu == "fwd" and not save_ckpt)
+    mg = _mgpu_mode(cfg)
+    use_mgpu = mg is True or (mg == "fwd" and not save_ckpt)
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
         if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
@@ -1161,10 +1163,27 @@ def _auto_bwd_split(bsz, dn):
     return 2 if bsz * -(-dn // 16) <= _SPLIT_BWD_WARPS_PER_SM * sms else 1
 
 
+def _is_hopper() -> bool:
+    """A GPU of compute capability 9.x or newer (TMA, which the Mosaic GPU kernels use)."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or not cc:
+        return False
+    return int(str(cc).split(".")[0]) >= 9
+
+
+def _mgpu_mode(cfg: _Config):
+    """cfg.mgpu with "auto" resolved: the Mosaic GPU kernels (forward and backward) on a
+    Hopper GPU when not in interpret mode, else the Triton kernels."""
+    if cfg.mgpu == "auto":
+        return not cfg.interpret and _is_hopper()
+    return cfg.mgpu
+
+
 def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
     """Whether the Mosaic GPU backward runs (then the training forward is the Mosaic one)."""
     from pallas_kernels import selective_scan_mgpu as mgpu
-    return (cfg.mgpu is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
+    return (_mgpu_mode(cfg) is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
             and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
             and mgpu.bwd_supported(A.shape[1], cfg.chunk)
             and (cfg.mgpu_bwd_split == 1 or (cfg.mgpu_split == 2 and A.shape[1] % 2 == 0)))
