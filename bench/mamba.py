@@ -421,9 +421,12 @@ VARIANTS = {
     "mgb22": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2),
     # session 6 call 2 (no automatic barriers, B/C by vector loads): B/C by scalar reads
     "mgb_sc": dict(mgpu=True, mgpu_bwd=True, mgpu_vec=False),
+    # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
+    "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
+               ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
-               ck_unroll=False, state_tile=False, bwd_tile=False),
+               ck_unroll=False, state_tile=False, bwd_tile=False, mgpu=False),
 }
 
 
