@@ -198,13 +198,13 @@ class _Config:
                               # the inference forward only, True the training forward too;
                               # "auto": True on a Hopper GPU (not in interpret mode)
     mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
-    mgpu_split: int = 1       # its forward: 2 threads per channel (N / 2 states each); the
-                              # training forward only with mgpu_bwd
+    mgpu_split: int = 1       # its inference forward: 2 threads per channel (N / 2 states
+                              # each); the training forward takes mgpu_bwd_split
     mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
-    mgpu_bwd_split: int = 1   # its threads per channel (2 needs mgpu_split=2)
+    mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's
     mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
     interpret: bool = False
 
@@ -1071,11 +1071,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
         if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
-            # split training forwards only for the Mosaic backward (it reads their checkpoint
-            # layout as it is; the Triton one would need them reordered)
+            # the training forward's split is the Mosaic backward's (it reads that checkpoint
+            # layout as it is; the Triton backward takes the unsplit one)
             to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
-            split = (cfg.mgpu_split if A.shape[1] % 2 == 0 and (not save_ckpt or to_mgpu_bwd)
-                     else 1)
+            if save_ckpt:
+                split = cfg.mgpu_bwd_split if to_mgpu_bwd else 1
+            else:
+                split = cfg.mgpu_split
+            if A.shape[1] % 2:
+                split = 1
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
@@ -1186,7 +1190,7 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
     return (_mgpu_mode(cfg) is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
             and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
             and mgpu.bwd_supported(A.shape[1], cfg.chunk)
-            and (cfg.mgpu_bwd_split == 1 or (cfg.mgpu_split == 2 and A.shape[1] % 2 == 0)))
+            and (cfg.mgpu_bwd_split == 1 or A.shape[1] % 2 == 0))
 
 
 def _backward(cfg: _Config, res, y_bar, final_bar):
@@ -1317,19 +1321,23 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
-                          state_tile=False, bwd_tile=False, mgpu=False, mgpu_chunk=16,
-                          mgpu_stages=2, mgpu_bwd=False, mgpu_keep=True, mgpu_split=1,
-                          mgpu_bwd_split=1, mgpu_vec=True, interpret=False):
-    """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
+                          state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
+                          mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
+                          mgpu_bwd_split=2, mgpu_vec=True, interpret=False):
+    """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
-    on an H200 (docs/kernels/selective_scan.md): v4 (B/C as lane rows (bc_rows) in both
-    kernels, both split over two lanes per channel) with the delta of each channel-step
-    computed once and shuffled to the lane parts in the inference forward, and the training
-    forward over 16-step chunks with that shared delta while its grid fits one wave
-    (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False, ck_unroll=False; v3
-    bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False,
-    fast_exp=False, split=1."""
+    Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
+    GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu: the inference forward
+    with one channel per thread (B/C by TMA into shared memory), the training forward and
+    the backward with two threads per channel (mgpu_bwd=True, mgpu_bwd_split=2); shapes they
+    do not take (grouped B/C with Dn / G not a multiple of 128; the backward N > 16) and other
+    GPUs run the Triton kernels. The Triton defaults (v5, "auto5" of bench/mamba.py): v4
+    (B/C as lane rows (bc_rows) in both kernels, both split over two lanes per channel)
+    with the delta of each channel-step computed once and shuffled to the lane parts in the
+    inference forward, and the training forward over 16-step chunks with that shared delta
+    while its grid fits one wave (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False,
+    ck_unroll=False; v3 bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0,
+    lane_reduce=False, fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,

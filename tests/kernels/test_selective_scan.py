@@ -153,12 +153,20 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
 
 
+def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
+    # mgpu="auto" (the default) takes the Mosaic GPU kernels only on a Hopper GPU.
+    for interpret in (True, False):
+        cfg = ss._Config(softplus=True, mgpu="auto", interpret=interpret)
+        assert ss._mgpu_mode(cfg) is False
+    assert ss._mgpu_mode(ss._Config(softplus=True, mgpu=True, interpret=True)) is True
+
+
 @pytest.mark.parametrize("tiling,n,groups,dn", [
     pytest.param(dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256,
                  marks=pytest.mark.slow),
     (dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2, 256),
-    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=4, mgpu_stages=3, chunk=4,
-                      mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=4, mgpu_stages=3,
+                      chunk=4, mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
                  marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2,
