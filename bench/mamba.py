@@ -421,6 +421,11 @@ VARIANTS = {
     "mgb22": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2),
     # session 6 call 2 (no automatic barriers, B/C by vector loads): B/C by scalar reads
     "mgb_sc": dict(mgpu=True, mgpu_bwd=True, mgpu_vec=False),
+    # the v6 default spelled out (Mosaic: inference forward one thread per channel, training
+    # forward and backward two), and with the training forward at one thread per channel
+    "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2),
+    "v6_ck1": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2,
+                   mgpu_ck_unsplit=True),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),

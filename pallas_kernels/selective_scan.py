@@ -206,6 +206,8 @@ class _Config:
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
     mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's
     mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
+    mgpu_ck_unsplit: bool = False  # the Mosaic training forward with one thread per channel
+                              # whatever the backward's split (its checkpoints read as parts)
     interpret: bool = False
 
 
@@ -1075,7 +1077,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             # layout as it is; the Triton backward takes the unsplit one)
             to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
             if save_ckpt:
-                split = cfg.mgpu_bwd_split if to_mgpu_bwd else 1
+                split = (cfg.mgpu_bwd_split if to_mgpu_bwd and not cfg.mgpu_ck_unsplit
+                         else 1)
             else:
                 split = cfg.mgpu_split
             if A.shape[1] % 2:
@@ -1323,7 +1326,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
-                          mgpu_bwd_split=2, mgpu_vec=True, interpret=False):
+                          mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=False,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1348,7 +1352,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
-                  interpret=interpret)
+                  mgpu_ck_unsplit=mgpu_ck_unsplit, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -362,7 +362,7 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay, ck_split, split, vec_bc, interpret):
+              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -391,7 +391,9 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     def ck_state(ck_s, sub, k):     # [split, bd]: state p * n_k + k of each thread
         if split == 1:              # the checkpoint layout keeps state n at [n % ck_k, n // ck_k]
             return ck_s[sub, k % ck_k, pl.ds(k // ck_k, 1), :]
-        return ck_s[sub, k]         # split 2 needs ck_split 2: [k, p] is state p * n_k + k
+        if parts_major:             # the unsplit forward's [.., N, Dp] seen as [.., 2, K, Dp]
+            return ck_s[sub, :, k, :]
+        return ck_s[sub, k]         # the split forward's: [k, p] is state p * n_k + k
 
     def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
         c = n_chunks - 1 - k
@@ -587,12 +589,15 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
     threads per channel (needs the split forward's checkpoints)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
-    if ck.ndim == 4:
-        ck = ck[:, :, :, None]
-    ck_split = ck.shape[3]
-    if split not in (1, 2) or (split == 2 and ck_split != 2):
-        raise ValueError(f"selective_scan_mgpu.backward: split={split} needs checkpoints of "
-                         f"the split forward, got {ck.shape}")
+    if split not in (1, 2):
+        raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
+    if ck.ndim == 5 and ck.shape[3] == 1:     # the unsplit forward's, parted: [.., N, 1, Dp]
+        ck = ck[:, :, :, 0]
+    ck_split = 1 if ck.ndim == 4 else ck.shape[3]
+    if ck.ndim == 4:   # [B, nC, N, Dp]: for split 2 as [B, nC, 2, N / 2, Dp] (parts major)
+        ck = (ck[:, :, :, None] if split == 1 else
+              ck.reshape(ck.shape[0], ck.shape[1], 2, A.shape[1] // 2, ck.shape[-1]))
+    parts_major = ck_split == 1 and split == 2
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -646,7 +651,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     rows = lambda dtype: slot(dtype, split, chunk, bd)
     seq_bufs = [rows(u.dtype), rows(delta.dtype), rows(u.dtype),
                 slot(f32, chunk, bc.shape[-1]),
-                slot(f32, chunk // ck_every, n // ck_split, ck_split, bd)]
+                slot(f32, chunk // ck_every, *ck.shape[2:4], bd)]
     if z is not None:
         seq_bufs.append(rows(z.dtype))
     seq_bufs += [rows(u.dtype), rows(delta.dtype)]
@@ -664,7 +669,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        interpret=interpret)
+        parts_major=parts_major, interpret=interpret)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
