@@ -149,6 +149,8 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
         (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
         (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
         (1, 300, 96, 5, 2, jnp.float32, ("initial_state",), False),
+        # session 6: grouped with 128-channel groups (the Mosaic GPU forward takes it), f32
+        (2, 777, 256, 16, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
     ]
     cases = [c for i, c in enumerate(cases) if which is None or i in which]
     if SMOKE:
@@ -397,9 +399,39 @@ VARIANTS = {
     "auto5": dict(share_dt="auto", ck_unroll="auto"),
     # the training forward over 8-step chunks (checkpoints every 4), with the shared delta
     "cku8_sdt": dict(share_dt="auto", ck_unroll=8),
+    # session 6: the forward through Mosaic GPU (selective_scan_mgpu: one channel per thread
+    # of a warpgroup, B/C chunks by TMA into shared memory); mgpu=True the training forward
+    # too (its checkpoints feed the Triton backward), "fwd" the inference forward only
+    "mg": dict(mgpu=True),
+    "mg_c32": dict(mgpu=True, mgpu_chunk=32),
+    "mg_s3": dict(mgpu=True, mgpu_stages=3),
+    "mg_c32s3": dict(mgpu=True, mgpu_chunk=32, mgpu_stages=3),
+    "mg_c8": dict(mgpu=True, mgpu_chunk=8, mgpu_stages=4),
+    # the backward through Mosaic GPU too (one channel per thread, dB/dC summed over the 128
+    # channels through shared memory; N <= 16)
+    "mgb": dict(mgpu=True, mgpu_bwd=True),
+    "mgb_c8": dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8),
+    "mgb_nk": dict(mgpu=True, mgpu_bwd=True, mgpu_keep=False),   # decays taken again
+    # the Mosaic GPU inference forward with two threads per channel (8 states each, 64
+    # channels per program: two warps per scheduler at 8x2048x2048)
+    "mg2": dict(mgpu=True, mgpu_split=2),
+    "mgb2": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2),
+    # ... and the Mosaic backward with two threads per channel too (8-step chunks: two
+    # programs per SM fit in shared memory)
+    "mgb22": dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2),
+    # session 6 call 2 (no automatic barriers, B/C by vector loads): B/C by scalar reads
+    "mgb_sc": dict(mgpu=True, mgpu_bwd=True, mgpu_vec=False),
+    # the v6 default spelled out (Mosaic: inference forward one thread per channel, training
+    # forward and backward two), and with the training forward at one thread per channel
+    "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2),
+    "v6_ck1": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2,
+                   mgpu_ck_unsplit=True),
+    # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
+    "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
+               ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),
     # v4 spelled out (the default of sessions 3-4), whatever the default is now
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
-               ck_unroll=False, state_tile=False, bwd_tile=False),
+               ck_unroll=False, state_tile=False, bwd_tile=False, mgpu=False),
 }
 
 

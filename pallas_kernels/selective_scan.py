@@ -193,6 +193,21 @@ class _Config:
     state_tile: bool = False  # forward: one lane per channel holding all N states as an
                               # [N, 32] tile, B/C rows broadcast to the lanes (_fwd_tile_kernel);
                               # the B/C rows load `ahead` steps early
+    mgpu: bool | str = False  # forward through the Mosaic GPU kernel (selective_scan_mgpu: one
+                              # channel per thread, B/C rows by TMA into shared memory): "fwd"
+                              # the inference forward only, True the training forward too;
+                              # "auto": True on a Hopper GPU (not in interpret mode)
+    mgpu_chunk: int = 16      # steps per TMA chunk of the Mosaic GPU forward
+    mgpu_split: int = 1       # its inference forward: 2 threads per channel (N / 2 states
+                              # each); the training forward takes mgpu_bwd_split
+    mgpu_stages: int = 2      # chunks in flight (shared-memory slots) of the Mosaic GPU kernels
+    mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
+                              # chunk 4; selective_scan_mgpu.backward)
+    mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
+    mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's
+    mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
+    mgpu_ck_unsplit: bool = False  # the Mosaic training forward with one thread per channel
+                              # whatever the backward's split (its checkpoints read as parts)
     interpret: bool = False
 
 
@@ -1053,6 +1068,25 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
+    mg = _mgpu_mode(cfg)
+    use_mgpu = mg is True or (mg == "fwd" and not save_ckpt)
+    if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
+        from pallas_kernels import selective_scan_mgpu as mgpu
+        if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
+            # the training forward's split is the Mosaic backward's (it reads that checkpoint
+            # layout as it is; the Triton backward takes the unsplit one)
+            to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
+            if save_ckpt:
+                split = (cfg.mgpu_bwd_split if to_mgpu_bwd and not cfg.mgpu_ck_unsplit
+                         else 1)
+            else:
+                split = cfg.mgpu_split
+            if A.shape[1] % 2:
+                split = 1
+            return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
+                                save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
+                                vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1136,8 +1170,40 @@ def _auto_bwd_split(bsz, dn):
     return 2 if bsz * -(-dn // 16) <= _SPLIT_BWD_WARPS_PER_SM * sms else 1
 
 
+def _is_hopper() -> bool:
+    """A GPU of compute capability 9.x or newer (TMA, which the Mosaic GPU kernels use)."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or not cc:
+        return False
+    return int(str(cc).split(".")[0]) >= 9
+
+
+def _mgpu_mode(cfg: _Config):
+    """cfg.mgpu with "auto" resolved: the Mosaic GPU kernels (forward and backward) on a
+    Hopper GPU when not in interpret mode, else the Triton kernels."""
+    if cfg.mgpu == "auto":
+        return not cfg.interpret and _is_hopper()
+    return cfg.mgpu
+
+
+def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
+    """Whether the Mosaic GPU backward runs (then the training forward is the Mosaic one)."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    return (_mgpu_mode(cfg) is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
+            and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
+            and mgpu.bwd_supported(A.shape[1], cfg.chunk)
+            and (cfg.mgpu_bwd_split == 1 or A.shape[1] % 2 == 0))
+
+
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
+        from pallas_kernels import selective_scan_mgpu as mgpu
+        return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
+                             chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
+                             keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
+                             vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1258,17 +1324,24 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           fast_exp=True, split=2, bwd_split=2, keep_decay=False,
                           bc_rows=True, xor_reduce=False, poly_exp=0, share_dt="auto",
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
-                          state_tile=False, bwd_tile=False, interpret=False):
-    """The GPU-style Pallas kernels with explicit tiling; returns (y, final_state).
+                          state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
+                          mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
+                          mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=False,
+                          interpret=False):
+    """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v5, "auto5" of bench/mamba.py): the fastest correct configuration measured
-    on an H200 (docs/kernels/selective_scan.md): v4 (B/C as lane rows (bc_rows) in both
-    kernels, both split over two lanes per channel) with the delta of each channel-step
-    computed once and shuffled to the lane parts in the inference forward, and the training
-    forward over 16-step chunks with that shared delta while its grid fits one wave
-    (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False, ck_unroll=False; v3
-    bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0, lane_reduce=False,
-    fast_exp=False, split=1."""
+    Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
+    GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu: the inference forward
+    with one channel per thread (B/C by TMA into shared memory), the training forward and
+    the backward with two threads per channel (mgpu_bwd=True, mgpu_bwd_split=2); shapes they
+    do not take (grouped B/C with Dn / G not a multiple of 128; the backward N > 16) and other
+    GPUs run the Triton kernels. The Triton defaults (v5, "auto5" of bench/mamba.py): v4
+    (B/C as lane rows (bc_rows) in both kernels, both split over two lanes per channel)
+    with the delta of each channel-step computed once and shuffled to the lane parts in the
+    inference forward, and the training forward over 16-step chunks with that shared delta
+    while its grid fits one wave (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False,
+    ck_unroll=False; v3 bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0,
+    lane_reduce=False, fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
@@ -1276,8 +1349,10 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bc_rows=bc_rows, xor_reduce=xor_reduce, poly_exp=poly_exp,
                   share_dt=share_dt, dbc_bf16=dbc_bf16, bwd_share=bwd_share,
                   ck_unroll=ck_unroll, ck_copy=ck_copy, state_tile=state_tile,
-                  bwd_tile=bwd_tile,
-                  interpret=interpret)
+                  bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
+                  mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
+                  mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
+                  mgpu_ck_unsplit=mgpu_ck_unsplit, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -153,6 +153,50 @@ def test_state_tile_forward_matches_recurrence(tiling, n, groups):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
 
 
+def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
+    # mgpu="auto" (the default) takes the Mosaic GPU kernels only on a Hopper GPU.
+    for interpret in (True, False):
+        cfg = ss._Config(softplus=True, mgpu="auto", interpret=interpret)
+        assert ss._mgpu_mode(cfg) is False
+    assert ss._mgpu_mode(ss._Config(softplus=True, mgpu=True, interpret=True)) is True
+
+
+@pytest.mark.parametrize("tiling,n,groups,dn", [
+    pytest.param(dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256,
+                 marks=pytest.mark.slow),
+    (dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2, 256),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=4, mgpu_stages=3,
+                      chunk=4, mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_chunk=4, chunk=4), 16, 2,
+                 256, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_split=2, mgpu_bwd_split=2, mgpu_chunk=4,
+                      chunk=4, mgpu_keep=False), 6, None, 128, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_ck_unsplit=True, mgpu_chunk=8, chunk=4), 16, 2, 256,
+                 marks=pytest.mark.slow),
+], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
+        "inference_only_n5_padded_channels", "split2_train_bwd_n16_groups",
+        "split2_bwd_split2_n16_groups", "split2_bwd_split2_n6_decays_again",
+        "split2_inference_only_n6", "unsplit_checkpoints_split2_backward"])
+def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
+    # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
+    # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
+    # of `mgpu_stages` slots. Ragged (11 steps in chunks of 4: the last chunk's padded steps
+    # get delta 0), every option; mgpu=True: its checkpoints (every `chunk` = 2 steps, Dn
+    # padded to 128) feed the Triton backward; "fwd": the training forward stays Triton's. N
+    # = 5 with Dn = 192: a B/C row of 10 floats padded to 12, channels padded to 256.
+    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
+    args, kwargs = split(make_inputs(4, n=n, groups=groups, length=11, dn=dn), OPTIONAL)
+    y, h = kernel(*args, **kwargs, delta_softplus=True, **tiling)    # the inference forward
+    y_ref, h_ref = reference(*args, **kwargs, delta_softplus=True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tiling", [dict(dbc_bf16=True), dict(bwd_split=4, dbc_bf16=True,
                                                                xor_reduce=True)],

@@ -1,0 +1,698 @@
+"""Mamba-1 selective scan on Hopper through Pallas's Mosaic GPU lowering (forward, backward).
+
+One warpgroup (128 threads) per program, one channel per thread with all N states of the
+channel in that thread's registers (the Lane semantics' [128] arrays in the WG_STRIDED layout:
+one element per thread), so that y_t = <C_t, h_t> is thread-local. Grid (batch, Dn / 128); time
+runs through a hand-written TMA pipeline over chunks of `chunk` steps: each chunk's
+u/delta(/z) rows [chunk, 128] and its B/C rows [chunk, 2N] arrive by TMA into shared memory,
+`stages` chunks ahead, and each step reads B_t[n], C_t[n] as scalars from shared memory (one
+address for the whole warp: a broadcast `ld.shared`), not from L2 as the Triton kernels must.
+y rows go to a shared-memory tile stored by TMA. The training forward also stores the state
+every `ck_every` steps ([B, Lp / ck_every, N, Dp] f32, the checkpoint layout of the Triton
+backward in `selective_scan.py`, which can consume them). `split=2` (inference forward): two
+threads per channel, N / 2 states each, 64 channels per program. `backward`: the reverse
+scan with one channel per thread, dB/dC summed over the program's 128 channels through shared
+memory. Notes and measurements: docs/kernels/selective_scan.md ("Session 6").
+
+Limits (the caller falls back to the Triton kernels otherwise): Dn / G a multiple of 128 when
+B/C are grouped, float inputs; any L (padded to the chunk; padded steps get delta 0); the
+backward N <= 16 with checkpoints every 4 steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common
+
+_WG = 128                     # threads of a warpgroup = channels per program
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+
+
+def _zeros(shape=(_WG,)):
+    """f32 zeros in the one-element-per-thread layout (a loop carry must keep its layout: a
+    plain jnp.zeros is a splat)."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
+                             plgpu.Layout.WG_STRIDED(shape, vec_size=1))
+
+
+def supported(dn: int, groups: int) -> bool:
+    """Whether the Mosaic GPU forward takes these shapes (else the Triton kernels run)."""
+    if groups == 1:
+        return True
+    return dn % groups == 0 and (dn // groups) % _WG == 0
+
+
+def _softplus(x, approx):
+    """softplus(x) = ln2 * log2(1 + 2^(x log2 e)), identity above 20; for e < 2^-6 the series
+    e - e^2/2 + e^3/3 (1 + e would drop e's low bits). With approx_math the exp2/log2 are
+    ex2/lg2.approx.ftz (one MUFU op each)."""
+    del approx   # the kernel's compiler params decide
+    e = jnp.exp2(jnp.minimum(x, 20.0) * _LOG2E)
+    big = jnp.log2(1.0 + e) * _LN2
+    small = e * (1.0 - e * (0.5 - e * (1.0 / 3.0)))
+    return jnp.where(x > 20.0, x, jnp.where(e < 2.0 ** -6, small, big))
+
+
+def _part_of_thread():
+    """[split, bd] int32: the lane part (row) of each thread's element."""
+    return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
+
+
+def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
+    """B/C values of step t at columns col .. col + count - 1 (shifted by part * n_k for the
+    thread's part when split = 2), each as a [split, bd] array (or a scalar). With `vec`
+    (count 4, 16-byte aligned columns) on the GPU: one `ld.shared.v4` per thread through
+    inline_mgpu (Pallas scalar reads become one `ld.shared.b32` each); split 2 needs
+    inline_mgpu anyway (the column is warp-uniform, not warpgroup-uniform)."""
+    if interpret:
+        if split == 1:
+            return [bc_row_ref[t, col + e] for e in range(count)]
+        row = bc_row_ref[t, :]
+        return [row[_part_of_thread() * n_k + col + e] for e in range(count)]
+    if split == 1 and not vec:
+        return [bc_row_ref[t, col + e] for e in range(count)]
+
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    shape = (split, _WG // split)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_load = 4 if vec else 1
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        first = mgpu.c(col, i32)
+        if split > 1:   # warps 0-1: part 0, warps 2-3: part 1 (no shuffle: CSE-able)
+            warp = mgpu.utils.warp_idx(sync=False)
+            part = arith.shrui(arith.andi(warp, mgpu.c(3, i32)), mgpu.c(1, i32))
+            first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), first)
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(bc_row_ref))
+
+
+def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
+              ck_every, stages, split, vec_bc, interpret):
+    """The kernel of one (batch, channel block) program; see the module docstring. A
+    hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
+    GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
+    chunks ahead; its outputs leave from the same slot of the output buffers by TMA.
+
+    split = 2: 64 channels per program, thread i holds channel i % 64 and states
+    (i // 64) * N / 2 + k: every per-thread array is [2, 64] (the strided layout's element i is
+    thread i), the u/delta/z rows land twice (one copy per part) so that a [2, 64] view reads
+    them, B/C values by a warp-uniform load at a per-part column, and y adds the two parts'
+    sums through shared memory at the chunk end."""
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
+    outs = ["y", *(["ck"] if save_ckpt else [])]
+    names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
+             "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in + outs],
+             *(["yp_s"] if split > 1 else []), "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    bd = _WG // split
+    n_k = n_state // split
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    cols = pl.ds(j * bd, bd)
+    groups = r["bc"].shape[1]
+    g = j * bd * groups // r["u"].shape[2]      # the group of this channel block
+
+    def fetch(c, slot):      # chunk c's input rows into `slot` (one barrier for all of them)
+        rows = pl.ds(c * chunk, chunk)
+        for k in seq_in:
+            if k == "bc":
+                plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot],
+                                        r["in_bar"].at[slot])
+                continue
+            for p in range(split):
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, cols], r[k + "_s"].at[slot, p],
+                                        r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    # one-time parameters: A^T log2(e) [K, split, bd], D, bias [split, bd] and h0
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        for p in range(split):
+            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
+                                    r["bar"].at[1 + i * split + p])
+    if "h0" in opts:
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, :, cols], r["h_s"], r["bar"].at[1 + 2 * split])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        for p in range(split):
+            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
+        vec[k] = r["p_s"][i]
+    if "h0" in opts:
+        plgpu.barrier_wait(r["bar"].at[1 + 2 * split])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
+    else:
+        h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
+
+    vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
+
+    def bc_step(bc_s, t):      # (B, C) of the thread's states at step t
+        get = lambda which: _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4,
+                                     interpret)
+        return get(0), get(1)
+
+    def chunk_body(c, carry):
+        slot = jax.lax.rem(c, stages)
+        s_ = {k: r[k + "_s"].at[slot] for k in seq_in + outs}
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        # the output slot's previous store (chunk c - stages) must have read it
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        h = list(carry)
+        ys = []
+        for t in range(chunk):
+            if save_ckpt and t % ck_every == 0:
+                for k in range(n_k):
+                    s_["ck"][t // ck_every, k] = h[k]
+            u = s_["u"][:, t, :].astype(f32)
+            x = s_["dt"][:, t, :].astype(f32)
+            if "bias" in vec:
+                x = x + vec["bias"]
+            dt = _softplus(x, True) if softplus else x
+            if padded:
+                dt = jnp.where(c * chunk + t < length, dt, 0.0)
+            dtu = dt * u
+            b_t, c_t = bc_step(s_["bc"], t)
+            y = None
+            for k in range(n_k):
+                e = jnp.exp2(dt * a2[k])
+                h[k] = e * h[k] + dtu * b_t[k]
+                hc = h[k] * c_t[k]
+                y = hc if y is None else y + hc
+            if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
+                r["yp_s"][t, pl.ds(0, 2), :] = y
+                r["yp_s"][t, pl.ds(2, 2), :] = y
+                ys.append((y, u))
+                continue
+            ys.append(finish(y, u, s_, t))
+        if split > 1:
+            plgpu.commit_smem()
+            for t, (y, u) in enumerate(ys):   # rows 1, 2: the other part's sum
+                finish(y + r["yp_s"][t, pl.ds(1, 2), :], u, s_, t)
+        plgpu.commit_smem()   # every thread is done with the input slot and wrote its outputs
+        plgpu.copy_smem_to_gmem(s_["y"].at[0], r["y"].at[b, pl.ds(c * chunk, chunk), cols],
+                                commit_group=False)
+        if save_ckpt:
+            per = chunk // ck_every
+            plgpu.copy_smem_to_gmem(s_["ck"], r["ck"].at[b, pl.ds(c * per, per), :, :, cols],
+                                    commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(c + stages < n_chunks)
+        def _():
+            fetch(c + stages, slot)
+        return tuple(h)
+
+    def finish(y, u, s_, t):
+        if "d" in vec:
+            y = y + vec["d"] * u
+        if has_z:
+            zz = s_["z"][:, t, :].astype(f32)
+            y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+        s_["y"][:, t, :] = y.astype(s_["y"].dtype)
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    for k in range(n_k):
+        r["h_s"][k] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
+            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, interpret=False):
+    """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
+    None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
+    split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
+    keep the [B, Lp / ck_every, N / 2, 2, Dp] layout (state p * N / 2 + k at [k, p]) when
+    `parted_ck` (for `backward`), else they are reordered to [.., N, Dp]."""
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    groups = B.shape[2]
+    if not supported(dn, groups):
+        raise ValueError(f"selective_scan_mgpu: Dn={dn} with G={groups} groups is not a "
+                         f"multiple of {_WG} channels per group")
+    if split not in (1, 2) or n % split:
+        raise ValueError(f"selective_scan_mgpu: split={split} needs an even N")
+    bd, n_k = _WG // split, n // split
+    dp = _common.round_up(dn, _WG)
+    lp = _common.round_up(length, chunk)
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, _WG)
+    vec = lambda x: _common.pad_axis(x.astype(f32), 0, _WG)
+    # B and C as one [B, G, Lp, 2N'] f32 array (2N' = 2N rounded up to 4: a TMA row is
+    # at least 16 bytes)
+    bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
+    bc = _common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4)
+    bc = jnp.swapaxes(bc, 1, 2)
+    # per-state arrays as [K, split, Dp]: row k of part p is state p * K + k
+    by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
+    a2 = by_part(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, _WG))
+    arrays = [seq(u), seq(delta), a2, bc]
+    opts = []
+    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
+        if x is None:
+            continue
+        opts.append(name)
+        if name == "z":
+            arrays.append(seq(x))
+        elif name == "h0":
+            arrays.append(by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG)))
+        else:
+            arrays.append(vec(x))
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
+    if save_ckpt:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n_k, split, dp), f32))
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    rows = lambda dtype: plgpu.SMEM((stages, split, chunk, bd), dtype)
+    seq_bufs = [rows(u.dtype), rows(delta.dtype),
+                plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
+    if z is not None:
+        seq_bufs.append(rows(z.dtype))
+    seq_bufs.append(rows(u.dtype))
+    if save_ckpt:
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n_k, split, bd), f32))
+    if split > 1:
+        seq_bufs.append(plgpu.SMEM((chunk, 2 * split, bd), f32))
+    n_in = 2 * split + 1 + (split if z is not None else 0)
+    scratch = [plgpu.SMEM((n_k, split, bd), f32), plgpu.SMEM((2, split, bd), f32),
+               plgpu.SMEM((n_k, split, bd), f32),
+               plgpu.Barrier(num_barriers=2 + 2 * split), *seq_bufs,
+               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _fwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+        length=length, padded=lp != length, softplus=softplus, save_ckpt=save_ckpt,
+        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret)
+    outs = plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_fwd_mgpu" + ("_ck" if save_ckpt else ""))(*arrays)
+    y = outs[0][:, :length, :dn]
+    unpart = lambda x: jnp.swapaxes(x, -3, -2).reshape(*x.shape[:-3], n, x.shape[-1])
+    final = jnp.swapaxes(unpart(outs[1])[:, :, :dn], 1, 2)
+    ck = None
+    if save_ckpt:
+        ck = outs[2] if parted_ck else unpart(outs[2])
+    return y, final, ck
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (mgpu_bwd): the Triton backward's recurrence (see selective_scan._bwd_kernel) with one
+# channel per thread. Chunks run in reverse through the same hand-written TMA pipeline; each
+# chunk is `chunk / ck_every` sub-chunks of ck_every = 4 steps: the sub-chunk's states are
+# recomputed from its checkpoint into registers (its decays kept), then its steps run in reverse.
+# dB_t / dC_t (sums over the 128 channels of the program) go through shared memory: step t's
+# 2N per-thread values are rows (t, q) of `red` [4 * 32, 132] (one conflict-free st.shared
+# per value); after the sub-chunk thread i sums row i (32 vector loads of 4 floats, the row
+# stride of 132 floats keeps them conflict-free), then the 4 lanes of its vector through a
+# [128, 4] scratch. So the program writes one dB/dC row per step, summed over the Dn / 128
+# programs (and groups) outside, in a fixed order.
+
+_SMEM_BYTES = 220 * 1024   # of the H200's 227 KB per block, with room for Mosaic's own
+_NQ = 32     # dB/dC values per step (2N <= 32, padded): 4 steps x 32 = 128 rows, one per thread
+_RED_PAD = 4
+
+
+def bwd_supported(n: int, ck_every: int) -> bool:
+    return 2 * n <= _NQ and ck_every * _NQ == _WG
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
+
+
+def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
+              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False):
+    """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
+    the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
+    shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
+    each step (du, ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are
+    ordered q' = 2k + p (reordered outside)."""
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
+    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
+    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
+             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "a_s", "p_s", "h_s", "bar", "red", "red2",
+             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if split > 1 else []), "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    bd = _WG // split
+    n_k = n_state // split
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    cols = pl.ds(j * bd, bd)
+    groups = r["bc"].shape[1]
+    g_idx = j * bd * groups // r["u"].shape[2]
+    n_sub = chunk // ck_every
+    ck_k = n_state // ck_split
+    rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
+
+    def ck_state(ck_s, sub, k):     # [split, bd]: state p * n_k + k of each thread
+        if split == 1:              # the checkpoint layout keeps state n at [n % ck_k, n // ck_k]
+            return ck_s[sub, k % ck_k, pl.ds(k // ck_k, 1), :]
+        if parts_major:             # the unsplit forward's [.., N, Dp] seen as [.., 2, K, Dp]
+            return ck_s[sub, :, k, :]
+        return ck_s[sub, k]         # the split forward's: [k, p] is state p * n_k + k
+
+    def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
+        c = n_chunks - 1 - k
+        rows = pl.ds(c * chunk, chunk)
+        bar = r["in_bar"].at[slot]
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols],
+                                r["ck_s"].at[slot], bar)
+        for name in rows_names:
+            for p in range(split):
+                plgpu.copy_gmem_to_smem(r[name].at[b, rows, cols], r[name + "_s"].at[slot, p],
+                                        bar)
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        for p in range(split):
+            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
+                                    r["bar"].at[1 + i * split + p])
+    dh_bar = r["bar"].at[1 + 2 * split]
+    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, :, cols], r["h_s"], dh_bar)
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] * _LOG2E for k in range(n_k)]   # <A, q> = ln2 <A log2(e), q>
+    vec = {}
+    for i, k in enumerate(vec_names):
+        for p in range(split):
+            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
+        vec[k] = r["p_s"][i]
+    plgpu.barrier_wait(dh_bar)
+    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    zero = _zeros((split, bd))
+
+    vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
+
+    def bc_get(bc_s, t, which):     # B (which 0) or C (1) of the thread's states at step t
+        return _bc_vals(bc_s, t, which * n_state, n_k, split, n_k, vec4, interpret)
+
+    def delta_of(dt_s, t, i):
+        x = dt_s[:, t, :].astype(f32)
+        if "bias" in vec:
+            x = x + vec["bias"]
+        dt = _softplus(x, True) if softplus else x
+        if padded:
+            dt = jnp.where(i < length, dt, 0.0)
+        return dt, x
+
+    def finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias):
+        """The per-channel end of step t (i = its index in the sequence)."""
+        if has_z:
+            sz = _sigmoid(zz)
+            if "d" in vec:
+                y = y + vec["d"] * u
+            s_["dz"][:, t, :] = (dout * y * sz * (1.0 + zz * (1.0 - sz))).astype(
+                s_["dz"].dtype)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        du = dt * gb
+        if "d" in vec:
+            du = du + vec["d"] * dy
+            dd = dd + dy * u
+        s_["du"][:, t, :] = du.astype(s_["du"].dtype)
+        ddt = u * gb + saq * _LN2
+        if softplus:
+            ddt = ddt * _sigmoid(x)
+        if padded:
+            ddt = jnp.where(i < length, ddt, 0.0)
+        s_["ddt"][:, t, :] = ddt.astype(s_["ddt"].dtype)
+        return dd, dbias + ddt
+
+    def exchange(row, kind, v):      # split 2: this part's sum, twice: rows [p0, p1, p0, p1]
+        r["x_s"][row, kind, pl.ds(0, 2), :] = v
+        r["x_s"][row, kind, pl.ds(2, 2), :] = v
+
+    def chunk_body(k, carry):
+        dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+        c = n_chunks - 1 - k
+        slot = jax.lax.rem(k, stages)
+        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        bc_s = s_["bc"]
+        for sub in reversed(range(n_sub)):
+            t0 = sub * ck_every
+            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+            hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
+            for t in range(t0, t0 + ck_every):                 # recompute
+                i = c * chunk + t
+                dt, x = delta_of(s_["dt"], t, i)
+                u = s_["u"][:, t, :].astype(f32)
+                dtu = dt * u
+                steps.append((dt, x, u, dtu))
+                a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                decays.append(a_t if keep_decay else None)
+                b_t = bc_get(bc_s, t, 0)
+                h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
+                hs.append(h)
+            pending = []
+            for tl in reversed(range(ck_every)):               # reverse steps
+                t = t0 + tl
+                i = c * chunk + t
+                dt, x, u, dtu = steps[tl]
+                dout = s_["dy"][:, t, :].astype(f32)
+                h_prev = hs[tl] or [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+                h_t = hs[tl + 1]
+                a_t = decays[tl] or [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                b_t, c_t = bc_get(bc_s, t, 0), bc_get(bc_s, t, 1)
+                zz, y = None, None
+                if has_z:
+                    zz = s_["z"][:, t, :].astype(f32)
+                    for kk in range(n_k):
+                        hc = h_t[kk] * c_t[kk]
+                        y = hc if y is None else y + hc
+                    dy = dout * zz * _sigmoid(zz)
+                else:
+                    dy = dout
+                gb, saq = None, None
+                for kk in range(n_k):
+                    g = dh[kk] + c_t[kk] * dy
+                    row = tl * _NQ + split * kk
+                    r["red"][pl.ds(row, split), pl.ds(0, bd)] = g * dtu
+                    r["red"][pl.ds(row + n_state, split), pl.ds(0, bd)] = dy * h_t[kk]
+                    q = g * a_t[kk] * h_prev[kk]
+                    da[kk] = da[kk] + dt * q
+                    saq = a2[kk] * q if saq is None else saq + a2[kk] * q
+                    gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
+                    dh[kk] = a_t[kk] * g
+                if split == 1:
+                    dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias)
+                else:
+                    exchange(tl, 0, gb)
+                    exchange(tl, 1, saq)
+                    if has_z:
+                        exchange(tl, 2, y)
+                    pending.append((t, i, tl))
+            # dB/dC of the sub-chunk: row i of `red` is (step i // 32, value i % 32)
+            plgpu.commit_smem()
+            for t, i, tl in pending:     # split 2: both parts finish each step
+                dt, x, u, _ = steps[tl]
+                other = lambda kind, tl=tl: (r["x_s"][tl, kind, pl.ds(0, 2), :]
+                                             + r["x_s"][tl, kind, pl.ds(1, 2), :])
+                dout = s_["dy"][:, t, :].astype(f32)
+                zz = s_["z"][:, t, :].astype(f32) if has_z else None
+                dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
+                                   other(0), other(1), dd, dbias)
+            acc = None
+            for m in range(bd // 4):
+                v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
+                               layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                acc = v if acc is None else acc + v
+            r["red2"][...] = acc
+            plgpu.commit_smem()
+            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+        plgpu.commit_smem()
+        for name in seq_out:
+            if name == "dbc":
+                plgpu.copy_smem_to_gmem(s_["dbc"], r["dbc"].at[b, j, pl.ds(c * chunk, chunk)],
+                                        commit_group=False)
+            else:
+                plgpu.copy_smem_to_gmem(s_[name].at[0],
+                                        r[name].at[b, pl.ds(c * chunk, chunk), cols],
+                                        commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(k + stages < n_chunks)
+        def _():
+            fetch(k + stages, slot)
+        return tuple(dh), tuple(da), dd, dbias
+
+    init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
+    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for kk in range(n_k):
+        r["h_s"][kk] = dh[kk]
+        r["a_s"][kk] = da[kk]
+    outs_vec = [(k, v) for k, v in (("dd", dd), ("dbias", dbias)) if k in r]
+    for i, (_, v) in enumerate(outs_vec):
+        r["p_s"][i] = v
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, :, cols])
+    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, :, cols])
+    for i, (k, _) in enumerate(outs_vec):
+        plgpu.copy_smem_to_gmem(r["p_s"].at[i, 0], r[k].at[b, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
+             keep_decay=True, split=1, vec_bc=True, interpret=False):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
+    training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
+    layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
+    threads per channel (needs the split forward's checkpoints)."""
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if split not in (1, 2):
+        raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
+    if ck.ndim == 5 and ck.shape[3] == 1:     # the unsplit forward's, parted: [.., N, 1, Dp]
+        ck = ck[:, :, :, 0]
+    ck_split = 1 if ck.ndim == 4 else ck.shape[3]
+    if ck.ndim == 4:   # [B, nC, N, Dp]: for split 2 as [B, nC, 2, N / 2, Dp] (parts major)
+        ck = (ck[:, :, :, None] if split == 1 else
+              ck.reshape(ck.shape[0], ck.shape[1], 2, A.shape[1] // 2, ck.shape[-1]))
+    parts_major = ck_split == 1 and split == 2
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    bd, n_k = _WG // split, n // split
+    grouped = B.ndim == 4
+    if not grouped:
+        B3, C3 = B[:, :, None], C[:, :, None]
+    else:
+        B3, C3 = B, C
+    groups = B3.shape[2]
+    dp = _common.round_up(dn, _WG)
+    bcw = _common.round_up(2 * n, 4)
+    # shared memory: per slot the chunk's rows in and out, B/C, checkpoints, dB/dC rows; plus
+    # the dB/dC transpose buffers and the parameters. Halve the chunk until it fits.
+    seq_bytes = split * 2 * (u.dtype.itemsize + delta.dtype.itemsize
+                             + (z.dtype.itemsize if z is not None else 0))
+    fixed = (ck_every * _NQ * (bd + _RED_PAD) * 4 + _WG * 16 + (2 * n + 2) * _WG * 4
+             + (ck_every * 12 * bd * 4 if split > 1 else 0) + 1024)
+    per_step = bd * seq_bytes + bcw * 4 + n * bd * 4 // ck_every + _NQ * 4
+    limit = _SMEM_BYTES if split == 1 else _SMEM_BYTES // 2   # split 2: two programs per SM
+    while chunk > ck_every and fixed + stages * chunk * per_step > limit:
+        chunk //= 2
+    lp = _common.round_up(length, chunk)
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    seq = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, _WG)
+    vec = lambda x: _common.pad_axis(x.astype(f32), 0, _WG)
+    by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
+    unpart = lambda x: jnp.swapaxes(x, -3, -2).reshape(*x.shape[:-3], n, x.shape[-1])
+    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    arrays = [seq(u), seq(delta), by_part(_common.pad_axis(A.astype(f32).T, 1, _WG)), bc]
+    opts = []
+    for name, x in (("z", z), ("d", D), ("bias", delta_bias)):
+        if x is not None:
+            opts.append(name)
+            arrays.append(seq(x) if name == "z" else vec(x))
+    arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
+               by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
+    n_blocks = dp // bd
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, lp, dp), delta.dtype)]
+    if z is not None:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp, dp), z.dtype))
+    out_shape += [jax.ShapeDtypeStruct((bsz, n_blocks, lp, _NQ), f32),
+                  jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
+    out_shape += [jax.ShapeDtypeStruct((bsz, dp), f32) for x in (D, delta_bias)
+                  if x is not None]
+    out_shape.append(jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32))
+    slot = lambda dtype, *shape: plgpu.SMEM((stages, *shape), dtype)
+    rows = lambda dtype: slot(dtype, split, chunk, bd)
+    seq_bufs = [rows(u.dtype), rows(delta.dtype), rows(u.dtype),
+                slot(f32, chunk, bc.shape[-1]),
+                slot(f32, chunk // ck_every, *ck.shape[2:4], bd)]
+    if z is not None:
+        seq_bufs.append(rows(z.dtype))
+    seq_bufs += [rows(u.dtype), rows(delta.dtype)]
+    if z is not None:
+        seq_bufs.append(rows(z.dtype))
+    seq_bufs.append(slot(f32, chunk, _NQ))
+    if split > 1:
+        seq_bufs.append(plgpu.SMEM((ck_every, 3, 4, bd), f32))
+    n_in = 2 + split * (3 + (z is not None))
+    scratch = [plgpu.SMEM((n_k, split, bd), f32), plgpu.SMEM((2, split, bd), f32),
+               plgpu.SMEM((n_k, split, bd), f32), plgpu.Barrier(num_barriers=2 + 2 * split),
+               plgpu.SMEM((ck_every * _NQ, bd + _RED_PAD), f32), plgpu.SMEM((_WG, 4), f32),
+               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
+        padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
+        keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
+        parts_major=parts_major, interpret=interpret)
+    outs = list(plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_bwd_mgpu")(*arrays))
+    crop = lambda x: x[:, :length, :dn]
+    du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
+    dz = crop(outs.pop(0)) if z is not None else None
+    # dB/dC rows per channel block, summed over the blocks of each group in a fixed order;
+    # within a row, state p * K + k of part p sits at column split * k + p (C: N + that)
+    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, n_blocks // groups, length, _NQ)
+    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    perm = [split * (m % n_k) + m // n_k for m in range(n)]
+    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    if not grouped:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    da = jnp.swapaxes(unpart(outs.pop(0)).sum(0), 0, 1)[:dn].astype(A.dtype)
+    dd = outs.pop(0).sum(0)[:dn].astype(D.dtype) if D is not None else None
+    dbias = (outs.pop(0).sum(0)[:dn].astype(delta_bias.dtype)
+             if delta_bias is not None else None)
+    dh0 = unpart(outs.pop(0))
+    dh0 = (jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
