@@ -423,7 +423,7 @@ VARIANTS = {
     "mgb_sc": dict(mgpu=True, mgpu_bwd=True, mgpu_vec=False),
     # the v6 default spelled out (Mosaic: inference forward one thread per channel, training
     # forward and backward two), and with the training forward at one thread per channel
-    "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2),
+    "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2, mgpu_ck_unsplit=False),
     "v6_ck1": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2,
                    mgpu_ck_unsplit=True),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)

@@ -1326,14 +1326,16 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
-                          mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=False,
+                          mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
                           interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
     GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu: the inference forward
-    with one channel per thread (B/C by TMA into shared memory), the training forward and
-    the backward with two threads per channel (mgpu_bwd=True, mgpu_bwd_split=2); shapes they
+    and the training forward with one channel per thread (B/C by TMA into shared memory; the
+    training forward's checkpoints read as parts by the backward: mgpu_ck_unsplit=True, the
+    lead's call 5 of session 6), the backward with two threads per channel (mgpu_bwd=True,
+    mgpu_bwd_split=2); shapes they
     do not take (grouped B/C with Dn / G not a multiple of 128; the backward N > 16) and other
     GPUs run the Triton kernels. The Triton defaults (v5, "auto5" of bench/mamba.py): v4
     (B/C as lane rows (bc_rows) in both kernels, both split over two lanes per channel)

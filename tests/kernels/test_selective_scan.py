@@ -177,12 +177,12 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
                       chunk=4, mgpu_keep=False), 6, None, 128, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_split=2, mgpu_chunk=8, chunk=2), 6, None, 192,
                  marks=pytest.mark.slow),
-    pytest.param(dict(mgpu=True, mgpu_ck_unsplit=True, mgpu_chunk=8, chunk=4), 16, 2, 256,
+    pytest.param(dict(mgpu=True, mgpu_ck_unsplit=False, mgpu_chunk=8, chunk=4), 16, 2, 256,
                  marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
         "inference_only_n5_padded_channels", "split2_train_bwd_n16_groups",
         "split2_bwd_split2_n16_groups", "split2_bwd_split2_n6_decays_again",
-        "split2_inference_only_n6", "unsplit_checkpoints_split2_backward"])
+        "split2_inference_only_n6", "split_checkpoints_split2_backward"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
