@@ -1026,10 +1026,11 @@ _aggregate_op.defvjp(_aggregate_op_fwd, _aggregate_op_bwd)
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_call(kernel, interpret, *, grid, in_specs, out_specs, out_shape, semantics,
+def _tpu_call(kernel, interpret, *, grid, in_specs, out_specs, out_shape, semantics, name,
               scratch_shapes=()):
+    # `name` becomes the custom call's kernel_name (profiles, tests/kernels/test_tpu_lowering.py)
     return pl.pallas_call(
-        kernel, out_shape=out_shape,
+        kernel, out_shape=out_shape, name=name,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=0, grid=grid,
                                                in_specs=in_specs, out_specs=out_specs,
                                                scratch_shapes=scratch_shapes),
@@ -1088,6 +1089,7 @@ def _prefix_mean_tpu_call(x, interpret, reverse):
     return _tpu_call(kernel, interpret, grid=(b, width // td, n), in_specs=[spec],
                      out_specs=spec, out_shape=_like(x),
                      semantics=("parallel", "parallel", "arbitrary"),
+                     name="prefix_mean_bwd_tpu" if reverse else "prefix_mean_tpu",
                      scratch_shapes=[pltpu.VMEM((1, td), jnp.float32)])(x)
 
 
@@ -1121,7 +1123,7 @@ def _segment_max_tpu_kernel(x_ref, *out_refs, causal):
         return
     y_ref, arg_ref = out_refs
     m = jnp.max(x, axis=1, keepdims=True)
-    arg_ref[...] = jnp.min(jnp.where(x == m, pos, size), axis=1)
+    arg_ref[...] = jnp.min(jnp.where(x == m, pos, size), axis=1, keepdims=True)     # [G, 1, TD]
     y_ref[...] = jnp.broadcast_to(m, x.shape).astype(y_ref.dtype)
 
 
@@ -1129,9 +1131,9 @@ def _segment_max_bwd_tpu_kernel(res_ref, dy_ref, dx_ref, *, causal):
     dy = dy_ref[...].astype(jnp.float32)
     size = dy.shape[1]
     pos = _iota(dy.shape, 1)
-    if not causal:                      # res_ref: argmax [G, TD]
+    if not causal:                      # res_ref: argmax [G, 1, TD]
         total = jnp.sum(dy, axis=1, keepdims=True)
-        dx_ref[...] = jnp.where(pos == res_ref[...][:, None, :], total, 0.0).astype(dx_ref.dtype)
+        dx_ref[...] = jnp.where(pos == res_ref[...], total, 0.0).astype(dx_ref.dtype)
         return
     # res_ref: y [G, S, TD]. Records (argmax positions): strict increases of y. Each takes the
     # sum of dy up to the next record: acc_t = dy_t + [t+1 is no record] acc_{t+1}, solved as a
@@ -1155,35 +1157,51 @@ def _segment_layout(x, size, group, value):
     return x.reshape(b, n_seg, size, width)
 
 
+_SEGMENT_BLOCK_BYTES = 1 << 20
+
+
+def _segment_tiles(size, width):
+    """(segments per block, channel tile) of the TPU segment kernels: 8 segments while one block
+    holds at most _SEGMENT_BLOCK_BYTES as f32 (the channel tile narrowed first, down to 128
+    lanes), fewer (down to one) for long segments. In and out blocks, double-buffered, and the
+    kernels' f32 temporaries then stay within a 16 MiB scoped VMEM for segments up to ~2048."""
+    rows, td = _common.round_up(size, 8), _tpu_block_d(width)
+    while td % 256 == 0 and 8 * rows * td * 4 > _SEGMENT_BLOCK_BYTES:
+        td //= 2
+    return max(1, min(8, _SEGMENT_BLOCK_BYTES // (rows * td * 4))), td
+
+
 def _segment_max_tpu_call(x, size, causal, interpret):
     b, length, width = x.shape
-    group, td = 8, _tpu_block_d(width)
+    group, td = _segment_tiles(size, width)
     x4 = _segment_layout(x, size, group, -jnp.inf)
     grid = (b, x4.shape[1] // group, width // td)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
-    arg_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+    # argmax as [B, n_seg, 1, D]: its block's last two dims (1, td) are legal for any group
+    arg_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     out_specs = [spec] if causal else [spec, arg_spec]
     out_shape = [_like(x4)] + ([] if causal else [
-        jax.ShapeDtypeStruct((b, x4.shape[1], width), jnp.int32)])
+        jax.ShapeDtypeStruct((b, x4.shape[1], 1, width), jnp.int32)])
     outs = _tpu_call(functools.partial(_segment_max_tpu_kernel, causal=causal), interpret,
                      grid=grid, in_specs=[spec], out_specs=out_specs, out_shape=out_shape,
-                     semantics=("parallel",) * 3)(x4)
+                     semantics=("parallel",) * 3, name="segment_max_tpu")(x4)
     y = outs[0].reshape(b, -1, width)[:, :length]
     return y, (y if causal else outs[1])
 
 
 def _segment_max_bwd_tpu_call(res, dy, size, causal, interpret):
     b, length, width = dy.shape
-    group, td = 8, _tpu_block_d(width)
+    group, td = _segment_tiles(size, width)
     dy4 = _segment_layout(dy, size, group, 0.0)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
     if causal:
         res, res_spec = _segment_layout(res, size, group, -jnp.inf), spec
     else:
-        res_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+        res_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     dx4 = _tpu_call(functools.partial(_segment_max_bwd_tpu_kernel, causal=causal), interpret,
                     grid=(b, dy4.shape[1] // group, width // td), in_specs=[res_spec, spec],
-                    out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3)(res, dy4)
+                    out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3,
+                    name="segment_max_bwd_tpu")(res, dy4)
     return dx4.reshape(b, -1, width)[:, :length]
 
 
@@ -1234,13 +1252,16 @@ def _local_max_tpu_call(x, dy, window, causal, interpret):
     pad = lambda a, v: jnp.pad(a, ((0, 0), (halo, n * tl - length + halo), (0, 0)),
                                constant_values=v)
     args = [pad(x, -jnp.inf)] + ([] if dy is None else [pad(dy, 0.0)])
-    in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), td),
-                           lambda b_, i, j: (b_, i * tl, j))
+    # Mosaic takes Element (offset) dims only with no Blocked dim beside them: the channel
+    # tile is an Element block too, offset j * td.
+    in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), pl.Element(td)),
+                           lambda b_, i, j: (b_, i * tl, j * td))
     kernel = functools.partial(_local_max_tpu_kernel, window=window, left=left, halo=halo,
                                backward=dy is not None)
     return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[in_spec] * len(args),
                      out_specs=pl.BlockSpec((None, tl, td), lambda b_, i, j: (b_, i, j)),
-                     out_shape=_like(x), semantics=("parallel",) * 3)(*args)
+                     out_shape=_like(x), semantics=("parallel",) * 3,
+                     name="local_max_tpu" if dy is None else "local_max_bwd_tpu")(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -1286,8 +1307,8 @@ def _fuse_tpu_call(g, s, o, last, interpret, backward):
             out_shape.append(jax.ShapeDtypeStruct((b, n, 1, width), jnp.float32))
     kernel = functools.partial(_fuse_tpu_kernel, length=length, backward=backward)
     return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[g_spec] + [spec] * 3,
-                     out_specs=out_specs, out_shape=out_shape,
-                     semantics=("parallel",) * 3)(g, s, o, last)
+                     out_specs=out_specs, out_shape=out_shape, semantics=("parallel",) * 3,
+                     name="ponet_fuse_bwd_tpu" if backward else "ponet_fuse_tpu")(g, s, o, last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -1358,7 +1379,7 @@ def _aggregate_tpu_stage(stage, args, tiled, outs, interpret):
                      in_specs=[tile if t else whole(a) for a, t in zip(args, tiled, strict=True)],
                      out_specs=[tile if t else part(s) for s, _, t in outs],
                      out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt, _ in outs],
-                     semantics=("parallel", "parallel"))(*args)
+                     semantics=("parallel", "parallel"), name=f"aggregate_{stage}_tpu")(*args)
 
 
 def _aggregate_tpu_fwd(q, k, v, interpret):

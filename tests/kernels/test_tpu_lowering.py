@@ -1,0 +1,440 @@
+"""Every Mosaic TPU kernel lowered for a real TPU, on this CPU machine (no TPU needed).
+
+`jax.export(jax.jit(f), platforms=["tpu"])` inside an abstract mesh of one TPU device runs the
+real Pallas -> Mosaic lowering of each `pallas_call` (not interpret mode) and serializes the
+Mosaic module into a `tpu_custom_call`, exactly as it would ship to a TPU. `tpu_target` also
+makes `_common.platform()` say "tpu", so the public functions dispatch as on a TPU
+(backend="pallas" -> the Mosaic kernels). Each case asserts the exact multiset of Mosaic kernels
+(by kernel name) in the exported module: a silent fallback to the jnp reference lowers too, with
+no kernel, and fails. What this does and does not verify: docs/tpu.md.
+
+Run: `python -m pytest -q tests/kernels/test_tpu_lowering.py` (default ~20 s); `-m slow` adds the
+whole matrix on two more chips.
+"""
+
+import base64
+import collections
+import contextlib
+import dataclasses
+import importlib
+import json
+import re
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import mesh as mesh_lib
+from jax._src.lib import tpu
+from jax._src.lib.mlir import ir, passmanager
+
+from pallas_kernels import _common
+
+attn = importlib.import_module("pallas_kernels.attention")
+attn_tpu = importlib.import_module("pallas_kernels.attention_tpu")
+gla_mod = importlib.import_module("pallas_kernels.gla")
+ss = importlib.import_module("pallas_kernels.selective_scan")
+pool = importlib.import_module("pallas_kernels.pooling")
+probsparse = importlib.import_module("pallas_kernels.probsparse")
+
+CHIP = ("TPU v5 lite", 1)                          # device_kind, TensorCores per device
+OTHER_CHIPS = (("TPU v6 lite", 1), ("TPU v4", 2))  # v4: megacore (two cores, one device)
+VMEM_BUDGET = 16 * 2**20   # the smallest default scoped VMEM limit of v4/v5e/v6e (see docs/tpu.md)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering helpers
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tpu_target(device_kind: str = CHIP[0], num_cores: int = CHIP[1]):
+    """Trace and lower for one TPU device of `device_kind` (a kind jax/_src/tpu_info.py knows)."""
+    device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
+                                     platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh), mock.patch.object(_common, "platform",
+                                                                 lambda: "tpu"):
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicKernel:
+    name: str
+    body: bytes      # the serialized Mosaic module, as the TPU compiler receives it
+
+    def module_text(self) -> str:
+        """The Mosaic MLIR (deserialized with the same `mosaic-serde` pass that wrote it)."""
+        ctx = ir.Context()
+        tpu.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        with ctx, ir.Location.unknown(ctx):
+            module = ir.Module.parse(self.body)
+            passmanager.PassManager.parse(
+                "builtin.module(mosaic-serde{serialize=false})").run(module.operation)
+            return str(module)
+
+    def vmem_bytes(self) -> int:
+        """Lower bound of the kernel's VMEM: two buffers per pipelined block plus the scratch,
+        each padded to (8 * packing, 128) tiles. Values the compiler spills are not counted."""
+        text = self.module_text()
+        main = re.search(r"function_type = \((.*?)\) -> \(\).*?scratch_operands = (\d+)"
+                         r".*?window_params = \[(.*?)\]\}", text, re.S)
+        args, n_scratch, windows = main.group(1), int(main.group(2)), main.group(3)
+        vmem = [_memref_bytes(m) for m in re.findall(r"memref<([^>]*vmem>)>", args)]
+        n_windows = windows.count("window_bounds")
+        blocks, scratch = vmem[:len(vmem) - n_scratch], vmem[len(vmem) - n_scratch:]
+        assert len(blocks) == n_windows, (len(blocks), n_windows)
+        return 2 * sum(blocks) + sum(scratch)
+
+
+def _memref_bytes(spec: str) -> int:
+    dims = spec.split(",")[0].split("x")
+    shape, dtype = [int(d) for d in dims[:-1]], dims[-1]
+    size = {"f32": 4, "i32": 4, "bf16": 2, "f16": 2, "i8": 1}.get(dtype, 4)
+    if shape:
+        shape[-1] = _common.round_up(shape[-1], 128)
+    if len(shape) >= 2:
+        shape[-2] = _common.round_up(shape[-2], 8 * (4 // size))
+    n = size
+    for d in shape:
+        n *= d
+    return n
+
+
+def lower_for_tpu(fn, *args, chip=CHIP) -> list[MosaicKernel]:
+    """Export jit(fn) for a TPU; returns the Mosaic kernels of the module in program order."""
+    with tpu_target(*chip):
+        exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    kernels = []
+    for line in exported.mlir_module().splitlines():
+        if "@tpu_custom_call" not in line:
+            continue
+        config = re.search(r'backend_config = "([^"]*)"', line).group(1).replace("\\22", '"')
+        body = json.loads(config)["custom_call_config"]["body"]
+        name = re.search(r'kernel_name = "([^"]*)"', line).group(1)
+        kernels.append(MosaicKernel(name, base64.b64decode(body)))
+    return kernels
+
+
+def check_kernels(kernels: list[MosaicKernel], expected: dict[str, int]) -> None:
+    """The module holds exactly these Mosaic kernels (name -> count)."""
+    found = collections.Counter(k.name for k in kernels)
+    assert found == collections.Counter(expected), (
+        f"Mosaic kernels {dict(found)}, expected {expected}")
+
+
+def train(fn, argnums):
+    """value_and_grad of a sum of every output: the training forward and every backward."""
+    def loss(*a):
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*a)))
+    return lambda *a: jax.value_and_grad(loss, argnums)(*a)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases: (id, fn, input shapes and dtypes, forward kernels, backward kernels or None)
+# ---------------------------------------------------------------------------------------------
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+F32 = jnp.float32
+
+FLASH_FWD = {"flash_attention_fwd_tpu": 1}
+FLASH_BWD = {"flash_attention_dq_tpu": 1, "flash_attention_dkv_tpu": 1}
+
+
+def _attention_cases(dt):
+    def flash(**kw):
+        return lambda q, k, v: attn.flash_attention(q, k, v, backend="pallas", **kw)
+
+    def seg_flash(q, k, v, seg):
+        return attn.flash_attention(q, k, v, segment_ids=seg, causal=True, backend="pallas")
+
+    def decode(**kw):
+        return lambda q, k, v, n: attn.decode_attention(q, k, v, n, backend="pallas", **kw)
+
+    q, kv = S((2, 256, 4, 128), dt), S((2, 256, 2, 128), dt)
+    q_long, kv_long = S((1, 200, 4, 64), dt), S((1, 330, 4, 64), dt)
+    tiny = S((1, 5, 2, 64), dt)
+    return [
+        ("flash_causal_gqa", flash(causal=True), (q, kv, kv), FLASH_FWD, FLASH_BWD),
+        ("flash_full", flash(), (q, q, q), FLASH_FWD, FLASH_BWD),
+        ("flash_window", flash(causal=True, window=64), (q, kv, kv), FLASH_FWD, FLASH_BWD),
+        ("flash_segments", seg_flash, (q, kv, kv, S((2, 256), I32)), FLASH_FWD, FLASH_BWD),
+        ("flash_ragged_lq_ne_lk", flash(causal=True), (q_long, kv_long, kv_long), FLASH_FWD,
+         FLASH_BWD),
+        ("flash_tiny", flash(causal=True), (tiny, tiny, tiny), FLASH_FWD, FLASH_BWD),
+        ("decode_t1_gqa_window", decode(window=100),
+         (S((2, 1, 8, 128), dt), S((2, 300, 2, 128), dt), S((2, 300, 2, 128), dt),
+          S((2,), I32)), {"flash_decode_tpu": 1}, None),
+        ("decode_t3", decode(),
+         (S((3, 3, 4, 64), dt), S((3, 40, 4, 64), dt), S((3, 40, 4, 64), dt), S((3,), I32)),
+         {"flash_decode_tpu": 1}, None),
+    ]
+
+
+GLA_FWD = {"gla_fwd_tpu": 1}
+GLA_BWD = {"gla_bwd_dq_tpu": 1, "gla_bwd_dkv_tpu": 1}
+
+
+def _gla_cases(dt):
+    def run(q, k, v, g, s0=None):
+        return gla_mod.gla(q, k, v, g, initial_state=s0, return_state=True, backend="pallas")
+
+    qk, v = S((2, 200, 2, 64), dt), S((2, 200, 2, 32), dt)
+    odd_qk, odd_v = S((1, 65, 3, 100), dt), S((1, 65, 3, 20), dt)
+    return [
+        ("gla_initial_state", run, (qk, qk, v, qk, S((2, 2, 64, 32), F32)), GLA_FWD, GLA_BWD),
+        ("gla_odd_dims", run, (odd_qk, odd_qk, odd_v, odd_qk), GLA_FWD, GLA_BWD),
+    ]
+
+
+SCAN_FWD = {"selective_scan_fwd_tpu": 1}
+SCAN_BWD = {"selective_scan_bwd_tpu": 1}
+
+
+def _scan_cases(dt):
+    def scan(*opts, softplus=True):
+        def run(u, delta, a, b, c, *rest):
+            kw = dict(zip(opts, rest, strict=True))
+            return ss.selective_scan(u, delta, a, b, c, **kw, delta_softplus=softplus,
+                                     return_state=True, backend="pallas")
+        return run
+
+    def shapes(bsz, length, dn, n, groups=1):
+        bc = S((bsz, length, n) if groups == 1 else (bsz, length, groups, n), dt)
+        u = S((bsz, length, dn), dt)
+        return u, (u, u, S((dn, n), F32), bc, bc), dict(D=S((dn,), F32), z=u,
+                                                       delta_bias=S((dn,), F32),
+                                                       initial_state=S((bsz, dn, n), F32))
+
+    u, base, opt = shapes(2, 100, 256, 16)
+    _, small, _ = shapes(2, 50, 48, 8)
+    _, grouped, _ = shapes(1, 40, 512, 16, groups=4)
+    cases = [("scan_plain", scan(softplus=False), base),
+             ("scan_z", scan("z"), base + (opt["z"],)),
+             ("scan_d_bias", scan("D", "delta_bias"), base + (opt["D"], opt["delta_bias"])),
+             ("scan_all", scan("D", "z", "delta_bias", "initial_state"),
+              base + (opt["D"], opt["z"], opt["delta_bias"], opt["initial_state"])),
+             ("scan_channels_below_128", scan(), small),
+             ("scan_grouped_bc", scan(), grouped)]
+    return [(name, fn, args, SCAN_FWD, SCAN_BWD) for name, fn, args in cases]
+
+
+def _pool_cases(dt):
+    x, row = S((2, 300, 256), dt), S((2, 1, 256), dt)
+    qkv = S((2, 300, 4, 64), dt)
+    p = lambda f, **kw: (lambda *a: f(*a, **kw, backend="pallas"))
+    return [
+        ("segment_max", p(pool.segment_max, segment_size=5), (x,),
+         {"segment_max_tpu": 1}, {"segment_max_bwd_tpu": 1}),
+        ("segment_max_causal", p(pool.segment_max, segment_size=16, causal=True), (x,),
+         {"segment_max_tpu": 1}, {"segment_max_bwd_tpu": 1}),
+        ("local_max", p(pool.local_max, window=3), (x,),
+         {"local_max_tpu": 1}, {"local_max_bwd_tpu": 1}),
+        ("local_max_causal", p(pool.local_max, window=4, causal=True), (x,),
+         {"local_max_tpu": 1}, {"local_max_bwd_tpu": 1}),
+        ("prefix_mean", p(pool.prefix_mean), (x,),
+         {"prefix_mean_tpu": 1}, {"prefix_mean_bwd_tpu": 1}),
+        ("global_aggregate", p(pool.global_aggregate), (qkv, qkv, qkv),
+         {"aggregate_qsum_tpu": 1, "aggregate_fwd_tpu": 1}, {"aggregate_bwd_tpu": 1}),
+        ("ponet_fuse_g_row", p(pool.ponet_fuse), (row, x, x, x),
+         {"ponet_fuse_tpu": 1}, {"ponet_fuse_bwd_tpu": 1}),
+        ("ponet_fuse_g_full", p(pool.ponet_fuse), (x, x, x, x),
+         {"ponet_fuse_tpu": 1}, {"ponet_fuse_bwd_tpu": 1}),
+        ("ponet_pool_fuse_causal", p(pool.ponet_pool_fuse, segment_size=4, causal=True),
+         (row, x, x, x),
+         {"segment_max_tpu": 1, "local_max_tpu": 1, "ponet_fuse_tpu": 1},
+         {"segment_max_bwd_tpu": 1, "local_max_bwd_tpu": 1, "ponet_fuse_bwd_tpu": 1}),
+        ("ponet_pool_fuse", p(pool.ponet_pool_fuse, segment_size=8, window=5), (row, x, x, x),
+         {"segment_max_tpu": 1, "local_max_tpu": 1, "ponet_fuse_tpu": 1},
+         {"segment_max_bwd_tpu": 1, "local_max_bwd_tpu": 1, "ponet_fuse_bwd_tpu": 1}),
+    ]
+
+
+def _cases():
+    out = []
+    for dt in (jnp.bfloat16, jnp.float32):
+        for family in (_attention_cases, _gla_cases, _scan_cases, _pool_cases):
+            for name, fn, args, fwd, bwd in family(dt):
+                out.append(pytest.param(fn, args, fwd, bwd,
+                                        id=f"{name}-{jnp.dtype(dt).name}"))
+    return out
+
+
+CASES = _cases()
+
+
+def _float_args(args):
+    return tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+
+
+def _lower_case(fn, args, fwd, bwd, chip=CHIP):
+    """Lower the forward (inference) and, where a backward exists, the training step."""
+    forward = lower_for_tpu(fn, *args, chip=chip)
+    check_kernels(forward, fwd)
+    step = []
+    if bwd is not None:
+        step = lower_for_tpu(train(fn, _float_args(args)), *args, chip=chip)
+        check_kernels(step, collections.Counter(fwd) + collections.Counter(bwd))
+    return forward + step
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn, args, fwd, bwd", CASES)
+def test_kernel_lowers_to_mosaic_and_fits_vmem(fn, args, fwd, bwd):
+    for kernel in _lower_case(fn, args, fwd, bwd):
+        assert kernel.vmem_bytes() <= VMEM_BUDGET, (kernel.name, kernel.vmem_bytes())
+
+
+def _one_per_family():
+    keep = ("flash_causal_gqa", "decode_t1_gqa_window", "gla_initial_state", "scan_all",
+            "segment_max_causal", "local_max", "global_aggregate", "ponet_pool_fuse")
+    return [c for c in CASES if c.id.split("-")[0] in keep and c.id.endswith("bfloat16")]
+
+
+@pytest.mark.parametrize("chip", OTHER_CHIPS, ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("fn, args, fwd, bwd", _one_per_family())
+def test_mosaic_module_is_the_same_on_other_chips(fn, args, fwd, bwd, chip):
+    """The kernels lower for other generations too, to the same Mosaic module (compared
+    without source locations): the lowering takes nothing chip-specific from our kernels, the
+    TPU compiler does the per-chip work."""
+    reference = _lower_case(fn, args, fwd, bwd)
+    other = _lower_case(fn, args, fwd, bwd, chip=chip)
+    assert [k.module_text() for k in other] == [k.module_text() for k in reference]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chip", OTHER_CHIPS, ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("fn, args, fwd, bwd", CASES)
+def test_kernel_lowers_on_other_chips(fn, args, fwd, bwd, chip):
+    _lower_case(fn, args, fwd, bwd, chip=chip)
+
+
+def _large_cases():
+    f32, bf16 = F32, jnp.bfloat16
+    x, qkv = S((2, 4096, 1024), f32), S((2, 4096, 16, 128), f32)
+    q256, g256 = S((1, 4096, 8, 256), f32), S((1, 4096, 4, 256), f32)
+    u, a, bc = S((1, 2048, 4096), f32), S((4096, 128), f32), S((1, 2048, 128), f32)
+    kv = S((4, 8192, 8, 128), bf16)
+    cases = [(f"segment_max_{size}{'_causal' * c}",
+              lambda x, size=size, c=c: pool.segment_max(x, size, causal=c, backend="pallas"),
+              (x,), True) for size in (32, 256, 1024) for c in (False, True)]
+    return cases + [
+        ("local_max_9", lambda x: pool.local_max(x, 9, backend="pallas"), (x,), True),
+        ("prefix_mean", lambda x: pool.prefix_mean(x, backend="pallas"), (x,), True),
+        ("global_aggregate_16x128", lambda q, k, v: pool.global_aggregate(
+            q, k, v, backend="pallas"), (qkv, qkv, qkv), True),
+        ("flash_d256", lambda q, k, v: attn.flash_attention(q, k, v, causal=True,
+                                                            backend="pallas"),
+         (q256, q256, q256), True),
+        ("gla_256", lambda q, k, v, g: gla_mod.gla(q, k, v, g, backend="pallas"),
+         (g256, g256, g256, g256), True),
+        ("scan_n128", lambda u, d, a, b, c: ss.selective_scan(u, d, a, b, c, backend="pallas"),
+         (u, u, a, bc, bc), True),
+        ("decode_8k", lambda q, k, v, n: attn.decode_attention(q, k, v, n, backend="pallas"),
+         (S((4, 4, 32, 128), bf16), kv, kv, S((4,), I32)), False),
+    ]
+
+
+@pytest.mark.parametrize("fn, args, grads", [pytest.param(*c[1:], id=c[0])
+                                             for c in _large_cases()])
+def test_vmem_fits_at_large_shapes(fn, args, grads):
+    """Long sequences, wide heads, long PoNet segments: the blocks still fit (segment_max
+    used to take 8 whole segments per block: 64 MiB at segments of 1024 x 512 lanes)."""
+    kernels = lower_for_tpu(train(fn, _float_args(args)) if grads else fn, *args)
+    assert kernels
+    for kernel in kernels:
+        assert kernel.vmem_bytes() <= VMEM_BUDGET, (kernel.name, kernel.vmem_bytes())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_max_with_few_segments_per_block_matches_reference(causal):
+    """TPU interpret mode with the block budget cut so a block holds 3 segments and 128 of the
+    256 channels (the path long segments take); forward and gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, 37, 256), F32)
+    dy = jax.random.normal(jax.random.key(1), x.shape, F32)
+
+    def run(backend):
+        fn = lambda x: pool.segment_max(x, 5, causal=causal, backend=backend)
+        y, vjp = jax.vjp(fn, x)
+        return y, vjp(dy)[0]
+
+    with mock.patch.object(pool, "_SEGMENT_BLOCK_BYTES", 3 * 8 * 128 * 4):
+        assert pool._segment_tiles(5, 256) == (3, 128)
+        y, dx = run("tpu_interpret")
+    y_ref, dx_ref = run("reference")
+    assert jnp.allclose(y, y_ref) and jnp.allclose(dx, dx_ref, atol=1e-6)
+
+
+def test_dimension_semantics_keep_carried_axes_sequential():
+    """Axes that carry state in scratch across grid steps must be "arbitrary" (a megacore
+    splits "parallel" axes over its two cores)."""
+    q, kv = S((1, 256, 2, 128), jnp.bfloat16), S((1, 256, 2, 128), jnp.bfloat16)
+    u, bc = S((1, 64, 128), jnp.float32), S((1, 64, 16), jnp.float32)
+    x = S((1, 300, 128), jnp.float32)
+    kernels = (
+        lower_for_tpu(train(lambda q, k, v: attn.flash_attention(
+            q, k, v, causal=True, backend="pallas"), (0, 1, 2)), q, kv, kv)
+        + lower_for_tpu(train(lambda u, d, a, b, c: ss.selective_scan(
+            u, d, a, b, c, backend="pallas"), (0, 1, 2, 3, 4)), u, u, S((128, 16), F32), bc, bc)
+        + lower_for_tpu(train(lambda x: pool.prefix_mean(x, backend="pallas"), (0,)), x))
+    last_arbitrary = {"flash_attention_fwd_tpu", "flash_attention_dq_tpu",
+                      "flash_attention_dkv_tpu", "selective_scan_fwd_tpu",
+                      "selective_scan_bwd_tpu", "prefix_mean_tpu", "prefix_mean_bwd_tpu"}
+    assert {k.name for k in kernels} == last_arbitrary
+    for kernel in kernels:
+        semantics = re.search(r"dimension_semantics = \[(.*?)\]", kernel.module_text()).group(1)
+        kinds = re.findall(r"dimension_semantics<(\w+)>", semantics)
+        assert kinds[-1] == "arbitrary" and set(kinds[:-1]) == {"parallel"}, (kernel.name, kinds)
+
+
+def test_illegal_block_shape_fails_at_lowering():
+    """The check can fail: a query block of 100 rows is no multiple of 8 sublanes."""
+    q = S((1, 512, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        lower_for_tpu(lambda q, k, v: attn_tpu.flash_attention_tpu(q, k, v, block_q=100),
+                      q, q, q)
+
+
+def test_reference_fallback_fails_the_kernel_check():
+    """A function that takes the jnp reference lowers too, with no Mosaic kernel: the check
+    of the kernel names is what tells them apart."""
+    q = S((1, 256, 2, 128), jnp.bfloat16)
+    kernels = lower_for_tpu(
+        lambda q, k, v: attn.flash_attention(q, k, v, causal=True, backend="reference"), q, q, q)
+    assert kernels == []
+    with pytest.raises(AssertionError, match="expected"):
+        check_kernels(kernels, FLASH_FWD)
+
+
+def test_vmem_estimate_counts_double_buffered_blocks():
+    """The decode kernel: q, k, v and o blocks double-buffered, plus three scratch tiles."""
+    d, rows, bk = 128, 8, 128               # rep * T = 4 rows of q, padded to 8
+    (kernel,) = lower_for_tpu(
+        lambda q, k, v, n: attn.decode_attention(q, k, v, n, backend="pallas"),
+        S((1, 1, 4, d), F32), S((1, 256, 1, d), F32), S((1, 256, 1, d), F32), S((1,), I32))
+    blocks = (rows * d + 2 * bk * d + rows * d) * 4
+    scratch = (rows * 128 + rows * 128 + rows * d) * 4
+    assert kernel.vmem_bytes() == 2 * blocks + scratch
+
+
+def test_paths_without_a_mosaic_kernel_lower_to_plain_xla():
+    """On a TPU these run jnp code (no Mosaic kernel exists for them): ProbSparse's measure,
+    top-u and active rows, and the selective scan's decoding step."""
+    q = S((1, 64, 2, 32), F32)
+    idx = S((64, 8), I32)
+    top = S((1, 2, 8), I32)
+    assert lower_for_tpu(lambda q, k, i: probsparse.sparsity_measure(q, k, i, backend="pallas"),
+                         q, q, idx) == []
+    assert lower_for_tpu(lambda m: probsparse.top_u(m, 8, backend="pallas"),
+                         S((1, 2, 64), F32)) == []
+    assert lower_for_tpu(lambda q, k, v, t: probsparse.active_rows_attention(
+        q, k, v, t, backend="pallas"), q, q, q, top) == []
+    dn, n = 256, 16
+    assert lower_for_tpu(
+        lambda h, u, d, a, b, c: ss.selective_state_update(h, u, d, a, b, c, backend="pallas"),
+        S((2, dn, n), F32), S((2, dn), F32), S((2, dn), F32), S((dn, n), F32),
+        S((2, n), F32), S((2, n), F32)) == []
