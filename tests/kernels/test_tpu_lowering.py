@@ -209,14 +209,16 @@ def _scan_cases(dt):
 
     u, base, opt = shapes(2, 100, 256, 16)
     _, small, _ = shapes(2, 50, 48, 8)
-    _, grouped, _ = shapes(1, 40, 512, 16, groups=4)
+    _, grouped, _ = shapes(1, 40, 512, 16, groups=4)          # 128 lanes per group
+    _, narrow, _ = shapes(1, 40, 512, 16, groups=8)           # 64: two groups per block
     cases = [("scan_plain", scan(softplus=False), base),
              ("scan_z", scan("z"), base + (opt["z"],)),
              ("scan_d_bias", scan("D", "delta_bias"), base + (opt["D"], opt["delta_bias"])),
              ("scan_all", scan("D", "z", "delta_bias", "initial_state"),
               base + (opt["D"], opt["z"], opt["delta_bias"], opt["initial_state"])),
              ("scan_channels_below_128", scan(), small),
-             ("scan_grouped_bc", scan(), grouped)]
+             ("scan_grouped_bc", scan(), grouped),
+             ("scan_grouped_bc_narrow", scan(), narrow)]
     return [(name, fn, args, SCAN_FWD, SCAN_BWD) for name, fn, args in cases]
 
 
@@ -367,6 +369,36 @@ def test_segment_max_with_few_segments_per_block_matches_reference(causal):
         y, dx = run("tpu_interpret")
     y_ref, dx_ref = run("reference")
     assert jnp.allclose(y, y_ref) and jnp.allclose(dx, dx_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dn, groups, n", [
+    (256, 4, 16),                                                   # 2 groups per 128-lane block
+    pytest.param(96, 3, 4, marks=pytest.mark.slow),                 # one block of all 3 groups
+    pytest.param(512, 2, 8, marks=pytest.mark.slow),                # 2 blocks per group
+])
+def test_scan_grouped_blocks_match_reference_in_tpu_interpret_mode(dn, groups, n):
+    """Grouped B/C as the Mosaic kernels now tile them (groups narrower than 128 lanes used to
+    give blocks of per_group lanes, which do not lower): outputs and gradients."""
+    ks = jax.random.split(jax.random.key(0), 6)
+    bsz, length = 1, 11
+    u = jax.random.normal(ks[0], (bsz, length, dn), F32)
+    delta = jax.random.normal(ks[1], (bsz, length, dn), F32)
+    a = -jnp.exp(jax.random.normal(ks[2], (dn, n), F32))
+    b, c = (jax.random.normal(k, (bsz, length, groups, n), F32) for k in ks[3:5])
+    w = jax.random.normal(ks[5], (bsz, length, dn), F32)
+
+    def loss(scan):
+        def f(u, delta, a, b, c):
+            y, h = scan(u, delta, a, b, c)
+            return jnp.sum(y * w) + jnp.sum(h), (y, h)
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2, 3, 4), has_aux=True))
+
+    tpu = lambda *x: ss.selective_scan_tpu(*x, delta_softplus=True, chunk=8, interpret=True)
+    ref = lambda *x: ss.selective_scan_reference(*x, delta_softplus=True, method="scan")
+    (_, out), grads = loss(tpu)(u, delta, a, b, c)
+    (_, out_ref), grads_ref = loss(ref)(u, delta, a, b, c)
+    for x, x_ref in zip((*out, *grads), (*out_ref, *grads_ref), strict=True):
+        assert jnp.allclose(x, x_ref, rtol=1e-4, atol=1e-4), float(jnp.max(jnp.abs(x - x_ref)))
 
 
 def test_dimension_semantics_keep_carried_axes_sequential():
