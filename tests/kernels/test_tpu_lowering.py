@@ -48,12 +48,16 @@ VMEM_BUDGET = 16 * 2**20   # the smallest default scoped VMEM limit of v4/v5e/v6
 
 @contextlib.contextmanager
 def tpu_target(device_kind: str = CHIP[0], num_cores: int = CHIP[1]):
-    """Trace and lower for one TPU device of `device_kind` (a kind jax/_src/tpu_info.py knows)."""
+    """Trace and lower for one TPU device of `device_kind` (a kind jax/_src/tpu_info.py knows).
+
+    jax.enable_checks also runs the MLIR verifier over the whole Mosaic module when it is
+    serialized (the lowering itself verifies the kernel body only).
+    """
     device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
                                      platform="tpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh), mock.patch.object(_common, "platform",
-                                                                 lambda: "tpu"):
+    with (jax.sharding.use_abstract_mesh(mesh), jax.enable_checks(True),
+          mock.patch.object(_common, "platform", lambda: "tpu")):
         yield
 
 
@@ -412,10 +416,15 @@ def test_dimension_semantics_keep_carried_axes_sequential():
             q, k, v, causal=True, backend="pallas"), (0, 1, 2)), q, kv, kv)
         + lower_for_tpu(train(lambda u, d, a, b, c: ss.selective_scan(
             u, d, a, b, c, backend="pallas"), (0, 1, 2, 3, 4)), u, u, S((128, 16), F32), bc, bc)
-        + lower_for_tpu(train(lambda x: pool.prefix_mean(x, backend="pallas"), (0,)), x))
+        + lower_for_tpu(train(lambda x: pool.prefix_mean(x, backend="pallas"), (0,)), x)
+        + lower_for_tpu(train(lambda q, k, v, g: gla_mod.gla(q, k, v, g, backend="pallas"),
+                              (0, 1, 2, 3)), *[S((1, 128, 2, 64), F32)] * 4)
+        + lower_for_tpu(lambda q, k, v, n: attn.decode_attention(q, k, v, n, backend="pallas"),
+                        S((1, 1, 2, 128), jnp.bfloat16), kv, kv, S((1,), I32)))
     last_arbitrary = {"flash_attention_fwd_tpu", "flash_attention_dq_tpu",
                       "flash_attention_dkv_tpu", "selective_scan_fwd_tpu",
-                      "selective_scan_bwd_tpu", "prefix_mean_tpu", "prefix_mean_bwd_tpu"}
+                      "selective_scan_bwd_tpu", "prefix_mean_tpu", "prefix_mean_bwd_tpu",
+                      "gla_fwd_tpu", "gla_bwd_dq_tpu", "gla_bwd_dkv_tpu", "flash_decode_tpu"}
     assert {k.name for k in kernels} == last_arbitrary
     for kernel in kernels:
         semantics = re.search(r"dimension_semantics = \[(.*?)\]", kernel.module_text()).group(1)
