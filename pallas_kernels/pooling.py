@@ -1329,56 +1329,75 @@ _fuse_tpu.defvjp(lambda g, s, o, l, interpret: (_fuse_tpu(g, s, o, l, interpret)
                  _fuse_tpu_bwd)
 
 
-def _aggregate_tpu_kernel(*refs, length, scale, stage):
-    # One [TL, H, Dh] tile of the length per program; per-tile partials are combined in XLA.
-    # "qsum": column sums of q; "fwd": softmax partials (m, l, acc); "bwd": dk, dv, dqbar part.
+def _head_map(heads, dh, transpose=False):
+    """E [H*Dh, H] with E[j, h] = (j // Dh == h), or E^T: per-head lane sums (x @ E) and
+    per-head broadcasts to the lanes (y @ E^T) as matmuls, so the tiles stay 2-D."""
+    shape = (heads, heads * dh) if transpose else (heads * dh, heads)
+    lane, head = (1, 0) if transpose else (0, 1)
+    return (_iota(shape, lane) // dh == _iota(shape, head)).astype(jnp.float32)
+
+
+def _hdot(a, b):
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _aggregate_tpu_kernel(*refs, length, heads, scale, stage):
+    # One [TL, H*Dh] tile of the length per program (the heads side by side on the lanes);
+    # per-tile partials are combined in XLA. "qsum": column sums of q [1, H*Dh]; "fwd": softmax
+    # partials m, l [1, H] and acc [1, H*Dh]; "bwd": dk, dv tiles and a dqbar part [1, H*Dh].
     if stage == "qsum":
         q_ref, out_ref = refs
-        pos = pl.program_id(1) * q_ref.shape[0] + _iota(q_ref.shape, 0)
-        out_ref[...] = jnp.sum(jnp.where(pos < length, q_ref[...].astype(jnp.float32), 0.0),
-                               axis=0)
+        ok = pl.program_id(1) * q_ref.shape[0] + _iota((q_ref.shape[0], 1), 0) < length
+        out_ref[...] = jnp.sum(jnp.where(ok, q_ref[...].astype(jnp.float32), 0.0), axis=0,
+                               keepdims=True)
         return
     if stage == "fwd":
         qbar_ref, k_ref, v_ref, m_ref, l_ref, acc_ref = refs
     else:
         qbar_ref, dg_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
-    tl, h = k_ref.shape[:2]
-    ok = (pl.program_id(1) * tl + _iota((tl, h), 0)) < length                   # [TL, H]
-    qbar = qbar_ref[...]
-    k = jnp.where(ok[:, :, None], k_ref[...].astype(jnp.float32), 0.0)
-    v = jnp.where(ok[:, :, None], v_ref[...].astype(jnp.float32), 0.0)
-    s = jnp.sum(k * qbar[None], axis=-1) * scale                                 # [TL, H]
+    tl, width = k_ref.shape
+    to_heads = _head_map(heads, width // heads)
+    to_lanes = _head_map(heads, width // heads, transpose=True)
+    ok = pl.program_id(1) * tl + _iota((tl, 1), 0) < length                      # [TL, 1]
+    qbar = qbar_ref[...]                                                          # [1, H*Dh]
+    k = jnp.where(ok, k_ref[...].astype(jnp.float32), 0.0)
+    v = jnp.where(ok, v_ref[...].astype(jnp.float32), 0.0)
+    s = _hdot(k * qbar, to_heads) * scale                                         # [TL, H]
     if stage == "fwd":
         s = jnp.where(ok, s, -jnp.inf)
-        m = jnp.max(s, axis=0, keepdims=True)                                   # [1, H]
+        m = jnp.max(s, axis=0, keepdims=True)                                     # [1, H]
         p = jnp.exp(s - m)
-        m_ref[...] = m.T
-        l_ref[...] = jnp.sum(p, axis=0, keepdims=True).T
-        acc_ref[...] = jnp.sum(p[:, :, None] * v, axis=0)
+        m_ref[...] = m
+        l_ref[...] = jnp.sum(p, axis=0, keepdims=True)
+        acc_ref[...] = jnp.sum(_hdot(p, to_lanes) * v, axis=0, keepdims=True)
         return
-    dg = dg_ref[...]
-    p = jnp.where(ok, jnp.exp(s - lse_ref[...].T), 0.0)
-    ds = p * (jnp.sum(v * dg[None], axis=-1) - delta_ref[...].T)
-    dv_ref[...] = (p[:, :, None] * dg[None]).astype(dv_ref.dtype)
-    dk_ref[...] = (ds[:, :, None] * qbar[None] * scale).astype(dk_ref.dtype)
-    dq_ref[...] = jnp.sum(ds[:, :, None] * k, axis=0) * scale
+    dg = dg_ref[...]                                                              # [1, H*Dh]
+    p = jnp.where(ok, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = p * (_hdot(v * dg, to_heads) - delta_ref[...])                           # [TL, H]
+    dv_ref[...] = (_hdot(p, to_lanes) * dg).astype(dv_ref.dtype)
+    ds_lanes = _hdot(ds, to_lanes) * scale                                        # [TL, H*Dh]
+    dk_ref[...] = (ds_lanes * qbar).astype(dk_ref.dtype)
+    dq_ref[...] = jnp.sum(ds_lanes * k, axis=0, keepdims=True)
 
 
-def _aggregate_tpu_stage(stage, args, tiled, outs, interpret):
-    """One stage over grid (B, L tiles). tiled[i]: args[i] is [B, L, H, Dh] (else whole per
-    batch row); outs: (shape, dtype, tiled), [B, L, H, Dh] if tiled else [B, n_tiles, ...]."""
-    b, length, h, dh = args[-1].shape
-    tl = _tpu_block_l(length, 128)
-    n = pl.cdiv(length, tl)
-    tile = pl.BlockSpec((None, tl, h, dh), lambda b_, i: (b_, i, 0, 0))
-    whole = lambda a: pl.BlockSpec((None, *a.shape[1:]),
-                                   lambda b_, i: (b_,) + (0,) * (a.ndim - 1))
-    part = lambda s: pl.BlockSpec((None, None, *s[2:]),
-                                  lambda b_, i: (b_, i) + (0,) * (len(s) - 2))
-    kernel = functools.partial(_aggregate_tpu_kernel, length=length, scale=dh ** -0.5,
-                               stage=stage)
-    return _tpu_call(kernel, interpret, grid=(b, n),
-                     in_specs=[tile if t else whole(a) for a, t in zip(args, tiled, strict=True)],
+def _aggregate_tile(length, width):
+    """Rows of a [TL, H*Dh] tile: 128, fewer for wide heads (an f32 tile of at most 512 KiB)."""
+    rows = max(8, min(128, (1 << 17) // _common.round_up(width, 128)) // 8 * 8)
+    return _tpu_block_l(length, rows)
+
+
+def _aggregate_tpu_stage(stage, args, tiled, outs, heads, interpret):
+    """One stage over grid (B, L tiles). tiled[i]: args[i] is [B, L, H*Dh], else a row [B, 1, X]
+    read whole; outs: (shape, dtype, tiled), [B, L, H*Dh] if tiled else partials [B, n, 1, X]."""
+    b, length, width = args[-1].shape
+    tl = _aggregate_tile(length, width)
+    tile = pl.BlockSpec((None, tl, width), lambda b_, i: (b_, i, 0))
+    row = lambda a: pl.BlockSpec((None, 1, a.shape[-1]), lambda b_, i: (b_, 0, 0))
+    part = lambda s: pl.BlockSpec((None, None, 1, s[-1]), lambda b_, i: (b_, i, 0, 0))
+    kernel = functools.partial(_aggregate_tpu_kernel, length=length, heads=heads,
+                               scale=(width // heads) ** -0.5, stage=stage)
+    return _tpu_call(kernel, interpret, grid=(b, pl.cdiv(length, tl)),
+                     in_specs=[tile if t else row(a) for a, t in zip(args, tiled, strict=True)],
                      out_specs=[tile if t else part(s) for s, _, t in outs],
                      out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt, _ in outs],
                      semantics=("parallel", "parallel"), name=f"aggregate_{stage}_tpu")(*args)
@@ -1386,20 +1405,22 @@ def _aggregate_tpu_stage(stage, args, tiled, outs, interpret):
 
 def _aggregate_tpu_fwd(q, k, v, interpret):
     b, length, h, dh = q.shape
-    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    n = pl.cdiv(length, _aggregate_tile(length, h * dh))
+    flat = lambda x: x.reshape(b, length, h * dh)
     f32 = jnp.float32
-    (q_sums,) = _aggregate_tpu_stage("qsum", (q,), (True,), [((b, n, h, dh), f32, False)],
-                                     interpret)
-    qbar = jnp.sum(q_sums, axis=1) / length
-    m, l, acc = _aggregate_tpu_stage("fwd", (qbar, k, v), (False, True, True),
-                                     [((b, n, h, 1), f32, False), ((b, n, h, 1), f32, False),
-                                      ((b, n, h, dh), f32, False)], interpret)
-    m, l = m[..., 0], l[..., 0]
+    (q_sums,) = _aggregate_tpu_stage("qsum", (flat(q),), (True,),
+                                     [((b, n, 1, h * dh), f32, False)], h, interpret)
+    qbar = jnp.sum(q_sums, axis=1) / length                                       # [B, 1, H*Dh]
+    m, l, acc = _aggregate_tpu_stage(
+        "fwd", (qbar, flat(k), flat(v)), (False, True, True),
+        [((b, n, 1, h), f32, False), ((b, n, 1, h), f32, False),
+         ((b, n, 1, h * dh), f32, False)], h, interpret)
+    m, l, acc = m[:, :, 0], l[:, :, 0], acc[:, :, 0].reshape(b, n, h, dh)
     m_max = jnp.max(m, axis=1)
     w = jnp.exp(m - m_max[:, None])
     l_sum = jnp.sum(w * l, axis=1)
-    g32 = jnp.sum(w[..., None] * acc, axis=1) / l_sum[..., None]
-    lse = (m_max + jnp.log(l_sum))[..., None]                                     # [B, H, 1]
+    g32 = jnp.sum(w[..., None] * acc, axis=1) / l_sum[..., None]                 # [B, H, Dh]
+    lse = m_max + jnp.log(l_sum)                                                  # [B, H]
     return g32, (jnp.zeros((0,), q.dtype), k, v, qbar, lse, g32)
 
 
@@ -1411,15 +1432,18 @@ def _aggregate_tpu(q, k, v, interpret):
 def _aggregate_tpu_bwd(interpret, res, dg):
     q_dtype, k, v, qbar, lse, g32 = res
     b, length, h, dh = k.shape
-    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    n = pl.cdiv(length, _aggregate_tile(length, h * dh))
     dg32 = dg.astype(jnp.float32)
-    delta = jnp.sum(dg32 * g32, axis=-1, keepdims=True)                           # [B, H, 1]
+    delta = jnp.sum(dg32 * g32, axis=-1)                                          # [B, H]
+    flat = lambda x: x.reshape(b, length, h * dh)
     dk, dv, dqbar = _aggregate_tpu_stage(
-        "bwd", (qbar, dg32, lse, delta, k, v), (False,) * 4 + (True, True),
-        [(k.shape, k.dtype, True), (v.shape, v.dtype, True), ((b, n, h, dh), jnp.float32, False)],
-        interpret)
-    dqbar = jnp.sum(dqbar, axis=1) / length
-    return jnp.broadcast_to(dqbar[:, None], k.shape).astype(q_dtype.dtype), dk, dv
+        "bwd", (qbar, dg32.reshape(b, 1, h * dh), lse[:, None], delta[:, None], flat(k),
+                flat(v)), (False,) * 4 + (True, True),
+        [((b, length, h * dh), k.dtype, True), ((b, length, h * dh), v.dtype, True),
+         ((b, n, 1, h * dh), jnp.float32, False)], h, interpret)
+    dqbar = jnp.sum(dqbar[:, :, 0], axis=1).reshape(b, h, dh) / length
+    return (jnp.broadcast_to(dqbar[:, None], k.shape).astype(q_dtype.dtype), dk.reshape(k.shape),
+            dv.reshape(v.shape))
 
 
 _aggregate_tpu.defvjp(lambda q, k, v, interpret: (
