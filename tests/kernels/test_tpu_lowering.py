@@ -17,8 +17,12 @@ import collections
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -27,6 +31,7 @@ import pytest
 from jax._src import mesh as mesh_lib
 from jax._src.lib import tpu
 from jax._src.lib.mlir import ir, passmanager
+from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 
@@ -479,3 +484,164 @@ def test_paths_without_a_mosaic_kernel_lower_to_plain_xla():
         lambda h, u, d, a, b, c: ss.selective_state_update(h, u, d, a, b, c, backend="pallas"),
         S((2, dn, n), F32), S((2, dn), F32), S((2, dn), F32), S((dn, n), F32),
         S((2, n), F32), S((2, n), F32)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The real TPU compiler, deviceless: libtpu compiles for a TPU topology without a TPU attached
+# (XLA:TPU and Mosaic's own passes: layouts, VMEM allocation, code generation). A compiler
+# error can abort the process, so a worker subprocess compiles, restarted past a crash.
+# ---------------------------------------------------------------------------------------------
+
+TOPOLOGY = "v5e:2x2"                               # device kind "TPU v5 lite"
+OTHER_TOPOLOGIES = ("v6e:2x2", "v4:2x2x1", "v5p:2x2x1")
+
+
+def libtpu_path() -> str | None:
+    """libtpu.so: $TPU_LIBRARY_PATH, else an installed `libtpu` package (found, not imported)."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    if path and os.path.isfile(path):
+        return path
+    spec = importlib.util.find_spec("libtpu")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(folder, "libtpu.so")):
+            return os.path.join(folder, "libtpu.so")
+    return None
+
+
+def _compile_jobs(selection: str):
+    """(name, fn, args) to compile: "bf16" / "f32" the CASES of that dtype (forward and
+    training step), "large" the VMEM cases, "negative" one that must not compile."""
+    if selection == "large":
+        return [(f"{name}:{'train' if grads else 'fwd'}",
+                 train(fn, _float_args(args)) if grads else fn, args)
+                for name, fn, args, grads in _large_cases()]
+    if selection == "negative":
+        def unbounded(x):              # segment_max's old tiling: 8 segments x 512 lanes
+            with mock.patch.object(pool, "_SEGMENT_BLOCK_BYTES", 1 << 40):
+                return pool.segment_max(x, 1024, backend="pallas")
+        return [("segment_max_1024_8_segments_per_block:fwd", unbounded,
+                 (S((2, 4096, 1024), F32),)),
+                ("mask_to_3d:fwd", _mask_to_3d, (S((128, 4, 64), F32),))]
+    jobs = []
+    for case in CASES:
+        if not case.id.endswith({"bf16": "-bfloat16", "f32": "-float32"}[selection]):
+            continue
+        fn, args, _, bwd = case.values
+        jobs.append((f"{case.id}:fwd", fn, args))
+        if bwd is not None:
+            jobs.append((f"{case.id}:train", train(fn, _float_args(args)), args))
+    return jobs
+
+
+def _mask_to_3d(x):
+    """A [TL, H] mask broadcast over a [TL, H, Dh] tile: the construct of the old
+    global_aggregate kernel, on which the Mosaic compiler aborts (a layout check)."""
+    def kernel(x_ref, o_ref):
+        ok = jax.lax.broadcasted_iota(jnp.int32, x_ref.shape[:2], 0) < 100
+        o_ref[...] = jnp.where(ok[:, :, None], x_ref[...], 0.0)
+    spec = pl.BlockSpec(x.shape, lambda i: (0, 0, 0))
+    return pl.pallas_call(kernel, out_shape=S(x.shape, x.dtype), grid=(1,), in_specs=[spec],
+                          out_specs=spec)(x)
+
+
+def _compile_worker(topology: str, selection: str, start: int, out: str) -> None:
+    """Compile jobs[start:] for `topology`, appending "START i", then "ok i" or "FAIL i msg"."""
+    import numpy as np
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(topology, "tpu").devices[:1]
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jobs = _compile_jobs(selection)
+    for i, (name, fn, args) in enumerate(jobs[start:], start):
+        with open(out, "a") as f:
+            f.write(f"START {i} {name}\n")
+        try:
+            args = [S(a.shape, a.dtype, sharding=sharding) for a in args]
+            with jax.set_mesh(mesh), mock.patch.object(_common, "platform", lambda: "tpu"):
+                jax.jit(fn).trace(*args).lower().compile()
+            line = f"ok {i}"
+        except Exception as e:  # noqa: BLE001 - reported to the test as text
+            line = f"FAIL {i} {type(e).__name__}: {e}".replace("\n", " | ")
+        with open(out, "a") as f:
+            f.write(line[:4000] + "\n")
+    with open(out, "a") as f:
+        f.write("DONE\n")
+
+
+def compile_for_tpu(topology: str, selection: str, folder) -> dict[str, str]:
+    """Job name -> "ok" or the compiler's error, from worker runs (restarted past crashes)."""
+    out = os.path.join(folder, f"{topology}-{selection}.txt".replace(":", "_"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=libtpu_path(),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    names = [name for name, _, _ in _compile_jobs(selection)]
+    results, start = {}, 0
+    while start < len(names):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), topology, selection,
+                               str(start), out], env=env, capture_output=True, text=True,
+                              timeout=900, check=False)
+        lines = open(out).read().splitlines() if os.path.exists(out) else []
+        for kind, *rest in (line.split(" ", 2) for line in lines):
+            if kind in ("ok", "FAIL"):
+                results[names[int(rest[0])]] = "ok" if kind == "ok" else rest[1]
+        if lines and lines[-1] == "DONE":
+            break
+        started = [int(line.split()[1]) for line in lines if line.startswith("START ")]
+        if not started or started[-1] < start:
+            raise RuntimeError(f"compile worker failed to start:\n{proc.stderr[-3000:]}")
+        crash = [ln for ln in proc.stderr.splitlines() if "Check failed" in ln or "error" in ln]
+        results[names[started[-1]]] = f"crashed (rc {proc.returncode}): {crash[:3]}"
+        start = started[-1] + 1
+    return results
+
+
+needs_libtpu = pytest.mark.skipif(libtpu_path() is None,
+                                  reason="no libtpu.so: set TPU_LIBRARY_PATH (docs/tpu.md)")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    folder, cache = tmp_path_factory.mktemp("tpu_compile"), {}
+
+    def get(topology, selection):
+        if (topology, selection) not in cache:
+            cache[topology, selection] = compile_for_tpu(topology, selection, folder)
+        return cache[topology, selection]
+    return get
+
+
+def _job_params(selections, topologies, slow=False):
+    return [pytest.param(t, sel, name, id=f"{t}-{name}",
+                         marks=[pytest.mark.slow] if slow else [])
+            for t in topologies for sel in selections for name, _, _ in _compile_jobs(sel)]
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "topology, selection, job",
+    _job_params(("bf16", "large"), (TOPOLOGY,))
+    + _job_params(("f32",), (TOPOLOGY,), slow=True)
+    + _job_params(("bf16", "f32", "large"), OTHER_TOPOLOGIES, slow=True))
+def test_kernel_compiles_for_tpu(compiled, topology, selection, job):
+    """XLA:TPU and the Mosaic compiler accept the kernels (layouts, VMEM, code generation)."""
+    result = compiled(topology, selection)[job]
+    assert result == "ok", result
+
+
+@needs_libtpu
+def test_tpu_compile_rejects_a_kernel_over_its_vmem(compiled):
+    """The check can fail: segment_max's old tiling (8 segments of 1024 rows x 512 lanes f32,
+    double-buffered in and out: 64 MiB) is over v5e's 16 MiB scoped VMEM."""
+    result = compiled(TOPOLOGY, "negative")["segment_max_1024_8_segments_per_block:fwd"]
+    assert "RESOURCE_EXHAUSTED" in result and "vmem" in result, result
+
+
+@needs_libtpu
+def test_tpu_compile_survives_a_compiler_abort(compiled):
+    """A kernel on which Mosaic aborts the process is reported, and the worker goes on."""
+    result = compiled(TOPOLOGY, "negative")["mask_to_3d:fwd"]
+    assert result.startswith("crashed") and "Check failed" in result, result
+
+
+if __name__ == "__main__":
+    _compile_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
