@@ -469,7 +469,7 @@ def test_vmem_estimate_counts_double_buffered_blocks():
 
 def test_paths_without_a_mosaic_kernel_lower_to_plain_xla():
     """On a TPU these run jnp code (no Mosaic kernel exists for them): ProbSparse's measure,
-    top-u and active rows, and the selective scan's decoding step."""
+    top-u and active rows, the selective scan's and GLA's decoding steps."""
     q = S((1, 64, 2, 32), F32)
     idx = S((64, 8), I32)
     top = S((1, 2, 8), I32)
@@ -484,6 +484,9 @@ def test_paths_without_a_mosaic_kernel_lower_to_plain_xla():
         lambda h, u, d, a, b, c: ss.selective_state_update(h, u, d, a, b, c, backend="pallas"),
         S((2, dn, n), F32), S((2, dn), F32), S((2, dn), F32), S((dn, n), F32),
         S((2, n), F32), S((2, n), F32)) == []
+    qk = S((2, 4, 64), F32)
+    assert lower_for_tpu(gla_mod.gla_step, qk, qk, S((2, 4, 32), F32), qk,
+                         S((2, 4, 64, 32), F32)) == []
 
 
 # ---------------------------------------------------------------------------------------------
