@@ -575,7 +575,10 @@ def compile_for_tpu(topology: str, selection: str, folder) -> dict[str, str]:
     """Job name -> "ok" or the compiler's error, from worker runs (restarted past crashes)."""
     out = os.path.join(folder, f"{topology}-{selection}.txt".replace(":", "_"))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: this process may hold libtpu's lock file (jax tries to start
+    # a TPU backend when TPU_LIBRARY_PATH is set) while the worker loads libtpu again.
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=libtpu_path(),
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     names = [name for name, _, _ in _compile_jobs(selection)]
     results, start = {}, 0
