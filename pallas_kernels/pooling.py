@@ -1151,60 +1151,68 @@ def _segment_max_bwd_tpu_kernel(res_ref, dy_ref, dx_ref, *, causal):
     dx_ref[...] = jnp.where(new, acc, 0.0).astype(dx_ref.dtype)
 
 
-def _segment_layout(x, size, group, value):
-    """x [B, L, D] -> [B, n_seg (multiple of group), S, D], padding the tail with `value`."""
+def _segment_layout(x, size, group, value, wp):
+    """x [B, L, D] -> [B, n_seg (multiple of group), S, wp], padding the tail and the channels
+    past D with `value`."""
     b, length, width = x.shape
     n_seg = _common.round_up(pl.cdiv(length, size), group)
-    x = _common.pad_axis(x, 1, n_seg * size, value=value) if n_seg * size != length else x
-    return x.reshape(b, n_seg, size, width)
+    if n_seg * size != length or wp != width:
+        x = jnp.pad(x, ((0, 0), (0, n_seg * size - length), (0, wp - width)),
+                    constant_values=value)
+    return x.reshape(b, n_seg, size, wp)
 
 
 _SEGMENT_BLOCK_BYTES = 1 << 20
 
 
 def _segment_tiles(size, width):
-    """(segments per block, channel tile) of the TPU segment kernels: 8 segments while one block
-    holds at most _SEGMENT_BLOCK_BYTES as f32 (the channel tile narrowed first, down to 128
-    lanes), fewer (down to one) for long segments. In and out blocks, double-buffered, and the
-    kernels' f32 temporaries then stay within a 16 MiB scoped VMEM for segments up to ~2048."""
-    rows, td = _common.round_up(size, 8), _tpu_block_d(width)
-    while td % 256 == 0 and 8 * rows * td * 4 > _SEGMENT_BLOCK_BYTES:
+    """(segments per block, channel tile, padded width) of the TPU segment kernels: 8 segments
+    while a block holds at most _SEGMENT_BLOCK_BYTES as f32 (the channel tile narrowed first,
+    down to 128 lanes; channels padded to a multiple of 128 when a single segment of all of
+    them would not fit), fewer (down to one) for long segments. Double-buffered blocks and the
+    kernels' f32 temporaries then stay within a 16 MiB scoped VMEM (compiled up to S = 2048)."""
+    rows = _common.round_up(size, 8)
+    block = lambda lanes: rows * _common.round_up(lanes, 128) * 4
+    wp = width if width % 128 == 0 or block(width) <= _SEGMENT_BLOCK_BYTES else (
+        _common.round_up(width, 128))
+    td = _tpu_block_d(wp)
+    while td % 256 == 0 and 8 * block(td) > _SEGMENT_BLOCK_BYTES:
         td //= 2
-    return max(1, min(8, _SEGMENT_BLOCK_BYTES // (rows * td * 4))), td
+    return max(1, min(8, _SEGMENT_BLOCK_BYTES // block(td))), td, wp
 
 
 def _segment_max_tpu_call(x, size, causal, interpret):
     b, length, width = x.shape
-    group, td = _segment_tiles(size, width)
-    x4 = _segment_layout(x, size, group, -jnp.inf)
-    grid = (b, x4.shape[1] // group, width // td)
+    group, td, wp = _segment_tiles(size, width)
+    x4 = _segment_layout(x, size, group, -jnp.inf, wp)
+    grid = (b, x4.shape[1] // group, wp // td)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
-    # argmax as [B, n_seg, 1, D]: its block's last two dims (1, td) are legal for any group
+    # argmax as [B, n_seg, 1, wp]: its block's last two dims (1, td) are legal for any group
     arg_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     out_specs = [spec] if causal else [spec, arg_spec]
     out_shape = [_like(x4)] + ([] if causal else [
-        jax.ShapeDtypeStruct((b, x4.shape[1], 1, width), jnp.int32)])
+        jax.ShapeDtypeStruct((b, x4.shape[1], 1, wp), jnp.int32)])
     outs = _tpu_call(functools.partial(_segment_max_tpu_kernel, causal=causal), interpret,
                      grid=grid, in_specs=[spec], out_specs=out_specs, out_shape=out_shape,
                      semantics=("parallel",) * 3, name="segment_max_tpu")(x4)
-    y = outs[0].reshape(b, -1, width)[:, :length]
+    y = outs[0].reshape(b, -1, wp)[:, :length, :width]
     return y, (y if causal else outs[1])
 
 
 def _segment_max_bwd_tpu_call(res, dy, size, causal, interpret):
     b, length, width = dy.shape
-    group, td = _segment_tiles(size, width)
-    dy4 = _segment_layout(dy, size, group, 0.0)
+    group, td, wp = _segment_tiles(size, width)
+    dy4 = _segment_layout(dy, size, group, 0.0, wp)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
     if causal:
-        res, res_spec = _segment_layout(res, size, group, -jnp.inf), spec
+        res, res_spec = _segment_layout(res, size, group, -jnp.inf, wp), spec
     else:
         res_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     dx4 = _tpu_call(functools.partial(_segment_max_bwd_tpu_kernel, causal=causal), interpret,
-                    grid=(b, dy4.shape[1] // group, width // td), in_specs=[res_spec, spec],
+                    grid=(b, dy4.shape[1] // group, wp // td), in_specs=[res_spec, spec],
                     out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3,
                     name="segment_max_bwd_tpu")(res, dy4)
-    return dx4.reshape(b, -1, width)[:, :length]
+    return dx4.reshape(b, -1, wp)[:, :length, :width]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -1255,9 +1263,11 @@ def _local_max_tpu_call(x, dy, window, causal, interpret):
                                constant_values=v)
     args = [pad(x, -jnp.inf)] + ([] if dy is None else [pad(dy, 0.0)])
     # Mosaic takes Element (offset) dims only with no Blocked dim beside them: the channel
-    # tile is an Element block too, offset j * td.
+    # tile is an Element block too, offset j * td (a literal 0 for one tile: Mosaic must prove
+    # the offset a multiple of 128 lanes, which j * td with td = D < 128 is not).
+    lanes = (lambda j: j * td) if width > td else (lambda j: 0)
     in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), pl.Element(td)),
-                           lambda b_, i, j: (b_, i * tl, j * td))
+                           lambda b_, i, j: (b_, i * tl, lanes(j)))
     kernel = functools.partial(_local_max_tpu_kernel, window=window, left=left, halo=halo,
                                backward=dy is not None)
     return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[in_spec] * len(args),

@@ -233,6 +233,7 @@ def _scan_cases(dt):
 
 def _pool_cases(dt):
     x, row = S((2, 300, 256), dt), S((2, 1, 256), dt)
+    narrow = S((2, 300, 96), dt)                 # channels no multiple of 128
     qkv = S((2, 300, 4, 64), dt)
     p = lambda f, **kw: (lambda *a: f(*a, **kw, backend="pallas"))
     return [
@@ -244,6 +245,10 @@ def _pool_cases(dt):
          {"local_max_tpu": 1}, {"local_max_bwd_tpu": 1}),
         ("local_max_causal", p(pool.local_max, window=4, causal=True), (x,),
          {"local_max_tpu": 1}, {"local_max_bwd_tpu": 1}),
+        ("local_max_96_channels", p(pool.local_max, window=5), (narrow,),
+         {"local_max_tpu": 1}, {"local_max_bwd_tpu": 1}),
+        ("segment_max_96_channels", p(pool.segment_max, segment_size=7, causal=True), (narrow,),
+         {"segment_max_tpu": 1}, {"segment_max_bwd_tpu": 1}),
         ("prefix_mean", p(pool.prefix_mean), (x,),
          {"prefix_mean_tpu": 1}, {"prefix_mean_bwd_tpu": 1}),
         ("global_aggregate", p(pool.global_aggregate), (qkv, qkv, qkv),
@@ -333,6 +338,8 @@ def _large_cases():
     cases = [(f"segment_max_{size}{'_causal' * c}",
               lambda x, size=size, c=c: pool.segment_max(x, size, causal=c, backend="pallas"),
               (x,), True) for size in (32, 256, 1024) for c in (False, True)]
+    cases.append(("segment_max_2048_causal_1000_channels", lambda x: pool.segment_max(
+        x, 2048, causal=True, backend="pallas"), (S((1, 2048, 1000), f32),), True))
     return cases + [
         ("local_max_9", lambda x: pool.local_max(x, 9, backend="pallas"), (x,), True),
         ("prefix_mean", lambda x: pool.prefix_mean(x, backend="pallas"), (x,), True),
@@ -361,11 +368,15 @@ def test_vmem_fits_at_large_shapes(fn, args, grads):
         assert kernel.vmem_bytes() <= VMEM_BUDGET, (kernel.name, kernel.vmem_bytes())
 
 
+@pytest.mark.parametrize("width, budget, tiles", [
+    (256, 3 * 8 * 128 * 4, (3, 128, 256)),      # 3 segments x 128 of the 256 channels a block
+    (300, 2 * 8 * 128 * 4, (2, 128, 384)),      # channels padded to 384, 2 segments a block
+])
 @pytest.mark.parametrize("causal", [False, True])
-def test_segment_max_with_few_segments_per_block_matches_reference(causal):
-    """TPU interpret mode with the block budget cut so a block holds 3 segments and 128 of the
-    256 channels (the path long segments take); forward and gradient."""
-    x = jax.random.normal(jax.random.key(0), (2, 37, 256), F32)
+def test_segment_max_with_few_segments_per_block_matches_reference(causal, width, budget, tiles):
+    """TPU interpret mode with the block budget cut so that long segments' tilings run on a
+    small input (fewer segments per block, narrower or padded channels); forward and gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, 37, width), F32)
     dy = jax.random.normal(jax.random.key(1), x.shape, F32)
 
     def run(backend):
@@ -373,8 +384,8 @@ def test_segment_max_with_few_segments_per_block_matches_reference(causal):
         y, vjp = jax.vjp(fn, x)
         return y, vjp(dy)[0]
 
-    with mock.patch.object(pool, "_SEGMENT_BLOCK_BYTES", 3 * 8 * 128 * 4):
-        assert pool._segment_tiles(5, 256) == (3, 128)
+    with mock.patch.object(pool, "_SEGMENT_BLOCK_BYTES", budget):
+        assert pool._segment_tiles(5, width) == tiles
         y, dx = run("tpu_interpret")
     y_ref, dx_ref = run("reference")
     assert jnp.allclose(y, y_ref) and jnp.allclose(dx, dx_ref, atol=1e-6)
