@@ -16,6 +16,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -522,28 +523,62 @@ def libtpu_path() -> str | None:
     return None
 
 
+MODEL_CONFIGS = {   # config -> Mosaic kernels in its training step (layers x kernels a layer)
+    "transformer": 12, "gla": 12, "mamba": 8, "ponet": 32, "hybrid_3to1": 12,
+    "hybrid_mamba_3to1": 9}
+
+
+def _model_step(config: str):
+    """The training step (loss and gradient) of configs/<config>.yaml with every mixer's impl
+    set to the Pallas kernels, and its inputs' shapes."""
+    import yaml
+    from flax import nnx
+
+    from models import build_model
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "configs", f"{config}.yaml")) as f:
+        raw = yaml.safe_load(f)
+    for spec in raw["model"]["mixers"].values():
+        spec["impl"] = "flash" if spec["type"] == "attention" else "pallas"
+    with mock.patch.object(_common, "platform", lambda: "tpu"):
+        graphdef, state = nnx.split(build_model(raw["model"], rngs=nnx.Rngs(0)))
+
+    def loss(state, tokens_BL):
+        logits = nnx.merge(graphdef, state)(tokens_BL[:, :-1])
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens_BL[:, 1:, None], -1)
+        return -jnp.mean(picked)
+
+    tokens = S((raw["train"]["batch_size"], raw["train"]["seq_len"] + 1), I32)
+    return jax.value_and_grad(loss), (jax.tree.map(lambda x: S(x.shape, x.dtype), state), tokens)
+
+
 def _compile_jobs(selection: str):
-    """(name, fn, args) to compile: "bf16" / "f32" the CASES of that dtype (forward and
-    training step), "large" the VMEM cases, "negative" one that must not compile."""
+    """(name, make) to compile, make() -> (fn, args): "bf16" / "f32" the CASES of that dtype
+    (forward and training step), "large" the VMEM cases, "models" the training step of each
+    model config, "negative" two that must not compile."""
+    if selection == "models":
+        return [(f"{name}:train", functools.partial(_model_step, name)) for name in MODEL_CONFIGS]
     if selection == "large":
         return [(f"{name}:{'train' if grads else 'fwd'}",
-                 train(fn, _float_args(args)) if grads else fn, args)
+                 lambda fn=fn, args=args, grads=grads: (
+                     train(fn, _float_args(args)) if grads else fn, args))
                 for name, fn, args, grads in _large_cases()]
     if selection == "negative":
         def unbounded(x):              # segment_max's old tiling: 8 segments x 512 lanes
             with mock.patch.object(pool, "_SEGMENT_BLOCK_BYTES", 1 << 40):
                 return pool.segment_max(x, 1024, backend="pallas")
-        return [("segment_max_1024_8_segments_per_block:fwd", unbounded,
-                 (S((2, 4096, 1024), F32),)),
-                ("mask_to_3d:fwd", _mask_to_3d, (S((128, 4, 64), F32),))]
+        return [("segment_max_1024_8_segments_per_block:fwd",
+                 lambda: (unbounded, (S((2, 4096, 1024), F32),))),
+                ("mask_to_3d:fwd", lambda: (_mask_to_3d, (S((128, 4, 64), F32),)))]
     jobs = []
     for case in CASES:
         if not case.id.endswith({"bf16": "-bfloat16", "f32": "-float32"}[selection]):
             continue
         fn, args, _, bwd = case.values
-        jobs.append((f"{case.id}:fwd", fn, args))
+        jobs.append((f"{case.id}:fwd", lambda fn=fn, args=args: (fn, args)))
         if bwd is not None:
-            jobs.append((f"{case.id}:train", train(fn, _float_args(args)), args))
+            jobs.append((f"{case.id}:train",
+                         lambda fn=fn, args=args: (train(fn, _float_args(args)), args)))
     return jobs
 
 
@@ -559,21 +594,24 @@ def _mask_to_3d(x):
 
 
 def _compile_worker(topology: str, selection: str, start: int, out: str) -> None:
-    """Compile jobs[start:] for `topology`, appending "START i", then "ok i" or "FAIL i msg"."""
+    """Compile jobs[start:] for `topology`, appending "START i", then "ok i n" (n Mosaic
+    kernels in the module) or "FAIL i msg"."""
     import numpy as np
     from jax.experimental import topologies
     devices = topologies.get_topology_desc(topology, "tpu").devices[:1]
     mesh = jax.sharding.Mesh(np.array(devices), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jobs = _compile_jobs(selection)
-    for i, (name, fn, args) in enumerate(jobs[start:], start):
+    for i, (name, make) in enumerate(jobs[start:], start):
         with open(out, "a") as f:
             f.write(f"START {i} {name}\n")
         try:
-            args = [S(a.shape, a.dtype, sharding=sharding) for a in args]
+            fn, args = make()
+            args = jax.tree.map(lambda a: S(a.shape, a.dtype, sharding=sharding), args)
             with jax.set_mesh(mesh), mock.patch.object(_common, "platform", lambda: "tpu"):
-                jax.jit(fn).trace(*args).lower().compile()
-            line = f"ok {i}"
+                lowered = jax.jit(fn).trace(*args).lower()
+                lowered.compile()
+            line = f"ok {i} {lowered.as_text().count('@tpu_custom_call')}"
         except Exception as e:  # noqa: BLE001 - reported to the test as text
             line = f"FAIL {i} {type(e).__name__}: {e}".replace("\n", " | ")
         with open(out, "a") as f:
@@ -583,7 +621,8 @@ def _compile_worker(topology: str, selection: str, start: int, out: str) -> None
 
 
 def compile_for_tpu(topology: str, selection: str, folder) -> dict[str, str]:
-    """Job name -> "ok" or the compiler's error, from worker runs (restarted past crashes)."""
+    """Job name -> "ok <n Mosaic kernels>" or the compiler's error, from worker runs (restarted
+    past crashes)."""
     out = os.path.join(folder, f"{topology}-{selection}.txt".replace(":", "_"))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # ALLOW_MULTIPLE_LIBTPU_LOAD: this process may hold libtpu's lock file (jax tries to start
@@ -591,7 +630,7 @@ def compile_for_tpu(topology: str, selection: str, folder) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=libtpu_path(),
                ALLOW_MULTIPLE_LIBTPU_LOAD="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    names = [name for name, _, _ in _compile_jobs(selection)]
+    names = [name for name, _ in _compile_jobs(selection)]
     results, start = {}, 0
     while start < len(names):
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), topology, selection,
@@ -600,7 +639,8 @@ def compile_for_tpu(topology: str, selection: str, folder) -> dict[str, str]:
         lines = open(out).read().splitlines() if os.path.exists(out) else []
         for kind, *rest in (line.split(" ", 2) for line in lines):
             if kind in ("ok", "FAIL"):
-                results[names[int(rest[0])]] = "ok" if kind == "ok" else rest[1]
+                results[names[int(rest[0])]] = " ".join([kind] + rest[1:]) if kind == "ok" else (
+                    rest[1])
         if lines and lines[-1] == "DONE":
             break
         started = [int(line.split()[1]) for line in lines if line.startswith("START ")]
@@ -630,7 +670,7 @@ def compiled(tmp_path_factory):
 def _job_params(selections, topologies, slow=False):
     return [pytest.param(t, sel, name, id=f"{t}-{name}",
                          marks=[pytest.mark.slow] if slow else [])
-            for t in topologies for sel in selections for name, _, _ in _compile_jobs(sel)]
+            for t in topologies for sel in selections for name, _ in _compile_jobs(sel)]
 
 
 @needs_libtpu
@@ -642,7 +682,17 @@ def _job_params(selections, topologies, slow=False):
 def test_kernel_compiles_for_tpu(compiled, topology, selection, job):
     """XLA:TPU and the Mosaic compiler accept the kernels (layouts, VMEM, code generation)."""
     result = compiled(topology, selection)[job]
-    assert result == "ok", result
+    assert result.startswith("ok "), result
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("config", MODEL_CONFIGS)
+def test_model_training_step_compiles_for_tpu(compiled, config):
+    """A whole model's training step (configs/<config>.yaml, every mixer on its Pallas kernels,
+    batch and length of the config) compiles for a TPU, with all its Mosaic kernels."""
+    result = compiled(TOPOLOGY, "models")[f"{config}:train"]
+    assert result == f"ok {MODEL_CONFIGS[config]}", result
 
 
 @needs_libtpu
