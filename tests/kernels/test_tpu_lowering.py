@@ -6,10 +6,12 @@ Mosaic module into a `tpu_custom_call`, exactly as it would ship to a TPU. `tpu_
 makes `_common.platform()` say "tpu", so the public functions dispatch as on a TPU
 (backend="pallas" -> the Mosaic kernels). Each case asserts the exact multiset of Mosaic kernels
 (by kernel name) in the exported module: a silent fallback to the jnp reference lowers too, with
-no kernel, and fails. What this does and does not verify: docs/tpu.md.
+no kernel, and fails. With a libtpu.so (TPU_LIBRARY_PATH) the same cases, and whole models'
+training steps, also go through the real TPU compiler, deviceless. What this does and does not
+verify: docs/tpu.md.
 
-Run: `python -m pytest -q tests/kernels/test_tpu_lowering.py` (default ~20 s); `-m slow` adds the
-whole matrix on two more chips.
+Run: `python -m pytest -q tests/kernels/test_tpu_lowering.py` (default ~30 s, ~50 s with libtpu);
+`-m slow` adds f32 compiles, TPU v6e/v4/v5p and the model configs.
 """
 
 import base64
