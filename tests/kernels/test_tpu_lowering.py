@@ -47,7 +47,7 @@ probsparse = importlib.import_module("pallas_kernels.probsparse")
 
 CHIP = ("TPU v5 lite", 1)                          # device_kind, TensorCores per device
 OTHER_CHIPS = (("TPU v6 lite", 1), ("TPU v4", 2))  # v4: megacore (two cores, one device)
-VMEM_BUDGET = 16 * 2**20   # all of a TPU v4 core's VMEM (jax/_src/tpu_info.py); see docs/tpu.md
+VMEM_BUDGET = 16 * 2**20   # scoped VMEM limit of v5e/v5p, all of a v4 core (docs/tpu.md)
 
 
 # ---------------------------------------------------------------------------------------------
