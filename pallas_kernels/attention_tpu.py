@@ -11,8 +11,9 @@ the index maps (K/V are never repeated); the dk/dv kernel walks the rep query he
 on its inner grid axis.
 
 Checked on CPU only (no TPU was available): the numerics in TPU interpret mode
-(`pltpu.InterpretParams`, tests/kernels/test_attention.py) and the real Mosaic lowering for
-TPU v4/v5e/v6e (tests/kernels/test_tpu_lowering.py; what that leaves unchecked: docs/tpu.md).
+(`pltpu.InterpretParams`, tests/kernels/test_attention.py), the real Mosaic lowering and a
+deviceless compile with libtpu for TPU v4/v5e/v5p/v6e (tests/kernels/test_tpu_lowering.py; what
+that leaves unchecked: docs/tpu.md).
 """
 
 from __future__ import annotations

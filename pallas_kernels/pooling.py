@@ -47,11 +47,12 @@ length works (rows past L and channels past D are masked inside the kernels):
                   and the fusion inside; the causal backward sweeps each segment forwards (running
                   max, do, dl, dg; the running max parked in the ds buffer) and then backwards (ds).
 Block sizes are keyword arguments (`blocks=PoolBlocks(...)`); the defaults target an H200.
-TPU variants (Mosaic; numerics checked in TPU interpret mode, the real lowering by
-tests/kernels/test_tpu_lowering.py, never run on a TPU: docs/tpu.md) follow the GPU kernels:
-BlockSpec tiles in VMEM (segment blocks sized to stay within VMEM), cumsum as a triangular
-matmul, prefix max and segmented sums by doubling steps of pltpu.roll; ponet_pool_fuse runs the
-three TPU kernels in turn.
+TPU variants (Mosaic; numerics checked in TPU interpret mode, the real lowering and a deviceless
+TPU compile by tests/kernels/test_tpu_lowering.py, never run on a TPU: docs/tpu.md) follow the
+GPU kernels: BlockSpec tiles in VMEM (segment blocks sized to stay within VMEM), cumsum as a
+triangular matmul, prefix max and segmented sums by doubling steps of pltpu.roll, the global
+aggregate on [L, H*Dh] tiles with per-head sums as 0/1 matmuls; ponet_pool_fuse runs the three
+TPU kernels in turn.
 
 Backends: see pallas_kernels._common ("pallas", "interpret", "tpu_interpret", "reference").
 """

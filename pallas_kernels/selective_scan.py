@@ -1359,8 +1359,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Mosaic TPU kernels (numerics checked in TPU interpret mode on CPU, the real lowering by
-# tests/kernels/test_tpu_lowering.py; never run on a TPU: docs/tpu.md).
+# Mosaic TPU kernels (numerics checked in TPU interpret mode on CPU, the real lowering and a
+# deviceless TPU compile by tests/kernels/test_tpu_lowering.py; never run on a TPU: docs/tpu.md).
 #
 # Grid (batch, channel blocks, chunks), the chunk axis sequential ("arbitrary"). Channels sit on
 # the 128 lanes, the N states on sublanes: the state is one [N, bd] f32 VMEM scratch carried
