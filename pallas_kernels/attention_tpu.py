@@ -10,7 +10,10 @@ new DMA is issued, and `pl.when` skips the compute. GQA maps query head h to KV 
 the index maps (K/V are never repeated); the dk/dv kernel walks the rep query heads of its KV head
 on its inner grid axis.
 
-Verified only in TPU interpret mode (`pltpu.InterpretParams`) on CPU: no TPU was available.
+Checked on CPU only (no TPU was available): the numerics in TPU interpret mode
+(`pltpu.InterpretParams`, tests/kernels/test_attention.py), the real Mosaic lowering and a
+deviceless compile with libtpu for TPU v4/v5e/v5p/v6e (tests/kernels/test_tpu_lowering.py; what
+that leaves unchecked: docs/tpu.md).
 """
 
 from __future__ import annotations

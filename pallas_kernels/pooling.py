@@ -47,9 +47,12 @@ length works (rows past L and channels past D are masked inside the kernels):
                   and the fusion inside; the causal backward sweeps each segment forwards (running
                   max, do, dl, dg; the running max parked in the ds buffer) and then backwards (ds).
 Block sizes are keyword arguments (`blocks=PoolBlocks(...)`); the defaults target an H200.
-TPU variants (Mosaic; verified in TPU interpret mode only) follow the GPU kernels: BlockSpec
-tiles in VMEM, cumsum as a triangular matmul, prefix max and segmented sums by doubling steps of
-pltpu.roll; ponet_pool_fuse runs the three TPU kernels in turn.
+TPU variants (Mosaic; numerics checked in TPU interpret mode, the real lowering and a deviceless
+TPU compile by tests/kernels/test_tpu_lowering.py, never run on a TPU: docs/tpu.md) follow the
+GPU kernels: BlockSpec tiles in VMEM (segment blocks sized to stay within VMEM), cumsum as a
+triangular matmul, prefix max and segmented sums by doubling steps of pltpu.roll, the global
+aggregate on [L, H*Dh] tiles with per-head sums as 0/1 matmuls; ponet_pool_fuse runs the three
+TPU kernels in turn.
 
 Backends: see pallas_kernels._common ("pallas", "interpret", "tpu_interpret", "reference").
 """
@@ -1026,10 +1029,11 @@ _aggregate_op.defvjp(_aggregate_op_fwd, _aggregate_op_bwd)
 # ---------------------------------------------------------------------------------------------
 
 
-def _tpu_call(kernel, interpret, *, grid, in_specs, out_specs, out_shape, semantics,
+def _tpu_call(kernel, interpret, *, grid, in_specs, out_specs, out_shape, semantics, name,
               scratch_shapes=()):
+    # `name` becomes the custom call's kernel_name (profiles, tests/kernels/test_tpu_lowering.py)
     return pl.pallas_call(
-        kernel, out_shape=out_shape,
+        kernel, out_shape=out_shape, name=name,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=0, grid=grid,
                                                in_specs=in_specs, out_specs=out_specs,
                                                scratch_shapes=scratch_shapes),
@@ -1088,6 +1092,7 @@ def _prefix_mean_tpu_call(x, interpret, reverse):
     return _tpu_call(kernel, interpret, grid=(b, width // td, n), in_specs=[spec],
                      out_specs=spec, out_shape=_like(x),
                      semantics=("parallel", "parallel", "arbitrary"),
+                     name="prefix_mean_bwd_tpu" if reverse else "prefix_mean_tpu",
                      scratch_shapes=[pltpu.VMEM((1, td), jnp.float32)])(x)
 
 
@@ -1121,7 +1126,7 @@ def _segment_max_tpu_kernel(x_ref, *out_refs, causal):
         return
     y_ref, arg_ref = out_refs
     m = jnp.max(x, axis=1, keepdims=True)
-    arg_ref[...] = jnp.min(jnp.where(x == m, pos, size), axis=1)
+    arg_ref[...] = jnp.min(jnp.where(x == m, pos, size), axis=1, keepdims=True)     # [G, 1, TD]
     y_ref[...] = jnp.broadcast_to(m, x.shape).astype(y_ref.dtype)
 
 
@@ -1129,9 +1134,9 @@ def _segment_max_bwd_tpu_kernel(res_ref, dy_ref, dx_ref, *, causal):
     dy = dy_ref[...].astype(jnp.float32)
     size = dy.shape[1]
     pos = _iota(dy.shape, 1)
-    if not causal:                      # res_ref: argmax [G, TD]
+    if not causal:                      # res_ref: argmax [G, 1, TD]
         total = jnp.sum(dy, axis=1, keepdims=True)
-        dx_ref[...] = jnp.where(pos == res_ref[...][:, None, :], total, 0.0).astype(dx_ref.dtype)
+        dx_ref[...] = jnp.where(pos == res_ref[...], total, 0.0).astype(dx_ref.dtype)
         return
     # res_ref: y [G, S, TD]. Records (argmax positions): strict increases of y. Each takes the
     # sum of dy up to the next record: acc_t = dy_t + [t+1 is no record] acc_{t+1}, solved as a
@@ -1147,44 +1152,68 @@ def _segment_max_bwd_tpu_kernel(res_ref, dy_ref, dx_ref, *, causal):
     dx_ref[...] = jnp.where(new, acc, 0.0).astype(dx_ref.dtype)
 
 
-def _segment_layout(x, size, group, value):
-    """x [B, L, D] -> [B, n_seg (multiple of group), S, D], padding the tail with `value`."""
+def _segment_layout(x, size, group, value, wp):
+    """x [B, L, D] -> [B, n_seg (multiple of group), S, wp], padding the tail and the channels
+    past D with `value`."""
     b, length, width = x.shape
     n_seg = _common.round_up(pl.cdiv(length, size), group)
-    x = _common.pad_axis(x, 1, n_seg * size, value=value) if n_seg * size != length else x
-    return x.reshape(b, n_seg, size, width)
+    if n_seg * size != length or wp != width:
+        x = jnp.pad(x, ((0, 0), (0, n_seg * size - length), (0, wp - width)),
+                    constant_values=value)
+    return x.reshape(b, n_seg, size, wp)
+
+
+_SEGMENT_BLOCK_BYTES = 1 << 20
+
+
+def _segment_tiles(size, width):
+    """(segments per block, channel tile, padded width) of the TPU segment kernels: 8 segments
+    while a block holds at most _SEGMENT_BLOCK_BYTES as f32 (the channel tile narrowed first,
+    down to 128 lanes; channels padded to a multiple of 128 when a single segment of all of
+    them would not fit), fewer (down to one) for long segments. Double-buffered blocks and the
+    kernels' f32 temporaries then stay within a 16 MiB scoped VMEM (compiled up to S = 2048)."""
+    rows = _common.round_up(size, 8)
+    block = lambda lanes: rows * _common.round_up(lanes, 128) * 4
+    wp = width if width % 128 == 0 or block(width) <= _SEGMENT_BLOCK_BYTES else (
+        _common.round_up(width, 128))
+    td = _tpu_block_d(wp)
+    while td % 256 == 0 and 8 * block(td) > _SEGMENT_BLOCK_BYTES:
+        td //= 2
+    return max(1, min(8, _SEGMENT_BLOCK_BYTES // block(td))), td, wp
 
 
 def _segment_max_tpu_call(x, size, causal, interpret):
     b, length, width = x.shape
-    group, td = 8, _tpu_block_d(width)
-    x4 = _segment_layout(x, size, group, -jnp.inf)
-    grid = (b, x4.shape[1] // group, width // td)
+    group, td, wp = _segment_tiles(size, width)
+    x4 = _segment_layout(x, size, group, -jnp.inf, wp)
+    grid = (b, x4.shape[1] // group, wp // td)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
-    arg_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+    # argmax as [B, n_seg, 1, wp]: its block's last two dims (1, td) are legal for any group
+    arg_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     out_specs = [spec] if causal else [spec, arg_spec]
     out_shape = [_like(x4)] + ([] if causal else [
-        jax.ShapeDtypeStruct((b, x4.shape[1], width), jnp.int32)])
+        jax.ShapeDtypeStruct((b, x4.shape[1], 1, wp), jnp.int32)])
     outs = _tpu_call(functools.partial(_segment_max_tpu_kernel, causal=causal), interpret,
                      grid=grid, in_specs=[spec], out_specs=out_specs, out_shape=out_shape,
-                     semantics=("parallel",) * 3)(x4)
-    y = outs[0].reshape(b, -1, width)[:, :length]
+                     semantics=("parallel",) * 3, name="segment_max_tpu")(x4)
+    y = outs[0].reshape(b, -1, wp)[:, :length, :width]
     return y, (y if causal else outs[1])
 
 
 def _segment_max_bwd_tpu_call(res, dy, size, causal, interpret):
     b, length, width = dy.shape
-    group, td = 8, _tpu_block_d(width)
-    dy4 = _segment_layout(dy, size, group, 0.0)
+    group, td, wp = _segment_tiles(size, width)
+    dy4 = _segment_layout(dy, size, group, 0.0, wp)
     spec = pl.BlockSpec((None, group, size, td), lambda b_, i, j: (b_, i, 0, j))
     if causal:
-        res, res_spec = _segment_layout(res, size, group, -jnp.inf), spec
+        res, res_spec = _segment_layout(res, size, group, -jnp.inf, wp), spec
     else:
-        res_spec = pl.BlockSpec((None, group, td), lambda b_, i, j: (b_, i, j))
+        res_spec = pl.BlockSpec((None, group, 1, td), lambda b_, i, j: (b_, i, 0, j))
     dx4 = _tpu_call(functools.partial(_segment_max_bwd_tpu_kernel, causal=causal), interpret,
-                    grid=(b, dy4.shape[1] // group, width // td), in_specs=[res_spec, spec],
-                    out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3)(res, dy4)
-    return dx4.reshape(b, -1, width)[:, :length]
+                    grid=(b, dy4.shape[1] // group, wp // td), in_specs=[res_spec, spec],
+                    out_specs=spec, out_shape=_like(dy4), semantics=("parallel",) * 3,
+                    name="segment_max_bwd_tpu")(res, dy4)
+    return dx4.reshape(b, -1, wp)[:, :length, :width]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -1234,13 +1263,18 @@ def _local_max_tpu_call(x, dy, window, causal, interpret):
     pad = lambda a, v: jnp.pad(a, ((0, 0), (halo, n * tl - length + halo), (0, 0)),
                                constant_values=v)
     args = [pad(x, -jnp.inf)] + ([] if dy is None else [pad(dy, 0.0)])
-    in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), td),
-                           lambda b_, i, j: (b_, i * tl, j))
+    # Mosaic takes Element (offset) dims only with no Blocked dim beside them: the channel
+    # tile is an Element block too, offset j * td (a literal 0 for one tile: Mosaic must prove
+    # the offset a multiple of 128 lanes, which j * td with td = D < 128 is not).
+    lanes = (lambda j: j * td) if width > td else (lambda j: 0)
+    in_spec = pl.BlockSpec((None, pl.Element(tl + 2 * halo), pl.Element(td)),
+                           lambda b_, i, j: (b_, i * tl, lanes(j)))
     kernel = functools.partial(_local_max_tpu_kernel, window=window, left=left, halo=halo,
                                backward=dy is not None)
     return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[in_spec] * len(args),
                      out_specs=pl.BlockSpec((None, tl, td), lambda b_, i, j: (b_, i, j)),
-                     out_shape=_like(x), semantics=("parallel",) * 3)(*args)
+                     out_shape=_like(x), semantics=("parallel",) * 3,
+                     name="local_max_tpu" if dy is None else "local_max_bwd_tpu")(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -1286,8 +1320,8 @@ def _fuse_tpu_call(g, s, o, last, interpret, backward):
             out_shape.append(jax.ShapeDtypeStruct((b, n, 1, width), jnp.float32))
     kernel = functools.partial(_fuse_tpu_kernel, length=length, backward=backward)
     return _tpu_call(kernel, interpret, grid=(b, n, width // td), in_specs=[g_spec] + [spec] * 3,
-                     out_specs=out_specs, out_shape=out_shape,
-                     semantics=("parallel",) * 3)(g, s, o, last)
+                     out_specs=out_specs, out_shape=out_shape, semantics=("parallel",) * 3,
+                     name="ponet_fuse_bwd_tpu" if backward else "ponet_fuse_tpu")(g, s, o, last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -1306,77 +1340,98 @@ _fuse_tpu.defvjp(lambda g, s, o, l, interpret: (_fuse_tpu(g, s, o, l, interpret)
                  _fuse_tpu_bwd)
 
 
-def _aggregate_tpu_kernel(*refs, length, scale, stage):
-    # One [TL, H, Dh] tile of the length per program; per-tile partials are combined in XLA.
-    # "qsum": column sums of q; "fwd": softmax partials (m, l, acc); "bwd": dk, dv, dqbar part.
+def _head_map(heads, dh, transpose=False):
+    """E [H*Dh, H] with E[j, h] = (j // Dh == h), or E^T: per-head lane sums (x @ E) and
+    per-head broadcasts to the lanes (y @ E^T) as matmuls, so the tiles stay 2-D."""
+    shape = (heads, heads * dh) if transpose else (heads * dh, heads)
+    lane, head = (1, 0) if transpose else (0, 1)
+    return (_iota(shape, lane) // dh == _iota(shape, head)).astype(jnp.float32)
+
+
+def _hdot(a, b):
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _aggregate_tpu_kernel(*refs, length, heads, scale, stage):
+    # One [TL, H*Dh] tile of the length per program (the heads side by side on the lanes);
+    # per-tile partials are combined in XLA. "qsum": column sums of q [1, H*Dh]; "fwd": softmax
+    # partials m, l [1, H] and acc [1, H*Dh]; "bwd": dk, dv tiles and a dqbar part [1, H*Dh].
     if stage == "qsum":
         q_ref, out_ref = refs
-        pos = pl.program_id(1) * q_ref.shape[0] + _iota(q_ref.shape, 0)
-        out_ref[...] = jnp.sum(jnp.where(pos < length, q_ref[...].astype(jnp.float32), 0.0),
-                               axis=0)
+        ok = pl.program_id(1) * q_ref.shape[0] + _iota((q_ref.shape[0], 1), 0) < length
+        out_ref[...] = jnp.sum(jnp.where(ok, q_ref[...].astype(jnp.float32), 0.0), axis=0,
+                               keepdims=True)
         return
     if stage == "fwd":
         qbar_ref, k_ref, v_ref, m_ref, l_ref, acc_ref = refs
     else:
         qbar_ref, dg_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dq_ref = refs
-    tl, h = k_ref.shape[:2]
-    ok = (pl.program_id(1) * tl + _iota((tl, h), 0)) < length                   # [TL, H]
-    qbar = qbar_ref[...]
-    k = jnp.where(ok[:, :, None], k_ref[...].astype(jnp.float32), 0.0)
-    v = jnp.where(ok[:, :, None], v_ref[...].astype(jnp.float32), 0.0)
-    s = jnp.sum(k * qbar[None], axis=-1) * scale                                 # [TL, H]
+    tl, width = k_ref.shape
+    to_heads = _head_map(heads, width // heads)
+    to_lanes = _head_map(heads, width // heads, transpose=True)
+    ok = pl.program_id(1) * tl + _iota((tl, 1), 0) < length                      # [TL, 1]
+    qbar = qbar_ref[...]                                                          # [1, H*Dh]
+    k = jnp.where(ok, k_ref[...].astype(jnp.float32), 0.0)
+    v = jnp.where(ok, v_ref[...].astype(jnp.float32), 0.0)
+    s = _hdot(k * qbar, to_heads) * scale                                         # [TL, H]
     if stage == "fwd":
         s = jnp.where(ok, s, -jnp.inf)
-        m = jnp.max(s, axis=0, keepdims=True)                                   # [1, H]
+        m = jnp.max(s, axis=0, keepdims=True)                                     # [1, H]
         p = jnp.exp(s - m)
-        m_ref[...] = m.T
-        l_ref[...] = jnp.sum(p, axis=0, keepdims=True).T
-        acc_ref[...] = jnp.sum(p[:, :, None] * v, axis=0)
+        m_ref[...] = m
+        l_ref[...] = jnp.sum(p, axis=0, keepdims=True)
+        acc_ref[...] = jnp.sum(_hdot(p, to_lanes) * v, axis=0, keepdims=True)
         return
-    dg = dg_ref[...]
-    p = jnp.where(ok, jnp.exp(s - lse_ref[...].T), 0.0)
-    ds = p * (jnp.sum(v * dg[None], axis=-1) - delta_ref[...].T)
-    dv_ref[...] = (p[:, :, None] * dg[None]).astype(dv_ref.dtype)
-    dk_ref[...] = (ds[:, :, None] * qbar[None] * scale).astype(dk_ref.dtype)
-    dq_ref[...] = jnp.sum(ds[:, :, None] * k, axis=0) * scale
+    dg = dg_ref[...]                                                              # [1, H*Dh]
+    p = jnp.where(ok, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = p * (_hdot(v * dg, to_heads) - delta_ref[...])                           # [TL, H]
+    dv_ref[...] = (_hdot(p, to_lanes) * dg).astype(dv_ref.dtype)
+    ds_lanes = _hdot(ds, to_lanes) * scale                                        # [TL, H*Dh]
+    dk_ref[...] = (ds_lanes * qbar).astype(dk_ref.dtype)
+    dq_ref[...] = jnp.sum(ds_lanes * k, axis=0, keepdims=True)
 
 
-def _aggregate_tpu_stage(stage, args, tiled, outs, interpret):
-    """One stage over grid (B, L tiles). tiled[i]: args[i] is [B, L, H, Dh] (else whole per
-    batch row); outs: (shape, dtype, tiled), [B, L, H, Dh] if tiled else [B, n_tiles, ...]."""
-    b, length, h, dh = args[-1].shape
-    tl = _tpu_block_l(length, 128)
-    n = pl.cdiv(length, tl)
-    tile = pl.BlockSpec((None, tl, h, dh), lambda b_, i: (b_, i, 0, 0))
-    whole = lambda a: pl.BlockSpec((None, *a.shape[1:]),
-                                   lambda b_, i: (b_,) + (0,) * (a.ndim - 1))
-    part = lambda s: pl.BlockSpec((None, None, *s[2:]),
-                                  lambda b_, i: (b_, i) + (0,) * (len(s) - 2))
-    kernel = functools.partial(_aggregate_tpu_kernel, length=length, scale=dh ** -0.5,
-                               stage=stage)
-    return _tpu_call(kernel, interpret, grid=(b, n),
-                     in_specs=[tile if t else whole(a) for a, t in zip(args, tiled, strict=True)],
+def _aggregate_tile(length, width):
+    """Rows of a [TL, H*Dh] tile: 128, fewer for wide heads (an f32 tile of at most 512 KiB)."""
+    rows = max(8, min(128, (1 << 17) // _common.round_up(width, 128)) // 8 * 8)
+    return _tpu_block_l(length, rows)
+
+
+def _aggregate_tpu_stage(stage, args, tiled, outs, heads, interpret):
+    """One stage over grid (B, L tiles). tiled[i]: args[i] is [B, L, H*Dh], else a row [B, 1, X]
+    read whole; outs: (shape, dtype, tiled), [B, L, H*Dh] if tiled else partials [B, n, 1, X]."""
+    b, length, width = args[-1].shape
+    tl = _aggregate_tile(length, width)
+    tile = pl.BlockSpec((None, tl, width), lambda b_, i: (b_, i, 0))
+    row = lambda a: pl.BlockSpec((None, 1, a.shape[-1]), lambda b_, i: (b_, 0, 0))
+    part = lambda s: pl.BlockSpec((None, None, 1, s[-1]), lambda b_, i: (b_, i, 0, 0))
+    kernel = functools.partial(_aggregate_tpu_kernel, length=length, heads=heads,
+                               scale=(width // heads) ** -0.5, stage=stage)
+    return _tpu_call(kernel, interpret, grid=(b, pl.cdiv(length, tl)),
+                     in_specs=[tile if t else row(a) for a, t in zip(args, tiled, strict=True)],
                      out_specs=[tile if t else part(s) for s, _, t in outs],
                      out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt, _ in outs],
-                     semantics=("parallel", "parallel"))(*args)
+                     semantics=("parallel", "parallel"), name=f"aggregate_{stage}_tpu")(*args)
 
 
 def _aggregate_tpu_fwd(q, k, v, interpret):
     b, length, h, dh = q.shape
-    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    n = pl.cdiv(length, _aggregate_tile(length, h * dh))
+    flat = lambda x: x.reshape(b, length, h * dh)
     f32 = jnp.float32
-    (q_sums,) = _aggregate_tpu_stage("qsum", (q,), (True,), [((b, n, h, dh), f32, False)],
-                                     interpret)
-    qbar = jnp.sum(q_sums, axis=1) / length
-    m, l, acc = _aggregate_tpu_stage("fwd", (qbar, k, v), (False, True, True),
-                                     [((b, n, h, 1), f32, False), ((b, n, h, 1), f32, False),
-                                      ((b, n, h, dh), f32, False)], interpret)
-    m, l = m[..., 0], l[..., 0]
+    (q_sums,) = _aggregate_tpu_stage("qsum", (flat(q),), (True,),
+                                     [((b, n, 1, h * dh), f32, False)], h, interpret)
+    qbar = jnp.sum(q_sums, axis=1) / length                                       # [B, 1, H*Dh]
+    m, l, acc = _aggregate_tpu_stage(
+        "fwd", (qbar, flat(k), flat(v)), (False, True, True),
+        [((b, n, 1, h), f32, False), ((b, n, 1, h), f32, False),
+         ((b, n, 1, h * dh), f32, False)], h, interpret)
+    m, l, acc = m[:, :, 0], l[:, :, 0], acc[:, :, 0].reshape(b, n, h, dh)
     m_max = jnp.max(m, axis=1)
     w = jnp.exp(m - m_max[:, None])
     l_sum = jnp.sum(w * l, axis=1)
-    g32 = jnp.sum(w[..., None] * acc, axis=1) / l_sum[..., None]
-    lse = (m_max + jnp.log(l_sum))[..., None]                                     # [B, H, 1]
+    g32 = jnp.sum(w[..., None] * acc, axis=1) / l_sum[..., None]                 # [B, H, Dh]
+    lse = m_max + jnp.log(l_sum)                                                  # [B, H]
     return g32, (jnp.zeros((0,), q.dtype), k, v, qbar, lse, g32)
 
 
@@ -1388,15 +1443,18 @@ def _aggregate_tpu(q, k, v, interpret):
 def _aggregate_tpu_bwd(interpret, res, dg):
     q_dtype, k, v, qbar, lse, g32 = res
     b, length, h, dh = k.shape
-    n = pl.cdiv(length, _tpu_block_l(length, 128))
+    n = pl.cdiv(length, _aggregate_tile(length, h * dh))
     dg32 = dg.astype(jnp.float32)
-    delta = jnp.sum(dg32 * g32, axis=-1, keepdims=True)                           # [B, H, 1]
+    delta = jnp.sum(dg32 * g32, axis=-1)                                          # [B, H]
+    flat = lambda x: x.reshape(b, length, h * dh)
     dk, dv, dqbar = _aggregate_tpu_stage(
-        "bwd", (qbar, dg32, lse, delta, k, v), (False,) * 4 + (True, True),
-        [(k.shape, k.dtype, True), (v.shape, v.dtype, True), ((b, n, h, dh), jnp.float32, False)],
-        interpret)
-    dqbar = jnp.sum(dqbar, axis=1) / length
-    return jnp.broadcast_to(dqbar[:, None], k.shape).astype(q_dtype.dtype), dk, dv
+        "bwd", (qbar, dg32.reshape(b, 1, h * dh), lse[:, None], delta[:, None], flat(k),
+                flat(v)), (False,) * 4 + (True, True),
+        [((b, length, h * dh), k.dtype, True), ((b, length, h * dh), v.dtype, True),
+         ((b, n, 1, h * dh), jnp.float32, False)], h, interpret)
+    dqbar = jnp.sum(dqbar[:, :, 0], axis=1).reshape(b, h, dh) / length
+    return (jnp.broadcast_to(dqbar[:, None], k.shape).astype(q_dtype.dtype), dk.reshape(k.shape),
+            dv.reshape(v.shape))
 
 
 _aggregate_tpu.defvjp(lambda q, k, v, interpret: (

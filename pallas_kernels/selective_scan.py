@@ -1359,13 +1359,16 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Mosaic TPU kernels (verified in TPU interpret mode on CPU).
+# Mosaic TPU kernels (numerics checked in TPU interpret mode on CPU, the real lowering and a
+# deviceless TPU compile by tests/kernels/test_tpu_lowering.py; never run on a TPU: docs/tpu.md).
 #
 # Grid (batch, channel blocks, chunks), the chunk axis sequential ("arbitrary"). Channels sit on
 # the 128 lanes, the N states on sublanes: the state is one [N, bd] f32 VMEM scratch carried
 # across the chunk axis. Inside a chunk a fori_loop walks the steps (Mosaic lowers only
 # fori-like loops); B_t arrives as a [1, N] row and becomes the [N, 1] column that scales the
-# state through a masked sum with the identity (a cheap transpose of one row).
+# state through a masked sum with the identity (a cheap transpose of one row). Grouped B/C with
+# groups narrower than 128 lanes: a block holds `gpb` whole groups, B_t arrives as one [1, gpb*N]
+# row and a 0/1 matmul spreads it to the [N, bd] B_t of each lane (_tpu_bc).
 
 def _tpu_column(row_1N, eye_NN):
     return jnp.sum(eye_NN * row_1N, axis=1, keepdims=True)
@@ -1380,13 +1383,50 @@ def _tpu_eye(n):
     return (rows == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(jnp.float32)
 
 
-def _tpu_fwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, save_ckpt):
-    # u/dt/z/y [T, bd]; a [N, bd]; b/c [T, N]; d/bias [1, bd]; h0/hT [N, bd]; ck [N, bd]
+def _tpu_bc_maps(n, bd, groups):
+    """None for a block inside one group; for `gpb` groups of per_group lanes in a block (K =
+    gpb * N): P [N, K] (k % N == n), P^T, and Q [K, bd] (k // N == lane // per_group)."""
+    gpb, per_group = groups
+    if gpb == 1:
+        return None
+    iota = jax.lax.broadcasted_iota
+    k = gpb * n
+    p = iota(jnp.int32, (n, k), 1) % n == iota(jnp.int32, (n, k), 0)
+    pt = iota(jnp.int32, (k, n), 0) % n == iota(jnp.int32, (k, n), 1)
+    q = iota(jnp.int32, (k, bd), 0) // n == iota(jnp.int32, (k, bd), 1) // per_group
+    return p.astype(jnp.float32), pt.astype(jnp.float32), q.astype(jnp.float32)
+
+
+def _tpu_dot(a, b):
+    return jax.lax.dot(a, b, precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+
+
+def _tpu_bc(row_1K, eye_KK, maps):
+    """B_t (or C_t) for every lane: an [N, 1] column (one group), else [N, bd]."""
+    col = _tpu_column(row_1K, eye_KK)
+    if maps is None:
+        return col
+    p, _, q = maps
+    return _tpu_dot(p, col * q)
+
+
+def _tpu_bc_grad(x_NB, eye_KK, maps):
+    """The adjoint of _tpu_bc: x [N, bd] summed over the lanes of each group, as a [1, K] row."""
+    if maps is None:
+        return _tpu_row(jnp.sum(x_NB, axis=1, keepdims=True), eye_KK)
+    _, pt, q = maps
+    return _tpu_row(jnp.sum(_tpu_dot(pt, x_NB) * q, axis=1, keepdims=True), eye_KK)
+
+
+def _tpu_fwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, save_ckpt, groups):
+    # u/dt/z/y [T, bd]; a [N, bd]; b/c [T, K] (K = gpb * N); d/bias [1, bd]; h0/hT/ck [N, bd]
     names = ["u", "dt", "a", "b", "c", *[k for k in _OPTIONAL if k in opts], "y", "hT"]
     r = _name_refs(refs, names + (["ck"] if save_ckpt else []) + ["h_scr"])
     c = pl.program_id(2)
-    n_state = r["a"].shape[0]
-    eye = _tpu_eye(n_state)
+    n_state, bd = r["a"].shape
+    eye = _tpu_eye(r["b"].shape[-1])
+    maps = _tpu_bc_maps(n_state, bd, groups)
 
     @pl.when(c == 0)
     def _():
@@ -1402,8 +1442,8 @@ def _tpu_fwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, save_ckpt):
         x = r["dt"][row, :] + (r["bias"][...] if "bias" in r else 0.0)
         dt = _softplus(x) if softplus else x
         dt = jnp.where(c * chunk + t < length, dt, 0.0)
-        h = jnp.exp(dt * A) * h + (dt * u) * _tpu_column(r["b"][row, :], eye)
-        y = jnp.sum(h * _tpu_column(r["c"][row, :], eye), axis=0, keepdims=True)
+        h = jnp.exp(dt * A) * h + (dt * u) * _tpu_bc(r["b"][row, :], eye, maps)
+        y = jnp.sum(h * _tpu_bc(r["c"][row, :], eye, maps), axis=0, keepdims=True)
         if "d" in r:
             y = y + r["d"][...] * u
         if "z" in r:
@@ -1420,7 +1460,7 @@ def _tpu_fwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, save_ckpt):
         r["hT"][...] = h
 
 
-def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
+def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, groups):
     # Same math as _bwd_kernel; the chunk's states go to a [T + 1, N, bd] VMEM scratch.
     in_names = ["u", "dt", "a", "b", "c", *[k for k in ("z", "d", "bias") if k in opts],
                 "ck", "dy", "dhT"]
@@ -1429,8 +1469,9 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
     r = _name_refs(refs, in_names + out_names + ["hs", "dh", "dA", "dD", "dbias_acc"])
     k = pl.program_id(2)
     c = n_chunks - 1 - k
-    n_state = r["a"].shape[0]
-    eye = _tpu_eye(n_state)
+    n_state, bd = r["a"].shape
+    eye = _tpu_eye(r["b"].shape[-1])
+    maps = _tpu_bc_maps(n_state, bd, groups)
     A = r["a"][...]
 
     @pl.when(k == 0)
@@ -1447,7 +1488,7 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
 
     def forward(t, h):
         dt, _ = delta(t)
-        b_col = _tpu_column(r["b"][pl.ds(t, 1), :], eye)
+        b_col = _tpu_bc(r["b"][pl.ds(t, 1), :], eye, maps)
         h = jnp.exp(dt * A) * h + (dt * r["u"][pl.ds(t, 1), :]) * b_col
         r["hs"][t + 1] = h
         return h
@@ -1463,8 +1504,8 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
         dt, x = delta(t)
         dout = r["dy"][row, :]
         h_prev, h_t = r["hs"][t], r["hs"][t + 1]
-        b_col = _tpu_column(r["b"][row, :], eye)
-        c_col = _tpu_column(r["c"][row, :], eye)
+        b_col = _tpu_bc(r["b"][row, :], eye, maps)
+        c_col = _tpu_bc(r["c"][row, :], eye, maps)
         if "z" in r:
             z = r["z"][row, :]
             sz = jax.nn.sigmoid(z)
@@ -1476,8 +1517,8 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
         else:
             dy = dout
         g = dh + c_col * dy                                      # [N, bd]
-        r["dc"][row, :] = _tpu_row(jnp.sum(dy * h_t, axis=1, keepdims=True), eye)
-        r["db"][row, :] = _tpu_row(jnp.sum(g * (dt * u), axis=1, keepdims=True), eye)
+        r["dc"][row, :] = _tpu_bc_grad(dy * h_t, eye, maps)
+        r["db"][row, :] = _tpu_bc_grad(g * (dt * u), eye, maps)
         a = jnp.exp(dt * A)
         q = g * a * h_prev
         da = da + dt * q
@@ -1509,17 +1550,27 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts):
 
 
 def _tpu_layout(u, A, B, chunk) -> _Layout:
+    """Channel blocks of 128 lanes (all channels when fewer). With grouped B/C a block lies in
+    one group (groups of a multiple of 128 channels) or holds whole groups: lcm(per_group, 128)
+    lanes where that divides Dn, else all channels (a legal Mosaic tile either way)."""
     bsz, length, dn = u.shape
     groups = 1 if B.ndim == 3 else B.shape[2]
     per_group = dn // groups
-    if per_group % 128 == 0:
-        bd = 128
-    elif groups == 1:
+    if groups == 1:
         bd = dn if dn < 128 else 128
-    else:    # not a legal Mosaic lane tile: TPU interpret mode only
-        bd = per_group
+    elif per_group % 128 == 0:
+        bd = 128
+    else:
+        bd = math.lcm(per_group, 128)
+        bd = bd if dn % bd == 0 else dn
     return _Layout(bsz, length, dn, A.shape[1], groups, bd, _common.round_up(dn, bd),
                    _common.round_up(length, chunk), chunk)
+
+
+def _tpu_groups(lay: _Layout):
+    """(groups per channel block, channels per group) of the TPU kernels."""
+    per_group = lay.dn // lay.groups
+    return max(1, lay.bd // per_group) if lay.groups > 1 else 1, per_group
 
 
 def _tpu_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
@@ -1530,9 +1581,13 @@ def _tpu_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0):
     row = lambda x: _common.pad_axis(x.astype(f32), 0, bd)[None]
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
-    bc = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, T)   # [B, G, Lp, N]
+    gpb = _tpu_groups(lay)[0]
+    # [B, G / gpb, Lp, gpb * N]: the B/C rows of the gpb groups of a channel block side by side
+    bc = lambda x: _common.pad_axis(
+        rearrange(x.astype(f32), "b l (g k) n -> b g l (k n)", k=gpb), 2, T)
     seq_spec = pl.BlockSpec((None, T, bd), lambda b, j, c: (b, c, j))
-    bc_spec = pl.BlockSpec((None, None, T, n), lambda b, j, c: (b, j * bd // per_group, c, 0))
+    bc_spec = pl.BlockSpec((None, None, T, gpb * n),
+                           lambda b, j, c: (b, j * bd // (per_group * gpb), c, 0))
     arrays = [seq(u), seq(delta), _common.pad_axis(A.astype(f32).T, 1, bd), bc(B), bc(C)]
     specs = [seq_spec, seq_spec, pl.BlockSpec((n, bd), lambda b, j, c: (0, j)), bc_spec, bc_spec]
     opts = []
@@ -1584,7 +1639,7 @@ def _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckp
         out_specs.append(pl.BlockSpec((None, None, n, bd), lambda b, j, c: (b, c, 0, j)))
     kernel = functools.partial(_tpu_fwd_kernel, chunk=lay.chunk, n_chunks=lay.n_chunks,
                                length=lay.length, softplus=cfg.softplus, opts=opts,
-                               save_ckpt=save_ckpt)
+                               save_ckpt=save_ckpt, groups=_tpu_groups(lay))
     outs = _tpu_call(kernel, lay, cfg, specs, out_shape, out_specs, [pltpu.VMEM((n, bd), f32)],
                      "selective_scan_fwd_tpu")(*arrays)
     y = outs[0][:, :lay.length, :lay.dn].astype(u.dtype)
@@ -1605,8 +1660,9 @@ def _tpu_backward(cfg: _Config, res, y_bar, final_bar):
     specs += [pl.BlockSpec((None, None, n, bd), lambda b, j, c: (b, c, 0, j)), seq_spec]
     specs = _reverse_specs(specs, lay.n_chunks) + [state_spec]
     seq_out = jax.ShapeDtypeStruct((bsz, lp, dp), f32)
-    part = jax.ShapeDtypeStruct((bsz, lay.n_blocks, lp, n), f32)
-    part_spec = pl.BlockSpec((None, None, T, n), lambda b, j, c: (b, j, c, 0))
+    gpb = _tpu_groups(lay)[0]
+    part = jax.ShapeDtypeStruct((bsz, lay.n_blocks, lp, gpb * n), f32)
+    part_spec = pl.BlockSpec((None, None, T, gpb * n), lambda b, j, c: (b, j, c, 0))
     row_out = jax.ShapeDtypeStruct((bsz, 1, dp), f32)
     row_spec = pl.BlockSpec((None, 1, bd), lambda b, j, c: (b, 0, j))
     state = jax.ShapeDtypeStruct((bsz, n, dp), f32)
@@ -1623,13 +1679,17 @@ def _tpu_backward(cfg: _Config, res, y_bar, final_bar):
     scratch = [pltpu.VMEM((T + 1, n, bd), f32), pltpu.VMEM((n, bd), f32),
                pltpu.VMEM((n, bd), f32), pltpu.VMEM((1, bd), f32), pltpu.VMEM((1, bd), f32)]
     kernel = functools.partial(_tpu_bwd_kernel, chunk=T, n_chunks=lay.n_chunks,
-                               length=lay.length, softplus=cfg.softplus, opts=opts)
+                               length=lay.length, softplus=cfg.softplus, opts=opts,
+                               groups=_tpu_groups(lay))
     outs = list(_tpu_call(kernel, lay, cfg, specs, out_shape, out_specs, scratch,
                           "selective_scan_bwd_tpu")(*arrays))
     crop = lambda x, like: x[:, :lay.length, :lay.dn].astype(like.dtype)
     du, ddelta = crop(outs.pop(0), u), crop(outs.pop(0), delta)
     dz = crop(outs.pop(0), z) if z is not None else None
-    group_sum = lambda x: rearrange(x, "b (g k) l n -> b l g k n", g=lay.groups).sum(3)
+    if gpb == 1:    # blocks of a group in a row: their partial sums add up
+        group_sum = lambda x: rearrange(x, "b (g k) l n -> b l g k n", g=lay.groups).sum(3)
+    else:           # a block holds gpb whole groups
+        group_sum = lambda x: rearrange(x, "b j l (g n) -> b l (j g) n", g=gpb)
     db, dc = (group_sum(outs.pop(0))[:, :lay.length] for _ in range(2))
     if B.ndim == 3:
         db, dc = db[:, :, 0], dc[:, :, 0]
