@@ -123,14 +123,14 @@ def torch_init(module: nnx.Module, rngs: nnx.Rngs, skip=()) -> None:
     weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (`kaiming_uniform_(a=sqrt(5))`; a third
     of the variance of LeCun normal). Modules in `skip` keep their init."""
     skip = {id(m) for m in skip}
-    for _, m in module.iter_modules():
+    for _, m in nnx.iter_modules(module):
         if not isinstance(m, (nnx.Linear, nnx.Conv)) or id(m) in skip:
             continue
-        shape = m.kernel.value.shape
+        shape = m.kernel.shape
         bound = 1.0 / math.sqrt(math.prod(shape[:-1]))       # fan_in: [k..., in, out]
         for p in (m.kernel, m.bias):
             if p is not None:
-                p.value = jax.random.uniform(rngs.params(), p.value.shape, p.value.dtype,
+                p[...] = jax.random.uniform(rngs.params(), p.shape, p.dtype,
                                              -bound, bound)
 
 

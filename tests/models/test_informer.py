@@ -90,14 +90,14 @@ def test_torch_init_redraws_linears_and_convs_but_not_the_value_embedding():
     own layers and inside the mixers; the value convolution keeps its kaiming normal."""
     flax_m = build_model(dict(TINY, d_model=64, d_ff=128), rngs=nnx.Rngs(0))
     torch_m = build_model(dict(TINY, d_model=64, d_ff=128, init="torch"), rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(torch_m.enc_embed.value.kernel.value,
-                                  flax_m.enc_embed.value.kernel.value)
+    np.testing.assert_array_equal(torch_m.enc_embed.value.kernel[...],
+                                  flax_m.enc_embed.value.kernel[...])
     for layer in (torch_m.encoder[0].ffn.up, torch_m.encoder[0].mixer.q_proj,
                   torch_m.distil[0].conv):
-        w = np.asarray(layer.kernel.value)
+        w = np.asarray(layer.kernel[...])
         bound = 1 / np.sqrt(np.prod(w.shape[:-1]))
         assert np.abs(w).max() <= bound
         assert abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound           # uniform, not normal
-    up_bias = np.asarray(torch_m.encoder[0].ffn.up.bias.value)
+    up_bias = np.asarray(torch_m.encoder[0].ffn.up.bias[...])
     assert np.abs(up_bias).max() <= 1 / 8 and up_bias.std() > 0.02     # flax: zeros
-    assert not np.allclose(torch_m.head.kernel.value, flax_m.head.kernel.value)
+    assert not np.allclose(torch_m.head.kernel[...], flax_m.head.kernel[...])
