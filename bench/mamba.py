@@ -426,6 +426,18 @@ VARIANTS = {
     "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2, mgpu_ck_unsplit=False),
     "v6_ck1": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2,
                    mgpu_ck_unsplit=True),
+    # session 7: the Mosaic forward's chunk as a loop over groups of 2 / 4 / 8 unrolled steps
+    # (the 16-step chunk unrolled is ~29 KB of SASS: does the instruction cache hold it?),
+    # y_t in 4 partial sums, 32-step chunks as a loop of 4; 3 slots in flight; the backward's
+    # 4-step sub-chunks as a loop (bl), with the training forward's 4-step loop (bl_u4)
+    "mg_u2": dict(mgpu_unroll=2),
+    "mg_u4": dict(mgpu_unroll=4),
+    "mg_u8": dict(mgpu_unroll=8),
+    "mg_y4": dict(mgpu_yacc=4),
+    "mg_c32u4": dict(mgpu_chunk=32, mgpu_unroll=4),
+    "s3": dict(mgpu_stages=3),
+    "bl": dict(mgpu_bwd_loop=True),
+    "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),

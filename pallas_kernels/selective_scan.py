@@ -151,6 +151,15 @@ _LN2 = math.log(2.0)
 _OPTIONAL = ("z", "d", "bias", "h0")
 
 
+def optional_inputs(z, D, delta_bias, h0, *, seq, vec, state):
+    """The optional inputs that are given, in kernel order (`_OPTIONAL`), as (name, array)
+    pairs in kernel layouts: z through `seq`, D and delta_bias through `vec`, h0 through
+    `state` (shared by the Triton and the Mosaic GPU wrappers)."""
+    how = {"z": seq, "d": vec, "bias": vec, "h0": state}
+    return [(name, how[name](x)) for name, x in zip(_OPTIONAL, (z, D, delta_bias, h0),
+                                                    strict=True) if x is not None]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static kernel configuration (hashable: it is a nondiff argument of the custom_vjp)."""
@@ -208,6 +217,10 @@ class _Config:
     mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
     mgpu_ck_unsplit: bool = False  # the Mosaic training forward with one thread per channel
                               # whatever the backward's split (its checkpoints read as parts)
+    mgpu_unroll: int = 0      # Mosaic forward (one thread per channel): a loop over groups of
+                              # this many unrolled steps per chunk (0: the whole chunk unrolled)
+    mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
+    mgpu_bwd_loop: bool = False  # Mosaic backward: a chunk's 4-step sub-chunks as a loop
     interpret: bool = False
 
 
@@ -1028,19 +1041,14 @@ def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0, bc_row
         specs += [pl.BlockSpec((None, lp, None, n),
                                lambda b, j: (b, 0, j * bd // per_group, 0))] * 2
     opts = ["bc"] if bc_rows else []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
-        if x is None:
-            continue
+    spec_of = {"z": seq_spec, "d": pl.BlockSpec((bd,), lambda b, j: (j,)),
+               "h0": pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j))}
+    spec_of["bias"] = spec_of["d"]
+    state = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd)
+    for name, x in optional_inputs(z, D, delta_bias, h0, seq=seq, vec=vec, state=state):
         opts.append(name)
-        if name == "z":
-            arrays.append(seq(x))
-            specs.append(seq_spec)
-        elif name == "h0":
-            arrays.append(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd))
-            specs.append(pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j)))
-        else:
-            arrays.append(vec(x))
-            specs.append(pl.BlockSpec((bd,), lambda b, j: (j,)))
+        arrays.append(x)
+        specs.append(spec_of[name])
     return arrays, specs, tuple(opts)
 
 
@@ -1086,7 +1094,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
-                                vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
+                                vec_bc=cfg.mgpu_vec, unroll=cfg.mgpu_unroll or None,
+                                y_acc=cfg.mgpu_yacc, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1203,7 +1212,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
-                             vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
+                             vec_bc=cfg.mgpu_vec, bwd_loop=cfg.mgpu_bwd_loop,
+                             interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1327,7 +1337,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
                           mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
-                          interpret=False):
+                          mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1354,7 +1364,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
-                  mgpu_ck_unsplit=mgpu_ck_unsplit, interpret=interpret)
+                  mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
+                  mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common
+from pallas_kernels.selective_scan import optional_inputs
 
 _WG = 128                     # threads of a warpgroup = channels per program
 _LOG2E = 1.0 / math.log(2.0)
@@ -79,6 +80,8 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
         return [row[_part_of_thread() * n_k + col + e] for e in range(count)]
     if split == 1 and not vec:
         return [bc_row_ref[t, col + e] for e in range(count)]
+    if not isinstance(t, int):     # a traced step: the row as a transformed ref
+        bc_row_ref, t = bc_row_ref.at[pl.ds(t, 1)], 0
 
     import numpy as np
     from jax._src.lib.mlir import ir
@@ -114,8 +117,33 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
     return list(load(bc_row_ref))
 
 
+def _load_params(r, opts, cols, split, n_k, state_src):
+    """The one-time TMA copies of a program (forward and backward): A^T rows [K, split, bd]
+    into a_s, D and bias (those in `opts`) into p_s, and `state_src` (this batch's h0 or dhT,
+    [K, split, bd], or None) into h_s, one barrier each; waits for them. Returns (the K rows of
+    A, {"d" / "bias": [split, bd]}, the K state rows or None)."""
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
+    names = [k for k in ("d", "bias") if k in opts]
+    bars = {(i, p): r["bar"].at[1 + i * split + p] for i in range(len(names))
+            for p in range(split)}
+    for (i, p), bar in bars.items():
+        plgpu.copy_gmem_to_smem(r[names[i]].at[cols], r["p_s"].at[i, p], bar)
+    state_bar = r["bar"].at[1 + 2 * split]
+    if state_src is not None:
+        plgpu.copy_gmem_to_smem(state_src, r["h_s"], state_bar)
+    plgpu.barrier_wait(r["bar"].at[0])
+    a_rows = [r["a_s"][k] for k in range(n_k)]
+    for bar in bars.values():
+        plgpu.barrier_wait(bar)
+    vec = {k: r["p_s"][i] for i, k in enumerate(names)}
+    if state_src is None:
+        return a_rows, vec, None
+    plgpu.barrier_wait(state_bar)
+    return a_rows, vec, tuple(r["h_s"][k] for k in range(n_k))
+
+
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages, split, vec_bc, interpret):
+              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1):
     """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
@@ -125,7 +153,12 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     (i // 64) * N / 2 + k: every per-thread array is [2, 64] (the strided layout's element i is
     thread i), the u/delta/z rows land twice (one copy per part) so that a [2, 64] view reads
     them, B/C values by a warp-uniform load at a per-part column, and y adds the two parts'
-    sums through shared memory at the chunk end."""
+    sums through shared memory at the chunk end.
+
+    unroll (split 1, a divisor of chunk and a multiple of ck_every): the chunk's steps run as a
+    loop over groups of `unroll` unrolled steps (the code of a 16-step chunk is ~29 KB of SASS);
+    y_acc: <C_t, h_t> summed in that many interleaved partial sums."""
+    unroll = chunk if unroll is None or split > 1 else unroll
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     outs = ["y", *(["ck"] if save_ckpt else [])]
@@ -156,25 +189,9 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
     # one-time parameters: A^T log2(e) [K, split, bd], D, bias [split, bd] and h0
-    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
-                                    r["bar"].at[1 + i * split + p])
-    if "h0" in opts:
-        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, :, cols], r["h_s"], r["bar"].at[1 + 2 * split])
-    plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] for k in range(n_k)]
-    vec = {}
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
-        vec[k] = r["p_s"][i]
-    if "h0" in opts:
-        plgpu.barrier_wait(r["bar"].at[1 + 2 * split])
-        h0 = tuple(r["h_s"][k] for k in range(n_k))
-    else:
+    a2, vec, h0 = _load_params(r, opts, cols, split, n_k,
+                               r["h0"].at[b, :, :, cols] if "h0" in opts else None)
+    if h0 is None:
         h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
 
     vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
@@ -184,6 +201,38 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
                                      interpret)
         return get(0), get(1)
 
+    def step(s_, c, gi, tt, h):
+        """Step t = gi * unroll + tt of chunk c (gi traced or 0, tt static): updates the
+        state list h in place; returns (this thread's <C_t, h_t>, u_t)."""
+        t = tt if isinstance(gi, int) else gi * unroll + tt
+        if save_ckpt and tt % ck_every == 0:
+            row = tt // ck_every
+            if not isinstance(gi, int):
+                row = gi * (unroll // ck_every) + row
+            for k in range(n_k):
+                s_["ck"][row, k] = h[k]
+        u = s_["u"][:, t, :].astype(f32)
+        x = s_["dt"][:, t, :].astype(f32)
+        if "bias" in vec:
+            x = x + vec["bias"]
+        dt = _softplus(x, True) if softplus else x
+        if padded:
+            dt = jnp.where(c * chunk + t < length, dt, 0.0)
+        dtu = dt * u
+        b_t, c_t = bc_step(s_["bc"], t)
+        acc = [None] * y_acc     # y_acc interleaved partial sums (shorter FFMA chains)
+        for k in range(n_k):
+            e = jnp.exp2(dt * a2[k])
+            h[k] = e * h[k] + dtu * b_t[k]
+            hc = h[k] * c_t[k]
+            i = k % y_acc
+            acc[i] = hc if acc[i] is None else acc[i] + hc
+        acc = [a for a in acc if a is not None]
+        while len(acc) > 1:
+            acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
+                   for i in range(0, len(acc), 2)]
+        return acc[0], u
+
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
         s_ = {k: r[k + "_s"].at[slot] for k in seq_in + outs}
@@ -192,31 +241,22 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
         ys = []
-        for t in range(chunk):
-            if save_ckpt and t % ck_every == 0:
-                for k in range(n_k):
-                    s_["ck"][t // ck_every, k] = h[k]
-            u = s_["u"][:, t, :].astype(f32)
-            x = s_["dt"][:, t, :].astype(f32)
-            if "bias" in vec:
-                x = x + vec["bias"]
-            dt = _softplus(x, True) if softplus else x
-            if padded:
-                dt = jnp.where(c * chunk + t < length, dt, 0.0)
-            dtu = dt * u
-            b_t, c_t = bc_step(s_["bc"], t)
-            y = None
-            for k in range(n_k):
-                e = jnp.exp2(dt * a2[k])
-                h[k] = e * h[k] + dtu * b_t[k]
-                hc = h[k] * c_t[k]
-                y = hc if y is None else y + hc
+        if unroll < chunk:   # a loop over groups of `unroll` steps (smaller code), split 1
+            def group(gi, hh):
+                hh = list(hh)
+                for tt in range(unroll):
+                    y, u = step(s_, c, gi, tt, hh)
+                    finish(y, u, s_, gi * unroll + tt)
+                return tuple(hh)
+            h = list(jax.lax.fori_loop(0, chunk // unroll, group, tuple(h)))
+        for t in range(chunk if unroll >= chunk else 0):
+            y, u = step(s_, c, 0, t, h)
             if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
                 r["yp_s"][t, pl.ds(0, 2), :] = y
                 r["yp_s"][t, pl.ds(2, 2), :] = y
                 ys.append((y, u))
                 continue
-            ys.append(finish(y, u, s_, t))
+            finish(y, u, s_, t)
         if split > 1:
             plgpu.commit_smem()
             for t, (y, u) in enumerate(ys):   # rows 1, 2: the other part's sum
@@ -252,7 +292,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
-            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, interpret=False):
+            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, unroll=None,
+            y_acc=1, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
     split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
@@ -283,17 +324,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
     a2 = by_part(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, _WG))
     arrays = [seq(u), seq(delta), a2, bc]
-    opts = []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
-        if x is None:
-            continue
-        opts.append(name)
-        if name == "z":
-            arrays.append(seq(x))
-        elif name == "h0":
-            arrays.append(by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG)))
-        else:
-            arrays.append(vec(x))
+    state = lambda x: by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG))
+    given = optional_inputs(z, D, delta_bias, h0, seq=seq, vec=vec, state=state)
+    opts = [name for name, _ in given]
+    arrays += [x for _, x in given]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
     if save_ckpt:
@@ -318,7 +352,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     body = functools.partial(
         _fwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, save_ckpt=save_ckpt,
-        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret)
+        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret,
+        unroll=(unroll if unroll and chunk % unroll == 0
+                and (not save_ckpt or unroll % ck_every == 0) else None),
+        y_acc=y_acc)
     outs = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -362,7 +399,8 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False):
+              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
+              bwd_loop=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -409,23 +447,8 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
-                                    r["bar"].at[1 + i * split + p])
-    dh_bar = r["bar"].at[1 + 2 * split]
-    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, :, cols], r["h_s"], dh_bar)
-    plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] * _LOG2E for k in range(n_k)]   # <A, q> = ln2 <A log2(e), q>
-    vec = {}
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
-        vec[k] = r["p_s"][i]
-    plgpu.barrier_wait(dh_bar)
-    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    a_rows, vec, dh_init = _load_params(r, opts, cols, split, n_k, r["dhT"].at[b, :, :, cols])
+    a2 = [a * _LOG2E for a in a_rows]   # <A, q> = ln2 <A log2(e), q>
     zero = _zeros((split, bd))
 
     vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
@@ -478,11 +501,14 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         bc_s = s_["bc"]
-        for sub in reversed(range(n_sub)):
+
+        def sub_chunk(sub, carry):     # sub static, or traced (bwd_loop)
+            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             t0 = sub * ck_every
             h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
-            for t in range(t0, t0 + ck_every):                 # recompute
+            for tl in range(ck_every):                         # recompute
+                t = t0 + tl
                 i = c * chunk + t
                 dt, x = delta_of(s_["dt"], t, i)
                 u = s_["u"][:, t, :].astype(f32)
@@ -550,6 +576,16 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             plgpu.commit_smem()
             tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            return tuple(dh), tuple(da), dd, dbias
+
+        carry = (tuple(dh), tuple(da), dd, dbias)
+        if bwd_loop:
+            carry = jax.lax.fori_loop(0, n_sub, lambda m, cr: sub_chunk(n_sub - 1 - m, cr),
+                                      carry)
+        else:
+            for sub in reversed(range(n_sub)):
+                carry = sub_chunk(sub, carry)
+        dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
         plgpu.commit_smem()
         for name in seq_out:
             if name == "dbc":
@@ -583,11 +619,12 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             keep_decay=True, split=1, vec_bc=True, interpret=False):
+             keep_decay=True, split=1, vec_bc=True, bwd_loop=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
-    threads per channel (needs the split forward's checkpoints)."""
+    threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
+    sub-chunks run as a loop (the code of one sub-chunk) instead of unrolled."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
         raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
@@ -630,11 +667,9 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
     arrays = [seq(u), seq(delta), by_part(_common.pad_axis(A.astype(f32).T, 1, _WG)), bc]
-    opts = []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias)):
-        if x is not None:
-            opts.append(name)
-            arrays.append(seq(x) if name == "z" else vec(x))
+    given = optional_inputs(z, D, delta_bias, None, seq=seq, vec=vec, state=None)
+    opts = [name for name, _ in given]
+    arrays += [x for _, x in given]
     arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
                by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
     n_blocks = dp // bd
@@ -669,7 +704,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        parts_major=parts_major, interpret=interpret)
+        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
