@@ -221,6 +221,8 @@ class _Config:
                               # this many unrolled steps per chunk (0: the whole chunk unrolled)
     mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
     mgpu_bwd_loop: bool = False  # Mosaic backward: a chunk's 4-step sub-chunks as a loop
+    mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
+                              # FMA-pipe polynomial instead of the MUFU
     interpret: bool = False
 
 
@@ -1095,7 +1097,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
                                 vec_bc=cfg.mgpu_vec, unroll=cfg.mgpu_unroll or None,
-                                y_acc=cfg.mgpu_yacc, interpret=cfg.interpret)
+                                y_acc=cfg.mgpu_yacc, poly=cfg.mgpu_poly,
+                                interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1337,7 +1340,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
                           mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
-                          mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, interpret=False):
+                          mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, mgpu_poly=0,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1365,7 +1369,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
-                  mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, interpret=interpret)
+                  mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

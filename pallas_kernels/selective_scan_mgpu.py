@@ -62,6 +62,33 @@ def _softplus(x, approx):
     return jnp.where(x > 20.0, x, jnp.where(e < 2.0 ** -6, small, big))
 
 
+# 2^f on [-0.5, 0.5] (selective_scan._EXP2_POLY, degree 5: <= 2.4e-7 relative in f32)
+_EXP2_POLY = (1.0, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
+              0.009675503708422184, 0.0013276360696181655)
+_ROUND_MAGIC = 12582912.0     # 1.5 * 2^23: x + magic holds round(x) in its low mantissa bits
+
+
+def _exp2_poly(x, interpret):
+    """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU (FlashAttention-4's
+    trick; selective_scan._exp2_poly for Triton): round(x) from the magic add (LLVM does not
+    reassociate (x + m) - m without fast-math flags), 2^f by Horner, round(x) into the
+    exponent as bits(x + m) << 23. ~11 instructions; clamped at -125."""
+    x = jnp.maximum(x, -125.0)
+    if interpret:   # XLA may fold (x + m) - m
+        r = jnp.round(x)
+        shift = jax.lax.shift_left(r.astype(jnp.int32), 23)
+    else:
+        t = x + _ROUND_MAGIC
+        r = t - _ROUND_MAGIC
+        shift = jax.lax.shift_left(jax.lax.bitcast_convert_type(t, jnp.int32), 23)
+    f = x - r
+    p = f * _EXP2_POLY[-1] + _EXP2_POLY[-2]
+    for c in _EXP2_POLY[-3::-1]:
+        p = p * f + c
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(p, jnp.int32) + shift,
+                                        jnp.float32)
+
+
 def _part_of_thread():
     """[split, bd] int32: the lane part (row) of each thread's element."""
     return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
@@ -143,7 +170,7 @@ def _load_params(r, opts, cols, split, n_k, state_src):
 
 
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1):
+              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1, poly=0):
     """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
@@ -157,7 +184,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
     unroll (split 1, a divisor of chunk and a multiple of ck_every): the chunk's steps run as a
     loop over groups of `unroll` unrolled steps (the code of a 16-step chunk is ~29 KB of SASS);
-    y_acc: <C_t, h_t> summed in that many interleaved partial sums."""
+    y_acc: <C_t, h_t> summed in that many interleaved partial sums; poly: the last `poly`
+    states of a thread take their decays from _exp2_poly (FMA pipe) instead of the MUFU."""
     unroll = chunk if unroll is None or split > 1 else unroll
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
@@ -222,7 +250,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         b_t, c_t = bc_step(s_["bc"], t)
         acc = [None] * y_acc     # y_acc interleaved partial sums (shorter FFMA chains)
         for k in range(n_k):
-            e = jnp.exp2(dt * a2[k])
+            e = (_exp2_poly(dt * a2[k], interpret) if k >= n_k - poly
+                 else jnp.exp2(dt * a2[k]))
             h[k] = e * h[k] + dtu * b_t[k]
             hc = h[k] * c_t[k]
             i = k % y_acc
@@ -293,7 +322,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
             ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, unroll=None,
-            y_acc=1, interpret=False):
+            y_acc=1, poly=0, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
     split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
@@ -355,7 +384,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
         ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret,
         unroll=(unroll if unroll and chunk % unroll == 0
                 and (not save_ckpt or unroll % ck_every == 0) else None),
-        y_acc=y_acc)
+        y_acc=y_acc, poly=poly)
     outs = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
