@@ -437,6 +437,8 @@ VARIANTS = {
     "mg_c32u4": dict(mgpu_chunk=32, mgpu_unroll=4),
     "s3": dict(mgpu_stages=3),
     "mg_p2": dict(mgpu_poly=2),     # 2 of 16 decays per step by the FMA-pipe polynomial
+    "mg_u4s": dict(mgpu_unroll=4, mgpu_skew=True),   # + the next group's first step prepared
+    "mg_u8s": dict(mgpu_unroll=8, mgpu_skew=True),
     "mg_u4p2": dict(mgpu_unroll=4, mgpu_poly=2),
     "bl": dict(mgpu_bwd_loop=True),
     "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),

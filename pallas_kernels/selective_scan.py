@@ -223,6 +223,8 @@ class _Config:
     mgpu_bwd_loop: bool = False  # Mosaic backward: a chunk's 4-step sub-chunks as a loop
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
                               # FMA-pipe polynomial instead of the MUFU
+    mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
+                              # prepared (delta, decays, B/C) at the end of a group
     interpret: bool = False
 
 
@@ -1098,7 +1100,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
                                 vec_bc=cfg.mgpu_vec, unroll=cfg.mgpu_unroll or None,
                                 y_acc=cfg.mgpu_yacc, poly=cfg.mgpu_poly,
-                                interpret=cfg.interpret)
+                                skew=cfg.mgpu_skew, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1341,7 +1343,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
                           mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, mgpu_poly=0,
-                          interpret=False):
+                          mgpu_skew=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1370,7 +1372,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
-                  interpret=interpret)
+                  mgpu_skew=mgpu_skew, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -170,7 +170,8 @@ def _load_params(r, opts, cols, split, n_k, state_src):
 
 
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1, poly=0):
+              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1, poly=0,
+              skew=False):
     """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
@@ -185,7 +186,9 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     unroll (split 1, a divisor of chunk and a multiple of ck_every): the chunk's steps run as a
     loop over groups of `unroll` unrolled steps (the code of a 16-step chunk is ~29 KB of SASS);
     y_acc: <C_t, h_t> summed in that many interleaved partial sums; poly: the last `poly`
-    states of a thread take their decays from _exp2_poly (FMA pipe) instead of the MUFU."""
+    states of a thread take their decays from _exp2_poly (FMA pipe) instead of the MUFU;
+    skew (with unroll): each group ends with the next group's first step up to its state
+    (delta, decays, B/C), carried over the loop edge, so that a group starts on the state."""
     unroll = chunk if unroll is None or split > 1 else unroll
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
@@ -229,16 +232,13 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
                                      interpret)
         return get(0), get(1)
 
-    def step(s_, c, gi, tt, h):
-        """Step t = gi * unroll + tt of chunk c (gi traced or 0, tt static): updates the
-        state list h in place; returns (this thread's <C_t, h_t>, u_t)."""
-        t = tt if isinstance(gi, int) else gi * unroll + tt
-        if save_ckpt and tt % ck_every == 0:
-            row = tt // ck_every
-            if not isinstance(gi, int):
-                row = gi * (unroll // ck_every) + row
-            for k in range(n_k):
-                s_["ck"][row, k] = h[k]
+    def decay_of(dt, k):
+        return (_exp2_poly(dt * a2[k], interpret) if k >= n_k - poly
+                else jnp.exp2(dt * a2[k]))
+
+    def prep(s_, c, t, decays=True):
+        """What step t needs before the state: (u, delta, delta u, B_t, C_t, and with
+        `decays` the decays; else they are left to `step`, interleaved with the update)."""
         u = s_["u"][:, t, :].astype(f32)
         x = s_["dt"][:, t, :].astype(f32)
         if "bias" in vec:
@@ -248,10 +248,25 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
             dt = jnp.where(c * chunk + t < length, dt, 0.0)
         dtu = dt * u
         b_t, c_t = bc_step(s_["bc"], t)
+        decay = [decay_of(dt, k) for k in range(n_k)] if decays else []
+        return (u, dt, dtu, *b_t, *c_t, *decay)
+
+    def step(s_, c, gi, tt, h, pre=None):
+        """Step t = gi * unroll + tt of chunk c (gi traced or 0, tt static; `pre`: its prep
+        if already done): updates the state list h in place; returns (this thread's
+        <C_t, h_t>, u_t)."""
+        t = tt if isinstance(gi, int) else gi * unroll + tt
+        if save_ckpt and tt % ck_every == 0:
+            row = tt // ck_every
+            if not isinstance(gi, int):
+                row = gi * (unroll // ck_every) + row
+            for k in range(n_k):
+                s_["ck"][row, k] = h[k]
+        u, dt, dtu, *rest = pre if pre is not None else prep(s_, c, t, decays=False)
+        b_t, c_t, decay = rest[:n_k], rest[n_k:2 * n_k], rest[2 * n_k:]
         acc = [None] * y_acc     # y_acc interleaved partial sums (shorter FFMA chains)
         for k in range(n_k):
-            e = (_exp2_poly(dt * a2[k], interpret) if k >= n_k - poly
-                 else jnp.exp2(dt * a2[k]))
+            e = decay[k] if decay else decay_of(dt, k)
             h[k] = e * h[k] + dtu * b_t[k]
             hc = h[k] * c_t[k]
             i = k % y_acc
@@ -271,13 +286,20 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         h = list(carry)
         ys = []
         if unroll < chunk:   # a loop over groups of `unroll` steps (smaller code), split 1
-            def group(gi, hh):
-                hh = list(hh)
+            n_groups = chunk // unroll
+
+            def group(gi, carry):
+                hh, pre = list(carry[:n_k]), carry[n_k:] or None
                 for tt in range(unroll):
-                    y, u = step(s_, c, gi, tt, hh)
+                    y, u = step(s_, c, gi, tt, hh, pre if tt == 0 else None)
                     finish(y, u, s_, gi * unroll + tt)
+                if skew:    # the next group's first step up to its state (the last group:
+                    # a repeat of the chunk's last step, unused), carried over the loop edge
+                    nxt = jnp.minimum(gi * unroll + unroll, chunk - 1)
+                    return (*hh, *prep(s_, c, nxt))
                 return tuple(hh)
-            h = list(jax.lax.fori_loop(0, chunk // unroll, group, tuple(h)))
+            init = (*h, *prep(s_, c, 0)) if skew else tuple(h)
+            h = list(jax.lax.fori_loop(0, n_groups, group, init)[:n_k])
         for t in range(chunk if unroll >= chunk else 0):
             y, u = step(s_, c, 0, t, h)
             if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
@@ -322,7 +344,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
             ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, unroll=None,
-            y_acc=1, poly=0, interpret=False):
+            y_acc=1, poly=0, skew=False, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
     split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
@@ -384,7 +406,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
         ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret,
         unroll=(unroll if unroll and chunk % unroll == 0
                 and (not save_ckpt or unroll % ck_every == 0) else None),
-        y_acc=y_acc, poly=poly)
+        y_acc=y_acc, poly=poly, skew=skew)
     outs = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
