@@ -442,6 +442,7 @@ VARIANTS = {
     "mg_u4p2": dict(mgpu_unroll=4, mgpu_poly=2),
     "bl": dict(mgpu_bwd_loop=True),
     "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),
+    "bl1": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1),   # the one-thread backward, looped
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),
