@@ -443,6 +443,13 @@ VARIANTS = {
     "bl": dict(mgpu_bwd_loop=True),
     "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),
     "bl1": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1),   # the one-thread backward, looped
+    # the backward's recompute of the next sub-chunk between this one's two barriers (next
+    # to its dB/dC sums): two threads per channel (ba), one thread looped (ba1l)
+    "ba": dict(mgpu_bwd_ahead=True),
+    "ba1l": dict(mgpu_bwd_ahead=True, mgpu_bwd_split=1, mgpu_bwd_loop=True),
+    # every session-7 option at once (the real-lowering check of all their code paths)
+    "all7": dict(mgpu_unroll=4, mgpu_skew=True, mgpu_poly=2, mgpu_bwd_loop=True,
+                 mgpu_bwd_ahead=True),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),

@@ -221,6 +221,8 @@ class _Config:
                               # this many unrolled steps per chunk (0: the whole chunk unrolled)
     mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
     mgpu_bwd_loop: bool = False  # Mosaic backward: a chunk's 4-step sub-chunks as a loop
+    mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
+                              # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
                               # FMA-pipe polynomial instead of the MUFU
     mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
@@ -1218,7 +1220,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
                              vec_bc=cfg.mgpu_vec, bwd_loop=cfg.mgpu_bwd_loop,
-                             interpret=cfg.interpret)
+                             bwd_ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1343,7 +1345,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
                           mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, mgpu_poly=0,
-                          mgpu_skew=False, interpret=False):
+                          mgpu_skew=False, mgpu_bwd_ahead=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1372,7 +1374,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
-                  mgpu_skew=mgpu_skew, interpret=interpret)
+                  mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

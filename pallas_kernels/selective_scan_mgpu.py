@@ -451,7 +451,7 @@ def _sigmoid(x):
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
-              bwd_loop=False):
+              bwd_loop=False, bwd_ahead=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -553,8 +553,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         bc_s = s_["bc"]
 
-        def sub_chunk(sub, carry):     # sub static, or traced (bwd_loop)
-            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+        def recompute(sub):     # the sub-chunk's states (and decays) from its checkpoint
             t0 = sub * ck_every
             h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
@@ -570,6 +569,15 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 b_t = bc_get(bc_s, t, 0)
                 h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
                 hs.append(h)
+            return hs, steps, decays
+
+        def back(sub, rec, carry, nxt=None):
+            """The sub-chunk's reverse steps and dB/dC rows (sub static or traced); with `nxt`,
+            the recompute of sub-chunk nxt runs between the two barriers (next to the dB/dC
+            sums, which it does not touch), and its result is returned."""
+            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+            hs, steps, decays = rec
+            t0 = sub * ck_every
             pending = []
             for tl in reversed(range(ck_every)):               # reverse steps
                 t = t0 + tl
@@ -618,6 +626,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 zz = s_["z"][:, t, :].astype(f32) if has_z else None
                 dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
                                    other(0), other(1), dd, dbias)
+            rec_next = recompute(nxt) if nxt is not None else None
             acc = None
             for m in range(bd // 4):
                 v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
@@ -627,15 +636,27 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             plgpu.commit_smem()
             tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
-            return tuple(dh), tuple(da), dd, dbias
+            return (tuple(dh), tuple(da), dd, dbias), rec_next
 
         carry = (tuple(dh), tuple(da), dd, dbias)
-        if bwd_loop:
-            carry = jax.lax.fori_loop(0, n_sub, lambda m, cr: sub_chunk(n_sub - 1 - m, cr),
-                                      carry)
+        if bwd_ahead and n_sub > 1:    # recompute one sub-chunk ahead (within the chunk)
+            rec = recompute(n_sub - 1)
+            if bwd_loop and n_sub > 2:
+                def ahead_body(m, cr):
+                    sub = n_sub - 1 - m
+                    return back(sub, cr[1], cr[0], sub - 1)
+                carry, rec = jax.lax.fori_loop(0, n_sub - 1, ahead_body, (carry, rec))
+            else:
+                for sub in reversed(range(1, n_sub)):
+                    carry, rec = back(sub, rec, carry, sub - 1)
+            carry, _ = back(0, rec, carry)
+        elif bwd_loop:
+            carry = jax.lax.fori_loop(
+                0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr)[0],
+                carry)
         else:
             for sub in reversed(range(n_sub)):
-                carry = sub_chunk(sub, carry)
+                carry, _ = back(sub, recompute(sub), carry)
         dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
         plgpu.commit_smem()
         for name in seq_out:
@@ -670,12 +691,14 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             keep_decay=True, split=1, vec_bc=True, bwd_loop=False, interpret=False):
+             keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
+             interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
     threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
-    sub-chunks run as a loop (the code of one sub-chunk) instead of unrolled."""
+    sub-chunks run as a loop (the code of one sub-chunk) instead of unrolled. bwd_ahead: each
+    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
         raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
@@ -755,7 +778,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop)
+        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,

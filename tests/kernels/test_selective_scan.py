@@ -180,10 +180,13 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
     pytest.param(dict(mgpu=True, mgpu_ck_unsplit=False, mgpu_chunk=8, chunk=4), 16, 2, 256,
                  marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_unroll=4, mgpu_yacc=4,
-                      mgpu_skew=True, mgpu_bwd_loop=True, chunk=4), 16, 2, 256,
-                 marks=pytest.mark.slow),
+                      mgpu_skew=True, mgpu_bwd_loop=True, mgpu_bwd_ahead=True, chunk=4), 16, 2,
+                 256, marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=8, chunk=4,
                       mgpu_bwd_loop=True, mgpu_keep=False), 5, None, 192,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=16, chunk=4,
+                      mgpu_bwd_loop=True, mgpu_bwd_ahead=True), 16, None, 128,
                  marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=8, mgpu_unroll=2, mgpu_yacc=3, mgpu_poly=3,
                       chunk=2), 5, None, 192, marks=pytest.mark.slow),
@@ -192,7 +195,7 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "split2_bwd_split2_n16_groups", "split2_bwd_split2_n6_decays_again",
         "split2_inference_only_n6", "split_checkpoints_split2_backward",
         "step_loop_train_n16_groups", "step_loop_inference_n5",
-        "sub_chunk_loop_backward_n5"])
+        "sub_chunk_loop_backward_n5", "recompute_ahead_loop_backward_n16"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
