@@ -443,6 +443,12 @@ VARIANTS = {
     "bl": dict(mgpu_bwd_loop=True),
     "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),
     "bl1": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1),   # the one-thread backward, looped
+    # session 7 call 2: bl1 with the decays taken again (fewer registers), with 2 sub-chunks
+    # per loop iteration; 3 / 4 slots in flight in the forward, with the 8-step loop
+    "bl1nk": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1, mgpu_keep=False),
+    "bl1u2": dict(mgpu_bwd_loop=2, mgpu_bwd_split=1),
+    "mg_s4": dict(mgpu_stages=4),
+    "mg_u8s3": dict(mgpu_unroll=8, mgpu_stages=3),
     # the backward's recompute of the next sub-chunk between this one's two barriers (next
     # to its dB/dC sums): two threads per channel (ba), one thread looped (ba1l)
     "ba": dict(mgpu_bwd_ahead=True),

@@ -220,7 +220,8 @@ class _Config:
     mgpu_unroll: int = 0      # Mosaic forward (one thread per channel): a loop over groups of
                               # this many unrolled steps per chunk (0: the whole chunk unrolled)
     mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
-    mgpu_bwd_loop: bool = False  # Mosaic backward: a chunk's 4-step sub-chunks as a loop
+    mgpu_bwd_loop: bool | int = False  # Mosaic backward: a chunk's 4-step sub-chunks as a
+                              # loop (an int: that many sub-chunks unrolled per iteration)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an

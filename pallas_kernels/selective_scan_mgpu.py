@@ -650,10 +650,15 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 for sub in reversed(range(1, n_sub)):
                     carry, rec = back(sub, rec, carry, sub - 1)
             carry, _ = back(0, rec, carry)
-        elif bwd_loop:
-            carry = jax.lax.fori_loop(
-                0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr)[0],
-                carry)
+        elif bwd_loop:    # `per` sub-chunks unrolled per iteration (bwd_loop an int, or 1)
+            per = bwd_loop if bwd_loop is not True and n_sub % bwd_loop == 0 else 1
+
+            def loop_body(m, cr):
+                for q in range(per):
+                    sub = n_sub - 1 - (m * per + q)
+                    cr = back(sub, recompute(sub), cr)[0]
+                return cr
+            carry = jax.lax.fori_loop(0, n_sub // per, loop_body, carry)
         else:
             for sub in reversed(range(n_sub)):
                 carry, _ = back(sub, recompute(sub), carry)
@@ -697,7 +702,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
     threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
-    sub-chunks run as a loop (the code of one sub-chunk) instead of unrolled. bwd_ahead: each
+    sub-chunks run as a loop (the code of one sub-chunk, or of `bwd_loop` of them when an int)
+    instead of unrolled. bwd_ahead: each
     sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
