@@ -447,6 +447,13 @@ VARIANTS = {
     # per loop iteration; 3 / 4 slots in flight in the forward, with the 8-step loop
     "bl1nk": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1, mgpu_keep=False),
     "bl1u2": dict(mgpu_bwd_loop=2, mgpu_bwd_split=1),
+    # the inference forward with two lanes per channel in one warp (two warps per scheduler at
+    # 8x2048x2048; softplus once per lane and step pair, partner values by shfl.xor 16)
+    "mgp": dict(mgpu_pair=True),
+    "mgp_s3": dict(mgpu_pair=True, mgpu_stages=3),
+    "mgp_c32": dict(mgpu_pair=True, mgpu_chunk=32),
+    # both candidates: the pair inference forward and the looped one-thread backward
+    "cand7": dict(mgpu_pair=True, mgpu_bwd_loop=True, mgpu_bwd_split=1),
     "mg_s4": dict(mgpu_stages=4),
     "mg_u8s3": dict(mgpu_unroll=8, mgpu_stages=3),
     # the backward's recompute of the next sub-chunk between this one's two barriers (next

@@ -222,6 +222,8 @@ class _Config:
     mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
     mgpu_bwd_loop: bool | int = False  # Mosaic backward: a chunk's 4-step sub-chunks as a
                               # loop (an int: that many sub-chunks unrolled per iteration)
+    mgpu_pair: bool = False   # Mosaic inference forward with two lanes per channel in one
+                              # warp (selective_scan_mgpu.forward_pair; N even)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
@@ -1087,7 +1089,14 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     use_mgpu = mg is True or (mg == "fwd" and not save_ckpt)
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
-        if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
+        groups = 1 if B.ndim == 3 else B.shape[2]
+        if (cfg.mgpu_pair and not save_ckpt
+                and mgpu.pair_supported(u.shape[2], groups, A.shape[1])):
+            y, final = mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
+                                         softplus=cfg.softplus, chunk=cfg.mgpu_chunk,
+                                         stages=cfg.mgpu_stages, interpret=cfg.interpret)
+            return y, final, None
+        if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
             to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
@@ -1346,7 +1355,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
                           mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop=False, mgpu_poly=0,
-                          mgpu_skew=False, mgpu_bwd_ahead=False, interpret=False):
+                          mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair=False,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1375,7 +1385,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
-                  mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, interpret=interpret)
+                  mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -425,6 +425,257 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
 
 
 # ---------------------------------------------------------------------------------------------
+# Inference forward with two lanes per channel in one warp ("pair"): thread i = 32 w + 16 p + l
+# holds channel 16 w + l of the program's 64 and the states p K + k (K = N / 2), so that a
+# program is 64 channels and Dn 2048 at B 8 gives 256 programs of 4 warps: two warps per
+# scheduler. Every per-thread array is [4, 2, 16] (w, p, l). The two lanes of a channel meet
+# by shfl.xor 16 (no shared memory, no barrier): per pair of steps (t, t + 1) lane part p
+# loads and computes delta (bias, softplus) and u of step t + p only and takes the other
+# step's from its partner (so softplus costs one MUFU pair per lane and two steps), and it
+# stores y of step t + p: its own part's sum for t + p plus the partner's, sent by one shfl.
+# The u / delta / z / y rows are [chunk, 4, 16] tiles (Dn viewed as [Dp / 16, 16]); the step
+# pair (t, t + 1) is the view rows[t:t + 2] transposed to (w, p, l).
+
+_PAIR_SHAPE = (4, 2, 16)
+
+
+def _pair_part(interpret=True):
+    """[4, 2, 16] int32: the part (lane // 16) of each thread."""
+    part = jax.lax.broadcasted_iota(jnp.int32, _PAIR_SHAPE, 1)
+    if interpret:
+        return part
+    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1))
+
+
+def _shfl16(x, interpret):
+    """x of the lane 16 apart: the other part of the thread's channel."""
+    if interpret:
+        return jnp.flip(x, axis=1)
+    import numpy as np
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
+                                                          layout=layout))
+    def shfl(ctx, v):
+        del ctx
+        regs = np.empty_like(v.registers)
+        for idx, reg in np.ndenumerate(v.registers):
+            regs[idx] = mgpu.utils.shfl_bfly(reg, 16)
+        return mgpu.FragmentedArray(_registers=regs, _layout=v.layout, _is_signed=None)
+    return shfl(x)
+
+
+def _pair_bc(bc_ref, t, col, count, n_k, interpret):
+    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, 2, 16]."""
+    if interpret:
+        row = bc_ref[t, :]
+        return [row[_pair_part() * n_k + col + e] for e in range(count)]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+    n_load = 4 if count % 4 == 0 and col % 4 == 0 and n_k % 4 == 0 else 1
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=tuple(plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        lane = arith.remui(tid, mgpu.c(32, i32))
+        part = arith.shrui(lane, mgpu.c(4, i32))
+        first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(bc_ref))
+
+
+def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
+                   interpret):
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
+    names = ["u", "dt", "a", "bc", *opts, "y", "hT", "a_s", "p_s", "h_s", "bar",
+             *[k + "_s" for k in seq_in], "y_s", "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    n_k = n_state // 2
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g = j * 64 * groups // (r["u"].shape[2] * 16)   # the group of this channel block
+    tiles = pl.ds(j * 4, 4)
+
+    def fetch(c, slot):
+        rows = pl.ds(c * chunk, chunk)
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
+        for k in seq_in:
+            if k != "bc":
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
+                                        r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    # A^T log2(e) as [K, 4, 2, 16], D and bias as [4, 2, 16] (both parts), h0 [K, 4, 2, 16]
+    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+    if "h0" in opts:
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = r["p_s"][i]
+    if "h0" in opts:
+        plgpu.barrier_wait(r["bar"].at[3])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
+    else:
+        h0 = tuple(_zeros(_PAIR_SHAPE) for _ in range(n_k))
+    part = _pair_part(interpret)
+    part0, part1 = part == 0, part == 1
+
+    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
+        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+
+    def chunk_body(c, carry):
+        slot = jax.lax.rem(c, stages)
+        s_ = {k: r[k + "_s"].at[slot] for k in seq_in}
+        y_s = r["y_s"].at[slot]
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        h = list(carry)
+        for t in range(0, chunk, 2):
+            u_own = pair_rows(s_["u"], t)          # u of step t + p
+            x = pair_rows(s_["dt"], t)
+            if "bias" in vec:
+                x = x + vec["bias"]
+            dt_own = _softplus(x, True) if softplus else x
+            if padded:
+                dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+            dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
+            ys = []
+            for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
+                mine = part0 if tt == 0 else part1
+                dt = jnp.where(mine, dt_own, dt_oth)
+                dtu = dt * jnp.where(mine, u_own, u_oth)
+                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
+                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                y = None
+                for k in range(n_k):
+                    h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                    hc = h[k] * c_t[k]
+                    y = hc if y is None else y + hc
+                ys.append(y)
+            # part p keeps its sum of step t + p and sends the partner's step to it
+            y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
+                                                         interpret)
+            if "d" in vec:
+                y = y + vec["d"] * u_own
+            if has_z:
+                zz = pair_rows(s_["z"], t)
+                y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+            y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles])
+
+        @pl.when(c + stages < n_chunks)
+        def _():
+            fetch(c + stages, slot)
+        return tuple(h)
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    for k in range(n_k):
+        r["h_s"][k] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def pair_supported(dn: int, groups: int, n: int) -> bool:
+    return n % 2 == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % 64 == 0))
+
+
+def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
+                 interpret=False):
+    """The inference forward with two lanes per channel in one warp (see above); returns
+    (y [B, L, Dn], final state [B, Dn, N] f32). N even; grouped B/C need Dn / G % 64 == 0."""
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    groups = B.shape[2]
+    if not pair_supported(dn, groups, n):
+        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}")
+    chunk += chunk % 2
+    n_k = n // 2
+    dp = _common.round_up(dn, 64)
+    lp = _common.round_up(length, chunk)
+    nb = dp // 64
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
+        bsz, lp, dp // 16, 16)
+    # per-thread [.., 4, 2, 16] of a per-channel [.., Dp] array (both parts the same)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
+                                      (*x.shape[:-1], nb, 4, 2, 16))
+    # per-state [.., N, Dp] -> [.., K, nb, 4, 2, 16]: state p K + k of channel 16 w + l
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
+    bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
+    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, 64))
+    given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
+    opts = [name for name, _ in given]
+    arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, n_k, nb, 4, 2, 16), f32)]
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs.append(tile(u.dtype))
+    n_in = 3 + (z is not None)
+    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
+               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
+               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+        length=length, padded=lp != length, softplus=softplus, stages=stages,
+        interpret=interpret)
+    y, hT = plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_fwd_mgpu_pair")(*arrays)
+    y = y.reshape(bsz, lp, dp)[:, :length, :dn]
+    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
+    return y, jnp.swapaxes(final[:, :, :dn], 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Backward (mgpu_bwd): the Triton backward's recurrence (see selective_scan._bwd_kernel) with one
 # channel per thread. Chunks run in reverse through the same hand-written TMA pipeline; each
 # chunk is `chunk / ck_every` sub-chunks of ck_every = 4 steps: the sub-chunk's states are

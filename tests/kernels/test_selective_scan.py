@@ -190,6 +190,10 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
                  marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=16, chunk=4,
                       mgpu_bwd_loop=2), 16, None, 128, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_pair=True, mgpu_chunk=4, chunk=4), 16, 2,
+                 128, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu="fwd", mgpu_pair=True, mgpu_chunk=6, chunk=2), 6, None, 192,
+                 marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=8, mgpu_unroll=2, mgpu_yacc=3, mgpu_poly=3,
                       chunk=2), 5, None, 192, marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
@@ -198,7 +202,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "split2_inference_only_n6", "split_checkpoints_split2_backward",
         "step_loop_train_n16_groups", "step_loop_inference_n5",
         "sub_chunk_loop_backward_n5", "recompute_ahead_loop_backward_n16",
-        "two_sub_chunks_per_loop_backward_n16"])
+        "two_sub_chunks_per_loop_backward_n16", "pair_inference_n16_groups",
+        "pair_inference_n6"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
