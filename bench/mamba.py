@@ -452,8 +452,13 @@ VARIANTS = {
     "mgp": dict(mgpu_pair=True),
     "mgp_s3": dict(mgpu_pair=True, mgpu_stages=3),
     "mgp_c32": dict(mgpu_pair=True, mgpu_chunk=32),
-    # both candidates: the pair inference forward and the looped one-thread backward
+    # the pair forward as the training forward too (checkpoints in the one-thread layout, read
+    # by the default two-thread backward)
+    "mgpt": dict(mgpu_pair="train"),
+    # both candidates: the pair inference forward and the looped one-thread backward; and
+    # with the pair training forward
     "cand7": dict(mgpu_pair=True, mgpu_bwd_loop=True, mgpu_bwd_split=1),
+    "cand7t": dict(mgpu_pair="train", mgpu_bwd_loop=True, mgpu_bwd_split=1),
     "mg_s4": dict(mgpu_stages=4),
     "mg_u8s3": dict(mgpu_unroll=8, mgpu_stages=3),
     # the backward's recompute of the next sub-chunk between this one's two barriers (next

@@ -222,8 +222,10 @@ class _Config:
     mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
     mgpu_bwd_loop: bool | int = False  # Mosaic backward: a chunk's 4-step sub-chunks as a
                               # loop (an int: that many sub-chunks unrolled per iteration)
-    mgpu_pair: bool = False   # Mosaic inference forward with two lanes per channel in one
-                              # warp (selective_scan_mgpu.forward_pair; N even)
+    mgpu_pair: bool | str = False  # Mosaic inference forward with two lanes per channel in
+                              # one warp (selective_scan_mgpu.forward_pair; N even); "train":
+                              # the training forward too (its checkpoints in the one-thread
+                              # layout)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
@@ -1090,12 +1092,17 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
         groups = 1 if B.ndim == 3 else B.shape[2]
-        if (cfg.mgpu_pair and not save_ckpt
+        # the pair forward: inference, and (mgpu_pair="train") the training forward whose
+        # checkpoints ([B, Lp / 4, N, Dp]) the one-thread Mosaic backward or Triton's read
+        pair_ck = (cfg.mgpu_pair == "train" and cfg.chunk % 2 == 0
+                   and (not _mgpu_bwd_ok(cfg, u, A, B) or cfg.mgpu_bwd_split == 1
+                        or cfg.mgpu_ck_unsplit))
+        if (cfg.mgpu_pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1])):
-            y, final = mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
-                                         softplus=cfg.softplus, chunk=cfg.mgpu_chunk,
-                                         stages=cfg.mgpu_stages, interpret=cfg.interpret)
-            return y, final, None
+            return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
+                                     softplus=cfg.softplus, chunk=cfg.mgpu_chunk,
+                                     stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
+                                     ck_every=cfg.chunk, interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)

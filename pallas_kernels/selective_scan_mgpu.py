@@ -507,11 +507,15 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret):
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret):
+                   interpret, save_ckpt=False, ck_every=4):
+    """save_ckpt: the state before every ck_every-th step into the one-thread kernels'
+    checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint, written
+    through its (w, p, l) view per state k: rows k and K + k)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
-    names = ["u", "dt", "a", "bc", *opts, "y", "hT", "a_s", "p_s", "h_s", "bar",
-             *[k + "_s" for k in seq_in], "y_s", "in_bar"]
+    names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
+             "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in], "y_s",
+             *(["ck_s"] if save_ckpt else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
     n_k = n_state // 2
@@ -563,6 +567,13 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
         for t in range(0, chunk, 2):
+            if save_ckpt and t % ck_every == 0:   # state p K + k of channel 16 w + l
+                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, 16]
+                for k in range(n_k):   # (GPU interpret mode has no ref reshape, Mosaic no
+                    # strided slice)
+                    rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
+                              else row.reshape(2, n_k, 4, 16).at[:, k])
+                    rows_k.transpose((1, 0, 2))[...] = h[k]
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -594,7 +605,14 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
             y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles])
+        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
+                                commit_group=False)
+        if save_ckpt:
+            per = chunk // ck_every
+            plgpu.copy_smem_to_gmem(r["ck_s"].at[slot],
+                                    r["ck"].at[b, pl.ds(c * per, per), :, tiles],
+                                    commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
 
         @pl.when(c + stages < n_chunks)
         def _():
@@ -614,9 +632,11 @@ def pair_supported(dn: int, groups: int, n: int) -> bool:
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 interpret=False):
-    """The inference forward with two lanes per channel in one warp (see above); returns
-    (y [B, L, Dn], final state [B, Dn, N] f32). N even; grouped B/C need Dn / G % 64 == 0."""
+                 save_ckpt=False, ck_every=4, interpret=False):
+    """The forward with two lanes per channel in one warp (see above); returns (y [B, L, Dn],
+    final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp] f32 or None). N even;
+    grouped B/C need Dn / G % 64 == 0; save_ckpt needs chunk % ck_every == 0 and an even
+    ck_every."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -626,6 +646,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if not pair_supported(dn, groups, n):
         raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}")
     chunk += chunk % 2
+    if save_ckpt and (chunk % ck_every or ck_every % 2):
+        raise ValueError(f"forward_pair: chunk {chunk} with checkpoints every {ck_every}")
     n_k = n // 2
     dp = _common.round_up(dn, 64)
     lp = _common.round_up(length, chunk)
@@ -647,6 +669,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, 4, 2, 16), f32)]
+    if save_ckpt:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // 16, 16), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
@@ -654,6 +678,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
+    if save_ckpt:
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32))
     n_in = 3 + (z is not None)
     scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
                plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
@@ -661,18 +687,20 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret)
-    y, hT = plgpu.kernel(
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every)
+    y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_fwd_mgpu_pair")(*arrays)
+        kernel_name="selective_scan_fwd_mgpu_pair" + ("_ck" if save_ckpt else ""))(*arrays)
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
     # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
-    return y, jnp.swapaxes(final[:, :, :dn], 1, 2)
+    if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
+        ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
+    return y, jnp.swapaxes(final[:, :, :dn], 1, 2), (ck[0] if save_ckpt else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,6 +194,11 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
                  128, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_pair=True, mgpu_chunk=6, chunk=2), 6, None, 192,
                  marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
+                      mgpu_bwd_loop=True, mgpu_chunk=8, chunk=4), 16, 2, 128,
+                 marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_chunk=8, chunk=4), 6,
+                 None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=8, mgpu_unroll=2, mgpu_yacc=3, mgpu_poly=3,
                       chunk=2), 5, None, 192, marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
@@ -203,7 +208,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "step_loop_train_n16_groups", "step_loop_inference_n5",
         "sub_chunk_loop_backward_n5", "recompute_ahead_loop_backward_n16",
         "two_sub_chunks_per_loop_backward_n16", "pair_inference_n16_groups",
-        "pair_inference_n6"])
+        "pair_inference_n6", "pair_train_one_thread_backward_n16_groups",
+        "pair_train_two_thread_backward_n6_padded"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
