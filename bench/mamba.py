@@ -468,6 +468,10 @@ VARIANTS = {
     # every session-7 option at once (the real-lowering check of all their code paths)
     "all7": dict(mgpu_unroll=4, mgpu_skew=True, mgpu_poly=2, mgpu_bwd_loop=True,
                  mgpu_bwd_ahead=True),
+    # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
+    # forwards, the two-thread backward reading the one-thread checkpoints)
+    "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
+                mgpu_bwd_loop=False, mgpu_ck_unsplit=True),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),
