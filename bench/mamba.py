@@ -426,6 +426,52 @@ VARIANTS = {
     "v6": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2, mgpu_ck_unsplit=False),
     "v6_ck1": dict(mgpu=True, mgpu_bwd=True, mgpu_split=1, mgpu_bwd_split=2,
                    mgpu_ck_unsplit=True),
+    # session 7: the Mosaic forward's chunk as a loop over groups of 2 / 4 / 8 unrolled steps
+    # (the 16-step chunk unrolled is ~29 KB of SASS: does the instruction cache hold it?),
+    # y_t in 4 partial sums, 32-step chunks as a loop of 4; 3 slots in flight; the backward's
+    # 4-step sub-chunks as a loop (bl), with the training forward's 4-step loop (bl_u4)
+    "mg_u2": dict(mgpu_unroll=2),
+    "mg_u4": dict(mgpu_unroll=4),
+    "mg_u8": dict(mgpu_unroll=8),
+    "mg_y4": dict(mgpu_yacc=4),
+    "mg_c32u4": dict(mgpu_chunk=32, mgpu_unroll=4),
+    "s3": dict(mgpu_stages=3),
+    "mg_p2": dict(mgpu_poly=2),     # 2 of 16 decays per step by the FMA-pipe polynomial
+    "mg_u4s": dict(mgpu_unroll=4, mgpu_skew=True),   # + the next group's first step prepared
+    "mg_u8s": dict(mgpu_unroll=8, mgpu_skew=True),
+    "mg_u4p2": dict(mgpu_unroll=4, mgpu_poly=2),
+    "bl": dict(mgpu_bwd_loop=True),
+    "bl_u4": dict(mgpu_bwd_loop=True, mgpu_unroll=4),
+    "bl1": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1),   # the one-thread backward, looped
+    # session 7 call 2: bl1 with the decays taken again (fewer registers), with 2 sub-chunks
+    # per loop iteration; 3 / 4 slots in flight in the forward, with the 8-step loop
+    "bl1nk": dict(mgpu_bwd_loop=True, mgpu_bwd_split=1, mgpu_keep=False),
+    "bl1u2": dict(mgpu_bwd_loop=2, mgpu_bwd_split=1),
+    # the inference forward with two lanes per channel in one warp (two warps per scheduler at
+    # 8x2048x2048; softplus once per lane and step pair, partner values by shfl.xor 16)
+    "mgp": dict(mgpu_pair=True),
+    "mgp_s3": dict(mgpu_pair=True, mgpu_stages=3),
+    "mgp_c32": dict(mgpu_pair=True, mgpu_chunk=32),
+    # the pair forward as the training forward too (checkpoints in the one-thread layout, read
+    # by the default two-thread backward)
+    "mgpt": dict(mgpu_pair="train"),
+    # both candidates: the pair inference forward and the looped one-thread backward; and
+    # with the pair training forward
+    "cand7": dict(mgpu_pair=True, mgpu_bwd_loop=True, mgpu_bwd_split=1),
+    "cand7t": dict(mgpu_pair="train", mgpu_bwd_loop=True, mgpu_bwd_split=1),
+    "mg_s4": dict(mgpu_stages=4),
+    "mg_u8s3": dict(mgpu_unroll=8, mgpu_stages=3),
+    # the backward's recompute of the next sub-chunk between this one's two barriers (next
+    # to its dB/dC sums): two threads per channel (ba), one thread looped (ba1l)
+    "ba": dict(mgpu_bwd_ahead=True),
+    "ba1l": dict(mgpu_bwd_ahead=True, mgpu_bwd_split=1, mgpu_bwd_loop=True),
+    # every session-7 option at once (the real-lowering check of all their code paths)
+    "all7": dict(mgpu_unroll=4, mgpu_skew=True, mgpu_poly=2, mgpu_bwd_loop=True,
+                 mgpu_bwd_ahead=True),
+    # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
+    # forwards, the two-thread backward reading the one-thread checkpoints)
+    "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
+                mgpu_bwd_loop=False, mgpu_ck_unsplit=True),
     # v5 spelled out (the default of session 5: v4 + share_dt / ck_unroll "auto", Triton)
     "v5": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt="auto",
                ck_unroll="auto", state_tile=False, bwd_tile=False, mgpu=False),

@@ -151,6 +151,15 @@ _LN2 = math.log(2.0)
 _OPTIONAL = ("z", "d", "bias", "h0")
 
 
+def optional_inputs(z, D, delta_bias, h0, *, seq, vec, state):
+    """The optional inputs that are given, in kernel order (`_OPTIONAL`), as (name, array)
+    pairs in kernel layouts: z through `seq`, D and delta_bias through `vec`, h0 through
+    `state` (shared by the Triton and the Mosaic GPU wrappers)."""
+    how = {"z": seq, "d": vec, "bias": vec, "h0": state}
+    return [(name, how[name](x)) for name, x in zip(_OPTIONAL, (z, D, delta_bias, h0),
+                                                    strict=True) if x is not None]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static kernel configuration (hashable: it is a nondiff argument of the custom_vjp)."""
@@ -204,10 +213,28 @@ class _Config:
     mgpu_bwd: bool = False    # with mgpu=True: the backward through Mosaic GPU too (N <= 16,
                               # chunk 4; selective_scan_mgpu.backward)
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
-    mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's
+    mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's; 0:
+                              # 1 where _mgpu_one_per_sm, else 2
     mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
     mgpu_ck_unsplit: bool = False  # the Mosaic training forward with one thread per channel
                               # whatever the backward's split (its checkpoints read as parts)
+    mgpu_unroll: int = 0      # Mosaic forward (one thread per channel): a loop over groups of
+                              # this many unrolled steps per chunk (0: the whole chunk unrolled)
+    mgpu_yacc: int = 1        # Mosaic forward: y_t = <C_t, h_t> in this many partial sums
+    mgpu_bwd_loop: bool | int | str = False  # Mosaic backward: a chunk's 4-step sub-chunks as
+                              # a loop (an int: that many sub-chunks unrolled per iteration);
+                              # "auto": for the one-thread backward
+    mgpu_pair: bool | str = False  # Mosaic inference forward with two lanes per channel in
+                              # one warp (selective_scan_mgpu.forward_pair; N even); "train":
+                              # the training forward too (its checkpoints in the one-thread
+                              # layout); "auto": "train" where _mgpu_one_per_sm, else False
+    mgpu_pair_chunk: int = 32  # steps per chunk of the pair inference forward
+    mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
+                              # this one's dB/dC sums (between their two barriers)
+    mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
+                              # FMA-pipe polynomial instead of the MUFU
+    mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
+                              # prepared (delta, decays, B/C) at the end of a group
     interpret: bool = False
 
 
@@ -1028,19 +1055,14 @@ def _kernel_inputs(lay: _Layout, u, delta, A, B, C, D, z, delta_bias, h0, bc_row
         specs += [pl.BlockSpec((None, lp, None, n),
                                lambda b, j: (b, 0, j * bd // per_group, 0))] * 2
     opts = ["bc"] if bc_rows else []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
-        if x is None:
-            continue
+    spec_of = {"z": seq_spec, "d": pl.BlockSpec((bd,), lambda b, j: (j,)),
+               "h0": pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j))}
+    spec_of["bias"] = spec_of["d"]
+    state = lambda x: _common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd)
+    for name, x in optional_inputs(z, D, delta_bias, h0, seq=seq, vec=vec, state=state):
         opts.append(name)
-        if name == "z":
-            arrays.append(seq(x))
-            specs.append(seq_spec)
-        elif name == "h0":
-            arrays.append(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, bd))
-            specs.append(pl.BlockSpec((None, n, bd), lambda b, j: (b, 0, j)))
-        else:
-            arrays.append(vec(x))
-            specs.append(pl.BlockSpec((bd,), lambda b, j: (j,)))
+        arrays.append(x)
+        specs.append(spec_of[name])
     return arrays, specs, tuple(opts)
 
 
@@ -1072,12 +1094,27 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
     use_mgpu = mg is True or (mg == "fwd" and not save_ckpt)
     if use_mgpu and cfg.mgpu_chunk % cfg.chunk == 0:
         from pallas_kernels import selective_scan_mgpu as mgpu
-        if mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2]):
+        groups = 1 if B.ndim == 3 else B.shape[2]
+        # the pair forward: inference, and (mgpu_pair="train") the training forward whose
+        # checkpoints ([B, Lp / 4, N, Dp]) the one-thread Mosaic backward or Triton's read
+        pair = _mgpu_pair_mode(cfg, u)
+        pair_ck = (pair == "train" and cfg.chunk % 2 == 0
+                   and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u) == 1
+                        or cfg.mgpu_ck_unsplit))
+        if (pair and (not save_ckpt or pair_ck)
+                and mgpu.pair_supported(u.shape[2], groups, A.shape[1])):
+            # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
+            return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
+                                     softplus=cfg.softplus,
+                                     chunk=cfg.mgpu_chunk if save_ckpt else cfg.mgpu_pair_chunk,
+                                     stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
+                                     ck_every=cfg.chunk, interpret=cfg.interpret)
+        if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
             to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
             if save_ckpt:
-                split = (cfg.mgpu_bwd_split if to_mgpu_bwd and not cfg.mgpu_ck_unsplit
+                split = (_mgpu_bwd_split(cfg, u) if to_mgpu_bwd and not cfg.mgpu_ck_unsplit
                          else 1)
             else:
                 split = cfg.mgpu_split
@@ -1086,7 +1123,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             return mgpu.forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus=cfg.softplus,
                                 save_ckpt=save_ckpt, chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                 stages=cfg.mgpu_stages, split=split, parted_ck=to_mgpu_bwd,
-                                vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
+                                vec_bc=cfg.mgpu_vec, unroll=cfg.mgpu_unroll or None,
+                                y_acc=cfg.mgpu_yacc, poly=cfg.mgpu_poly,
+                                skew=cfg.mgpu_skew, interpret=cfg.interpret)
     chunk = cfg.chunk if save_ckpt else cfg.fwd_chunk
     ck_every = chunk
     ck_unroll = cfg.ck_unroll
@@ -1170,6 +1209,38 @@ def _auto_bwd_split(bsz, dn):
     return 2 if bsz * -(-dn // 16) <= _SPLIT_BWD_WARPS_PER_SM * sms else 1
 
 
+def _mgpu_one_per_sm(bsz, dn):
+    """Whether the one-thread Mosaic kernels' B * Dn / 128 programs fit one per SM (one warp
+    per scheduler): then the pair forward (two warps per scheduler) and the looped one-thread
+    backward measured faster (session 7 call 2: 8x2048x2048 and 8x8192x2048), past it (Dn
+    4096 at B 8) slower than v6.1."""
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return bsz * -(-dn // 128) <= sms
+
+
+def _mgpu_pair_mode(cfg: _Config, u):
+    """cfg.mgpu_pair with "auto" resolved: "train" (inference and training forward) where
+    the one-thread grid fits one program per SM, else False."""
+    if cfg.mgpu_pair == "auto":
+        return "train" if _mgpu_one_per_sm(u.shape[0], u.shape[2]) else False
+    return cfg.mgpu_pair
+
+
+def _mgpu_bwd_split(cfg: _Config, u) -> int:
+    """cfg.mgpu_bwd_split with 0 ("auto") resolved: 1 (the looped one-thread backward) where
+    the one-thread grid fits one program per SM, else 2."""
+    if cfg.mgpu_bwd_split == 0:
+        return 1 if _mgpu_one_per_sm(u.shape[0], u.shape[2]) else 2
+    return cfg.mgpu_bwd_split
+
+
+def _mgpu_bwd_loop(cfg: _Config, u):
+    """cfg.mgpu_bwd_loop with "auto" resolved: the sub-chunk loop for the one-thread backward."""
+    if cfg.mgpu_bwd_loop == "auto":
+        return _mgpu_bwd_split(cfg, u) == 1
+    return cfg.mgpu_bwd_loop
+
+
 def _is_hopper() -> bool:
     """A GPU of compute capability 9.x or newer (TMA, which the Mosaic GPU kernels use)."""
     dev = jax.devices()[0]
@@ -1193,7 +1264,7 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
     return (_mgpu_mode(cfg) is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
             and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
             and mgpu.bwd_supported(A.shape[1], cfg.chunk)
-            and (cfg.mgpu_bwd_split == 1 or A.shape[1] % 2 == 0))
+            and (_mgpu_bwd_split(cfg, u) == 1 or A.shape[1] % 2 == 0))
 
 
 def _backward(cfg: _Config, res, y_bar, final_bar):
@@ -1202,8 +1273,9 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         from pallas_kernels import selective_scan_mgpu as mgpu
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
-                             keep_decay=cfg.mgpu_keep, split=cfg.mgpu_bwd_split,
-                             vec_bc=cfg.mgpu_vec, interpret=cfg.interpret)
+                             keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
+                             vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u),
+                             bwd_ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1326,16 +1398,21 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           dbc_bf16=False, bwd_share=False, ck_unroll="auto", ck_copy=False,
                           state_tile=False, bwd_tile=False, mgpu="auto", mgpu_chunk=16,
                           mgpu_stages=2, mgpu_bwd=True, mgpu_keep=True, mgpu_split=1,
-                          mgpu_bwd_split=2, mgpu_vec=True, mgpu_ck_unsplit=True,
-                          interpret=False):
+                          mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
+                          mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
+                          mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
+                          mgpu_pair_chunk=32, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v6, session 6 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
-    GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu: the inference forward
-    and the training forward with one channel per thread (B/C by TMA into shared memory; the
-    training forward's checkpoints read as parts by the backward: mgpu_ck_unsplit=True, the
-    lead's call 5 of session 6), the backward with two threads per channel (mgpu_bwd=True,
-    mgpu_bwd_split=2); shapes they
+    Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
+    GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu. Where the one-thread
+    grid B * Dn / 128 fits one program per SM (8x2048x2048, 8x8192x2048): the forwards with
+    two lanes per channel in one warp (mgpu_pair="auto": forward_pair, inference in 32-step
+    chunks) and the one-thread backward looped over its sub-chunks (mgpu_bwd_split=0,
+    mgpu_bwd_loop="auto"). Larger grids (Dn 4096 at B 8): v6.1, the inference and training
+    forwards with one channel per thread (B/C by TMA into shared memory; the training
+    forward's checkpoints read as parts by the backward: mgpu_ck_unsplit=True), the backward
+    with two threads per channel; shapes they
     do not take (grouped B/C with Dn / G not a multiple of 128; the backward N > 16) and other
     GPUs run the Triton kernels. The Triton defaults (v5, "auto5" of bench/mamba.py): v4
     (B/C as lane rows (bc_rows) in both kernels, both split over two lanes per channel)
@@ -1354,7 +1431,10 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   bwd_tile=bwd_tile, mgpu=mgpu, mgpu_chunk=mgpu_chunk,
                   mgpu_stages=mgpu_stages, mgpu_bwd=mgpu_bwd, mgpu_keep=mgpu_keep,
                   mgpu_split=mgpu_split, mgpu_bwd_split=mgpu_bwd_split, mgpu_vec=mgpu_vec,
-                  mgpu_ck_unsplit=mgpu_ck_unsplit, interpret=interpret)
+                  mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
+                  mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
+                  mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
+                  mgpu_pair_chunk=mgpu_pair_chunk, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

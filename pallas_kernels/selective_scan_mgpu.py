@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common
+from pallas_kernels.selective_scan import optional_inputs
 
 _WG = 128                     # threads of a warpgroup = channels per program
 _LOG2E = 1.0 / math.log(2.0)
@@ -61,6 +62,33 @@ def _softplus(x, approx):
     return jnp.where(x > 20.0, x, jnp.where(e < 2.0 ** -6, small, big))
 
 
+# 2^f on [-0.5, 0.5] (selective_scan._EXP2_POLY, degree 5: <= 2.4e-7 relative in f32)
+_EXP2_POLY = (1.0, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
+              0.009675503708422184, 0.0013276360696181655)
+_ROUND_MAGIC = 12582912.0     # 1.5 * 2^23: x + magic holds round(x) in its low mantissa bits
+
+
+def _exp2_poly(x, interpret):
+    """2^x for x <= 0 on the FMA and integer pipes instead of the MUFU (FlashAttention-4's
+    trick; selective_scan._exp2_poly for Triton): round(x) from the magic add (LLVM does not
+    reassociate (x + m) - m without fast-math flags), 2^f by Horner, round(x) into the
+    exponent as bits(x + m) << 23. ~11 instructions; clamped at -125."""
+    x = jnp.maximum(x, -125.0)
+    if interpret:   # XLA may fold (x + m) - m
+        r = jnp.round(x)
+        shift = jax.lax.shift_left(r.astype(jnp.int32), 23)
+    else:
+        t = x + _ROUND_MAGIC
+        r = t - _ROUND_MAGIC
+        shift = jax.lax.shift_left(jax.lax.bitcast_convert_type(t, jnp.int32), 23)
+    f = x - r
+    p = f * _EXP2_POLY[-1] + _EXP2_POLY[-2]
+    for c in _EXP2_POLY[-3::-1]:
+        p = p * f + c
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(p, jnp.int32) + shift,
+                                        jnp.float32)
+
+
 def _part_of_thread():
     """[split, bd] int32: the lane part (row) of each thread's element."""
     return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
@@ -79,6 +107,8 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
         return [row[_part_of_thread() * n_k + col + e] for e in range(count)]
     if split == 1 and not vec:
         return [bc_row_ref[t, col + e] for e in range(count)]
+    if not isinstance(t, int):     # a traced step: the row as a transformed ref
+        bc_row_ref, t = bc_row_ref.at[pl.ds(t, 1)], 0
 
     import numpy as np
     from jax._src.lib.mlir import ir
@@ -114,8 +144,34 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
     return list(load(bc_row_ref))
 
 
+def _load_params(r, opts, cols, split, n_k, state_src):
+    """The one-time TMA copies of a program (forward and backward): A^T rows [K, split, bd]
+    into a_s, D and bias (those in `opts`) into p_s, and `state_src` (this batch's h0 or dhT,
+    [K, split, bd], or None) into h_s, one barrier each; waits for them. Returns (the K rows of
+    A, {"d" / "bias": [split, bd]}, the K state rows or None)."""
+    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
+    names = [k for k in ("d", "bias") if k in opts]
+    bars = {(i, p): r["bar"].at[1 + i * split + p] for i in range(len(names))
+            for p in range(split)}
+    for (i, p), bar in bars.items():
+        plgpu.copy_gmem_to_smem(r[names[i]].at[cols], r["p_s"].at[i, p], bar)
+    state_bar = r["bar"].at[1 + 2 * split]
+    if state_src is not None:
+        plgpu.copy_gmem_to_smem(state_src, r["h_s"], state_bar)
+    plgpu.barrier_wait(r["bar"].at[0])
+    a_rows = [r["a_s"][k] for k in range(n_k)]
+    for bar in bars.values():
+        plgpu.barrier_wait(bar)
+    vec = {k: r["p_s"][i] for i, k in enumerate(names)}
+    if state_src is None:
+        return a_rows, vec, None
+    plgpu.barrier_wait(state_bar)
+    return a_rows, vec, tuple(r["h_s"][k] for k in range(n_k))
+
+
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
-              ck_every, stages, split, vec_bc, interpret):
+              ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1, poly=0,
+              skew=False):
     """The kernel of one (batch, channel block) program; see the module docstring. A
     hand-written pipeline over chunks (emit_pipeline's predicated output copies do not run in
     GPU interpret mode): chunk c's inputs land in slot c % stages by TMA, issued `stages`
@@ -125,7 +181,15 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     (i // 64) * N / 2 + k: every per-thread array is [2, 64] (the strided layout's element i is
     thread i), the u/delta/z rows land twice (one copy per part) so that a [2, 64] view reads
     them, B/C values by a warp-uniform load at a per-part column, and y adds the two parts'
-    sums through shared memory at the chunk end."""
+    sums through shared memory at the chunk end.
+
+    unroll (split 1, a divisor of chunk and a multiple of ck_every): the chunk's steps run as a
+    loop over groups of `unroll` unrolled steps (the code of a 16-step chunk is ~29 KB of SASS);
+    y_acc: <C_t, h_t> summed in that many interleaved partial sums; poly: the last `poly`
+    states of a thread take their decays from _exp2_poly (FMA pipe) instead of the MUFU;
+    skew (with unroll): each group ends with the next group's first step up to its state
+    (delta, decays, B/C), carried over the loop edge, so that a group starts on the state."""
+    unroll = chunk if unroll is None or split > 1 else unroll
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     outs = ["y", *(["ck"] if save_ckpt else [])]
@@ -156,25 +220,9 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
     # one-time parameters: A^T log2(e) [K, split, bd], D, bias [split, bd] and h0
-    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
-                                    r["bar"].at[1 + i * split + p])
-    if "h0" in opts:
-        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, :, cols], r["h_s"], r["bar"].at[1 + 2 * split])
-    plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] for k in range(n_k)]
-    vec = {}
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
-        vec[k] = r["p_s"][i]
-    if "h0" in opts:
-        plgpu.barrier_wait(r["bar"].at[1 + 2 * split])
-        h0 = tuple(r["h_s"][k] for k in range(n_k))
-    else:
+    a2, vec, h0 = _load_params(r, opts, cols, split, n_k,
+                               r["h0"].at[b, :, :, cols] if "h0" in opts else None)
+    if h0 is None:
         h0 = tuple(_zeros((split, bd)) for _ in range(n_k))
 
     vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
@@ -184,6 +232,51 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
                                      interpret)
         return get(0), get(1)
 
+    def decay_of(dt, k):
+        return (_exp2_poly(dt * a2[k], interpret) if k >= n_k - poly
+                else jnp.exp2(dt * a2[k]))
+
+    def prep(s_, c, t, decays=True):
+        """What step t needs before the state: (u, delta, delta u, B_t, C_t, and with
+        `decays` the decays; else they are left to `step`, interleaved with the update)."""
+        u = s_["u"][:, t, :].astype(f32)
+        x = s_["dt"][:, t, :].astype(f32)
+        if "bias" in vec:
+            x = x + vec["bias"]
+        dt = _softplus(x, True) if softplus else x
+        if padded:
+            dt = jnp.where(c * chunk + t < length, dt, 0.0)
+        dtu = dt * u
+        b_t, c_t = bc_step(s_["bc"], t)
+        decay = [decay_of(dt, k) for k in range(n_k)] if decays else []
+        return (u, dt, dtu, *b_t, *c_t, *decay)
+
+    def step(s_, c, gi, tt, h, pre=None):
+        """Step t = gi * unroll + tt of chunk c (gi traced or 0, tt static; `pre`: its prep
+        if already done): updates the state list h in place; returns (this thread's
+        <C_t, h_t>, u_t)."""
+        t = tt if isinstance(gi, int) else gi * unroll + tt
+        if save_ckpt and tt % ck_every == 0:
+            row = tt // ck_every
+            if not isinstance(gi, int):
+                row = gi * (unroll // ck_every) + row
+            for k in range(n_k):
+                s_["ck"][row, k] = h[k]
+        u, dt, dtu, *rest = pre if pre is not None else prep(s_, c, t, decays=False)
+        b_t, c_t, decay = rest[:n_k], rest[n_k:2 * n_k], rest[2 * n_k:]
+        acc = [None] * y_acc     # y_acc interleaved partial sums (shorter FFMA chains)
+        for k in range(n_k):
+            e = decay[k] if decay else decay_of(dt, k)
+            h[k] = e * h[k] + dtu * b_t[k]
+            hc = h[k] * c_t[k]
+            i = k % y_acc
+            acc[i] = hc if acc[i] is None else acc[i] + hc
+        acc = [a for a in acc if a is not None]
+        while len(acc) > 1:
+            acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
+                   for i in range(0, len(acc), 2)]
+        return acc[0], u
+
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
         s_ = {k: r[k + "_s"].at[slot] for k in seq_in + outs}
@@ -192,31 +285,29 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
         ys = []
-        for t in range(chunk):
-            if save_ckpt and t % ck_every == 0:
-                for k in range(n_k):
-                    s_["ck"][t // ck_every, k] = h[k]
-            u = s_["u"][:, t, :].astype(f32)
-            x = s_["dt"][:, t, :].astype(f32)
-            if "bias" in vec:
-                x = x + vec["bias"]
-            dt = _softplus(x, True) if softplus else x
-            if padded:
-                dt = jnp.where(c * chunk + t < length, dt, 0.0)
-            dtu = dt * u
-            b_t, c_t = bc_step(s_["bc"], t)
-            y = None
-            for k in range(n_k):
-                e = jnp.exp2(dt * a2[k])
-                h[k] = e * h[k] + dtu * b_t[k]
-                hc = h[k] * c_t[k]
-                y = hc if y is None else y + hc
+        if unroll < chunk:   # a loop over groups of `unroll` steps (smaller code), split 1
+            n_groups = chunk // unroll
+
+            def group(gi, carry):
+                hh, pre = list(carry[:n_k]), carry[n_k:] or None
+                for tt in range(unroll):
+                    y, u = step(s_, c, gi, tt, hh, pre if tt == 0 else None)
+                    finish(y, u, s_, gi * unroll + tt)
+                if skew:    # the next group's first step up to its state (the last group:
+                    # a repeat of the chunk's last step, unused), carried over the loop edge
+                    nxt = jnp.minimum(gi * unroll + unroll, chunk - 1)
+                    return (*hh, *prep(s_, c, nxt))
+                return tuple(hh)
+            init = (*h, *prep(s_, c, 0)) if skew else tuple(h)
+            h = list(jax.lax.fori_loop(0, n_groups, group, init)[:n_k])
+        for t in range(chunk if unroll >= chunk else 0):
+            y, u = step(s_, c, 0, t, h)
             if split > 1:     # this part's sum; both parts' rows twice: [p0, p1, p0, p1]
                 r["yp_s"][t, pl.ds(0, 2), :] = y
                 r["yp_s"][t, pl.ds(2, 2), :] = y
                 ys.append((y, u))
                 continue
-            ys.append(finish(y, u, s_, t))
+            finish(y, u, s_, t)
         if split > 1:
             plgpu.commit_smem()
             for t, (y, u) in enumerate(ys):   # rows 1, 2: the other part's sum
@@ -252,7 +343,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
-            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, interpret=False):
+            ck_every=4, stages=2, split=1, parted_ck=False, vec_bc=True, unroll=None,
+            y_acc=1, poly=0, skew=False, interpret=False):
     """Runs the Mosaic GPU forward; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or
     None): ckpts [B, Lp / ck_every, N, Dp] f32, the state before every ck_every-th step.
     split = 2 (N even): two threads per channel, 64 channels per program; its checkpoints
@@ -283,17 +375,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     by_part = lambda x: jnp.swapaxes(x.reshape(*x.shape[:-2], split, n_k, x.shape[-1]), -3, -2)
     a2 = by_part(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, _WG))
     arrays = [seq(u), seq(delta), a2, bc]
-    opts = []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias), ("h0", h0)):
-        if x is None:
-            continue
-        opts.append(name)
-        if name == "z":
-            arrays.append(seq(x))
-        elif name == "h0":
-            arrays.append(by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG)))
-        else:
-            arrays.append(vec(x))
+    state = lambda x: by_part(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, _WG))
+    given = optional_inputs(z, D, delta_bias, h0, seq=seq, vec=vec, state=state)
+    opts = [name for name, _ in given]
+    arrays += [x for _, x in given]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, split, dp), f32)]
     if save_ckpt:
@@ -318,7 +403,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     body = functools.partial(
         _fwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, save_ckpt=save_ckpt,
-        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret)
+        ck_every=ck_every, stages=stages, split=split, vec_bc=vec_bc, interpret=interpret,
+        unroll=(unroll if unroll and chunk % unroll == 0
+                and (not save_ckpt or unroll % ck_every == 0) else None),
+        y_acc=y_acc, poly=poly, skew=skew)
     outs = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, dp // bd), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -334,6 +422,285 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
     if save_ckpt:
         ck = outs[2] if parted_ck else unpart(outs[2])
     return y, final, ck
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference forward with two lanes per channel in one warp ("pair"): thread i = 32 w + 16 p + l
+# holds channel 16 w + l of the program's 64 and the states p K + k (K = N / 2), so that a
+# program is 64 channels and Dn 2048 at B 8 gives 256 programs of 4 warps: two warps per
+# scheduler. Every per-thread array is [4, 2, 16] (w, p, l). The two lanes of a channel meet
+# by shfl.xor 16 (no shared memory, no barrier): per pair of steps (t, t + 1) lane part p
+# loads and computes delta (bias, softplus) and u of step t + p only and takes the other
+# step's from its partner (so softplus costs one MUFU pair per lane and two steps), and it
+# stores y of step t + p: its own part's sum for t + p plus the partner's, sent by one shfl.
+# The u / delta / z / y rows are [chunk, 4, 16] tiles (Dn viewed as [Dp / 16, 16]); the step
+# pair (t, t + 1) is the view rows[t:t + 2] transposed to (w, p, l).
+
+_PAIR_SHAPE = (4, 2, 16)
+
+
+def _pair_part(interpret=True):
+    """[4, 2, 16] int32: the part (lane // 16) of each thread."""
+    part = jax.lax.broadcasted_iota(jnp.int32, _PAIR_SHAPE, 1)
+    if interpret:
+        return part
+    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1))
+
+
+def _shfl16(x, interpret):
+    """x of the lane 16 apart: the other part of the thread's channel."""
+    if interpret:
+        return jnp.flip(x, axis=1)
+    import numpy as np
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
+                                                          layout=layout))
+    def shfl(ctx, v):
+        del ctx
+        regs = np.empty_like(v.registers)
+        for idx, reg in np.ndenumerate(v.registers):
+            regs[idx] = mgpu.utils.shfl_bfly(reg, 16)
+        return mgpu.FragmentedArray(_registers=regs, _layout=v.layout, _is_signed=None)
+    return shfl(x)
+
+
+def _pair_bc(bc_ref, t, col, count, n_k, interpret):
+    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, 2, 16]."""
+    if interpret:
+        row = bc_ref[t, :]
+        return [row[_pair_part() * n_k + col + e] for e in range(count)]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+    n_load = 4 if count % 4 == 0 and col % 4 == 0 and n_k % 4 == 0 else 1
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=tuple(plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        lane = arith.remui(tid, mgpu.c(32, i32))
+        part = arith.shrui(lane, mgpu.c(4, i32))
+        first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(bc_ref))
+
+
+def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
+                   interpret, save_ckpt=False, ck_every=4):
+    """save_ckpt: the state before every ck_every-th step into the one-thread kernels'
+    checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint, written
+    through its (w, p, l) view per state k: rows k and K + k)."""
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
+    names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
+             "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in], "y_s",
+             *(["ck_s"] if save_ckpt else []), "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    n_k = n_state // 2
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g = j * 64 * groups // (r["u"].shape[2] * 16)   # the group of this channel block
+    tiles = pl.ds(j * 4, 4)
+
+    def fetch(c, slot):
+        rows = pl.ds(c * chunk, chunk)
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
+        for k in seq_in:
+            if k != "bc":
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
+                                        r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    # A^T log2(e) as [K, 4, 2, 16], D and bias as [4, 2, 16] (both parts), h0 [K, 4, 2, 16]
+    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+    if "h0" in opts:
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = r["p_s"][i]
+    if "h0" in opts:
+        plgpu.barrier_wait(r["bar"].at[3])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
+    else:
+        h0 = tuple(_zeros(_PAIR_SHAPE) for _ in range(n_k))
+    part = _pair_part(interpret)
+    part0, part1 = part == 0, part == 1
+
+    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
+        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+
+    def chunk_body(c, carry):
+        slot = jax.lax.rem(c, stages)
+        s_ = {k: r[k + "_s"].at[slot] for k in seq_in}
+        y_s = r["y_s"].at[slot]
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        h = list(carry)
+        for t in range(0, chunk, 2):
+            if save_ckpt and t % ck_every == 0:   # state p K + k of channel 16 w + l
+                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, 16]
+                for k in range(n_k):   # (GPU interpret mode has no ref reshape, Mosaic no
+                    # strided slice)
+                    rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
+                              else row.reshape(2, n_k, 4, 16).at[:, k])
+                    rows_k.transpose((1, 0, 2))[...] = h[k]
+            u_own = pair_rows(s_["u"], t)          # u of step t + p
+            x = pair_rows(s_["dt"], t)
+            if "bias" in vec:
+                x = x + vec["bias"]
+            dt_own = _softplus(x, True) if softplus else x
+            if padded:
+                dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+            dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
+            ys = []
+            for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
+                mine = part0 if tt == 0 else part1
+                dt = jnp.where(mine, dt_own, dt_oth)
+                dtu = dt * jnp.where(mine, u_own, u_oth)
+                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
+                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                y = None
+                for k in range(n_k):
+                    h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                    hc = h[k] * c_t[k]
+                    y = hc if y is None else y + hc
+                ys.append(y)
+            # part p keeps its sum of step t + p and sends the partner's step to it
+            y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
+                                                         interpret)
+            if "d" in vec:
+                y = y + vec["d"] * u_own
+            if has_z:
+                zz = pair_rows(s_["z"], t)
+                y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+            y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
+                                commit_group=False)
+        if save_ckpt:
+            per = chunk // ck_every
+            plgpu.copy_smem_to_gmem(r["ck_s"].at[slot],
+                                    r["ck"].at[b, pl.ds(c * per, per), :, tiles],
+                                    commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(c + stages < n_chunks)
+        def _():
+            fetch(c + stages, slot)
+        return tuple(h)
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    for k in range(n_k):
+        r["h_s"][k] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def pair_supported(dn: int, groups: int, n: int) -> bool:
+    return n % 2 == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % 64 == 0))
+
+
+def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
+                 save_ckpt=False, ck_every=4, interpret=False):
+    """The forward with two lanes per channel in one warp (see above); returns (y [B, L, Dn],
+    final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp] f32 or None). N even;
+    grouped B/C need Dn / G % 64 == 0; save_ckpt needs chunk % ck_every == 0 and an even
+    ck_every."""
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    if B.ndim == 3:
+        B, C = B[:, :, None], C[:, :, None]
+    groups = B.shape[2]
+    if not pair_supported(dn, groups, n):
+        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}")
+    chunk += chunk % 2
+    if save_ckpt and (chunk % ck_every or ck_every % 2):
+        raise ValueError(f"forward_pair: chunk {chunk} with checkpoints every {ck_every}")
+    n_k = n // 2
+    dp = _common.round_up(dn, 64)
+    lp = _common.round_up(length, chunk)
+    nb = dp // 64
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
+        bsz, lp, dp // 16, 16)
+    # per-thread [.., 4, 2, 16] of a per-channel [.., Dp] array (both parts the same)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
+                                      (*x.shape[:-1], nb, 4, 2, 16))
+    # per-state [.., N, Dp] -> [.., K, nb, 4, 2, 16]: state p K + k of channel 16 w + l
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
+    bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
+    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, 64))
+    given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
+    opts = [name for name, _ in given]
+    arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, n_k, nb, 4, 2, 16), f32)]
+    if save_ckpt:
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // 16, 16), f32))
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs.append(tile(u.dtype))
+    if save_ckpt:
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32))
+    n_in = 3 + (z is not None)
+    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
+               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
+               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+        length=length, padded=lp != length, softplus=softplus, stages=stages,
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every)
+    y, hT, *ck = plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_fwd_mgpu_pair" + ("_ck" if save_ckpt else ""))(*arrays)
+    y = y.reshape(bsz, lp, dp)[:, :length, :dn]
+    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
+    if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
+        ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
+    return y, jnp.swapaxes(final[:, :, :dn], 1, 2), (ck[0] if save_ckpt else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +729,8 @@ def _sigmoid(x):
 
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False):
+              stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
+              bwd_loop=False, bwd_ahead=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -409,23 +777,8 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    plgpu.copy_gmem_to_smem(r["a"].at[:, :, cols], r["a_s"], r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.copy_gmem_to_smem(r[k].at[cols], r["p_s"].at[i, p],
-                                    r["bar"].at[1 + i * split + p])
-    dh_bar = r["bar"].at[1 + 2 * split]
-    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, :, cols], r["h_s"], dh_bar)
-    plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] * _LOG2E for k in range(n_k)]   # <A, q> = ln2 <A log2(e), q>
-    vec = {}
-    for i, k in enumerate(vec_names):
-        for p in range(split):
-            plgpu.barrier_wait(r["bar"].at[1 + i * split + p])
-        vec[k] = r["p_s"][i]
-    plgpu.barrier_wait(dh_bar)
-    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    a_rows, vec, dh_init = _load_params(r, opts, cols, split, n_k, r["dhT"].at[b, :, :, cols])
+    a2 = [a * _LOG2E for a in a_rows]   # <A, q> = ln2 <A log2(e), q>
     zero = _zeros((split, bd))
 
     vec4 = vec_bc and n_k % 4 == 0 and n_state % 4 == 0
@@ -478,11 +831,13 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         bc_s = s_["bc"]
-        for sub in reversed(range(n_sub)):
+
+        def recompute(sub):     # the sub-chunk's states (and decays) from its checkpoint
             t0 = sub * ck_every
             h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
-            for t in range(t0, t0 + ck_every):                 # recompute
+            for tl in range(ck_every):                         # recompute
+                t = t0 + tl
                 i = c * chunk + t
                 dt, x = delta_of(s_["dt"], t, i)
                 u = s_["u"][:, t, :].astype(f32)
@@ -493,6 +848,15 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 b_t = bc_get(bc_s, t, 0)
                 h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
                 hs.append(h)
+            return hs, steps, decays
+
+        def back(sub, rec, carry, nxt=None):
+            """The sub-chunk's reverse steps and dB/dC rows (sub static or traced); with `nxt`,
+            the recompute of sub-chunk nxt runs between the two barriers (next to the dB/dC
+            sums, which it does not touch), and its result is returned."""
+            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+            hs, steps, decays = rec
+            t0 = sub * ck_every
             pending = []
             for tl in reversed(range(ck_every)):               # reverse steps
                 t = t0 + tl
@@ -541,6 +905,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 zz = s_["z"][:, t, :].astype(f32) if has_z else None
                 dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
                                    other(0), other(1), dd, dbias)
+            rec_next = recompute(nxt) if nxt is not None else None
             acc = None
             for m in range(bd // 4):
                 v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
@@ -550,6 +915,33 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             plgpu.commit_smem()
             tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            return (tuple(dh), tuple(da), dd, dbias), rec_next
+
+        carry = (tuple(dh), tuple(da), dd, dbias)
+        if bwd_ahead and n_sub > 1:    # recompute one sub-chunk ahead (within the chunk)
+            rec = recompute(n_sub - 1)
+            if bwd_loop and n_sub > 2:
+                def ahead_body(m, cr):
+                    sub = n_sub - 1 - m
+                    return back(sub, cr[1], cr[0], sub - 1)
+                carry, rec = jax.lax.fori_loop(0, n_sub - 1, ahead_body, (carry, rec))
+            else:
+                for sub in reversed(range(1, n_sub)):
+                    carry, rec = back(sub, rec, carry, sub - 1)
+            carry, _ = back(0, rec, carry)
+        elif bwd_loop:    # `per` sub-chunks unrolled per iteration (bwd_loop an int, or 1)
+            per = bwd_loop if bwd_loop is not True and n_sub % bwd_loop == 0 else 1
+
+            def loop_body(m, cr):
+                for q in range(per):
+                    sub = n_sub - 1 - (m * per + q)
+                    cr = back(sub, recompute(sub), cr)[0]
+                return cr
+            carry = jax.lax.fori_loop(0, n_sub // per, loop_body, carry)
+        else:
+            for sub in reversed(range(n_sub)):
+                carry, _ = back(sub, recompute(sub), carry)
+        dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
         plgpu.commit_smem()
         for name in seq_out:
             if name == "dbc":
@@ -583,11 +975,15 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-             keep_decay=True, split=1, vec_bc=True, interpret=False):
+             keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
+             interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
-    threads per channel (needs the split forward's checkpoints)."""
+    threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
+    sub-chunks run as a loop (the code of one sub-chunk, or of `bwd_loop` of them when an int)
+    instead of unrolled. bwd_ahead: each
+    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
         raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
@@ -630,11 +1026,9 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
     arrays = [seq(u), seq(delta), by_part(_common.pad_axis(A.astype(f32).T, 1, _WG)), bc]
-    opts = []
-    for name, x in (("z", z), ("d", D), ("bias", delta_bias)):
-        if x is not None:
-            opts.append(name)
-            arrays.append(seq(x) if name == "z" else vec(x))
+    given = optional_inputs(z, D, delta_bias, None, seq=seq, vec=vec, state=None)
+    opts = [name for name, _ in given]
+    arrays += [x for _, x in given]
     arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
                by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
     n_blocks = dp // bd
@@ -669,7 +1063,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        parts_major=parts_major, interpret=interpret)
+        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
