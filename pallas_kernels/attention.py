@@ -196,6 +196,16 @@ class FlashConfig:
     mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
     #                                 issues the Q/dO loads after the per-step dS barrier), so
     #                                 the 2 consumers get 255 registers each instead of 240
+    # Session 7 (opt-in until measured): the Mosaic backward compiled without automatic
+    # barriers around SMEM stores / TMA issues (GPU path; the kernel's own commit_smem and
+    # barriers order its SMEM traffic)
+    mgpu_bwd_nab: bool = False
+    mgpu_bwd_named_sync: bool = False  # Mosaic bwd: the per-step dS barrier of both consumer
+    #                                    warpgroups on a hardware named barrier (bar.sync, 256
+    #                                    threads) instead of an mbarrier arrive + wait
+    mgpu_bwd_dq_swizzle: bool = False  # Mosaic bwd: the f32 dq staging tile in SMEM tiled and
+    #                                    128-byte swizzled (bank-conflict-free stores) before its
+    #                                    TMA reduce-add
     interpret: bool = False
 
 

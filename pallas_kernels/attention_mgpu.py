@@ -60,6 +60,8 @@ _q_block_range = _attn._q_block_range
 # `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
+_BWD_SYNC_BAR = 8  # the backward's named dS barrier (mgpu_bwd_named_sync); Mosaic itself uses
+#                    id 0 (CTA) and 1 + warpgroup index (warpgroup barriers)
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -712,6 +714,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         return jax.named_scope(name) if cfg.mgpu_bwd_profile else contextlib.nullcontext()
 
     def sync():
+        if cfg.mgpu_bwd_named_sync and gpu_path:   # both consumer warpgroups, hardware barrier
+            _named_barrier("sync", _BWD_SYNC_BAR, 256)
+            return
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
@@ -1406,13 +1411,22 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    params = None
+    params = {}
     if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
         space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256
         if n_ctas:              # ranges (4 KB of SMEM per warpgroup; the rest is dropped)
             space = min(space * -(-(b * hkv * n_tiles) // n_ctas), 256)
-        params = plgpu.CompilerParams(approx_math=True, profile_dir=cfg.mgpu_bwd_profile,
-                                      profile_space=space + 6, profile_bounds_check=True)
+        params.update(profile_dir=cfg.mgpu_bwd_profile, profile_space=space + 6,
+                      profile_bounds_check=True)
+    if cfg.mgpu_bwd_nab and not interpret:
+        # mgpu_bwd_nab: no warpgroup barrier before and after every SMEM store and TMA issue.
+        # Each SMEM tile the kernel writes is read by wgmma or TMA only after commit_smem (fence
+        # + warpgroup barrier) and, across warpgroups, the dS / dK-dV barrier; a tile is
+        # rewritten only after its last wgmma read was awaited (P, dS: the step's final wgmma
+        # wait; dq: wait_smem_to_gmem, which ends on a warpgroup barrier; K/V: the dK/dV
+        # barrier) and the lse/delta values are consumed in registers before the refill.
+        params.update(unsafe_no_auto_barriers=True)
+    params = plgpu.CompilerParams(approx_math=True, **params) if params else None
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
@@ -1420,7 +1434,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
             plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
             plgpu.SMEM((1 if own else 2, 2, *ds_tile), q.dtype, transforms=tiles),
-            plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
+            plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32,
+                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+                       if cfg.mgpu_bwd_dq_swizzle else ()),
             # P (rows) or P^T staging: the rows variant always, else interpret mode only (the
             # GPU path keeps P^T in registers).
             None if not (interpret or rows) else plgpu.SMEM((2, *ds_tile), q.dtype,
@@ -1453,7 +1469,10 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
-                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
+                     f"{'_nab' if cfg.mgpu_bwd_nab else ''}"
+                     f"{'_ns' if cfg.mgpu_bwd_named_sync else ''}"
+                     f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

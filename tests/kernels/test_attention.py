@@ -419,6 +419,29 @@ MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_e
                        mgpu_bwd_producer=False)
 
 
+# session 7: no automatic barriers, the named dS barrier (both GPU path only) and the swizzled
+# dq staging tile (interpret mode too) on top of the D=128 full / causal dispatch options
+S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True)
+
+
+@pytest.mark.parametrize("causal,extra", [
+    (False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
+    pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
+                 marks=SLOW),
+])
+def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
+    """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle keep the results (interpret
+    mode: the swizzled dq tile and its reduce path; GQA, ragged length)."""
+    q, k, v, do = _inputs(27, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
 
 
