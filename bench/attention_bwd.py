@@ -98,6 +98,12 @@ VARIANTS.update({
     "opts_dqs": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_swizzle=True),
     "opts_s7": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
                                  mgpu_bwd_dq_swizzle=True),
+    "opts_s7lr": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True),
+    "opts_lr": lambda d, c: dict(_opts(d, c), mgpu_bwd_late_refill=True),
+    # the lean step (S^T layout, the causal default) at full attention with the session-7 flags
+    "plo_np_s7": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_nab=True,
+                      mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True),
     # causal with the full cell's rows options (the profile's causal rows vs lean comparison)
     "rows_dv_np_s7": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                           mgpu_bwd_producer=False, mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,

@@ -206,6 +206,9 @@ class FlashConfig:
     mgpu_bwd_dq_swizzle: bool = False  # Mosaic bwd: the f32 dq staging tile in SMEM tiled and
     #                                    128-byte swizzled (bank-conflict-free stores) before its
     #                                    TMA reduce-add
+    mgpu_bwd_late_refill: bool = False  # Mosaic bwd without producer, dq "halves" over 2
+    #                                     warpgroups: warpgroup 0 issues the ring refill after
+    #                                     its dq wgmma (while dq runs), not before it
     interpret: bool = False
 
 

@@ -1128,8 +1128,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         """Releases the slot, then dq of query block i (head h) from the dS tiles of both
         warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
         reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
-        release_and_sync(i, slot, r)
-        dq_send(i, buf, h)
+        refill = release_and_sync(i, slot, r)
+        dq_send(i, buf, h, refill)
         return dk, dv
 
     def release_and_sync(i, slot, r):
@@ -1141,11 +1141,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             sync()                                       # both halves of dS^T are in SMEM
         if not producer and not own:    # both warpgroups are past their reads of the slot
             t_next = r * n + (i - lo) + stages
-            pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
-            if nxt is not None:         # persistent: the next item's first steps
-                prefetch_next(t_next - total, wg == 0)
+
+            def refill():
+                pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+                if nxt is not None:     # persistent: the next item's first steps
+                    prefetch_next(t_next - total, wg == 0)
+            if cfg.mgpu_bwd_late_refill and dq_wgs == 2:
+                return refill           # issued by warpgroup 0 once its dq wgmma is issued
+            refill()
         elif not producer:                               # dq "own": no barrier to lean on
             release_to_wg0(i, slot, r)
+        return None
 
     def release_to_wg0(i, slot, r):
         """Without a producer: both warpgroups arrive on the slot's "free" barrier once done
@@ -1172,8 +1178,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         else:
             release_to_wg0(i, slot, r)
 
-    def dq_send(i, buf, h):
-        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
+    def dq_send(i, buf, h, refill=None):
+        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added.
+        `refill` (mgpu_bwd_late_refill): warpgroup 0's ring refill, issued while its dq runs."""
         def dq_block(w: int):                            # static warpgroup index
             if own:         # dq += dS_w K_w over the full head dim
                 terms = [(ds_smem.at[buf, w], k_smem.at[w])]
@@ -1185,6 +1192,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             def dq_mm(acc_ref):
                 for ds_ref, k_ref_ in terms:
                     plgpu.wgmma(acc_ref, ds_ref if rows else ds_ref.transpose((1, 0)), k_ref_)
+                if refill is not None and w == 0:
+                    refill()
                 return acc_ref[...]
             dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
             send_dq(w, dq, i, h, cols)
