@@ -209,6 +209,9 @@ class FlashConfig:
     mgpu_bwd_late_refill: bool = False  # Mosaic bwd without producer, dq "halves" over 2
     #                                     warpgroups: warpgroup 0 issues the ring refill after
     #                                     its dq wgmma (while dq runs), not before it
+    mgpu_bwd_fold_scale: bool = False  # Mosaic bwd: lse - log2(sm_scale) in the [lse; delta]
+    #                                    input, so P carries sm_scale: no dq / dK multiply per
+    #                                    step, dV divided by sm_scale once
     interpret: bool = False
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -708,6 +709,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         set_item(item_at(lax.axis_index("batch"), lax.axis_index("heads"),
                          lax.axis_index("kv_tile"), jnp.int32(0)), jnp.int32(0), None)
     scale = cfg.sm_scale * LOG2E
+    # mgpu_bwd_fold_scale: the [lse; delta] input holds lse - log2(sm_scale), so every P of the
+    # kernel is sm_scale * P: dS, dK and dq come out scaled (no multiply), dV is divided once
+    dq_scale = 1.0 if cfg.mgpu_bwd_fold_scale else cfg.sm_scale
 
     def scope(name):
         """A named range of Mosaic GPU's on-device profiler (`mgpu_bwd_profile` only)."""
@@ -807,8 +811,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
     def _write_dkdv(w, dk, dv, kv_at):
         sync()                                   # the other warpgroup is done reading K and dS
-        k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
-        v_smem.at[w][...] = dv.astype(v_smem.dtype)
+        if cfg.mgpu_bwd_fold_scale:
+            k_smem.at[w][...] = dk.astype(k_smem.dtype)
+            v_smem.at[w][...] = (dv * (1.0 / cfg.sm_scale)).astype(v_smem.dtype)
+        else:
+            k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+            v_smem.at[w][...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
@@ -951,7 +959,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                             k_smem.at[u, :, cols])
 
         def emit_dq(dq, i_prev, h_prev):
-            send_dq(w, dq * cfg.sm_scale, i_prev, h_prev, cols)
+            send_dq(w, dq * dq_scale if dq_scale != 1.0 else dq, i_prev, h_prev, cols)
 
         def step(i, carry, r, masked):
             dk, dv, i_prev, h_prev = carry
@@ -1195,7 +1203,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 if refill is not None and w == 0:
                     refill()
                 return acc_ref[...]
-            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
+            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32))
+            if dq_scale != 1.0:
+                dq = dq * dq_scale
             send_dq(w, dq, i, h, cols)
 
         for w in range(dq_wgs):
@@ -1405,6 +1415,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
     lq_pad, lk_pad = qp.shape[1], kp.shape[1]
+    if cfg.mgpu_bwd_fold_scale:     # P = exp2(S * c - lse) then carries the factor sm_scale
+        lse = lse - math.log2(cfg.sm_scale)
     ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
                     _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
     n_tiles = lk_pad // (2 * bk)
@@ -1481,7 +1493,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
                      f"{'_nab' if cfg.mgpu_bwd_nab else ''}"
                      f"{'_ns' if cfg.mgpu_bwd_named_sync else ''}"
-                     f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"),
+                     f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"
+                     f"{'_lr' if cfg.mgpu_bwd_late_refill else ''}"
+                     f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

@@ -422,7 +422,7 @@ MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_e
 # session 7: no automatic barriers, the named dS barrier (both GPU path only) and the swizzled
 # dq staging tile (interpret mode too) on top of the D=128 full / causal dispatch options
 S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
-                mgpu_bwd_late_refill=True)
+                mgpu_bwd_late_refill=True, mgpu_bwd_fold_scale=True)
 
 
 @pytest.mark.parametrize("causal,extra", [
@@ -431,9 +431,10 @@ S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle
                  marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
-    """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill keep the
-    results (interpret mode: the swizzled dq tile and its reduce path, the refill issued after
-    warpgroup 0's dq wgmma; GQA, ragged length)."""
+    """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
+    mgpu_bwd_fold_scale keep the results (interpret mode: the swizzled dq tile and its reduce
+    path, the refill issued after warpgroup 0's dq wgmma, sm_scale folded into lse; GQA,
+    ragged length)."""
     q, k, v, do = _inputs(27, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
