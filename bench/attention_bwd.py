@@ -107,6 +107,10 @@ VARIANTS.update({
     # the lean step (S^T layout, the causal default) at full attention with the session-7 flags
     "plo_np_s7": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_nab=True,
                       mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True),
+    # FA3's order in the S^T layout (dV, dK with A from registers) with the session-7 flags
+    "overlap_np_s7": dict(MOSAIC, mgpu_bwd_overlap=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
+                          mgpu_bwd_late_refill=True),
     # causal with the full cell's rows options (the profile's causal rows vs lean comparison)
     "rows_dv_np_s7": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                           mgpu_bwd_producer=False, mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
