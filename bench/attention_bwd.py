@@ -104,6 +104,9 @@ VARIANTS.update({
     "opts_s7fs": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
                                    mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
                                    mgpu_bwd_fold_scale=True),
+    "opts_s7ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
+                                   mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True),
     # the lean step (S^T layout, the causal default) at full attention with the session-7 flags
     "plo_np_s7": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_nab=True,
                       mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True),

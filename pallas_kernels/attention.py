@@ -212,6 +212,8 @@ class FlashConfig:
     mgpu_bwd_fold_scale: bool = False  # Mosaic bwd: lse - log2(sm_scale) in the [lse; delta]
     #                                    input, so P carries sm_scale: no dq / dK multiply per
     #                                    step, dV divided by sm_scale once
+    mgpu_bwd_early_exit: bool = False  # Mosaic bwd: the CTA's last wait is for its bulk stores
+    #                                    to have read SMEM, not for the writes to complete
     interpret: bool = False
 
 

@@ -820,8 +820,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
-        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it
-        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas))
+        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it;
+        # mgpu_bwd_early_exit: the CTA exits once its bulk stores (and dq reduce-adds) have read
+        # their SMEM (CUTLASS's tma_store_wait), not when the writes completed
+        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas) or cfg.mgpu_bwd_early_exit)
 
     def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
@@ -1495,7 +1497,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_ns' if cfg.mgpu_bwd_named_sync else ''}"
                      f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"
                      f"{'_lr' if cfg.mgpu_bwd_late_refill else ''}"
-                     f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"),
+                     f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"
+                     f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]
