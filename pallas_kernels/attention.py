@@ -214,6 +214,10 @@ class FlashConfig:
     #                                    step, dV divided by sm_scale once
     mgpu_bwd_early_exit: bool = False  # Mosaic bwd: the CTA's last wait is for its bulk stores
     #                                    to have read SMEM, not for the writes to complete
+    mgpu_bwd_one_loop: bool = False  # Mosaic bwd with masking (causal / window / key padding):
+    #                                  one loop over the query blocks with the mask under a
+    #                                  uniform branch, instead of masked-edge and unmasked loops
+    #                                  (three copies of the step body)
     interpret: bool = False
 
 

@@ -621,6 +621,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             run_producer()
 
 
+def _mask_bwd_scores_if(masked, st, i, k0, bq: int, bk: int, cfg: FlashConfig,
+                        rows: bool = False):
+    """`_mask_bwd_scores` where `masked`: a Python bool (separate masked / unmasked loops) or a
+    traced scalar (`mgpu_bwd_one_loop`: one step body, the mask under a uniform branch)."""
+    if isinstance(masked, bool):
+        return _mask_bwd_scores(st, i, k0, bq, bk, cfg, rows) if masked else st
+    return lax.cond(masked, lambda x: _mask_bwd_scores(x, i, k0, bq, bk, cfg, rows),
+                    lambda x: x, st)
+
+
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
     """S^T [bk keys, bq queries] (or S [bq, bk] with `rows`) of keys k0.. and query block i
     with invisible pairs at -inf (key padding, causal diagonal, left window)."""
@@ -797,6 +807,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             with scope("bwd_step_m" if masked else "bwd_step"):
                 return step(i, carry, r=r, masked=masked)
 
+        if cfg.mgpu_bwd_one_loop and (cfg.causal or cfg.window is not None
+                                      or cfg.lk % (2 * bk)):
+            # one loop, one copy of the step body (the masked / unmasked copies of a causal
+            # kernel are 3x the step's code, and the two warpgroups run different copies)
+            def one(i, carry, r):
+                with scope("bwd_step"):
+                    return step(i, carry, r=r, masked=(i < w_mid_lo) | (i >= w_mid_hi))
+            return lax.fori_loop(
+                0, rep, lambda r, c: lax.fori_loop(lo, hi, functools.partial(one, r=r), c),
+                carry)
+
         def head(r, carry):
             carry = lax.fori_loop(lo, w_mid_lo, functools.partial(scoped, r=r, masked=True),
                                   carry)
@@ -867,8 +888,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         """Rows layout: P = exp2(S * scale - lse) once S is done (`wait_n` wgmma groups may
         still run: dP), stored to warpgroup w's P tile in SMEM (bf16); returns P in f32."""
         s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_n)
-        if masked:
-            s_ = _mask_bwd_scores(s_, i, k0, bq, bk, cfg, rows=True)
+        s_ = _mask_bwd_scores_if(masked, s_, i, k0, bq, bk, cfg, rows=True)
         lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(1))
         p = jnp.exp2(s_ * scale - lax.broadcast_in_dim(lse, s_.shape, [0]))
         p_smem.at[w][...] = p.astype(q_smem.dtype)
@@ -991,8 +1011,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 if rows:
                     return rows_p(s_ref, slot, i, k0, masked, w)
                 st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                if masked:
-                    st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+                st = _mask_bwd_scores_if(masked, st, i, k0, bq, bk, cfg)
                 return jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
 
             def scores(s_ref, dp_ref):
@@ -1039,8 +1058,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         k0, w_mid_lo, w_mid_hi, kv_at, zeros = begin_consumer()
         k_own, v_own = k_smem.at[wg], v_smem.at[wg]
 
-        def mask_scores(st, i):
-            return _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+        def mask_scores(st, i, masked):
+            return _mask_bwd_scores_if(masked, st, i, k0, bq, bk, cfg)
 
         def step(i, carry, r, masked):
             dk, dv = carry
@@ -1060,8 +1079,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                     plgpu.wgmma(dp_ref, v_own, do_t)
                     st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                    if masked:
-                        st = mask_scores(st, i)
+                    st = mask_scores(st, i, masked)
                     # the scale folded into exp2's argument: one FFMA per score
                     pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
                     return pt, dp_ref[...]
@@ -1081,8 +1099,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32))
             if not lean:
                 st = st * scale
-            if masked:
-                st = mask_scores(st, i)
+            st = mask_scores(st, i, masked)
             plgpu.barrier_wait(ld_ready.at[slot])
             lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
             lse_b = lax.broadcast_in_dim(lse, st.shape, [1])
@@ -1498,7 +1515,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"
                      f"{'_lr' if cfg.mgpu_bwd_late_refill else ''}"
                      f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"
-                     f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"),
+                     f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"
+                     f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

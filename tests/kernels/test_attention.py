@@ -422,19 +422,22 @@ MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_e
 # session 7: no automatic barriers, the named dS barrier (both GPU path only) and the swizzled
 # dq staging tile (interpret mode too) on top of the D=128 full / causal dispatch options
 S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
-                mgpu_bwd_late_refill=True, mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True)
+                mgpu_bwd_late_refill=True, mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
+                mgpu_bwd_one_loop=True)
 
 
 @pytest.mark.parametrize("causal,extra", [
     (False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
     pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
                  marks=SLOW),
+    (True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
 ])
 def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
     """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
-    mgpu_bwd_fold_scale keep the results (interpret mode: the swizzled dq tile and its reduce
-    path, the refill issued after warpgroup 0's dq wgmma, sm_scale folded into lse; GQA,
-    ragged length)."""
+    mgpu_bwd_fold_scale / mgpu_bwd_early_exit / mgpu_bwd_one_loop keep the results (interpret
+    mode: the swizzled dq tile and its reduce path, the refill issued after warpgroup 0's dq
+    wgmma, sm_scale folded into lse, one step loop with the mask under lax.cond; GQA, ragged
+    length, causal)."""
     q, k, v, do = _inputs(27, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
 
