@@ -218,20 +218,24 @@ def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",), per
 
 def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), per_cell=None,
                 rep_ms=25.0):
-    """A B A B timing (session 7): per cell, every anchor and variant is compiled and warmed
-    first, then timed in rounds (one ~25 ms repetition of each per round, in the same order)
-    until the deadline or 20 rounds; the medians over the rounds are the results."""
+    """A B A B timing (session 7): per cell (an equal share of the time left each), every
+    anchor and variant is compiled and warmed first (compiles stop 4 s before the cell's
+    share ends), then timed in rounds (one ~25 ms repetition of each per round, in the same
+    order), at least 3 and at most 20 rounds; the medians over the rounds are the results."""
     out = results.setdefault("interleaved", [])
-    for n, cell in [(n, c) for n in lengths for c in cells]:
+    todo = [(n, c) for n in lengths for c in cells]
+    for j, (n, cell) in enumerate(todo):
         if time.time() > deadline:
             break
+        # this cell's share of the time left; compiles stop 4 s before it (rounds need ~2 s)
+        cell_deadline = time.time() + (deadline - time.time()) / (len(todo) - j)
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
         fns, iters, seen = {}, {}, {}
         for name in list(anchors) + (per_cell or {}).get(cell, names):
-            if time.time() > deadline:
+            if time.time() > cell_deadline - 4:
                 break
             if name in VARIANTS:
                 key = json.dumps(_cfg(name, d, causal), sort_keys=True)
@@ -256,8 +260,8 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
                 out.append(dict(d=d, causal=causal, n=n, impl=name,
                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
         samples = {name: [] for name in fns}
-        for _ in range(20):
-            if time.time() > deadline - 0.2 * len(fns) * rep_ms / 1e3:
+        for k_round in range(20):
+            if k_round >= 3 and time.time() > cell_deadline:
                 break
             for name, fn in fns.items():
                 t0 = time.perf_counter()
