@@ -427,7 +427,7 @@ S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle
 
 
 @pytest.mark.parametrize("causal,extra", [
-    (False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
+    pytest.param(False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS), marks=SLOW),
     pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
                  marks=SLOW),
     (True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
