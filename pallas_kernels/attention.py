@@ -218,6 +218,8 @@ class FlashConfig:
     #                                  one loop over the query blocks with the mask under a
     #                                  uniform branch, instead of masked-edge and unmasked loops
     #                                  (three copies of the step body)
+    mgpu_bwd_one_bar: bool = False  # Mosaic bwd: a step's Q, dO and [lse; delta] TMAs complete
+    #                                 one mbarrier (3 arrivals): one wait per step, not three
     interpret: bool = False
 
 

@@ -686,6 +686,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
     kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
+    one_bar = cfg.mgpu_bwd_one_bar      # Q, dO, [lse; delta] of a slot on q_ready (3 arrivals)
+
+    def wait_do(slot):
+        if not one_bar:                 # else q_ready (always awaited first) covered it
+            plgpu.barrier_wait(do_ready.at[slot])
+
+    def wait_ld(slot):
+        if not one_bar:
+            plgpu.barrier_wait(ld_ready.at[slot])
     n_tiles, hkv, batch = k_ref.shape[1] // (2 * bk), k_ref.shape[2], q_ref.shape[0]
 
     def item_at(b_, g_, tile_, c0_):
@@ -746,9 +755,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         h = it.g * rep + r
         at = (it.b, pl.ds(i * bq, bq), h)
         plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot],
+                                (q_ready if one_bar else do_ready).at[slot])
         plgpu.copy_gmem_to_smem(ld_ref.at[it.b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
-                                ld_ready.at[slot])
+                                (q_ready if one_bar else ld_ready).at[slot])
 
     def own_keys(w):
         """Warpgroup w's keys: first key, unmasked query-block range, TMA of K and V into its
@@ -990,11 +1000,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             buf, prev = lax.rem(t, jnp.int32(2)), lax.rem(t + 1, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
-            plgpu.barrier_wait(ld_ready.at[slot])
+            wait_ld(slot)
             if not rows:
                 lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-            plgpu.barrier_wait(do_ready.at[slot])
+            wait_do(slot)
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
             if not producer and w == 0:                    # step t-1 is done: refill its slot
                 refill(t)
@@ -1070,10 +1080,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 # FA3 order: S^T and dP^T are issued back to back; P^T is computed while dP^T
                 # is still on the tensor cores (wait until one wgmma group is left), and dS^T
                 # while dV runs.
-                plgpu.barrier_wait(ld_ready.at[slot])
+                wait_ld(slot)
                 lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-                plgpu.barrier_wait(do_ready.at[slot])
+                wait_do(slot)
 
                 def s_dp(s_ref, dp_ref):
                     plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
@@ -1100,7 +1110,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             if not lean:
                 st = st * scale
             st = mask_scores(st, i, masked)
-            plgpu.barrier_wait(ld_ready.at[slot])
+            wait_ld(slot)
             lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
             lse_b = lax.broadcast_in_dim(lse, st.shape, [1])
             if lean:        # scale folded into exp2's argument; delta loaded after dP^T
@@ -1109,7 +1119,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
                 pt = jnp.exp2(st - lse_b)
             pt_lo = pt.astype(q_smem.dtype)
-            plgpu.barrier_wait(do_ready.at[slot])
+            wait_do(slot)
             if gpu_path:
                 def dv_dp(refs):
                     dv_ref, dp_ref = refs
@@ -1244,8 +1254,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             dk, dv = carry
             slot, buf, h = step_slots(i, r)
             plgpu.barrier_wait(q_ready.at[slot])
-            plgpu.barrier_wait(do_ready.at[slot])
-            plgpu.barrier_wait(ld_ready.at[slot])
+            wait_do(slot)
+            wait_ld(slot)
 
             if cfg.mgpu_bwd_dv_early:
                 def step_mms(dv_ref, dk_ref):
@@ -1482,7 +1492,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
             None if not (interpret or rows) else plgpu.SMEM((2, *ds_tile), q.dtype,
                                                             transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=4),
-                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=3 if cfg.mgpu_bwd_one_bar else 1,
+                              num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2))
@@ -1516,7 +1527,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_lr' if cfg.mgpu_bwd_late_refill else ''}"
                      f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"
                      f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"
-                     f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"),
+                     f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"
+                     f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

@@ -423,7 +423,7 @@ MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_e
 # dq staging tile (interpret mode too) on top of the D=128 full / causal dispatch options
 S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
                 mgpu_bwd_late_refill=True, mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
-                mgpu_bwd_one_loop=True)
+                mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True)
 
 
 @pytest.mark.parametrize("causal,extra", [
