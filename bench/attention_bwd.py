@@ -229,7 +229,12 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
     share ends), then timed in rounds (one ~25 ms repetition of each per round, in the same
     order), at least 3 and at most 20 rounds; the medians over the rounds are the results."""
     out = results.setdefault("interleaved", [])
-    todo = [(n, c) for n in lengths for c in cells]
+    per_cell = per_cell or {}
+
+    def cell_names(cell, n):          # "cell@n" keys first ("-": skip the cell at that n)
+        got = per_cell.get(f"{cell}@{n}", per_cell.get(cell, names))
+        return [] if got == ["-"] else got
+    todo = [(n, c) for n in lengths for c in cells if cell_names(c, n)]
     for j, (n, cell) in enumerate(todo):
         if time.time() > deadline:
             break
@@ -240,7 +245,7 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
         fns, iters, seen = {}, {}, {}
-        for name in list(anchors) + (per_cell or {}).get(cell, names):
+        for name in list(anchors) + cell_names(cell, n):
             if time.time() > cell_deadline - 4:
                 break
             if name in VARIANTS:
@@ -493,7 +498,8 @@ def main():
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
     ap.add_argument("--cell-variants", default="", help="cell=v1,v2;cell=...: the variants of "
-                    "those cells in part tput (others: --variants)")
+                    "those cells in parts tput / ab (others: --variants); part ab also takes "
+                    "cell@n=... keys, and cell@n=- skips the cell at that length")
     ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
                     "first of --variants)")
     ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
