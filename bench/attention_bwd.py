@@ -111,6 +111,11 @@ VARIANTS.update({
                     mgpu_bwd_producer=False, mgpu_bwd_one_loop=True),
     "rows_ol1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                       mgpu_bwd_producer=False, mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
+    # the deferred dq without producer (the 1k causal default) + one mbarrier (+ one loop)
+    "rows_defer_1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_one_bar=True),
+    "rows_defer_ol1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
     "opts_s7ol": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
                                    mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
                                    mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,

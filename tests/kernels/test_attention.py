@@ -431,6 +431,8 @@ S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle
     pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
                  marks=SLOW),
     (True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
+    pytest.param(True, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
     """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
