@@ -111,6 +111,14 @@ VARIANTS.update({
                     mgpu_bwd_producer=False, mgpu_bwd_one_loop=True),
     "rows_ol1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                       mgpu_bwd_producer=False, mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
+    # FA3's order (dq before dK, dq stored while dK runs) in the rows layout
+    "rows_dqf1": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                      mgpu_bwd_producer=False, mgpu_bwd_dq_first=True),
+    "rows_dqf1_1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                         mgpu_bwd_producer=False, mgpu_bwd_dq_first=True, mgpu_bwd_one_bar=True),
+    "rows_dqf1_ol1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                           mgpu_bwd_producer=False, mgpu_bwd_dq_first=True,
+                           mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
     # the deferred dq without producer (the 1k causal default) + one mbarrier (+ one loop)
     "rows_defer_1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                           mgpu_bwd_one_bar=True),

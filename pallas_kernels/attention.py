@@ -220,6 +220,9 @@ class FlashConfig:
     #                                  (three copies of the step body)
     mgpu_bwd_one_bar: bool = False  # Mosaic bwd: a step's Q, dO and [lse; delta] TMAs complete
     #                                 one mbarrier (3 arrivals): one wait per step, not three
+    mgpu_bwd_dq_first: bool = False  # Mosaic bwd, rows + dV early, no producer: FA3's order,
+    #                                  dq issued before dK after the dS barrier, dq stored while
+    #                                  dK runs; the slot is released on its "free" mbarrier
     interpret: bool = False
 
 

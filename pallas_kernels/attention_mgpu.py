@@ -1215,6 +1215,26 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         else:
             release_to_wg0(i, slot, r)
 
+    def dq_first_tail(i, slot, buf, h, dk_ref):
+        """`mgpu_bwd_dq_first` (rows, dV early; FA3's order): once both dS tiles are in SMEM,
+        dq (this warpgroup's column half) is issued, then dK += dS^T Q, and dq is awaited with
+        dK still in flight, so the dq store and its TMA reduce-add overlap dK."""
+        sync()                                           # both dS tiles are in SMEM
+
+        def branch(w: int):
+            cols = pl.ds(w * dh, dh)
+
+            def dq_mm(acc_ref):
+                for u in range(2):
+                    plgpu.wgmma(acc_ref, ds_smem.at[buf, u], k_smem.at[u, :, cols])
+                plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+                return plgpu.wgmma_accumulator_load(acc_ref, wait_n=1)   # dK may run on
+            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32))
+            send_dq(w, dq * dq_scale if dq_scale != 1.0 else dq, i, h, cols)
+
+        for w in range(2):
+            pl.when(wg == w)(functools.partial(branch, w))
+
     def dq_send(i, buf, h, refill=None):
         """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added.
         `refill` (mgpu_bwd_late_refill): warpgroup 0's ring refill, issued while its dq runs."""
@@ -1270,11 +1290,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                         ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
                         ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
                         plgpu.commit_smem()
-                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
-                                    q_smem.at[slot])
+                        if not cfg.mgpu_bwd_dq_first:
+                            plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
+                                        q_smem.at[slot])
                     pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
-                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                    if cfg.mgpu_bwd_dq_first:   # FA3's order: dq, then dK (runs during the
+                        dq_first_tail(i, slot, buf, h, dk_ref)   # dq store)
+                    elif cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
                         fused_dq_tail(i, slot, buf, h, r)
                 if gpu_path:
                     dv, dk = pl.run_state(lambda refs: step_mms(*refs))(
@@ -1287,6 +1310,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                                    plgpu.ACC((bk, d), jnp.float32),
                                                    plgpu.ACC((bk, d), jnp.float32))
                     dv, dk = dv + dv_inc, dk + dk_inc
+                if cfg.mgpu_bwd_dq_first:   # dK of both warpgroups read the slot's Q
+                    release_to_wg0(i, slot, r)
+                    return dk, dv
                 if cfg.mgpu_bwd_dq_fused:
                     return dk, dv
                 return dq_step(i, slot, buf, h, dk, dv, r)
@@ -1422,6 +1448,12 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
+    if cfg.mgpu_bwd_dq_first and not (cfg.mgpu_bwd_dv_early and cfg.mgpu_bwd_dq == "halves"
+                                      and not cfg.mgpu_bwd_producer
+                                      and not cfg.mgpu_bwd_persistent
+                                      and not cfg.mgpu_bwd_dq_fused):
+        raise ValueError("mgpu_bwd_dq_first needs mgpu_bwd_dv_early, dq 'halves', no producer, "
+                         "no persistent CTAs and no mgpu_bwd_dq_fused")
     if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
                                     or cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
@@ -1528,7 +1560,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"
                      f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"
                      f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"
-                     f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"),
+                     f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"
+                     f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

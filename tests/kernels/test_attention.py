@@ -433,6 +433,10 @@ S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle
     (True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
     pytest.param(True, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                             mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True), marks=SLOW),
+    # FA3's order: dq issued before dK, the slot released on its "free" mbarrier
+    pytest.param(False, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True), marks=SLOW),
+    (True, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True, mgpu_bwd_one_loop=True,
+                mgpu_bwd_one_bar=True)),
 ])
 def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
     """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
