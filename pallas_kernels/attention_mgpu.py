@@ -4,10 +4,11 @@ specialisation).
 The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids; D=64 full
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
-with the deferred dq (240/24 registers), D=128 full with the query-rows layout, dS and dV issued
-early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with the
-lean step and no producer (up to 1k keys: query rows with the deferred dq and no producer); from 1k
-keys at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
+with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred
+dq without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), D=128
+causal with the lean step, no producer, one step loop and one ring mbarrier per slot (session 7;
+up to 1k keys: query rows with the deferred dq and no producer); from 1k keys at D=128 and 2k at
+D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
 / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and
 docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
 order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own", the

@@ -384,7 +384,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
-    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 5)
+    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
     (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
     (128, True, attn.mosaic_bwd_options(128, True, 1024)),  # D=128 causal up to 1k (session 6)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
