@@ -385,7 +385,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
     (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
-    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 7: one loop, one mbarrier)
     (128, True, attn.mosaic_bwd_options(128, True, 1024)),  # D=128 causal up to 1k (session 6)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                   mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
@@ -430,13 +430,13 @@ S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle
     pytest.param(False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS), marks=SLOW),
     pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
                  marks=SLOW),
-    (True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS)),
+    pytest.param(True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS), marks=SLOW),
     pytest.param(True, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                             mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True), marks=SLOW),
     # FA3's order: dq issued before dK, the slot released on its "free" mbarrier
     pytest.param(False, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True), marks=SLOW),
-    (True, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True, mgpu_bwd_one_loop=True,
-                mgpu_bwd_one_bar=True)),
+    pytest.param(True, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True, mgpu_bwd_one_loop=True,
+                            mgpu_bwd_one_bar=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
     """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
