@@ -91,8 +91,69 @@ VARIANTS.update({
                                                    "mgpu_bwd_producer": False},
                               mgpu_bwd_persistent=-1),
     "default_einsum": dict(bwd_delta="einsum"),            # sessions 1-4's delta fusion
+    # session 7, on top of the cell's Mosaic options: no automatic barriers, the named dS
+    # barrier, the swizzled dq staging tile, and all three
+    "opts_nab": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True),
+    "opts_ns": lambda d, c: dict(_opts(d, c), mgpu_bwd_named_sync=True),
+    "opts_dqs": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_swizzle=True),
+    "opts_s7": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                 mgpu_bwd_dq_swizzle=True),
+    "opts_s7lr": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True),
+    "opts_lr": lambda d, c: dict(_opts(d, c), mgpu_bwd_late_refill=True),
+    "opts_s7fs": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
+                                   mgpu_bwd_fold_scale=True),
+    "opts_ol": lambda d, c: dict(_opts(d, c), mgpu_bwd_one_loop=True),
+    "opts_1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_one_bar=True),
+    "opts_ol1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
+    "rows_ol": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                    mgpu_bwd_producer=False, mgpu_bwd_one_loop=True),
+    "rows_ol1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                      mgpu_bwd_producer=False, mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
+    # FA3's order (dq before dK, dq stored while dK runs) in the rows layout
+    "rows_dqf1": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                      mgpu_bwd_producer=False, mgpu_bwd_dq_first=True),
+    "rows_dqf1_1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                         mgpu_bwd_producer=False, mgpu_bwd_dq_first=True, mgpu_bwd_one_bar=True),
+    "rows_dqf1_ol1b": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                           mgpu_bwd_producer=False, mgpu_bwd_dq_first=True,
+                           mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
+    # the deferred dq without producer (the 1k causal default) + one mbarrier (+ one loop)
+    "rows_defer_1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_one_bar=True),
+    "rows_defer_ol1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
+    "opts_s7ol": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
+                                   mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
+                                   mgpu_bwd_one_loop=True),
+    # causal: the rows layout (the full default's options) with all session-7 flags
+    "rows_s7ol": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                      mgpu_bwd_producer=False, mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                      mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
+                      mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
+                      mgpu_bwd_one_loop=True),
+    "opts_s7ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                                   mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
+                                   mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True),
+    # the lean step (S^T layout, the causal default) at full attention with the session-7 flags
+    "plo_np_s7": dict(MOSAIC, mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_nab=True,
+                      mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True),
+    # FA3's order in the S^T layout (dV, dK with A from registers) with the session-7 flags
+    "overlap_np_s7": dict(MOSAIC, mgpu_bwd_overlap=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
+                          mgpu_bwd_late_refill=True),
+    # causal with the full cell's rows options (the profile's causal rows vs lean comparison)
+    "rows_dv_np_s7": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                          mgpu_bwd_producer=False, mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
+                          mgpu_bwd_dq_swizzle=True),
     "default_barrier": dict(bwd_delta="rowsum_barrier"),
 })
+
+
+def _opts(d, causal):
+    return dict(bwd_impl="mosaic", **attn.MOSAIC_BWD_OPTS.get((d, causal), {}))
 
 
 def _cfg(name, d, causal):
@@ -172,6 +233,83 @@ def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",), per
                 continue
             battn._timed(row, deadline, flops, "bwd", out, battn._fwd_bwd(fn), q, k, v, do)
             _SAVE[0]()
+
+
+def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), per_cell=None,
+                rep_ms=25.0):
+    """A B A B timing (session 7): per cell (an equal share of the time left each), every
+    anchor and variant is compiled and warmed first (compiles stop 4 s before the cell's
+    share ends), then timed in rounds (one ~25 ms repetition of each per round, in the same
+    order), at least 3 and at most 20 rounds; the medians over the rounds are the results."""
+    out = results.setdefault("interleaved", [])
+    per_cell = per_cell or {}
+
+    def cell_names(cell, n):          # "cell@n" keys first ("-": skip the cell at that n)
+        got = per_cell.get(f"{cell}@{n}", per_cell.get(cell, names))
+        return [] if got == ["-"] else got
+    todo = [(n, c) for n in lengths for c in cells if cell_names(c, n)]
+    for j, (n, cell) in enumerate(todo):
+        if time.time() > deadline:
+            break
+        # this cell's share of the time left; compiles stop 4 s before it (rounds need ~2 s)
+        cell_deadline = time.time() + (deadline - time.time()) / (len(todo) - j)
+        b = battn.TOKENS // n
+        d, causal = CELLS[cell]
+        q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
+        flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
+        fns, iters, seen = {}, {}, {}
+        for name in list(anchors) + cell_names(cell, n):
+            if time.time() > cell_deadline - 4:
+                break
+            if name in VARIANTS:
+                key = json.dumps(_cfg(name, d, causal), sort_keys=True)
+                if key in seen:
+                    continue
+                seen[key] = name
+            fn = _attn_fn(name, d, causal)
+            if fn is None:
+                continue
+            try:
+                fn = battn._fwd_bwd(fn)
+                jax.block_until_ready(fn(q, k, v, do))
+                t0 = time.perf_counter()
+                while (time.perf_counter() - t0) * 1e3 < 100:
+                    jax.block_until_ready(fn(q, k, v, do))
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(q, k, v, do))
+                one = (time.perf_counter() - t0) * 1e3
+                fns[name], iters[name] = fn, int(max(1, min(100, rep_ms / max(one, 1e-3))))
+                print("ab compiled", cell, n, name, round(one, 3), "ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                out.append(dict(d=d, causal=causal, n=n, impl=name,
+                                error=f"{type(e).__name__}: {str(e)[:300]}"))
+        samples = {name: [] for name in fns}
+        for k_round in range(20):
+            if k_round >= 3 and time.time() > cell_deadline:
+                break
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(iters[name]):
+                    o = fn(q, k, v, do)
+                jax.block_until_ready(o)
+                samples[name].append((time.perf_counter() - t0) / iters[name] * 1e3)
+        best = {}
+        for name, ms in samples.items():
+            if not ms:
+                continue
+            med = float(np.median(ms))
+            row = dict(d=d, causal=causal, n=n, mode="fwd+bwd", impl=name, ms=med,
+                       tflops=flops / med / 1e9, rounds=len(ms),
+                       ms_all=[round(x, 4) for x in ms])
+            best[name] = row["tflops"]
+            out.append(row)
+        top = max((best[a] for a in anchors if a in best), default=None)
+        for row in out[-len(best):] if best else []:
+            if top:
+                row["ratio_best_anchor"] = round(row["tflops"] / top, 4)
+            print("ab", json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "ms_all"}),
+                  flush=True)
+        _SAVE[0]()
 
 
 def ktimes(results, deadline, names, cells, n):
@@ -312,6 +450,31 @@ def profile(results, deadline, names, cells, n, raw_dir=None):
                 _SAVE[0]()
 
 
+def run_once(results, deadline, names, cells, n, anchors=()):
+    """Two fwd+bwd calls of each anchor and variant at length n (for ncu: `-c` picks the first
+    launches of the kernels it matches)."""
+    rows = results.setdefault("once", [])
+    b = battn.TOKENS // n
+    for cell in cells:
+        d, causal = CELLS[cell]
+        q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
+        for name in list(anchors) + names:
+            if time.time() > deadline:
+                return
+            row = dict(impl=name, d=d, causal=causal, n=n)
+            t = time.time()
+            try:
+                fn = battn._fwd_bwd(_attn_fn(name, d, causal))
+                for _ in range(2):
+                    jax.block_until_ready(fn(q, k, v, do))
+                row["s"] = round(time.time() - t, 2)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("once", row, flush=True)
+            rows.append(row)
+            _SAVE[0]()
+
+
 def compile_only(results, deadline, names, cells):
     rows = results.setdefault("compiled", [])
     for cell in cells:
@@ -348,7 +511,8 @@ def main():
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
     ap.add_argument("--cell-variants", default="", help="cell=v1,v2;cell=...: the variants of "
-                    "those cells in part tput (others: --variants)")
+                    "those cells in parts tput / ab (others: --variants); part ab also takes "
+                    "cell@n=... keys, and cell@n=- skips the cell at that length")
     ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
                     "first of --variants)")
     ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
@@ -373,9 +537,13 @@ def main():
              "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")
                                                           if s] or names[:1], cells, args.pn,
                                            args.raw or None),
+             "ab": lambda dl: interleaved(results, dl, names, cells, lengths,
+                                          [s for s in args.anchors.split(",") if s], per_cell),
              "ktimes": lambda dl: ktimes(results, dl, [s for s in args.kvariants.split(",") if s]
                                          or names[:3], cells, lengths[0]),
-             "compile": lambda dl: compile_only(results, dl, names, cells)}
+             "compile": lambda dl: compile_only(results, dl, names, cells),
+             "once": lambda dl: run_once(results, dl, names, cells, lengths[0],
+                                         [s for s in args.anchors.split(",") if s])}
     def save():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

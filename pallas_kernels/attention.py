@@ -196,6 +196,33 @@ class FlashConfig:
     mgpu_bwd_producer: bool = True  # Mosaic bwd: False = no producer warpgroup (warpgroup 0
     #                                 issues the Q/dO loads after the per-step dS barrier), so
     #                                 the 2 consumers get 255 registers each instead of 240
+    # Session 7 (opt-in until measured): the Mosaic backward compiled without automatic
+    # barriers around SMEM stores / TMA issues (GPU path; the kernel's own commit_smem and
+    # barriers order its SMEM traffic)
+    mgpu_bwd_nab: bool = False
+    mgpu_bwd_named_sync: bool = False  # Mosaic bwd: the per-step dS barrier of both consumer
+    #                                    warpgroups on a hardware named barrier (bar.sync, 256
+    #                                    threads) instead of an mbarrier arrive + wait
+    mgpu_bwd_dq_swizzle: bool = False  # Mosaic bwd: the f32 dq staging tile in SMEM tiled and
+    #                                    128-byte swizzled (bank-conflict-free stores) before its
+    #                                    TMA reduce-add
+    mgpu_bwd_late_refill: bool = False  # Mosaic bwd without producer, dq "halves" over 2
+    #                                     warpgroups: warpgroup 0 issues the ring refill after
+    #                                     its dq wgmma (while dq runs), not before it
+    mgpu_bwd_fold_scale: bool = False  # Mosaic bwd: lse - log2(sm_scale) in the [lse; delta]
+    #                                    input, so P carries sm_scale: no dq / dK multiply per
+    #                                    step, dV divided by sm_scale once
+    mgpu_bwd_early_exit: bool = False  # Mosaic bwd: the CTA's last wait is for its bulk stores
+    #                                    to have read SMEM, not for the writes to complete
+    mgpu_bwd_one_loop: bool = False  # Mosaic bwd with masking (causal / window / key padding):
+    #                                  one loop over the query blocks with the mask under a
+    #                                  uniform branch, instead of masked-edge and unmasked loops
+    #                                  (three copies of the step body)
+    mgpu_bwd_one_bar: bool = False  # Mosaic bwd: a step's Q, dO and [lse; delta] TMAs complete
+    #                                 one mbarrier (3 arrivals): one wait per step, not three
+    mgpu_bwd_dq_first: bool = False  # Mosaic bwd, rows + dV early, no producer: FA3's order,
+    #                                  dq issued before dK after the dS barrier, dq stored while
+    #                                  dK runs; the slot is released on its "free" mbarrier
     interpret: bool = False
 
 
@@ -840,12 +867,19 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # (cuDNN 439 / 524); GPU checks of both option sets passed (D 128 causal GQA 1000 and window 300
 # MQA 2048, full GQA 777). At D=64 the deferred dq stays (409 vs rows_dv_np 369, dq "own"
 # without producer 320-326, cuDNN 414).
+# Session 7, call 2 (A B A B in one process, N=4k fwd+bwd TFLOP/s, medians; GPU-checked):
+# D=128 full: query rows with the deferred dq and no producer 518 vs 473 (rows + early dS / dV,
+# the session-5 default), cuDNN 530 (session 6: +2.6% at 4k, -0.5% at 16k, -0.7% at 1k in
+# single runs). D=128 causal: the lean step with one step loop (the masked / unmasked loop
+# copies spilled 476 B; 0-40 B with one loop) and one ring mbarrier per slot 440 vs 410 at 4k,
+# 489 vs 454 at 16k (cuDNN 456 / 546).
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
-                                                                    mgpu_bwd_ds_early=True,
-                                                                    mgpu_bwd_dv_early=True,
+                                                                    mgpu_bwd_defer_dq=True,
                                                                     mgpu_bwd_producer=False),
                                                  (128, True): dict(mgpu_bwd_p_lo=True,
-                                                                   mgpu_bwd_producer=False),
+                                                                   mgpu_bwd_producer=False,
+                                                                   mgpu_bwd_one_loop=True,
+                                                                   mgpu_bwd_one_bar=True),
                                                  (64, False): dict(mgpu_bwd_defer_dq=True),
                                                  (64, True): dict(mgpu_bwd_defer_dq=True)}
 # Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
@@ -867,8 +901,11 @@ MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True)
 # 412 vs the lean step's 416, at 16k 450 vs 468, so longer keys keep the lean step). GPU checks:
 # the deferred dq without producer (S^T layout) on D 128 causal GQA 1000, rows + deferred dq on
 # D 128 full GQA 777 (call 1).
+# (Session 7: the 1k causal path keeps its session-6 kernel, without one loop / one mbarrier:
+# not timed with them.)
 MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
-    (128, True): ((1024, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True)),),
+    (128, True): ((1024, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
+                              mgpu_bwd_one_loop=False, mgpu_bwd_one_bar=False)),),
 }
 
 

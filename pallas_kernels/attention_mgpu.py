@@ -4,10 +4,11 @@ specialisation).
 The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment ids; D=64 full
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
-with the deferred dq (240/24 registers), D=128 full with the query-rows layout, dS and dV issued
-early and no producer warpgroup (2 x 128 threads with 255 registers each), D=128 causal with the
-lean step and no producer (up to 1k keys: query rows with the deferred dq and no producer); from 1k
-keys at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
+with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred
+dq without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), D=128
+causal with the lean step, no producer, one step loop and one ring mbarrier per slot (session 7;
+up to 1k keys: query rows with the deferred dq and no producer); from 1k keys at D=128 and 2k at
+D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
 / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and
 docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
 order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own", the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -60,6 +62,8 @@ _q_block_range = _attn._q_block_range
 # `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
+_BWD_SYNC_BAR = 8  # the backward's named dS barrier (mgpu_bwd_named_sync); Mosaic itself uses
+#                    id 0 (CTA) and 1 + warpgroup index (warpgroup barriers)
 
 
 def _named_barrier(op: str, barrier_id, num_threads: int):
@@ -618,6 +622,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             run_producer()
 
 
+def _mask_bwd_scores_if(masked, st, i, k0, bq: int, bk: int, cfg: FlashConfig,
+                        rows: bool = False):
+    """`_mask_bwd_scores` where `masked`: a Python bool (separate masked / unmasked loops) or a
+    traced scalar (`mgpu_bwd_one_loop`: one step body, the mask under a uniform branch)."""
+    if isinstance(masked, bool):
+        return _mask_bwd_scores(st, i, k0, bq, bk, cfg, rows) if masked else st
+    return lax.cond(masked, lambda x: _mask_bwd_scores(x, i, k0, bq, bk, cfg, rows),
+                    lambda x: x, st)
+
+
 def _mask_bwd_scores(st, i, k0, bq: int, bk: int, cfg: FlashConfig, rows: bool = False):
     """S^T [bk keys, bq queries] (or S [bq, bk] with `rows`) of keys k0.. and query block i
     with invisible pairs at -inf (key padding, causal diagonal, left window)."""
@@ -673,6 +687,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
     kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
+    one_bar = cfg.mgpu_bwd_one_bar      # Q, dO, [lse; delta] of a slot on q_ready (3 arrivals)
+
+    def wait_do(slot):
+        if not one_bar:                 # else q_ready (always awaited first) covered it
+            plgpu.barrier_wait(do_ready.at[slot])
+
+    def wait_ld(slot):
+        if not one_bar:
+            plgpu.barrier_wait(ld_ready.at[slot])
     n_tiles, hkv, batch = k_ref.shape[1] // (2 * bk), k_ref.shape[2], q_ref.shape[0]
 
     def item_at(b_, g_, tile_, c0_):
@@ -706,12 +729,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         set_item(item_at(lax.axis_index("batch"), lax.axis_index("heads"),
                          lax.axis_index("kv_tile"), jnp.int32(0)), jnp.int32(0), None)
     scale = cfg.sm_scale * LOG2E
+    # mgpu_bwd_fold_scale: the [lse; delta] input holds lse - log2(sm_scale), so every P of the
+    # kernel is sm_scale * P: dS, dK and dq come out scaled (no multiply), dV is divided once
+    dq_scale = 1.0 if cfg.mgpu_bwd_fold_scale else cfg.sm_scale
 
     def scope(name):
         """A named range of Mosaic GPU's on-device profiler (`mgpu_bwd_profile` only)."""
         return jax.named_scope(name) if cfg.mgpu_bwd_profile else contextlib.nullcontext()
 
     def sync():
+        if cfg.mgpu_bwd_named_sync and gpu_path:   # both consumer warpgroups, hardware barrier
+            _named_barrier("sync", _BWD_SYNC_BAR, 256)
+            return
         plgpu.barrier_arrive(ds_sync)
         plgpu.barrier_wait(ds_sync)
 
@@ -727,9 +756,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         h = it.g * rep + r
         at = (it.b, pl.ds(i * bq, bq), h)
         plgpu.copy_gmem_to_smem(q_ref.at[at], q_smem.at[slot], q_ready.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[at], do_smem.at[slot],
+                                (q_ready if one_bar else do_ready).at[slot])
         plgpu.copy_gmem_to_smem(ld_ref.at[it.b, h, :, pl.ds(i * bq, bq)], ld_smem.at[slot],
-                                ld_ready.at[slot])
+                                (q_ready if one_bar else ld_ready).at[slot])
 
     def own_keys(w):
         """Warpgroup w's keys: first key, unmasked query-block range, TMA of K and V into its
@@ -788,6 +818,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             with scope("bwd_step_m" if masked else "bwd_step"):
                 return step(i, carry, r=r, masked=masked)
 
+        if cfg.mgpu_bwd_one_loop and (cfg.causal or cfg.window is not None
+                                      or cfg.lk % (2 * bk)):
+            # one loop, one copy of the step body (the masked / unmasked copies of a causal
+            # kernel are 3x the step's code, and the two warpgroups run different copies)
+            def one(i, carry, r):
+                with scope("bwd_step"):
+                    return step(i, carry, r=r, masked=(i < w_mid_lo) | (i >= w_mid_hi))
+            return lax.fori_loop(
+                0, rep, lambda r, c: lax.fori_loop(lo, hi, functools.partial(one, r=r), c),
+                carry)
+
         def head(r, carry):
             carry = lax.fori_loop(lo, w_mid_lo, functools.partial(scoped, r=r, masked=True),
                                   carry)
@@ -802,13 +843,19 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
 
     def _write_dkdv(w, dk, dv, kv_at):
         sync()                                   # the other warpgroup is done reading K and dS
-        k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
-        v_smem.at[w][...] = dv.astype(v_smem.dtype)
+        if cfg.mgpu_bwd_fold_scale:
+            k_smem.at[w][...] = dk.astype(k_smem.dtype)
+            v_smem.at[w][...] = (dv * (1.0 / cfg.sm_scale)).astype(v_smem.dtype)
+        else:
+            k_smem.at[w][...] = (dk * cfg.sm_scale).astype(k_smem.dtype)
+            v_smem.at[w][...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem.at[w], dk_ref.at[kv_at])
         plgpu.copy_smem_to_gmem(v_smem.at[w], dv_ref.at[kv_at])
-        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it
-        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas))
+        # persistent: the next item's K/V may overwrite the SMEM once the stores have read it;
+        # mgpu_bwd_early_exit: the CTA exits once its bulk stores (and dq reduce-adds) have read
+        # their SMEM (CUTLASS's tma_store_wait), not when the writes completed
+        plgpu.wait_smem_to_gmem(0, wait_read_only=bool(n_ctas) or cfg.mgpu_bwd_early_exit)
 
     def dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv, tail=None):
         """The FA3-order end of a step (overlap and deferred-dq consumers): dV += P^T dO with
@@ -852,8 +899,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         """Rows layout: P = exp2(S * scale - lse) once S is done (`wait_n` wgmma groups may
         still run: dP), stored to warpgroup w's P tile in SMEM (bf16); returns P in f32."""
         s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_n)
-        if masked:
-            s_ = _mask_bwd_scores(s_, i, k0, bq, bk, cfg, rows=True)
+        s_ = _mask_bwd_scores_if(masked, s_, i, k0, bq, bk, cfg, rows=True)
         lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(1))
         p = jnp.exp2(s_ * scale - lax.broadcast_in_dim(lse, s_.shape, [0]))
         p_smem.at[w][...] = p.astype(q_smem.dtype)
@@ -946,7 +992,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                             k_smem.at[u, :, cols])
 
         def emit_dq(dq, i_prev, h_prev):
-            send_dq(w, dq * cfg.sm_scale, i_prev, h_prev, cols)
+            send_dq(w, dq * dq_scale if dq_scale != 1.0 else dq, i_prev, h_prev, cols)
 
         def step(i, carry, r, masked):
             dk, dv, i_prev, h_prev = carry
@@ -955,11 +1001,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             buf, prev = lax.rem(t, jnp.int32(2)), lax.rem(t + 1, jnp.int32(2))
             h = g * rep + r
             plgpu.barrier_wait(q_ready.at[slot])
-            plgpu.barrier_wait(ld_ready.at[slot])
+            wait_ld(slot)
             if not rows:
                 lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-            plgpu.barrier_wait(do_ready.at[slot])
+            wait_do(slot)
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
             if not producer and w == 0:                    # step t-1 is done: refill its slot
                 refill(t)
@@ -976,8 +1022,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 if rows:
                     return rows_p(s_ref, slot, i, k0, masked, w)
                 st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                if masked:
-                    st = _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+                st = _mask_bwd_scores_if(masked, st, i, k0, bq, bk, cfg)
                 return jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
 
             def scores(s_ref, dp_ref):
@@ -1024,8 +1069,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         k0, w_mid_lo, w_mid_hi, kv_at, zeros = begin_consumer()
         k_own, v_own = k_smem.at[wg], v_smem.at[wg]
 
-        def mask_scores(st, i):
-            return _mask_bwd_scores(st, i, k0, bq, bk, cfg)
+        def mask_scores(st, i, masked):
+            return _mask_bwd_scores_if(masked, st, i, k0, bq, bk, cfg)
 
         def step(i, carry, r, masked):
             dk, dv = carry
@@ -1036,17 +1081,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 # FA3 order: S^T and dP^T are issued back to back; P^T is computed while dP^T
                 # is still on the tensor cores (wait until one wgmma group is left), and dS^T
                 # while dV runs.
-                plgpu.barrier_wait(ld_ready.at[slot])
+                wait_ld(slot)
                 lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-                plgpu.barrier_wait(do_ready.at[slot])
+                wait_do(slot)
 
                 def s_dp(s_ref, dp_ref):
                     plgpu.wgmma(s_ref, k_own, q_smem.at[slot].transpose((1, 0)))
                     plgpu.wgmma(dp_ref, v_own, do_t)
                     st = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                    if masked:
-                        st = mask_scores(st, i)
+                    st = mask_scores(st, i, masked)
                     # the scale folded into exp2's argument: one FFMA per score
                     pt = jnp.exp2(st * scale - lax.broadcast_in_dim(lse, st.shape, [1]))
                     return pt, dp_ref[...]
@@ -1066,9 +1110,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             st = pl.run_scoped(qk, plgpu.ACC((bk, bq), jnp.float32))
             if not lean:
                 st = st * scale
-            if masked:
-                st = mask_scores(st, i)
-            plgpu.barrier_wait(ld_ready.at[slot])
+            st = mask_scores(st, i, masked)
+            wait_ld(slot)
             lse = plgpu.load(ld_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
             lse_b = lax.broadcast_in_dim(lse, st.shape, [1])
             if lean:        # scale folded into exp2's argument; delta loaded after dP^T
@@ -1077,7 +1120,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
                 pt = jnp.exp2(st - lse_b)
             pt_lo = pt.astype(q_smem.dtype)
-            plgpu.barrier_wait(do_ready.at[slot])
+            wait_do(slot)
             if gpu_path:
                 def dv_dp(refs):
                     dv_ref, dp_ref = refs
@@ -1123,8 +1166,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         """Releases the slot, then dq of query block i (head h) from the dS tiles of both
         warpgroups in SMEM (dS^T [keys, queries], or dS [queries, keys] with `rows`): a TMA
         reduce-add into the f32 accumulator. Returns (dk, dv) unchanged."""
-        release_and_sync(i, slot, r)
-        dq_send(i, buf, h)
+        refill = release_and_sync(i, slot, r)
+        dq_send(i, buf, h, refill)
         return dk, dv
 
     def release_and_sync(i, slot, r):
@@ -1136,11 +1179,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             sync()                                       # both halves of dS^T are in SMEM
         if not producer and not own:    # both warpgroups are past their reads of the slot
             t_next = r * n + (i - lo) + stages
-            pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
-            if nxt is not None:         # persistent: the next item's first steps
-                prefetch_next(t_next - total, wg == 0)
+
+            def refill():
+                pl.when((wg == 0) & (t_next < total))(functools.partial(load_step, t_next))
+                if nxt is not None:     # persistent: the next item's first steps
+                    prefetch_next(t_next - total, wg == 0)
+            if cfg.mgpu_bwd_late_refill and dq_wgs == 2:
+                return refill           # issued by warpgroup 0 once its dq wgmma is issued
+            refill()
         elif not producer:                               # dq "own": no barrier to lean on
             release_to_wg0(i, slot, r)
+        return None
 
     def release_to_wg0(i, slot, r):
         """Without a producer: both warpgroups arrive on the slot's "free" barrier once done
@@ -1167,8 +1216,29 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         else:
             release_to_wg0(i, slot, r)
 
-    def dq_send(i, buf, h):
-        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added."""
+    def dq_first_tail(i, slot, buf, h, dk_ref):
+        """`mgpu_bwd_dq_first` (rows, dV early; FA3's order): once both dS tiles are in SMEM,
+        dq (this warpgroup's column half) is issued, then dK += dS^T Q, and dq is awaited with
+        dK still in flight, so the dq store and its TMA reduce-add overlap dK."""
+        sync()                                           # both dS tiles are in SMEM
+
+        def branch(w: int):
+            cols = pl.ds(w * dh, dh)
+
+            def dq_mm(acc_ref):
+                for u in range(2):
+                    plgpu.wgmma(acc_ref, ds_smem.at[buf, u], k_smem.at[u, :, cols])
+                plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+                return plgpu.wgmma_accumulator_load(acc_ref, wait_n=1)   # dK may run on
+            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32))
+            send_dq(w, dq * dq_scale if dq_scale != 1.0 else dq, i, h, cols)
+
+        for w in range(2):
+            pl.when(wg == w)(functools.partial(branch, w))
+
+    def dq_send(i, buf, h, refill=None):
+        """dq of query block i (head h) from the dS tile(s) in SMEM, TMA reduce-added.
+        `refill` (mgpu_bwd_late_refill): warpgroup 0's ring refill, issued while its dq runs."""
         def dq_block(w: int):                            # static warpgroup index
             if own:         # dq += dS_w K_w over the full head dim
                 terms = [(ds_smem.at[buf, w], k_smem.at[w])]
@@ -1180,8 +1250,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             def dq_mm(acc_ref):
                 for ds_ref, k_ref_ in terms:
                     plgpu.wgmma(acc_ref, ds_ref if rows else ds_ref.transpose((1, 0)), k_ref_)
+                if refill is not None and w == 0:
+                    refill()
                 return acc_ref[...]
-            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32)) * cfg.sm_scale
+            dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, dh), jnp.float32))
+            if dq_scale != 1.0:
+                dq = dq * dq_scale
             send_dq(w, dq, i, h, cols)
 
         for w in range(dq_wgs):
@@ -1201,8 +1275,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             dk, dv = carry
             slot, buf, h = step_slots(i, r)
             plgpu.barrier_wait(q_ready.at[slot])
-            plgpu.barrier_wait(do_ready.at[slot])
-            plgpu.barrier_wait(ld_ready.at[slot])
+            wait_do(slot)
+            wait_ld(slot)
 
             if cfg.mgpu_bwd_dv_early:
                 def step_mms(dv_ref, dk_ref):
@@ -1217,11 +1291,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                         ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
                         ds_smem.at[buf, wg][...] = ds.astype(q_smem.dtype)
                         plgpu.commit_smem()
-                        plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
-                                    q_smem.at[slot])
+                        if not cfg.mgpu_bwd_dq_first:
+                            plgpu.wgmma(dk_ref, ds_smem.at[buf, wg].transpose((1, 0)),
+                                        q_smem.at[slot])
                     pl.run_scoped(s_dp, plgpu.ACC((bq, bk), jnp.float32),
                                   plgpu.ACC((bq, bk), jnp.float32))
-                    if cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
+                    if cfg.mgpu_bwd_dq_first:   # FA3's order: dq, then dK (runs during the
+                        dq_first_tail(i, slot, buf, h, dk_ref)   # dq store)
+                    elif cfg.mgpu_bwd_dq_fused:   # dq issued while dK still runs
                         fused_dq_tail(i, slot, buf, h, r)
                 if gpu_path:
                     dv, dk = pl.run_state(lambda refs: step_mms(*refs))(
@@ -1234,6 +1311,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                                                    plgpu.ACC((bk, d), jnp.float32),
                                                    plgpu.ACC((bk, d), jnp.float32))
                     dv, dk = dv + dv_inc, dk + dk_inc
+                if cfg.mgpu_bwd_dq_first:   # dK of both warpgroups read the slot's Q
+                    release_to_wg0(i, slot, r)
+                    return dk, dv
                 if cfg.mgpu_bwd_dq_fused:
                     return dk, dv
                 return dq_step(i, slot, buf, h, dk, dv, r)
@@ -1369,6 +1449,12 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
+    if cfg.mgpu_bwd_dq_first and not (cfg.mgpu_bwd_dv_early and cfg.mgpu_bwd_dq == "halves"
+                                      and not cfg.mgpu_bwd_producer
+                                      and not cfg.mgpu_bwd_persistent
+                                      and not cfg.mgpu_bwd_dq_fused):
+        raise ValueError("mgpu_bwd_dq_first needs mgpu_bwd_dv_early, dq 'halves', no producer, "
+                         "no persistent CTAs and no mgpu_bwd_dq_fused")
     if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
                                     or cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
@@ -1391,6 +1477,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     qp, dop = _common.pad_axis(q, 1, bq), _common.pad_axis(do, 1, bq)
     kp, vp = _common.pad_axis(k, 1, 2 * bk), _common.pad_axis(v, 1, 2 * bk)
     lq_pad, lk_pad = qp.shape[1], kp.shape[1]
+    if cfg.mgpu_bwd_fold_scale:     # P = exp2(S * c - lse) then carries the factor sm_scale
+        lse = lse - math.log2(cfg.sm_scale)
     ld = jnp.stack([_common.pad_axis(lse[:, :, :lq], 2, bq),
                     _common.pad_axis(delta, 2, bq)], axis=2)          # [B, Hq, 2, Lq_pad]
     n_tiles = lk_pad // (2 * bk)
@@ -1406,13 +1494,22 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    params = None
+    params = {}
     if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
         space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256
         if n_ctas:              # ranges (4 KB of SMEM per warpgroup; the rest is dropped)
             space = min(space * -(-(b * hkv * n_tiles) // n_ctas), 256)
-        params = plgpu.CompilerParams(approx_math=True, profile_dir=cfg.mgpu_bwd_profile,
-                                      profile_space=space + 6, profile_bounds_check=True)
+        params.update(profile_dir=cfg.mgpu_bwd_profile, profile_space=space + 6,
+                      profile_bounds_check=True)
+    if cfg.mgpu_bwd_nab and not interpret:
+        # mgpu_bwd_nab: no warpgroup barrier before and after every SMEM store and TMA issue.
+        # Each SMEM tile the kernel writes is read by wgmma or TMA only after commit_smem (fence
+        # + warpgroup barrier) and, across warpgroups, the dS / dK-dV barrier; a tile is
+        # rewritten only after its last wgmma read was awaited (P, dS: the step's final wgmma
+        # wait; dq: wait_smem_to_gmem, which ends on a warpgroup barrier; K/V: the dK/dV
+        # barrier) and the lse/delta values are consumed in registers before the refill.
+        params.update(unsafe_no_auto_barriers=True)
+    params = plgpu.CompilerParams(approx_math=True, **params) if params else None
 
     smem = (plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
             plgpu.SMEM((2, bk, d), q.dtype, transforms=tiles),
@@ -1420,13 +1517,16 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
             plgpu.SMEM((stages, bq, d), q.dtype, transforms=tiles),
             plgpu.SMEM((stages, 2, bq), jnp.float32),
             plgpu.SMEM((1 if own else 2, 2, *ds_tile), q.dtype, transforms=tiles),
-            plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32),
+            plgpu.SMEM((dq_wgs, bq, dq_cols), jnp.float32,
+                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+                       if cfg.mgpu_bwd_dq_swizzle else ()),
             # P (rows) or P^T staging: the rows variant always, else interpret mode only (the
             # GPU path keeps P^T in registers).
             None if not (interpret or rows) else plgpu.SMEM((2, *ds_tile), q.dtype,
                                                             transforms=tiles))
     barriers = (plgpu.Barrier(num_barriers=4),
-                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=3 if cfg.mgpu_bwd_one_bar else 1,
+                              num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2))
@@ -1453,7 +1553,16 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'' if cfg.mgpu_bwd_producer else '_noprod'}"
                      f"{f'_p{n_ctas}' if n_ctas else ''}"
                      f"_r{cfg.mgpu_bwd_regs[0]}_{cfg.mgpu_bwd_regs[1]}"
-                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"),
+                     f"{'_tf' if cfg.mgpu_tiles_fastest else ''}"
+                     f"{'_nab' if cfg.mgpu_bwd_nab else ''}"
+                     f"{'_ns' if cfg.mgpu_bwd_named_sync else ''}"
+                     f"{'_dqs' if cfg.mgpu_bwd_dq_swizzle else ''}"
+                     f"{'_lr' if cfg.mgpu_bwd_late_refill else ''}"
+                     f"{'_fs' if cfg.mgpu_bwd_fold_scale else ''}"
+                     f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"
+                     f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"
+                     f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"
+                     f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

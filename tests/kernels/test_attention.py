@@ -384,8 +384,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
-    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 5)
-    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
+    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 7: one loop, one mbarrier)
     (128, True, attn.mosaic_bwd_options(128, True, 1024)),  # D=128 causal up to 1k (session 6)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                   mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
@@ -417,6 +417,41 @@ def test_mosaic_gpu_backward_overlap_variant_in_gpu_interpret_mode(d, causal, ex
 # the D=128 full options of session 5 (rows layout, dS and dV issued early, no producer)
 MOSAIC_BWD_ROWS = dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
                        mgpu_bwd_producer=False)
+
+
+# session 7: no automatic barriers, the named dS barrier (both GPU path only) and the swizzled
+# dq staging tile (interpret mode too) on top of the D=128 full / causal dispatch options
+S7_FLAGS = dict(mgpu_bwd_nab=True, mgpu_bwd_named_sync=True, mgpu_bwd_dq_swizzle=True,
+                mgpu_bwd_late_refill=True, mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
+                mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True)
+
+
+@pytest.mark.parametrize("causal,extra", [
+    pytest.param(False, dict(MOSAIC_BWD_ROWS, **S7_FLAGS), marks=SLOW),
+    pytest.param(True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, **S7_FLAGS),
+                 marks=SLOW),
+    pytest.param(True, dict(MOSAIC_BWD_ROWS, **S7_FLAGS), marks=SLOW),
+    pytest.param(True, dict(mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                            mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True), marks=SLOW),
+    # FA3's order: dq issued before dK, the slot released on its "free" mbarrier
+    pytest.param(False, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True), marks=SLOW),
+    pytest.param(True, dict(MOSAIC_BWD_ROWS, mgpu_bwd_dq_first=True, mgpu_bwd_one_loop=True,
+                            mgpu_bwd_one_bar=True), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra):
+    """mgpu_bwd_nab / mgpu_bwd_named_sync / mgpu_bwd_dq_swizzle / mgpu_bwd_late_refill /
+    mgpu_bwd_fold_scale / mgpu_bwd_early_exit / mgpu_bwd_one_loop keep the results (interpret
+    mode: the swizzled dq tile and its reduce path, the refill issued after warpgroup 0's dq
+    wgmma, sm_scale folded into lse, one step loop with the mask under lax.cond; GQA, ragged
+    length, causal)."""
+    q, k, v, do = _inputs(27, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
 DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
