@@ -159,6 +159,8 @@ class FlashConfig:
     #                            tile's Q loaded after this tile's first step, O through Q's
     mgpu_fwd_warp_producer: bool = False  # Mosaic fwd (GPU path): one producer warp issues
     #                                       the K/V loads (the other three producer warps exit)
+    mgpu_fwd_ob_split: bool = False  # Mosaic fwd: optimization barriers on (O, P) and on
+    #                                  (l, m) after the row sum, before the V wait (tokamax)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

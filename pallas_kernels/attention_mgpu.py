@@ -57,27 +57,18 @@ _q_block_range = _attn._q_block_range
 # 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
 # beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
-# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp).
+# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp),
+# `mgpu_fwd_ob_split` (tokamax's optimization barriers).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
 
-def _named_barrier(op: str, barrier_id, num_threads: int):
-    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier; the id
-    is a Python int or a traced int32 scalar (the same in every thread of the warpgroup)."""
-    if isinstance(barrier_id, int):
-        @plgpu.inline_mgpu()
-        def bar(_):
-            mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};",
-                                  has_side_effects=True)
-        bar()
-        return
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
-    def bar_at(_, bar_id):
-        mgpu.utils.inline_ptx(f"bar.{op} $0, {num_threads};", bar_id.registers[()],
-                              has_side_effects=True)
-    bar_at(barrier_id)
+def _named_barrier(op: str, barrier_id: int, num_threads: int):
+    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier."""
+    @plgpu.inline_mgpu()
+    def bar(_):
+        mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};", has_side_effects=True)
+    bar()
 
 
 class _FwdTile(NamedTuple):
@@ -168,19 +159,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     warp_producer = cfg.mgpu_fwd_warp_producer and gpu_path
     free_threads = nc * 128 + (32 if warp_producer else 128)
 
-    def free_bar(which, slot):                             # slot: int or traced int32
+    def free_named(op, which, slot):                       # slot: int or traced int32
+        # One branch per stage with a static barrier id: a traced id costs a register that
+        # spilled (session 6: 56 bytes at D=128 full, 4-44 at three warpgroups).
         base = _FREE_BAR0 + (0 if which == "k" else stages)
-        return base + slot if isinstance(slot, int) else jnp.int32(base) + slot
+        if isinstance(slot, int):
+            _named_barrier(op, base + slot, free_threads)
+            return
+        for s_ in range(stages):
+            pl.when(slot == s_)(functools.partial(_named_barrier, op, base + s_, free_threads))
 
     def release(which, slot):                              # consumer: done reading the slot
         if named_free:
-            _named_barrier("arrive", free_bar(which, slot), free_threads)
+            free_named("arrive", which, slot)
         else:
             plgpu.barrier_arrive((k_free if which == "k" else v_free).at[slot])
 
     def await_free(which, slot):                           # producer: the slot may be refilled
         if named_free:
-            _named_barrier("sync", free_bar(which, slot), free_threads)
+            free_named("sync", which, slot)
         else:
             plgpu.barrier_wait((k_free if which == "k" else v_free).at[slot])
 
@@ -398,6 +395,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
                 acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+            if cfg.mgpu_fwd_ob_split:
+                # tokamax's order: the O rescale and P, then the row statistics, complete
+                # before the V wait and the ping-pong sync (nothing sinks past the sync onto
+                # the path between getting the tensor cores and issuing P V).
+                acc, p_lo = lax.optimization_barrier((acc, p_lo))
+                l, m_new = lax.optimization_barrier((l, m_new))
             sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
             sched_before_pv()
@@ -1533,7 +1536,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"
                      f"{'_sn' if cfg.mgpu_fwd_snake else ''}"
                      f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"
-                     f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"),
+                     f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"
+                     f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last
