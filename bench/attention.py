@@ -878,7 +878,7 @@ def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=T
         _timed(row, deadline, flops, tag, out, jax.jit(fn), q, k, v)
 
 
-def mosaic_fwd_plan(results, deadline, path):
+def mosaic_fwd_plan(results, deadline, path, save=None):
     """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
     window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
     "anchors": true, "rounds": 0}. Each cell times cuDNN and tokamax (when "anchors"), the
@@ -902,6 +902,8 @@ def mosaic_fwd_plan(results, deadline, path):
         _time_cell(out, "fwd_ab" if rounds else "fwd_plan", deadline, d, causal, n,
                    [(nm, opts(o)) for nm, o in variants], plan.get("anchors", True),
                    not again or again[0], rounds)
+        if save:
+            save()
 
 
 FWD_PROFILE_VARIANTS = {   # at D 128 full: tokamax's structure (persistent, FA3 barriers)
@@ -1447,7 +1449,7 @@ def main():
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "mfwd8": lambda dl: mosaic_fwd8(results, dl),
              "fprof": lambda dl: forward_profile_runs(results, dl),
-             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan),
+             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan, save),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
@@ -1485,6 +1487,15 @@ def main():
 
 
 def summary(results):
+    ab = [r for r in results.get("fwd_ab", []) if "tflops" in r]
+    if ab:
+        print("\ninterleaved: d causal n impl | TFLOP/s median [min max] | vs default, vs best "
+              "anchor (per-round medians [ranges])")
+    for r in ab:
+        rel = " ".join(f"{k} {r[k]:.3f} [{r[k + '_range'][0]:.3f} {r[k + '_range'][1]:.3f}]"
+                       for k in ("vs_default", "vs_best") if k in r)
+        print(r["d"], r["causal"], r["n"], f"{r['impl']:<14}", f"{r['tflops']:6.1f} "
+              f"[{r['tflops_min']:6.1f} {r['tflops_max']:6.1f}] x{r['rounds']}", rel)
     rows = [r for r in results.get("throughput", []) if "tflops" in r]
     cells = {}
     for r in rows:

@@ -161,6 +161,8 @@ class FlashConfig:
     #                                       the K/V loads (the other three producer warps exit)
     mgpu_fwd_ob_split: bool = False  # Mosaic fwd: optimization barriers on (O, P) and on
     #                                  (l, m) after the row sum, before the V wait (tokamax)
+    mgpu_fwd_lean_end: bool = False  # Mosaic fwd, FA3 + persistent (GPU path): consumer 0
+    #                                  leaves a tile once consumer 1 is at its last P V sync
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -58,7 +58,8 @@ _q_block_range = _attn._q_block_range
 # beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
 # `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp),
-# `mgpu_fwd_ob_split` (tokamax's optimization barriers).
+# `mgpu_fwd_ob_split` (tokamax's optimization barriers), `mgpu_fwd_lean_end` (tokamax's
+# persistent tile end).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
@@ -346,7 +347,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_wait(schedule)                   # the tensor cores are ours again
 
     def sched_tile_end():                                  # balance the phases again
-        if fa3:
+        if fa3 and n_ctas and cfg.mgpu_fwd_lean_end and gpu_path:
+            # tokamax's tile end: consumer 0 *syncs* on consumer 1's barrier, which completes
+            # with consumer 1's last P V sync (the phase it needs anyway), so consumer 0 goes on
+            # to its epilogue without waiting for that P V to finish, and cannot arrive on the
+            # barrier again before consumer 1 has passed it. (Interpret mode tracks mbarrier
+            # phases per thread: a wait on the other consumer's barrier has no phase there.)
+            pl.when(wg == 0)(functools.partial(_named_barrier, "sync", _FA3_BAR0 + 1, 256))
+        elif fa3:
             pl.when(wg == 0)(fa3_arrive_other)
             if n_ctas:
                 # Persistent: consumer 0 would otherwise run into the next tile and arrive on
@@ -1537,7 +1545,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_sn' if cfg.mgpu_fwd_snake else ''}"
                      f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"
                      f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"
-                     f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"),
+                     f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"
+                     f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last
