@@ -163,6 +163,8 @@ class FlashConfig:
     #                                  (l, m) after the row sum, before the V wait (tokamax)
     mgpu_fwd_lean_end: bool = False  # Mosaic fwd, FA3 + persistent (GPU path): consumer 0
     #                                  leaves a tile once consumer 1 is at its last P V sync
+    mgpu_fwd_read_wait: bool = False  # Mosaic fwd: a CTA's last O / lse stores awaited only
+    #                                   until SMEM is read (CUTLASS's tma_store_wait), not written
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

@@ -59,7 +59,7 @@ _q_block_range = _attn._q_block_range
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
 # `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp),
 # `mgpu_fwd_ob_split` (tokamax's optimization barriers), `mgpu_fwd_lean_end` (tokamax's
-# persistent tile end).
+# persistent tile end), `mgpu_fwd_read_wait` (the last stores awaited until read only).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
@@ -281,7 +281,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         plgpu.copy_smem_to_gmem(out_smem, o_ref.at[t.b, pl.ds(q0, bq), t.h])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[t.b, t.h, pl.ds(q0, bq)])
         if not n_ctas:
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.mgpu_fwd_read_wait)
 
     def prefetch_next_q(i):
         """Persistent: the next tile's Q into this warpgroup's Q buffer (every wgmma that
@@ -565,7 +565,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0), 0))
         for_tiles(_consumer_overlap if overlap else _consumer)
         if n_ctas:
-            plgpu.wait_smem_to_gmem(0)
+            # mgpu_fwd_read_wait: the CTA exits once the last stores have read SMEM (their
+            # global writes complete with the kernel), not after the HBM write round trip.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.mgpu_fwd_read_wait)
 
     @pl.when(wg == nc)
     def _producer():
@@ -1546,7 +1548,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"
                      f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"
                      f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"
-                     f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"),
+                     f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"
+                     f"{'_rw' if cfg.mgpu_fwd_read_wait else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

@@ -7,7 +7,7 @@ NAB, PERS = dict(mgpu_fwd_nab=True), dict(mgpu_fwd_persistent=-1)
 FA3, KW = dict(mgpu_fwd_fa3_sched=True), dict(mgpu_fwd_early_kwait=True)
 WP, NF = dict(mgpu_fwd_warp_producer=True), dict(mgpu_fwd_named_free=True)
 OBS, LE = dict(mgpu_fwd_ob_split=True), dict(mgpu_fwd_lean_end=True)
-SP, OB = dict(mgpu_fwd_skip_pad=True), dict(mgpu_fwd_opt_barrier=True)
+SP = dict(mgpu_fwd_skip_pad=True)
 WG2 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=[232, 40],
            mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
 
@@ -19,32 +19,37 @@ def o(*parts):
     return out
 
 
-TK = o(PERS, FA3, KW, WP, NF, OBS, LE)                    # tokamax's structure in full
-WG2_TK = o(WG2, FA3, PERS, NAB, KW, WP, NF, OBS, LE)
+RW = dict(mgpu_fwd_read_wait=True)
+TK = o(PERS, FA3, KW, WP, NF, OBS, LE, RW)                # tokamax's structure in full
+WG2_TK = o(WG2, FA3, PERS, NAB, KW, WP, NF, OBS, LE, RW)
 checks = [
     [1, 777, 4, 2, 128, False, None, TK],
-    [1, 1500, 4, 2, 128, False, None, o(OBS)],
-    [1, 2500, 4, 2, 64, False, None, o(NAB, SP, WP, NF, OBS)],
-    [2, 1000, 8, 2, 128, True, None, o(WP, NF, OBS)],
+    [1, 1500, 4, 2, 128, False, None, o(OBS, RW)],
+    [1, 2500, 4, 2, 64, False, None, o(NAB, SP, WP, NF, OBS, RW)],
+    [2, 1000, 8, 2, 128, True, None, o(WP, NF, OBS, RW)],
     [2, 1000, 8, 2, 64, True, None, o()],                # default: snake + static nf ids
-    [2, 1000, 4, 2, 64, False, None, o(LE)],              # default (wg2 persistent) + le
+    [2, 1000, 4, 2, 64, False, None, o(LE, RW)],          # default (wg2 persistent) + le
     [2, 1000, 4, 2, 64, False, None, o(WG2_TK, dict(mgpu_stages=3))],
 ]
 cells = [
-    [128, False, 4096, [["obs", o(OBS)], ["ob", o(OB)], ["wp_nf", o(WP, NF)],
-                        ["wp_nf_obs", o(WP, NF, OBS)], ["fa3_kw_obs", o(FA3, KW, OBS)],
+    [128, False, 4096, [["obs", o(OBS)], ["rw", o(RW)], ["rw_obs", o(RW, OBS)],
+                        ["wp_nf_rw_obs", o(WP, NF, RW, OBS)],
+                        ["fa3_kw_rw_obs", o(FA3, KW, RW, OBS)],
                         ["pers_fa3_kw", o(PERS, FA3, KW)],
-                        ["tk_nole", o(PERS, FA3, KW, WP, NF, OBS)],
-                        ["tk", TK]]],
-    [64, False, 4096, [["nab", o(NAB)], ["nab_sp", o(NAB, SP)], ["nab_sp_obs", o(NAB, SP, OBS)],
-                       ["nab_sp_wp_nf", o(NAB, SP, WP, NF)],
+                        ["tk_nole", o(PERS, FA3, KW, WP, NF, OBS, RW)], ["tk", TK]]],
+    [64, False, 4096, [["nab_sp", o(NAB, SP)], ["nab_sp_rw", o(NAB, SP, RW)],
+                       ["nab_sp_rw_obs", o(NAB, SP, RW, OBS)],
+                       ["nab_sp_rw_wp_nf", o(NAB, SP, RW, WP, NF)],
                        ["wg2_pers", o(WG2, FA3, PERS, NAB)], ["wg2_tk", WG2_TK],
                        ["wg2_tk_s3", o(WG2_TK, dict(mgpu_stages=3))]]],
-    [128, False, 16384, [["obs", o(OBS)], ["wp_nf_obs", o(WP, NF, OBS)], ["tk", TK]]],
-    [128, True, 16384, [["obs", o(OBS)], ["wp_nf", o(WP, NF)], ["wp_nf_obs", o(WP, NF, OBS)]]],
-    [128, True, 4096, [["obs", o(OBS)], ["wp_nf", o(WP, NF)], ["wp_nf_obs", o(WP, NF, OBS)]]],
-    [64, False, 1024, [["le", o(LE)], ["le_obs", o(LE, OBS)], ["le_wp_nf", o(LE, WP, NF)]]],
-    [64, True, 1024, []],
-    [128, False, 1024, [["obs", o(OBS)], ["tk", TK]]],
+    [128, False, 16384, [["rw", o(RW)], ["rw_obs", o(RW, OBS)], ["tk", TK]]],
+    [128, True, 16384, [["rw", o(RW)], ["rw_obs", o(RW, OBS)],
+                        ["rw_wp_nf_obs", o(RW, WP, NF, OBS)]]],
+    [128, True, 4096, [["rw", o(RW)], ["rw_obs", o(RW, OBS)],
+                       ["rw_wp_nf_obs", o(RW, WP, NF, OBS)]]],
+    [64, False, 1024, [["le_rw", o(LE, RW)], ["le_rw_obs", o(LE, RW, OBS)],
+                       ["le_rw_wp_nf", o(LE, RW, WP, NF)]]],
+    [64, True, 1024, [["rw", o(RW)]]],
+    [128, False, 1024, [["rw_obs", o(RW, OBS)], ["tk", TK]]],
 ]
 print(json.dumps(dict(anchors=True, rounds=10, checks=checks, cells=cells)))

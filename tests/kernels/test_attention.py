@@ -660,19 +660,21 @@ def test_mosaic_forward_short_query_options(monkeypatch):
                                            mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
                                            mgpu_fwd_named_free=True), marks=SLOW),
     # session 7: tokamax's structure in full (persistent, FA3's barriers, early K wait, one
-    # producer warp, named slot release, its optimization barriers), and three warpgroups
-    # without automatic barriers, all-padding warpgroups skipped, the split barriers
+    # producer warp, named slot release, its optimization barriers and tile end, the last
+    # stores awaited until read), and three warpgroups without automatic barriers,
+    # all-padding warpgroups skipped, the split barriers, the read-only wait
     pytest.param(128, 330, False, None, dict(block_q=64, block_k=64, mgpu_fwd_persistent=-1,
                                              mgpu_fwd_nab=True, mgpu_fwd_fa3_sched=True,
                                              mgpu_fwd_early_kwait=True,
                                              mgpu_fwd_warp_producer=True,
                                              mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True,
-                                             mgpu_fwd_lean_end=True),
+                                             mgpu_fwd_lean_end=True, mgpu_fwd_read_wait=True),
                  marks=SLOW),
     pytest.param(64, 300, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
                                             mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
                                             mgpu_fwd_nab=True, mgpu_fwd_skip_pad=True,
-                                            mgpu_fwd_ob_split=True), marks=SLOW),
+                                            mgpu_fwd_ob_split=True, mgpu_fwd_read_wait=True),
+                 marks=SLOW),
 ])
 def test_mosaic_gpu_forward_fa3_early_k_wait_named_free(d, lq, causal, window, extra):
     """Session-6 forward candidates together: FA3's schedule, the early K wait and
