@@ -1097,7 +1097,12 @@ def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
 
 
 def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
-               xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd")):
+               xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd"),
+               rounds=0):
+    """The TFLOP/s table: per (d, causal, n) cell each implementation of `_impls` (filtered)
+    and mode, one after the other; with `rounds` > 0 the forward-only table interleaved
+    (`_interleaved`: ours is the "default" there, so its rows carry `vs_best`, the per-round
+    ratio to max(cuDNN, tokamax))."""
     rows = results.setdefault("throughput", [])
     for d in dims:
         for causal in (False, True):
@@ -1106,6 +1111,18 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                 flops = 4 * b * H * n * n * d / (2 if causal else 1)
                 cfg = (ours_cfg or {}) if d == 128 else {}
                 mcfg = (mgpu_cfg or {}) if d == 128 else {}
+                if rounds and tuple(modes) == ("fwd",):
+                    fns = [("default" if nm == "ours" else nm, fn) for nm, (fn, dt, _) in
+                           _impls(d, causal, cfg, mcfg, mbwd_cfg).items()
+                           if (not impl_filter or nm in impl_filter) and dt is None
+                           and not (nm == "xla" and n > xla_max_n)]
+                    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+                    cell = []
+                    _interleaved(cell, "tput", deadline, dict(d=d, causal=causal, n=n, b=b),
+                                 fns, (q, k, v), flops, rounds)
+                    rows += [dict(r, impl="ours" if r["impl"] == "default" else r["impl"])
+                             for r in cell]
+                    continue
                 for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg, mbwd_cfg).items():
                     if impl_filter and name not in impl_filter:
                         continue
@@ -1411,6 +1428,8 @@ def main():
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="throughput passes (comma list)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="tput with --modes fwd: time each cell's impls interleaved, R rounds")
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
     ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
@@ -1441,7 +1460,8 @@ def main():
                                            tuple(int(x) for x in args.dims.split(",")), dl,
                                            [s for s in args.impls.split(",") if s], chosen,
                                            args.xla_max_n, chosen_mgpu,
-                                           modes=tuple(args.modes.split(","))),
+                                           modes=tuple(args.modes.split(",")),
+                                           rounds=args.rounds),
              "f32chk": lambda dl: f32_and_anchor_checks(results),
              "mfwd6": lambda dl: mosaic_fwd6(results, dl),
              "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
@@ -1487,7 +1507,8 @@ def main():
 
 
 def summary(results):
-    ab = [r for r in results.get("fwd_ab", []) if "tflops" in r]
+    ab = [r for r in results.get("fwd_ab", []) + results.get("throughput", [])
+          if "tflops" in r and "rounds" in r]
     if ab:
         print("\ninterleaved: d causal n impl | TFLOP/s median [min max] | vs default, vs best "
               "anchor (per-round medians [ranges])")
