@@ -70,7 +70,10 @@ def passed(path):
     for line in open(path):
         if not line.startswith("check {"):
             continue
-        row = ast.literal_eval(line[len("check "):].strip())
+        try:
+            row = ast.literal_eval(line[len("check "):].strip())
+        except (ValueError, SyntaxError):                  # e.g. o = nan: not passed
+            continue
         m = re.match(r"plan (\{.*\}) b\d+ .* d(\d+) ", row["case"])
         if m and "error" not in row and row.get("o", 1) < 5e-3 and row.get("lse_max_abs", 1) < 1e-4:
             out.append((int(m.group(2)), ast.literal_eval(m.group(1))))
