@@ -910,6 +910,13 @@ FWD_PROFILE_VARIANTS = {   # at D 128 full: tokamax's structure (persistent, FA3
     "fa3_pers_nab_kw": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
                             mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True),
     "nab": dict(fwd_impl="mosaic", mgpu_fwd_nab=True),
+    # session 7: tokamax's structure in full (+ one producer warp, named slot release, its
+    # optimization barriers and tile end, the last stores awaited until read)
+    "tk": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
+               mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True, mgpu_fwd_warp_producer=True,
+               mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True, mgpu_fwd_lean_end=True,
+               mgpu_fwd_read_wait=True),
+    "rw_obs": dict(fwd_impl="mosaic", mgpu_fwd_read_wait=True, mgpu_fwd_ob_split=True),
 }
 
 
@@ -1433,6 +1440,8 @@ def main():
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
     ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
+    ap.add_argument("--prof", default="", help="fprof: comma list of FWD_PROFILE_VARIANTS names, "
+                    "'default' or 'tokamax'")
     ap.add_argument("--traceback-after", type=float, default=0.0,
                     help="seconds after which every thread's Python stack is printed (stalls)")
     ap.add_argument("--report", default="",
@@ -1468,7 +1477,9 @@ def main():
              "mfwd7": lambda dl: mosaic_fwd7(results, dl),
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "mfwd8": lambda dl: mosaic_fwd8(results, dl),
-             "fprof": lambda dl: forward_profile_runs(results, dl),
+             "fprof": lambda dl: forward_profile_runs(
+                 results, dl, **(dict(variants=tuple(args.prof.split(","))) if args.prof
+                                 else {})),
              "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan, save),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
