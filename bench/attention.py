@@ -691,9 +691,11 @@ def _check_fwd_lse(rows, tag, case, seed):
         o, lse = jax.block_until_ready(_forward_with_lse(q, k, v, causal=causal, window=window,
                                                          **extra))
         row["compile_s"] = round(time.time() - t, 2)
-        o_ref = attn.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                         v.astype(jnp.float32), causal=causal, window=window)
-        lse_ref = _reference_lse2(q, k, causal, window)
+        # jitted: the eager reference compiles every op on its own (~8 s per check)
+        o_ref = jax.jit(functools.partial(attn.attention_reference, causal=causal,
+                                          window=window))(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+        lse_ref = jax.jit(functools.partial(_reference_lse2, causal=causal, window=window))(q, k)
         row.update(o=_rel(o, o_ref),
                    lse_max_abs=float(jnp.max(jnp.abs(lse[:, :, :n_] - lse_ref))))
     except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
@@ -785,7 +787,8 @@ def _cell_fns(causal, variants, anchors=True, again=True):
     return [(nm, fn) for nm, fn in fns if fn is not None]
 
 
-def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=25.0):
+def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=25.0,
+                 warm_s=1.0):
     """Times `fns` ([(name, fn)]) interleaved in this process: each is compiled and given a
     call count of about `sample_ms`, then `rounds` rounds time one sample of each, the order
     alternating (A B C, C B A, ...) so that a clock drift hits all alike. Rows (`cell` +
@@ -815,8 +818,8 @@ def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=2
         except Exception as e:  # noqa: BLE001 - a failing variant is a result, not a crash
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     names = list(runs)
-    t0 = time.perf_counter()                               # clock ramp-up: ~0.3 s of work
-    while names and time.perf_counter() - t0 < 0.3:
+    t0 = time.perf_counter()      # clocks settle (session 7, call 1: the first round ~5 % high)
+    while names and time.perf_counter() - t0 < warm_s:
         jax.block_until_ready(runs[names[0]](*args))
     samples = {nm: [] for nm in names}
     for r in range(rounds):
@@ -862,7 +865,7 @@ def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=2
 
 
 def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=True,
-               rounds=0):
+               rounds=0, sample_ms=25.0):
     """One forward cell (H heads, batch x n = TOKENS, bf16) of `_cell_fns`: timed one after the
     other (`rounds` 0: `_timeit` per function) or interleaved (`_interleaved`)."""
     b = TOKENS // n
@@ -871,7 +874,7 @@ def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=T
     fns = _cell_fns(causal, variants, anchors, again)
     if rounds:
         _interleaved(out, tag, deadline, dict(d=d, causal=causal, n=n), fns, (q, k, v), flops,
-                     rounds)
+                     rounds, sample_ms)
         return
     for v_name, fn in fns:
         row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
@@ -881,11 +884,11 @@ def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=T
 def mosaic_fwd_plan(results, deadline, path, save=None):
     """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
     window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
-    "anchors": true, "rounds": 0}. Each cell times cuDNN and tokamax (when "anchors"), the
-    default, the named option sets (flash_attention_kernel keywords; lists become tuples) and
-    the default again (unless the cell has a fifth element false); with "rounds" > 0
-    interleaved (`_interleaved`: medians, ranges and per-round ratios), else one after the
-    other."""
+    "anchors": true, "rounds": 0, "sample_ms": 25}. Each cell times cuDNN and tokamax (when
+    "anchors"), the default, the named option sets (flash_attention_kernel keywords; lists
+    become tuples) and the default again (unless the cell has a fifth element false); with
+    "rounds" > 0 interleaved (`_interleaved`: medians, ranges and per-round ratios), else one
+    after the other."""
     with open(path) as f:
         plan = json.load(f)
 
@@ -901,7 +904,7 @@ def mosaic_fwd_plan(results, deadline, path, save=None):
     for d, causal, n, variants, *again in plan.get("cells", []):
         _time_cell(out, "fwd_ab" if rounds else "fwd_plan", deadline, d, causal, n,
                    [(nm, opts(o)) for nm, o in variants], plan.get("anchors", True),
-                   not again or again[0], rounds)
+                   not again or again[0], rounds, plan.get("sample_ms", 25.0))
         if save:
             save()
 

@@ -106,13 +106,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
     if n_ctas:
         # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
-        # query tiles, then batch: the order of the one-CTA-per-tile grid).
+        # query tiles, then batch: the order of the one-CTA-per-tile grid; with
+        # `mgpu_tiles_fastest` query tiles fastest, then heads: tokamax's order, the CTAs in
+        # flight on a few heads' K/V).
         sm = lax.axis_index("sm")
         n_all = q_ref.shape[0] * hq * n_tiles
         n_local = lax.div(n_all - sm + (n_ctas - 1), n_ctas)
 
         def coords(i):
             f = sm + i * n_ctas
+            if cfg.mgpu_tiles_fastest:
+                r = lax.div(f, n_tiles)
+                return lax.div(r, hq), lax.rem(r, hq), lax.rem(f, n_tiles)
             r = lax.div(f, hq)
             return lax.div(r, n_tiles), lax.rem(f, hq), lax.rem(r, n_tiles)
 

@@ -572,6 +572,9 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
 @pytest.mark.parametrize("b,lq,lk,causal,window,extra", [
     # (the default-tile D 64 full test runs persistent CTAs with skip_pad at length 300)
     pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64), marks=SLOW),
+    # query tiles fastest over the CTAs (tokamax's order), GQA, two batches
+    pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64, mgpu_tiles_fastest=True),
+                 marks=SLOW),
     (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
     # snake rounds (query tiles slowest, alternating CTA order): 2 x 4 heads x 4 tiles = 32
     # tiles over 3 CTAs, the last round partial
