@@ -165,6 +165,8 @@ class FlashConfig:
     #                                  leaves a tile once consumer 1 is at its last P V sync
     mgpu_fwd_read_wait: bool = False  # Mosaic fwd: a CTA's last O / lse stores awaited only
     #                                   until SMEM is read (CUTLASS's tma_store_wait), not written
+    mgpu_fwd_q_l2: bool = False  # Mosaic fwd, persistent (GPU path): the next tile's Q
+    #                              prefetched into L2 at the start of each tile
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

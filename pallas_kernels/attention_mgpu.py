@@ -59,7 +59,8 @@ _q_block_range = _attn._q_block_range
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
 # `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp),
 # `mgpu_fwd_ob_split` (tokamax's optimization barriers), `mgpu_fwd_lean_end` (tokamax's
-# persistent tile end), `mgpu_fwd_read_wait` (the last stores awaited until read only).
+# persistent tile end), `mgpu_fwd_read_wait` (the last stores awaited until read only),
+# `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 
@@ -372,8 +373,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             for w in range(1, nc):
                 pl.when(wg < nc - w)(sync_schedule)
 
+    def prefetch_next_q_l2(i):
+        """mgpu_fwd_q_l2 (persistent, GPU path): the next tile's Q rows of this warpgroup
+        into L2 at the start of this tile (tokamax's Q warp does the same), so that its SMEM
+        load at the tile end is an L2 hit."""
+        def go():
+            nt = tile_at(*coords(i + 1), 0)
+            plgpu.async_prefetch(q_ref.at[nt.b, pl.ds(nt.q0 + wg * bq, bq), nt.h])
+        pl.when(i + 1 < n_local)(go)
+
     def _consumer(t, i):
         q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t, i)
+        if n_ctas and cfg.mgpu_fwd_q_l2 and gpu_path:
+            prefetch_next_q_l2(i)
         sched_tile_start()
 
         def skip(j, carry):
@@ -1554,7 +1566,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"
                      f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"
                      f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"
-                     f"{'_rw' if cfg.mgpu_fwd_read_wait else ''}"),
+                     f"{'_rw' if cfg.mgpu_fwd_read_wait else ''}"
+                     f"{'_ql2' if cfg.mgpu_fwd_q_l2 else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

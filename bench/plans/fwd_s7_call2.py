@@ -14,7 +14,7 @@ FA3, KW = dict(mgpu_fwd_fa3_sched=True), dict(mgpu_fwd_early_kwait=True)
 WP, NF = dict(mgpu_fwd_warp_producer=True), dict(mgpu_fwd_named_free=True)
 OBS, LE = dict(mgpu_fwd_ob_split=True), dict(mgpu_fwd_lean_end=True)
 SP, RW = dict(mgpu_fwd_skip_pad=True), dict(mgpu_fwd_read_wait=True)
-TF = dict(mgpu_tiles_fastest=True)
+TF, QL2 = dict(mgpu_tiles_fastest=True), dict(mgpu_fwd_q_l2=True)
 WG2 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=[232, 40],
            mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
 
@@ -34,23 +34,28 @@ checks_le = [[2, 777, 4, 2, 128, False, None, o(TK, TF)],
              [2, 1000, 4, 2, 64, False, None, o(WG2_TK, TF)]]
 checks_main = [[2, 777, 4, 2, 128, False, None, o(TK_NOLE, TF)],
                [2, 1000, 4, 2, 64, False, None, o(WG2_TK_NOLE, TF)],
-               [1, 1500, 4, 2, 128, False, None, o(PERS, TF)]]
+               [1, 1500, 4, 2, 128, False, None, o(PERS, TF, QL2)],
+               [2, 1000, 4, 2, 64, False, None, o(WG2_TK_NOLE, TF, QL2)]]
 cells = [
     [128, False, 4096, [["rw_obs", o(RW, OBS)], ["pers", o(PERS)], ["pers_tf", o(PERS, TF)],
                         ["pers_fa3_kw", o(PERS, FA3, KW)], ["tk_nole", TK_NOLE],
-                        ["tk", TK], ["tk_tf", o(TK, TF)]]],
+                        ["tk", TK], ["tk_tf", o(TK, TF)], ["pers_tf_ql2", o(PERS, TF, QL2)],
+                        ["tk_tf_ql2", o(TK, TF, QL2)]]],
     [64, False, 4096, [["nab_sp_rw", o(NAB, SP, RW)], ["wg2_pers", o(WG2, FA3, PERS, NAB)],
                        ["wg2_pers_tf", o(WG2, FA3, PERS, NAB, TF)], ["wg2_tk", WG2_TK],
-                       ["wg2_tk_tf", o(WG2_TK, TF)]]],
-    [128, False, 16384, [["rw_obs", o(RW, OBS)], ["tk", TK], ["tk_tf", o(TK, TF)]]],
+                       ["wg2_tk_tf", o(WG2_TK, TF)], ["wg2_tk_tf_ql2", o(WG2_TK, TF, QL2)]]],
+    [128, False, 16384, [["rw_obs", o(RW, OBS)], ["tk", TK], ["tk_tf", o(TK, TF)],
+                         ["tk_tf_ql2", o(TK, TF, QL2)]]],
     [128, True, 16384, [["rw_wp_nf_obs", o(RW, WP, NF, OBS)]]],
-    [64, False, 1024, [["le_rw", o(LE, RW)], ["tf", o(TF)], ["le_rw_tf", o(LE, RW, TF)]]],
-    [128, False, 1024, [["tf", o(TF)], ["tk", TK], ["tk_tf", o(TK, TF)]]],
+    [64, False, 1024, [["le_rw", o(LE, RW)], ["tf", o(TF)], ["le_rw_tf", o(LE, RW, TF)],
+                       ["le_rw_tf_ql2", o(LE, RW, TF, QL2)]]],
+    [128, False, 1024, [["tf", o(TF)], ["tk", TK], ["tk_tf", o(TK, TF)],
+                        ["tk_tf_ql2", o(TK, TF, QL2)]]],
 ]
 # options never run on the GPU before this session (a variant needs a passing check with all
 # of its own); session-6 options (fa3, kw, nab, persistent, wp, nf) passed there
 NEW = ("mgpu_fwd_lean_end", "mgpu_fwd_read_wait", "mgpu_fwd_ob_split", "mgpu_tiles_fastest",
-       "mgpu_fwd_skip_pad")
+       "mgpu_fwd_skip_pad")     # (mgpu_fwd_q_l2, an L2 prefetch, has its own checks in `main`)
 CALL1_OK = [(128, o(RW, OBS)), (64, o(NAB, SP, WP, NF, OBS, RW)), (128, o(WP, NF, OBS, RW))]
 
 
