@@ -49,7 +49,11 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
-# Forward defaults since session 6 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): no
+# Forward defaults since session 7 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): D=128
+# full, and D=64 full at 2k-4k queries, on tokamax's structure (persistent CTAs, FA3's named
+# barriers, the early K wait, one producer warp, named-barrier slot release, `mgpu_fwd_ob_split`,
+# `mgpu_fwd_lean_end`, `mgpu_fwd_read_wait`); D=128 causal beyond 1k queries with the read wait,
+# one producer warp, named slot release and the split barriers. Session 6's, otherwise: no
 # automatic barriers (`mgpu_fwd_nab`) at D=128 and D=64 causal; causal query tiles walked
 # last-first (`mgpu_fwd_reverse`) with FA3's named-barrier ping-pong (`mgpu_fwd_fa3_sched`), at
 # D=128 also the next K awaited during P V (`mgpu_fwd_early_kwait`); D=128 full up to 1k queries
@@ -57,10 +61,7 @@ _q_block_range = _attn._q_block_range
 # 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
 # beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
-# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp),
-# `mgpu_fwd_ob_split` (tokamax's optimization barriers), `mgpu_fwd_lean_end` (tokamax's
-# persistent tile end), `mgpu_fwd_read_wait` (the last stores awaited until read only),
-# `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2).
+# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 

@@ -496,6 +496,33 @@ def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal, short, monkeypatch
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+def test_mosaic_gpu_forward_head_dim_64_full_up_to_4k_entry(monkeypatch):
+    """MOSAIC_FWD_SHORT's D=64 full entry for 2k-4k queries (session 7: two warpgroups on
+    tokamax's structure), applied here to 300 queries by dropping the entries before it."""
+    monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, False), attn.MOSAIC_FWD_SHORT[64, False][-1:])
+    q, k, v, do = _inputs(30, 1, 300, 300, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=False, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_gpu_forward_default_tiles_head_dim_128_full():
+    """The Hopper default at D=128 full attention since session 7 (tokamax's structure:
+    persistent CTAs, FA3's ping-pong, the early K wait, the split optimization barriers, the read
+    wait; the GPU-only one-warp producer, named slot release and tile end fall back in interpret
+    mode), GQA, ragged length, Lq != Lk, Mosaic GPU interpret mode."""
+    q, k, v, do = _inputs(29, 2, 200, 330, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=False, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 @pytest.mark.parametrize("causal,window,stages,ping_pong", [
     pytest.param(False, None, 2, True, marks=SLOW),  # opt-in: default once measured faster
     pytest.param(True, None, 3, True, marks=SLOW),
