@@ -1108,7 +1108,7 @@ def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
 
 def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
                xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd"),
-               rounds=0):
+               rounds=0, save=None):
     """The TFLOP/s table: per (d, causal, n) cell each implementation of `_impls` (filtered)
     and mode, one after the other; with `rounds` > 0 the forward-only table interleaved
     (`_interleaved`: ours is the "default" there, so its rows carry `vs_best`, the per-round
@@ -1132,6 +1132,8 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                                  fns, (q, k, v), flops, rounds)
                     rows += [dict(r, impl="ours" if r["impl"] == "default" else r["impl"])
                              for r in cell]
+                    if save:
+                        save()
                     continue
                 for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg, mbwd_cfg).items():
                     if impl_filter and name not in impl_filter:
@@ -1473,7 +1475,7 @@ def main():
                                            [s for s in args.impls.split(",") if s], chosen,
                                            args.xla_max_n, chosen_mgpu,
                                            modes=tuple(args.modes.split(",")),
-                                           rounds=args.rounds),
+                                           rounds=args.rounds, save=save),
              "f32chk": lambda dl: f32_and_anchor_checks(results),
              "mfwd6": lambda dl: mosaic_fwd6(results, dl),
              "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
