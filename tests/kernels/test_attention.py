@@ -459,6 +459,7 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+@pytest.mark.slow   # every default forward path folds the scale (the default-tiles tests)
 def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     """mgpu_fold_scale: row max on raw scores, scale applied inside exp2's argument (causal
     masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode); with
