@@ -24,6 +24,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench._common import rel_error, timeit_ms  # noqa: E402
@@ -690,9 +691,11 @@ def _check_fwd_lse(rows, tag, case, seed):
         o, lse = jax.block_until_ready(_forward_with_lse(q, k, v, causal=causal, window=window,
                                                          **extra))
         row["compile_s"] = round(time.time() - t, 2)
-        o_ref = attn.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                         v.astype(jnp.float32), causal=causal, window=window)
-        lse_ref = _reference_lse2(q, k, causal, window)
+        # jitted: the eager reference compiles every op on its own (~8 s per check)
+        o_ref = jax.jit(functools.partial(attn.attention_reference, causal=causal,
+                                          window=window))(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+        lse_ref = jax.jit(functools.partial(_reference_lse2, causal=causal, window=window))(q, k)
         row.update(o=_rel(o, o_ref),
                    lse_max_abs=float(jnp.max(jnp.abs(lse[:, :, :n_] - lse_ref))))
     except Exception as e:  # noqa: BLE001 - a failing case is a result, not a crash
@@ -764,29 +767,128 @@ def mosaic_fwd8(results, deadline):
         _check_fwd_lse(rows, "fwd8", case, 400 + i)
     out = results.setdefault("fwd_sweep8", [])
     for d, causal, n in order:
-        b = TOKENS // n
-        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
-        flops = 4 * b * H * n * n * d / (2 if causal else 1)
-        default = lambda q, k, v, c=causal: attn.flash_attention_kernel(q, k, v, causal=c)
-        fns = [("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
-                   q, k, v, is_causal=c, implementation="cudnn")),
-               ("tokamax", _tokamax_fn(causal)), ("default", default)]
-        fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
-            q, k, v, causal=c, **cfg)) for nm, cfg, ns in cand[d, causal] if not ns or n in ns]
+        variants = [(nm, cfg) for nm, cfg, ns in cand[d, causal] if not ns or n in ns]
+        _time_cell(out, "fwd_sweep8", deadline, d, causal, n, variants)
+
+
+def _cell_fns(causal, variants, anchors=True, again=True):
+    """[(name, fn(q, k, v))] of one forward cell: jax.nn cuDNN and tokamax (`anchors`; tokamax
+    only where it imports), our default, `variants` ([(name, flash_attention_kernel keywords)])
+    and (`again`) the default a second time."""
+    default = functools.partial(attn.flash_attention_kernel, causal=causal)
+    fns = [] if not anchors else [
+        ("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                    implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
+    fns.append(("default", default))
+    fns += [(nm, functools.partial(attn.flash_attention_kernel, causal=causal, **cfg))
+            for nm, cfg in variants]
+    if again:
         fns.append(("default_again", default))
-        for v_name, fn in fns:
-            if fn is None:
-                continue
-            row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
-            _timed(row, deadline, flops, "fwd_sweep8", out, jax.jit(fn), q, k, v)
+    return [(nm, fn) for nm, fn in fns if fn is not None]
 
 
-def mosaic_fwd_plan(results, deadline, path):
+def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=25.0,
+                 warm_s=1.0):
+    """Times `fns` ([(name, fn)]) interleaved in this process: each is compiled and given a
+    call count of about `sample_ms`, then `rounds` rounds time one sample of each, the order
+    alternating (A B C, C B A, ...) so that a clock drift hits all alike. Rows (`cell` +
+    impl): the median ms / TFLOP/s over the rounds, the range (min / max TFLOP/s), the spread
+    (max - min) / median, and per-round ratios (same round, so drifts cancel): `vs_default`
+    (default ms / this ms) and `vs_best` (best anchor ms / this ms), medians and ranges. A name
+    repeated (`default_again`) reuses the compiled function: its row is an A/A measure."""
+    runs, rows = {}, {}
+    for name, fn in fns:
+        row = rows[name] = dict(cell, mode="fwd", impl=name)
+        if time.time() > deadline:
+            row["skipped"] = "time budget"
+            continue
+        try:
+            t = time.time()
+            f = runs.get("default") if name == "default_again" else None
+            if f is None:
+                f = jax.jit(fn)
+                jax.block_until_ready(f(*args))
+                row["compile_s"] = round(time.time() - t, 2)
+            t = time.perf_counter()
+            for _ in range(3):
+                jax.block_until_ready(f(*args))
+            one = (time.perf_counter() - t) / 3 * 1e3
+            runs[name] = f
+            row["iters"] = int(max(1, min(200, sample_ms / max(one, 1e-3))))
+        except Exception as e:  # noqa: BLE001 - a failing variant is a result, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    names = list(runs)
+    t0 = time.perf_counter()      # clocks settle (session 7, call 1: the first round ~5 % high)
+    while names and time.perf_counter() - t0 < warm_s:
+        jax.block_until_ready(runs[names[0]](*args))
+    samples = {nm: [] for nm in names}
+    for r in range(rounds):
+        if time.time() > deadline:
+            break
+        for nm in (names if r % 2 == 0 else names[::-1]):
+            f, iters = runs[nm], rows[nm]["iters"]
+            t = time.perf_counter()
+            for _ in range(iters):
+                o = f(*args)
+            jax.block_until_ready(o)
+            samples[nm].append((time.perf_counter() - t) / iters * 1e3)
+    n_done = min((len(x) for x in samples.values()), default=0)
+    anchors = [nm for nm in ("cudnn", "tokamax") if nm in samples]
+
+    def ratios(num):                                       # per round: num ms / this ms
+        return {nm: [num[r] / samples[nm][r] for r in range(n_done)] for nm in names}
+    per_round = {}
+    if "default" in samples:
+        per_round["vs_default"] = ratios(samples["default"])
+    if anchors:
+        per_round["vs_best"] = ratios([min(samples[a][r] for a in anchors)
+                                       for r in range(n_done)])
+    for nm in names:
+        ms = np.array(samples[nm][:n_done])
+        row = rows[nm]
+        if not n_done:
+            row["skipped"] = "time budget"
+            continue
+        tf = flops / ms / 1e9
+        row.update(rounds=n_done, ms=float(np.median(ms)), tflops=float(np.median(tf)),
+                   tflops_min=float(tf.min()), tflops_max=float(tf.max()),
+                   spread=float((tf.max() - tf.min()) / np.median(tf)),
+                   samples_ms=[round(float(x), 4) for x in ms])
+        for key, vals in per_round.items():
+            x = np.array(vals[nm])
+            row[key] = float(np.median(x))
+            row[key + "_range"] = [float(x.min()), float(x.max())]
+    for nm, _ in fns:
+        row = rows[nm]
+        print(tag, {k: v for k, v in row.items() if k != "samples_ms"}, flush=True)
+        out.append(row)
+
+
+def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=True,
+               rounds=0, sample_ms=25.0):
+    """One forward cell (H heads, batch x n = TOKENS, bf16) of `_cell_fns`: timed one after the
+    other (`rounds` 0: `_timeit` per function) or interleaved (`_interleaved`)."""
+    b = TOKENS // n
+    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    flops = 4 * b * H * n * n * d / (2 if causal else 1)
+    fns = _cell_fns(causal, variants, anchors, again)
+    if rounds:
+        _interleaved(out, tag, deadline, dict(d=d, causal=causal, n=n), fns, (q, k, v), flops,
+                     rounds, sample_ms)
+        return
+    for v_name, fn in fns:
+        row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
+        _timed(row, deadline, flops, tag, out, jax.jit(fn), q, k, v)
+
+
+def mosaic_fwd_plan(results, deadline, path, save=None):
     """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
     window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
-    "anchors": true}. Each cell times cuDNN and tokamax (when "anchors"), the default, the named
-    option sets (flash_attention_kernel keywords; lists become tuples) and the default again
-    (unless the cell has a fifth element false)."""
+    "anchors": true, "rounds": 0, "sample_ms": 25}. Each cell times cuDNN and tokamax (when
+    "anchors"), the default, the named option sets (flash_attention_kernel keywords; lists
+    become tuples) and the default again (unless the cell has a fifth element false); with
+    "rounds" > 0 interleaved (`_interleaved`: medians, ranges and per-round ratios), else one
+    after the other."""
     with open(path) as f:
         plan = json.load(f)
 
@@ -797,31 +899,27 @@ def mosaic_fwd_plan(results, deadline, path):
         if time.time() > deadline:
             break
         _check_fwd_lse(rows, "plan", (*case[:7], opts(case[7])), 500 + i)
-    out = results.setdefault("fwd_plan", [])
+    rounds = plan.get("rounds", 0)
+    out = results.setdefault("fwd_ab" if rounds else "fwd_plan", [])
     for d, causal, n, variants, *again in plan.get("cells", []):
-        b = TOKENS // n
-        q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
-        flops = 4 * b * H * n * n * d / (2 if causal else 1)
-        default = lambda q, k, v, c=causal: attn.flash_attention_kernel(q, k, v, causal=c)
-        fns = [] if not plan.get("anchors", True) else [
-            ("cudnn", lambda q, k, v, c=causal: jax.nn.dot_product_attention(
-                q, k, v, is_causal=c, implementation="cudnn")), ("tokamax", _tokamax_fn(causal))]
-        fns.append(("default", default))
-        fns += [(nm, lambda q, k, v, cfg=cfg, c=causal: attn.flash_attention_kernel(
-            q, k, v, causal=c, **cfg)) for nm, cfg in ((nm, opts(o)) for nm, o in variants)]
-        if not again or again[0]:
-            fns.append(("default_again", default))
-        for v_name, fn in fns:
-            if fn is None:
-                continue
-            row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
-            _timed(row, deadline, flops, "fwd_plan", out, jax.jit(fn), q, k, v)
+        _time_cell(out, "fwd_ab" if rounds else "fwd_plan", deadline, d, causal, n,
+                   [(nm, opts(o)) for nm, o in variants], plan.get("anchors", True),
+                   not again or again[0], rounds, plan.get("sample_ms", 25.0))
+        if save:
+            save()
 
 
 FWD_PROFILE_VARIANTS = {   # at D 128 full: tokamax's structure (persistent, FA3 barriers)
     "fa3_pers_nab_kw": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
                             mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True),
     "nab": dict(fwd_impl="mosaic", mgpu_fwd_nab=True),
+    # session 7: tokamax's structure in full (+ one producer warp, named slot release, its
+    # optimization barriers and tile end, the last stores awaited until read)
+    "tk": dict(fwd_impl="mosaic", mgpu_fwd_nab=True, mgpu_fwd_persistent=-1,
+               mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True, mgpu_fwd_warp_producer=True,
+               mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True, mgpu_fwd_lean_end=True,
+               mgpu_fwd_read_wait=True),
+    "rw_obs": dict(fwd_impl="mosaic", mgpu_fwd_read_wait=True, mgpu_fwd_ob_split=True),
 }
 
 
@@ -1009,7 +1107,12 @@ def _impls(d, causal, ours_cfg, mgpu_cfg=None, mbwd_cfg=None):
 
 
 def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None,
-               xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd")):
+               xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd"),
+               rounds=0, save=None):
+    """The TFLOP/s table: per (d, causal, n) cell each implementation of `_impls` (filtered)
+    and mode, one after the other; with `rounds` > 0 the forward-only table interleaved
+    (`_interleaved`: ours is the "default" there, so its rows carry `vs_best`, the per-round
+    ratio to max(cuDNN, tokamax))."""
     rows = results.setdefault("throughput", [])
     for d in dims:
         for causal in (False, True):
@@ -1018,6 +1121,20 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                 flops = 4 * b * H * n * n * d / (2 if causal else 1)
                 cfg = (ours_cfg or {}) if d == 128 else {}
                 mcfg = (mgpu_cfg or {}) if d == 128 else {}
+                if rounds and tuple(modes) == ("fwd",):
+                    fns = [("default" if nm == "ours" else nm, fn) for nm, (fn, dt, _) in
+                           _impls(d, causal, cfg, mcfg, mbwd_cfg).items()
+                           if (not impl_filter or nm in impl_filter) and dt is None
+                           and not (nm == "xla" and n > xla_max_n)]
+                    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+                    cell = []
+                    _interleaved(cell, "tput", deadline, dict(d=d, causal=causal, n=n, b=b),
+                                 fns, (q, k, v), flops, rounds)
+                    rows += [dict(r, impl="ours" if r["impl"] == "default" else r["impl"])
+                             for r in cell]
+                    if save:
+                        save()
+                    continue
                 for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg, mbwd_cfg).items():
                     if impl_filter and name not in impl_filter:
                         continue
@@ -1323,9 +1440,13 @@ def main():
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="throughput passes (comma list)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="tput with --modes fwd: time each cell's impls interleaved, R rounds")
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
     ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
+    ap.add_argument("--prof", default="", help="fprof: comma list of FWD_PROFILE_VARIANTS names, "
+                    "'default' or 'tokamax'")
     ap.add_argument("--traceback-after", type=float, default=0.0,
                     help="seconds after which every thread's Python stack is printed (stalls)")
     ap.add_argument("--report", default="",
@@ -1353,15 +1474,18 @@ def main():
                                            tuple(int(x) for x in args.dims.split(",")), dl,
                                            [s for s in args.impls.split(",") if s], chosen,
                                            args.xla_max_n, chosen_mgpu,
-                                           modes=tuple(args.modes.split(","))),
+                                           modes=tuple(args.modes.split(",")),
+                                           rounds=args.rounds, save=save),
              "f32chk": lambda dl: f32_and_anchor_checks(results),
              "mfwd6": lambda dl: mosaic_fwd6(results, dl),
              "mfwd6fa3": lambda dl: mosaic_fwd6(results, dl, fa3_only=True),
              "mfwd7": lambda dl: mosaic_fwd7(results, dl),
              "mfwd7fa3": lambda dl: mosaic_fwd7(results, dl, fa3_only=True),
              "mfwd8": lambda dl: mosaic_fwd8(results, dl),
-             "fprof": lambda dl: forward_profile_runs(results, dl),
-             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan),
+             "fprof": lambda dl: forward_profile_runs(
+                 results, dl, **(dict(variants=tuple(args.prof.split(","))) if args.prof
+                                 else {})),
+             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan, save),
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),
@@ -1399,6 +1523,16 @@ def main():
 
 
 def summary(results):
+    ab = [r for r in results.get("fwd_ab", []) + results.get("throughput", [])
+          if "tflops" in r and "rounds" in r]
+    if ab:
+        print("\ninterleaved: d causal n impl | TFLOP/s median [min max] | vs default, vs best "
+              "anchor (per-round medians [ranges])")
+    for r in ab:
+        rel = " ".join(f"{k} {r[k]:.3f} [{r[k + '_range'][0]:.3f} {r[k + '_range'][1]:.3f}]"
+                       for k in ("vs_default", "vs_best") if k in r)
+        print(r["d"], r["causal"], r["n"], f"{r['impl']:<14}", f"{r['tflops']:6.1f} "
+              f"[{r['tflops_min']:6.1f} {r['tflops_max']:6.1f}] x{r['rounds']}", rel)
     rows = [r for r in results.get("throughput", []) if "tflops" in r]
     cells = {}
     for r in rows:

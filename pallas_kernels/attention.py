@@ -159,6 +159,14 @@ class FlashConfig:
     #                            tile's Q loaded after this tile's first step, O through Q's
     mgpu_fwd_warp_producer: bool = False  # Mosaic fwd (GPU path): one producer warp issues
     #                                       the K/V loads (the other three producer warps exit)
+    mgpu_fwd_ob_split: bool = False  # Mosaic fwd: optimization barriers on (O, P) and on
+    #                                  (l, m) after the row sum, before the V wait (tokamax)
+    mgpu_fwd_lean_end: bool = False  # Mosaic fwd, FA3 + persistent (GPU path): consumer 0
+    #                                  leaves a tile once consumer 1 is at its last P V sync
+    mgpu_fwd_read_wait: bool = False  # Mosaic fwd: a CTA's last O / lse stores awaited only
+    #                                   until SMEM is read (CUTLASS's tma_store_wait), not written
+    mgpu_fwd_q_l2: bool = False  # Mosaic fwd, persistent (GPU path): the next tile's Q
+    #                              prefetched into L2 at the start of each tile
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2
@@ -793,12 +801,26 @@ def _check_attention_args(q, k, v, segment_ids, window, causal):
 # D=128 causal with FA3's named-barrier ping-pong and the next K awaited during P V (kw) at 4k
 # 575 vs 524 / 542 (call 1) and 518 vs 514 / 559 (call 2: the default's two rows 9% apart),
 # 16k 588 vs 583, 1k 384 vs 375 (call 2).
+# Session 7 (interleaved A B A B timing, 20 rounds, GPU-checked; docs/kernels/flash_attention.md
+# "Session 7: forward"): D=128 full on tokamax's structure (_TOKAMAX_FWD: persistent CTAs, FA3's
+# named barriers, the early K wait, one producer warp, named-barrier slot release, the split
+# optimization barriers, tokamax's tile end, the last stores awaited until read) 574 vs 538
+# TFLOP/s at 4k (vs_default 1.069), 601 vs 578 at 16k, 520 vs 495 at 1k; D=128 causal with the
+# read wait, one producer warp, named slot release and the split barriers at 16k 590 vs 578
+# (call 2) and 597 vs 585 (call 1), 4k 529 vs 523 (call 1); D=64 full at 4k two warpgroups on
+# _TOKAMAX_FWD 436 vs 416 (MOSAIC_FWD_SHORT).
+_TOKAMAX_FWD = dict(mgpu_fwd_nab=True, mgpu_fwd_persistent=-1, mgpu_fwd_fa3_sched=True,
+                    mgpu_fwd_early_kwait=True, mgpu_fwd_warp_producer=True,
+                    mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True, mgpu_fwd_lean_end=True,
+                    mgpu_fwd_read_wait=True)
+_CAUSAL_128_S7 = dict(mgpu_fwd_read_wait=True, mgpu_fwd_warp_producer=True,
+                      mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True)
 MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
-                                        mgpu_fold_scale=True, mgpu_fwd_nab=True),
+                                        mgpu_fold_scale=True, **_TOKAMAX_FWD),
                      (128, True): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_reverse=True,
                                        mgpu_fwd_nab=True, mgpu_fwd_fa3_sched=True,
-                                       mgpu_fwd_early_kwait=True),
+                                       mgpu_fwd_early_kwait=True, **_CAUSAL_128_S7),
                      (64, False): dict(block_q=64, block_k=128, mgpu_stages=2,
                                        mgpu_fold_scale=True, mgpu_fwd_wgs=3,
                                        mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False),
@@ -817,11 +839,16 @@ MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
 # 417 vs 383 (three warpgroups) at 2k; tokamax 405 / 437, cuDNN 385 / 419; call 2: 384 at 1k
 # (tokamax 405, cuDNN 388). D=64 causal at 1k, session 6 call 2: persistent CTAs over snake
 # rounds (mgpu_fwd_snake) with the named-barrier slot release 263 vs 249 (cuDNN 283).
+# Session 7: D=128 full needs no entry (its default is persistent at every length); D=128
+# causal up to 1k keeps the session-6 options (the session-7 ones were timed at 4k / 16k only);
+# D=64 full at 2k-4k: two warpgroups on tokamax's structure (436 vs 416 at 4k, call 2).
 MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
-    (128, False): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_nab=True)),),
+    (128, True): ((1024, {k: False for k in _CAUSAL_128_S7}),),
     (64, False): ((2048, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
                               mgpu_fwd_fa3_sched=True, mgpu_fwd_persistent=-1,
-                              mgpu_fwd_nab=True)),),
+                              mgpu_fwd_nab=True)),
+                  (4096, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
+                              **_TOKAMAX_FWD))),
     (64, True): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_snake=True,
                              mgpu_fwd_named_free=True)),),
 }

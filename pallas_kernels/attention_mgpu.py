@@ -51,7 +51,11 @@ from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_r
 _q_block_range = _attn._q_block_range
 
 
-# Forward defaults since session 6 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): no
+# Forward defaults since session 7 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): D=128
+# full, and D=64 full at 2k-4k queries, on tokamax's structure (persistent CTAs, FA3's named
+# barriers, the early K wait, one producer warp, named-barrier slot release, `mgpu_fwd_ob_split`,
+# `mgpu_fwd_lean_end`, `mgpu_fwd_read_wait`); D=128 causal beyond 1k queries with the read wait,
+# one producer warp, named slot release and the split barriers. Session 6's, otherwise: no
 # automatic barriers (`mgpu_fwd_nab`) at D=128 and D=64 causal; causal query tiles walked
 # last-first (`mgpu_fwd_reverse`) with FA3's named-barrier ping-pong (`mgpu_fwd_fa3_sched`), at
 # D=128 also the next K awaited during P V (`mgpu_fwd_early_kwait`); D=128 full up to 1k queries
@@ -59,29 +63,19 @@ _q_block_range = _attn._q_block_range
 # 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
 # beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
-# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_warp_producer` (one producer warp).
+# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 _BWD_SYNC_BAR = 8  # the backward's named dS barrier (mgpu_bwd_named_sync); Mosaic itself uses
 #                    id 0 (CTA) and 1 + warpgroup index (warpgroup barriers)
 
 
-def _named_barrier(op: str, barrier_id, num_threads: int):
-    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier; the id
-    is a Python int or a traced int32 scalar (the same in every thread of the warpgroup)."""
-    if isinstance(barrier_id, int):
-        @plgpu.inline_mgpu()
-        def bar(_):
-            mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};",
-                                  has_side_effects=True)
-        bar()
-        return
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
-    def bar_at(_, bar_id):
-        mgpu.utils.inline_ptx(f"bar.{op} $0, {num_threads};", bar_id.registers[()],
-                              has_side_effects=True)
-    bar_at(barrier_id)
+def _named_barrier(op: str, barrier_id: int, num_threads: int):
+    """`bar.<op> id, threads;` (op "arrive" or "sync"): a CTA hardware named barrier."""
+    @plgpu.inline_mgpu()
+    def bar(_):
+        mgpu.utils.inline_ptx(f"bar.{op} {barrier_id}, {num_threads};", has_side_effects=True)
+    bar()
 
 
 class _FwdTile(NamedTuple):
@@ -118,13 +112,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
 
     if n_ctas:
         # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
-        # query tiles, then batch: the order of the one-CTA-per-tile grid).
+        # query tiles, then batch: the order of the one-CTA-per-tile grid; with
+        # `mgpu_tiles_fastest` query tiles fastest, then heads: tokamax's order, the CTAs in
+        # flight on a few heads' K/V).
         sm = lax.axis_index("sm")
         n_all = q_ref.shape[0] * hq * n_tiles
         n_local = lax.div(n_all - sm + (n_ctas - 1), n_ctas)
 
         def coords(i):
             f = sm + i * n_ctas
+            if cfg.mgpu_tiles_fastest:
+                r = lax.div(f, n_tiles)
+                return lax.div(r, hq), lax.rem(r, hq), lax.rem(f, n_tiles)
             r = lax.div(f, hq)
             return lax.div(r, n_tiles), lax.rem(f, hq), lax.rem(r, n_tiles)
 
@@ -172,19 +171,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     warp_producer = cfg.mgpu_fwd_warp_producer and gpu_path
     free_threads = nc * 128 + (32 if warp_producer else 128)
 
-    def free_bar(which, slot):                             # slot: int or traced int32
+    def free_named(op, which, slot):                       # slot: int or traced int32
+        # One branch per stage with a static barrier id: a traced id costs a register that
+        # spilled (session 6: 56 bytes at D=128 full, 4-44 at three warpgroups).
         base = _FREE_BAR0 + (0 if which == "k" else stages)
-        return base + slot if isinstance(slot, int) else jnp.int32(base) + slot
+        if isinstance(slot, int):
+            _named_barrier(op, base + slot, free_threads)
+            return
+        for s_ in range(stages):
+            pl.when(slot == s_)(functools.partial(_named_barrier, op, base + s_, free_threads))
 
     def release(which, slot):                              # consumer: done reading the slot
         if named_free:
-            _named_barrier("arrive", free_bar(which, slot), free_threads)
+            free_named("arrive", which, slot)
         else:
             plgpu.barrier_arrive((k_free if which == "k" else v_free).at[slot])
 
     def await_free(which, slot):                           # producer: the slot may be refilled
         if named_free:
-            _named_barrier("sync", free_bar(which, slot), free_threads)
+            free_named("sync", which, slot)
         else:
             plgpu.barrier_wait((k_free if which == "k" else v_free).at[slot])
 
@@ -287,7 +292,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
         plgpu.copy_smem_to_gmem(out_smem, o_ref.at[t.b, pl.ds(q0, bq), t.h])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[t.b, t.h, pl.ds(q0, bq)])
         if not n_ctas:
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.mgpu_fwd_read_wait)
 
     def prefetch_next_q(i):
         """Persistent: the next tile's Q into this warpgroup's Q buffer (every wgmma that
@@ -353,7 +358,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             plgpu.barrier_wait(schedule)                   # the tensor cores are ours again
 
     def sched_tile_end():                                  # balance the phases again
-        if fa3:
+        if fa3 and n_ctas and cfg.mgpu_fwd_lean_end and gpu_path:
+            # tokamax's tile end: consumer 0 *syncs* on consumer 1's barrier, which completes
+            # with consumer 1's last P V sync (the phase it needs anyway), so consumer 0 goes on
+            # to its epilogue without waiting for that P V to finish, and cannot arrive on the
+            # barrier again before consumer 1 has passed it. (Interpret mode tracks mbarrier
+            # phases per thread: a wait on the other consumer's barrier has no phase there.)
+            pl.when(wg == 0)(functools.partial(_named_barrier, "sync", _FA3_BAR0 + 1, 256))
+        elif fa3:
             pl.when(wg == 0)(fa3_arrive_other)
             if n_ctas:
                 # Persistent: consumer 0 would otherwise run into the next tile and arrive on
@@ -366,8 +378,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             for w in range(1, nc):
                 pl.when(wg < nc - w)(sync_schedule)
 
+    def prefetch_next_q_l2(i):
+        """mgpu_fwd_q_l2 (persistent, GPU path): the next tile's Q rows of this warpgroup
+        into L2 at the start of this tile (tokamax's Q warp does the same), so that its SMEM
+        load at the tile end is an L2 hit."""
+        def go():
+            nt = tile_at(*coords(i + 1), 0)
+            plgpu.async_prefetch(q_ref.at[nt.b, pl.ds(nt.q0 + wg * bq, bq), nt.h])
+        pl.when(i + 1 < n_local)(go)
+
     def _consumer(t, i):
         q0, w_lo, w_mid_lo, w_mid_hi, w_hi, q_smem, m, l, acc = consumer_setup(t, i)
+        if n_ctas and cfg.mgpu_fwd_q_l2 and gpu_path:
+            prefetch_next_q_l2(i)
         sched_tile_start()
 
         def skip(j, carry):
@@ -402,6 +425,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if cfg.mgpu_fwd_opt_barrier:   # the softmax's results complete before the arrive
                 acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+            if cfg.mgpu_fwd_ob_split:
+                # tokamax's order: the O rescale and P, then the row statistics, complete
+                # before the V wait and the ping-pong sync (nothing sinks past the sync onto
+                # the path between getting the tensor cores and issuing P V).
+                acc, p_lo = lax.optimization_barrier((acc, p_lo))
+                l, m_new = lax.optimization_barrier((l, m_new))
             sched_after_softmax()
             plgpu.barrier_wait(v_ready.at[slot])
             sched_before_pv()
@@ -558,7 +587,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
             pl.when(n_local > 0)(lambda: load_q(tile_at(*coords(0), 0), 0))
         for_tiles(_consumer_overlap if overlap else _consumer)
         if n_ctas:
-            plgpu.wait_smem_to_gmem(0)
+            # mgpu_fwd_read_wait: the CTA exits once the last stores have read SMEM (their
+            # global writes complete with the kernel), not after the HBM write round trip.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=cfg.mgpu_fwd_read_wait)
 
     @pl.when(wg == nc)
     def _producer():
@@ -1642,7 +1673,11 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_nf' if cfg.mgpu_fwd_named_free else ''}"
                      f"{'_sn' if cfg.mgpu_fwd_snake else ''}"
                      f"{'_q2' if cfg.mgpu_fwd_q2 else ''}"
-                     f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"),
+                     f"{'_wp' if cfg.mgpu_fwd_warp_producer else ''}"
+                     f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"
+                     f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"
+                     f"{'_rw' if cfg.mgpu_fwd_read_wait else ''}"
+                     f"{'_ql2' if cfg.mgpu_fwd_q_l2 else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

@@ -494,6 +494,7 @@ def test_mosaic_gpu_forward_and_backward_together_in_gpu_interpret_mode():
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+@pytest.mark.slow   # every default forward path folds the scale (the default-tiles tests)
 def test_mosaic_gpu_forward_with_scale_folded_into_exp2():
     """mgpu_fold_scale: row max on raw scores, scale applied inside exp2's argument (causal
     masking on raw scores, GQA, ragged length, Mosaic GPU interpret mode); with
@@ -524,6 +525,33 @@ def test_mosaic_gpu_forward_default_tiles_head_dim_64(causal, short, monkeypatch
         monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, causal), ())
     q, k, v, do = _inputs(20, 1, 300, 300, 2, 1, 64, jnp.bfloat16)
     kw = dict(causal=causal, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_gpu_forward_head_dim_64_full_up_to_4k_entry(monkeypatch):
+    """MOSAIC_FWD_SHORT's D=64 full entry for 2k-4k queries (session 7: two warpgroups on
+    tokamax's structure), applied here to 300 queries by dropping the entries before it."""
+    monkeypatch.setitem(attn.MOSAIC_FWD_SHORT, (64, False), attn.MOSAIC_FWD_SHORT[64, False][-1:])
+    q, k, v, do = _inputs(30, 1, 300, 300, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=False, window=None)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_gpu_forward_default_tiles_head_dim_128_full():
+    """The Hopper default at D=128 full attention since session 7 (tokamax's structure:
+    persistent CTAs, FA3's ping-pong, the early K wait, the split optimization barriers, the read
+    wait; the GPU-only one-warp producer, named slot release and tile end fall back in interpret
+    mode), GQA, ragged length, Lq != Lk, Mosaic GPU interpret mode."""
+    q, k, v, do = _inputs(29, 2, 200, 330, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=False, window=None)
 
     def fn(q, k, v):
         return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="mosaic", **kw)
@@ -607,6 +635,9 @@ def test_mosaic_gpu_forward_reversed_tile_order(lq, lk, window):
 @pytest.mark.parametrize("b,lq,lk,causal,window,extra", [
     # (the default-tile D 64 full test runs persistent CTAs with skip_pad at length 300)
     pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64), marks=SLOW),
+    # query tiles fastest over the CTAs (tokamax's order), GQA, two batches
+    pytest.param(2, 300, 300, False, None, dict(block_q=64, block_k=64, mgpu_tiles_fastest=True),
+                 marks=SLOW),
     (1, 200, 330, True, 40, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True)),
     # snake rounds (query tiles slowest, alternating CTA order): 2 x 4 heads x 4 tiles = 32
     # tiles over 3 CTAs, the last round partial
@@ -694,6 +725,22 @@ def test_mosaic_forward_short_query_options(monkeypatch):
     pytest.param(128, 330, True, 100, dict(block_q=64, block_k=64, mgpu_fwd_reverse=True,
                                            mgpu_fwd_fa3_sched=True, mgpu_fwd_early_kwait=True,
                                            mgpu_fwd_named_free=True), marks=SLOW),
+    # session 7: tokamax's structure in full (persistent, FA3's barriers, early K wait, one
+    # producer warp, named slot release, its optimization barriers and tile end, the last
+    # stores awaited until read), and three warpgroups without automatic barriers,
+    # all-padding warpgroups skipped, the split barriers, the read-only wait
+    pytest.param(128, 330, False, None, dict(block_q=64, block_k=64, mgpu_fwd_persistent=-1,
+                                             mgpu_fwd_nab=True, mgpu_fwd_fa3_sched=True,
+                                             mgpu_fwd_early_kwait=True,
+                                             mgpu_fwd_warp_producer=True,
+                                             mgpu_fwd_named_free=True, mgpu_fwd_ob_split=True,
+                                             mgpu_fwd_lean_end=True, mgpu_fwd_read_wait=True),
+                 marks=SLOW),
+    pytest.param(64, 300, False, None, dict(block_q=64, block_k=64, mgpu_fwd_wgs=3,
+                                            mgpu_fwd_regs=(160, 24), mgpu_ping_pong=False,
+                                            mgpu_fwd_nab=True, mgpu_fwd_skip_pad=True,
+                                            mgpu_fwd_ob_split=True, mgpu_fwd_read_wait=True),
+                 marks=SLOW),
 ])
 def test_mosaic_gpu_forward_fa3_early_k_wait_named_free(d, lq, causal, window, extra):
     """Session-6 forward candidates together: FA3's schedule, the early K wait and
