@@ -788,7 +788,7 @@ def _cell_fns(causal, variants, anchors=True, again=True):
 
 
 def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=25.0,
-                 warm_s=1.0):
+                 warm_s=1.0, mode="fwd"):
     """Times `fns` ([(name, fn)]) interleaved in this process: each is compiled and given a
     call count of about `sample_ms`, then `rounds` rounds time one sample of each, the order
     alternating (A B C, C B A, ...) so that a clock drift hits all alike. Rows (`cell` +
@@ -798,7 +798,7 @@ def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=2
     repeated (`default_again`) reuses the compiled function: its row is an A/A measure."""
     runs, rows = {}, {}
     for name, fn in fns:
-        row = rows[name] = dict(cell, mode="fwd", impl=name)
+        row = rows[name] = dict(cell, mode=mode, impl=name)
         if time.time() > deadline:
             row["skipped"] = "time budget"
             continue
@@ -1110,7 +1110,7 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                xla_max_n=1 << 30, mgpu_cfg=None, mbwd_cfg=None, modes=("fwd", "fwd+bwd"),
                rounds=0, save=None):
     """The TFLOP/s table: per (d, causal, n) cell each implementation of `_impls` (filtered)
-    and mode, one after the other; with `rounds` > 0 the forward-only table interleaved
+    and mode, one after the other; with `rounds` > 0 each mode's row of a cell interleaved
     (`_interleaved`: ours is the "default" there, so its rows carry `vs_best`, the per-round
     ratio to max(cuDNN, tokamax))."""
     rows = results.setdefault("throughput", [])
@@ -1121,19 +1121,24 @@ def throughput(results, lengths, dims, deadline, impl_filter=None, ours_cfg=None
                 flops = 4 * b * H * n * n * d / (2 if causal else 1)
                 cfg = (ours_cfg or {}) if d == 128 else {}
                 mcfg = (mgpu_cfg or {}) if d == 128 else {}
-                if rounds and tuple(modes) == ("fwd",):
-                    fns = [("default" if nm == "ours" else nm, fn) for nm, (fn, dt, _) in
-                           _impls(d, causal, cfg, mcfg, mbwd_cfg).items()
-                           if (not impl_filter or nm in impl_filter) and dt is None
-                           and not (nm == "xla" and n > xla_max_n)]
-                    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
-                    cell = []
-                    _interleaved(cell, "tput", deadline, dict(d=d, causal=causal, n=n, b=b),
-                                 fns, (q, k, v), flops, rounds)
-                    rows += [dict(r, impl="ours" if r["impl"] == "default" else r["impl"])
-                             for r in cell]
-                    if save:
-                        save()
+                if rounds:
+                    q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+                    for mode in modes:
+                        fb = mode != "fwd"
+                        fns = [("default" if nm == "ours" else nm, _fwd_bwd(fn) if fb else fn)
+                               for nm, (fn, dt, has_bwd) in
+                               _impls(d, causal, cfg, mcfg, mbwd_cfg).items()
+                               if (not impl_filter or nm in impl_filter) and dt is None
+                               and not (nm == "xla" and n > xla_max_n)
+                               and (has_bwd or not fb)]
+                        cell = []
+                        _interleaved(cell, "tput", deadline, dict(d=d, causal=causal, n=n, b=b),
+                                     fns, (q, k, v, do) if fb else (q, k, v),
+                                     flops * (3.5 if fb else 1), rounds, mode=mode)
+                        rows += [dict(r, impl="ours" if r["impl"] == "default" else r["impl"])
+                                 for r in cell]
+                        if save:
+                            save()
                     continue
                 for name, (fn, dt, has_bwd) in _impls(d, causal, cfg, mcfg, mbwd_cfg).items():
                     if impl_filter and name not in impl_filter:
@@ -1441,7 +1446,7 @@ def main():
     ap.add_argument("--xla-max-n", type=int, default=1 << 30)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="throughput passes (comma list)")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="tput with --modes fwd: time each cell's impls interleaved, R rounds")
+                    help="tput: time each cell's impls interleaved, R rounds per mode")
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
     ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
