@@ -110,13 +110,29 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_row_ref, t = bc_row_ref.at[pl.ds(t, 1)], 0
 
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic import gpu as mgpu
+
+    def first(i32):
+        col_v = mgpu.c(col, i32)
+        if split == 1:
+            return col_v
+        # warps 0-1: part 0, warps 2-3: part 1 (no shuffle: CSE-able)
+        warp = mgpu.utils.warp_idx(sync=False)
+        part = arith.shrui(arith.andi(warp, mgpu.c(3, i32)), mgpu.c(1, i32))
+        return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), col_v)
+    return _inline_row_load(bc_row_ref, t, count, (split, _WG // split), 4 if vec else 1, first)
+
+
+def _inline_row_load(ref, t, count, shape, n_load, first):
+    """`count` [shape] f32 arrays (WG_STRIDED, one value per thread) through inline_mgpu: element
+    first(i32) + e (e < count; `first` builds each thread's first column) of row t of the
+    shared-memory ref, read by `n_load`-wide vector loads."""
     import numpy as np
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
-    shape = (split, _WG // split)
     layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
-    n_load = 4 if vec else 1
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
                        return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
@@ -125,14 +141,10 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
     def load(ctx, ref):
         del ctx
         i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
-        first = mgpu.c(col, i32)
-        if split > 1:   # warps 0-1: part 0, warps 2-3: part 1 (no shuffle: CSE-able)
-            warp = mgpu.utils.warp_idx(sync=False)
-            part = arith.shrui(arith.andi(warp, mgpu.c(3, i32)), mgpu.c(1, i32))
-            first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), first)
+        first_v = first(i32)
         outs = []
         for e0 in range(0, count, n_load):
-            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
+            idx = arith.index_cast(index, arith.addi(first_v, mgpu.c(e0, i32)))
             v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
                             alignment=4 * n_load)
             for e in range(n_load):
@@ -141,7 +153,7 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
                 outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
                                                  _layout=layout.to_mgpu(), _is_signed=None))
         return tuple(outs)
-    return list(load(bc_row_ref))
+    return list(load(ref))
 
 
 def _load_params(r, opts, cols, split, n_k, state_src):
@@ -472,38 +484,19 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret):
     if interpret:
         row = bc_ref[t, :]
         return [row[_pair_part() * n_k + col + e] for e in range(count)]
-    import numpy as np
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
+    from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
     n_load = 4 if count % 4 == 0 and col % 4 == 0 and n_k % 4 == 0 else 1
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                       return_type=tuple(plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
-                                                                layout=layout)
-                                         for _ in range(count)))
-    def load(ctx, ref):
-        del ctx
-        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+    def first(i32):
         tid = mgpu.utils.thread_idx()
         if isinstance(tid.type, ir.IndexType):
             tid = arith.index_cast(i32, tid)
         lane = arith.remui(tid, mgpu.c(32, i32))
         part = arith.shrui(lane, mgpu.c(4, i32))
-        first = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
-        outs = []
-        for e0 in range(0, count, n_load):
-            idx = arith.index_cast(index, arith.addi(first, mgpu.c(e0, i32)))
-            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
-                            alignment=4 * n_load)
-            for e in range(n_load):
-                reg = vector.broadcast(ir.VectorType.get((1,), f32),
-                                       vector.extract(v, [], [e]))
-                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
-                                                 _layout=layout.to_mgpu(), _is_signed=None))
-        return tuple(outs)
-    return list(load(bc_ref))
+        return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
+    return _inline_row_load(bc_ref, t, count, _PAIR_SHAPE, n_load, first)
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
