@@ -451,49 +451,41 @@ def profile(results, deadline, names, cells, n, raw_dir=None):
                 _SAVE[0]()
 
 
-def run_once(results, deadline, names, cells, n, anchors=()):
-    """Two fwd+bwd calls of each anchor and variant at length n (for ncu: `-c` picks the first
-    launches of the kernels it matches)."""
-    rows = results.setdefault("once", [])
-    b = battn.TOKENS // n
+def _call_each(rows, tag, deadline, cells, names, shape, calls, key, extra=None, **fn_kw):
+    """`calls` jitted fwd+bwd calls of each of `names` per cell on bf16 inputs of `shape(d)`
+    (q and k/v shapes): one row per call set with the seconds (compile included) or the error."""
     for cell in cells:
         d, causal = CELLS[cell]
-        q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
-        for name in list(anchors) + names:
+        q, k, v, do = battn._inputs(*shape(d), jnp.bfloat16)
+        for name in names:
             if time.time() > deadline:
                 return
-            row = dict(impl=name, d=d, causal=causal, n=n)
+            row = {key: name, "d": d, "causal": causal, **(extra or {})}
             t = time.time()
             try:
-                fn = battn._fwd_bwd(_attn_fn(name, d, causal))
-                for _ in range(2):
+                fn = battn._fwd_bwd(_attn_fn(name, d, causal, **fn_kw))
+                for _ in range(calls):
                     jax.block_until_ready(fn(q, k, v, do))
                 row["s"] = round(time.time() - t, 2)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("once", row, flush=True)
+            print(tag, row, flush=True)
             rows.append(row)
             _SAVE[0]()
 
 
+def run_once(results, deadline, names, cells, n, anchors=()):
+    """Two fwd+bwd calls of each anchor and variant at length n (for ncu: `-c` picks the first
+    launches of the kernels it matches)."""
+    b = battn.TOKENS // n
+    _call_each(results.setdefault("once", []), "once", deadline, cells, list(anchors) + names,
+               lambda d: ((b, n, battn.H, d), (b, n, battn.H, d)), 2, "impl", dict(n=n))
+
+
 def compile_only(results, deadline, names, cells):
-    rows = results.setdefault("compiled", [])
-    for cell in cells:
-        d, causal = CELLS[cell]
-        q, k, v, do = battn._inputs((1, 512, 4, d), (1, 512, 4, d), jnp.bfloat16)
-        for name in names:
-            if time.time() > deadline:
-                return
-            row = dict(variant=name, d=d, causal=causal)
-            t = time.time()
-            try:
-                fn = battn._fwd_bwd(_attn_fn(name, d, causal, fwd_impl="triton"))
-                jax.block_until_ready(fn(q, k, v, do))
-                row["s"] = round(time.time() - t, 2)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print("compiled", row, flush=True)
-            rows.append(row)
+    """One small fwd+bwd call of each variant (with the Triton forward): compile checks."""
+    _call_each(results.setdefault("compiled", []), "compiled", deadline, cells, names,
+               lambda d: ((1, 512, 4, d), (1, 512, 4, d)), 1, "variant", fwd_impl="triton")
 
 
 def main():
