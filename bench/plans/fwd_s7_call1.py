@@ -2,29 +2,11 @@
 on stdout): `checks` gives the forward-only checks of the new combinations (those with the new
 tile-end protocol last: a hang loses only them), `cells FILE` the interleaved cells (10 rounds)
 without the variants whose new options no check in FILE (the checks' output) passed."""
-import ast
 import json
-import re
 import sys
 
-M = dict(fwd_impl="mosaic")
-NAB, PERS = dict(mgpu_fwd_nab=True), dict(mgpu_fwd_persistent=-1)
-FA3, KW = dict(mgpu_fwd_fa3_sched=True), dict(mgpu_fwd_early_kwait=True)
-WP, NF = dict(mgpu_fwd_warp_producer=True), dict(mgpu_fwd_named_free=True)
-OBS, LE = dict(mgpu_fwd_ob_split=True), dict(mgpu_fwd_lean_end=True)
-SP = dict(mgpu_fwd_skip_pad=True)
-WG2 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=[232, 40],
-           mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
+from _plan import FA3, KW, LE, NAB, NF, OBS, PERS, RW, SP, WG2, WP, keep_checked, o, passed
 
-
-def o(*parts):
-    out = dict(M)
-    for p in parts:
-        out.update(p)
-    return out
-
-
-RW = dict(mgpu_fwd_read_wait=True)
 TK = o(PERS, FA3, KW, WP, NF, OBS, LE, RW)                # tokamax's structure in full
 WG2_TK = o(WG2, FA3, PERS, NAB, KW, WP, NF, OBS, LE, RW)
 TK_NOLE = {k: v for k, v in TK.items() if k != "mgpu_fwd_lean_end"}
@@ -64,34 +46,8 @@ NEW = ("mgpu_fwd_lean_end", "mgpu_fwd_warp_producer", "mgpu_fwd_named_free",
        "mgpu_fwd_persistent", "mgpu_fwd_read_wait", "mgpu_fwd_skip_pad", "mgpu_fwd_ob_split")
 
 
-def passed(path):
-    """[(d, options)] of the checks in the output file that passed (o and lse close)."""
-    out = []
-    for line in open(path):
-        if not line.startswith("check {"):
-            continue
-        try:
-            row = ast.literal_eval(line[len("check "):].strip())
-        except (ValueError, SyntaxError):                  # e.g. o = nan: not passed
-            continue
-        m = re.match(r"plan (\{.*\}) b\d+ .* d(\d+) ", row["case"])
-        if m and "error" not in row and row.get("o", 1) < 5e-3 and row.get("lse_max_abs", 1) < 1e-4:
-            out.append((int(m.group(2)), ast.literal_eval(m.group(1))))
-    return out
-
-
 if sys.argv[1] == "checks":
     print(json.dumps(dict(anchors=True, rounds=10, checks=checks, cells=[])))
 else:
-    ok = passed(sys.argv[2])
-    kept = []
-    for d, causal, n, variants in cells:
-        keep = []
-        for name, opts in variants:
-            new = {k for k in NEW if opts.get(k)}
-            if not new or any(cd == d and new <= {k for k in NEW if co.get(k)} for cd, co in ok):
-                keep.append([name, opts])
-            else:
-                print("dropped (no passing check):", d, causal, n, name, file=sys.stderr)
-        kept.append([d, causal, n, keep])
+    kept = keep_checked(cells, passed(sys.argv[2:3]), NEW)
     print(json.dumps(dict(anchors=True, rounds=10, checks=[], cells=kept)))

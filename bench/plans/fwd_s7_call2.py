@@ -3,28 +3,10 @@ stdout). `checks_le`: the two checks with the new tile end (own process: a hang 
 them); `main FILE`: the other checks, then the interleaved cells (20 rounds of ~12 ms samples),
 without the variants whose new options no check (in FILE or in this plan's own checks) passed.
 The persistent forms (tokamax's structure) were cut from call 1 by a too-short check limit."""
-import ast
 import json
-import re
 import sys
 
-M = dict(fwd_impl="mosaic")
-NAB, PERS = dict(mgpu_fwd_nab=True), dict(mgpu_fwd_persistent=-1)
-FA3, KW = dict(mgpu_fwd_fa3_sched=True), dict(mgpu_fwd_early_kwait=True)
-WP, NF = dict(mgpu_fwd_warp_producer=True), dict(mgpu_fwd_named_free=True)
-OBS, LE = dict(mgpu_fwd_ob_split=True), dict(mgpu_fwd_lean_end=True)
-SP, RW = dict(mgpu_fwd_skip_pad=True), dict(mgpu_fwd_read_wait=True)
-TF, QL2 = dict(mgpu_tiles_fastest=True), dict(mgpu_fwd_q_l2=True)
-WG2 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=[232, 40],
-           mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
-
-
-def o(*parts):
-    out = dict(M)
-    for p in parts:
-        out.update(p)
-    return out
-
+from _plan import FA3, KW, LE, NAB, NF, OBS, PERS, QL2, RW, SP, TF, WG2, WP, keep_checked, o, passed
 
 TK = o(PERS, FA3, KW, WP, NF, OBS, LE, RW)                # tokamax's structure in full
 TK_NOLE = o(PERS, FA3, KW, WP, NF, OBS, RW)
@@ -59,24 +41,6 @@ NEW = ("mgpu_fwd_lean_end", "mgpu_fwd_read_wait", "mgpu_fwd_ob_split", "mgpu_til
 CALL1_OK = [(128, o(RW, OBS)), (64, o(NAB, SP, WP, NF, OBS, RW)), (128, o(WP, NF, OBS, RW))]
 
 
-def passed(paths):
-    """[(d, options)] of the checks in the output files that passed (o and lse close)."""
-    out = []
-    for path in paths:
-        for line in open(path):
-            if not line.startswith("check {"):
-                continue
-            try:
-                row = ast.literal_eval(line[len("check "):].strip())
-            except (ValueError, SyntaxError):              # e.g. o = nan: not passed
-                continue
-            m = re.match(r"plan (\{.*\}) b\d+ .* d(\d+) ", row["case"])
-            if (m and "error" not in row and row.get("o", 1) < 5e-3
-                    and row.get("lse_max_abs", 1) < 1e-4):
-                out.append((int(m.group(2)), ast.literal_eval(m.group(1))))
-    return out
-
-
 def plan(checks, cells_):
     return json.dumps(dict(anchors=True, rounds=20, sample_ms=12, checks=checks,
                            cells=cells_))
@@ -86,14 +50,4 @@ if sys.argv[1] == "checks_le":
     print(plan(checks_le, []))
 else:
     ok = passed(sys.argv[2:]) + CALL1_OK + [(c[4], c[7]) for c in checks_main]
-    kept = []
-    for d, causal, n, variants in cells:
-        keep = []
-        for name, opts in variants:
-            new = {k for k in NEW if opts.get(k)}
-            if not new or any(cd == d and new <= {k for k in NEW if co.get(k)} for cd, co in ok):
-                keep.append([name, opts])
-            else:
-                print("dropped (no passing check):", d, causal, n, name, file=sys.stderr)
-        kept.append([d, causal, n, keep])
-    print(plan(checks_main, kept))
+    print(plan(checks_main, keep_checked(cells, ok, NEW)))
