@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench._common import rel_error, timeit_ms  # noqa: E402
+from bench._common import kernel_times, rel_error, timeit_ms  # noqa: E402
 from pallas_kernels import attention as attn  # noqa: E402
 
 H, TOKENS = 16, 16384
@@ -788,14 +788,17 @@ def _cell_fns(causal, variants, anchors=True, again=True):
 
 
 def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=25.0,
-                 warm_s=1.0, mode="fwd"):
+                 warm_s=1.0, mode="fwd", ktimes=()):
     """Times `fns` ([(name, fn)]) interleaved in this process: each is compiled and given a
     call count of about `sample_ms`, then `rounds` rounds time one sample of each, the order
     alternating (A B C, C B A, ...) so that a clock drift hits all alike. Rows (`cell` +
     impl): the median ms / TFLOP/s over the rounds, the range (min / max TFLOP/s), the spread
     (max - min) / median, and per-round ratios (same round, so drifts cancel): `vs_default`
     (default ms / this ms) and `vs_best` (best anchor ms / this ms), medians and ranges. A name
-    repeated (`default_again`) reuses the compiled function: its row is an A/A measure."""
+    repeated (`default_again`) reuses the compiled function: its row is an A/A measure.
+    `ktimes` (names): after the rounds, each of those gets `kernels`, the device time per call
+    of its GPU kernels from a profiler trace of 3 calls (`kernel_times`; XLA op lines left
+    out)."""
     runs, rows = {}, {}
     for name, fn in fns:
         row = rows[name] = dict(cell, mode=mode, impl=name)
@@ -858,6 +861,14 @@ def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=2
             x = np.array(vals[nm])
             row[key] = float(np.median(x))
             row[key + "_range"] = [float(x.min()), float(x.max())]
+    for nm in ktimes:
+        if nm not in runs or time.time() > deadline:
+            continue
+        try:
+            kt = kernel_times(runs[nm], args, runs=3, top=8)
+            rows[nm]["kernels"] = {ln: ev for ln, ev in kt.items() if "XLA" not in ln}
+        except Exception as e:  # noqa: BLE001
+            rows[nm]["kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for nm, _ in fns:
         row = rows[nm]
         print(tag, {k: v for k, v in row.items() if k != "samples_ms"}, flush=True)
@@ -865,30 +876,38 @@ def _interleaved(out, tag, deadline, cell, fns, args, flops, rounds, sample_ms=2
 
 
 def _time_cell(out, tag, deadline, d, causal, n, variants, anchors=True, again=True,
-               rounds=0, sample_ms=25.0):
-    """One forward cell (H heads, batch x n = TOKENS, bf16) of `_cell_fns`: timed one after the
-    other (`rounds` 0: `_timeit` per function) or interleaved (`_interleaved`)."""
+               rounds=0, sample_ms=25.0, mode="fwd", ktimes=()):
+    """One cell (H heads, batch x n = TOKENS, bf16) of `_cell_fns`, forward or (`mode`
+    "fwd+bwd") forward + backward: timed one after the other (`rounds` 0: `_timeit` per
+    function) or interleaved (`_interleaved`, with the per-kernel times of `ktimes`)."""
     b = TOKENS // n
-    q, k, v, _ = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
-    flops = 4 * b * H * n * n * d / (2 if causal else 1)
-    fns = _cell_fns(causal, variants, anchors, again)
+    q, k, v, do = _inputs((b, n, H, d), (b, n, H, d), jnp.bfloat16)
+    fb = mode != "fwd"
+    flops = 4 * b * H * n * n * d / (2 if causal else 1) * (3.5 if fb else 1)
+    fns = [(nm, _fwd_bwd(fn) if fb else fn) for nm, fn in
+           _cell_fns(causal, variants, anchors, again)]
+    args = (q, k, v, do) if fb else (q, k, v)
     if rounds:
-        _interleaved(out, tag, deadline, dict(d=d, causal=causal, n=n), fns, (q, k, v), flops,
-                     rounds, sample_ms)
+        _interleaved(out, tag, deadline, dict(d=d, causal=causal, n=n), fns, args, flops,
+                     rounds, sample_ms, mode=mode, ktimes=ktimes)
         return
     for v_name, fn in fns:
-        row = dict(d=d, causal=causal, n=n, mode="fwd", impl=v_name)
-        _timed(row, deadline, flops, tag, out, jax.jit(fn), q, k, v)
+        row = dict(d=d, causal=causal, n=n, mode=mode, impl=v_name)
+        _timed(row, deadline, flops, tag, out, jax.jit(fn), *args)
 
 
 def mosaic_fwd_plan(results, deadline, path, save=None):
-    """Forward checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
-    window, options], ...], "cells": [[d, causal, n, [[name, options], ...]], ...],
-    "anchors": true, "rounds": 0, "sample_ms": 25}. Each cell times cuDNN and tokamax (when
-    "anchors"), the default, the named option sets (flash_attention_kernel keywords; lists
-    become tuples) and the default again (unless the cell has a fifth element false); with
-    "rounds" > 0 interleaved (`_interleaved`: medians, ranges and per-round ratios), else one
-    after the other."""
+    """Checks and timings from a JSON plan file: {"checks": [[b, n, hq, hkv, d, causal,
+    window, options], ...], "fb_checks": [same], "cells": [[d, causal, n, [[name, options],
+    ...], again, mode, ktimes], ...], "anchors": true, "rounds": 0, "sample_ms": 25}. "checks" are
+    forward-only (o and the base-2 lse against the f32 reference), "fb_checks" (session 8)
+    forward + backward (o, dq, dk, dv). Each cell times cuDNN and tokamax (when "anchors"),
+    the default, the named option sets (flash_attention_kernel keywords; lists become tuples)
+    and the default again (unless `again`, the optional fifth element, is false), forward
+    (`mode`, the optional sixth element, "fwd") or forward + backward ("fwd+bwd"); with
+    "rounds" > 0 interleaved (`_interleaved`: medians, ranges and per-round ratios; the
+    optional seventh element names the functions whose GPU kernels are then timed from a
+    profiler trace), else one after the other."""
     with open(path) as f:
         plan = json.load(f)
 
@@ -899,12 +918,23 @@ def mosaic_fwd_plan(results, deadline, path, save=None):
         if time.time() > deadline:
             break
         _check_fwd_lse(rows, "plan", (*case[:7], opts(case[7])), 500 + i)
+    for i, (b, n_, hq, hkv, d, causal, window, extra) in enumerate(plan.get("fb_checks", [])):
+        if time.time() > deadline:
+            break
+        q, k, v, do = _inputs((b, n_, hq, d), (b, n_, hkv, d), jnp.bfloat16, seed=600 + i)
+        row = dict(case=f"plan_fb {extra} b{b} n{n_} hq{hq} hkv{hkv} d{d} causal={causal} "
+                        f"window={window}")
+        _check_against_reference(rows, row, attn.flash_attention_kernel, (q, k, v, do),
+                                 dict(causal=causal, window=window), opts(extra), err_chars=600)
+        if save:
+            save()
     rounds = plan.get("rounds", 0)
     out = results.setdefault("fwd_ab" if rounds else "fwd_plan", [])
-    for d, causal, n, variants, *again in plan.get("cells", []):
+    for d, causal, n, variants, *rest in plan.get("cells", []):
+        again, mode, ktimes = (rest + [True, "fwd", []][len(rest):])[:3]
         _time_cell(out, "fwd_ab" if rounds else "fwd_plan", deadline, d, causal, n,
                    [(nm, opts(o)) for nm, o in variants], plan.get("anchors", True),
-                   not again or again[0], rounds, plan.get("sample_ms", 25.0))
+                   again, rounds, plan.get("sample_ms", 25.0), mode, ktimes)
         if save:
             save()
 
@@ -1448,7 +1478,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=0,
                     help="tput: time each cell's impls interleaved, R rounds per mode")
     ap.add_argument("--dims", default="128,64", help="throughput head dims (comma list)")
-    ap.add_argument("--fwd-plan", default="", help="JSON plan of the fplan part")
+    ap.add_argument("--fwd-plan", default="",
+                    help="JSON plan(s) of the fplan part (comma list: run in order)")
     ap.add_argument("--checks", type=int, default=99, help="how many correctness cases")
     ap.add_argument("--prof", default="", help="fprof: comma list of FWD_PROFILE_VARIANTS names, "
                     "'default' or 'tokamax'")
@@ -1490,7 +1521,8 @@ def main():
              "fprof": lambda dl: forward_profile_runs(
                  results, dl, **(dict(variants=tuple(args.prof.split(","))) if args.prof
                                  else {})),
-             "fplan": lambda dl: mosaic_fwd_plan(results, dl, args.fwd_plan, save),
+             "fplan": lambda dl: [mosaic_fwd_plan(results, dl, path, save)
+                                  for path in args.fwd_plan.split(",")],
              "msweep": lambda dl: chosen_mgpu.update(mosaic_sweep(results, dl)),
              "msweep64": lambda dl: mosaic_sweep_d(results, dl, 64),
              "msweep128": lambda dl: mosaic_sweep_d(results, dl, 128),

@@ -167,6 +167,9 @@ class FlashConfig:
     #                                   until SMEM is read (CUTLASS's tma_store_wait), not written
     mgpu_fwd_q_l2: bool = False  # Mosaic fwd, persistent (GPU path): the next tile's Q
     #                              prefetched into L2 at the start of each tile
+    mgpu_fwd_tiles_fastest: bool = False  # Mosaic fwd only: query tiles fastest, then heads
+    #                                       (tokamax's order; mgpu_tiles_fastest also
+    #                                       reorders the backward's grid)
     bwd_impl: str = "split"      # "atomic": dq fused into the dk/dv kernel (f32 atomic adds);
     #                              "mosaic": the Mosaic GPU backward (attention_mgpu, Hopper)
     mgpu_stages_bwd: int = 2

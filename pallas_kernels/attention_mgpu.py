@@ -63,7 +63,8 @@ _q_block_range = _attn._q_block_range
 # 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
 # beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
 # with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
-# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2).
+# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2),
+# `mgpu_fwd_tiles_fastest` (session 8: tokamax's tile order in the forward only).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 _BWD_SYNC_BAR = 8  # the backward's named dS barrier (mgpu_bwd_named_sync); Mosaic itself uses
@@ -113,15 +114,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *, cfg:
     if n_ctas:
         # Persistent: CTA `sm` takes the flat tiles sm, sm + n_ctas, ... (heads fastest, then
         # query tiles, then batch: the order of the one-CTA-per-tile grid; with
-        # `mgpu_tiles_fastest` query tiles fastest, then heads: tokamax's order, the CTAs in
-        # flight on a few heads' K/V).
+        # `mgpu_tiles_fastest` or the forward-only `mgpu_fwd_tiles_fastest` query tiles
+        # fastest, then heads: tokamax's order, the CTAs in flight on a few heads' K/V).
         sm = lax.axis_index("sm")
         n_all = q_ref.shape[0] * hq * n_tiles
         n_local = lax.div(n_all - sm + (n_ctas - 1), n_ctas)
 
         def coords(i):
             f = sm + i * n_ctas
-            if cfg.mgpu_tiles_fastest:
+            if cfg.mgpu_tiles_fastest or cfg.mgpu_fwd_tiles_fastest:
                 r = lax.div(f, n_tiles)
                 return lax.div(r, hq), lax.rem(r, hq), lax.rem(f, n_tiles)
             r = lax.div(f, hq)
@@ -1443,10 +1444,11 @@ def _check_inputs(q, what: str):
         raise ValueError(f"the Mosaic GPU {what} needs bf16 or f16 inputs, got {q.dtype}")
 
 
-def _grid(cfg: FlashConfig, heads, tiles, batch: int) -> dict:
-    """grid / grid_names: heads fastest (the default) or tiles fastest (`mgpu_tiles_fastest`:
-    the CTAs in flight then share one head's K/V (forward) or Q/dO (backward) in L2)."""
-    first, second = (tiles, heads) if cfg.mgpu_tiles_fastest else (heads, tiles)
+def _grid(cfg: FlashConfig, heads, tiles, batch: int, fastest: bool = False) -> dict:
+    """grid / grid_names: heads fastest (the default) or tiles fastest (`mgpu_tiles_fastest`
+    or `fastest`: the CTAs in flight then share one head's K/V (forward) or Q/dO (backward) in
+    L2)."""
+    first, second = (tiles, heads) if cfg.mgpu_tiles_fastest or fastest else (heads, tiles)
     return dict(grid=(first[1], second[1], batch), grid_names=(first[0], second[0], "batch"))
 
 
@@ -1658,7 +1660,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
         out_type=(jax.ShapeDtypeStruct(qp.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)),
         **(dict(grid=(n_ctas,), grid_names=("sm",)) if n_ctas else
-           _grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b)),
+           _grid(cfg, ("heads", hq), ("q_tile", lq_pad // (nc * bq)), b,
+                 cfg.mgpu_fwd_tiles_fastest)),
         kernel_name=(f"flash_fwd_d{d}_{'causal' if cfg.causal else 'full'}_bq{bq}_bk{bk}"
                      f"_s{stages}{'_fold' if cfg.mgpu_fold_scale else ''}"
                      f"_r{cfg.mgpu_fwd_regs[0]}_wg{nc}{'_ob' if cfg.mgpu_fwd_opt_barrier else ''}"
@@ -1677,7 +1680,8 @@ def mosaic_forward(q, k, v, cfg: FlashConfig, *, stages: int = 2, ping_pong: boo
                      f"{'_obs' if cfg.mgpu_fwd_ob_split else ''}"
                      f"{'_le' if cfg.mgpu_fwd_lean_end else ''}"
                      f"{'_rw' if cfg.mgpu_fwd_read_wait else ''}"
-                     f"{'_ql2' if cfg.mgpu_fwd_q_l2 else ''}"),
+                     f"{'_ql2' if cfg.mgpu_fwd_q_l2 else ''}"
+                     f"{'_ftf' if cfg.mgpu_fwd_tiles_fastest else ''}"),
         interpret=interpret, consumers=nc,
         # mgpu_fwd_nab: no automatic barriers around SMEM accesses (no region is read and
         # written by one thread: Q/O and lse are written by registers only after the last

@@ -12,6 +12,18 @@ WP, NF = dict(mgpu_fwd_warp_producer=True), dict(mgpu_fwd_named_free=True)
 OBS, LE = dict(mgpu_fwd_ob_split=True), dict(mgpu_fwd_lean_end=True)
 SP, RW = dict(mgpu_fwd_skip_pad=True), dict(mgpu_fwd_read_wait=True)
 TF, QL2 = dict(mgpu_tiles_fastest=True), dict(mgpu_fwd_q_l2=True)
+FTF, SNAKE = dict(mgpu_fwd_tiles_fastest=True), dict(mgpu_fwd_snake=True)
+# session 8: the D 128 causal backward's option sets (forward: the dispatch's default)
+MB = dict(bwd_impl="mosaic", mgpu_bwd_producer=False)
+ROWS_DEFER = dict(MB, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True)     # the <= 1k default
+ROWS_DEFER_OL = dict(ROWS_DEFER, mgpu_bwd_one_loop=True)
+LEAN_OL1B = dict(MB, mgpu_bwd_p_lo=True, mgpu_bwd_one_loop=True,      # the > 1k default
+                 mgpu_bwd_one_bar=True)
+LEAN_OL = dict(MB, mgpu_bwd_p_lo=True, mgpu_bwd_one_loop=True)
+ROWS_OL1B = dict(MB, mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+                 mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True)
+ROWS_OL = dict(MB, mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
+               mgpu_bwd_one_loop=True)
 WG2 = dict(block_q=64, block_k=128, mgpu_fwd_wgs=2, mgpu_fwd_regs=[232, 40],
            mgpu_ping_pong=True, mgpu_fold_scale=True, mgpu_stages=2)
 
