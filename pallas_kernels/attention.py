@@ -931,11 +931,15 @@ MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True)
 # 412 vs the lean step's 416, at 16k 450 vs 468, so longer keys keep the lean step). GPU checks:
 # the deferred dq without producer (S^T layout) on D 128 causal GQA 1000, rows + deferred dq on
 # D 128 full GQA 777 (call 1).
-# (Session 7: the 1k causal path keeps its session-6 kernel, without one loop / one mbarrier:
-# not timed with them.)
+# Session 8, call 1 (20 interleaved rounds in one process, fwd+bwd TFLOP/s, medians; ptxas):
+# D=128 causal up to 2k keys: query rows with dS / dV issued early, one step loop and one ring
+# mbarrier per slot (no deferred dq) 298 vs 268 (rows + deferred dq, which spilled 468 B; 48 B)
+# at 1k (tokamax 305, cuDNN 271) and 390 vs 368 (the lean step, the > 2k default) at 2k
+# (tokamax 370); GPU-checked on causal GQA 1000 (session 7).
 MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
-    (128, True): ((1024, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
-                              mgpu_bwd_one_loop=False, mgpu_bwd_one_bar=False)),),
+    (128, True): ((2048, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
+                              mgpu_bwd_dv_early=True, mgpu_bwd_one_loop=True,
+                              mgpu_bwd_one_bar=True)),),
 }
 
 

@@ -729,6 +729,23 @@ def test_mosaic_forward_tile_order_leaves_the_backward_grid(monkeypatch):
     assert [g["grid_names"][0] for g in grids] == ["q_tile", "heads"]
 
 
+@pytest.mark.parametrize("lq,window", [(200, 40), pytest.param(330, None, marks=SLOW)])
+def test_mosaic_backward_short_causal_default(lq, window):
+    """The D=128 causal backward options up to 2k keys (session 8, MOSAIC_BWD_SHORT: query rows,
+    dS / dV issued early, one step loop, one ring mbarrier) with a causal window and MQA, ragged
+    length; Mosaic GPU interpret mode (the Triton forward)."""
+    assert attn.mosaic_bwd_options(128, True, 2048)["mgpu_bwd_one_loop"]
+    q, k, v, do = _inputs(41, 1, lq, lq, 4, 1, 128, jnp.bfloat16)
+    kw = dict(causal=True, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic",
+                                           **attn.mosaic_bwd_options(128, True, lq), **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 def test_mosaic_forward_short_query_options(monkeypatch):
     """MOSAIC_FWD_SHORT: the first (max_lq, options) entry with lq <= max_lq is applied on top of
     MOSAIC_FWD_BLOCKS for the Mosaic forward; longer queries keep the cell's options."""
