@@ -851,16 +851,14 @@ MOSAIC_FWD_BLOCKS = {(128, False): dict(block_q=64, block_k=128, mgpu_stages=2,
 # Session 7: D=128 full needs no entry (its default is persistent at every length); D=128
 # causal up to 1k keeps the session-6 options (the session-7 ones were timed at 4k / 16k only);
 # D=64 full at 2k-4k: two warpgroups on tokamax's structure (436 vs 416 at 4k, call 2).
-# Session 8 (20 interleaved rounds, medians): the same up to 1k, 383 vs 363 (call 1, vs_default
-# 1.049) and 381 vs 358 (call 2, 1.061; tokamax 386 / 384).
+# Session 8 (20 interleaved rounds, medians): the same up to 2k (was session 6's two persistent
+# ping-pong warpgroups), 383 vs 363 (call 1, vs_default 1.049) and 381 vs 358 (call 2, 1.061) at
+# 1k, 402 vs 391 (call 2, 1.031) and 418 vs 397 (call 2b, 1.050) at 2k (tokamax 386 / 384 / 402 /
+# 412).
 _WG2_TK = dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True, **_TOKAMAX_FWD)
 MOSAIC_FWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (128, True): ((1024, {k: False for k in _CAUSAL_128_S7}),),
-    (64, False): ((1024, _WG2_TK),
-                  (2048, dict(mgpu_fwd_wgs=2, mgpu_fwd_regs=(232, 40), mgpu_ping_pong=True,
-                              mgpu_fwd_fa3_sched=True, mgpu_fwd_persistent=-1,
-                              mgpu_fwd_nab=True)),
-                  (4096, _WG2_TK)),
+    (64, False): ((4096, _WG2_TK),),
     (64, True): ((1024, dict(mgpu_fwd_persistent=-1, mgpu_fwd_snake=True,
                              mgpu_fwd_named_free=True)),),
 }
