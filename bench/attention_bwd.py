@@ -150,6 +150,11 @@ VARIANTS.update({
                           mgpu_bwd_producer=False, mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
                           mgpu_bwd_dq_swizzle=True),
     "default_barrier": dict(bwd_delta="rowsum_barrier"),
+    # session 8: the deferred-dq race restored (mgpu_bwd_wait_other_k=False), to reproduce it
+    "default_race": dict(mgpu_bwd_wait_other_k=False),
+    "rows_defer_1b_race": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                               mgpu_bwd_one_bar=True, mgpu_bwd_wait_other_k=False),
+    "mosaic_opts_race": lambda d, c: dict(_opts(d, c), mgpu_bwd_wait_other_k=False),
 })
 
 
@@ -206,6 +211,114 @@ def checks(results, deadline, names, order=None, plan=None):
             battn._check_against_reference(rows, row, attn.flash_attention_kernel,
                                            (q, k, v, do), kw, _cfg(name, d, causal),
                                            err_chars=600)
+            _SAVE[0]()
+
+
+# session 8: cases of part `stress` (b, n, hq, hkv, d, causal, window, segment ids)
+STRESS_CASES = [(2, 2048, 4, 4, 128, False, None, False),     # 0: session 7's NaN (rows_defer_1b)
+                (2, 2048, 4, 4, 128, True, None, False),      # 1
+                (2, 4096, 4, 4, 128, True, None, False),      # 2
+                (1, 4097, 8, 1, 128, True, None, False),      # 3: MQA 8:1, ragged
+                (1, 4096, 8, 1, 128, True, 300, False),       # 4: window
+                (2, 2048, 8, 1, 128, True, None, True),       # 5: segment ids (Triton bwd)
+                (2, 4096, 4, 4, 128, False, None, False),     # 6
+                (2, 1024, 8, 2, 128, True, None, False),      # 7: the 1k causal path (deferred)
+                (2, 2048, 4, 4, 64, False, None, False),      # 8: D 64 (deferred, producer)
+                (2, 2048, 16, 2, 128, False, None, False)]    # 9: GQA 8:1 full
+
+
+def _poison_smem(n_ctas=264, rows=432):
+    """A Mosaic GPU kernel that fills 216 KB of SMEM on every SM with 0xFF bytes (bf16 NaN):
+    a kernel that reads SMEM it has not loaded yet then sees NaN (a race made visible)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(o_ref):
+        def scoped(smem):
+            for r in range(0, rows, 8):
+                smem[pl.ds(r, 8), :] = jnp.full((8, 128), -1, jnp.int32)
+            plgpu.commit_smem()
+
+            @pl.when(jax.lax.axis_index("x") == 0)
+            def _():
+                plgpu.copy_smem_to_gmem(smem.at[pl.ds(0, 8)], o_ref)
+                plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(scoped, plgpu.SMEM((rows, 128), jnp.int32))
+    return jax.jit(plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((8, 128), jnp.int32),
+                                grid=(n_ctas,), grid_names=("x",)))
+
+
+def _nonfinite(x):
+    return int(jnp.sum(~jnp.isfinite(x.astype(jnp.float32))))
+
+
+def stress(results, deadline, plan, seeds=4):
+    """Session 8: each (variant, case) of `plan` compiled once and run on `seeds` random inputs
+    (seed 0 as is, the others with `_poison_smem` run between the forward and the backward call),
+    against the f32 reference: rel. L2
+    errors, non-finite counts of o / dq / dk / dv, and where dq is non-finite (batch, 64-row
+    query block, head)."""
+    rows = results.setdefault("stress", [])
+    poison, refs = None, {}
+    for name, idx in plan:
+        for i in idx:
+            if time.time() > deadline:
+                return
+            b, n, hq, hkv, d, causal, window, segs = STRESS_CASES[i]
+            case = (f"{name} b{b} n{n} hq{hq} hkv{hkv} d{d} causal={causal} window={window} "
+                    f"seg={segs}")
+            row = dict(case=case, variant=name, runs=[])
+            try:
+                t = time.time()
+                seg = (jnp.sort(jax.random.randint(jax.random.key(99), (b, n), 0, 3), axis=1)
+                       if segs else None)
+                kw = dict(causal=causal, window=window, segment_ids=seg)
+                cfg = _cfg(name, d, causal)
+                # forward and backward as two calls: the poison kernel runs between them, so
+                # that only the backward's small XLA prologue (delta) runs on poisoned SMEM
+                fwd = jax.jit(lambda q, k, v, kw=kw, cfg=cfg: jax.vjp(
+                    lambda a, b_, c: attn.flash_attention_kernel(a, b_, c, **kw, **cfg),
+                    q, k, v))
+                bwd = jax.jit(lambda vjp_fn, do: vjp_fn(do))
+                key = STRESS_CASES[i]
+                if key not in refs:
+                    refs[key] = battn._fwd_bwd(lambda q, k, v, kw=kw: attn.attention_reference(
+                        q, k, v, **kw))
+                ref = refs[key]
+                for s_ in range(seeds):
+                    if time.time() > deadline:
+                        break
+                    q, k, v, do = battn._inputs((b, n, hq, d), (b, n, hkv, d), jnp.bfloat16,
+                                                seed=800 + 7 * i + s_)
+                    o, vjp_fn = jax.block_until_ready(fwd(q, k, v))
+                    if s_ > 0:
+                        if poison is None:
+                            poison = _poison_smem()
+                        jax.block_until_ready(poison())
+                    g = jax.block_until_ready(bwd(vjp_fn, do))
+                    o_r, g_r = ref(*[x.astype(jnp.float32) for x in (q, k, v, do)])
+                    one = dict(seed=800 + 7 * i + s_, poisoned=s_ > 0)
+                    for nm, x, xr in zip(("o", "dq", "dk", "dv"), (o, *g), (o_r, *g_r),
+                                         strict=True):
+                        one[nm] = float(battn._rel(x, xr))
+                        one[f"{nm}_nonfinite"] = _nonfinite(x)
+                    if one["dq_nonfinite"]:
+                        bad = np.argwhere(~np.isfinite(np.asarray(g[0], np.float32)))
+                        blocks = sorted({(int(x[0]), int(x[1]) // 64, int(x[2])) for x in bad})
+                        one["dq_bad_blocks"] = blocks[:12]
+                        one["dq_bad_block_count"] = len(blocks)
+                    row["runs"].append(one)
+                    print("stress", case, json.dumps(one), flush=True)
+                row["s"] = round(time.time() - t, 2)
+                row["pass"] = all(r_["dq_nonfinite"] + r_["dk_nonfinite"] + r_["dv_nonfinite"]
+                                  + r_["o_nonfinite"] == 0
+                                  and max(r_["o"], r_["dq"], r_["dk"], r_["dv"]) < 1e-2
+                                  for r_ in row["runs"])
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print("stress_row", json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "runs"}),
+                  flush=True)
+            rows.append(row)
             _SAVE[0]()
 
 
@@ -500,6 +613,9 @@ def main():
     ap.add_argument("--check-cases", default="", help="indices into checks()'s cases, in order")
     ap.add_argument("--check-plan", default="", help="variant=i,j;variant=k,...: the cases of "
                     "each variant (overrides --check-variants / --check-cases)")
+    ap.add_argument("--seeds", type=int, default=4, help="part stress: inputs per case (all "
+                    "but the first after the SMEM poison kernel); --check-plan indexes "
+                    "STRESS_CASES there")
     ap.add_argument("--cells", default="128f,128c")
     ap.add_argument("--n", default="4096", help="comma-separated lengths (tput); ktimes: first")
     ap.add_argument("--anchors", default="cudnn", help="anchors timed before the variants (tput)")
@@ -524,6 +640,7 @@ def main():
     plan = [(v, [int(x) for x in c.split(",")]) for v, c in
             (item.split("=") for item in args.check_plan.split(";") if item)]
     steps = {"check": lambda dl: checks(results, dl, check_names, order, plan),
+             "stress": lambda dl: stress(results, dl, plan, args.seeds),
              "tput": lambda dl: throughput(results, dl, names, cells, lengths,
                                            [s for s in args.anchors.split(",") if s],
                                            per_cell),

@@ -231,6 +231,12 @@ class FlashConfig:
     mgpu_bwd_dq_first: bool = False  # Mosaic bwd, rows + dV early, no producer: FA3's order,
     #                                  dq issued before dK after the dS barrier, dq stored while
     #                                  dK runs; the slot is released on its "free" mbarrier
+    mgpu_bwd_wait_other_k: bool = True  # Mosaic bwd, deferred dq (session 8 fix): a warpgroup
+    #                                     whose dq reads both warpgroups' K tiles also waits for
+    #                                     the other one's K TMA before its first dq ("step -1",
+    #                                     zero dS times unloaded SMEM: NaN dq when the stale SMEM
+    #                                     held NaN / inf bit patterns). False: the session-6/7
+    #                                     race, kept only to reproduce it on the GPU
     interpret: bool = False
 
 

@@ -1005,6 +1005,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         plgpu.barrier_wait(kv_ready.at[w])
         plgpu.barrier_wait(kv_ready.at[2 + w])
         does_dq = w < dq_wgs
+        if does_dq and cfg.mgpu_bwd_wait_other_k:
+            # dq_mm reads both warpgroups' K, from step 0 on (dq of "step -1"); the other
+            # warpgroup arrived on ds_sync above before waiting for its own K, so the dS barrier
+            # does not cover that load: without this wait the step -1 dq could read unloaded
+            # SMEM (0 * NaN garbage = NaN dq; session 7's NaN of rows_defer_1b)
+            plgpu.barrier_wait(kv_ready.at[1 - w])
         cols = pl.ds(w * dh, dh)
 
         def refill(t):
@@ -1593,7 +1599,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_ee' if cfg.mgpu_bwd_early_exit else ''}"
                      f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"
                      f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"
-                     f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"),
+                     f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"
+                     f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]
