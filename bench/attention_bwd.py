@@ -155,6 +155,18 @@ VARIANTS.update({
     "rows_defer_1b_race": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                                mgpu_bwd_one_bar=True, mgpu_bwd_wait_other_k=False),
     "mosaic_opts_race": lambda d, c: dict(_opts(d, c), mgpu_bwd_wait_other_k=False),
+    # session 8: rows + deferred dq without producer (the D 128 full default) with dK / dV not
+    # awaited per step (mgpu_bwd_dk_late), with one step loop (causal), the swizzled dq tile
+    "rows_defer_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dk_late=True),
+    "rows_defer_ol": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_one_loop=True),
+    "rows_defer_ol_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                              mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True),
+    "rows_defer_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dkl_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                               mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
 })
 
 

@@ -237,6 +237,11 @@ class FlashConfig:
     #                                     zero dS times unloaded SMEM: NaN dq when the stale SMEM
     #                                     held NaN / inf bit patterns). False: the session-6/7
     #                                     race, kept only to reproduce it on the GPU
+    mgpu_bwd_dk_late: bool = False  # Mosaic bwd, rows + deferred dq without producer (session
+    #                                 8): dK / dV accumulate in CTA-long wgmma accumulators and
+    #                                 a step does not wait for them (the next step's dq wait
+    #                                 does); the ring slot is refilled after that wait, on its
+    #                                 "free" mbarrier, instead of at the dS barrier
     interpret: bool = False
 
 
