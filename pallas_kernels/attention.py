@@ -185,7 +185,9 @@ class FlashConfig:
     mgpu_bwd_ds_early: bool = False  # Mosaic bwd with mgpu_bwd_rows: dS computed as soon as dP
     #                                  is done, before dV/dK are issued (no f32 P/dP tile live
     #                                  while the dK/dV accumulators are on the tensor cores)
-    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
+    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early (or, session 8, mgpu_bwd_dk_late:
+    #                                  the deferred dq's dV before the dP wait): dV issued as
+    #                                  soon as P is in SMEM,
     #                                  dS computed while dV runs (GPU path; interpret mode runs
     #                                  the ds_early order)
     mgpu_bwd_persistent: int = 0  # Mosaic bwd without producer: that many persistent CTAs (-1:
