@@ -277,7 +277,7 @@ def stress(results, deadline, plan, seeds=4):
     (seed 0 as is, the others with `_poison_smem` run between the forward and the backward call),
     against the f32 reference: rel. L2
     errors, non-finite counts of o / dq / dk / dv, and where dq is non-finite (batch, 64-row
-    query block, head)."""
+    query block, head, 64-column half)."""
     rows = results.setdefault("stress", [])
     poison, refs = None, {}
     for name, idx in plan:
@@ -324,7 +324,8 @@ def stress(results, deadline, plan, seeds=4):
                         one[f"{nm}_nonfinite"] = _nonfinite(x)
                     if one["dq_nonfinite"]:
                         bad = np.argwhere(~np.isfinite(np.asarray(g[0], np.float32)))
-                        blocks = sorted({(int(x[0]), int(x[1]) // 64, int(x[2])) for x in bad})
+                        blocks = sorted({(int(x[0]), int(x[1]) // 64, int(x[2]), int(x[3]) // 64)
+                                         for x in bad})          # + the 64-column half of D
                         one["dq_bad_blocks"] = blocks[:12]
                         one["dq_bad_block_count"] = len(blocks)
                     row["runs"].append(one)
