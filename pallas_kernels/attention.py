@@ -949,14 +949,26 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
 }
 
 
+# Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the
+# first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; disjoint from
+# MOSAIC_BWD_SHORT's key lengths, so the <= 1k paths keep their option sets).
+MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+
+
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:
     """The dispatch's Mosaic backward options of one call: MOSAIC_BWD_OPTS of the (head dim,
-    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk`."""
+    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk` (or its first
+    MOSAIC_BWD_LONG entry below `lk`)."""
     opts = dict(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
     for max_lk, short in MOSAIC_BWD_SHORT.get((d_pad, bool(causal)), ()):
         if lk <= max_lk:
             opts.update(short)
             break
+    else:
+        for min_lk, long_opts in MOSAIC_BWD_LONG.get((d_pad, bool(causal)), ()):
+            if lk > min_lk:
+                opts.update(long_opts)
+                break
     return opts
 
 
