@@ -171,6 +171,8 @@ VARIANTS.update({
     "rows_defer_dkl_dve_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                                    mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
                                    mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dv_early=True),
     "rows_defer_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                            mgpu_bwd_dq_swizzle=True),
     "rows_defer_dkl_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,

@@ -1097,10 +1097,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 return probs(s_ref), dp_ref[...]
 
             acc_s = plgpu.ACC(ds_smem.shape[2:], jnp.float32)
-            if dk_late and cfg.mgpu_bwd_dv_early:
+            if cfg.mgpu_bwd_dv_early:
                 # dV issued as soon as P is in SMEM (queued right behind dP), dP awaited with
-                # dV in flight, dS computed while dV runs, then dK: no wgmma awaited to zero
-                def whole_step(s_ref, dp_ref, dq_ref=None):
+                # dV in flight, dS computed while dV runs, then dK. With dk_late nothing is
+                # awaited to zero; without, the step ends on the run_state's wait (the ring
+                # slot refilled at the dS barrier as in the default)
+                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None):
                     if dq_ref is not None:
                         dq_mm(dq_ref, prev)
                     issue_s_dp(s_ref, dp_ref)
@@ -1108,13 +1110,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                         dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=2)
                     else:
                         plgpu.wgmma_wait(2)
-                    release_prev(t)        # dV / dK of step t-1 are done (in-order retire)
+                    if dk_late:
+                        release_prev(t)    # dV / dK of step t-1 are done (in-order retire)
                     if dq_ref is not None:
                         emit_dq(dq, i_prev, h_prev)
-                    refill_prev(t)
+                    if dk_late:
+                        refill_prev(t)
                     p = rows_p(s_ref, slot, i, k0, masked, w)           # S waited for
                     plgpu.commit_smem()                                 # P to the tensor cores
-                    dk_ref, dv_ref = acc_refs
                     plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
                     dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may run on
                     delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -1122,11 +1125,19 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
-                if does_dq:
-                    pl.run_scoped(lambda dq_ref, s_ref, dp_ref: whole_step(s_ref, dp_ref, dq_ref),
-                                  plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+
+                def mms(dv_ref, dk_ref):
+                    if does_dq:
+                        pl.run_scoped(lambda dq_ref, s_ref, dp_ref: whole_step(
+                            dk_ref, dv_ref, s_ref, dp_ref, dq_ref),
+                            plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+                    else:
+                        pl.run_scoped(functools.partial(whole_step, dk_ref, dv_ref), acc_s,
+                                      acc_s)
+                if dk_late:
+                    mms(acc_refs[1], acc_refs[0])
                 else:
-                    pl.run_scoped(whole_step, acc_s, acc_s)
+                    dk, dv = dv_dk_accumulate(mms, dk, dv)
                 plgpu.barrier_arrive(ds_sync)                # my dS^T of step t is in SMEM
                 return dk, dv, i, h
             if does_dq:
@@ -1578,8 +1589,10 @@ def check_backward_options(cfg: FlashConfig):
                          "and mgpu_bwd_p_lo")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
-    if cfg.mgpu_bwd_dv_early and not (cfg.mgpu_bwd_ds_early or cfg.mgpu_bwd_dk_late):
-        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early or mgpu_bwd_dk_late")
+    if cfg.mgpu_bwd_dv_early and not (cfg.mgpu_bwd_ds_early or (
+            cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_producer)):
+        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early, or mgpu_bwd_defer_dq with "
+                         "mgpu_bwd_rows and no producer")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
     if cfg.mgpu_bwd_dq_first and not (cfg.mgpu_bwd_dv_early and cfg.mgpu_bwd_dq == "halves"

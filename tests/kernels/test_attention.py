@@ -463,6 +463,7 @@ DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
                            mgpu_bwd_one_loop=True)),
     pytest.param(64, False, 30, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
                  marks=SLOW),
+    (128, False, None, dict(mgpu_bwd_dv_early=True)),
     pytest.param(128, True, 70, dict(mgpu_bwd_dk_late=True, mgpu_bwd_one_loop=True), marks=SLOW),
     pytest.param(64, True, None, dict(mgpu_bwd_dk_late=True), marks=SLOW),
     pytest.param(128, False, None, dict(mgpu_bwd_wait_other_k=False), marks=SLOW),
