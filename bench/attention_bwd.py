@@ -155,6 +155,28 @@ VARIANTS.update({
     "rows_defer_1b_race": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                                mgpu_bwd_one_bar=True, mgpu_bwd_wait_other_k=False),
     "mosaic_opts_race": lambda d, c: dict(_opts(d, c), mgpu_bwd_wait_other_k=False),
+    # session 8: rows + deferred dq without producer (the D 128 full default) with dK / dV not
+    # awaited per step (mgpu_bwd_dk_late), with one step loop (causal), the swizzled dq tile
+    "rows_defer_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dk_late=True),
+    "rows_defer_ol": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                          mgpu_bwd_one_loop=True),
+    "rows_defer_ol_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                              mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True),
+    "rows_defer_dkl_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                               mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
+    "rows_defer_ol_dkl_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                  mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True,
+                                  mgpu_bwd_dv_early=True),
+    "rows_defer_dkl_dve_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                   mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
+                                   mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dv_early=True),
+    "rows_defer_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                           mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dkl_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                               mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
 })
 
 
@@ -257,7 +279,7 @@ def stress(results, deadline, plan, seeds=4):
     (seed 0 as is, the others with `_poison_smem` run between the forward and the backward call),
     against the f32 reference: rel. L2
     errors, non-finite counts of o / dq / dk / dv, and where dq is non-finite (batch, 64-row
-    query block, head)."""
+    query block, head, 64-column half)."""
     rows = results.setdefault("stress", [])
     poison, refs = None, {}
     for name, idx in plan:
@@ -304,7 +326,8 @@ def stress(results, deadline, plan, seeds=4):
                         one[f"{nm}_nonfinite"] = _nonfinite(x)
                     if one["dq_nonfinite"]:
                         bad = np.argwhere(~np.isfinite(np.asarray(g[0], np.float32)))
-                        blocks = sorted({(int(x[0]), int(x[1]) // 64, int(x[2])) for x in bad})
+                        blocks = sorted({(int(x[0]), int(x[1]) // 64, int(x[2]), int(x[3]) // 64)
+                                         for x in bad})          # + the 64-column half of D
                         one["dq_bad_blocks"] = blocks[:12]
                         one["dq_bad_block_count"] = len(blocks)
                     row["runs"].append(one)

@@ -188,7 +188,9 @@ class FlashConfig:
     mgpu_bwd_ds_early: bool = False  # Mosaic bwd with mgpu_bwd_rows: dS computed as soon as dP
     #                                  is done, before dV/dK are issued (no f32 P/dP tile live
     #                                  while the dK/dV accumulators are on the tensor cores)
-    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early: dV issued as soon as P is in SMEM,
+    mgpu_bwd_dv_early: bool = False  # with mgpu_bwd_ds_early (or, session 8, mgpu_bwd_dk_late:
+    #                                  the deferred dq's dV before the dP wait): dV issued as
+    #                                  soon as P is in SMEM,
     #                                  dS computed while dV runs (GPU path; interpret mode runs
     #                                  the ds_early order)
     mgpu_bwd_persistent: int = 0  # Mosaic bwd without producer: that many persistent CTAs (-1:
@@ -240,6 +242,11 @@ class FlashConfig:
     #                                     zero dS times unloaded SMEM: NaN dq when the stale SMEM
     #                                     held NaN / inf bit patterns). False: the session-6/7
     #                                     race, kept only to reproduce it on the GPU
+    mgpu_bwd_dk_late: bool = False  # Mosaic bwd, rows + deferred dq without producer (session
+    #                                 8): dK / dV accumulate in CTA-long wgmma accumulators and
+    #                                 a step does not wait for them (the next step's dq wait
+    #                                 does); the ring slot is refilled after that wait, on its
+    #                                 "free" mbarrier, instead of at the dS barrier
     interpret: bool = False
 
 
@@ -950,14 +957,26 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
 }
 
 
+# Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the
+# first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; disjoint from
+# MOSAIC_BWD_SHORT's key lengths, so the <= 1k paths keep their option sets).
+MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+
+
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:
     """The dispatch's Mosaic backward options of one call: MOSAIC_BWD_OPTS of the (head dim,
-    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk`."""
+    causal) cell, updated by its first MOSAIC_BWD_SHORT entry that covers `lk` (or its first
+    MOSAIC_BWD_LONG entry below `lk`)."""
     opts = dict(MOSAIC_BWD_OPTS.get((d_pad, bool(causal)), {}))
     for max_lk, short in MOSAIC_BWD_SHORT.get((d_pad, bool(causal)), ()):
         if lk <= max_lk:
             opts.update(short)
             break
+    else:
+        for min_lk, long_opts in MOSAIC_BWD_LONG.get((d_pad, bool(causal)), ()):
+            if lk > min_lk:
+                opts.update(long_opts)
+                break
     return opts
 
 

@@ -1023,6 +1023,36 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             if nxt is not None:
                 prefetch_next(t_fill - total, t >= 1)
 
+        dk_late = cfg.mgpu_bwd_dk_late
+        acc_refs = []                                      # dk_late: (dk_ref, dv_ref)
+
+        def release_prev(t):
+            """dk_late: this warpgroup is done with the slot of step t-1 (its dV / dK waited)."""
+            pl.when(t >= 1)(lambda: plgpu.barrier_arrive(free.at[lax.rem(
+                c0 + t + stages - 1, jnp.int32(stages))]))
+
+        def refill_prev(t):
+            """dk_late, warpgroup 0: once both warpgroups released the slot of step t-1, load
+            step t-1+stages into it."""
+            if w != 0:
+                return
+
+            @pl.when(t >= 1)
+            def _():
+                plgpu.barrier_wait(free.at[lax.rem(c0 + t + stages - 1, jnp.int32(stages))])
+                t_fill = t - 1 + stages
+                pl.when(t_fill < total)(functools.partial(load_step, t_fill))
+
+        def rows_tail_refs(p, dp, slot, buf, w, dk_ref, dv_ref):
+            """rows_tail into the accumulators `dk_ref`, `dv_ref` (dk_late), not awaited."""
+            plgpu.commit_smem()                            # P visible to the tensor cores
+            delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+            plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+            ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)     # while dV runs
+            plgpu.commit_smem()
+            plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+
         def dq_mm(dq_ref, buf):
             for u in range(2):
                 ds_u = ds_smem.at[buf, u]
@@ -1045,7 +1075,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
             wait_do(slot)
             plgpu.barrier_wait(ds_sync)                    # both dS^T of step t-1 in SMEM
-            if not producer and w == 0:                    # step t-1 is done: refill its slot
+            if not producer and w == 0 and not dk_late:    # step t-1 is done: refill its slot
                 refill(t)
             do_t = do_smem.at[slot].transpose((1, 0))
 
@@ -1068,17 +1098,75 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 return probs(s_ref), dp_ref[...]
 
             acc_s = plgpu.ACC(ds_smem.shape[2:], jnp.float32)
+            if cfg.mgpu_bwd_dv_early:
+                # dV issued as soon as P is in SMEM (queued right behind dP), dP awaited with
+                # dV in flight, dS computed while dV runs, then dK. With dk_late nothing is
+                # awaited to zero; without, the step ends on the run_state's wait (the ring
+                # slot refilled at the dS barrier as in the default)
+                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None):
+                    if dq_ref is not None:
+                        dq_mm(dq_ref, prev)
+                    issue_s_dp(s_ref, dp_ref)
+                    if dq_ref is not None:
+                        dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=2)
+                    else:
+                        plgpu.wgmma_wait(2)
+                    if dk_late:
+                        release_prev(t)    # dV / dK of step t-1 are done (in-order retire)
+                    if dq_ref is not None:
+                        emit_dq(dq, i_prev, h_prev)
+                    if dk_late:
+                        refill_prev(t)
+                    p = rows_p(s_ref, slot, i, k0, masked, w)           # S waited for
+                    plgpu.commit_smem()                                 # P to the tensor cores
+                    plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+                    dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may run on
+                    delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+                    ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+                    ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+
+                def mms(dv_ref, dk_ref):
+                    if does_dq:
+                        pl.run_scoped(lambda dq_ref, s_ref, dp_ref: whole_step(
+                            dk_ref, dv_ref, s_ref, dp_ref, dq_ref),
+                            plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+                    else:
+                        pl.run_scoped(functools.partial(whole_step, dk_ref, dv_ref), acc_s,
+                                      acc_s)
+                if dk_late:
+                    mms(acc_refs[1], acc_refs[0])
+                else:
+                    dk, dv = dv_dk_accumulate(mms, dk, dv)
+                plgpu.barrier_arrive(ds_sync)                # my dS^T of step t is in SMEM
+                return dk, dv, i, h
             if does_dq:
                 def dq_s_dp(dq_ref, s_ref, dp_ref):
                     dq_mm(dq_ref, prev)
                     # dq_{t-1} first (two groups), then S^T, dP^T: wait until those two are left
                     issue_s_dp(s_ref, dp_ref)
-                    emit_dq(plgpu.wgmma_accumulator_load(dq_ref, wait_n=2), i_prev, h_prev)
+                    dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=2)
+                    if dk_late:     # dV / dK of step t-1 are done too (groups retire in order)
+                        release_prev(t)
+                    emit_dq(dq, i_prev, h_prev)
+                    if dk_late:
+                        refill_prev(t)
                     return probs(s_ref), dp_ref[...]
                 pt, dpt = pl.run_scoped(dq_s_dp, plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+            elif dk_late:
+                def s_dp_late(s_ref, dp_ref):
+                    issue_s_dp(s_ref, dp_ref)
+                    plgpu.wgmma_wait(2)                    # dV / dK of step t-1 done
+                    release_prev(t)
+                    refill_prev(t)
+                    return probs(s_ref), dp_ref[...]
+                pt, dpt = pl.run_scoped(s_dp_late, acc_s, acc_s)
             else:
                 pt, dpt = pl.run_scoped(scores, acc_s, acc_s)
-            if rows:
+            if dk_late:     # dV, dK issued into the CTA-long accumulators, not awaited here
+                rows_tail_refs(pt, dpt, slot, buf, w, *acc_refs)
+            elif rows:
                 dk, dv = rows_tail(pt, dpt, slot, buf, w, dk, dv)
             else:
                 dk, dv = dv_ds_dk(pt, dpt, delta, slot, buf, w, dk, dv)
@@ -1088,17 +1176,36 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             return dk, dv, i, h
 
         i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: step -1 adds 0
-        dk, dv, i_prev, h_prev = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros, i0, g * rep))
-        plgpu.barrier_wait(ds_sync)                        # the last step's dS^T
-        if not producer and w == 0 and nxt is not None:
-            refill(total)
-        if does_dq:
-            last = lax.rem(total + 1, jnp.int32(2))        # buffer of step total-1 (-1: zeros)
 
-            def dq_last(dq_ref):
-                dq_mm(dq_ref, last)
-                return dq_ref[...]
-            emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), i_prev, h_prev)
+        def steps_and_last_dq(carry):
+            dk, dv, i_prev, h_prev = all_steps(step, w_mid_lo, w_mid_hi, carry)
+            plgpu.barrier_wait(ds_sync)                    # the last step's dS^T
+            if not producer and w == 0 and nxt is not None:
+                refill(total)
+            if does_dq:
+                last = lax.rem(total + 1, jnp.int32(2))    # buffer of step total-1 (-1: zeros)
+
+                def dq_last(dq_ref):
+                    dq_mm(dq_ref, last)
+                    return dq_ref[...]
+                emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), i_prev,
+                        h_prev)
+            return dk, dv
+
+        if dk_late:
+            # mgpu_bwd_dk_late: dK / dV accumulate into CTA-long wgmma accumulators; a step
+            # does not wait for its own dV / dK (they run on while the next step's dq, S, dP
+            # are issued; the dq wait of step t+1 covers them). The ring slot of step t-1 is
+            # released there: both warpgroups arrive on its "free" barrier, warpgroup 0 waits
+            # and refills it with step t+1 (not at the dS barrier: dK_{t-1} may still read Q).
+            def with_accs(dk_ref, dv_ref):
+                acc_refs[:] = [dk_ref, dv_ref]
+                steps_and_last_dq((None, None, i0, g * rep))
+                return dk_ref[...], dv_ref[...]
+            dk, dv = pl.run_scoped(with_accs, plgpu.ACC((bk, d), jnp.float32),
+                                   plgpu.ACC((bk, d), jnp.float32))
+        else:
+            dk, dv = steps_and_last_dq((zeros, zeros, i0, g * rep))
         write_dkdv(w, dk, dv, kv_at)
 
     def _consumer():
@@ -1484,8 +1591,10 @@ def check_backward_options(cfg: FlashConfig):
                          "and mgpu_bwd_p_lo")
     if cfg.mgpu_bwd_ds_early and not (cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_defer_dq):
         raise ValueError("mgpu_bwd_ds_early needs mgpu_bwd_rows without mgpu_bwd_defer_dq")
-    if cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_ds_early:
-        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early")
+    if cfg.mgpu_bwd_dv_early and not (cfg.mgpu_bwd_ds_early or (
+            cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows and not cfg.mgpu_bwd_producer)):
+        raise ValueError("mgpu_bwd_dv_early needs mgpu_bwd_ds_early, or mgpu_bwd_defer_dq with "
+                         "mgpu_bwd_rows and no producer")
     if cfg.mgpu_bwd_dq_fused and not (cfg.mgpu_bwd_dv_early or cfg.mgpu_bwd_overlap):
         raise ValueError("mgpu_bwd_dq_fused needs mgpu_bwd_dv_early or mgpu_bwd_overlap")
     if cfg.mgpu_bwd_dq_first and not (cfg.mgpu_bwd_dv_early and cfg.mgpu_bwd_dq == "halves"
@@ -1494,6 +1603,11 @@ def check_backward_options(cfg: FlashConfig):
                                       and not cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_dq_first needs mgpu_bwd_dv_early, dq 'halves', no producer, "
                          "no persistent CTAs and no mgpu_bwd_dq_fused")
+    if cfg.mgpu_bwd_dk_late and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
+                                     and not cfg.mgpu_bwd_producer
+                                     and not cfg.mgpu_bwd_persistent):
+        raise ValueError("mgpu_bwd_dk_late needs mgpu_bwd_defer_dq and mgpu_bwd_rows without "
+                         "producer and without persistent CTAs")
     if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
                                     or cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
@@ -1602,7 +1716,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_ol' if cfg.mgpu_bwd_one_loop else ''}"
                      f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"
                      f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"
-                     f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"),
+                     f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"
+                     f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

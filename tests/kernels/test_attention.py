@@ -457,6 +457,36 @@ def test_mosaic_gpu_backward_session7_flags_in_gpu_interpret_mode(causal, extra)
 DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
 
 
+@pytest.mark.parametrize("d,causal,window,extra", [
+    (128, False, None, dict(mgpu_bwd_dk_late=True)),
+    (128, True, None, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
+                           mgpu_bwd_one_loop=True)),
+    pytest.param(64, False, 30, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
+                 marks=SLOW),
+    (128, False, None, dict(mgpu_bwd_dv_early=True)),
+    pytest.param(128, True, 70, dict(mgpu_bwd_dk_late=True, mgpu_bwd_one_loop=True), marks=SLOW),
+    pytest.param(64, True, None, dict(mgpu_bwd_dk_late=True), marks=SLOW),
+    pytest.param(128, False, None, dict(mgpu_bwd_wait_other_k=False), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session8_in_gpu_interpret_mode(d, causal, window, extra):
+    """Session 8, rows + the deferred dq without producer: mgpu_bwd_dk_late (dK / dV in
+    CTA-long accumulators, not awaited per step; the ring slot refilled on its "free" barrier
+    after the next step's dq wait; with mgpu_bwd_dv_early dV is issued before the dP wait),
+    and the other warpgroup's K awaited before the first dq (`mgpu_bwd_wait_other_k`, on by
+    default; off it still computes the same values in interpret mode, where TMAs complete at
+    once); GQA, ragged length, causal / window."""
+    q, k, v, do = _inputs(28, 1, 200, 200, 4, 2, d, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
     pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
                  marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
