@@ -235,6 +235,9 @@ class _Config:
                               # FMA-pipe polynomial instead of the MUFU
     mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
                               # prepared (delta, decays, B/C) at the end of a group
+    mgpu_bwd_pair: bool = False  # Mosaic backward with two lanes per channel in one warp
+                              # (selective_scan_mgpu.backward_pair) where the one-thread
+                              # backward would run and the pair kernels take the shape
     interpret: bool = False
 
 
@@ -1271,6 +1274,13 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
+        if (cfg.mgpu_bwd_pair and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
+                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1])):
+            return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
+                                      chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                      stages=cfg.mgpu_stages,
+                                      bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
+                                      interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1401,7 +1411,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_chunk=32, interpret=False):
+                          mgpu_pair_chunk=32, mgpu_bwd_pair=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1434,7 +1444,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
-                  mgpu_pair_chunk=mgpu_pair_chunk, interpret=interpret)
+                  mgpu_pair_chunk=mgpu_pair_chunk, mgpu_bwd_pair=mgpu_bwd_pair,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

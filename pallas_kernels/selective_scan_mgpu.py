@@ -484,6 +484,8 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret):
     if interpret:
         row = bc_ref[t, :]
         return [row[_pair_part() * n_k + col + e] for e in range(count)]
+    if not isinstance(t, int):     # a traced step: the row as a transformed ref
+        bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
@@ -1082,4 +1084,338 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              if delta_bias is not None else None)
     dh0 = unpart(outs.pop(0))
     dh0 = (jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward with two lanes per channel in one warp ("pair", mgpu_bwd_pair): the one-thread
+# backward's recurrence with the pair forward's thread map (thread 32 w + 16 p + l: channel
+# 16 w + l of the program's 64, states p K + k), so that Dn 2048 at B 8 gives 256 programs of
+# 4 warps (two warps per scheduler) where the one-thread backward has one. Per step pair
+# (t, t + 1) lane part p loads u, delta, dy (z) of step t + p only (softplus once per lane and
+# two steps) and takes the partner's by shfl.xor 16; the per-channel sums <g, B>, <A, q> (and y
+# with z) of the two parts meet by one shfl each per step pair (part p keeps step t + p's), and
+# lane part p finishes step t + p (du, ddelta, dz). dB/dC rows go through shared memory as in
+# the one-thread kernel, 64 channels per row; row (t, which * N + 2 k + p) holds state p K + k
+# (the two parts' rows adjacent: the warp's store is conflict-free), reordered outside.
+
+_RED_W = 5     # `red` rows of [5, 16] floats (4 x 16 channels and a pad: 80-float row stride)
+
+
+def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
+                   stages, interpret, bwd_loop):
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
+    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
+    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
+             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "a_s", "p_s", "h_s", "bar", "red", "red2",
+             *[k + "_s" for k in seq_in + seq_out], "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    n_k = n_state // 2
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g_idx = j * 64 * groups // (r["u"].shape[2] * 16)
+    tiles = pl.ds(j * 4, 4)
+    n_sub = chunk // ck_every
+    rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
+
+    def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
+        c = n_chunks - 1 - k
+        rows = pl.ds(c * chunk, chunk)
+        bar = r["in_bar"].at[slot]
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, tiles],
+                                r["ck_s"].at[slot], bar)
+        for name in rows_names:
+            plgpu.copy_gmem_to_smem(r[name].at[b, rows, tiles], r[name + "_s"].at[slot], bar)
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    # A^T log2(e) as [K, 4, 2, 16], D and bias [4, 2, 16], dhT [K, 4, 2, 16]
+    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = r["p_s"][i]
+    plgpu.barrier_wait(r["bar"].at[3])
+    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    zero = _zeros(_PAIR_SHAPE)
+    part = _pair_part(interpret)
+    part0, part1 = part == 0, part == 1
+    shfl = functools.partial(_shfl16, interpret=interpret)
+
+    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
+        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+
+    def store_pair(ref, t, v):
+        ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
+
+    def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, 2, 16]
+        row = ck_s.at[sub]          # [N, 4, 16]
+        rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
+                  else row.reshape(2, n_k, 4, 16).at[:, k])
+        return rows_k.transpose((1, 0, 2))[...]
+
+    def red_store(tl, which, k, v):   # rows tl * 32 + which * N + 2 k + (0, 1)
+        rows = r["red"].at[pl.ds(tl * _NQ + which * n_state + 2 * k, 2), pl.ds(0, 4)]
+        rows.transpose((1, 0, 2))[...] = v
+
+    def bc_get(bc_s, t, which):
+        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret)
+
+    def pairsum(v):   # v[tt]: this part's sum of step t + tt -> the full sum of step t + p
+        return (jnp.where(part0, v[0], v[1])
+                + shfl(jnp.where(part0, v[1], v[0])))
+
+    def chunk_body(kc, carry):
+        c = n_chunks - 1 - kc
+        slot = jax.lax.rem(kc, stages)
+        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        bc_s = s_["bc"]
+
+        def recompute(sub):
+            t0 = sub * ck_every
+            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+            hs, steps, decays, own = [h], [], [], []
+            for tp in range(0, ck_every, 2):
+                t = t0 + tp
+                u_own = pair_rows(s_["u"], t)
+                x_own = pair_rows(s_["dt"], t)
+                if "bias" in vec:
+                    x_own = x_own + vec["bias"]
+                dt_own = _softplus(x_own, True) if softplus else x_own
+                if padded:
+                    dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+                own.append((u_own, x_own, dt_own))
+                dt_oth, u_oth = shfl(dt_own), shfl(u_own)
+                for tt in range(2):
+                    mine = part0 if tt == 0 else part1
+                    dt = jnp.where(mine, dt_own, dt_oth)
+                    dtu = dt * jnp.where(mine, u_own, u_oth)
+                    a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                    b_t = bc_get(bc_s, t + tt, 0)
+                    h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
+                    hs.append(h)
+                    steps.append((dt, dtu))
+                    decays.append(a_t)
+            return hs, steps, decays, own
+
+        def back(sub, rec, carry):
+            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+            hs, steps, decays, own = rec
+            t0 = sub * ck_every
+            for tp in reversed(range(0, ck_every, 2)):
+                t = t0 + tp
+                u_own, x_own, dt_own = own[tp // 2]
+                dout = pair_rows(s_["dy"], t)
+                zz = sz = None
+                if has_z:
+                    zz = pair_rows(s_["z"], t)
+                    sz = _sigmoid(zz)
+                    dy_own = dout * zz * sz
+                else:
+                    dy_own = dout
+                dy_oth = shfl(dy_own)
+                gbs, saqs, ys = [None, None], [None, None], [None, None]
+                for tt in (1, 0):
+                    tl = tp + tt
+                    dy = jnp.where(part0 if tt == 0 else part1, dy_own, dy_oth)
+                    dt, dtu = steps[tl]
+                    h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
+                    b_t, c_t = bc_get(bc_s, t + tt, 0), bc_get(bc_s, t + tt, 1)
+                    if has_z:
+                        for kk in range(n_k):
+                            hc = h_t[kk] * c_t[kk]
+                            ys[tt] = hc if ys[tt] is None else ys[tt] + hc
+                    gb, saq = None, None
+                    for kk in range(n_k):
+                        g = dh[kk] + c_t[kk] * dy
+                        red_store(tl, 0, kk, g * dtu)
+                        red_store(tl, 1, kk, dy * h_t[kk])
+                        q = g * a_t[kk] * h_prev[kk]
+                        da[kk] = da[kk] + dt * q
+                        saq = a2[kk] * q if saq is None else saq + a2[kk] * q
+                        gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
+                        dh[kk] = a_t[kk] * g
+                    gbs[tt], saqs[tt] = gb, saq
+                # lane part p finishes step t + p
+                gb, saq = pairsum(gbs), pairsum(saqs)
+                if has_z:
+                    y = pairsum(ys)
+                    if "d" in vec:
+                        y = y + vec["d"] * u_own
+                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)))
+                du = dt_own * gb
+                if "d" in vec:
+                    du = du + vec["d"] * dy_own
+                    dd = dd + dy_own * u_own
+                store_pair(s_["du"], t, du)
+                ddt = u_own * gb + saq * _LN2
+                if softplus:
+                    ddt = ddt * _sigmoid(x_own)
+                if padded:
+                    ddt = jnp.where(c * chunk + t + part < length, ddt, 0.0)
+                store_pair(s_["ddt"], t, ddt)
+                dbias = dbias + ddt
+            # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
+            plgpu.commit_smem()
+            acc = None
+            for w in range(4):
+                for m in range(4):
+                    v = plgpu.load(r["red"].at[:, w, pl.ds(4 * m, 4)],
+                                   layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                    acc = v if acc is None else acc + v
+            r["red2"][...] = acc
+            plgpu.commit_smem()
+            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            return tuple(dh), tuple(da), dd, dbias
+
+        carry = (tuple(carry[0]), tuple(carry[1]), carry[2], carry[3])
+        if bwd_loop:
+            carry = jax.lax.fori_loop(
+                0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr),
+                carry)
+        else:
+            for sub in reversed(range(n_sub)):
+                carry = back(sub, recompute(sub), carry)
+        plgpu.commit_smem()
+        rows = pl.ds(c * chunk, chunk)
+        for name in seq_out:
+            dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
+            plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(kc + stages < n_chunks)
+        def _():
+            fetch(kc + stages, slot)
+        return carry
+
+    init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
+    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for kk in range(n_k):
+        r["h_s"][kk] = dh[kk]
+        r["a_s"][kk] = da[kk]
+    # dD and d bias: each part summed its own steps
+    outs_vec = [(k, v + shfl(v)) for k, v in (("dd", dd), ("dbias", dbias)) if k in r]
+    for i, (_, v) in enumerate(outs_vec):
+        r["p_s"][i] = v
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, j])
+    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, j])
+    for i, (k, _) in enumerate(outs_vec):
+        plgpu.copy_smem_to_gmem(r["p_s"].at[i], r[k].at[b, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
+                  bwd_loop=True, interpret=False):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two lanes per channel
+    (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N, Dp] (the pair
+    training forward's, or the one-thread forward's [.., N, 1, Dp]). N even, 2 N <= 32,
+    ck_every 4; grouped B/C need Dn / G % 64 == 0. bwd_loop: a chunk's sub-chunks as a loop."""
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if ck.ndim == 5:
+        ck = ck[:, :, :, 0]
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    grouped = B.ndim == 4
+    B3, C3 = (B, C) if grouped else (B[:, :, None], C[:, :, None])
+    groups = B3.shape[2]
+    if not (pair_supported(dn, groups, n) and bwd_supported(n, ck_every)):
+        raise ValueError(f"selective_scan_mgpu.backward_pair: N={n}, Dn={dn}, G={groups}")
+    n_k = n // 2
+    dp = _common.round_up(dn, 64)
+    nb = dp // 64
+    bcw = _common.round_up(2 * n, 4)
+    # shared memory (two programs per SM): per slot the chunk's tiles in and out, B/C,
+    # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
+    itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
+                 delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
+    fixed = ck_every * _NQ * _RED_W * 16 * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+    per_step = 64 * sum(itemsizes) + bcw * 4 + n * 64 * 4 // ck_every + _NQ * 4
+    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // 2:
+        chunk //= 2
+    lp = _common.round_up(length, chunk)
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
+        bsz, lp, dp // 16, 16)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
+                                      (*x.shape[:-1], nb, 4, 2, 16))
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
+    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
+    given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
+    opts = [name for name, _ in given]
+    ck = ck[:, :lp // ck_every]
+    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // 16, 16)      # [B, Lp / 4, N, Dp' / 16, 16]
+    arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given], ck,
+              tiled(y_bar.astype(u.dtype)),
+              parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, 64))]
+    tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), dtype)
+    per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *_PAIR_SHAPE), f32)
+    out_shape = [tile_out(u.dtype), tile_out(delta.dtype),
+                 *([tile_out(z.dtype)] if z is not None else []),
+                 jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32), per_thread]
+    out_shape += [jax.ShapeDtypeStruct((bsz, nb, *_PAIR_SHAPE), f32) for x in (D, delta_bias)
+                  if x is not None]
+    out_shape.append(per_thread)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
+                plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
+                plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs += [tile(u.dtype), tile(delta.dtype)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs.append(plgpu.SMEM((stages, chunk, _NQ), f32))
+    n_in = 5 + (z is not None)
+    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
+               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4),
+               plgpu.SMEM((ck_every * _NQ, _RED_W, 16), f32), plgpu.SMEM((_WG, 4), f32),
+               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+        length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
+        stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every)
+    outs = list(plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_bwd_mgpu_pair")(*arrays))
+    crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
+    du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
+    dz = crop(outs.pop(0)) if z is not None else None
+    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
+    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    perm = [2 * (m % n_k) + m // n_k for m in range(n)]      # state p K + k at 2 k + p
+    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    if not grouped:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    unpart = lambda x: jnp.moveaxis(x, -2, 1).reshape(bsz, n, dp)
+    da = jnp.swapaxes(unpart(outs.pop(0)).sum(0)[:, :dn], 0, 1).astype(A.dtype)
+    per_channel = lambda x: x[..., 0, :].reshape(bsz, dp).sum(0)[:dn]
+    dd = per_channel(outs.pop(0)).astype(D.dtype) if D is not None else None
+    dbias = per_channel(outs.pop(0)).astype(delta_bias.dtype) if delta_bias is not None else None
+    dh0 = unpart(outs.pop(0))
+    dh0 = jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None
     return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
