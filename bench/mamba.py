@@ -468,6 +468,14 @@ VARIANTS = {
     # every session-7 option at once (the real-lowering check of all their code paths)
     "all7": dict(mgpu_unroll=4, mgpu_skew=True, mgpu_poly=2, mgpu_bwd_loop=True,
                  mgpu_bwd_ahead=True),
+    # session 8: the inference forward with four lanes per channel (mgq: 512 programs, four
+    # warps per scheduler at 8x2048x2048); the backward with two lanes per channel in one warp
+    # (pb: after the pair training forward; pbnl: its sub-chunks unrolled); both (cand8)
+    "mgq": dict(mgpu_pair_parts=4),
+    "mgq_c16": dict(mgpu_pair_parts=4, mgpu_pair_chunk=16),
+    "pb": dict(mgpu_bwd_pair=True),
+    "pbnl": dict(mgpu_bwd_pair=True, mgpu_bwd_loop=False),
+    "cand8": dict(mgpu_pair_parts=4, mgpu_bwd_pair=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

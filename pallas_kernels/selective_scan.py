@@ -235,6 +235,7 @@ class _Config:
                               # FMA-pipe polynomial instead of the MUFU
     mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
                               # prepared (delta, decays, B/C) at the end of a group
+    mgpu_pair_parts: int = 2  # lanes per channel of the pair inference forward (2 or 4)
     mgpu_bwd_pair: bool = False  # Mosaic backward with two lanes per channel in one warp
                               # (selective_scan_mgpu.backward_pair) where the one-thread
                               # backward would run and the pair kernels take the shape
@@ -1104,14 +1105,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         pair_ck = (pair == "train" and cfg.chunk % 2 == 0
                    and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u) == 1
                         or cfg.mgpu_ck_unsplit))
+        parts = 2 if save_ckpt else cfg.mgpu_pair_parts
         if (pair and (not save_ckpt or pair_ck)
-                and mgpu.pair_supported(u.shape[2], groups, A.shape[1])):
+                and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
                                      chunk=cfg.mgpu_chunk if save_ckpt else cfg.mgpu_pair_chunk,
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
-                                     ck_every=cfg.chunk, interpret=cfg.interpret)
+                                     ck_every=cfg.chunk, parts=parts, interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1411,7 +1413,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_chunk=32, mgpu_bwd_pair=False, interpret=False):
+                          mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_bwd_pair=False,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1444,7 +1447,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
-                  mgpu_pair_chunk=mgpu_pair_chunk, mgpu_bwd_pair=mgpu_bwd_pair,
+                  mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
+                  mgpu_bwd_pair=mgpu_bwd_pair,
                   interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 

@@ -447,43 +447,77 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
 # stores y of step t + p: its own part's sum for t + p plus the partner's, sent by one shfl.
 # The u / delta / z / y rows are [chunk, 4, 16] tiles (Dn viewed as [Dp / 16, 16]); the step
 # pair (t, t + 1) is the view rows[t:t + 2] transposed to (w, p, l).
+#
+# parts = 4 (inference only, `mgpu_pair_parts`): four lanes per channel (8 w + l of the
+# program's 32, lanes l + 8 p, N / 4 states each), steps in groups of four: lane part p loads
+# and computes delta, delta u of step t + p, every lane takes step t + q's from part q by
+# shfl.idx (a constant source part: the segment mask keeps the lane's low bits), and the four
+# parts' y sums of the group meet by a butterfly reduce-scatter (xor 16, then xor 8: three
+# shuffles) that leaves step t + p's full sum in part p. Twice the programs of the pair
+# forward: four warps per scheduler at 8x2048x2048.
 
 _PAIR_SHAPE = (4, 2, 16)
 
 
-def _pair_part(interpret=True):
-    """[4, 2, 16] int32: the part (lane // 16) of each thread."""
-    part = jax.lax.broadcasted_iota(jnp.int32, _PAIR_SHAPE, 1)
+def _lane_shape(parts):
+    return (4, parts, 32 // parts)
+
+
+def _pair_part(interpret=True, shape=_PAIR_SHAPE):
+    """[4, parts, 32 / parts] int32: the part (lane // (32 / parts)) of each thread."""
+    part = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     if interpret:
         return part
-    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1))
+    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(shape, vec_size=1))
 
 
-def _shfl16(x, interpret):
-    """x of the lane 16 apart: the other part of the thread's channel."""
+def _shfl(x, interpret, distance=16, src_part=None):
+    """shfl.bfly by `distance` lanes (the part p ^ distance / (32 / parts) of the channel), or
+    with src_part: shfl.idx from that part's lane of the channel."""
+    shape = x.shape
+    lw = shape[2]
     if interpret:
-        return jnp.flip(x, axis=1)
+        if src_part is not None:
+            return jnp.broadcast_to(x[:, src_part:src_part + 1], shape)
+        src = [p ^ (distance // lw) for p in range(shape[1])]
+        return jnp.concatenate([x[:, q:q + 1] for q in src], axis=1)
     import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import nvvm
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+
+    def one(reg):
+        if src_part is None:
+            return mgpu.utils.shfl_bfly(reg, distance)
+        i32 = ir.IntegerType.get_signless(32)
+        # lane (lane & (lw - 1)) | (src_part * lw): the segment mask lw - 1 keeps the low bits
+        y = nvvm.shfl_sync(mgpu.c(0xFFFFFFFF, i32), mgpu.utils.bitcast(reg, i32),
+                           mgpu.c(src_part * lw, i32), mgpu.c(((lw - 1) << 8) | 0x1F, i32),
+                           nvvm.ShflKind.idx)
+        return mgpu.utils.bitcast(y, reg.type)
 
     @plgpu.inline_mgpu(arg_types=(layout,),
-                       return_type=plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
-                                                          layout=layout))
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout))
     def shfl(ctx, v):
         del ctx
         regs = np.empty_like(v.registers)
         for idx, reg in np.ndenumerate(v.registers):
-            regs[idx] = mgpu.utils.shfl_bfly(reg, 16)
+            regs[idx] = one(reg)
         return mgpu.FragmentedArray(_registers=regs, _layout=v.layout, _is_signed=None)
     return shfl(x)
 
 
-def _pair_bc(bc_ref, t, col, count, n_k, interpret):
-    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, 2, 16]."""
+def _shfl16(x, interpret):
+    """x of the lane 16 apart: the other part of the thread's channel (two parts)."""
+    return _shfl(x, interpret)
+
+
+def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
+    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw]."""
     if interpret:
         row = bc_ref[t, :]
-        return [row[_pair_part() * n_k + col + e] for e in range(count)]
+        return [row[_pair_part(True, shape) * n_k + col + e] for e in range(count)]
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir import ir
@@ -496,16 +530,16 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret):
         if isinstance(tid.type, ir.IndexType):
             tid = arith.index_cast(i32, tid)
         lane = arith.remui(tid, mgpu.c(32, i32))
-        part = arith.shrui(lane, mgpu.c(4, i32))
+        part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
         return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
-    return _inline_row_load(bc_ref, t, count, _PAIR_SHAPE, n_load, first)
+    return _inline_row_load(bc_ref, t, count, shape, n_load, first)
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4):
-    """save_ckpt: the state before every ck_every-th step into the one-thread kernels'
-    checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint, written
-    through its (w, p, l) view per state k: rows k and K + k)."""
+                   interpret, save_ckpt=False, ck_every=4, parts=2):
+    """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
+    kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
+    written through its (w, p, l) view per state k: rows k and K + k)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
@@ -513,11 +547,13 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
              *(["ck_s"] if save_ckpt else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
-    n_k = n_state // 2
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    n_k = n_state // parts
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
     groups = r["bc"].shape[1]
-    g = j * 64 * groups // (r["u"].shape[2] * 16)   # the group of this channel block
+    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
     tiles = pl.ds(j * 4, 4)
 
     def fetch(c, slot):
@@ -530,7 +566,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    # A^T log2(e) as [K, 4, 2, 16], D and bias as [4, 2, 16] (both parts), h0 [K, 4, 2, 16]
+    # A^T log2(e) as [K, *shape], D and bias as shape (every part), h0 [K, *shape]
     plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
@@ -547,12 +583,36 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["bar"].at[3])
         h0 = tuple(r["h_s"][k] for k in range(n_k))
     else:
-        h0 = tuple(_zeros(_PAIR_SHAPE) for _ in range(n_k))
-    part = _pair_part(interpret)
+        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
 
-    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
-        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+    def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
+
+    def group_y(dt_own, u_own, s_, t, h):
+        """Steps t .. t + parts - 1 (parts 4): the state update; returns y of step t + p."""
+        dtu_own = dt_own * u_own
+        ys = []
+        for tt in range(parts):
+            dt = _shfl(dt_own, interpret, src_part=tt)
+            dtu = _shfl(dtu_own, interpret, src_part=tt)
+            b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret, shape)
+            c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret, shape)
+            y = None
+            for k in range(n_k):
+                h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                hc = h[k] * c_t[k]
+                y = hc if y is None else y + hc
+            ys.append(y)
+        # reduce-scatter: xor 16 (part bit 1) keeps the steps of this half, xor 8 (bit 0) its
+        # own step
+        hi, lo = part >= 2, (part % 2) == 1
+        keep = [jnp.where(hi, ys[2 + i], ys[i]) for i in range(2)]
+        send = [jnp.where(hi, ys[i], ys[2 + i]) for i in range(2)]
+        half = [keep[i] + _shfl(send[i], interpret, distance=2 * lw) for i in range(2)]
+        return (jnp.where(lo, half[1], half[0])
+                + _shfl(jnp.where(lo, half[0], half[1]), interpret, distance=lw))
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -561,7 +621,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
-        for t in range(0, chunk, 2):
+        for t in range(0, chunk, parts):
             if save_ckpt and t % ck_every == 0:   # state p K + k of channel 16 w + l
                 row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, 16]
                 for k in range(n_k):   # (GPU interpret mode has no ref reshape, Mosaic no
@@ -576,29 +636,32 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             dt_own = _softplus(x, True) if softplus else x
             if padded:
                 dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
-            dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
-            ys = []
-            for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
-                mine = part0 if tt == 0 else part1
-                dt = jnp.where(mine, dt_own, dt_oth)
-                dtu = dt * jnp.where(mine, u_own, u_oth)
-                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
-                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
-                y = None
-                for k in range(n_k):
-                    h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
-                    hc = h[k] * c_t[k]
-                    y = hc if y is None else y + hc
-                ys.append(y)
-            # part p keeps its sum of step t + p and sends the partner's step to it
-            y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
-                                                         interpret)
+            if parts == 2:
+                dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
+                ys = []
+                for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
+                    mine = part0 if tt == 0 else part1
+                    dt = jnp.where(mine, dt_own, dt_oth)
+                    dtu = dt * jnp.where(mine, u_own, u_oth)
+                    b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
+                    c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                    y = None
+                    for k in range(n_k):
+                        h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                        hc = h[k] * c_t[k]
+                        y = hc if y is None else y + hc
+                    ys.append(y)
+                # part p keeps its sum of step t + p and sends the partner's step to it
+                y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
+                                                             interpret)
+            else:
+                y = group_y(dt_own, u_own, s_, t, h)
             if "d" in vec:
                 y = y + vec["d"] * u_own
             if has_z:
                 zz = pair_rows(s_["z"], t)
                 y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
-            y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
                                 commit_group=False)
@@ -622,15 +685,17 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     plgpu.wait_smem_to_gmem(0)
 
 
-def pair_supported(dn: int, groups: int, n: int) -> bool:
-    return n % 2 == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % 64 == 0))
+def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
+    width = 128 // parts     # channels per program
+    return n % parts == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % width == 0))
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, interpret=False):
-    """The forward with two lanes per channel in one warp (see above); returns (y [B, L, Dn],
-    final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp] f32 or None). N even;
-    grouped B/C need Dn / G % 64 == 0; save_ckpt needs chunk % ck_every == 0 and an even
+                 save_ckpt=False, ck_every=4, parts=2, interpret=False):
+    """The forward with two (`parts` = 4: four, inference only) lanes per channel in one warp
+    (see above); returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints
+    [B, Lp / ck_every, N, Dp] f32 or None). N a multiple of parts; grouped B/C need
+    Dn / G % (128 / parts) == 0; save_ckpt needs chunk % ck_every == 0 and an even
     ck_every."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
@@ -638,37 +703,42 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     groups = B.shape[2]
-    if not pair_supported(dn, groups, n):
-        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}")
-    chunk += chunk % 2
+    if parts not in (2, 4) or not pair_supported(dn, groups, n, parts) or (
+            save_ckpt and parts != 2):
+        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}, "
+                         f"parts={parts}")
+    chunk += -chunk % parts
     if save_ckpt and (chunk % ck_every or ck_every % 2):
         raise ValueError(f"forward_pair: chunk {chunk} with checkpoints every {ck_every}")
-    n_k = n // 2
-    dp = _common.round_up(dn, 64)
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    width = 4 * lw           # channels per program
+    n_k = n // parts
+    dp = _common.round_up(dn, width)
     lp = _common.round_up(length, chunk)
-    nb = dp // 64
-    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
-        bsz, lp, dp // 16, 16)
-    # per-thread [.., 4, 2, 16] of a per-channel [.., Dp] array (both parts the same)
-    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
-                                      (*x.shape[:-1], nb, 4, 2, 16))
-    # per-state [.., N, Dp] -> [.., K, nb, 4, 2, 16]: state p K + k of channel 16 w + l
-    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
+    nb = dp // width
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, width).reshape(
+        bsz, lp, dp // lw, lw)
+    # per-thread [.., 4, parts, lw] of a per-channel [.., Dp] array (every part the same)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, lw),
+                                      (*x.shape[:-1], nb, *shape))
+    # per-state [.., N, Dp] -> [.., K, nb, 4, parts, lw]: state p K + k of channel lw w + l
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
     bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
-    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
-    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, 64))
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
+    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, width))
     given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
     opts = [name for name, _ in given]
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
-    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), u.dtype),
-                 jax.ShapeDtypeStruct((bsz, n_k, nb, 4, 2, 16), f32)]
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
     if save_ckpt:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // 16, 16), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
-    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
     seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
@@ -676,22 +746,23 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if save_ckpt:
         seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32))
     n_in = 3 + (z is not None)
-    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
-               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
+    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+               plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
                plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_fwd_mgpu_pair" + ("_ck" if save_ckpt else ""))(*arrays)
+        kernel_name=("selective_scan_fwd_mgpu_pair" + ("4" if parts == 4 else "")
+                     + ("_ck" if save_ckpt else "")))(*arrays)
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
-    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
     if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
         ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
