@@ -475,7 +475,11 @@ VARIANTS = {
     "mgq_c16": dict(mgpu_pair_parts=4, mgpu_pair_chunk=16),
     "pb": dict(mgpu_bwd_pair=True),
     "pbnl": dict(mgpu_bwd_pair=True, mgpu_bwd_loop=False),
-    "cand8": dict(mgpu_pair_parts=4, mgpu_bwd_pair=True),
+    # four lanes per channel in the training forward too (qt, the one-thread backward reads
+    # its checkpoints) and in the backward (qb: 512 programs, four warps per scheduler)
+    "qt": dict(mgpu_pair_train_parts=4),
+    "qb": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
+    "cand8": dict(mgpu_pair_parts=4, mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

@@ -236,9 +236,10 @@ class _Config:
     mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
                               # prepared (delta, decays, B/C) at the end of a group
     mgpu_pair_parts: int = 2  # lanes per channel of the pair inference forward (2 or 4)
-    mgpu_bwd_pair: bool = False  # Mosaic backward with two lanes per channel in one warp
-                              # (selective_scan_mgpu.backward_pair) where the one-thread
-                              # backward would run and the pair kernels take the shape
+    mgpu_pair_train_parts: int = 2  # and of the pair training forward (mgpu_pair="train")
+    mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
+                              # per channel in one warp (selective_scan_mgpu.backward_pair)
+                              # where the one-thread backward would run and it takes the shape
     interpret: bool = False
 
 
@@ -1102,10 +1103,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         # the pair forward: inference, and (mgpu_pair="train") the training forward whose
         # checkpoints ([B, Lp / 4, N, Dp]) the one-thread Mosaic backward or Triton's read
         pair = _mgpu_pair_mode(cfg, u)
-        pair_ck = (pair == "train" and cfg.chunk % 2 == 0
+        parts = cfg.mgpu_pair_train_parts if save_ckpt else cfg.mgpu_pair_parts
+        pair_ck = (pair == "train" and cfg.chunk % parts == 0
                    and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u) == 1
                         or cfg.mgpu_ck_unsplit))
-        parts = 2 if save_ckpt else cfg.mgpu_pair_parts
         if (pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
@@ -1276,13 +1277,14 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
-        if (cfg.mgpu_bwd_pair and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
-                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1])):
+        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+        if (parts and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
+                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1], parts)):
             return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
-                                      interpret=cfg.interpret)
+                                      parts=parts, interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1413,8 +1415,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_bwd_pair=False,
-                          interpret=False):
+                          mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+                          mgpu_bwd_pair=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1448,7 +1450,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
-                  mgpu_bwd_pair=mgpu_bwd_pair,
+                  mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 

@@ -508,6 +508,41 @@ def _shfl(x, interpret, distance=16, src_part=None):
     return shfl(x)
 
 
+def _part_sums(vs, part, interpret):
+    """vs[q]: this lane part's partial sum of step t + q (q < parts) -> the full sum over the
+    channel's parts of step t + p (p: this lane's part). Two parts: one xor-16 shuffle; four:
+    a butterfly reduce-scatter (xor 16 keeps this half's steps, xor 8 the own step)."""
+    lw = vs[0].shape[2]
+    if len(vs) == 2:
+        part0 = part == 0
+        return jnp.where(part0, vs[0], vs[1]) + _shfl(jnp.where(part0, vs[1], vs[0]),
+                                                      interpret)
+    hi, lo = part >= 2, (part % 2) == 1
+    keep = [jnp.where(hi, vs[2 + i], vs[i]) for i in range(2)]
+    send = [jnp.where(hi, vs[i], vs[2 + i]) for i in range(2)]
+    half = [keep[i] + _shfl(send[i], interpret, distance=2 * lw) for i in range(2)]
+    return (jnp.where(lo, half[1], half[0])
+            + _shfl(jnp.where(lo, half[0], half[1]), interpret, distance=lw))
+
+
+def _part_total(v, interpret):
+    """The sum of v over the lane parts of the channel (every part gets it)."""
+    lw = v.shape[2]
+    d = 16
+    while d >= lw:
+        v = v + _shfl(v, interpret, distance=d)
+        d //= 2
+    return v
+
+
+def _ck_view(row, k, parts, n_k, interpret):
+    """[4, parts, lw] view of a checkpoint row [N, 4, lw]: state p K + k of channel lw w + l
+    (GPU interpret mode has no ref reshape, Mosaic no strided slice)."""
+    rows_k = (row.at[pl.ds(k, parts, stride=n_k)] if interpret
+              else row.reshape(parts, n_k, *row.shape[1:]).at[:, k])
+    return rows_k.transpose((1, 0, 2))
+
+
 def _shfl16(x, interpret):
     """x of the lane 16 apart: the other part of the thread's channel (two parts)."""
     return _shfl(x, interpret)
@@ -605,14 +640,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 hc = h[k] * c_t[k]
                 y = hc if y is None else y + hc
             ys.append(y)
-        # reduce-scatter: xor 16 (part bit 1) keeps the steps of this half, xor 8 (bit 0) its
-        # own step
-        hi, lo = part >= 2, (part % 2) == 1
-        keep = [jnp.where(hi, ys[2 + i], ys[i]) for i in range(2)]
-        send = [jnp.where(hi, ys[i], ys[2 + i]) for i in range(2)]
-        half = [keep[i] + _shfl(send[i], interpret, distance=2 * lw) for i in range(2)]
-        return (jnp.where(lo, half[1], half[0])
-                + _shfl(jnp.where(lo, half[0], half[1]), interpret, distance=lw))
+        return _part_sums(ys, part, interpret)
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -622,13 +650,10 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
         for t in range(0, chunk, parts):
-            if save_ckpt and t % ck_every == 0:   # state p K + k of channel 16 w + l
-                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, 16]
-                for k in range(n_k):   # (GPU interpret mode has no ref reshape, Mosaic no
-                    # strided slice)
-                    rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
-                              else row.reshape(2, n_k, 4, 16).at[:, k])
-                    rows_k.transpose((1, 0, 2))[...] = h[k]
+            if save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
+                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, lw]
+                for k in range(n_k):
+                    _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -692,23 +717,21 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, interpret=False):
-    """The forward with two (`parts` = 4: four, inference only) lanes per channel in one warp
-    (see above); returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints
-    [B, Lp / ck_every, N, Dp] f32 or None). N a multiple of parts; grouped B/C need
-    Dn / G % (128 / parts) == 0; save_ckpt needs chunk % ck_every == 0 and an even
-    ck_every."""
+    """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
+    returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
+    f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
+    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     groups = B.shape[2]
-    if parts not in (2, 4) or not pair_supported(dn, groups, n, parts) or (
-            save_ckpt and parts != 2):
+    if parts not in (2, 4) or not pair_supported(dn, groups, n, parts):
         raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}, "
                          f"parts={parts}")
     chunk += -chunk % parts
-    if save_ckpt and (chunk % ck_every or ck_every % 2):
+    if save_ckpt and (chunk % ck_every or ck_every % parts):
         raise ValueError(f"forward_pair: chunk {chunk} with checkpoints every {ck_every}")
     shape = _lane_shape(parts)
     lw = shape[2]
@@ -735,7 +758,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // 16, 16), f32))
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // lw, lw), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
@@ -744,7 +767,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
     if save_ckpt:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32))
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
     n_in = 3 + (z is not None)
     scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
@@ -1169,12 +1192,15 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
 # lane part p finishes step t + p (du, ddelta, dz). dB/dC rows go through shared memory as in
 # the one-thread kernel, 64 channels per row; row (t, which * N + 2 k + p) holds state p K + k
 # (the two parts' rows adjacent: the warp's store is conflict-free), reordered outside.
+# parts = 4: four lanes per channel as in the four-lane forward (32 channels a program, 4
+# warps per scheduler at 8x2048x2048): step t + q's delta, delta u and dy from part q by
+# shfl.idx, the sums by the butterfly reduce-scatter (_part_sums).
 
-_RED_W = 5     # `red` rows of [5, 16] floats (4 x 16 channels and a pad: 80-float row stride)
+_RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-                   stages, interpret, bwd_loop):
+                   stages, interpret, bwd_loop, parts=2):
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
@@ -1184,11 +1210,13 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
              *[k + "_s" for k in seq_in + seq_out], "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
-    n_k = n_state // 2
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    n_k = n_state // parts
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
     groups = r["bc"].shape[1]
-    g_idx = j * 64 * groups // (r["u"].shape[2] * 16)
+    g_idx = j * 4 * lw * groups // (r["u"].shape[2] * lw)
     tiles = pl.ds(j * 4, 4)
     n_sub = chunk // ck_every
     rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
@@ -1205,7 +1233,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    # A^T log2(e) as [K, 4, 2, 16], D and bias [4, 2, 16], dhT [K, 4, 2, 16]
+    # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]
     plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
@@ -1219,33 +1247,34 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         vec[k] = r["p_s"][i]
     plgpu.barrier_wait(r["bar"].at[3])
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
-    zero = _zeros(_PAIR_SHAPE)
-    part = _pair_part(interpret)
+    zero = _zeros(shape)
+    part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
     shfl = functools.partial(_shfl16, interpret=interpret)
 
-    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
-        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+    def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
 
     def store_pair(ref, t, v):
-        ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
+        ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
 
-    def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, 2, 16]
-        row = ck_s.at[sub]          # [N, 4, 16]
-        rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
-                  else row.reshape(2, n_k, 4, 16).at[:, k])
-        return rows_k.transpose((1, 0, 2))[...]
+    def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
+        return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
 
-    def red_store(tl, which, k, v):   # rows tl * 32 + which * N + 2 k + (0, 1)
-        rows = r["red"].at[pl.ds(tl * _NQ + which * n_state + 2 * k, 2), pl.ds(0, 4)]
+    def red_store(tl, which, k, v):   # rows tl * 32 + which * N + parts k + p
+        rows = r["red"].at[pl.ds(tl * _NQ + which * n_state + parts * k, parts), pl.ds(0, 4)]
         rows.transpose((1, 0, 2))[...] = v
 
     def bc_get(bc_s, t, which):
-        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret)
+        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape)
 
     def pairsum(v):   # v[tt]: this part's sum of step t + tt -> the full sum of step t + p
-        return (jnp.where(part0, v[0], v[1])
-                + shfl(jnp.where(part0, v[1], v[0])))
+        return _part_sums(v, part, interpret)
+
+    def step_value(own, oth, tt):   # step t + tt's value from its own part
+        if parts == 2:
+            return jnp.where(part0 if tt == 0 else part1, own, oth)
+        return _shfl(own, interpret, src_part=tt)
 
     def chunk_body(kc, carry):
         c = n_chunks - 1 - kc
@@ -1259,7 +1288,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             t0 = sub * ck_every
             h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
             hs, steps, decays, own = [h], [], [], []
-            for tp in range(0, ck_every, 2):
+            for tp in range(0, ck_every, parts):
                 t = t0 + tp
                 u_own = pair_rows(s_["u"], t)
                 x_own = pair_rows(s_["dt"], t)
@@ -1269,11 +1298,18 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 if padded:
                     dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
                 own.append((u_own, x_own, dt_own))
-                dt_oth, u_oth = shfl(dt_own), shfl(u_own)
-                for tt in range(2):
-                    mine = part0 if tt == 0 else part1
-                    dt = jnp.where(mine, dt_own, dt_oth)
-                    dtu = dt * jnp.where(mine, u_own, u_oth)
+                if parts == 2:
+                    dt_oth, u_oth = shfl(dt_own), shfl(u_own)
+                else:
+                    dtu_own = dt_own * u_own
+                for tt in range(parts):
+                    if parts == 2:
+                        mine = part0 if tt == 0 else part1
+                        dt = jnp.where(mine, dt_own, dt_oth)
+                        dtu = dt * jnp.where(mine, u_own, u_oth)
+                    else:
+                        dt = step_value(dt_own, None, tt)
+                        dtu = step_value(dtu_own, None, tt)
                     a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
                     b_t = bc_get(bc_s, t + tt, 0)
                     h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
@@ -1286,9 +1322,9 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             hs, steps, decays, own = rec
             t0 = sub * ck_every
-            for tp in reversed(range(0, ck_every, 2)):
+            for tp in reversed(range(0, ck_every, parts)):
                 t = t0 + tp
-                u_own, x_own, dt_own = own[tp // 2]
+                u_own, x_own, dt_own = own[tp // parts]
                 dout = pair_rows(s_["dy"], t)
                 zz = sz = None
                 if has_z:
@@ -1297,11 +1333,11 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     dy_own = dout * zz * sz
                 else:
                     dy_own = dout
-                dy_oth = shfl(dy_own)
-                gbs, saqs, ys = [None, None], [None, None], [None, None]
-                for tt in (1, 0):
+                dy_oth = shfl(dy_own) if parts == 2 else None
+                gbs, saqs, ys = [None] * parts, [None] * parts, [None] * parts
+                for tt in reversed(range(parts)):
                     tl = tp + tt
-                    dy = jnp.where(part0 if tt == 0 else part1, dy_own, dy_oth)
+                    dy = step_value(dy_own, dy_oth, tt)
                     dt, dtu = steps[tl]
                     h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
                     b_t, c_t = bc_get(bc_s, t + tt, 0), bc_get(bc_s, t + tt, 1)
@@ -1343,7 +1379,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             plgpu.commit_smem()
             acc = None
             for w in range(4):
-                for m in range(4):
+                for m in range(lw // 4):
                     v = plgpu.load(r["red"].at[:, w, pl.ds(4 * m, 4)],
                                    layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
                     acc = v if acc is None else acc + v
@@ -1379,7 +1415,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         r["h_s"][kk] = dh[kk]
         r["a_s"][kk] = da[kk]
     # dD and d bias: each part summed its own steps
-    outs_vec = [(k, v + shfl(v)) for k, v in (("dd", dd), ("dbias", dbias)) if k in r]
+    outs_vec = [(k, _part_total(v, interpret)) for k, v in (("dd", dd), ("dbias", dbias))
+                if k in r]
     for i, (_, v) in enumerate(outs_vec):
         r["p_s"][i] = v
     plgpu.commit_smem()
@@ -1391,11 +1428,12 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-                  bwd_loop=True, interpret=False):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two lanes per channel
-    (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N, Dp] (the pair
-    training forward's, or the one-thread forward's [.., N, 1, Dp]). N even, 2 N <= 32,
-    ck_every 4; grouped B/C need Dn / G % 64 == 0. bwd_loop: a chunk's sub-chunks as a loop."""
+                  bwd_loop=True, parts=2, interpret=False):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
+    lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
+    Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
+    multiple of parts, 2 N <= 32, ck_every 4; grouped B/C need Dn / G % (128 / parts) == 0.
+    bwd_loop: a chunk's sub-chunks as a loop."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if ck.ndim == 5:
         ck = ck[:, :, :, 0]
@@ -1405,51 +1443,56 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     grouped = B.ndim == 4
     B3, C3 = (B, C) if grouped else (B[:, :, None], C[:, :, None])
     groups = B3.shape[2]
-    if not (pair_supported(dn, groups, n) and bwd_supported(n, ck_every)):
-        raise ValueError(f"selective_scan_mgpu.backward_pair: N={n}, Dn={dn}, G={groups}")
-    n_k = n // 2
-    dp = _common.round_up(dn, 64)
-    nb = dp // 64
+    if parts not in (2, 4) or not (pair_supported(dn, groups, n, parts)
+                                   and bwd_supported(n, ck_every)):
+        raise ValueError(f"selective_scan_mgpu.backward_pair: N={n}, Dn={dn}, G={groups}, "
+                         f"parts={parts}")
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    width = 4 * lw
+    n_k = n // parts
+    dp = _common.round_up(dn, width)
+    nb = dp // width
     bcw = _common.round_up(2 * n, 4)
-    # shared memory (two programs per SM): per slot the chunk's tiles in and out, B/C,
+    # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
-    fixed = ck_every * _NQ * _RED_W * 16 * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
-    per_step = 64 * sum(itemsizes) + bcw * 4 + n * 64 * 4 // ck_every + _NQ * 4
-    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // 2:
+    fixed = ck_every * _NQ * _RED_W * lw * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+    per_step = width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
         chunk //= 2
     lp = _common.round_up(length, chunk)
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
-    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
-        bsz, lp, dp // 16, 16)
-    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
-                                      (*x.shape[:-1], nb, 4, 2, 16))
-    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
-    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, width).reshape(
+        bsz, lp, dp // lw, lw)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, lw),
+                                      (*x.shape[:-1], nb, *shape))
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
     given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
     opts = [name for name, _ in given]
     ck = ck[:, :lp // ck_every]
-    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // 16, 16)      # [B, Lp / 4, N, Dp' / 16, 16]
+    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)      # [B, Lp / 4, N, Dp' / lw, lw]
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given], ck,
               tiled(y_bar.astype(u.dtype)),
-              parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, 64))]
-    tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), dtype)
-    per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *_PAIR_SHAPE), f32)
+              parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
+    tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), dtype)
+    per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)
     out_shape = [tile_out(u.dtype), tile_out(delta.dtype),
                  *([tile_out(z.dtype)] if z is not None else []),
                  jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32), per_thread]
-    out_shape += [jax.ShapeDtypeStruct((bsz, nb, *_PAIR_SHAPE), f32) for x in (D, delta_bias)
+    out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
                   if x is not None]
     out_shape.append(per_thread)
-    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
     seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
                 plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
-                plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32)]
+                plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs += [tile(u.dtype), tile(delta.dtype)]
@@ -1457,31 +1500,32 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(plgpu.SMEM((stages, chunk, _NQ), f32))
     n_in = 5 + (z is not None)
-    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
-               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4),
-               plgpu.SMEM((ck_every * _NQ, _RED_W, 16), f32), plgpu.SMEM((_WG, 4), f32),
+    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+               plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4),
+               plgpu.SMEM((ck_every * _NQ, _RED_W, lw), f32), plgpu.SMEM((_WG, 4), f32),
                *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
-        stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every)
+        stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
+        parts=parts)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_bwd_mgpu_pair")(*arrays))
+        kernel_name="selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else ""))(*arrays))
     crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    perm = [2 * (m % n_k) + m // n_k for m in range(n)]      # state p K + k at 2 k + p
+    perm = [parts * (m % n_k) + m // n_k for m in range(n)]  # state p K + k at parts k + p
     db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
-    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     unpart = lambda x: jnp.moveaxis(x, -2, 1).reshape(bsz, n, dp)
     da = jnp.swapaxes(unpart(outs.pop(0)).sum(0)[:, :dn], 0, 1).astype(A.dtype)
     per_channel = lambda x: x[..., 0, :].reshape(bsz, dp).sum(0)[:dn]

@@ -211,6 +211,12 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
                  16, 2, 128, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_pair=True, mgpu_pair_parts=4, mgpu_chunk=8, chunk=2),
                  8, None, 72, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_pair_train_parts=4,
+                      mgpu_bwd_split=1, mgpu_bwd_loop=True, mgpu_bwd_pair=4, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_pair=False, mgpu_bwd_split=1,
+                      mgpu_bwd_loop=False, mgpu_bwd_pair=4, mgpu_chunk=4, chunk=4), 8,
+                 None, 100, marks=pytest.mark.slow),
 ], ids=["train_n16_groups", "backward_n16_groups", "backward_n5_padded_channels",
         "inference_only_n5_padded_channels", "split2_train_bwd_n16_groups",
         "split2_bwd_split2_n16_groups", "split2_bwd_split2_n6_decays_again",
@@ -221,7 +227,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "pair_inference_n6", "pair_train_one_thread_backward_n16_groups",
         "pair_train_two_thread_backward_n6_padded", "pair_backward_n16_groups_loop",
         "pair_backward_of_one_thread_forward_n6_padded", "quad_inference_n16_groups",
-        "quad_inference_n8_padded"])
+        "quad_inference_n8_padded", "quad_train_quad_backward_n16_groups_loop",
+        "quad_backward_of_one_thread_forward_n8_padded"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
