@@ -89,6 +89,15 @@ def _exp2_poly(x, interpret):
                                         jnp.float32)
 
 
+def _skip_gate(y, u, d, zz):
+    """The forwards' epilogue: y + D u (D given), times silu(z) (z given)."""
+    if d is not None:
+        y = y + d * u
+    if zz is not None:
+        y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+    return y
+
+
 def _part_of_thread():
     """[split, bd] int32: the lane part (row) of each thread's element."""
     return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
@@ -339,12 +348,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         return tuple(h)
 
     def finish(y, u, s_, t):
-        if "d" in vec:
-            y = y + vec["d"] * u
-        if has_z:
-            zz = s_["z"][:, t, :].astype(f32)
-            y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
-        s_["y"][:, t, :] = y.astype(s_["y"].dtype)
+        zz = s_["z"][:, t, :].astype(f32) if has_z else None
+        s_["y"][:, t, :] = _skip_gate(y, u, vec.get("d"), zz).astype(s_["y"].dtype)
 
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
     for k in range(n_k):
@@ -681,11 +686,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                                                              interpret)
             else:
                 y = group_y(dt_own, u_own, s_, t, h)
-            if "d" in vec:
-                y = y + vec["d"] * u_own
-            if has_z:
-                zz = pair_rows(s_["z"], t)
-                y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+            y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
             y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
