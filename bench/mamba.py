@@ -480,6 +480,11 @@ VARIANTS = {
     "qt": dict(mgpu_pair_train_parts=4),
     "qb": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
     "cand8": dict(mgpu_pair_parts=4, mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
+    # call 2: the dB/dC row sums in registers (bank-conflict-free, one [128, 4] round trip and
+    # its barrier less per sub-chunk) in the default one-thread backward (r), pb and qb
+    "r": dict(mgpu_bwd_rowsum=True),
+    "pbr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True),
+    "qbr": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4, mgpu_bwd_rowsum=True),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

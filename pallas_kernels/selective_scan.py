@@ -240,6 +240,9 @@ class _Config:
     mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
                               # per channel in one warp (selective_scan_mgpu.backward_pair)
                               # where the one-thread backward would run and it takes the shape
+    mgpu_bwd_rowsum: bool = False  # Mosaic backwards: each thread's dB/dC row summed by
+                              # vector loads in registers (_row_sums: no [128, 4] round trip
+                              # and its barrier; the barrier moves before the next red stores)
     interpret: bool = False
 
 
@@ -1284,12 +1287,14 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
-                                      parts=parts, interpret=cfg.interpret)
+                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum,
+                                      interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
                              vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u),
-                             bwd_ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
+                             bwd_ahead=cfg.mgpu_bwd_ahead, rowsum=cfg.mgpu_bwd_rowsum,
+                             interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1416,7 +1421,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-                          mgpu_bwd_pair=False, interpret=False):
+                          mgpu_bwd_pair=False, mgpu_bwd_rowsum=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1451,6 +1456,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
+                  mgpu_bwd_rowsum=mgpu_bwd_rowsum,
                   interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 

@@ -165,6 +165,63 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
     return list(load(ref))
 
 
+def _row_sums(red, width, skew_div, interpret):
+    """[128] f32 (one value per thread): thread i's sum of row i of the dB/dC buffer `red`
+    ([128, width + pad], or [128, W, lw] with the 4 x lw channels in [:, :4]) over its
+    `width` channels, by 16-byte vector loads summed in registers (no second shared-memory
+    pass). skew_div: thread i starts at block i // skew_div (mod the block count), so that
+    eight threads whose rows share banks (row strides of 16 or 8 floats mod 32) read distinct
+    banks."""
+    if interpret:
+        v = red[...]
+        return jnp.sum(v[:, :width] if v.ndim == 2 else v[:, :4], axis=tuple(range(1, v.ndim)))
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    shape = (_WG,)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_blk = width // 4
+    lw = red.shape[-1]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout))
+    def sums(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        row = arith.index_cast(index, tid)
+        rot = None
+        if skew_div:
+            rot = arith.andi(arith.shrui(tid, mgpu.c(int(math.log2(skew_div)), i32)),
+                             mgpu.c(n_blk - 1, i32))
+        vt = ir.VectorType.get((4,), f32)
+        acc = None
+        for m in range(n_blk):
+            if rot is None:
+                fc = mgpu.c(4 * m, i32)
+            else:
+                fc = arith.shli(arith.andi(arith.addi(rot, mgpu.c(m, i32)),
+                                           mgpu.c(n_blk - 1, i32)), mgpu.c(2, i32))
+            if len(red.shape) == 3:
+                idx = [row, arith.index_cast(index, arith.shrui(
+                           fc, mgpu.c(int(math.log2(lw)), i32))),
+                       arith.index_cast(index, arith.andi(fc, mgpu.c(lw - 1, i32)))]
+            else:
+                idx = [row, arith.index_cast(index, fc)]
+            v = vector.load(vt, ref, idx, alignment=16)
+            acc = v if acc is None else arith.addf(acc, v)
+        e = [vector.extract(acc, [], [q]) for q in range(4)]
+        tot = arith.addf(arith.addf(e[0], e[1]), arith.addf(e[2], e[3]))
+        reg = vector.broadcast(ir.VectorType.get((1,), f32), tot)
+        return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                    _layout=layout.to_mgpu(), _is_signed=None)
+    return sums(red)
+
+
 def _load_params(r, opts, cols, split, n_k, state_src):
     """The one-time TMA copies of a program (forward and backward): A^T rows [K, split, bd]
     into a_s, D and bias (those in `opts`) into p_s, and `state_src` (this batch's h0 or dhT,
@@ -820,7 +877,7 @@ def _sigmoid(x):
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
-              bwd_loop=False, bwd_ahead=False):
+              bwd_loop=False, bwd_ahead=False, rowsum=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -948,6 +1005,8 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             hs, steps, decays = rec
             t0 = sub * ck_every
             pending = []
+            if rowsum:     # every thread has read the previous sub-chunk's `red` rows
+                plgpu.commit_smem()
             for tl in reversed(range(ck_every)):               # reverse steps
                 t = t0 + tl
                 i = c * chunk + t
@@ -996,14 +1055,17 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
                                    other(0), other(1), dd, dbias)
             rec_next = recompute(nxt) if nxt is not None else None
-            acc = None
-            for m in range(bd // 4):
-                v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
-                               layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
-                acc = v if acc is None else acc + v
-            r["red2"][...] = acc
-            plgpu.commit_smem()
-            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            if rowsum:
+                tot = _row_sums(r["red"], bd, None, interpret)
+            else:
+                acc = None
+                for m in range(bd // 4):
+                    v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
+                                   layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                    acc = v if acc is None else acc + v
+                r["red2"][...] = acc
+                plgpu.commit_smem()
+                tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
             return (tuple(dh), tuple(da), dd, dbias), rec_next
 
@@ -1066,7 +1128,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
-             interpret=False):
+             rowsum=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
@@ -1153,7 +1215,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead)
+        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead,
+        rowsum=rowsum)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -1201,7 +1264,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-                   stages, interpret, bwd_loop, parts=2):
+                   stages, interpret, bwd_loop, parts=2, rowsum=False):
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
@@ -1323,6 +1386,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             hs, steps, decays, own = rec
             t0 = sub * ck_every
+            if rowsum:     # every thread has read the previous sub-chunk's `red` rows
+                plgpu.commit_smem()
             for tp in reversed(range(0, ck_every, parts)):
                 t = t0 + tp
                 u_own, x_own, dt_own = own[tp // parts]
@@ -1378,15 +1443,18 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 dbias = dbias + ddt
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
-            acc = None
-            for w in range(4):
-                for m in range(lw // 4):
-                    v = plgpu.load(r["red"].at[:, w, pl.ds(4 * m, 4)],
-                                   layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
-                    acc = v if acc is None else acc + v
-            r["red2"][...] = acc
-            plgpu.commit_smem()
-            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            if rowsum:   # rows 16 lw floats apart share banks: skewed block order
+                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret)
+            else:
+                acc = None
+                for w in range(4):
+                    for m in range(lw // 4):
+                        v = plgpu.load(r["red"].at[:, w, pl.ds(4 * m, 4)],
+                                       layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                        acc = v if acc is None else acc + v
+                r["red2"][...] = acc
+                plgpu.commit_smem()
+                tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
             return tuple(dh), tuple(da), dd, dbias
 
@@ -1429,7 +1497,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-                  bwd_loop=True, parts=2, interpret=False):
+                  bwd_loop=True, parts=2, rowsum=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -1509,7 +1577,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts)
+        parts=parts, rowsum=rowsum)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
