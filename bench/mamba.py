@@ -485,6 +485,11 @@ VARIANTS = {
     "r": dict(mgpu_bwd_rowsum=True),
     "pbr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True),
     "qbr": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4, mgpu_bwd_rowsum=True),
+    # the pair training forward in 32-step chunks (its checkpoints read by the 16-step
+    # backward), alone and with r; the pair inference forward in 64-step chunks
+    "pt32": dict(mgpu_pair_train_chunk=32),
+    "r_pt32": dict(mgpu_bwd_rowsum=True, mgpu_pair_train_chunk=32),
+    "mgp_c64": dict(mgpu_pair_chunk=64),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

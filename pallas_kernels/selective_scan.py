@@ -237,6 +237,8 @@ class _Config:
                               # prepared (delta, decays, B/C) at the end of a group
     mgpu_pair_parts: int = 2  # lanes per channel of the pair inference forward (2 or 4)
     mgpu_pair_train_parts: int = 2  # and of the pair training forward (mgpu_pair="train")
+    mgpu_pair_train_chunk: int = 0  # steps per chunk of the pair training forward (0:
+                              # mgpu_chunk, the backward's; a multiple of it)
     mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
                               # per channel in one warp (selective_scan_mgpu.backward_pair)
                               # where the one-thread backward would run and it takes the shape
@@ -1115,7 +1117,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
-                                     chunk=cfg.mgpu_chunk if save_ckpt else cfg.mgpu_pair_chunk,
+                                     chunk=((cfg.mgpu_pair_train_chunk or cfg.mgpu_chunk)
+                                            if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
                                      ck_every=cfg.chunk, parts=parts, interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
@@ -1421,7 +1424,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-                          mgpu_bwd_pair=False, mgpu_bwd_rowsum=False, interpret=False):
+                          mgpu_bwd_pair=False, mgpu_bwd_rowsum=False, mgpu_pair_train_chunk=0,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1456,7 +1460,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
-                  mgpu_bwd_rowsum=mgpu_bwd_rowsum,
+                  mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
                   interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 

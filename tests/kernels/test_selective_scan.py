@@ -218,8 +218,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
                       mgpu_bwd_loop=False, mgpu_bwd_pair=4, mgpu_bwd_rowsum=True, mgpu_chunk=4,
                       chunk=4), 8, None, 100, marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=8, chunk=4,
-                      mgpu_bwd_loop=True, mgpu_bwd_rowsum=True), 16, None, 128,
-                 marks=pytest.mark.slow),
+                      mgpu_bwd_loop=True, mgpu_bwd_rowsum=True, mgpu_pair="train",
+                      mgpu_pair_train_chunk=16), 16, None, 128, marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=2, mgpu_chunk=8, chunk=4,
                       mgpu_bwd_rowsum=True, mgpu_bwd_ahead=True), 6, 2, 256,
                  marks=pytest.mark.slow),
@@ -234,8 +234,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "pair_train_two_thread_backward_n6_padded", "pair_backward_n16_groups_loop",
         "pair_backward_of_one_thread_forward_n6_padded", "quad_inference_n16_groups",
         "quad_inference_n8_padded", "quad_train_quad_backward_n16_groups_loop",
-        "quad_backward_of_one_thread_forward_n8_padded", "row_sums_one_thread_loop_n16",
-        "row_sums_two_thread_ahead_n6_groups"])
+        "quad_backward_of_one_thread_forward_n8_padded",
+        "row_sums_one_thread_loop_pair_train_c16_n16", "row_sums_two_thread_ahead_n6_groups"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
