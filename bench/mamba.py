@@ -490,6 +490,7 @@ VARIANTS = {
     "pt32": dict(mgpu_pair_train_chunk=32),
     "r_pt32": dict(mgpu_bwd_rowsum=True, mgpu_pair_train_chunk=32),
     "mgp_c64": dict(mgpu_pair_chunk=64),
+    "mgp_y2": dict(mgpu_yacc=2),    # the pair forwards' y_t in two interleaved partial sums
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -1120,7 +1120,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                      chunk=((cfg.mgpu_pair_train_chunk or cfg.mgpu_chunk)
                                             if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
-                                     ck_every=cfg.chunk, parts=parts, interpret=cfg.interpret)
+                                     ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
+                                     interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)

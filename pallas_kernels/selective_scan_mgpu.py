@@ -633,7 +633,7 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k)."""
@@ -732,12 +732,17 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     dtu = dt * jnp.where(mine, u_own, u_oth)
                     b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
                     c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
-                    y = None
+                    acc = [None] * y_acc    # y_acc interleaved partial sums: shorter chains
                     for k in range(n_k):
                         h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
                         hc = h[k] * c_t[k]
-                        y = hc if y is None else y + hc
-                    ys.append(y)
+                        i = k % y_acc
+                        acc[i] = hc if acc[i] is None else acc[i] + hc
+                    acc = [a for a in acc if a is not None]
+                    while len(acc) > 1:
+                        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
+                               for i in range(0, len(acc), 2)]
+                    ys.append(acc[0])
                 # part p keeps its sum of step t + p and sends the partner's step to it
                 y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
                                                              interpret)
@@ -774,7 +779,7 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, parts=2, interpret=False):
+                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
@@ -833,7 +838,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
