@@ -494,8 +494,8 @@ VARIANTS = {
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-               mgpu_pair_chunk=32, mgpu_bwd_pair=False, mgpu_bwd_split=0,
-               mgpu_bwd_loop="auto"),
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
