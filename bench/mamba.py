@@ -482,7 +482,7 @@ VARIANTS = {
     "cand8": dict(mgpu_pair_parts=4, mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
     # call 2: the dB/dC row sums in registers (bank-conflict-free, one [128, 4] round trip and
     # its barrier less per sub-chunk) in the default one-thread backward (r), pb and qb
-    "r": dict(mgpu_bwd_rowsum=True),
+    "r": dict(mgpu_bwd_rowsum=True),     # (since v8: forces it in the two-thread backward too)
     "pbr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True),
     "qbr": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4, mgpu_bwd_rowsum=True),
     # the pair training forward in 32-step chunks (its checkpoints read by the 16-step
@@ -496,6 +496,11 @@ VARIANTS = {
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1),
+    # v8 spelled out (session 8: v7 + the pair training forward in 32-step chunks and the
+    # one-thread backward's dB/dC rows summed in registers)
+    "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

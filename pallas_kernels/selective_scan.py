@@ -242,9 +242,10 @@ class _Config:
     mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
                               # per channel in one warp (selective_scan_mgpu.backward_pair)
                               # where the one-thread backward would run and it takes the shape
-    mgpu_bwd_rowsum: bool = False  # Mosaic backwards: each thread's dB/dC row summed by
+    mgpu_bwd_rowsum: bool | str = False  # Mosaic backwards: each thread's dB/dC row summed by
                               # vector loads in registers (_row_sums: no [128, 4] round trip
-                              # and its barrier; the barrier moves before the next red stores)
+                              # and its barrier; the barrier moves before the next red stores);
+                              # "auto": in the one-thread and pair backwards, not the two-thread
     interpret: bool = False
 
 
@@ -1291,13 +1292,15 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
-                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum,
+                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
                              vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u),
-                             bwd_ahead=cfg.mgpu_bwd_ahead, rowsum=cfg.mgpu_bwd_rowsum,
+                             bwd_ahead=cfg.mgpu_bwd_ahead,
+                             rowsum=(_mgpu_bwd_split(cfg, u) == 1 if cfg.mgpu_bwd_rowsum == "auto"
+                                     else cfg.mgpu_bwd_rowsum),
                              interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
@@ -1425,16 +1428,18 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-                          mgpu_bwd_pair=False, mgpu_bwd_rowsum=False, mgpu_pair_train_chunk=0,
+                          mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
+    Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
     GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu. Where the one-thread
     grid B * Dn / 128 fits one program per SM (8x2048x2048, 8x8192x2048): the forwards with
-    two lanes per channel in one warp (mgpu_pair="auto": forward_pair, inference in 32-step
-    chunks) and the one-thread backward looped over its sub-chunks (mgpu_bwd_split=0,
-    mgpu_bwd_loop="auto"). Larger grids (Dn 4096 at B 8): v6.1, the inference and training
+    two lanes per channel in one warp (mgpu_pair="auto": forward_pair, inference and training
+    in 32-step chunks: mgpu_pair_chunk, mgpu_pair_train_chunk) and the one-thread backward
+    looped over its sub-chunks (mgpu_bwd_split=0, mgpu_bwd_loop="auto"), its dB/dC rows
+    summed in registers (mgpu_bwd_rowsum="auto"; v7 had mgpu_pair_train_chunk=0,
+    mgpu_bwd_rowsum=False). Larger grids (Dn 4096 at B 8): v6.1, the inference and training
     forwards with one channel per thread (B/C by TMA into shared memory; the training
     forward's checkpoints read as parts by the backward: mgpu_ck_unsplit=True), the backward
     with two threads per channel; shapes they
