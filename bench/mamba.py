@@ -468,6 +468,39 @@ VARIANTS = {
     # every session-7 option at once (the real-lowering check of all their code paths)
     "all7": dict(mgpu_unroll=4, mgpu_skew=True, mgpu_poly=2, mgpu_bwd_loop=True,
                  mgpu_bwd_ahead=True),
+    # session 8: the inference forward with four lanes per channel (mgq: 512 programs, four
+    # warps per scheduler at 8x2048x2048); the backward with two lanes per channel in one warp
+    # (pb: after the pair training forward; pbnl: its sub-chunks unrolled); both (cand8)
+    "mgq": dict(mgpu_pair_parts=4),
+    "mgq_c16": dict(mgpu_pair_parts=4, mgpu_pair_chunk=16),
+    "pb": dict(mgpu_bwd_pair=True),
+    "pbnl": dict(mgpu_bwd_pair=True, mgpu_bwd_loop=False),
+    # four lanes per channel in the training forward too (qt, the one-thread backward reads
+    # its checkpoints) and in the backward (qb: 512 programs, four warps per scheduler)
+    "qt": dict(mgpu_pair_train_parts=4),
+    "qb": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
+    "cand8": dict(mgpu_pair_parts=4, mgpu_pair_train_parts=4, mgpu_bwd_pair=4),
+    # call 2: the dB/dC row sums in registers (bank-conflict-free, one [128, 4] round trip and
+    # its barrier less per sub-chunk) in the default one-thread backward (r), pb and qb
+    "r": dict(mgpu_bwd_rowsum=True),     # (since v8: forces it in the two-thread backward too)
+    "pbr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True),
+    "qbr": dict(mgpu_pair_train_parts=4, mgpu_bwd_pair=4, mgpu_bwd_rowsum=True),
+    # the pair training forward in 32-step chunks (its checkpoints read by the 16-step
+    # backward), alone and with r; the pair inference forward in 64-step chunks
+    "pt32": dict(mgpu_pair_train_chunk=32),
+    "r_pt32": dict(mgpu_bwd_rowsum=True, mgpu_pair_train_chunk=32),
+    "mgp_c64": dict(mgpu_pair_chunk=64),
+    "mgp_y2": dict(mgpu_yacc=2),    # the pair forwards' y_t in two interleaved partial sums
+    # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
+    # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
+    "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1),
+    # v8 spelled out (session 8: v7 + the pair training forward in 32-step chunks and the
+    # one-thread backward's dB/dC rows summed in registers)
+    "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

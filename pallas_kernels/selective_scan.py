@@ -235,6 +235,17 @@ class _Config:
                               # FMA-pipe polynomial instead of the MUFU
     mgpu_skew: bool = False   # Mosaic forward with mgpu_unroll: the next group's first step
                               # prepared (delta, decays, B/C) at the end of a group
+    mgpu_pair_parts: int = 2  # lanes per channel of the pair inference forward (2 or 4)
+    mgpu_pair_train_parts: int = 2  # and of the pair training forward (mgpu_pair="train")
+    mgpu_pair_train_chunk: int = 0  # steps per chunk of the pair training forward (0:
+                              # mgpu_chunk, the backward's; a multiple of it)
+    mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
+                              # per channel in one warp (selective_scan_mgpu.backward_pair)
+                              # where the one-thread backward would run and it takes the shape
+    mgpu_bwd_rowsum: bool | str = False  # Mosaic backwards: each thread's dB/dC row summed by
+                              # vector loads in registers (_row_sums: no [128, 4] round trip
+                              # and its barrier; the barrier moves before the next red stores);
+                              # "auto": in the one-thread and pair backwards, not the two-thread
     interpret: bool = False
 
 
@@ -1098,17 +1109,20 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         # the pair forward: inference, and (mgpu_pair="train") the training forward whose
         # checkpoints ([B, Lp / 4, N, Dp]) the one-thread Mosaic backward or Triton's read
         pair = _mgpu_pair_mode(cfg, u)
-        pair_ck = (pair == "train" and cfg.chunk % 2 == 0
+        parts = cfg.mgpu_pair_train_parts if save_ckpt else cfg.mgpu_pair_parts
+        pair_ck = (pair == "train" and cfg.chunk % parts == 0
                    and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u) == 1
                         or cfg.mgpu_ck_unsplit))
         if (pair and (not save_ckpt or pair_ck)
-                and mgpu.pair_supported(u.shape[2], groups, A.shape[1])):
+                and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
-                                     chunk=cfg.mgpu_chunk if save_ckpt else cfg.mgpu_pair_chunk,
+                                     chunk=((cfg.mgpu_pair_train_chunk or cfg.mgpu_chunk)
+                                            if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
-                                     ck_every=cfg.chunk, interpret=cfg.interpret)
+                                     ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
+                                     interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1271,11 +1285,23 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
+        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+        if (parts and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
+                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1], parts)):
+            return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
+                                      chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                      stages=cfg.mgpu_stages,
+                                      bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
+                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
+                                      interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
                              vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u),
-                             bwd_ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
+                             bwd_ahead=cfg.mgpu_bwd_ahead,
+                             rowsum=(_mgpu_bwd_split(cfg, u) == 1 if cfg.mgpu_bwd_rowsum == "auto"
+                                     else cfg.mgpu_bwd_rowsum),
+                             interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1401,15 +1427,19 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_chunk=32, interpret=False):
+                          mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+                          mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
-    Defaults (v7, session 7 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
+    Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
     GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu. Where the one-thread
     grid B * Dn / 128 fits one program per SM (8x2048x2048, 8x8192x2048): the forwards with
-    two lanes per channel in one warp (mgpu_pair="auto": forward_pair, inference in 32-step
-    chunks) and the one-thread backward looped over its sub-chunks (mgpu_bwd_split=0,
-    mgpu_bwd_loop="auto"). Larger grids (Dn 4096 at B 8): v6.1, the inference and training
+    two lanes per channel in one warp (mgpu_pair="auto": forward_pair, inference and training
+    in 32-step chunks: mgpu_pair_chunk, mgpu_pair_train_chunk) and the one-thread backward
+    looped over its sub-chunks (mgpu_bwd_split=0, mgpu_bwd_loop="auto"), its dB/dC rows
+    summed in registers (mgpu_bwd_rowsum="auto"; v7 had mgpu_pair_train_chunk=0,
+    mgpu_bwd_rowsum=False). Larger grids (Dn 4096 at B 8): v6.1, the inference and training
     forwards with one channel per thread (B/C by TMA into shared memory; the training
     forward's checkpoints read as parts by the backward: mgpu_ck_unsplit=True), the backward
     with two threads per channel; shapes they
@@ -1434,7 +1464,10 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
-                  mgpu_pair_chunk=mgpu_pair_chunk, interpret=interpret)
+                  mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
+                  mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
+                  mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -89,6 +89,15 @@ def _exp2_poly(x, interpret):
                                         jnp.float32)
 
 
+def _skip_gate(y, u, d, zz):
+    """The forwards' epilogue: y + D u (D given), times silu(z) (z given)."""
+    if d is not None:
+        y = y + d * u
+    if zz is not None:
+        y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
+    return y
+
+
 def _part_of_thread():
     """[split, bd] int32: the lane part (row) of each thread's element."""
     return jax.lax.broadcasted_iota(jnp.int32, (2, _WG // 2), 0)
@@ -154,6 +163,63 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
                                                  _layout=layout.to_mgpu(), _is_signed=None))
         return tuple(outs)
     return list(load(ref))
+
+
+def _row_sums(red, width, skew_div, interpret):
+    """[128] f32 (one value per thread): thread i's sum of row i of the dB/dC buffer `red`
+    ([128, width + pad], or [128, W, lw] with the 4 x lw channels in [:, :4]) over its
+    `width` channels, by 16-byte vector loads summed in registers (no second shared-memory
+    pass). skew_div: thread i starts at block i // skew_div (mod the block count), so that
+    eight threads whose rows share banks (row strides of 16 or 8 floats mod 32) read distinct
+    banks."""
+    if interpret:
+        v = red[...]
+        return jnp.sum(v[:, :width] if v.ndim == 2 else v[:, :4], axis=tuple(range(1, v.ndim)))
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    shape = (_WG,)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_blk = width // 4
+    lw = red.shape[-1]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout))
+    def sums(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        row = arith.index_cast(index, tid)
+        rot = None
+        if skew_div:
+            rot = arith.andi(arith.shrui(tid, mgpu.c(int(math.log2(skew_div)), i32)),
+                             mgpu.c(n_blk - 1, i32))
+        vt = ir.VectorType.get((4,), f32)
+        acc = None
+        for m in range(n_blk):
+            if rot is None:
+                fc = mgpu.c(4 * m, i32)
+            else:
+                fc = arith.shli(arith.andi(arith.addi(rot, mgpu.c(m, i32)),
+                                           mgpu.c(n_blk - 1, i32)), mgpu.c(2, i32))
+            if len(red.shape) == 3:
+                idx = [row, arith.index_cast(index, arith.shrui(
+                           fc, mgpu.c(int(math.log2(lw)), i32))),
+                       arith.index_cast(index, arith.andi(fc, mgpu.c(lw - 1, i32)))]
+            else:
+                idx = [row, arith.index_cast(index, fc)]
+            v = vector.load(vt, ref, idx, alignment=16)
+            acc = v if acc is None else arith.addf(acc, v)
+        e = [vector.extract(acc, [], [q]) for q in range(4)]
+        tot = arith.addf(arith.addf(e[0], e[1]), arith.addf(e[2], e[3]))
+        reg = vector.broadcast(ir.VectorType.get((1,), f32), tot)
+        return mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                    _layout=layout.to_mgpu(), _is_signed=None)
+    return sums(red)
 
 
 def _load_params(r, opts, cols, split, n_k, state_src):
@@ -339,12 +405,8 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
         return tuple(h)
 
     def finish(y, u, s_, t):
-        if "d" in vec:
-            y = y + vec["d"] * u
-        if has_z:
-            zz = s_["z"][:, t, :].astype(f32)
-            y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
-        s_["y"][:, t, :] = y.astype(s_["y"].dtype)
+        zz = s_["z"][:, t, :].astype(f32) if has_z else None
+        s_["y"][:, t, :] = _skip_gate(y, u, vec.get("d"), zz).astype(s_["y"].dtype)
 
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
     for k in range(n_k):
@@ -447,43 +509,114 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chu
 # stores y of step t + p: its own part's sum for t + p plus the partner's, sent by one shfl.
 # The u / delta / z / y rows are [chunk, 4, 16] tiles (Dn viewed as [Dp / 16, 16]); the step
 # pair (t, t + 1) is the view rows[t:t + 2] transposed to (w, p, l).
+#
+# parts = 4 (inference only, `mgpu_pair_parts`): four lanes per channel (8 w + l of the
+# program's 32, lanes l + 8 p, N / 4 states each), steps in groups of four: lane part p loads
+# and computes delta, delta u of step t + p, every lane takes step t + q's from part q by
+# shfl.idx (a constant source part: the segment mask keeps the lane's low bits), and the four
+# parts' y sums of the group meet by a butterfly reduce-scatter (xor 16, then xor 8: three
+# shuffles) that leaves step t + p's full sum in part p. Twice the programs of the pair
+# forward: four warps per scheduler at 8x2048x2048.
 
 _PAIR_SHAPE = (4, 2, 16)
 
 
-def _pair_part(interpret=True):
-    """[4, 2, 16] int32: the part (lane // 16) of each thread."""
-    part = jax.lax.broadcasted_iota(jnp.int32, _PAIR_SHAPE, 1)
+def _lane_shape(parts):
+    return (4, parts, 32 // parts)
+
+
+def _pair_part(interpret=True, shape=_PAIR_SHAPE):
+    """[4, parts, 32 / parts] int32: the part (lane // (32 / parts)) of each thread."""
+    part = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     if interpret:
         return part
-    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1))
+    return plgpu.layout_cast(part, plgpu.Layout.WG_STRIDED(shape, vec_size=1))
 
 
-def _shfl16(x, interpret):
-    """x of the lane 16 apart: the other part of the thread's channel."""
+def _shfl(x, interpret, distance=16, src_part=None):
+    """shfl.bfly by `distance` lanes (the part p ^ distance / (32 / parts) of the channel), or
+    with src_part: shfl.idx from that part's lane of the channel."""
+    shape = x.shape
+    lw = shape[2]
     if interpret:
-        return jnp.flip(x, axis=1)
+        if src_part is not None:
+            return jnp.broadcast_to(x[:, src_part:src_part + 1], shape)
+        src = [p ^ (distance // lw) for p in range(shape[1])]
+        return jnp.concatenate([x[:, q:q + 1] for q in src], axis=1)
     import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import nvvm
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+
+    def one(reg):
+        if src_part is None:
+            return mgpu.utils.shfl_bfly(reg, distance)
+        i32 = ir.IntegerType.get_signless(32)
+        # lane (lane & (lw - 1)) | (src_part * lw): the segment mask lw - 1 keeps the low bits
+        y = nvvm.shfl_sync(mgpu.c(0xFFFFFFFF, i32), mgpu.utils.bitcast(reg, i32),
+                           mgpu.c(src_part * lw, i32), mgpu.c(((lw - 1) << 8) | 0x1F, i32),
+                           nvvm.ShflKind.idx)
+        return mgpu.utils.bitcast(y, reg.type)
 
     @plgpu.inline_mgpu(arg_types=(layout,),
-                       return_type=plgpu.ShapeDtypeStruct(_PAIR_SHAPE, jnp.float32,
-                                                          layout=layout))
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout))
     def shfl(ctx, v):
         del ctx
         regs = np.empty_like(v.registers)
         for idx, reg in np.ndenumerate(v.registers):
-            regs[idx] = mgpu.utils.shfl_bfly(reg, 16)
+            regs[idx] = one(reg)
         return mgpu.FragmentedArray(_registers=regs, _layout=v.layout, _is_signed=None)
     return shfl(x)
 
 
-def _pair_bc(bc_ref, t, col, count, n_k, interpret):
-    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, 2, 16]."""
+def _part_sums(vs, part, interpret):
+    """vs[q]: this lane part's partial sum of step t + q (q < parts) -> the full sum over the
+    channel's parts of step t + p (p: this lane's part). Two parts: one xor-16 shuffle; four:
+    a butterfly reduce-scatter (xor 16 keeps this half's steps, xor 8 the own step)."""
+    lw = vs[0].shape[2]
+    if len(vs) == 2:
+        part0 = part == 0
+        return jnp.where(part0, vs[0], vs[1]) + _shfl(jnp.where(part0, vs[1], vs[0]),
+                                                      interpret)
+    hi, lo = part >= 2, (part % 2) == 1
+    keep = [jnp.where(hi, vs[2 + i], vs[i]) for i in range(2)]
+    send = [jnp.where(hi, vs[i], vs[2 + i]) for i in range(2)]
+    half = [keep[i] + _shfl(send[i], interpret, distance=2 * lw) for i in range(2)]
+    return (jnp.where(lo, half[1], half[0])
+            + _shfl(jnp.where(lo, half[0], half[1]), interpret, distance=lw))
+
+
+def _part_total(v, interpret):
+    """The sum of v over the lane parts of the channel (every part gets it)."""
+    lw = v.shape[2]
+    d = 16
+    while d >= lw:
+        v = v + _shfl(v, interpret, distance=d)
+        d //= 2
+    return v
+
+
+def _ck_view(row, k, parts, n_k, interpret):
+    """[4, parts, lw] view of a checkpoint row [N, 4, lw]: state p K + k of channel lw w + l
+    (GPU interpret mode has no ref reshape, Mosaic no strided slice)."""
+    rows_k = (row.at[pl.ds(k, parts, stride=n_k)] if interpret
+              else row.reshape(parts, n_k, *row.shape[1:]).at[:, k])
+    return rows_k.transpose((1, 0, 2))
+
+
+def _shfl16(x, interpret):
+    """x of the lane 16 apart: the other part of the thread's channel (two parts)."""
+    return _shfl(x, interpret)
+
+
+def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
+    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw]."""
     if interpret:
         row = bc_ref[t, :]
-        return [row[_pair_part() * n_k + col + e] for e in range(count)]
+        return [row[_pair_part(True, shape) * n_k + col + e] for e in range(count)]
+    if not isinstance(t, int):     # a traced step: the row as a transformed ref
+        bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
@@ -494,16 +627,16 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret):
         if isinstance(tid.type, ir.IndexType):
             tid = arith.index_cast(i32, tid)
         lane = arith.remui(tid, mgpu.c(32, i32))
-        part = arith.shrui(lane, mgpu.c(4, i32))
+        part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
         return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
-    return _inline_row_load(bc_ref, t, count, _PAIR_SHAPE, n_load, first)
+    return _inline_row_load(bc_ref, t, count, shape, n_load, first)
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4):
-    """save_ckpt: the state before every ck_every-th step into the one-thread kernels'
-    checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint, written
-    through its (w, p, l) view per state k: rows k and K + k)."""
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
+    """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
+    kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
+    written through its (w, p, l) view per state k: rows k and K + k)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
@@ -511,11 +644,13 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
              *(["ck_s"] if save_ckpt else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
-    n_k = n_state // 2
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    n_k = n_state // parts
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
     groups = r["bc"].shape[1]
-    g = j * 64 * groups // (r["u"].shape[2] * 16)   # the group of this channel block
+    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
     tiles = pl.ds(j * 4, 4)
 
     def fetch(c, slot):
@@ -528,7 +663,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    # A^T log2(e) as [K, 4, 2, 16], D and bias as [4, 2, 16] (both parts), h0 [K, 4, 2, 16]
+    # A^T log2(e) as [K, *shape], D and bias as shape (every part), h0 [K, *shape]
     plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
@@ -545,12 +680,29 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["bar"].at[3])
         h0 = tuple(r["h_s"][k] for k in range(n_k))
     else:
-        h0 = tuple(_zeros(_PAIR_SHAPE) for _ in range(n_k))
-    part = _pair_part(interpret)
+        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
 
-    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, 16] tile as (w, p = step, l)
-        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+    def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
+
+    def group_y(dt_own, u_own, s_, t, h):
+        """Steps t .. t + parts - 1 (parts 4): the state update; returns y of step t + p."""
+        dtu_own = dt_own * u_own
+        ys = []
+        for tt in range(parts):
+            dt = _shfl(dt_own, interpret, src_part=tt)
+            dtu = _shfl(dtu_own, interpret, src_part=tt)
+            b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret, shape)
+            c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret, shape)
+            y = None
+            for k in range(n_k):
+                h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                hc = h[k] * c_t[k]
+                y = hc if y is None else y + hc
+            ys.append(y)
+        return _part_sums(ys, part, interpret)
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -559,14 +711,11 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
-        for t in range(0, chunk, 2):
-            if save_ckpt and t % ck_every == 0:   # state p K + k of channel 16 w + l
-                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, 16]
-                for k in range(n_k):   # (GPU interpret mode has no ref reshape, Mosaic no
-                    # strided slice)
-                    rows_k = (row.at[pl.ds(k, 2, stride=n_k)] if interpret
-                              else row.reshape(2, n_k, 4, 16).at[:, k])
-                    rows_k.transpose((1, 0, 2))[...] = h[k]
+        for t in range(0, chunk, parts):
+            if save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
+                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, lw]
+                for k in range(n_k):
+                    _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -574,29 +723,33 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             dt_own = _softplus(x, True) if softplus else x
             if padded:
                 dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
-            dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
-            ys = []
-            for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
-                mine = part0 if tt == 0 else part1
-                dt = jnp.where(mine, dt_own, dt_oth)
-                dtu = dt * jnp.where(mine, u_own, u_oth)
-                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
-                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
-                y = None
-                for k in range(n_k):
-                    h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
-                    hc = h[k] * c_t[k]
-                    y = hc if y is None else y + hc
-                ys.append(y)
-            # part p keeps its sum of step t + p and sends the partner's step to it
-            y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
-                                                         interpret)
-            if "d" in vec:
-                y = y + vec["d"] * u_own
-            if has_z:
-                zz = pair_rows(s_["z"], t)
-                y = y * (zz / (1.0 + jnp.exp2(zz * -_LOG2E)))
-            y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            if parts == 2:
+                dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
+                ys = []
+                for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
+                    mine = part0 if tt == 0 else part1
+                    dt = jnp.where(mine, dt_own, dt_oth)
+                    dtu = dt * jnp.where(mine, u_own, u_oth)
+                    b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
+                    c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                    acc = [None] * y_acc    # y_acc interleaved partial sums: shorter chains
+                    for k in range(n_k):
+                        h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
+                        hc = h[k] * c_t[k]
+                        i = k % y_acc
+                        acc[i] = hc if acc[i] is None else acc[i] + hc
+                    acc = [a for a in acc if a is not None]
+                    while len(acc) > 1:
+                        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
+                               for i in range(0, len(acc), 2)]
+                    ys.append(acc[0])
+                # part p keeps its sum of step t + p and sends the partner's step to it
+                y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
+                                                             interpret)
+            else:
+                y = group_y(dt_own, u_own, s_, t, h)
+            y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
+            y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
                                 commit_group=False)
@@ -620,76 +773,82 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     plgpu.wait_smem_to_gmem(0)
 
 
-def pair_supported(dn: int, groups: int, n: int) -> bool:
-    return n % 2 == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % 64 == 0))
+def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
+    width = 128 // parts     # channels per program
+    return n % parts == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % width == 0))
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, interpret=False):
-    """The forward with two lanes per channel in one warp (see above); returns (y [B, L, Dn],
-    final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp] f32 or None). N even;
-    grouped B/C need Dn / G % 64 == 0; save_ckpt needs chunk % ck_every == 0 and an even
-    ck_every."""
+                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False):
+    """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
+    returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
+    f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
+    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     groups = B.shape[2]
-    if not pair_supported(dn, groups, n):
-        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}")
-    chunk += chunk % 2
-    if save_ckpt and (chunk % ck_every or ck_every % 2):
+    if parts not in (2, 4) or not pair_supported(dn, groups, n, parts):
+        raise ValueError(f"selective_scan_mgpu.forward_pair: N={n}, Dn={dn}, G={groups}, "
+                         f"parts={parts}")
+    chunk += -chunk % parts
+    if save_ckpt and (chunk % ck_every or ck_every % parts):
         raise ValueError(f"forward_pair: chunk {chunk} with checkpoints every {ck_every}")
-    n_k = n // 2
-    dp = _common.round_up(dn, 64)
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    width = 4 * lw           # channels per program
+    n_k = n // parts
+    dp = _common.round_up(dn, width)
     lp = _common.round_up(length, chunk)
-    nb = dp // 64
-    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, 64).reshape(
-        bsz, lp, dp // 16, 16)
-    # per-thread [.., 4, 2, 16] of a per-channel [.., Dp] array (both parts the same)
-    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, 16),
-                                      (*x.shape[:-1], nb, 4, 2, 16))
-    # per-state [.., N, Dp] -> [.., K, nb, 4, 2, 16]: state p K + k of channel 16 w + l
-    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], 2, n_k, nb, 4, 16), -5, -2)
+    nb = dp // width
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, width).reshape(
+        bsz, lp, dp // lw, lw)
+    # per-thread [.., 4, parts, lw] of a per-channel [.., Dp] array (every part the same)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, lw),
+                                      (*x.shape[:-1], nb, *shape))
+    # per-state [.., N, Dp] -> [.., K, nb, 4, parts, lw]: state p K + k of channel lw w + l
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
     bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, 64))
-    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, 64))
-    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, 64))
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
+    state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, width))
     given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
     opts = [name for name, _ in given]
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
-    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // 16, 16), u.dtype),
-                 jax.ShapeDtypeStruct((bsz, n_k, nb, 4, 2, 16), f32)]
+    out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
+                 jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
     if save_ckpt:
-        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // 16, 16), f32))
+        out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // lw, lw), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
-    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, 16), dtype)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
     seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
     if save_ckpt:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, 16), f32))
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
     n_in = 3 + (z is not None)
-    scratch = [plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.SMEM((2, *_PAIR_SHAPE), f32),
-               plgpu.SMEM((n_k, *_PAIR_SHAPE), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
+    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+               plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
                plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_fwd_mgpu_pair" + ("_ck" if save_ckpt else ""))(*arrays)
+        kernel_name=("selective_scan_fwd_mgpu_pair" + ("4" if parts == 4 else "")
+                     + ("_ck" if save_ckpt else "")))(*arrays)
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
-    # [B, K, nb, 4, 2, 16] -> [B, N, Dp]: state p K + k, channel 64 j + 16 w + l
+    # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
     if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
         ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
@@ -723,7 +882,7 @@ def _sigmoid(x):
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
-              bwd_loop=False, bwd_ahead=False):
+              bwd_loop=False, bwd_ahead=False, rowsum=False):
     """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
     the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
     shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
@@ -851,6 +1010,8 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             hs, steps, decays = rec
             t0 = sub * ck_every
             pending = []
+            if rowsum:     # every thread has read the previous sub-chunk's `red` rows
+                plgpu.commit_smem()
             for tl in reversed(range(ck_every)):               # reverse steps
                 t = t0 + tl
                 i = c * chunk + t
@@ -899,14 +1060,17 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, other(2) if has_z else None,
                                    other(0), other(1), dd, dbias)
             rec_next = recompute(nxt) if nxt is not None else None
-            acc = None
-            for m in range(bd // 4):
-                v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
-                               layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
-                acc = v if acc is None else acc + v
-            r["red2"][...] = acc
-            plgpu.commit_smem()
-            tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            if rowsum:
+                tot = _row_sums(r["red"], bd, None, interpret)
+            else:
+                acc = None
+                for m in range(bd // 4):
+                    v = plgpu.load(r["red"].at[:, pl.ds(4 * m, 4)],
+                                   layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                    acc = v if acc is None else acc + v
+                r["red2"][...] = acc
+                plgpu.commit_smem()
+                tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
             return (tuple(dh), tuple(da), dd, dbias), rec_next
 
@@ -969,7 +1133,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
-             interpret=False):
+             rowsum=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
@@ -1056,7 +1220,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         _bwd_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks, length=length,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
-        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead)
+        parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead,
+        rowsum=rowsum)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -1082,4 +1247,364 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              if delta_bias is not None else None)
     dh0 = unpart(outs.pop(0))
     dh0 = (jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None)
+    return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward with two lanes per channel in one warp ("pair", mgpu_bwd_pair): the one-thread
+# backward's recurrence with the pair forward's thread map (thread 32 w + 16 p + l: channel
+# 16 w + l of the program's 64, states p K + k), so that Dn 2048 at B 8 gives 256 programs of
+# 4 warps (two warps per scheduler) where the one-thread backward has one. Per step pair
+# (t, t + 1) lane part p loads u, delta, dy (z) of step t + p only (softplus once per lane and
+# two steps) and takes the partner's by shfl.xor 16; the per-channel sums <g, B>, <A, q> (and y
+# with z) of the two parts meet by one shfl each per step pair (part p keeps step t + p's), and
+# lane part p finishes step t + p (du, ddelta, dz). dB/dC rows go through shared memory as in
+# the one-thread kernel, 64 channels per row; row (t, which * N + 2 k + p) holds state p K + k
+# (the two parts' rows adjacent: the warp's store is conflict-free), reordered outside.
+# parts = 4: four lanes per channel as in the four-lane forward (32 channels a program, 4
+# warps per scheduler at 8x2048x2048): step t + q's delta, delta u and dy from part q by
+# shfl.idx, the sums by the butterfly reduce-scatter (_part_sums).
+
+_RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
+
+
+def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
+                   stages, interpret, bwd_loop, parts=2, rowsum=False):
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
+    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
+    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
+             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "a_s", "p_s", "h_s", "bar", "red", "red2",
+             *[k + "_s" for k in seq_in + seq_out], "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    n_k = n_state // parts
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g_idx = j * 4 * lw * groups // (r["u"].shape[2] * lw)
+    tiles = pl.ds(j * 4, 4)
+    n_sub = chunk // ck_every
+    rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
+
+    def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
+        c = n_chunks - 1 - k
+        rows = pl.ds(c * chunk, chunk)
+        bar = r["in_bar"].at[slot]
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, tiles],
+                                r["ck_s"].at[slot], bar)
+        for name in rows_names:
+            plgpu.copy_gmem_to_smem(r[name].at[b, rows, tiles], r[name + "_s"].at[slot], bar)
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]
+    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+    plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = r["p_s"][i]
+    plgpu.barrier_wait(r["bar"].at[3])
+    dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    zero = _zeros(shape)
+    part = _pair_part(interpret, shape)
+    part0, part1 = part == 0, part == 1
+    shfl = functools.partial(_shfl16, interpret=interpret)
+
+    def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
+
+    def store_pair(ref, t, v):
+        ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
+
+    def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
+        return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
+
+    def red_store(tl, which, k, v):   # rows tl * 32 + which * N + parts k + p
+        rows = r["red"].at[pl.ds(tl * _NQ + which * n_state + parts * k, parts), pl.ds(0, 4)]
+        rows.transpose((1, 0, 2))[...] = v
+
+    def bc_get(bc_s, t, which):
+        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape)
+
+    def pairsum(v):   # v[tt]: this part's sum of step t + tt -> the full sum of step t + p
+        return _part_sums(v, part, interpret)
+
+    def step_value(own, oth, tt):   # step t + tt's value from its own part
+        if parts == 2:
+            return jnp.where(part0 if tt == 0 else part1, own, oth)
+        return _shfl(own, interpret, src_part=tt)
+
+    def chunk_body(kc, carry):
+        c = n_chunks - 1 - kc
+        slot = jax.lax.rem(kc, stages)
+        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
+        plgpu.barrier_wait(r["in_bar"].at[slot])
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        bc_s = s_["bc"]
+
+        def recompute(sub):
+            t0 = sub * ck_every
+            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+            hs, steps, decays, own = [h], [], [], []
+            for tp in range(0, ck_every, parts):
+                t = t0 + tp
+                u_own = pair_rows(s_["u"], t)
+                x_own = pair_rows(s_["dt"], t)
+                if "bias" in vec:
+                    x_own = x_own + vec["bias"]
+                dt_own = _softplus(x_own, True) if softplus else x_own
+                if padded:
+                    dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+                own.append((u_own, x_own, dt_own))
+                if parts == 2:
+                    dt_oth, u_oth = shfl(dt_own), shfl(u_own)
+                else:
+                    dtu_own = dt_own * u_own
+                for tt in range(parts):
+                    if parts == 2:
+                        mine = part0 if tt == 0 else part1
+                        dt = jnp.where(mine, dt_own, dt_oth)
+                        dtu = dt * jnp.where(mine, u_own, u_oth)
+                    else:
+                        dt = step_value(dt_own, None, tt)
+                        dtu = step_value(dtu_own, None, tt)
+                    a_t = [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
+                    b_t = bc_get(bc_s, t + tt, 0)
+                    h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
+                    hs.append(h)
+                    steps.append((dt, dtu))
+                    decays.append(a_t)
+            return hs, steps, decays, own
+
+        def back(sub, rec, carry):
+            dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
+            hs, steps, decays, own = rec
+            t0 = sub * ck_every
+            if rowsum:     # every thread has read the previous sub-chunk's `red` rows
+                plgpu.commit_smem()
+            for tp in reversed(range(0, ck_every, parts)):
+                t = t0 + tp
+                u_own, x_own, dt_own = own[tp // parts]
+                dout = pair_rows(s_["dy"], t)
+                zz = sz = None
+                if has_z:
+                    zz = pair_rows(s_["z"], t)
+                    sz = _sigmoid(zz)
+                    dy_own = dout * zz * sz
+                else:
+                    dy_own = dout
+                dy_oth = shfl(dy_own) if parts == 2 else None
+                gbs, saqs, ys = [None] * parts, [None] * parts, [None] * parts
+                for tt in reversed(range(parts)):
+                    tl = tp + tt
+                    dy = step_value(dy_own, dy_oth, tt)
+                    dt, dtu = steps[tl]
+                    h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
+                    b_t, c_t = bc_get(bc_s, t + tt, 0), bc_get(bc_s, t + tt, 1)
+                    if has_z:
+                        for kk in range(n_k):
+                            hc = h_t[kk] * c_t[kk]
+                            ys[tt] = hc if ys[tt] is None else ys[tt] + hc
+                    gb, saq = None, None
+                    for kk in range(n_k):
+                        g = dh[kk] + c_t[kk] * dy
+                        red_store(tl, 0, kk, g * dtu)
+                        red_store(tl, 1, kk, dy * h_t[kk])
+                        q = g * a_t[kk] * h_prev[kk]
+                        da[kk] = da[kk] + dt * q
+                        saq = a2[kk] * q if saq is None else saq + a2[kk] * q
+                        gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
+                        dh[kk] = a_t[kk] * g
+                    gbs[tt], saqs[tt] = gb, saq
+                # lane part p finishes step t + p
+                gb, saq = pairsum(gbs), pairsum(saqs)
+                if has_z:
+                    y = pairsum(ys)
+                    if "d" in vec:
+                        y = y + vec["d"] * u_own
+                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)))
+                du = dt_own * gb
+                if "d" in vec:
+                    du = du + vec["d"] * dy_own
+                    dd = dd + dy_own * u_own
+                store_pair(s_["du"], t, du)
+                ddt = u_own * gb + saq * _LN2
+                if softplus:
+                    ddt = ddt * _sigmoid(x_own)
+                if padded:
+                    ddt = jnp.where(c * chunk + t + part < length, ddt, 0.0)
+                store_pair(s_["ddt"], t, ddt)
+                dbias = dbias + ddt
+            # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
+            plgpu.commit_smem()
+            if rowsum:   # rows 16 lw floats apart share banks: skewed block order
+                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret)
+            else:
+                acc = None
+                for w in range(4):
+                    for m in range(lw // 4):
+                        v = plgpu.load(r["red"].at[:, w, pl.ds(4 * m, 4)],
+                                       layout=plgpu.Layout.WG_STRIDED((_WG, 4), vec_size=4))
+                        acc = v if acc is None else acc + v
+                r["red2"][...] = acc
+                plgpu.commit_smem()
+                tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
+            s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            return tuple(dh), tuple(da), dd, dbias
+
+        carry = (tuple(carry[0]), tuple(carry[1]), carry[2], carry[3])
+        if bwd_loop:
+            carry = jax.lax.fori_loop(
+                0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr),
+                carry)
+        else:
+            for sub in reversed(range(n_sub)):
+                carry = back(sub, recompute(sub), carry)
+        plgpu.commit_smem()
+        rows = pl.ds(c * chunk, chunk)
+        for name in seq_out:
+            dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
+            plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(kc + stages < n_chunks)
+        def _():
+            fetch(kc + stages, slot)
+        return carry
+
+    init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
+    dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    for kk in range(n_k):
+        r["h_s"][kk] = dh[kk]
+        r["a_s"][kk] = da[kk]
+    # dD and d bias: each part summed its own steps
+    outs_vec = [(k, _part_total(v, interpret)) for k, v in (("dd", dd), ("dbias", dbias))
+                if k in r]
+    for i, (_, v) in enumerate(outs_vec):
+        r["p_s"][i] = v
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["dh0"].at[b, :, j])
+    plgpu.copy_smem_to_gmem(r["a_s"], r["da"].at[b, :, j])
+    for i, (k, _) in enumerate(outs_vec):
+        plgpu.copy_smem_to_gmem(r["p_s"].at[i], r[k].at[b, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
+                  bwd_loop=True, parts=2, rowsum=False, interpret=False):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
+    lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
+    Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
+    multiple of parts, 2 N <= 32, ck_every 4; grouped B/C need Dn / G % (128 / parts) == 0.
+    bwd_loop: a chunk's sub-chunks as a loop."""
+    u, delta, A, B, C, D, z, delta_bias, h0, ck = res
+    if ck.ndim == 5:
+        ck = ck[:, :, :, 0]
+    f32 = jnp.float32
+    bsz, length, dn = u.shape
+    n = A.shape[1]
+    grouped = B.ndim == 4
+    B3, C3 = (B, C) if grouped else (B[:, :, None], C[:, :, None])
+    groups = B3.shape[2]
+    if parts not in (2, 4) or not (pair_supported(dn, groups, n, parts)
+                                   and bwd_supported(n, ck_every)):
+        raise ValueError(f"selective_scan_mgpu.backward_pair: N={n}, Dn={dn}, G={groups}, "
+                         f"parts={parts}")
+    shape = _lane_shape(parts)
+    lw = shape[2]
+    width = 4 * lw
+    n_k = n // parts
+    dp = _common.round_up(dn, width)
+    nb = dp // width
+    bcw = _common.round_up(2 * n, 4)
+    # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
+    # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
+    itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
+                 delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
+    fixed = ck_every * _NQ * _RED_W * lw * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+    per_step = width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+    while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
+        chunk //= 2
+    lp = _common.round_up(length, chunk)
+    n_chunks = lp // chunk
+    stages = min(stages, n_chunks)
+    tiled = lambda x: _common.pad_axis(_common.pad_axis(x, 1, chunk), 2, width).reshape(
+        bsz, lp, dp // lw, lw)
+    both = lambda x: jnp.broadcast_to(x.reshape(*x.shape[:-1], nb, 4, 1, lw),
+                                      (*x.shape[:-1], nb, *shape))
+    parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
+    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
+    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
+    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+    given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
+    opts = [name for name, _ in given]
+    ck = ck[:, :lp // ck_every]
+    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)      # [B, Lp / 4, N, Dp' / lw, lw]
+    arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given], ck,
+              tiled(y_bar.astype(u.dtype)),
+              parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
+    tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), dtype)
+    per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)
+    out_shape = [tile_out(u.dtype), tile_out(delta.dtype),
+                 *([tile_out(z.dtype)] if z is not None else []),
+                 jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32), per_thread]
+    out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
+                  if x is not None]
+    out_shape.append(per_thread)
+    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
+    seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
+                plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
+                plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs += [tile(u.dtype), tile(delta.dtype)]
+    if z is not None:
+        seq_bufs.append(tile(z.dtype))
+    seq_bufs.append(plgpu.SMEM((stages, chunk, _NQ), f32))
+    n_in = 5 + (z is not None)
+    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+               plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4),
+               plgpu.SMEM((ck_every * _NQ, _RED_W, lw), f32), plgpu.SMEM((_WG, 4), f32),
+               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+    body = functools.partial(
+        _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+        length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
+        stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
+        parts=parts, rowsum=rowsum)
+    outs = list(plgpu.kernel(
+        body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
+            unsafe_no_auto_barriers=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else ""))(*arrays))
+    crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
+    du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
+    dz = crop(outs.pop(0)) if z is not None else None
+    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
+    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    perm = [parts * (m % n_k) + m // n_k for m in range(n)]  # state p K + k at parts k + p
+    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    if not grouped:
+        db, dc = db[:, :, 0], dc[:, :, 0]
+    # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
+    unpart = lambda x: jnp.moveaxis(x, -2, 1).reshape(bsz, n, dp)
+    da = jnp.swapaxes(unpart(outs.pop(0)).sum(0)[:, :dn], 0, 1).astype(A.dtype)
+    per_channel = lambda x: x[..., 0, :].reshape(bsz, dp).sum(0)[:dn]
+    dd = per_channel(outs.pop(0)).astype(D.dtype) if D is not None else None
+    dbias = per_channel(outs.pop(0)).astype(delta_bias.dtype) if delta_bias is not None else None
+    dh0 = unpart(outs.pop(0))
+    dh0 = jnp.swapaxes(dh0[:, :, :dn], 1, 2).astype(h0.dtype) if h0 is not None else None
     return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
