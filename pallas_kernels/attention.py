@@ -936,7 +936,7 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
 # producer) 423 vs Triton 354, so the Mosaic backward from 1k keys. Call 2 (N=1k, same process;
 # cuDNN 291, tokamax 309): D=128 causal Triton 268, the causal Mosaic options (lean, no producer)
 # 278, rows + the deferred dq without producer 283: the Mosaic backward from 1k keys, with the
-# latter up to 1k keys (MOSAIC_BWD_SHORT; 2k keys take the 4k options: not measured at 2k).
+# latter up to 1k keys (session 8: replaced by MOSAIC_BWD_SHORT's rows + one loop, up to 2k).
 MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True): 2048,
                                                   (128, True): 1024}
 # Mosaic backward options for short keys, per (head dim, causal): ((max_lk, options), ...); the

@@ -7,8 +7,8 @@ fused by TMA reduce-add) is the default where it measured faster than the Triton
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred
 dq without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), D=128
 causal with the lean step, no producer, one step loop and one ring mbarrier per slot (session 7;
-up to 1k keys: query rows with the deferred dq and no producer); from 1k keys at D=128 and 2k at
-D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
+up to 2k keys: query rows with early dS / dV, one loop and one mbarrier, session 8); from 1k keys
+at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS`
 / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and
 docs/kernels/flash_attention.md. Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue
 order, the deferred dq, the query-rows layout, early dS / dV, dq fused after dK, dq "own", the
@@ -52,19 +52,19 @@ _q_block_range = _attn._q_block_range
 
 
 # Forward defaults since session 7 (MOSAIC_FWD_BLOCKS / MOSAIC_FWD_SHORT in attention.py): D=128
-# full, and D=64 full at 2k-4k queries, on tokamax's structure (persistent CTAs, FA3's named
-# barriers, the early K wait, one producer warp, named-barrier slot release, `mgpu_fwd_ob_split`,
-# `mgpu_fwd_lean_end`, `mgpu_fwd_read_wait`); D=128 causal beyond 1k queries with the read wait,
-# one producer warp, named slot release and the split barriers. Session 6's, otherwise: no
-# automatic barriers (`mgpu_fwd_nab`) at D=128 and D=64 causal; causal query tiles walked
-# last-first (`mgpu_fwd_reverse`) with FA3's named-barrier ping-pong (`mgpu_fwd_fa3_sched`), at
-# D=128 also the next K awaited during P V (`mgpu_fwd_early_kwait`); D=128 full up to 1k queries
-# on one persistent CTA per SM (`mgpu_fwd_persistent`); D=64 full up to 2k queries with two
-# 64-row warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong
-# beyond); D=64 causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`)
-# with the slot release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`,
-# `mgpu_fwd_q2` (two Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2),
-# `mgpu_fwd_tiles_fastest` (session 8: tokamax's tile order in the forward only).
+# full, and D=64 full up to 4k queries (session 8: also <= 2k), on tokamax's structure (persistent
+# CTAs, FA3's named barriers, the early K wait, one producer warp, named-barrier slot release,
+# `mgpu_fwd_ob_split`, `mgpu_fwd_lean_end`, `mgpu_fwd_read_wait`); D=128 causal beyond 1k queries
+# with the read wait, one producer warp, named slot release and the split barriers. Session 6's,
+# otherwise: no automatic barriers (`mgpu_fwd_nab`) at D=128 and D=64 causal; causal query tiles
+# walked last-first (`mgpu_fwd_reverse`) with FA3's named-barrier ping-pong (`mgpu_fwd_fa3_sched`),
+# at D=128 also the next K awaited during P V (`mgpu_fwd_early_kwait`); D=128 full up to 1k queries
+# on one persistent CTA per SM (`mgpu_fwd_persistent`); D=64 full up to 2k queries with two 64-row
+# warpgroups, FA3's ping-pong and persistent CTAs (three warpgroups without ping-pong beyond); D=64
+# causal up to 1k queries on persistent CTAs over snake rounds (`mgpu_fwd_snake`) with the slot
+# release on named barriers (`mgpu_fwd_named_free`). Opt-in: `mgpu_fwd_skip_pad`, `mgpu_fwd_q2` (two
+# Q buffers), `mgpu_fwd_q_l2` (the next tile's Q prefetched into L2), `mgpu_fwd_tiles_fastest`
+# (session 8: tokamax's tile order in the forward only).
 _FA3_BAR0 = 8    # first of the two hardware named barriers of mgpu_fwd_fa3_sched
 _FREE_BAR0 = 10  # first of the 2 * stages named barriers of mgpu_fwd_named_free (ids < 16)
 _BWD_SYNC_BAR = 8  # the backward's named dS barrier (mgpu_bwd_named_sync); Mosaic itself uses
