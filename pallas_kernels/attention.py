@@ -917,10 +917,18 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # single runs). D=128 causal: the lean step with one step loop (the masked / unmasked loop
 # copies spilled 476 B; 0-40 B with one loop) and one ring mbarrier per slot 440 vs 410 at 4k,
 # 489 vs 454 at 16k (cuDNN 456 / 546).
+# Session 8 (lead's call 5, 20 interleaved rounds in one process, fwd+bwd TFLOP/s, medians):
+# D=128 causal at every length: query rows with dS / dV issued early, one step loop and one ring
+# mbarrier per slot (the <= 2k option set of MOSAIC_BWD_SHORT, below) 460 vs 425 (the lean step
+# above) at 4k and 526 vs 474 at 16k (cuDNN 440 / 531); GPU stress-checked (SMEM poisoned
+# between fwd and bwd) at causal n4096 and MQA 8:1 n4097, and through the dispatch at 1k / 2k
+# (causal GQA, MQA window 300).
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
                                                                     mgpu_bwd_defer_dq=True,
                                                                     mgpu_bwd_producer=False),
-                                                 (128, True): dict(mgpu_bwd_p_lo=True,
+                                                 (128, True): dict(mgpu_bwd_rows=True,
+                                                                   mgpu_bwd_ds_early=True,
+                                                                   mgpu_bwd_dv_early=True,
                                                                    mgpu_bwd_producer=False,
                                                                    mgpu_bwd_one_loop=True,
                                                                    mgpu_bwd_one_bar=True),
@@ -950,11 +958,9 @@ MOSAIC_BWD_MIN_LK: dict[tuple[int, bool], int] = {(128, False): 1024, (64, True)
 # mbarrier per slot (no deferred dq) 298 vs 268 (rows + deferred dq, which spilled 468 B; 48 B)
 # at 1k (tokamax 305, cuDNN 271) and 390 vs 368 (the lean step, the > 2k default) at 2k
 # (tokamax 370); GPU-checked on causal GQA 1000 (session 7).
-MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
-    (128, True): ((2048, dict(mgpu_bwd_p_lo=False, mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
-                              mgpu_bwd_dv_early=True, mgpu_bwd_one_loop=True,
-                              mgpu_bwd_one_bar=True)),),
-}
+# Session 8, lead's call 5: that option set is also faster above 2k, so it became the D=128
+# causal entry of MOSAIC_BWD_OPTS and no cell has short-key options now.
+MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 
 
 # Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the

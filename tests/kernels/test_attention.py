@@ -385,8 +385,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
     (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
-    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 7: one loop, one mbarrier)
-    (128, True, attn.mosaic_bwd_options(128, True, 1024)),  # D=128 causal up to 1k (session 6)
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 8: rows, one loop, 1 mbar)
+    (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_one_loop=True,
+                     mgpu_bwd_one_bar=True)),             # the session-7 causal default (lean)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                   mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                   mgpu_bwd_producer=False), marks=SLOW),
@@ -764,9 +765,9 @@ def test_mosaic_forward_tile_order_leaves_the_backward_grid(monkeypatch):
 
 @pytest.mark.parametrize("lq,window", [(200, 40), pytest.param(330, None, marks=SLOW)])
 def test_mosaic_backward_short_causal_default(lq, window):
-    """The D=128 causal backward options up to 2k keys (session 8, MOSAIC_BWD_SHORT: query rows,
-    dS / dV issued early, one step loop, one ring mbarrier) with a causal window and MQA, ragged
-    length; Mosaic GPU interpret mode (the Triton forward)."""
+    """The D=128 causal backward options (session 8, MOSAIC_BWD_OPTS: query rows, dS / dV issued
+    early, one step loop, one ring mbarrier) with a causal window and MQA, ragged length; Mosaic
+    GPU interpret mode (the Triton forward)."""
     assert attn.mosaic_bwd_options(128, True, 2048)["mgpu_bwd_one_loop"]
     q, k, v, do = _inputs(41, 1, lq, lq, 4, 1, 128, jnp.bfloat16)
     kw = dict(causal=True, window=window)
