@@ -37,6 +37,7 @@ from pallas_kernels import attention as attn  # noqa: E402
 
 MOSAIC = dict(bwd_impl="mosaic")
 ROWS = dict(MOSAIC, mgpu_bwd_rows=True)
+ROWS_DEFER = dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)  # D 128 full default
 VARIANTS = {
     "default": {},                                         # choose_bwd_impl's pick
     "split": dict(bwd_impl="split"),                       # Triton dq + dk/dv kernels
@@ -62,10 +63,9 @@ VARIANTS = {
                      mgpu_bwd_persistent=-1),
     # session 6: the deferred dq (dq_{t-1} issued with S_t / dP_t, split dS barrier) without a
     # producer (warpgroup 0 refills the slot of step t-1 after the dS barrier of step t)
-    "rows_defer_np": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
+    "rows_defer_np": ROWS_DEFER,
     "defer_np": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False),
-    "rows_defer_np_p": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                            mgpu_bwd_persistent=-1),
+    "rows_defer_np_p": dict(ROWS_DEFER, mgpu_bwd_persistent=-1),
     "defer_np_p": dict(MOSAIC, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                        mgpu_bwd_persistent=-1),
     "rows_dqf_np": dict(ROWS, mgpu_bwd_ds_early=True, mgpu_bwd_dv_early=True,
@@ -121,10 +121,8 @@ VARIANTS.update({
                            mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
     # the deferred dq without producer (the 1k causal default) + one mbarrier (+ one loop)
     # (rows_defer_1b: NaN dq in the GPU check at b2 n2048 hq4 hkv4, session 7 call 5: a race)
-    "rows_defer_1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                          mgpu_bwd_one_bar=True),
-    "rows_defer_ol1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                            mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
+    "rows_defer_1b": dict(ROWS_DEFER, mgpu_bwd_one_bar=True),
+    "rows_defer_ol1b": dict(ROWS_DEFER, mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
     "opts_s7ol": lambda d, c: dict(_opts(d, c), mgpu_bwd_nab=True, mgpu_bwd_named_sync=True,
                                    mgpu_bwd_dq_swizzle=True, mgpu_bwd_late_refill=True,
                                    mgpu_bwd_fold_scale=True, mgpu_bwd_early_exit=True,
@@ -152,31 +150,21 @@ VARIANTS.update({
     "default_barrier": dict(bwd_delta="rowsum_barrier"),
     # session 8: the deferred-dq race restored (mgpu_bwd_wait_other_k=False), to reproduce it
     "default_race": dict(mgpu_bwd_wait_other_k=False),
-    "rows_defer_1b_race": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                               mgpu_bwd_one_bar=True, mgpu_bwd_wait_other_k=False),
+    "rows_defer_1b_race": dict(ROWS_DEFER, mgpu_bwd_one_bar=True, mgpu_bwd_wait_other_k=False),
     "mosaic_opts_race": lambda d, c: dict(_opts(d, c), mgpu_bwd_wait_other_k=False),
     # session 8: rows + deferred dq without producer (the D 128 full default) with dK / dV not
     # awaited per step (mgpu_bwd_dk_late), with one step loop (causal), the swizzled dq tile
-    "rows_defer_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                           mgpu_bwd_dk_late=True),
-    "rows_defer_ol": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                          mgpu_bwd_one_loop=True),
-    "rows_defer_ol_dkl": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                              mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True),
-    "rows_defer_dkl_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                               mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
-    "rows_defer_ol_dkl_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                                  mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True,
+    "rows_defer_dkl": dict(ROWS_DEFER, mgpu_bwd_dk_late=True),
+    "rows_defer_ol": dict(ROWS_DEFER, mgpu_bwd_one_loop=True),
+    "rows_defer_ol_dkl": dict(ROWS_DEFER, mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True),
+    "rows_defer_dkl_dve": dict(ROWS_DEFER, mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
+    "rows_defer_ol_dkl_dve": dict(ROWS_DEFER, mgpu_bwd_one_loop=True, mgpu_bwd_dk_late=True,
                                   mgpu_bwd_dv_early=True),
-    "rows_defer_dkl_dve_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                                   mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
+    "rows_defer_dkl_dve_dqs": dict(ROWS_DEFER, mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
                                    mgpu_bwd_dq_swizzle=True),
-    "rows_defer_dve": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                           mgpu_bwd_dv_early=True),
-    "rows_defer_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                           mgpu_bwd_dq_swizzle=True),
-    "rows_defer_dkl_dqs": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
-                               mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dve": dict(ROWS_DEFER, mgpu_bwd_dv_early=True),
+    "rows_defer_dqs": dict(ROWS_DEFER, mgpu_bwd_dq_swizzle=True),
+    "rows_defer_dkl_dqs": dict(ROWS_DEFER, mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
 })
 
 

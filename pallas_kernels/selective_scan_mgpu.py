@@ -342,18 +342,9 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
                 s_["ck"][row, k] = h[k]
         u, dt, dtu, *rest = pre if pre is not None else prep(s_, c, t, decays=False)
         b_t, c_t, decay = rest[:n_k], rest[n_k:2 * n_k], rest[2 * n_k:]
-        acc = [None] * y_acc     # y_acc interleaved partial sums (shorter FFMA chains)
-        for k in range(n_k):
-            e = decay[k] if decay else decay_of(dt, k)
-            h[k] = e * h[k] + dtu * b_t[k]
-            hc = h[k] * c_t[k]
-            i = k % y_acc
-            acc[i] = hc if acc[i] is None else acc[i] + hc
-        acc = [a for a in acc if a is not None]
-        while len(acc) > 1:
-            acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
-                   for i in range(0, len(acc), 2)]
-        return acc[0], u
+        y = _state_step(h, n_k, lambda k: decay[k] if decay else decay_of(dt, k), dtu, b_t,
+                        c_t, y_acc)
+        return y, u
 
     def chunk_body(c, carry):
         slot = jax.lax.rem(c, stages)
@@ -414,6 +405,23 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, :, cols])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _state_step(h, n_k, decay, dtu, b_t, c_t, y_acc):
+    """One step of a thread's states: h[k] <- decay(k) h[k] + dtu B_k (in place, k < n_k);
+    returns y = sum_k h[k] C_k, summed in y_acc interleaved partial sums (shorter FFMA chains)
+    that are added pairwise at the end."""
+    acc = [None] * y_acc
+    for k in range(n_k):
+        h[k] = decay(k) * h[k] + dtu * b_t[k]
+        hc = h[k] * c_t[k]
+        i = k % y_acc
+        acc[i] = hc if acc[i] is None else acc[i] + hc
+    acc = [a for a in acc if a is not None]
+    while len(acc) > 1:
+        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
+               for i in range(0, len(acc), 2)]
+    return acc[0]
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, save_ckpt, chunk=16,
@@ -732,17 +740,8 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     dtu = dt * jnp.where(mine, u_own, u_oth)
                     b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
                     c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
-                    acc = [None] * y_acc    # y_acc interleaved partial sums: shorter chains
-                    for k in range(n_k):
-                        h[k] = jnp.exp2(dt * a2[k]) * h[k] + dtu * b_t[k]
-                        hc = h[k] * c_t[k]
-                        i = k % y_acc
-                        acc[i] = hc if acc[i] is None else acc[i] + hc
-                    acc = [a for a in acc if a is not None]
-                    while len(acc) > 1:
-                        acc = [acc[i] + acc[i + 1] if i + 1 < len(acc) else acc[i]
-                               for i in range(0, len(acc), 2)]
-                    ys.append(acc[0])
+                    ys.append(_state_step(h, n_k, lambda k, dt=dt: jnp.exp2(dt * a2[k]), dtu,
+                                          b_t, c_t, y_acc))
                 # part p keeps its sum of step t + p and sends the partner's step to it
                 y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
                                                              interpret)
@@ -880,6 +879,20 @@ def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
 
 
+def _bwd_refs(refs, opts, x_s=False):
+    """The backward kernels' refs by name: inputs, outputs, then scratch (the order of
+    `pl.pallas_call`'s operands and scratch shapes in the backward wrappers), and the names of
+    the per-chunk input and output tiles."""
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
+    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
+    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
+             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "a_s", "p_s", "h_s", "bar", "red", "red2",
+             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if x_s else []), "in_bar"]
+    return dict(zip(names, refs, strict=True)), seq_in, seq_out
+
+
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
               bwd_loop=False, bwd_ahead=False, rowsum=False):
@@ -889,13 +902,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     each step (du, ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are
     ordered q' = 2k + p (reordered outside)."""
     has_z = "z" in opts
-    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
-    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
-    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
-             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
-             "a_s", "p_s", "h_s", "bar", "red", "red2",
-             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if split > 1 else []), "in_bar"]
-    r = dict(zip(names, refs, strict=True))
+    r, seq_in, seq_out = _bwd_refs(refs, opts, x_s=split > 1)
     f32 = jnp.float32
     bd = _WG // split
     n_k = n_state // split
@@ -1271,13 +1278,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False):
     has_z = "z" in opts
-    seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
-    seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
-    names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
-             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
-             "a_s", "p_s", "h_s", "bar", "red", "red2",
-             *[k + "_s" for k in seq_in + seq_out], "in_bar"]
-    r = dict(zip(names, refs, strict=True))
+    r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
     shape = _lane_shape(parts)
     lw = shape[2]
