@@ -131,13 +131,10 @@ def _params(n_parallel):
         dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
 
-def _forward(q, k, v, segment_ids, cfg: FlashConfig):
-    b, lq, hq, d = q.shape
-    rep = hq // k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_k
-    qt, kt, vt, segs = _prepare(q, k, v, segment_ids, bq, bk)
-    nq, nk = qt.shape[2] // bq, kt.shape[2] // bk
-
+def _query_major_specs(bq, bk, d, rep, cfg: FlashConfig):
+    """BlockSpecs of a query-major grid (batch, query head, query block i, KV block j): the q tile,
+    the K / V tile of KV head h // rep (j clamped to the blocks query block i visits, so skipped
+    blocks cost no DMA) and the segment-id tiles of both sides."""
     def kv_map(b_, h, i, j):
         lo, _, _, hi = _kv_block_range(i * bq, bq, bk, cfg)
         return b_, h // rep, _clamp_block(j, lo, hi), 0
@@ -147,11 +144,20 @@ def _forward(q, k, v, segment_ids, cfg: FlashConfig):
         return b_, 0, _clamp_block(j, lo, hi)
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, j: (b_, h, i, 0))
-    in_specs = [q_spec, pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map)]
-    if segs:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b_, h, i, j: (b_, i, 0)),
-                     pl.BlockSpec((None, 1, bk), kseg_map)]
+    seg_specs = [pl.BlockSpec((None, bq, 1), lambda b_, h, i, j: (b_, i, 0)),
+                 pl.BlockSpec((None, 1, bk), kseg_map)]
+    return q_spec, pl.BlockSpec((None, None, bk, d), kv_map), seg_specs
+
+
+def _forward(q, k, v, segment_ids, cfg: FlashConfig):
+    b, lq, hq, d = q.shape
+    rep = hq // k.shape[2]
+    bq, bk = cfg.block_q, cfg.block_k
+    qt, kt, vt, segs = _prepare(q, k, v, segment_ids, bq, bk)
+    nq, nk = qt.shape[2] // bq, kt.shape[2] // bk
+
+    q_spec, kv_spec, seg_specs = _query_major_specs(bq, bk, d, rep, cfg)
+    in_specs = [q_spec, kv_spec, kv_spec] + (seg_specs if segs else [])
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk),
         grid=(b, hq, nq, nk),
@@ -252,21 +258,9 @@ def _backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
     # dq
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
 
-    def kv_map(b_, h, i, j):
-        lo, _, _, hi = _kv_block_range(i * bq, bq, bk, cfg)
-        return b_, h // rep, _clamp_block(j, lo, hi), 0
-
-    def kseg_map(b_, h, i, j):
-        lo, _, _, hi = _kv_block_range(i * bq, bq, bk, cfg)
-        return b_, 0, _clamp_block(j, lo, hi)
-
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, j: (b_, h, i, 0))
+    q_spec, kv_spec, seg_specs = _query_major_specs(bq, bk, d, rep, cfg)
     row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b_, h, i, j: (b_, h, i, 0))
-    in_specs = [q_spec, pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map), q_spec, row_spec, row_spec]
-    if segs:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b_, h, i, j: (b_, i, 0)),
-                     pl.BlockSpec((None, 1, bk), kseg_map)]
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + (seg_specs if segs else [])
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk),
         grid=(b, hq, lq_pad // bq, lk_pad // bk),
