@@ -1539,6 +1539,16 @@ def global_aggregate(q, k, v, *, backend=None, blocks: PoolBlocks | None = None)
     return _aggregate_op(q, k, v, _cfg("aggregate", blocks, interpret))
 
 
+def _check_fuse_args(g, s, o, l):
+    for name, x in (("g", g), ("s", s), ("o", o), ("l", l)):
+        _check_x(name, x)
+    if not s.shape == o.shape == l.shape:
+        raise ValueError(f"s, o, l must have the same shape, got {s.shape}, {o.shape}, {l.shape}")
+    b, _, width = s.shape
+    if g.shape not in (s.shape, (b, 1, width)):
+        raise ValueError(f"g must have shape {s.shape} or {(b, 1, width)}, got {g.shape}")
+
+
 def ponet_fuse(g, s, o, l, *, backend=None, blocks: PoolBlocks | None = None):
     """(g + s) * o + l; g may be [B, 1, D] (broadcast over the length).
 
@@ -1548,13 +1558,7 @@ def ponet_fuse(g, s, o, l, *, backend=None, blocks: PoolBlocks | None = None):
         y = ponet_fuse(g[:, None], s[:, None], o[:, None], l[:, None], backend=backend,
                        blocks=blocks)
         return y[:, 0]
-    for name, x in (("g", g), ("s", s), ("o", o), ("l", l)):
-        _check_x(name, x)
-    if not s.shape == o.shape == l.shape:
-        raise ValueError(f"s, o, l must have the same shape, got {s.shape}, {o.shape}, {l.shape}")
-    b, _, width = s.shape
-    if g.shape not in (s.shape, (b, 1, width)):
-        raise ValueError(f"g must have shape {s.shape} or {(b, 1, width)}, got {g.shape}")
+    _check_fuse_args(g, s, o, l)
     kind, interpret = _kernel_backend(backend)
     if kind == "reference":
         return ponet_fuse_reference(g, s, o, l)
@@ -1577,13 +1581,7 @@ def ponet_pool_fuse(g, s, o, l, segment_size: int, window: int = 3, *, causal: b
     re-reading the pooled s and l. On TPU, and bidirectionally with segments longer than a
     tile (blocks.block_l), it runs the three kernels one after the other.
     """
-    for name, x in (("g", g), ("s", s), ("o", o), ("l", l)):
-        _check_x(name, x)
-    if not s.shape == o.shape == l.shape:
-        raise ValueError(f"s, o, l must have the same shape, got {s.shape}, {o.shape}, {l.shape}")
-    b, _, width = s.shape
-    if g.shape not in (s.shape, (b, 1, width)):
-        raise ValueError(f"g must have shape {s.shape} or {(b, 1, width)}, got {g.shape}")
+    _check_fuse_args(g, s, o, l)
     if segment_size < 1:
         raise ValueError(f"segment_size must be >= 1, got {segment_size}")
     if window < 1 or (not causal and window % 2 != 1):
