@@ -165,6 +165,13 @@ VARIANTS.update({
     "rows_defer_dve": dict(ROWS_DEFER, mgpu_bwd_dv_early=True),
     "rows_defer_dqs": dict(ROWS_DEFER, mgpu_bwd_dq_swizzle=True),
     "rows_defer_dkl_dqs": dict(ROWS_DEFER, mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
+    # session 9, on top of the cell's Mosaic options (D 64: S^T layout, deferred dq, producer):
+    # both warpgroups compute dq (32 columns each, 64-byte swizzled tiles), + one ring
+    # mbarrier; the 3-deep Q / dO ring
+    "opts_dqs32": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True),
+    "opts_dqs32_1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True,
+                                       mgpu_bwd_one_bar=True),
+    "opts_s3": lambda d, c: dict(_opts(d, c), mgpu_stages_bwd=3),
 })
 
 

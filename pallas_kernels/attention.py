@@ -247,6 +247,10 @@ class FlashConfig:
     #                                 a step does not wait for them (the next step's dq wait
     #                                 does); the ring slot is refilled after that wait, on its
     #                                 "free" mbarrier, instead of at the dS barrier
+    mgpu_bwd_dq_split: bool = False  # Mosaic bwd at head_dim 64, dq "halves" (session 9): both
+    #                                  warpgroups compute dq, 32 columns each (at D 64 the
+    #                                  default leaves dq to warpgroup 0: 3 of the 5 wgmmas'
+    #                                  FLOPs of a step on one warpgroup, 2 on the other)
     interpret: bool = False
 
 

@@ -714,7 +714,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
     rows = cfg.mgpu_bwd_rows            # S, dP, P, dS as [queries, keys] (see _consumer_rows)
     producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
-    dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
+    # column halves: 64 columns at D 128; at D 64 32 each (mgpu_bwd_dq_split) or warpgroup 0 only
+    dq_wgs = 2 if (d >= 128 or own or cfg.mgpu_bwd_dq_split) else 1
     dh = d if own else d // dq_wgs
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
@@ -1642,11 +1643,14 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, 2, b, lq_pad, hq, d)
     dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
     own = cfg.mgpu_bwd_dq == "own"
-    dq_wgs = 2 if (d >= 128 or own) else 1
+    dq_wgs = 2 if (d >= 128 or own or cfg.mgpu_bwd_dq_split) else 1
     dq_cols = d if own else d // dq_wgs
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    if dq_cols == 32:   # mgpu_bwd_dq_split at D 64: K's 32-column halves are whole tiles of a
+        #                 64-byte swizzle (wgmma needs the same swizzle on both operands: all)
+        tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
     params = {}
     if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
         space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256

@@ -488,6 +488,26 @@ def test_mosaic_gpu_backward_session8_in_gpu_interpret_mode(d, causal, window, e
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+@pytest.mark.parametrize("causal,window,extra", [
+    (False, None, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True)),
+    pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True,
+                                mgpu_bwd_one_bar=True), marks=SLOW),
+    pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session9_d64_in_gpu_interpret_mode(causal, window, extra):
+    """Session 9, head_dim 64: both warpgroups compute dq, 32 columns each, from K tiles with
+    a 64-byte swizzle (`mgpu_bwd_dq_split`; the default leaves dq to warpgroup 0), and the
+    3-deep Q / dO ring; GQA, ragged length, causal window."""
+    q, k, v, do = _inputs(29, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
     pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
                  marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
