@@ -647,6 +647,7 @@ def main():
     ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
                     "first of --variants)")
     ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
+    ap.add_argument("--pcells", default="", help="cells of part profile (default: --cells)")
     ap.add_argument("--raw", default="", help="folder for the raw profiler buffers (npz)")
     args = ap.parse_args()
     t0 = time.time()
@@ -667,7 +668,9 @@ def main():
                                            [s for s in args.anchors.split(",") if s],
                                            per_cell),
              "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")
-                                                          if s] or names[:1], cells, args.pn,
+                                                          if s] or names[:1],
+                                           [s for s in args.pcells.split(",") if s] or cells,
+                                           args.pn,
                                            args.raw or None),
              "ab": lambda dl: interleaved(results, dl, names, cells, lengths,
                                           [s for s in args.anchors.split(",") if s], per_cell),
