@@ -172,6 +172,7 @@ VARIANTS.update({
     "opts_dqs32_1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True,
                                        mgpu_bwd_one_bar=True),
     "opts_s3": lambda d, c: dict(_opts(d, c), mgpu_stages_bwd=3),
+    "opts_dqs32_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True, mgpu_stages_bwd=3),
     # the cell's options with the CTA's last wait for reads only (its dK / dV stores and dq
     # reduce-adds have read SMEM; session 7's mgpu_bwd_early_exit, never timed alone)
     "opts_ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_early_exit=True),
