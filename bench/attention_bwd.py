@@ -175,6 +175,10 @@ VARIANTS.update({
     "opts_dqs32_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True, mgpu_stages_bwd=3),
     # the cell's options with the CTA's last wait for reads only (its dK / dV stores and dq
     # reduce-adds have read SMEM; session 7's mgpu_bwd_early_exit, never timed alone)
+    # rows + deferred dq + dV early (rows_defer_dve) with S_t, dP_t issued before dq_{t-1} by
+    # both warpgroups / by warpgroup 1 only (the two then compute P at different times)
+    "rows_defer_dve_sf": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(0, 1)),
+    "rows_defer_dve_sf1": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)),
     "opts_ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_early_exit=True),
     "rows_defer_dve_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_early_exit=True),
 })

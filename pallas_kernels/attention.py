@@ -251,6 +251,10 @@ class FlashConfig:
     #                                  warpgroups compute dq, 32 columns each (at D 64 the
     #                                  default leaves dq to warpgroup 0: 3 of the 5 wgmmas'
     #                                  FLOPs of a step on one warpgroup, 2 on the other)
+    mgpu_bwd_s_first: tuple[int, ...] = ()  # Mosaic bwd, rows + deferred dq + dV early without
+    #                                         producer (session 9): the warpgroups (0, 1) that
+    #                                         issue S_t, dP_t before dq_{t-1} (P computed while
+    #                                         dP and dq run; dq sent once dV is issued)
     interpret: bool = False
 
 

@@ -508,6 +508,27 @@ def test_mosaic_gpu_backward_session9_d64_in_gpu_interpret_mode(causal, window, 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+@pytest.mark.parametrize("causal,window,s_first", [
+    (False, None, (0, 1)),
+    pytest.param(True, 70, (1,), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session9_s_first_in_gpu_interpret_mode(causal, window, s_first):
+    """Session 9, rows + deferred dq + dV early without producer: S_t and dP_t issued before
+    dq_{t-1} by the warpgroups in `mgpu_bwd_s_first` (dq sent after P and the dV issue); GQA,
+    ragged length, causal window."""
+    q, k, v, do = _inputs(30, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           mgpu_bwd_dv_early=True, mgpu_bwd_s_first=s_first,
+                                           mgpu_bwd_one_loop=causal, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
     pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
                  marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
