@@ -489,7 +489,8 @@ def test_mosaic_gpu_backward_session8_in_gpu_interpret_mode(d, causal, window, e
 
 
 @pytest.mark.parametrize("causal,window,extra", [
-    (False, None, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True)),
+    pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True),
+                 marks=SLOW),
     pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True,
                                 mgpu_bwd_one_bar=True), marks=SLOW),
     pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3), marks=SLOW),
@@ -509,7 +510,7 @@ def test_mosaic_gpu_backward_session9_d64_in_gpu_interpret_mode(causal, window, 
 
 
 @pytest.mark.parametrize("causal,window,s_first", [
-    (False, None, (0, 1)),
+    pytest.param(False, None, (0, 1), marks=SLOW),
     pytest.param(True, 70, (1,), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session9_s_first_in_gpu_interpret_mode(causal, window, s_first):
