@@ -172,6 +172,7 @@ VARIANTS.update({
     "opts_dqs32_1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True,
                                        mgpu_bwd_one_bar=True),
     "opts_s3": lambda d, c: dict(_opts(d, c), mgpu_stages_bwd=3),
+    "opts_1b_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_one_bar=True, mgpu_stages_bwd=3),
     "opts_dqs32_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True, mgpu_stages_bwd=3),
     # the cell's options with the CTA's last wait for reads only (its dK / dV stores and dq
     # reduce-adds have read SMEM; session 7's mgpu_bwd_early_exit, never timed alone)
@@ -389,11 +390,14 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
         got = per_cell.get(f"{cell}@{n}", per_cell.get(cell, names))
         return [] if got == ["-"] else got
     todo = [(n, c) for n in lengths for c in cells if cell_names(c, n)]
+    # session 9: each cell's share of the time left is proportional to its number of
+    # functions (compiles dominate: ~3-5 s each), not equal per cell
+    weight = [len(anchors) + len(cell_names(c, n)) + 1 for n, c in todo]
     for j, (n, cell) in enumerate(todo):
         if time.time() > deadline:
             break
         # this cell's share of the time left; compiles stop 4 s before it (rounds need ~2 s)
-        cell_deadline = time.time() + (deadline - time.time()) / (len(todo) - j)
+        cell_deadline = time.time() + (deadline - time.time()) * weight[j] / sum(weight[j:])
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
