@@ -251,7 +251,10 @@ STRESS_CASES = [(2, 2048, 4, 4, 128, False, None, False),     # 0: session 7's N
                 (2, 4096, 4, 4, 128, False, None, False),     # 6
                 (2, 1024, 8, 2, 128, True, None, False),      # 7: the 1k causal path (deferred)
                 (2, 2048, 4, 4, 64, False, None, False),      # 8: D 64 (deferred, producer)
-                (2, 2048, 16, 2, 128, False, None, False)]    # 9: GQA 8:1 full
+                (2, 2048, 16, 2, 128, False, None, False),    # 9: GQA 8:1 full
+                # session 9: D 64 causal (the deferred dq with a producer)
+                (1, 4097, 8, 1, 64, True, None, False),       # 10: MQA 8:1, ragged
+                (1, 4096, 8, 1, 64, True, 300, False)]        # 11: window
 
 
 def _poison_smem(n_ctas=264, rows=432):
