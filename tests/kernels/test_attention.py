@@ -494,6 +494,8 @@ def test_mosaic_gpu_backward_session8_in_gpu_interpret_mode(d, causal, window, e
     pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True,
                                 mgpu_bwd_one_bar=True), marks=SLOW),
     pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3), marks=SLOW),
+    # one ring mbarrier per slot with the producer warpgroup (Q, dO, [lse; delta]: 3 arrivals)
+    pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session9_d64_in_gpu_interpret_mode(causal, window, extra):
     """Session 9, head_dim 64: both warpgroups compute dq, 32 columns each, from K tiles with
