@@ -376,7 +376,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
-    (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
+    (64, False, attn.MOSAIC_BWD_OPTS[64, False]),         # the D=64 full default (session 9:
+    #                                                        deferred dq + one ring mbarrier)
     # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
     pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True), marks=SLOW),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
