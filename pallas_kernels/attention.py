@@ -931,11 +931,6 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # above) at 4k and 526 vs 474 at 16k (cuDNN 440 / 531); GPU stress-checked (SMEM poisoned
 # between fwd and bwd) at causal n4096 and MQA 8:1 n4097, and through the dispatch at 1k / 2k
 # (causal GQA, MQA window 300).
-# Session 9 (two independent interleaved processes per length, fwd+bwd TFLOP/s, medians): D=64
-# full: the deferred dq with a producer plus one ring mbarrier per slot (one consumer wait per
-# step for Q, dO and [lse; delta] instead of three) 455 vs 424 and 456 vs 425 at 16k (cuDNN
-# 441 / 440), 436 vs 419 and 438 vs 424 at 4k (cuDNN 408 / 410); stress-checked (SMEM poisoned
-# between fwd and bwd) at D 64 full b2 n2048 and causal MQA 8:1 n4097.
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
                                                                     mgpu_bwd_defer_dq=True,
                                                                     mgpu_bwd_producer=False),
@@ -945,8 +940,7 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
                                                                    mgpu_bwd_producer=False,
                                                                    mgpu_bwd_one_loop=True,
                                                                    mgpu_bwd_one_bar=True),
-                                                 (64, False): dict(mgpu_bwd_defer_dq=True,
-                                                                   mgpu_bwd_one_bar=True),
+                                                 (64, False): dict(mgpu_bwd_defer_dq=True),
                                                  (64, True): dict(mgpu_bwd_defer_dq=True)}
 # Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
 # shorter calls take the Triton split backward. Session 4, call 2, N=1k fwd+bwd TFLOP/s: D=128
@@ -980,7 +974,14 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the
 # first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; disjoint from
 # MOSAIC_BWD_SHORT's key lengths, so the <= 1k paths keep their option sets).
-MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+# Session 9 (two independent interleaved processes per length, fwd+bwd TFLOP/s, medians): D=64
+# full above 2k keys: the deferred dq with a producer plus one ring mbarrier per slot (one
+# consumer wait per step for Q, dO and [lse; delta] instead of three) 455 vs 424 and 456 vs 425
+# at 16k (cuDNN 441 / 440), 436 vs 419 and 438 vs 424 at 4k (cuDNN 408 / 410); stress-checked
+# (SMEM poisoned between fwd and bwd) at D 64 full b2 n2048 and causal MQA 8:1 n4097. Not
+# measured at 1k / 2k (kept there).
+MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

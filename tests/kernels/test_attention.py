@@ -321,6 +321,14 @@ def test_backward_short_key_options(monkeypatch):
     assert attn.mosaic_bwd_options(128, False, 1000) == attn.MOSAIC_BWD_OPTS[128, False]
 
 
+def test_backward_long_key_options():
+    """Session 9: D=64 full takes one ring mbarrier above 2k keys only (MOSAIC_BWD_LONG)."""
+    assert attn.mosaic_bwd_options(64, False, 2048) == attn.MOSAIC_BWD_OPTS[64, False]
+    assert attn.mosaic_bwd_options(64, False, 2049) == {**attn.MOSAIC_BWD_OPTS[64, False],
+                                                        "mgpu_bwd_one_bar": True}
+    assert not attn.mosaic_bwd_options(64, True, 16384).get("mgpu_bwd_one_bar", False)
+
+
 def test_backward_dispatch_minimum_key_length(monkeypatch):
     hopper = (9, 0)
     monkeypatch.setitem(attn.MOSAIC_BWD_MIN_LK, (64, False), 2048)
@@ -376,8 +384,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_overlap=True), marks=SLOW),
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
-    (64, False, attn.MOSAIC_BWD_OPTS[64, False]),         # the D=64 full default (session 9:
-    #                                                        deferred dq + one ring mbarrier)
+    (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
+    # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier)
+    (64, False, attn.mosaic_bwd_options(64, False, 4096)),
     # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
     pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True), marks=SLOW),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
