@@ -165,6 +165,26 @@ VARIANTS.update({
     "rows_defer_dve": dict(ROWS_DEFER, mgpu_bwd_dv_early=True),
     "rows_defer_dqs": dict(ROWS_DEFER, mgpu_bwd_dq_swizzle=True),
     "rows_defer_dkl_dqs": dict(ROWS_DEFER, mgpu_bwd_dk_late=True, mgpu_bwd_dq_swizzle=True),
+    # session 9, on top of the cell's Mosaic options (D 64: S^T layout, deferred dq, producer):
+    # both warpgroups compute dq (32 columns each, 64-byte swizzled tiles), + one ring
+    # mbarrier; the 3-deep Q / dO ring
+    "opts_dqs32": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True),
+    "opts_dqs32_1b": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True,
+                                       mgpu_bwd_one_bar=True),
+    "opts_s3": lambda d, c: dict(_opts(d, c), mgpu_stages_bwd=3),
+    "opts_1b_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_one_bar=True, mgpu_stages_bwd=3),
+    "opts_dqs32_s3": lambda d, c: dict(_opts(d, c), mgpu_bwd_dq_split=True, mgpu_stages_bwd=3),
+    # the cell's options with the CTA's last wait for reads only (its dK / dV stores and dq
+    # reduce-adds have read SMEM; session 7's mgpu_bwd_early_exit, never timed alone)
+    # rows + deferred dq + dV early (rows_defer_dve) with S_t, dP_t issued before dq_{t-1} by
+    # both warpgroups / by warpgroup 1 only (the two then compute P at different times)
+    "rows_defer_dve_sf": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(0, 1)),
+    "rows_defer_dve_sf1": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)),
+    # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
+    # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
+    "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),
+    "opts_ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_early_exit=True),
+    "rows_defer_dve_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_early_exit=True),
 })
 
 
@@ -234,7 +254,10 @@ STRESS_CASES = [(2, 2048, 4, 4, 128, False, None, False),     # 0: session 7's N
                 (2, 4096, 4, 4, 128, False, None, False),     # 6
                 (2, 1024, 8, 2, 128, True, None, False),      # 7: the 1k causal path (deferred)
                 (2, 2048, 4, 4, 64, False, None, False),      # 8: D 64 (deferred, producer)
-                (2, 2048, 16, 2, 128, False, None, False)]    # 9: GQA 8:1 full
+                (2, 2048, 16, 2, 128, False, None, False),    # 9: GQA 8:1 full
+                # session 9: D 64 causal (the deferred dq with a producer)
+                (1, 4097, 8, 1, 64, True, None, False),       # 10: MQA 8:1, ragged
+                (1, 4096, 8, 1, 64, True, 300, False)]        # 11: window
 
 
 def _poison_smem(n_ctas=264, rows=432):
@@ -373,11 +396,14 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
         got = per_cell.get(f"{cell}@{n}", per_cell.get(cell, names))
         return [] if got == ["-"] else got
     todo = [(n, c) for n in lengths for c in cells if cell_names(c, n)]
+    # session 9: each cell's share of the time left is proportional to its number of
+    # functions (compiles dominate: ~3-5 s each), not equal per cell
+    weight = [len(anchors) + len(cell_names(c, n)) + 1 for n, c in todo]
     for j, (n, cell) in enumerate(todo):
         if time.time() > deadline:
             break
         # this cell's share of the time left; compiles stop 4 s before it (rounds need ~2 s)
-        cell_deadline = time.time() + (deadline - time.time()) / (len(todo) - j)
+        cell_deadline = time.time() + (deadline - time.time()) * weight[j] / sum(weight[j:])
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
@@ -636,6 +662,7 @@ def main():
     ap.add_argument("--pvariants", default="", help="variants of part profile (default: the "
                     "first of --variants)")
     ap.add_argument("--pn", type=int, default=4096, help="length of part profile")
+    ap.add_argument("--pcells", default="", help="cells of part profile (default: --cells)")
     ap.add_argument("--raw", default="", help="folder for the raw profiler buffers (npz)")
     args = ap.parse_args()
     t0 = time.time()
@@ -656,7 +683,9 @@ def main():
                                            [s for s in args.anchors.split(",") if s],
                                            per_cell),
              "profile": lambda dl: profile(results, dl, [s for s in args.pvariants.split(",")
-                                                          if s] or names[:1], cells, args.pn,
+                                                          if s] or names[:1],
+                                           [s for s in args.pcells.split(",") if s] or cells,
+                                           args.pn,
                                            args.raw or None),
              "ab": lambda dl: interleaved(results, dl, names, cells, lengths,
                                           [s for s in args.anchors.split(",") if s], per_cell),

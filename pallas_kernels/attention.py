@@ -247,6 +247,14 @@ class FlashConfig:
     #                                 a step does not wait for them (the next step's dq wait
     #                                 does); the ring slot is refilled after that wait, on its
     #                                 "free" mbarrier, instead of at the dS barrier
+    mgpu_bwd_dq_split: bool = False  # Mosaic bwd at head_dim 64, dq "halves" (session 9): both
+    #                                  warpgroups compute dq, 32 columns each (at D 64 the
+    #                                  default leaves dq to warpgroup 0: 3 of the 5 wgmmas'
+    #                                  FLOPs of a step on one warpgroup, 2 on the other)
+    mgpu_bwd_s_first: tuple[int, ...] = ()  # Mosaic bwd, rows + deferred dq + dV early without
+    #                                         producer (session 9): the warpgroups (0, 1) that
+    #                                         issue S_t, dP_t before dq_{t-1} (P computed while
+    #                                         dP and dq run; dq sent once dV is issued)
     interpret: bool = False
 
 
@@ -966,7 +974,14 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the
 # first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; disjoint from
 # MOSAIC_BWD_SHORT's key lengths, so the <= 1k paths keep their option sets).
-MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
+# Session 9 (two independent interleaved processes per length, fwd+bwd TFLOP/s, medians): D=64
+# full above 2k keys: the deferred dq with a producer plus one ring mbarrier per slot (one
+# consumer wait per step for Q, dO and [lse; delta] instead of three) 455 vs 424 and 456 vs 425
+# at 16k (cuDNN 441 / 440), 436 vs 419 and 438 vs 424 at 4k (cuDNN 408 / 410); stress-checked
+# (SMEM poisoned between fwd and bwd) at D 64 full b2 n2048 and causal MQA 8:1 n4097. Not
+# measured at 1k / 2k (kept there).
+MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
+    (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

@@ -714,7 +714,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     own = cfg.mgpu_bwd_dq == "own"      # each warpgroup reduces dS_w K_w of its own keys
     rows = cfg.mgpu_bwd_rows            # S, dP, P, dS as [queries, keys] (see _consumer_rows)
     producer = cfg.mgpu_bwd_producer    # else warpgroup 0 issues the ring's loads (255 regs)
-    dq_wgs = 2 if (d >= 128 or own) else 1                  # column halves need 64-wide tiles
+    # column halves: 64 columns at D 128; at D 64 32 each (mgpu_bwd_dq_split) or warpgroup 0 only
+    dq_wgs = 2 if (d >= 128 or own or cfg.mgpu_bwd_dq_split) else 1
     dh = d if own else d // dq_wgs
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
@@ -1104,6 +1105,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 # awaited to zero; without, the step ends on the run_state's wait (the ring
                 # slot refilled at the dS barrier as in the default)
                 def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None):
+                    if dq_ref is not None and w in cfg.mgpu_bwd_s_first:
+                        return whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref)
                     if dq_ref is not None:
                         dq_mm(dq_ref, prev)
                     issue_s_dp(s_ref, dp_ref)
@@ -1121,6 +1124,25 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.commit_smem()                                 # P to the tensor cores
                     plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
                     dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dV may run on
+                    delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
+                    ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
+                    ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+
+                def whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref):
+                    """`mgpu_bwd_s_first` (session 9): S_t, dP_t, then dq_{t-1} issued; P is
+                    computed once S is done (dP, dq still on the tensor cores), dV issued,
+                    then dq (and with it dP: groups retire in order) awaited with dV in
+                    flight and sent, dS computed, dK issued."""
+                    issue_s_dp(s_ref, dp_ref)
+                    dq_mm(dq_ref, prev)
+                    p = rows_p(s_ref, slot, i, k0, masked, w, wait_n=2)   # S waited for
+                    plgpu.commit_smem()                                 # P to the tensor cores
+                    plgpu.wgmma(dv_ref, p_smem.at[w].transpose((1, 0)), do_smem.at[slot])
+                    dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)  # dV may run on
+                    emit_dq(dq, i_prev, h_prev)
+                    dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # retired before dq
                     delta = plgpu.load(ld_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(1))
                     ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
                     ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
@@ -1608,6 +1630,13 @@ def check_backward_options(cfg: FlashConfig):
                                      and not cfg.mgpu_bwd_persistent):
         raise ValueError("mgpu_bwd_dk_late needs mgpu_bwd_defer_dq and mgpu_bwd_rows without "
                          "producer and without persistent CTAs")
+    if cfg.mgpu_bwd_s_first and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
+                                     and cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_producer
+                                     and not cfg.mgpu_bwd_dk_late
+                                     and set(cfg.mgpu_bwd_s_first) <= {0, 1}):
+        raise ValueError("mgpu_bwd_s_first needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
+                         "mgpu_bwd_dv_early without producer and without mgpu_bwd_dk_late, "
+                         "and warpgroup indices 0 / 1")
     if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
                                     or cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
@@ -1642,11 +1671,14 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
     dq_shape = (b, lq_pad, hq, d) if not interpret else (n_tiles, 2, b, lq_pad, hq, d)
     dq_acc = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
     own = cfg.mgpu_bwd_dq == "own"
-    dq_wgs = 2 if (d >= 128 or own) else 1
+    dq_wgs = 2 if (d >= 128 or own or cfg.mgpu_bwd_dq_split) else 1
     dq_cols = d if own else d // dq_wgs
     rows = cfg.mgpu_bwd_rows
     ds_tile = (bq, bk) if rows else (bk, bq)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    if dq_cols == 32:   # mgpu_bwd_dq_split at D 64: K's 32-column halves are whole tiles of a
+        #                 64-byte swizzle (wgmma needs the same swizzle on both operands: all)
+        tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
     params = {}
     if cfg.mgpu_bwd_profile:    # ranges per warpgroup: prologue, every step, epilogue (+ slack)
         space = rep * (lq_pad // bq) + 2   # per item; persistent: all items, at most 256
@@ -1717,7 +1749,9 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'_1b' if cfg.mgpu_bwd_one_bar else ''}"
                      f"{'_dqf1' if cfg.mgpu_bwd_dq_first else ''}"
                      f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"
-                     f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"),
+                     f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"
+                     f"{''.join(f'_sf{w}' for w in cfg.mgpu_bwd_s_first)}"
+                     f"{'_dqs32' if dq_cols == 32 else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

@@ -321,6 +321,14 @@ def test_backward_short_key_options(monkeypatch):
     assert attn.mosaic_bwd_options(128, False, 1000) == attn.MOSAIC_BWD_OPTS[128, False]
 
 
+def test_backward_long_key_options():
+    """Session 9: D=64 full takes one ring mbarrier above 2k keys only (MOSAIC_BWD_LONG)."""
+    assert attn.mosaic_bwd_options(64, False, 2048) == attn.MOSAIC_BWD_OPTS[64, False]
+    assert attn.mosaic_bwd_options(64, False, 2049) == {**attn.MOSAIC_BWD_OPTS[64, False],
+                                                        "mgpu_bwd_one_bar": True}
+    assert not attn.mosaic_bwd_options(64, True, 16384).get("mgpu_bwd_one_bar", False)
+
+
 def test_backward_dispatch_minimum_key_length(monkeypatch):
     hopper = (9, 0)
     monkeypatch.setitem(attn.MOSAIC_BWD_MIN_LK, (64, False), 2048)
@@ -377,6 +385,8 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
+    # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier)
+    (64, False, attn.mosaic_bwd_options(64, False, 4096)),
     # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
     pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True), marks=SLOW),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),
@@ -484,6 +494,50 @@ def test_mosaic_gpu_backward_session8_in_gpu_interpret_mode(d, causal, window, e
                                            bwd_impl="mosaic", mgpu_bwd_rows=True,
                                            mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
                                            **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("causal,window,extra", [
+    pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True),
+                 marks=SLOW),
+    pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_dq_split=True,
+                                mgpu_bwd_one_bar=True), marks=SLOW),
+    pytest.param(False, None, dict(mgpu_bwd_defer_dq=True, mgpu_stages_bwd=3), marks=SLOW),
+    # one ring mbarrier per slot with the producer warpgroup (Q, dO, [lse; delta]: 3 arrivals)
+    pytest.param(True, 30, dict(mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session9_d64_in_gpu_interpret_mode(causal, window, extra):
+    """Session 9, head_dim 64: both warpgroups compute dq, 32 columns each, from K tiles with
+    a 64-byte swizzle (`mgpu_bwd_dq_split`; the default leaves dq to warpgroup 0), and the
+    3-deep Q / dO ring; GQA, ragged length, causal window."""
+    q, k, v, do = _inputs(29, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+@pytest.mark.parametrize("causal,window,s_first", [
+    pytest.param(False, None, (0, 1), marks=SLOW),
+    pytest.param(True, 70, (1,), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session9_s_first_in_gpu_interpret_mode(causal, window, s_first):
+    """Session 9, rows + deferred dq + dV early without producer: S_t and dP_t issued before
+    dq_{t-1} by the warpgroups in `mgpu_bwd_s_first` (dq sent after P and the dV issue); GQA,
+    ragged length, causal window."""
+    q, k, v, do = _inputs(30, 1, 200, 200, 4, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           mgpu_bwd_dv_early=True, mgpu_bwd_s_first=s_first,
+                                           mgpu_bwd_one_loop=causal, **kw)
 
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
