@@ -491,6 +491,24 @@ VARIANTS = {
     "r_pt32": dict(mgpu_bwd_rowsum=True, mgpu_pair_train_chunk=32),
     "mgp_c64": dict(mgpu_pair_chunk=64),
     "mgp_y2": dict(mgpu_yacc=2),    # the pair forwards' y_t in two interleaved partial sums
+    # session 9 (mamba_fwd): the pair inference forward's body _fwd_pair_inf_body with its
+    # opt-in schedules (mgpu_pair_inf): p9 none (the v8 schedule), a1 / a2 the next one / two
+    # step pairs' inputs, softplus and decays ahead of this pair's updates, p1 / p2 that many
+    # of a lane's 16 decays per step pair by the FMA-pipe polynomial, i delta / delta u by
+    # shfl.idx, y3 three y slots and one warpgroup barrier per chunk
+    # (predictions and results: docs/kernels/selective_scan.md, "Session 9: forward")
+    "p9": dict(mgpu_pair_inf={}),
+    "p9a1": dict(mgpu_pair_inf=dict(ahead=1)),
+    "p9a2": dict(mgpu_pair_inf=dict(ahead=2)),
+    "p9p1": dict(mgpu_pair_inf=dict(poly=1)),
+    "p9p2": dict(mgpu_pair_inf=dict(poly=2)),
+    "p9i": dict(mgpu_pair_inf=dict(idx=True)),
+    "p9y3": dict(mgpu_pair_inf=dict(ybuf=3)),
+    "p9a1y3": dict(mgpu_pair_inf=dict(ahead=1, ybuf=3)),
+    # x: the next chunk's first step pair(s) prepared at the end of a chunk (cross)
+    "p9a1x": dict(mgpu_pair_inf=dict(ahead=1, cross=True)),
+    "p9a1xy3": dict(mgpu_pair_inf=dict(ahead=1, cross=True, ybuf=3)),
+    "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True)),  # all
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
