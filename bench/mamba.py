@@ -508,7 +508,11 @@ VARIANTS = {
     # x: the next chunk's first step pair(s) prepared at the end of a chunk (cross)
     "p9a1x": dict(mgpu_pair_inf=dict(ahead=1, cross=True)),
     "p9a1xy3": dict(mgpu_pair_inf=dict(ahead=1, cross=True, ybuf=3)),
-    "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True)),  # all
+    # s: softplus with one MUFU op (ex2 and a log1p polynomial) instead of two
+    "p9s": dict(mgpu_pair_inf=dict(sp1=True)),
+    "p9a1s": dict(mgpu_pair_inf=dict(ahead=1, sp1=True)),
+    "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
+                                     sp1=True)),   # every option (the real-lowering check)
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -425,13 +425,22 @@ def test_tpu_kernel_matches_recurrence_in_tpu_interpret_mode(use, softplus, grou
 
 
 # Session 9 (mamba_fwd): the pair inference forward's opt-in schedules (_fwd_pair_inf_body).
+def test_softplus_with_one_mufu_op_matches_softplus():
+    # _softplus_1mufu (max(x, 0) + log1p(exp(-|x|)), log1p by a degree-7 polynomial)
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    x = jnp.linspace(-30.0, 30.0, 60001, dtype=jnp.float32)
+    ref = np.logaddexp(0.0, np.asarray(x, np.float64))
+    got = np.asarray(mg._softplus_1mufu(x), np.float64)
+    assert np.max(np.abs(got - ref) / ref) < 3e-6
+
+
 @pytest.mark.parametrize("inf,n,groups,dn,dtype,use,softplus", [
-    (dict(ahead=1, poly=3, ybuf=3, cross=True), 16, 2, 128, jnp.float32, OPTIONAL, True),
+    (dict(ahead=1, poly=3, ybuf=3, cross=True, sp1=True), 16, 2, 128, jnp.float32, OPTIONAL, True),
     pytest.param(dict(idx=True, poly=1, ahead=2, cross=True), 6, None, 100, jnp.bfloat16,
                  ("z", "D"), True, marks=pytest.mark.slow),
     pytest.param(dict(ahead=0, ybuf=4), 8, 2, 256, jnp.float32, ("delta_bias", "initial_state"),
                  False, marks=pytest.mark.slow),
-], ids=["ahead_poly3_ybuf3_cross_n16_groups_all_options", "idx_poly1_ahead2_n6_padded_bf16_z",
+], ids=["ahead_poly3_ybuf3_cross_sp1_n16_groups_all_options", "idx_poly1_ahead2_n6_padded_bf16_z",
         "ybuf4_n8_groups_no_softplus"])
 def test_pair_inference_schedules_match_recurrence(inf, n, groups, dn, dtype, use, softplus):
     # Ragged (11 steps in chunks of 6 or 4: padded steps get delta 0); the inference forward
