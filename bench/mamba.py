@@ -511,6 +511,8 @@ VARIANTS = {
     # s: softplus with one MUFU op (ex2 and a log1p polynomial) instead of two
     "p9s": dict(mgpu_pair_inf=dict(sp1=True)),
     "p9a1s": dict(mgpu_pair_inf=dict(ahead=1, sp1=True)),
+    "p9sp1": dict(mgpu_pair_inf=dict(sp1=True, poly=1)),
+    "p9sp2": dict(mgpu_pair_inf=dict(sp1=True, poly=2)),
     "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
                                      sp1=True)),   # every option (the real-lowering check)
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
