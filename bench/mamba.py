@@ -515,6 +515,18 @@ VARIANTS = {
     "p9sp2": dict(mgpu_pair_inf=dict(sp1=True, poly=2)),
     "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
                                      sp1=True)),   # every option (the real-lowering check)
+    # after call 1 (its SASS: the y store of each step pair keeps ptxas from hoisting the next
+    # pair's B/C loads above it): d / d8 the y rows of the whole chunk / of 8 step pairs held
+    # in registers and stored together (ydefer), alone and with the call-1 options
+    "p9d": dict(mgpu_pair_inf=dict(ydefer=16)),
+    "p9d8": dict(mgpu_pair_inf=dict(ydefer=8)),
+    "p9sd": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True)),
+    "p9p1d": dict(mgpu_pair_inf=dict(ydefer=16, poly=1)),
+    "p9a1d": dict(mgpu_pair_inf=dict(ydefer=16, ahead=1)),
+    "p9y3d": dict(mgpu_pair_inf=dict(ydefer=16, ybuf=3)),
+    "p9a1xd": dict(mgpu_pair_inf=dict(ydefer=16, ahead=1, cross=True)),
+    "cand9d": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
+                                      sp1=True, ydefer=16)),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -790,6 +790,11 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 #     that a chunk starts on state updates instead of a load -> softplus -> shuffle chain;
 #   sp1: softplus with one MUFU op (_softplus_1mufu: ex2 and a log1p polynomial) instead of
 #     two (ex2, lg2): 18 -> 17 MUFU ops per lane and step pair.
+#   ydefer: the y rows of this many step pairs are held in registers and stored together
+#     (a whole chunk: chunk / 2). ptxas does not move shared-memory loads above a store it
+#     cannot prove disjoint: the B/C loads (addresses from inline_mgpu) wait for the previous
+#     pair's y store, so each pair starts on their latency (session 9 call 1's SASS); with the
+#     stores deferred the next pairs' loads can be hoisted (one register per held pair).
 
 
 # log1p(e) / e on [0, 1] (degree 7, fitted here to the relative error: <= 3.8e-7 in f32)
@@ -826,7 +831,7 @@ def _bulk_wait_read(n, interpret):
 
 def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                        interpret, ahead=0, poly=0, idx=False, ybuf=0, cross=False,
-                       sp1=False):
+                       sp1=False, ydefer=0):
     if cross and not ahead:
         raise ValueError("_fwd_pair_inf_body: cross needs ahead >= 1")
     has_z = "z" in opts
@@ -925,6 +930,7 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
             plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         if not cross:
             queue = [prep(s_, c, 2 * i) for i in range(n_ahead)]
+        held = []     # (step, y) pairs not yet stored (ydefer)
         for t in range(0, chunk, 2):
             if ahead and t + 2 * n_ahead < chunk:
                 queue.append(prep(s_, c, t + 2 * ahead))
@@ -950,7 +956,11 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
             y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
                                                          interpret)
             y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
-            y_s.at[pl.ds(t, 2)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            held.append((t, y.astype(y_s.dtype)))
+            if len(held) >= (ydefer or 1) or t + 2 == chunk:   # flush the held y rows
+                for tq, yq in held:
+                    y_s.at[pl.ds(tq, 2)].transpose((1, 0, 2))[...] = yq
+                held.clear()
             if not ahead and t + 2 < chunk:
                 queue.append(prep(s_, c, t + 2))
         if ybuf:   # the y slot of chunk c + 1 (chunk c + 1 - ybuf's store) free after this
