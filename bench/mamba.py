@@ -527,6 +527,11 @@ VARIANTS = {
     "p9a1xd": dict(mgpu_pair_inf=dict(ydefer=16, ahead=1, cross=True)),
     "cand9d": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
                                       sp1=True, ydefer=16)),
+    # after call 2 (p9sd, -5.6 % / -6.0 %, the default since then): sp1 with y held for 8
+    # step pairs, and either with one barrier per chunk (3 y slots)
+    "p9sd8": dict(mgpu_pair_inf=dict(ydefer=8, sp1=True)),
+    "p9syd": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, ybuf=3)),
+    "p9syd8": dict(mgpu_pair_inf=dict(ydefer=8, sp1=True, ybuf=3)),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
@@ -548,6 +553,9 @@ VARIANTS = {
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False, mgpu=False),
 }
+# session 9: v8 and v7 spelled out keep v8's pair inference body (the default is sp1 + ydefer)
+for _name in ("v8", "v7"):
+    VARIANTS[_name] = {**VARIANTS[_name], "mgpu_pair_inf": None}
 
 
 def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
