@@ -534,6 +534,9 @@ VARIANTS = {
     "p9syd8": dict(mgpu_pair_inf=dict(ydefer=8, sp1=True, ybuf=3)),
     "p9sp1d": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, poly=1)),
     "p9sdi": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, idx=True)),
+    # r: A, D, bias passed as they are and laid out in the kernel (no XLA kernels before it)
+    "p9sdr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True)),
+    "p9sydr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

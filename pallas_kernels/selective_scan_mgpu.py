@@ -794,7 +794,10 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 #     (a whole chunk: chunk / 2). ptxas does not move shared-memory loads above a store it
 #     cannot prove disjoint: the B/C loads (addresses from inline_mgpu) wait for the previous
 #     pair's y store, so each pair starts on their latency (session 9 call 1's SASS); with the
-#     stores deferred the next pairs' loads can be hoisted (one register per held pair).
+#     stores deferred the next pairs' loads can be hoisted (one register per held pair);
+#   rawp (N % 4 == 0): A [Dn, N], D and bias [Dn] copied as they are and laid out per thread
+#     in the kernel (A times log2 e too): no XLA transpose / broadcast kernels before the
+#     kernel (a fixed cost per call: ~15 us of fixed time at 8x2048x2048 in calls 2-2b).
 
 
 # log1p(e) / e on [0, 1] (degree 7, fitted here to the relative error: <= 3.8e-7 in f32)
@@ -814,6 +817,57 @@ def _softplus_1mufu(x):
     return p * e + jnp.maximum(x, 0.0)
 
 
+def _thread_rows(ref, count, shape, n_k, interpret, flat=False):
+    """`count` [4, parts, lw] f32 arrays: thread (w, p, l)'s values ref[lw w + l, p n_k + e]
+    (e < count) of a shared-memory [4 lw, N] ref; flat: ref[0, lw w + l] of a [1, 4 lw] ref
+    (one value). Vector loads of 4 where aligned."""
+    lw = shape[2]
+    if interpret:
+        w, p, l_ = (jax.lax.broadcasted_iota(jnp.int32, shape, d) for d in range(3))
+        v = ref[...]
+        if flat:
+            return [v[0][lw * w + l_]]
+        return [v[lw * w + l_, p * n_k + e] for e in range(count)]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_load = 4 if count % 4 == 0 and n_k % 4 == 0 and ref.shape[-1] % 4 == 0 else 1
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        lane = arith.remui(tid, mgpu.c(32, i32))
+        warp = arith.remui(arith.divui(tid, mgpu.c(32, i32)), mgpu.c(4, i32))
+        part = arith.divui(lane, mgpu.c(lw, i32))
+        chan = arith.addi(arith.muli(warp, mgpu.c(lw, i32)), arith.remui(lane, mgpu.c(lw, i32)))
+        if flat:
+            row, col = mgpu.c(0, i32), chan
+        else:
+            row, col = chan, arith.muli(part, mgpu.c(n_k, i32))
+        row = arith.index_cast(index, row)
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(col, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [row, idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(ref))
+
+
 def _bulk_wait_read(n, interpret):
     """cp.async.bulk.wait_group.read n without wait_smem_to_gmem's warpgroup barrier (the
     caller's next barrier publishes it)."""
@@ -831,7 +885,7 @@ def _bulk_wait_read(n, interpret):
 
 def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                        interpret, ahead=0, poly=0, idx=False, ybuf=0, cross=False,
-                       sp1=False, ydefer=0):
+                       sp1=False, ydefer=0, rawp=False):
     if cross and not ahead:
         raise ValueError("_fwd_pair_inf_body: cross needs ahead >= 1")
     has_z = "z" in opts
@@ -859,18 +913,26 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
 
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    width = 4 * lw
+    own = pl.ds(j * width, width)    # rawp: this program's rows of A [Dp, N], D, bias [Dp]
+    plgpu.copy_gmem_to_smem(r["a"].at[own] if rawp else r["a"].at[:, j], r["a_s"],
+                            r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+        plgpu.copy_gmem_to_smem(r[k].at[own] if rawp else r[k].at[j], r["p_s"].at[i],
+                                r["bar"].at[1 + i])
     if "h0" in opts:
         plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
     plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] for k in range(n_k)]
+    if rawp:     # thread (w, p, l): row lw w + l, states p K + k; A times log2 e here
+        a2 = [a * _LOG2E for a in _thread_rows(r["a_s"], n_k, shape, n_k, interpret)]
+    else:
+        a2 = [r["a_s"][k] for k in range(n_k)]
     vec = {}
     for i, k in enumerate(vec_names):
         plgpu.barrier_wait(r["bar"].at[1 + i])
-        vec[k] = r["p_s"][i]
+        vec[k] = (_thread_rows(r["p_s"].at[pl.ds(i, 1)], 1, shape, 0, interpret, flat=True)[0]
+                  if rawp else r["p_s"][i])
     if "h0" in opts:
         plgpu.barrier_wait(r["bar"].at[3])
         h0 = tuple(r["h_s"][k] for k in range(n_k))
@@ -1029,8 +1091,14 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
     bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
-    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
+    rawp = (bool(dict(inf_opts or {}).get("rawp")) and parts == 2 and not save_ckpt
+            and n % 4 == 0)   # A, D, bias as they are (the kernel lays them out: no XLA op)
+    if rawp:
+        a2 = _common.pad_axis(A.astype(f32), 0, width)                  # [Dp, N]
+        vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)       # [Dp]
+    else:
+        a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+        vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
     state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, width))
     given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
     opts = [name for name, _ in given]
@@ -1050,7 +1118,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if save_ckpt:
         seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
     n_in = 3 + (z is not None)
-    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+    scratch = [plgpu.SMEM((width, n) if rawp else (n_k, *shape), f32),
+               plgpu.SMEM((2, width) if rawp else (2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
                plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(

@@ -435,14 +435,16 @@ def test_softplus_with_one_mufu_op_matches_softplus():
 
 
 @pytest.mark.parametrize("inf,n,groups,dn,dtype,use,softplus", [
-    (dict(ahead=1, poly=3, ybuf=3, cross=True, sp1=True, ydefer=16), 16, 2, 128, jnp.float32,
-     OPTIONAL, True),
+    (dict(ahead=1, poly=3, ybuf=3, cross=True, sp1=True, ydefer=16, rawp=True), 16, 2, 128,
+     jnp.float32, OPTIONAL, True),
     pytest.param(dict(idx=True, poly=1, ahead=2, cross=True), 6, None, 100, jnp.bfloat16,
                  ("z", "D"), True, marks=pytest.mark.slow),
-    pytest.param(dict(ahead=0, ybuf=4, ydefer=3), 8, 2, 256, jnp.float32,
+    pytest.param(dict(ahead=0, ybuf=4, ydefer=3, rawp=True), 8, 2, 256, jnp.float32,
                  ("delta_bias", "initial_state"), False, marks=pytest.mark.slow),
-], ids=["ahead_poly3_ybuf3_cross_sp1_n16_groups_all_options", "idx_poly1_ahead2_n6_padded_bf16_z",
-        "ybuf4_ydefer3_n8_groups_no_softplus"])
+    pytest.param(dict(rawp=True, sp1=True, ydefer=16), 8, None, 72, jnp.bfloat16,
+                 ("z", "D", "delta_bias"), True, marks=pytest.mark.slow),
+], ids=["every_option_n16_groups_all_inputs", "idx_poly1_ahead2_n6_padded_bf16_z",
+        "ybuf4_ydefer3_rawp_n8_groups_no_softplus", "v9_rawp_n8_padded_bf16"])
 def test_pair_inference_schedules_match_recurrence(inf, n, groups, dn, dtype, use, softplus):
     # Ragged (11 steps in chunks of 6 or 4: padded steps get delta 0); the inference forward
     # only (the training forward never takes these options).
