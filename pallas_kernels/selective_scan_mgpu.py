@@ -885,7 +885,7 @@ def _bulk_wait_read(n, interpret):
 
 def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                        interpret, ahead=0, poly=0, idx=False, ybuf=0, cross=False,
-                       sp1=False, ydefer=0, rawp=False):
+                       sp1=False, ydefer=0, rawp=False, y_acc=1):
     if cross and not ahead:
         raise ValueError("_fwd_pair_inf_body: cross needs ahead >= 1")
     has_z = "z" in opts
@@ -1013,7 +1013,7 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
                     dec = functools.partial(decay, dts[tt], tt)
                 else:
                     dec = decays[tt].__getitem__
-                ys.append(_state_step(h, n_k, dec, dtus[tt], b_t, c_t, 1))
+                ys.append(_state_step(h, n_k, dec, dtus[tt], b_t, c_t, y_acc))
             # part p keeps its sum of step t + p and sends the partner's step to it
             y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
                                                          interpret)
@@ -1130,7 +1130,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         body = functools.partial(
             _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
             length=length, padded=lp != length, softplus=softplus, stages=stages,
-            interpret=interpret, **dict(inf_opts))
+            interpret=interpret, y_acc=y_acc, **dict(inf_opts))
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
