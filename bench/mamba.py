@@ -491,6 +491,52 @@ VARIANTS = {
     "r_pt32": dict(mgpu_bwd_rowsum=True, mgpu_pair_train_chunk=32),
     "mgp_c64": dict(mgpu_pair_chunk=64),
     "mgp_y2": dict(mgpu_yacc=2),    # the pair forwards' y_t in two interleaved partial sums
+    # session 9 (mamba_fwd): the pair inference forward's body _fwd_pair_inf_body with its
+    # opt-in schedules (mgpu_pair_inf): p9 none (the v8 schedule), a1 / a2 the next one / two
+    # step pairs' inputs, softplus and decays ahead of this pair's updates, p1 / p2 that many
+    # of a lane's 16 decays per step pair by the FMA-pipe polynomial, i delta / delta u by
+    # shfl.idx, y3 three y slots and one warpgroup barrier per chunk
+    # (predictions and results: docs/kernels/selective_scan.md, "Session 9: forward")
+    "p9": dict(mgpu_pair_inf={}),
+    "p9a1": dict(mgpu_pair_inf=dict(ahead=1)),
+    "p9a2": dict(mgpu_pair_inf=dict(ahead=2)),
+    "p9p1": dict(mgpu_pair_inf=dict(poly=1)),
+    "p9p2": dict(mgpu_pair_inf=dict(poly=2)),
+    "p9i": dict(mgpu_pair_inf=dict(idx=True)),
+    "p9y3": dict(mgpu_pair_inf=dict(ybuf=3)),
+    "p9a1y3": dict(mgpu_pair_inf=dict(ahead=1, ybuf=3)),
+    # x: the next chunk's first step pair(s) prepared at the end of a chunk (cross)
+    "p9a1x": dict(mgpu_pair_inf=dict(ahead=1, cross=True)),
+    "p9a1xy3": dict(mgpu_pair_inf=dict(ahead=1, cross=True, ybuf=3)),
+    # s: softplus with one MUFU op (ex2 and a log1p polynomial) instead of two
+    "p9s": dict(mgpu_pair_inf=dict(sp1=True)),
+    "p9a1s": dict(mgpu_pair_inf=dict(ahead=1, sp1=True)),
+    "p9sp1": dict(mgpu_pair_inf=dict(sp1=True, poly=1)),
+    "p9sp2": dict(mgpu_pair_inf=dict(sp1=True, poly=2)),
+    "cand9": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
+                                     sp1=True)),   # every option (the real-lowering check)
+    # after call 1 (its SASS: the y store of each step pair keeps ptxas from hoisting the next
+    # pair's B/C loads above it): d / d8 the y rows of the whole chunk / of 8 step pairs held
+    # in registers and stored together (ydefer), alone and with the call-1 options
+    "p9d": dict(mgpu_pair_inf=dict(ydefer=16)),
+    "p9d8": dict(mgpu_pair_inf=dict(ydefer=8)),
+    "p9sd": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True)),
+    "p9p1d": dict(mgpu_pair_inf=dict(ydefer=16, poly=1)),
+    "p9a1d": dict(mgpu_pair_inf=dict(ydefer=16, ahead=1)),
+    "p9y3d": dict(mgpu_pair_inf=dict(ydefer=16, ybuf=3)),
+    "p9a1xd": dict(mgpu_pair_inf=dict(ydefer=16, ahead=1, cross=True)),
+    "cand9d": dict(mgpu_pair_inf=dict(ahead=1, poly=1, idx=True, ybuf=3, cross=True,
+                                      sp1=True, ydefer=16)),
+    # after call 2 (p9sd, -5.6 % / -6.0 %, the default since then): sp1 with y held for 8
+    # step pairs, and either with one barrier per chunk (3 y slots)
+    "p9sd8": dict(mgpu_pair_inf=dict(ydefer=8, sp1=True)),
+    "p9syd": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, ybuf=3)),
+    "p9syd8": dict(mgpu_pair_inf=dict(ydefer=8, sp1=True, ybuf=3)),
+    "p9sp1d": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, poly=1)),
+    "p9sdi": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, idx=True)),
+    # r: A, D, bias passed as they are and laid out in the kernel (no XLA kernels before it)
+    "p9sdr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True)),
+    "p9sydr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
@@ -512,6 +558,9 @@ VARIANTS = {
     "v4": dict(split=2, bwd_split=2, bc_rows=True, chunk=4, fwd_chunk=16, share_dt=False,
                ck_unroll=False, state_tile=False, bwd_tile=False, mgpu=False),
 }
+# session 9: v8 and v7 spelled out keep v8's pair inference body (the default is sp1 + ydefer)
+for _name in ("v8", "v7"):
+    VARIANTS[_name] = {**VARIANTS[_name], "mgpu_pair_inf": None}
 
 
 def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):

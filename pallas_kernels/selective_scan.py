@@ -229,6 +229,11 @@ class _Config:
                               # the training forward too (its checkpoints in the one-thread
                               # layout); "auto": "train" where _mgpu_one_per_sm, else False
     mgpu_pair_chunk: int = 32  # steps per chunk of the pair inference forward
+    mgpu_pair_inf: tuple | None = None  # session 9: the pair inference forward's options
+                              # ((name, value) pairs: ahead, cross, ybuf, poly, idx, sp1,
+                              # ydefer) through selective_scan_mgpu._fwd_pair_inf_body; None:
+                              # _fwd_pair_body (v8). selective_scan_pallas's default (v9):
+                              # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
@@ -1122,7 +1127,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                             if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
-                                     interpret=cfg.interpret)
+                                     interpret=cfg.interpret,
+                                     inf_opts=None if save_ckpt else cfg.mgpu_pair_inf)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1427,6 +1433,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
+                          mgpu_pair_inf=(("sp1", True), ("ydefer", 16)),
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           interpret=False):
@@ -1450,7 +1457,11 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     inference forward, and the training forward over 16-step chunks with that shared delta
     while its grid fits one wave (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False,
     ck_unroll=False; v3 bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0,
-    lane_reduce=False, fast_exp=False, split=1."""
+    lane_reduce=False, fast_exp=False, split=1.
+
+    Session 9 (the pair inference forward, mgpu_pair_inf): softplus with one MUFU op (sp1)
+    and each chunk's y rows held in registers and stored together (ydefer), through
+    selective_scan_mgpu._fwd_pair_inf_body; mgpu_pair_inf=None is v8's body."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
@@ -1464,6 +1475,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_ck_unsplit=mgpu_ck_unsplit, mgpu_unroll=mgpu_unroll,
                   mgpu_yacc=mgpu_yacc, mgpu_bwd_loop=mgpu_bwd_loop, mgpu_poly=mgpu_poly,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
+                  mgpu_pair_inf=(None if mgpu_pair_inf is None
+                                 else tuple(sorted(dict(mgpu_pair_inf).items()))),
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,

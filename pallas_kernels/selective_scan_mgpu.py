@@ -772,17 +772,297 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     plgpu.wait_smem_to_gmem(0)
 
 
+# Session 9 (the inference forward, two lanes per channel, no checkpoints): the pair forward's
+# step pairs with opt-in schedules (forward_pair(..., inf_opts={...})):
+#   ahead: the next step pair's inputs, softplus, shuffles and (ahead=1) its 16 decays are
+#     computed before this pair's state updates (software pipelining inside the chunk: the
+#     MUFU results have a whole step pair of updates to arrive; ~16 registers more);
+#   poly: this many of a lane's 2 x K decays per step pair by the FMA-pipe polynomial
+#     (_exp2_poly) instead of MUFU.EX2 (FlashAttention-4's trick; state K - 1 - j // 2 of
+#     step j % 2, j < poly);
+#   idx: the two steps' delta and delta u by shfl.idx from the part that loaded them (4
+#     shuffles, no selects) instead of shfl.bfly + selects (2 shuffles, 4 selects).
+#   ybuf (>= 3): y goes through this many shared-memory slots, and the wait for the TMA store
+#     that last read chunk c + 1's slot moves to the end of chunk c, before commit_smem's
+#     barrier (no barrier of its own: one warpgroup barrier per chunk instead of two);
+#   cross (with ahead): the next chunk's first `ahead` step pairs are prepared (its input
+#     barrier waited) before this chunk's last updates and carried over the chunk loop, so
+#     that a chunk starts on state updates instead of a load -> softplus -> shuffle chain;
+#   sp1: softplus with one MUFU op (_softplus_1mufu: ex2 and a log1p polynomial) instead of
+#     two (ex2, lg2): 18 -> 17 MUFU ops per lane and step pair.
+#   ydefer: the y rows of this many step pairs are held in registers and stored together
+#     (a whole chunk: chunk / 2). ptxas does not move shared-memory loads above a store it
+#     cannot prove disjoint: the B/C loads (addresses from inline_mgpu) wait for the previous
+#     pair's y store, so each pair starts on their latency (session 9 call 1's SASS); with the
+#     stores deferred the next pairs' loads can be hoisted (one register per held pair);
+#   rawp (N % 4 == 0): A [Dn, N], D and bias [Dn] copied as they are and laid out per thread
+#     in the kernel (A times log2 e too): no XLA transpose / broadcast kernels before the
+#     kernel (a fixed cost per call: ~15 us of fixed time at 8x2048x2048 in calls 2-2b).
+
+
+# log1p(e) / e on [0, 1] (degree 7, fitted here to the relative error: <= 3.8e-7 in f32)
+_LOG1P_POLY = (0.9999998211860657, -0.4999740421772003, 0.33275479078292847,
+               -0.24495451152324677, 0.17745208740234375, -0.10768123716115952,
+               0.044089287519454956, -0.0085391104221344)
+
+
+def _softplus_1mufu(x):
+    """softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]: one MUFU op (the ex2)
+    and a degree-7 polynomial for log1p on the FMA pipe (no lg2, no branches; ~11
+    instructions against _softplus's ~13 with two MUFU ops)."""
+    e = jnp.exp2(jnp.abs(x) * -_LOG2E)
+    p = e * _LOG1P_POLY[-1] + _LOG1P_POLY[-2]
+    for c in _LOG1P_POLY[-3::-1]:
+        p = p * e + c
+    return p * e + jnp.maximum(x, 0.0)
+
+
+def _thread_rows(ref, count, shape, n_k, interpret, flat=False):
+    """`count` [4, parts, lw] f32 arrays: thread (w, p, l)'s values ref[lw w + l, p n_k + e]
+    (e < count) of a shared-memory [4 lw, N] ref; flat: ref[0, lw w + l] of a [1, 4 lw] ref
+    (one value). Vector loads of 4 where aligned."""
+    lw = shape[2]
+    if interpret:
+        w, p, l_ = (jax.lax.broadcasted_iota(jnp.int32, shape, d) for d in range(3))
+        v = ref[...]
+        if flat:
+            return [v[0][lw * w + l_]]
+        return [v[lw * w + l_, p * n_k + e] for e in range(count)]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    n_load = 4 if count % 4 == 0 and n_k % 4 == 0 and ref.shape[-1] % 4 == 0 else 1
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                       return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
+                                                                layout=layout)
+                                         for _ in range(count)))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        lane = arith.remui(tid, mgpu.c(32, i32))
+        warp = arith.remui(arith.divui(tid, mgpu.c(32, i32)), mgpu.c(4, i32))
+        part = arith.divui(lane, mgpu.c(lw, i32))
+        chan = arith.addi(arith.muli(warp, mgpu.c(lw, i32)), arith.remui(lane, mgpu.c(lw, i32)))
+        if flat:
+            row, col = mgpu.c(0, i32), chan
+        else:
+            row, col = chan, arith.muli(part, mgpu.c(n_k, i32))
+        row = arith.index_cast(index, row)
+        outs = []
+        for e0 in range(0, count, n_load):
+            idx = arith.index_cast(index, arith.addi(col, mgpu.c(e0, i32)))
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [row, idx],
+                            alignment=4 * n_load)
+            for e in range(n_load):
+                reg = vector.broadcast(ir.VectorType.get((1,), f32),
+                                       vector.extract(v, [], [e]))
+                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
+                                                 _layout=layout.to_mgpu(), _is_signed=None))
+        return tuple(outs)
+    return list(load(ref))
+
+
+def _bulk_wait_read(n, interpret):
+    """cp.async.bulk.wait_group.read n without wait_smem_to_gmem's warpgroup barrier (the
+    caller's next barrier publishes it)."""
+    if interpret:
+        plgpu.wait_smem_to_gmem(n, wait_read_only=True)
+        return
+    from jax._src.lib.mlir.dialects import nvvm
+
+    @plgpu.inline_mgpu()
+    def wait(ctx):
+        del ctx
+        nvvm.cp_async_bulk_wait_group(n, read=True)
+    wait()
+
+
+def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
+                       interpret, ahead=0, poly=0, idx=False, ybuf=0, cross=False,
+                       sp1=False, ydefer=0, rawp=False, y_acc=1):
+    if cross and not ahead:
+        raise ValueError("_fwd_pair_inf_body: cross needs ahead >= 1")
+    has_z = "z" in opts
+    seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
+    names = ["u", "dt", "a", "bc", *opts, "y", "hT", "a_s", "p_s", "h_s", "bar",
+             *[k + "_s" for k in seq_in], "y_s", "in_bar"]
+    r = dict(zip(names, refs, strict=True))
+    f32 = jnp.float32
+    shape = _PAIR_SHAPE
+    lw = shape[2]
+    n_k = n_state // 2
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
+    tiles = pl.ds(j * 4, 4)
+
+    def fetch(c, slot):
+        rows = pl.ds(c * chunk, chunk)
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
+        for k in seq_in:
+            if k != "bc":
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
+                                        r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    width = 4 * lw
+    own = pl.ds(j * width, width)    # rawp: this program's rows of A [Dp, N], D, bias [Dp]
+    plgpu.copy_gmem_to_smem(r["a"].at[own] if rawp else r["a"].at[:, j], r["a_s"],
+                            r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[own] if rawp else r[k].at[j], r["p_s"].at[i],
+                                r["bar"].at[1 + i])
+    if "h0" in opts:
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    if rawp:     # thread (w, p, l): row lw w + l, states p K + k; A times log2 e here
+        a2 = [a * _LOG2E for a in _thread_rows(r["a_s"], n_k, shape, n_k, interpret)]
+    else:
+        a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = (_thread_rows(r["p_s"].at[pl.ds(i, 1)], 1, shape, 0, interpret, flat=True)[0]
+                  if rawp else r["p_s"][i])
+    if "h0" in opts:
+        plgpu.barrier_wait(r["bar"].at[3])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
+    else:
+        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    part = _pair_part(interpret, shape)
+    part0, part1 = part == 0, part == 1
+    by_poly = {(jj % 2, n_k - 1 - jj // 2) for jj in range(poly)}
+
+    def pair_rows(ref, t):    # rows t, t + 1 of a [chunk, 4, lw] tile as (w, p, l)
+        return ref.at[pl.ds(t, 2)].transpose((1, 0, 2))[...].astype(f32)
+
+    def decay(dt, tt, k):
+        x = dt * a2[k]
+        return _exp2_poly(x, interpret) if (tt, k) in by_poly else jnp.exp2(x)
+
+    def prep(s_, c, t):
+        """Step pair (t, t + 1): (u of step t + p, [delta of steps t, t + 1], [delta u],
+        the decays [2][K] (ahead=1) or None)."""
+        u_own = pair_rows(s_["u"], t)          # u of step t + p
+        x = pair_rows(s_["dt"], t)
+        if "bias" in vec:
+            x = x + vec["bias"]
+        if softplus:
+            dt_own = _softplus_1mufu(x) if sp1 else _softplus(x, True)
+        else:
+            dt_own = x
+        if padded:
+            dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+        if idx:
+            dtu_own = dt_own * u_own
+            dts = [_shfl(dt_own, interpret, src_part=tt) for tt in range(2)]
+            dtus = [_shfl(dtu_own, interpret, src_part=tt) for tt in range(2)]
+        else:
+            dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
+            dts, dtus = [], []
+            for tt in range(2):
+                mine = part0 if tt == 0 else part1
+                dts.append(jnp.where(mine, dt_own, dt_oth))
+                dtus.append(dts[-1] * jnp.where(mine, u_own, u_oth))
+        decays = ([[decay(dts[tt], tt, k) for k in range(n_k)] for tt in range(2)]
+                  if ahead else None)
+        return u_own, dts, dtus, decays
+
+    n_ahead = min(max(ahead, 1), chunk // 2)    # step pairs prepared before their updates
+
+    def chunk_body(c, carry):
+        slot = jax.lax.rem(c, stages)
+        s_ = {k: r[k + "_s"].at[slot] for k in seq_in}
+        y_s = r["y_s"].at[jax.lax.rem(c, ybuf) if ybuf else slot]
+        if cross:   # this chunk's first pairs were prepared at the end of the last one
+            h, queue = list(carry[0]), list(carry[1])
+        else:
+            plgpu.barrier_wait(r["in_bar"].at[slot])
+            h = list(carry)
+        if not ybuf:
+            plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        if not cross:
+            queue = [prep(s_, c, 2 * i) for i in range(n_ahead)]
+        held = []     # (step, y) pairs not yet stored (ydefer)
+        for t in range(0, chunk, 2):
+            if ahead and t + 2 * n_ahead < chunk:
+                queue.append(prep(s_, c, t + 2 * ahead))
+            elif cross and t + 2 * n_ahead == chunk:   # the next chunk's first pair(s)
+                nslot = jax.lax.rem(c + 1, stages)
+
+                @pl.when(c + 1 < n_chunks)
+                def _(nslot=nslot):
+                    plgpu.barrier_wait(r["in_bar"].at[nslot])
+                ns_ = {k: r[k + "_s"].at[nslot] for k in seq_in}
+                queue.extend(prep(ns_, c + 1, 2 * i) for i in range(n_ahead))
+            u_own, dts, dtus, decays = queue.pop(0)
+            ys = []
+            for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
+                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
+                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                if decays is None:
+                    dec = functools.partial(decay, dts[tt], tt)
+                else:
+                    dec = decays[tt].__getitem__
+                ys.append(_state_step(h, n_k, dec, dtus[tt], b_t, c_t, y_acc))
+            # part p keeps its sum of step t + p and sends the partner's step to it
+            y = jnp.where(part0, ys[0], ys[1]) + _shfl16(jnp.where(part0, ys[1], ys[0]),
+                                                         interpret)
+            y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
+            held.append((t, y.astype(y_s.dtype)))
+            if len(held) >= (ydefer or 1) or t + 2 == chunk:   # flush the held y rows
+                for tq, yq in held:
+                    y_s.at[pl.ds(tq, 2)].transpose((1, 0, 2))[...] = yq
+                held.clear()
+            if not ahead and t + 2 < chunk:
+                queue.append(prep(s_, c, t + 2))
+        if ybuf:   # the y slot of chunk c + 1 (chunk c + 1 - ybuf's store) free after this
+            _bulk_wait_read(ybuf - 2, interpret)   # barrier (commit_smem's)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles])
+
+        @pl.when(c + stages < n_chunks)
+        def _():
+            fetch(c + stages, slot)
+        return (tuple(h), tuple(queue)) if cross else tuple(h)
+
+    if cross:
+        plgpu.barrier_wait(r["in_bar"].at[0])
+        s0 = {k: r[k + "_s"].at[0] for k in seq_in}
+        first = tuple(prep(s0, 0, 2 * i) for i in range(n_ahead))
+        h = jax.lax.fori_loop(0, n_chunks, chunk_body, (h0, first))[0]
+    else:
+        h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
+    for k in range(n_k):
+        r["h_s"][k] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
     width = 128 // parts     # channels per program
     return n % parts == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % width == 0))
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False):
+                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False,
+                 inf_opts=None):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
-    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0."""
+    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. inf_opts (a dict, or
+    None): the session-9 inference body (_fwd_pair_inf_body) with these options (parts 2, no
+    checkpoints)."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -811,8 +1091,14 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
     bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
-    vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
+    rawp = (bool(dict(inf_opts or {}).get("rawp")) and parts == 2 and not save_ckpt
+            and n % 4 == 0)   # A, D, bias as they are (the kernel lays them out: no XLA op)
+    if rawp:
+        a2 = _common.pad_axis(A.astype(f32), 0, width)                  # [Dp, N]
+        vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)       # [Dp]
+    else:
+        a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+        vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
     state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, width))
     given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
     opts = [name for name, _ in given]
@@ -827,17 +1113,24 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
-    seq_bufs.append(tile(u.dtype))
+    ybuf = dict(inf_opts or {}).get("ybuf", 0) if parts == 2 and not save_ckpt else 0
+    seq_bufs.append(plgpu.SMEM((ybuf, chunk, 4, lw), u.dtype) if ybuf else tile(u.dtype))
     if save_ckpt:
         seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
     n_in = 3 + (z is not None)
-    scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
+    scratch = [plgpu.SMEM((width, n) if rawp else (n_k, *shape), f32),
+               plgpu.SMEM((2, width) if rawp else (2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
                plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
         interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
+    if inf_opts is not None and parts == 2 and not save_ckpt:
+        body = functools.partial(
+            _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
+            length=length, padded=lp != length, softplus=softplus, stages=stages,
+            interpret=interpret, y_acc=y_acc, **dict(inf_opts))
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -845,7 +1138,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=("selective_scan_fwd_mgpu_pair" + ("4" if parts == 4 else "")
-                     + ("_ck" if save_ckpt else "")))(*arrays)
+                     + ("_ck" if save_ckpt else "")
+                     + ("_v9" if inf_opts is not None else "")))(*arrays)
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)

@@ -422,3 +422,39 @@ def test_tpu_kernel_matches_recurrence_in_tpu_interpret_mode(use, softplus, grou
     y_public = selective_scan(*split(inputs, use)[0], **split(inputs, use)[1],
                               delta_softplus=softplus, backend="tpu_interpret")
     assert rel_err(y_public, y_ref) < 1e-5
+
+
+# Session 9 (mamba_fwd): the pair inference forward's opt-in schedules (_fwd_pair_inf_body).
+def test_softplus_with_one_mufu_op_matches_softplus():
+    # _softplus_1mufu (max(x, 0) + log1p(exp(-|x|)), log1p by a degree-7 polynomial)
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    x = jnp.linspace(-30.0, 30.0, 60001, dtype=jnp.float32)
+    ref = np.logaddexp(0.0, np.asarray(x, np.float64))
+    got = np.asarray(mg._softplus_1mufu(x), np.float64)
+    assert np.max(np.abs(got - ref) / ref) < 3e-6
+
+
+@pytest.mark.parametrize("inf,n,groups,dn,dtype,use,softplus", [
+    (dict(ahead=1, poly=3, ybuf=3, cross=True, sp1=True, ydefer=16, rawp=True), 16, 2, 128,
+     jnp.float32, OPTIONAL, True),
+    pytest.param(dict(idx=True, poly=1, ahead=2, cross=True), 6, None, 100, jnp.bfloat16,
+                 ("z", "D"), True, marks=pytest.mark.slow),
+    pytest.param(dict(ahead=0, ybuf=4, ydefer=3, rawp=True), 8, 2, 256, jnp.float32,
+                 ("delta_bias", "initial_state"), False, marks=pytest.mark.slow),
+    pytest.param(dict(rawp=True, sp1=True, ydefer=16), 8, None, 72, jnp.bfloat16,
+                 ("z", "D", "delta_bias"), True, marks=pytest.mark.slow),
+], ids=["every_option_n16_groups_all_inputs", "idx_poly1_ahead2_n6_padded_bf16_z",
+        "ybuf4_ydefer3_rawp_n8_groups_no_softplus", "v9_rawp_n8_padded_bf16"])
+def test_pair_inference_schedules_match_recurrence(inf, n, groups, dn, dtype, use, softplus):
+    # Ragged (11 steps in chunks of 6 or 4: padded steps get delta 0); the inference forward
+    # only (the training forward never takes these options).
+    args, kwargs = split(make_inputs(7, n=n, groups=groups, length=11, dn=dn, dtype=dtype), use)
+    y, h = kernel(*args, **kwargs, delta_softplus=softplus, mgpu="fwd", mgpu_pair=True,
+                  mgpu_pair_chunk=6 if n == 6 else 4, mgpu_pair_inf=inf)
+    y_ref, h_ref = reference(*args, **kwargs, delta_softplus=softplus)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert rel_err(y, y_ref) < tol and rel_err(h, h_ref) < tol
+    # the default pair body gives the same numbers (a schedule, not a change of the math)
+    y0, h0 = kernel(*args, **kwargs, delta_softplus=softplus, mgpu="fwd", mgpu_pair=True,
+                    mgpu_pair_chunk=6 if n == 6 else 4)
+    assert rel_err(y, y0) < tol and rel_err(h, h0) < tol
