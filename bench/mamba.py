@@ -144,7 +144,8 @@ def _loss(fn, *xs, names, use, sp, w, wh):
     return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
 
 
-def correctness(res, comp, cfg_kw, which=None, decode=True):
+def correctness(res, comp, cfg_kw, which=None, decode=True, tag=""):
+    """tag: a VARIANTS name checked besides the main config (--check-also): its rows say so."""
     cases = [  # b, L, Dn, N, groups, dtype, options, softplus
         (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
         (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
@@ -169,10 +170,10 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
         xs = tuple(x[k] for k in names)
         xs32 = tuple(v.astype(jnp.float32) for v in xs)
         argn = tuple(range(len(xs)))
-        comp.submit(("corr", ci, "kern"),
+        comp.submit(("corr", tag, ci, "kern"),
                     jax.value_and_grad(functools.partial(loss, kern), argn, has_aux=True), *xs)
-        comp.submit(("corr", ci, "inf"), functools.partial(loss, kern), *xs)   # inference fwd
-        comp.submit(("corr", ci, "ref"),
+        comp.submit(("corr", tag, ci, "inf"), functools.partial(loss, kern), *xs)   # inference
+        comp.submit(("corr", tag, ci, "ref"),
                     jax.value_and_grad(functools.partial(loss, ref), argn, has_aux=True), *xs32)
         plans.append((ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32))
     # decode: 16 steps of the step kernel against the full forward
@@ -187,12 +188,12 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
 
     rows = res.setdefault("correctness", [])
     for ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32 in plans:
-        case = (f"b{b} L{length} Dn{dn} N{n} G{groups} {jnp.dtype(dtype).name} "
-                f"{'+'.join(use) or 'plain'} sp={sp}")
+        case = (f"{tag + ': ' if tag else ''}b{b} L{length} Dn{dn} N{n} G{groups} "
+                f"{jnp.dtype(dtype).name} {'+'.join(use) or 'plain'} sp={sp}")
         try:
-            (_, (y, h)), g = comp.get(("corr", ci, "kern"))(*xs)
-            y_inf, h_inf = comp.get(("corr", ci, "inf"))(*xs)[1]
-            (_, (yr, hr)), gr = comp.get(("corr", ci, "ref"))(*xs32)
+            (_, (y, h)), g = comp.get(("corr", tag, ci, "kern"))(*xs)
+            y_inf, h_inf = comp.get(("corr", tag, ci, "inf"))(*xs)[1]
+            (_, (yr, hr)), gr = comp.get(("corr", tag, ci, "ref"))(*xs32)
         except Exception as e:   # noqa: BLE001 (keep the other cases)
             rows.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
             print(f"[FAIL] {case}: {rows[-1]['error']}")
@@ -501,6 +502,12 @@ VARIANTS = {
     "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1),
+    # session 9 (mamba_bwd): the pair backward's shared-memory excess removed step by step;
+    # pbc: pbr + the checkpoints in the ck2 layout [B, L / 4, N / 2, Dp, 2] (the pair
+    # training forward stores and the pair backward reads a conflict-free [64, 2] row per
+    # state pair); c2: the default (one-thread backward, one 8-byte load per state pair) on ck2
+    "pbc": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True),
+    "c2": dict(mgpu_ck_pair=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
@@ -673,6 +680,9 @@ def main():
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     p.add_argument("--skip-decode", action="store_true", help="no decode step (check, timing)")
     p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
+    p.add_argument("--check-also", default="", help="VARIANTS also checked against the f32 "
+                   "recurrence (with real lowering), at --check-also-cases")
+    p.add_argument("--check-also-cases", default="0,3", help="their cases (indices)")
     p.add_argument("--profile-runs", type=int, default=2, help="runs per --profile item")
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
     p.add_argument("--repeat", type=int, default=1, help="timing passes over the compared "
@@ -736,6 +746,10 @@ def main():
     if not a.quick:
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
+        also = [int(i) for i in a.check_also_cases.split(",")]
+        for c in names(a.check_also):
+            steps.append(("correctness " + c, correctness(res, comp, VARIANTS[c], also, False,
+                                                          tag=c)))
     if a.sizes:
         bench_sizes = [] if a.sizes == "none" else [sizes[int(i)] for i in a.sizes.split(",")]
     if bench_sizes:

@@ -246,6 +246,10 @@ class _Config:
                               # vector loads in registers (_row_sums: no [128, 4] round trip
                               # and its barrier; the barrier moves before the next red stores);
                               # "auto": in the one-thread and pair backwards, not the two-thread
+    mgpu_ck_pair: bool = False  # the pair training forward's checkpoints in the ck2 layout
+                              # [B, Lp / 4, N / 2, Dp, 2] (conflict-free stores and pair reads,
+                              # one 8-byte load per 2 states in the one-thread backward) where
+                              # the backward is the Mosaic one-thread or pair one (_mgpu_ck2)
     interpret: bool = False
 
 
@@ -1115,6 +1119,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                         or cfg.mgpu_ck_unsplit))
         if (pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
+            ck_pair = save_ckpt and _mgpu_ck2(cfg, u, A, B)
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
@@ -1122,7 +1127,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                             if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
-                                     interpret=cfg.interpret)
+                                     ck_pair=ck_pair, interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1281,19 +1286,43 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
             and (_mgpu_bwd_split(cfg, u) == 1 or A.shape[1] % 2 == 0))
 
 
+def _mgpu_bwd_pair_parts(cfg: _Config, u, A, B) -> int:
+    """The lanes per channel of the Mosaic pair backward where it runs (0: it does not)."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+    if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u) == 1
+            and mgpu.pair_supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1],
+                                    parts)):
+        return parts
+    return 0
+
+
+def _mgpu_ck2(cfg: _Config, u, A, B) -> bool:
+    """Whether the checkpoints take the ck2 layout (cfg.mgpu_ck_pair): the training forward is
+    the pair one (two lanes) and the backward the Mosaic one-thread or pair (two lanes) one;
+    _forward and _backward both ask this."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    return bool(cfg.mgpu_ck_pair and _mgpu_bwd_ok(cfg, u, A, B)
+                and _mgpu_bwd_split(cfg, u) == 1
+                and _mgpu_bwd_pair_parts(cfg, u, A, B) in (0, 2)
+                and _mgpu_pair_mode(cfg, u) == "train" and cfg.mgpu_pair_train_parts == 2
+                and cfg.chunk % 2 == 0 and mgpu.pair_supported(u.shape[2], groups, A.shape[1]))
+
+
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
-        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
-        if (parts and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
-                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1], parts)):
+        parts = _mgpu_bwd_pair_parts(cfg, u, A, B)
+        ck2 = _mgpu_ck2(cfg, u, A, B)     # the pair training forward's ck2 layout
+        if parts:
             return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
                                       parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
-                                      interpret=cfg.interpret)
+                                      ck_pair=ck2, interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1301,7 +1330,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                              bwd_ahead=cfg.mgpu_bwd_ahead,
                              rowsum=(_mgpu_bwd_split(cfg, u) == 1 if cfg.mgpu_bwd_rowsum == "auto"
                                      else cfg.mgpu_bwd_rowsum),
-                             interpret=cfg.interpret)
+                             ck2=ck2, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1429,7 +1458,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
-                          interpret=False):
+                          mgpu_ck_pair=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1467,7 +1496,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
-                  interpret=interpret)
+                  mgpu_ck_pair=mgpu_ck_pair, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -613,6 +613,74 @@ def _ck_view(row, k, parts, n_k, interpret):
     return rows_k.transpose((1, 0, 2))
 
 
+# The "ck2" checkpoint layout (mgpu_ck_pair): [B, Lp / ck_every, K, Dp, 2] f32, state p K + k
+# of channel c at [.., k, c, p] (K = N / 2). The pair kernels' thread 32 w + 16 p + l (channel
+# 16 w + l) then stores / reads float 32 w + 2 l + p of a [64, 2] row per k: a warp covers 32
+# consecutive floats (conflict-free, where the [N, Dp] layout's rows k and K + k, 512 floats
+# apart, conflict 2-way); the one-thread backward reads states k and K + k of its channel by
+# one 8-byte load. Inside the kernels on the GPU the channel pairs are flat (a TMA box's
+# strides must be multiples of 16 bytes): gmem [.., K, 2 Dp], shared-memory rows [2 x
+# channels]; in GPU interpret mode (no ref reshape) the pair kernels see [.., Dp / 16, 16, 2]
+# and the one-thread backward [.., Dp, 2] (_ck2_shape).
+
+
+def _ck2_pair_view(row, interpret):
+    """[4, 2, 16] (w, p, l) view of a ck2 row of 64 channels ([128]; interpret [4, 16, 2])."""
+    if not interpret:
+        row = row.reshape(4, 16, 2)
+    return row.transpose((0, 2, 1))
+
+
+def _ck2_load(row, interpret):
+    """States k and K + k of each thread's channel, each [1, 128], from a ck2 row of 128
+    channels ([256]; interpret [128, 2]): one ld.shared.v2 per thread (inline_mgpu)."""
+    if interpret:
+        v = row[...]
+        return v[:, 0][None], v[:, 1][None]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    shape = (1, _WG)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    out = plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=(out, out))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        idx = arith.index_cast(index, arith.shli(tid, mgpu.c(1, i32)))
+        v = vector.load(ir.VectorType.get((2,), f32), ref, [idx], alignment=8)
+        return tuple(
+            mgpu.FragmentedArray(
+                _registers=np.array([vector.broadcast(ir.VectorType.get((1,), f32),
+                                                      vector.extract(v, [], [e]))],
+                                    dtype=object),
+                _layout=layout.to_mgpu(), _is_signed=None)
+            for e in range(2))
+    return load(row)
+
+
+def _ck2_shape(shape, interpret, pair=True):
+    """The kernels' view of a ck2 array of `shape` [B, n, K, Dp, 2]: [B, n, K, 2 Dp]; in
+    interpret mode the pair kernels' [B, n, K, Dp / 16, 16, 2], the one-thread backward's
+    [B, n, K, Dp, 2]."""
+    if not interpret:
+        return (*shape[:3], 2 * shape[3])
+    return (*shape[:3], shape[3] // 16, 16, 2) if pair else shape
+
+
+def _ck2_cols(j, width, interpret, pair=True):
+    """The kernel view's columns of channel block j (`width` channels)."""
+    if not interpret:
+        return pl.ds(j * 2 * width, 2 * width)
+    return pl.ds(j * width // 16, width // 16) if pair else pl.ds(j * width, width)
+
+
 def _shfl16(x, interpret):
     """x of the lane 16 apart: the other part of the thread's channel (two parts)."""
     return _shfl(x, interpret)
@@ -641,10 +709,11 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
-    written through its (w, p, l) view per state k: rows k and K + k)."""
+    written through its (w, p, l) view per state k: rows k and K + k); ck_pair: into the
+    ck2 layout (one conflict-free store per state k)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
@@ -721,9 +790,12 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         h = list(carry)
         for t in range(0, chunk, parts):
             if save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
-                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, lw]
+                row = r["ck_s"].at[slot, t // ck_every]   # [N, 4, lw] (ck2: [K, 128])
                 for k in range(n_k):
-                    _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
+                    if ck_pair:
+                        _ck2_pair_view(row.at[k], interpret)[...] = h[k]
+                    else:
+                        _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -754,8 +826,9 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                                 commit_group=False)
         if save_ckpt:
             per = chunk // ck_every
+            ck_cols = _ck2_cols(j, 4 * lw, interpret) if ck_pair else tiles
             plgpu.copy_smem_to_gmem(r["ck_s"].at[slot],
-                                    r["ck"].at[b, pl.ds(c * per, per), :, tiles],
+                                    r["ck"].at[b, pl.ds(c * per, per), :, ck_cols],
                                     commit_group=False)
         plgpu.commit_smem_to_gmem_group()
 
@@ -778,11 +851,14 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
 
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False):
+                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
+                 interpret=False):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
-    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0."""
+    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. ck_pair (parts 2): the
+    checkpoints in the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2] (see _ck2_load), read by
+    backward_pair(ck_pair=True) and backward(ck2=True)."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -819,7 +895,11 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
-    if save_ckpt:
+    ck_pair = ck_pair and save_ckpt and parts == 2
+    if ck_pair:    # ck2: [B, Lp / ck_every, K, Dp, 2]
+        out_shape.append(jax.ShapeDtypeStruct(
+            _ck2_shape((bsz, lp // ck_every, n_k, dp, 2), interpret), f32))
+    elif save_ckpt:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // lw, lw), f32))
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
@@ -828,7 +908,10 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
-    if save_ckpt:
+    if ck_pair:
+        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n_k,
+                                    *((4, 16, 2) if interpret else (128,))), f32))
+    elif save_ckpt:
         seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
     n_in = 3 + (z is not None)
     scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
@@ -837,7 +920,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
+        ck_pair=ck_pair)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -849,8 +933,10 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
-    if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
+    if save_ckpt and not ck_pair:   # [B, Lp / ck_every, N, Dp], Dp padded to 128
         ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
+    elif ck_pair:                   # ck2 [B, Lp / ck_every, K, Dp, 2], Dp padded to 128
+        ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp, 2), 3, _WG)]
     return y, jnp.swapaxes(final[:, :, :dn], 1, 2), (ck[0] if save_ckpt else None)
 
 
@@ -895,12 +981,13 @@ def _bwd_refs(refs, opts, x_s=False):
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
-              bwd_loop=False, bwd_ahead=False, rowsum=False):
-    """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
-    the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
-    shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
-    each step (du, ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are
-    ordered q' = 2k + p (reordered outside)."""
+              bwd_loop=False, bwd_ahead=False, rowsum=False, ck2=False):
+    """ck2 (split 1): the checkpoints in the ck2 layout (_ck2_load). split = 2: as in the
+    forward, thread i holds channel i % 64 and states (i // 64) K + k; the per-channel sums
+    <g, B>, <A log2 e, q> (and y with z) of the two parts meet through shared memory at the
+    sub-chunk end (the barrier of the dB/dC sums), where both parts finish each step (du,
+    ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are ordered q' = 2k + p
+    (reordered outside)."""
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts, x_s=split > 1)
     f32 = jnp.float32
@@ -922,13 +1009,22 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             return ck_s[sub, :, k, :]
         return ck_s[sub, k]         # the split forward's: [k, p] is state p * n_k + k
 
+    def ck_states(ck_s, sub):       # the n_k states of each thread
+        if not ck2:
+            return [ck_state(ck_s, sub, kk) for kk in range(n_k)]
+        half = n_state // 2
+        pairs = [_ck2_load(ck_s.at[sub, kk], interpret) for kk in range(half)]
+        return [pairs[kk][0] for kk in range(half)] + [pairs[kk][1] for kk in range(half)]
+
     def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
         c = n_chunks - 1 - k
         rows = pl.ds(c * chunk, chunk)
         bar = r["in_bar"].at[slot]
         plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
-        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols],
-                                r["ck_s"].at[slot], bar)
+        ck_sub = pl.ds(c * n_sub, n_sub)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, ck_sub, :, _ck2_cols(j, bd, interpret, False)]
+                                if ck2
+                                else r["ck"].at[b, ck_sub, :, :, cols], r["ck_s"].at[slot], bar)
         for name in rows_names:
             for p in range(split):
                 plgpu.copy_gmem_to_smem(r[name].at[b, rows, cols], r[name + "_s"].at[slot, p],
@@ -993,7 +1089,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
         def recompute(sub):     # the sub-chunk's states (and decays) from its checkpoint
             t0 = sub * ck_every
-            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+            h = ck_states(s_["ck"], sub)
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
             for tl in range(ck_every):                         # recompute
                 t = t0 + tl
@@ -1024,7 +1120,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 i = c * chunk + t
                 dt, x, u, dtu = steps[tl]
                 dout = s_["dy"][:, t, :].astype(f32)
-                h_prev = hs[tl] or [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+                h_prev = hs[tl] or ck_states(s_["ck"], sub)
                 h_t = hs[tl + 1]
                 a_t = decays[tl] or [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
                 b_t, c_t = bc_get(bc_s, t, 0), bc_get(bc_s, t, 1)
@@ -1140,20 +1236,26 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
-             rowsum=False, interpret=False):
+             rowsum=False, ck2=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
     threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
     sub-chunks run as a loop (the code of one sub-chunk, or of `bwd_loop` of them when an int)
     instead of unrolled. bwd_ahead: each
-    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers)."""
+    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers). ck2
+    (split 1, N even): the checkpoints in the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2] of
+    forward_pair(ck_pair=True)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
         raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
-    if ck.ndim == 5 and ck.shape[3] == 1:     # the unsplit forward's, parted: [.., N, 1, Dp]
+    if ck2 and (split != 1 or ck.ndim != 5 or 2 * ck.shape[2] != A.shape[1]
+                or ck.shape[4] != 2):
+        raise ValueError(f"selective_scan_mgpu.backward: ck2 checkpoints {ck.shape}, "
+                         f"split={split}")
+    if ck.ndim == 5 and ck.shape[3] == 1 and not ck2:   # the unsplit forward's, parted
         ck = ck[:, :, :, 0]
-    ck_split = 1 if ck.ndim == 4 else ck.shape[3]
+    ck_split = 1 if ck.ndim == 4 or ck2 else ck.shape[3]
     if ck.ndim == 4:   # [B, nC, N, Dp]: for split 2 as [B, nC, 2, N / 2, Dp] (parts major)
         ck = (ck[:, :, :, None] if split == 1 else
               ck.reshape(ck.shape[0], ck.shape[1], 2, A.shape[1] // 2, ck.shape[-1]))
@@ -1193,6 +1295,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     given = optional_inputs(z, D, delta_bias, None, seq=seq, vec=vec, state=None)
     opts = [name for name, _ in given]
     arrays += [x for _, x in given]
+    if ck2:
+        ck = ck.reshape(_ck2_shape(ck.shape, interpret, pair=False))
     arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
                by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
     n_blocks = dp // bd
@@ -1209,7 +1313,9 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     rows = lambda dtype: slot(dtype, split, chunk, bd)
     seq_bufs = [rows(u.dtype), rows(delta.dtype), rows(u.dtype),
                 slot(f32, chunk, bc.shape[-1]),
-                slot(f32, chunk // ck_every, *ck.shape[2:4], bd)]
+                slot(f32, chunk // ck_every, *(((ck.shape[2], bd, 2) if interpret
+                                                else (ck.shape[2], 2 * bd)) if ck2
+                                               else (*ck.shape[2:4], bd)))]
     if z is not None:
         seq_bufs.append(rows(z.dtype))
     seq_bufs += [rows(u.dtype), rows(delta.dtype)]
@@ -1228,7 +1334,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
         parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead,
-        rowsum=rowsum)
+        rowsum=rowsum, ck2=ck2)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -1276,7 +1382,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-                   stages, interpret, bwd_loop, parts=2, rowsum=False):
+                   stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1296,7 +1402,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         rows = pl.ds(c * chunk, chunk)
         bar = r["in_bar"].at[slot]
         plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
-        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, tiles],
+        ck_cols = _ck2_cols(j, 4 * lw, interpret) if ck_pair else tiles
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, ck_cols],
                                 r["ck_s"].at[slot], bar)
         for name in rows_names:
             plgpu.copy_gmem_to_smem(r[name].at[b, rows, tiles], r[name + "_s"].at[slot], bar)
@@ -1329,6 +1436,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
 
     def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
+        if ck_pair:                 # ck2: one conflict-free row per k
+            return _ck2_pair_view(ck_s.at[sub, k], interpret)[...]
         return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
 
     def red_store(tl, which, k, v):   # rows tl * 32 + which * N + parts k + p
@@ -1503,14 +1612,16 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-                  bwd_loop=True, parts=2, rowsum=False, interpret=False):
+                  bwd_loop=True, parts=2, rowsum=False, ck_pair=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
     multiple of parts, 2 N <= 32, ck_every 4; grouped B/C need Dn / G % (128 / parts) == 0.
-    bwd_loop: a chunk's sub-chunks as a loop."""
+    bwd_loop: a chunk's sub-chunks as a loop. ck_pair (parts 2): the checkpoints in the pair
+    layout ck2 of forward_pair(ck_pair=True), [B, Lp / ck_every, K, Dp, 2]."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
-    if ck.ndim == 5:
+    ck_pair = ck_pair and parts == 2
+    if ck.ndim == 5 and not ck_pair:
         ck = ck[:, :, :, 0]
     f32 = jnp.float32
     bsz, length, dn = u.shape
@@ -1552,7 +1663,12 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
     opts = [name for name, _ in given]
     ck = ck[:, :lp // ck_every]
-    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)      # [B, Lp / 4, N, Dp' / lw, lw]
+    if ck_pair:
+        if ck.shape[2] != n_k or ck.ndim != 5:
+            raise ValueError(f"backward_pair: checkpoints {ck.shape} not in the ck2 layout")
+        ck = ck.reshape(_ck2_shape(ck.shape, interpret))
+    else:
+        ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)  # [B, Lp / 4, N, Dp' / lw, lw]
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given], ck,
               tiled(y_bar.astype(u.dtype)),
               parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
@@ -1567,7 +1683,9 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
     seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
                 plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
-                plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32)]
+                plgpu.SMEM((stages, chunk // ck_every,
+                            *(((n_k, 4, 16, 2) if interpret else (n_k, 128)) if ck_pair
+                              else (n, 4, lw))), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs += [tile(u.dtype), tile(delta.dtype)]
@@ -1583,7 +1701,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts, rowsum=rowsum)
+        parts=parts, rowsum=rowsum, ck_pair=ck_pair)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
