@@ -246,10 +246,11 @@ class _Config:
                               # vector loads in registers (_row_sums: no [128, 4] round trip
                               # and its barrier; the barrier moves before the next red stores);
                               # "auto": in the one-thread and pair backwards, not the two-thread
-    mgpu_ck_pair: bool = False  # the pair training forward's checkpoints in the ck2 layout
+    mgpu_ck_pair: bool | str = False  # the pair training forward's checkpoints in the ck2 layout
                               # [B, Lp / 4, N / 2, Dp, 2] (conflict-free stores and pair reads,
                               # one 8-byte load per 2 states in the one-thread backward) where
-                              # the backward is the Mosaic one-thread or pair one (_mgpu_ck2)
+                              # the backward is the Mosaic one-thread or pair one (_mgpu_ck2);
+                              # "direct": stored from registers by st.global (no shared memory)
     interpret: bool = False
 
 
@@ -1127,7 +1128,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                             if save_ckpt else cfg.mgpu_pair_chunk),
                                      stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
-                                     ck_pair=ck_pair, interpret=cfg.interpret)
+                                     ck_pair=ck_pair,
+                                     ck_direct=ck_pair and cfg.mgpu_ck_pair == "direct",
+                                     interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)

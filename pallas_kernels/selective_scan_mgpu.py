@@ -665,6 +665,36 @@ def _ck2_load(row, interpret):
     return load(row)
 
 
+def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
+    """Stores a pair kernel's [4, 2, 16] state v (state p K + k of channel 16 w + l of block j)
+    straight from registers into the ck2 gmem array (row `row`, state pair k): on the GPU one
+    st.global.f32 per thread, a warp's 32 values 128 contiguous bytes (no shared memory, no TMA,
+    no wait for the slot)."""
+    if interpret:
+        _ck2_pair_view(ck_ref.at[b, row, k, pl.ds(j * 4, 4)], True)[...] = v
+        return
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+    def store(ctx, ref, x):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        c = lambda x: mgpu.c(x, i32)
+        # thread 32 w + 16 p + l -> float 32 w + 2 l + p of the block's 128
+        w32 = arith.andi(tid, c(_WG - 32))
+        pos = arith.addi(arith.addi(w32, arith.shli(arith.andi(tid, c(15)), c(1))),
+                         arith.andi(arith.shrui(tid, c(4)), c(1)))
+        (reg,) = x.registers.flat
+        vector.store(reg, ref, [arith.index_cast(index, pos)])
+    store(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v)
+
+
 def _ck2_shape(shape, interpret, pair=True):
     """The kernels' view of a ck2 array of `shape` [B, n, K, Dp, 2]: [B, n, K, 2 Dp]; in
     interpret mode the pair kernels' [B, n, K, Dp / 16, 16, 2], the one-thread backward's
@@ -709,16 +739,18 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
+                   ck_direct=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); ck_pair: into the
-    ck2 layout (one conflict-free store per state k)."""
+    ck2 layout (one conflict-free store per state k); ck_direct (with ck_pair): straight from
+    registers into gmem (_ck2_store_global; no checkpoint slots in shared memory)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
              "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in], "y_s",
-             *(["ck_s"] if save_ckpt else []), "in_bar"]
+             *(["ck_s"] if save_ckpt and not ck_direct else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
     shape = _lane_shape(parts)
@@ -789,7 +821,11 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
         for t in range(0, chunk, parts):
-            if save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
+            if save_ckpt and ck_direct and t % ck_every == 0:
+                for k in range(n_k):
+                    _ck2_store_global(r["ck"], b, c * (chunk // ck_every) + t // ck_every, k,
+                                      j, h[k], interpret)
+            elif save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
                 row = r["ck_s"].at[slot, t // ck_every]   # [N, 4, lw] (ck2: [K, 128])
                 for k in range(n_k):
                     if ck_pair:
@@ -824,7 +860,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
                                 commit_group=False)
-        if save_ckpt:
+        if save_ckpt and not ck_direct:
             per = chunk // ck_every
             ck_cols = _ck2_cols(j, 4 * lw, interpret) if ck_pair else tiles
             plgpu.copy_smem_to_gmem(r["ck_s"].at[slot],
@@ -852,13 +888,14 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
-                 interpret=False):
+                 ck_direct=False, interpret=False):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
     save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. ck_pair (parts 2): the
     checkpoints in the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2] (see _ck2_load), read by
-    backward_pair(ck_pair=True) and backward(ck2=True)."""
+    backward_pair(ck_pair=True) and backward(ck2=True); ck_direct (with ck_pair): stored
+    straight from registers (_ck2_store_global)."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -896,6 +933,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
     ck_pair = ck_pair and save_ckpt and parts == 2
+    ck_direct = ck_direct and ck_pair
     if ck_pair:    # ck2: [B, Lp / ck_every, K, Dp, 2]
         out_shape.append(jax.ShapeDtypeStruct(
             _ck2_shape((bsz, lp // ck_every, n_k, dp, 2), interpret), f32))
@@ -908,7 +946,9 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
-    if ck_pair:
+    if ck_direct:
+        pass
+    elif ck_pair:
         seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n_k,
                                     *((4, 16, 2) if interpret else (128,))), f32))
     elif save_ckpt:
@@ -921,7 +961,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
         interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
-        ck_pair=ck_pair)
+        ck_pair=ck_pair, ck_direct=ck_direct)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(

@@ -434,7 +434,10 @@ PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
                  marks=pytest.mark.slow),
     pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair=True, mgpu_chunk=8,
                       chunk=4), 6, None, 100, marks=pytest.mark.slow),
-], ids=["ck2_pair_backward_n16_groups", "ck2_one_thread_backward_n6_padded"])
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair="direct", mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+], ids=["ck2_pair_backward_n16_groups", "ck2_one_thread_backward_n6_padded",
+        "ck2_direct_one_thread_backward_n16_groups"])
 def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
     # The pair training forward's checkpoints in the pair layout (row k = the thread map
     # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
@@ -445,7 +448,8 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
 
     def spy(name, fn):
         def wrapped(*a, **k):
-            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt")}))
+            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck_direct")
+                                if o in k or o != "ck_direct"}))
             return fn(*a, **k)
         monkeypatch.setattr(mg, name, wrapped)
     spy("forward_pair", mg.forward_pair)
@@ -453,7 +457,8 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
     spy("backward", mg.backward)
     check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
     ck2 = bool(tiling.get("mgpu_ck_pair"))
-    assert ("forward_pair", {"ck_pair": ck2, "save_ckpt": True}) in seen
+    direct = tiling.get("mgpu_ck_pair") == "direct"
+    assert ("forward_pair", {"ck_pair": ck2, "save_ckpt": True, "ck_direct": direct}) in seen
     if tiling["mgpu_bwd_pair"]:
         assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None}) in seen
     else:
