@@ -513,6 +513,11 @@ VARIANTS = {
     # c2d: c2 with the checkpoints stored straight from registers (st.global, a warp's 128
     # contiguous bytes; no shared-memory slots, TMA stores or waits for them)
     "c2d": dict(mgpu_ck_pair="direct"),
+    # pbk: pbc with the recompute's B_t kept in registers for the reverse steps (the pair
+    # backward has 168 registers: room for 4 x 8 more); pbkd: and the checkpoints by st.global
+    "pbk": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
+    "pbkd": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
+                 mgpu_bwd_keep_b=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

@@ -1422,7 +1422,8 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-                   stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False):
+                   stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
+                   keep_b=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1533,7 +1534,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     b_t = bc_get(bc_s, t + tt, 0)
                     h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
                     hs.append(h)
-                    steps.append((dt, dtu))
+                    steps.append((dt, dtu, b_t if keep_b else None))
                     decays.append(a_t)
             return hs, steps, decays, own
 
@@ -1559,9 +1560,10 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 for tt in reversed(range(parts)):
                     tl = tp + tt
                     dy = step_value(dy_own, dy_oth, tt)
-                    dt, dtu = steps[tl]
+                    dt, dtu, b_kept = steps[tl]
                     h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
-                    b_t, c_t = bc_get(bc_s, t + tt, 0), bc_get(bc_s, t + tt, 1)
+                    b_t = b_kept or bc_get(bc_s, t + tt, 0)
+                    c_t = bc_get(bc_s, t + tt, 1)
                     if has_z:
                         for kk in range(n_k):
                             hc = h_t[kk] * c_t[kk]
@@ -1652,13 +1654,16 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-                  bwd_loop=True, parts=2, rowsum=False, ck_pair=False, interpret=False):
+                  bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
+                  interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
     multiple of parts, 2 N <= 32, ck_every 4; grouped B/C need Dn / G % (128 / parts) == 0.
     bwd_loop: a chunk's sub-chunks as a loop. ck_pair (parts 2): the checkpoints in the pair
-    layout ck2 of forward_pair(ck_pair=True), [B, Lp / ck_every, K, Dp, 2]."""
+    layout ck2 of forward_pair(ck_pair=True), [B, Lp / ck_every, K, Dp, 2]. keep_b: the
+    recompute's B_t values stay in registers for the reverse steps (4 K more registers, a
+    third fewer B/C loads)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     if ck.ndim == 5 and not ck_pair:
@@ -1741,7 +1746,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts, rowsum=rowsum, ck_pair=ck_pair)
+        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
