@@ -1005,6 +1005,17 @@ def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
 
 
+def _dbc_states(dbc, first, parts, n_k):
+    """Columns first .. first + parts n_k of the summed dB/dC rows (column parts k + p holds
+    state p K + k) in state order: a reshape and transpose (XLA fuses it into the sum over
+    the channel blocks; an index list would be a separate gather)."""
+    x = dbc[..., first:first + parts * n_k]
+    if parts == 1:
+        return x
+    x = jnp.swapaxes(x.reshape(*x.shape[:-1], n_k, parts), -1, -2)
+    return x.reshape(*x.shape[:-2], parts * n_k)
+
+
 def _bwd_refs(refs, opts, x_s=False):
     """The backward kernels' refs by name: inputs, outputs, then scratch (the order of
     `pl.pallas_call`'s operands and scratch shapes in the backward wrappers), and the names of
@@ -1390,8 +1401,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     # within a row, state p * K + k of part p sits at column split * k + p (C: N + that)
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, n_blocks // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    perm = [split * (m % n_k) + m // n_k for m in range(n)]
-    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    db, dc = _dbc_states(dbc, 0, split, n_k), _dbc_states(dbc, n, split, n_k)
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
     da = jnp.swapaxes(unpart(outs.pop(0)).sum(0), 0, 1)[:dn].astype(A.dtype)
@@ -1759,8 +1769,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     dz = crop(outs.pop(0)) if z is not None else None
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    perm = [parts * (m % n_k) + m // n_k for m in range(n)]  # state p K + k at parts k + p
-    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    db, dc = _dbc_states(dbc, 0, parts, n_k), _dbc_states(dbc, n, parts, n_k)
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
