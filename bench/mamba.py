@@ -729,9 +729,13 @@ def main():
             comp.submit(item, f, *args)
             runs.append((item, args))
         for item, args in runs:
-            f = comp.get(item)
-            for _ in range(a.profile_runs):
-                jax.block_until_ready(f(*args))
+            try:    # a variant that fails to compile must not cost the others' profiles
+                f = comp.get(item)
+                for _ in range(a.profile_runs):
+                    jax.block_until_ready(f(*args))
+            except Exception as e:   # noqa: BLE001
+                print(f"profile {item}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             print(f"profile {item}: ran {a.profile_runs}x at {time.perf_counter() - T0:.0f}s",
                   flush=True)
         sys.stdout.flush()
