@@ -516,6 +516,9 @@ VARIANTS = {
     # pbk: pbc with the recompute's B_t kept in registers for the reverse steps (the pair
     # backward has 168 registers: room for 4 x 8 more); pbkd: and the checkpoints by st.global
     "pbk": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
+    # pbkr: pbk with the input step rows as 5 tiles (the lane parts' rows in other banks)
+    "pbkr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                 mgpu_bwd_pad_rows=True),
     "pbkd": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
                  mgpu_bwd_keep_b=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training

@@ -253,6 +253,8 @@ class _Config:
                               # "direct": stored from registers by st.global (no shared memory)
     mgpu_bwd_keep_b: bool = False  # Mosaic pair backward: the recompute's B_t stay in
                               # registers for the reverse steps (a third fewer B/C loads)
+    mgpu_bwd_pad_rows: bool = False  # Mosaic pair backward: input step rows of 5 tiles (no
+                              # 2-way bank conflict between the lane parts' rows)
     interpret: bool = False
 
 
@@ -1328,7 +1330,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
                                       parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
                                       ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
-                                      interpret=cfg.interpret)
+                                      pad_rows=cfg.mgpu_bwd_pad_rows, interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1464,7 +1466,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
-                          mgpu_ck_pair=False, mgpu_bwd_keep_b=False, interpret=False):
+                          mgpu_ck_pair=False, mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1503,7 +1506,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
                   mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
-                  interpret=interpret)
+                  mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

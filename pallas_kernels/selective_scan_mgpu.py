@@ -1433,7 +1433,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
-                   keep_b=False):
+                   keep_b=False, pad_rows=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1457,8 +1457,13 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, ck_cols],
                                 r["ck_s"].at[slot], bar)
         for name in rows_names:
-            plgpu.copy_gmem_to_smem(r[name].at[b, rows, tiles], r[name + "_s"].at[slot], bar)
+            plgpu.copy_gmem_to_smem(r[name].at[b, rows, in_tiles], r[name + "_s"].at[slot],
+                                    bar)
 
+    in_tiles, in_off = tiles, 0
+    if pad_rows:    # 5 tiles from tile min(4 j, nt - 5): the program's 4 start at in_off
+        start = jnp.minimum(j * 4, r["u"].shape[2] - 5)
+        in_tiles, in_off = pl.ds(start, 5), j * 4 - start
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
     # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]
@@ -1481,6 +1486,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     shfl = functools.partial(_shfl16, interpret=interpret)
 
     def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        if pad_rows:          # input rows of 5 tiles (160 bytes: the parts' rows in other banks)
+            return ref.at[pl.ds(t, parts), pl.ds(in_off, 4)].transpose((1, 0, 2))[...].astype(f32)
         return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
 
     def store_pair(ref, t, v):
@@ -1665,7 +1672,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
-                  interpret=False):
+                  pad_rows=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -1673,7 +1680,10 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     bwd_loop: a chunk's sub-chunks as a loop. ck_pair (parts 2): the checkpoints in the pair
     layout ck2 of forward_pair(ck_pair=True), [B, Lp / ck_every, K, Dp, 2]. keep_b: the
     recompute's B_t values stay in registers for the reverse steps (4 K more registers, a
-    third fewer B/C loads)."""
+    third fewer B/C loads). pad_rows (parts 2, Dp >= 80): the u / delta / dy (z) tiles by TMA
+    as 5 tiles of 16 channels (the program's 4 and a neighbour's), so that a step pair's two
+    rows are 160 bytes apart: the two lane parts read different banks (128 bytes apart: the
+    same banks, a 2-way conflict per load)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     if ck.ndim == 5 and not ck_pair:
@@ -1695,12 +1705,15 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     dp = _common.round_up(dn, width)
     nb = dp // width
     bcw = _common.round_up(2 * n, 4)
+    pad_rows = pad_rows and parts == 2 and dp // lw >= 5
+    in_tiles = 5 if pad_rows else 4
     # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
     fixed = ck_every * _NQ * _RED_W * lw * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
-    per_step = width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+    per_step = (width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+                + (in_tiles - 4) * lw * sum(itemsizes[:3] + itemsizes[5:6]))
     while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
         chunk //= 2
     lp = _common.round_up(length, chunk)
@@ -1735,14 +1748,14 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
                   if x is not None]
     out_shape.append(per_thread)
-    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
-    seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
+    tile = lambda dtype, w=4: plgpu.SMEM((stages, chunk, w, lw), dtype)
+    seq_bufs = [tile(u.dtype, in_tiles), tile(delta.dtype, in_tiles), tile(u.dtype, in_tiles),
                 plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
                 plgpu.SMEM((stages, chunk // ck_every,
                             *(((n_k, 4, 16, 2) if interpret else (n_k, 128)) if ck_pair
                               else (n, 4, lw))), f32)]
     if z is not None:
-        seq_bufs.append(tile(z.dtype))
+        seq_bufs.append(tile(z.dtype, in_tiles))
     seq_bufs += [tile(u.dtype), tile(delta.dtype)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
@@ -1756,7 +1769,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b)
+        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
