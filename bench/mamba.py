@@ -516,6 +516,13 @@ VARIANTS = {
     # pbk: pbc with the recompute's B_t kept in registers for the reverse steps (the pair
     # backward has 168 registers: room for 4 x 8 more); pbkd: and the checkpoints by st.global
     "pbk": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
+    # the pair training forward's checkpoint stores emitted after the step group that follows
+    # (h[k] not held by the store: session 8's training forward had short scoreboard 0.61 and
+    # long scoreboard 0.44 cycles per issue against the inference forward's 0.23 / 0.07):
+    # cl on the v8 layout, c2l on ck2, c2dl on ck2 by st.global
+    "cl": dict(mgpu_ck_late=True),
+    "c2l": dict(mgpu_ck_pair=True, mgpu_ck_late=True),
+    "c2dl": dict(mgpu_ck_pair="direct", mgpu_ck_late=True),
     # pbkr: pbk with the input step rows as 5 tiles (the lane parts' rows in other banks)
     "pbkr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
                  mgpu_bwd_pad_rows=True),

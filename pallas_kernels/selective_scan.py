@@ -253,6 +253,8 @@ class _Config:
                               # "direct": stored from registers by st.global (no shared memory)
     mgpu_bwd_keep_b: bool = False  # Mosaic pair backward: the recompute's B_t stay in
                               # registers for the reverse steps (a third fewer B/C loads)
+    mgpu_ck_late: bool = False  # Mosaic pair training forward: a checkpoint's stores after the
+                              # step group that follows it (no wait for the store to read h)
     mgpu_bwd_pad_rows: bool = False  # Mosaic pair backward: input step rows of 5 tiles (no
                               # 2-way bank conflict between the lane parts' rows)
     interpret: bool = False
@@ -1134,7 +1136,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
                                      ck_pair=ck_pair,
                                      ck_direct=ck_pair and cfg.mgpu_ck_pair == "direct",
-                                     interpret=cfg.interpret)
+                                     ck_late=cfg.mgpu_ck_late, interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1467,7 +1469,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair=False, mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False,
-                          interpret=False):
+                          mgpu_ck_late=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1506,7 +1508,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
                   mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
-                  mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, interpret=interpret)
+                  mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -740,12 +740,14 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                    interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
-                   ck_direct=False):
+                   ck_direct=False, ck_late=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); ck_pair: into the
     ck2 layout (one conflict-free store per state k); ck_direct (with ck_pair): straight from
-    registers into gmem (_ck2_store_global; no checkpoint slots in shared memory)."""
+    registers into gmem (_ck2_store_global; no checkpoint slots in shared memory); ck_late: a
+    checkpoint's stores are emitted after the step group that follows it (from the old state
+    values), so that the step's update of h[k] need not wait for the store to read h[k]."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
@@ -820,18 +822,27 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
-        for t in range(0, chunk, parts):
-            if save_ckpt and ck_direct and t % ck_every == 0:
+
+        def store_ck(t, hk):
+            if ck_direct:
                 for k in range(n_k):
                     _ck2_store_global(r["ck"], b, c * (chunk // ck_every) + t // ck_every, k,
-                                      j, h[k], interpret)
-            elif save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
-                row = r["ck_s"].at[slot, t // ck_every]   # [N, 4, lw] (ck2: [K, 128])
-                for k in range(n_k):
-                    if ck_pair:
-                        _ck2_pair_view(row.at[k], interpret)[...] = h[k]
-                    else:
-                        _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
+                                      j, hk[k], interpret)
+                return
+            row = r["ck_s"].at[slot, t // ck_every]   # [N, 4, lw] (ck2: [K, 128])
+            for k in range(n_k):      # state p K + k of channel lw w + l
+                if ck_pair:
+                    _ck2_pair_view(row.at[k], interpret)[...] = hk[k]
+                else:
+                    _ck_view(row, k, parts, n_k, interpret)[...] = hk[k]
+
+        for t in range(0, chunk, parts):
+            late = None
+            if save_ckpt and t % ck_every == 0:
+                if ck_late:     # stored after this step group: h[k] is not held by the store
+                    late = list(h)
+                else:
+                    store_ck(t, h)
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -857,6 +868,8 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 y = group_y(dt_own, u_own, s_, t, h)
             y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
             y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            if late is not None:
+                store_ck(t, late)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
                                 commit_group=False)
@@ -888,7 +901,7 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
-                 ck_direct=False, interpret=False):
+                 ck_direct=False, ck_late=False, interpret=False):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
@@ -961,7 +974,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
         interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
-        ck_pair=ck_pair, ck_direct=ck_direct)
+        ck_pair=ck_pair, ck_direct=ck_direct, ck_late=ck_late)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
