@@ -1126,17 +1126,18 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                         or cfg.mgpu_ck_unsplit))
         if (pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
-            ck_pair = save_ckpt and _mgpu_ck2(cfg, u, A, B)
+            ck_opts = {k: v for k, v in (("ck2", _mgpu_ck2(cfg, u, A, B)),
+                                         ("direct", cfg.mgpu_ck_pair == "direct"),
+                                         ("late", cfg.mgpu_ck_late)) if v}
+            ck_arg = ck_opts if save_ckpt and ck_opts else save_ckpt   # _ck_options
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
                                      chunk=((cfg.mgpu_pair_train_chunk or cfg.mgpu_chunk)
                                             if save_ckpt else cfg.mgpu_pair_chunk),
-                                     stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
+                                     stages=cfg.mgpu_stages, save_ckpt=ck_arg,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
-                                     ck_pair=ck_pair,
-                                     ck_direct=ck_pair and cfg.mgpu_ck_pair == "direct",
-                                     ck_late=cfg.mgpu_ck_late, interpret=cfg.interpret)
+                                     interpret=cfg.interpret)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)

@@ -739,15 +739,12 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
-                   ck_direct=False, ck_late=False):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
-    written through its (w, p, l) view per state k: rows k and K + k); ck_pair: into the
-    ck2 layout (one conflict-free store per state k); ck_direct (with ck_pair): straight from
-    registers into gmem (_ck2_store_global; no checkpoint slots in shared memory); ck_late: a
-    checkpoint's stores are emitted after the step group that follows it (from the old state
-    values), so that the step's update of h[k] need not wait for the store to read h[k]."""
+    written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
+    checkpoint options of _ck_options."""
+    ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
@@ -899,19 +896,29 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
     return n % parts == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % width == 0))
 
 
+def _ck_options(save_ckpt, parts):
+    """(ck_pair, ck_direct, ck_late) of the pair training forward's `save_ckpt`: True (the
+    one-thread layout, stored through shared memory) or a dict of options: "ck2" (parts 2:
+    the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2], see _ck2_load; read by
+    backward_pair(ck_pair=True) and backward(ck2=True)), "direct" (with ck2: stored straight
+    from registers, _ck2_store_global), "late" (a checkpoint's stores emitted after the step
+    group that follows it, from the old state values, so that the step's update of h[k] does
+    not wait for the store to read h[k])."""
+    opts = dict(save_ckpt) if isinstance(save_ckpt, dict) else {}
+    ck2 = bool(opts.get("ck2")) and parts == 2
+    return ck2, ck2 and bool(opts.get("direct")), bool(opts.get("late"))
+
+
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
-                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, ck_pair=False,
-                 ck_direct=False, ck_late=False, interpret=False):
+                 save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
-    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. ck_pair (parts 2): the
-    checkpoints in the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2] (see _ck2_load), read by
-    backward_pair(ck_pair=True) and backward(ck2=True); ck_direct (with ck_pair): stored
-    straight from registers (_ck2_store_global)."""
+    save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
+    ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     groups = B.shape[2]
@@ -945,13 +952,15 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
-    ck_pair = ck_pair and save_ckpt and parts == 2
-    ck_direct = ck_direct and ck_pair
     if ck_pair:    # ck2: [B, Lp / ck_every, K, Dp, 2]
         out_shape.append(jax.ShapeDtypeStruct(
             _ck2_shape((bsz, lp // ck_every, n_k, dp, 2), interpret), f32))
     elif save_ckpt:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // lw, lw), f32))
+    # the checkpoint slots (none when stored straight from registers)
+    ck_bufs = [] if ck_direct else [plgpu.SMEM(
+        (min(stages, lp // chunk), chunk // ck_every,
+         *((n_k, *((4, 16, 2) if interpret else (_WG,))) if ck_pair else (n, 4, lw))), f32)]
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
@@ -959,13 +968,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     seq_bufs.append(tile(u.dtype))
-    if ck_direct:
-        pass
-    elif ck_pair:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n_k,
-                                    *((4, 16, 2) if interpret else (128,))), f32))
-    elif save_ckpt:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
+    if save_ckpt:
+        seq_bufs += ck_bufs
     n_in = 3 + (z is not None)
     scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
@@ -973,8 +977,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
-        ck_pair=ck_pair, ck_direct=ck_direct, ck_late=ck_late)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(

@@ -453,8 +453,7 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
 
     def spy(name, fn):
         def wrapped(*a, **k):
-            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck_direct")
-                                if o in k or o != "ck_direct"}))
+            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2")}))
             return fn(*a, **k)
         monkeypatch.setattr(mg, name, wrapped)
     spy("forward_pair", mg.forward_pair)
@@ -462,9 +461,10 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
     spy("backward", mg.backward)
     check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
     ck2 = bool(tiling.get("mgpu_ck_pair"))
-    direct = tiling.get("mgpu_ck_pair") == "direct"
-    assert ("forward_pair", {"ck_pair": ck2, "save_ckpt": True, "ck_direct": direct}) in seen
+    opts = {k: True for k, on in (("ck2", ck2), ("direct", tiling.get("mgpu_ck_pair") == "direct"),
+                                  ("late", tiling.get("mgpu_ck_late"))) if on}
+    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None}) in seen
     if tiling["mgpu_bwd_pair"]:
-        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None}) in seen
+        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None}) in seen
     else:
-        assert any(name == "backward" for name, _ in seen)
+        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2}) in seen
