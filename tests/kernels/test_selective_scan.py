@@ -278,6 +278,52 @@ def test_split_forward_checkpoints_feed_unsplit_backward_at_odd_width():
                              bwd_split=1)
 
 
+# Session 9 (mamba_bwd): the pair backward's shared-memory layouts.
+PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
+                  mgpu_bwd_loop=True, mgpu_bwd_pair=True, mgpu_bwd_rowsum=True)
+
+
+@pytest.mark.parametrize("tiling,n,groups,dn", [
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_keep_b=True, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair=True, mgpu_chunk=8,
+                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                      mgpu_chunk=8, chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_late=True, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_pad_rows=True, mgpu_chunk=8,
+                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
+], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
+        "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
+        "pad_rows_pair_backward_n6_padded"])
+def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
+    # The pair training forward's checkpoints in the pair layout (row k = the thread map
+    # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
+    # pair backward: every gradient against the f32 recurrence, ragged (11 steps in chunks of
+    # 8), every option. The spies check that both kernels took the layout options.
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2")}))
+            return fn(*a, **k)
+        monkeypatch.setattr(mg, name, wrapped)
+    spy("forward_pair", mg.forward_pair)
+    spy("backward_pair", mg.backward_pair)
+    spy("backward", mg.backward)
+    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
+    ck2 = bool(tiling.get("mgpu_ck_pair"))
+    opts = {k: True for k, on in (("ck2", ck2), ("direct", tiling.get("mgpu_ck_pair") == "direct"),
+                                  ("late", tiling.get("mgpu_ck_late"))) if on}
+    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None}) in seen
+    if tiling["mgpu_bwd_pair"]:
+        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None}) in seen
+    else:
+        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2}) in seen
+
+
 def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
     kernel_fn = functools.partial(kernel, **tiling)
     inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype, dn=dn)
@@ -423,48 +469,3 @@ def test_tpu_kernel_matches_recurrence_in_tpu_interpret_mode(use, softplus, grou
                               delta_softplus=softplus, backend="tpu_interpret")
     assert rel_err(y_public, y_ref) < 1e-5
 
-
-# Session 9 (mamba_bwd): the pair backward's shared-memory layouts.
-PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
-                  mgpu_bwd_loop=True, mgpu_bwd_pair=True, mgpu_bwd_rowsum=True)
-
-
-@pytest.mark.parametrize("tiling,n,groups,dn", [
-    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_keep_b=True, mgpu_chunk=8,
-                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
-    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair=True, mgpu_chunk=8,
-                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
-    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair="direct", mgpu_ck_late=True,
-                      mgpu_chunk=8, chunk=4), 16, 2, 256, marks=pytest.mark.slow),
-    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_late=True, mgpu_chunk=8,
-                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
-    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_pad_rows=True, mgpu_chunk=8,
-                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
-], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
-        "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
-        "pad_rows_pair_backward_n6_padded"])
-def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
-    # The pair training forward's checkpoints in the pair layout (row k = the thread map
-    # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
-    # pair backward: every gradient against the f32 recurrence, ragged (11 steps in chunks of
-    # 8), every option. The spies check that both kernels took the layout options.
-    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
-    seen = []
-
-    def spy(name, fn):
-        def wrapped(*a, **k):
-            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2")}))
-            return fn(*a, **k)
-        monkeypatch.setattr(mg, name, wrapped)
-    spy("forward_pair", mg.forward_pair)
-    spy("backward_pair", mg.backward_pair)
-    spy("backward", mg.backward)
-    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
-    ck2 = bool(tiling.get("mgpu_ck_pair"))
-    opts = {k: True for k, on in (("ck2", ck2), ("direct", tiling.get("mgpu_ck_pair") == "direct"),
-                                  ("late", tiling.get("mgpu_ck_late"))) if on}
-    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None}) in seen
-    if tiling["mgpu_bwd_pair"]:
-        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None}) in seen
-    else:
-        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2}) in seen
