@@ -468,4 +468,3 @@ def test_tpu_kernel_matches_recurrence_in_tpu_interpret_mode(use, softplus, grou
     y_public = selective_scan(*split(inputs, use)[0], **split(inputs, use)[1],
                               delta_softplus=softplus, backend="tpu_interpret")
     assert rel_err(y_public, y_ref) < 1e-5
-
