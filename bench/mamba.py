@@ -498,12 +498,14 @@ VARIANTS = {
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
-               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1),
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1,
+               mgpu_ck_pair=False, mgpu_ck_late=False),
     # v8 spelled out (session 8: v7 + the pair training forward in 32-step chunks and the
     # one-thread backward's dB/dC rows summed in registers)
     "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
-               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1),
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
+               mgpu_ck_pair=False, mgpu_ck_late=False),
     # session 9 (mamba_bwd): the pair backward's shared-memory excess removed step by step;
     # pbc: pbr + the checkpoints in the ck2 layout [B, L / 4, N / 2, Dp, 2] (the pair
     # training forward stores and the pair backward reads a conflict-free [64, 2] row per
