@@ -1333,7 +1333,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
                                       parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
                                       ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
-                                      pad_rows=cfg.mgpu_bwd_pad_rows, interpret=cfg.interpret)
+                                      pad_rows=cfg.mgpu_bwd_pad_rows,
+                                      ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),

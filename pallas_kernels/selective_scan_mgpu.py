@@ -1449,7 +1449,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
-                   keep_b=False, pad_rows=False):
+                   keep_b=False, pad_rows=False, ahead=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1571,7 +1571,10 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     decays.append(a_t)
             return hs, steps, decays, own
 
-        def back(sub, rec, carry):
+        def back(sub, rec, carry, nxt=None):
+            """With `nxt`: sub-chunk nxt's recompute (MUFU work, no `red` access) runs after
+            the barrier that completes `red`, next to the row sums (shared-memory loads), and
+            is returned with the carry."""
             dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             hs, steps, decays, own = rec
             t0 = sub * ck_every
@@ -1633,6 +1636,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 dbias = dbias + ddt
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
+            rec_next = recompute(nxt) if nxt is not None else None
             if rowsum:   # rows 16 lw floats apart share banks: skewed block order
                 tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret)
             else:
@@ -1646,10 +1650,22 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 plgpu.commit_smem()
                 tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            if nxt is not None:
+                return (tuple(dh), tuple(da), dd, dbias), rec_next
             return tuple(dh), tuple(da), dd, dbias
 
         carry = (tuple(carry[0]), tuple(carry[1]), carry[2], carry[3])
-        if bwd_loop:
+        if ahead and n_sub > 1:    # recompute one sub-chunk ahead (within the chunk)
+            rec = recompute(n_sub - 1)
+            if bwd_loop:
+                carry, rec = jax.lax.fori_loop(
+                    0, n_sub - 1, lambda m, cr: back(n_sub - 1 - m, cr[1], cr[0],
+                                                     n_sub - 2 - m), (carry, rec))
+            else:
+                for sub in reversed(range(1, n_sub)):
+                    carry, rec = back(sub, rec, carry, sub - 1)
+            carry = back(0, rec, carry)
+        elif bwd_loop:
             carry = jax.lax.fori_loop(
                 0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr),
                 carry)
@@ -1688,7 +1704,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
-                  pad_rows=False, interpret=False):
+                  pad_rows=False, ahead=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -1699,7 +1715,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     third fewer B/C loads). pad_rows (parts 2, Dp >= 80): the u / delta / dy (z) tiles by TMA
     as 5 tiles of 16 channels (the program's 4 and a neighbour's), so that a step pair's two
     rows are 160 bytes apart: the two lane parts read different banks (128 bytes apart: the
-    same banks, a 2-way conflict per load)."""
+    same banks, a 2-way conflict per load). ahead: each sub-chunk's recompute runs in the
+    previous one's dB/dC row-sum phase (between its two barriers; within a chunk)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     if ck.ndim == 5 and not ck_pair:
@@ -1785,7 +1802,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows)
+        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
+        ahead=ahead)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(

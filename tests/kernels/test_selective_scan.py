@@ -294,9 +294,12 @@ PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
                       chunk=4), 16, 2, 256, marks=pytest.mark.slow),
     pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_pad_rows=True, mgpu_chunk=8,
                       chunk=4), 6, None, 100, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                      mgpu_bwd_keep_b=True, mgpu_bwd_ahead=True, mgpu_chunk=16, chunk=4),
+                 16, 2, 256, marks=pytest.mark.slow),
 ], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
         "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
-        "pad_rows_pair_backward_n6_padded"])
+        "pad_rows_pair_backward_n6_padded", "ahead_pair_backward_direct_late_c16_n16_groups"])
 def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
     # The pair training forward's checkpoints in the pair layout (row k = the thread map
     # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
