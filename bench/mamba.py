@@ -533,13 +533,13 @@ VARIANTS = {
     # sub-chunk's row-sum phase: MUFU work next to the shared-memory loads; call 1's ncu put
     # ~24 % of the one-thread backward's stall samples in the row sums)
     "pbka": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True,
-                 mgpu_bwd_keep_b=True, mgpu_bwd_ahead=True),
+                 mgpu_bwd_keep_b=True, mgpu_bwd_pair_ahead=True),
     "pbkra": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True,
-                  mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True, mgpu_bwd_ahead=True),
+                  mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
     # pbkrad: pbkra with the checkpoints stored from registers after the next step group
     "pbkrad": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
                    mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
-                   mgpu_bwd_ahead=True),
+                   mgpu_bwd_pair_ahead=True),
     "pbkd": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
                  mgpu_bwd_keep_b=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training

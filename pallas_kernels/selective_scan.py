@@ -257,6 +257,8 @@ class _Config:
                               # step group that follows it (no wait for the store to read h)
     mgpu_bwd_pad_rows: bool = False  # Mosaic pair backward: input step rows of 5 tiles (no
                               # 2-way bank conflict between the lane parts' rows)
+    mgpu_bwd_pair_ahead: bool = False  # Mosaic pair backward: each sub-chunk's recompute in
+                              # the previous one's row-sum phase (mgpu_bwd_ahead: the others)
     interpret: bool = False
 
 
@@ -1334,7 +1336,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
                                       ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
                                       pad_rows=cfg.mgpu_bwd_pad_rows,
-                                      ahead=cfg.mgpu_bwd_ahead, interpret=cfg.interpret)
+                                      ahead=cfg.mgpu_bwd_pair_ahead, interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1471,7 +1473,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair=False, mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False,
-                          mgpu_ck_late=False, interpret=False):
+                          mgpu_ck_late=False, mgpu_bwd_pair_ahead=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
@@ -1511,7 +1513,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
                   mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
                   mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
-                  interpret=interpret)
+                  mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -295,7 +295,7 @@ PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
     pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_pad_rows=True, mgpu_chunk=8,
                       chunk=4), 6, None, 100, marks=pytest.mark.slow),
     pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_ck_late=True,
-                      mgpu_bwd_keep_b=True, mgpu_bwd_ahead=True, mgpu_chunk=16, chunk=4),
+                      mgpu_bwd_keep_b=True, mgpu_bwd_pair_ahead=True, mgpu_chunk=16, chunk=4),
                  16, 2, 256, marks=pytest.mark.slow),
 ], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
         "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
@@ -310,7 +310,7 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
 
     def spy(name, fn):
         def wrapped(*a, **k):
-            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2")}))
+            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2", "ahead")}))
             return fn(*a, **k)
         monkeypatch.setattr(mg, name, wrapped)
     spy("forward_pair", mg.forward_pair)
@@ -320,11 +320,14 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
     ck2 = bool(tiling.get("mgpu_ck_pair"))
     opts = {k: True for k, on in (("ck2", ck2), ("direct", tiling.get("mgpu_ck_pair") == "direct"),
                                   ("late", tiling.get("mgpu_ck_late"))) if on}
-    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None}) in seen
+    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None,
+                             "ahead": None}) in seen
     if tiling["mgpu_bwd_pair"]:
-        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None}) in seen
+        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None,
+                                  "ahead": tiling.get("mgpu_bwd_pair_ahead", False)}) in seen
     else:
-        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2}) in seen
+        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2,
+                             "ahead": None}) in seen
 
 
 def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
