@@ -540,6 +540,12 @@ VARIANTS = {
     "pbkrad": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
                    mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                    mgpu_bwd_pair_ahead=True),
+    # r4 / pbkrad4: the row sums in 4 independent partial sums (shorter FADD chains; call 1's
+    # source counters: the one-thread backward's row sums ~24 % of its stall samples)
+    "r4": dict(mgpu_bwd_rowsum=4),
+    "pbkrad4": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=4, mgpu_ck_pair="direct",
+                    mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
+                    mgpu_bwd_pair_ahead=True),
     "pbkd": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
                  mgpu_bwd_keep_b=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training

@@ -242,7 +242,7 @@ class _Config:
     mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
                               # per channel in one warp (selective_scan_mgpu.backward_pair)
                               # where the one-thread backward would run and it takes the shape
-    mgpu_bwd_rowsum: bool | str = False  # Mosaic backwards: each thread's dB/dC row summed by
+    mgpu_bwd_rowsum: bool | str | int = False  # Mosaic backwards: each thread's dB/dC row summed by
                               # vector loads in registers (_row_sums: no [128, 4] round trip
                               # and its barrier; the barrier moves before the next red stores);
                               # "auto": in the one-thread and pair backwards, not the two-thread
@@ -1333,7 +1333,9 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
-                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
+                                      parts=parts,
+                                      rowsum=(cfg.mgpu_bwd_rowsum if type(cfg.mgpu_bwd_rowsum)
+                                              is int else cfg.mgpu_bwd_rowsum is not False),
                                       ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
                                       pad_rows=cfg.mgpu_bwd_pad_rows,
                                       ahead=cfg.mgpu_bwd_pair_ahead, interpret=cfg.interpret)

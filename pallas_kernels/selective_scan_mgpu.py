@@ -165,13 +165,14 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
     return list(load(ref))
 
 
-def _row_sums(red, width, skew_div, interpret):
+def _row_sums(red, width, skew_div, interpret, n_acc=1):
     """[128] f32 (one value per thread): thread i's sum of row i of the dB/dC buffer `red`
     ([128, width + pad], or [128, W, lw] with the 4 x lw channels in [:, :4]) over its
     `width` channels, by 16-byte vector loads summed in registers (no second shared-memory
     pass). skew_div: thread i starts at block i // skew_div (mod the block count), so that
     eight threads whose rows share banks (row strides of 16 or 8 floats mod 32) read distinct
-    banks."""
+    banks. n_acc: that many independent partial sums (block m into sum m % n_acc), added at
+    the end: shorter dependent FADD chains, more loads in flight."""
     if interpret:
         v = red[...]
         return jnp.sum(v[:, :width] if v.ndim == 2 else v[:, :4], axis=tuple(range(1, v.ndim)))
@@ -199,7 +200,7 @@ def _row_sums(red, width, skew_div, interpret):
             rot = arith.andi(arith.shrui(tid, mgpu.c(int(math.log2(skew_div)), i32)),
                              mgpu.c(n_blk - 1, i32))
         vt = ir.VectorType.get((4,), f32)
-        acc = None
+        accs = [None] * max(1, min(n_acc, n_blk))
         for m in range(n_blk):
             if rot is None:
                 fc = mgpu.c(4 * m, i32)
@@ -213,7 +214,12 @@ def _row_sums(red, width, skew_div, interpret):
             else:
                 idx = [row, arith.index_cast(index, fc)]
             v = vector.load(vt, ref, idx, alignment=16)
-            acc = v if acc is None else arith.addf(acc, v)
+            i = m % len(accs)
+            accs[i] = v if accs[i] is None else arith.addf(accs[i], v)
+        while len(accs) > 1:
+            accs = [arith.addf(accs[i], accs[i + 1]) if i + 1 < len(accs) else accs[i]
+                    for i in range(0, len(accs), 2)]
+        acc = accs[0]
         e = [vector.extract(acc, [], [q]) for q in range(4)]
         tot = arith.addf(arith.addf(e[0], e[1]), arith.addf(e[2], e[3]))
         reg = vector.broadcast(ir.VectorType.get((1,), f32), tot)
@@ -1017,6 +1023,11 @@ def bwd_supported(n: int, ck_every: int) -> bool:
     return 2 * n <= _NQ and ck_every * _NQ == _WG
 
 
+def _n_acc(rowsum):
+    """Partial sums of the backwards' row sums: `rowsum` an int > 1 (True / "auto": 1)."""
+    return rowsum if type(rowsum) is int and rowsum > 1 else 1
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
 
@@ -1231,7 +1242,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                                    other(0), other(1), dd, dbias)
             rec_next = recompute(nxt) if nxt is not None else None
             if rowsum:
-                tot = _row_sums(r["red"], bd, None, interpret)
+                tot = _row_sums(r["red"], bd, None, interpret, _n_acc(rowsum))
             else:
                 acc = None
                 for m in range(bd // 4):
@@ -1638,7 +1649,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             plgpu.commit_smem()
             rec_next = recompute(nxt) if nxt is not None else None
             if rowsum:   # rows 16 lw floats apart share banks: skewed block order
-                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret)
+                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret,
+                                _n_acc(rowsum))
             else:
                 acc = None
                 for w in range(4):
