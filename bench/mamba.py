@@ -305,6 +305,9 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # inference forward, "fb" the training forward + backward. Each is relative to the defaults of
 # its time: since session 5 those include share_dt="auto", ck_unroll="auto" (the older entries
 # were measured with both off; "v4" spells that configuration out).
+# the session-9 options (mamba_bwd) off: v8's training path (the base of the session-9 entries)
+S9 = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False, mgpu_bwd_keep_b=False,
+          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False)
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
@@ -498,56 +501,61 @@ VARIANTS = {
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0,
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1,
-               mgpu_ck_pair=False, mgpu_ck_late=False),
+               **S9),
     # v8 spelled out (session 8: v7 + the pair training forward in 32-step chunks and the
     # one-thread backward's dB/dC rows summed in registers)
     "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32,
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
-               mgpu_ck_pair=False, mgpu_ck_late=False),
-    # session 9 (mamba_bwd): the pair backward's shared-memory excess removed step by step;
-    # pbc: pbr + the checkpoints in the ck2 layout [B, L / 4, N / 2, Dp, 2] (the pair
-    # training forward stores and the pair backward reads a conflict-free [64, 2] row per
-    # state pair); c2: the default (one-thread backward, one 8-byte load per state pair) on ck2
-    "pbc": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True),
-    "c2": dict(mgpu_ck_pair=True),
+               **S9),
+    # session 9 (mamba_bwd), each spelled out on v8 (S9 below: v8 with the six session-9
+    # options off; v9 turns them on): the pair backward's shared-memory excess removed step
+    # by step. pbc: pbr + the checkpoints in the ck2 layout [B, L / 4, N / 2, Dp, 2] (the
+    # pair training forward stores and the pair backward reads a conflict-free row per state
+    # pair); c2: v8 (one-thread backward, one 8-byte load per state pair) on ck2
+    "pbc": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True),
+    "c2": dict(S9, mgpu_ck_pair=True),
     # c2d: c2 with the checkpoints stored straight from registers (st.global, a warp's 128
     # contiguous bytes; no shared-memory slots, TMA stores or waits for them)
-    "c2d": dict(mgpu_ck_pair="direct"),
-    # pbk: pbc with the recompute's B_t kept in registers for the reverse steps (the pair
-    # backward has 168 registers: room for 4 x 8 more); pbkd: and the checkpoints by st.global
-    "pbk": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
+    "c2d": dict(S9, mgpu_ck_pair="direct"),
+    # pbk: pbc with the recompute's B_t kept in registers for the reverse steps
+    "pbk": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
     # the pair training forward's checkpoint stores emitted after the step group that follows
     # (h[k] not held by the store: session 8's training forward had short scoreboard 0.61 and
     # long scoreboard 0.44 cycles per issue against the inference forward's 0.23 / 0.07):
     # cl on the v8 layout, c2l on ck2, c2dl on ck2 by st.global
-    "cl": dict(mgpu_ck_late=True),
-    "c2l": dict(mgpu_ck_pair=True, mgpu_ck_late=True),
-    "c2dl": dict(mgpu_ck_pair="direct", mgpu_ck_late=True),
+    "cl": dict(S9, mgpu_ck_late=True),
+    "c2l": dict(S9, mgpu_ck_pair=True, mgpu_ck_late=True),
+    "c2dl": dict(S9, mgpu_ck_pair="direct", mgpu_ck_late=True),
     # pbkr: pbk with the input step rows as 5 tiles (the lane parts' rows in other banks)
-    "pbkr": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+    "pbkr": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
                  mgpu_bwd_pad_rows=True),
     # pbka / pbkra: the recompute one sub-chunk ahead in the pair backward (in the previous
     # sub-chunk's row-sum phase: MUFU work next to the shared-memory loads; call 1's ncu put
     # ~24 % of the one-thread backward's stall samples in the row sums)
-    "pbka": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True,
-                 mgpu_bwd_keep_b=True, mgpu_bwd_pair_ahead=True),
-    "pbkra": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair=True,
-                  mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
-    # pbkrad: pbkra with the checkpoints stored from registers after the next step group
-    "pbkrad": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
-                   mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
-                   mgpu_bwd_pair_ahead=True),
+    "pbka": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                 mgpu_bwd_pair_ahead=True),
+    "pbkra": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                  mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
+    # pbkrad: pbkra with the checkpoints stored from registers after the next step group (= v9)
+    "pbkrad": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                   mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
     # r4 / pbkrad4: the row sums in 4 independent partial sums (shorter FADD chains; call 1's
     # source counters: the one-thread backward's row sums ~24 % of its stall samples)
-    "r4": dict(mgpu_bwd_rowsum=4),
-    "pbkrad4": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=4, mgpu_ck_pair="direct",
+    "r4": dict(S9, mgpu_bwd_rowsum=4),
+    "pbkrad4": dict(S9, mgpu_bwd_pair=True, mgpu_bwd_rowsum=4, mgpu_ck_pair="direct",
                     mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                     mgpu_bwd_pair_ahead=True),
-    "pbkd": dict(mgpu_bwd_pair=True, mgpu_bwd_rowsum=True, mgpu_ck_pair="direct",
-                 mgpu_bwd_keep_b=True),
+    "pbkd": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair="direct", mgpu_bwd_keep_b=True),
+    # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
+    # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
+    "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=True,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
+               mgpu_ck_pair="direct", mgpu_ck_late=True, mgpu_bwd_keep_b=True,
+               mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
