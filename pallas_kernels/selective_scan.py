@@ -1478,6 +1478,14 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
+    v9 (session 9, the training path where the one-thread grid fits one program per SM): the
+    backward with two lanes per channel (mgpu_bwd_pair=True: selective_scan_mgpu.backward_pair)
+    keeping the recompute's B_t (mgpu_bwd_keep_b), its input rows as 5 TMA tiles
+    (mgpu_bwd_pad_rows) and each sub-chunk's recompute in the previous one's row sums
+    (mgpu_bwd_pair_ahead); the pair training forward's checkpoints in the ck2 layout stored
+    from registers (mgpu_ck_pair="direct") after the following step group (mgpu_ck_late).
+    v8 had all six off (bench/mamba.py "v8").
+
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
     GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu. Where the one-thread
     grid B * Dn / 128 fits one program per SM (8x2048x2048, 8x8192x2048): the forwards with
@@ -1496,15 +1504,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
     inference forward, and the training forward over 16-step chunks with that shared delta
     while its grid fits one wave (share_dt="auto", ck_unroll="auto"). v4 was share_dt=False,
     ck_unroll=False; v3 bc_rows=False, bwd_split=1; v2.1 also chunk=8, ahead=0, bwd_ahead=0,
-    lane_reduce=False, fast_exp=False, split=1.
-
-    v9 (session 9, the training path where the one-thread grid fits one program per SM): the
-    backward with two lanes per channel (mgpu_bwd_pair=True: selective_scan_mgpu.backward_pair)
-    keeping the recompute's B_t (mgpu_bwd_keep_b), its input rows as 5 TMA tiles
-    (mgpu_bwd_pad_rows) and each sub-chunk's recompute in the previous one's row sums
-    (mgpu_bwd_pair_ahead); the pair training forward's checkpoints in the ck2 layout stored
-    from registers (mgpu_ck_pair="direct") after the following step group (mgpu_ck_late).
-    v8 had all six off (bench/mamba.py "v8")."""
+    lane_reduce=False, fast_exp=False, split=1."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
