@@ -311,7 +311,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # were measured with both off; "v4" spells that configuration out).
 # the session-9 options (mamba_bwd) off: v8's training path (the base of the session-9 entries)
 S9 = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False, mgpu_bwd_keep_b=False,
-          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False)
+          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False, mgpu_bwd_direct_out=False)
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
@@ -553,6 +553,10 @@ VARIANTS = {
                     mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                     mgpu_bwd_pair_ahead=True),
     "pbkd": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair="direct", mgpu_bwd_keep_b=True),
+    # after call 2b (v9 the default): v9 with du / ddelta stored from registers (o), and with
+    # the row sums in 4 partial sums too (o4)
+    "v9o": dict(mgpu_bwd_direct_out=True),
+    "v9o4": dict(mgpu_bwd_direct_out=True, mgpu_bwd_rowsum=4),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

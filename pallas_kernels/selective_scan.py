@@ -259,6 +259,8 @@ class _Config:
                               # 2-way bank conflict between the lane parts' rows)
     mgpu_bwd_pair_ahead: bool = False  # Mosaic pair backward: each sub-chunk's recompute in
                               # the previous one's row-sum phase (mgpu_bwd_ahead: the others)
+    mgpu_bwd_direct_out: bool = False  # Mosaic pair backward: du / ddelta (dz) stored from
+                              # registers by st.global (no shared-memory tiles, no TMA)
     interpret: bool = False
 
 
@@ -1338,7 +1340,9 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                               is int else cfg.mgpu_bwd_rowsum is not False),
                                       ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
                                       pad_rows=cfg.mgpu_bwd_pad_rows,
-                                      ahead=cfg.mgpu_bwd_pair_ahead, interpret=cfg.interpret)
+                                      ahead=cfg.mgpu_bwd_pair_ahead,
+                                      direct_out=cfg.mgpu_bwd_direct_out,
+                                      interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
                              keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
@@ -1475,7 +1479,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
-                          mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, interpret=False):
+                          mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
+                          interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     v9 (session 9, the training path where the one-thread grid fits one program per SM): the
@@ -1523,7 +1528,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
                   mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
                   mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
-                  mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead, interpret=interpret)
+                  mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
+                  mgpu_bwd_direct_out=mgpu_bwd_direct_out, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

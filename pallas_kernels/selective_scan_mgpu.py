@@ -701,6 +701,38 @@ def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
     store(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v)
 
 
+def _pair_rows_store_global(ref, b, row0, j, v, interpret):
+    """Stores a pair kernel's [4, 2, 16] step-pair value v (step row0 + p of channel 16 w + l
+    of block j) straight from registers into the [B, Lp, Dp / 16, 16] gmem array `ref`: one
+    16-bit st.global per thread, a half-warp's 16 values 32 contiguous bytes (no shared-memory
+    tile: its two rows 128 bytes apart conflicted 2-way; no TMA store)."""
+    dst = ref.at[b, pl.ds(row0, 2), pl.ds(j * 4, 4)]
+    v = v.astype(ref.dtype)
+    if interpret:
+        dst.transpose((1, 0, 2))[...] = v
+        return
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+    def store(ctx, ref, x):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        c = lambda x: mgpu.c(x, i32)
+        idx = [arith.index_cast(index, e) for e in (
+            arith.andi(arith.shrui(tid, c(4)), c(1)),     # p: the step of the pair
+            arith.andi(arith.shrui(tid, c(5)), c(3)),     # w: the tile of 16 channels
+            arith.andi(tid, c(15)))]                      # l
+        (reg,) = x.registers.flat
+        vector.store(reg, ref, idx)
+    store(dst, v)
+
+
 def _ck2_shape(shape, interpret, pair=True):
     """The kernels' view of a ck2 array of `shape` [B, n, K, Dp, 2]: [B, n, K, 2 Dp]; in
     interpret mode the pair kernels' [B, n, K, Dp / 16, 16, 2], the one-thread backward's
@@ -1460,7 +1492,7 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
-                   keep_b=False, pad_rows=False, ahead=False):
+                   keep_b=False, pad_rows=False, ahead=False, direct_out=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1517,7 +1549,10 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             return ref.at[pl.ds(t, parts), pl.ds(in_off, 4)].transpose((1, 0, 2))[...].astype(f32)
         return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
 
-    def store_pair(ref, t, v):
+    def store_pair(ref, t, v, name=None, c=None):
+        if direct_out and name is not None:    # straight to gmem (_pair_rows_store_global)
+            _pair_rows_store_global(r[name], b, c * chunk + t, j, v, interpret)
+            return
         ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
 
     def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
@@ -1632,18 +1667,18 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     y = pairsum(ys)
                     if "d" in vec:
                         y = y + vec["d"] * u_own
-                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)))
+                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)), "dz", c)
                 du = dt_own * gb
                 if "d" in vec:
                     du = du + vec["d"] * dy_own
                     dd = dd + dy_own * u_own
-                store_pair(s_["du"], t, du)
+                store_pair(s_["du"], t, du, "du", c)
                 ddt = u_own * gb + saq * _LN2
                 if softplus:
                     ddt = ddt * _sigmoid(x_own)
                 if padded:
                     ddt = jnp.where(c * chunk + t + part < length, ddt, 0.0)
-                store_pair(s_["ddt"], t, ddt)
+                store_pair(s_["ddt"], t, ddt, "ddt", c)
                 dbias = dbias + ddt
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
@@ -1687,6 +1722,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.commit_smem()
         rows = pl.ds(c * chunk, chunk)
         for name in seq_out:
+            if direct_out and name != "dbc":
+                continue
             dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
             plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
@@ -1716,7 +1753,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
-                  pad_rows=False, ahead=False, interpret=False):
+                  pad_rows=False, ahead=False, direct_out=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -1728,7 +1765,9 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     as 5 tiles of 16 channels (the program's 4 and a neighbour's), so that a step pair's two
     rows are 160 bytes apart: the two lane parts read different banks (128 bytes apart: the
     same banks, a 2-way conflict per load). ahead: each sub-chunk's recompute runs in the
-    previous one's dB/dC row-sum phase (between its two barriers; within a chunk)."""
+    previous one's dB/dC row-sum phase (between its two barriers; within a chunk).
+    direct_out (parts 2): du, ddelta (dz) stored straight from registers
+    (_pair_rows_store_global) instead of through shared-memory tiles and TMA."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     if ck.ndim == 5 and not ck_pair:
@@ -1815,7 +1854,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
         parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
-        ahead=ahead)
+        ahead=ahead, direct_out=direct_out and parts == 2)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(

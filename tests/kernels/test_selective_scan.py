@@ -14,7 +14,8 @@ ss = importlib.import_module("pallas_kernels.selective_scan")
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 # v8's training path: the session-9 defaults (v9: the pair backward and ck2 checkpoints) off
 V8_TRAINING = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False,
-                   mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False)
+                   mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False,
+                   mgpu_bwd_direct_out=False)
 
 
 def make_inputs(seed, *, b=2, length=13, dn=64, n=5, groups=None, dtype=jnp.float32,
@@ -304,9 +305,13 @@ PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
     pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_ck_late=True,
                       mgpu_bwd_keep_b=True, mgpu_bwd_pair_ahead=True, mgpu_chunk=16, chunk=4),
                  16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_bwd_direct_out=True,
+                      mgpu_bwd_pad_rows=True, mgpu_chunk=8, chunk=4), 6, None, 100,
+                 marks=pytest.mark.slow),
 ], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
         "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
-        "pad_rows_pair_backward_n6_padded", "ahead_pair_backward_direct_late_c16_n16_groups"])
+        "pad_rows_pair_backward_n6_padded", "ahead_pair_backward_direct_late_c16_n16_groups",
+        "direct_out_pair_backward_n6_padded"])
 def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
     # The pair training forward's checkpoints in the pair layout (row k = the thread map
     # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
