@@ -261,9 +261,11 @@ def _vjp(fn, dy, *args):
     return jax.vjp(fn, *args)[1](dy)
 
 
-def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),)):
+def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),),
+              modes=("fwd", "fwd+bwd")):
     """Ours at every size; the references only at the sizes in `refs_at` (the issue's anchors
-    are at 8x2048x2048; at 8k x 4096 the associative scan runs out of memory)."""
+    are at 8x2048x2048; at 8k x 4096 the associative scan runs out of memory). `modes`: fwd
+    and / or fwd+bwd (--bench-modes)."""
     out = res.setdefault("bench", [])
     plans = []
     for b, length, dn, n in sizes:
@@ -271,7 +273,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
         args, fns = _variants(x, cfg_kw)
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         names = [k for k in fns if k == "pallas" or (b, length, dn, n) in refs_at]
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             for name in names:
                 if mode == "fwd":
                     comp.submit((tag, b, length, dn, name, mode), fns[name], *args)
@@ -288,7 +290,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         row = {"tag": tag, "cfg": cfg_kw, "B": b, "L": length, "Dn": dn, "N": n,
                **_floors(res, b, length, dn, n)}
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             for name in names:
                 key = f"{name} {mode}"
                 try:
@@ -745,6 +747,10 @@ def main():
                    "kernels (median reported)")
     p.add_argument("--decode-batches", default="8,64", help="batch sizes of the decode timing")
     p.add_argument("--bench-also", default="", help="VARIANTS also timed at the bench sizes")
+    p.add_argument("--bench-also-sizes", default="", help="their sizes (indices), default the "
+                   "bench sizes")
+    p.add_argument("--bench-modes", default="fwd,fwd+bwd", help="modes timed at the bench "
+                   "sizes (fwd, fwd+bwd)")
     p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
                    "comparison (0: the anchor 8x2048x2048, with the references)")
     a = p.parse_args()
@@ -812,12 +818,16 @@ def main():
                                                           tag=c)))
     if a.sizes:
         bench_sizes = [] if a.sizes == "none" else [sizes[int(i)] for i in a.sizes.split(",")]
+    modes = tuple(names(a.bench_modes))
     if bench_sizes:
         refs_at = () if a.compare_fwd or a.compare_fb else sizes[:1]
-        steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at)))
+        steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at,
+                                         modes=modes)))
+    also_sizes = ([sizes[int(i)] for i in a.bench_also_sizes.split(",")] if a.bench_also_sizes
+                  else bench_sizes)
     for c in names(a.bench_also):
-        steps.append(("bench " + c, benchmark(res, comp, bench_sizes, VARIANTS[c],
-                                              tag=f"also {c}", refs_at=())))
+        steps.append(("bench " + c, benchmark(res, comp, also_sizes, VARIANTS[c],
+                                              tag=f"also {c}", refs_at=(), modes=modes)))
     for c in names(a.sweep):
         steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
                                          refs_at=())))
