@@ -144,7 +144,8 @@ def _loss(fn, *xs, names, use, sp, w, wh):
     return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
 
 
-def correctness(res, comp, cfg_kw, which=None, decode=True):
+def correctness(res, comp, cfg_kw, which=None, decode=True, tag=""):
+    """tag: a VARIANTS name checked besides the main config (--check-also): its rows say so."""
     cases = [  # b, L, Dn, N, groups, dtype, options, softplus
         (2, 1000, 256, 16, None, jnp.bfloat16, ("D", "z", "delta_bias"), True),
         (2, 777, 192, 16, 3, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
@@ -152,13 +153,17 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
         # session 6: grouped with 128-channel groups (the Mosaic GPU forward takes it), f32
         (2, 777, 256, 16, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True),
     ]
-    cases = [c for i, c in enumerate(cases) if which is None or i in which]
+    # (index in the list above, case): the index keys the compiles, so that --check-also's
+    # subset shares each case's reference with the main run (session 9 call 2b keyed them by
+    # the position in the subset: a reference of another case, a pytree TypeError)
+    cases = [(i, c) for i, c in enumerate(cases) if which is None or i in which]
     if SMOKE:
-        cases = [(1, 19, 32, 5, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"), True)]
+        cases = [(0, (1, 19, 32, 5, 2, jnp.float32, ("D", "z", "delta_bias", "initial_state"),
+                      True))]
     kern = lambda *a, **k: ss.selective_scan_pallas(*a, **k, **cfg_kw, **SMOKE)
     ref = lambda *a, **k: ss.selective_scan_reference(*a, **k, method="scan")
     plans = []
-    for ci, (b, length, dn, n, groups, dtype, use, sp) in enumerate(cases):
+    for ci, (b, length, dn, n, groups, dtype, use, sp) in cases:
         x = _inputs(b, length, dn, n, groups=groups, dtype=dtype, seed=length)
         if not sp:   # without softplus the raw delta is the step and must be positive
             x["delta"] = jax.nn.softplus(x["delta"].astype(jnp.float32)).astype(dtype)
@@ -169,11 +174,14 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
         xs = tuple(x[k] for k in names)
         xs32 = tuple(v.astype(jnp.float32) for v in xs)
         argn = tuple(range(len(xs)))
-        comp.submit(("corr", ci, "kern"),
+        comp.submit(("corr", tag, ci, "kern"),
                     jax.value_and_grad(functools.partial(loss, kern), argn, has_aux=True), *xs)
-        comp.submit(("corr", ci, "inf"), functools.partial(loss, kern), *xs)   # inference fwd
-        comp.submit(("corr", ci, "ref"),
-                    jax.value_and_grad(functools.partial(loss, ref), argn, has_aux=True), *xs32)
+        if not tag:   # the inference forward (the session-9 backward variants do not touch it)
+            comp.submit(("corr", tag, ci, "inf"), functools.partial(loss, kern), *xs)
+        if ("corr", ci, "ref") not in comp.futs:    # one reference per case for all tags
+            comp.submit(("corr", ci, "ref"),
+                        jax.value_and_grad(functools.partial(loss, ref), argn, has_aux=True),
+                        *xs32)
         plans.append((ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32))
     # decode: 16 steps of the step kernel against the full forward
     xd = _inputs(4, 16, 512, 16, dtype=jnp.bfloat16, seed=3)
@@ -187,11 +195,11 @@ def correctness(res, comp, cfg_kw, which=None, decode=True):
 
     rows = res.setdefault("correctness", [])
     for ci, b, length, dn, n, groups, dtype, use, sp, names, xs, xs32 in plans:
-        case = (f"b{b} L{length} Dn{dn} N{n} G{groups} {jnp.dtype(dtype).name} "
-                f"{'+'.join(use) or 'plain'} sp={sp}")
+        case = (f"{tag + ': ' if tag else ''}b{b} L{length} Dn{dn} N{n} G{groups} "
+                f"{jnp.dtype(dtype).name} {'+'.join(use) or 'plain'} sp={sp}")
         try:
-            (_, (y, h)), g = comp.get(("corr", ci, "kern"))(*xs)
-            y_inf, h_inf = comp.get(("corr", ci, "inf"))(*xs)[1]
+            (_, (y, h)), g = comp.get(("corr", tag, ci, "kern"))(*xs)
+            y_inf, h_inf = comp.get(("corr", tag, ci, "inf"))(*xs)[1] if not tag else (y, h)
             (_, (yr, hr)), gr = comp.get(("corr", ci, "ref"))(*xs32)
         except Exception as e:   # noqa: BLE001 (keep the other cases)
             rows.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
@@ -253,9 +261,11 @@ def _vjp(fn, dy, *args):
     return jax.vjp(fn, *args)[1](dy)
 
 
-def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),)):
+def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),),
+              modes=("fwd", "fwd+bwd")):
     """Ours at every size; the references only at the sizes in `refs_at` (the issue's anchors
-    are at 8x2048x2048; at 8k x 4096 the associative scan runs out of memory)."""
+    are at 8x2048x2048; at 8k x 4096 the associative scan runs out of memory). `modes`: fwd
+    and / or fwd+bwd (--bench-modes)."""
     out = res.setdefault("bench", [])
     plans = []
     for b, length, dn, n in sizes:
@@ -263,7 +273,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
         args, fns = _variants(x, cfg_kw)
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         names = [k for k in fns if k == "pallas" or (b, length, dn, n) in refs_at]
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             for name in names:
                 if mode == "fwd":
                     comp.submit((tag, b, length, dn, name, mode), fns[name], *args)
@@ -280,7 +290,7 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         row = {"tag": tag, "cfg": cfg_kw, "B": b, "L": length, "Dn": dn, "N": n,
                **_floors(res, b, length, dn, n)}
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             for name in names:
                 key = f"{name} {mode}"
                 try:
@@ -301,6 +311,9 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # inference forward, "fb" the training forward + backward. Each is relative to the defaults of
 # its time: since session 5 those include share_dt="auto", ck_unroll="auto" (the older entries
 # were measured with both off; "v4" spells that configuration out).
+# the session-9 options (mamba_bwd) off: v8's training path (the base of the session-9 entries)
+S9 = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False, mgpu_bwd_keep_b=False,
+          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False, mgpu_bwd_direct_out=False)
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
@@ -540,13 +553,65 @@ VARIANTS = {
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0, mgpu_bwd_pair=False,
-               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1),
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=0,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum=False, mgpu_yacc=1,
+               **S9),
     # v8 spelled out (session 8: v7 + the pair training forward in 32-step chunks and the
     # one-thread backward's dB/dC rows summed in registers)
     "v8": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=False,
-               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1),
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
+               **S9),
+    # session 9 (mamba_bwd), each spelled out on v8 (S9 below: v8 with the six session-9
+    # options off; v9 turns them on): the pair backward's shared-memory excess removed step
+    # by step. pbc: pbr + the checkpoints in the ck2 layout [B, L / 4, N / 2, Dp, 2] (the
+    # pair training forward stores and the pair backward reads a conflict-free row per state
+    # pair); c2: v8 (one-thread backward, one 8-byte load per state pair) on ck2
+    "pbc": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True),
+    "c2": dict(S9, mgpu_ck_pair=True),
+    # c2d: c2 with the checkpoints stored straight from registers (st.global, a warp's 128
+    # contiguous bytes; no shared-memory slots, TMA stores or waits for them)
+    "c2d": dict(S9, mgpu_ck_pair="direct"),
+    # pbk: pbc with the recompute's B_t kept in registers for the reverse steps
+    "pbk": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True),
+    # the pair training forward's checkpoint stores emitted after the step group that follows
+    # (h[k] not held by the store: session 8's training forward had short scoreboard 0.61 and
+    # long scoreboard 0.44 cycles per issue against the inference forward's 0.23 / 0.07):
+    # cl on the v8 layout, c2l on ck2, c2dl on ck2 by st.global
+    "cl": dict(S9, mgpu_ck_late=True),
+    "c2l": dict(S9, mgpu_ck_pair=True, mgpu_ck_late=True),
+    "c2dl": dict(S9, mgpu_ck_pair="direct", mgpu_ck_late=True),
+    # pbkr: pbk with the input step rows as 5 tiles (the lane parts' rows in other banks)
+    "pbkr": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                 mgpu_bwd_pad_rows=True),
+    # pbka / pbkra: the recompute one sub-chunk ahead in the pair backward (in the previous
+    # sub-chunk's row-sum phase: MUFU work next to the shared-memory loads; call 1's ncu put
+    # ~24 % of the one-thread backward's stall samples in the row sums)
+    "pbka": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                 mgpu_bwd_pair_ahead=True),
+    "pbkra": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair=True, mgpu_bwd_keep_b=True,
+                  mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
+    # pbkrad: pbkra with the checkpoints stored from registers after the next step group (= v9)
+    "pbkrad": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                   mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
+    # r4 / pbkrad4: the row sums in 4 independent partial sums (shorter FADD chains; call 1's
+    # source counters: the one-thread backward's row sums ~24 % of its stall samples)
+    "r4": dict(S9, mgpu_bwd_rowsum=4),
+    "pbkrad4": dict(S9, mgpu_bwd_pair=True, mgpu_bwd_rowsum=4, mgpu_ck_pair="direct",
+                    mgpu_ck_late=True, mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
+                    mgpu_bwd_pair_ahead=True),
+    "pbkd": dict(S9, mgpu_bwd_pair=True, mgpu_ck_pair="direct", mgpu_bwd_keep_b=True),
+    # after call 2b (v9 the default): v9 with du / ddelta stored from registers (o), and with
+    # the row sums in 4 partial sums too (o4)
+    "v9o": dict(mgpu_bwd_direct_out=True),
+    "v9o4": dict(mgpu_bwd_direct_out=True, mgpu_bwd_rowsum=4),
+    # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
+    # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
+    "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
+               mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=True,
+               mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
+               mgpu_ck_pair="direct", mgpu_ck_late=True, mgpu_bwd_keep_b=True,
+               mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
@@ -722,12 +787,19 @@ def main():
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     p.add_argument("--skip-decode", action="store_true", help="no decode step (check, timing)")
     p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
+    p.add_argument("--check-also", default="", help="VARIANTS also checked against the f32 "
+                   "recurrence (with real lowering), at --check-also-cases")
+    p.add_argument("--check-also-cases", default="0,3", help="their cases (indices)")
     p.add_argument("--profile-runs", type=int, default=2, help="runs per --profile item")
     p.add_argument("--sizes", default="", help="bench sizes to run (indices, or none), default all")
     p.add_argument("--repeat", type=int, default=1, help="timing passes over the compared "
                    "kernels (median reported)")
     p.add_argument("--decode-batches", default="8,64", help="batch sizes of the decode timing")
     p.add_argument("--bench-also", default="", help="VARIANTS also timed at the bench sizes")
+    p.add_argument("--bench-also-sizes", default="", help="their sizes (indices), default the "
+                   "bench sizes")
+    p.add_argument("--bench-modes", default="fwd,fwd+bwd", help="modes timed at the bench "
+                   "sizes (fwd, fwd+bwd)")
     p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
                    "comparison (0: the anchor 8x2048x2048, with the references)")
     a = p.parse_args()
@@ -758,9 +830,13 @@ def main():
             comp.submit(item, f, *args)
             runs.append((item, args))
         for item, args in runs:
-            f = comp.get(item)
-            for _ in range(a.profile_runs):
-                jax.block_until_ready(f(*args))
+            try:    # a variant that fails to compile must not cost the others' profiles
+                f = comp.get(item)
+                for _ in range(a.profile_runs):
+                    jax.block_until_ready(f(*args))
+            except Exception as e:   # noqa: BLE001
+                print(f"profile {item}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             print(f"profile {item}: ran {a.profile_runs}x at {time.perf_counter() - T0:.0f}s",
                   flush=True)
         sys.stdout.flush()
@@ -785,14 +861,22 @@ def main():
     if not a.quick:
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
+        also = [int(i) for i in a.check_also_cases.split(",")]
+        for c in names(a.check_also):
+            steps.append(("correctness " + c, correctness(res, comp, VARIANTS[c], also, False,
+                                                          tag=c)))
     if a.sizes:
         bench_sizes = [] if a.sizes == "none" else [sizes[int(i)] for i in a.sizes.split(",")]
+    modes = tuple(names(a.bench_modes))
     if bench_sizes:
         refs_at = () if a.compare_fwd or a.compare_fb else sizes[:1]
-        steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at)))
+        steps.append(("bench", benchmark(res, comp, bench_sizes, cfg, refs_at=refs_at,
+                                         modes=modes)))
+    also_sizes = ([sizes[int(i)] for i in a.bench_also_sizes.split(",")] if a.bench_also_sizes
+                  else bench_sizes)
     for c in names(a.bench_also):
-        steps.append(("bench " + c, benchmark(res, comp, bench_sizes, VARIANTS[c],
-                                              tag=f"also {c}", refs_at=())))
+        steps.append(("bench " + c, benchmark(res, comp, also_sizes, VARIANTS[c],
+                                              tag=f"also {c}", refs_at=(), modes=modes)))
     for c in names(a.sweep):
         steps.append(("sweep", benchmark(res, comp, sizes[:1], VARIANTS[c], tag=f"sweep {c}",
                                          refs_at=())))

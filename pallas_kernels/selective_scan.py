@@ -247,10 +247,25 @@ class _Config:
     mgpu_bwd_pair: bool | int = False  # Mosaic backward with two (True or 2; 4: four) lanes
                               # per channel in one warp (selective_scan_mgpu.backward_pair)
                               # where the one-thread backward would run and it takes the shape
-    mgpu_bwd_rowsum: bool | str = False  # Mosaic backwards: each thread's dB/dC row summed by
+    mgpu_bwd_rowsum: bool | str | int = False  # Mosaic backwards: each thread's dB/dC row summed by
                               # vector loads in registers (_row_sums: no [128, 4] round trip
                               # and its barrier; the barrier moves before the next red stores);
                               # "auto": in the one-thread and pair backwards, not the two-thread
+    mgpu_ck_pair: bool | str = False  # the pair training forward's checkpoints in the ck2 layout
+                              # [B, Lp / 4, N / 2, Dp, 2] (conflict-free stores and pair reads,
+                              # one 8-byte load per 2 states in the one-thread backward) where
+                              # the backward is the Mosaic one-thread or pair one (_mgpu_ck2);
+                              # "direct": stored from registers by st.global (no shared memory)
+    mgpu_bwd_keep_b: bool = False  # Mosaic pair backward: the recompute's B_t stay in
+                              # registers for the reverse steps (a third fewer B/C loads)
+    mgpu_ck_late: bool = False  # Mosaic pair training forward: a checkpoint's stores after the
+                              # step group that follows it (no wait for the store to read h)
+    mgpu_bwd_pad_rows: bool = False  # Mosaic pair backward: input step rows of 5 tiles (no
+                              # 2-way bank conflict between the lane parts' rows)
+    mgpu_bwd_pair_ahead: bool = False  # Mosaic pair backward: each sub-chunk's recompute in
+                              # the previous one's row-sum phase (mgpu_bwd_ahead: the others)
+    mgpu_bwd_direct_out: bool = False  # Mosaic pair backward: du / ddelta (dz) stored from
+                              # registers by st.global (no shared-memory tiles, no TMA)
     interpret: bool = False
 
 
@@ -1120,12 +1135,16 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                         or cfg.mgpu_ck_unsplit))
         if (pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
+            ck_opts = {k: v for k, v in (("ck2", _mgpu_ck2(cfg, u, A, B)),
+                                         ("direct", cfg.mgpu_ck_pair == "direct"),
+                                         ("late", cfg.mgpu_ck_late)) if v}
+            ck_arg = ck_opts if save_ckpt and ck_opts else save_ckpt   # _ck_options
             # the inference forward in chunks of mgpu_pair_chunk (32: session 7 call 2)
             return mgpu.forward_pair(u, delta, A, B, C, D, z, delta_bias, h0,
                                      softplus=cfg.softplus,
                                      chunk=((cfg.mgpu_pair_train_chunk or cfg.mgpu_chunk)
                                             if save_ckpt else cfg.mgpu_pair_chunk),
-                                     stages=cfg.mgpu_stages, save_ckpt=save_ckpt,
+                                     stages=cfg.mgpu_stages, save_ckpt=ck_arg,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
                                      interpret=cfg.interpret,
                                      inf_opts=None if save_ckpt else cfg.mgpu_pair_inf)
@@ -1287,18 +1306,48 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
             and (_mgpu_bwd_split(cfg, u) == 1 or A.shape[1] % 2 == 0))
 
 
+def _mgpu_bwd_pair_parts(cfg: _Config, u, A, B) -> int:
+    """The lanes per channel of the Mosaic pair backward where it runs (0: it does not)."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+    if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u) == 1
+            and mgpu.pair_supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1],
+                                    parts)):
+        return parts
+    return 0
+
+
+def _mgpu_ck2(cfg: _Config, u, A, B) -> bool:
+    """Whether the checkpoints take the ck2 layout (cfg.mgpu_ck_pair): the training forward is
+    the pair one (two lanes) and the backward the Mosaic one-thread or pair (two lanes) one;
+    _forward and _backward both ask this."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    return bool(cfg.mgpu_ck_pair and _mgpu_bwd_ok(cfg, u, A, B)
+                and _mgpu_bwd_split(cfg, u) == 1
+                and _mgpu_bwd_pair_parts(cfg, u, A, B) in (0, 2)
+                and _mgpu_pair_mode(cfg, u) == "train" and cfg.mgpu_pair_train_parts == 2
+                and cfg.chunk % 2 == 0 and mgpu.pair_supported(u.shape[2], groups, A.shape[1]))
+
+
 def _backward(cfg: _Config, res, y_bar, final_bar):
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if _mgpu_bwd_ok(cfg, u, A, B):    # the checkpoints come from the Mosaic training forward
         from pallas_kernels import selective_scan_mgpu as mgpu
-        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
-        if (parts and _mgpu_bwd_split(cfg, u) == 1 and mgpu.pair_supported(
-                u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1], parts)):
+        parts = _mgpu_bwd_pair_parts(cfg, u, A, B)
+        ck2 = _mgpu_ck2(cfg, u, A, B)     # the pair training forward's ck2 layout
+        if parts:
             return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
                                       chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
-                                      parts=parts, rowsum=cfg.mgpu_bwd_rowsum is not False,
+                                      parts=parts,
+                                      rowsum=(cfg.mgpu_bwd_rowsum if type(cfg.mgpu_bwd_rowsum)
+                                              is int else cfg.mgpu_bwd_rowsum is not False),
+                                      ck_pair=ck2, keep_b=cfg.mgpu_bwd_keep_b,
+                                      pad_rows=cfg.mgpu_bwd_pad_rows,
+                                      ahead=cfg.mgpu_bwd_pair_ahead,
+                                      direct_out=cfg.mgpu_bwd_direct_out,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1307,7 +1356,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                              bwd_ahead=cfg.mgpu_bwd_ahead,
                              rowsum=(_mgpu_bwd_split(cfg, u) == 1 if cfg.mgpu_bwd_rowsum == "auto"
                                      else cfg.mgpu_bwd_rowsum),
-                             interpret=cfg.interpret)
+                             ck2=ck2, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
         split = _auto_bwd_split(u.shape[0], u.shape[2])
@@ -1435,9 +1484,19 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
                           mgpu_pair_inf=(("sp1", True), ("ydefer", 16)),
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
-                          mgpu_bwd_pair=False, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
+                          mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
+                          mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
+                          mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
                           interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
+
+    v9 (session 9, the training path where the one-thread grid fits one program per SM): the
+    backward with two lanes per channel (mgpu_bwd_pair=True: selective_scan_mgpu.backward_pair)
+    keeping the recompute's B_t (mgpu_bwd_keep_b), its input rows as 5 TMA tiles
+    (mgpu_bwd_pad_rows) and each sub-chunk's recompute in the previous one's row sums
+    (mgpu_bwd_pair_ahead); the pair training forward's checkpoints in the ck2 layout stored
+    from registers (mgpu_ck_pair="direct") after the following step group (mgpu_ck_late).
+    v8 had all six off (bench/mamba.py "v8").
 
     Defaults (v8, session 8 call 2 on an H200, docs/kernels/selective_scan.md): on a Hopper
     GPU (mgpu="auto") the Mosaic GPU kernels of selective_scan_mgpu. Where the one-thread
@@ -1480,7 +1539,10 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,
-                  interpret=interpret)
+                  mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
+                  mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
+                  mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
+                  mgpu_bwd_direct_out=mgpu_bwd_direct_out, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -165,13 +165,14 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
     return list(load(ref))
 
 
-def _row_sums(red, width, skew_div, interpret):
+def _row_sums(red, width, skew_div, interpret, n_acc=1):
     """[128] f32 (one value per thread): thread i's sum of row i of the dB/dC buffer `red`
     ([128, width + pad], or [128, W, lw] with the 4 x lw channels in [:, :4]) over its
     `width` channels, by 16-byte vector loads summed in registers (no second shared-memory
     pass). skew_div: thread i starts at block i // skew_div (mod the block count), so that
     eight threads whose rows share banks (row strides of 16 or 8 floats mod 32) read distinct
-    banks."""
+    banks. n_acc: that many independent partial sums (block m into sum m % n_acc), added at
+    the end: shorter dependent FADD chains, more loads in flight."""
     if interpret:
         v = red[...]
         return jnp.sum(v[:, :width] if v.ndim == 2 else v[:, :4], axis=tuple(range(1, v.ndim)))
@@ -199,7 +200,7 @@ def _row_sums(red, width, skew_div, interpret):
             rot = arith.andi(arith.shrui(tid, mgpu.c(int(math.log2(skew_div)), i32)),
                              mgpu.c(n_blk - 1, i32))
         vt = ir.VectorType.get((4,), f32)
-        acc = None
+        accs = [None] * max(1, min(n_acc, n_blk))
         for m in range(n_blk):
             if rot is None:
                 fc = mgpu.c(4 * m, i32)
@@ -213,7 +214,12 @@ def _row_sums(red, width, skew_div, interpret):
             else:
                 idx = [row, arith.index_cast(index, fc)]
             v = vector.load(vt, ref, idx, alignment=16)
-            acc = v if acc is None else arith.addf(acc, v)
+            i = m % len(accs)
+            accs[i] = v if accs[i] is None else arith.addf(accs[i], v)
+        while len(accs) > 1:
+            accs = [arith.addf(accs[i], accs[i + 1]) if i + 1 < len(accs) else accs[i]
+                    for i in range(0, len(accs), 2)]
+        acc = accs[0]
         e = [vector.extract(acc, [], [q]) for q in range(4)]
         tot = arith.addf(arith.addf(e[0], e[1]), arith.addf(e[2], e[3]))
         reg = vector.broadcast(ir.VectorType.get((1,), f32), tot)
@@ -613,6 +619,136 @@ def _ck_view(row, k, parts, n_k, interpret):
     return rows_k.transpose((1, 0, 2))
 
 
+# The "ck2" checkpoint layout (mgpu_ck_pair): [B, Lp / ck_every, K, Dp, 2] f32, state p K + k
+# of channel c at [.., k, c, p] (K = N / 2). The pair kernels' thread 32 w + 16 p + l (channel
+# 16 w + l) then stores / reads float 32 w + 2 l + p of a [64, 2] row per k: a warp covers 32
+# consecutive floats (conflict-free, where the [N, Dp] layout's rows k and K + k, 512 floats
+# apart, conflict 2-way); the one-thread backward reads states k and K + k of its channel by
+# one 8-byte load. Inside the kernels on the GPU the channel pairs are flat (a TMA box's
+# strides must be multiples of 16 bytes): gmem [.., K, 2 Dp], shared-memory rows [2 x
+# channels]; in GPU interpret mode (no ref reshape) the pair kernels see [.., Dp / 16, 16, 2]
+# and the one-thread backward [.., Dp, 2] (_ck2_shape).
+
+
+def _ck2_pair_view(row, interpret):
+    """[4, 2, 16] (w, p, l) view of a ck2 row of 64 channels ([128]; interpret [4, 16, 2])."""
+    if not interpret:
+        row = row.reshape(4, 16, 2)
+    return row.transpose((0, 2, 1))
+
+
+def _ck2_load(row, interpret):
+    """States k and K + k of each thread's channel, each [1, 128], from a ck2 row of 128
+    channels ([256]; interpret [128, 2]): one ld.shared.v2 per thread (inline_mgpu)."""
+    if interpret:
+        v = row[...]
+        return v[:, 0][None], v[:, 1][None]
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    shape = (1, _WG)
+    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    out = plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=(out, out))
+    def load(ctx, ref):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        idx = arith.index_cast(index, arith.shli(tid, mgpu.c(1, i32)))
+        v = vector.load(ir.VectorType.get((2,), f32), ref, [idx], alignment=8)
+        return tuple(
+            mgpu.FragmentedArray(
+                _registers=np.array([vector.broadcast(ir.VectorType.get((1,), f32),
+                                                      vector.extract(v, [], [e]))],
+                                    dtype=object),
+                _layout=layout.to_mgpu(), _is_signed=None)
+            for e in range(2))
+    return load(row)
+
+
+def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
+    """Stores a pair kernel's [4, 2, 16] state v (state p K + k of channel 16 w + l of block j)
+    straight from registers into the ck2 gmem array (row `row`, state pair k): on the GPU one
+    st.global.f32 per thread, a warp's 32 values 128 contiguous bytes (no shared memory, no TMA,
+    no wait for the slot)."""
+    if interpret:
+        _ck2_pair_view(ck_ref.at[b, row, k, pl.ds(j * 4, 4)], True)[...] = v
+        return
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+    def store(ctx, ref, x):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        c = lambda x: mgpu.c(x, i32)
+        # thread 32 w + 16 p + l -> float 32 w + 2 l + p of the block's 128
+        w32 = arith.andi(tid, c(_WG - 32))
+        pos = arith.addi(arith.addi(w32, arith.shli(arith.andi(tid, c(15)), c(1))),
+                         arith.andi(arith.shrui(tid, c(4)), c(1)))
+        (reg,) = x.registers.flat
+        vector.store(reg, ref, [arith.index_cast(index, pos)])
+    store(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v)
+
+
+def _pair_rows_store_global(ref, b, row0, j, v, interpret):
+    """Stores a pair kernel's [4, 2, 16] step-pair value v (step row0 + p of channel 16 w + l
+    of block j) straight from registers into the [B, Lp, Dp / 16, 16] gmem array `ref`: one
+    16-bit st.global per thread, a half-warp's 16 values 32 contiguous bytes (no shared-memory
+    tile: its two rows 128 bytes apart conflicted 2-way; no TMA store)."""
+    dst = ref.at[b, pl.ds(row0, 2), pl.ds(j * 4, 4)]
+    v = v.astype(ref.dtype)
+    if interpret:
+        dst.transpose((1, 0, 2))[...] = v
+        return
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+    def store(ctx, ref, x):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        tid = mgpu.utils.thread_idx()
+        if isinstance(tid.type, ir.IndexType):
+            tid = arith.index_cast(i32, tid)
+        c = lambda x: mgpu.c(x, i32)
+        idx = [arith.index_cast(index, e) for e in (
+            arith.andi(arith.shrui(tid, c(4)), c(1)),     # p: the step of the pair
+            arith.andi(arith.shrui(tid, c(5)), c(3)),     # w: the tile of 16 channels
+            arith.andi(tid, c(15)))]                      # l
+        (reg,) = x.registers.flat
+        vector.store(reg, ref, idx)
+    store(dst, v)
+
+
+def _ck2_shape(shape, interpret, pair=True):
+    """The kernels' view of a ck2 array of `shape` [B, n, K, Dp, 2]: [B, n, K, 2 Dp]; in
+    interpret mode the pair kernels' [B, n, K, Dp / 16, 16, 2], the one-thread backward's
+    [B, n, K, Dp, 2]."""
+    if not interpret:
+        return (*shape[:3], 2 * shape[3])
+    return (*shape[:3], shape[3] // 16, 16, 2) if pair else shape
+
+
+def _ck2_cols(j, width, interpret, pair=True):
+    """The kernel view's columns of channel block j (`width` channels)."""
+    if not interpret:
+        return pl.ds(j * 2 * width, 2 * width)
+    return pl.ds(j * width // 16, width // 16) if pair else pl.ds(j * width, width)
+
+
 def _shfl16(x, interpret):
     """x of the lane 16 apart: the other part of the thread's channel (two parts)."""
     return _shfl(x, interpret)
@@ -644,12 +780,14 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                    interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
-    written through its (w, p, l) view per state k: rows k and K + k)."""
+    written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
+    checkpoint options of _ck_options."""
+    ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
     names = ["u", "dt", "a", "bc", *opts, "y", "hT", *(["ck"] if save_ckpt else []),
              "a_s", "p_s", "h_s", "bar", *[k + "_s" for k in seq_in], "y_s",
-             *(["ck_s"] if save_ckpt else []), "in_bar"]
+             *(["ck_s"] if save_ckpt and not ck_direct else []), "in_bar"]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
     shape = _lane_shape(parts)
@@ -719,11 +857,27 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.barrier_wait(r["in_bar"].at[slot])
         plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
         h = list(carry)
-        for t in range(0, chunk, parts):
-            if save_ckpt and t % ck_every == 0:   # state p K + k of channel lw w + l
-                row = r["ck_s"].at[slot, t // ck_every]            # [N, 4, lw]
+
+        def store_ck(t, hk):
+            if ck_direct:
                 for k in range(n_k):
-                    _ck_view(row, k, parts, n_k, interpret)[...] = h[k]
+                    _ck2_store_global(r["ck"], b, c * (chunk // ck_every) + t // ck_every, k,
+                                      j, hk[k], interpret)
+                return
+            row = r["ck_s"].at[slot, t // ck_every]   # [N, 4, lw] (ck2: [K, 128])
+            for k in range(n_k):      # state p K + k of channel lw w + l
+                if ck_pair:
+                    _ck2_pair_view(row.at[k], interpret)[...] = hk[k]
+                else:
+                    _ck_view(row, k, parts, n_k, interpret)[...] = hk[k]
+
+        for t in range(0, chunk, parts):
+            late = None
+            if save_ckpt and t % ck_every == 0:
+                if ck_late:     # stored after this step group: h[k] is not held by the store
+                    late = list(h)
+                else:
+                    store_ck(t, h)
             u_own = pair_rows(s_["u"], t)          # u of step t + p
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
@@ -749,13 +903,16 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 y = group_y(dt_own, u_own, s_, t, h)
             y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
             y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            if late is not None:
+                store_ck(t, late)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, r["y"].at[b, pl.ds(c * chunk, chunk), tiles],
                                 commit_group=False)
-        if save_ckpt:
+        if save_ckpt and not ck_direct:
             per = chunk // ck_every
+            ck_cols = _ck2_cols(j, 4 * lw, interpret) if ck_pair else tiles
             plgpu.copy_smem_to_gmem(r["ck_s"].at[slot],
-                                    r["ck"].at[b, pl.ds(c * per, per), :, tiles],
+                                    r["ck"].at[b, pl.ds(c * per, per), :, ck_cols],
                                     commit_group=False)
         plgpu.commit_smem_to_gmem_group()
 
@@ -1054,6 +1211,19 @@ def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
     return n % parts == 0 and (groups == 1 or (dn % groups == 0 and (dn // groups) % width == 0))
 
 
+def _ck_options(save_ckpt, parts):
+    """(ck_pair, ck_direct, ck_late) of the pair training forward's `save_ckpt`: True (the
+    one-thread layout, stored through shared memory) or a dict of options: "ck2" (parts 2:
+    the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2], see _ck2_load; read by
+    backward_pair(ck_pair=True) and backward(ck2=True)), "direct" (with ck2: stored straight
+    from registers, _ck2_store_global), "late" (a checkpoint's stores emitted after the step
+    group that follows it, from the old state values, so that the step's update of h[k] does
+    not wait for the store to read h[k])."""
+    opts = dict(save_ckpt) if isinstance(save_ckpt, dict) else {}
+    ck2 = bool(opts.get("ck2")) and parts == 2
+    return ck2, ck2 and bool(opts.get("direct")), bool(opts.get("late"))
+
+
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False,
                  inf_opts=None):
@@ -1066,6 +1236,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
+    ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     groups = B.shape[2]
@@ -1105,8 +1276,15 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
-    if save_ckpt:
+    if ck_pair:    # ck2: [B, Lp / ck_every, K, Dp, 2]
+        out_shape.append(jax.ShapeDtypeStruct(
+            _ck2_shape((bsz, lp // ck_every, n_k, dp, 2), interpret), f32))
+    elif save_ckpt:
         out_shape.append(jax.ShapeDtypeStruct((bsz, lp // ck_every, n, dp // lw, lw), f32))
+    # the checkpoint slots (none when stored straight from registers)
+    ck_bufs = [] if ck_direct else [plgpu.SMEM(
+        (min(stages, lp // chunk), chunk // ck_every,
+         *((n_k, *((4, 16, 2) if interpret else (_WG,))) if ck_pair else (n, 4, lw))), f32)]
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
@@ -1116,7 +1294,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     ybuf = dict(inf_opts or {}).get("ybuf", 0) if parts == 2 and not save_ckpt else 0
     seq_bufs.append(plgpu.SMEM((ybuf, chunk, 4, lw), u.dtype) if ybuf else tile(u.dtype))
     if save_ckpt:
-        seq_bufs.append(plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32))
+        seq_bufs += ck_bufs
     n_in = 3 + (z is not None)
     scratch = [plgpu.SMEM((width, n) if rawp else (n_k, *shape), f32),
                plgpu.SMEM((2, width) if rawp else (2, *shape), f32),
@@ -1143,8 +1321,10 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     y = y.reshape(bsz, lp, dp)[:, :length, :dn]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l
     final = jnp.moveaxis(hT, -2, 1).reshape(bsz, n, dp)
-    if save_ckpt:   # [B, Lp / ck_every, N, Dp], Dp padded to the backward kernels' 128
+    if save_ckpt and not ck_pair:   # [B, Lp / ck_every, N, Dp], Dp padded to 128
         ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp), 3, _WG)]
+    elif ck_pair:                   # ck2 [B, Lp / ck_every, K, Dp, 2], Dp padded to 128
+        ck = [_common.pad_axis(ck[0].reshape(*ck[0].shape[:3], dp, 2), 3, _WG)]
     return y, jnp.swapaxes(final[:, :, :dn], 1, 2), (ck[0] if save_ckpt else None)
 
 
@@ -1169,8 +1349,24 @@ def bwd_supported(n: int, ck_every: int) -> bool:
     return 2 * n <= _NQ and ck_every * _NQ == _WG
 
 
+def _n_acc(rowsum):
+    """Partial sums of the backwards' row sums: `rowsum` an int > 1 (True / "auto": 1)."""
+    return rowsum if type(rowsum) is int and rowsum > 1 else 1
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp2(x * -_LOG2E))
+
+
+def _dbc_states(dbc, first, parts, n_k):
+    """Columns first .. first + parts n_k of the summed dB/dC rows (column parts k + p holds
+    state p K + k) in state order: a reshape and transpose (XLA fuses it into the sum over
+    the channel blocks; an index list would be a separate gather)."""
+    x = dbc[..., first:first + parts * n_k]
+    if parts == 1:
+        return x
+    x = jnp.swapaxes(x.reshape(*x.shape[:-1], n_k, parts), -1, -2)
+    return x.reshape(*x.shape[:-2], parts * n_k)
 
 
 def _bwd_refs(refs, opts, x_s=False):
@@ -1189,12 +1385,13 @@ def _bwd_refs(refs, opts, x_s=False):
 
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
-              bwd_loop=False, bwd_ahead=False, rowsum=False):
-    """split = 2: as in the forward, thread i holds channel i % 64 and states (i // 64) K + k;
-    the per-channel sums <g, B>, <A log2 e, q> (and y with z) of the two parts meet through
-    shared memory at the sub-chunk end (the barrier of the dB/dC sums), where both parts finish
-    each step (du, ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are
-    ordered q' = 2k + p (reordered outside)."""
+              bwd_loop=False, bwd_ahead=False, rowsum=False, ck2=False):
+    """ck2 (split 1): the checkpoints in the ck2 layout (_ck2_load). split = 2: as in the
+    forward, thread i holds channel i % 64 and states (i // 64) K + k; the per-channel sums
+    <g, B>, <A log2 e, q> (and y with z) of the two parts meet through shared memory at the
+    sub-chunk end (the barrier of the dB/dC sums), where both parts finish each step (du,
+    ddelta, dz; the outputs are stored from part 0's copy); dB/dC rows are ordered q' = 2k + p
+    (reordered outside)."""
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts, x_s=split > 1)
     f32 = jnp.float32
@@ -1216,13 +1413,22 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
             return ck_s[sub, :, k, :]
         return ck_s[sub, k]         # the split forward's: [k, p] is state p * n_k + k
 
+    def ck_states(ck_s, sub):       # the n_k states of each thread
+        if not ck2:
+            return [ck_state(ck_s, sub, kk) for kk in range(n_k)]
+        half = n_state // 2
+        pairs = [_ck2_load(ck_s.at[sub, kk], interpret) for kk in range(half)]
+        return [pairs[kk][0] for kk in range(half)] + [pairs[kk][1] for kk in range(half)]
+
     def fetch(k, slot):      # the k-th chunk of the reverse walk: chunk n_chunks - 1 - k
         c = n_chunks - 1 - k
         rows = pl.ds(c * chunk, chunk)
         bar = r["in_bar"].at[slot]
         plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
-        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, :, cols],
-                                r["ck_s"].at[slot], bar)
+        ck_sub = pl.ds(c * n_sub, n_sub)
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, ck_sub, :, _ck2_cols(j, bd, interpret, False)]
+                                if ck2
+                                else r["ck"].at[b, ck_sub, :, :, cols], r["ck_s"].at[slot], bar)
         for name in rows_names:
             for p in range(split):
                 plgpu.copy_gmem_to_smem(r[name].at[b, rows, cols], r[name + "_s"].at[slot, p],
@@ -1287,7 +1493,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
         def recompute(sub):     # the sub-chunk's states (and decays) from its checkpoint
             t0 = sub * ck_every
-            h = [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+            h = ck_states(s_["ck"], sub)
             hs, steps, decays = [None], [], []     # hs[0]: read from the checkpoint again
             for tl in range(ck_every):                         # recompute
                 t = t0 + tl
@@ -1318,7 +1524,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                 i = c * chunk + t
                 dt, x, u, dtu = steps[tl]
                 dout = s_["dy"][:, t, :].astype(f32)
-                h_prev = hs[tl] or [ck_state(s_["ck"], sub, kk) for kk in range(n_k)]
+                h_prev = hs[tl] or ck_states(s_["ck"], sub)
                 h_t = hs[tl + 1]
                 a_t = decays[tl] or [jnp.exp2(dt * a2[kk]) for kk in range(n_k)]
                 b_t, c_t = bc_get(bc_s, t, 0), bc_get(bc_s, t, 1)
@@ -1362,7 +1568,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                                    other(0), other(1), dd, dbias)
             rec_next = recompute(nxt) if nxt is not None else None
             if rowsum:
-                tot = _row_sums(r["red"], bd, None, interpret)
+                tot = _row_sums(r["red"], bd, None, interpret, _n_acc(rowsum))
             else:
                 acc = None
                 for m in range(bd // 4):
@@ -1434,20 +1640,26 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
 def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
              keep_decay=True, split=1, vec_bc=True, bwd_loop=False, bwd_ahead=False,
-             rowsum=False, interpret=False):
+             rowsum=False, ck2=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) from the residuals of the
     training forward above (its checkpoints every ck_every steps, chunks of `chunk`; either
     layout: [B, nC, N, Dp] or the split forward's [B, nC, N / 2, 2, Dp]). split = 2: two
     threads per channel (needs the split forward's checkpoints). bwd_loop: a chunk's
     sub-chunks run as a loop (the code of one sub-chunk, or of `bwd_loop` of them when an int)
     instead of unrolled. bwd_ahead: each
-    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers)."""
+    sub-chunk's recompute runs in the previous one's dB/dC phase (between its barriers). ck2
+    (split 1, N even): the checkpoints in the ck2 layout [B, Lp / ck_every, N / 2, Dp, 2] of
+    forward_pair(ck_pair=True)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     if split not in (1, 2):
         raise ValueError(f"selective_scan_mgpu.backward: split={split} is not 1 or 2")
-    if ck.ndim == 5 and ck.shape[3] == 1:     # the unsplit forward's, parted: [.., N, 1, Dp]
+    if ck2 and (split != 1 or ck.ndim != 5 or 2 * ck.shape[2] != A.shape[1]
+                or ck.shape[4] != 2):
+        raise ValueError(f"selective_scan_mgpu.backward: ck2 checkpoints {ck.shape}, "
+                         f"split={split}")
+    if ck.ndim == 5 and ck.shape[3] == 1 and not ck2:   # the unsplit forward's, parted
         ck = ck[:, :, :, 0]
-    ck_split = 1 if ck.ndim == 4 else ck.shape[3]
+    ck_split = 1 if ck.ndim == 4 or ck2 else ck.shape[3]
     if ck.ndim == 4:   # [B, nC, N, Dp]: for split 2 as [B, nC, 2, N / 2, Dp] (parts major)
         ck = (ck[:, :, :, None] if split == 1 else
               ck.reshape(ck.shape[0], ck.shape[1], 2, A.shape[1] // 2, ck.shape[-1]))
@@ -1487,6 +1699,8 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     given = optional_inputs(z, D, delta_bias, None, seq=seq, vec=vec, state=None)
     opts = [name for name, _ in given]
     arrays += [x for _, x in given]
+    if ck2:
+        ck = ck.reshape(_ck2_shape(ck.shape, interpret, pair=False))
     arrays += [ck[:, :lp // ck_every], seq(y_bar.astype(u.dtype)),
                by_part(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, _WG))]
     n_blocks = dp // bd
@@ -1503,7 +1717,9 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     rows = lambda dtype: slot(dtype, split, chunk, bd)
     seq_bufs = [rows(u.dtype), rows(delta.dtype), rows(u.dtype),
                 slot(f32, chunk, bc.shape[-1]),
-                slot(f32, chunk // ck_every, *ck.shape[2:4], bd)]
+                slot(f32, chunk // ck_every, *(((ck.shape[2], bd, 2) if interpret
+                                                else (ck.shape[2], 2 * bd)) if ck2
+                                               else (*ck.shape[2:4], bd)))]
     if z is not None:
         seq_bufs.append(rows(z.dtype))
     seq_bufs += [rows(u.dtype), rows(delta.dtype)]
@@ -1522,7 +1738,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
         padded=lp != length, softplus=softplus, ck_every=ck_every, stages=stages,
         keep_decay=keep_decay, ck_split=ck_split, split=split, vec_bc=vec_bc,
         parts_major=parts_major, interpret=interpret, bwd_loop=bwd_loop, bwd_ahead=bwd_ahead,
-        rowsum=rowsum)
+        rowsum=rowsum, ck2=ck2)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, n_blocks), grid_names=("b", "j"),
         scratch_types=scratch,
@@ -1538,8 +1754,7 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
     # within a row, state p * K + k of part p sits at column split * k + p (C: N + that)
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, n_blocks // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    perm = [split * (m % n_k) + m // n_k for m in range(n)]
-    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    db, dc = _dbc_states(dbc, 0, split, n_k), _dbc_states(dbc, n, split, n_k)
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
     da = jnp.swapaxes(unpart(outs.pop(0)).sum(0), 0, 1)[:dn].astype(A.dtype)
@@ -1570,7 +1785,8 @@ _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
-                   stages, interpret, bwd_loop, parts=2, rowsum=False):
+                   stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
+                   keep_b=False, pad_rows=False, ahead=False, direct_out=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1590,11 +1806,17 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         rows = pl.ds(c * chunk, chunk)
         bar = r["in_bar"].at[slot]
         plgpu.copy_gmem_to_smem(r["bc"].at[b, g_idx, rows], r["bc_s"].at[slot], bar)
-        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, tiles],
+        ck_cols = _ck2_cols(j, 4 * lw, interpret) if ck_pair else tiles
+        plgpu.copy_gmem_to_smem(r["ck"].at[b, pl.ds(c * n_sub, n_sub), :, ck_cols],
                                 r["ck_s"].at[slot], bar)
         for name in rows_names:
-            plgpu.copy_gmem_to_smem(r[name].at[b, rows, tiles], r[name + "_s"].at[slot], bar)
+            plgpu.copy_gmem_to_smem(r[name].at[b, rows, in_tiles], r[name + "_s"].at[slot],
+                                    bar)
 
+    in_tiles, in_off = tiles, 0
+    if pad_rows:    # 5 tiles from tile min(4 j, nt - 5): the program's 4 start at in_off
+        start = jnp.minimum(j * 4, r["u"].shape[2] - 5)
+        in_tiles, in_off = pl.ds(start, 5), j * 4 - start
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
     # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]
@@ -1617,12 +1839,19 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     shfl = functools.partial(_shfl16, interpret=interpret)
 
     def pair_rows(ref, t):    # rows t .. t + parts - 1 of a [chunk, 4, lw] tile as (w, p, l)
+        if pad_rows:          # input rows of 5 tiles (160 bytes: the parts' rows in other banks)
+            return ref.at[pl.ds(t, parts), pl.ds(in_off, 4)].transpose((1, 0, 2))[...].astype(f32)
         return ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...].astype(f32)
 
-    def store_pair(ref, t, v):
+    def store_pair(ref, t, v, name=None, c=None):
+        if direct_out and name is not None:    # straight to gmem (_pair_rows_store_global)
+            _pair_rows_store_global(r[name], b, c * chunk + t, j, v, interpret)
+            return
         ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
 
     def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
+        if ck_pair:                 # ck2: one conflict-free row per k
+            return _ck2_pair_view(ck_s.at[sub, k], interpret)[...]
         return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
 
     def red_store(tl, which, k, v):   # rows tl * 32 + which * N + parts k + p
@@ -1678,11 +1907,14 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     b_t = bc_get(bc_s, t + tt, 0)
                     h = [a_t[kk] * h[kk] + dtu * b_t[kk] for kk in range(n_k)]
                     hs.append(h)
-                    steps.append((dt, dtu))
+                    steps.append((dt, dtu, b_t if keep_b else None))
                     decays.append(a_t)
             return hs, steps, decays, own
 
-        def back(sub, rec, carry):
+        def back(sub, rec, carry, nxt=None):
+            """With `nxt`: sub-chunk nxt's recompute (MUFU work, no `red` access) runs after
+            the barrier that completes `red`, next to the row sums (shared-memory loads), and
+            is returned with the carry."""
             dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             hs, steps, decays, own = rec
             t0 = sub * ck_every
@@ -1704,9 +1936,10 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 for tt in reversed(range(parts)):
                     tl = tp + tt
                     dy = step_value(dy_own, dy_oth, tt)
-                    dt, dtu = steps[tl]
+                    dt, dtu, b_kept = steps[tl]
                     h_prev, h_t, a_t = hs[tl], hs[tl + 1], decays[tl]
-                    b_t, c_t = bc_get(bc_s, t + tt, 0), bc_get(bc_s, t + tt, 1)
+                    b_t = b_kept or bc_get(bc_s, t + tt, 0)
+                    c_t = bc_get(bc_s, t + tt, 1)
                     if has_z:
                         for kk in range(n_k):
                             hc = h_t[kk] * c_t[kk]
@@ -1728,23 +1961,25 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                     y = pairsum(ys)
                     if "d" in vec:
                         y = y + vec["d"] * u_own
-                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)))
+                    store_pair(s_["dz"], t, dout * y * sz * (1.0 + zz * (1.0 - sz)), "dz", c)
                 du = dt_own * gb
                 if "d" in vec:
                     du = du + vec["d"] * dy_own
                     dd = dd + dy_own * u_own
-                store_pair(s_["du"], t, du)
+                store_pair(s_["du"], t, du, "du", c)
                 ddt = u_own * gb + saq * _LN2
                 if softplus:
                     ddt = ddt * _sigmoid(x_own)
                 if padded:
                     ddt = jnp.where(c * chunk + t + part < length, ddt, 0.0)
-                store_pair(s_["ddt"], t, ddt)
+                store_pair(s_["ddt"], t, ddt, "ddt", c)
                 dbias = dbias + ddt
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
+            rec_next = recompute(nxt) if nxt is not None else None
             if rowsum:   # rows 16 lw floats apart share banks: skewed block order
-                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret)
+                tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret,
+                                _n_acc(rowsum))
             else:
                 acc = None
                 for w in range(4):
@@ -1756,10 +1991,22 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 plgpu.commit_smem()
                 tot = r["red2"][:, 0] + r["red2"][:, 1] + (r["red2"][:, 2] + r["red2"][:, 3])
             s_["dbc"][pl.ds(t0, ck_every), :] = tot.reshape(ck_every, _NQ)
+            if nxt is not None:
+                return (tuple(dh), tuple(da), dd, dbias), rec_next
             return tuple(dh), tuple(da), dd, dbias
 
         carry = (tuple(carry[0]), tuple(carry[1]), carry[2], carry[3])
-        if bwd_loop:
+        if ahead and n_sub > 1:    # recompute one sub-chunk ahead (within the chunk)
+            rec = recompute(n_sub - 1)
+            if bwd_loop:
+                carry, rec = jax.lax.fori_loop(
+                    0, n_sub - 1, lambda m, cr: back(n_sub - 1 - m, cr[1], cr[0],
+                                                     n_sub - 2 - m), (carry, rec))
+            else:
+                for sub in reversed(range(1, n_sub)):
+                    carry, rec = back(sub, rec, carry, sub - 1)
+            carry = back(0, rec, carry)
+        elif bwd_loop:
             carry = jax.lax.fori_loop(
                 0, n_sub, lambda m, cr: back(n_sub - 1 - m, recompute(n_sub - 1 - m), cr),
                 carry)
@@ -1769,6 +2016,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         plgpu.commit_smem()
         rows = pl.ds(c * chunk, chunk)
         for name in seq_out:
+            if direct_out and name != "dbc":
+                continue
             dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
             plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
@@ -1797,14 +2046,25 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
-                  bwd_loop=True, parts=2, rowsum=False, interpret=False):
+                  bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
+                  pad_rows=False, ahead=False, direct_out=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
     multiple of parts, 2 N <= 32, ck_every 4; grouped B/C need Dn / G % (128 / parts) == 0.
-    bwd_loop: a chunk's sub-chunks as a loop."""
+    bwd_loop: a chunk's sub-chunks as a loop. ck_pair (parts 2): the checkpoints in the pair
+    layout ck2 of forward_pair(ck_pair=True), [B, Lp / ck_every, K, Dp, 2]. keep_b: the
+    recompute's B_t values stay in registers for the reverse steps (4 K more registers, a
+    third fewer B/C loads). pad_rows (parts 2, Dp >= 80): the u / delta / dy (z) tiles by TMA
+    as 5 tiles of 16 channels (the program's 4 and a neighbour's), so that a step pair's two
+    rows are 160 bytes apart: the two lane parts read different banks (128 bytes apart: the
+    same banks, a 2-way conflict per load). ahead: each sub-chunk's recompute runs in the
+    previous one's dB/dC row-sum phase (between its two barriers; within a chunk).
+    direct_out (parts 2): du, ddelta (dz) stored straight from registers
+    (_pair_rows_store_global) instead of through shared-memory tiles and TMA."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
-    if ck.ndim == 5:
+    ck_pair = ck_pair and parts == 2
+    if ck.ndim == 5 and not ck_pair:
         ck = ck[:, :, :, 0]
     f32 = jnp.float32
     bsz, length, dn = u.shape
@@ -1823,12 +2083,15 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     dp = _common.round_up(dn, width)
     nb = dp // width
     bcw = _common.round_up(2 * n, 4)
+    pad_rows = pad_rows and parts == 2 and dp // lw >= 5
+    in_tiles = 5 if pad_rows else 4
     # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
     fixed = ck_every * _NQ * _RED_W * lw * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
-    per_step = width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+    per_step = (width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+                + (in_tiles - 4) * lw * sum(itemsizes[:3] + itemsizes[5:6]))
     while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
         chunk //= 2
     lp = _common.round_up(length, chunk)
@@ -1846,7 +2109,12 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
     opts = [name for name, _ in given]
     ck = ck[:, :lp // ck_every]
-    ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)      # [B, Lp / 4, N, Dp' / lw, lw]
+    if ck_pair:
+        if ck.shape[2] != n_k or ck.ndim != 5:
+            raise ValueError(f"backward_pair: checkpoints {ck.shape} not in the ck2 layout")
+        ck = ck.reshape(_ck2_shape(ck.shape, interpret))
+    else:
+        ck = ck.reshape(*ck.shape[:3], ck.shape[3] // lw, lw)  # [B, Lp / 4, N, Dp' / lw, lw]
     arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given], ck,
               tiled(y_bar.astype(u.dtype)),
               parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
@@ -1858,12 +2126,14 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
                   if x is not None]
     out_shape.append(per_thread)
-    tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
-    seq_bufs = [tile(u.dtype), tile(delta.dtype), tile(u.dtype),
+    tile = lambda dtype, w=4: plgpu.SMEM((stages, chunk, w, lw), dtype)
+    seq_bufs = [tile(u.dtype, in_tiles), tile(delta.dtype, in_tiles), tile(u.dtype, in_tiles),
                 plgpu.SMEM((stages, chunk, bc.shape[-1]), f32),
-                plgpu.SMEM((stages, chunk // ck_every, n, 4, lw), f32)]
+                plgpu.SMEM((stages, chunk // ck_every,
+                            *(((n_k, 4, 16, 2) if interpret else (n_k, 128)) if ck_pair
+                              else (n, 4, lw))), f32)]
     if z is not None:
-        seq_bufs.append(tile(z.dtype))
+        seq_bufs.append(tile(z.dtype, in_tiles))
     seq_bufs += [tile(u.dtype), tile(delta.dtype)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
@@ -1877,7 +2147,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
-        parts=parts, rowsum=rowsum)
+        parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
+        ahead=ahead, direct_out=direct_out and parts == 2)
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -1890,8 +2161,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     dz = crop(outs.pop(0)) if z is not None else None
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    perm = [parts * (m % n_k) + m // n_k for m in range(n)]  # state p K + k at parts k + p
-    db, dc = dbc[..., perm], dbc[..., [n + q for q in perm]]
+    db, dc = _dbc_states(dbc, 0, parts, n_k), _dbc_states(dbc, n, parts, n_k)
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l

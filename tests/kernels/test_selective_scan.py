@@ -12,6 +12,10 @@ from pallas_kernels import selective_scan, selective_state_update
 
 ss = importlib.import_module("pallas_kernels.selective_scan")
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
+# v8's training path: the session-9 defaults (v9: the pair backward and ck2 checkpoints) off
+V8_TRAINING = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False,
+                   mgpu_bwd_keep_b=False, mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False,
+                   mgpu_bwd_direct_out=False)
 
 
 def make_inputs(seed, *, b=2, length=13, dn=64, n=5, groups=None, dtype=jnp.float32,
@@ -164,7 +168,8 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
 @pytest.mark.parametrize("tiling,n,groups,dn", [
     pytest.param(dict(mgpu=True, mgpu_chunk=4, mgpu_stages=2, chunk=2), 16, 2, 256,
                  marks=pytest.mark.slow),
-    (dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2, 256),
+    pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_chunk=8, mgpu_stages=2, chunk=4), 16, 2,
+                 256, marks=pytest.mark.slow),
     pytest.param(dict(mgpu=True, mgpu_bwd=True, mgpu_bwd_split=1, mgpu_chunk=4, mgpu_stages=3,
                       chunk=4, mgpu_keep=False), 5, None, 192, marks=pytest.mark.slow),
     pytest.param(dict(mgpu="fwd", mgpu_chunk=4, mgpu_stages=3, chunk=2), 5, None, 192,
@@ -237,6 +242,7 @@ def test_mosaic_gpu_auto_is_off_in_interpret_mode_and_on_cpu():
         "quad_backward_of_one_thread_forward_n8_padded",
         "row_sums_one_thread_loop_pair_train_c16_n16", "row_sums_two_thread_ahead_n6_groups"])
 def test_mosaic_gpu_forward_matches_recurrence(tiling, n, groups, dn):
+    tiling = {**V8_TRAINING, **tiling}   # these cases test the v8 paths (v9: the block below)
     # The Mosaic GPU forward (selective_scan_mgpu, GPU interpret mode): one channel per thread
     # of a 128-thread warpgroup, B/C chunks by TMA into shared memory, a hand-written pipeline
     # of `mgpu_stages` slots. Ragged (11 steps in chunks of 4: the last chunk's padded steps
@@ -276,6 +282,82 @@ def test_split_forward_checkpoints_feed_unsplit_backward_at_odd_width():
     # backward's 32-channel blocks need 64 (re-padded in _backward).
     check_against_recurrence(jnp.float32, 4, None, 7, OPTIONAL, True, dn=48, split=2,
                              bwd_split=1)
+
+
+# Session 9 (mamba_bwd): the pair backward's shared-memory layouts.
+PAIR_TRAIN = dict(mgpu=True, mgpu_bwd=True, mgpu_pair="train", mgpu_bwd_split=1,
+                  mgpu_bwd_loop=True, mgpu_bwd_pair=True, mgpu_bwd_rowsum=True,
+                  mgpu_ck_pair=False, mgpu_ck_late=False, mgpu_bwd_keep_b=False,
+                  mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False)
+
+
+@pytest.mark.parametrize("tiling,n,groups,dn", [
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_keep_b=True, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair=True, mgpu_chunk=8,
+                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                      mgpu_chunk=8, chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_bwd_pair=False, mgpu_ck_late=True, mgpu_chunk=8,
+                      chunk=4), 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair=True, mgpu_bwd_pad_rows=True, mgpu_chunk=8,
+                      chunk=4), 6, None, 100, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_ck_late=True,
+                      mgpu_bwd_keep_b=True, mgpu_bwd_pair_ahead=True, mgpu_chunk=16, chunk=4),
+                 16, 2, 256, marks=pytest.mark.slow),
+    pytest.param(dict(PAIR_TRAIN, mgpu_ck_pair="direct", mgpu_bwd_direct_out=True,
+                      mgpu_bwd_pad_rows=True, mgpu_chunk=8, chunk=4), 6, None, 100,
+                 marks=pytest.mark.slow),
+], ids=["ck2_pair_backward_keep_b_n16_groups", "ck2_one_thread_backward_n6_padded",
+        "ck2_direct_late_one_thread_backward_n16_groups", "ck_late_one_thread_backward_n16_groups",
+        "pad_rows_pair_backward_n6_padded", "ahead_pair_backward_direct_late_c16_n16_groups",
+        "direct_out_pair_backward_n6_padded"])
+def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypatch):
+    # The pair training forward's checkpoints in the pair layout (row k = the thread map
+    # [4, 2, 16]: state p K + k of channel 16 w + l at thread 32 w + 16 p + l), read by the
+    # pair backward: every gradient against the f32 recurrence, ragged (11 steps in chunks of
+    # 8), every option. The spies check that both kernels took the layout options.
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            seen.append((name, {o: k.get(o) for o in ("ck_pair", "save_ckpt", "ck2", "ahead")}))
+            return fn(*a, **k)
+        monkeypatch.setattr(mg, name, wrapped)
+    spy("forward_pair", mg.forward_pair)
+    spy("backward_pair", mg.backward_pair)
+    spy("backward", mg.backward)
+    check_against_recurrence(jnp.float32, n, groups, 11, OPTIONAL, True, dn=dn, **tiling)
+    ck2 = bool(tiling.get("mgpu_ck_pair"))
+    opts = {k: True for k, on in (("ck2", ck2), ("direct", tiling.get("mgpu_ck_pair") == "direct"),
+                                  ("late", tiling.get("mgpu_ck_late"))) if on}
+    assert ("forward_pair", {"ck_pair": None, "save_ckpt": opts or True, "ck2": None,
+                             "ahead": None}) in seen
+    if tiling["mgpu_bwd_pair"]:
+        assert ("backward_pair", {"ck_pair": ck2, "save_ckpt": None, "ck2": None,
+                                  "ahead": tiling.get("mgpu_bwd_pair_ahead", False)}) in seen
+    else:
+        assert ("backward", {"ck_pair": None, "save_ckpt": None, "ck2": ck2,
+                             "ahead": None}) in seen
+
+
+def test_v9_default_training_path_matches_recurrence(monkeypatch):
+    # The v9 defaults with mgpu=True (GPU interpret mode; "auto" takes them on a Hopper GPU):
+    # the pair training forward storing ck2 checkpoints from registers after the next step
+    # group, the pair backward with B kept, 5-tile input rows and the recompute ahead; every
+    # option, 2 groups, ragged (11 steps), chunks of 8 (two sub-chunks: the ahead path).
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig = mg.backward_pair
+
+    def spy(*a, **k):
+        seen.append({o: k.get(o) for o in ("ck_pair", "keep_b", "pad_rows", "ahead")})
+        return orig(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True,
+                             mgpu_chunk=8, chunk=4)
+    assert seen == [dict(ck_pair=True, keep_b=True, pad_rows=True, ahead=True)]
 
 
 def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
