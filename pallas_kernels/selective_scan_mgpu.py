@@ -776,6 +776,56 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
     return _inline_row_load(bc_ref, t, count, shape, n_load, first)
 
 
+def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpret, rawp=False):
+    """The pair forwards' start: the first `stages` chunks' TMA loads issued (`fetch(c, slot)`
+    issues chunk c's), then A^T log2(e) as n_k arrays of `shape`, D and bias (`vec`) and h0 (or
+    zeros) read. rawp: A [Dp, N], D and bias [Dp] come unpermuted (this program's rows), each
+    thread (w, p, l) picks row lw w + l, states p K + k, and A is scaled by log2(e) here.
+    Returns (b, j, tiles, fetch, a2, vec, h0)."""
+    lw = shape[2]
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
+    tiles = pl.ds(j * 4, 4)
+
+    def fetch(c, slot):
+        rows = pl.ds(c * chunk, chunk)
+        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
+        for k in seq_in:
+            if k != "bc":
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
+                                        r["in_bar"].at[slot])
+
+    for s in range(min(stages, n_chunks)):
+        fetch(s, s)
+    own = pl.ds(j * (4 * lw), 4 * lw) if rawp else None
+    plgpu.copy_gmem_to_smem(r["a"].at[own] if rawp else r["a"].at[:, j], r["a_s"],
+                            r["bar"].at[0])
+    vec_names = [k for k in ("d", "bias") if k in opts]
+    for i, k in enumerate(vec_names):
+        plgpu.copy_gmem_to_smem(r[k].at[own] if rawp else r[k].at[j], r["p_s"].at[i],
+                                r["bar"].at[1 + i])
+    if "h0" in opts:
+        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
+    plgpu.barrier_wait(r["bar"].at[0])
+    if rawp:
+        a2 = [a * _LOG2E for a in _thread_rows(r["a_s"], n_k, shape, n_k, interpret)]
+    else:
+        a2 = [r["a_s"][k] for k in range(n_k)]
+    vec = {}
+    for i, k in enumerate(vec_names):
+        plgpu.barrier_wait(r["bar"].at[1 + i])
+        vec[k] = (_thread_rows(r["p_s"].at[pl.ds(i, 1)], 1, shape, 0, interpret, flat=True)[0]
+                  if rawp else r["p_s"][i])
+    if "h0" in opts:
+        plgpu.barrier_wait(r["bar"].at[3])
+        h0 = tuple(r["h_s"][k] for k in range(n_k))
+    else:
+        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    return b, j, tiles, fetch, a2, vec, h0
+
+
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                    interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
@@ -793,40 +843,8 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     shape = _lane_shape(parts)
     lw = shape[2]
     n_k = n_state // parts
-    b = jax.lax.axis_index("b")
-    j = jax.lax.axis_index("j")
-    groups = r["bc"].shape[1]
-    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
-    tiles = pl.ds(j * 4, 4)
-
-    def fetch(c, slot):
-        rows = pl.ds(c * chunk, chunk)
-        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
-        for k in seq_in:
-            if k != "bc":
-                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
-                                        r["in_bar"].at[slot])
-
-    for s in range(min(stages, n_chunks)):
-        fetch(s, s)
-    # A^T log2(e) as [K, *shape], D and bias as shape (every part), h0 [K, *shape]
-    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
-    if "h0" in opts:
-        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
-    plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] for k in range(n_k)]
-    vec = {}
-    for i, k in enumerate(vec_names):
-        plgpu.barrier_wait(r["bar"].at[1 + i])
-        vec[k] = r["p_s"][i]
-    if "h0" in opts:
-        plgpu.barrier_wait(r["bar"].at[3])
-        h0 = tuple(r["h_s"][k] for k in range(n_k))
-    else:
-        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    b, j, tiles, fetch, a2, vec, h0 = _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages,
+                                                     n_chunks, interpret)
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
 
@@ -1052,49 +1070,9 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
     shape = _PAIR_SHAPE
-    lw = shape[2]
     n_k = n_state // 2
-    b = jax.lax.axis_index("b")
-    j = jax.lax.axis_index("j")
-    groups = r["bc"].shape[1]
-    g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
-    tiles = pl.ds(j * 4, 4)
-
-    def fetch(c, slot):
-        rows = pl.ds(c * chunk, chunk)
-        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
-        for k in seq_in:
-            if k != "bc":
-                plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
-                                        r["in_bar"].at[slot])
-
-    for s in range(min(stages, n_chunks)):
-        fetch(s, s)
-    width = 4 * lw
-    own = pl.ds(j * width, width)    # rawp: this program's rows of A [Dp, N], D, bias [Dp]
-    plgpu.copy_gmem_to_smem(r["a"].at[own] if rawp else r["a"].at[:, j], r["a_s"],
-                            r["bar"].at[0])
-    vec_names = [k for k in ("d", "bias") if k in opts]
-    for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[own] if rawp else r[k].at[j], r["p_s"].at[i],
-                                r["bar"].at[1 + i])
-    if "h0" in opts:
-        plgpu.copy_gmem_to_smem(r["h0"].at[b, :, j], r["h_s"], r["bar"].at[3])
-    plgpu.barrier_wait(r["bar"].at[0])
-    if rawp:     # thread (w, p, l): row lw w + l, states p K + k; A times log2 e here
-        a2 = [a * _LOG2E for a in _thread_rows(r["a_s"], n_k, shape, n_k, interpret)]
-    else:
-        a2 = [r["a_s"][k] for k in range(n_k)]
-    vec = {}
-    for i, k in enumerate(vec_names):
-        plgpu.barrier_wait(r["bar"].at[1 + i])
-        vec[k] = (_thread_rows(r["p_s"].at[pl.ds(i, 1)], 1, shape, 0, interpret, flat=True)[0]
-                  if rawp else r["p_s"][i])
-    if "h0" in opts:
-        plgpu.barrier_wait(r["bar"].at[3])
-        h0 = tuple(r["h_s"][k] for k in range(n_k))
-    else:
-        h0 = tuple(_zeros(shape) for _ in range(n_k))
+    b, j, tiles, fetch, a2, vec, h0 = _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages,
+                                                     n_chunks, interpret, rawp=rawp)
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
     by_poly = {(jj % 2, n_k - 1 - jj // 2) for jj in range(poly)}
