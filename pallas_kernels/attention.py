@@ -255,6 +255,11 @@ class FlashConfig:
     #                                         producer (session 9): the warpgroups (0, 1) that
     #                                         issue S_t, dP_t before dq_{t-1} (P computed while
     #                                         dP and dq run; dq sent once dV is issued)
+    mgpu_bwd_pingpong: bool = False  # Mosaic bwd at head_dim 128, rows + deferred dq without
+    #                                  producer (session 9b, not timed yet): the per-step dS
+    #                                  barrier replaced by one-way mbarriers (dS written / read
+    #                                  per warpgroup and buffer); warpgroup 1 starts half a
+    #                                  step behind warpgroup 0, which issues dq two steps late
     interpret: bool = False
 
 

@@ -719,7 +719,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
     dh = d if own else d // dq_wgs
     wg = lax.axis_index("wg")
     k_smem, v_smem, q_smem, do_smem, ld_smem, ds_smem, dq_smem, p_smem = smem
-    kv_ready, q_ready, do_ready, ld_ready, free, ds_sync = barriers
+    kv_ready, q_ready, do_ready, ld_ready, free, ds_sync, *pp_bars = barriers
     one_bar = cfg.mgpu_bwd_one_bar      # Q, dO, [lse; delta] of a slot on q_ready (3 arrivals)
 
     def wait_do(slot):
@@ -1230,6 +1230,104 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             dk, dv = steps_and_last_dq((zeros, zeros, i0, g * rep))
         write_dkdv(w, dk, dv, kv_at)
 
+    def _consumer_pingpong(w: int):
+        """`mgpu_bwd_pingpong` (session 9b; rows + deferred dq without producer, D 128): the
+        two warpgroups half a step apart instead of in lock step. The per-step dS barrier
+        becomes one-way mbarriers per (warpgroup, dS buffer): `ds_full` (the warpgroup's dS
+        half of a step is in SMEM, waited by the other before its dq reads it) and `ds_free`
+        (the warpgroup's dq has read a buffer, waited by the other before it overwrites its
+        half). Warpgroup 1 starts once warpgroup 0 has computed P of step 0 (`mid`) and issues
+        dq_{t-1} at step t; warpgroup 0 issues dq_{t-2} (the lagging half of dS_{t-1} is
+        written while warpgroup 0 is half-way through step t). Virtual steps -2 (buffer 0) and
+        -1 (buffer 1) have zero dS; warpgroup 1 never reads step -2, so warpgroup 0 does not
+        announce its step -2 and does not wait before its first write of buffer 0. The ring
+        slot of step t is refilled by warpgroup 1 (the later one) once both warpgroups have
+        arrived on its `free` barrier."""
+        ds_full, ds_free, mid = pp_bars
+        lag = 2 if w == 0 else 1                           # dq of step t - lag at step t
+        if w == 0:
+            for t0 in range(stages):
+                pl.when(t0 < total)(functools.partial(load_step, jnp.int32(t0)))
+        k0, w_mid_lo, w_mid_hi, kv_at = own_keys(w)
+        zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+        for u in range(2):                                 # dS of steps -2, -1: zeros
+            ds_smem.at[u, w][...] = plgpu.layout_cast(jnp.zeros(ds_smem.shape[2:], q_smem.dtype),
+                                                      plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        if w == 1:
+            plgpu.barrier_arrive(ds_full.at[2])            # step -2 (only warpgroup 0 reads it)
+        plgpu.barrier_arrive(ds_full.at[2 * w + 1])        # step -1
+        plgpu.barrier_wait(kv_ready.at[w])
+        plgpu.barrier_wait(kv_ready.at[2 + w])
+        plgpu.barrier_wait(kv_ready.at[1 - w])             # dq reads the other warpgroup's K
+        cols = pl.ds(w * dh, dh)
+        if w == 1:                                         # start half a step behind
+            pl.when(total > 0)(lambda: plgpu.barrier_wait(mid.at[0]))
+
+        def dq_mm(dq_ref, rbuf):
+            for u in range(2):
+                plgpu.wgmma(dq_ref, ds_smem.at[rbuf, u], k_smem.at[u, :, cols])
+
+        def emit_dq(dq, i_, h_):
+            send_dq(w, dq * dq_scale if dq_scale != 1.0 else dq, i_, h_, cols)
+
+        def step(i, carry, r, masked):
+            dk, dv, hist = carry                           # hist: (i, h) of steps t-1, t-2
+            t = r * n + (i - lo)
+            slot = lax.rem(c0 + t, jnp.int32(stages))
+            buf = lax.rem(t, jnp.int32(2))
+            rbuf = lax.rem(t - lag + 2, jnp.int32(2))      # buffer of step t - lag
+            h = g * rep + r
+            plgpu.barrier_wait(q_ready.at[slot])
+            wait_ld(slot)
+            wait_do(slot)
+            plgpu.barrier_wait(ds_full.at[2 * (1 - w) + rbuf])   # other half of dS_{t-lag}
+
+            def dq_s_dp(dq_ref, s_ref, dp_ref):
+                dq_mm(dq_ref, rbuf)
+                rows_issue_s_dp(s_ref, dp_ref, slot, w)
+                dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=2)
+                plgpu.barrier_arrive(ds_free.at[2 * w + rbuf])   # dS_{t-lag} read
+                emit_dq(dq, *hist[lag - 1])
+                p = rows_p(s_ref, slot, i, k0, masked, w)
+                if w == 0:
+                    pl.when(t == 0)(lambda: plgpu.barrier_arrive(mid.at[0]))
+                return p, dp_ref[...]
+            acc_s = plgpu.ACC(ds_smem.shape[2:], jnp.float32)
+            p, dp = pl.run_scoped(dq_s_dp, plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
+            # buffer `buf` holds dS_{t-2}: the other warpgroup's dq has read it (warpgroup 1
+            # never reads step -2: no wait before warpgroup 0's step 0)
+            if w == 0:
+                pl.when(t >= 1)(lambda: plgpu.barrier_wait(ds_free.at[2 + buf]))
+            else:
+                plgpu.barrier_wait(ds_free.at[buf])
+            dk, dv = rows_tail(p, dp, slot, buf, w, dk, dv)
+            plgpu.barrier_arrive(ds_full.at[2 * w + buf])  # my dS_t is in SMEM
+            plgpu.barrier_arrive(free.at[slot])            # done with the slot (dV, dK waited)
+            if w == 1:                                     # both done: refill it
+                plgpu.barrier_wait(free.at[slot])
+                pl.when(t + stages < total)(functools.partial(load_step, t + stages))
+            return dk, dv, ((i, h), hist[0])
+
+        i0 = jnp.minimum(lo, jnp.int32(lq_pad // bq - 1))  # any valid block: steps < 0 add 0
+        h0 = g * rep
+        dk, dv, hist = all_steps(step, w_mid_lo, w_mid_hi, (zeros, zeros, ((i0, h0), (i0, h0))))
+        for back in range(lag, 0, -1):                     # dq of steps total - lag .. total - 1
+            rbuf = lax.rem(total - back + 2, jnp.int32(2))
+            plgpu.barrier_wait(ds_full.at[2 * (1 - w) + rbuf])
+
+            def dq_last(dq_ref, rbuf=rbuf):
+                dq_mm(dq_ref, rbuf)
+                return dq_ref[...]
+            emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), *hist[back - 1])
+            plgpu.barrier_arrive(ds_free.at[2 * w + rbuf])
+        for s_ in (total - 2, total - 1):                  # the other's last two dq reads
+            # (observed, so that no phase of ds_free is left unwaited; warpgroup 1 never
+            # announces step -2)
+            pl.when(s_ >= (-1 if w == 0 else -2))(functools.partial(
+                plgpu.barrier_wait, ds_free.at[2 * (1 - w) + lax.rem(s_ + 2, jnp.int32(2))]))
+        write_dkdv(w, dk, dv, kv_at)
+
     def _consumer():
         # SMEM is indexed by warpgroup on untiled leading axes only (no dynamic slices of a
         # tiled axis): K/V [2, bk, D], dS^T [buffer, 2, bk, bq].
@@ -1543,7 +1641,10 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         lax.fori_loop(0, n_local, body, (jnp.int32(0), jnp.int32(0)))
         plgpu.wait_smem_to_gmem(0)                       # the last dK/dV stores completed
         return
-    if cfg.mgpu_bwd_defer_dq:
+    if cfg.mgpu_bwd_pingpong:
+        for w in range(2):
+            pl.when(wg == w)(functools.partial(_consumer_pingpong, w))
+    elif cfg.mgpu_bwd_defer_dq:
         for w in range(2):
             pl.when(wg == w)(functools.partial(_consumer_defer, w))
     elif rows:
@@ -1637,6 +1738,16 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_s_first needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
                          "mgpu_bwd_dv_early without producer and without mgpu_bwd_dk_late, "
                          "and warpgroup indices 0 / 1")
+    if cfg.mgpu_bwd_pingpong and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
+                                      and cfg.mgpu_bwd_dq == "halves"
+                                      and not cfg.mgpu_bwd_producer
+                                      and not cfg.mgpu_bwd_persistent
+                                      and not cfg.mgpu_bwd_dv_early
+                                      and not cfg.mgpu_bwd_dk_late
+                                      and not cfg.mgpu_bwd_dq_split):
+        raise ValueError("mgpu_bwd_pingpong needs mgpu_bwd_defer_dq, mgpu_bwd_rows, dq 'halves', "
+                         "no producer, no persistent CTAs and none of mgpu_bwd_dv_early, "
+                         "mgpu_bwd_dk_late, mgpu_bwd_dq_split")
     if cfg.mgpu_bwd_persistent and (cfg.mgpu_bwd_producer or cfg.mgpu_bwd_dq != "halves"
                                     or cfg.mgpu_bwd_dq_fused):
         raise ValueError("mgpu_bwd_persistent needs mgpu_bwd_producer=False, dq 'halves' and "
@@ -1715,6 +1826,12 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=2))
+    if cfg.mgpu_bwd_pingpong:   # ds_full, ds_free [warpgroup * 2 + dS buffer], mid
+        if dq_wgs != 2:
+            raise ValueError("mgpu_bwd_pingpong needs head_dim 128 (dq halves over 2 "
+                             "warpgroups)")
+        barriers += (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4),
+                     plgpu.Barrier(num_barriers=1))
     dk, dv = _warp_specialized(
         functools.partial(_backward_kernel, cfg=cfg, rep=rep, stages=stages, lq_pad=lq_pad,
                           gpu_path=not interpret, n_ctas=n_ctas),
@@ -1751,7 +1868,8 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"
                      f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"
                      f"{''.join(f'_sf{w}' for w in cfg.mgpu_bwd_s_first)}"
-                     f"{'_dqs32' if dq_cols == 32 else ''}"),
+                     f"{'_dqs32' if dq_cols == 32 else ''}"
+                     f"{'_pp' if cfg.mgpu_bwd_pingpong else ''}"),
         interpret=interpret,
     )(qp, kp, vp, dop, ld, dq_acc)
     dq = dq_acc[...]

@@ -542,6 +542,43 @@ def test_mosaic_gpu_backward_session9_s_first_in_gpu_interpret_mode(causal, wind
     _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
 
 
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window", [
+    pytest.param(1, 200, 200, 4, 2, False, None, marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, True, 40, marks=SLOW),   # tiles without queries, 1 step
+])
+def test_mosaic_gpu_backward_session9_pingpong_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal,
+                                                                     window):
+    """Session 9b, D 128 rows + deferred dq without producer with the two warpgroups half a
+    step apart (`mgpu_bwd_pingpong`: one-way dS mbarriers, warpgroup 0's dq two steps late,
+    the ring refilled by warpgroup 1); GQA, ragged lengths, a causal window with Lq < Lk."""
+    q, k, v, do = _inputs(31, b, lq, lk, hq, hkv, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           mgpu_bwd_pingpong=True, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_gpu_backward_pingpong_options_are_checked():
+    """mgpu_bwd_pingpong exists only on top of the D 128 full default's option set."""
+    from pallas_kernels import attention_mgpu
+
+    base = dict(causal=False, window=None, sm_scale=1.0, lq=128, lk=128, has_segments=False)
+    with pytest.raises(ValueError, match="mgpu_bwd_pingpong"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(**base, mgpu_bwd_pingpong=True))
+    with pytest.raises(ValueError, match="mgpu_bwd_pingpong"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(
+            **base, mgpu_bwd_pingpong=True, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
+            mgpu_bwd_producer=False, mgpu_bwd_dv_early=True))
+    attention_mgpu.check_backward_options(attn.FlashConfig(
+        **base, mgpu_bwd_pingpong=True, mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True,
+        mgpu_bwd_producer=False))
+
+
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,d,causal,window,extra", [
     pytest.param(1, 200, 200, 4, 2, 128, False, None, dict(MOSAIC_BWD_ROWS),
                  marks=SLOW),   # opt-in: measured slower on the H200 (session 6)
