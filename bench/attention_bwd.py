@@ -185,6 +185,10 @@ VARIANTS.update({
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),
     "opts_ee": lambda d, c: dict(_opts(d, c), mgpu_bwd_early_exit=True),
     "rows_defer_dve_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_early_exit=True),
+    # session 9b: the D 128 full default with the two warpgroups half a step apart (one-way dS
+    # mbarriers instead of the per-step dS barrier; warpgroup 0's dq two steps late, warpgroup
+    # 1 refills the ring); stress first: STRESS_CASES 0, 6, 7, 9, 12
+    "rows_defer_pp": dict(ROWS_DEFER, mgpu_bwd_pingpong=True),
 })
 
 
@@ -257,7 +261,9 @@ STRESS_CASES = [(2, 2048, 4, 4, 128, False, None, False),     # 0: session 7's N
                 (2, 2048, 16, 2, 128, False, None, False),    # 9: GQA 8:1 full
                 # session 9: D 64 causal (the deferred dq with a producer)
                 (1, 4097, 8, 1, 64, True, None, False),       # 10: MQA 8:1, ragged
-                (1, 4096, 8, 1, 64, True, 300, False)]        # 11: window
+                (1, 4096, 8, 1, 64, True, 300, False),        # 11: window
+                # session 9b: D 128 full, GQA 4:1, ragged (mgpu_bwd_pingpong's short tiles)
+                (1, 1000, 8, 2, 128, False, None, False)]     # 12
 
 
 def _poison_smem(n_ctas=264, rows=432):
@@ -383,12 +389,16 @@ def throughput(results, deadline, names, cells, lengths, anchors=("cudnn",), per
             _SAVE[0]()
 
 
+COMPILE_S = 5.0     # part ab: seconds set aside per function of a later cell (compile, warm-up)
+
+
 def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), per_cell=None,
                 rep_ms=25.0):
-    """A B A B timing (session 7): per cell (an equal share of the time left each), every
-    anchor and variant is compiled and warmed first (compiles stop 4 s before the cell's
-    share ends), then timed in rounds (one ~25 ms repetition of each per round, in the same
-    order), at least 3 and at most 20 rounds; the medians over the rounds are the results."""
+    """A B A B timing (session 7): per cell, every anchor and variant is compiled and warmed
+    first (all of them, unless the part's deadline comes; session 9b), then timed in rounds
+    (one ~25 ms repetition of each per round, in the same order) for an equal share of the time
+    left after COMPILE_S per function of the later cells, at least 3 and at most 20 rounds;
+    the medians over the rounds are the results."""
     out = results.setdefault("interleaved", [])
     per_cell = per_cell or {}
 
@@ -396,21 +406,20 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
         got = per_cell.get(f"{cell}@{n}", per_cell.get(cell, names))
         return [] if got == ["-"] else got
     todo = [(n, c) for n in lengths for c in cells if cell_names(c, n)]
-    # session 9: each cell's share of the time left is proportional to its number of
-    # functions (compiles dominate: ~3-5 s each), not equal per cell
-    weight = [len(anchors) + len(cell_names(c, n)) + 1 for n, c in todo]
+    # session 9b: a cell compiles all its functions first (session 9's time shares dropped a
+    # cell's third or fourth function in 7 cells); its rounds then get an equal share of the
+    # time left once the later cells' compiles (COMPILE_S each) are set aside
+    n_fns = [len(anchors) + len(cell_names(c, n)) for n, c in todo]
     for j, (n, cell) in enumerate(todo):
         if time.time() > deadline:
             break
-        # this cell's share of the time left; compiles stop 4 s before it (rounds need ~2 s)
-        cell_deadline = time.time() + (deadline - time.time()) * weight[j] / sum(weight[j:])
         b = battn.TOKENS // n
         d, causal = CELLS[cell]
         q, k, v, do = battn._inputs((b, n, battn.H, d), (b, n, battn.H, d), jnp.bfloat16)
         flops = 4 * b * battn.H * n * n * d / (2 if causal else 1) * 3.5
         fns, iters, seen = {}, {}, {}
         for name in list(anchors) + cell_names(cell, n):
-            if time.time() > cell_deadline - 4:
+            if time.time() > deadline - 2:
                 break
             if name in VARIANTS:
                 key = json.dumps(_cfg(name, d, causal), sort_keys=True)
@@ -434,6 +443,8 @@ def interleaved(results, deadline, names, cells, lengths, anchors=("cudnn",), pe
             except Exception as e:  # noqa: BLE001
                 out.append(dict(d=d, causal=causal, n=n, impl=name,
                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+        later = COMPILE_S * sum(n_fns[j + 1:])
+        cell_deadline = time.time() + max(0.0, deadline - time.time() - later) / (len(todo) - j)
         samples = {name: [] for name in fns}
         for k_round in range(20):
             if k_round >= 3 and time.time() > cell_deadline:
