@@ -1239,10 +1239,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
         half). Warpgroup 1 starts once warpgroup 0 has computed P of step 0 (`mid`) and issues
         dq_{t-1} at step t; warpgroup 0 issues dq_{t-2} (the lagging half of dS_{t-1} is
         written while warpgroup 0 is half-way through step t). Virtual steps -2 (buffer 0) and
-        -1 (buffer 1) have zero dS; warpgroup 1 never reads step -2, so warpgroup 0 does not
-        announce its step -2 and does not wait before its first write of buffer 0. The ring
-        slot of step t is refilled by warpgroup 1 (the later one) once both warpgroups have
-        arrived on its `free` barrier."""
+        -1 (buffer 1) have zero dS (their dq is computed, not sent); warpgroup 1 never reads
+        step -2, so warpgroup 0 does not announce its step -2 and does not wait before its
+        first write of buffer 0. The ring slot of step t is refilled by warpgroup 1 (the later
+        one) once both warpgroups have arrived on its `free` barrier. Every phase of every
+        barrier is waited by its waiter (the interpreter checks it at deallocation)."""
         ds_full, ds_free, mid = pp_bars
         lag = 2 if w == 0 else 1                           # dq of step t - lag at step t
         if w == 0:
@@ -1288,7 +1289,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 rows_issue_s_dp(s_ref, dp_ref, slot, w)
                 dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=2)
                 plgpu.barrier_arrive(ds_free.at[2 * w + rbuf])   # dS_{t-lag} read
-                emit_dq(dq, *hist[lag - 1])
+                # steps < 0 add zeros: not sent (in interpret mode the TMA is a copy into a
+                # block that a real step also writes, unordered: the race detector's race)
+                pl.when(t >= lag)(lambda: emit_dq(dq, *hist[lag - 1]))
                 p = rows_p(s_ref, slot, i, k0, masked, w)
                 if w == 0:
                     pl.when(t == 0)(lambda: plgpu.barrier_arrive(mid.at[0]))
@@ -1319,7 +1322,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
             def dq_last(dq_ref, rbuf=rbuf):
                 dq_mm(dq_ref, rbuf)
                 return dq_ref[...]
-            emit_dq(pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32)), *hist[back - 1])
+            dq = pl.run_scoped(dq_last, plgpu.ACC((bq, dh), jnp.float32))
+            pl.when(total >= back)(functools.partial(emit_dq, dq, *hist[back - 1]))
             plgpu.barrier_arrive(ds_free.at[2 * w + rbuf])
         for s_ in (total - 2, total - 1):                  # the other's last two dq reads
             # (observed, so that no phase of ds_free is left unwaited; warpgroup 1 never
