@@ -187,7 +187,7 @@ VARIANTS.update({
     "rows_defer_dve_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_early_exit=True),
     # session 9b: the D 128 full default with the two warpgroups half a step apart (one-way dS
     # mbarriers instead of the per-step dS barrier; warpgroup 0's dq two steps late, warpgroup
-    # 1 refills the ring), and with one ring mbarrier; stress first: STRESS_CASES 0, 6, 7, 9, 12
+    # 1 refills the ring), and with one ring mbarrier; stress first: STRESS_CASES 0, 6, 9, 12
     "rows_defer_pp": dict(ROWS_DEFER, mgpu_bwd_pingpong=True),
     "rows_defer_pp_1b": dict(ROWS_DEFER, mgpu_bwd_pingpong=True, mgpu_bwd_one_bar=True),
 })
