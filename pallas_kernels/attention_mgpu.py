@@ -12,7 +12,8 @@ with query rows, dS / dV issued early, no producer, one step loop and one ring m
 `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and docs/kernels/flash_attention.md.
 Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq, the query-rows
 layout, early dS / dV, dq fused after dK, dq "own", the producer-less CTA, persistent CTAs
-(`mgpu_bwd_persistent`: measured slower) and the on-device profiler ranges (`mgpu_bwd_profile`) in
+(`mgpu_bwd_persistent`: measured slower), the deferred-dq warpgroups half a step apart
+(`mgpu_bwd_pingpong`, not timed yet) and the on-device profiler ranges (`mgpu_bwd_profile`) in
 the backward, dS from the bf16 P, the tiles-fastest grid, the register splits, and in the forward
 the intra-warpgroup overlap and an optimization barrier. Compiled and checked against the f32
 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`)
