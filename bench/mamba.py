@@ -605,6 +605,11 @@ VARIANTS = {
     # the row sums in 4 partial sums too (o4)
     "v9o": dict(mgpu_bwd_direct_out=True),
     "v9o4": dict(mgpu_bwd_direct_out=True, mgpu_bwd_rowsum=4),
+    # session 9b (mamba_red): v9 with dB/dC summed over each half-warp's 16 channels by
+    # shuffles, one row per warp and step through a double-buffered `red` (w); its 2 KB
+    # buffers let the backward keep 16-step chunks (v9: 8), so w8 keeps v9's chunk of 8
+    "v9w": dict(mgpu_bwd_warp_red=True),
+    "v9w8": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -266,6 +266,9 @@ class _Config:
                               # the previous one's row-sum phase (mgpu_bwd_ahead: the others)
     mgpu_bwd_direct_out: bool = False  # Mosaic pair backward: du / ddelta (dz) stored from
                               # registers by st.global (no shared-memory tiles, no TMA)
+    mgpu_bwd_warp_red: bool = False  # Mosaic pair backward: dB/dC summed over each half-warp's
+                              # 16 channels by shuffles, one row per warp and step through
+                              # shared memory (double-buffered: one barrier per sub-chunk)
     interpret: bool = False
 
 
@@ -1348,6 +1351,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       pad_rows=cfg.mgpu_bwd_pad_rows,
                                       ahead=cfg.mgpu_bwd_pair_ahead,
                                       direct_out=cfg.mgpu_bwd_direct_out,
+                                      warp_red=cfg.mgpu_bwd_warp_red,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1487,7 +1491,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
-                          interpret=False):
+                          mgpu_bwd_warp_red=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     v9 (session 9, the training path where the one-thread grid fits one program per SM): the
@@ -1542,7 +1546,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_ck_pair=mgpu_ck_pair, mgpu_bwd_keep_b=mgpu_bwd_keep_b,
                   mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
                   mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
-                  mgpu_bwd_direct_out=mgpu_bwd_direct_out, interpret=interpret)
+                  mgpu_bwd_direct_out=mgpu_bwd_direct_out,
+                  mgpu_bwd_warp_red=mgpu_bwd_warp_red, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

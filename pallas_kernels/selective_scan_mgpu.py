@@ -1762,9 +1762,52 @@ def backward(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
 _RED_W = 5     # `red` rows of [5, lw] floats (4 x lw channels and a pad)
 
 
+def _shfl_lanes(x, distance, interpret):
+    """shfl.bfly by `distance` < lw lanes within a lane part ([4, parts, lw] arrays): lane l
+    gets lane l ^ distance's value (another channel of the same states)."""
+    if interpret:   # l ^ d: swap the halves of each 2 d-lane block (no index constant)
+        w, parts, lw = x.shape
+        return x.reshape(w, parts, lw // (2 * distance), 2, distance)[:, :, :, ::-1].reshape(
+            x.shape)
+    return _shfl(x, interpret, distance=distance)
+
+
+def _lane_reduce_scatter(vs, interpret):
+    """vs: lw arrays [4, parts, lw] (value e of the thread's channel, e < lw) -> [4, parts, lw]:
+    lane l's sum of value l over the lw channels (lanes) of its lane part. A butterfly
+    reduce-scatter: at distance d (lw / 2 .. 1) a lane keeps the half of its values whose
+    index has bit d equal to its lane's bit d and sends the other half to lane l ^ d (lw - 1
+    shuffles, 2 (lw - 1) selects and lw - 1 adds per thread)."""
+    lw = vs[0].shape[2]
+    if len(vs) != lw:
+        raise ValueError(f"_lane_reduce_scatter: {len(vs)} values for {lw} lanes")
+    lane = jax.lax.broadcasted_iota(jnp.int32, vs[0].shape, 2)
+    if not interpret:
+        lane = plgpu.layout_cast(lane, plgpu.Layout.WG_STRIDED(vs[0].shape, vec_size=1))
+    d = lw // 2
+    while d >= 1:
+        hi = (lane & d) != 0
+        half = len(vs) // 2
+        nxt = []
+        for e in range(half):
+            keep = jnp.where(hi, vs[e + half], vs[e])
+            send = jnp.where(hi, vs[e], vs[e + half])
+            nxt.append(keep + _shfl_lanes(send, d, interpret))
+        vs, d = nxt, d // 2
+    return vs[0]
+
+
+def _dbc_states_warp(dbc, which, n_k):
+    """dB (which 0) / dC (1) in state order from the warp-reduced rows (warp_red): column
+    16 p + 8 which + k holds state p K + k."""
+    x = dbc.reshape(*dbc.shape[:-1], 2, 2, _NQ // 4)[..., which, :n_k]
+    return x.reshape(*x.shape[:-2], 2 * n_k)
+
+
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
-                   keep_b=False, pad_rows=False, ahead=False, direct_out=False):
+                   keep_b=False, pad_rows=False, ahead=False, direct_out=False,
+                   warp_red=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts)
     f32 = jnp.float32
@@ -1836,6 +1879,18 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         rows = r["red"].at[pl.ds(tl * _NQ + which * n_state + parts * k, parts), pl.ds(0, 4)]
         rows.transpose((1, 0, 2))[...] = v
 
+    def warp_red_store(sub, tl, wvals):
+        """warp_red: the 16 lanes of each lane part sum the dB/dC values of their 16 channels
+        by shuffles (_lane_reduce_scatter: lane l gets value l = dB (l < 8) / dC of state
+        p K + l % 8); warp w stores its step row [32] (column 16 p + l) into buffer sub % 2
+        of `red` [2, 4, ck_every * 32]: one conflict-free store per warp and step. Two
+        buffers: the barrier after a sub-chunk's stores also orders the next one's stores
+        after this one's sums (no barrier before the stores)."""
+        pad = [zero] * (lw // 2 - n_k)
+        v = _lane_reduce_scatter([*wvals[0], *pad, *wvals[1], *pad], interpret)
+        row = r["red"].at[jax.lax.rem(sub, 2), :, pl.ds(tl * _NQ, _NQ)]
+        row[...] = v.reshape(4, _NQ)
+
     def bc_get(bc_s, t, which):
         return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape)
 
@@ -1896,7 +1951,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
             hs, steps, decays, own = rec
             t0 = sub * ck_every
-            if rowsum:     # every thread has read the previous sub-chunk's `red` rows
+            if rowsum and not warp_red:  # every thread has read the previous sub-chunk's rows
                 plgpu.commit_smem()
             for tp in reversed(range(0, ck_every, parts)):
                 t = t0 + tp
@@ -1923,15 +1978,22 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                             hc = h_t[kk] * c_t[kk]
                             ys[tt] = hc if ys[tt] is None else ys[tt] + hc
                     gb, saq = None, None
+                    wvals = ([], [])    # warp_red: dB, dC values of the thread's channel
                     for kk in range(n_k):
                         g = dh[kk] + c_t[kk] * dy
-                        red_store(tl, 0, kk, g * dtu)
-                        red_store(tl, 1, kk, dy * h_t[kk])
+                        if warp_red:
+                            wvals[0].append(g * dtu)
+                            wvals[1].append(dy * h_t[kk])
+                        else:
+                            red_store(tl, 0, kk, g * dtu)
+                            red_store(tl, 1, kk, dy * h_t[kk])
                         q = g * a_t[kk] * h_prev[kk]
                         da[kk] = da[kk] + dt * q
                         saq = a2[kk] * q if saq is None else saq + a2[kk] * q
                         gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
                         dh[kk] = a_t[kk] * g
+                    if warp_red:
+                        warp_red_store(sub, tl, wvals)
                     gbs[tt], saqs[tt] = gb, saq
                 # lane part p finishes step t + p
                 gb, saq = pairsum(gbs), pairsum(saqs)
@@ -1955,7 +2017,10 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
             rec_next = recompute(nxt) if nxt is not None else None
-            if rowsum:   # rows 16 lw floats apart share banks: skewed block order
+            if warp_red:    # thread i: row i of the 4 warps' sums (4 conflict-free loads)
+                buf = r["red"].at[jax.lax.rem(sub, 2)]
+                tot = (buf[0] + buf[1]) + (buf[2] + buf[3])
+            elif rowsum:   # rows 16 lw floats apart share banks: skewed block order
                 tot = _row_sums(r["red"], 4 * lw, 32 // (_RED_W * lw % 32), interpret,
                                 _n_acc(rowsum))
             else:
@@ -2025,7 +2090,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
-                  pad_rows=False, ahead=False, direct_out=False, interpret=False):
+                  pad_rows=False, ahead=False, direct_out=False, warp_red=False,
+                  interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -2039,9 +2105,13 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     same banks, a 2-way conflict per load). ahead: each sub-chunk's recompute runs in the
     previous one's dB/dC row-sum phase (between its two barriers; within a chunk).
     direct_out (parts 2): du, ddelta (dz) stored straight from registers
-    (_pair_rows_store_global) instead of through shared-memory tiles and TMA."""
+    (_pair_rows_store_global) instead of through shared-memory tiles and TMA. warp_red
+    (parts 2): dB/dC summed over each half-warp's 16 channels by shuffles before shared memory
+    (one [32] row per warp and step, `red` double-buffered: one barrier per sub-chunk; 2 KB
+    per buffer instead of 40 KB, so the chunk can stay 16 steps); rowsum is then unused."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
+    warp_red = warp_red and parts == 2
     if ck.ndim == 5 and not ck_pair:
         ck = ck[:, :, :, 0]
     f32 = jnp.float32
@@ -2067,7 +2137,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
-    fixed = ck_every * _NQ * _RED_W * lw * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+    red_shape = (2, 4, ck_every * _NQ) if warp_red else (ck_every * _NQ, _RED_W, lw)
+    fixed = math.prod(red_shape) * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
     per_step = (width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
                 + (in_tiles - 4) * lw * sum(itemsizes[:3] + itemsizes[5:6]))
     while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
@@ -2119,14 +2190,15 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     n_in = 5 + (z is not None)
     scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4),
-               plgpu.SMEM((ck_every * _NQ, _RED_W, lw), f32), plgpu.SMEM((_WG, 4), f32),
+               plgpu.SMEM(red_shape, f32), plgpu.SMEM((_WG, 4), f32),
                *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
     body = functools.partial(
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
         parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
-        ahead=ahead, direct_out=direct_out and parts == 2)
+        ahead=ahead, direct_out=direct_out and parts == 2, **({"warp_red": True} if warp_red
+                                                              else {}))
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -2139,7 +2211,10 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     dz = crop(outs.pop(0)) if z is not None else None
     dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
     dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
-    db, dc = _dbc_states(dbc, 0, parts, n_k), _dbc_states(dbc, n, parts, n_k)
+    if warp_red:
+        db, dc = _dbc_states_warp(dbc, 0, n_k), _dbc_states_warp(dbc, 1, n_k)
+    else:
+        db, dc = _dbc_states(dbc, 0, parts, n_k), _dbc_states(dbc, n, parts, n_k)
     if not grouped:
         db, dc = db[:, :, 0], dc[:, :, 0]
     # [B, K, nb, 4, parts, lw] -> [B, N, Dp]: state p K + k, channel width j + lw w + l

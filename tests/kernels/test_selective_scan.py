@@ -360,6 +360,41 @@ def test_v9_default_training_path_matches_recurrence(monkeypatch):
     assert seen == [dict(ck_pair=True, keep_b=True, pad_rows=True, ahead=True)]
 
 
+# Session 9b (mamba_red): dB/dC summed over each half-warp's channels by shuffles (warp_red).
+@pytest.mark.slow
+@pytest.mark.parametrize("tiling,n,groups,dn,length", [
+    pytest.param(dict(mgpu_chunk=16, chunk=4), 16, 2, 256, 37, id="v9_c16_n16_groups"),
+    pytest.param(dict(mgpu_chunk=8, chunk=4, mgpu_bwd_pad_rows=False,
+                      mgpu_bwd_pair_ahead=False, mgpu_bwd_loop=False), 6, None, 100, 11,
+                 id="unrolled_n6_padded"),
+])
+def test_warp_reduced_dbc_pair_backward_matches_recurrence(tiling, n, groups, dn, length,
+                                                           monkeypatch):
+    # v9 + mgpu_bwd_warp_red (GPU interpret mode): every gradient against the f32 recurrence,
+    # every option, ragged; 16-step chunks (4 sub-chunks: both `red` buffers in turn, the
+    # looped and ahead paths) at N 16 with 2 groups, and N 6 (zero-padded values in the
+    # butterfly, Dn 100 padded) unrolled. The spy checks that the pair backward took it.
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig = mg.backward_pair
+
+    def spy(*a, **k):
+        seen.append(k.get("warp_red"))
+        return orig(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy)
+    check_against_recurrence(jnp.float32, n, groups, length, OPTIONAL, True, dn=dn, mgpu=True,
+                             mgpu_bwd_warp_red=True, **tiling)
+    assert seen == [True]
+
+
+def test_lane_reduce_scatter_sums_each_value_over_the_lanes():
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    vs = [jax.random.normal(jax.random.PRNGKey(e), (4, 2, 16)) for e in range(16)]
+    out = mg._lane_reduce_scatter(vs, interpret=True)
+    want = jnp.stack(vs, -1).sum(2)       # [4, 2, 16 values]: value e summed over the lanes
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
     kernel_fn = functools.partial(kernel, **tiling)
     inputs = make_inputs(2, n=n, groups=groups, length=length, dtype=dtype, dn=dn)
