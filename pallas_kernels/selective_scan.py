@@ -231,7 +231,8 @@ class _Config:
     mgpu_pair_chunk: int = 32  # steps per chunk of the pair inference forward
     mgpu_pair_inf: tuple | None = None  # session 9: the pair inference forward's options
                               # ((name, value) pairs: ahead, cross, ybuf, poly, idx, sp1,
-                              # ydefer) through selective_scan_mgpu._fwd_pair_inf_body; None:
+                              # ydefer, rawp, bcin) through
+                              # selective_scan_mgpu._fwd_pair_inf_body; None:
                               # _fwd_pair_body (v8). selective_scan_pallas's default (v9):
                               # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
@@ -1520,7 +1521,9 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
     Session 9 (the pair inference forward, mgpu_pair_inf): softplus with one MUFU op (sp1)
     and each chunk's y rows held in registers and stored together (ydefer), through
-    selective_scan_mgpu._fwd_pair_inf_body; mgpu_pair_inf=None is v8's body."""
+    selective_scan_mgpu._fwd_pair_inf_body; mgpu_pair_inf=None is v8's body. Opt-in there:
+    ("bcin", True) reads B / C by TMA as they are and converts them per chunk in the kernel
+    (no XLA preparation kernel; N % 8 == 0, else the prepared rows)."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
