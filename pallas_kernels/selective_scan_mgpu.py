@@ -836,11 +836,15 @@ def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpr
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ydefer=0,
+                   sp1=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
-    checkpoint options of _ck_options."""
+    checkpoint options of _ck_options. Opt-in (forward_pair's train_opts, the inference body's
+    session-9 options for this body): ydefer, the y rows of this many step groups held in
+    registers and stored together (ptxas keeps the next groups' B/C loads behind each y store
+    otherwise); sp1, softplus with one MUFU op (_softplus_1mufu)."""
     ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
@@ -898,6 +902,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 else:
                     _ck_view(row, k, parts, n_k, interpret)[...] = hk[k]
 
+        held = []     # (step, y) rows not yet stored (ydefer)
         for t in range(0, chunk, parts):
             late = None
             if save_ckpt and t % ck_every == 0:
@@ -909,7 +914,10 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
                 x = x + vec["bias"]
-            dt_own = _softplus(x, True) if softplus else x
+            if softplus:
+                dt_own = _softplus_1mufu(x) if sp1 else _softplus(x, True)
+            else:
+                dt_own = x
             if padded:
                 dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
             if parts == 2:
@@ -929,7 +937,14 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             else:
                 y = group_y(dt_own, u_own, s_, t, h)
             y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
-            y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            if ydefer:
+                held.append((t, y.astype(y_s.dtype)))
+                if len(held) >= ydefer or t + parts == chunk:   # flush the held y rows
+                    for tq, yq in held:
+                        y_s.at[pl.ds(tq, parts)].transpose((1, 0, 2))[...] = yq
+                    held.clear()
+            else:
+                y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
             if late is not None:
                 store_ck(t, late)
         plgpu.commit_smem()
@@ -1258,13 +1273,14 @@ def _bcin_supported(B, C, n, chunk, stages, n_chunks) -> bool:
 
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False,
-                 inf_opts=None):
+                 inf_opts=None, train_opts=None):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
     save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. inf_opts (a dict, or
     None): the session-9 inference body (_fwd_pair_inf_body) with these options (parts 2, no
-    checkpoints)."""
+    checkpoints). train_opts (a dict, or None): _fwd_pair_body's opt-in options (ydefer,
+    sp1) when it stores checkpoints (the training forward)."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -1347,7 +1363,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
+        **(dict(train_opts) if train_opts and save_ckpt else {}))
     if inf_opts is not None and parts == 2 and not save_ckpt:
         body = functools.partial(
             _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,

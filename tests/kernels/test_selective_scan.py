@@ -572,3 +572,28 @@ def test_pair_inference_bc_in_kernel_matches_recurrence(inf, n, groups, dn, dtyp
     y0, h0 = run({k: v for k, v in inf.items() if k != "bcin"})
     assert rel_err(y, y0) < 1e-6 and rel_err(h, h0) < 1e-6
 
+
+# Session 9 (mamba_bcin): the pair training forward with y held in registers (ydefer) and the
+# one-MUFU softplus (sp1), opt-in through mgpu_pair_train_opts; every gradient through the v9
+# pair backward from its checkpoints.
+@pytest.mark.slow
+@pytest.mark.parametrize("opts,dtype,n,groups,dn,use", [
+    (dict(ydefer=3, sp1=True), jnp.float32, 16, 2, 256, OPTIONAL),
+    (dict(ydefer=16), jnp.bfloat16, 6, None, 128, ("z", "D", "delta_bias")),
+], ids=["ydefer3_sp1_n16_groups_all_inputs", "ydefer16_n6_bf16_z"])
+def test_pair_training_forward_held_y_matches_recurrence(opts, dtype, n, groups, dn, use,
+                                                         monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig = mg._fwd_pair_body
+
+    def spy(*a, **k):
+        seen.append((k.get("save_ckpt") is not False, k.get("ydefer"), k.get("sp1")))
+        return orig(*a, **k)
+    monkeypatch.setattr(mg, "_fwd_pair_body", spy)
+    # 11 steps in chunks of 8 (ragged, two chunks: the held rows flushed mid-chunk and at its end)
+    check_against_recurrence(dtype, n, groups, 11, use, True, dn=dn, mgpu=True, mgpu_chunk=8,
+                             chunk=4 if n % 4 == 0 else 2, mgpu_pair_train_chunk=8,
+                             mgpu_pair_train_opts=opts)
+    assert (True, opts["ydefer"], opts.get("sp1")) in seen
+
