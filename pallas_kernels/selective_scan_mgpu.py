@@ -841,8 +841,8 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
-    checkpoint options of _ck_options. Opt-in (forward_pair's train_opts, the inference body's
-    session-9 options for this body): ydefer, the y rows of this many step groups held in
+    checkpoint options of _ck_options. Opt-in (forward_pair's train_opts; as the inference
+    body's options of the same names): ydefer, the y rows of this many step groups held in
     registers and stored together (ptxas keeps the next groups' B/C loads behind each y store
     otherwise); sp1, softplus with one MUFU op (_softplus_1mufu)."""
     ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
