@@ -550,6 +550,19 @@ VARIANTS = {
     # r: A, D, bias passed as they are and laid out in the kernel (no XLA kernels before it)
     "p9sdr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True)),
     "p9sydr": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
+    # b (session 9, mamba_bcin): B / C read by TMA as they are ([B, L, G, N] bf16: no XLA
+    # convert / concatenate / transpose kernel before the kernel), converted to f32 rows per
+    # chunk inside it (the next chunk's, before commit_smem's barrier)
+    "p9sdb": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, bcin=True)),
+    "p9sydb": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, ybuf=3, bcin=True)),
+    "p9sydrb": dict(mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3, bcin=True)),
+    # t (session 9, mamba_bcin): the pair TRAINING forward with y held in registers per
+    # chunk (d) / per 8 step pairs (d8) and the one-MUFU softplus (s), as v9's inference
+    # forward (compare with --compare-fb: the backward is v9's)
+    "t9d": dict(mgpu_pair_train_opts=dict(ydefer=16)),
+    "t9d8": dict(mgpu_pair_train_opts=dict(ydefer=8)),
+    "t9sd": dict(mgpu_pair_train_opts=dict(ydefer=16, sp1=True)),
+    "t9sd8": dict(mgpu_pair_train_opts=dict(ydefer=8, sp1=True)),
     # v7 spelled out (the default at the end of session 7: pair forwards where the one-thread
     # grid fits one program per SM, the looped one-thread backward there; v6.1 elsewhere)
     "v7": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -231,9 +231,13 @@ class _Config:
     mgpu_pair_chunk: int = 32  # steps per chunk of the pair inference forward
     mgpu_pair_inf: tuple | None = None  # session 9: the pair inference forward's options
                               # ((name, value) pairs: ahead, cross, ybuf, poly, idx, sp1,
-                              # ydefer) through selective_scan_mgpu._fwd_pair_inf_body; None:
+                              # ydefer, rawp, bcin) through
+                              # selective_scan_mgpu._fwd_pair_inf_body; None:
                               # _fwd_pair_body (v8). selective_scan_pallas's default (v9):
                               # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %)
+    mgpu_pair_train_opts: tuple | None = None  # the pair TRAINING forward's opt-in options
+                              # ((name, value) pairs: ydefer, sp1; selective_scan_mgpu.
+                              # _fwd_pair_body); None: as in v9
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
@@ -1150,7 +1154,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
                                      stages=cfg.mgpu_stages, save_ckpt=ck_arg,
                                      ck_every=cfg.chunk, parts=parts, y_acc=cfg.mgpu_yacc,
                                      interpret=cfg.interpret,
-                                     inf_opts=None if save_ckpt else cfg.mgpu_pair_inf)
+                                     inf_opts=None if save_ckpt else cfg.mgpu_pair_inf,
+                                     train_opts=cfg.mgpu_pair_train_opts if save_ckpt else None)
         if mgpu.supported(u.shape[2], groups):
             # the training forward's split is the Mosaic backward's (it reads that checkpoint
             # layout as it is; the Triton backward takes the unsplit one)
@@ -1486,7 +1491,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_inf=(("sp1", True), ("ydefer", 16)),
+                          mgpu_pair_inf=(("sp1", True), ("ydefer", 16)), mgpu_pair_train_opts=None,
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
@@ -1524,7 +1529,11 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
     Session 9 (the pair inference forward, mgpu_pair_inf): softplus with one MUFU op (sp1)
     and each chunk's y rows held in registers and stored together (ydefer), through
-    selective_scan_mgpu._fwd_pair_inf_body; mgpu_pair_inf=None is v8's body."""
+    selective_scan_mgpu._fwd_pair_inf_body; mgpu_pair_inf=None is v8's body. Opt-in there:
+    ("bcin", True) reads B / C by TMA as they are and converts them per chunk in the kernel
+    (no XLA preparation kernel; N % 8 == 0, else the prepared rows). mgpu_pair_train_opts
+    (opt-in, the pair training forward): ("ydefer", D) holds y of D step pairs in registers,
+    ("sp1", True) the one-MUFU softplus, as the inference forward's options."""
     cfg = _Config(softplus=delta_softplus, chunk=chunk, fwd_chunk=fwd_chunk, block_d=block_d,
                   num_warps=num_warps, ahead=ahead, bwd_ahead=bwd_ahead,
                   lane_reduce=lane_reduce,
@@ -1540,6 +1549,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_skew=mgpu_skew, mgpu_bwd_ahead=mgpu_bwd_ahead, mgpu_pair=mgpu_pair,
                   mgpu_pair_inf=(None if mgpu_pair_inf is None
                                  else tuple(sorted(dict(mgpu_pair_inf).items()))),
+                  mgpu_pair_train_opts=(None if not mgpu_pair_train_opts
+                                        else tuple(sorted(dict(mgpu_pair_train_opts).items()))),
                   mgpu_pair_chunk=mgpu_pair_chunk, mgpu_pair_parts=mgpu_pair_parts,
                   mgpu_pair_train_parts=mgpu_pair_train_parts, mgpu_bwd_pair=mgpu_bwd_pair,
                   mgpu_bwd_rowsum=mgpu_bwd_rowsum, mgpu_pair_train_chunk=mgpu_pair_train_chunk,

@@ -776,24 +776,33 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
     return _inline_row_load(bc_ref, t, count, shape, n_load, first)
 
 
-def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpret, rawp=False):
+def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpret, rawp=False,
+                   bcin=False):
     """The pair forwards' start: the first `stages` chunks' TMA loads issued (`fetch(c, slot)`
     issues chunk c's), then A^T log2(e) as n_k arrays of `shape`, D and bias (`vec`) and h0 (or
     zeros) read. rawp: A [Dp, N], D and bias [Dp] come unpermuted (this program's rows), each
     thread (w, p, l) picks row lw w + l, states p K + k, and A is scaled by log2(e) here.
+    bcin: B and C come as they are ("b", "c": [B, Lp, G, N] in their dtype), each chunk's
+    [chunk, N] rows of the program's group into "b_s" / "c_s" (no "bc").
     Returns (b, j, tiles, fetch, a2, vec, h0)."""
     lw = shape[2]
     b = jax.lax.axis_index("b")
     j = jax.lax.axis_index("j")
-    groups = r["bc"].shape[1]
+    groups = r["b"].shape[2] if bcin else r["bc"].shape[1]
     g = j * 4 * lw * groups // (r["u"].shape[2] * lw)   # the group of this channel block
     tiles = pl.ds(j * 4, 4)
 
     def fetch(c, slot):
         rows = pl.ds(c * chunk, chunk)
-        plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot], r["in_bar"].at[slot])
+        if bcin:
+            for k in ("b", "c"):
+                plgpu.copy_gmem_to_smem(r[k].at[b, rows, g], r[k + "_s"].at[slot],
+                                        r["in_bar"].at[slot])
+        else:
+            plgpu.copy_gmem_to_smem(r["bc"].at[b, g, rows], r["bc_s"].at[slot],
+                                    r["in_bar"].at[slot])
         for k in seq_in:
-            if k != "bc":
+            if k not in ("bc", "b", "c"):
                 plgpu.copy_gmem_to_smem(r[k].at[b, rows, tiles], r[k + "_s"].at[slot],
                                         r["in_bar"].at[slot])
 
@@ -827,11 +836,15 @@ def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpr
 
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
-                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1):
+                   interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ydefer=0,
+                   sp1=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
-    checkpoint options of _ck_options."""
+    checkpoint options of _ck_options. Opt-in (forward_pair's train_opts; as the inference
+    body's options of the same names): ydefer, the y rows of this many step groups held in
+    registers and stored together (ptxas keeps the next groups' B/C loads behind each y store
+    otherwise); sp1, softplus with one MUFU op (_softplus_1mufu)."""
     ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
@@ -889,6 +902,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 else:
                     _ck_view(row, k, parts, n_k, interpret)[...] = hk[k]
 
+        held = []     # (step, y) rows not yet stored (ydefer)
         for t in range(0, chunk, parts):
             late = None
             if save_ckpt and t % ck_every == 0:
@@ -900,7 +914,10 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             x = pair_rows(s_["dt"], t)
             if "bias" in vec:
                 x = x + vec["bias"]
-            dt_own = _softplus(x, True) if softplus else x
+            if softplus:
+                dt_own = _softplus_1mufu(x) if sp1 else _softplus(x, True)
+            else:
+                dt_own = x
             if padded:
                 dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
             if parts == 2:
@@ -920,7 +937,14 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             else:
                 y = group_y(dt_own, u_own, s_, t, h)
             y = _skip_gate(y, u_own, vec.get("d"), pair_rows(s_["z"], t) if has_z else None)
-            y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
+            if ydefer:
+                held.append((t, y.astype(y_s.dtype)))
+                if len(held) >= ydefer or t + parts == chunk:   # flush the held y rows
+                    for tq, yq in held:
+                        y_s.at[pl.ds(tq, parts)].transpose((1, 0, 2))[...] = yq
+                    held.clear()
+            else:
+                y_s.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = y.astype(y_s.dtype)
             if late is not None:
                 store_ck(t, late)
         plgpu.commit_smem()
@@ -973,6 +997,12 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 #   rawp (N % 4 == 0): A [Dn, N], D and bias [Dn] copied as they are and laid out per thread
 #     in the kernel (A times log2 e too): no XLA transpose / broadcast kernels before the
 #     kernel (a fixed cost per call: ~15 us of fixed time at 8x2048x2048 in calls 2-2b).
+#   bcin (N % 8 == 0, B / C of 2 or 4 bytes, chunk N % 128 == 0, 2+ stages; else the prepared
+#     path): B and C read by TMA as they are ([B, L, G, N] in their dtype: no XLA convert /
+#     concatenate / transpose kernel before the kernel), [chunk, N] rows each; at the end of
+#     chunk c every thread waits for chunk c + 1's inputs and converts its share of their B / C
+#     rows to f32 rows in one of two "bcf" slots before commit_smem's barrier (no barrier of
+#     its own; chunk 0's in the prologue), so the steps read f32 rows as before.
 
 
 # log1p(e) / e on [0, 1] (degree 7, fitted here to the relative error: <= 3.8e-7 in f32)
@@ -1058,21 +1088,36 @@ def _bulk_wait_read(n, interpret):
     wait()
 
 
+def _bc_convert(r, raw_slot, f_slot):
+    """bcin: the raw B / C rows of input slot raw_slot ("b_s", "c_s": [stages, chunk, N] in
+    their dtype) to f32 rows in slot f_slot of "bcf" [2, 2, chunk, N] (B, C), each thread
+    converting chunk N / 128 values of each by vector loads and stores (no barrier here)."""
+    for i, k in enumerate(("b", "c")):
+        r["bcf"].at[f_slot, i][...] = r[k + "_s"].at[raw_slot][...].astype(jnp.float32)
+
+
 def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                        interpret, ahead=0, poly=0, idx=False, ybuf=0, cross=False,
-                       sp1=False, ydefer=0, rawp=False, y_acc=1):
+                       sp1=False, ydefer=0, rawp=False, bcin=False, y_acc=1):
     if cross and not ahead:
         raise ValueError("_fwd_pair_inf_body: cross needs ahead >= 1")
+    if bcin and (cross or (stages < 2 and n_chunks > 1)):
+        raise ValueError("_fwd_pair_inf_body: bcin needs stages >= 2 and no cross")
     has_z = "z" in opts
-    seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
-    names = ["u", "dt", "a", "bc", *opts, "y", "hT", "a_s", "p_s", "h_s", "bar",
-             *[k + "_s" for k in seq_in], "y_s", "in_bar"]
+    bc_in = ["b", "c"] if bcin else ["bc"]
+    seq_in = ["u", "dt", *bc_in, *(["z"] if has_z else [])]
+    names = ["u", "dt", "a", *bc_in, *opts, "y", "hT", "a_s", "p_s", "h_s", "bar",
+             *[k + "_s" for k in seq_in], "y_s", "in_bar", *(["bcf"] if bcin else [])]
     r = dict(zip(names, refs, strict=True))
     f32 = jnp.float32
     shape = _PAIR_SHAPE
     n_k = n_state // 2
     b, j, tiles, fetch, a2, vec, h0 = _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages,
-                                                     n_chunks, interpret, rawp=rawp)
+                                                     n_chunks, interpret, rawp=rawp, bcin=bcin)
+    if bcin:   # chunk 0's B / C rows converted to f32 (then every chunk converts the next's)
+        plgpu.barrier_wait(r["in_bar"].at[0])
+        _bc_convert(r, 0, 0)
+        plgpu.commit_smem()     # its barrier publishes the f32 rows
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
     by_poly = {(jj % 2, n_k - 1 - jj // 2) for jj in range(poly)}
@@ -1118,8 +1163,15 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
         slot = jax.lax.rem(c, stages)
         s_ = {k: r[k + "_s"].at[slot] for k in seq_in}
         y_s = r["y_s"].at[jax.lax.rem(c, ybuf) if ybuf else slot]
+        if bcin:    # the f32 B / C rows (this chunk's input barrier waited in the last one)
+            bcf = r["bcf"].at[jax.lax.rem(c, 2)]
+            bc_rows = (bcf.at[0], bcf.at[1])
+        else:
+            bc_rows = (s_["bc"], s_["bc"])
         if cross:   # this chunk's first pairs were prepared at the end of the last one
             h, queue = list(carry[0]), list(carry[1])
+        elif bcin:
+            h = list(carry)
         else:
             plgpu.barrier_wait(r["in_bar"].at[slot])
             h = list(carry)
@@ -1142,8 +1194,9 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
             u_own, dts, dtus, decays = queue.pop(0)
             ys = []
             for tt in range(2):        # steps t (part 0's own) and t + 1 (part 1's own)
-                b_t = _pair_bc(s_["bc"], t + tt, 0, n_k, n_k, interpret)
-                c_t = _pair_bc(s_["bc"], t + tt, n_state, n_k, n_k, interpret)
+                b_t = _pair_bc(bc_rows[0], t + tt, 0, n_k, n_k, interpret)
+                c_t = _pair_bc(bc_rows[1], t + tt, 0 if bcin else n_state, n_k, n_k,
+                               interpret)
                 if decays is None:
                     dec = functools.partial(decay, dts[tt], tt)
                 else:
@@ -1160,6 +1213,12 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
                 held.clear()
             if not ahead and t + 2 < chunk:
                 queue.append(prep(s_, c, t + 2))
+        if bcin:   # the next chunk's B / C rows to f32, published by commit_smem's barrier
+            @pl.when(c + 1 < n_chunks)
+            def _():
+                nslot = jax.lax.rem(c + 1, stages)
+                plgpu.barrier_wait(r["in_bar"].at[nslot])
+                _bc_convert(r, nslot, jax.lax.rem(c + 1, 2))
         if ybuf:   # the y slot of chunk c + 1 (chunk c + 1 - ybuf's store) free after this
             _bulk_wait_read(ybuf - 2, interpret)   # barrier (commit_smem's)
         plgpu.commit_smem()
@@ -1202,15 +1261,26 @@ def _ck_options(save_ckpt, parts):
     return ck2, ck2 and bool(opts.get("direct")), bool(opts.get("late"))
 
 
+def _bcin_supported(B, C, n, chunk, stages, n_chunks) -> bool:
+    """Whether forward_pair's `bcin` option takes these shapes (else the prepared B / C rows):
+    TMA rows of N values in 16-byte units, 16-byte aligned f32 halves for the steps' vector
+    loads (N % 8 == 0), whole vectors per thread for the conversion (chunk N % 128 == 0), and
+    the next chunk's load in flight while a chunk runs (2+ stages, or one chunk)."""
+    sizes = {jnp.dtype(x.dtype).itemsize for x in (B, C)}
+    return (n % 8 == 0 and sizes <= {2, 4} and (chunk * n) % _WG == 0
+            and (stages >= 2 or n_chunks == 1))
+
+
 def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16, stages=2,
                  save_ckpt=False, ck_every=4, parts=2, y_acc=1, interpret=False,
-                 inf_opts=None):
+                 inf_opts=None, train_opts=None):
     """The forward with two (`parts` = 4: four) lanes per channel in one warp (see above);
     returns (y [B, L, Dn], final state [B, Dn, N] f32, checkpoints [B, Lp / ck_every, N, Dp]
     f32 or None). N a multiple of parts; grouped B/C need Dn / G % (128 / parts) == 0;
     save_ckpt needs chunk % ck_every == 0 and ck_every % parts == 0. inf_opts (a dict, or
     None): the session-9 inference body (_fwd_pair_inf_body) with these options (parts 2, no
-    checkpoints)."""
+    checkpoints). train_opts (a dict, or None): _fwd_pair_body's opt-in options (ydefer,
+    sp1) when it stores checkpoints (the training forward)."""
     f32 = jnp.float32
     bsz, length, dn = u.shape
     n = A.shape[1]
@@ -1238,8 +1308,14 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
                                       (*x.shape[:-1], nb, *shape))
     # per-state [.., N, Dp] -> [.., K, nb, 4, parts, lw]: state p K + k of channel lw w + l
     parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
-    bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
-    bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    bcin = (bool(dict(inf_opts or {}).get("bcin")) and parts == 2 and not save_ckpt
+            and _bcin_supported(B, C, n, chunk, min(stages, lp // chunk), lp // chunk))
+    if bcin:   # B, C as they are (padded to the chunk only when L is ragged)
+        bc_arrays = [_common.pad_axis(B, 1, chunk), _common.pad_axis(C, 1, chunk)]
+    else:
+        bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
+        bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+        bc_arrays = [bc]
     rawp = (bool(dict(inf_opts or {}).get("rawp")) and parts == 2 and not save_ckpt
             and n % 4 == 0)   # A, D, bias as they are (the kernel lays them out: no XLA op)
     if rawp:
@@ -1251,7 +1327,7 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     state = lambda x: parted(_common.pad_axis(jnp.swapaxes(x.astype(f32), 1, 2), 2, width))
     given = optional_inputs(z, D, delta_bias, h0, seq=tiled, vec=vec, state=state)
     opts = [name for name, _ in given]
-    arrays = [tiled(u), tiled(delta), a2, bc, *[x for _, x in given]]
+    arrays = [tiled(u), tiled(delta), a2, *bc_arrays, *[x for _, x in given]]
     out_shape = [jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), u.dtype),
                  jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)]
     if ck_pair:    # ck2: [B, Lp / ck_every, K, Dp, 2]
@@ -1266,27 +1342,36 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
     n_chunks = lp // chunk
     stages = min(stages, n_chunks)
     tile = lambda dtype: plgpu.SMEM((stages, chunk, 4, lw), dtype)
-    seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
+    if bcin:
+        seq_bufs = [tile(u.dtype), tile(delta.dtype), plgpu.SMEM((stages, chunk, n), B.dtype),
+                    plgpu.SMEM((stages, chunk, n), C.dtype)]
+    else:
+        seq_bufs = [tile(u.dtype), tile(delta.dtype),
+                    plgpu.SMEM((stages, chunk, bc.shape[-1]), f32)]
     if z is not None:
         seq_bufs.append(tile(z.dtype))
     ybuf = dict(inf_opts or {}).get("ybuf", 0) if parts == 2 and not save_ckpt else 0
     seq_bufs.append(plgpu.SMEM((ybuf, chunk, 4, lw), u.dtype) if ybuf else tile(u.dtype))
     if save_ckpt:
         seq_bufs += ck_bufs
-    n_in = 3 + (z is not None)
+    n_in = 3 + bcin + (z is not None)
     scratch = [plgpu.SMEM((width, n) if rawp else (n_k, *shape), f32),
                plgpu.SMEM((2, width) if rawp else (2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4), *seq_bufs,
-               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+               plgpu.Barrier(num_arrivals=n_in, num_barriers=stages),
+               *([plgpu.SMEM((2, 2, chunk, n), f32)] if bcin else [])]
     body = functools.partial(
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
-        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc)
+        interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
+        **(dict(train_opts) if train_opts and save_ckpt else {}))
     if inf_opts is not None and parts == 2 and not save_ckpt:
         body = functools.partial(
             _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
             length=length, padded=lp != length, softplus=softplus, stages=stages,
-            interpret=interpret, y_acc=y_acc, **dict(inf_opts))
+            interpret=interpret, y_acc=y_acc,
+            **{k: v for k, v in dict(inf_opts).items() if k != "bcin"},
+            **({"bcin": True} if bcin else {}))
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(

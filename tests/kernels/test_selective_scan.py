@@ -575,3 +575,60 @@ def test_pair_inference_schedules_match_recurrence(inf, n, groups, dn, dtype, us
     y0, h0 = kernel(*args, **kwargs, delta_softplus=softplus, mgpu="fwd", mgpu_pair=True,
                     mgpu_pair_chunk=6 if n == 6 else 4)
     assert rel_err(y, y0) < tol and rel_err(h, h0) < tol
+
+
+# Session 9 (mamba_bcin): the pair inference forward reading B / C by TMA as they are (bcin),
+# converted to f32 per chunk inside the kernel; shapes it does not take keep the prepared path.
+@pytest.mark.slow
+@pytest.mark.parametrize("inf,n,groups,dn,dtype,use,length,chunk,taken", [
+    (dict(sp1=True, ydefer=16, bcin=True), 16, None, 128, jnp.bfloat16, ("z", "D", "delta_bias"),
+     11, 8, True),
+    (dict(sp1=True, ydefer=4, bcin=True, rawp=True, ybuf=3, ahead=1, idx=True), 8, 2, 256,
+     jnp.float32, OPTIONAL, 40, 16, True),
+    (dict(sp1=True, ydefer=16, bcin=True), 6, None, 100, jnp.bfloat16, ("z", "D"), 11, 6, False),
+], ids=["v9_bcin_n16_padded_bf16_z", "bcin_rawp_ybuf3_ahead_n8_groups_f32_all",
+        "bcin_n6_keeps_prepared_path"])
+def test_pair_inference_bc_in_kernel_matches_recurrence(inf, n, groups, dn, dtype, use, length,
+                                                        chunk, taken, monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    calls = []
+    orig = mg._bc_convert
+    monkeypatch.setattr(mg, "_bc_convert", lambda *a: (calls.append(a[1:]), orig(*a))[1])
+    args, kwargs = split(make_inputs(7, n=n, groups=groups, length=length, dn=dn, dtype=dtype),
+                         use)
+    run = lambda opts: kernel(*args, **kwargs, delta_softplus=True, mgpu="fwd", mgpu_pair=True,
+                              mgpu_pair_chunk=chunk, mgpu_pair_inf=opts)
+    y, h = run(inf)
+    assert bool(calls) == taken   # the prologue's chunk 0 and each chunk's next one
+    y_ref, h_ref = reference(*args, **kwargs, delta_softplus=True)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert rel_err(y, y_ref) < tol and rel_err(h, h_ref) < tol
+    # the same numbers as the prepared B / C rows (the same f32 values reach the steps)
+    y0, h0 = run({k: v for k, v in inf.items() if k != "bcin"})
+    assert rel_err(y, y0) < 1e-6 and rel_err(h, h0) < 1e-6
+
+
+# Session 9 (mamba_bcin): the pair training forward with y held in registers (ydefer) and the
+# one-MUFU softplus (sp1), opt-in through mgpu_pair_train_opts; every gradient through the v9
+# pair backward from its checkpoints.
+@pytest.mark.slow
+@pytest.mark.parametrize("opts,dtype,n,groups,dn,use", [
+    (dict(ydefer=3, sp1=True), jnp.float32, 16, 2, 256, OPTIONAL),
+    (dict(ydefer=16), jnp.bfloat16, 6, None, 128, ("z", "D", "delta_bias")),
+], ids=["ydefer3_sp1_n16_groups_all_inputs", "ydefer16_n6_bf16_z"])
+def test_pair_training_forward_held_y_matches_recurrence(opts, dtype, n, groups, dn, use,
+                                                         monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig = mg._fwd_pair_body
+
+    def spy(*a, **k):
+        seen.append((k.get("save_ckpt") is not False, k.get("ydefer"), k.get("sp1")))
+        return orig(*a, **k)
+    monkeypatch.setattr(mg, "_fwd_pair_body", spy)
+    # 11 steps in chunks of 8 (ragged, two chunks: the held rows flushed mid-chunk and at its end)
+    check_against_recurrence(dtype, n, groups, 11, use, True, dn=dn, mgpu=True, mgpu_chunk=8,
+                             chunk=4 if n % 4 == 0 else 2, mgpu_pair_train_chunk=8,
+                             mgpu_pair_train_opts=opts)
+    assert (True, opts["ydefer"], opts.get("sp1")) in seen
+
