@@ -671,14 +671,10 @@ def _ck2_load(row, interpret):
     return load(row)
 
 
-def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
-    """Stores a pair kernel's [4, 2, 16] state v (state p K + k of channel 16 w + l of block j)
-    straight from registers into the ck2 gmem array (row `row`, state pair k): on the GPU one
-    st.global.f32 per thread, a warp's 32 values 128 contiguous bytes (no shared memory, no TMA,
-    no wait for the slot)."""
-    if interpret:
-        _ck2_pair_view(ck_ref.at[b, row, k, pl.ds(j * 4, 4)], True)[...] = v
-        return
+def _thread_store_global(ref, v, position):
+    """Stores a pair kernel's value v (one element per thread, WG_STRIDED) straight from
+    registers into the gmem ref at the index position(tid, c, arith) gives (i32 values; c makes
+    an i32 constant): one st.global per thread."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
@@ -691,14 +687,26 @@ def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
         tid = mgpu.utils.thread_idx()
         if isinstance(tid.type, ir.IndexType):
             tid = arith.index_cast(i32, tid)
-        c = lambda x: mgpu.c(x, i32)
-        # thread 32 w + 16 p + l -> float 32 w + 2 l + p of the block's 128
-        w32 = arith.andi(tid, c(_WG - 32))
-        pos = arith.addi(arith.addi(w32, arith.shli(arith.andi(tid, c(15)), c(1))),
-                         arith.andi(arith.shrui(tid, c(4)), c(1)))
+        idx = [arith.index_cast(index, e) for e in position(tid, lambda x: mgpu.c(x, i32), arith)]
         (reg,) = x.registers.flat
-        vector.store(reg, ref, [arith.index_cast(index, pos)])
-    store(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v)
+        vector.store(reg, ref, idx)
+    store(ref, v)
+
+
+def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
+    """Stores a pair kernel's [4, 2, 16] state v (state p K + k of channel 16 w + l of block j)
+    straight from registers into the ck2 gmem array (row `row`, state pair k): on the GPU one
+    st.global.f32 per thread, a warp's 32 values 128 contiguous bytes (no shared memory, no TMA,
+    no wait for the slot)."""
+    if interpret:
+        _ck2_pair_view(ck_ref.at[b, row, k, pl.ds(j * 4, 4)], True)[...] = v
+        return
+
+    def position(tid, c, arith):    # thread 32 w + 16 p + l -> float 32 w + 2 l + p of 128
+        w32 = arith.andi(tid, c(_WG - 32))
+        return (arith.addi(arith.addi(w32, arith.shli(arith.andi(tid, c(15)), c(1))),
+                           arith.andi(arith.shrui(tid, c(4)), c(1))),)
+    _thread_store_global(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v, position)
 
 
 def _pair_rows_store_global(ref, b, row0, j, v, interpret):
@@ -711,26 +719,12 @@ def _pair_rows_store_global(ref, b, row0, j, v, interpret):
     if interpret:
         dst.transpose((1, 0, 2))[...] = v
         return
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
-    from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
-    def store(ctx, ref, x):
-        del ctx
-        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
-        c = lambda x: mgpu.c(x, i32)
-        idx = [arith.index_cast(index, e) for e in (
-            arith.andi(arith.shrui(tid, c(4)), c(1)),     # p: the step of the pair
-            arith.andi(arith.shrui(tid, c(5)), c(3)),     # w: the tile of 16 channels
-            arith.andi(tid, c(15)))]                      # l
-        (reg,) = x.registers.flat
-        vector.store(reg, ref, idx)
-    store(dst, v)
+    def position(tid, c, arith):
+        return (arith.andi(arith.shrui(tid, c(4)), c(1)),     # p: the step of the pair
+                arith.andi(arith.shrui(tid, c(5)), c(3)),     # w: the tile of 16 channels
+                arith.andi(tid, c(15)))                       # l
+    _thread_store_global(dst, v, position)
 
 
 def _ck2_shape(shape, interpret, pair=True):
