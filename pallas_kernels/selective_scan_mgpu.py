@@ -829,6 +829,16 @@ def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpr
     return b, j, tiles, fetch, a2, vec, h0
 
 
+def _own_delta(x, vec, softplus, sp1, valid):
+    """A pair forward's delta of its lane's own step from the raw row x: + bias, softplus (with
+    one MUFU op when sp1), zero where valid() is false (valid False: no padded steps)."""
+    if "bias" in vec:
+        x = x + vec["bias"]
+    if softplus:
+        x = _softplus_1mufu(x) if sp1 else _softplus(x, True)
+    return jnp.where(valid(), x, 0.0) if valid else x
+
+
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                    interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ydefer=0,
                    sp1=False):
@@ -905,15 +915,8 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                 else:
                     store_ck(t, h)
             u_own = pair_rows(s_["u"], t)          # u of step t + p
-            x = pair_rows(s_["dt"], t)
-            if "bias" in vec:
-                x = x + vec["bias"]
-            if softplus:
-                dt_own = _softplus_1mufu(x) if sp1 else _softplus(x, True)
-            else:
-                dt_own = x
-            if padded:
-                dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+            dt_own = _own_delta(pair_rows(s_["dt"], t), vec, softplus, sp1,
+                                padded and (lambda t=t: c * chunk + t + part < length))
             if parts == 2:
                 dt_oth, u_oth = _shfl16(dt_own, interpret), _shfl16(u_own, interpret)
                 ys = []
@@ -1127,15 +1130,8 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
         """Step pair (t, t + 1): (u of step t + p, [delta of steps t, t + 1], [delta u],
         the decays [2][K] (ahead=1) or None)."""
         u_own = pair_rows(s_["u"], t)          # u of step t + p
-        x = pair_rows(s_["dt"], t)
-        if "bias" in vec:
-            x = x + vec["bias"]
-        if softplus:
-            dt_own = _softplus_1mufu(x) if sp1 else _softplus(x, True)
-        else:
-            dt_own = x
-        if padded:
-            dt_own = jnp.where(c * chunk + t + part < length, dt_own, 0.0)
+        dt_own = _own_delta(pair_rows(s_["dt"], t), vec, softplus, sp1,
+                            padded and (lambda t=t: c * chunk + t + part < length))
         if idx:
             dtu_own = dt_own * u_own
             dts = [_shfl(dt_own, interpret, src_part=tt) for tt in range(2)]
