@@ -136,7 +136,8 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
 def _inline_row_load(ref, t, count, shape, n_load, first):
     """`count` [shape] f32 arrays (WG_STRIDED, one value per thread) through inline_mgpu: element
     first(i32) + e (e < count; `first` builds each thread's first column) of row t of the
-    shared-memory ref, read by `n_load`-wide vector loads."""
+    shared-memory ref, read by `n_load`-wide vector loads. `first` may return (row, column): each
+    thread's own row (then t is not used)."""
     import numpy as np
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, vector
@@ -151,10 +152,14 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
         del ctx
         i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
         first_v = first(i32)
+        row = None
+        if isinstance(first_v, tuple):      # (row, column): a row of each thread's own
+            row, first_v = arith.index_cast(index, first_v[0]), first_v[1]
         outs = []
         for e0 in range(0, count, n_load):
             idx = arith.index_cast(index, arith.addi(first_v, mgpu.c(e0, i32)))
-            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [mgpu.c(t, index), idx],
+            v = vector.load(ir.VectorType.get((n_load,), f32), ref,
+                            [mgpu.c(t, index) if row is None else row, idx],
                             alignment=4 * n_load)
             for e in range(n_load):
                 reg = vector.broadcast(ir.VectorType.get((1,), f32),
@@ -1030,20 +1035,12 @@ def _thread_rows(ref, count, shape, n_k, interpret, flat=False):
         if flat:
             return [v[0][lw * w + l_]]
         return [v[lw * w + l_, p * n_k + e] for e in range(count)]
-    import numpy as np
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
+    from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
     n_load = 4 if count % 4 == 0 and n_k % 4 == 0 and ref.shape[-1] % 4 == 0 else 1
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                       return_type=tuple(plgpu.ShapeDtypeStruct(shape, jnp.float32,
-                                                                layout=layout)
-                                         for _ in range(count)))
-    def load(ctx, ref):
-        del ctx
-        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+    def first(i32):
         tid = mgpu.utils.thread_idx()
         if isinstance(tid.type, ir.IndexType):
             tid = arith.index_cast(i32, tid)
@@ -1052,22 +1049,9 @@ def _thread_rows(ref, count, shape, n_k, interpret, flat=False):
         part = arith.divui(lane, mgpu.c(lw, i32))
         chan = arith.addi(arith.muli(warp, mgpu.c(lw, i32)), arith.remui(lane, mgpu.c(lw, i32)))
         if flat:
-            row, col = mgpu.c(0, i32), chan
-        else:
-            row, col = chan, arith.muli(part, mgpu.c(n_k, i32))
-        row = arith.index_cast(index, row)
-        outs = []
-        for e0 in range(0, count, n_load):
-            idx = arith.index_cast(index, arith.addi(col, mgpu.c(e0, i32)))
-            v = vector.load(ir.VectorType.get((n_load,), f32), ref, [row, idx],
-                            alignment=4 * n_load)
-            for e in range(n_load):
-                reg = vector.broadcast(ir.VectorType.get((1,), f32),
-                                       vector.extract(v, [], [e]))
-                outs.append(mgpu.FragmentedArray(_registers=np.array([reg], dtype=object),
-                                                 _layout=layout.to_mgpu(), _is_signed=None))
-        return tuple(outs)
-    return list(load(ref))
+            return mgpu.c(0, i32), chan
+        return chan, arith.muli(part, mgpu.c(n_k, i32))
+    return _inline_row_load(ref, 0, count, shape, n_load, first)
 
 
 def _bulk_wait_read(n, interpret):
