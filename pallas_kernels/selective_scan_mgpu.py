@@ -133,6 +133,17 @@ def _bc_vals(bc_row_ref, t, col, count, split, n_k, vec, interpret):
     return _inline_row_load(bc_row_ref, t, count, (split, _WG // split), 4 if vec else 1, first)
 
 
+def _tid_i32(i32, mod=None):
+    """Inside inline_mgpu: this thread's index as an i32 (modulo `mod` when given)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic import gpu as mgpu
+    tid = mgpu.utils.thread_idx()
+    if isinstance(tid.type, ir.IndexType):
+        tid = arith.index_cast(i32, tid)
+    return tid if mod is None else arith.remui(tid, mgpu.c(mod, i32))
+
+
 def _inline_row_load(ref, t, count, shape, n_load, first):
     """`count` [shape] f32 arrays (WG_STRIDED, one value per thread) through inline_mgpu: element
     first(i32) + e (e < count; `first` builds each thread's first column) of row t of the
@@ -195,10 +206,7 @@ def _row_sums(red, width, skew_div, interpret, n_acc=1):
     def sums(ctx, ref):
         del ctx
         i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
-        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        tid = _tid_i32(i32, _WG)
         row = arith.index_cast(index, tid)
         rot = None
         if skew_div:
@@ -660,10 +668,7 @@ def _ck2_load(row, interpret):
     def load(ctx, ref):
         del ctx
         i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
-        tid = arith.remui(tid, mgpu.c(_WG, i32))
+        tid = _tid_i32(i32, _WG)
         idx = arith.index_cast(index, arith.shli(tid, mgpu.c(1, i32)))
         v = vector.load(ir.VectorType.get((2,), f32), ref, [idx], alignment=8)
         return tuple(
@@ -689,9 +694,7 @@ def _thread_store_global(ref, v, position):
     def store(ctx, ref, x):
         del ctx
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
+        tid = _tid_i32(i32)
         idx = [arith.index_cast(index, e) for e in position(tid, lambda x: mgpu.c(x, i32), arith)]
         (reg,) = x.registers.flat
         vector.store(reg, ref, idx)
@@ -760,15 +763,12 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
         return [row[_pair_part(True, shape) * n_k + col + e] for e in range(count)]
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
-    from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
     n_load = 4 if count % 4 == 0 and col % 4 == 0 and n_k % 4 == 0 else 1
 
     def first(i32):
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
+        tid = _tid_i32(i32)
         lane = arith.remui(tid, mgpu.c(32, i32))
         part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
         return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
@@ -1035,15 +1035,12 @@ def _thread_rows(ref, count, shape, n_k, interpret, flat=False):
         if flat:
             return [v[0][lw * w + l_]]
         return [v[lw * w + l_, p * n_k + e] for e in range(count)]
-    from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
     n_load = 4 if count % 4 == 0 and n_k % 4 == 0 and ref.shape[-1] % 4 == 0 else 1
 
     def first(i32):
-        tid = mgpu.utils.thread_idx()
-        if isinstance(tid.type, ir.IndexType):
-            tid = arith.index_cast(i32, tid)
+        tid = _tid_i32(i32)
         lane = arith.remui(tid, mgpu.c(32, i32))
         warp = arith.remui(arith.divui(tid, mgpu.c(32, i32)), mgpu.c(4, i32))
         part = arith.divui(lane, mgpu.c(lw, i32))
