@@ -834,6 +834,15 @@ def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpr
     return b, j, tiles, fetch, a2, vec, h0
 
 
+def _store_final_state(r, h, b, j):
+    """A pair forward's epilogue: the final state h ([K] arrays) through h_s into hT[b, :, j]."""
+    for k in range(len(h)):
+        r["h_s"][k] = h[k]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _own_delta(x, vec, softplus, sp1, valid):
     """A pair forward's delta of its lane's own step from the raw row x: + bias, softplus (with
     one MUFU op when sp1), zero where valid() is false (valid False: no padded steps)."""
@@ -966,11 +975,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         return tuple(h)
 
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
-    for k in range(n_k):
-        r["h_s"][k] = h[k]
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
-    plgpu.wait_smem_to_gmem(0)
+    _store_final_state(r, h, b, j)
 
 
 # Session 9 (the inference forward, two lanes per channel, no checkpoints): the pair forward's
@@ -1207,11 +1212,7 @@ def _fwd_pair_inf_body(*refs, opts, n_state, chunk, n_chunks, length, padded, so
         h = jax.lax.fori_loop(0, n_chunks, chunk_body, (h0, first))[0]
     else:
         h = jax.lax.fori_loop(0, n_chunks, chunk_body, h0)
-    for k in range(n_k):
-        r["h_s"][k] = h[k]
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(r["h_s"], r["hT"].at[b, :, j])
-    plgpu.wait_smem_to_gmem(0)
+    _store_final_state(r, h, b, j)
 
 
 def pair_supported(dn: int, groups: int, n: int, parts: int = 2) -> bool:
