@@ -1126,6 +1126,35 @@ def _call(kernel, lay, cfg, in_specs, out_shape, out_specs, name):
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1))
 
 
+def _param_grads(outs, dn, A, D, delta_bias, h0, row_axes):
+    """A backward kernel's gradients of A, D, delta_bias and h0, popped from `outs` in that order
+    (those given): the per-program partial sums of dA ([rows, N, Dp]) and of dD / dbias added
+    over `row_axes` in a fixed order here (deterministic, no atomics), cropped to dn channels."""
+    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:dn].astype(A.dtype)
+    dd = outs.pop(0).sum(row_axes)[:dn].astype(D.dtype) if D is not None else None
+    dbias = (outs.pop(0).sum(row_axes)[:dn].astype(delta_bias.dtype)
+             if delta_bias is not None else None)
+    dh0 = (jnp.swapaxes(outs.pop(0)[:, :, :dn], 1, 2).astype(h0.dtype)
+           if h0 is not None else None)
+    return da, dd, dbias, dh0
+
+
+def _scan_with_vjp(forward, backward):
+    """The scan as a jax.custom_vjp: forward(u, ..., h0, cfg, save_ckpt) -> (y, final, ck) (the
+    checkpoints only for the backward), backward(cfg, residuals, y_bar, final_bar)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+    def scan(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+        y, final, _ = forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=False)
+        return y, final
+
+    def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
+        y, final, ck = forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=True)
+        return (y, final), (u, delta, A, B, C, D, z, delta_bias, h0, ck)
+
+    scan.defvjp(scan_fwd, lambda cfg, res, cts: backward(cfg, res, *cts))
+    return scan
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: bool):
     """Runs the forward kernel; returns (y [B, L, Dn], final [B, Dn, N] f32, ckpts or None)."""
     mg = _mgpu_mode(cfg)
@@ -1453,31 +1482,11 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         db, dc = dbc[..., :n], dbc[..., n:2 * n]
     if B.ndim == 3:
         db, dc = db[:, :, 0], dc[:, :, 0]
-    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
-    dd = outs.pop(0).sum(0)[:lay.dn].astype(D.dtype) if D is not None else None
-    dbias = (outs.pop(0).sum(0)[:lay.dn].astype(delta_bias.dtype)
-             if delta_bias is not None else None)
-    dh0 = (jnp.swapaxes(outs.pop(0)[:, :, :lay.dn], 1, 2).astype(h0.dtype)
-           if h0 is not None else None)
+    da, dd, dbias, dh0 = _param_grads(outs, lay.dn, A, D, delta_bias, h0, 0)
     return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
-    y, final, _ = _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=False)
-    return y, final
-
-
-def _scan_pallas_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
-    y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=True)
-    return (y, final), (u, delta, A, B, C, D, z, delta_bias, h0, ck)
-
-
-def _scan_pallas_bwd(cfg, res, cts):
-    return _backward(cfg, res, *cts)
-
-
-_scan_pallas.defvjp(_scan_pallas_fwd, _scan_pallas_bwd)
+_scan_pallas = _scan_with_vjp(_forward, _backward)
 
 
 def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
@@ -1897,31 +1906,11 @@ def _tpu_backward(cfg: _Config, res, y_bar, final_bar):
     db, dc = (group_sum(outs.pop(0))[:, :lay.length] for _ in range(2))
     if B.ndim == 3:
         db, dc = db[:, :, 0], dc[:, :, 0]
-    da = jnp.swapaxes(outs.pop(0).sum(0), 0, 1)[:lay.dn].astype(A.dtype)
-    dd = outs.pop(0).sum((0, 1))[:lay.dn].astype(D.dtype) if D is not None else None
-    dbias = (outs.pop(0).sum((0, 1))[:lay.dn].astype(delta_bias.dtype)
-             if delta_bias is not None else None)
-    dh0 = (jnp.swapaxes(outs.pop(0)[:, :, :lay.dn], 1, 2).astype(h0.dtype)
-           if h0 is not None else None)
+    da, dd, dbias, dh0 = _param_grads(outs, lay.dn, A, D, delta_bias, h0, (0, 1))
     return (du, ddelta, da, db.astype(B.dtype), dc.astype(C.dtype), dd, dz, dbias, dh0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _scan_tpu(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
-    y, final, _ = _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=False)
-    return y, final
-
-
-def _scan_tpu_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cfg):
-    y, final, ck = _tpu_forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_ckpt=True)
-    return (y, final), (u, delta, A, B, C, D, z, delta_bias, h0, ck)
-
-
-def _scan_tpu_bwd(cfg, res, cts):
-    return _tpu_backward(cfg, res, *cts)
-
-
-_scan_tpu.defvjp(_scan_tpu_fwd, _scan_tpu_bwd)
+_scan_tpu = _scan_with_vjp(_tpu_forward, _tpu_backward)
 
 
 def selective_scan_tpu(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
