@@ -266,6 +266,15 @@ def _load_params(r, opts, cols, split, n_k, state_src):
     return a_rows, vec, tuple(r["h_s"][k] for k in range(n_k))
 
 
+def _channel_block(r, bd):
+    """A one-channel-per-thread program's batch b, channel block j (bd channels), its columns
+    and the B/C group of the block."""
+    b = jax.lax.axis_index("b")
+    j = jax.lax.axis_index("j")
+    groups = r["bc"].shape[1]
+    return b, j, pl.ds(j * bd, bd), j * bd * groups // r["u"].shape[2]
+
+
 def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, save_ckpt,
               ck_every, stages, split, vec_bc, interpret, unroll=None, y_acc=1, poly=0,
               skew=False):
@@ -297,11 +306,7 @@ def _fwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, s
     f32 = jnp.float32
     bd = _WG // split
     n_k = n_state // split
-    b = jax.lax.axis_index("b")
-    j = jax.lax.axis_index("j")
-    cols = pl.ds(j * bd, bd)
-    groups = r["bc"].shape[1]
-    g = j * bd * groups // r["u"].shape[2]      # the group of this channel block
+    b, j, cols, g = _channel_block(r, bd)
 
     def fetch(c, slot):      # chunk c's input rows into `slot` (one barrier for all of them)
         rows = pl.ds(c * chunk, chunk)
@@ -1432,11 +1437,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
     f32 = jnp.float32
     bd = _WG // split
     n_k = n_state // split
-    b = jax.lax.axis_index("b")
-    j = jax.lax.axis_index("j")
-    cols = pl.ds(j * bd, bd)
-    groups = r["bc"].shape[1]
-    g_idx = j * bd * groups // r["u"].shape[2]
+    b, j, cols, g_idx = _channel_block(r, bd)
     n_sub = chunk // ck_every
     ck_k = n_state // ck_split
     rows_names = ["u", "dt", "dy", *(["z"] if has_z else [])]
