@@ -673,23 +673,27 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
 # custom_vjp glue
 # --------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segment_ids, cfg: FlashConfig):
-    return _flash_forward(q, k, v, segment_ids, cfg)[0]
+def _attention_vjp(forward, backward):
+    """Attention as a jax.custom_vjp from forward(q, k, v, segment_ids, cfg) -> (o, lse) and
+    backward(q, k, v, segment_ids, o, lse, do, cfg) -> (dq, dk, dv) (FlashAttention-2: the
+    backward recomputes P from the saved lse; segment ids get no gradient)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash(q, k, v, segment_ids, cfg: FlashConfig):
+        return forward(q, k, v, segment_ids, cfg)[0]
+
+    def fwd_rule(q, k, v, segment_ids, cfg):
+        o, lse = forward(q, k, v, segment_ids, cfg)
+        return o, (q, k, v, segment_ids, o, lse)
+
+    def bwd_rule(cfg, res, do):
+        q, k, v, segment_ids, o, lse = res
+        return (*backward(q, k, v, segment_ids, o, lse, do, cfg), None)
+
+    flash.defvjp(fwd_rule, bwd_rule)
+    return flash
 
 
-def _flash_fwd_rule(q, k, v, segment_ids, cfg):
-    o, lse = _flash_forward(q, k, v, segment_ids, cfg)
-    return o, (q, k, v, segment_ids, o, lse)
-
-
-def _flash_bwd_rule(cfg, res, do):
-    q, k, v, segment_ids, o, lse = res
-    dq, dk, dv = _flash_backward(q, k, v, segment_ids, o, lse, do, cfg)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+_flash = _attention_vjp(_flash_forward, _flash_backward)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common
-from pallas_kernels.attention import LOG2E, MASK_VALUE, FlashConfig, _kv_block_range, _q_block_range
+from pallas_kernels.attention import (
+    LOG2E,
+    MASK_VALUE,
+    FlashConfig,
+    _attention_vjp,
+    _kv_block_range,
+    _q_block_range,
+)
 
 LANES = 128
 
@@ -73,6 +80,18 @@ def _lanes(x):
 # Forward
 # --------------------------------------------------------------------------------------------
 
+def _softmax_step(s, v_ref, m_sc, l_sc, acc_sc):
+    """One online-softmax step (base 2) of the [bq, bk] scores s (already scaled by log2 e) into
+    the running max m, sum l (lane-broadcast) and output accumulator acc (VMEM scratch)."""
+    m_prev, l_prev = m_sc[...][:, :1], l_sc[...][:, :1]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - m_new)
+    l_sc[...] = _lanes(alpha * l_prev + jnp.sum(p, axis=1, keepdims=True))
+    m_sc[...] = _lanes(m_new)
+    acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...], (1, 0))
+
+
 def _fwd_kernel(*refs, cfg: FlashConfig, bq: int, bk: int):
     if cfg.has_segments:
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -91,13 +110,7 @@ def _fwd_kernel(*refs, cfg: FlashConfig, bq: int, bk: int):
         if masked:
             segs = (qseg_ref[...], kseg_ref[...]) if cfg.has_segments else (None, None)
             s = jnp.where(_mask(i * bq, j * bk, s.shape, *segs, cfg), s, -jnp.inf)
-        m_prev, l_prev = m_sc[...][:, :1], l_sc[...][:, :1]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.exp2(s - m_new)
-        l_sc[...] = _lanes(alpha * l_prev + jnp.sum(p, axis=1, keepdims=True))
-        m_sc[...] = _lanes(m_new)
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...], (1, 0))
+        _softmax_step(s, v_ref, m_sc, l_sc, acc_sc)
 
     _visit(j, *_kv_block_range(i * bq, bq, bk, cfg), step)
 
@@ -312,22 +325,7 @@ def _lanes_last(x):
     return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash_tpu(q, k, v, segment_ids, cfg: FlashConfig):
-    return _forward(q, k, v, segment_ids, cfg)[0]
-
-
-def _fwd_rule(q, k, v, segment_ids, cfg):
-    o, lse = _forward(q, k, v, segment_ids, cfg)
-    return o, (q, k, v, segment_ids, o, lse)
-
-
-def _bwd_rule(cfg, res, do):
-    q, k, v, segment_ids, o, lse = res
-    return (*_backward(q, k, v, segment_ids, o, lse, do, cfg), None)
-
-
-_flash_tpu.defvjp(_fwd_rule, _bwd_rule)
+_flash_tpu = _attention_vjp(_forward, _backward)
 
 
 def flash_attention_tpu(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, window=None,
@@ -375,13 +373,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, s
         if window is not None:
             mask &= k_pos > q_pos - window
         s = jnp.where(mask, s, -jnp.inf)
-        m_prev, l_prev = m_sc[...][:, :1], l_sc[...][:, :1]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.exp2(s - m_new)
-        l_sc[...] = _lanes(alpha * l_prev + jnp.sum(p, axis=1, keepdims=True))
-        m_sc[...] = _lanes(m_new)
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v_ref.dtype), v_ref[...], (1, 0))
+        _softmax_step(s, v_ref, m_sc, l_sc, acc_sc)
 
     @pl.when(j == nk - 1)
     def _finish():
