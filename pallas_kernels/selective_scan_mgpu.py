@@ -1423,6 +1423,18 @@ def _bwd_refs(refs, opts, x_s=False):
     return dict(zip(names, refs, strict=True)), seq_in, seq_out
 
 
+def _bwd_chunk_start(r, k, n_chunks, stages, names):
+    """A backward's k-th step of its reverse walk: chunk c = n_chunks - 1 - k, its ring slot and
+    the slot's shared-memory tiles of `names`, after its inputs landed and the slot's previous
+    outputs were read out by their TMA stores."""
+    c = n_chunks - 1 - k
+    slot = jax.lax.rem(k, stages)
+    s_ = {name: r[name + "_s"].at[slot] for name in names}
+    plgpu.barrier_wait(r["in_bar"].at[slot])
+    plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+    return c, slot, s_
+
+
 def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
               stages, keep_decay, ck_split, split, vec_bc, interpret, parts_major=False,
               bwd_loop=False, bwd_ahead=False, rowsum=False, ck2=False):
@@ -1520,11 +1532,7 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
 
     def chunk_body(k, carry):
         dh, da, dd, dbias = list(carry[0]), list(carry[1]), carry[2], carry[3]
-        c = n_chunks - 1 - k
-        slot = jax.lax.rem(k, stages)
-        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
-        plgpu.barrier_wait(r["in_bar"].at[slot])
-        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        c, slot, s_ = _bwd_chunk_start(r, k, n_chunks, stages, seq_in + seq_out)
         bc_s = s_["bc"]
 
         def recompute(sub):     # the sub-chunk's states (and decays) from its checkpoint
@@ -1961,11 +1969,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         return _shfl(own, interpret, src_part=tt)
 
     def chunk_body(kc, carry):
-        c = n_chunks - 1 - kc
-        slot = jax.lax.rem(kc, stages)
-        s_ = {name: r[name + "_s"].at[slot] for name in seq_in + seq_out}
-        plgpu.barrier_wait(r["in_bar"].at[slot])
-        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+        c, slot, s_ = _bwd_chunk_start(r, kc, n_chunks, stages, seq_in + seq_out)
         bc_s = s_["bc"]
 
         def recompute(sub):
