@@ -180,6 +180,9 @@ VARIANTS.update({
     # both warpgroups / by warpgroup 1 only (the two then compute P at different times)
     "rows_defer_dve_sf": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(0, 1)),
     "rows_defer_dve_sf1": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)),
+    # session 10: the two small D 128 full winners of session 9 together (+1-2 % each at 4k)
+    "rows_defer_dve_sf1_1b": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                                  mgpu_bwd_one_bar=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
     # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),
