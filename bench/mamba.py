@@ -311,9 +311,13 @@ def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16)
 # inference forward, "fb" the training forward + backward. Each is relative to the defaults of
 # its time: since session 5 those include share_dt="auto", ck_unroll="auto" (the older entries
 # were measured with both off; "v4" spells that configuration out).
+# the session-10 training-path options off (v10 = v9 + these; its inference options are
+# spelled out where they matter: v9, v8, v7 below)
+V10_OFF = dict(mgpu_bwd_warp_red=False, mgpu_bwd_pair_chunk=0, mgpu_pair_train_opts=None)
 # the session-9 options (mamba_bwd) off: v8's training path (the base of the session-9 entries)
 S9 = dict(mgpu_bwd_pair=False, mgpu_ck_pair=False, mgpu_ck_late=False, mgpu_bwd_keep_b=False,
-          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False, mgpu_bwd_direct_out=False)
+          mgpu_bwd_pad_rows=False, mgpu_bwd_pair_ahead=False, mgpu_bwd_direct_out=False,
+          **V10_OFF)
 V3 = dict(bc_rows=False, bwd_split=1)    # what the v4 defaults changed (the old variants keep it)
 VARIANTS = {
     "default": {},
@@ -623,13 +627,25 @@ VARIANTS = {
     # buffers let the backward keep 16-step chunks (v9: 8), so w8 keeps v9's chunk of 8
     "v9w": dict(mgpu_bwd_warp_red=True),
     "v9w8": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8),
+    # (since session 10 the entries above that set only a few options are relative to v10)
+    # session 10: the winners of call 2 together (v9w8 -2.1 %, t9d8 -2.8 %, t9sd -2.5 % fb at
+    # 8x2048x2048), with the inference forward p9sydr (-3.4 % / -0.9 % at 2k / 8k in call 1)
+    "v10a": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8, mgpu_pair_train_opts=dict(ydefer=8),
+                 mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
+    "v10b": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8,
+                 mgpu_pair_train_opts=dict(ydefer=16, sp1=True),
+                 mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
+    "v10c": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8,
+                 mgpu_pair_train_opts=dict(ydefer=8, sp1=True),
+                 mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                mgpu_pair_chunk=32, mgpu_pair_train_chunk=32, mgpu_bwd_pair=True,
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
                mgpu_ck_pair="direct", mgpu_ck_late=True, mgpu_bwd_keep_b=True,
-               mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True),
+               mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True, **V10_OFF,
+               mgpu_pair_inf=dict(sp1=True, ydefer=16)),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,

@@ -989,8 +989,17 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # at 16k (cuDNN 441 / 440), 436 vs 419 and 438 vs 424 at 4k (cuDNN 408 / 410); stress-checked
 # (SMEM poisoned between fwd and bwd) at D 64 full b2 n2048 and causal MQA 8:1 n4097. Not
 # measured at 1k / 2k (kept there).
+# Session 10 (stress-checked, SMEM poisoned between fwd and bwd; two interleaved processes with
+# cuDNN, fwd+bwd TFLOP/s, medians; bench/attention_bwd.py part ab): D=64 causal above 2k keys:
+# one ring mbarrier per slot, 434 vs 422 at 16k (cuDNN 415; session 9: +2.0 % at 16k, +2.4-3.4 %
+# at 4k in three processes). D=128 full above 2k keys: dV issued before the dP wait, S of
+# warpgroup 1 first, one ring mbarrier (the two small session-9 winners together), 523 vs 505
+# at 16k and 505 vs 492 at 4k (cuDNN 535 / 507) in call 2; call 3 is the second process.
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
-    (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),)}
+    (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
+    (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
+    (128, False): ((2048, dict(mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                               mgpu_bwd_one_bar=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

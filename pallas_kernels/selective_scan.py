@@ -273,6 +273,8 @@ class _Config:
     mgpu_bwd_warp_red: bool = False  # Mosaic pair backward: dB/dC summed over each half-warp's
                               # 16 channels by shuffles, one row per warp and step through
                               # shared memory (double-buffered: one barrier per sub-chunk)
+    mgpu_bwd_pair_chunk: int = 0  # steps per TMA chunk of the Mosaic pair backward (a
+                              # multiple of chunk; 0: mgpu_chunk); halved there until it fits
     interpret: bool = False
 
 
@@ -1348,6 +1350,7 @@ def _mgpu_bwd_pair_parts(cfg: _Config, u, A, B) -> int:
     from pallas_kernels import selective_scan_mgpu as mgpu
     parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
     if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u) == 1
+            and (cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk) % cfg.chunk == 0
             and mgpu.pair_supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1],
                                     parts)):
         return parts
@@ -1375,7 +1378,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
         ck2 = _mgpu_ck2(cfg, u, A, B)     # the pair training forward's ck2 layout
         if parts:
             return mgpu.backward_pair(res, y_bar, final_bar, softplus=cfg.softplus,
-                                      chunk=cfg.mgpu_chunk, ck_every=cfg.chunk,
+                                      chunk=cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk,
+                                      ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
                                       bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
                                       parts=parts,
@@ -1500,13 +1504,24 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_split=0, mgpu_vec=True, mgpu_ck_unsplit=True,
                           mgpu_unroll=0, mgpu_yacc=1, mgpu_bwd_loop="auto", mgpu_poly=0,
                           mgpu_skew=False, mgpu_bwd_ahead=False, mgpu_pair="auto",
-                          mgpu_pair_inf=(("sp1", True), ("ydefer", 16)), mgpu_pair_train_opts=None,
+                          mgpu_pair_inf=(("rawp", True), ("sp1", True), ("ybuf", 3),
+                                         ("ydefer", 16)),
+                          mgpu_pair_train_opts=(("ydefer", 8),),
                           mgpu_pair_chunk=32, mgpu_pair_parts=2, mgpu_pair_train_parts=2,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
-                          mgpu_bwd_warp_red=False, interpret=False):
+                          mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
+
+    v10 (session 10, where v9 applies; bench/mamba.py "v10a", docs/kernels/selective_scan.md):
+    v9 with the pair backward's dB/dC summed over each half-warp's channels by shuffles
+    (mgpu_bwd_warp_red) in 8-step chunks (mgpu_bwd_pair_chunk), the pair training forward
+    holding y of 8 step pairs in registers (mgpu_pair_train_opts ydefer 8), and the pair
+    inference forward taking A, D and bias as they are (rawp) with three y slots (ybuf 3).
+    On an H200 at 8x2048x2048 bf16: forward 0.195 vs 0.199 ms, forward+backward 0.909 vs
+    0.955 ms; at 8x8192x2048 0.743 vs 0.749 and 3.595 vs 3.718 ms (one interleaved process).
+    bench/mamba.py "v9" spells v9 out.
 
     v9 (session 9, the training path where the one-thread grid fits one program per SM): the
     backward with two lanes per channel (mgpu_bwd_pair=True: selective_scan_mgpu.backward_pair)
@@ -1567,7 +1582,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_pad_rows=mgpu_bwd_pad_rows, mgpu_ck_late=mgpu_ck_late,
                   mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
                   mgpu_bwd_direct_out=mgpu_bwd_direct_out,
-                  mgpu_bwd_warp_red=mgpu_bwd_warp_red, interpret=interpret)
+                  mgpu_bwd_warp_red=mgpu_bwd_warp_red,
+                  mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

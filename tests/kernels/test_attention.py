@@ -322,11 +322,18 @@ def test_backward_short_key_options(monkeypatch):
 
 
 def test_backward_long_key_options():
-    """Session 9: D=64 full takes one ring mbarrier above 2k keys only (MOSAIC_BWD_LONG)."""
-    assert attn.mosaic_bwd_options(64, False, 2048) == attn.MOSAIC_BWD_OPTS[64, False]
-    assert attn.mosaic_bwd_options(64, False, 2049) == {**attn.MOSAIC_BWD_OPTS[64, False],
-                                                        "mgpu_bwd_one_bar": True}
-    assert not attn.mosaic_bwd_options(64, True, 16384).get("mgpu_bwd_one_bar", False)
+    """Above 2k keys only (MOSAIC_BWD_LONG): D=64 full (session 9) and causal (session 10) take
+    one ring mbarrier, D=128 full (session 10) dV before the dP wait, warpgroup 1's S first and
+    one ring mbarrier; D=128 causal keeps its options."""
+    for causal in (False, True):
+        assert attn.mosaic_bwd_options(64, causal, 2048) == attn.MOSAIC_BWD_OPTS[64, causal]
+        assert attn.mosaic_bwd_options(64, causal, 2049) == {**attn.MOSAIC_BWD_OPTS[64, causal],
+                                                             "mgpu_bwd_one_bar": True}
+    assert attn.mosaic_bwd_options(128, False, 2048) == attn.MOSAIC_BWD_OPTS[128, False]
+    assert attn.mosaic_bwd_options(128, False, 16384) == {
+        **attn.MOSAIC_BWD_OPTS[128, False], "mgpu_bwd_dv_early": True,
+        "mgpu_bwd_s_first": (1,), "mgpu_bwd_one_bar": True}
+    assert attn.mosaic_bwd_options(128, True, 16384) == attn.MOSAIC_BWD_OPTS[128, True]
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -385,8 +392,11 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(64, False, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq="own"), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
-    # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier)
+    # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier), the
+    # D=64 causal and D=128 full ones (session 10)
     (64, False, attn.mosaic_bwd_options(64, False, 4096)),
+    (64, True, attn.mosaic_bwd_options(64, True, 4096)),
+    (128, False, attn.mosaic_bwd_options(128, False, 4096)),
     # session 5: rows + early dS / dV, dq fused after dK, no producer warpgroup, dq "own"
     pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True), marks=SLOW),
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True, mgpu_bwd_dq="own"),

@@ -342,22 +342,31 @@ def test_pair_backward_layouts_match_recurrence(tiling, n, groups, dn, monkeypat
                              "ahead": None}) in seen
 
 
-def test_v9_default_training_path_matches_recurrence(monkeypatch):
-    # The v9 defaults with mgpu=True (GPU interpret mode; "auto" takes them on a Hopper GPU):
-    # the pair training forward storing ck2 checkpoints from registers after the next step
-    # group, the pair backward with B kept, 5-tile input rows and the recompute ahead; every
-    # option, 2 groups, ragged (11 steps), chunks of 8 (two sub-chunks: the ahead path).
+def test_v10_default_training_path_matches_recurrence(monkeypatch):
+    # The v10 defaults with mgpu=True (GPU interpret mode; "auto" takes them on a Hopper GPU):
+    # the pair training forward holding y of 8 step pairs in registers and storing ck2
+    # checkpoints from registers after the next step group; the pair backward with B kept,
+    # 5-tile input rows, the recompute ahead and dB/dC summed by shuffles (warp_red) in 8-step
+    # chunks; every option, 2 groups, ragged (11 steps: two chunks of two sub-chunks, so both
+    # `red` buffers and the ahead path).
     mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
     seen = []
-    orig = mg.backward_pair
+    orig_bwd, orig_fwd = mg.backward_pair, mg.forward_pair
 
-    def spy(*a, **k):
-        seen.append({o: k.get(o) for o in ("ck_pair", "keep_b", "pad_rows", "ahead")})
-        return orig(*a, **k)
-    monkeypatch.setattr(mg, "backward_pair", spy)
-    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True,
-                             mgpu_chunk=8, chunk=4)
-    assert seen == [dict(ck_pair=True, keep_b=True, pad_rows=True, ahead=True)]
+    def spy_bwd(*a, **k):
+        seen.append({o: k.get(o) for o in ("chunk", "ck_pair", "keep_b", "pad_rows", "ahead",
+                                           "warp_red")})
+        return orig_bwd(*a, **k)
+
+    def spy_fwd(*a, **k):
+        seen.append(("fwd", k.get("train_opts")))
+        return orig_fwd(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    monkeypatch.setattr(mg, "forward_pair", spy_fwd)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4)
+    assert ("fwd", (("ydefer", 8),)) in seen
+    assert dict(chunk=8, ck_pair=True, keep_b=True, pad_rows=True, ahead=True,
+                warp_red=True) in seen
 
 
 # Session 9b (mamba_red): dB/dC summed over each half-warp's channels by shuffles (warp_red).
