@@ -183,6 +183,15 @@ VARIANTS.update({
     # session 10: the two small D 128 full winners of session 9 together (+1-2 % each at 4k)
     "rows_defer_dve_sf1_1b": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
                                   mgpu_bwd_one_bar=True),
+    # session 10 (that set is the D 128 full default above 2k keys): one more flag on top
+    "n10_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                   mgpu_bwd_one_bar=True, mgpu_bwd_early_exit=True),
+    "n10_dqs": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                    mgpu_bwd_one_bar=True, mgpu_bwd_dq_swizzle=True),
+    "n10_ol": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                   mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
+    "n10_sf01": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(0, 1),
+                     mgpu_bwd_one_bar=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
     # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),
