@@ -233,11 +233,13 @@ class _Config:
                               # ((name, value) pairs: ahead, cross, ybuf, poly, idx, sp1,
                               # ydefer, rawp, bcin) through
                               # selective_scan_mgpu._fwd_pair_inf_body; None:
-                              # _fwd_pair_body (v8). selective_scan_pallas's default (v9):
-                              # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %)
+                              # _fwd_pair_body (v8). selective_scan_pallas's default (v10):
+                              # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %) + rawp +
+                              # ybuf 3 (session 10: -2.1 to -3.4 % at 2k, -0.9 % at 8k)
     mgpu_pair_train_opts: tuple | None = None  # the pair TRAINING forward's opt-in options
                               # ((name, value) pairs: ydefer, sp1; selective_scan_mgpu.
-                              # _fwd_pair_body); None: as in v9
+                              # _fwd_pair_body); None: as in v9; selective_scan_pallas's
+                              # default (v10): ydefer 8 (session 10: -2.8 % fwd+bwd)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
                               # this one's dB/dC sums (between their two barriers)
     mgpu_poly: int = 0        # Mosaic forward: this many of a thread's states take exp2 as an
