@@ -638,6 +638,10 @@ VARIANTS = {
     "v10c": dict(mgpu_bwd_warp_red=True, mgpu_chunk=8,
                  mgpu_pair_train_opts=dict(ydefer=8, sp1=True),
                  mgpu_pair_inf=dict(ydefer=16, sp1=True, rawp=True, ybuf=3)),
+    # session 10, after call 3: v10 with du / ddelta stored from registers (o, session 9's
+    # v9o), and with 4-step pair-backward chunks (c4: one sub-chunk per chunk)
+    "v10o": dict(mgpu_bwd_direct_out=True),
+    "v10c4": dict(mgpu_bwd_pair_chunk=4),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
