@@ -992,9 +992,10 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # Session 10 (stress-checked, SMEM poisoned between fwd and bwd; two interleaved processes with
 # cuDNN, fwd+bwd TFLOP/s, medians; bench/attention_bwd.py part ab): D=64 causal above 2k keys:
 # one ring mbarrier per slot, 434 vs 422 at 16k (cuDNN 415; session 9: +2.0 % at 16k, +2.4-3.4 %
-# at 4k in three processes). D=128 full above 2k keys: dV issued before the dP wait, S of
-# warpgroup 1 first, one ring mbarrier (the two small session-9 winners together), 523 vs 505
-# at 16k and 505 vs 492 at 4k (cuDNN 535 / 507) in call 2; call 3 is the second process.
+# at 4k in three processes; call 3: 432 vs 419 at 16k, 382 vs 371 at 4k). D=128 full above 2k
+# keys: dV issued before the dP wait, S of warpgroup 1 first, one ring mbarrier (the two small
+# session-9 winners together), 523 vs 505 at 16k and 505 vs 492 at 4k (cuDNN 535 / 507) in
+# call 2, 526 vs 512 and 509 vs 503 (cuDNN 542 / 514) in call 3.
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
     (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
