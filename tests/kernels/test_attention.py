@@ -406,8 +406,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
                                  mgpu_bwd_producer=False), marks=SLOW),
     (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
     (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 8: rows, one loop, 1 mbar)
-    (128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False, mgpu_bwd_one_loop=True,
-                     mgpu_bwd_one_bar=True)),             # the session-7 causal default (lean)
+    pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
+                                 mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
+                 marks=SLOW),                         # the session-7 causal default (lean)
     pytest.param(128, False, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
                                   mgpu_bwd_dv_early=True, mgpu_bwd_dq_fused=True,
                                   mgpu_bwd_producer=False), marks=SLOW),
@@ -479,12 +480,12 @@ DEFER_NP = dict(mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)
 
 
 @pytest.mark.parametrize("d,causal,window,extra", [
-    (128, False, None, dict(mgpu_bwd_dk_late=True)),
-    (128, True, None, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
-                           mgpu_bwd_one_loop=True)),
+    pytest.param(128, False, None, dict(mgpu_bwd_dk_late=True), marks=SLOW),
+    pytest.param(128, True, None, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True,
+                                       mgpu_bwd_one_loop=True), marks=SLOW),
     pytest.param(64, False, 30, dict(mgpu_bwd_dk_late=True, mgpu_bwd_dv_early=True),
                  marks=SLOW),
-    (128, False, None, dict(mgpu_bwd_dv_early=True)),
+    pytest.param(128, False, None, dict(mgpu_bwd_dv_early=True), marks=SLOW),
     pytest.param(128, True, 70, dict(mgpu_bwd_dk_late=True, mgpu_bwd_one_loop=True), marks=SLOW),
     pytest.param(64, True, None, dict(mgpu_bwd_dk_late=True), marks=SLOW),
     pytest.param(128, False, None, dict(mgpu_bwd_wait_other_k=False), marks=SLOW),
@@ -553,7 +554,8 @@ def test_mosaic_gpu_backward_session9_s_first_in_gpu_interpret_mode(causal, wind
 
 
 @pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window,extra", [
-    (1, 200, 200, 4, 2, False, None, {}),                        # ~6 s: the protocol in CI
+    # slow since session 10: the ping-pong backward lost 4-12 % on the H200 (opt-in only)
+    pytest.param(1, 200, 200, 4, 2, False, None, {}, marks=SLOW),
     pytest.param(2, 100, 330, 2, 1, True, 40, {}, marks=SLOW),   # tiles without queries
     pytest.param(1, 130, 130, 2, 2, False, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
 ])

@@ -113,8 +113,8 @@ def test_gla_matches_recurrence_f32_state_split_into_blocks(schedule):
 
 
 @pytest.mark.parametrize("schedule, sub_chunk, intra_block, split, guard, fast_exp", [
-    ("chunk_parallel", 64, 64, True, "cond", False),
-    ("chunk_parallel", 64, 64, True, "cond", True),
+    pytest.param("chunk_parallel", 64, 64, True, "cond", False, marks=pytest.mark.slow),
+    ("chunk_parallel", 64, 64, True, "cond", True),          # the defaults' guard and exp
     ("chunk_parallel", 64, 64, True, "split", True),
     pytest.param("chunk_parallel", 64, 64, False, "split", False, marks=pytest.mark.slow),
     pytest.param("sequential", 64, 32, False, "cond", True, marks=pytest.mark.slow),

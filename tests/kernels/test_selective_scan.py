@@ -76,13 +76,14 @@ def test_selective_scan_outputs_and_gradients_match_recurrence(name, dtype, n, g
 
 
 @pytest.mark.parametrize("tiling,n", [
-    (dict(split=1, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False, bc_rows=False,
-          bwd_split=1), 6),
+    pytest.param(dict(split=1, ahead=0, bwd_ahead=0, lane_reduce=False, fast_exp=False,
+                      bc_rows=False, bwd_split=1), 6, marks=pytest.mark.slow),
     pytest.param(dict(split=2, ahead=3, bwd_ahead=3, lane_reduce=True, fast_exp=True,
                       bc_rows=False), 6, marks=pytest.mark.slow),
     pytest.param(dict(split=4, ahead=1, bwd_ahead=1, lane_reduce=True, bc_rows=False,
                       bwd_split=1), 16, marks=pytest.mark.slow),
-    (dict(split=0, share_dt=True, xor_reduce=True, keep_decay=True, chunk=4), 16),
+    pytest.param(dict(split=0, share_dt=True, xor_reduce=True, keep_decay=True, chunk=4), 16,
+                 marks=pytest.mark.slow),
     pytest.param(dict(bc_rows=True, bwd_split=2, keep_decay=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(xor_reduce=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, keep_decay=True, ahead=1, bwd_ahead=1), 16,
@@ -113,7 +114,7 @@ def test_kernel_schedules_match_recurrence(tiling, n):
 
 
 @pytest.mark.parametrize("tiling,n", [
-    (dict(bwd_split=4, bwd_share=True, chunk=4), 16),
+    pytest.param(dict(bwd_split=4, bwd_share=True, chunk=4), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=2, bwd_share=True, xor_reduce=True), 16, marks=pytest.mark.slow),
     pytest.param(dict(bwd_split=4, bwd_share=True, chunk=8, keep_decay=True), 8,
                  marks=pytest.mark.slow),
@@ -140,7 +141,8 @@ def test_backward_shared_channel_work_matches_recurrence(tiling, n):
                  marks=pytest.mark.slow),
     pytest.param(dict(state_tile=True, ahead=1, ck_copy=True), 16, None,
                  marks=pytest.mark.slow),
-    (dict(state_tile=True, bwd_tile=True, ahead=2, chunk=4), 16, 2),
+    pytest.param(dict(state_tile=True, bwd_tile=True, ahead=2, chunk=4), 16, 2,
+                 marks=pytest.mark.slow),
     pytest.param(dict(state_tile=True, bwd_tile=True, keep_decay=True, chunk=2), 16, None,
                  marks=pytest.mark.slow),
 ], ids=["ahead3_n16_groups", "ahead0_n8", "ck_unroll", "ck_rows", "bwd_tile",

@@ -152,7 +152,8 @@ class _Capture:                     # a plain callable standing in for o_proj (n
 
 
 @pytest.mark.parametrize("causal,selection,sampling,lazy", [
-    (False, "global", "shared", "cumsum"), (False, "global", "per_query", "cumsum"),
+    (False, "global", "shared", "cumsum"),
+    pytest.param(False, "global", "per_query", "cumsum", marks=pytest.mark.slow),
     (True, "prefix", "per_query", "cumsum"),
     pytest.param(True, "global", "per_query", "cumsum", marks=pytest.mark.slow),
     pytest.param(True, "prefix", "shared", "cummean", marks=pytest.mark.slow)])

@@ -29,7 +29,10 @@ def _lm_configs():
     for path in CONFIGS:
         model = yaml.safe_load(path.read_text())["model"]
         if model.get("type", "lm") == "lm":
-            out.append(pytest.param(model, id=path.stem))
+            # mqar_ponet: the ponet model on the MQAR task (ponet and the MQAR training run
+            # in the default set; this one with -m slow)
+            marks = pytest.mark.slow if path.stem == "mqar_ponet" else ()
+            out.append(pytest.param(model, id=path.stem, marks=marks))
     return out
 
 
