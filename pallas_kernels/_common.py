@@ -10,6 +10,8 @@ Backends (the `backend=` argument of every public kernel function):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -76,3 +78,25 @@ def check_dim(name: str, x, axis: int, expected: int, layout: str) -> None:
     if x.shape[axis] != expected:
         raise ValueError(f"{name} must have shape {layout} with dimension {axis} equal to "
                          f"{expected}, got {tuple(x.shape)}")
+
+
+def lse_attention_vjp(forward, backward):
+    """Softmax attention as a jax.custom_vjp from forward(q, k, v, idx, cfg) -> (o, lse) and
+    backward(q, k, v, idx, o, lse, do, cfg) -> (dq, dk, dv): the backward recomputes P from
+    the saved log-sum-exp (FlashAttention-2). `idx` (segment ids, row indices) gets no
+    gradient; `cfg` is static (hashable). Used by the flash attention kernels (GPU, TPU) and
+    ProbSparse's active rows."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def attend(q, k, v, idx, cfg):
+        return forward(q, k, v, idx, cfg)[0]
+
+    def fwd_rule(q, k, v, idx, cfg):
+        o, lse = forward(q, k, v, idx, cfg)
+        return o, (q, k, v, idx, o, lse)
+
+    def bwd_rule(cfg, res, do):
+        q, k, v, idx, o, lse = res
+        return (*backward(q, k, v, idx, o, lse, do, cfg), None)
+
+    attend.defvjp(fwd_rule, bwd_rule)
+    return attend

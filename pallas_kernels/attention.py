@@ -673,27 +673,7 @@ def _flash_backward(q, k, v, segment_ids, o, lse, do, cfg: FlashConfig):
 # custom_vjp glue
 # --------------------------------------------------------------------------------------------
 
-def _attention_vjp(forward, backward):
-    """Attention as a jax.custom_vjp from forward(q, k, v, segment_ids, cfg) -> (o, lse) and
-    backward(q, k, v, segment_ids, o, lse, do, cfg) -> (dq, dk, dv) (FlashAttention-2: the
-    backward recomputes P from the saved lse; segment ids get no gradient)."""
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-    def flash(q, k, v, segment_ids, cfg: FlashConfig):
-        return forward(q, k, v, segment_ids, cfg)[0]
-
-    def fwd_rule(q, k, v, segment_ids, cfg):
-        o, lse = forward(q, k, v, segment_ids, cfg)
-        return o, (q, k, v, segment_ids, o, lse)
-
-    def bwd_rule(cfg, res, do):
-        q, k, v, segment_ids, o, lse = res
-        return (*backward(q, k, v, segment_ids, o, lse, do, cfg), None)
-
-    flash.defvjp(fwd_rule, bwd_rule)
-    return flash
-
-
-_flash = _attention_vjp(_flash_forward, _flash_backward)
+_flash = _common.lse_attention_vjp(_flash_forward, _flash_backward)
 
 
 # --------------------------------------------------------------------------------------------

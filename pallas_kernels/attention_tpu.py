@@ -32,7 +32,6 @@ from pallas_kernels.attention import (
     LOG2E,
     MASK_VALUE,
     FlashConfig,
-    _attention_vjp,
     _kv_block_range,
     _q_block_range,
 )
@@ -325,7 +324,7 @@ def _lanes_last(x):
     return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
-_flash_tpu = _attention_vjp(_forward, _backward)
+_flash_tpu = _common.lse_attention_vjp(_forward, _backward)
 
 
 def flash_attention_tpu(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, window=None,

@@ -428,19 +428,8 @@ def _rows_forward(q, k, v, top_ext, cfg):
     )(top_ext, q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _rows(q, k, v, top_ext, cfg):
-    return _rows_forward(q, k, v, top_ext, cfg)[0]
-
-
-def _rows_fwd_rule(q, k, v, top_ext, cfg):
-    out, lse = _rows_forward(q, k, v, top_ext, cfg)
-    return out, (q, k, v, top_ext, out, lse)
-
-
-def _rows_bwd_rule(cfg, res, dout):
+def _rows_backward(q, k, v, top_ext, out, lse, dout, cfg):
     u, u_pad, block_k, num_warps, interpret, sm_scale = cfg
-    q, k, v, top_ext, out, lse = res
     b, l_q, h, d = q.shape
     l_k = k.shape[1]
     top, seq_q, seq_k = _rows_specs(l_q, l_k, d, u_pad)
@@ -457,10 +446,10 @@ def _rows_bwd_rule(cfg, res, dout):
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret, name="probsparse_rows_bwd",
     )(top_ext, q, k, v, dout, out, lse)
-    return dq, dk, dv, None
+    return dq, dk, dv
 
 
-_rows.defvjp(_rows_fwd_rule, _rows_bwd_rule)
+_rows = _common.lse_attention_vjp(_rows_forward, _rows_backward)
 
 
 def rows_padding(l_q: int, u: int) -> int:
