@@ -642,6 +642,12 @@ VARIANTS = {
     # v9o), and with 4-step pair-backward chunks (c4: one sub-chunk per chunk)
     "v10o": dict(mgpu_bwd_direct_out=True),
     "v10c4": dict(mgpu_bwd_pair_chunk=4),
+    # session 11: the pair kernels past one program per SM (Dn 4096 at B 8, where "auto" takes
+    # v6.1's one-thread forward and two-thread backward): p4k both pair forwards and the pair
+    # backward (ck2), p4kb the one-thread forwards and the pair backward
+    "p4k": dict(mgpu_pair="train", mgpu_bwd_split=1),
+    "p4kb": dict(mgpu_bwd_split=1),     # the default since (v11)
+    "v10_4k": dict(mgpu_bwd_split=2),   # v10 at Dn 4096 only (v6.1's two-thread backward)
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
@@ -824,7 +830,8 @@ def main():
     p.add_argument("--compare-fwd", default="", help="variants (VARIANTS) to compare, forward")
     p.add_argument("--compare-fb", default="", help="variants to compare, forward+backward")
     p.add_argument("--skip-decode", action="store_true", help="no decode step (check, timing)")
-    p.add_argument("--cases", default="", help="correctness cases to run (indices), default all")
+    p.add_argument("--cases", default="", help="correctness cases to run (indices, or none), "
+                   "default all")
     p.add_argument("--check-also", default="", help="VARIANTS also checked against the f32 "
                    "recurrence (with real lowering), at --check-also-cases")
     p.add_argument("--check-also-cases", default="0,3", help="their cases (indices)")
@@ -896,7 +903,7 @@ def main():
                                          sizes[a.compare_size], a.repeat,
                                          refs=a.compare_size == 0)))
         bench_sizes = [s for i, s in enumerate(sizes) if i != a.compare_size]
-    if not a.quick:
+    if not a.quick and a.cases != "none":
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
         also = [int(i) for i in a.check_also_cases.split(",")]

@@ -214,7 +214,7 @@ class _Config:
                               # chunk 4; selective_scan_mgpu.backward)
     mgpu_keep: bool = True    # its reverse steps reuse the recompute's decays (64 registers)
     mgpu_bwd_split: int = 1   # its threads per channel, and the training forward's; 0:
-                              # 1 where _mgpu_one_per_sm, else 2
+                              # 1 where _mgpu_one_per_sm or the pair backward runs, else 2
     mgpu_vec: bool = True     # Mosaic kernels: B/C by ld.shared.v4 (inline_mgpu), else scalars
     mgpu_ck_unsplit: bool = False  # the Mosaic training forward with one thread per channel
                               # whatever the backward's split (its checkpoints read as parts)
@@ -1171,7 +1171,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
         pair = _mgpu_pair_mode(cfg, u)
         parts = cfg.mgpu_pair_train_parts if save_ckpt else cfg.mgpu_pair_parts
         pair_ck = (pair == "train" and cfg.chunk % parts == 0
-                   and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u) == 1
+                   and (not _mgpu_bwd_ok(cfg, u, A, B) or _mgpu_bwd_split(cfg, u, A, B) == 1
                         or cfg.mgpu_ck_unsplit))
         if (pair and (not save_ckpt or pair_ck)
                 and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)):
@@ -1194,8 +1194,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: _Config, save_ckpt: b
             # layout as it is; the Triton backward takes the unsplit one)
             to_mgpu_bwd = _mgpu_bwd_ok(cfg, u, A, B)
             if save_ckpt:
-                split = (_mgpu_bwd_split(cfg, u) if to_mgpu_bwd and not cfg.mgpu_ck_unsplit
-                         else 1)
+                split = (_mgpu_bwd_split(cfg, u, A, B)
+                         if to_mgpu_bwd and not cfg.mgpu_ck_unsplit else 1)
             else:
                 split = cfg.mgpu_split
             if A.shape[1] % 2:
@@ -1306,18 +1306,25 @@ def _mgpu_pair_mode(cfg: _Config, u):
     return cfg.mgpu_pair
 
 
-def _mgpu_bwd_split(cfg: _Config, u) -> int:
-    """cfg.mgpu_bwd_split with 0 ("auto") resolved: 1 (the looped one-thread backward) where
-    the one-thread grid fits one program per SM, else 2."""
+def _mgpu_bwd_split(cfg: _Config, u, A, B) -> int:
+    """cfg.mgpu_bwd_split with 0 ("auto") resolved: 1 (the looped one-thread backward, or the
+    pair backward where it runs) where the one-thread grid fits one program per SM or the pair
+    backward takes the shape, else 2 (v6.1's two-thread backward). Session 11 call 1: at Dn
+    4096, B 8 (two programs per SM) the pair backward after the one-thread training forward
+    took fwd+bwd 2.091 -> 1.870 ms (L 2048) and 8.235 -> 7.291 ms (L 8192)."""
     if cfg.mgpu_bwd_split == 0:
-        return 1 if _mgpu_one_per_sm(u.shape[0], u.shape[2]) else 2
+        from pallas_kernels import selective_scan_mgpu as mgpu
+        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+        groups = 1 if B.ndim == 3 else B.shape[2]
+        pair = bool(parts) and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)
+        return 1 if pair or _mgpu_one_per_sm(u.shape[0], u.shape[2]) else 2
     return cfg.mgpu_bwd_split
 
 
-def _mgpu_bwd_loop(cfg: _Config, u):
+def _mgpu_bwd_loop(cfg: _Config, u, A, B):
     """cfg.mgpu_bwd_loop with "auto" resolved: the sub-chunk loop for the one-thread backward."""
     if cfg.mgpu_bwd_loop == "auto":
-        return _mgpu_bwd_split(cfg, u) == 1
+        return _mgpu_bwd_split(cfg, u, A, B) == 1
     return cfg.mgpu_bwd_loop
 
 
@@ -1344,14 +1351,14 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
     return (_mgpu_mode(cfg) is True and cfg.mgpu_bwd and cfg.mgpu_chunk % cfg.chunk == 0
             and mgpu.supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2])
             and mgpu.bwd_supported(A.shape[1], cfg.chunk)
-            and (_mgpu_bwd_split(cfg, u) == 1 or A.shape[1] % 2 == 0))
+            and (_mgpu_bwd_split(cfg, u, A, B) == 1 or A.shape[1] % 2 == 0))
 
 
 def _mgpu_bwd_pair_parts(cfg: _Config, u, A, B) -> int:
     """The lanes per channel of the Mosaic pair backward where it runs (0: it does not)."""
     from pallas_kernels import selective_scan_mgpu as mgpu
     parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
-    if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u) == 1
+    if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u, A, B) == 1
             and (cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk) % cfg.chunk == 0
             and mgpu.pair_supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1],
                                     parts)):
@@ -1366,7 +1373,7 @@ def _mgpu_ck2(cfg: _Config, u, A, B) -> bool:
     from pallas_kernels import selective_scan_mgpu as mgpu
     groups = 1 if B.ndim == 3 else B.shape[2]
     return bool(cfg.mgpu_ck_pair and _mgpu_bwd_ok(cfg, u, A, B)
-                and _mgpu_bwd_split(cfg, u) == 1
+                and _mgpu_bwd_split(cfg, u, A, B) == 1
                 and _mgpu_bwd_pair_parts(cfg, u, A, B) in (0, 2)
                 and _mgpu_pair_mode(cfg, u) == "train" and cfg.mgpu_pair_train_parts == 2
                 and cfg.chunk % 2 == 0 and mgpu.pair_supported(u.shape[2], groups, A.shape[1]))
@@ -1383,7 +1390,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       chunk=cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk,
                                       ck_every=cfg.chunk,
                                       stages=cfg.mgpu_stages,
-                                      bwd_loop=_mgpu_bwd_loop(cfg, u) is not False,
+                                      bwd_loop=_mgpu_bwd_loop(cfg, u, A, B) is not False,
                                       parts=parts,
                                       rowsum=(cfg.mgpu_bwd_rowsum if type(cfg.mgpu_bwd_rowsum)
                                               is int else cfg.mgpu_bwd_rowsum is not False),
@@ -1395,11 +1402,11 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
-                             keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u),
-                             vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u),
+                             keep_decay=cfg.mgpu_keep, split=_mgpu_bwd_split(cfg, u, A, B),
+                             vec_bc=cfg.mgpu_vec, bwd_loop=_mgpu_bwd_loop(cfg, u, A, B),
                              bwd_ahead=cfg.mgpu_bwd_ahead,
-                             rowsum=(_mgpu_bwd_split(cfg, u) == 1 if cfg.mgpu_bwd_rowsum == "auto"
-                                     else cfg.mgpu_bwd_rowsum),
+                             rowsum=(_mgpu_bwd_split(cfg, u, A, B) == 1
+                                     if cfg.mgpu_bwd_rowsum == "auto" else cfg.mgpu_bwd_rowsum),
                              ck2=ck2, interpret=cfg.interpret)
     split = cfg.bwd_split if cfg.lane_reduce and cfg.num_warps == 1 else 1
     if split == 0:
@@ -1515,6 +1522,13 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
                           mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
+
+    v11 (session 11): past one program per SM (Dn 4096 at B 8) the backward is the pair one
+    too (mgpu_bwd_split=0 resolves to 1 wherever the pair backward takes the shape), reading
+    the one-thread training forward's checkpoints; v6.1's two-thread backward is left for
+    shapes the pair backward does not take (odd N, grouped B/C with Dn / G not a multiple of
+    64). H200, bf16: 8x2048x4096 fwd+bwd 2.091 -> 1.870 ms, 8x8192x4096 8.235 -> 7.291 ms
+    (one interleaved process each; bench/mamba.py "p4kb" spelled it out, "v10_4k" is the old).
 
     v10 (session 10, where v9 applies; bench/mamba.py "v10a", docs/kernels/selective_scan.md):
     v9 with the pair backward's dB/dC summed over each half-warp's channels by shuffles

@@ -371,6 +371,47 @@ def test_v10_default_training_path_matches_recurrence(monkeypatch):
                 warp_red=True) in seen
 
 
+def test_v11_pair_backward_past_one_program_per_sm(monkeypatch):
+    # v11: where the one-thread grid does not fit one program per SM (Dn 4096 at B 8 on an
+    # H200) the forwards stay one-thread (v6.1) and the backward is the pair one with v10's
+    # options, reading the one-thread checkpoints (ck_pair False). The grid test is patched
+    # to "does not fit"; every gradient against the f32 recurrence, 2 groups, ragged.
+    ss = importlib.import_module("pallas_kernels.selective_scan")
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    monkeypatch.setattr(ss, "_mgpu_one_per_sm", lambda bsz, dn: False)
+    seen = []
+    orig_bwd, orig_fwd = mg.backward_pair, mg.forward
+
+    def spy_bwd(*a, **k):
+        seen.append({o: k.get(o) for o in ("chunk", "ck_pair", "warp_red", "keep_b")})
+        return orig_bwd(*a, **k)
+
+    def spy_fwd(*a, **k):
+        seen.append(("fwd", bool(k.get("save_ckpt")), k.get("split")))
+        return orig_fwd(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    monkeypatch.setattr(mg, "forward", spy_fwd)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4)
+    assert ("fwd", True, 1) in seen
+    assert dict(chunk=8, ck_pair=False, warp_red=True, keep_b=True) in seen
+
+
+def test_mgpu_backward_split_auto_resolution(monkeypatch):
+    # mgpu_bwd_split=0: 1 (the pair or the looped one-thread backward) where the grid fits one
+    # program per SM or the pair backward takes the shape; 2 (v6.1) only past one program per
+    # SM for shapes the pair backward does not take (odd N).
+    ss = importlib.import_module("pallas_kernels.selective_scan")
+    cfg = ss._Config(softplus=False, mgpu_bwd_split=0, mgpu_bwd_pair=True)
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    u, b = shape(8, 64, 4096), shape(8, 64, 16)
+    assert ss._mgpu_bwd_split(cfg, u, shape(4096, 16), b) == 1
+    monkeypatch.setattr(ss, "_mgpu_one_per_sm", lambda bsz, dn: False)
+    assert ss._mgpu_bwd_split(cfg, u, shape(4096, 16), b) == 1
+    assert ss._mgpu_bwd_split(cfg, u, shape(4096, 5), shape(8, 64, 5)) == 2
+    assert ss._mgpu_bwd_split(ss._Config(False, mgpu_bwd_split=0, mgpu_bwd_pair=False), u,
+                              shape(4096, 16), b) == 2
+
+
 # Session 9b (mamba_red): dB/dC summed over each half-warp's channels by shuffles (warp_red).
 @pytest.mark.slow
 @pytest.mark.parametrize("tiling,n,groups,dn,length", [
