@@ -192,6 +192,13 @@ VARIANTS.update({
                    mgpu_bwd_one_bar=True, mgpu_bwd_one_loop=True),
     "n10_sf01": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(0, 1),
                      mgpu_bwd_one_bar=True),
+    # session 11: the D 128 full default above 2k keys on one persistent CTA per SM (the Q/dO
+    # ring runs on across KV tiles, the next tile's K/V load during the dK/dV store; session 6
+    # measured persistent CTAs -1 % on that session's default)
+    "n11_pers": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                     mgpu_bwd_one_bar=True, mgpu_bwd_persistent=-1),
+    "n11_pers_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
+                        mgpu_bwd_one_bar=True, mgpu_bwd_persistent=-1, mgpu_bwd_early_exit=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
     # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),
