@@ -648,6 +648,9 @@ VARIANTS = {
     "p4k": dict(mgpu_pair="train", mgpu_bwd_split=1),
     "p4kb": dict(mgpu_bwd_split=1),     # the default since (v11)
     "v10_4k": dict(mgpu_bwd_split=2),   # v10 at Dn 4096 only (v6.1's two-thread backward)
+    # session 11: three chunks in flight (shared-memory slots) in every Mosaic kernel (2 since
+    # session 6, never varied)
+    "st3": dict(mgpu_stages=3),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
