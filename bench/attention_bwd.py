@@ -35,6 +35,35 @@ from bench import attention as battn  # noqa: E402
 from bench._common import kernel_times  # noqa: E402
 from pallas_kernels import attention as attn  # noqa: E402
 
+
+def _spin_waits():
+    """Session 11 experiment (`ATTN_SPIN_WAIT=1` in the environment, the whole process): every
+    Mosaic GPU mbarrier wait becomes a busy loop of `mbarrier.test_wait.parity` instead of
+    `mbarrier.try_wait.parity` with Mosaic's 10 ms suspend hint (a retry path with a
+    NANOSLEEP.SYNCS in the SASS read in session 9). Same semantics; the forward kernels spin
+    too. For an A/B against a process without it (ratios to cuDNN, which has no Mosaic
+    waits)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, nvvm, scf
+
+    def wait_parity(self, parity, orders_tensor_core=False):
+        i1, i32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32)
+        parity = arith.extui(i32, parity)
+        loop = scf.WhileOp([], [])
+        with ir.InsertionPoint.at_block_begin(loop.before.blocks.append()):
+            done = nvvm.mbarrier_test_wait(self.get_ptr(), parity)
+            scf.condition(arith.xori(done, arith.constant(i1, 1)), [])
+        with ir.InsertionPoint.at_block_begin(loop.after.blocks.append()):
+            scf.yield_([])
+        assert not orders_tensor_core      # a Blackwell (tcgen05) fence: not on Hopper
+    mgpu_utils.BarrierRef.wait_parity = wait_parity
+    print("ATTN_SPIN_WAIT: Mosaic mbarrier waits spin on test_wait", flush=True)
+
+
+if os.environ.get("ATTN_SPIN_WAIT") == "1":
+    _spin_waits()
+
 MOSAIC = dict(bwd_impl="mosaic")
 ROWS = dict(MOSAIC, mgpu_bwd_rows=True)
 ROWS_DEFER = dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False)  # D 128 full default
