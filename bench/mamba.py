@@ -651,6 +651,10 @@ VARIANTS = {
     # session 11: three chunks in flight (shared-memory slots) in every Mosaic kernel (2 since
     # session 6, never varied)
     "st3": dict(mgpu_stages=3),
+    # session 11: the pair inference forward's chunk (32 since session 7, chosen before v9 / v10
+    # changed its step): 64 and 16 steps per TMA chunk
+    "pc64": dict(mgpu_pair_chunk=64),
+    "pc16": dict(mgpu_pair_chunk=16),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
