@@ -1313,12 +1313,18 @@ def _mgpu_bwd_split(cfg: _Config, u, A, B) -> int:
     4096, B 8 (two programs per SM) the pair backward after the one-thread training forward
     took fwd+bwd 2.091 -> 1.870 ms (L 2048) and 8.235 -> 7.291 ms (L 8192)."""
     if cfg.mgpu_bwd_split == 0:
-        from pallas_kernels import selective_scan_mgpu as mgpu
-        parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
-        groups = 1 if B.ndim == 3 else B.shape[2]
-        pair = bool(parts) and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts)
+        pair = _pair_bwd_tiles(cfg, u, A, B) > 0
         return 1 if pair or _mgpu_one_per_sm(u.shape[0], u.shape[2]) else 2
     return cfg.mgpu_bwd_split
+
+
+def _pair_bwd_tiles(cfg: _Config, u, A, B) -> int:
+    """cfg.mgpu_bwd_pair's lanes per channel if the pair backward's tiling takes the shape
+    (N, Dn, groups), else 0; _mgpu_bwd_pair_parts adds the conditions of the run."""
+    from pallas_kernels import selective_scan_mgpu as mgpu
+    parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    return parts if parts and mgpu.pair_supported(u.shape[2], groups, A.shape[1], parts) else 0
 
 
 def _mgpu_bwd_loop(cfg: _Config, u, A, B):
@@ -1356,12 +1362,9 @@ def _mgpu_bwd_ok(cfg: _Config, u, A, B) -> bool:
 
 def _mgpu_bwd_pair_parts(cfg: _Config, u, A, B) -> int:
     """The lanes per channel of the Mosaic pair backward where it runs (0: it does not)."""
-    from pallas_kernels import selective_scan_mgpu as mgpu
-    parts = 2 if cfg.mgpu_bwd_pair is True else cfg.mgpu_bwd_pair
+    parts = _pair_bwd_tiles(cfg, u, A, B)
     if (parts and _mgpu_bwd_ok(cfg, u, A, B) and _mgpu_bwd_split(cfg, u, A, B) == 1
-            and (cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk) % cfg.chunk == 0
-            and mgpu.pair_supported(u.shape[2], 1 if B.ndim == 3 else B.shape[2], A.shape[1],
-                                    parts)):
+            and (cfg.mgpu_bwd_pair_chunk or cfg.mgpu_chunk) % cfg.chunk == 0):
         return parts
     return 0
 

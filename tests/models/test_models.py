@@ -13,6 +13,8 @@ from flax import nnx
 from models import build_model, count_params
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+# the forward jitted, as training runs it (about half the time of op-by-op dispatch here)
+_forward = nnx.jit(lambda m, tokens: m(tokens))
 
 
 def _small(model_cfg):
@@ -38,11 +40,10 @@ def _lm_configs():
 
 @pytest.mark.parametrize("model_cfg", _lm_configs())
 def test_model_from_config_runs_forward_and_backward(model_cfg):
-    # jitted, as training runs it (and ~2x faster to test than op-by-op)
     model = build_model(_small(model_cfg), rngs=nnx.Rngs(0))
     vocab = model_cfg.get("vocab_size", 256)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, vocab)
-    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    logits = _forward(model, tokens)
     assert logits.shape == (2, 24, vocab) and np.isfinite(logits).all()
 
     def loss(m):
@@ -73,7 +74,7 @@ def test_hybrid_decode_matches_full_forward():
                       "pool": {"type": "pooling", "segment_size": 4}}}
     model = build_model(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, 256)
-    full = nnx.jit(lambda m, t: m(t))(model, tokens)
+    full = _forward(model, tokens)
     caches = model.init_cache(2, 10)
     decode = nnx.jit(lambda m, t, c: m.decode(t, c))     # one compile for the 10 steps
     steps = []
