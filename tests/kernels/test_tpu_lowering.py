@@ -38,6 +38,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 
+# the module's tests share one expensive fixture: under pytest-xdist they run on one worker
+pytestmark = pytest.mark.xdist_group("tpu_compile")
+
 attn = importlib.import_module("pallas_kernels.attention")
 attn_tpu = importlib.import_module("pallas_kernels.attention_tpu")
 gla_mod = importlib.import_module("pallas_kernels.gla")

@@ -26,6 +26,9 @@ from training import ConfigError, load_config
 from training.config import MeshConfig
 from training.sharding import check_batch, logical_rules, logical_to_spec, make_mesh
 
+# the module's tests share one expensive fixture: under pytest-xdist they run on one worker
+pytestmark = pytest.mark.xdist_group("eight_devices")
+
 ROOT = Path(__file__).parents[2]
 MESHES = {"8x1": (8, 1), "2x4": (2, 4), "1": (1, 1)}
 # A tiny model with every mixer family; tests pick the layers they need.
