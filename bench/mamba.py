@@ -655,6 +655,9 @@ VARIANTS = {
     # changed its step): 64 and 16 steps per TMA chunk
     "pc64": dict(mgpu_pair_chunk=64),
     "pc16": dict(mgpu_pair_chunk=16),
+    # session 12: the pair backward's dB/dC block rows summed in the kernel by TMA reduce-add
+    # into one [B, G, Lp, 32] f32 buffer (no XLA reduce of the [B, Dp / 64, Lp, 32] rows)
+    "dba": dict(mgpu_bwd_dbc_add=True),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
@@ -735,6 +738,91 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
             print(f"  {row['variant']} {row['mode']}: pass {len(row['ms_runs'])} "
                   f"{row['ms_runs'][-1]:.4f} ms (t={time.perf_counter() - T0:.0f}s)", flush=True)
         yield
+
+
+def timeline(items, sizes, default_size, runs=5, out=None, budget=200.0):
+    """Every GPU kernel of one call of each VARIANT[:fb] at `size`, from a profiler trace
+    (CUPTI) of `runs` back-to-back calls after a warm-up: per kernel name its device time and
+    launches per call; per call the wall time (host clock over the loop), the kernels' busy
+    time and the idle gaps between them on the stream (wall - busy: launch gaps and dispatch);
+    and the last call's kernels in order (start offset, duration, gap before each). What a
+    call spends outside its scan kernels is then named (XLA fusions) or a gap. An item
+    VARIANT[:fb]@I runs at sizes[I]."""
+    import glob
+    import tempfile
+    result, comp, plans, xs = {}, _Compiler(budget), [], {}
+    for item in items:     # compiled in parallel
+        spec, _, at = item.partition("@")
+        size = sizes[int(at)] if at else default_size
+        if size not in xs:
+            x = _inputs(*size)
+            xs[size] = (x, jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16))
+        x, dy = xs[size]
+        name, _, mode = spec.partition(":")
+        args, fns = _variants(x, VARIANTS[name])
+        f = fns["pallas"]
+        if mode == "fb":
+            f, args = functools.partial(_vjp, fns["pallas"]), (dy, *args)
+        comp.submit(item, f, *args)
+        plans.append((item, args, size))
+    comp.wait_all()
+    for item, args, (b, length, dn, _) in plans:
+        try:
+            f = comp.get(item)
+        except Exception as e:   # noqa: BLE001 (keep the others)
+            print(f"timeline {item}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        for _ in range(3):
+            jax.block_until_ready(f(*args))
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    o = f(*args)
+                jax.block_until_ready(o)
+                wall_us = (time.perf_counter() - t0) / runs * 1e6
+            path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+            data = jax.profiler.ProfileData.from_file(path)
+            evs = []
+            for plane in data.planes:
+                if "gpu" not in plane.name.lower():
+                    continue
+                for line in plane.lines:   # the stream lines hold the kernels
+                    if "xla" in line.name.lower() or not line.events:
+                        continue
+                    evs += [(ev.start_ns, ev.duration_ns, ev.name[:90], line.name)
+                            for ev in line.events]
+        evs.sort()
+        per = {}
+        for _, dur, nm, _ in evs:
+            t, c = per.get(nm, (0, 0))
+            per[nm] = (t + dur, c + 1)
+        busy = sum(e[1] for e in evs) / runs / 1e3
+        span = (evs[-1][0] + evs[-1][1] - evs[0][0]) / runs / 1e3 if evs else 0.0
+        k = len(evs) // runs
+        last, prev_end, order = evs[-k:] if k else [], None, []
+        for st, dur, nm, ln in last:
+            gap = 0.0 if prev_end is None else (st - prev_end) / 1e3
+            order.append([nm, round((st - last[0][0]) / 1e3, 2), round(dur / 1e3, 2),
+                          round(gap, 2), ln])
+            prev_end = st + dur
+        row = {"wall_us": round(wall_us, 1), "busy_us": round(busy, 1),
+               "span_us": round(span, 1), "kernels_per_call": len(evs) / runs,
+               "per_kernel_us": {nm: [round(t / runs / 1e3, 2), c / runs]
+                                 for nm, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0])},
+               "last_call": order}
+        result[item] = row
+        print(f"timeline {item} {b}x{length}x{dn}: wall {wall_us:.1f} us/call, kernels busy "
+              f"{busy:.1f}, span {span:.1f}, {len(evs) / runs:g} kernels/call", flush=True)
+        for nm, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            print(f"    {t / runs / 1e3:9.2f} us  x{c / runs:g}  {nm}")
+        print("  last call in order (offset us, dur us, gap before us):")
+        for nm, off, dur, gap, _ in order:
+            print(f"    {off:9.2f} {dur:9.2f} {gap:7.2f}  {nm}")
+        if out:
+            with open(out, "w") as fh:
+                json.dump(result, fh, indent=1)
+    return result
 
 
 def _decode_loop(backend, inputs, kw, h):
@@ -854,6 +942,10 @@ def main():
                    "sizes (fwd, fwd+bwd)")
     p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
                    "comparison (0: the anchor 8x2048x2048, with the references)")
+    p.add_argument("--timeline", default="", help="VARIANT[:fb][@SIZE],..: every GPU kernel "
+                   "of one call at --compare-size (or size index SIZE) from a profiler "
+                   "trace (time outside the scan kernels: XLA kernels and gaps), then exit")
+    p.add_argument("--timeline-runs", type=int, default=5, help="calls in the trace")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -869,6 +961,11 @@ def main():
     if a.quick:
         sizes = sizes[:1]
     cfg = VARIANTS[a.variant]
+    if a.timeline:
+        timeline([k for k in a.timeline.split(",") if k], sizes, sizes[a.compare_size],
+                 a.timeline_runs, a.out, a.budget)
+        sys.stdout.flush()
+        os._exit(0)
     if a.profile:    # VARIANT[:fb],VARIANT[:fb],..: compiled in parallel, then each run twice
         x = _inputs(*((1, 40, 64, 4) if a.smoke else sizes[0]))
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)

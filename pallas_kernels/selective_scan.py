@@ -277,6 +277,10 @@ class _Config:
                               # shared memory (double-buffered: one barrier per sub-chunk)
     mgpu_bwd_pair_chunk: int = 0  # steps per TMA chunk of the Mosaic pair backward (a
                               # multiple of chunk; 0: mgpu_chunk); halved there until it fits
+    mgpu_bwd_dbc_add: bool = False  # Mosaic pair backward: dB/dC rows summed over the
+                              # programs by TMA reduce-add into one [B, G, Lp, 32] f32 buffer
+                              # (no [B, Dp / 64, Lp, 32] block rows summed by XLA; the f32 sum
+                              # order then varies run to run: dB / dC not bitwise reproducible)
     interpret: bool = False
 
 
@@ -1402,6 +1406,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       ahead=cfg.mgpu_bwd_pair_ahead,
                                       direct_out=cfg.mgpu_bwd_direct_out,
                                       warp_red=cfg.mgpu_bwd_warp_red,
+                                      dbc_add=cfg.mgpu_bwd_dbc_add,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1523,7 +1528,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
-                          mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8, interpret=False):
+                          mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8,
+                          mgpu_bwd_dbc_add=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     v11 (session 11): past one program per SM (Dn 4096 at B 8) the backward is the pair one
@@ -1602,7 +1608,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
                   mgpu_bwd_direct_out=mgpu_bwd_direct_out,
                   mgpu_bwd_warp_red=mgpu_bwd_warp_red,
-                  mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk, interpret=interpret)
+                  mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk,
+                  mgpu_bwd_dbc_add=mgpu_bwd_dbc_add, interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

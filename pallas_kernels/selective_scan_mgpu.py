@@ -1409,15 +1409,18 @@ def _dbc_states(dbc, first, parts, n_k):
     return x.reshape(*x.shape[:-2], parts * n_k)
 
 
-def _bwd_refs(refs, opts, x_s=False):
+def _bwd_refs(refs, opts, x_s=False, dbc_in=False):
     """The backward kernels' refs by name: inputs, outputs, then scratch (the order of
     `pl.pallas_call`'s operands and scratch shapes in the backward wrappers), and the names of
-    the per-chunk input and output tiles."""
+    the per-chunk input and output tiles. dbc_in: the dB/dC rows go to an accumulator passed
+    as the last input (a ref: backward_pair's dbc_add), not to an output."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
     names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
-             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "dhT", *(["dbc"] if dbc_in else []),
+             *[k for k in seq_out if not (dbc_in and k == "dbc")],
+             "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
              "a_s", "p_s", "h_s", "bar", "red", "red2",
              *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if x_s else []), "in_bar"]
     return dict(zip(names, refs, strict=True)), seq_in, seq_out
@@ -1873,9 +1876,9 @@ def _dbc_states_warp(dbc, which, n_k):
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
                    keep_b=False, pad_rows=False, ahead=False, direct_out=False,
-                   warp_red=False):
+                   warp_red=False, dbc_add=False):
     has_z = "z" in opts
-    r, seq_in, seq_out = _bwd_refs(refs, opts)
+    r, seq_in, seq_out = _bwd_refs(refs, opts, dbc_in=dbc_add)
     f32 = jnp.float32
     shape = _lane_shape(parts)
     lw = shape[2]
@@ -2123,6 +2126,13 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         for name in seq_out:
             if direct_out and name != "dbc":
                 continue
+            if name == "dbc" and dbc_add and not interpret:
+                # the program's rows added into its group's [Lp, 32] rows (TMA reduce-add in
+                # L2: the sum over the group's programs in the kernel, in arrival order)
+                plgpu.copy_smem_to_gmem(s_[name], r["dbc"].at[b, g_idx, rows],
+                                        commit_group=False, reduction_op="add")
+                continue
+            # (interpret mode has no TMA reduction: dbc_add keeps a slot per program there)
             dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
             plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
@@ -2153,7 +2163,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
                   pad_rows=False, ahead=False, direct_out=False, warp_red=False,
-                  interpret=False):
+                  dbc_add=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -2170,7 +2180,12 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     (_pair_rows_store_global) instead of through shared-memory tiles and TMA. warp_red
     (parts 2): dB/dC summed over each half-warp's 16 channels by shuffles before shared memory
     (one [32] row per warp and step, `red` double-buffered: one barrier per sub-chunk; 2 KB
-    per buffer instead of 40 KB, so the chunk can stay 16 steps); rowsum is then unused."""
+    per buffer instead of 40 KB, so the chunk can stay 16 steps); rowsum is then unused.
+    dbc_add: each program's dB/dC rows added by TMA reduce-add into one [B, G, Lp, 32] f32
+    accumulator (zeroed here, passed as a ref), instead of [B, Dp / 64, Lp, 32] block rows
+    summed by XLA after the kernel: the f32 sum over a group's programs then runs in arrival
+    order, so dB / dC may differ run to run by f32 rounding (not bitwise deterministic; dA,
+    dD, d bias are unchanged). Interpret mode keeps a slot per program (no TMA reduction)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     warp_red = warp_red and parts == 2
@@ -2231,9 +2246,13 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
               parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
     tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), dtype)
     per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)
+    dbc_rows = jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32)
+    if dbc_add:     # the accumulator: an input ref (a slot per program in interpret mode)
+        dbc_acc = jax.new_ref(jnp.zeros((bsz, nb if interpret else groups, lp, _NQ), f32))
+        arrays.append(dbc_acc)
     out_shape = [tile_out(u.dtype), tile_out(delta.dtype),
                  *([tile_out(z.dtype)] if z is not None else []),
-                 jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32), per_thread]
+                 *([] if dbc_add else [dbc_rows]), per_thread]
     out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
                   if x is not None]
     out_shape.append(per_thread)
@@ -2260,19 +2279,25 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
         parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
         ahead=ahead, direct_out=direct_out and parts == 2, **({"warp_red": True} if warp_red
-                                                              else {}))
+                                                              else {}),
+        **({"dbc_add": True} if dbc_add else {}))
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else ""))(*arrays))
+        kernel_name=("selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else "")
+                     + ("_dba" if dbc_add else "")))(*arrays))
     crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None
-    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
-    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    if dbc_add and not interpret:   # [B, G, Lp, NQ], summed by the kernel
+        dbc = jnp.moveaxis(dbc_acc[...][:, :, :length], 1, 2)          # [B, L, G, NQ]
+    else:
+        dbc = (dbc_acc[...] if dbc_add else outs.pop(0))[:, :, :length].reshape(
+            bsz, groups, nb // groups, length, _NQ)
+        dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                 # [B, L, G, NQ]
     if warp_red:
         db, dc = _dbc_states_warp(dbc, 0, n_k), _dbc_states_warp(dbc, 1, n_k)
     else:

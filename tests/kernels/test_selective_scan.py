@@ -684,3 +684,21 @@ def test_pair_training_forward_held_y_matches_recurrence(opts, dtype, n, groups,
                              mgpu_pair_train_opts=opts)
     assert (True, opts["ydefer"], opts.get("sp1")) in seen
 
+
+
+# Session 12: the dB/dC block rows summed in the pair backward (dbc_add: TMA reduce-add into
+# one [B, G, Lp, 32] accumulator on the GPU; interpret mode has no TMA reduction and keeps a
+# slot per program in the accumulator ref, summed after the kernel).
+@pytest.mark.slow
+def test_v12_dbc_add_pair_backward_matches_recurrence(monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig_bwd = mg.backward_pair
+
+    def spy_bwd(*a, **k):
+        seen.append(k.get("dbc_add"))
+        return orig_bwd(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
+                             mgpu_bwd_dbc_add=True)
+    assert seen == [True]
