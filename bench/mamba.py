@@ -698,9 +698,9 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
         jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
     for name, mode, fn in jobs:          # submitted in order of priority
         if mode == "fwd":
-            comp.submit(("cmp", name, mode), fn, *args)
+            comp.submit(("cmp", name, mode, size), fn, *args)
         else:
-            comp.submit(("cmp", name, mode), functools.partial(_vjp, fn), *fb_args)
+            comp.submit(("cmp", name, mode, size), functools.partial(_vjp, fn), *fb_args)
     yield
 
     rows = res.setdefault("compare", [])
@@ -709,8 +709,8 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
     for name, mode, _ in order:
         row = {"variant": name, "mode": mode, "cfg": VARIANTS.get(name), "size": size}
         try:
-            f = comp.get(("cmp", name, mode))
-            row["compile_start_end_s"] = comp.seconds.get(("cmp", name, mode))
+            f = comp.get(("cmp", name, mode, size))
+            row["compile_start_end_s"] = comp.seconds.get(("cmp", name, mode, size))
             call_args = args if mode == "fwd" else fb_args
             out = f(*call_args)
             if name == "associative":
@@ -903,7 +903,7 @@ def report(res):
             print(f"{r['tag']} {r['cfg']} L{r['L']} Dn{r['Dn']}: fwd {r.get('pallas fwd')} "
                   f"fwd+bwd {r.get('pallas fwd+bwd')}")
     for r in res.get("compare", []):
-        print(f"compare {r['variant']} {r['mode']}: {_fmt(r.get('ms'))} ms, max err "
+        print(f"compare {r['variant']} {r['mode']} {r['size']}: {_fmt(r.get('ms'))} ms, max err "
               f"{r.get('max_err')}, compiled (start, end) {r.get('compile_start_end_s')} s "
               f"{r.get('error', '')}")
     for r in res.get("correctness", []):
@@ -940,8 +940,9 @@ def main():
                    "bench sizes")
     p.add_argument("--bench-modes", default="fwd,fwd+bwd", help="modes timed at the bench "
                    "sizes (fwd, fwd+bwd)")
-    p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
-                   "comparison (0: the anchor 8x2048x2048, with the references)")
+    p.add_argument("--compare-size", default="0", help="index of the size of the "
+                   "comparison (0: the anchor 8x2048x2048, with the references); a list "
+                   "(0,2): one comparison per size in the same process, in that order")
     p.add_argument("--timeline", default="", help="VARIANT[:fb][@SIZE],..: every GPU kernel "
                    "of one call at --compare-size (or size index SIZE) from a profiler "
                    "trace (time outside the scan kernels: XLA kernels and gaps), then exit")
@@ -961,8 +962,9 @@ def main():
     if a.quick:
         sizes = sizes[:1]
     cfg = VARIANTS[a.variant]
+    cmp_sizes = [int(i) for i in a.compare_size.split(",")]
     if a.timeline:
-        timeline([k for k in a.timeline.split(",") if k], sizes, sizes[a.compare_size],
+        timeline([k for k in a.timeline.split(",") if k], sizes, sizes[cmp_sizes[0]],
                  a.timeline_runs, a.out, a.budget)
         sys.stdout.flush()
         os._exit(0)
@@ -1003,10 +1005,11 @@ def main():
     comp = _Compiler(a.budget)
     steps, bench_sizes = [], sizes
     if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
-        steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
-                                         sizes[a.compare_size], a.repeat,
-                                         refs=a.compare_size == 0)))
-        bench_sizes = [s for i, s in enumerate(sizes) if i != a.compare_size]
+        for ci in cmp_sizes:
+            steps.append(("compare", compare(res, comp, names(a.compare_fwd),
+                                             names(a.compare_fb), sizes[ci], a.repeat,
+                                             refs=ci == 0)))
+        bench_sizes = [s for i, s in enumerate(sizes) if i not in cmp_sizes]
     if not a.quick and a.cases != "none":
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))
