@@ -658,6 +658,10 @@ VARIANTS = {
     # session 12: the pair backward's dB/dC block rows summed in the kernel by TMA reduce-add
     # into one [B, G, Lp, 32] f32 buffer (no XLA reduce of the [B, Dp / 64, Lp, 32] rows)
     "dba": dict(mgpu_bwd_dbc_add=True),
+    # + A, D, bias as they are in the training forward and the backward (rawp: the kernels lay
+    # them out; no XLA layout kernels: the A transpose and the D / bias broadcasts)
+    "dbar": dict(mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
+                 mgpu_pair_train_opts=dict(ydefer=8, rawp=True)),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

@@ -277,6 +277,9 @@ class _Config:
                               # shared memory (double-buffered: one barrier per sub-chunk)
     mgpu_bwd_pair_chunk: int = 0  # steps per TMA chunk of the Mosaic pair backward (a
                               # multiple of chunk; 0: mgpu_chunk); halved there until it fits
+    mgpu_bwd_rawp: bool = False  # Mosaic pair backward: A, D, bias as they are, laid out per
+                              # thread by the kernel (as mgpu_pair_inf's rawp; with
+                              # mgpu_pair_train_opts rawp no XLA layout kernels are left)
     mgpu_bwd_dbc_add: bool = False  # Mosaic pair backward: dB/dC rows summed over the
                               # programs by TMA reduce-add into one [B, G, Lp, 32] f32 buffer
                               # (no [B, Dp / 64, Lp, 32] block rows summed by XLA; the f32 sum
@@ -1407,6 +1410,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       direct_out=cfg.mgpu_bwd_direct_out,
                                       warp_red=cfg.mgpu_bwd_warp_red,
                                       dbc_add=cfg.mgpu_bwd_dbc_add,
+                                      rawp=cfg.mgpu_bwd_rawp,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1529,7 +1533,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
                           mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8,
-                          mgpu_bwd_dbc_add=False, interpret=False):
+                          mgpu_bwd_dbc_add=False, mgpu_bwd_rawp=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     v11 (session 11): past one program per SM (Dn 4096 at B 8) the backward is the pair one
@@ -1609,7 +1613,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_direct_out=mgpu_bwd_direct_out,
                   mgpu_bwd_warp_red=mgpu_bwd_warp_red,
                   mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk,
-                  mgpu_bwd_dbc_add=mgpu_bwd_dbc_add, interpret=interpret)
+                  mgpu_bwd_dbc_add=mgpu_bwd_dbc_add, mgpu_bwd_rawp=mgpu_bwd_rawp,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

@@ -702,3 +702,27 @@ def test_v12_dbc_add_pair_backward_matches_recurrence(monkeypatch):
     check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
                              mgpu_bwd_dbc_add=True)
     assert seen == [True]
+
+
+# Session 12: A, D and bias as they are in the pair training forward (mgpu_pair_train_opts
+# rawp) and the pair backward (mgpu_bwd_rawp), laid out per thread by the kernels (no XLA
+# layout kernels), with dbc_add; every gradient against the f32 recurrence.
+@pytest.mark.slow
+def test_v12_raw_params_training_path_matches_recurrence(monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig_bwd, orig_body = mg.backward_pair, mg._fwd_pair_body
+
+    def spy_bwd(*a, **k):
+        seen.append(("bwd", k.get("rawp"), k.get("dbc_add")))
+        return orig_bwd(*a, **k)
+
+    def spy_body(*a, **k):
+        seen.append(("fwd", k.get("rawp"), k.get("ydefer")))
+        return orig_body(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    monkeypatch.setattr(mg, "_fwd_pair_body", spy_body)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
+                             mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
+                             mgpu_pair_train_opts=dict(ydefer=8, rawp=True))
+    assert ("bwd", True, True) in seen and ("fwd", True, 8) in seen
