@@ -656,8 +656,10 @@ VARIANTS = {
     "pc64": dict(mgpu_pair_chunk=64),
     "pc16": dict(mgpu_pair_chunk=16),
     # session 12: the pair backward's dB/dC block rows summed in the kernel by TMA reduce-add
-    # into one [B, G, Lp, 32] f32 buffer (no XLA reduce of the [B, Dp / 64, Lp, 32] rows)
+    # into one [B, G, Lp, 32] f32 buffer (no XLA reduce of the [B, Dp / 64, Lp, 32] rows): the
+    # default since (v12); v11 the fixed-order XLA sum (bitwise reproducible)
     "dba": dict(mgpu_bwd_dbc_add=True),
+    "v11": dict(mgpu_bwd_dbc_add=False),
     # + A, D, bias as they are in the training forward and the backward (rawp: the kernels lay
     # them out; no XLA layout kernels: the A transpose and the D / bias broadcasts)
     "dbar": dict(mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
@@ -669,7 +671,7 @@ VARIANTS = {
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
                mgpu_ck_pair="direct", mgpu_ck_late=True, mgpu_bwd_keep_b=True,
                mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True, **V10_OFF,
-               mgpu_pair_inf=dict(sp1=True, ydefer=16)),
+               mgpu_bwd_dbc_add=False, mgpu_pair_inf=dict(sp1=True, ydefer=16)),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
