@@ -655,6 +655,15 @@ VARIANTS = {
     # changed its step): 64 and 16 steps per TMA chunk
     "pc64": dict(mgpu_pair_chunk=64),
     "pc16": dict(mgpu_pair_chunk=16),
+    # session 12: the pair backward's dB/dC block rows summed in the kernel by TMA reduce-add
+    # into one [B, G, Lp, 32] f32 buffer (no XLA reduce of the [B, Dp / 64, Lp, 32] rows): the
+    # default since (v12); v11 the fixed-order XLA sum (bitwise reproducible)
+    "dba": dict(mgpu_bwd_dbc_add=True),
+    "v11": dict(mgpu_bwd_dbc_add=False),
+    # + A, D, bias as they are in the training forward and the backward (rawp: the kernels lay
+    # them out; no XLA layout kernels: the A transpose and the D / bias broadcasts)
+    "dbar": dict(mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
+                 mgpu_pair_train_opts=dict(ydefer=8, rawp=True)),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
@@ -662,7 +671,7 @@ VARIANTS = {
                mgpu_bwd_split=0, mgpu_bwd_loop="auto", mgpu_bwd_rowsum="auto", mgpu_yacc=1,
                mgpu_ck_pair="direct", mgpu_ck_late=True, mgpu_bwd_keep_b=True,
                mgpu_bwd_pad_rows=True, mgpu_bwd_pair_ahead=True, **V10_OFF,
-               mgpu_pair_inf=dict(sp1=True, ydefer=16)),
+               mgpu_bwd_dbc_add=False, mgpu_pair_inf=dict(sp1=True, ydefer=16)),
     # v6.1 spelled out (the default at the end of session 6: one-thread inference and training
     # forwards, the two-thread backward reading the one-thread checkpoints)
     "v61": dict(mgpu_pair=False, mgpu_split=1, mgpu_bwd=True, mgpu_bwd_split=2,
@@ -695,9 +704,9 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
         jobs += [("lax.scan", "fwd", fns["lax.scan"]), ("lax.scan", "fb", fns["lax.scan"])]
     for name, mode, fn in jobs:          # submitted in order of priority
         if mode == "fwd":
-            comp.submit(("cmp", name, mode), fn, *args)
+            comp.submit(("cmp", name, mode, size), fn, *args)
         else:
-            comp.submit(("cmp", name, mode), functools.partial(_vjp, fn), *fb_args)
+            comp.submit(("cmp", name, mode, size), functools.partial(_vjp, fn), *fb_args)
     yield
 
     rows = res.setdefault("compare", [])
@@ -706,8 +715,8 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
     for name, mode, _ in order:
         row = {"variant": name, "mode": mode, "cfg": VARIANTS.get(name), "size": size}
         try:
-            f = comp.get(("cmp", name, mode))
-            row["compile_start_end_s"] = comp.seconds.get(("cmp", name, mode))
+            f = comp.get(("cmp", name, mode, size))
+            row["compile_start_end_s"] = comp.seconds.get(("cmp", name, mode, size))
             call_args = args if mode == "fwd" else fb_args
             out = f(*call_args)
             if name == "associative":
@@ -735,6 +744,91 @@ def compare(res, comp, fwd_names, fb_names, size, repeat=1, refs=True):
             print(f"  {row['variant']} {row['mode']}: pass {len(row['ms_runs'])} "
                   f"{row['ms_runs'][-1]:.4f} ms (t={time.perf_counter() - T0:.0f}s)", flush=True)
         yield
+
+
+def timeline(items, sizes, default_size, runs=5, out=None, budget=200.0):
+    """Every GPU kernel of one call of each VARIANT[:fb] at `size`, from a profiler trace
+    (CUPTI) of `runs` back-to-back calls after a warm-up: per kernel name its device time and
+    launches per call; per call the wall time (host clock over the loop), the kernels' busy
+    time and the idle gaps between them on the stream (wall - busy: launch gaps and dispatch);
+    and the last call's kernels in order (start offset, duration, gap before each). What a
+    call spends outside its scan kernels is then named (XLA fusions) or a gap. An item
+    VARIANT[:fb]@I runs at sizes[I]."""
+    import glob
+    import tempfile
+    result, comp, plans, xs = {}, _Compiler(budget), [], {}
+    for item in items:     # compiled in parallel
+        spec, _, at = item.partition("@")
+        size = sizes[int(at)] if at else default_size
+        if size not in xs:
+            x = _inputs(*size)
+            xs[size] = (x, jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16))
+        x, dy = xs[size]
+        name, _, mode = spec.partition(":")
+        args, fns = _variants(x, VARIANTS[name])
+        f = fns["pallas"]
+        if mode == "fb":
+            f, args = functools.partial(_vjp, fns["pallas"]), (dy, *args)
+        comp.submit(item, f, *args)
+        plans.append((item, args, size))
+    comp.wait_all()
+    for item, args, (b, length, dn, _) in plans:
+        try:
+            f = comp.get(item)
+        except Exception as e:   # noqa: BLE001 (keep the others)
+            print(f"timeline {item}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        for _ in range(3):
+            jax.block_until_ready(f(*args))
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    o = f(*args)
+                jax.block_until_ready(o)
+                wall_us = (time.perf_counter() - t0) / runs * 1e6
+            path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+            data = jax.profiler.ProfileData.from_file(path)
+            evs = []
+            for plane in data.planes:
+                if "gpu" not in plane.name.lower():
+                    continue
+                for line in plane.lines:   # the stream lines hold the kernels
+                    if "xla" in line.name.lower() or not line.events:
+                        continue
+                    evs += [(ev.start_ns, ev.duration_ns, ev.name[:90], line.name)
+                            for ev in line.events]
+        evs.sort()
+        per = {}
+        for _, dur, nm, _ in evs:
+            t, c = per.get(nm, (0, 0))
+            per[nm] = (t + dur, c + 1)
+        busy = sum(e[1] for e in evs) / runs / 1e3
+        span = (evs[-1][0] + evs[-1][1] - evs[0][0]) / runs / 1e3 if evs else 0.0
+        k = len(evs) // runs
+        last, prev_end, order = evs[-k:] if k else [], None, []
+        for st, dur, nm, ln in last:
+            gap = 0.0 if prev_end is None else (st - prev_end) / 1e3
+            order.append([nm, round((st - last[0][0]) / 1e3, 2), round(dur / 1e3, 2),
+                          round(gap, 2), ln])
+            prev_end = st + dur
+        row = {"wall_us": round(wall_us, 1), "busy_us": round(busy, 1),
+               "span_us": round(span, 1), "kernels_per_call": len(evs) / runs,
+               "per_kernel_us": {nm: [round(t / runs / 1e3, 2), c / runs]
+                                 for nm, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0])},
+               "last_call": order}
+        result[item] = row
+        print(f"timeline {item} {b}x{length}x{dn}: wall {wall_us:.1f} us/call, kernels busy "
+              f"{busy:.1f}, span {span:.1f}, {len(evs) / runs:g} kernels/call", flush=True)
+        for nm, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            print(f"    {t / runs / 1e3:9.2f} us  x{c / runs:g}  {nm}")
+        print("  last call in order (offset us, dur us, gap before us):")
+        for nm, off, dur, gap, _ in order:
+            print(f"    {off:9.2f} {dur:9.2f} {gap:7.2f}  {nm}")
+        if out:
+            with open(out, "w") as fh:
+                json.dump(result, fh, indent=1)
+    return result
 
 
 def _decode_loop(backend, inputs, kw, h):
@@ -815,7 +909,7 @@ def report(res):
             print(f"{r['tag']} {r['cfg']} L{r['L']} Dn{r['Dn']}: fwd {r.get('pallas fwd')} "
                   f"fwd+bwd {r.get('pallas fwd+bwd')}")
     for r in res.get("compare", []):
-        print(f"compare {r['variant']} {r['mode']}: {_fmt(r.get('ms'))} ms, max err "
+        print(f"compare {r['variant']} {r['mode']} {r['size']}: {_fmt(r.get('ms'))} ms, max err "
               f"{r.get('max_err')}, compiled (start, end) {r.get('compile_start_end_s')} s "
               f"{r.get('error', '')}")
     for r in res.get("correctness", []):
@@ -852,8 +946,13 @@ def main():
                    "bench sizes")
     p.add_argument("--bench-modes", default="fwd,fwd+bwd", help="modes timed at the bench "
                    "sizes (fwd, fwd+bwd)")
-    p.add_argument("--compare-size", type=int, default=0, help="index of the size of the "
-                   "comparison (0: the anchor 8x2048x2048, with the references)")
+    p.add_argument("--compare-size", default="0", help="index of the size of the "
+                   "comparison (0: the anchor 8x2048x2048, with the references); a list "
+                   "(0,2): one comparison per size in the same process, in that order")
+    p.add_argument("--timeline", default="", help="VARIANT[:fb][@SIZE],..: every GPU kernel "
+                   "of one call at --compare-size (or size index SIZE) from a profiler "
+                   "trace (time outside the scan kernels: XLA kernels and gaps), then exit")
+    p.add_argument("--timeline-runs", type=int, default=5, help="calls in the trace")
     a = p.parse_args()
     if a.smoke:
         SMOKE["interpret"] = True
@@ -869,6 +968,12 @@ def main():
     if a.quick:
         sizes = sizes[:1]
     cfg = VARIANTS[a.variant]
+    cmp_sizes = [int(i) for i in a.compare_size.split(",")]
+    if a.timeline:
+        timeline([k for k in a.timeline.split(",") if k], sizes, sizes[cmp_sizes[0]],
+                 a.timeline_runs, a.out, a.budget)
+        sys.stdout.flush()
+        os._exit(0)
     if a.profile:    # VARIANT[:fb],VARIANT[:fb],..: compiled in parallel, then each run twice
         x = _inputs(*((1, 40, 64, 4) if a.smoke else sizes[0]))
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
@@ -906,10 +1011,11 @@ def main():
     comp = _Compiler(a.budget)
     steps, bench_sizes = [], sizes
     if a.compare_fwd or a.compare_fb:     # the variants and the references at the anchor size
-        steps.append(("compare", compare(res, comp, names(a.compare_fwd), names(a.compare_fb),
-                                         sizes[a.compare_size], a.repeat,
-                                         refs=a.compare_size == 0)))
-        bench_sizes = [s for i, s in enumerate(sizes) if i != a.compare_size]
+        for ci in cmp_sizes:
+            steps.append(("compare", compare(res, comp, names(a.compare_fwd),
+                                             names(a.compare_fb), sizes[ci], a.repeat,
+                                             refs=ci == 0)))
+        bench_sizes = [s for i, s in enumerate(sizes) if i not in cmp_sizes]
     if not a.quick and a.cases != "none":
         which = [int(i) for i in a.cases.split(",")] if a.cases else None
         steps.append(("correctness", correctness(res, comp, cfg, which, not a.skip_decode)))

@@ -237,7 +237,7 @@ class _Config:
                               # sp1 + ydefer 16 (session 9 call 2: -5.6 % / -6.0 %) + rawp +
                               # ybuf 3 (session 10: -2.1 to -3.4 % at 2k, -0.9 % at 8k)
     mgpu_pair_train_opts: tuple | None = None  # the pair TRAINING forward's opt-in options
-                              # ((name, value) pairs: ydefer, sp1; selective_scan_mgpu.
+                              # ((name, value) pairs: ydefer, sp1, rawp; selective_scan_mgpu.
                               # _fwd_pair_body); None: as in v9; selective_scan_pallas's
                               # default (v10): ydefer 8 (session 10: -2.8 % fwd+bwd)
     mgpu_bwd_ahead: bool = False  # Mosaic backward: the next sub-chunk's recompute overlaps
@@ -277,6 +277,15 @@ class _Config:
                               # shared memory (double-buffered: one barrier per sub-chunk)
     mgpu_bwd_pair_chunk: int = 0  # steps per TMA chunk of the Mosaic pair backward (a
                               # multiple of chunk; 0: mgpu_chunk); halved there until it fits
+    mgpu_bwd_rawp: bool = False  # Mosaic pair backward: A, D, bias as they are, laid out per
+                              # thread by the kernel (as mgpu_pair_inf's rawp; with
+                              # mgpu_pair_train_opts rawp no XLA layout kernels are left)
+    mgpu_bwd_dbc_add: bool = False  # Mosaic pair backward: dB/dC rows summed over the
+                              # programs by TMA reduce-add into one [B, G, Lp, 32] f32 buffer
+                              # (no [B, Dp / 64, Lp, 32] block rows summed by XLA; the f32 sum
+                              # order then varies run to run: dB / dC not bitwise reproducible;
+                              # False: the fixed-order XLA sum). selective_scan_pallas's
+                              # default (v12): True (session 12: -2.3 to -3.1 % fwd+bwd)
     interpret: bool = False
 
 
@@ -1402,6 +1411,8 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       ahead=cfg.mgpu_bwd_pair_ahead,
                                       direct_out=cfg.mgpu_bwd_direct_out,
                                       warp_red=cfg.mgpu_bwd_warp_red,
+                                      dbc_add=cfg.mgpu_bwd_dbc_add,
+                                      rawp=cfg.mgpu_bwd_rawp,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1523,8 +1534,20 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_bwd_pair=True, mgpu_bwd_rowsum="auto", mgpu_pair_train_chunk=32,
                           mgpu_ck_pair="direct", mgpu_bwd_keep_b=True, mgpu_bwd_pad_rows=True,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
-                          mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8, interpret=False):
+                          mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8,
+                          mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
+
+    v12 (session 12, wherever the pair backward runs): the pair backward sums its dB/dC rows
+    over the programs itself, by TMA reduce-add into one [B, G, L, 32] f32 buffer
+    (mgpu_bwd_dbc_add), instead of writing [B, Dn / 64, L, 32] block rows for an XLA reduce
+    (67 MB at 8x2048x2048). The f32 sum over a group's programs then runs in arrival order:
+    dB and dC may differ run to run by f32 rounding (dA, dD, d bias, du, ddelta, dz do not);
+    mgpu_bwd_dbc_add=False is the bitwise-reproducible v11 path. H200, bf16, fwd+bwd
+    (interleaved, medians): 8x2048x2048 0.911 -> 0.885 ms (two processes: -2.6 / -2.8 %),
+    8x8192x2048 3.579 -> 3.495, 8x2048x4096 1.858 -> 1.800 (bench/mamba.py "v11" spells v11
+    out). Opt-in (not faster): mgpu_bwd_rawp with mgpu_pair_train_opts ("rawp", True), A, D
+    and bias laid out by the training kernels (bench "dbar").
 
     v11 (session 11): past one program per SM (Dn 4096 at B 8) the backward is the pair one
     too (mgpu_bwd_split=0 resolves to 1 wherever the pair backward takes the shape), reading
@@ -1602,7 +1625,9 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_pair_ahead=mgpu_bwd_pair_ahead,
                   mgpu_bwd_direct_out=mgpu_bwd_direct_out,
                   mgpu_bwd_warp_red=mgpu_bwd_warp_red,
-                  mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk, interpret=interpret)
+                  mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk,
+                  mgpu_bwd_dbc_add=mgpu_bwd_dbc_add, mgpu_bwd_rawp=mgpu_bwd_rawp,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 

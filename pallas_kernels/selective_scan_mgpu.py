@@ -860,14 +860,15 @@ def _own_delta(x, vec, softplus, sp1, valid):
 
 def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, stages,
                    interpret, save_ckpt=False, ck_every=4, parts=2, y_acc=1, ydefer=0,
-                   sp1=False):
+                   sp1=False, rawp=False):
     """save_ckpt (parts 2): the state before every ck_every-th step into the one-thread
     kernels' checkpoint layout [B, Lp / ck_every, N, Dp] (a [N, 64] slot row per checkpoint,
     written through its (w, p, l) view per state k: rows k and K + k); save_ckpt a dict: the
     checkpoint options of _ck_options. Opt-in (forward_pair's train_opts; as the inference
     body's options of the same names): ydefer, the y rows of this many step groups held in
     registers and stored together (ptxas keeps the next groups' B/C loads behind each y store
-    otherwise); sp1, softplus with one MUFU op (_softplus_1mufu)."""
+    otherwise); sp1, softplus with one MUFU op (_softplus_1mufu); rawp (parts 2, N % 4 == 0),
+    A, D and bias as they are, laid out by the kernel (_pair_prologue)."""
     ck_pair, ck_direct, ck_late = _ck_options(save_ckpt, parts)
     has_z = "z" in opts
     seq_in = ["u", "dt", "bc", *(["z"] if has_z else [])]
@@ -880,7 +881,7 @@ def _fwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     lw = shape[2]
     n_k = n_state // parts
     b, j, tiles, fetch, a2, vec, h0 = _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages,
-                                                     n_chunks, interpret)
+                                                     n_chunks, interpret, rawp=rawp)
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
 
@@ -1293,8 +1294,10 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         bc = jnp.concatenate([B.astype(f32), C.astype(f32)], -1)
         bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
         bc_arrays = [bc]
-    rawp = (bool(dict(inf_opts or {}).get("rawp")) and parts == 2 and not save_ckpt
-            and n % 4 == 0)   # A, D, bias as they are (the kernel lays them out: no XLA op)
+    # A, D, bias as they are (the kernel lays them out: no XLA op); the training forward's
+    # through train_opts (session 12), the inference forward's through inf_opts
+    rawp = (bool(dict((train_opts if save_ckpt else inf_opts) or {}).get("rawp"))
+            and parts == 2 and n % 4 == 0)
     if rawp:
         a2 = _common.pad_axis(A.astype(f32), 0, width)                  # [Dp, N]
         vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)       # [Dp]
@@ -1341,7 +1344,8 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
         _fwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, stages=stages,
         interpret=interpret, save_ckpt=save_ckpt, ck_every=ck_every, parts=parts, y_acc=y_acc,
-        **(dict(train_opts) if train_opts and save_ckpt else {}))
+        **({k: v for k, v in dict(train_opts).items() if k != "rawp"}
+           if train_opts and save_ckpt else {}), **({"rawp": True} if rawp else {}))
     if inf_opts is not None and parts == 2 and not save_ckpt:
         body = functools.partial(
             _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
@@ -1409,17 +1413,22 @@ def _dbc_states(dbc, first, parts, n_k):
     return x.reshape(*x.shape[:-2], parts * n_k)
 
 
-def _bwd_refs(refs, opts, x_s=False):
+def _bwd_refs(refs, opts, x_s=False, dbc_in=False, raw=False):
     """The backward kernels' refs by name: inputs, outputs, then scratch (the order of
     `pl.pallas_call`'s operands and scratch shapes in the backward wrappers), and the names of
-    the per-chunk input and output tiles."""
+    the per-chunk input and output tiles. dbc_in: the dB/dC rows go to an accumulator passed
+    as the last input (a ref: backward_pair's dbc_add), not to an output. raw: two more
+    scratch refs at the end, "a_raw" and "p_raw" (backward_pair's rawp)."""
     has_z = "z" in opts
     seq_in = ["u", "dt", "dy", "bc", "ck", *(["z"] if has_z else [])]
     seq_out = ["du", "ddt", *(["dz"] if has_z else []), "dbc"]
     names = ["u", "dt", "a", "bc", *[k for k in ("z", "d", "bias") if k in opts], "ck", "dy",
-             "dhT", *seq_out, "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
+             "dhT", *(["dbc"] if dbc_in else []),
+             *[k for k in seq_out if not (dbc_in and k == "dbc")],
+             "da", *[k for k in ("dd", "dbias") if k[1:] in opts], "dh0",
              "a_s", "p_s", "h_s", "bar", "red", "red2",
-             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if x_s else []), "in_bar"]
+             *[k + "_s" for k in seq_in + seq_out], *(["x_s"] if x_s else []), "in_bar",
+             *(["a_raw", "p_raw"] if raw else [])]
     return dict(zip(names, refs, strict=True)), seq_in, seq_out
 
 
@@ -1873,9 +1882,9 @@ def _dbc_states_warp(dbc, which, n_k):
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
                    keep_b=False, pad_rows=False, ahead=False, direct_out=False,
-                   warp_red=False):
+                   warp_red=False, dbc_add=False, rawp=False):
     has_z = "z" in opts
-    r, seq_in, seq_out = _bwd_refs(refs, opts)
+    r, seq_in, seq_out = _bwd_refs(refs, opts, dbc_in=dbc_add, raw=rawp)
     f32 = jnp.float32
     shape = _lane_shape(parts)
     lw = shape[2]
@@ -1906,18 +1915,26 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         in_tiles, in_off = pl.ds(start, 5), j * 4 - start
     for s in range(min(stages, n_chunks)):
         fetch(s, s)
-    # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]
-    plgpu.copy_gmem_to_smem(r["a"].at[:, j], r["a_s"], r["bar"].at[0])
+    # A^T log2(e) as [K, *shape], D and bias as shape, dhT [K, *shape]; rawp: A [Dp, N], D and
+    # bias [Dp] as they are (this program's rows), laid out per thread here (_thread_rows)
+    own = pl.ds(j * (4 * lw), 4 * lw)
+    plgpu.copy_gmem_to_smem(r["a"].at[own] if rawp else r["a"].at[:, j],
+                            r["a_raw"] if rawp else r["a_s"], r["bar"].at[0])
     vec_names = [k for k in ("d", "bias") if k in opts]
     for i, k in enumerate(vec_names):
-        plgpu.copy_gmem_to_smem(r[k].at[j], r["p_s"].at[i], r["bar"].at[1 + i])
+        plgpu.copy_gmem_to_smem(r[k].at[own] if rawp else r[k].at[j],
+                                (r["p_raw"] if rawp else r["p_s"]).at[i], r["bar"].at[1 + i])
     plgpu.copy_gmem_to_smem(r["dhT"].at[b, :, j], r["h_s"], r["bar"].at[3])
     plgpu.barrier_wait(r["bar"].at[0])
-    a2 = [r["a_s"][k] for k in range(n_k)]
+    if rawp:
+        a2 = [a * _LOG2E for a in _thread_rows(r["a_raw"], n_k, shape, n_k, interpret)]
+    else:
+        a2 = [r["a_s"][k] for k in range(n_k)]
     vec = {}
     for i, k in enumerate(vec_names):
         plgpu.barrier_wait(r["bar"].at[1 + i])
-        vec[k] = r["p_s"][i]
+        vec[k] = (_thread_rows(r["p_raw"].at[pl.ds(i, 1)], 1, shape, 0, interpret, flat=True)[0]
+                  if rawp else r["p_s"][i])
     plgpu.barrier_wait(r["bar"].at[3])
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
     zero = _zeros(shape)
@@ -2123,6 +2140,13 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         for name in seq_out:
             if direct_out and name != "dbc":
                 continue
+            if name == "dbc" and dbc_add and not interpret:
+                # the program's rows added into its group's [Lp, 32] rows (TMA reduce-add in
+                # L2: the sum over the group's programs in the kernel, in arrival order)
+                plgpu.copy_smem_to_gmem(s_[name], r["dbc"].at[b, g_idx, rows],
+                                        commit_group=False, reduction_op="add")
+                continue
+            # (interpret mode has no TMA reduction: dbc_add keeps a slot per program there)
             dst = (r["dbc"].at[b, j, rows] if name == "dbc" else r[name].at[b, rows, tiles])
             plgpu.copy_smem_to_gmem(s_[name], dst, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
@@ -2153,7 +2177,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
                   pad_rows=False, ahead=False, direct_out=False, warp_red=False,
-                  interpret=False):
+                  dbc_add=False, rawp=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -2170,7 +2194,14 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     (_pair_rows_store_global) instead of through shared-memory tiles and TMA. warp_red
     (parts 2): dB/dC summed over each half-warp's 16 channels by shuffles before shared memory
     (one [32] row per warp and step, `red` double-buffered: one barrier per sub-chunk; 2 KB
-    per buffer instead of 40 KB, so the chunk can stay 16 steps); rowsum is then unused."""
+    per buffer instead of 40 KB, so the chunk can stay 16 steps); rowsum is then unused.
+    dbc_add: each program's dB/dC rows added by TMA reduce-add into one [B, G, Lp, 32] f32
+    accumulator (zeroed here, passed as a ref), instead of [B, Dp / 64, Lp, 32] block rows
+    summed by XLA after the kernel: the f32 sum over a group's programs then runs in arrival
+    order, so dB / dC may differ run to run by f32 rounding (not bitwise deterministic; dA,
+    dD, d bias are unchanged). Interpret mode keeps a slot per program (no TMA reduction).
+    rawp (parts 2, N % 4 == 0): A, D and bias as they are ([Dp, N], [Dp]), laid out per
+    thread by the kernel (no XLA layout kernels; as the pair forwards' rawp)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     warp_red = warp_red and parts == 2
@@ -2194,13 +2225,15 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     nb = dp // width
     bcw = _common.round_up(2 * n, 4)
     pad_rows = pad_rows and parts == 2 and dp // lw >= 5
+    rawp = rawp and parts == 2 and n % 4 == 0
     in_tiles = 5 if pad_rows else 4
     # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
     red_shape = (2, 4, ck_every * _NQ) if warp_red else (ck_every * _NQ, _RED_W, lw)
-    fixed = math.prod(red_shape) * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+    fixed = (math.prod(red_shape) * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
+             + ((n + 2) * width * 4 if rawp else 0))
     per_step = (width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
                 + (in_tiles - 4) * lw * sum(itemsizes[:3] + itemsizes[5:6]))
     while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
@@ -2216,7 +2249,11 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
+    if rawp:    # [Dp, N], [Dp]: the kernel's rows as they are
+        a2 = _common.pad_axis(A.astype(f32), 0, width)
+        vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)
+    else:
+        a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
     given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
     opts = [name for name, _ in given]
     ck = ck[:, :lp // ck_every]
@@ -2231,9 +2268,13 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
               parted(_common.pad_axis(jnp.swapaxes(final_bar.astype(f32), 1, 2), 2, width))]
     tile_out = lambda dtype: jax.ShapeDtypeStruct((bsz, lp, dp // lw, lw), dtype)
     per_thread = jax.ShapeDtypeStruct((bsz, n_k, nb, *shape), f32)
+    dbc_rows = jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32)
+    if dbc_add:     # the accumulator: an input ref (a slot per program in interpret mode)
+        dbc_acc = jax.new_ref(jnp.zeros((bsz, nb if interpret else groups, lp, _NQ), f32))
+        arrays.append(dbc_acc)
     out_shape = [tile_out(u.dtype), tile_out(delta.dtype),
                  *([tile_out(z.dtype)] if z is not None else []),
-                 jax.ShapeDtypeStruct((bsz, nb, lp, _NQ), f32), per_thread]
+                 *([] if dbc_add else [dbc_rows]), per_thread]
     out_shape += [jax.ShapeDtypeStruct((bsz, nb, *shape), f32) for x in (D, delta_bias)
                   if x is not None]
     out_shape.append(per_thread)
@@ -2253,26 +2294,33 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     scratch = [plgpu.SMEM((n_k, *shape), f32), plgpu.SMEM((2, *shape), f32),
                plgpu.SMEM((n_k, *shape), f32), plgpu.Barrier(num_barriers=4),
                plgpu.SMEM(red_shape, f32), plgpu.SMEM((_WG, 4), f32),
-               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+               *seq_bufs, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages),
+               *([plgpu.SMEM((width, n), f32), plgpu.SMEM((2, width), f32)] if rawp else [])]
     body = functools.partial(
         _bwd_pair_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
         length=length, padded=lp != length, softplus=softplus, ck_every=ck_every,
         stages=stages, interpret=interpret, bwd_loop=bwd_loop and chunk > ck_every,
         parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
         ahead=ahead, direct_out=direct_out and parts == 2, **({"warp_red": True} if warp_red
-                                                              else {}))
+                                                              else {}),
+        **({"dbc_add": True} if dbc_add else {}), **({"rawp": True} if rawp else {}))
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane,
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else ""))(*arrays))
+        kernel_name=("selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else "")
+                     + ("_dba" if dbc_add else "") + ("_raw" if rawp else "")))(*arrays))
     crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None
-    dbc = outs.pop(0)[:, :, :length].reshape(bsz, groups, nb // groups, length, _NQ)
-    dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                     # [B, L, G, NQ]
+    if dbc_add and not interpret:   # [B, G, Lp, NQ], summed by the kernel
+        dbc = jnp.moveaxis(dbc_acc[...][:, :, :length], 1, 2)          # [B, L, G, NQ]
+    else:
+        dbc = (dbc_acc[...] if dbc_add else outs.pop(0))[:, :, :length].reshape(
+            bsz, groups, nb // groups, length, _NQ)
+        dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                 # [B, L, G, NQ]
     if warp_red:
         db, dc = _dbc_states_warp(dbc, 0, n_k), _dbc_states_warp(dbc, 1, n_k)
     else:

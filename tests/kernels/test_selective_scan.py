@@ -350,14 +350,16 @@ def test_v10_default_training_path_matches_recurrence(monkeypatch):
     # checkpoints from registers after the next step group; the pair backward with B kept,
     # 5-tile input rows, the recompute ahead and dB/dC summed by shuffles (warp_red) in 8-step
     # chunks; every option, 2 groups, ragged (11 steps: two chunks of two sub-chunks, so both
-    # `red` buffers and the ahead path).
+    # `red` buffers and the ahead path). Since v12 (session 12) the dB/dC rows go to one
+    # accumulator (dbc_add: TMA reduce-add on the GPU; interpret mode, which has no TMA
+    # reduction, keeps a slot per program in that ref, summed after the kernel).
     mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
     seen = []
     orig_bwd, orig_fwd = mg.backward_pair, mg.forward_pair
 
     def spy_bwd(*a, **k):
         seen.append({o: k.get(o) for o in ("chunk", "ck_pair", "keep_b", "pad_rows", "ahead",
-                                           "warp_red")})
+                                           "warp_red", "dbc_add")})
         return orig_bwd(*a, **k)
 
     def spy_fwd(*a, **k):
@@ -368,7 +370,7 @@ def test_v10_default_training_path_matches_recurrence(monkeypatch):
     check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4)
     assert ("fwd", (("ydefer", 8),)) in seen
     assert dict(chunk=8, ck_pair=True, keep_b=True, pad_rows=True, ahead=True,
-                warp_red=True) in seen
+                warp_red=True, dbc_add=True) in seen
 
 
 def test_v11_pair_backward_past_one_program_per_sm(monkeypatch):
@@ -684,3 +686,47 @@ def test_pair_training_forward_held_y_matches_recurrence(opts, dtype, n, groups,
                              mgpu_pair_train_opts=opts)
     assert (True, opts["ydefer"], opts.get("sp1")) in seen
 
+
+
+# Session 12: the dB/dC block rows summed in the pair backward (dbc_add: TMA reduce-add into
+# one [B, G, Lp, 32] accumulator on the GPU; interpret mode has no TMA reduction and keeps a
+# slot per program in the accumulator ref, summed after the kernel) is the v12 default (see
+# test_v10_default_training_path_matches_recurrence); here the opt-out, v11's block rows
+# summed by XLA in a fixed order (bitwise reproducible).
+@pytest.mark.slow
+def test_v12_dbc_add_off_pair_backward_matches_recurrence(monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig_bwd = mg.backward_pair
+
+    def spy_bwd(*a, **k):
+        seen.append(k.get("dbc_add"))
+        return orig_bwd(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
+                             mgpu_bwd_dbc_add=False)
+    assert seen == [False]
+
+
+# Session 12: A, D and bias as they are in the pair training forward (mgpu_pair_train_opts
+# rawp) and the pair backward (mgpu_bwd_rawp), laid out per thread by the kernels (no XLA
+# layout kernels), with dbc_add; every gradient against the f32 recurrence.
+@pytest.mark.slow
+def test_v12_raw_params_training_path_matches_recurrence(monkeypatch):
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    seen = []
+    orig_bwd, orig_body = mg.backward_pair, mg._fwd_pair_body
+
+    def spy_bwd(*a, **k):
+        seen.append(("bwd", k.get("rawp"), k.get("dbc_add")))
+        return orig_bwd(*a, **k)
+
+    def spy_body(*a, **k):
+        seen.append(("fwd", k.get("rawp"), k.get("ydefer")))
+        return orig_body(*a, **k)
+    monkeypatch.setattr(mg, "backward_pair", spy_bwd)
+    monkeypatch.setattr(mg, "_fwd_pair_body", spy_body)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
+                             mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
+                             mgpu_pair_train_opts=dict(ydefer=8, rawp=True))
+    assert ("bwd", True, True) in seen and ("fwd", True, 8) in seen
