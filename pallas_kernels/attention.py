@@ -255,6 +255,10 @@ class FlashConfig:
     #                                         producer (session 9): the warpgroups (0, 1) that
     #                                         issue S_t, dP_t before dq_{t-1} (P computed while
     #                                         dP and dq run; dq sent once dV is issued)
+    mgpu_bwd_dq_mid: bool = False  # Mosaic bwd, rows + deferred dq + dV early without producer
+    #                                (session 12): dq_{t-1} issued after dS_t is in SMEM, before
+    #                                dK_t, and sent while dK_t runs (no dq accumulator live with
+    #                                S, dP, P: 192 f32 accumulator registers at the peak, not 224)
     mgpu_bwd_pingpong: bool = False  # Mosaic bwd at head_dim 128, rows + deferred dq without
     #                                  producer (session 9b, not timed yet): the per-step dS
     #                                  barrier replaced by one-way mbarriers (dS written / read

@@ -1105,7 +1105,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 # dV in flight, dS computed while dV runs, then dK. With dk_late nothing is
                 # awaited to zero; without, the step ends on the run_state's wait (the ring
                 # slot refilled at the dS barrier as in the default)
-                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None):
+                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None, dk_issue=True):
                     if dq_ref is not None and w in cfg.mgpu_bwd_s_first:
                         return whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref)
                     if dq_ref is not None:
@@ -1129,7 +1129,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
                     ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
                     plgpu.commit_smem()
-                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+                    if dk_issue:
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)),
+                                    q_smem.at[slot])
 
                 def whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref):
                     """`mgpu_bwd_s_first` (session 9): S_t, dP_t, then dq_{t-1} issued; P is
@@ -1150,8 +1152,28 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.commit_smem()
                     plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
 
+                def whole_step_dq_mid(dk_ref, dv_ref, s_ref, dp_ref):
+                    """`mgpu_bwd_dq_mid` (session 12): S_t, dP_t issued, P once S is done,
+                    dV issued, dP awaited with dV in flight, dS_t to SMEM; then dq_{t-1} (both
+                    dS halves of step t-1 are in SMEM since this step's dS barrier) issued
+                    before dK_t, awaited with dK_t in flight and sent while it runs. The dq
+                    accumulator is live only with dK, dV (and no S, dP, P): 192 f32
+                    accumulator registers per thread at the peak instead of 224."""
+                    whole_step(dk_ref, dv_ref, s_ref, dp_ref, dk_issue=False)
+
+                    def dq_dk(dq_ref):
+                        dq_mm(dq_ref, prev)
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)),
+                                    q_smem.at[slot])
+                        return plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)  # dK runs on
+                    emit_dq(pl.run_scoped(dq_dk, plgpu.ACC((bq, dh), jnp.float32)), i_prev,
+                            h_prev)
+
                 def mms(dv_ref, dk_ref):
-                    if does_dq:
+                    if does_dq and cfg.mgpu_bwd_dq_mid:
+                        pl.run_scoped(functools.partial(whole_step_dq_mid, dk_ref, dv_ref),
+                                      acc_s, acc_s)
+                    elif does_dq:
                         pl.run_scoped(lambda dq_ref, s_ref, dp_ref: whole_step(
                             dk_ref, dv_ref, s_ref, dp_ref, dq_ref),
                             plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
@@ -1743,6 +1765,13 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_s_first needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
                          "mgpu_bwd_dv_early without producer and without mgpu_bwd_dk_late, "
                          "and warpgroup indices 0 / 1")
+    if cfg.mgpu_bwd_dq_mid and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
+                                    and cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_producer
+                                    and not cfg.mgpu_bwd_dk_late and not cfg.mgpu_bwd_s_first
+                                    and not cfg.mgpu_bwd_pingpong):
+        raise ValueError("mgpu_bwd_dq_mid needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
+                         "mgpu_bwd_dv_early without producer, and none of mgpu_bwd_dk_late, "
+                         "mgpu_bwd_s_first, mgpu_bwd_pingpong")
     if cfg.mgpu_bwd_pingpong and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
                                       and cfg.mgpu_bwd_dq == "halves"
                                       and not cfg.mgpu_bwd_producer
@@ -1873,6 +1902,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"
                      f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"
                      f"{''.join(f'_sf{w}' for w in cfg.mgpu_bwd_s_first)}"
+                     f"{'_dqmid' if cfg.mgpu_bwd_dq_mid else ''}"
                      f"{'_dqs32' if dq_cols == 32 else ''}"
                      f"{'_pp' if cfg.mgpu_bwd_pingpong else ''}"),
         interpret=interpret,

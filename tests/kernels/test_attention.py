@@ -950,3 +950,41 @@ def test_mosaic_forward_named_free_needs_at_most_three_stages():
     with pytest.raises(ValueError, match="mgpu_fwd_named_free"):
         attn.flash_attention_kernel(q, q, q, interpret=True, fwd_impl="mosaic", mgpu_stages=4,
                                     mgpu_fwd_named_free=True)
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window,extra", [
+    pytest.param(1, 200, 200, 4, 2, False, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, True, 40, dict(mgpu_bwd_fold_scale=True,
+                                                   mgpu_bwd_one_loop=True), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session12_dq_mid_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal,
+                                                                    window, extra):
+    """Session 12, rows + deferred dq + dV early without producer: dq_{t-1} issued after dS_t,
+    before dK_t (`mgpu_bwd_dq_mid`: no dq accumulator live with S, dP, P); GQA, ragged
+    lengths, a causal window with Lq < Lk (tiles without queries), one ring mbarrier, the
+    folded scale."""
+    q, k, v, do = _inputs(32, b, lq, lk, hq, hkv, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           mgpu_bwd_dv_early=True, mgpu_bwd_dq_mid=True,
+                                           **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_backward_dq_mid_needs_the_deferred_dv_early_step():
+    from pallas_kernels import attention_mgpu
+
+    base = dict(causal=False, window=None, sm_scale=1.0, lq=128, lk=128, has_segments=False,
+                mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                mgpu_bwd_dq_mid=True)
+    with pytest.raises(ValueError, match="mgpu_bwd_dq_mid"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(**base))   # no dV early
+    with pytest.raises(ValueError, match="mgpu_bwd_dq_mid"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(
+            **base, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)))
+    attention_mgpu.check_backward_options(attn.FlashConfig(**base, mgpu_bwd_dv_early=True))
