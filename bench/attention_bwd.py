@@ -235,6 +235,10 @@ VARIANTS.update({
                       mgpu_bwd_dq_mid=True),
     "n12_dqmid_fs": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
                          mgpu_bwd_dq_mid=True, mgpu_bwd_fold_scale=True),
+    # session 12 call 2: the same at causal (one step loop; the causal default is rows without
+    # the deferred dq, which lost 9 % at causal in session 8 with 468 B of spills)
+    "n12_dqmid_ol": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
+                         mgpu_bwd_dq_mid=True, mgpu_bwd_one_loop=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
     # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),

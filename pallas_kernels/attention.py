@@ -980,11 +980,16 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # keys: dV issued before the dP wait, S of warpgroup 1 first, one ring mbarrier (the two small
 # session-9 winners together), 523 vs 505 at 16k and 505 vs 492 at 4k (cuDNN 535 / 507) in
 # call 2, 526 vs 512 and 509 vs 503 (cuDNN 542 / 514) in call 3.
+# Session 12 (call 1: stress-checked on D 128 full b2 n2048 / n4096 and GQA 4:1 n1000, SMEM
+# poisoned; three interleaved processes, fwd+bwd TFLOP/s, medians of 20 rounds): D=128 full
+# above 2k keys: the deferred dq issued after dS, before dK (mgpu_bwd_dq_mid, in place of
+# s_first; ptxas 0 B of spills instead of 172-200 B), 541 / 547 / 546 vs 513 / 520 / 518 at 16k
+# (cuDNN 531 / 530 / 530), 519 / 517 / 519 vs 499 / 500 / 499 at 4k (cuDNN 501 / 503 / 505).
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
     (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
-    (128, False): ((2048, dict(mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
-                               mgpu_bwd_one_bar=True)),)}
+    (128, False): ((2048, dict(mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
+                               mgpu_bwd_dq_mid=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

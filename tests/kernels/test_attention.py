@@ -323,8 +323,8 @@ def test_backward_short_key_options(monkeypatch):
 
 def test_backward_long_key_options():
     """Above 2k keys only (MOSAIC_BWD_LONG): D=64 full (session 9) and causal (session 10) take
-    one ring mbarrier, D=128 full (session 10) dV before the dP wait, warpgroup 1's S first and
-    one ring mbarrier; D=128 causal keeps its options."""
+    one ring mbarrier, D=128 full dV before the dP wait and one ring mbarrier (session 10) and
+    the deferred dq issued after dS, before dK (session 12); D=128 causal keeps its options."""
     for causal in (False, True):
         assert attn.mosaic_bwd_options(64, causal, 2048) == attn.MOSAIC_BWD_OPTS[64, causal]
         assert attn.mosaic_bwd_options(64, causal, 2049) == {**attn.MOSAIC_BWD_OPTS[64, causal],
@@ -332,7 +332,7 @@ def test_backward_long_key_options():
     assert attn.mosaic_bwd_options(128, False, 2048) == attn.MOSAIC_BWD_OPTS[128, False]
     assert attn.mosaic_bwd_options(128, False, 16384) == {
         **attn.MOSAIC_BWD_OPTS[128, False], "mgpu_bwd_dv_early": True,
-        "mgpu_bwd_s_first": (1,), "mgpu_bwd_one_bar": True}
+        "mgpu_bwd_one_bar": True, "mgpu_bwd_dq_mid": True}
     assert attn.mosaic_bwd_options(128, True, 16384) == attn.MOSAIC_BWD_OPTS[128, True]
 
 
@@ -988,3 +988,16 @@ def test_mosaic_backward_dq_mid_needs_the_deferred_dv_early_step():
         attention_mgpu.check_backward_options(attn.FlashConfig(
             **base, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)))
     attention_mgpu.check_backward_options(attn.FlashConfig(**base, mgpu_bwd_dv_early=True))
+
+
+def test_mosaic_gpu_backward_long_key_default_in_gpu_interpret_mode():
+    """The D 128 full backward's options above 2k keys (MOSAIC_BWD_LONG; session 12: the
+    deferred dq issued after dS, before dK) on a small GQA 2:1 case with a ragged length."""
+    q, k, v, do = _inputs(33, 1, 130, 130, 2, 1, 128, jnp.bfloat16)
+    opts = attn.mosaic_bwd_options(128, False, 16384)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", **opts)
+
+    _check_fwd_bwd(fn, q, k, v, do, dict(causal=False), 2e-2)
