@@ -323,17 +323,15 @@ def test_backward_short_key_options(monkeypatch):
 
 def test_backward_long_key_options():
     """Above 2k keys only (MOSAIC_BWD_LONG): D=64 full (session 9) and causal (session 10) take
-    one ring mbarrier, D=128 full dV before the dP wait and one ring mbarrier (session 10) and
-    the deferred dq issued after dS, before dK (session 12); D=128 causal keeps its options."""
+    one ring mbarrier; D=128 keeps its options at every length (session 12: the full cell's
+    dq_mid set is in MOSAIC_BWD_OPTS)."""
     for causal in (False, True):
         assert attn.mosaic_bwd_options(64, causal, 2048) == attn.MOSAIC_BWD_OPTS[64, causal]
         assert attn.mosaic_bwd_options(64, causal, 2049) == {**attn.MOSAIC_BWD_OPTS[64, causal],
                                                              "mgpu_bwd_one_bar": True}
-    assert attn.mosaic_bwd_options(128, False, 2048) == attn.MOSAIC_BWD_OPTS[128, False]
-    assert attn.mosaic_bwd_options(128, False, 16384) == {
-        **attn.MOSAIC_BWD_OPTS[128, False], "mgpu_bwd_dv_early": True,
-        "mgpu_bwd_one_bar": True, "mgpu_bwd_dq_mid": True}
-    assert attn.mosaic_bwd_options(128, True, 16384) == attn.MOSAIC_BWD_OPTS[128, True]
+        for lk in (1024, 2048, 16384):
+            assert attn.mosaic_bwd_options(128, causal, lk) == attn.MOSAIC_BWD_OPTS[128, causal]
+    assert attn.MOSAIC_BWD_OPTS[128, False]["mgpu_bwd_dq_mid"]
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -393,7 +391,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
     # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier), the
-    # D=64 causal and D=128 full ones (session 10)
+    # D=64 causal one (session 10), the D=128 full default (session 12: dq_mid at every length)
     (64, False, attn.mosaic_bwd_options(64, False, 4096)),
     (64, True, attn.mosaic_bwd_options(64, True, 4096)),
     (128, False, attn.mosaic_bwd_options(128, False, 4096)),
@@ -404,8 +402,9 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
-    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
-    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 8: rows, one loop, 1 mbar)
+    # the D=128 defaults (full: the entry above since session 12; causal, session 8: rows,
+    # one loop, one mbarrier)
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
                                  mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
                  marks=SLOW),                         # the session-7 causal default (lean)
@@ -988,16 +987,3 @@ def test_mosaic_backward_dq_mid_needs_the_deferred_dv_early_step():
         attention_mgpu.check_backward_options(attn.FlashConfig(
             **base, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)))
     attention_mgpu.check_backward_options(attn.FlashConfig(**base, mgpu_bwd_dv_early=True))
-
-
-def test_mosaic_gpu_backward_long_key_default_in_gpu_interpret_mode():
-    """The D 128 full backward's options above 2k keys (MOSAIC_BWD_LONG; session 12: the
-    deferred dq issued after dS, before dK) on a small GQA 2:1 case with a ragged length."""
-    q, k, v, do = _inputs(33, 1, 130, 130, 2, 1, 128, jnp.bfloat16)
-    opts = attn.mosaic_bwd_options(128, False, 16384)
-
-    def fn(q, k, v):
-        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
-                                           bwd_impl="mosaic", **opts)
-
-    _check_fwd_bwd(fn, q, k, v, do, dict(causal=False), 2e-2)
