@@ -5,7 +5,8 @@ The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment i
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred dq
-without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), D=128 causal
+without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), issued after
+dS, before dK (`mgpu_bwd_dq_mid`, session 12: no spills), D=128 causal
 with query rows, dS / dV issued early, no producer, one step loop and one ring mbarrier per slot
 (session 8; the lean step before); from 1k keys at D=128 and 2k at D=64 causal; see
 `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` /
@@ -13,7 +14,7 @@ with query rows, dS / dV issued early, no producer, one step loop and one ring m
 Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq, the query-rows
 layout, early dS / dV, dq fused after dK, dq "own", the producer-less CTA, persistent CTAs
 (`mgpu_bwd_persistent`: measured slower), the deferred-dq warpgroups half a step apart
-(`mgpu_bwd_pingpong`, not timed yet) and the on-device profiler ranges (`mgpu_bwd_profile`) in
+(`mgpu_bwd_pingpong`: measured slower) and the on-device profiler ranges (`mgpu_bwd_profile`) in
 the backward, dS from the bf16 P, the tiles-fastest grid, the register splits, and in the forward
 the intra-warpgroup overlap and an optimization barrier. Compiled and checked against the f32
 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`)
