@@ -955,6 +955,11 @@ def test_mosaic_forward_named_free_needs_at_most_three_stages():
     pytest.param(1, 200, 200, 4, 2, False, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
     pytest.param(2, 100, 330, 2, 1, True, 40, dict(mgpu_bwd_fold_scale=True,
                                                    mgpu_bwd_one_loop=True), marks=SLOW),
+    # session 12 call 3: the causal candidates (n12_dqmid_ol: one step loop, one ring
+    # mbarrier; n12_dqmid: the masked / unmasked loops), MQA, ragged
+    pytest.param(1, 200, 200, 4, 1, True, None, dict(mgpu_bwd_one_bar=True,
+                                                     mgpu_bwd_one_loop=True), marks=SLOW),
+    pytest.param(1, 256, 256, 2, 1, True, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
 ])
 def test_mosaic_gpu_backward_session12_dq_mid_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal,
                                                                     window, extra):
