@@ -996,9 +996,19 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # call 2, 526 vs 512 and 509 vs 503 (cuDNN 542 / 514) in call 3.
 # Session 12: the D=128 full entry (session 10's set) was replaced by MOSAIC_BWD_OPTS's
 # mgpu_bwd_dq_mid set at every length (measured above, at MOSAIC_BWD_OPTS).
+# Session 12, call 3 (stress-checked, SMEM poisoned, on causal b2 n2048, MQA 8:1 n4097, window
+# 300 n4096 and GQA 4:1 n1024; two interleaved processes with cuDNN, fwd+bwd TFLOP/s, medians):
+# D=128 causal above 2k keys: the deferred dq issued after dS, before dK (mgpu_bwd_dq_mid, with
+# dV early, one step loop, one ring mbarrier; no early dS, which the deferred dq excludes)
+# instead of the in-step dq after a mid-step dS barrier: 551 / 553 vs 511 / 506 at 16k (cuDNN
+# 512 / 517), 486 / 483 vs 451 / 443 at 4k (cuDNN 430 / 429; process 1: 3 rounds), although
+# ptxas spills more (112-116 B of spill stores vs 24-48 B). At 1k it measured 317 vs 304
+# (cuDNN 279) in one process only and 2k was not measured: <= 2k keys keep MOSAIC_BWD_OPTS.
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
-    (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),)}
+    (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
+    (128, True): ((2048, dict(mgpu_bwd_ds_early=False, mgpu_bwd_defer_dq=True,
+                              mgpu_bwd_dq_mid=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:
