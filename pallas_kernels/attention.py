@@ -256,7 +256,8 @@ class FlashConfig:
     #                                         issue S_t, dP_t before dq_{t-1} (P computed while
     #                                         dP and dq run; dq sent once dV is issued)
     mgpu_bwd_dq_mid: bool = False  # Mosaic bwd, rows + deferred dq + dV early without producer
-    #                                (session 12, the D 128 full default in MOSAIC_BWD_OPTS):
+    #                                (session 12, the D 128 full default in MOSAIC_BWD_OPTS,
+    #                                D 128 causal above 2k keys in MOSAIC_BWD_LONG):
     #                                dq_{t-1} issued after dS_t is in SMEM, before
     #                                dK_t, and sent while dK_t runs (no dq accumulator live with
     #                                S, dP, P: 192 f32 accumulator registers at the peak, not 224)
