@@ -236,7 +236,8 @@ VARIANTS.update({
     "n12_dqmid_fs": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
                          mgpu_bwd_dq_mid=True, mgpu_bwd_fold_scale=True),
     # session 12 call 2: the same at causal (one step loop; the causal default is rows without
-    # the deferred dq, which lost 9 % at causal in session 8 with 468 B of spills)
+    # the deferred dq, which lost 9 % at causal in session 8 with 468 B of spills); call 3:
+    # +8-9 % at causal 4k / 16k, the D 128 causal default above 2k keys (MOSAIC_BWD_LONG)
     "n12_dqmid_ol": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
                          mgpu_bwd_dq_mid=True, mgpu_bwd_one_loop=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
