@@ -228,6 +228,18 @@ VARIANTS.update({
                      mgpu_bwd_one_bar=True, mgpu_bwd_persistent=-1),
     "n11_pers_ee": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
                         mgpu_bwd_one_bar=True, mgpu_bwd_persistent=-1, mgpu_bwd_early_exit=True),
+    # session 12: the D 128 full default above 2k keys with dq_{t-1} issued after dS_t, before
+    # dK_t (mgpu_bwd_dq_mid: no dq accumulator live with S, dP, P; both warpgroups in that
+    # order, so no s_first), and the same with the folded softmax scale (no dq multiply)
+    "n12_dqmid": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
+                      mgpu_bwd_dq_mid=True),
+    "n12_dqmid_fs": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
+                         mgpu_bwd_dq_mid=True, mgpu_bwd_fold_scale=True),
+    # session 12 call 2: the same at causal (one step loop; the causal default is rows without
+    # the deferred dq, which lost 9 % at causal in session 8 with 468 B of spills); call 3:
+    # +8-9 % at causal 4k / 16k, the D 128 causal default above 2k keys (MOSAIC_BWD_LONG)
+    "n12_dqmid_ol": dict(ROWS_DEFER, mgpu_bwd_dv_early=True, mgpu_bwd_one_bar=True,
+                         mgpu_bwd_dq_mid=True, mgpu_bwd_one_loop=True),
     # the D 128 full default with the producer warpgroup back (240 / 24 registers) and one
     # ring mbarrier: the D 64 default's structure, which gained 3-7 % from one mbarrier
     "rows_defer_p1b": dict(ROWS, mgpu_bwd_defer_dq=True, mgpu_bwd_one_bar=True),

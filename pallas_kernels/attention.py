@@ -255,6 +255,12 @@ class FlashConfig:
     #                                         producer (session 9): the warpgroups (0, 1) that
     #                                         issue S_t, dP_t before dq_{t-1} (P computed while
     #                                         dP and dq run; dq sent once dV is issued)
+    mgpu_bwd_dq_mid: bool = False  # Mosaic bwd, rows + deferred dq + dV early without producer
+    #                                (session 12, the D 128 full default in MOSAIC_BWD_OPTS,
+    #                                D 128 causal above 2k keys in MOSAIC_BWD_LONG):
+    #                                dq_{t-1} issued after dS_t is in SMEM, before
+    #                                dK_t, and sent while dK_t runs (no dq accumulator live with
+    #                                S, dP, P: 192 f32 accumulator registers at the peak, not 224)
     mgpu_bwd_pingpong: bool = False  # Mosaic bwd at head_dim 128, rows + deferred dq without
     #                                  producer (session 9b, not timed yet): the per-step dS
     #                                  barrier replaced by one-way mbarriers (dS written / read
@@ -920,9 +926,22 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # above) at 4k and 526 vs 474 at 16k (cuDNN 440 / 531); GPU stress-checked (SMEM poisoned
 # between fwd and bwd) at causal n4096 and MQA 8:1 n4097, and through the dispatch at 1k / 2k
 # (causal GQA, MQA window 300).
+# Session 12 (bench/attention_bwd.py part ab, interleaved, fwd+bwd TFLOP/s, medians of 20
+# rounds; stress-checked, SMEM poisoned, on D 128 full b2 n2048 / n4096 and GQA 4:1 n1000):
+# D=128 full at every Mosaic length: the deferred dq issued after dS, before dK
+# (mgpu_bwd_dq_mid; with dV before the dP wait and one ring mbarrier; ptxas 0 B of spills where
+# the previous sets spilled 172-200 B). Against the session-10 set above 2k keys (dV early,
+# warpgroup 1's S first, one mbarrier; call 1, three processes): 541 / 547 / 546 vs 513 / 520 /
+# 518 at 16k (cuDNN 531 / 530 / 530), 519 / 517 / 519 vs 499 / 500 / 499 at 4k (cuDNN 501 /
+# 503 / 505). Against the rows + deferred dq set (the <= 2k path until then; call 2, two
+# processes): 493 / 494 vs 469 / 470 at 2k (cuDNN 471 / 467), 433 / 439 vs 416 / 417 at 1k
+# (cuDNN 397 / 394).
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
                                                                     mgpu_bwd_defer_dq=True,
-                                                                    mgpu_bwd_producer=False),
+                                                                    mgpu_bwd_producer=False,
+                                                                    mgpu_bwd_dv_early=True,
+                                                                    mgpu_bwd_one_bar=True,
+                                                                    mgpu_bwd_dq_mid=True),
                                                  (128, True): dict(mgpu_bwd_rows=True,
                                                                    mgpu_bwd_ds_early=True,
                                                                    mgpu_bwd_dv_early=True,
@@ -976,11 +995,21 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # keys: dV issued before the dP wait, S of warpgroup 1 first, one ring mbarrier (the two small
 # session-9 winners together), 523 vs 505 at 16k and 505 vs 492 at 4k (cuDNN 535 / 507) in
 # call 2, 526 vs 512 and 509 vs 503 (cuDNN 542 / 514) in call 3.
+# Session 12: the D=128 full entry (session 10's set) was replaced by MOSAIC_BWD_OPTS's
+# mgpu_bwd_dq_mid set at every length (measured above, at MOSAIC_BWD_OPTS).
+# Session 12, call 3 (stress-checked, SMEM poisoned, on causal b2 n2048, MQA 8:1 n4097, window
+# 300 n4096 and GQA 4:1 n1024; two interleaved processes with cuDNN, fwd+bwd TFLOP/s, medians):
+# D=128 causal above 2k keys: the deferred dq issued after dS, before dK (mgpu_bwd_dq_mid, with
+# dV early, one step loop, one ring mbarrier; no early dS, which the deferred dq excludes)
+# instead of the in-step dq after a mid-step dS barrier: 551 / 553 vs 511 / 506 at 16k (cuDNN
+# 512 / 517), 486 / 483 vs 451 / 443 at 4k (cuDNN 430 / 429; process 1: 3 rounds), although
+# ptxas spills more (112-116 B of spill stores vs 24-48 B). At 1k it measured 317 vs 304
+# (cuDNN 279) in one process only and 2k was not measured: <= 2k keys keep MOSAIC_BWD_OPTS.
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
     (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
-    (128, False): ((2048, dict(mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,),
-                               mgpu_bwd_one_bar=True)),)}
+    (128, True): ((2048, dict(mgpu_bwd_ds_early=False, mgpu_bwd_defer_dq=True,
+                              mgpu_bwd_dq_mid=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

@@ -5,15 +5,18 @@ The forward is the Hopper default at head_dim 64 and 128 (bf16/f16, no segment i
 attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosaic_backward`, dq
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred dq
-without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), D=128 causal
+without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), issued after
+dS, before dK (`mgpu_bwd_dq_mid`, session 12: no spills), D=128 causal
 with query rows, dS / dV issued early, no producer, one step loop and one ring mbarrier per slot
-(session 8; the lean step before); from 1k keys at D=128 and 2k at D=64 causal; see
-`choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` /
-`MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` in attention.py and docs/kernels/flash_attention.md.
+(session 8; the lean step before) up to 2k keys and above with the deferred dq issued mid-step
+instead of the early dS (`mgpu_bwd_dq_mid`, session 12); from 1k keys at D=128 and 2k at D=64
+causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` /
+`MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` / `MOSAIC_BWD_LONG` in attention.py and
+docs/kernels/flash_attention.md.
 Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq, the query-rows
 layout, early dS / dV, dq fused after dK, dq "own", the producer-less CTA, persistent CTAs
 (`mgpu_bwd_persistent`: measured slower), the deferred-dq warpgroups half a step apart
-(`mgpu_bwd_pingpong`, not timed yet) and the on-device profiler ranges (`mgpu_bwd_profile`) in
+(`mgpu_bwd_pingpong`: measured slower) and the on-device profiler ranges (`mgpu_bwd_profile`) in
 the backward, dS from the bf16 P, the tiles-fastest grid, the register splits, and in the forward
 the intra-warpgroup overlap and an optimization barrier. Compiled and checked against the f32
 reference on an H200 (jax 0.11.2) and run in Mosaic GPU interpret mode (`plgpu.InterpretGPUParams`)
@@ -1105,7 +1108,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                 # dV in flight, dS computed while dV runs, then dK. With dk_late nothing is
                 # awaited to zero; without, the step ends on the run_state's wait (the ring
                 # slot refilled at the dS barrier as in the default)
-                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None):
+                def whole_step(dk_ref, dv_ref, s_ref, dp_ref, dq_ref=None, dk_issue=True):
                     if dq_ref is not None and w in cfg.mgpu_bwd_s_first:
                         return whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref)
                     if dq_ref is not None:
@@ -1129,7 +1132,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [0]))
                     ds_smem.at[buf, w][...] = ds.astype(q_smem.dtype)
                     plgpu.commit_smem()
-                    plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
+                    if dk_issue:
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)),
+                                    q_smem.at[slot])
 
                 def whole_step_s_first(dk_ref, dv_ref, s_ref, dp_ref, dq_ref):
                     """`mgpu_bwd_s_first` (session 9): S_t, dP_t, then dq_{t-1} issued; P is
@@ -1150,8 +1155,28 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, dk_ref, dv_ref
                     plgpu.commit_smem()
                     plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)), q_smem.at[slot])
 
+                def whole_step_dq_mid(dk_ref, dv_ref, s_ref, dp_ref):
+                    """`mgpu_bwd_dq_mid` (session 12): S_t, dP_t issued, P once S is done,
+                    dV issued, dP awaited with dV in flight, dS_t to SMEM; then dq_{t-1} (both
+                    dS halves of step t-1 are in SMEM since this step's dS barrier) issued
+                    before dK_t, awaited with dK_t in flight and sent while it runs. The dq
+                    accumulator is live only with dK, dV (and no S, dP, P): 192 f32
+                    accumulator registers per thread at the peak instead of 224."""
+                    whole_step(dk_ref, dv_ref, s_ref, dp_ref, dk_issue=False)
+
+                    def dq_dk(dq_ref):
+                        dq_mm(dq_ref, prev)
+                        plgpu.wgmma(dk_ref, ds_smem.at[buf, w].transpose((1, 0)),
+                                    q_smem.at[slot])
+                        return plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)  # dK runs on
+                    emit_dq(pl.run_scoped(dq_dk, plgpu.ACC((bq, dh), jnp.float32)), i_prev,
+                            h_prev)
+
                 def mms(dv_ref, dk_ref):
-                    if does_dq:
+                    if does_dq and cfg.mgpu_bwd_dq_mid:
+                        pl.run_scoped(functools.partial(whole_step_dq_mid, dk_ref, dv_ref),
+                                      acc_s, acc_s)
+                    elif does_dq:
                         pl.run_scoped(lambda dq_ref, s_ref, dp_ref: whole_step(
                             dk_ref, dv_ref, s_ref, dp_ref, dq_ref),
                             plgpu.ACC((bq, dh), jnp.float32), acc_s, acc_s)
@@ -1743,6 +1768,13 @@ def check_backward_options(cfg: FlashConfig):
         raise ValueError("mgpu_bwd_s_first needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
                          "mgpu_bwd_dv_early without producer and without mgpu_bwd_dk_late, "
                          "and warpgroup indices 0 / 1")
+    if cfg.mgpu_bwd_dq_mid and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
+                                    and cfg.mgpu_bwd_dv_early and not cfg.mgpu_bwd_producer
+                                    and not cfg.mgpu_bwd_dk_late and not cfg.mgpu_bwd_s_first
+                                    and not cfg.mgpu_bwd_pingpong):
+        raise ValueError("mgpu_bwd_dq_mid needs mgpu_bwd_defer_dq, mgpu_bwd_rows and "
+                         "mgpu_bwd_dv_early without producer, and none of mgpu_bwd_dk_late, "
+                         "mgpu_bwd_s_first, mgpu_bwd_pingpong")
     if cfg.mgpu_bwd_pingpong and not (cfg.mgpu_bwd_defer_dq and cfg.mgpu_bwd_rows
                                       and cfg.mgpu_bwd_dq == "halves"
                                       and not cfg.mgpu_bwd_producer
@@ -1873,6 +1905,7 @@ def mosaic_backward(q, k, v, o, lse, do, cfg: FlashConfig, *, stages: int = 2,
                      f"{'' if cfg.mgpu_bwd_wait_other_k else '_race'}"
                      f"{'_dkl' if cfg.mgpu_bwd_dk_late else ''}"
                      f"{''.join(f'_sf{w}' for w in cfg.mgpu_bwd_s_first)}"
+                     f"{'_dqmid' if cfg.mgpu_bwd_dq_mid else ''}"
                      f"{'_dqs32' if dq_cols == 32 else ''}"
                      f"{'_pp' if cfg.mgpu_bwd_pingpong else ''}"),
         interpret=interpret,

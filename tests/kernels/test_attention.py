@@ -305,6 +305,10 @@ def test_mosaic_backward_default_options_are_valid():
         cfg = attn.FlashConfig(causal=causal, window=None, sm_scale=d ** -0.5, lq=256, lk=256,
                                has_segments=False, bwd_impl="mosaic", **opts)
         attention_mgpu.check_backward_options(cfg)
+        for lk in (1024, 2048, 4096):                    # with the short / long entries
+            attention_mgpu.check_backward_options(attn.FlashConfig(
+                causal=causal, window=None, sm_scale=d ** -0.5, lq=lk, lk=lk,
+                has_segments=False, bwd_impl="mosaic", **attn.mosaic_bwd_options(d, causal, lk)))
     bad = attn.FlashConfig(causal=False, window=None, sm_scale=1.0, lq=256, lk=256,
                            has_segments=False, mgpu_bwd_persistent=-1)   # needs no producer
     with pytest.raises(ValueError, match="mgpu_bwd_producer"):
@@ -314,6 +318,7 @@ def test_mosaic_backward_default_options_are_valid():
 def test_backward_short_key_options(monkeypatch):
     monkeypatch.setitem(attn.MOSAIC_BWD_SHORT, (128, True),
                         ((1024, dict(mgpu_bwd_defer_dq=True)), (2048, dict(mgpu_bwd_rows=True))))
+    monkeypatch.setitem(attn.MOSAIC_BWD_LONG, (128, True), ())   # session 12 has one there
     base = attn.MOSAIC_BWD_OPTS[128, True]
     assert attn.mosaic_bwd_options(128, True, 4096) == base
     assert attn.mosaic_bwd_options(128, True, 1000) == {**base, "mgpu_bwd_defer_dq": True}
@@ -323,17 +328,22 @@ def test_backward_short_key_options(monkeypatch):
 
 def test_backward_long_key_options():
     """Above 2k keys only (MOSAIC_BWD_LONG): D=64 full (session 9) and causal (session 10) take
-    one ring mbarrier, D=128 full (session 10) dV before the dP wait, warpgroup 1's S first and
-    one ring mbarrier; D=128 causal keeps its options."""
+    one ring mbarrier, D=128 causal (session 12 call 3) the deferred dq issued mid-step
+    (dq_mid, no early dS); D=128 full keeps its options at every length (session 12: the full
+    cell's dq_mid set is in MOSAIC_BWD_OPTS)."""
     for causal in (False, True):
         assert attn.mosaic_bwd_options(64, causal, 2048) == attn.MOSAIC_BWD_OPTS[64, causal]
         assert attn.mosaic_bwd_options(64, causal, 2049) == {**attn.MOSAIC_BWD_OPTS[64, causal],
                                                              "mgpu_bwd_one_bar": True}
-    assert attn.mosaic_bwd_options(128, False, 2048) == attn.MOSAIC_BWD_OPTS[128, False]
-    assert attn.mosaic_bwd_options(128, False, 16384) == {
-        **attn.MOSAIC_BWD_OPTS[128, False], "mgpu_bwd_dv_early": True,
-        "mgpu_bwd_s_first": (1,), "mgpu_bwd_one_bar": True}
-    assert attn.mosaic_bwd_options(128, True, 16384) == attn.MOSAIC_BWD_OPTS[128, True]
+    for lk in (1024, 2048, 16384):
+        assert attn.mosaic_bwd_options(128, False, lk) == attn.MOSAIC_BWD_OPTS[128, False]
+    assert attn.MOSAIC_BWD_OPTS[128, False]["mgpu_bwd_dq_mid"]
+    for lk in (1024, 2048):
+        assert attn.mosaic_bwd_options(128, True, lk) == attn.MOSAIC_BWD_OPTS[128, True]
+    assert attn.mosaic_bwd_options(128, True, 2049) == {
+        **attn.MOSAIC_BWD_OPTS[128, True], "mgpu_bwd_ds_early": False,
+        "mgpu_bwd_defer_dq": True, "mgpu_bwd_dq_mid": True}
+    assert attn.mosaic_bwd_options(128, True, 16384) == attn.mosaic_bwd_options(128, True, 2049)
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -393,7 +403,7 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_defer_dq=True), marks=SLOW),
     (64, False, dict(mgpu_bwd_defer_dq=True)),            # the D=64 default since session 4
     # the D=64 full default above 2k keys (session 9: deferred dq + one ring mbarrier), the
-    # D=64 causal and D=128 full ones (session 10)
+    # D=64 causal one (session 10), the D=128 full default (session 12: dq_mid at every length)
     (64, False, attn.mosaic_bwd_options(64, False, 4096)),
     (64, True, attn.mosaic_bwd_options(64, True, 4096)),
     (128, False, attn.mosaic_bwd_options(128, False, 4096)),
@@ -404,8 +414,11 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
-    (128, False, attn.MOSAIC_BWD_OPTS[128, False]),       # the D=128 defaults (session 7)
-    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),         # (session 8: rows, one loop, 1 mbar)
+    # the D=128 defaults (full: the entry above since session 12; causal up to 2k keys,
+    # session 8: rows, one loop, one mbarrier; causal above 2k keys, session 12 call 3: the
+    # deferred dq issued mid-step, one loop, one mbarrier)
+    (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
+    (128, True, attn.mosaic_bwd_options(128, True, 4096)),
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
                                  mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
                  marks=SLOW),                         # the session-7 causal default (lean)
@@ -950,3 +963,46 @@ def test_mosaic_forward_named_free_needs_at_most_three_stages():
     with pytest.raises(ValueError, match="mgpu_fwd_named_free"):
         attn.flash_attention_kernel(q, q, q, interpret=True, fwd_impl="mosaic", mgpu_stages=4,
                                     mgpu_fwd_named_free=True)
+
+
+@pytest.mark.parametrize("b,lq,lk,hq,hkv,causal,window,extra", [
+    pytest.param(1, 200, 200, 4, 2, False, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
+    pytest.param(2, 100, 330, 2, 1, True, 40, dict(mgpu_bwd_fold_scale=True,
+                                                   mgpu_bwd_one_loop=True), marks=SLOW),
+    # session 12 call 3: the causal candidates (n12_dqmid_ol: one step loop, one ring
+    # mbarrier; n12_dqmid: the masked / unmasked loops), MQA, ragged
+    pytest.param(1, 200, 200, 4, 1, True, None, dict(mgpu_bwd_one_bar=True,
+                                                     mgpu_bwd_one_loop=True), marks=SLOW),
+    pytest.param(1, 256, 256, 2, 1, True, None, dict(mgpu_bwd_one_bar=True), marks=SLOW),
+])
+def test_mosaic_gpu_backward_session12_dq_mid_in_gpu_interpret_mode(b, lq, lk, hq, hkv, causal,
+                                                                    window, extra):
+    """Session 12, rows + deferred dq + dV early without producer: dq_{t-1} issued after dS_t,
+    before dK_t (`mgpu_bwd_dq_mid`: no dq accumulator live with S, dP, P); GQA, ragged
+    lengths, a causal window with Lq < Lk (tiles without queries), one ring mbarrier, the
+    folded scale."""
+    q, k, v, do = _inputs(32, b, lq, lk, hq, hkv, 128, jnp.bfloat16)
+    kw = dict(causal=causal, window=window)
+
+    def fn(q, k, v):
+        return attn.flash_attention_kernel(q, k, v, interpret=True, fwd_impl="triton",
+                                           bwd_impl="mosaic", mgpu_bwd_rows=True,
+                                           mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                                           mgpu_bwd_dv_early=True, mgpu_bwd_dq_mid=True,
+                                           **extra, **kw)
+
+    _check_fwd_bwd(fn, q, k, v, do, kw, 2e-2)
+
+
+def test_mosaic_backward_dq_mid_needs_the_deferred_dv_early_step():
+    from pallas_kernels import attention_mgpu
+
+    base = dict(causal=False, window=None, sm_scale=1.0, lq=128, lk=128, has_segments=False,
+                mgpu_bwd_rows=True, mgpu_bwd_defer_dq=True, mgpu_bwd_producer=False,
+                mgpu_bwd_dq_mid=True)
+    with pytest.raises(ValueError, match="mgpu_bwd_dq_mid"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(**base))   # no dV early
+    with pytest.raises(ValueError, match="mgpu_bwd_dq_mid"):
+        attention_mgpu.check_backward_options(attn.FlashConfig(
+            **base, mgpu_bwd_dv_early=True, mgpu_bwd_s_first=(1,)))
+    attention_mgpu.check_backward_options(attn.FlashConfig(**base, mgpu_bwd_dv_early=True))
