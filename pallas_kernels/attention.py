@@ -935,7 +935,9 @@ MOSAIC_BWD_CELLS: tuple[tuple[int, bool], ...] = ((64, False), (64, True), (128,
 # 518 at 16k (cuDNN 531 / 530 / 530), 519 / 517 / 519 vs 499 / 500 / 499 at 4k (cuDNN 501 /
 # 503 / 505). Against the rows + deferred dq set (the <= 2k path until then; call 2, two
 # processes): 493 / 494 vs 469 / 470 at 2k (cuDNN 471 / 467), 433 / 439 vs 416 / 417 at 1k
-# (cuDNN 397 / 394).
+# (cuDNN 397 / 394). D=128 causal at every Mosaic length: the same mid-step deferred dq with
+# one step loop (no early dS, which the deferred dq excludes); the numbers are at
+# MOSAIC_BWD_LONG below, where it first went above 2k keys.
 MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_rows=True,
                                                                     mgpu_bwd_defer_dq=True,
                                                                     mgpu_bwd_producer=False,
@@ -943,11 +945,12 @@ MOSAIC_BWD_OPTS: dict[tuple[int, bool], dict] = {(128, False): dict(mgpu_bwd_row
                                                                     mgpu_bwd_one_bar=True,
                                                                     mgpu_bwd_dq_mid=True),
                                                  (128, True): dict(mgpu_bwd_rows=True,
-                                                                   mgpu_bwd_ds_early=True,
+                                                                   mgpu_bwd_defer_dq=True,
                                                                    mgpu_bwd_dv_early=True,
                                                                    mgpu_bwd_producer=False,
                                                                    mgpu_bwd_one_loop=True,
-                                                                   mgpu_bwd_one_bar=True),
+                                                                   mgpu_bwd_one_bar=True,
+                                                                   mgpu_bwd_dq_mid=True),
                                                  (64, False): dict(mgpu_bwd_defer_dq=True),
                                                  (64, True): dict(mgpu_bwd_defer_dq=True)}
 # Shortest key length (per cell of MOSAIC_BWD_CELLS) from which the Mosaic backward is used;
@@ -1004,12 +1007,13 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 # instead of the in-step dq after a mid-step dS barrier: 551 / 553 vs 511 / 506 at 16k (cuDNN
 # 512 / 517), 486 / 483 vs 451 / 443 at 4k (cuDNN 430 / 429; process 1: 3 rounds), although
 # ptxas spills more (112-116 B of spill stores vs 24-48 B). At 1k it measured 317 vs 304
-# (cuDNN 279) in one process only and 2k was not measured: <= 2k keys keep MOSAIC_BWD_OPTS.
+# (cuDNN 279) in one process only and 2k was not measured. The lead's call 3 (two more
+# interleaved processes, 20 rounds, against the session-8 set rows_ol1b): 417 / 417 vs 389 / 389
+# at 2k (cuDNN 366 / 368), 319 / 323 vs 308 / 309 at 1k (cuDNN 281 / 282): +7 % / +4 %, so the
+# set moved into MOSAIC_BWD_OPTS[(128, True)] (every Mosaic length) and this entry went.
 MOSAIC_BWD_LONG: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {
     (64, False): ((2048, dict(mgpu_bwd_one_bar=True)),),
-    (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),),
-    (128, True): ((2048, dict(mgpu_bwd_ds_early=False, mgpu_bwd_defer_dq=True,
-                              mgpu_bwd_dq_mid=True)),)}
+    (64, True): ((2048, dict(mgpu_bwd_one_bar=True)),)}
 
 
 def mosaic_bwd_options(d_pad: int, causal: bool, lk: int) -> dict:

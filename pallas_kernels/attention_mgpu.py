@@ -6,13 +6,12 @@ attention with three consumer warpgroups, `mgpu_fwd_wgs=3`); the backward (`mosa
 fused by TMA reduce-add) is the default where it measured faster than the Triton backward: D=64
 with the deferred dq (240/24 registers), D=128 full with the query-rows layout and the deferred dq
 without a producer warpgroup (2 x 128 threads with 255 registers each; session 7), issued after
-dS, before dK (`mgpu_bwd_dq_mid`, session 12: no spills), D=128 causal
-with query rows, dS / dV issued early, no producer, one step loop and one ring mbarrier per slot
-(session 8; the lean step before) up to 2k keys and above with the deferred dq issued mid-step
-instead of the early dS (`mgpu_bwd_dq_mid`, session 12); from 1k keys at D=128 and 2k at D=64
-causal; see `choose_fwd_impl` / `choose_bwd_impl` / `MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` /
-`MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` / `MOSAIC_BWD_LONG` in attention.py and
-docs/kernels/flash_attention.md.
+dS, before dK (`mgpu_bwd_dq_mid`, session 12: no spills), D=128 causal with query rows, dV
+issued early, no producer, one step loop, one ring mbarrier per slot and the same mid-step
+deferred dq (session 12; before it the early dS of session 8, and the lean step before that);
+from 1k keys at D=128 and 2k at D=64 causal; see `choose_fwd_impl` / `choose_bwd_impl` /
+`MOSAIC_BWD_CELLS` / `MOSAIC_BWD_OPTS` / `MOSAIC_BWD_MIN_LK` / `MOSAIC_BWD_SHORT` /
+`MOSAIC_BWD_LONG` in attention.py and docs/kernels/flash_attention.md.
 Opt-in variants (FlashConfig `mgpu_*` fields): the FA3 issue order, the deferred dq, the query-rows
 layout, early dS / dV, dq fused after dK, dq "own", the producer-less CTA, persistent CTAs
 (`mgpu_bwd_persistent`: measured slower), the deferred-dq warpgroups half a step apart

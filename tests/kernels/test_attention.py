@@ -318,7 +318,6 @@ def test_mosaic_backward_default_options_are_valid():
 def test_backward_short_key_options(monkeypatch):
     monkeypatch.setitem(attn.MOSAIC_BWD_SHORT, (128, True),
                         ((1024, dict(mgpu_bwd_defer_dq=True)), (2048, dict(mgpu_bwd_rows=True))))
-    monkeypatch.setitem(attn.MOSAIC_BWD_LONG, (128, True), ())   # session 12 has one there
     base = attn.MOSAIC_BWD_OPTS[128, True]
     assert attn.mosaic_bwd_options(128, True, 4096) == base
     assert attn.mosaic_bwd_options(128, True, 1000) == {**base, "mgpu_bwd_defer_dq": True}
@@ -328,9 +327,8 @@ def test_backward_short_key_options(monkeypatch):
 
 def test_backward_long_key_options():
     """Above 2k keys only (MOSAIC_BWD_LONG): D=64 full (session 9) and causal (session 10) take
-    one ring mbarrier, D=128 causal (session 12 call 3) the deferred dq issued mid-step
-    (dq_mid, no early dS); D=128 full keeps its options at every length (session 12: the full
-    cell's dq_mid set is in MOSAIC_BWD_OPTS)."""
+    one ring mbarrier; D=128 full and causal keep their options at every length (session 12:
+    both cells' dq_mid sets are in MOSAIC_BWD_OPTS)."""
     for causal in (False, True):
         assert attn.mosaic_bwd_options(64, causal, 2048) == attn.MOSAIC_BWD_OPTS[64, causal]
         assert attn.mosaic_bwd_options(64, causal, 2049) == {**attn.MOSAIC_BWD_OPTS[64, causal],
@@ -338,12 +336,9 @@ def test_backward_long_key_options():
     for lk in (1024, 2048, 16384):
         assert attn.mosaic_bwd_options(128, False, lk) == attn.MOSAIC_BWD_OPTS[128, False]
     assert attn.MOSAIC_BWD_OPTS[128, False]["mgpu_bwd_dq_mid"]
-    for lk in (1024, 2048):
+    for lk in (1024, 2048, 2049, 16384):
         assert attn.mosaic_bwd_options(128, True, lk) == attn.MOSAIC_BWD_OPTS[128, True]
-    assert attn.mosaic_bwd_options(128, True, 2049) == {
-        **attn.MOSAIC_BWD_OPTS[128, True], "mgpu_bwd_ds_early": False,
-        "mgpu_bwd_defer_dq": True, "mgpu_bwd_dq_mid": True}
-    assert attn.mosaic_bwd_options(128, True, 16384) == attn.mosaic_bwd_options(128, True, 2049)
+    assert attn.MOSAIC_BWD_OPTS[128, True]["mgpu_bwd_dq_mid"]
 
 
 def test_backward_dispatch_minimum_key_length(monkeypatch):
@@ -414,11 +409,13 @@ def test_mosaic_gpu_backward_in_gpu_interpret_mode(lq, lk, hq, hkv, d, causal, w
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_overlap=True, mgpu_bwd_dq_fused=True,
                                  mgpu_bwd_producer=False), marks=SLOW),
-    # the D=128 defaults (full: the entry above since session 12; causal up to 2k keys,
-    # session 8: rows, one loop, one mbarrier; causal above 2k keys, session 12 call 3: the
-    # deferred dq issued mid-step, one loop, one mbarrier)
+    # the D=128 defaults (full: the entry above since session 12; causal, session 12: the
+    # deferred dq issued mid-step, one loop, one mbarrier, at every length)
     (128, True, attn.MOSAIC_BWD_OPTS[128, True]),
-    (128, True, attn.mosaic_bwd_options(128, True, 4096)),
+    # the session-8 causal default (rows, early dS / dV, one loop, one mbarrier; opt-in since)
+    pytest.param(128, True, dict(mgpu_bwd_rows=True, mgpu_bwd_ds_early=True,
+                                 mgpu_bwd_dv_early=True, mgpu_bwd_producer=False,
+                                 mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True), marks=SLOW),
     pytest.param(128, True, dict(mgpu_bwd_p_lo=True, mgpu_bwd_producer=False,
                                  mgpu_bwd_one_loop=True, mgpu_bwd_one_bar=True),
                  marks=SLOW),                         # the session-7 causal default (lean)
