@@ -256,8 +256,8 @@ class FlashConfig:
     #                                         issue S_t, dP_t before dq_{t-1} (P computed while
     #                                         dP and dq run; dq sent once dV is issued)
     mgpu_bwd_dq_mid: bool = False  # Mosaic bwd, rows + deferred dq + dV early without producer
-    #                                (session 12, the D 128 full default in MOSAIC_BWD_OPTS,
-    #                                D 128 causal above 2k keys in MOSAIC_BWD_LONG):
+    #                                (session 12, the D 128 full and causal defaults in
+    #                                MOSAIC_BWD_OPTS, at every Mosaic length):
     #                                dq_{t-1} issued after dS_t is in SMEM, before
     #                                dK_t, and sent while dK_t runs (no dq accumulator live with
     #                                S, dP, P: 192 f32 accumulator registers at the peak, not 224)
@@ -983,8 +983,8 @@ MOSAIC_BWD_SHORT: dict[tuple[int, bool], tuple[tuple[int, dict], ...]] = {}
 
 
 # Mosaic backward options for long keys, per (head dim, causal): ((min_lk, options), ...); the
-# first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; disjoint from
-# MOSAIC_BWD_SHORT's key lengths, so the <= 1k paths keep their option sets).
+# first entry with lk > min_lk is applied on top of MOSAIC_BWD_OPTS (session 8; a
+# MOSAIC_BWD_SHORT entry, none since session 8, takes precedence for the key lengths it covers).
 # Session 9 (two independent interleaved processes per length, fwd+bwd TFLOP/s, medians): D=64
 # full above 2k keys: the deferred dq with a producer plus one ring mbarrier per slot (one
 # consumer wait per step for Q, dO and [lse; delta] instead of three) 455 vs 424 and 456 vs 425
@@ -1080,10 +1080,11 @@ def flash_attention_kernel(q, k, v, *, causal=False, segment_ids=None, sm_scale=
     """The GPU-style Pallas kernels with explicit block sizes (keys of FlashConfig) for tuning.
 
     `fwd_impl`: None picks per GPU (`choose_fwd_impl`: the Mosaic GPU forward on Hopper at
-    head_dim 128, else Triton); "mosaic" forces the Mosaic GPU forward (with `interpret=True` it
-    runs in Mosaic GPU interpret mode); "triton" forces the Triton-lowered one. `bwd_impl`: None
-    picks per GPU (`choose_bwd_impl`), "split" (Triton dq + dk/dv kernels), "atomic" (Triton dk/dv
-    kernel with dq by f32 atomic adds) or "mosaic" (Mosaic GPU, dq by TMA reduce-add).
+    head_dim 64 and 128 (`MOSAIC_FWD_DIMS`), else Triton); "mosaic" forces the Mosaic GPU
+    forward (with `interpret=True` it runs in Mosaic GPU interpret mode); "triton" forces the
+    Triton-lowered one. `bwd_impl`: None picks per GPU (`choose_bwd_impl`), "split" (Triton dq +
+    dk/dv kernels), "atomic" (Triton dk/dv kernel with dq by f32 atomic adds) or "mosaic" (Mosaic
+    GPU, dq by TMA reduce-add).
     """
     lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)

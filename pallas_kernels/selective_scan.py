@@ -1344,7 +1344,8 @@ def _mgpu_bwd_loop(cfg: _Config, u, A, B):
 
 
 def _is_hopper() -> bool:
-    """A GPU of compute capability 9.x or newer (TMA, which the Mosaic GPU kernels use)."""
+    """A GPU of compute capability 9.x or newer (TMA, which the Mosaic GPU kernels use; they
+    use no wgmma, so Blackwell takes them too: verified on Hopper only)."""
     dev = jax.devices()[0]
     cc = getattr(dev, "compute_capability", None)
     if dev.platform != "gpu" or not cc:
@@ -1551,9 +1552,11 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
 
     v11 (session 11): past one program per SM (Dn 4096 at B 8) the backward is the pair one
     too (mgpu_bwd_split=0 resolves to 1 wherever the pair backward takes the shape), reading
-    the one-thread training forward's checkpoints; v6.1's two-thread backward is left for
-    shapes the pair backward does not take (odd N, grouped B/C with Dn / G not a multiple of
-    64). H200, bf16: 8x2048x4096 fwd+bwd 2.091 -> 1.870 ms, 8x8192x4096 8.235 -> 7.291 ms
+    the one-thread training forward's checkpoints; v6.1's two-thread backward stays an option
+    (mgpu_bwd_split=2) that no default shape takes any more (the pair backward tiles every
+    grouped shape the Mosaic kernels accept; odd N past one program per SM takes the Triton
+    backward, see docs/kernels/selective_scan.md "Which kernel runs where"). H200, bf16:
+    8x2048x4096 fwd+bwd 2.091 -> 1.870 ms, 8x8192x4096 8.235 -> 7.291 ms
     (one interleaved process each; bench/mamba.py "p4kb" spelled it out, "v10_4k" is the old).
 
     v10 (session 10, where v9 applies; bench/mamba.py "v10a", docs/kernels/selective_scan.md):
