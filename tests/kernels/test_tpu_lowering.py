@@ -38,9 +38,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
 
-# the module's tests share one expensive fixture: under pytest-xdist they run on one worker
-pytestmark = pytest.mark.xdist_group("tpu_compile")
-
 attn = importlib.import_module("pallas_kernels.attention")
 attn_tpu = importlib.import_module("pallas_kernels.attention_tpu")
 gla_mod = importlib.import_module("pallas_kernels.gla")
@@ -662,14 +659,13 @@ needs_libtpu = pytest.mark.skipif(libtpu_path() is None,
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    folder, cache = tmp_path_factory.mktemp("tpu_compile"), {}
-
-    def get(topology, selection):
-        if (topology, selection) not in cache:
-            cache[topology, selection] = compile_for_tpu(topology, selection, folder)
-        return cache[topology, selection]
-    return get
+def compiled(tmp_path_factory, session_shared):
+    """compiled(topology, selection): compile_for_tpu's results, once per test session (shared
+    by the pytest-xdist workers)."""
+    folder = tmp_path_factory.mktemp("tpu_compile")
+    return lambda topology, selection: session_shared(
+        f"test_tpu_lowering:{topology}:{selection}",
+        lambda: compile_for_tpu(topology, selection, folder))
 
 
 def _job_params(selections, topologies, slow=False):

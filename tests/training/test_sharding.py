@@ -26,9 +26,6 @@ from training import ConfigError, load_config
 from training.config import MeshConfig
 from training.sharding import check_batch, logical_rules, logical_to_spec, make_mesh
 
-# the module's tests share one expensive fixture: under pytest-xdist they run on one worker
-pytestmark = pytest.mark.xdist_group("eight_devices")
-
 ROOT = Path(__file__).parents[2]
 MESHES = {"8x1": (8, 1), "2x4": (2, 4), "1": (1, 1)}
 # A tiny model with every mixer family; tests pick the layers they need.
@@ -94,8 +91,8 @@ def _run_eight_devices(*args):
 
 
 @pytest.fixture(scope="module")
-def eight_devices():
-    return _run_eight_devices()
+def eight_devices(session_shared):
+    return session_shared("test_sharding:eight_devices", _run_eight_devices)
 
 
 def _ok(result, part):
