@@ -1351,8 +1351,10 @@ def forward_pair(u, delta, A, B, C, D, z, delta_bias, h0, *, softplus, chunk=16,
             _fwd_pair_inf_body, opts=tuple(opts), n_state=n, chunk=chunk, n_chunks=n_chunks,
             length=length, padded=lp != length, softplus=softplus, stages=stages,
             interpret=interpret, y_acc=y_acc,
-            **{k: v for k, v in dict(inf_opts).items() if k != "bcin"},
-            **({"bcin": True} if bcin else {}))
+            # bcin and rawp as resolved above (rawp needs N % 4 == 0: the default inf_opts ask
+            # for it at every N, and an N of 6 must get the XLA layout of A, D and bias)
+            **{k: v for k, v in dict(inf_opts).items() if k not in ("bcin", "rawp")},
+            **({"bcin": True} if bcin else {}), **({"rawp": True} if rawp else {}))
     y, hT, *ck = plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -2256,6 +2258,10 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         a2 = parted(_common.pad_axis(A.astype(f32).T * _LOG2E, 1, width))
     given = optional_inputs(z, D, delta_bias, None, seq=tiled, vec=vec, state=None)
     opts = [name for name, _ in given]
+    if ck.shape[1] < lp // ck_every:
+        # the forward padded L to a shorter chunk than this backward's: the steps past L are
+        # masked here (their dy is zero), so zero checkpoints there recompute finite states
+        ck = jnp.pad(ck, [(0, 0), (0, lp // ck_every - ck.shape[1])] + [(0, 0)] * (ck.ndim - 2))
     ck = ck[:, :lp // ck_every]
     if ck_pair:
         if ck.shape[2] != n_k or ck.ndim != 5:
