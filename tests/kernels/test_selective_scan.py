@@ -614,8 +614,12 @@ def test_softplus_with_one_mufu_op_matches_softplus():
                  ("delta_bias", "initial_state"), False, marks=pytest.mark.slow),
     pytest.param(dict(rawp=True, sp1=True, ydefer=16), 8, None, 72, jnp.bfloat16,
                  ("z", "D", "delta_bias"), True, marks=pytest.mark.slow),
+    # rawp asked for (as the default options do) where N % 4 != 0: the XLA layout of A, D and
+    # bias (session 12: the kernel body took rawp anyway and failed at N 6)
+    (dict(rawp=True, ybuf=3), 6, None, 64, jnp.float32, ("D", "delta_bias"), True),
 ], ids=["every_option_n16_groups_all_inputs", "idx_poly1_ahead2_n6_padded_bf16_z",
-        "ybuf4_ydefer3_rawp_n8_groups_no_softplus", "v9_rawp_n8_padded_bf16"])
+        "ybuf4_ydefer3_rawp_n8_groups_no_softplus", "v9_rawp_n8_padded_bf16",
+        "rawp_asked_at_n6_takes_the_xla_layout"])
 def test_pair_inference_schedules_match_recurrence(inf, n, groups, dn, dtype, use, softplus):
     # Ragged (11 steps in chunks of 6 or 4: padded steps get delta 0); the inference forward
     # only (the training forward never takes these options).
