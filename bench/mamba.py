@@ -261,6 +261,16 @@ def _vjp(fn, dy, *args):
     return jax.vjp(fn, *args)[1](dy)
 
 
+def _variant_call(x, dy, spec):
+    """(function, args) of a "NAME[:fb]" item: VARIANTS[NAME]'s Pallas forward, or with ":fb"
+    its forward+backward (the VJP against dy)."""
+    name, _, mode = spec.partition(":")
+    args, fns = _variants(x, VARIANTS[name])
+    if mode == "fb":
+        return functools.partial(_vjp, fns["pallas"]), (dy, *args)
+    return fns["pallas"], args
+
+
 def benchmark(res, comp, sizes, cfg_kw, tag="main", refs_at=((8, 2048, 2048, 16),),
               modes=("fwd", "fwd+bwd")):
     """Ours at every size; the references only at the sizes in `refs_at` (the issue's anchors
@@ -764,11 +774,7 @@ def timeline(items, sizes, default_size, runs=5, out=None, budget=200.0):
             x = _inputs(*size)
             xs[size] = (x, jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16))
         x, dy = xs[size]
-        name, _, mode = spec.partition(":")
-        args, fns = _variants(x, VARIANTS[name])
-        f = fns["pallas"]
-        if mode == "fb":
-            f, args = functools.partial(_vjp, fns["pallas"]), (dy, *args)
+        f, args = _variant_call(x, dy, spec)
         comp.submit(item, f, *args)
         plans.append((item, args, size))
     comp.wait_all()
@@ -979,11 +985,7 @@ def main():
         dy = jax.random.normal(jax.random.key(9), x["u"].shape, jnp.bfloat16)
         comp, runs = _Compiler(a.budget), []
         for item in a.profile.split(","):
-            name, _, mode = item.partition(":")
-            args, fns = _variants(x, VARIANTS[name])
-            f = fns["pallas"]
-            if mode == "fb":
-                f, args = functools.partial(_vjp, fns["pallas"]), (dy, *args)
+            f, args = _variant_call(x, dy, item)
             comp.submit(item, f, *args)
             runs.append((item, args))
         for item, args in runs:
