@@ -674,6 +674,10 @@ VARIANTS = {
     # them out; no XLA layout kernels: the A transpose and the D / bias broadcasts)
     "dbar": dict(mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=True,
                  mgpu_pair_train_opts=dict(ydefer=8, rawp=True)),
+    # session 13: the pair backward's state slots permuted by lane bits 2-3 so that the dB/dC
+    # butterfly's xor-8 and xor-4 levels need no selects (6 instead of 30 per step and thread)
+    "perm": dict(mgpu_bwd_perm=True),      # the default since (v13)
+    "v12": dict(mgpu_bwd_perm=False),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

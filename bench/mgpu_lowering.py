@@ -14,7 +14,8 @@ MLIR text without debug info (their locations change with every edited line) fro
 serialization pass, and written to OUT/<case>_<fwd|fb>.mlir; one sha256 per file is printed.
 Cases: the default path at 8×2048×2048 (bf16, z, D, bias, softplus; the pair kernels), at
 2×777×256 (f32, 2 groups, every option, ragged) and at 8×2048×4096 (the one-thread kernels),
-plus the opt-in v8 inference body, `rawp`, `mgpu_bwd_direct_out` and the ck2 one-thread backward.
+plus the opt-in v8 inference body, `rawp`, `mgpu_bwd_direct_out`, `mgpu_bwd_perm` and the ck2
+one-thread backward (`--only` picks cases by name).
 A kernel lowered by an earlier case may come from a cache in a later one: compare whole folders
 from the same script.
 """
@@ -69,6 +70,8 @@ def cases():
         if extra == "all":
             kw["initial_state"] = jnp.zeros((b, dn, n), jnp.float32)
         yield f"default_{b}x{length}x{dn}", args, kw
+        if n == 16 and groups is None:
+            yield f"bwd_perm_{b}x{length}x{dn}", args, dict(kw, mgpu_bwd_perm=True)
         if dn == 2048:
             yield "ck2_one_thread", args, dict(kw, **ck2_one_thread)
             yield "direct_out", args, dict(kw, mgpu_bwd_direct_out=True)
@@ -80,10 +83,14 @@ def cases():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the <case>_<mode>.mlir files")
+    ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     _capture_kernels()
+    only = set(filter(None, args.only.split(",")))
     for name, xs, kw in cases():
+        if only and name not in only:
+            continue
         def fwd(*a, kw=kw):
             return ss.selective_scan_pallas(*a, **kw)[0]
 

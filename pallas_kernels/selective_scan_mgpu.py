@@ -144,11 +144,12 @@ def _tid_i32(i32, mod=None):
     return tid if mod is None else arith.remui(tid, mgpu.c(mod, i32))
 
 
-def _inline_row_load(ref, t, count, shape, n_load, first):
+def _inline_row_load(ref, t, count, shape, n_load, first, xor=None):
     """`count` [shape] f32 arrays (WG_STRIDED, one value per thread) through inline_mgpu: element
     first(i32) + e (e < count; `first` builds each thread's first column) of row t of the
     shared-memory ref, read by `n_load`-wide vector loads. `first` may return (row, column): each
-    thread's own row (then t is not used)."""
+    thread's own row (then t is not used). xor(i32) (a per-thread i32, a multiple of n_load):
+    the load of elements e0 .. e0 + n_load - 1 reads columns first + (e0 ^ xor) onwards."""
     import numpy as np
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, vector
@@ -167,8 +168,10 @@ def _inline_row_load(ref, t, count, shape, n_load, first):
         if isinstance(first_v, tuple):      # (row, column): a row of each thread's own
             row, first_v = arith.index_cast(index, first_v[0]), first_v[1]
         outs = []
+        xor_v = xor(i32) if xor is not None else None
         for e0 in range(0, count, n_load):
-            idx = arith.index_cast(index, arith.addi(first_v, mgpu.c(e0, i32)))
+            off = mgpu.c(e0, i32) if xor_v is None else arith.xori(xor_v, mgpu.c(e0, i32))
+            idx = arith.index_cast(index, arith.addi(first_v, off))
             v = vector.load(ir.VectorType.get((n_load,), f32), ref,
                             [mgpu.c(t, index) if row is None else row, idx],
                             alignment=4 * n_load)
@@ -761,23 +764,29 @@ def _shfl16(x, interpret):
     return _shfl(x, interpret)
 
 
-def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE):
-    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw]."""
+def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=False):
+    """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw].
+    perm (the pair backward's permuted state slots, _perm_xor): value e is column part * n_k
+    + col + (e ^ m) of the thread's m, read by 8-byte loads (m is even)."""
     if interpret:
         row = bc_ref[t, :]
-        return [row[_pair_part(True, shape) * n_k + col + e] for e in range(count)]
+        m = _perm_xor(True, shape) if perm else 0
+        return [row[_pair_part(True, shape) * n_k + col + (e ^ m)] for e in range(count)]
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
     n_load = 4 if count % 4 == 0 and col % 4 == 0 and n_k % 4 == 0 else 1
+    if perm:
+        n_load = 2
 
     def first(i32):
         tid = _tid_i32(i32)
         lane = arith.remui(tid, mgpu.c(32, i32))
         part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
         return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
-    return _inline_row_load(bc_ref, t, count, shape, n_load, first)
+    return _inline_row_load(bc_ref, t, count, shape, n_load, first,
+                            xor=_perm_xor_i32 if perm else None)
 
 
 def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpret, rawp=False,
@@ -1849,12 +1858,80 @@ def _shfl_lanes(x, distance, interpret):
     return _shfl(x, interpret, distance=distance)
 
 
-def _lane_reduce_scatter(vs, interpret):
+# Permuted state slots (mgpu_bwd_perm, N 16): in the pair backward thread (w, p, l) keeps
+# state p K + (k ^ m) in its slot k, m = 2 * ((l >> 2) & 3) (lane bits 2, 3 as state bits 1,
+# 2). Listed as value 2 k + (0: dB, 1: dC), lane l's value e is then logical value e ^ (l & 12)
+# of its half-warp, which is what the butterfly reduce-scatter's xor-8 and xor-4 levels keep
+# and send without a select (_lane_reduce_scatter's `free`): 6 selects per step and thread
+# instead of 30. The B / C slots come by 8-byte loads at xor-ed columns (_pair_bc perm), the
+# checkpoint slots from xor-ed rows (_ck_perm_load); A, dh and dA are permuted once.
+
+def _perm_xor(interpret, shape=_PAIR_SHAPE):
+    """[4, 2, 16] int32: the thread's slot xor m = 2 ((l >> 2) & 3) (see above)."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
+    if not interpret:
+        lane = plgpu.layout_cast(lane, plgpu.Layout.WG_STRIDED(shape, vec_size=1))
+    return (lane >> 1) & 6
+
+
+def _perm_xor_i32(i32):
+    """Inside inline_mgpu: the thread's m = (tid >> 1) & 6 (lane bits 2, 3; tid 32 w + 16 p + l)."""
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic import gpu as mgpu
+    return arith.andi(arith.shrui(_tid_i32(i32), mgpu.c(1, i32)), mgpu.c(6, i32))
+
+
+def _perm_slots(vals, m):
+    """Slot k <- vals[k ^ m] (per thread; an involution: it also undoes itself). 3 selects
+    a slot: for values read or written once per kernel (A, dh, dA)."""
+    out = []
+    for k in range(len(vals)):
+        v = vals[k ^ 6]
+        for x in (4, 2, 0):
+            v = jnp.where(m == x, vals[k ^ x], v)
+        out.append(v)
+    return out
+
+
+def _ck_perm_load(ck_sub, k, ck_pair, interpret):
+    """Slot k of each pair thread (perm): state p K + (k ^ m) of its channel, one
+    ld.shared.f32 of the thread's own row: from the ck2 rows ck_sub [K, 128] (interpret [K, 4,
+    16, 2]), or (not ck_pair) from the one-thread layout's rows [N, 4, 16] (state, w, l)."""
+    if interpret:
+        full = ck_sub[...]
+        full = (jnp.swapaxes(full, 2, 3) if ck_pair       # [K, 4, 2, 16]: (k, w, p, l)
+                else jnp.moveaxis(full.reshape(2, -1, 4, 16), 0, 2))
+        rows = (k ^ _perm_xor(True))[None]
+        return jnp.take_along_axis(full, rows, axis=0)[0]
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic import gpu as mgpu
+    n_k = ck_sub.shape[0] if ck_pair else ck_sub.shape[0] // 2
+    if not ck_pair:
+        ck_sub = ck_sub.reshape(ck_sub.shape[0], 64)
+
+    def first(i32):     # thread 32 w + 16 p + l
+        tid = _tid_i32(i32)
+        c = lambda x: mgpu.c(x, i32)
+        row = arith.xori(_perm_xor_i32(i32), c(k))
+        p = arith.andi(arith.shrui(tid, c(4)), c(1))
+        if ck_pair:     # (row k ^ m, float 32 w + 2 l + p)
+            return row, arith.addi(arith.addi(arith.andi(tid, c(_WG - 32)),
+                                              arith.shli(arith.andi(tid, c(15)), c(1))), p)
+        # (row p K + (k ^ m), float 16 w + l)
+        return (arith.addi(arith.muli(p, c(n_k)), row),
+                arith.addi(arith.shrui(arith.andi(tid, c(_WG - 32)), c(1)),
+                           arith.andi(tid, c(15))))
+    return _inline_row_load(ck_sub, 0, 1, _PAIR_SHAPE, 1, first)[0]
+
+
+def _lane_reduce_scatter(vs, interpret, free=()):
     """vs: lw arrays [4, parts, lw] (value e of the thread's channel, e < lw) -> [4, parts, lw]:
     lane l's sum of value l over the lw channels (lanes) of its lane part. A butterfly
     reduce-scatter: at distance d (lw / 2 .. 1) a lane keeps the half of its values whose
     index has bit d equal to its lane's bit d and sends the other half to lane l ^ d (lw - 1
-    shuffles, 2 (lw - 1) selects and lw - 1 adds per thread)."""
+    shuffles, 2 (lw - 1) selects and lw - 1 adds per thread). At the distances in `free` the
+    caller has laid lane l's values out so that its register e holds logical value e ^ (l & d)
+    there: the lane keeps its lower half and sends the upper one, no select."""
     lw = vs[0].shape[2]
     if len(vs) != lw:
         raise ValueError(f"_lane_reduce_scatter: {len(vs)} values for {lw} lanes")
@@ -1867,16 +1944,21 @@ def _lane_reduce_scatter(vs, interpret):
         half = len(vs) // 2
         nxt = []
         for e in range(half):
-            keep = jnp.where(hi, vs[e + half], vs[e])
-            send = jnp.where(hi, vs[e], vs[e + half])
+            if d in free:
+                keep, send = vs[e], vs[e + half]
+            else:
+                keep = jnp.where(hi, vs[e + half], vs[e])
+                send = jnp.where(hi, vs[e], vs[e + half])
             nxt.append(keep + _shfl_lanes(send, d, interpret))
         vs, d = nxt, d // 2
     return vs[0]
 
 
-def _dbc_states_warp(dbc, which, n_k):
+def _dbc_states_warp(dbc, which, n_k, perm=False):
     """dB (which 0) / dC (1) in state order from the warp-reduced rows (warp_red): column
-    16 p + 8 which + k holds state p K + k."""
+    16 p + 8 which + k holds state p K + k (perm: column 16 p + 2 k + which)."""
+    if perm:
+        return dbc.reshape(*dbc.shape[:-1], _NQ // 2, 2)[..., which]
     x = dbc.reshape(*dbc.shape[:-1], 2, 2, _NQ // 4)[..., which, :n_k]
     return x.reshape(*x.shape[:-2], 2 * n_k)
 
@@ -1884,7 +1966,7 @@ def _dbc_states_warp(dbc, which, n_k):
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
                    keep_b=False, pad_rows=False, ahead=False, direct_out=False,
-                   warp_red=False, dbc_add=False, rawp=False):
+                   warp_red=False, dbc_add=False, rawp=False, perm=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts, dbc_in=dbc_add, raw=rawp)
     f32 = jnp.float32
@@ -1939,6 +2021,9 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                   if rawp else r["p_s"][i])
     plgpu.barrier_wait(r["bar"].at[3])
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
+    if perm:    # the thread's state slots permuted (see _perm_xor)
+        pm = _perm_xor(interpret, shape)
+        a2, dh_init = _perm_slots(a2, pm), tuple(_perm_slots(dh_init, pm))
     zero = _zeros(shape)
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
@@ -1956,6 +2041,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         ref.at[pl.ds(t, parts)].transpose((1, 0, 2))[...] = v.astype(ref.dtype)
 
     def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
+        if perm:                    # slot k: state p K + (k ^ m), the thread's own row
+            return _ck_perm_load(ck_s.at[sub], k, ck_pair, interpret)
         if ck_pair:                 # ck2: one conflict-free row per k
             return _ck2_pair_view(ck_s.at[sub, k], interpret)[...]
         return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
@@ -1971,13 +2058,17 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         of `red` [2, 4, ck_every * 32]: one conflict-free store per warp and step. Two
         buffers: the barrier after a sub-chunk's stores also orders the next one's stores
         after this one's sums (no barrier before the stores)."""
-        pad = [zero] * (lw // 2 - n_k)
-        v = _lane_reduce_scatter([*wvals[0], *pad, *wvals[1], *pad], interpret)
+        if perm:    # value 2 k + which: the xor-8 and xor-4 levels need no select
+            v = _lane_reduce_scatter([x for k in range(n_k) for x in (wvals[0][k], wvals[1][k])],
+                                     interpret, free=(8, 4))
+        else:
+            pad = [zero] * (lw // 2 - n_k)
+            v = _lane_reduce_scatter([*wvals[0], *pad, *wvals[1], *pad], interpret)
         row = r["red"].at[jax.lax.rem(sub, 2), :, pl.ds(tl * _NQ, _NQ)]
         row[...] = v.reshape(4, _NQ)
 
     def bc_get(bc_s, t, which):
-        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape)
+        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape, perm=perm)
 
     def pairsum(v):   # v[tt]: this part's sum of step t + tt -> the full sum of step t + p
         return _part_sums(v, part, interpret)
@@ -2160,6 +2251,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
     init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
     dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
+    if perm:    # back to state order
+        dh, da = _perm_slots(dh, pm), _perm_slots(da, pm)
     for kk in range(n_k):
         r["h_s"][kk] = dh[kk]
         r["a_s"][kk] = da[kk]
@@ -2179,7 +2272,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
                   pad_rows=False, ahead=False, direct_out=False, warp_red=False,
-                  dbc_add=False, rawp=False, interpret=False):
+                  dbc_add=False, rawp=False, perm=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -2203,7 +2296,10 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     order, so dB / dC may differ run to run by f32 rounding (not bitwise deterministic; dA,
     dD, d bias are unchanged). Interpret mode keeps a slot per program (no TMA reduction).
     rawp (parts 2, N % 4 == 0): A, D and bias as they are ([Dp, N], [Dp]), laid out per
-    thread by the kernel (no XLA layout kernels; as the pair forwards' rawp)."""
+    thread by the kernel (no XLA layout kernels; as the pair forwards' rawp).
+    perm (with warp_red, N 16): each thread's state slots permuted by its lane
+    bits 2-3 (_perm_xor) so that two of the four butterfly levels of the dB/dC sums need no
+    selects (6 instead of 30 per step and thread); B / C by 8-byte loads at permuted columns."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     warp_red = warp_red and parts == 2
@@ -2228,6 +2324,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     bcw = _common.round_up(2 * n, 4)
     pad_rows = pad_rows and parts == 2 and dp // lw >= 5
     rawp = rawp and parts == 2 and n % 4 == 0
+    perm = perm and warp_red and n_k == _NQ // 4
     in_tiles = 5 if pad_rows else 4
     # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
@@ -2309,7 +2406,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         parts=parts, rowsum=rowsum, ck_pair=ck_pair, keep_b=keep_b, pad_rows=pad_rows,
         ahead=ahead, direct_out=direct_out and parts == 2, **({"warp_red": True} if warp_red
                                                               else {}),
-        **({"dbc_add": True} if dbc_add else {}), **({"rawp": True} if rawp else {}))
+        **({"dbc_add": True} if dbc_add else {}), **({"rawp": True} if rawp else {}),
+        **({"perm": True} if perm else {}))
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -2317,7 +2415,8 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
             unsafe_no_auto_barriers=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=("selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else "")
-                     + ("_dba" if dbc_add else "") + ("_raw" if rawp else "")))(*arrays))
+                     + ("_dba" if dbc_add else "") + ("_raw" if rawp else "")
+                     + ("_perm" if perm else "")))(*arrays))
     crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None
@@ -2328,7 +2427,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
             bsz, groups, nb // groups, length, _NQ)
         dbc = jnp.moveaxis(dbc.sum(2), 1, 2)                 # [B, L, G, NQ]
     if warp_red:
-        db, dc = _dbc_states_warp(dbc, 0, n_k), _dbc_states_warp(dbc, 1, n_k)
+        db, dc = _dbc_states_warp(dbc, 0, n_k, perm), _dbc_states_warp(dbc, 1, n_k, perm)
     else:
         db, dc = _dbc_states(dbc, 0, parts, n_k), _dbc_states(dbc, n, parts, n_k)
     if not grouped:

@@ -359,7 +359,7 @@ def test_v10_default_training_path_matches_recurrence(monkeypatch):
 
     def spy_bwd(*a, **k):
         seen.append({o: k.get(o) for o in ("chunk", "ck_pair", "keep_b", "pad_rows", "ahead",
-                                           "warp_red", "dbc_add")})
+                                           "warp_red", "dbc_add", "perm")})
         return orig_bwd(*a, **k)
 
     def spy_fwd(*a, **k):
@@ -370,7 +370,7 @@ def test_v10_default_training_path_matches_recurrence(monkeypatch):
     check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4)
     assert ("fwd", (("ydefer", 8),)) in seen
     assert dict(chunk=8, ck_pair=True, keep_b=True, pad_rows=True, ahead=True,
-                warp_red=True, dbc_add=True) in seen
+                warp_red=True, dbc_add=True, perm=True) in seen
 
 
 def test_v11_pair_backward_past_one_program_per_sm(monkeypatch):
@@ -447,6 +447,50 @@ def test_lane_reduce_scatter_sums_each_value_over_the_lanes():
     out = mg._lane_reduce_scatter(vs, interpret=True)
     want = jnp.stack(vs, -1).sum(2)       # [4, 2, 16 values]: value e summed over the lanes
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lane_reduce_scatter_free_levels_take_the_lane_permuted_layout():
+    # free=(8, 4): lane l's register e holds logical value e ^ (l & 12) (the pair backward's
+    # permuted state slots, mgpu_bwd_perm); lane l must still end with logical value l
+    # summed over the 16 lanes of its part. Without the permuted layout the result is wrong.
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    logical = jax.random.normal(jax.random.PRNGKey(3), (16, 4, 2, 16))    # [value, w, p, l]
+    lane = np.arange(16)
+    regs = [logical[e ^ (lane & 12), :, :, lane].transpose(1, 2, 0) for e in range(16)]
+    want = logical.sum(3).transpose(1, 2, 0)     # [w, p, value]: value summed over the lanes
+    out = mg._lane_reduce_scatter(regs, interpret=True, free=(8, 4))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    wrong = mg._lane_reduce_scatter(regs, interpret=True)
+    assert not np.allclose(wrong, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("ck2,perm", [(True, True),
+                                      pytest.param(False, True, marks=pytest.mark.slow),
+                                      pytest.param(True, False, marks=pytest.mark.slow)],
+                         ids=["ck2", "one_thread_checkpoints", "v12_unpermuted"])
+def test_v13_permuted_slots_pair_backward_matches_recurrence(ck2, perm, monkeypatch):
+    # mgpu_bwd_perm (session 13) on the v12 default path (GPU interpret mode): the pair
+    # backward's state slots permuted by lane bits 2-3 (B / C by xor-ed 8-byte columns, the
+    # checkpoints from xor-ed rows, A / dh / dA permuted once) so that the dB/dC butterfly's
+    # xor-8 and xor-4 levels need no selects; every gradient against the f32 recurrence, 2
+    # groups, every input, ragged over two chunks of two sub-chunks. ck2: the pair training
+    # forward's checkpoints; else (the grid test patched to "does not fit", as at Dn 4096 on
+    # an H200) the one-thread forward's. The spy checks that the kernel body took the
+    # permuted path on that checkpoint layout. v12_unpermuted: the opt-out (v12's butterfly).
+    mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
+    if not ck2:
+        ss = importlib.import_module("pallas_kernels.selective_scan")
+        monkeypatch.setattr(ss, "_mgpu_one_per_sm", lambda bsz, dn: False)
+    seen = []
+    orig = mg._bwd_pair_body
+
+    def spy(*a, **k):
+        seen.append((bool(k.get("perm")), k.get("ck_pair")))
+        return orig(*a, **k)
+    monkeypatch.setattr(mg, "_bwd_pair_body", spy)
+    check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
+                             mgpu_bwd_perm=perm)
+    assert (perm, ck2) in seen
 
 
 def check_against_recurrence(dtype, n, groups, length, use, softplus, dn=64, **tiling):
