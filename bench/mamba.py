@@ -678,6 +678,13 @@ VARIANTS = {
     # butterfly's xor-8 and xor-4 levels need no selects (6 instead of 30 per step and thread)
     "perm": dict(mgpu_bwd_perm=True),      # the default since (v13)
     "v12": dict(mgpu_bwd_perm=False),
+    # + lane bit 1 too (three select-free levels), B / C rows with a pair-swapped copy
+    "perm3": dict(mgpu_bwd_perm=3),
+    # v13 with 16-step pair-backward chunks (8 since v10), with du / ddelta from registers
+    "p16": dict(mgpu_bwd_pair_chunk=16),
+    # v13 whose butterfly stops after the select-free levels (4 partial sums per lane to `red`)
+    "re": dict(mgpu_bwd_red_early=True),
+    "pdo": dict(mgpu_bwd_direct_out=True),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,

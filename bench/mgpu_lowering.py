@@ -14,7 +14,7 @@ MLIR text without debug info (their locations change with every edited line) fro
 serialization pass, and written to OUT/<case>_<fwd|fb>.mlir; one sha256 per file is printed.
 Cases: the default path at 8×2048×2048 (bf16, z, D, bias, softplus; the pair kernels), at
 2×777×256 (f32, 2 groups, every option, ragged) and at 8×2048×4096 (the one-thread kernels),
-plus the opt-in v8 inference body, `rawp`, `mgpu_bwd_direct_out`, `mgpu_bwd_perm` and the ck2
+plus the opt-in v8 inference body, `rawp`, `mgpu_bwd_direct_out`, `mgpu_bwd_perm=3` and the ck2
 one-thread backward (`--only` picks cases by name).
 A kernel lowered by an earlier case may come from a cache in a later one: compare whole folders
 from the same script.
@@ -71,7 +71,8 @@ def cases():
             kw["initial_state"] = jnp.zeros((b, dn, n), jnp.float32)
         yield f"default_{b}x{length}x{dn}", args, kw
         if n == 16 and groups is None:
-            yield f"bwd_perm_{b}x{length}x{dn}", args, dict(kw, mgpu_bwd_perm=True)
+            yield f"bwd_perm3_{b}x{length}x{dn}", args, dict(kw, mgpu_bwd_perm=3)
+            yield f"bwd_red_early_{b}x{length}x{dn}", args, dict(kw, mgpu_bwd_red_early=True)
         if dn == 2048:
             yield "ck2_one_thread", args, dict(kw, **ck2_one_thread)
             yield "direct_out", args, dict(kw, mgpu_bwd_direct_out=True)

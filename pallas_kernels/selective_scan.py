@@ -290,6 +290,8 @@ class _Config:
                               # state slots permuted by its lane bits, so that two of the
                               # dB/dC butterfly's four levels need no selects.
                               # selective_scan_pallas's default (v13): True
+    mgpu_bwd_red_early: bool = False  # with mgpu_bwd_perm: the butterfly stops after its
+                              # select-free levels; 4 partial sums per lane through `red`
     interpret: bool = False
 
 
@@ -809,11 +811,11 @@ def _bwd_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, opts,
                 qb.append(g * dtu)
                 qc.append(dy * h_t[n])
                 a_n = decays[t][n] if keep_decay else _exp2(dtl * A[n], asm)
-                q = g * a_n * h_prev[n]
+                dh[n] = a_n * g          # q = g a h_prev = dh_{t-1} h_prev: one multiply
+                q = dh[n] * h_prev[n]
                 da[n] = da[n] + dt * q
                 saq = saq + A[n] * q
                 gb = gb + g * b_t[n]
-                dh[n] = a_n * g
             if not share:
                 gb, saq = lsum(gb), lsum(saq)
             dbc_type = r["dbc"].dtype
@@ -1003,11 +1005,11 @@ def _bwd_tile_kernel(*refs, n_state, chunk, n_chunks, length, padded, softplus, 
                 dy = dout
             g = dh + c_t * dy[None, :]
             a_n = decays[t] if keep_decay else _exp2((dt * log2e_again)[None, :] * A, asm)
-            q = g * a_n * h_prev
+            dh = a_n * g                 # q = g a h_prev = dh_{t-1} h_prev: one multiply
+            q = dh * h_prev
             da = da + dt[None, :] * q
             saq = jnp.sum(A * q, axis=0)
             gb = jnp.sum(g * b_t, axis=0)
-            dh = a_n * g
             dbc = _tile_reduce_scatter(g * (dt * u)[None, :], dy[None, :] * h_t, lane, interpret)
             du = dt * gb
             if d is not None:
@@ -1419,6 +1421,7 @@ def _backward(cfg: _Config, res, y_bar, final_bar):
                                       dbc_add=cfg.mgpu_bwd_dbc_add,
                                       rawp=cfg.mgpu_bwd_rawp,
                                       perm=cfg.mgpu_bwd_perm,
+                                      red_early=cfg.mgpu_bwd_red_early,
                                       interpret=cfg.interpret)
         return mgpu.backward(res, y_bar, final_bar, softplus=cfg.softplus,
                              chunk=cfg.mgpu_chunk, ck_every=cfg.chunk, stages=cfg.mgpu_stages,
@@ -1542,7 +1545,7 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                           mgpu_ck_late=True, mgpu_bwd_pair_ahead=True, mgpu_bwd_direct_out=False,
                           mgpu_bwd_warp_red=True, mgpu_bwd_pair_chunk=8,
                           mgpu_bwd_dbc_add=True, mgpu_bwd_rawp=False, mgpu_bwd_perm=True,
-                          interpret=False):
+                          mgpu_bwd_red_early=False, interpret=False):
     """The GPU Pallas kernels with explicit tiling; returns (y, final_state).
 
     v13 (session 13, wherever the pair backward runs at N 16): each backward thread keeps its
@@ -1645,7 +1648,8 @@ def selective_scan_pallas(u, delta, A, B, C, *, D=None, z=None, delta_bias=None,
                   mgpu_bwd_warp_red=mgpu_bwd_warp_red,
                   mgpu_bwd_pair_chunk=mgpu_bwd_pair_chunk,
                   mgpu_bwd_dbc_add=mgpu_bwd_dbc_add, mgpu_bwd_rawp=mgpu_bwd_rawp,
-                  mgpu_bwd_perm=mgpu_bwd_perm, interpret=interpret)
+                  mgpu_bwd_perm=mgpu_bwd_perm, mgpu_bwd_red_early=mgpu_bwd_red_early,
+                  interpret=interpret)
     return _scan_pallas(u, delta, A, B, C, D, z, delta_bias, initial_state, cfg)
 
 
@@ -1811,7 +1815,8 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, groups):
         r["dc"][row, :] = _tpu_bc_grad(dy * h_t, eye, maps)
         r["db"][row, :] = _tpu_bc_grad(g * (dt * u), eye, maps)
         a = jnp.exp(dt * A)
-        q = g * a * h_prev
+        dh_prev = a * g                                          # q = g a h_prev = dh h_prev
+        q = dh_prev * h_prev
         da = da + dt * q
         gb = jnp.sum(g * b_col, axis=0, keepdims=True)
         du = dt * gb
@@ -1824,7 +1829,7 @@ def _tpu_bwd_kernel(*refs, chunk, n_chunks, length, softplus, opts, groups):
             ddt = ddt * jax.nn.sigmoid(x)
         ddt = jnp.where(c * chunk + t < length, ddt, 0.0)
         r["ddt"][row, :] = ddt
-        return a * g, da, dd, dbias + ddt
+        return dh_prev, da, dd, dbias + ddt
 
     carry = (r["dh"][...], r["dA"][...], r["dD"][...], r["dbias_acc"][...])
     dh, da, dd, dbias = jax.lax.fori_loop(0, chunk, reverse, carry)

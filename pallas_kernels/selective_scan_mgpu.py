@@ -764,14 +764,19 @@ def _shfl16(x, interpret):
     return _shfl(x, interpret)
 
 
-def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=False):
+def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=0):
     """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw].
     perm (the pair backward's permuted state slots, _perm_xor): value e is column part * n_k
-    + col + (e ^ m) of the thread's m, read by 8-byte loads (m is even)."""
+    + col + (e ^ m) of the thread's m, read by 8-byte loads: perm 2 (m even) from the row,
+    perm 3 with m odd from the row's pair-swapped copy in columns 32-63 (column c + 32 holds
+    column c ^ 1), at column 32 + part * n_k + col + (e ^ (m & 6))."""
     if interpret:
         row = bc_ref[t, :]
-        m = _perm_xor(True, shape) if perm else 0
-        return [row[_pair_part(True, shape) * n_k + col + (e ^ m)] for e in range(count)]
+        base = _pair_part(True, shape) * n_k + col
+        if not perm:
+            return [row[base + e] for e in range(count)]
+        m = _perm_xor(True, shape, perm)
+        return [row[32 * (m & 1) + base + (e ^ (m & 6))] for e in range(count)]
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir.dialects import arith
@@ -784,9 +789,12 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=Fals
         tid = _tid_i32(i32)
         lane = arith.remui(tid, mgpu.c(32, i32))
         part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
-        return arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
+        col_v = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
+        if perm == 3:   # m odd (lane bit 1): the pair-swapped copy
+            col_v = arith.addi(col_v, arith.shli(arith.andi(tid, mgpu.c(2, i32)), mgpu.c(4, i32)))
+        return col_v
     return _inline_row_load(bc_ref, t, count, shape, n_load, first,
-                            xor=_perm_xor_i32 if perm else None)
+                            xor=(lambda i32: _perm_xor_i32(i32, 2)) if perm else None)
 
 
 def _pair_prologue(r, opts, seq_in, shape, n_k, chunk, stages, n_chunks, interpret, rawp=False,
@@ -1607,11 +1615,11 @@ def _bwd_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, c
                     row = tl * _NQ + split * kk
                     r["red"][pl.ds(row, split), pl.ds(0, bd)] = g * dtu
                     r["red"][pl.ds(row + n_state, split), pl.ds(0, bd)] = dy * h_t[kk]
-                    q = g * a_t[kk] * h_prev[kk]
+                    dh[kk] = a_t[kk] * g     # q = g a h_prev = dh_{t-1} h_prev: one FMUL
+                    q = dh[kk] * h_prev[kk]
                     da[kk] = da[kk] + dt * q
                     saq = a2[kk] * q if saq is None else saq + a2[kk] * q
                     gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
-                    dh[kk] = a_t[kk] * g
                 if split == 1:
                     dd, dbias = finish(s_, t, i, dt, x, u, dout, zz, y, gb, saq, dd, dbias)
                 else:
@@ -1866,34 +1874,41 @@ def _shfl_lanes(x, distance, interpret):
 # instead of 30. The B / C slots come by 8-byte loads at xor-ed columns (_pair_bc perm), the
 # checkpoint slots from xor-ed rows (_ck_perm_load); A, dh and dA are permuted once.
 
-def _perm_xor(interpret, shape=_PAIR_SHAPE):
-    """[4, 2, 16] int32: the thread's slot xor m = 2 ((l >> 2) & 3) (see above)."""
+def _perm_mask(levels):
+    """perm 2: m = (l >> 1) & 6 (lane bits 2, 3); perm 3: (l >> 1) & 7 (lane bits 1-3)."""
+    return 6 if levels == 2 else 7
+
+
+def _perm_xor(interpret, shape=_PAIR_SHAPE, levels=2):
+    """[4, 2, 16] int32: the thread's slot xor m (see above and _perm_mask)."""
     lane = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
     if not interpret:
         lane = plgpu.layout_cast(lane, plgpu.Layout.WG_STRIDED(shape, vec_size=1))
-    return (lane >> 1) & 6
+    return (lane >> 1) & _perm_mask(levels)
 
 
-def _perm_xor_i32(i32):
-    """Inside inline_mgpu: the thread's m = (tid >> 1) & 6 (lane bits 2, 3; tid 32 w + 16 p + l)."""
+def _perm_xor_i32(i32, levels=2):
+    """Inside inline_mgpu: the thread's m (tid 32 w + 16 p + l; see _perm_mask)."""
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
-    return arith.andi(arith.shrui(_tid_i32(i32), mgpu.c(1, i32)), mgpu.c(6, i32))
+    return arith.andi(arith.shrui(_tid_i32(i32), mgpu.c(1, i32)),
+                      mgpu.c(_perm_mask(levels), i32))
 
 
-def _perm_slots(vals, m):
-    """Slot k <- vals[k ^ m] (per thread; an involution: it also undoes itself). 3 selects
-    a slot: for values read or written once per kernel (A, dh, dA)."""
+def _perm_slots(vals, m, levels=2):
+    """Slot k <- vals[k ^ m] (per thread; an involution: it also undoes itself). 3 (perm 3:
+    7) selects a slot: for values read or written once per kernel (A, dh, dA)."""
+    xs = [x for x in range(8) if x & _perm_mask(levels) == x]
     out = []
     for k in range(len(vals)):
-        v = vals[k ^ 6]
-        for x in (4, 2, 0):
+        v = vals[k ^ xs[-1]]
+        for x in reversed(xs[:-1]):
             v = jnp.where(m == x, vals[k ^ x], v)
         out.append(v)
     return out
 
 
-def _ck_perm_load(ck_sub, k, ck_pair, interpret):
+def _ck_perm_load(ck_sub, k, ck_pair, interpret, levels=2):
     """Slot k of each pair thread (perm): state p K + (k ^ m) of its channel, one
     ld.shared.f32 of the thread's own row: from the ck2 rows ck_sub [K, 128] (interpret [K, 4,
     16, 2]), or (not ck_pair) from the one-thread layout's rows [N, 4, 16] (state, w, l)."""
@@ -1901,7 +1916,7 @@ def _ck_perm_load(ck_sub, k, ck_pair, interpret):
         full = ck_sub[...]
         full = (jnp.swapaxes(full, 2, 3) if ck_pair       # [K, 4, 2, 16]: (k, w, p, l)
                 else jnp.moveaxis(full.reshape(2, -1, 4, 16), 0, 2))
-        rows = (k ^ _perm_xor(True))[None]
+        rows = (k ^ _perm_xor(True, levels=levels))[None]
         return jnp.take_along_axis(full, rows, axis=0)[0]
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic import gpu as mgpu
@@ -1912,7 +1927,7 @@ def _ck_perm_load(ck_sub, k, ck_pair, interpret):
     def first(i32):     # thread 32 w + 16 p + l
         tid = _tid_i32(i32)
         c = lambda x: mgpu.c(x, i32)
-        row = arith.xori(_perm_xor_i32(i32), c(k))
+        row = arith.xori(_perm_xor_i32(i32, levels), c(k))
         p = arith.andi(arith.shrui(tid, c(4)), c(1))
         if ck_pair:     # (row k ^ m, float 32 w + 2 l + p)
             return row, arith.addi(arith.addi(arith.andi(tid, c(_WG - 32)),
@@ -1924,14 +1939,54 @@ def _ck_perm_load(ck_sub, k, ck_pair, interpret):
     return _inline_row_load(ck_sub, 0, 1, _PAIR_SHAPE, 1, first)[0]
 
 
-def _lane_reduce_scatter(vs, interpret, free=()):
+def _red_early_store(red, buf, tl, vals, interpret):
+    """red_early: lane (w, p, l)'s 4 partial sums (logical values 4 (l >> 2) + e of part p,
+    summed over the lanes l ^ 4, l ^ 8, l ^ 12) into red [2, 4 w, 4 (l & 3), ck_every * 32 +
+    8] at buffer buf, column tl * 32 + 16 p + 4 (l >> 2) + e: one st.shared.v4 per thread
+    (the 8-float pad puts the four (l & 3) rows 8 banks apart: each quarter-warp's 8 stores
+    hit 32 different banks)."""
+    if interpret:
+        w, p, l = (jax.lax.broadcasted_iota(jnp.int32, _PAIR_SHAPE, a) for a in range(3))
+        cur = red[buf]
+        for e, v in enumerate(vals):
+            cur = cur.at[w, l & 3, tl * _NQ + 16 * p + 4 * (l >> 2) + e].set(v)
+        red[buf] = cur
+        return
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
+    ref = red.at[pl.ds(buf, 1), :, :, pl.ds(tl * _NQ, _NQ)]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), *([layout] * 4)))
+    def store(ctx, ref, *xs):
+        del ctx
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        c = lambda x: mgpu.c(x, i32)
+        tid = _tid_i32(i32)
+        w = arith.andi(arith.shrui(tid, c(5)), c(3))
+        q = arith.andi(tid, c(3))
+        col = arith.addi(arith.shli(arith.andi(arith.shrui(tid, c(4)), c(1)), c(4)),
+                         arith.shli(arith.andi(arith.shrui(tid, c(2)), c(3)), c(2)))
+        v = vector.broadcast(ir.VectorType.get((4,), f32), arith.constant(f32, 0.0))
+        for e, x in enumerate(xs):
+            (reg,) = x.registers.flat
+            v = vector.insert(vector.extract(reg, [], [0]), v, [], [e])
+        vector.store(v, ref, [mgpu.c(0, index), *(arith.index_cast(index, a) for a in (w, q, col))],
+                     alignment=16)
+    store(ref, *vals)
+
+
+def _lane_reduce_scatter(vs, interpret, free=(), stop=1):
     """vs: lw arrays [4, parts, lw] (value e of the thread's channel, e < lw) -> [4, parts, lw]:
     lane l's sum of value l over the lw channels (lanes) of its lane part. A butterfly
     reduce-scatter: at distance d (lw / 2 .. 1) a lane keeps the half of its values whose
     index has bit d equal to its lane's bit d and sends the other half to lane l ^ d (lw - 1
     shuffles, 2 (lw - 1) selects and lw - 1 adds per thread). At the distances in `free` the
     caller has laid lane l's values out so that its register e holds logical value e ^ (l & d)
-    there: the lane keeps its lower half and sends the upper one, no select."""
+    there: the lane keeps its lower half and sends the upper one, no select. stop > 1: the
+    levels down to distance `stop` only; returns the list of lw / stop arrays left (register
+    e: the lane's sum over the lanes that differ from it in bits >= stop)."""
     lw = vs[0].shape[2]
     if len(vs) != lw:
         raise ValueError(f"_lane_reduce_scatter: {len(vs)} values for {lw} lanes")
@@ -1939,7 +1994,7 @@ def _lane_reduce_scatter(vs, interpret, free=()):
     if not interpret:
         lane = plgpu.layout_cast(lane, plgpu.Layout.WG_STRIDED(vs[0].shape, vec_size=1))
     d = lw // 2
-    while d >= 1:
+    while d >= stop:
         hi = (lane & d) != 0
         half = len(vs) // 2
         nxt = []
@@ -1951,7 +2006,7 @@ def _lane_reduce_scatter(vs, interpret, free=()):
                 send = jnp.where(hi, vs[e], vs[e + half])
             nxt.append(keep + _shfl_lanes(send, d, interpret))
         vs, d = nxt, d // 2
-    return vs[0]
+    return vs[0] if stop == 1 else vs
 
 
 def _dbc_states_warp(dbc, which, n_k, perm=False):
@@ -1966,7 +2021,7 @@ def _dbc_states_warp(dbc, which, n_k, perm=False):
 def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softplus, ck_every,
                    stages, interpret, bwd_loop, parts=2, rowsum=False, ck_pair=False,
                    keep_b=False, pad_rows=False, ahead=False, direct_out=False,
-                   warp_red=False, dbc_add=False, rawp=False, perm=False):
+                   warp_red=False, dbc_add=False, rawp=False, perm=0, red_early=False):
     has_z = "z" in opts
     r, seq_in, seq_out = _bwd_refs(refs, opts, dbc_in=dbc_add, raw=rawp)
     f32 = jnp.float32
@@ -2022,8 +2077,8 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     plgpu.barrier_wait(r["bar"].at[3])
     dh_init = tuple(r["h_s"][k] for k in range(n_k))
     if perm:    # the thread's state slots permuted (see _perm_xor)
-        pm = _perm_xor(interpret, shape)
-        a2, dh_init = _perm_slots(a2, pm), tuple(_perm_slots(dh_init, pm))
+        pm = _perm_xor(interpret, shape, perm)
+        a2, dh_init = _perm_slots(a2, pm, perm), tuple(_perm_slots(dh_init, pm, perm))
     zero = _zeros(shape)
     part = _pair_part(interpret, shape)
     part0, part1 = part == 0, part == 1
@@ -2042,7 +2097,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 
     def ck_state(ck_s, sub, k):     # state p K + k of the thread's channel: [4, parts, lw]
         if perm:                    # slot k: state p K + (k ^ m), the thread's own row
-            return _ck_perm_load(ck_s.at[sub], k, ck_pair, interpret)
+            return _ck_perm_load(ck_s.at[sub], k, ck_pair, interpret, perm)
         if ck_pair:                 # ck2: one conflict-free row per k
             return _ck2_pair_view(ck_s.at[sub, k], interpret)[...]
         return _ck_view(ck_s.at[sub], k, parts, n_k, interpret)[...]
@@ -2058,9 +2113,14 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         of `red` [2, 4, ck_every * 32]: one conflict-free store per warp and step. Two
         buffers: the barrier after a sub-chunk's stores also orders the next one's stores
         after this one's sums (no barrier before the stores)."""
-        if perm:    # value 2 k + which: the xor-8 and xor-4 levels need no select
+        if red_early:   # perm 2: the xor-8 / xor-4 levels, then the 4 partial sums to `red`
             v = _lane_reduce_scatter([x for k in range(n_k) for x in (wvals[0][k], wvals[1][k])],
-                                     interpret, free=(8, 4))
+                                     interpret, free=(8, 4), stop=4)
+            _red_early_store(r["red"], jax.lax.rem(sub, 2), tl, v, interpret)
+            return
+        if perm:    # value 2 k + which: the xor-8 and xor-4 (perm 3: xor-2) levels need no select
+            v = _lane_reduce_scatter([x for k in range(n_k) for x in (wvals[0][k], wvals[1][k])],
+                                     interpret, free=(8, 4, 2)[:perm])
         else:
             pad = [zero] * (lw // 2 - n_k)
             v = _lane_reduce_scatter([*wvals[0], *pad, *wvals[1], *pad], interpret)
@@ -2159,11 +2219,11 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
                         else:
                             red_store(tl, 0, kk, g * dtu)
                             red_store(tl, 1, kk, dy * h_t[kk])
-                        q = g * a_t[kk] * h_prev[kk]
+                        dh[kk] = a_t[kk] * g     # q = g a h_prev = dh_{t-1} h_prev: one FMUL
+                        q = dh[kk] * h_prev[kk]
                         da[kk] = da[kk] + dt * q
                         saq = a2[kk] * q if saq is None else saq + a2[kk] * q
                         gb = g * b_t[kk] if gb is None else gb + g * b_t[kk]
-                        dh[kk] = a_t[kk] * g
                     if warp_red:
                         warp_red_store(sub, tl, wvals)
                     gbs[tt], saqs[tt] = gb, saq
@@ -2189,7 +2249,12 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
             # dB/dC of the sub-chunk: thread i sums row i of `red` over the 64 channels
             plgpu.commit_smem()
             rec_next = recompute(nxt) if nxt is not None else None
-            if warp_red:    # thread i: row i of the 4 warps' sums (4 conflict-free loads)
+            if red_early:   # thread i: column i of the 4 warps' 4 partial sums (16 loads)
+                buf = r["red"].at[jax.lax.rem(sub, 2)]
+                row = lambda w, q: buf.at[w, q, pl.ds(0, ck_every * _NQ)][...]
+                parts4 = [(row(w, 0) + row(w, 1)) + (row(w, 2) + row(w, 3)) for w in range(4)]
+                tot = (parts4[0] + parts4[1]) + (parts4[2] + parts4[3])
+            elif warp_red:  # thread i: row i of the 4 warps' sums (4 conflict-free loads)
                 buf = r["red"].at[jax.lax.rem(sub, 2)]
                 tot = (buf[0] + buf[1]) + (buf[2] + buf[3])
             elif rowsum:   # rows 16 lw floats apart share banks: skewed block order
@@ -2252,7 +2317,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
     init = (dh_init, tuple(zero for _ in range(n_k)), zero, zero)
     dh, da, dd, dbias = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
     if perm:    # back to state order
-        dh, da = _perm_slots(dh, pm), _perm_slots(da, pm)
+        dh, da = _perm_slots(dh, pm, perm), _perm_slots(da, pm, perm)
     for kk in range(n_k):
         r["h_s"][kk] = dh[kk]
         r["a_s"][kk] = da[kk]
@@ -2272,7 +2337,7 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
 def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stages=2,
                   bwd_loop=True, parts=2, rowsum=False, ck_pair=False, keep_b=False,
                   pad_rows=False, ahead=False, direct_out=False, warp_red=False,
-                  dbc_add=False, rawp=False, perm=False, interpret=False):
+                  dbc_add=False, rawp=False, perm=0, red_early=False, interpret=False):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0) with two (`parts` 4: four)
     lanes per channel (see above), from the one-thread checkpoint layout [B, Lp / ck_every, N,
     Dp] (the pair training forward's, or the one-thread forward's [.., N, 1, Dp]). N a
@@ -2299,7 +2364,13 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     thread by the kernel (no XLA layout kernels; as the pair forwards' rawp).
     perm (with warp_red, N 16): each thread's state slots permuted by its lane
     bits 2-3 (_perm_xor) so that two of the four butterfly levels of the dB/dC sums need no
-    selects (6 instead of 30 per step and thread); B / C by 8-byte loads at permuted columns."""
+    selects (6 instead of 30 per step and thread); B / C by 8-byte loads at permuted columns.
+    perm 3: lane bits 1-3, three select-free levels (2 selects per step and thread), B / C
+    rows with a pair-swapped copy (64 columns: the odd-m lanes' 8-byte loads). red_early
+    (perm 2): the butterfly stops after its two select-free levels; each lane's 4 partial sums
+    go to `red` ([2, 4, 4, ck_every * 32]: 16 KB) and the sub-chunk's sum phase adds 16
+    values per thread instead of 4 (no xor-2 / xor-1 levels: 3 shuffles, 3 adds, 6 selects
+    fewer per step and thread)."""
     u, delta, A, B, C, D, z, delta_bias, h0, ck = res
     ck_pair = ck_pair and parts == 2
     warp_red = warp_red and parts == 2
@@ -2324,16 +2395,19 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     bcw = _common.round_up(2 * n, 4)
     pad_rows = pad_rows and parts == 2 and dp // lw >= 5
     rawp = rawp and parts == 2 and n % 4 == 0
-    perm = perm and warp_red and n_k == _NQ // 4
+    perm = (3 if perm == 3 else 2 if perm else 0) if warp_red and n_k == _NQ // 4 else 0
+    red_early = red_early and perm == 2
     in_tiles = 5 if pad_rows else 4
     # shared memory (`parts` programs per SM): per slot the chunk's tiles in and out, B/C,
     # checkpoints, dB/dC rows; `red`, `red2` and the parameters. Halve the chunk until it fits.
     itemsizes = [u.dtype.itemsize, delta.dtype.itemsize, u.dtype.itemsize, u.dtype.itemsize,
                  delta.dtype.itemsize] + ([2 * z.dtype.itemsize] if z is not None else [])
-    red_shape = (2, 4, ck_every * _NQ) if warp_red else (ck_every * _NQ, _RED_W, lw)
+    red_shape = ((2, 4, 4, ck_every * _NQ + 8) if red_early else (2, 4, ck_every * _NQ) if warp_red
+                 else (ck_every * _NQ, _RED_W, lw))
     fixed = (math.prod(red_shape) * 4 + _WG * 16 + (2 * n_k + 2) * _WG * 4 + 1024
              + ((n + 2) * width * 4 if rawp else 0))
-    per_step = (width * sum(itemsizes) + bcw * 4 + n * width * 4 // ck_every + _NQ * 4
+    per_step = (width * sum(itemsizes) + bcw * 4 * (2 if perm == 3 else 1)
+                + n * width * 4 // ck_every + _NQ * 4
                 + (in_tiles - 4) * lw * sum(itemsizes[:3] + itemsizes[5:6]))
     while chunk > ck_every and fixed + stages * chunk * per_step > _SMEM_BYTES // parts:
         chunk //= 2
@@ -2348,6 +2422,9 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
     bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
+    if perm == 3:   # + the pair-swapped copy: column 32 + c holds column c ^ 1
+        bc = jnp.concatenate([bc, bc.reshape(*bc.shape[:-1], -1, 2)[..., ::-1].reshape(
+            bc.shape)], -1)
     if rawp:    # [Dp, N], [Dp]: the kernel's rows as they are
         a2 = _common.pad_axis(A.astype(f32), 0, width)
         vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)
@@ -2407,7 +2484,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         ahead=ahead, direct_out=direct_out and parts == 2, **({"warp_red": True} if warp_red
                                                               else {}),
         **({"dbc_add": True} if dbc_add else {}), **({"rawp": True} if rawp else {}),
-        **({"perm": True} if perm else {}))
+        **({"perm": perm} if perm else {}), **({"red_early": True} if red_early else {}))
     outs = list(plgpu.kernel(
         body, out_type=out_shape, grid=(bsz, nb), grid_names=("b", "j"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(
@@ -2416,7 +2493,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=("selective_scan_bwd_mgpu_pair" + ("4" if parts == 4 else "")
                      + ("_dba" if dbc_add else "") + ("_raw" if rawp else "")
-                     + ("_perm" if perm else "")))(*arrays))
+                     + (f"_perm{perm}" if perm else "") + ("_re" if red_early else "")))(*arrays))
     crop = lambda x: x.reshape(bsz, lp, dp)[:, :length, :dn]
     du, ddelta = crop(outs.pop(0)), crop(outs.pop(0))
     dz = crop(outs.pop(0)) if z is not None else None

@@ -449,16 +449,18 @@ def test_lane_reduce_scatter_sums_each_value_over_the_lanes():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_lane_reduce_scatter_free_levels_take_the_lane_permuted_layout():
+@pytest.mark.parametrize("free,mask", [((8, 4), 12), ((8, 4, 2), 14)])
+def test_lane_reduce_scatter_free_levels_take_the_lane_permuted_layout(free, mask):
     # free=(8, 4): lane l's register e holds logical value e ^ (l & 12) (the pair backward's
-    # permuted state slots, mgpu_bwd_perm); lane l must still end with logical value l
-    # summed over the 16 lanes of its part. Without the permuted layout the result is wrong.
+    # permuted state slots, mgpu_bwd_perm; (8, 4, 2): e ^ (l & 14), perm 3); lane l must
+    # still end with logical value l summed over the 16 lanes of its part. Without the
+    # permuted layout the result is wrong.
     mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
     logical = jax.random.normal(jax.random.PRNGKey(3), (16, 4, 2, 16))    # [value, w, p, l]
     lane = np.arange(16)
-    regs = [logical[e ^ (lane & 12), :, :, lane].transpose(1, 2, 0) for e in range(16)]
+    regs = [logical[e ^ (lane & mask), :, :, lane].transpose(1, 2, 0) for e in range(16)]
     want = logical.sum(3).transpose(1, 2, 0)     # [w, p, value]: value summed over the lanes
-    out = mg._lane_reduce_scatter(regs, interpret=True, free=(8, 4))
+    out = mg._lane_reduce_scatter(regs, interpret=True, free=free)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     wrong = mg._lane_reduce_scatter(regs, interpret=True)
     assert not np.allclose(wrong, want, rtol=1e-3, atol=1e-3)
@@ -466,8 +468,14 @@ def test_lane_reduce_scatter_free_levels_take_the_lane_permuted_layout():
 
 @pytest.mark.parametrize("ck2,perm", [(True, True),
                                       pytest.param(False, True, marks=pytest.mark.slow),
-                                      pytest.param(True, False, marks=pytest.mark.slow)],
-                         ids=["ck2", "one_thread_checkpoints", "v12_unpermuted"])
+                                      pytest.param(True, False, marks=pytest.mark.slow),
+                                      pytest.param(True, 3, marks=pytest.mark.slow),
+                                      pytest.param(False, 3, marks=pytest.mark.slow),
+                                      (True, "early"),
+                                      pytest.param(False, "early", marks=pytest.mark.slow)],
+                         ids=["ck2", "one_thread_checkpoints", "v12_unpermuted", "perm3_ck2",
+                              "perm3_one_thread_checkpoints", "red_early_ck2",
+                              "red_early_one_thread_checkpoints"])
 def test_v13_permuted_slots_pair_backward_matches_recurrence(ck2, perm, monkeypatch):
     # mgpu_bwd_perm (session 13) on the v12 default path (GPU interpret mode): the pair
     # backward's state slots permuted by lane bits 2-3 (B / C by xor-ed 8-byte columns, the
@@ -476,7 +484,9 @@ def test_v13_permuted_slots_pair_backward_matches_recurrence(ck2, perm, monkeypa
     # groups, every input, ragged over two chunks of two sub-chunks. ck2: the pair training
     # forward's checkpoints; else (the grid test patched to "does not fit", as at Dn 4096 on
     # an H200) the one-thread forward's. The spy checks that the kernel body took the
-    # permuted path on that checkpoint layout. v12_unpermuted: the opt-out (v12's butterfly).
+    # permuted path on that checkpoint layout. v12_unpermuted: the opt-out (v12's butterfly);
+    # red_early: the butterfly stops after the select-free levels (4 partial sums per lane
+    # through `red`).
     mg = importlib.import_module("pallas_kernels.selective_scan_mgpu")
     if not ck2:
         ss = importlib.import_module("pallas_kernels.selective_scan")
@@ -485,11 +495,13 @@ def test_v13_permuted_slots_pair_backward_matches_recurrence(ck2, perm, monkeypa
     orig = mg._bwd_pair_body
 
     def spy(*a, **k):
-        seen.append((bool(k.get("perm")), k.get("ck_pair")))
+        took = {None: False, 2: True}.get(k.get("perm"), k.get("perm"))
+        seen.append(("early" if k.get("red_early") else took, k.get("ck_pair")))
         return orig(*a, **k)
     monkeypatch.setattr(mg, "_bwd_pair_body", spy)
     check_against_recurrence(jnp.float32, 16, 2, 11, OPTIONAL, True, dn=256, mgpu=True, chunk=4,
-                             mgpu_bwd_perm=perm)
+                             mgpu_bwd_perm=True if perm == "early" else perm,
+                             mgpu_bwd_red_early=perm == "early")
     assert (perm, ck2) in seen
 
 
