@@ -768,15 +768,16 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=0):
     """B/C values of step t at columns part * n_k + col + e (e < count), each [4, parts, lw].
     perm (the pair backward's permuted state slots, _perm_xor): value e is column part * n_k
     + col + (e ^ m) of the thread's m, read by 8-byte loads: perm 2 (m even) from the row,
-    perm 3 with m odd from the row's pair-swapped copy in columns 32-63 (column c + 32 holds
-    column c ^ 1), at column 32 + part * n_k + col + (e ^ (m & 6))."""
+    perm 3 (rows [B | B' | C | C'], col 0 or 2 N) with m odd from the pair-swapped copy
+    2 n_k columns on (column c + 2 n_k holds column c ^ 1), at column 2 n_k + part * n_k + col
+    + (e ^ (m & 6)): the two copies in different banks."""
     if interpret:
         row = bc_ref[t, :]
         base = _pair_part(True, shape) * n_k + col
         if not perm:
             return [row[base + e] for e in range(count)]
         m = _perm_xor(True, shape, perm)
-        return [row[32 * (m & 1) + base + (e ^ (m & 6))] for e in range(count)]
+        return [row[2 * n_k * (m & 1) + base + (e ^ (m & 6))] for e in range(count)]
     if not isinstance(t, int):     # a traced step: the row as a transformed ref
         bc_ref, t = bc_ref.at[pl.ds(t, 1)], 0
     from jax._src.lib.mlir.dialects import arith
@@ -790,8 +791,9 @@ def _pair_bc(bc_ref, t, col, count, n_k, interpret, shape=_PAIR_SHAPE, perm=0):
         lane = arith.remui(tid, mgpu.c(32, i32))
         part = arith.shrui(lane, mgpu.c(int(math.log2(shape[2])), i32))
         col_v = arith.addi(arith.muli(part, mgpu.c(n_k, i32)), mgpu.c(col, i32))
-        if perm == 3:   # m odd (lane bit 1): the pair-swapped copy
-            col_v = arith.addi(col_v, arith.shli(arith.andi(tid, mgpu.c(2, i32)), mgpu.c(4, i32)))
+        if perm == 3:   # m odd (lane bit 1): the pair-swapped copy, 2 n_k columns on
+            col_v = arith.addi(col_v, arith.muli(arith.andi(tid, mgpu.c(2, i32)),
+                                                 mgpu.c(n_k, i32)))
         return col_v
     return _inline_row_load(bc_ref, t, count, shape, n_load, first,
                             xor=(lambda i32: _perm_xor_i32(i32, 2)) if perm else None)
@@ -2127,8 +2129,9 @@ def _bwd_pair_body(*refs, opts, n_state, chunk, n_chunks, length, padded, softpl
         row = r["red"].at[jax.lax.rem(sub, 2), :, pl.ds(tl * _NQ, _NQ)]
         row[...] = v.reshape(4, _NQ)
 
-    def bc_get(bc_s, t, which):
-        return _pair_bc(bc_s, t, which * n_state, n_k, n_k, interpret, shape, perm=perm)
+    def bc_get(bc_s, t, which):     # perm 3: rows [B | B' | C | C'] (_pair_bc)
+        return _pair_bc(bc_s, t, which * n_state * (2 if perm == 3 else 1), n_k, n_k, interpret,
+                        shape, perm=perm)
 
     def pairsum(v):   # v[tt]: this part's sum of step t + tt -> the full sum of step t + p
         return _part_sums(v, part, interpret)
@@ -2366,7 +2369,7 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
     bits 2-3 (_perm_xor) so that two of the four butterfly levels of the dB/dC sums need no
     selects (6 instead of 30 per step and thread); B / C by 8-byte loads at permuted columns.
     perm 3: lane bits 1-3, three select-free levels (2 selects per step and thread), B / C
-    rows with a pair-swapped copy (64 columns: the odd-m lanes' 8-byte loads). red_early
+    rows [B | B' | C | C'] with the pair-swapped copies (the odd-m lanes' 8-byte loads). red_early
     (perm 2): the butterfly stops after its two select-free levels; each lane's 4 partial sums
     go to `red` ([2, 4, 4, ck_every * 32]: 16 KB) and the sub-chunk's sum phase adds 16
     values per thread instead of 4 (no xor-2 / xor-1 levels: 3 shuffles, 3 adds, 6 selects
@@ -2420,11 +2423,12 @@ def backward_pair(res, y_bar, final_bar, *, softplus, chunk=16, ck_every=4, stag
                                       (*x.shape[:-1], nb, *shape))
     parted = lambda x: jnp.moveaxis(x.reshape(*x.shape[:-2], parts, n_k, nb, 4, lw), -5, -2)
     vec = lambda x: both(_common.pad_axis(x.astype(f32), 0, width))
-    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)], -1)
+    swapped = lambda x: x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    bc = jnp.concatenate([B3.astype(f32), C3.astype(f32)] if perm != 3 else
+                         # + each row's pair-swapped copy (column N + c holds column c ^ 1)
+                         [B3.astype(f32), swapped(B3.astype(f32)), C3.astype(f32),
+                          swapped(C3.astype(f32))], -1)
     bc = jnp.swapaxes(_common.pad_axis(_common.pad_axis(bc, 1, chunk), 3, 4), 1, 2)
-    if perm == 3:   # + the pair-swapped copy: column 32 + c holds column c ^ 1
-        bc = jnp.concatenate([bc, bc.reshape(*bc.shape[:-1], -1, 2)[..., ::-1].reshape(
-            bc.shape)], -1)
     if rawp:    # [Dp, N], [Dp]: the kernel's rows as they are
         a2 = _common.pad_axis(A.astype(f32), 0, width)
         vec = lambda x: _common.pad_axis(x.astype(f32), 0, width)

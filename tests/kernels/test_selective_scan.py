@@ -466,13 +466,11 @@ def test_lane_reduce_scatter_free_levels_take_the_lane_permuted_layout(free, mas
     assert not np.allclose(wrong, want, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("ck2,perm", [(True, True),
-                                      pytest.param(False, True, marks=pytest.mark.slow),
-                                      pytest.param(True, False, marks=pytest.mark.slow),
-                                      pytest.param(True, 3, marks=pytest.mark.slow),
-                                      pytest.param(False, 3, marks=pytest.mark.slow),
-                                      (True, "early"),
-                                      pytest.param(False, "early", marks=pytest.mark.slow)],
+# (The default path, perm on ck2 checkpoints, also runs unmarked in
+# test_v10_default_training_path_matches_recurrence.)
+@pytest.mark.slow
+@pytest.mark.parametrize("ck2,perm", [(True, True), (False, True), (True, False), (True, 3),
+                                      (False, 3), (True, "early"), (False, "early")],
                          ids=["ck2", "one_thread_checkpoints", "v12_unpermuted", "perm3_ck2",
                               "perm3_one_thread_checkpoints", "red_early_ck2",
                               "red_early_one_thread_checkpoints"])
