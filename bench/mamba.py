@@ -685,6 +685,10 @@ VARIANTS = {
     # v13 whose butterfly stops after the select-free levels (4 partial sums per lane to `red`)
     "re": dict(mgpu_bwd_red_early=True),
     "pdo": dict(mgpu_bwd_direct_out=True),
+    # v13 without the recompute ahead / without B kept in registers (both v9 options, chosen
+    # before warp_red and perm changed the backward's registers)
+    "pna": dict(mgpu_bwd_pair_ahead=False),
+    "pnk": dict(mgpu_bwd_keep_b=False),
     # v9 spelled out (session 9: v8 + the pair backward with B kept, 5-tile rows and the
     # recompute ahead, on ck2 checkpoints stored from registers after the next step group)
     "v9": dict(mgpu_pair="auto", mgpu_pair_parts=2, mgpu_pair_train_parts=2,
