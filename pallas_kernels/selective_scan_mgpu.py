@@ -690,23 +690,39 @@ def _ck2_load(row, interpret):
 
 
 def _thread_store_global(ref, v, position):
-    """Stores a pair kernel's value v (one element per thread, WG_STRIDED) straight from
-    registers into the gmem ref at the index position(tid, c, arith) gives (i32 values; c makes
-    an i32 constant): one st.global per thread."""
+    """Stores a pair kernel's value v (one element per thread, WG_STRIDED; or a list of n such
+    values, stored as one n-wide vector at consecutive elements) straight from registers into
+    the ref (gmem or smem) at the index position(tid, c, arith) gives (i32 values; c makes an
+    i32 constant): one st.global / st.shared per thread."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(v.shape, vec_size=1)
+    vs = list(v) if isinstance(v, (list, tuple)) else [v]
+    layout = plgpu.Layout.WG_STRIDED(vs[0].shape, vec_size=1)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
-    def store(ctx, ref, x):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), *([layout] * len(vs))))
+    def store(ctx, ref, *xs):
         del ctx
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
         tid = _tid_i32(i32)
         idx = [arith.index_cast(index, e) for e in position(tid, lambda x: mgpu.c(x, i32), arith)]
-        (reg,) = x.registers.flat
-        vector.store(reg, ref, idx)
-    store(ref, v)
+        regs = [x.registers.flat[0] for x in xs]
+        if len(regs) == 1:
+            vector.store(regs[0], ref, idx)
+            return
+        f32 = ir.F32Type.get()
+        vec = vector.broadcast(ir.VectorType.get((len(regs),), f32), arith.constant(f32, 0.0))
+        for e, reg in enumerate(regs):
+            vec = vector.insert(vector.extract(reg, [], [0]), vec, [], [e])
+        vector.store(vec, ref, idx, alignment=4 * len(regs))
+    store(ref, *vs)
+
+
+def _ck2_col(tid, c, arith):
+    """Thread 32 w + 16 p + l's float 32 w + 2 l + p of a ck2 row of 128 (i32 arithmetic)."""
+    return arith.addi(arith.addi(arith.andi(tid, c(_WG - 32)),
+                                 arith.shli(arith.andi(tid, c(15)), c(1))),
+                      arith.andi(arith.shrui(tid, c(4)), c(1)))
 
 
 def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
@@ -718,11 +734,8 @@ def _ck2_store_global(ck_ref, b, row, k, j, v, interpret):
         _ck2_pair_view(ck_ref.at[b, row, k, pl.ds(j * 4, 4)], True)[...] = v
         return
 
-    def position(tid, c, arith):    # thread 32 w + 16 p + l -> float 32 w + 2 l + p of 128
-        w32 = arith.andi(tid, c(_WG - 32))
-        return (arith.addi(arith.addi(w32, arith.shli(arith.andi(tid, c(15)), c(1))),
-                           arith.andi(arith.shrui(tid, c(4)), c(1))),)
-    _thread_store_global(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v, position)
+    _thread_store_global(ck_ref.at[b, row, k, pl.ds(j * _WG, _WG)], v,
+                         lambda tid, c, arith: (_ck2_col(tid, c, arith),))
 
 
 def _pair_rows_store_global(ref, b, row0, j, v, interpret):
@@ -1930,11 +1943,10 @@ def _ck_perm_load(ck_sub, k, ck_pair, interpret, levels=2):
         tid = _tid_i32(i32)
         c = lambda x: mgpu.c(x, i32)
         row = arith.xori(_perm_xor_i32(i32, levels), c(k))
-        p = arith.andi(arith.shrui(tid, c(4)), c(1))
         if ck_pair:     # (row k ^ m, float 32 w + 2 l + p)
-            return row, arith.addi(arith.addi(arith.andi(tid, c(_WG - 32)),
-                                              arith.shli(arith.andi(tid, c(15)), c(1))), p)
+            return row, _ck2_col(tid, c, arith)
         # (row p K + (k ^ m), float 16 w + l)
+        p = arith.andi(arith.shrui(tid, c(4)), c(1))
         return (arith.addi(arith.muli(p, c(n_k)), row),
                 arith.addi(arith.shrui(arith.andi(tid, c(_WG - 32)), c(1)),
                            arith.andi(tid, c(15))))
@@ -1954,29 +1966,11 @@ def _red_early_store(red, buf, tl, vals, interpret):
             cur = cur.at[w, l & 3, tl * _NQ + 16 * p + 4 * (l >> 2) + e].set(v)
         red[buf] = cur
         return
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
-    from jax.experimental.mosaic import gpu as mgpu
-    layout = plgpu.Layout.WG_STRIDED(_PAIR_SHAPE, vec_size=1)
-    ref = red.at[pl.ds(buf, 1), :, :, pl.ds(tl * _NQ, _NQ)]
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), *([layout] * 4)))
-    def store(ctx, ref, *xs):
-        del ctx
-        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
-        c = lambda x: mgpu.c(x, i32)
-        tid = _tid_i32(i32)
-        w = arith.andi(arith.shrui(tid, c(5)), c(3))
-        q = arith.andi(tid, c(3))
-        col = arith.addi(arith.shli(arith.andi(arith.shrui(tid, c(4)), c(1)), c(4)),
-                         arith.shli(arith.andi(arith.shrui(tid, c(2)), c(3)), c(2)))
-        v = vector.broadcast(ir.VectorType.get((4,), f32), arith.constant(f32, 0.0))
-        for e, x in enumerate(xs):
-            (reg,) = x.registers.flat
-            v = vector.insert(vector.extract(reg, [], [0]), v, [], [e])
-        vector.store(v, ref, [mgpu.c(0, index), *(arith.index_cast(index, a) for a in (w, q, col))],
-                     alignment=16)
-    store(ref, *vals)
+    def position(tid, c, arith):     # (0, w, l & 3, 16 p + 4 (l >> 2))
+        return (c(0), arith.andi(arith.shrui(tid, c(5)), c(3)), arith.andi(tid, c(3)),
+                arith.addi(arith.shli(arith.andi(arith.shrui(tid, c(4)), c(1)), c(4)),
+                           arith.shli(arith.andi(arith.shrui(tid, c(2)), c(3)), c(2))))
+    _thread_store_global(red.at[pl.ds(buf, 1), :, :, pl.ds(tl * _NQ, _NQ)], vals, position)
 
 
 def _lane_reduce_scatter(vs, interpret, free=(), stop=1):
